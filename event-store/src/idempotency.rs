@@ -55,9 +55,7 @@ pub fn plan_append(
         actual: current,
     };
     let Some(first) = events.first() else {
-        return Err(Error::EmptyAppend {
-            stream: stream.clone(),
-        });
+        return Err(Error::EmptyAppend { stream: stream.clone() });
     };
     if let Some(stored_first) = lookup(first.id)? {
         if &stored_first.stream != stream {
@@ -152,13 +150,7 @@ mod tests {
             AppendPlan::Write { first_revision: 5 }
         );
         let err = plan(ExpectedRevision::Exact(3), Some(4), &[1], &none).unwrap_err();
-        assert!(matches!(
-            err,
-            Error::WrongExpectedVersion {
-                actual: Some(4),
-                ..
-            }
-        ));
+        assert!(matches!(err, Error::WrongExpectedVersion { actual: Some(4), .. }));
     }
 
     #[test]

@@ -44,6 +44,5 @@ pub use store::EventStore;
 pub use subscription::{EventFilter, SubscribeToAll, Subscription, SubscriptionMessage};
 pub use types::{
     AllStart, AppendResult, Direction, EventData, ExpectedRevision, MAX_APPEND_BYTES, MAX_EVENT_BYTES,
-    MAX_STREAM_NAME_BYTES, Position, ReadAll, ReadStream, RecordedEvent, StreamName, StreamStart,
-    validate_append,
+    MAX_STREAM_NAME_BYTES, Position, ReadAll, ReadStream, RecordedEvent, StreamName, StreamStart, validate_append,
 };

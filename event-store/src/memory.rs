@@ -63,10 +63,7 @@ impl EventStore for InMemoryEventStore {
     ) -> Result<AppendResult> {
         crate::validate_append(stream, &events)?;
         let mut inner = self.lock();
-        let current = inner
-            .streams
-            .get(stream)
-            .map(|indexes| indexes.len() as u64 - 1);
+        let current = inner.streams.get(stream).map(|indexes| indexes.len() as u64 - 1);
         let plan = plan_append(stream, expected, current, &events, |id| {
             Ok(inner.ids.get(&id).map(|&index| {
                 let event = &inner.log[index];
@@ -121,9 +118,7 @@ impl EventStore for InMemoryEventStore {
     async fn read_stream(&self, stream: &StreamName, options: ReadStream) -> Result<Vec<RecordedEvent>> {
         let inner = self.lock();
         let Some(indexes) = inner.streams.get(stream) else {
-            return Err(Error::StreamNotFound {
-                stream: stream.clone(),
-            });
+            return Err(Error::StreamNotFound { stream: stream.clone() });
         };
         let events = indexes.iter().map(|&index| &inner.log[index]);
         let selected: Vec<RecordedEvent> = match (options.direction, options.from) {

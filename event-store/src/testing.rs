@@ -187,7 +187,10 @@ pub async fn stream_exists_conflicts_on_a_missing_stream(store: Arc<dyn EventSto
 pub async fn stream_exists_appends_to_an_existing_stream(store: Arc<dyn EventStore>) {
     let s = stream("ticket");
     store.append(&s, ExpectedRevision::NoStream, events(1)).await.unwrap();
-    let result = store.append(&s, ExpectedRevision::StreamExists, events(2)).await.unwrap();
+    let result = store
+        .append(&s, ExpectedRevision::StreamExists, events(2))
+        .await
+        .unwrap();
     assert_eq!(result.current_revision, 2);
 }
 
@@ -208,7 +211,9 @@ pub async fn exact_appends_only_at_the_last_revision(store: Arc<dyn EventStore>)
     let result = store.append(&s, ExpectedRevision::Exact(2), events(1)).await.unwrap();
     assert_eq!(result.current_revision, 3);
     assert_conflict(
-        store.append(&stream("ticket"), ExpectedRevision::Exact(0), events(1)).await,
+        store
+            .append(&stream("ticket"), ExpectedRevision::Exact(0), events(1))
+            .await,
         ExpectedRevision::Exact(0),
         None,
     );
@@ -218,11 +223,19 @@ pub async fn exact_appends_only_at_the_last_revision(store: Arc<dyn EventStore>)
 pub async fn any_always_appends(store: Arc<dyn EventStore>) {
     let s = stream("ticket");
     assert_eq!(
-        store.append(&s, ExpectedRevision::Any, events(1)).await.unwrap().current_revision,
+        store
+            .append(&s, ExpectedRevision::Any, events(1))
+            .await
+            .unwrap()
+            .current_revision,
         0
     );
     assert_eq!(
-        store.append(&s, ExpectedRevision::Any, events(2)).await.unwrap().current_revision,
+        store
+            .append(&s, ExpectedRevision::Any, events(2))
+            .await
+            .unwrap()
+            .current_revision,
         2
     );
 }
@@ -252,8 +265,14 @@ pub async fn idempotent_retry_returns_the_original_result(store: Arc<dyn EventSt
     let s = stream("ticket");
     store.append(&s, ExpectedRevision::NoStream, events(1)).await.unwrap();
     let batch = events(2);
-    let original = store.append(&s, ExpectedRevision::Exact(0), batch.clone()).await.unwrap();
-    let retry = store.append(&s, ExpectedRevision::Exact(0), batch.clone()).await.unwrap();
+    let original = store
+        .append(&s, ExpectedRevision::Exact(0), batch.clone())
+        .await
+        .unwrap();
+    let retry = store
+        .append(&s, ExpectedRevision::Exact(0), batch.clone())
+        .await
+        .unwrap();
     assert_eq!(retry, original);
     store.append(&s, ExpectedRevision::Exact(2), events(1)).await.unwrap();
     let late_retry = store.append(&s, ExpectedRevision::Exact(0), batch).await.unwrap();
@@ -265,7 +284,10 @@ pub async fn idempotent_retry_returns_the_original_result(store: Arc<dyn EventSt
 pub async fn idempotent_retry_after_no_stream(store: Arc<dyn EventStore>) {
     let s = stream("ticket");
     let batch = events(3);
-    let original = store.append(&s, ExpectedRevision::NoStream, batch.clone()).await.unwrap();
+    let original = store
+        .append(&s, ExpectedRevision::NoStream, batch.clone())
+        .await
+        .unwrap();
     let retry = store.append(&s, ExpectedRevision::NoStream, batch).await.unwrap();
     assert_eq!(retry, original);
     assert_eq!(read(&store, &s).await.len(), 3);
@@ -276,7 +298,10 @@ pub async fn idempotent_retry_after_no_stream(store: Arc<dyn EventStore>) {
 pub async fn partial_idempotent_match_fails(store: Arc<dyn EventStore>) {
     let s = stream("ticket");
     let batch = events(2);
-    store.append(&s, ExpectedRevision::NoStream, batch.clone()).await.unwrap();
+    store
+        .append(&s, ExpectedRevision::NoStream, batch.clone())
+        .await
+        .unwrap();
     let mut longer = batch.clone();
     longer.push(event("Tested"));
     assert_conflict(
@@ -307,7 +332,10 @@ pub async fn event_ids_are_unique_across_streams(store: Arc<dyn EventStore>) {
     let first = stream("ticket");
     let second = stream("ticket");
     let batch = events(1);
-    store.append(&first, ExpectedRevision::NoStream, batch.clone()).await.unwrap();
+    store
+        .append(&first, ExpectedRevision::NoStream, batch.clone())
+        .await
+        .unwrap();
     assert_conflict(
         store.append(&second, ExpectedRevision::NoStream, batch).await,
         ExpectedRevision::NoStream,
@@ -323,7 +351,10 @@ pub async fn event_ids_are_unique_across_streams(store: Arc<dyn EventStore>) {
 pub async fn appends_are_atomic(store: Arc<dyn EventStore>) {
     let existing = stream("ticket");
     let stored = events(1);
-    store.append(&existing, ExpectedRevision::NoStream, stored.clone()).await.unwrap();
+    store
+        .append(&existing, ExpectedRevision::NoStream, stored.clone())
+        .await
+        .unwrap();
     let s = stream("ticket");
     let mut batch = events(3);
     batch.push(stored[0].clone());
@@ -353,7 +384,9 @@ pub async fn invalid_appends_are_rejected_without_writing(store: Arc<dyn EventSt
     ));
     let twice = event("Twice");
     assert!(matches!(
-        store.append(&s, ExpectedRevision::Any, vec![twice.clone(), twice]).await,
+        store
+            .append(&s, ExpectedRevision::Any, vec![twice.clone(), twice])
+            .await,
         Err(Error::DuplicateEventIdInAppend { .. })
     ));
     assert!(matches!(
@@ -370,7 +403,10 @@ pub async fn recorded_events_round_trip(store: Arc<dyn EventStore>) {
     let mut original = event("TicketOpened");
     original.data = "{\"subject\":\"naïve — ✓\"}".as_bytes().to_vec();
     original.metadata = vec![0, 1, 2, 255];
-    store.append(&s, ExpectedRevision::NoStream, vec![original.clone()]).await.unwrap();
+    store
+        .append(&s, ExpectedRevision::NoStream, vec![original.clone()])
+        .await
+        .unwrap();
     let stored = read(&store, &s).await.remove(0);
     assert_eq!(stored.stream, s);
     assert_eq!(stored.revision, 0);
@@ -414,7 +450,10 @@ pub async fn read_stream_from_revision_with_limit(store: Arc<dyn EventStore>) {
         .read_stream(&s, ReadStream::forwards().from_revision(10))
         .await
         .unwrap();
-    assert!(past_end.is_empty(), "a read past the end of an existing stream is empty");
+    assert!(
+        past_end.is_empty(),
+        "a read past the end of an existing stream is empty"
+    );
     let last = store.read_stream(&s, ReadStream::backwards().limit(1)).await.unwrap();
     assert_eq!(last[0].revision, 9);
 }
@@ -453,7 +492,10 @@ pub async fn read_all_forwards_and_backwards_from_position(store: Arc<dyn EventS
         backwards.iter().map(|e| e.id).collect::<Vec<_>>(),
         all.iter().rev().map(|e| e.id).collect::<Vec<_>>()
     );
-    let back_from_third = store.read_all(ReadAll::backwards(10).from_position(third)).await.unwrap();
+    let back_from_third = store
+        .read_all(ReadAll::backwards(10).from_position(third))
+        .await
+        .unwrap();
     assert_eq!(
         back_from_third.iter().map(|e| e.id).collect::<Vec<_>>(),
         all[..3].iter().rev().map(|e| e.id).collect::<Vec<_>>()
@@ -466,7 +508,10 @@ pub async fn positions_strictly_increase(store: Arc<dyn EventStore>) {
     let mut last = Position::START;
     for round in 0..20 {
         let s = stream(if round % 2 == 0 { "ticket" } else { "other" });
-        let result = store.append(&s, ExpectedRevision::Any, events(1 + round % 3)).await.unwrap();
+        let result = store
+            .append(&s, ExpectedRevision::Any, events(1 + round % 3))
+            .await
+            .unwrap();
         assert!(result.position > last, "{} is not after {}", result.position, last);
         last = result.position;
     }
@@ -578,7 +623,10 @@ pub async fn subscription_started_mid_way_sees_every_later_event_once(store: Arc
     const WRITERS: usize = 8;
     const APPENDS: usize = 40;
     for _ in 0..10 {
-        store.append(&stream("ticket"), ExpectedRevision::NoStream, events(1)).await.unwrap();
+        store
+            .append(&stream("ticket"), ExpectedRevision::NoStream, events(1))
+            .await
+            .unwrap();
     }
     let history = read_whole_log(&store).await;
     let start = history[4].position;
@@ -624,9 +672,9 @@ pub async fn subscription_filters_by_stream_prefix_with_checkpoints(store: Arc<d
     store.append(&noise, ExpectedRevision::Any, events(100)).await.unwrap();
     store.append(&wanted, ExpectedRevision::Any, events(1)).await.unwrap();
     let head = store.head_position().await.unwrap().unwrap();
-    let mut subscription = store.clone().subscribe_to_all(
-        SubscribeToAll::default().filtered(EventFilter::StreamPrefix(vec!["ticket-".to_owned()])),
-    );
+    let mut subscription = store
+        .clone()
+        .subscribe_to_all(SubscribeToAll::default().filtered(EventFilter::StreamPrefix(vec!["ticket-".to_owned()])));
     let mut delivered = Vec::new();
     let mut checkpoints = Vec::new();
     loop {
@@ -662,9 +710,9 @@ pub async fn subscription_filters_by_event_type(store: Arc<dyn EventStore>) {
     let s = stream("ticket");
     let batch = vec![event("TicketOpened"), event("Noise"), event("TicketClassified")];
     store.append(&s, ExpectedRevision::NoStream, batch).await.unwrap();
-    let mut subscription = store.clone().subscribe_to_all(
-        SubscribeToAll::default().filtered(EventFilter::EventTypePrefix(vec!["Ticket".to_owned()])),
-    );
+    let mut subscription = store
+        .clone()
+        .subscribe_to_all(SubscribeToAll::default().filtered(EventFilter::EventTypePrefix(vec!["Ticket".to_owned()])));
     let delivered = next_events(&mut subscription, 2).await;
     assert_eq!(
         delivered.iter().map(|e| e.event_type.as_str()).collect::<Vec<_>>(),

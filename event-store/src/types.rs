@@ -144,10 +144,7 @@ pub struct Position {
 
 impl Position {
     /// Before every event: reading from here reads the whole log.
-    pub const START: Position = Position {
-        commit: 0,
-        prepare: 0,
-    };
+    pub const START: Position = Position { commit: 0, prepare: 0 };
 
     /// A position whose two parts are the same sequence number.
     pub const fn from_sequence(sequence: u64) -> Self {
@@ -343,9 +340,7 @@ pub(crate) fn after_start(direction: Direction, from: AllStart, position: Positi
 /// Checks the limits that every backend enforces before it writes.
 pub fn validate_append(stream: &StreamName, events: &[EventData]) -> Result<(), Error> {
     if events.is_empty() {
-        return Err(Error::EmptyAppend {
-            stream: stream.clone(),
-        });
+        return Err(Error::EmptyAppend { stream: stream.clone() });
     }
     let mut total = 0;
     for event in events {
@@ -414,14 +409,8 @@ mod tests {
 
     #[test]
     fn positions_order_by_commit_then_prepare() {
-        let a = Position {
-            commit: 1,
-            prepare: 9,
-        };
-        let b = Position {
-            commit: 2,
-            prepare: 0,
-        };
+        let a = Position { commit: 1, prepare: 9 };
+        let b = Position { commit: 2, prepare: 0 };
         assert!(a < b && Position::START < a);
         assert_eq!(Position::from_sequence(7).to_string(), "7");
         assert_eq!(a.to_string(), "C:1/P:9");
@@ -436,10 +425,7 @@ mod tests {
             data: vec![b'x'; size],
             metadata: vec![],
         };
-        assert!(matches!(
-            validate_append(&stream, &[]),
-            Err(Error::EmptyAppend { .. })
-        ));
+        assert!(matches!(validate_append(&stream, &[]), Err(Error::EmptyAppend { .. })));
         assert!(matches!(
             validate_append(&stream, &[event(1, MAX_EVENT_BYTES + 1)]),
             Err(Error::EventTooLarge { .. })
