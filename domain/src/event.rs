@@ -1,0 +1,335 @@
+//! Events: what happened, in the past tense, with explicit schema versions.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::model::{Agent, Claim, Priority, TicketId};
+
+/// Something that happened to a ticket.
+///
+/// Serialized as JSON with a `type` tag equal to [`Event::event_type`]. Each
+/// type has a schema version ([`Event::schema_version`]) stored in the
+/// envelope metadata; [`Event::decode`] upcasts older versions on read.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type")]
+pub enum Event {
+    /// A ticket was opened.
+    TicketOpened {
+        /// The ticket.
+        ticket_id: TicketId,
+        /// The subject line.
+        subject: String,
+        /// The customer's message.
+        body: String,
+        /// Who wrote in, if known.
+        #[serde(default)]
+        customer: Option<String>,
+    },
+    /// A classifier claimed the ticket.
+    ClassificationStarted {
+        /// The new claim.
+        claim: Claim,
+    },
+    /// The ticket was classified.
+    TicketClassified {
+        /// The completed claim.
+        claim_id: Uuid,
+        /// One of the configured categories.
+        category: String,
+        /// How urgent.
+        priority: Priority,
+        /// Confidence in [0, 1].
+        confidence: f64,
+    },
+    /// A drafter claimed the ticket.
+    DraftingStarted {
+        /// The new claim.
+        claim: Claim,
+    },
+    /// A draft reply was submitted.
+    DraftSubmitted {
+        /// The completed claim.
+        claim_id: Uuid,
+        /// The draft reply.
+        body: String,
+    },
+    /// An escalator claimed the draft for review.
+    EscalationStarted {
+        /// The new claim.
+        claim: Claim,
+    },
+    /// The draft was sent back for another draft.
+    DraftRejected {
+        /// The review claim, if one was held.
+        #[serde(default)]
+        claim_id: Option<Uuid>,
+        /// Why.
+        reason: String,
+    },
+    /// The ticket was handed to a human operator.
+    EscalatedToHuman {
+        /// The review claim, if the escalator handed it over.
+        #[serde(default)]
+        claim_id: Option<Uuid>,
+        /// Why.
+        reason: String,
+    },
+    /// The ticket was closed.
+    TicketResolved {
+        /// The completed claim, if an escalator resolved it.
+        #[serde(default)]
+        claim_id: Option<Uuid>,
+        /// What was done.
+        resolution: String,
+    },
+    /// A claim was given back; the attempt failed.
+    ClaimReleased {
+        /// The claim.
+        claim_id: Uuid,
+        /// Why.
+        reason: String,
+        /// Failed attempts at this stage so far, including this one.
+        attempts: u32,
+    },
+    /// A claim's lease ran out; the attempt failed.
+    ClaimExpired {
+        /// The claim.
+        claim_id: Uuid,
+        /// When its lease ran out.
+        lease_expired_at: DateTime<Utc>,
+        /// Failed attempts at this stage so far, including this one.
+        attempts: u32,
+    },
+    /// A claim's lease was extended.
+    LeaseExtended {
+        /// The claim.
+        claim_id: Uuid,
+        /// The new expiry.
+        lease_expires_at: DateTime<Utc>,
+    },
+    /// An operator replaced the current claim with their own.
+    ClaimTakenOver {
+        /// The replaced claim.
+        previous_claim_id: Uuid,
+        /// The new claim.
+        claim: Claim,
+    },
+}
+
+/// Why stored event data could not be turned back into an [`Event`].
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DecodeError {
+    /// The event type is not one this build knows (written by a newer one).
+    #[error("unknown event type {event_type:?}")]
+    UnknownType {
+        /// The stored type.
+        event_type: String,
+    },
+    /// The schema version is newer than this build reads.
+    #[error("{event_type} schema version {version} is newer than this build reads (up to {supported})")]
+    NewerVersion {
+        /// The stored type.
+        event_type: String,
+        /// The stored version.
+        version: u16,
+        /// The newest version this build reads.
+        supported: u16,
+    },
+    /// The payload is not valid for its type and version.
+    #[error("invalid {event_type} payload: {source}")]
+    Payload {
+        /// The stored type.
+        event_type: String,
+        /// The JSON error.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// The payload's `type` tag disagrees with the stored event type.
+    #[error("payload tagged {tagged:?} stored as {stored:?}")]
+    TypeMismatch {
+        /// The type the store recorded.
+        stored: String,
+        /// The type inside the payload.
+        tagged: String,
+    },
+}
+
+impl Event {
+    /// Every event type name.
+    pub const TYPES: [&'static str; 13] = [
+        "TicketOpened",
+        "ClassificationStarted",
+        "TicketClassified",
+        "DraftingStarted",
+        "DraftSubmitted",
+        "EscalationStarted",
+        "DraftRejected",
+        "EscalatedToHuman",
+        "TicketResolved",
+        "ClaimReleased",
+        "ClaimExpired",
+        "LeaseExtended",
+        "ClaimTakenOver",
+    ];
+
+    /// The stored event type.
+    pub fn event_type(&self) -> &'static str {
+        match self {
+            Event::TicketOpened { .. } => "TicketOpened",
+            Event::ClassificationStarted { .. } => "ClassificationStarted",
+            Event::TicketClassified { .. } => "TicketClassified",
+            Event::DraftingStarted { .. } => "DraftingStarted",
+            Event::DraftSubmitted { .. } => "DraftSubmitted",
+            Event::EscalationStarted { .. } => "EscalationStarted",
+            Event::DraftRejected { .. } => "DraftRejected",
+            Event::EscalatedToHuman { .. } => "EscalatedToHuman",
+            Event::TicketResolved { .. } => "TicketResolved",
+            Event::ClaimReleased { .. } => "ClaimReleased",
+            Event::ClaimExpired { .. } => "ClaimExpired",
+            Event::LeaseExtended { .. } => "LeaseExtended",
+            Event::ClaimTakenOver { .. } => "ClaimTakenOver",
+        }
+    }
+
+    /// The current schema version of this event's type.
+    ///
+    /// When a type's payload changes, bump its version here, add the upcast
+    /// from the old version in [`Event::decode`], and keep a golden file of
+    /// the old version under `domain/tests/golden/`.
+    pub fn schema_version(&self) -> u16 {
+        current_schema_version(self.event_type()).unwrap_or(1)
+    }
+
+    /// The JSON payload.
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("events always serialize")
+    }
+
+    /// Reads a stored payload of `event_type` at `schema_version`,
+    /// upcasting older versions.
+    pub fn decode(event_type: &str, schema_version: u16, data: &[u8]) -> Result<Event, DecodeError> {
+        let supported = current_schema_version(event_type).ok_or_else(|| DecodeError::UnknownType {
+            event_type: event_type.to_owned(),
+        })?;
+        if schema_version > supported {
+            return Err(DecodeError::NewerVersion {
+                event_type: event_type.to_owned(),
+                version: schema_version,
+                supported,
+            });
+        }
+        // Upcasts go here, oldest first, as `match (event_type, version)` arms
+        // that rewrite a `serde_json::Value`. Every type is at version 1 so far.
+        let event: Event = serde_json::from_slice(data).map_err(|source| DecodeError::Payload {
+            event_type: event_type.to_owned(),
+            source,
+        })?;
+        if event.event_type() != event_type {
+            return Err(DecodeError::TypeMismatch {
+                stored: event_type.to_owned(),
+                tagged: event.event_type().to_owned(),
+            });
+        }
+        Ok(event)
+    }
+}
+
+fn current_schema_version(event_type: &str) -> Option<u16> {
+    Event::TYPES.contains(&event_type).then_some(1)
+}
+
+/// The namespace of deterministic event ids.
+const EVENT_ID_NAMESPACE: Uuid = Uuid::from_u128(0x6c1f_0b7e_2a44_4e0b_9d7c_1a52_7e3f_9b21);
+
+/// The id of the `index`-th event produced by a command: UUIDv5 of the
+/// command id and the index, so that a retried command produces identical
+/// events and the store's idempotent append makes the retry a no-op.
+pub fn event_id(command_id: Uuid, index: u32) -> Uuid {
+    let mut name = [0u8; 20];
+    name[..16].copy_from_slice(command_id.as_bytes());
+    name[16..].copy_from_slice(&index.to_be_bytes());
+    Uuid::new_v5(&EVENT_ID_NAMESPACE, &name)
+}
+
+/// The envelope metadata stored with every event.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventMetadata {
+    /// The payload's schema version.
+    pub schema_version: u16,
+    /// The command that produced the event.
+    pub command_id: Uuid,
+    /// The workflow it belongs to (the command id when none was given).
+    pub correlation_id: Uuid,
+    /// What caused the command (the command id when none was given).
+    pub causation_id: Uuid,
+    /// Who sent the command.
+    pub agent: Agent,
+    /// The W3C `traceparent` of the sender's trace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
+    /// When the command handler decided the command.
+    pub recorded_at: DateTime<Utc>,
+}
+
+impl EventMetadata {
+    /// The JSON bytes.
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("metadata always serializes")
+    }
+
+    /// Reads stored metadata.
+    pub fn decode(data: &[u8]) -> Result<Self, serde_json::Error> {
+        serde_json::from_slice(data)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn event_ids_are_deterministic_and_distinct() {
+        let command = Uuid::from_u128(42);
+        assert_eq!(event_id(command, 0), event_id(command, 0));
+        assert_ne!(event_id(command, 0), event_id(command, 1));
+        assert_ne!(event_id(command, 0), event_id(Uuid::from_u128(43), 0));
+        assert_eq!(event_id(command, 0).get_version_num(), 5);
+    }
+
+    #[test]
+    fn every_type_name_round_trips() {
+        let event = Event::DraftRejected {
+            claim_id: None,
+            reason: "tone".into(),
+        };
+        assert!(Event::TYPES.contains(&event.event_type()));
+        let decoded = Event::decode(event.event_type(), event.schema_version(), &event.encode()).unwrap();
+        assert_eq!(decoded, event);
+    }
+
+    #[test]
+    fn decoding_rejects_unknown_types_newer_versions_and_mismatches() {
+        let event = Event::DraftRejected {
+            claim_id: None,
+            reason: "tone".into(),
+        };
+        assert!(matches!(
+            Event::decode("TicketExploded", 1, b"{}"),
+            Err(DecodeError::UnknownType { .. })
+        ));
+        assert!(matches!(
+            Event::decode("DraftRejected", 2, &event.encode()),
+            Err(DecodeError::NewerVersion { version: 2, .. })
+        ));
+        assert!(matches!(
+            Event::decode("TicketResolved", 1, &event.encode()),
+            Err(DecodeError::TypeMismatch { .. })
+        ));
+        assert!(matches!(
+            Event::decode("DraftRejected", 1, b"{not json"),
+            Err(DecodeError::Payload { .. })
+        ));
+    }
+}

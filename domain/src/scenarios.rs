@@ -1,0 +1,750 @@
+//! Given/when/then tests of `decide`: every row of the transition table,
+//! every rejection, and property tests over random command sequences.
+
+use chrono::Duration;
+use proptest::prelude::*;
+use proptest::strategy::ValueTree;
+use proptest::test_runner::TestCaseError;
+use uuid::Uuid;
+
+use crate::audit::audit_history;
+use crate::testing::{Scenario, claim, opened, t0, ticket_id};
+use crate::*;
+
+const HOLDER: &str = "agent-1";
+
+fn started(state: State, claim: Claim) -> Event {
+    match state {
+        State::Classifying => Event::ClassificationStarted { claim },
+        State::Drafting => Event::DraftingStarted { claim },
+        State::Escalating => Event::EscalationStarted { claim },
+        other => panic!("{other} is not a claim state"),
+    }
+}
+
+/// A history that ends in `state` with `attempts` failed attempts at the
+/// current stage; a claim state's claim is `claim(9, holder, 60)`.
+fn history_to(state: State, attempts: u32, holder: &str) -> Vec<Event> {
+    let claim_states = [State::Classifying, State::Drafting, State::Escalating];
+    let completions = [
+        Event::TicketClassified {
+            claim_id: Uuid::from_u128(1),
+            category: "billing".into(),
+            priority: Priority::High,
+            confidence: 0.9,
+        },
+        Event::DraftSubmitted {
+            claim_id: Uuid::from_u128(2),
+            body: "We refunded the second charge.".into(),
+        },
+    ];
+    let (completed_stages, in_claim) = match state {
+        State::New => (0, false),
+        State::Classifying => (0, true),
+        State::Classified => (1, false),
+        State::Drafting => (1, true),
+        State::DraftReady | State::NeedsHuman | State::Resolved => (2, false),
+        State::Escalating => (2, true),
+    };
+    let mut history = vec![opened()];
+    for (index, completion) in completions.iter().take(completed_stages).enumerate() {
+        history.push(started(claim_states[index], claim(index as u128 + 1, "agent-0", 60)));
+        history.push(completion.clone());
+    }
+    let stage = claim_states[completed_stages];
+    for attempt in 1..=attempts {
+        history.push(started(stage, claim(100 + u128::from(attempt), "someone", 60)));
+        history.push(Event::ClaimExpired {
+            claim_id: Uuid::from_u128(100 + u128::from(attempt)),
+            lease_expired_at: t0() + Duration::seconds(60),
+            attempts: attempt,
+        });
+    }
+    if in_claim {
+        history.push(started(stage, claim(9, holder, 60)));
+    }
+    match state {
+        State::NeedsHuman => history.push(Event::EscalatedToHuman {
+            claim_id: None,
+            reason: "customer asked for a person".into(),
+        }),
+        State::Resolved => history.push(Event::TicketResolved {
+            claim_id: None,
+            resolution: "done".into(),
+        }),
+        _ => {}
+    }
+    let ticket = Ticket::from_events(&history);
+    assert_eq!(ticket.state, Some(state), "fixture history for {state}");
+    assert_eq!(ticket.attempts, attempts, "fixture attempts for {state}");
+    history
+}
+
+/// A valid command of `kind` acting under claim 9.
+fn valid_command(kind: CommandKind) -> Command {
+    let claim_id = Uuid::from_u128(9);
+    match kind {
+        CommandKind::OpenTicket => Command::OpenTicket {
+            subject: "Cannot log in".into(),
+            body: "The reset link has expired twice.".into(),
+            customer: None,
+        },
+        CommandKind::StartClassification => Command::StartClassification { lease_secs: None },
+        CommandKind::Classify => Command::Classify {
+            claim_id,
+            category: "account_access".into(),
+            priority: Priority::Urgent,
+            confidence: 0.8,
+        },
+        CommandKind::StartDrafting => Command::StartDrafting { lease_secs: Some(30) },
+        CommandKind::SubmitDraft => Command::SubmitDraft {
+            claim_id,
+            body: "Here is a new reset link.".into(),
+        },
+        CommandKind::StartEscalation => Command::StartEscalation { lease_secs: None },
+        CommandKind::Resolve => Command::Resolve {
+            claim_id: Some(claim_id),
+            resolution: "sent the draft".into(),
+        },
+        CommandKind::RejectDraft => Command::RejectDraft {
+            claim_id: Some(claim_id),
+            reason: "wrong tone".into(),
+        },
+        CommandKind::EscalateToHuman => Command::EscalateToHuman {
+            claim_id,
+            reason: "legal threat".into(),
+        },
+        CommandKind::ReleaseClaim => Command::ReleaseClaim {
+            claim_id,
+            reason: "model timed out".into(),
+        },
+        CommandKind::ExtendLease => Command::ExtendLease {
+            claim_id,
+            lease_secs: Some(120),
+        },
+        CommandKind::ExpireClaim => Command::ExpireClaim { claim_id },
+        CommandKind::TakeOver => Command::TakeOver { lease_secs: None },
+    }
+}
+
+#[test]
+fn every_row_of_the_table_is_enforced() {
+    let policy = Policy::default();
+    for row in TRANSITIONS {
+        let attempts = match row.guard {
+            Guard::AttemptsExhausted => policy.max_attempts - 1,
+            Guard::Always | Guard::AttemptsRemain => 0,
+        };
+        for &role in row.roles {
+            let history = row
+                .from
+                .map_or_else(Vec::new, |from| history_to(from, attempts, HOLDER));
+            let now = match row.claim {
+                ClaimRule::Expired => t0() + Duration::seconds(61),
+                _ => t0() + Duration::seconds(1),
+            };
+            Scenario::given(history.clone())
+                .as_role(HOLDER, role)
+                .at(now)
+                .when(valid_command(row.command))
+                .then_state(row.to);
+            // Every role not in any row for this state and command is refused.
+            let allowed: Vec<Role> = transitions_from(row.from, row.command)
+                .flat_map(|r| r.roles.iter().copied())
+                .collect();
+            for outsider in Role::ALL.into_iter().filter(|r| !allowed.contains(r)) {
+                Scenario::given(history.clone())
+                    .as_role(HOLDER, outsider)
+                    .at(now)
+                    .when(valid_command(row.command))
+                    .then_rejected_with("role_not_allowed");
+            }
+        }
+    }
+}
+
+#[test]
+fn every_command_missing_from_the_table_is_an_invalid_transition() {
+    for from in State::ALL {
+        for kind in CommandKind::ALL {
+            if kind == CommandKind::OpenTicket || transitions_from(Some(from), kind).next().is_some() {
+                continue;
+            }
+            Scenario::given(history_to(from, 0, HOLDER))
+                .as_role(HOLDER, Role::Operator)
+                .when(valid_command(kind))
+                .then_rejected(Rejection::InvalidTransition { from, command: kind });
+        }
+    }
+}
+
+#[test]
+fn a_draft_for_a_ticket_that_was_never_classified_is_refused() {
+    Scenario::given([opened()])
+        .as_role("drafter-1", Role::Drafter)
+        .when(valid_command(CommandKind::SubmitDraft))
+        .then_rejected(Rejection::InvalidTransition {
+            from: State::New,
+            command: CommandKind::SubmitDraft,
+        });
+}
+
+#[test]
+fn opening_a_ticket() {
+    Scenario::given([])
+        .as_role("intake-1", Role::Intake)
+        .when(Command::OpenTicket {
+            subject: "Charged twice".into(),
+            body: "My card was charged twice for March.".into(),
+            customer: Some("dana@example.com".into()),
+        })
+        .then([opened()]);
+    Scenario::given([opened()])
+        .as_role("intake-1", Role::Intake)
+        .when(valid_command(CommandKind::OpenTicket))
+        .then_rejected(Rejection::TicketAlreadyExists);
+}
+
+#[test]
+fn commands_on_a_missing_ticket_are_not_found() {
+    Scenario::given([])
+        .as_role("classifier-1", Role::Classifier)
+        .when(valid_command(CommandKind::StartClassification))
+        .then_rejected(Rejection::TicketNotFound);
+}
+
+#[test]
+fn claims_take_the_command_id_and_the_policy_lease() {
+    Scenario::given([opened()])
+        .as_role("classifier-1", Role::Classifier)
+        .with_command_id(77)
+        .when(Command::StartClassification { lease_secs: None })
+        .then([Event::ClassificationStarted {
+            claim: claim(77, "classifier-1", 60),
+        }]);
+}
+
+#[test]
+fn a_wrong_role_is_refused_with_the_allowed_roles() {
+    Scenario::given([opened()])
+        .as_role("drafter-1", Role::Drafter)
+        .when(valid_command(CommandKind::StartClassification))
+        .then_rejected(Rejection::RoleNotAllowed {
+            role: Role::Drafter,
+            command: CommandKind::StartClassification,
+            allowed: vec![Role::Classifier, Role::Operator],
+        });
+}
+
+#[test]
+fn completing_without_naming_the_claim_is_refused() {
+    Scenario::given(history_to(State::Escalating, 0, HOLDER))
+        .as_role(HOLDER, Role::Escalator)
+        .when(Command::Resolve {
+            claim_id: None,
+            resolution: "sent".into(),
+        })
+        .then_rejected(Rejection::ClaimRequired {
+            command: CommandKind::Resolve,
+        });
+}
+
+#[test]
+fn fencing_refuses_a_stale_claim() {
+    let stale = Uuid::from_u128(8);
+    Scenario::given(history_to(State::Classifying, 0, HOLDER))
+        .as_role(HOLDER, Role::Classifier)
+        .when(Command::Classify {
+            claim_id: stale,
+            category: "bug".into(),
+            priority: Priority::Low,
+            confidence: 0.5,
+        })
+        .then_rejected(Rejection::StaleClaim {
+            claim_id: stale,
+            current: Some(Uuid::from_u128(9)),
+        });
+}
+
+#[test]
+fn fencing_refuses_another_agents_claim() {
+    Scenario::given(history_to(State::Drafting, 0, HOLDER))
+        .as_role("drafter-2", Role::Drafter)
+        .when(valid_command(CommandKind::SubmitDraft))
+        .then_rejected(Rejection::NotClaimHolder {
+            claim_id: Uuid::from_u128(9),
+            holder: HOLDER.into(),
+        });
+}
+
+#[test]
+fn fencing_refuses_a_late_write_after_the_lease_expired() {
+    Scenario::given(history_to(State::Drafting, 0, HOLDER))
+        .as_role(HOLDER, Role::Drafter)
+        .at(t0() + Duration::seconds(60))
+        .when(valid_command(CommandKind::SubmitDraft))
+        .then_rejected(Rejection::LeaseExpired {
+            claim_id: Uuid::from_u128(9),
+            expired_at: t0() + Duration::seconds(60),
+        });
+}
+
+#[test]
+fn a_late_write_after_the_sweeper_expired_the_claim_is_stale() {
+    let mut history = history_to(State::Drafting, 0, HOLDER);
+    history.push(Event::ClaimExpired {
+        claim_id: Uuid::from_u128(9),
+        lease_expired_at: t0() + Duration::seconds(60),
+        attempts: 1,
+    });
+    Scenario::given(history)
+        .as_role(HOLDER, Role::Drafter)
+        .at(t0() + Duration::seconds(30))
+        .when(valid_command(CommandKind::SubmitDraft))
+        .then_rejected(Rejection::InvalidTransition {
+            from: State::Classified,
+            command: CommandKind::SubmitDraft,
+        });
+}
+
+#[test]
+fn the_sweeper_may_not_expire_a_running_lease() {
+    Scenario::given(history_to(State::Escalating, 0, HOLDER))
+        .as_role("sweeper", Role::System)
+        .at(t0() + Duration::seconds(59))
+        .when(valid_command(CommandKind::ExpireClaim))
+        .then_rejected(Rejection::LeaseNotExpired {
+            claim_id: Uuid::from_u128(9),
+            expires_at: t0() + Duration::seconds(60),
+        });
+}
+
+#[test]
+fn an_expired_claim_returns_to_rest_and_counts_the_attempt() {
+    let ticket = Scenario::given(history_to(State::Drafting, 0, HOLDER))
+        .as_role("sweeper", Role::System)
+        .at(t0() + Duration::seconds(61))
+        .when(valid_command(CommandKind::ExpireClaim))
+        .then([Event::ClaimExpired {
+            claim_id: Uuid::from_u128(9),
+            lease_expired_at: t0() + Duration::seconds(60),
+            attempts: 1,
+        }]);
+    assert_eq!(ticket.state, Some(State::Classified));
+    assert_eq!(ticket.attempts, 1);
+    assert!(ticket.claim.is_none());
+}
+
+#[test]
+fn a_poison_ticket_goes_to_a_human_after_the_last_attempt() {
+    let ticket = Scenario::given(history_to(State::Classifying, 2, HOLDER))
+        .as_role("sweeper", Role::System)
+        .at(t0() + Duration::seconds(61))
+        .when(valid_command(CommandKind::ExpireClaim))
+        .then([
+            Event::ClaimExpired {
+                claim_id: Uuid::from_u128(9),
+                lease_expired_at: t0() + Duration::seconds(60),
+                attempts: 3,
+            },
+            Event::EscalatedToHuman {
+                claim_id: None,
+                reason: "poison ticket: 3 failed attempts at one stage".into(),
+            },
+        ]);
+    assert_eq!(ticket.state, Some(State::NeedsHuman));
+}
+
+#[test]
+fn releasing_counts_as_a_failed_attempt() {
+    let policy = Policy {
+        max_attempts: 1,
+        ..Policy::default()
+    };
+    Scenario::given(history_to(State::Escalating, 0, HOLDER))
+        .as_role(HOLDER, Role::Escalator)
+        .with_policy(policy)
+        .when(valid_command(CommandKind::ReleaseClaim))
+        .then_state(State::NeedsHuman);
+}
+
+#[test]
+fn an_operator_take_over_fences_the_previous_holder() {
+    let mut history = history_to(State::Drafting, 0, HOLDER);
+    let taken = Scenario::given(history.clone())
+        .as_role("alice", Role::Operator)
+        .with_command_id(50)
+        .when(valid_command(CommandKind::TakeOver))
+        .then([Event::ClaimTakenOver {
+            previous_claim_id: Uuid::from_u128(9),
+            claim: claim(50, "alice", 60),
+        }]);
+    assert_eq!(taken.claim.as_ref().map(|c| c.agent_id.as_str()), Some("alice"));
+    history.push(Event::ClaimTakenOver {
+        previous_claim_id: Uuid::from_u128(9),
+        claim: claim(50, "alice", 60),
+    });
+    Scenario::given(history)
+        .as_role(HOLDER, Role::Drafter)
+        .when(valid_command(CommandKind::SubmitDraft))
+        .then_rejected(Rejection::StaleClaim {
+            claim_id: Uuid::from_u128(9),
+            current: Some(Uuid::from_u128(50)),
+        });
+}
+
+#[test]
+fn extending_a_lease_moves_its_expiry() {
+    let ticket = Scenario::given(history_to(State::Classifying, 0, HOLDER))
+        .as_role(HOLDER, Role::Classifier)
+        .at(t0() + Duration::seconds(30))
+        .when(valid_command(CommandKind::ExtendLease))
+        .then_state(State::Classifying);
+    assert_eq!(
+        ticket.claim.unwrap().lease_expires_at,
+        t0() + Duration::seconds(30 + 120)
+    );
+}
+
+fn classify(category: &str, confidence: f64) -> Command {
+    Command::Classify {
+        claim_id: Uuid::from_u128(9),
+        category: category.into(),
+        priority: Priority::Normal,
+        confidence,
+    }
+}
+
+#[test]
+fn hallucinated_classifications_are_invalid_input() {
+    let given = || Scenario::given(history_to(State::Classifying, 0, HOLDER)).as_role(HOLDER, Role::Classifier);
+    given()
+        .when(classify("refund_fraud", 0.9))
+        .then_rejected(Rejection::Invalid(ValidationError::UnknownCategory {
+            category: "refund_fraud".into(),
+            allowed: Policy::default().categories,
+        }));
+    for confidence in [-0.1, 1.5, f64::NAN, f64::INFINITY] {
+        given()
+            .when(classify("bug", confidence))
+            .then_rejected_with("invalid_input");
+    }
+    given().when(classify("bug", 0.0)).then_state(State::Classified);
+    given().when(classify("bug", 1.0)).then_state(State::Classified);
+}
+
+#[test]
+fn empty_and_oversized_drafts_are_invalid_input() {
+    let given = || Scenario::given(history_to(State::Drafting, 0, HOLDER)).as_role(HOLDER, Role::Drafter);
+    let draft = |body: String| Command::SubmitDraft {
+        claim_id: Uuid::from_u128(9),
+        body,
+    };
+    given()
+        .when(draft("  \n ".into()))
+        .then_rejected(Rejection::Invalid(ValidationError::Empty { field: "draft" }));
+    let max = Policy::default().max_draft_bytes;
+    given()
+        .when(draft("x".repeat(max + 1)))
+        .then_rejected(Rejection::Invalid(ValidationError::TooLong {
+            field: "draft",
+            len: max + 1,
+            max,
+        }));
+    given().when(draft("x".repeat(max))).then_state(State::DraftReady);
+}
+
+#[test]
+fn invalid_ticket_fields_and_leases_are_refused() {
+    Scenario::given([])
+        .as_role("intake-1", Role::Intake)
+        .when(Command::OpenTicket {
+            subject: "x".repeat(201),
+            body: "b".into(),
+            customer: None,
+        })
+        .then_rejected(Rejection::Invalid(ValidationError::TooLong {
+            field: "subject",
+            len: 201,
+            max: 200,
+        }));
+    Scenario::given([])
+        .as_role("intake-1", Role::Intake)
+        .when(Command::OpenTicket {
+            subject: "s".into(),
+            body: String::new(),
+            customer: None,
+        })
+        .then_rejected(Rejection::Invalid(ValidationError::Empty { field: "body" }));
+    for lease_secs in [0, 3601] {
+        Scenario::given([opened()])
+            .as_role("classifier-1", Role::Classifier)
+            .when(Command::StartClassification {
+                lease_secs: Some(lease_secs),
+            })
+            .then_rejected(Rejection::Invalid(ValidationError::LeaseOutOfRange {
+                secs: lease_secs,
+                max: 3600,
+            }));
+    }
+}
+
+#[test]
+fn commands_and_rejections_serialize_for_programs() {
+    let json = serde_json::to_value(valid_command(CommandKind::Classify)).unwrap();
+    assert_eq!(json["type"], "classify");
+    let back: Command = serde_json::from_value(json).unwrap();
+    assert_eq!(back, valid_command(CommandKind::Classify));
+    assert!(serde_json::from_str::<Command>(r#"{"type":"classify","claim_id":"x"}"#).is_err());
+    let rejection = serde_json::to_value(Rejection::InvalidTransition {
+        from: State::New,
+        command: CommandKind::SubmitDraft,
+    })
+    .unwrap();
+    assert_eq!(rejection["kind"], "invalid_transition");
+    assert_eq!(rejection["from"], "NEW");
+}
+
+// ---- properties -----------------------------------------------------------
+
+fn metadata(agent: &Agent, command_id: Uuid, now: chrono::DateTime<chrono::Utc>) -> EventMetadata {
+    EventMetadata {
+        schema_version: 1,
+        command_id,
+        correlation_id: command_id,
+        causation_id: command_id,
+        agent: agent.clone(),
+        traceparent: None,
+        recorded_at: now,
+    }
+}
+
+/// A random command: its kind, the sender's role (mostly one the table
+/// allows for that kind somewhere, so that sequences get far), whether it
+/// names the current claim, whether its payload is valid, and the seconds
+/// that pass before it.
+fn any_command() -> impl Strategy<Value = (Role, CommandKind, bool, bool, u8)> {
+    prop::sample::select(CommandKind::ALL.to_vec()).prop_flat_map(|kind| {
+        let table_roles: Vec<Role> = TRANSITIONS
+            .iter()
+            .filter(|row| row.command == kind)
+            .flat_map(|row| row.roles.iter().copied())
+            .collect();
+        let role = prop_oneof![
+            4 => prop::sample::select(table_roles),
+            1 => prop::sample::select(Role::ALL.to_vec()),
+        ];
+        (
+            role,
+            Just(kind),
+            prop::bool::weighted(0.85),
+            prop::bool::weighted(0.85),
+            prop_oneof![4 => 0u8..10, 1 => 50u8..90],
+        )
+    })
+}
+
+fn concrete(kind: CommandKind, ticket: &Ticket, use_current_claim: bool, valid: bool) -> Command {
+    let claim_id = match (&ticket.claim, use_current_claim) {
+        (Some(claim), true) => claim.claim_id,
+        _ => Uuid::from_u128(0xdead),
+    };
+    let command = valid_command(kind);
+    let command = match command {
+        Command::Classify { .. } => classify(if valid { "billing" } else { "astrology" }, 0.7),
+        Command::SubmitDraft { .. } => Command::SubmitDraft {
+            claim_id,
+            body: if valid { "draft".into() } else { String::new() },
+        },
+        other => other,
+    };
+    match command {
+        Command::Classify {
+            category,
+            priority,
+            confidence,
+            ..
+        } => Command::Classify {
+            claim_id,
+            category,
+            priority,
+            confidence,
+        },
+        Command::Resolve { resolution, .. } => Command::Resolve {
+            claim_id: Some(claim_id),
+            resolution,
+        },
+        Command::RejectDraft { reason, .. } => Command::RejectDraft {
+            claim_id: Some(claim_id),
+            reason,
+        },
+        Command::EscalateToHuman { reason, .. } => Command::EscalateToHuman { claim_id, reason },
+        Command::ReleaseClaim { reason, .. } => Command::ReleaseClaim { claim_id, reason },
+        Command::ExtendLease { lease_secs, .. } => Command::ExtendLease { claim_id, lease_secs },
+        Command::ExpireClaim { .. } => Command::ExpireClaim { claim_id },
+        other => other,
+    }
+}
+
+type RandomCommand = (Role, CommandKind, bool, bool, u8);
+
+/// Runs one random sequence and checks it; returns every state visited.
+fn run_sequence(commands: Vec<RandomCommand>) -> Result<Vec<State>, TestCaseError> {
+    let policy = Policy::default();
+    let mut ticket = Ticket::default();
+    let mut history: Vec<(Event, EventMetadata)> = Vec::new();
+    let mut visited = Vec::new();
+    let mut now = t0();
+    let opener = Agent::new("intake-1", Role::Intake);
+    let open_id = Uuid::from_u128(1);
+    let context = Context {
+        now,
+        ticket_id: ticket_id(),
+        agent: &opener,
+        command_id: open_id,
+        policy: &policy,
+    };
+    for event in decide(&ticket, &valid_command(CommandKind::OpenTicket), &context).unwrap() {
+        ticket = evolve(ticket, &event);
+        history.push((event, metadata(&opener, open_id, now)));
+    }
+    for (index, (role, kind, use_claim, valid, wait)) in commands.into_iter().enumerate() {
+        now += Duration::seconds(i64::from(wait));
+        // The agent acting is the claim holder when `use_claim` says so.
+        let agent_id = match (&ticket.claim, use_claim) {
+            (Some(claim), true) => claim.agent_id.clone(),
+            _ => format!("{role}-{index}"),
+        };
+        let agent = Agent::new(agent_id, role);
+        let command = concrete(kind, &ticket, use_claim, valid);
+        let command_id = Uuid::from_u128(1000 + index as u128);
+        let context = Context {
+            now,
+            ticket_id: ticket_id(),
+            agent: &agent,
+            command_id,
+            policy: &policy,
+        };
+        let before = ticket.state;
+        if let Ok(events) = decide(&ticket, &command, &context) {
+            prop_assert!(!events.is_empty());
+            for event in events {
+                ticket = evolve(ticket, &event);
+                history.push((event, metadata(&agent, command_id, now)));
+            }
+            prop_assert!(
+                transitions_from(before, kind).any(|row| Some(row.to) == ticket.state && row.roles.contains(&role)),
+                "{kind} by {role} from {before:?} reached {:?}",
+                ticket.state
+            );
+            visited.extend(ticket.state);
+        }
+    }
+    let violations = audit_history(&history);
+    prop_assert!(violations.is_empty(), "violations: {violations:?}");
+    let events: Vec<Event> = history.iter().map(|(event, _)| event.clone()).collect();
+    prop_assert_eq!(Ticket::from_events(&events), ticket);
+    for event in &events {
+        let decoded = Event::decode(event.event_type(), event.schema_version(), &event.encode()).unwrap();
+        prop_assert_eq!(&decoded, event);
+    }
+    Ok(visited)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    /// Random commands from random roles (some holding the claim, some not,
+    /// some late, some hallucinating): every accepted command lands where
+    /// the table says, the history stays a valid path, and replaying the
+    /// events gives the same ticket.
+    #[test]
+    fn random_command_sequences_keep_every_stream_a_path_through_the_table(
+        commands in prop::collection::vec(any_command(), 1..60)
+    ) {
+        run_sequence(commands)?;
+    }
+}
+
+/// The property above is only as good as the states its sequences reach.
+#[test]
+fn random_sequences_reach_every_state() {
+    let mut runner = proptest::test_runner::TestRunner::deterministic();
+    let strategy = prop::collection::vec(any_command(), 1..60);
+    let mut visited = std::collections::BTreeSet::new();
+    for _ in 0..256 {
+        let commands = strategy.new_tree(&mut runner).unwrap().current();
+        visited.extend(run_sequence(commands).unwrap());
+    }
+    assert_eq!(visited.into_iter().collect::<Vec<_>>(), State::ALL.to_vec());
+}
+
+#[test]
+fn the_auditor_catches_an_invalid_transition_and_a_late_write() {
+    let by = |id: &str, role: Role, seconds: i64| {
+        metadata(&Agent::new(id, role), Uuid::new_v4(), t0() + Duration::seconds(seconds))
+    };
+    let valid = vec![
+        (opened(), by("intake-1", Role::Intake, 0)),
+        (
+            Event::ClassificationStarted {
+                claim: claim(1, "classifier-1", 60),
+            },
+            by("classifier-1", Role::Classifier, 0),
+        ),
+        (
+            Event::TicketClassified {
+                claim_id: Uuid::from_u128(1),
+                category: "bug".into(),
+                priority: Priority::Low,
+                confidence: 0.4,
+            },
+            by("classifier-1", Role::Classifier, 1),
+        ),
+        (
+            Event::DraftingStarted {
+                claim: claim(2, "drafter-1", 60),
+            },
+            by("drafter-1", Role::Drafter, 2),
+        ),
+    ];
+    assert_eq!(audit_history(&valid), []);
+
+    let mut late = valid.clone();
+    late.push((
+        Event::DraftSubmitted {
+            claim_id: Uuid::from_u128(2),
+            body: "late".into(),
+        },
+        by("drafter-1", Role::Drafter, 61),
+    ));
+    let violations = audit_history(&late);
+    assert_eq!(violations.len(), 1, "{violations:?}");
+    assert_eq!(violations[0].index, 4);
+    assert!(violations[0].message.contains("late write"), "{}", violations[0]);
+
+    let mut wrong_holder = valid.clone();
+    wrong_holder.push((
+        Event::DraftSubmitted {
+            claim_id: Uuid::from_u128(2),
+            body: "not mine".into(),
+        },
+        by("drafter-2", Role::Drafter, 5),
+    ));
+    assert!(audit_history(&wrong_holder)[0].message.contains("held by drafter-1"));
+
+    // A draft for a ticket that was never classified.
+    let skipped = vec![
+        valid[0].clone(),
+        (
+            Event::DraftSubmitted {
+                claim_id: Uuid::from_u128(9),
+                body: "draft".into(),
+            },
+            by("drafter-1", Role::Drafter, 1),
+        ),
+    ];
+    let violations = audit_history(&skipped);
+    assert_eq!(violations.len(), 1, "{violations:?}");
+    assert!(violations[0].message.contains("not in the transition table"));
+}
