@@ -1,1 +1,580 @@
-//! Placeholder.
+//! The command handler: load → evolve → decide → append with
+//! `Exact(revision)`.
+//!
+//! Handlers hold no state besides counters, so any number of them can run
+//! against one store: correctness comes from the expected revision alone.
+//!
+//! # Main decisions
+//! - **A command that carries the revision its sender decided on is never
+//!   re-applied to newer state.** If the ticket moved on, the sender gets
+//!   [`CommandError::StaleRevision`] with the current state and revision and
+//!   must decide again.
+//! - **Other commands are re-decided** against fresh state after a conflict,
+//!   with bounded retries and full jitter ([`RetryPolicy`]).
+//! - **Retries are harmless.** Event ids are UUIDv5 of the command id and the
+//!   event's index, so a retried command finds its own events in the stream
+//!   (and returns the original outcome, marked `duplicate`), or, when two
+//!   copies race, the store's idempotent append makes the second a no-op.
+//! - **Conflicts stay typed** from the store's `WrongExpectedVersion` to the
+//!   retry loop; the domain's [`Rejection`] reaches the caller unchanged.
+
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use tracing::{Instrument, debug, info_span, warn};
+use triage_domain::{
+    Command, CommandEnvelope, Context, DecodeError, Event, EventMetadata, Policy, Rejection, State, Ticket, TicketId,
+    decide, event_id, evolve,
+};
+use triage_event_store::{
+    Error as StoreError, EventData, EventStore, ExpectedRevision, Position, ReadStream, RecordedEvent, StreamName,
+};
+use uuid::Uuid;
+
+/// The handler's clock, injected so that tests can move time.
+pub trait Clock: Send + Sync + fmt::Debug + 'static {
+    /// The current time.
+    fn now(&self) -> DateTime<Utc>;
+}
+
+/// The system clock.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> DateTime<Utc> {
+        Utc::now()
+    }
+}
+
+/// A clock that moves only when told to, for tests and simulations.
+#[derive(Debug)]
+pub struct ManualClock {
+    now: std::sync::Mutex<DateTime<Utc>>,
+}
+
+impl ManualClock {
+    /// A clock stopped at `now`.
+    pub fn new(now: DateTime<Utc>) -> Self {
+        ManualClock {
+            now: std::sync::Mutex::new(now),
+        }
+    }
+
+    /// Moves the clock forward.
+    pub fn advance(&self, by: chrono::Duration) {
+        let mut now = self.now.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        *now += by;
+    }
+}
+
+impl Clock for ManualClock {
+    fn now(&self) -> DateTime<Utc> {
+        *self.now.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// How conflicts of commands without a decided-on revision are retried.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RetryPolicy {
+    /// Attempts in all, the first included.
+    pub max_attempts: u32,
+    /// The backoff cap of the first retry; it doubles per retry.
+    pub base_delay: Duration,
+    /// The largest backoff cap.
+    pub max_delay: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            max_attempts: 8,
+            base_delay: Duration::from_millis(1),
+            max_delay: Duration::from_millis(50),
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// Full jitter: a random delay up to the capped exponential backoff.
+    fn delay(&self, retry: u32) -> Duration {
+        let cap = self
+            .base_delay
+            .saturating_mul(1u32 << retry.min(16))
+            .min(self.max_delay);
+        cap.mul_f64(fastrand::f64())
+    }
+}
+
+/// A command that was accepted, or the original outcome of a retried one.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Accepted {
+    /// The ticket.
+    pub ticket_id: TicketId,
+    /// The command.
+    pub command_id: Uuid,
+    /// The stream revision of the command's last event: what to send as the
+    /// decided-on revision next.
+    pub revision: u64,
+    /// The global position of the command's last event.
+    pub position: Position,
+    /// The ticket's state right after the command.
+    pub state: State,
+    /// The events the command produced.
+    pub events: Vec<Event>,
+    /// True when this is a retry of a command already stored: nothing new
+    /// was written.
+    pub duplicate: bool,
+}
+
+/// Why a command was not accepted.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CommandError {
+    /// The domain refused the command; nothing was written.
+    #[error("rejected: {rejection}")]
+    Rejected {
+        /// Why.
+        rejection: Rejection,
+        /// The ticket.
+        ticket_id: TicketId,
+        /// The ticket's current state (`None` if it does not exist).
+        state: Option<State>,
+        /// The ticket's current revision (`None` if it does not exist).
+        revision: Option<u64>,
+    },
+    /// The command was decided on a revision the ticket has moved past; it
+    /// is not re-applied. Decide again from `state` at `actual`.
+    #[error("stale decision: decided on revision {expected}, the ticket is at {}", actual.map_or_else(|| "no revision".to_owned(), |r| r.to_string()))]
+    StaleRevision {
+        /// The ticket.
+        ticket_id: TicketId,
+        /// The revision the command was decided on.
+        expected: u64,
+        /// The current revision.
+        actual: Option<u64>,
+        /// The current state.
+        state: Option<State>,
+    },
+    /// Concurrent writers kept winning; retries were exhausted.
+    #[error("gave up after {attempts} attempts: other writers kept changing ticket {ticket_id}")]
+    Contended {
+        /// The ticket.
+        ticket_id: TicketId,
+        /// Attempts made.
+        attempts: u32,
+    },
+    /// The command id was already used for another ticket's events.
+    #[error("command id {command_id} was already used for another ticket")]
+    CommandIdReused {
+        /// The reused id.
+        command_id: Uuid,
+    },
+    /// A stored event of the ticket could not be decoded.
+    #[error("ticket {ticket_id} revision {revision} cannot be read: {source}")]
+    Undecodable {
+        /// The ticket.
+        ticket_id: TicketId,
+        /// The stored revision.
+        revision: u64,
+        /// What failed.
+        #[source]
+        source: DecodeError,
+    },
+    /// The event store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl CommandError {
+    /// A stable machine-readable code.
+    pub fn code(&self) -> &'static str {
+        match self {
+            CommandError::Rejected { rejection, .. } => rejection.code(),
+            CommandError::StaleRevision { .. } => "stale_revision",
+            CommandError::Contended { .. } => "contended",
+            CommandError::CommandIdReused { .. } => "command_id_reused",
+            CommandError::Undecodable { .. } => "undecodable_event",
+            CommandError::Store(_) => "store_error",
+        }
+    }
+}
+
+/// A ticket loaded from its stream.
+#[derive(Clone, Debug, Default)]
+pub struct LoadedTicket {
+    /// The folded state.
+    pub ticket: Ticket,
+    /// The last revision; `None` when the stream does not exist.
+    pub revision: Option<u64>,
+    /// The decoded history with its metadata, in revision order.
+    pub history: Vec<StoredEvent>,
+}
+
+/// One decoded stored event.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StoredEvent {
+    /// The domain event.
+    pub event: Event,
+    /// Its envelope metadata.
+    pub metadata: EventMetadata,
+    /// Its stream revision.
+    pub revision: u64,
+    /// Its global position.
+    pub position: Position,
+    /// Its event id.
+    pub id: Uuid,
+}
+
+/// Decodes a stored record into a domain event and its metadata.
+pub fn decode_recorded(record: &RecordedEvent) -> Result<(Event, EventMetadata), DecodeError> {
+    let metadata = EventMetadata::decode(&record.metadata).map_err(|source| DecodeError::Payload {
+        event_type: format!("{} metadata", record.event_type),
+        source,
+    })?;
+    let event = Event::decode(&record.event_type, metadata.schema_version, &record.data)?;
+    Ok((event, metadata))
+}
+
+/// Counters of what the handler did, for the demo and for metrics.
+#[derive(Debug, Default)]
+pub struct HandlerStats {
+    accepted: AtomicU64,
+    rejected: AtomicU64,
+    duplicates: AtomicU64,
+    conflicts_retried: AtomicU64,
+    stale_revisions: AtomicU64,
+}
+
+/// A snapshot of [`HandlerStats`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct HandlerCounts {
+    /// Commands accepted and written.
+    pub accepted: u64,
+    /// Commands the domain refused.
+    pub rejected: u64,
+    /// Retried commands answered with their original outcome.
+    pub duplicates: u64,
+    /// Expected-revision conflicts resolved by deciding again.
+    pub conflicts_retried: u64,
+    /// Commands refused because their decided-on revision was stale.
+    pub stale_revisions: u64,
+}
+
+impl HandlerStats {
+    /// The current counts.
+    pub fn snapshot(&self) -> HandlerCounts {
+        HandlerCounts {
+            accepted: self.accepted.load(Ordering::Relaxed),
+            rejected: self.rejected.load(Ordering::Relaxed),
+            duplicates: self.duplicates.load(Ordering::Relaxed),
+            conflicts_retried: self.conflicts_retried.load(Ordering::Relaxed),
+            stale_revisions: self.stale_revisions.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// Turns commands into events. Cheap to clone; clones share the store,
+/// clock and counters.
+#[derive(Clone)]
+pub struct CommandHandler {
+    store: Arc<dyn EventStore>,
+    policy: Arc<Policy>,
+    clock: Arc<dyn Clock>,
+    retry: RetryPolicy,
+    stats: Arc<HandlerStats>,
+}
+
+impl fmt::Debug for CommandHandler {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CommandHandler")
+            .field("store", &self.store.describe())
+            .field("policy", &self.policy)
+            .field("retry", &self.retry)
+            .finish_non_exhaustive()
+    }
+}
+
+impl CommandHandler {
+    /// A handler with the default policy, the system clock and default
+    /// retries.
+    pub fn new(store: Arc<dyn EventStore>) -> Self {
+        CommandHandler {
+            store,
+            policy: Arc::new(Policy::default()),
+            clock: Arc::new(SystemClock),
+            retry: RetryPolicy::default(),
+            stats: Arc::new(HandlerStats::default()),
+        }
+    }
+
+    /// Uses `policy`.
+    pub fn with_policy(mut self, policy: Policy) -> Self {
+        self.policy = Arc::new(policy);
+        self
+    }
+
+    /// Uses `clock`.
+    pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// Uses `retry`.
+    pub fn with_retry(mut self, retry: RetryPolicy) -> Self {
+        self.retry = retry;
+        self
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Arc<dyn EventStore> {
+        &self.store
+    }
+
+    /// The policy.
+    pub fn policy(&self) -> &Policy {
+        &self.policy
+    }
+
+    /// The clock.
+    pub fn clock(&self) -> &Arc<dyn Clock> {
+        &self.clock
+    }
+
+    /// The counters.
+    pub fn stats(&self) -> HandlerCounts {
+        self.stats.snapshot()
+    }
+
+    /// Loads and folds a ticket's stream. A missing stream is a default
+    /// (non-existent) ticket with no revision.
+    pub async fn load(&self, ticket_id: TicketId) -> Result<LoadedTicket, CommandError> {
+        let stream = stream_of(ticket_id)?;
+        let records = match self.store.read_stream(&stream, ReadStream::forwards()).await {
+            Ok(records) => records,
+            Err(StoreError::StreamNotFound { .. }) => return Ok(LoadedTicket::default()),
+            Err(error) => return Err(error.into()),
+        };
+        let mut loaded = LoadedTicket {
+            history: Vec::with_capacity(records.len()),
+            ..LoadedTicket::default()
+        };
+        for record in records {
+            let (event, metadata) = decode_recorded(&record).map_err(|source| CommandError::Undecodable {
+                ticket_id,
+                revision: record.revision,
+                source,
+            })?;
+            loaded.ticket = evolve(loaded.ticket, &event);
+            loaded.revision = Some(record.revision);
+            loaded.history.push(StoredEvent {
+                event,
+                metadata,
+                revision: record.revision,
+                position: record.position,
+                id: record.id,
+            });
+        }
+        Ok(loaded)
+    }
+
+    /// Handles one command.
+    pub async fn handle(&self, envelope: CommandEnvelope) -> Result<Accepted, CommandError> {
+        let span = info_span!(
+            "command",
+            ticket = %envelope.ticket_id,
+            command_id = %envelope.command_id,
+            command = %envelope.command.kind(),
+            agent = %envelope.agent.id,
+            role = %envelope.agent.role,
+        );
+        let result = self.handle_inner(&envelope).instrument(span.clone()).await;
+        let _entered = span.enter();
+        match &result {
+            Ok(accepted) if accepted.duplicate => {
+                self.stats.duplicates.fetch_add(1, Ordering::Relaxed);
+                debug!(
+                    revision = accepted.revision,
+                    "duplicate command answered with its original outcome"
+                );
+            }
+            Ok(accepted) => {
+                self.stats.accepted.fetch_add(1, Ordering::Relaxed);
+                debug!(revision = accepted.revision, state = %accepted.state, "accepted");
+            }
+            Err(CommandError::Rejected { rejection, .. }) => {
+                self.stats.rejected.fetch_add(1, Ordering::Relaxed);
+                debug!(reason = %rejection, "rejected");
+            }
+            Err(CommandError::StaleRevision { .. }) => {
+                self.stats.stale_revisions.fetch_add(1, Ordering::Relaxed);
+                debug!("stale decided-on revision");
+            }
+            Err(error) => warn!(%error, "command failed"),
+        }
+        result
+    }
+
+    async fn handle_inner(&self, envelope: &CommandEnvelope) -> Result<Accepted, CommandError> {
+        let ticket_id = envelope.ticket_id;
+        let stream = stream_of(ticket_id)?;
+        let first_event_id = event_id(envelope.command_id, 0);
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let loaded = self.load(ticket_id).await?;
+            if let Some(original) = original_outcome(&loaded, envelope, first_event_id) {
+                return Ok(original);
+            }
+            if let Some(expected) = envelope.expected_revision
+                && loaded.revision != Some(expected)
+            {
+                return Err(stale(ticket_id, expected, &loaded));
+            }
+            let now = self.clock.now();
+            let context = Context {
+                now,
+                ticket_id,
+                agent: &envelope.agent,
+                command_id: envelope.command_id,
+                policy: &self.policy,
+            };
+            let events =
+                decide(&loaded.ticket, &envelope.command, &context).map_err(|rejection| CommandError::Rejected {
+                    rejection,
+                    ticket_id,
+                    state: loaded.ticket.state,
+                    revision: loaded.revision,
+                })?;
+            let records = serialize(envelope, &events, now);
+            let expected = loaded
+                .revision
+                .map_or(ExpectedRevision::NoStream, ExpectedRevision::Exact);
+            match self.store.append(&stream, expected, records).await {
+                Ok(result) => {
+                    let state = events.iter().fold(loaded.ticket, evolve).state;
+                    return Ok(Accepted {
+                        ticket_id,
+                        command_id: envelope.command_id,
+                        revision: result.current_revision,
+                        position: result.position,
+                        state: state.expect("an accepted command leaves the ticket existing"),
+                        events,
+                        duplicate: false,
+                    });
+                }
+                Err(StoreError::WrongExpectedVersion { actual, .. }) => {
+                    if actual == loaded.revision {
+                        // The stream did not move: the event ids are stored
+                        // in another stream.
+                        return Err(CommandError::CommandIdReused {
+                            command_id: envelope.command_id,
+                        });
+                    }
+                    if let Some(expected) = envelope.expected_revision {
+                        let fresh = self.load(ticket_id).await?;
+                        if let Some(original) = original_outcome(&fresh, envelope, first_event_id) {
+                            return Ok(original);
+                        }
+                        return Err(stale(ticket_id, expected, &fresh));
+                    }
+                    if attempt >= self.retry.max_attempts {
+                        return Err(CommandError::Contended {
+                            ticket_id,
+                            attempts: attempt,
+                        });
+                    }
+                    self.stats.conflicts_retried.fetch_add(1, Ordering::Relaxed);
+                    debug!(attempt, ?actual, "conflict; deciding again on fresh state");
+                    tokio::time::sleep(self.retry.delay(attempt)).await;
+                }
+                Err(error) => return Err(error.into()),
+            }
+        }
+    }
+}
+
+fn stream_of(ticket_id: TicketId) -> Result<StreamName, CommandError> {
+    Ok(StreamName::new(ticket_id.stream_name())?)
+}
+
+fn stale(ticket_id: TicketId, expected: u64, loaded: &LoadedTicket) -> CommandError {
+    CommandError::StaleRevision {
+        ticket_id,
+        expected,
+        actual: loaded.revision,
+        state: loaded.ticket.state,
+    }
+}
+
+/// The outcome of this command id if its events are already in the stream.
+fn original_outcome(loaded: &LoadedTicket, envelope: &CommandEnvelope, first_event_id: Uuid) -> Option<Accepted> {
+    let start = loaded.history.iter().position(|stored| stored.id == first_event_id)?;
+    let own: Vec<&StoredEvent> = loaded.history[start..]
+        .iter()
+        .take_while(|stored| stored.metadata.command_id == envelope.command_id)
+        .collect();
+    let last = own.last()?;
+    let state = loaded.history[..start + own.len()]
+        .iter()
+        .fold(Ticket::default(), |ticket, stored| evolve(ticket, &stored.event))
+        .state?;
+    Some(Accepted {
+        ticket_id: envelope.ticket_id,
+        command_id: envelope.command_id,
+        revision: last.revision,
+        position: last.position,
+        state,
+        events: own.iter().map(|stored| stored.event.clone()).collect(),
+        duplicate: true,
+    })
+}
+
+fn serialize(envelope: &CommandEnvelope, events: &[Event], now: DateTime<Utc>) -> Vec<EventData> {
+    events
+        .iter()
+        .enumerate()
+        .map(|(index, event)| {
+            let metadata = EventMetadata {
+                schema_version: event.schema_version(),
+                command_id: envelope.command_id,
+                correlation_id: envelope.correlation_id.unwrap_or(envelope.command_id),
+                causation_id: envelope.causation_id.unwrap_or(envelope.command_id),
+                agent: envelope.agent.clone(),
+                traceparent: envelope.traceparent.clone(),
+                recorded_at: now,
+            };
+            EventData {
+                id: event_id(envelope.command_id, index as u32),
+                event_type: event.event_type().to_owned(),
+                data: event.encode(),
+                metadata: metadata.encode(),
+            }
+        })
+        .collect()
+}
+
+/// A command that needs no claim id from a previous outcome.
+pub fn open_ticket(
+    agent: triage_domain::Agent,
+    subject: impl Into<String>,
+    body: impl Into<String>,
+    customer: Option<String>,
+) -> CommandEnvelope {
+    CommandEnvelope::new(
+        TicketId::new(),
+        agent,
+        Command::OpenTicket {
+            subject: subject.into(),
+            body: body.into(),
+            customer,
+        },
+    )
+}
+
+#[cfg(test)]
+mod tests;

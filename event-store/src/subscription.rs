@@ -191,10 +191,10 @@ async fn run_catch_up<S>(
                 }
                 None => Some(SubscriptionMessage::Event(event)),
             };
-            if let Some(message) = message {
-                if sender.send(Ok(message)).await.is_err() {
-                    return;
-                }
+            if let Some(message) = message
+                && sender.send(Ok(message)).await.is_err()
+            {
+                return;
             }
         }
         if new_events > 0 {

@@ -1,0 +1,331 @@
+use std::sync::Arc;
+
+use chrono::{Duration, TimeZone, Utc};
+use triage_domain::{Agent, Command, CommandEnvelope, CommandKind, Priority, Rejection, Role, State, TicketId};
+use triage_event_store::{EventData, EventStore, ExpectedRevision, InMemoryEventStore, ReadStream, StreamName};
+use uuid::Uuid;
+
+use super::*;
+
+struct Fixture {
+    store: Arc<InMemoryEventStore>,
+    clock: Arc<ManualClock>,
+    handler: CommandHandler,
+}
+
+fn fixture() -> Fixture {
+    let store = Arc::new(InMemoryEventStore::new());
+    let clock = Arc::new(ManualClock::new(Utc.with_ymd_and_hms(2026, 2, 1, 8, 0, 0).unwrap()));
+    let handler = CommandHandler::new(store.clone()).with_clock(clock.clone());
+    Fixture { store, clock, handler }
+}
+
+fn intake() -> Agent {
+    Agent::new("intake-1", Role::Intake)
+}
+
+fn classifier(n: u32) -> Agent {
+    Agent::new(format!("classifier-{n}"), Role::Classifier)
+}
+
+async fn open(handler: &CommandHandler) -> TicketId {
+    let accepted = handler
+        .handle(open_ticket(intake(), "Charged twice", "Twice in March.", None))
+        .await
+        .unwrap();
+    assert_eq!(accepted.revision, 0);
+    accepted.ticket_id
+}
+
+fn start(ticket: TicketId, agent: Agent) -> CommandEnvelope {
+    CommandEnvelope::new(ticket, agent, Command::StartClassification { lease_secs: Some(30) })
+}
+
+fn classify(ticket: TicketId, agent: Agent, claim_id: Uuid) -> CommandEnvelope {
+    CommandEnvelope::new(
+        ticket,
+        agent,
+        Command::Classify {
+            claim_id,
+            category: "billing".into(),
+            priority: Priority::High,
+            confidence: 0.9,
+        },
+    )
+}
+
+async fn stored(store: &InMemoryEventStore, ticket: TicketId) -> Vec<triage_event_store::RecordedEvent> {
+    let stream = StreamName::new(ticket.stream_name()).unwrap();
+    store.read_stream(&stream, ReadStream::forwards()).await.unwrap()
+}
+
+#[tokio::test]
+async fn an_accepted_command_is_stored_with_deterministic_ids_and_metadata() {
+    let f = fixture();
+    let ticket = open(&f.handler).await;
+    let mut envelope = start(ticket, classifier(1)).at_revision(0);
+    envelope.correlation_id = Some(Uuid::from_u128(5));
+    envelope.traceparent = Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into());
+    let accepted = f.handler.handle(envelope.clone()).await.unwrap();
+    assert_eq!(accepted.revision, 1);
+    assert_eq!(accepted.state, State::Classifying);
+    assert!(!accepted.duplicate);
+    let records = stored(&f.store, ticket).await;
+    assert_eq!(records.len(), 2);
+    assert_eq!(records[1].id, event_id(envelope.command_id, 0));
+    assert_eq!(records[1].event_type, "ClassificationStarted");
+    let (_, metadata) = decode_recorded(&records[1]).unwrap();
+    assert_eq!(metadata.command_id, envelope.command_id);
+    assert_eq!(metadata.correlation_id, Uuid::from_u128(5));
+    assert_eq!(metadata.causation_id, envelope.command_id);
+    assert_eq!(metadata.agent, classifier(1));
+    assert_eq!(metadata.traceparent, envelope.traceparent);
+    assert_eq!(metadata.recorded_at, f.clock.now());
+    assert_eq!(f.handler.stats().accepted, 2);
+}
+
+#[tokio::test]
+async fn a_retried_command_id_returns_the_original_outcome_and_writes_nothing() {
+    let f = fixture();
+    let ticket = open(&f.handler).await;
+    let envelope = start(ticket, classifier(1)).at_revision(0);
+    let original = f.handler.handle(envelope.clone()).await.unwrap();
+    let claim_id = envelope.command_id;
+    // The ticket moves on before the retry arrives.
+    f.handler
+        .handle(classify(ticket, classifier(1), claim_id))
+        .await
+        .unwrap();
+    f.clock.advance(Duration::seconds(5));
+    let retry = f.handler.handle(envelope).await.unwrap();
+    assert!(retry.duplicate);
+    assert_eq!(
+        (retry.revision, retry.position, retry.state, &retry.events),
+        (original.revision, original.position, original.state, &original.events)
+    );
+    assert_eq!(stored(&f.store, ticket).await.len(), 3, "the retry wrote nothing");
+    assert_eq!(f.handler.stats().duplicates, 1);
+}
+
+#[tokio::test]
+async fn racing_copies_of_one_command_store_its_events_once() {
+    let f = fixture();
+    let ticket = open(&f.handler).await;
+    let envelope = start(ticket, classifier(1));
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let handler = f.handler.clone();
+        let envelope = envelope.clone();
+        tasks.push(tokio::spawn(async move { handler.handle(envelope).await }));
+    }
+    let mut outcomes = Vec::new();
+    for task in tasks {
+        outcomes.push(task.await.unwrap().unwrap());
+    }
+    assert!(
+        outcomes
+            .iter()
+            .all(|o| o.revision == 1 && o.state == State::Classifying)
+    );
+    assert_eq!(stored(&f.store, ticket).await.len(), 2);
+}
+
+#[tokio::test]
+async fn a_stale_decided_on_revision_is_rejected_with_the_current_state() {
+    let f = fixture();
+    let ticket = open(&f.handler).await;
+    f.handler.handle(start(ticket, classifier(1))).await.unwrap();
+    let result = f.handler.handle(start(ticket, classifier(2)).at_revision(0)).await;
+    match result {
+        Err(CommandError::StaleRevision {
+            expected,
+            actual,
+            state,
+            ..
+        }) => {
+            assert_eq!(expected, 0);
+            assert_eq!(actual, Some(1));
+            assert_eq!(state, Some(State::Classifying));
+        }
+        other => panic!("expected StaleRevision, got {other:?}"),
+    }
+    assert_eq!(stored(&f.store, ticket).await.len(), 2, "nothing was written");
+    assert_eq!(f.handler.stats().stale_revisions, 1);
+}
+
+#[tokio::test]
+async fn a_rejection_carries_the_current_state_and_revision() {
+    let f = fixture();
+    let ticket = open(&f.handler).await;
+    let drafter = Agent::new("drafter-1", Role::Drafter);
+    let result = f
+        .handler
+        .handle(CommandEnvelope::new(
+            ticket,
+            drafter,
+            Command::SubmitDraft {
+                claim_id: Uuid::new_v4(),
+                body: "Refund on its way".into(),
+            },
+        ))
+        .await;
+    match result {
+        Err(CommandError::Rejected {
+            rejection,
+            state,
+            revision,
+            ..
+        }) => {
+            assert_eq!(
+                rejection,
+                Rejection::InvalidTransition {
+                    from: State::New,
+                    command: CommandKind::SubmitDraft
+                }
+            );
+            assert_eq!((state, revision), (Some(State::New), Some(0)));
+        }
+        other => panic!("expected a rejection, got {other:?}"),
+    }
+    assert_eq!(stored(&f.store, ticket).await.len(), 1);
+}
+
+#[tokio::test]
+async fn an_unknown_ticket_is_not_found_and_nothing_is_written() {
+    let f = fixture();
+    let ticket = TicketId::new();
+    let result = f.handler.handle(start(ticket, classifier(1))).await;
+    assert!(matches!(
+        result,
+        Err(CommandError::Rejected {
+            rejection: Rejection::TicketNotFound,
+            state: None,
+            revision: None,
+            ..
+        })
+    ));
+    assert_eq!(f.store.head_position().await.unwrap(), None);
+}
+
+#[tokio::test]
+async fn conflicts_without_a_decided_on_revision_are_decided_again() {
+    let f = fixture();
+    let ticket = open(&f.handler).await;
+    let mut tasks = Vec::new();
+    for n in 0..16 {
+        let handler = f.handler.clone();
+        tasks.push(tokio::spawn(async move {
+            handler.handle(start(ticket, classifier(n))).await
+        }));
+    }
+    let mut winners = 0;
+    for task in tasks {
+        match task.await.unwrap() {
+            Ok(accepted) => {
+                assert_eq!(accepted.state, State::Classifying);
+                winners += 1;
+            }
+            // Losers decided again on fresh state and were refused by the
+            // table, not by a raw store conflict.
+            Err(CommandError::Rejected { rejection, state, .. }) => {
+                assert_eq!(state, Some(State::Classifying));
+                assert_eq!(rejection.code(), "invalid_transition");
+            }
+            Err(other) => panic!("unexpected error {other}"),
+        }
+    }
+    assert_eq!(winners, 1);
+    assert_eq!(stored(&f.store, ticket).await.len(), 2);
+}
+
+#[tokio::test]
+async fn a_late_write_under_an_expired_lease_is_refused() {
+    let f = fixture();
+    let ticket = open(&f.handler).await;
+    let claim = f.handler.handle(start(ticket, classifier(1))).await.unwrap();
+    f.clock.advance(Duration::seconds(31));
+    let result = f
+        .handler
+        .handle(classify(ticket, classifier(1), claim.command_id))
+        .await;
+    assert!(
+        matches!(
+            result,
+            Err(CommandError::Rejected {
+                rejection: Rejection::LeaseExpired { .. },
+                ..
+            })
+        ),
+        "{result:?}"
+    );
+    // The sweeper expires it; the late writer is then fenced as stale.
+    let sweeper = Agent::new("sweeper", Role::System);
+    f.handler
+        .handle(CommandEnvelope::new(
+            ticket,
+            sweeper,
+            Command::ExpireClaim {
+                claim_id: claim.command_id,
+            },
+        ))
+        .await
+        .unwrap();
+    let result = f
+        .handler
+        .handle(classify(ticket, classifier(1), claim.command_id))
+        .await;
+    assert!(matches!(result, Err(CommandError::Rejected { .. })), "{result:?}");
+    assert_eq!(stored(&f.store, ticket).await.len(), 3);
+}
+
+#[tokio::test]
+async fn a_command_id_reused_on_another_ticket_is_refused() {
+    let f = fixture();
+    let first = open(&f.handler).await;
+    let second = open(&f.handler).await;
+    let envelope = start(first, classifier(1));
+    f.handler.handle(envelope.clone()).await.unwrap();
+    let mut reused = start(second, classifier(1));
+    reused.command_id = envelope.command_id;
+    assert!(matches!(
+        f.handler.handle(reused).await,
+        Err(CommandError::CommandIdReused { .. })
+    ));
+    assert_eq!(stored(&f.store, second).await.len(), 1);
+}
+
+#[tokio::test]
+async fn an_undecodable_stored_event_is_a_clear_error() {
+    let f = fixture();
+    let ticket = open(&f.handler).await;
+    let stream = StreamName::new(ticket.stream_name()).unwrap();
+    f.store
+        .append(
+            &stream,
+            ExpectedRevision::Exact(0),
+            vec![EventData {
+                id: Uuid::new_v4(),
+                event_type: "TicketTeleported".into(),
+                data: b"{}".to_vec(),
+                metadata: br#"{"schema_version":1}"#.to_vec(),
+            }],
+        )
+        .await
+        .unwrap();
+    let error = f.handler.load(ticket).await.unwrap_err();
+    assert!(
+        matches!(error, CommandError::Undecodable { revision: 1, .. }),
+        "{error}"
+    );
+    assert!(error.to_string().contains("revision 1"), "{error}");
+}
+
+#[test]
+fn backoff_is_capped_and_jittered() {
+    let retry = RetryPolicy::default();
+    for attempt in 0..40 {
+        assert!(retry.delay(attempt) <= retry.max_delay);
+    }
+    let delays: std::collections::HashSet<_> = (0..20).map(|_| retry.delay(6)).collect();
+    assert!(delays.len() > 1, "jitter varies the delay");
+}
