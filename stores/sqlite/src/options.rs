@@ -1,0 +1,83 @@
+//! How a store is opened: commit batching, durability and pool sizes.
+
+use std::time::Duration;
+
+/// How hard SQLite pushes each commit to stable storage (`PRAGMA synchronous`).
+///
+/// The store always runs in WAL mode; this only decides when the WAL is
+/// fsynced.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Synchronous {
+    /// `synchronous=FULL`: every commit fsyncs the WAL before any of its
+    /// appends is acknowledged, so an acknowledged append survives a power
+    /// loss or an OS crash. The default, and what Triage's durability
+    /// promise relies on.
+    #[default]
+    Full,
+    /// `synchronous=NORMAL`: the WAL is fsynced only at checkpoints. The file
+    /// never gets corrupted and a process crash loses nothing, but a power
+    /// loss or OS crash may lose the last commits even though their appends
+    /// were acknowledged. Trades durability of those last commits for speed.
+    Normal,
+}
+
+impl Synchronous {
+    pub(crate) fn pragma_value(self) -> &'static str {
+        match self {
+            Synchronous::Full => "FULL",
+            Synchronous::Normal => "NORMAL",
+        }
+    }
+}
+
+/// Options of [`crate::SqliteEventStore::open`]. `SqliteOptions::default()`
+/// is the durable, batched configuration Triage ships with.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SqliteOptions {
+    /// Group commit (default `true`): the writer thread runs every append
+    /// queued at the moment in one transaction with one fsync, each append in
+    /// its own savepoint.
+    ///
+    /// With `false` every append gets its own transaction and its own fsync.
+    /// That is the classic one-commit-per-command design, kept as the peer
+    /// the benchmark compares group commit against; it is slower, not safer.
+    pub group_commit: bool,
+    /// When commits reach stable storage; see [`Synchronous`].
+    pub synchronous: Synchronous,
+    /// Most appends in one group-commit transaction (default 512; at least 1).
+    /// Bounds the latency one transaction adds to the appends queued behind it.
+    pub max_batch: usize,
+    /// Most read connections open at once (default 8; at least 1). Reads
+    /// beyond that wait for a free connection.
+    pub max_readers: usize,
+    /// How long a connection waits for a lock held by another connection
+    /// (`PRAGMA busy_timeout`, default 5 s) before failing with a backend error.
+    pub busy_timeout: Duration,
+}
+
+impl Default for SqliteOptions {
+    fn default() -> Self {
+        SqliteOptions {
+            group_commit: true,
+            synchronous: Synchronous::Full,
+            max_batch: 512,
+            max_readers: 8,
+            busy_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+impl SqliteOptions {
+    /// One transaction and one fsync per append: the benchmark's peer.
+    pub fn single_commit() -> Self {
+        SqliteOptions {
+            group_commit: false,
+            ..Self::default()
+        }
+    }
+
+    /// The number of appends the writer takes into one transaction.
+    pub(crate) fn batch_limit(&self) -> usize {
+        if self.group_commit { self.max_batch.max(1) } else { 1 }
+    }
+}

@@ -1,0 +1,313 @@
+//! The file format and opening safety: what a Triage store file is, how a new
+//! one is initialized, and how a file that is not one is refused untouched.
+
+use std::path::Path;
+
+use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension};
+use triage_event_store::Error;
+
+use crate::SqliteOptions;
+
+/// `PRAGMA application_id` of every Triage store file: "TRIA" in ASCII.
+/// Tools such as `file(1)` read it from the header to tell what a file is.
+pub(crate) const APPLICATION_ID: i32 = 0x5452_4941;
+
+/// `PRAGMA user_version`: the version of the events schema below. A build
+/// opens files up to this version and refuses newer ones.
+pub(crate) const SCHEMA_VERSION: i32 = 1;
+
+/// The events schema, version 1.
+///
+/// `position` is the rowid, so it is assigned as `max(rowid) + 1` inside the
+/// writing transaction. The log is append-only (no row is ever deleted), so a
+/// committed position is never reused. `STRICT` makes SQLite refuse values of
+/// the wrong type instead of silently storing them.
+///
+/// Other tables (read models, checkpoints) may later share the file; nothing
+/// here assumes `events` is the only table.
+const CREATE_EVENTS: &str = "
+    CREATE TABLE events (
+        position    INTEGER PRIMARY KEY,
+        stream      TEXT    NOT NULL,
+        revision    INTEGER NOT NULL,
+        event_id    BLOB    NOT NULL UNIQUE,
+        event_type  TEXT    NOT NULL,
+        data        BLOB    NOT NULL,
+        metadata    BLOB    NOT NULL,
+        recorded_at INTEGER NOT NULL, -- microseconds since the Unix epoch
+        UNIQUE (stream, revision)
+    ) STRICT;
+";
+
+/// Checks a store's shape without reading its rows: fails to prepare unless
+/// every column exists.
+const PROBE_EVENTS: &str =
+    "SELECT position, stream, revision, event_id, event_type, data, metadata, recorded_at FROM events LIMIT 0";
+
+/// Opens (and, if the file is new or empty, initializes) the write
+/// connection. A file that exists with content is inspected read-only first,
+/// so that nothing is written to a file that is not a Triage store.
+pub(crate) fn open_writer(path: &Path, options: &SqliteOptions) -> Result<Connection, Error> {
+    let has_content = match std::fs::metadata(path) {
+        Ok(metadata) => metadata.len() > 0,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => false,
+        Err(error) => return Err(Error::backend(format!("cannot inspect {}", path.display()), error)),
+    };
+    if has_content {
+        inspect(path)?;
+    }
+
+    let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    let conn = Connection::open_with_flags(path, flags).map_err(|error| open_failure(path, error))?;
+    let setup = |conn: &Connection| -> rusqlite::Result<String> {
+        conn.busy_timeout(options.busy_timeout)?;
+        let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |row| row.get(0))?;
+        conn.pragma_update(None, "synchronous", options.synchronous.pragma_value())?;
+        conn.pragma_update(None, "wal_autocheckpoint", crate::checkpoint::BACKSTOP_PAGES)?;
+        Ok(mode)
+    };
+    let mode = setup(&conn).map_err(|error| open_failure(path, error))?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(Error::Backend {
+            message: format!(
+                "{} cannot use WAL mode (SQLite kept journal_mode={mode})",
+                path.display()
+            ),
+            source: None,
+        });
+    }
+    plan_once(&conn).map_err(|error| open_failure(path, error))?;
+    conn.set_prepared_statement_cache_capacity(32);
+    initialize(path, &conn)?;
+    Ok(conn)
+}
+
+/// Opens one read connection. Reads never write, so the connection is
+/// read-only; WAL lets it read while the writer commits.
+pub(crate) fn open_reader(path: &Path, options: &SqliteOptions) -> rusqlite::Result<Connection> {
+    let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)?;
+    conn.busy_timeout(options.busy_timeout)?;
+    plan_once(&conn)?;
+    conn.set_prepared_statement_cache_capacity(16);
+    Ok(conn)
+}
+
+/// Turns on the query planner stability guarantee. Without it, a cached
+/// statement with a bound `LIMIT ?` or range bound (and this SQLite is built
+/// with STAT4) is re-parsed and re-planned on every new binding, which showed
+/// up as a tenth of the CPU of a read-then-append workload.
+fn plan_once(conn: &Connection) -> rusqlite::Result<()> {
+    conn.set_db_config(rusqlite::config::DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG, true)?;
+    Ok(())
+}
+
+/// Creates the schema in an empty database, or checks an existing one, in a
+/// write transaction: two processes opening the same new file cannot both
+/// create it.
+fn initialize(path: &Path, conn: &Connection) -> Result<(), Error> {
+    let result = (|| -> rusqlite::Result<Result<(), Error>> {
+        conn.execute_batch("BEGIN IMMEDIATE")?;
+        let header = Header::read(conn)?;
+        if header.is_blank() {
+            conn.execute_batch(CREATE_EVENTS)?;
+            conn.pragma_update(None, "application_id", APPLICATION_ID)?;
+            conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+            conn.execute_batch("COMMIT")?;
+            tracing::info!(path = %path.display(), "created a new Triage event store");
+            return Ok(Ok(()));
+        }
+        let verdict = header.check(path).and_then(|()| probe(path, conn));
+        conn.execute_batch("COMMIT")?;
+        Ok(verdict)
+    })();
+    match result {
+        Ok(verdict) => verdict,
+        Err(error) => {
+            if !conn.is_autocommit() {
+                let _ = conn.execute_batch("ROLLBACK");
+            }
+            Err(open_failure(path, error))
+        }
+    }
+}
+
+/// Decides whether an existing file is a Triage store this build can open,
+/// through a connection that cannot write.
+///
+/// Without a `-wal` file next to it, the main file holds the whole database,
+/// so it is opened with `immutable=1`: SQLite then takes no locks and creates
+/// no `-wal`/`-shm` files, which a plain read-only open of a WAL-mode file
+/// would. With a `-wal` file (a store that is open elsewhere, or whose writer
+/// crashed) the committed state includes the WAL, so it is opened read-only
+/// the ordinary way.
+fn inspect(path: &Path) -> Result<(), Error> {
+    let wal_exists = side_file(path, "-wal").exists();
+    let conn = if wal_exists {
+        Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)
+    } else {
+        Connection::open_with_flags(
+            immutable_uri(path),
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_URI | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+    }
+    .map_err(|error| open_failure(path, error))?;
+    let header = Header::read(&conn).map_err(|error| open_failure(path, error))?;
+    if header.is_blank() {
+        // An SQLite database with nothing in it: safe to make it a store.
+        return Ok(());
+    }
+    header.check(path)?;
+    probe(path, &conn)
+}
+
+/// Checks that the events table has the expected columns and that its
+/// b-tree can be walked to the end: a truncated file fails here.
+fn probe(path: &Path, conn: &Connection) -> Result<(), Error> {
+    let check = || -> rusqlite::Result<()> {
+        conn.prepare(PROBE_EVENTS)?;
+        conn.query_row("SELECT max(position) FROM events", [], |row| {
+            row.get::<_, Option<i64>>(0)
+        })?;
+        Ok(())
+    };
+    check().map_err(|error| match error {
+        rusqlite::Error::SqliteFailure(failure, _)
+            if matches!(failure.code, ErrorCode::DatabaseCorrupt | ErrorCode::NotADatabase) =>
+        {
+            open_failure(path, error)
+        }
+        rusqlite::Error::SqliteFailure(..) | rusqlite::Error::SqlInputError { .. } => Error::Incompatible(format!(
+            "{} is a damaged Triage event store: its events table does not have the schema-{SCHEMA_VERSION} shape ({error}); the file was left unchanged",
+            path.display()
+        )),
+        other => open_failure(path, other),
+    })
+}
+
+/// The identifying part of a database: its header fields and table names.
+#[derive(Debug)]
+struct Header {
+    application_id: i32,
+    user_version: i32,
+    tables: Vec<String>,
+}
+
+impl Header {
+    fn read(conn: &Connection) -> rusqlite::Result<Header> {
+        let application_id = conn.query_row("PRAGMA application_id", [], |row| row.get(0))?;
+        let user_version = conn.query_row("PRAGMA user_version", [], |row| row.get(0))?;
+        let mut statement = conn.prepare(
+            "SELECT name FROM sqlite_schema WHERE type = 'table' AND name NOT LIKE 'sqlite_%' ORDER BY name",
+        )?;
+        let tables = statement
+            .query_map([], |row| row.get(0))?
+            .collect::<rusqlite::Result<Vec<String>>>()?;
+        Ok(Header {
+            application_id,
+            user_version,
+            tables,
+        })
+    }
+
+    /// A database nobody has put anything in yet.
+    fn is_blank(&self) -> bool {
+        self.application_id == 0 && self.user_version == 0 && self.tables.is_empty()
+    }
+
+    fn check(&self, path: &Path) -> Result<(), Error> {
+        let path = path.display();
+        if self.application_id != APPLICATION_ID {
+            let tables = if self.tables.is_empty() {
+                "no tables".to_owned()
+            } else {
+                format!("tables: {}", self.tables.join(", "))
+            };
+            return Err(Error::Incompatible(format!(
+                "{path} is not a Triage event store (SQLite application_id {:#010x}, Triage uses {APPLICATION_ID:#010x}; {tables}); the file was left unchanged",
+                self.application_id
+            )));
+        }
+        if self.user_version > SCHEMA_VERSION {
+            return Err(Error::Incompatible(format!(
+                "{path} was written by a newer Triage (schema {}, this build reads up to {SCHEMA_VERSION}); upgrade Triage to open it; the file was left unchanged",
+                self.user_version
+            )));
+        }
+        if self.user_version < 1 {
+            return Err(Error::Incompatible(format!(
+                "{path} is a damaged Triage event store (invalid schema version {}); the file was left unchanged",
+                self.user_version
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Maps a failure to open or read a database file: a file that SQLite says
+/// is not a database or is corrupt is `Incompatible`; anything else (missing
+/// directory, permissions, locks) is a backend error.
+fn open_failure(path: &Path, error: rusqlite::Error) -> Error {
+    match &error {
+        rusqlite::Error::SqliteFailure(failure, _) if failure.code == ErrorCode::NotADatabase => {
+            Error::Incompatible(format!(
+                "{} is not a Triage event store: it is not an SQLite database ({error}); the file was left unchanged",
+                path.display()
+            ))
+        }
+        rusqlite::Error::SqliteFailure(failure, _) if failure.code == ErrorCode::DatabaseCorrupt => {
+            Error::Incompatible(format!(
+                "{} is damaged: SQLite reports a corrupt or truncated database ({error}); the file was left unchanged",
+                path.display()
+            ))
+        }
+        _ => Error::backend(format!("cannot open the event store {}", path.display()), error),
+    }
+}
+
+/// `path` with `suffix` appended to its file name, as SQLite names its
+/// `-wal` and `-shm` files.
+pub(crate) fn side_file(path: &Path, suffix: &str) -> std::path::PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(suffix);
+    name.into()
+}
+
+/// A `file:` URI opening `path` with `immutable=1`. Every byte outside the
+/// unreserved set is percent-encoded, so `?`, `#` and `%` in names are safe.
+fn immutable_uri(path: &Path) -> String {
+    let mut uri = String::from("file:");
+    for &byte in path.as_os_str().as_encoded_bytes() {
+        if byte.is_ascii_alphanumeric() || b"/-._~".contains(&byte) {
+            uri.push(char::from(byte));
+        } else {
+            uri.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    uri.push_str("?immutable=1");
+    uri
+}
+
+/// The last position in the log, read when the store opens.
+pub(crate) fn head_position(conn: &Connection) -> rusqlite::Result<Option<i64>> {
+    conn.query_row("SELECT max(position) FROM events", [], |row| row.get(0))
+        .optional()
+        .map(Option::flatten)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uris_escape_reserved_characters() {
+        assert_eq!(
+            immutable_uri(Path::new("/tmp/a b?#%.db")),
+            "file:/tmp/a%20b%3F%23%25.db?immutable=1"
+        );
+    }
+
+    #[test]
+    fn application_id_spells_tria() {
+        assert_eq!(&APPLICATION_ID.to_be_bytes(), b"TRIA");
+    }
+}

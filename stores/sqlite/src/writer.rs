@@ -1,0 +1,292 @@
+//! The writer thread: the only code that writes to the file, with group commit.
+//!
+//! Appends arrive over a channel. The thread blocks for one, drains whatever
+//! else is queued (up to `max_batch`), and runs them all in one
+//! `BEGIN IMMEDIATE` transaction with one fsync at `COMMIT`. Each append that
+//! writes does so inside its own savepoint, so an append that fails on insert
+//! is rolled back alone; every append is checked against the state left by
+//! the appends before it in the same batch. Replies are sent only after
+//! `COMMIT` returned: an acknowledged append is durable (with
+//! `synchronous=FULL`).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::Receiver;
+use std::time::SystemTime;
+
+use rusqlite::{Connection, ErrorCode, OptionalExtension, ffi};
+use tokio::sync::{oneshot, watch};
+use triage_event_store::{AppendPlan, AppendResult, Error, EventData, ExpectedRevision, Position, StoredEventRef};
+use triage_event_store::{StreamName, plan_append};
+use uuid::Uuid;
+
+use crate::checkpoint::{CHECKPOINT_EVERY_EVENTS, Checkpointer};
+use crate::reader::{decode_stream, to_micros};
+
+/// One append waiting for the writer.
+#[derive(Debug)]
+pub(crate) struct AppendRequest {
+    pub(crate) stream: StreamName,
+    pub(crate) expected: ExpectedRevision,
+    /// Already checked by `validate_append`.
+    pub(crate) events: Vec<EventData>,
+    pub(crate) reply: oneshot::Sender<triage_event_store::Result<AppendResult>>,
+}
+
+/// Counters the writer keeps; read through [`crate::SqliteEventStore::stats`].
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub(crate) submitted: AtomicU64,
+    pub(crate) answered: AtomicU64,
+    pub(crate) transactions: AtomicU64,
+    pub(crate) events_written: AtomicU64,
+    pub(crate) largest_batch: AtomicU64,
+}
+
+/// A failure that ends the whole batch: the transaction is rolled back and
+/// every append in it fails with [`Error::Backend`]. Conflicts never end up
+/// here; they are answers to one append.
+type Fatal = rusqlite::Error;
+
+/// What one append produced inside the batch transaction.
+struct Applied {
+    answer: triage_event_store::Result<AppendResult>,
+    /// The position of the last event written, if the append wrote any.
+    written: Option<(Position, u64)>,
+}
+
+pub(crate) struct Writer {
+    pub(crate) conn: Connection,
+    pub(crate) checkpointer: Checkpointer,
+    /// Events written since the last checkpoint request.
+    pub(crate) events_since_checkpoint: u64,
+    pub(crate) batch_limit: usize,
+    pub(crate) head: Arc<watch::Sender<Option<Position>>>,
+    pub(crate) counters: Arc<Counters>,
+}
+
+impl Writer {
+    /// Serves appends until every sender is gone, then closes the connection
+    /// (which checkpoints the WAL into the main file).
+    pub(crate) fn run(mut self, requests: Receiver<AppendRequest>) {
+        let mut batch = Vec::with_capacity(self.batch_limit);
+        while let Ok(first) = requests.recv() {
+            batch.push(first);
+            while batch.len() < self.batch_limit {
+                match requests.try_recv() {
+                    Ok(request) => batch.push(request),
+                    Err(_) => break,
+                }
+            }
+            self.commit_batch(&mut batch);
+        }
+        // The writer's connection must be the last one open, so that closing
+        // it removes the WAL.
+        self.checkpointer.stop();
+        if let Err(error) = self.conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)") {
+            tracing::warn!(%error, "final WAL checkpoint failed; the next open recovers from the WAL");
+        }
+    }
+
+    /// Runs `batch` in one transaction and answers every append in it.
+    fn commit_batch(&mut self, batch: &mut Vec<AppendRequest>) {
+        let size = batch.len() as u64;
+        let outcome = self.run_batch(batch);
+        // Counted before the replies go out, so that a caller holding its
+        // answer sees it counted.
+        self.counters.answered.fetch_add(size, Ordering::Relaxed);
+        match outcome {
+            Ok(applied) => {
+                self.counters.transactions.fetch_add(1, Ordering::Relaxed);
+                self.counters.largest_batch.fetch_max(size, Ordering::Relaxed);
+                let mut head = None;
+                let mut events_written = 0;
+                for written in applied.iter().filter_map(|applied| applied.written) {
+                    head = head.max(Some(written.0));
+                    events_written += written.1;
+                }
+                self.counters
+                    .events_written
+                    .fetch_add(events_written, Ordering::Relaxed);
+                self.events_since_checkpoint += events_written;
+                if self.events_since_checkpoint >= CHECKPOINT_EVERY_EVENTS {
+                    self.events_since_checkpoint = 0;
+                    self.checkpointer.request();
+                }
+                // The head moves before anyone hears of the commit, so a
+                // caller that subscribes after its append was acknowledged
+                // sees a head at or past its own events.
+                if head.is_some() {
+                    self.head.send_replace(head);
+                }
+                for (request, applied) in batch.drain(..).zip(applied) {
+                    // A caller that stopped waiting still had its append committed.
+                    let _ = request.reply.send(applied.answer);
+                }
+            }
+            Err(error) => {
+                if !self.conn.is_autocommit()
+                    && let Err(rollback) = self.conn.execute_batch("ROLLBACK")
+                {
+                    tracing::error!(%rollback, "rolling back a failed batch failed");
+                }
+                tracing::error!(%error, appends = batch.len(), "a group commit failed; every append in it failed");
+                let error = Arc::new(error);
+                for request in batch.drain(..) {
+                    let _ = request.reply.send(Err(Error::backend(
+                        "the write transaction failed; nothing of this append was stored",
+                        Arc::clone(&error),
+                    )));
+                }
+            }
+        }
+    }
+
+    fn run_batch(&mut self, batch: &[AppendRequest]) -> Result<Vec<Applied>, Fatal> {
+        // BEGIN IMMEDIATE takes SQLite's single write lock now, so that no
+        // other connection (another process on the same file) can commit
+        // between our reads of current revisions and our inserts.
+        self.conn.prepare_cached("BEGIN IMMEDIATE")?.execute([])?;
+        let recorded_at = to_micros(SystemTime::now());
+        let mut applied = Vec::with_capacity(batch.len());
+        for request in batch {
+            applied.push(self.apply(request, recorded_at)?);
+        }
+        self.conn.prepare_cached("COMMIT")?.execute([])?;
+        Ok(applied)
+    }
+
+    /// Decides and writes one append inside the batch transaction.
+    fn apply(&self, request: &AppendRequest, recorded_at: i64) -> Result<Applied, Fatal> {
+        let AppendRequest {
+            stream,
+            expected,
+            events,
+            ..
+        } = request;
+        let current: Option<u64> = self
+            .conn
+            .prepare_cached("SELECT max(revision) FROM events WHERE stream = ?1")?
+            .query_row([stream.as_str()], |row| row.get(0))?;
+
+        let mut fatal = None;
+        let plan = plan_append(stream, *expected, current, events, |id| {
+            self.lookup(id).map_err(|error| {
+                let message = error.to_string();
+                fatal = Some(error);
+                Error::backend("looking up an event id", message)
+            })
+        });
+        if let Some(error) = fatal {
+            return Err(error);
+        }
+        let first_revision = match plan {
+            Err(conflict) => return Ok(Applied::answer(Err(conflict))),
+            Ok(AppendPlan::AlreadyAppended(original)) => return Ok(Applied::answer(Ok(original))),
+            Ok(AppendPlan::Write { first_revision }) => first_revision,
+        };
+
+        self.conn.prepare_cached("SAVEPOINT append")?.execute([])?;
+        match self.insert(stream, first_revision, events, recorded_at) {
+            Ok(result) => {
+                self.conn.prepare_cached("RELEASE append")?.execute([])?;
+                Ok(Applied {
+                    answer: Ok(result),
+                    written: Some((result.position, events.len() as u64)),
+                })
+            }
+            Err(error) => {
+                // Undo this append's inserts only; the batch goes on. If even
+                // that fails, the transaction is lost and the batch with it.
+                let undo = self
+                    .conn
+                    .prepare_cached("ROLLBACK TO append")
+                    .and_then(|mut rollback| rollback.execute([]))
+                    .and_then(|_| self.conn.prepare_cached("RELEASE append")?.execute([]));
+                if undo.is_err() {
+                    return Err(error);
+                }
+                if is_unique_violation(&error) {
+                    // A later event id of this append is already stored (the
+                    // first one was checked by plan_append): a conflict.
+                    Ok(Applied::answer(Err(Error::WrongExpectedVersion {
+                        stream: stream.clone(),
+                        expected: *expected,
+                        actual: current,
+                    })))
+                } else {
+                    Err(error)
+                }
+            }
+        }
+    }
+
+    fn insert(
+        &self,
+        stream: &StreamName,
+        first_revision: u64,
+        events: &[EventData],
+        recorded_at: i64,
+    ) -> rusqlite::Result<AppendResult> {
+        let mut insert = self.conn.prepare_cached(
+            "INSERT INTO events (stream, revision, event_id, event_type, data, metadata, recorded_at) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        )?;
+        let mut last = None;
+        for (offset, event) in events.iter().enumerate() {
+            let revision = first_revision + offset as u64;
+            insert.execute((
+                stream.as_str(),
+                revision,
+                event.id.as_bytes().as_slice(),
+                event.event_type.as_str(),
+                event.data.as_slice(),
+                event.metadata.as_slice(),
+                recorded_at,
+            ))?;
+            // Invariant: positions are rowids, assigned as max(rowid) + 1
+            // while this connection holds the only write lock (BEGIN
+            // IMMEDIATE; WAL admits one writer). Rowids therefore increase in
+            // commit order, and a reader whose snapshot holds position p holds
+            // every position below p: subscribers that read forward from
+            // their last position never skip an event.
+            let position = Position::from_sequence(self.conn.last_insert_rowid() as u64);
+            last = Some(AppendResult {
+                current_revision: revision,
+                position,
+            });
+        }
+        // validate_append guarantees at least one event.
+        last.ok_or(rusqlite::Error::QueryReturnedNoRows)
+    }
+
+    fn lookup(&self, id: Uuid) -> rusqlite::Result<Option<StoredEventRef>> {
+        self.conn
+            .prepare_cached("SELECT stream, revision, position FROM events WHERE event_id = ?1")?
+            .query_row([id.as_bytes().as_slice()], |row| {
+                Ok(StoredEventRef {
+                    stream: decode_stream(row.get(0)?, 0)?,
+                    revision: row.get(1)?,
+                    position: Position::from_sequence(row.get(2)?),
+                })
+            })
+            .optional()
+    }
+}
+
+impl Applied {
+    fn answer(answer: triage_event_store::Result<AppendResult>) -> Self {
+        Applied { answer, written: None }
+    }
+}
+
+/// A duplicate `event_id` or `(stream, revision)`, told by SQLite's typed
+/// result codes, never by its message text.
+fn is_unique_violation(error: &rusqlite::Error) -> bool {
+    matches!(
+        error,
+        rusqlite::Error::SqliteFailure(failure, _)
+            if failure.code == ErrorCode::ConstraintViolation
+                && matches!(failure.extended_code, ffi::SQLITE_CONSTRAINT_UNIQUE | ffi::SQLITE_CONSTRAINT_PRIMARYKEY)
+    )
+}

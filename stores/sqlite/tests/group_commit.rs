@@ -1,0 +1,137 @@
+//! Group commit batches concurrent appends into few transactions, and an
+//! append that fails inside a batch fails alone.
+//!
+//! No timing: another connection holds SQLite's write lock while the appends
+//! queue up, so the writer is provably busy while all of them arrive.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use triage_event_store::{Error, EventData, EventStore, ExpectedRevision, ReadStream, StreamName};
+use triage_store_sqlite::{SqliteEventStore, SqliteOptions};
+use uuid::Uuid;
+
+const APPENDS: usize = 256;
+
+fn event() -> EventData {
+    EventData {
+        id: Uuid::new_v4(),
+        event_type: "Tested".to_owned(),
+        data: b"{}".to_vec(),
+        metadata: b"{}".to_vec(),
+    }
+}
+
+/// Holds SQLite's write lock from a second connection until `release`.
+fn hold_write_lock(store: &SqliteEventStore) -> rusqlite::Connection {
+    let blocker = rusqlite::Connection::open(store.path()).unwrap();
+    blocker.execute_batch("BEGIN IMMEDIATE").unwrap();
+    blocker
+}
+
+async fn wait_until_submitted(store: &SqliteEventStore, count: u64) {
+    while store.stats().appends_submitted < count {
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_appends_share_transactions_and_conflicts_fail_alone() {
+    let store = Arc::new(SqliteEventStore::open_temporary().unwrap());
+    let taken = StreamName::new("ticket-taken").unwrap();
+    let stored = event();
+    store
+        .append(&taken, ExpectedRevision::NoStream, vec![stored.clone()])
+        .await
+        .unwrap();
+    let before = store.stats();
+    assert_eq!(before.transactions, 1);
+
+    let blocker = hold_write_lock(&store);
+    let mut tasks = Vec::new();
+    for index in 0..APPENDS {
+        let store = Arc::clone(&store);
+        let stored = stored.clone();
+        let taken = taken.clone();
+        tasks.push(tokio::spawn(async move {
+            // Pairs race on one stream: exactly one of each pair may win.
+            let stream = StreamName::new(format!("ticket-pair-{}", index / 2)).unwrap();
+            let result = match index % 8 {
+                // A stored id behind a new one: fails on the unique index.
+                7 => {
+                    store
+                        .append(&stream, ExpectedRevision::Any, vec![event(), stored])
+                        .await
+                }
+                // The stream exists already: fails in plan_append.
+                5 => store.append(&taken, ExpectedRevision::NoStream, vec![event()]).await,
+                _ => {
+                    store
+                        .append(&stream, ExpectedRevision::NoStream, vec![event(), event()])
+                        .await
+                }
+            };
+            (index, stream, result)
+        }));
+    }
+    wait_until_submitted(&store, before.appends_submitted + APPENDS as u64).await;
+    blocker.execute_batch("COMMIT").unwrap();
+    drop(blocker);
+
+    let mut winners: HashMap<StreamName, usize> = HashMap::new();
+    for task in tasks {
+        let (index, stream, result) = task.await.unwrap();
+        match (index % 8, result) {
+            (7, Err(Error::WrongExpectedVersion { .. })) => {}
+            (5, Err(Error::WrongExpectedVersion { actual, .. })) => assert_eq!(actual, Some(0)),
+            (5 | 7, other) => panic!("append {index} should conflict, got {other:?}"),
+            (_, Ok(result)) => {
+                assert_eq!(result.current_revision, 1);
+                *winners.entry(stream).or_default() += 1;
+            }
+            (_, Err(Error::WrongExpectedVersion { actual, .. })) => {
+                assert_eq!(actual, Some(1), "the loser of a pair sees the winner");
+            }
+            (_, Err(other)) => panic!("append {index} failed: {other}"),
+        }
+    }
+    // Every pair had at least one NoStream append; each got exactly one winner.
+    assert_eq!(winners.len(), APPENDS / 2);
+    assert!(winners.values().all(|&wins| wins == 1), "{winners:?}");
+    for stream in winners.keys() {
+        let events = store.read_stream(stream, ReadStream::forwards()).await.unwrap();
+        assert_eq!(events.iter().map(|e| e.revision).collect::<Vec<_>>(), [0, 1]);
+    }
+
+    let stats = store.stats();
+    let transactions = stats.transactions - before.transactions;
+    assert_eq!(stats.appends_answered - before.appends_answered, APPENDS as u64);
+    // The writer took what was queued when it woke, waited for the lock,
+    // then took every other append in one more transaction.
+    assert!(transactions <= 2, "{APPENDS} appends used {transactions} transactions");
+    assert!(stats.largest_batch >= (APPENDS / 2) as u64, "{stats:?}");
+    assert_eq!(stats.events_written, 1 + 2 * (APPENDS / 2) as u64);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn without_group_commit_every_append_is_its_own_transaction() {
+    let store = Arc::new(SqliteEventStore::open_temporary_with(SqliteOptions::single_commit()).unwrap());
+    let blocker = hold_write_lock(&store);
+    let mut tasks = Vec::new();
+    for index in 0..32 {
+        let store = Arc::clone(&store);
+        tasks.push(tokio::spawn(async move {
+            let stream = StreamName::new(format!("ticket-{index}")).unwrap();
+            store.append(&stream, ExpectedRevision::NoStream, vec![event()]).await
+        }));
+    }
+    wait_until_submitted(&store, 32).await;
+    blocker.execute_batch("COMMIT").unwrap();
+    drop(blocker);
+    for task in tasks {
+        task.await.unwrap().unwrap();
+    }
+    let stats = store.stats();
+    assert_eq!(stats.transactions, 32);
+    assert_eq!(stats.largest_batch, 1);
+}
