@@ -1,1 +1,156 @@
-fn main() {}
+//! The `triage` command.
+//!
+//! A thin layer: clap parses, [`store::StoreLocation`] picks the backend by
+//! URL, the command handler does the work, and [`output`] prints tables for
+//! people or JSON for programs. Errors are `anyhow` here and only here; the
+//! libraries keep typed errors.
+
+mod output;
+mod store;
+mod ticket;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use triage_store_sqlite::Synchronous;
+
+use crate::store::StoreLocation;
+
+/// Triage: many AI agents and humans work the same support tickets without
+/// lost updates or impossible transitions.
+///
+/// Agents send commands; each is checked against the ticket's state machine
+/// and the sender's role, then appended as events with an expected stream
+/// revision. Events live in an embedded SQLite file by default
+/// (./triage.db).
+#[derive(Debug, Parser)]
+#[command(name = "triage", version, propagate_version = true, max_term_width = 100)]
+struct Cli {
+    #[command(flatten)]
+    global: GlobalArgs,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Args)]
+struct GlobalArgs {
+    /// Where events live: sqlite://PATH, memory://, or a plain file path
+    /// (SQLite). Overrides --db.
+    #[arg(long, global = true, env = "TRIAGE_STORE", value_name = "URL")]
+    store: Option<String>,
+
+    /// The embedded SQLite store file; the same as --store sqlite://PATH.
+    #[arg(
+        long,
+        global = true,
+        env = "TRIAGE_DB",
+        value_name = "PATH",
+        default_value = "./triage.db"
+    )]
+    db: PathBuf,
+
+    /// Print JSON for programs: one object, or one object per line for lists.
+    #[arg(long, global = true)]
+    json: bool,
+
+    /// SQLite durability: `full` fsyncs every commit before acknowledging it;
+    /// `normal` may lose the last commits on power loss (never on a crash).
+    #[arg(long, global = true, value_enum, default_value_t = SyncMode::Full, env = "TRIAGE_SQLITE_SYNC")]
+    sync: SyncMode,
+
+    /// More log output on stderr (-v: debug, -vv: trace). RUST_LOG also works.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum SyncMode {
+    Full,
+    Normal,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Print the transition table: every allowed transition, the command that
+    /// makes it and the roles allowed to send it.
+    States {
+        /// Print a Mermaid state diagram generated from the same table.
+        #[arg(long)]
+        mermaid: bool,
+    },
+    /// Open, show and trace tickets.
+    #[command(subcommand)]
+    Ticket(ticket::TicketCommand),
+}
+
+impl GlobalArgs {
+    fn location(&self) -> anyhow::Result<StoreLocation> {
+        match &self.store {
+            Some(url) => StoreLocation::parse(url),
+            None => Ok(StoreLocation::Sqlite(self.db.clone())),
+        }
+    }
+
+    fn synchronous(&self) -> Synchronous {
+        match self.sync {
+            SyncMode::Full => Synchronous::Full,
+            SyncMode::Normal => Synchronous::Normal,
+        }
+    }
+}
+
+fn init_tracing(verbose: u8) {
+    let default = match verbose {
+        0 => "warn",
+        1 => "debug",
+        _ => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(cli.global.verbose);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::States { mermaid } => {
+            output::print_states(mermaid, cli.global.json);
+            Ok(())
+        }
+        Command::Ticket(command) => ticket::run(command, &cli.global).await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    #[test]
+    fn the_command_line_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+}

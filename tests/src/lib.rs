@@ -1,1 +1,451 @@
-//! Placeholder.
+//! End-to-end checks across Triage crates.
+//!
+//! [`race`] runs many agents against the same few tickets through the
+//! command handler, with the hazards real agents have (stale decisions,
+//! retries with the same command id, late writes after a lease ran out, a
+//! sweeper expiring claims, operators taking over), and then [`audit_store`]
+//! checks the invariants of DESIGN.md **from the event log alone**: it never
+//! trusts what the writers believe happened.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chrono::{TimeZone, Utc};
+use triage_command_handler::{Accepted, Clock, CommandError, CommandHandler, ManualClock, decode_recorded};
+use triage_domain::audit::{Violation, audit_history};
+use triage_domain::{
+    Agent, Command, CommandEnvelope, Event, EventMetadata, Policy, Priority, Role, State, TicketId, event_id,
+};
+use triage_event_store::{EventStore, ReadAll, RecordedEvent};
+use uuid::Uuid;
+
+/// What a race run is made of.
+#[derive(Clone, Copy, Debug)]
+pub struct RaceConfig {
+    /// Agents racing (split across classifiers, drafters, escalators and
+    /// operators), besides one lease sweeper.
+    pub agents: usize,
+    /// Tickets they share.
+    pub tickets: usize,
+    /// Commands each agent tries.
+    pub steps_per_agent: usize,
+    /// Seed of every random choice.
+    pub seed: u64,
+}
+
+impl Default for RaceConfig {
+    fn default() -> Self {
+        RaceConfig {
+            agents: 32,
+            tickets: 10,
+            steps_per_agent: 40,
+            seed: 7,
+        }
+    }
+}
+
+/// What the agents saw, counted as they went.
+#[derive(Debug, Default)]
+pub struct RaceReport {
+    /// Every acknowledged outcome (first deliveries and retries).
+    pub acknowledged: Vec<Accepted>,
+    /// Completions an agent sent after its lease ran out.
+    pub late_writes_attempted: u64,
+    /// Of those, how many were accepted. Must be 0.
+    pub late_writes_accepted: u64,
+    /// Retries of an already-sent command id.
+    pub retries_sent: u64,
+    /// Commands refused because their decided-on revision was stale.
+    pub stale_decisions: u64,
+    /// Commands the domain refused.
+    pub rejections: u64,
+    /// Unexpected errors (store failures, exhausted retries), as text.
+    pub errors: Vec<String>,
+}
+
+/// What the event log says.
+#[derive(Debug, Default)]
+pub struct LogAudit {
+    /// Events in ticket streams.
+    pub events: usize,
+    /// Ticket streams read.
+    pub streams: usize,
+    /// Transitions that break the table or a claim rule.
+    pub violations: Vec<(TicketId, Violation)>,
+    /// Event ids stored more than once.
+    pub duplicate_event_ids: usize,
+    /// Acknowledged commands whose events are missing or not where the
+    /// acknowledgement said.
+    pub missing_acknowledged: Vec<Uuid>,
+    /// Stored events of commands whose ids do not match the deterministic
+    /// scheme (event i of command c must be UUIDv5(c, i)).
+    pub foreign_event_ids: usize,
+    /// Stored commands that no agent was told were accepted.
+    pub unacknowledged_commands: Vec<Uuid>,
+    /// Tickets per final state.
+    pub final_states: HashMap<State, usize>,
+    /// Claims expired by the sweeper.
+    pub claims_expired: usize,
+}
+
+impl LogAudit {
+    /// True when every invariant holds.
+    pub fn passed(&self) -> bool {
+        self.violations.is_empty()
+            && self.duplicate_event_ids == 0
+            && self.missing_acknowledged.is_empty()
+            && self.foreign_event_ids == 0
+            && self.unacknowledged_commands.is_empty()
+    }
+}
+
+fn role_of(agent: usize) -> Role {
+    match agent % 16 {
+        0..=4 => Role::Classifier,
+        5..=9 => Role::Drafter,
+        10..=14 => Role::Escalator,
+        _ => Role::Operator,
+    }
+}
+
+/// What an agent decides to send, given the ticket it looked at.
+fn choose(
+    role: Role,
+    me: &str,
+    state: State,
+    ticket: &triage_domain::Ticket,
+    rng: &mut fastrand::Rng,
+) -> Option<Command> {
+    let my_claim = ticket
+        .claim
+        .as_ref()
+        .filter(|claim| claim.agent_id == me)
+        .map(|claim| claim.claim_id);
+    // Completing someone else's claim is a mistake agents make now and then
+    // (a stale cache, a mixed-up ticket); fencing must refuse it.
+    if state.is_claim() && my_claim.is_none() && role != Role::Operator && rng.u8(0..20) != 0 {
+        return None;
+    }
+    let lease_secs = Some(rng.u32(20..40));
+    match (role, state) {
+        (Role::Classifier, State::New) => Some(Command::StartClassification { lease_secs }),
+        (Role::Classifier, State::Classifying) => {
+            let claim_id = my_claim.unwrap_or_else(Uuid::new_v4);
+            // One answer in eight is a hallucination: an unknown category.
+            let category = if rng.u8(0..8) == 0 { "astrology" } else { "billing" };
+            Some(Command::Classify {
+                claim_id,
+                category: category.into(),
+                priority: Priority::Normal,
+                confidence: rng.f64(),
+            })
+        }
+        (Role::Drafter, State::Classified) => Some(Command::StartDrafting { lease_secs }),
+        (Role::Drafter, State::Drafting) => Some(Command::SubmitDraft {
+            claim_id: my_claim.unwrap_or_else(Uuid::new_v4),
+            body: if rng.u8(0..10) == 0 {
+                String::new()
+            } else {
+                "Here is what happened.".into()
+            },
+        }),
+        (Role::Escalator, State::DraftReady) => Some(Command::StartEscalation { lease_secs }),
+        (Role::Escalator, State::Escalating) => {
+            let claim_id = my_claim.unwrap_or_else(Uuid::new_v4);
+            Some(match rng.u8(0..10) {
+                0..=6 => Command::Resolve {
+                    claim_id: Some(claim_id),
+                    resolution: "sent the draft".into(),
+                },
+                7..=8 => Command::RejectDraft {
+                    claim_id: Some(claim_id),
+                    reason: "too vague".into(),
+                },
+                _ => Command::EscalateToHuman {
+                    claim_id,
+                    reason: "angry customer".into(),
+                },
+            })
+        }
+        (Role::Operator, State::NeedsHuman) => Some(Command::Resolve {
+            claim_id: None,
+            resolution: "called the customer".into(),
+        }),
+        (Role::Operator, State::Classifying | State::Drafting | State::Escalating) if rng.u8(0..6) == 0 => {
+            Some(Command::TakeOver { lease_secs })
+        }
+        _ => None,
+    }
+}
+
+fn is_completion(command: &Command) -> bool {
+    matches!(
+        command,
+        Command::Classify { .. }
+            | Command::SubmitDraft { .. }
+            | Command::Resolve { claim_id: Some(_), .. }
+            | Command::RejectDraft { claim_id: Some(_), .. }
+            | Command::EscalateToHuman { .. }
+    )
+}
+
+/// Runs the race. Returns what the agents saw; audit the store afterwards
+/// with [`audit_store`].
+pub async fn race(store: Arc<dyn EventStore>, config: RaceConfig) -> RaceReport {
+    let clock = Arc::new(ManualClock::new(Utc.with_ymd_and_hms(2026, 4, 1, 9, 0, 0).unwrap()));
+    let policy = Policy {
+        max_attempts: 3,
+        ..Policy::default()
+    };
+    let handler = CommandHandler::new(store).with_clock(clock.clone()).with_policy(policy);
+    let report = Arc::new(Mutex::new(RaceReport::default()));
+    let intake = Agent::new("intake-1", Role::Intake);
+    let mut tickets = Vec::with_capacity(config.tickets);
+    for n in 0..config.tickets {
+        let envelope = CommandEnvelope::new(
+            TicketId::new(),
+            intake.clone(),
+            Command::OpenTicket {
+                subject: format!("Ticket {n}"),
+                body: "Something is wrong.".into(),
+                customer: None,
+            },
+        );
+        let accepted = handler.handle(envelope).await.expect("tickets open");
+        tickets.push(accepted.ticket_id);
+        report.lock().unwrap().acknowledged.push(accepted);
+    }
+    let tickets = Arc::new(tickets);
+    let done = Arc::new(AtomicBool::new(false));
+
+    // Time moves one simulated second per real millisecond, so leases of
+    // 20–40 s run out while agents work.
+    let ticker = {
+        let clock = clock.clone();
+        let done = done.clone();
+        tokio::spawn(async move {
+            while !done.load(Ordering::Relaxed) {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+                clock.advance(chrono::Duration::seconds(1));
+            }
+        })
+    };
+    let sweeper = {
+        let handler = handler.clone();
+        let tickets = tickets.clone();
+        let done = done.clone();
+        let report = report.clone();
+        tokio::spawn(async move {
+            let agent = Agent::new("sweeper", Role::System);
+            while !done.load(Ordering::Relaxed) {
+                for &ticket in tickets.iter() {
+                    let Ok(loaded) = handler.load(ticket).await else {
+                        continue;
+                    };
+                    let Some(claim) = loaded.ticket.claim else { continue };
+                    if handler.clock().now() < claim.lease_expires_at {
+                        continue;
+                    }
+                    let envelope = CommandEnvelope::new(
+                        ticket,
+                        agent.clone(),
+                        Command::ExpireClaim {
+                            claim_id: claim.claim_id,
+                        },
+                    );
+                    record(&report, handler.handle(envelope).await, false);
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        })
+    };
+
+    let late_attempted = Arc::new(AtomicU64::new(0));
+    let mut agents = Vec::with_capacity(config.agents);
+    for index in 0..config.agents {
+        let handler = handler.clone();
+        let tickets = tickets.clone();
+        let report = report.clone();
+        let late_attempted = late_attempted.clone();
+        let clock = clock.clone();
+        agents.push(tokio::spawn(async move {
+            let role = role_of(index);
+            let me = format!("{role}-{index}");
+            let agent = Agent::new(me.clone(), role);
+            let mut rng = fastrand::Rng::with_seed(config.seed.wrapping_mul(1000) + index as u64);
+            for _ in 0..config.steps_per_agent {
+                // Look through the tickets in random order for work this
+                // agent can do, as a worker polling its queue would.
+                let mut order: Vec<TicketId> = tickets.to_vec();
+                rng.shuffle(&mut order);
+                let mut work = None;
+                for ticket in order {
+                    let loaded = match handler.load(ticket).await {
+                        Ok(loaded) => loaded,
+                        Err(error) => {
+                            report.lock().unwrap().errors.push(error.to_string());
+                            continue;
+                        }
+                    };
+                    let (Some(state), Some(_)) = (loaded.ticket.state, loaded.revision) else {
+                        continue;
+                    };
+                    if let Some(command) = choose(role, &me, state, &loaded.ticket, &mut rng) {
+                        work = Some((ticket, loaded, command));
+                        break;
+                    }
+                }
+                let Some((ticket, loaded, command)) = work else {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                    continue;
+                };
+                let revision = loaded.revision.expect("the ticket exists");
+                // Think: a simulated model call.
+                tokio::time::sleep(Duration::from_micros(rng.u64(0..1500))).await;
+                let mut late = false;
+                if is_completion(&command)
+                    && let Some(claim) = loaded.ticket.claim.as_ref().filter(|claim| claim.agent_id == me)
+                    && rng.u8(0..5) == 0
+                {
+                    // A model call that times out: write after the lease ran out.
+                    while clock.now() < claim.lease_expires_at {
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                    }
+                    late = true;
+                    late_attempted.fetch_add(1, Ordering::Relaxed);
+                }
+                let mut envelope = CommandEnvelope::new(ticket, agent.clone(), command);
+                // Most agents send the revision they decided on; some leave
+                // it to the handler to decide again on fresh state.
+                if rng.u8(0..10) < 7 {
+                    envelope = envelope.at_revision(revision);
+                }
+                let result = handler.handle(envelope.clone()).await;
+                let accepted = result.is_ok();
+                record(&report, result, late);
+                // A retry after a (simulated) timeout: the same command id.
+                if accepted && rng.u8(0..6) == 0 {
+                    report.lock().unwrap().retries_sent += 1;
+                    let retry = handler.handle(envelope).await;
+                    if let Ok(outcome) = &retry {
+                        assert!(outcome.duplicate, "a retry must be answered as a duplicate");
+                    }
+                    record(&report, retry, false);
+                }
+            }
+        }));
+    }
+    for agent in agents {
+        agent.await.expect("agent task");
+    }
+    done.store(true, Ordering::Relaxed);
+    ticker.await.expect("ticker task");
+    sweeper.await.expect("sweeper task");
+    let mut report = Arc::try_unwrap(report)
+        .expect("all tasks finished")
+        .into_inner()
+        .unwrap();
+    report.late_writes_attempted = late_attempted.load(Ordering::Relaxed);
+    report
+}
+
+fn record(report: &Mutex<RaceReport>, result: Result<Accepted, CommandError>, late: bool) {
+    let mut report = report.lock().unwrap();
+    match result {
+        Ok(accepted) => {
+            if late {
+                report.late_writes_accepted += 1;
+            }
+            report.acknowledged.push(accepted);
+        }
+        Err(CommandError::Rejected { .. }) => report.rejections += 1,
+        Err(CommandError::StaleRevision { .. }) => report.stale_decisions += 1,
+        Err(error) => report.errors.push(error.to_string()),
+    }
+}
+
+/// Reads the whole log in pages and checks every invariant against it and
+/// against the acknowledgements the agents received.
+pub async fn audit_store(store: &dyn EventStore, acknowledged: &[Accepted]) -> LogAudit {
+    let mut audit = LogAudit::default();
+    let mut streams: HashMap<TicketId, Vec<(RecordedEvent, Event, EventMetadata)>> = HashMap::new();
+    let mut seen_ids = HashSet::new();
+    let mut from = None;
+    loop {
+        let mut options = ReadAll::forwards(1000);
+        if let Some(position) = from {
+            options = options.from_position(position);
+        }
+        let page = store.read_all(options).await.expect("the log is readable");
+        let fresh: Vec<RecordedEvent> = page.into_iter().filter(|e| Some(e.position) > from).collect();
+        let Some(last) = fresh.last() else { break };
+        from = Some(last.position);
+        for record in fresh {
+            let Some(ticket) = TicketId::from_stream_name(record.stream.as_str()) else {
+                continue;
+            };
+            if !seen_ids.insert(record.id) {
+                audit.duplicate_event_ids += 1;
+            }
+            let (event, metadata) = decode_recorded(&record).expect("stored events decode");
+            streams.entry(ticket).or_default().push((record, event, metadata));
+        }
+    }
+    audit.streams = streams.len();
+    for (ticket, history) in &mut streams {
+        history.sort_by_key(|(record, _, _)| record.revision);
+        audit.events += history.len();
+        // Event ids follow the deterministic scheme within each command.
+        let mut index_in_command = 0u32;
+        for (position, (record, event, metadata)) in history.iter().enumerate() {
+            let previous_command = position.checked_sub(1).map(|previous| history[previous].2.command_id);
+            index_in_command = if previous_command == Some(metadata.command_id) {
+                index_in_command + 1
+            } else {
+                0
+            };
+            if record.id != event_id(metadata.command_id, index_in_command) {
+                audit.foreign_event_ids += 1;
+            }
+            if matches!(event, Event::ClaimExpired { .. }) {
+                audit.claims_expired += 1;
+            }
+        }
+        let pairs: Vec<(Event, EventMetadata)> = history
+            .iter()
+            .map(|(_, event, metadata)| (event.clone(), metadata.clone()))
+            .collect();
+        for violation in audit_history(&pairs) {
+            audit.violations.push((*ticket, violation));
+        }
+        let state = triage_domain::Ticket::from_events(pairs.iter().map(|(event, _)| event)).state;
+        if let Some(state) = state {
+            *audit.final_states.entry(state).or_default() += 1;
+        }
+    }
+    // No lost update: every acknowledged command's last event is stored at
+    // the acknowledged revision, under its deterministic id.
+    for accepted in acknowledged {
+        let expected_id = event_id(accepted.command_id, accepted.events.len() as u32 - 1);
+        let stored = streams.get(&accepted.ticket_id).and_then(|history| {
+            history
+                .iter()
+                .find(|(record, _, _)| record.revision == accepted.revision)
+        });
+        if stored.is_none_or(|(record, _, _)| record.id != expected_id) {
+            audit.missing_acknowledged.push(accepted.command_id);
+        }
+    }
+    let acknowledged_ids: HashSet<Uuid> = acknowledged.iter().map(|accepted| accepted.command_id).collect();
+    let mut stored_commands: Vec<Uuid> = streams
+        .values()
+        .flatten()
+        .map(|(_, _, metadata)| metadata.command_id)
+        .filter(|command_id| !acknowledged_ids.contains(command_id))
+        .collect();
+    stored_commands.dedup();
+    audit.unacknowledged_commands = stored_commands;
+    audit
+}

@@ -1,0 +1,251 @@
+//! The Triage benchmark harness.
+//!
+//! Every run prints one JSON line; a comparison prints its ratio as one
+//! more line. Peers are measured in the same process, one after the other,
+//! on the same machine, so that ratios do not depend on the day's noise.
+//! Latency goes into HDR histograms (microseconds).
+//!
+//! `triage-bench commands`: durable SQLite command throughput with 1, 8 and
+//! 32 concurrent agents on disjoint tickets, with group commit and with one
+//! commit per append (the peer). Each agent drives tickets through the
+//! whole lifecycle, every command through the real command handler: load
+//! the stream, decide, append with `Exact(revision)`.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand, ValueEnum};
+use hdrhistogram::Histogram;
+use serde_json::json;
+use triage_command_handler::CommandHandler;
+use triage_domain::{Agent, Command, CommandEnvelope, Priority, Role, TicketId};
+use triage_event_store::EventStore;
+use triage_store_sqlite::{SqliteEventStore, SqliteOptions, Synchronous};
+use uuid::Uuid;
+
+#[derive(Debug, Parser)]
+#[command(name = "triage-bench", about = "Triage benchmarks: one JSON line per run")]
+struct Cli {
+    #[command(subcommand)]
+    bench: Bench,
+}
+
+#[derive(Debug, Subcommand)]
+enum Bench {
+    /// Command throughput and latency on the embedded SQLite store, group
+    /// commit against one commit per append.
+    Commands {
+        /// Concurrent agents, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
+        agents: Vec<usize>,
+        /// Commit modes to measure, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "group,single")]
+        modes: Vec<Mode>,
+        /// Seconds each run lasts.
+        #[arg(long, default_value_t = 5.0)]
+        seconds: f64,
+        /// SQLite durability.
+        #[arg(long, value_enum, default_value_t = Sync::Full)]
+        sync: Sync,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Mode {
+    /// Group commit: one transaction and fsync for every append queued.
+    Group,
+    /// One transaction and fsync per append.
+    Single,
+}
+
+impl Mode {
+    fn name(self) -> &'static str {
+        match self {
+            Mode::Group => "group_commit",
+            Mode::Single => "commit_per_append",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Sync {
+    Full,
+    Normal,
+}
+
+/// One run's measurements.
+#[derive(Debug)]
+struct RunResult {
+    commands: u64,
+    wall: Duration,
+    latency_us: Histogram<u64>,
+}
+
+impl RunResult {
+    fn per_second(&self) -> f64 {
+        self.commands as f64 / self.wall.as_secs_f64()
+    }
+}
+
+/// Builds one lifecycle step's command from the current claim id.
+type MakeCommand = fn(Option<Uuid>) -> Command;
+
+/// Drives tickets through the lifecycle until `deadline`, timing every
+/// command.
+async fn agent_loop(handler: CommandHandler, index: usize, deadline: Instant) -> anyhow::Result<(u64, Histogram<u64>)> {
+    let mut latency = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    let mut commands = 0u64;
+    let intake = Agent::new(format!("intake-{index}"), Role::Intake);
+    let classifier = Agent::new(format!("classifier-{index}"), Role::Classifier);
+    let drafter = Agent::new(format!("drafter-{index}"), Role::Drafter);
+    let escalator = Agent::new(format!("escalator-{index}"), Role::Escalator);
+    while Instant::now() < deadline {
+        let ticket = TicketId::new();
+        let mut revision = None;
+        let mut claim = None;
+        let steps: [(&Agent, MakeCommand); 7] = [
+            (&intake, |_| Command::OpenTicket {
+                subject: "Charged twice for March".into(),
+                body: "Hello, my card was charged twice for the March invoice. Please refund one.".into(),
+                customer: Some("dana@example.com".into()),
+            }),
+            (&classifier, |_| Command::StartClassification { lease_secs: None }),
+            (&classifier, |claim| Command::Classify {
+                claim_id: claim.expect("claimed"),
+                category: "billing".into(),
+                priority: Priority::High,
+                confidence: 0.93,
+            }),
+            (&drafter, |_| Command::StartDrafting { lease_secs: None }),
+            (&drafter, |claim| Command::SubmitDraft {
+                claim_id: claim.expect("claimed"),
+                body: "Hi Dana, we refunded the duplicate charge; it shows within 5 days.".into(),
+            }),
+            (&escalator, |_| Command::StartEscalation { lease_secs: None }),
+            (&escalator, |claim| Command::Resolve {
+                claim_id: claim,
+                resolution: "sent the draft".into(),
+            }),
+        ];
+        for (agent, make) in steps {
+            let command = make(claim);
+            let starts_claim = matches!(
+                command,
+                Command::StartClassification { .. } | Command::StartDrafting { .. } | Command::StartEscalation { .. }
+            );
+            let mut envelope = CommandEnvelope::new(ticket, agent.clone(), command);
+            if let Some(revision) = revision {
+                envelope = envelope.at_revision(revision);
+            }
+            let command_id = envelope.command_id;
+            let started = Instant::now();
+            let accepted = handler
+                .handle(envelope)
+                .await
+                .with_context(|| format!("agent {index} ticket {ticket}"))?;
+            latency.record(started.elapsed().as_micros().max(1) as u64)?;
+            commands += 1;
+            revision = Some(accepted.revision);
+            claim = starts_claim.then_some(command_id).or(claim);
+        }
+    }
+    Ok((commands, latency))
+}
+
+async fn run_commands(
+    agents: usize,
+    mode: Mode,
+    sync: Sync,
+    seconds: f64,
+) -> anyhow::Result<(RunResult, serde_json::Value)> {
+    let options = SqliteOptions {
+        group_commit: mode == Mode::Group,
+        synchronous: match sync {
+            Sync::Full => Synchronous::Full,
+            Sync::Normal => Synchronous::Normal,
+        },
+        ..SqliteOptions::default()
+    };
+    let store = Arc::new(SqliteEventStore::open_temporary_with(options)?);
+    let handler = CommandHandler::new(store.clone() as Arc<dyn EventStore>);
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs_f64(seconds);
+    let tasks: Vec<_> = (0..agents)
+        .map(|index| tokio::spawn(agent_loop(handler.clone(), index, deadline)))
+        .collect();
+    let mut commands = 0;
+    let mut latency = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    for task in tasks {
+        let (count, histogram) = task.await??;
+        commands += count;
+        latency.add(histogram)?;
+    }
+    let wall = started.elapsed();
+    let stats = store.stats();
+    let result = RunResult {
+        commands,
+        wall,
+        latency_us: latency,
+    };
+    let line = json!({
+        "bench": "commands",
+        "store": "sqlite",
+        "mode": mode.name(),
+        "synchronous": format!("{sync:?}").to_uppercase(),
+        "agents": agents,
+        "commands": result.commands,
+        "wall_s": round(wall.as_secs_f64(), 3),
+        "commands_per_s": round(result.per_second(), 1),
+        "p50_us": result.latency_us.value_at_quantile(0.50),
+        "p99_us": result.latency_us.value_at_quantile(0.99),
+        "max_us": result.latency_us.max(),
+        "transactions": stats.transactions,
+        "appends_per_transaction": round(stats.appends_answered as f64 / stats.transactions.max(1) as f64, 2),
+        "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+    });
+    Ok((result, line))
+}
+
+fn round(value: f64, digits: i32) -> f64 {
+    let scale = 10f64.powi(digits);
+    (value * scale).round() / scale
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.bench {
+        Bench::Commands {
+            agents,
+            modes,
+            seconds,
+            sync,
+        } => {
+            for &count in &agents {
+                let mut rates = Vec::new();
+                for &mode in &modes {
+                    let (result, line) = run_commands(count, mode, sync, seconds).await?;
+                    println!("{line}");
+                    rates.push((mode, result.per_second(), result.latency_us.value_at_quantile(0.99)));
+                }
+                let group = rates.iter().find(|(mode, _, _)| *mode == Mode::Group);
+                let single = rates.iter().find(|(mode, _, _)| *mode == Mode::Single);
+                if let (Some(group), Some(single)) = (group, single) {
+                    println!(
+                        "{}",
+                        json!({
+                            "bench": "commands_ratio",
+                            "agents": count,
+                            "group_commit_per_s": round(group.1, 1),
+                            "commit_per_append_per_s": round(single.1, 1),
+                            "throughput_ratio": round(group.1 / single.1, 2),
+                            "p99_ratio": round(group.2 as f64 / single.2.max(1) as f64, 2),
+                        })
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
+}

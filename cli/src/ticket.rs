@@ -1,0 +1,154 @@
+//! `triage ticket …`: open, show and history.
+
+use anyhow::{Context as _, bail};
+use clap::Subcommand;
+use serde_json::json;
+use triage_command_handler::{CommandError, CommandHandler, LoadedTicket};
+use triage_domain::{Agent, Command, CommandEnvelope, Rejection, Role, TicketId};
+use uuid::Uuid;
+
+use crate::GlobalArgs;
+use crate::output;
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum TicketCommand {
+    /// Open a ticket and print its id.
+    Open {
+        /// The subject line (at most 200 characters).
+        #[arg(long)]
+        subject: String,
+        /// The customer's message.
+        #[arg(long)]
+        body: String,
+        /// Who wrote in, e.g. an email address.
+        #[arg(long)]
+        customer: Option<String>,
+        /// The id of the person or program opening it, recorded in every
+        /// event's metadata.
+        #[arg(long, default_value = "cli", value_name = "ID")]
+        agent: String,
+        /// The role to act in: intake or operator.
+        #[arg(long, default_value = "operator", value_parser = parse_role)]
+        role: Role,
+        /// Use this ticket id instead of a random one.
+        #[arg(long, value_name = "UUID")]
+        id: Option<TicketId>,
+        /// The command id; sending the same id again is a harmless retry.
+        #[arg(long, value_name = "UUID")]
+        command_id: Option<Uuid>,
+    },
+    /// Show a ticket's current state, folded from its events.
+    Show {
+        /// The ticket id (a UUID, optionally prefixed with `ticket-`).
+        id: TicketId,
+    },
+    /// Show every event of a ticket: who did what, when, under which command.
+    History {
+        /// The ticket id (a UUID, optionally prefixed with `ticket-`).
+        id: TicketId,
+    },
+}
+
+fn parse_role(value: &str) -> Result<Role, String> {
+    value.parse()
+}
+
+pub(crate) async fn run(command: TicketCommand, global: &GlobalArgs) -> anyhow::Result<()> {
+    let location = global.location()?;
+    let store = location.open(global.synchronous())?;
+    let handler = CommandHandler::new(store);
+    match command {
+        TicketCommand::Open {
+            subject,
+            body,
+            customer,
+            agent,
+            role,
+            id,
+            command_id,
+        } => {
+            let mut envelope = CommandEnvelope::new(
+                id.unwrap_or_default(),
+                Agent::new(agent, role),
+                Command::OpenTicket {
+                    subject,
+                    body,
+                    customer,
+                },
+            );
+            if let Some(command_id) = command_id {
+                envelope.command_id = command_id;
+            }
+            let accepted = handler
+                .handle(envelope)
+                .await
+                .map_err(|error| explain(error, &location))?;
+            if global.json {
+                output::print_json(&json!({
+                    "id": accepted.ticket_id,
+                    "stream": accepted.ticket_id.stream_name(),
+                    "revision": accepted.revision,
+                    "state": accepted.state,
+                    "duplicate": accepted.duplicate,
+                }));
+            } else {
+                println!("{}", accepted.ticket_id);
+            }
+            Ok(())
+        }
+        TicketCommand::Show { id } => {
+            let loaded = load_existing(&handler, id, &location).await?;
+            if global.json {
+                output::print_json(&output::ticket_json(id, &loaded));
+            } else {
+                output::print_ticket(id, &loaded);
+            }
+            Ok(())
+        }
+        TicketCommand::History { id } => {
+            let loaded = load_existing(&handler, id, &location).await?;
+            output::print_history(&loaded, global.json);
+            Ok(())
+        }
+    }
+}
+
+async fn load_existing(
+    handler: &CommandHandler,
+    id: TicketId,
+    location: &crate::StoreLocation,
+) -> anyhow::Result<LoadedTicket> {
+    let loaded = handler
+        .load(id)
+        .await
+        .map_err(|error| explain(error, location))
+        .with_context(|| format!("cannot read ticket {id}"))?;
+    if loaded.revision.is_none() {
+        bail!("ticket {id} not found in {location}");
+    }
+    Ok(loaded)
+}
+
+/// Turns a handler error into a message that says what to do.
+fn explain(error: CommandError, location: &crate::StoreLocation) -> anyhow::Error {
+    match error {
+        CommandError::Rejected {
+            rejection: Rejection::TicketAlreadyExists,
+            ticket_id,
+            ..
+        } => anyhow::anyhow!("ticket {ticket_id} already exists in {location}"),
+        CommandError::Rejected {
+            rejection,
+            ticket_id,
+            state,
+            revision,
+        } => {
+            let at = match (state, revision) {
+                (Some(state), Some(revision)) => format!(" (ticket {ticket_id} is {state} at revision {revision})"),
+                _ => String::new(),
+            };
+            anyhow::anyhow!("rejected [{}]: {rejection}{at}; nothing was written", rejection.code())
+        }
+        other => anyhow::Error::new(other),
+    }
+}

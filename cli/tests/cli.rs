@@ -1,0 +1,296 @@
+//! The `triage` binary through its real surface: arguments in, text out.
+//!
+//! Snapshots live in `tests/snapshots/`; `TRIAGE_BLESS=1` rewrites them.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+fn triage(dir: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_triage"))
+        .current_dir(dir)
+        .env_remove("TRIAGE_DB")
+        .env_remove("TRIAGE_STORE")
+        .env_remove("RUST_LOG")
+        .env("COLUMNS", "200")
+        .args(args)
+        .output()
+        .expect("the triage binary runs")
+}
+
+fn stdout(output: &Output) -> String {
+    String::from_utf8(output.stdout.clone()).unwrap()
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8(output.stderr.clone()).unwrap()
+}
+
+#[track_caller]
+fn succeed(dir: &Path, args: &[&str]) -> String {
+    let output = triage(dir, args);
+    assert!(output.status.success(), "triage {args:?} failed: {}", stderr(&output));
+    stdout(&output)
+}
+
+#[track_caller]
+fn fail(dir: &Path, args: &[&str]) -> String {
+    let output = triage(dir, args);
+    assert!(
+        !output.status.success(),
+        "triage {args:?} succeeded: {}",
+        stdout(&output)
+    );
+    assert!(output.stdout.is_empty(), "failures print nothing on stdout");
+    stderr(&output)
+}
+
+fn snapshot(name: &str, actual: &str) {
+    let path: PathBuf = [env!("CARGO_MANIFEST_DIR"), "tests", "snapshots", name]
+        .iter()
+        .collect();
+    if std::env::var_os("TRIAGE_BLESS").is_some() {
+        std::fs::write(&path, actual).unwrap();
+    }
+    let expected = std::fs::read_to_string(&path).unwrap_or_else(|_| panic!("missing snapshot {}", path.display()));
+    assert_eq!(actual, expected, "snapshot {name} differs (TRIAGE_BLESS=1 rewrites it)");
+}
+
+fn events_in(db: &Path) -> i64 {
+    // Counted through the binary itself, a bug could hide in both; ask
+    // SQLite directly instead.
+    let conn = rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap();
+    conn.query_row("SELECT count(*) FROM events", [], |row| row.get(0))
+        .unwrap()
+}
+
+#[test]
+fn states_prints_the_transition_table() {
+    let dir = tempfile::tempdir().unwrap();
+    snapshot("states.txt", &succeed(dir.path(), &["states"]));
+    snapshot("states.mmd", &succeed(dir.path(), &["states", "--mermaid"]));
+    let rows: Vec<Value> = succeed(dir.path(), &["states", "--json"])
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    assert_eq!(rows.len(), triage_domain::TRANSITIONS.len());
+    assert_eq!(rows[0]["command"], "open_ticket");
+    assert_eq!(rows[0]["roles"], serde_json::json!(["intake", "operator"]));
+}
+
+#[test]
+fn open_show_and_history_round_trip() {
+    let dir = tempfile::tempdir().unwrap();
+    let opened: Value = serde_json::from_str(&succeed(
+        dir.path(),
+        &[
+            "ticket",
+            "open",
+            "--subject",
+            "Charged twice",
+            "--body",
+            "Twice in March.",
+            "--customer",
+            "dana@example.com",
+            "--agent",
+            "intake-7",
+            "--role",
+            "intake",
+            "--json",
+        ],
+    ))
+    .unwrap();
+    let id = opened["id"].as_str().unwrap().to_owned();
+    assert_eq!(opened["revision"], 0);
+    assert_eq!(opened["state"], "NEW");
+    assert!(
+        dir.path().join("triage.db").exists(),
+        "the default store is ./triage.db"
+    );
+
+    let shown: Value = serde_json::from_str(&succeed(dir.path(), &["ticket", "show", &id, "--json"])).unwrap();
+    assert_eq!(shown["state"], "NEW");
+    assert_eq!(shown["subject"], "Charged twice");
+    assert_eq!(shown["customer"], "dana@example.com");
+    assert_eq!(shown["revision"], 0);
+
+    let table = succeed(dir.path(), &["ticket", "show", &format!("ticket-{id}")]);
+    assert!(table.contains("Charged twice") && table.contains("NEW"), "{table}");
+
+    let history: Vec<Value> = succeed(dir.path(), &["ticket", "history", &id, "--json"])
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    assert_eq!(history.len(), 1);
+    assert_eq!(history[0]["type"], "TicketOpened");
+    assert_eq!(history[0]["agent"]["id"], "intake-7");
+    assert_eq!(history[0]["agent"]["role"], "intake");
+    let people = succeed(dir.path(), &["ticket", "history", &id]);
+    assert!(
+        people.contains("TicketOpened") && people.contains("intake-7 (intake)"),
+        "{people}"
+    );
+}
+
+#[test]
+fn retrying_an_open_with_the_same_command_id_is_harmless() {
+    let dir = tempfile::tempdir().unwrap();
+    let args = [
+        "ticket",
+        "open",
+        "--subject",
+        "s",
+        "--body",
+        "b",
+        "--id",
+        "11111111-1111-4111-8111-111111111111",
+        "--command-id",
+        "22222222-2222-4222-8222-222222222222",
+        "--json",
+    ];
+    let first: Value = serde_json::from_str(&succeed(dir.path(), &args)).unwrap();
+    let again: Value = serde_json::from_str(&succeed(dir.path(), &args)).unwrap();
+    assert_eq!(first["duplicate"], false);
+    assert_eq!(again["duplicate"], true);
+    assert_eq!(again["revision"], first["revision"]);
+    let history = succeed(
+        dir.path(),
+        &["ticket", "history", "11111111-1111-4111-8111-111111111111", "--json"],
+    );
+    assert_eq!(history.lines().count(), 1, "the retry wrote nothing");
+    // A different command for the same ticket id is refused.
+    let error = fail(
+        dir.path(),
+        &[
+            "ticket",
+            "open",
+            "--subject",
+            "s",
+            "--body",
+            "b",
+            "--id",
+            "11111111-1111-4111-8111-111111111111",
+        ],
+    );
+    assert!(error.contains("already exists"), "{error}");
+}
+
+#[test]
+fn bad_input_gets_a_clear_error_and_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("triage.db");
+    succeed(dir.path(), &["ticket", "open", "--subject", "s", "--body", "b"]);
+    assert_eq!(events_in(&db), 1);
+
+    let error = fail(dir.path(), &["ticket", "show", "6b1d0d0e-0000-4000-8000-000000000000"]);
+    assert!(
+        error.contains("ticket 6b1d0d0e-0000-4000-8000-000000000000 not found"),
+        "{error}"
+    );
+
+    let error = fail(dir.path(), &["ticket", "show", "not-a-uuid"]);
+    assert!(error.contains("is not a ticket id"), "{error}");
+
+    let error = fail(dir.path(), &["ticket", "open", "--subject", "  ", "--body", "b"]);
+    assert!(
+        error.contains("rejected [invalid_input]: invalid input: subject must not be empty"),
+        "{error}"
+    );
+    assert!(error.contains("nothing was written"), "{error}");
+
+    let long_subject = "x".repeat(201);
+    let error = fail(
+        dir.path(),
+        &["ticket", "open", "--subject", &long_subject, "--body", "b"],
+    );
+    assert!(
+        error.contains("subject is 201 long, more than the limit of 200"),
+        "{error}"
+    );
+
+    let error = fail(
+        dir.path(),
+        &["ticket", "open", "--subject", "s", "--body", "b", "--role", "drafter"],
+    );
+    assert!(
+        error.contains("rejected [role_not_allowed]: role drafter may not open_ticket"),
+        "{error}"
+    );
+
+    let error = fail(
+        dir.path(),
+        &["ticket", "open", "--subject", "s", "--body", "b", "--role", "wizard"],
+    );
+    assert!(error.contains("unknown role \"wizard\""), "{error}");
+
+    let error = fail(
+        dir.path(),
+        &[
+            "--store",
+            "mysql://db",
+            "ticket",
+            "show",
+            "6b1d0d0e-0000-4000-8000-000000000000",
+        ],
+    );
+    assert!(error.contains("unsupported store URL scheme \"mysql\""), "{error}");
+
+    assert_eq!(events_in(&db), 1, "no rejected command wrote an event");
+}
+
+#[test]
+fn a_corrupt_or_foreign_file_is_refused_and_left_unchanged() {
+    let dir = tempfile::tempdir().unwrap();
+    let corrupt = dir.path().join("corrupt.db");
+    let garbage: Vec<u8> = (0..8192u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    std::fs::write(&corrupt, &garbage).unwrap();
+    let error = fail(
+        dir.path(),
+        &[
+            "--db",
+            "corrupt.db",
+            "ticket",
+            "show",
+            "6b1d0d0e-0000-4000-8000-000000000000",
+        ],
+    );
+    assert!(error.contains("corrupt.db is not a Triage event store"), "{error}");
+    assert_eq!(
+        std::fs::read(&corrupt).unwrap(),
+        garbage,
+        "the corrupt file is unchanged"
+    );
+
+    let text = dir.path().join("notes.txt");
+    std::fs::write(&text, "shopping list\n").unwrap();
+    let error = fail(
+        dir.path(),
+        &["--db", "notes.txt", "ticket", "open", "--subject", "s", "--body", "b"],
+    );
+    assert!(error.contains("notes.txt is not a Triage event store"), "{error}");
+    assert_eq!(std::fs::read_to_string(&text).unwrap(), "shopping list\n");
+}
+
+#[test]
+fn help_explains_the_commands_and_the_store_option() {
+    let dir = tempfile::tempdir().unwrap();
+    let help = succeed(dir.path(), &["--help"]);
+    for expected in [
+        "states",
+        "ticket",
+        "--store <URL>",
+        "--db <PATH>",
+        "--json",
+        "TRIAGE_DB",
+    ] {
+        assert!(help.contains(expected), "--help lacks {expected}: {help}");
+    }
+    let help = succeed(dir.path(), &["ticket", "open", "--help"]);
+    assert!(
+        help.contains("--command-id") && help.contains("harmless retry"),
+        "{help}"
+    );
+}
