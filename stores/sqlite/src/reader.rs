@@ -86,15 +86,17 @@ pub(crate) fn read_stream(
     let sql = match options.direction {
         Direction::Forwards => {
             const SQL: &str = concat!(
-                "SELECT position, stream, revision, event_id, event_type, data, metadata, recorded_at FROM events",
-                " WHERE stream = ?1 AND revision >= ?2 ORDER BY revision ASC LIMIT ?3"
+                "SELECT position, NULL, revision, event_id, event_type, data, metadata, recorded_at FROM events",
+                " WHERE stream_id = (SELECT stream_id FROM streams WHERE name = ?1)",
+                " AND revision >= ?2 ORDER BY revision ASC LIMIT ?3"
             );
             SQL
         }
         Direction::Backwards => {
             const SQL: &str = concat!(
-                "SELECT position, stream, revision, event_id, event_type, data, metadata, recorded_at FROM events",
-                " WHERE stream = ?1 AND revision <= ?2 ORDER BY revision DESC LIMIT ?3"
+                "SELECT position, NULL, revision, event_id, event_type, data, metadata, recorded_at FROM events",
+                " WHERE stream_id = (SELECT stream_id FROM streams WHERE name = ?1)",
+                " AND revision <= ?2 ORDER BY revision DESC LIMIT ?3"
             );
             SQL
         }
@@ -112,7 +114,7 @@ pub(crate) fn read_stream(
         // Empty is a valid answer only for a stream that exists (a read past
         // its end, or a zero limit).
         let exists = conn
-            .prepare_cached("SELECT EXISTS (SELECT 1 FROM events WHERE stream = ?1)")?
+            .prepare_cached("SELECT EXISTS (SELECT 1 FROM streams WHERE name = ?1)")?
             .query_row([stream.as_str()], |row| row.get::<_, bool>(0))?;
         if !exists {
             return Ok(Err(Error::StreamNotFound { stream: stream.clone() }));
@@ -130,8 +132,9 @@ pub(crate) fn read_all(conn: &Connection, options: ReadAll) -> rusqlite::Result<
     let (sql, from) = match options.direction {
         Direction::Forwards => {
             const SQL: &str = concat!(
-                "SELECT position, stream, revision, event_id, event_type, data, metadata, recorded_at FROM events",
-                " WHERE position >= ?1 ORDER BY position ASC LIMIT ?2"
+                "SELECT e.position, s.name, e.revision, e.event_id, e.event_type, e.data, e.metadata, e.recorded_at",
+                " FROM events e JOIN streams s ON s.stream_id = e.stream_id",
+                " WHERE e.position >= ?1 ORDER BY e.position ASC LIMIT ?2"
             );
             let from = match options.from {
                 AllStart::Boundary => 0,
@@ -142,8 +145,9 @@ pub(crate) fn read_all(conn: &Connection, options: ReadAll) -> rusqlite::Result<
         }
         Direction::Backwards => {
             const SQL: &str = concat!(
-                "SELECT position, stream, revision, event_id, event_type, data, metadata, recorded_at FROM events",
-                " WHERE position <= ?1 ORDER BY position DESC LIMIT ?2"
+                "SELECT e.position, s.name, e.revision, e.event_id, e.event_type, e.data, e.metadata, e.recorded_at",
+                " FROM events e JOIN streams s ON s.stream_id = e.stream_id",
+                " WHERE e.position <= ?1 ORDER BY e.position DESC LIMIT ?2"
             );
             let from = match options.from {
                 AllStart::Boundary => u64::MAX,

@@ -25,24 +25,36 @@ pub(crate) const SCHEMA_VERSION: i32 = 1;
 ///
 /// Other tables (read models, checkpoints) may later share the file; nothing
 /// here assumes `events` is the only table.
+///
+/// Streams get small integer ids in creation order. The `(stream_id,
+/// revision)` index then keeps the streams being worked on (mostly recent
+/// ones) in a few neighbouring pages, where an index on the random
+/// `ticket-<uuid>` names would dirty one random page per append; fewer
+/// dirty pages per group commit means less to fsync.
 const CREATE_EVENTS: &str = "
+    CREATE TABLE streams (
+        stream_id   INTEGER PRIMARY KEY,
+        name        TEXT    NOT NULL UNIQUE
+    ) STRICT;
     CREATE TABLE events (
         position    INTEGER PRIMARY KEY,
-        stream      TEXT    NOT NULL,
+        stream_id   INTEGER NOT NULL REFERENCES streams (stream_id),
         revision    INTEGER NOT NULL,
         event_id    BLOB    NOT NULL UNIQUE,
         event_type  TEXT    NOT NULL,
         data        BLOB    NOT NULL,
         metadata    BLOB    NOT NULL,
         recorded_at INTEGER NOT NULL, -- microseconds since the Unix epoch
-        UNIQUE (stream, revision)
+        UNIQUE (stream_id, revision)
     ) STRICT;
 ";
 
 /// Checks a store's shape without reading its rows: fails to prepare unless
 /// every column exists.
-const PROBE_EVENTS: &str =
-    "SELECT position, stream, revision, event_id, event_type, data, metadata, recorded_at FROM events LIMIT 0";
+const PROBE_EVENTS: &str = concat!(
+    "SELECT e.position, s.name, e.revision, e.event_id, e.event_type, e.data, e.metadata, e.recorded_at",
+    " FROM events e JOIN streams s ON s.stream_id = e.stream_id LIMIT 0"
+);
 
 /// Opens (and, if the file is new or empty, initializes) the write
 /// connection. A file that exists with content is inspected read-only first,
@@ -61,6 +73,9 @@ pub(crate) fn open_writer(path: &Path, options: &SqliteOptions) -> Result<Connec
     let conn = Connection::open_with_flags(path, flags).map_err(|error| open_failure(path, error))?;
     let setup = |conn: &Connection| -> rusqlite::Result<String> {
         conn.busy_timeout(options.busy_timeout)?;
+        // Takes effect only on a file with no content yet; must come before
+        // WAL mode, which fixes the page size.
+        conn.pragma_update(None, "page_size", options.page_size)?;
         let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |row| row.get(0))?;
         conn.pragma_update(None, "synchronous", options.synchronous.pragma_value())?;
         conn.pragma_update(None, "wal_autocheckpoint", crate::checkpoint::BACKSTOP_PAGES)?;

@@ -164,10 +164,15 @@ impl Writer {
             events,
             ..
         } = request;
-        let current: Option<u64> = self
+        let existing: Option<(i64, Option<u64>)> = self
             .conn
-            .prepare_cached("SELECT max(revision) FROM events WHERE stream = ?1")?
-            .query_row([stream.as_str()], |row| row.get(0))?;
+            .prepare_cached(
+                "SELECT stream_id, (SELECT max(revision) FROM events WHERE events.stream_id = streams.stream_id) \
+                 FROM streams WHERE name = ?1",
+            )?
+            .query_row([stream.as_str()], |row| Ok((row.get(0)?, row.get(1)?)))
+            .optional()?;
+        let current = existing.and_then(|(_, revision)| revision);
 
         let mut fatal = None;
         let plan = plan_append(stream, *expected, current, events, |id| {
@@ -187,7 +192,8 @@ impl Writer {
         };
 
         self.conn.prepare_cached("SAVEPOINT append")?.execute([])?;
-        match self.insert(stream, first_revision, events, recorded_at) {
+        let stream_id = existing.map(|(stream_id, _)| stream_id);
+        match self.insert(stream, stream_id, first_revision, events, recorded_at) {
             Ok(result) => {
                 self.conn.prepare_cached("RELEASE append")?.execute([])?;
                 Ok(Applied {
@@ -224,19 +230,31 @@ impl Writer {
     fn insert(
         &self,
         stream: &StreamName,
+        stream_id: Option<i64>,
         first_revision: u64,
         events: &[EventData],
         recorded_at: i64,
     ) -> rusqlite::Result<AppendResult> {
+        // A new stream's row is created inside the append's savepoint, so a
+        // failed first append leaves no empty stream behind.
+        let stream_id = match stream_id {
+            Some(stream_id) => stream_id,
+            None => {
+                self.conn
+                    .prepare_cached("INSERT INTO streams (name) VALUES (?1)")?
+                    .execute([stream.as_str()])?;
+                self.conn.last_insert_rowid()
+            }
+        };
         let mut insert = self.conn.prepare_cached(
-            "INSERT INTO events (stream, revision, event_id, event_type, data, metadata, recorded_at) \
+            "INSERT INTO events (stream_id, revision, event_id, event_type, data, metadata, recorded_at) \
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
         )?;
         let mut last = None;
         for (offset, event) in events.iter().enumerate() {
             let revision = first_revision + offset as u64;
             insert.execute((
-                stream.as_str(),
+                stream_id,
                 revision,
                 event.id.as_bytes().as_slice(),
                 event.event_type.as_str(),
@@ -262,7 +280,10 @@ impl Writer {
 
     fn lookup(&self, id: Uuid) -> rusqlite::Result<Option<StoredEventRef>> {
         self.conn
-            .prepare_cached("SELECT stream, revision, position FROM events WHERE event_id = ?1")?
+            .prepare_cached(
+                "SELECT s.name, e.revision, e.position FROM events e JOIN streams s ON s.stream_id = e.stream_id \
+                 WHERE e.event_id = ?1",
+            )?
             .query_row([id.as_bytes().as_slice()], |row| {
                 Ok(StoredEventRef {
                     stream: decode_stream(row.get(0)?, 0)?,
