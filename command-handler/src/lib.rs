@@ -15,6 +15,9 @@
 //!   event's index, so a retried command finds its own events in the stream
 //!   (and returns the original outcome, marked `duplicate`), or, when two
 //!   copies race, the store's idempotent append makes the second a no-op.
+//! - **A bounded stream cache** saves the read before most appends; a
+//!   decision on cached state is still appended with `Exact(revision)`, and
+//!   rejections are only ever given on a fresh read.
 //! - **Conflicts stay typed** from the store's `WrongExpectedVersion` to the
 //!   retry loop; the domain's [`Rejection`] reaches the caller unchanged.
 
@@ -31,7 +34,8 @@ use triage_domain::{
     decide, event_id, evolve,
 };
 use triage_event_store::{
-    Error as StoreError, EventData, EventStore, ExpectedRevision, Position, ReadStream, RecordedEvent, StreamName,
+    AppendResult, Error as StoreError, EventData, EventStore, ExpectedRevision, Position, ReadStream, RecordedEvent,
+    StreamName,
 };
 use uuid::Uuid;
 
@@ -278,8 +282,11 @@ impl HandlerStats {
     }
 }
 
+/// Folded ticket streams a handler keeps by default.
+pub const DEFAULT_CACHE_TICKETS: usize = 4096;
+
 /// Turns commands into events. Cheap to clone; clones share the store,
-/// clock and counters.
+/// clock, counters and stream cache.
 #[derive(Clone)]
 pub struct CommandHandler {
     store: Arc<dyn EventStore>,
@@ -287,6 +294,7 @@ pub struct CommandHandler {
     clock: Arc<dyn Clock>,
     retry: RetryPolicy,
     stats: Arc<HandlerStats>,
+    cache: Arc<cache::StreamCache>,
 }
 
 impl fmt::Debug for CommandHandler {
@@ -309,7 +317,15 @@ impl CommandHandler {
             clock: Arc::new(SystemClock),
             retry: RetryPolicy::default(),
             stats: Arc::new(HandlerStats::default()),
+            cache: Arc::new(cache::StreamCache::new(DEFAULT_CACHE_TICKETS)),
         }
+    }
+
+    /// Caches up to `tickets` folded streams (0 turns the cache off).
+    /// Handlers cloned from this one share the cache.
+    pub fn with_cache_capacity(mut self, tickets: usize) -> Self {
+        self.cache = Arc::new(cache::StreamCache::new(tickets));
+        self
     }
 
     /// Uses `policy`.
@@ -424,15 +440,29 @@ impl CommandHandler {
         let stream = stream_of(ticket_id)?;
         let first_event_id = event_id(envelope.command_id, 0);
         let mut attempt = 0;
+        // Decide on the cached ticket first; anything but an accepted append
+        // is confirmed on a fresh read before it is reported.
+        let mut cached = self.cache.get(ticket_id);
         loop {
             attempt += 1;
-            let loaded = self.load(ticket_id).await?;
+            let from_cache = cached.is_some();
+            let loaded = match cached.take() {
+                Some(loaded) => loaded,
+                None => {
+                    let fresh = Arc::new(self.load(ticket_id).await?);
+                    self.cache.put(ticket_id, fresh.clone());
+                    fresh
+                }
+            };
             if let Some(original) = original_outcome(&loaded, envelope, first_event_id) {
                 return Ok(original);
             }
             if let Some(expected) = envelope.expected_revision
                 && loaded.revision != Some(expected)
             {
+                if from_cache {
+                    continue;
+                }
                 return Err(stale(ticket_id, expected, &loaded));
             }
             let now = self.clock.now();
@@ -443,37 +473,40 @@ impl CommandHandler {
                 command_id: envelope.command_id,
                 policy: &self.policy,
             };
-            let events =
-                decide(&loaded.ticket, &envelope.command, &context).map_err(|rejection| CommandError::Rejected {
-                    rejection,
-                    ticket_id,
-                    state: loaded.ticket.state,
-                    revision: loaded.revision,
-                })?;
+            let events = match decide(&loaded.ticket, &envelope.command, &context) {
+                Ok(events) => events,
+                Err(_) if from_cache => continue,
+                Err(rejection) => {
+                    return Err(CommandError::Rejected {
+                        rejection,
+                        ticket_id,
+                        state: loaded.ticket.state,
+                        revision: loaded.revision,
+                    });
+                }
+            };
             let records = serialize(envelope, &events, now);
             let expected = loaded
                 .revision
                 .map_or(ExpectedRevision::NoStream, ExpectedRevision::Exact);
             match self.store.append(&stream, expected, records).await {
                 Ok(result) => {
-                    let state = events.iter().fold(loaded.ticket, evolve).state;
-                    return Ok(Accepted {
-                        ticket_id,
-                        command_id: envelope.command_id,
-                        revision: result.current_revision,
-                        position: result.position,
-                        state: state.expect("an accepted command leaves the ticket existing"),
-                        events,
-                        duplicate: false,
-                    });
+                    let accepted = self.remember(&loaded, envelope, events, now, result);
+                    return Ok(accepted);
                 }
                 Err(StoreError::WrongExpectedVersion { actual, .. }) => {
+                    self.cache.remove(ticket_id);
                     if actual == loaded.revision {
                         // The stream did not move: the event ids are stored
                         // in another stream.
                         return Err(CommandError::CommandIdReused {
                             command_id: envelope.command_id,
                         });
+                    }
+                    if from_cache {
+                        // The cached ticket was behind: not a race with
+                        // another writer, so decide again at once.
+                        continue;
                     }
                     if let Some(expected) = envelope.expected_revision {
                         let fresh = self.load(ticket_id).await?;
@@ -492,8 +525,52 @@ impl CommandHandler {
                     debug!(attempt, ?actual, "conflict; deciding again on fresh state");
                     tokio::time::sleep(self.retry.delay(attempt)).await;
                 }
-                Err(error) => return Err(error.into()),
+                Err(error) => {
+                    self.cache.remove(ticket_id);
+                    return Err(error.into());
+                }
             }
+        }
+    }
+
+    /// Builds the accepted outcome and caches the ticket as it is now.
+    fn remember(
+        &self,
+        loaded: &LoadedTicket,
+        envelope: &CommandEnvelope,
+        events: Vec<Event>,
+        now: DateTime<Utc>,
+        result: AppendResult,
+    ) -> Accepted {
+        let ticket = events.iter().fold(loaded.ticket.clone(), evolve);
+        let state = ticket.state.expect("an accepted command leaves the ticket existing");
+        if let [event] = events.as_slice() {
+            let mut history = loaded.history.clone();
+            history.push(StoredEvent {
+                event: event.clone(),
+                metadata: metadata_for(envelope, event, now),
+                revision: result.current_revision,
+                position: result.position,
+                id: event_id(envelope.command_id, 0),
+            });
+            let updated = LoadedTicket {
+                ticket,
+                revision: Some(result.current_revision),
+                history,
+            };
+            self.cache.put(envelope.ticket_id, Arc::new(updated));
+        } else {
+            // Only the last event's position is known; read it back next time.
+            self.cache.remove(envelope.ticket_id);
+        }
+        Accepted {
+            ticket_id: envelope.ticket_id,
+            command_id: envelope.command_id,
+            revision: result.current_revision,
+            position: result.position,
+            state,
+            events,
+            duplicate: false,
         }
     }
 }
@@ -534,26 +611,27 @@ fn original_outcome(loaded: &LoadedTicket, envelope: &CommandEnvelope, first_eve
     })
 }
 
+fn metadata_for(envelope: &CommandEnvelope, event: &Event, now: DateTime<Utc>) -> EventMetadata {
+    EventMetadata {
+        schema_version: event.schema_version(),
+        command_id: envelope.command_id,
+        correlation_id: envelope.correlation_id.unwrap_or(envelope.command_id),
+        causation_id: envelope.causation_id.unwrap_or(envelope.command_id),
+        agent: envelope.agent.clone(),
+        traceparent: envelope.traceparent.clone(),
+        recorded_at: now,
+    }
+}
+
 fn serialize(envelope: &CommandEnvelope, events: &[Event], now: DateTime<Utc>) -> Vec<EventData> {
     events
         .iter()
         .enumerate()
-        .map(|(index, event)| {
-            let metadata = EventMetadata {
-                schema_version: event.schema_version(),
-                command_id: envelope.command_id,
-                correlation_id: envelope.correlation_id.unwrap_or(envelope.command_id),
-                causation_id: envelope.causation_id.unwrap_or(envelope.command_id),
-                agent: envelope.agent.clone(),
-                traceparent: envelope.traceparent.clone(),
-                recorded_at: now,
-            };
-            EventData {
-                id: event_id(envelope.command_id, index as u32),
-                event_type: event.event_type().to_owned(),
-                data: event.encode(),
-                metadata: metadata.encode(),
-            }
+        .map(|(index, event)| EventData {
+            id: event_id(envelope.command_id, index as u32),
+            event_type: event.event_type().to_owned(),
+            data: event.encode(),
+            metadata: metadata_for(envelope, event, now).encode(),
         })
         .collect()
 }
@@ -575,6 +653,8 @@ pub fn open_ticket(
         },
     )
 }
+
+mod cache;
 
 #[cfg(test)]
 mod tests;

@@ -329,3 +329,56 @@ fn backoff_is_capped_and_jittered() {
     let delays: std::collections::HashSet<_> = (0..20).map(|_| retry.delay(6)).collect();
     assert!(delays.len() > 1, "jitter varies the delay");
 }
+
+#[tokio::test]
+async fn a_stale_cache_never_causes_a_rejection_or_a_lost_write() {
+    // Two handlers with their own caches, as two processes would have.
+    let f = fixture();
+    let other = CommandHandler::new(f.store.clone()).with_clock(f.clock.clone());
+    let ticket = open(&f.handler).await;
+    // `f.handler` caches the ticket at revision 0 (NEW).
+    assert_eq!(f.handler.load(ticket).await.unwrap().revision, Some(0));
+    let claim = other.handle(start(ticket, classifier(1))).await.unwrap();
+    // The cached ticket says NEW, where Classify is invalid; the handler must
+    // read again and accept it.
+    let accepted = f
+        .handler
+        .handle(classify(ticket, classifier(1), claim.command_id).at_revision(1))
+        .await
+        .unwrap();
+    assert_eq!((accepted.revision, accepted.state), (2, State::Classified));
+    // And the other handler's cache (revision 1) is now behind: its next
+    // command is decided on a fresh read and appended after revision 2.
+    let drafter = Agent::new("drafter-1", Role::Drafter);
+    let drafting = other
+        .handle(CommandEnvelope::new(
+            ticket,
+            drafter,
+            Command::StartDrafting { lease_secs: None },
+        ))
+        .await
+        .unwrap();
+    assert_eq!(drafting.revision, 3);
+    let records = stored(&f.store, ticket).await;
+    assert_eq!(
+        records.iter().map(|r| r.event_type.as_str()).collect::<Vec<_>>(),
+        [
+            "TicketOpened",
+            "ClassificationStarted",
+            "TicketClassified",
+            "DraftingStarted"
+        ]
+    );
+}
+
+#[tokio::test]
+async fn the_cache_can_be_turned_off() {
+    let f = fixture();
+    let uncached = f.handler.clone().with_cache_capacity(0);
+    let ticket = open(&uncached).await;
+    let accepted = uncached
+        .handle(start(ticket, classifier(1)).at_revision(0))
+        .await
+        .unwrap();
+    assert_eq!(accepted.revision, 1);
+}
