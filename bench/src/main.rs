@@ -19,10 +19,11 @@ use clap::{Parser, Subcommand, ValueEnum};
 use hdrhistogram::Histogram;
 use serde_json::json;
 use triage_command_handler::CommandHandler;
-use triage_domain::{Agent, Command, CommandEnvelope, Priority, Role, TicketId};
+use triage_domain::{Agent, CommandEnvelope, TicketId};
 use triage_event_store::EventStore;
 use triage_store_sqlite::{SqliteEventStore, SqliteOptions, Synchronous};
-use uuid::Uuid;
+mod replay;
+mod workload;
 
 #[derive(Debug, Parser)]
 #[command(name = "triage-bench", about = "Triage benchmarks: one JSON line per run")]
@@ -48,6 +49,19 @@ enum Bench {
         /// SQLite durability.
         #[arg(long, value_enum, default_value_t = Sync::Full)]
         sync: Sync,
+        /// Page size of the store files, in bytes.
+        #[arg(long, default_value_t = 2048)]
+        page_size: u32,
+    },
+    /// Replay speed of the SQLite store: read the whole log in pages and
+    /// decode and fold every event, as a projection rebuild does.
+    Replay {
+        /// Events to generate (whole ticket lifecycles of 7 events).
+        #[arg(long, default_value_t = 210_000)]
+        events: u64,
+        /// Page sizes to compare, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "2048")]
+        page_sizes: Vec<u32>,
     },
 }
 
@@ -88,53 +102,18 @@ impl RunResult {
     }
 }
 
-/// Builds one lifecycle step's command from the current claim id.
-type MakeCommand = fn(Option<Uuid>) -> Command;
-
 /// Drives tickets through the lifecycle until `deadline`, timing every
 /// command.
 async fn agent_loop(handler: CommandHandler, index: usize, deadline: Instant) -> anyhow::Result<(u64, Histogram<u64>)> {
     let mut latency = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
     let mut commands = 0u64;
-    let intake = Agent::new(format!("intake-{index}"), Role::Intake);
-    let classifier = Agent::new(format!("classifier-{index}"), Role::Classifier);
-    let drafter = Agent::new(format!("drafter-{index}"), Role::Drafter);
-    let escalator = Agent::new(format!("escalator-{index}"), Role::Escalator);
+    let agents = workload::LIFECYCLE.map(|role| Agent::new(format!("{role}-{index}"), role));
     while Instant::now() < deadline {
         let ticket = TicketId::new();
         let mut revision = None;
         let mut claim = None;
-        let steps: [(&Agent, MakeCommand); 7] = [
-            (&intake, |_| Command::OpenTicket {
-                subject: "Charged twice for March".into(),
-                body: "Hello, my card was charged twice for the March invoice. Please refund one.".into(),
-                customer: Some("dana@example.com".into()),
-            }),
-            (&classifier, |_| Command::StartClassification { lease_secs: None }),
-            (&classifier, |claim| Command::Classify {
-                claim_id: claim.expect("claimed"),
-                category: "billing".into(),
-                priority: Priority::High,
-                confidence: 0.93,
-            }),
-            (&drafter, |_| Command::StartDrafting { lease_secs: None }),
-            (&drafter, |claim| Command::SubmitDraft {
-                claim_id: claim.expect("claimed"),
-                body: "Hi Dana, we refunded the duplicate charge; it shows within 5 days.".into(),
-            }),
-            (&escalator, |_| Command::StartEscalation { lease_secs: None }),
-            (&escalator, |claim| Command::Resolve {
-                claim_id: claim,
-                resolution: "sent the draft".into(),
-            }),
-        ];
-        for (agent, make) in steps {
-            let command = make(claim);
-            let starts_claim = matches!(
-                command,
-                Command::StartClassification { .. } | Command::StartDrafting { .. } | Command::StartEscalation { .. }
-            );
-            let mut envelope = CommandEnvelope::new(ticket, agent.clone(), command);
+        for (step, agent) in agents.iter().enumerate() {
+            let mut envelope = CommandEnvelope::new(ticket, agent.clone(), workload::command(step, claim));
             if let Some(revision) = revision {
                 envelope = envelope.at_revision(revision);
             }
@@ -147,7 +126,9 @@ async fn agent_loop(handler: CommandHandler, index: usize, deadline: Instant) ->
             latency.record(started.elapsed().as_micros().max(1) as u64)?;
             commands += 1;
             revision = Some(accepted.revision);
-            claim = starts_claim.then_some(command_id).or(claim);
+            if workload::takes_claim(step) {
+                claim = Some(command_id);
+            }
         }
     }
     Ok((commands, latency))
@@ -158,8 +139,10 @@ async fn run_commands(
     mode: Mode,
     sync: Sync,
     seconds: f64,
+    page_size: u32,
 ) -> anyhow::Result<(RunResult, serde_json::Value)> {
     let options = SqliteOptions {
+        page_size,
         group_commit: mode == Mode::Group,
         synchronous: match sync {
             Sync::Full => Synchronous::Full,
@@ -193,6 +176,7 @@ async fn run_commands(
         "store": "sqlite",
         "mode": mode.name(),
         "synchronous": format!("{sync:?}").to_uppercase(),
+        "page_size": page_size,
         "agents": agents,
         "commands": result.commands,
         "wall_s": round(wall.as_secs_f64(), 3),
@@ -216,16 +200,22 @@ fn round(value: f64, digits: i32) -> f64 {
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.bench {
+        Bench::Replay { events, page_sizes } => {
+            for page_size in page_sizes {
+                println!("{}", replay::run(events, page_size).await?);
+            }
+        }
         Bench::Commands {
             agents,
             modes,
             seconds,
             sync,
+            page_size,
         } => {
             for &count in &agents {
                 let mut rates = Vec::new();
                 for &mode in &modes {
-                    let (result, line) = run_commands(count, mode, sync, seconds).await?;
+                    let (result, line) = run_commands(count, mode, sync, seconds, page_size).await?;
                     println!("{line}");
                     rates.push((mode, result.per_second(), result.latency_us.value_at_quantile(0.99)));
                 }

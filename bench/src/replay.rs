@@ -1,0 +1,157 @@
+//! `triage-bench replay`: how fast the whole log streams back out.
+//!
+//! Generates realistic ticket histories with the real domain (`decide`)
+//! straight into a fresh store, then reads `$all` in pages and decodes and
+//! folds every event per ticket, as a projection rebuild does, in bounded
+//! memory: only the folded tickets are kept.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use chrono::Utc;
+use serde_json::{Value, json};
+use triage_command_handler::decode_recorded;
+use triage_domain::{Agent, Context, Event, EventMetadata, Policy, Ticket, TicketId, decide, event_id, evolve};
+use triage_event_store::{EventData, EventStore, ExpectedRevision, ReadAll, StreamName};
+use triage_store_sqlite::{SqliteEventStore, SqliteOptions, Synchronous};
+use uuid::Uuid;
+
+/// One ticket's whole lifecycle as serialized records, decided by the real
+/// domain.
+fn lifecycle(ticket_id: TicketId, policy: &Policy) -> Vec<EventData> {
+    let now = Utc::now();
+    let agents = crate::workload::LIFECYCLE.map(|role| Agent::new(format!("{role}-1"), role));
+    let mut ticket = Ticket::default();
+    let mut claim = None;
+    let mut records = Vec::with_capacity(agents.len());
+    for (step, agent) in agents.iter().enumerate() {
+        let command_id = Uuid::new_v4();
+        let command = crate::workload::command(step, claim);
+        let context = Context {
+            now,
+            ticket_id,
+            agent,
+            command_id,
+            policy,
+        };
+        let events = decide(&ticket, &command, &context).expect("the lifecycle is valid");
+        if crate::workload::takes_claim(step) {
+            claim = Some(command_id);
+        }
+        for (index, event) in events.iter().enumerate() {
+            let metadata = EventMetadata {
+                schema_version: event.schema_version(),
+                command_id,
+                correlation_id: command_id,
+                causation_id: command_id,
+                agent: agent.clone(),
+                traceparent: Some(format!(
+                    "00-{}-{}-01",
+                    Uuid::new_v4().simple(),
+                    &Uuid::new_v4().simple().to_string()[..16]
+                )),
+                recorded_at: now,
+            };
+            records.push(EventData {
+                id: event_id(command_id, index as u32),
+                event_type: event.event_type().to_owned(),
+                data: event.encode(),
+                metadata: metadata.encode(),
+            });
+            ticket = evolve(ticket, event);
+        }
+    }
+    records
+}
+
+/// Peak resident memory of this process, from /proc (Linux), in MiB.
+pub(crate) fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|line| line.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}
+
+pub(crate) async fn run(events: u64, page_size: u32) -> anyhow::Result<Value> {
+    let options = SqliteOptions {
+        page_size,
+        // Generation only: the replay below reads committed data either way.
+        synchronous: Synchronous::Normal,
+        ..SqliteOptions::default()
+    };
+    let store = Arc::new(SqliteEventStore::open_temporary_with(options)?);
+    let policy = Policy::default();
+    let tickets = events.div_ceil(7);
+    let writers = 16u64;
+    let generated = Instant::now();
+    let mut tasks = Vec::new();
+    for writer in 0..writers {
+        let store = store.clone();
+        let policy = policy.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut written = 0u64;
+            let mut ticket = writer;
+            while ticket < tickets {
+                let ticket_id = TicketId::new();
+                let stream = StreamName::new(ticket_id.stream_name())?;
+                let records = lifecycle(ticket_id, &policy);
+                written += records.len() as u64;
+                store.append(&stream, ExpectedRevision::NoStream, records).await?;
+                ticket += writers;
+            }
+            anyhow::Ok(written)
+        }));
+    }
+    let mut total = 0;
+    for task in tasks {
+        total += task.await??;
+    }
+    let generate_s = generated.elapsed().as_secs_f64();
+    let bytes = std::fs::metadata(store.path()).map(|m| m.len()).unwrap_or(0);
+
+    let started = Instant::now();
+    let mut folded: HashMap<TicketId, Ticket> = HashMap::new();
+    let mut replayed = 0u64;
+    let mut from = None;
+    loop {
+        let mut options = ReadAll::forwards(4096);
+        if let Some(position) = from {
+            options = options.from_position(position);
+        }
+        let page = store.read_all(options).await?;
+        let mut fresh = 0;
+        for record in page {
+            if Some(record.position) <= from {
+                continue;
+            }
+            from = Some(record.position);
+            fresh += 1;
+            let (event, _metadata) = decode_recorded(&record)?;
+            let ticket_id = match &event {
+                Event::TicketOpened { ticket_id, .. } => *ticket_id,
+                _ => TicketId::from_stream_name(record.stream.as_str()).expect("ticket stream"),
+            };
+            let ticket = folded.remove(&ticket_id).unwrap_or_default();
+            folded.insert(ticket_id, evolve(ticket, &event));
+        }
+        replayed += fresh;
+        if fresh == 0 {
+            break;
+        }
+    }
+    let wall = started.elapsed().as_secs_f64();
+    anyhow::ensure!(replayed == total, "replayed {replayed} of {total} events");
+    Ok(json!({
+        "bench": "replay",
+        "store": "sqlite",
+        "page_size": page_size,
+        "events": replayed,
+        "tickets": folded.len(),
+        "db_bytes": bytes,
+        "generate_s": (generate_s * 1000.0).round() / 1000.0,
+        "wall_s": (wall * 1000.0).round() / 1000.0,
+        "events_per_s": (replayed as f64 / wall).round(),
+        "peak_rss_mb": peak_rss_mib().map(|m| (m * 10.0).round() / 10.0),
+    }))
+}
