@@ -37,6 +37,29 @@ pub(crate) enum TicketCommand {
         #[arg(long, value_name = "UUID")]
         command_id: Option<Uuid>,
     },
+    /// Send any command to a ticket, as an agent would: the command is JSON
+    /// such as '{"type":"start_classification"}' or
+    /// '{"type":"classify","claim_id":"…","category":"billing","priority":"high","confidence":0.9}'.
+    /// `triage states` lists the commands and the roles allowed to send them.
+    Send {
+        /// The ticket id.
+        id: TicketId,
+        /// The command as JSON, or `-` to read it from stdin.
+        command: String,
+        /// The sender's id, recorded in the event metadata.
+        #[arg(long, value_name = "ID")]
+        agent: String,
+        /// The role the sender acts in.
+        #[arg(long, value_parser = parse_role)]
+        role: Role,
+        /// The ticket revision this command was decided on. If the ticket has
+        /// moved on, the command is refused instead of being re-applied.
+        #[arg(long, value_name = "REVISION")]
+        at_revision: Option<u64>,
+        /// The command id; sending the same id again is a harmless retry.
+        #[arg(long, value_name = "UUID")]
+        command_id: Option<Uuid>,
+    },
     /// Show a ticket's current state, folded from its events.
     Show {
         /// The ticket id (a UUID, optionally prefixed with `ticket-`).
@@ -96,6 +119,49 @@ pub(crate) async fn run(command: TicketCommand, global: &GlobalArgs) -> anyhow::
             }
             Ok(())
         }
+        TicketCommand::Send {
+            id,
+            command,
+            agent,
+            role,
+            at_revision,
+            command_id,
+        } => {
+            let command = parse_command(&command)?;
+            let mut envelope = CommandEnvelope::new(id, Agent::new(agent, role), command);
+            envelope.expected_revision = at_revision;
+            if let Some(command_id) = command_id {
+                envelope.command_id = command_id;
+            }
+            let accepted = handler
+                .handle(envelope)
+                .await
+                .map_err(|error| explain(error, &location))?;
+            if global.json {
+                output::print_json(&json!({
+                    "id": accepted.ticket_id,
+                    "command_id": accepted.command_id,
+                    "revision": accepted.revision,
+                    "state": accepted.state,
+                    "events": accepted.events,
+                    "duplicate": accepted.duplicate,
+                }));
+            } else {
+                let types: Vec<_> = accepted.events.iter().map(|event| event.event_type()).collect();
+                let note = if accepted.duplicate {
+                    " (a retry: nothing new was written)"
+                } else {
+                    ""
+                };
+                println!(
+                    "{} at revision {}: {}{note}",
+                    accepted.state,
+                    accepted.revision,
+                    types.join(", ")
+                );
+            }
+            Ok(())
+        }
         TicketCommand::Show { id } => {
             let loaded = load_existing(&handler, id, &location).await?;
             if global.json {
@@ -129,6 +195,23 @@ async fn load_existing(
     Ok(loaded)
 }
 
+/// Reads a command from JSON text, or from stdin for `-`.
+fn parse_command(text: &str) -> anyhow::Result<Command> {
+    let text = if text == "-" {
+        let mut input = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut input)
+            .context("cannot read the command from stdin")?;
+        input
+    } else {
+        text.to_owned()
+    };
+    serde_json::from_str(&text).map_err(|error| {
+        anyhow::anyhow!(
+            "the command is not valid: {error}; expected JSON such as {{\"type\":\"start_classification\"}} (see `triage states` for the commands)"
+        )
+    })
+}
+
 /// Turns a handler error into a message that says what to do.
 fn explain(error: CommandError, location: &crate::StoreLocation) -> anyhow::Error {
     match error {
@@ -137,6 +220,11 @@ fn explain(error: CommandError, location: &crate::StoreLocation) -> anyhow::Erro
             ticket_id,
             ..
         } => anyhow::anyhow!("ticket {ticket_id} already exists in {location}"),
+        CommandError::Rejected {
+            rejection: Rejection::TicketNotFound,
+            ticket_id,
+            ..
+        } => anyhow::anyhow!("ticket {ticket_id} not found in {location}; nothing was written"),
         CommandError::Rejected {
             rejection,
             ticket_id,
@@ -149,6 +237,17 @@ fn explain(error: CommandError, location: &crate::StoreLocation) -> anyhow::Erro
             };
             anyhow::anyhow!("rejected [{}]: {rejection}{at}; nothing was written", rejection.code())
         }
+        CommandError::StaleRevision {
+            ticket_id,
+            expected,
+            actual,
+            state,
+        } => anyhow::anyhow!(
+            "stale decision: the command was decided on revision {expected}, but ticket {ticket_id} is {} at revision {}; \
+             nothing was written; look at the ticket again and decide anew",
+            state.map_or_else(|| "missing".to_owned(), |s| s.to_string()),
+            actual.map_or_else(|| "none".to_owned(), |r| r.to_string()),
+        ),
         other => anyhow::Error::new(other),
     }
 }

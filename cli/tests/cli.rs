@@ -294,3 +294,146 @@ fn help_explains_the_commands_and_the_store_option() {
         "{help}"
     );
 }
+
+fn send(dir: &Path, id: &str, agent: &str, role: &str, command: &str, extra: &[&str]) -> Output {
+    let mut args = vec![
+        "ticket", "send", id, command, "--agent", agent, "--role", role, "--json",
+    ];
+    args.extend_from_slice(extra);
+    triage(dir, &args)
+}
+
+fn accepted(output: Output) -> Value {
+    assert!(output.status.success(), "send failed: {}", stderr(&output));
+    serde_json::from_str(&stdout(&output)).unwrap()
+}
+
+#[test]
+fn agents_drive_a_ticket_through_its_lifecycle_with_send() {
+    let dir = tempfile::tempdir().unwrap();
+    let opened: Value = serde_json::from_str(&succeed(
+        dir.path(),
+        &["ticket", "open", "--subject", "s", "--body", "b", "--json"],
+    ))
+    .unwrap();
+    let id = opened["id"].as_str().unwrap().to_owned();
+    let claim = accepted(send(
+        dir.path(),
+        &id,
+        "c-1",
+        "classifier",
+        r#"{"type":"start_classification"}"#,
+        &["--at-revision", "0"],
+    ));
+    assert_eq!(claim["state"], "CLASSIFYING");
+    let claim_id = claim["command_id"].as_str().unwrap().to_owned();
+    let classify = format!(
+        r#"{{"type":"classify","claim_id":"{claim_id}","category":"billing","priority":"high","confidence":0.9}}"#
+    );
+    let classified = accepted(send(
+        dir.path(),
+        &id,
+        "c-1",
+        "classifier",
+        &classify,
+        &["--at-revision", "1"],
+    ));
+    assert_eq!(
+        (classified["state"].as_str(), classified["revision"].as_u64()),
+        (Some("CLASSIFIED"), Some(2))
+    );
+    assert_eq!(classified["events"][0]["type"], "TicketClassified");
+    let shown: Value = serde_json::from_str(&succeed(dir.path(), &["ticket", "show", &id, "--json"])).unwrap();
+    assert_eq!(shown["classification"]["category"], "billing");
+    assert_eq!(shown["revision"], 2);
+}
+
+#[test]
+fn every_kind_of_bad_command_gets_a_clear_error_and_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("triage.db");
+    let opened: Value = serde_json::from_str(&succeed(
+        dir.path(),
+        &["ticket", "open", "--subject", "s", "--body", "b", "--json"],
+    ))
+    .unwrap();
+    let id = opened["id"].as_str().unwrap().to_owned();
+    let cases: &[(&str, &str, &str, &[&str], &str)] = &[
+        ("d-1", "drafter", "{not json", &[], "the command is not valid"),
+        (
+            "d-1",
+            "drafter",
+            r#"{"type":"summon_dragon"}"#,
+            &[],
+            "unknown variant `summon_dragon`",
+        ),
+        (
+            "d-1",
+            "drafter",
+            r#"{"type":"submit_draft","claim_id":"6b1d0d0e-0000-4000-8000-000000000000","body":"hi"}"#,
+            &[],
+            "rejected [invalid_transition]: submit_draft is not allowed in state NEW (ticket",
+        ),
+        (
+            "d-1",
+            "drafter",
+            r#"{"type":"start_classification"}"#,
+            &[],
+            "rejected [role_not_allowed]: role drafter",
+        ),
+        (
+            "c-1",
+            "classifier",
+            r#"{"type":"start_classification"}"#,
+            &["--at-revision", "5"],
+            "stale decision",
+        ),
+        (
+            "c-1",
+            "classifier",
+            r#"{"type":"start_classification","lease_secs":0}"#,
+            &[],
+            "rejected [invalid_input]: invalid input: a lease of 0s",
+        ),
+    ];
+    for (agent, role, command, extra, expected) in cases {
+        let output = send(dir.path(), &id, agent, role, command, extra);
+        assert!(!output.status.success(), "{command} was accepted");
+        let message = stderr(&output);
+        assert!(
+            message.contains(expected),
+            "{command}: expected {expected:?} in {message:?}"
+        );
+        assert_eq!(events_in(&db), 1, "{command} wrote an event");
+    }
+    // A hallucinated classification under a real claim.
+    let claim = accepted(send(
+        dir.path(),
+        &id,
+        "c-1",
+        "classifier",
+        r#"{"type":"start_classification"}"#,
+        &[],
+    ));
+    let claim_id = claim["command_id"].as_str().unwrap();
+    let hallucinated = format!(
+        r#"{{"type":"classify","claim_id":"{claim_id}","category":"astrology","priority":"high","confidence":1.7}}"#
+    );
+    let message = stderr(&send(dir.path(), &id, "c-1", "classifier", &hallucinated, &[]));
+    assert!(message.contains("category \"astrology\" is not one of"), "{message}");
+    // Someone else's claim is fenced off.
+    let foreign =
+        format!(r#"{{"type":"classify","claim_id":"{claim_id}","category":"bug","priority":"low","confidence":0.5}}"#);
+    let message = stderr(&send(dir.path(), &id, "c-2", "classifier", &foreign, &[]));
+    assert!(message.contains("rejected [not_claim_holder]"), "{message}");
+    let message = stderr(&send(
+        dir.path(),
+        "6b1d0d0e-0000-4000-8000-000000000000",
+        "c-1",
+        "classifier",
+        r#"{"type":"start_classification"}"#,
+        &[],
+    ));
+    assert!(message.contains("not found"), "{message}");
+    assert_eq!(events_in(&db), 2, "only the claim was written");
+}
