@@ -224,7 +224,7 @@ fn explain(error: CommandError, location: &crate::StoreLocation) -> anyhow::Erro
             rejection: Rejection::TicketNotFound,
             ticket_id,
             ..
-        } => anyhow::anyhow!("ticket {ticket_id} not found in {location}; nothing was written"),
+        } => anyhow::anyhow!("ticket {ticket_id} not found in {location}"),
         CommandError::Rejected {
             rejection,
             ticket_id,
@@ -235,7 +235,10 @@ fn explain(error: CommandError, location: &crate::StoreLocation) -> anyhow::Erro
                 (Some(state), Some(revision)) => format!(" (ticket {ticket_id} is {state} at revision {revision})"),
                 _ => String::new(),
             };
-            anyhow::anyhow!("rejected [{}]: {rejection}{at}; nothing was written", rejection.code())
+            anyhow::anyhow!(
+                "rejected [{}]: {rejection}{at}; the ticket was not changed",
+                rejection.code()
+            )
         }
         CommandError::StaleRevision {
             ticket_id,
@@ -244,7 +247,7 @@ fn explain(error: CommandError, location: &crate::StoreLocation) -> anyhow::Erro
             state,
         } => anyhow::anyhow!(
             "stale decision: the command was decided on revision {expected}, but ticket {ticket_id} is {} at revision {}; \
-             nothing was written; look at the ticket again and decide anew",
+             the ticket was not changed; look at it again and decide anew",
             state.map_or_else(|| "missing".to_owned(), |s| s.to_string()),
             actual.map_or_else(|| "none".to_owned(), |r| r.to_string()),
         ),

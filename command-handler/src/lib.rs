@@ -30,8 +30,8 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use tracing::{Instrument, debug, info_span, warn};
 use triage_domain::{
-    Command, CommandEnvelope, Context, DecodeError, Event, EventMetadata, Policy, Rejection, State, Ticket, TicketId,
-    decide, event_id, evolve,
+    Command, CommandEnvelope, CommandRejected, Context, DecodeError, Event, EventMetadata, Policy, Rejection, State,
+    Ticket, TicketId, decide, event_id, evolve,
 };
 use triage_event_store::{
     AppendResult, Error as StoreError, EventData, EventStore, ExpectedRevision, Position, ReadStream, RecordedEvent,
@@ -236,12 +236,7 @@ pub struct StoredEvent {
 
 /// Decodes a stored record into a domain event and its metadata.
 pub fn decode_recorded(record: &RecordedEvent) -> Result<(Event, EventMetadata), DecodeError> {
-    let metadata = EventMetadata::decode(&record.metadata).map_err(|source| DecodeError::Payload {
-        event_type: format!("{} metadata", record.event_type),
-        source,
-    })?;
-    let event = Event::decode(&record.event_type, metadata.schema_version, &record.data)?;
-    Ok((event, metadata))
+    triage_domain::decode_stored(&record.event_type, &record.data, &record.metadata)
 }
 
 /// Counters of what the handler did, for the demo and for metrics.
@@ -295,6 +290,7 @@ pub struct CommandHandler {
     retry: RetryPolicy,
     stats: Arc<HandlerStats>,
     cache: Arc<cache::StreamCache>,
+    record_rejections: bool,
 }
 
 impl fmt::Debug for CommandHandler {
@@ -318,7 +314,16 @@ impl CommandHandler {
             retry: RetryPolicy::default(),
             stats: Arc::new(HandlerStats::default()),
             cache: Arc::new(cache::StreamCache::new(DEFAULT_CACHE_TICKETS)),
+            record_rejections: true,
         }
+    }
+
+    /// Whether refused commands are recorded as `CommandRejected` in the
+    /// ticket's `rejections-<uuid>` stream (default on), for statistics and
+    /// analysts. The ticket stream is never touched by a refusal.
+    pub fn with_rejection_log(mut self, record: bool) -> Self {
+        self.record_rejections = record;
+        self
     }
 
     /// Caches up to `tickets` folded streams (0 turns the cache off).
@@ -409,6 +414,11 @@ impl CommandHandler {
             role = %envelope.agent.role,
         );
         let result = self.handle_inner(&envelope).instrument(span.clone()).await;
+        if self.record_rejections
+            && let Err(error) = &result
+        {
+            self.record_rejection(&envelope, error).instrument(span.clone()).await;
+        }
         let _entered = span.enter();
         match &result {
             Ok(accepted) if accepted.duplicate => {
@@ -533,6 +543,46 @@ impl CommandHandler {
         }
     }
 
+    /// Appends a `CommandRejected` record for a refusal decided on fresh
+    /// state. Best effort: the caller gets its answer either way.
+    async fn record_rejection(&self, envelope: &CommandEnvelope, error: &CommandError) {
+        let (state, revision) = match error {
+            CommandError::Rejected {
+                rejection: Rejection::TicketNotFound,
+                ..
+            } => return,
+            CommandError::Rejected { state, revision, .. } => (*state, *revision),
+            CommandError::StaleRevision { state, actual, .. } => (*state, *actual),
+            _ => return,
+        };
+        let record = CommandRejected {
+            ticket_id: envelope.ticket_id,
+            command: envelope.command.kind(),
+            code: error.code().to_owned(),
+            reason: error.to_string(),
+            state,
+            revision,
+        };
+        let metadata = metadata_for(envelope, CommandRejected::SCHEMA_VERSION, self.clock.now());
+        let data = EventData {
+            id: CommandRejected::record_id(envelope.command_id),
+            event_type: CommandRejected::EVENT_TYPE.to_owned(),
+            data: record.encode(),
+            metadata: metadata.encode(),
+        };
+        let appended = match StreamName::new(CommandRejected::stream_name(envelope.ticket_id)) {
+            Ok(stream) => self
+                .store
+                .append(&stream, ExpectedRevision::Any, vec![data])
+                .await
+                .map(|_| ()),
+            Err(error) => Err(error),
+        };
+        if let Err(error) = appended {
+            warn!(%error, "could not record the rejection");
+        }
+    }
+
     /// Builds the accepted outcome and caches the ticket as it is now.
     fn remember(
         &self,
@@ -548,7 +598,7 @@ impl CommandHandler {
             let mut history = loaded.history.clone();
             history.push(StoredEvent {
                 event: event.clone(),
-                metadata: metadata_for(envelope, event, now),
+                metadata: metadata_for(envelope, event.schema_version(), now),
                 revision: result.current_revision,
                 position: result.position,
                 id: event_id(envelope.command_id, 0),
@@ -611,9 +661,9 @@ fn original_outcome(loaded: &LoadedTicket, envelope: &CommandEnvelope, first_eve
     })
 }
 
-fn metadata_for(envelope: &CommandEnvelope, event: &Event, now: DateTime<Utc>) -> EventMetadata {
+fn metadata_for(envelope: &CommandEnvelope, schema_version: u16, now: DateTime<Utc>) -> EventMetadata {
     EventMetadata {
-        schema_version: event.schema_version(),
+        schema_version,
         command_id: envelope.command_id,
         correlation_id: envelope.correlation_id.unwrap_or(envelope.command_id),
         causation_id: envelope.causation_id.unwrap_or(envelope.command_id),
@@ -631,7 +681,7 @@ fn serialize(envelope: &CommandEnvelope, events: &[Event], now: DateTime<Utc>) -
             id: event_id(envelope.command_id, index as u32),
             event_type: event.event_type().to_owned(),
             data: event.encode(),
-            metadata: metadata_for(envelope, event, now).encode(),
+            metadata: metadata_for(envelope, event.schema_version(), now).encode(),
         })
         .collect()
 }

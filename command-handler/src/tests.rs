@@ -382,3 +382,51 @@ async fn the_cache_can_be_turned_off() {
         .unwrap();
     assert_eq!(accepted.revision, 1);
 }
+
+#[tokio::test]
+async fn refusals_are_recorded_outside_the_ticket_stream_once() {
+    let f = fixture();
+    let ticket = open(&f.handler).await;
+    let drafter = Agent::new("drafter-1", Role::Drafter);
+    let refused = CommandEnvelope::new(
+        ticket,
+        drafter,
+        Command::SubmitDraft {
+            claim_id: Uuid::new_v4(),
+            body: "too early".into(),
+        },
+    );
+    for _ in 0..2 {
+        assert!(f.handler.handle(refused.clone()).await.is_err());
+    }
+    assert!(
+        f.handler
+            .handle(start(ticket, classifier(1)).at_revision(7))
+            .await
+            .is_err()
+    );
+    let rejections = StreamName::new(triage_domain::CommandRejected::stream_name(ticket)).unwrap();
+    let records = f.store.read_stream(&rejections, ReadStream::forwards()).await.unwrap();
+    assert_eq!(records.len(), 2, "a retried refusal is recorded once");
+    let first = triage_domain::CommandRejected::decode(1, &records[0].data).unwrap();
+    assert_eq!(first.code, "invalid_transition");
+    assert_eq!(first.command, CommandKind::SubmitDraft);
+    assert_eq!((first.state, first.revision), (Some(State::New), Some(0)));
+    let second = triage_domain::CommandRejected::decode(1, &records[1].data).unwrap();
+    assert_eq!(second.code, "stale_revision");
+    assert_eq!(
+        stored(&f.store, ticket).await.len(),
+        1,
+        "the ticket stream is untouched"
+    );
+    // Unknown tickets leave no rejection stream behind.
+    let missing = TicketId::new();
+    assert!(f.handler.handle(start(missing, classifier(1))).await.is_err());
+    let missing_rejections = StreamName::new(triage_domain::CommandRejected::stream_name(missing)).unwrap();
+    assert!(
+        f.store
+            .read_stream(&missing_rejections, ReadStream::forwards())
+            .await
+            .is_err()
+    );
+}

@@ -240,6 +240,77 @@ fn current_schema_version(event_type: &str) -> Option<u16> {
     Event::TYPES.contains(&event_type).then_some(1)
 }
 
+/// A command the handler refused, kept for analysts and statistics in the
+/// ticket's `rejections-<uuid>` stream. Never in the ticket stream itself:
+/// a refused command changes nothing, and the ticket stream stays a path
+/// through the transition table.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CommandRejected {
+    /// The ticket the command was for.
+    pub ticket_id: TicketId,
+    /// What was asked.
+    pub command: crate::CommandKind,
+    /// The stable code of the reason, such as `stale_claim` or
+    /// `stale_revision`.
+    pub code: String,
+    /// The reason in words.
+    pub reason: String,
+    /// The ticket's state when it was refused.
+    pub state: Option<crate::State>,
+    /// The ticket's revision when it was refused.
+    pub revision: Option<u64>,
+}
+
+impl CommandRejected {
+    /// The stored event type.
+    pub const EVENT_TYPE: &'static str = "CommandRejected";
+    /// The current schema version.
+    pub const SCHEMA_VERSION: u16 = 1;
+    /// The stream category of rejection records.
+    pub const CATEGORY: &'static str = "rejections";
+
+    /// The rejection stream of a ticket.
+    pub fn stream_name(ticket_id: TicketId) -> String {
+        format!("{}-{}", Self::CATEGORY, ticket_id.0)
+    }
+
+    /// The record's id: derived from the command id like event ids, with an
+    /// index no command's events reach, so a retried refusal is stored once.
+    pub fn record_id(command_id: Uuid) -> Uuid {
+        event_id(command_id, u32::MAX)
+    }
+
+    /// The JSON payload.
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("rejection records always serialize")
+    }
+
+    /// Reads a stored payload.
+    pub fn decode(schema_version: u16, data: &[u8]) -> Result<Self, DecodeError> {
+        if schema_version > Self::SCHEMA_VERSION {
+            return Err(DecodeError::NewerVersion {
+                event_type: Self::EVENT_TYPE.to_owned(),
+                version: schema_version,
+                supported: Self::SCHEMA_VERSION,
+            });
+        }
+        serde_json::from_slice(data).map_err(|source| DecodeError::Payload {
+            event_type: Self::EVENT_TYPE.to_owned(),
+            source,
+        })
+    }
+}
+
+/// Decodes a stored ticket event and its metadata, upcasting old versions.
+pub fn decode_stored(event_type: &str, data: &[u8], metadata: &[u8]) -> Result<(Event, EventMetadata), DecodeError> {
+    let metadata = EventMetadata::decode(metadata).map_err(|source| DecodeError::Payload {
+        event_type: format!("{event_type} metadata"),
+        source,
+    })?;
+    let event = Event::decode(event_type, metadata.schema_version, data)?;
+    Ok((event, metadata))
+}
+
 /// The namespace of deterministic event ids.
 const EVENT_ID_NAMESPACE: Uuid = Uuid::from_u128(0x6c1f_0b7e_2a44_4e0b_9d7c_1a52_7e3f_9b21);
 

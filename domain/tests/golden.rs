@@ -11,7 +11,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use chrono::{TimeZone, Utc};
-use triage_domain::{Claim, Event, Priority, TicketId};
+use triage_domain::{Claim, CommandKind, CommandRejected, Event, Priority, State, TicketId};
 use uuid::Uuid;
 
 fn samples() -> Vec<Event> {
@@ -101,10 +101,33 @@ fn every_event_type_has_a_golden_file_of_its_current_version() {
 }
 
 #[test]
+fn rejection_records_have_a_golden_file_too() {
+    let record = CommandRejected {
+        ticket_id: TicketId(Uuid::from_u128(0x7157)),
+        command: CommandKind::SubmitDraft,
+        code: "invalid_transition".into(),
+        reason: "rejected: submit_draft is not allowed in state NEW".into(),
+        state: Some(State::New),
+        revision: Some(0),
+    };
+    let path = golden_dir().join("rejections/v1/CommandRejected.json");
+    if std::env::var_os("TRIAGE_BLESS").is_some() && !path.exists() {
+        let value: serde_json::Value = serde_json::from_slice(&record.encode()).unwrap();
+        fs::create_dir_all(path.parent().unwrap()).unwrap();
+        fs::write(&path, serde_json::to_string_pretty(&value).unwrap() + "\n").unwrap();
+    }
+    let stored = fs::read(&path).unwrap_or_else(|_| panic!("missing golden file {}", path.display()));
+    assert_eq!(CommandRejected::decode(1, &stored).unwrap(), record);
+}
+
+#[test]
 fn every_golden_file_of_every_version_still_decodes() {
     let mut checked = 0;
     for version_dir in fs::read_dir(golden_dir()).unwrap() {
         let version_dir = version_dir.unwrap().path();
+        if version_dir.ends_with("rejections") {
+            continue;
+        }
         let version: u16 = version_dir
             .file_name()
             .and_then(|name| name.to_str())
