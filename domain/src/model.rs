@@ -244,6 +244,17 @@ impl Priority {
     }
 }
 
+impl FromStr for Priority {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let wanted = s.trim().to_ascii_lowercase();
+        Priority::ALL
+            .into_iter()
+            .find(|priority| priority.as_str() == wanted)
+            .ok_or_else(|| format!("unknown priority {s:?}; expected one of low, normal, high, urgent"))
+    }
+}
+
 impl fmt::Display for Priority {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())

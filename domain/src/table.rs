@@ -393,6 +393,21 @@ pub fn commands_for(from: State, role: Role) -> Vec<CommandKind> {
     commands
 }
 
+/// The states whose tickets wait in `role`'s work queue: those from which
+/// the role may take a claim, and, for operators, tickets handed to a human.
+pub fn queue_states(role: Role) -> Vec<State> {
+    let mut states: Vec<State> = TRANSITIONS
+        .iter()
+        .filter(|row| row.claim == ClaimRule::Takes && row.roles.contains(&role))
+        .filter_map(|row| row.from)
+        .collect();
+    if role == Role::Operator {
+        states.push(State::NeedsHuman);
+    }
+    states.dedup();
+    states
+}
+
 /// The table as a Mermaid state diagram.
 pub fn mermaid() -> String {
     let mut out = String::from("stateDiagram-v2\n");
@@ -474,6 +489,15 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn work_queues_hold_the_states_a_role_can_claim_from() {
+        assert_eq!(queue_states(Role::Classifier), [State::New]);
+        assert_eq!(queue_states(Role::Drafter), [State::Classified]);
+        assert_eq!(queue_states(Role::Escalator), [State::DraftReady]);
+        assert!(queue_states(Role::Operator).contains(&State::NeedsHuman));
+        assert!(queue_states(Role::Analyst).is_empty());
     }
 
     #[test]

@@ -14,7 +14,7 @@ use crate::{RecordedEvent, Result, StreamName};
 /// the CLI picks a backend by URL at run time and holds it as one
 /// `Arc<dyn EventStore>`.
 #[async_trait]
-pub trait EventStore: Send + Sync + 'static {
+pub trait EventStore: Send + Sync + std::fmt::Debug + 'static {
     /// Appends `events` atomically to `stream` if the stream's last revision
     /// satisfies `expected`.
     ///

@@ -124,6 +124,11 @@ impl Subscription {
     pub async fn next(&mut self) -> Option<Result<SubscriptionMessage>> {
         self.receiver.recv().await
     }
+
+    /// The next message if one is ready now, without waiting.
+    pub fn try_next(&mut self) -> Option<Result<SubscriptionMessage>> {
+        self.receiver.try_recv().ok()
+    }
 }
 
 impl Stream for Subscription {

@@ -1,0 +1,306 @@
+//! The read-model database: one SQLite file holding every projection's
+//! tables, their checkpoints and the registry of live generations.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use rusqlite::{Connection, OpenFlags, OptionalExtension};
+use triage_event_store::Position;
+
+use crate::ProjectionError;
+
+/// `PRAGMA application_id` of a read-model file: "TRRM" in ASCII.
+pub const APPLICATION_ID: i32 = 0x5452_524D;
+
+/// `PRAGMA user_version` of the registry schema below.
+pub const SCHEMA_VERSION: i32 = 1;
+
+const CREATE_REGISTRY: &str = "
+    CREATE TABLE projections (
+        name             TEXT    PRIMARY KEY,
+        version          INTEGER NOT NULL,
+        generation       INTEGER NOT NULL,
+        checkpoint_commit  INTEGER,
+        checkpoint_prepare INTEGER,
+        events_applied   INTEGER NOT NULL DEFAULT 0,
+        last_error       TEXT,
+        updated_at       INTEGER NOT NULL
+    ) STRICT;
+    CREATE TABLE projection_builds (
+        name             TEXT    PRIMARY KEY,
+        version          INTEGER NOT NULL,
+        generation       INTEGER NOT NULL,
+        checkpoint_commit  INTEGER,
+        checkpoint_prepare INTEGER,
+        events_applied   INTEGER NOT NULL DEFAULT 0,
+        started_at       INTEGER NOT NULL
+    ) STRICT;
+";
+
+/// Where a projection's tables live: the registry row of a live generation
+/// or of a build in progress.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Slot {
+    /// The projection.
+    pub name: String,
+    /// The projection version its tables were built by.
+    pub version: u32,
+    /// The generation: table names end in `_g<generation>`.
+    pub generation: u32,
+    /// The last position applied; `None` before the first event.
+    pub checkpoint: Option<Position>,
+    /// Events applied to this generation.
+    pub events_applied: u64,
+}
+
+impl Slot {
+    /// The name of `table` in this slot's generation.
+    pub fn table(&self, table: &str) -> String {
+        generation_table(table, self.generation)
+    }
+}
+
+/// The name of `table` in `generation`.
+pub fn generation_table(table: &str, generation: u32) -> String {
+    format!("{table}_g{generation}")
+}
+
+/// Which registry a slot is in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum SlotKind {
+    Live,
+    Build,
+}
+
+impl SlotKind {
+    fn table(self) -> &'static str {
+        match self {
+            SlotKind::Live => "projections",
+            SlotKind::Build => "projection_builds",
+        }
+    }
+}
+
+/// The read-model file and its one write connection.
+///
+/// Read models are rebuildable from the events, so the file runs with
+/// `synchronous=NORMAL`: a power loss may lose the last batches, but each
+/// batch commits its rows and its checkpoint together, so it loses both
+/// and replays them; nothing is applied twice.
+#[derive(Debug, Clone)]
+pub struct ReadModelDb {
+    path: PathBuf,
+    conn: Arc<Mutex<Connection>>,
+}
+
+impl ReadModelDb {
+    /// The read-model file that goes with an event store file:
+    /// `triage.db` → `triage.read.db`.
+    pub fn sibling_of(events_path: &Path) -> PathBuf {
+        let stem = events_path
+            .file_stem()
+            .map_or_else(|| "triage".into(), |s| s.to_string_lossy().into_owned());
+        events_path.with_file_name(format!("{stem}.read.db"))
+    }
+
+    /// Opens or creates the file. A file that is not a Triage read-model
+    /// file, or was written by a newer Triage, is refused and left unchanged.
+    pub fn open(path: impl AsRef<Path>) -> Result<Self, ProjectionError> {
+        let path = path.as_ref().to_path_buf();
+        let incompatible = |reason: String| ProjectionError::Incompatible {
+            path: path.clone(),
+            reason,
+        };
+        let has_content = std::fs::metadata(&path).map(|m| m.len() > 0).unwrap_or(false);
+        if has_content {
+            // Inspect read-only first, so a foreign file is never written.
+            let conn = Connection::open_with_flags(&path, OpenFlags::SQLITE_OPEN_READ_ONLY)
+                .map_err(|error| incompatible(error.to_string()))?;
+            let header = (|| -> rusqlite::Result<(i32, i32, i64)> {
+                let id = conn.query_row("PRAGMA application_id", [], |row| row.get(0))?;
+                let version = conn.query_row("PRAGMA user_version", [], |row| row.get(0))?;
+                let tables = conn.query_row(
+                    "SELECT count(*) FROM sqlite_schema WHERE name NOT LIKE 'sqlite_%'",
+                    [],
+                    |row| row.get(0),
+                )?;
+                Ok((id, version, tables))
+            })()
+            .map_err(|error| incompatible(format!("it is not a readable SQLite database ({error})")))?;
+            match header {
+                (0, 0, 0) => {}
+                (APPLICATION_ID, version, _) if version > SCHEMA_VERSION => {
+                    return Err(incompatible(format!(
+                        "it was written by a newer Triage (read-model schema {version}, this build reads up to {SCHEMA_VERSION})"
+                    )));
+                }
+                (APPLICATION_ID, _, _) => {}
+                (id, _, _) => {
+                    return Err(incompatible(format!(
+                        "it is not a Triage read-model file (SQLite application_id {id:#010x})"
+                    )));
+                }
+            }
+        }
+        let conn =
+            Connection::open(&path).map_err(|error| ProjectionError::sqlite("open the read-model file", error))?;
+        let setup = || -> rusqlite::Result<()> {
+            conn.busy_timeout(std::time::Duration::from_secs(10))?;
+            conn.query_row("PRAGMA journal_mode = WAL", [], |_| Ok(()))?;
+            conn.pragma_update(None, "synchronous", "NORMAL")?;
+            conn.pragma_update(None, "foreign_keys", false)?;
+            conn.execute_batch("BEGIN IMMEDIATE")?;
+            let exists: bool = conn.query_row(
+                "SELECT EXISTS (SELECT 1 FROM sqlite_schema WHERE name = 'projections')",
+                [],
+                |row| row.get(0),
+            )?;
+            if !exists {
+                conn.execute_batch(CREATE_REGISTRY)?;
+                conn.pragma_update(None, "application_id", APPLICATION_ID)?;
+                conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+            }
+            conn.execute_batch("COMMIT")
+        };
+        setup().map_err(|error| ProjectionError::sqlite("prepare the read-model file", error))?;
+        Ok(ReadModelDb {
+            path,
+            conn: Arc::new(Mutex::new(conn)),
+        })
+    }
+
+    /// An in-memory read-model database, for tests and throwaway stores.
+    pub fn in_memory() -> Result<Self, ProjectionError> {
+        let conn = Connection::open_in_memory().map_err(|error| ProjectionError::sqlite("open", error))?;
+        conn.execute_batch(CREATE_REGISTRY)
+            .map_err(|error| ProjectionError::sqlite("create the registry", error))?;
+        Ok(ReadModelDb {
+            path: PathBuf::from(":memory:"),
+            conn: Arc::new(Mutex::new(conn)),
+        })
+    }
+
+    /// The file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The connection. Held only for short, synchronous work.
+    pub fn lock(&self) -> MutexGuard<'_, Connection> {
+        // A panic mid-transaction leaves the transaction open; SQLite rolls
+        // it back when the next BEGIN fails or the connection closes, and
+        // the checkpoint rolls back with the rows.
+        self.conn.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+fn position(commit: Option<i64>, prepare: Option<i64>) -> Option<Position> {
+    Some(Position {
+        commit: commit? as u64,
+        prepare: prepare? as u64,
+    })
+}
+
+pub(crate) fn read_slot(conn: &Connection, kind: SlotKind, name: &str) -> rusqlite::Result<Option<Slot>> {
+    conn.query_row(
+        &format!(
+            "SELECT version, generation, checkpoint_commit, checkpoint_prepare, events_applied FROM {} WHERE name = ?1",
+            kind.table()
+        ),
+        [name],
+        |row| {
+            Ok(Slot {
+                name: name.to_owned(),
+                version: row.get(0)?,
+                generation: row.get(1)?,
+                checkpoint: position(row.get(2)?, row.get(3)?),
+                events_applied: row.get::<_, i64>(4)? as u64,
+            })
+        },
+    )
+    .optional()
+}
+
+pub(crate) fn write_checkpoint(conn: &Connection, kind: SlotKind, slot: &Slot) -> rusqlite::Result<()> {
+    conn.execute(
+        &format!(
+            "UPDATE {} SET checkpoint_commit = ?2, checkpoint_prepare = ?3, events_applied = ?4 WHERE name = ?1",
+            kind.table()
+        ),
+        (
+            &slot.name,
+            slot.checkpoint.map(|p| p.commit as i64),
+            slot.checkpoint.map(|p| p.prepare as i64),
+            slot.events_applied as i64,
+        ),
+    )?;
+    if kind == SlotKind::Live {
+        conn.execute(
+            "UPDATE projections SET last_error = NULL, updated_at = ?2 WHERE name = ?1",
+            (&slot.name, now_micros()),
+        )?;
+    }
+    Ok(())
+}
+
+pub(crate) fn insert_slot(conn: &Connection, kind: SlotKind, slot: &Slot) -> rusqlite::Result<()> {
+    let time_column = match kind {
+        SlotKind::Live => "updated_at",
+        SlotKind::Build => "started_at",
+    };
+    conn.execute(
+        &format!(
+            "INSERT OR REPLACE INTO {} (name, version, generation, checkpoint_commit, checkpoint_prepare, events_applied, {time_column}) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            kind.table()
+        ),
+        (
+            &slot.name,
+            slot.version,
+            slot.generation,
+            slot.checkpoint.map(|p| p.commit as i64),
+            slot.checkpoint.map(|p| p.prepare as i64),
+            slot.events_applied as i64,
+            now_micros(),
+        ),
+    )?;
+    Ok(())
+}
+
+pub(crate) fn delete_slot(conn: &Connection, kind: SlotKind, name: &str) -> rusqlite::Result<()> {
+    conn.execute(&format!("DELETE FROM {} WHERE name = ?1", kind.table()), [name])?;
+    Ok(())
+}
+
+pub(crate) fn record_error(conn: &Connection, name: &str, error: &str) -> rusqlite::Result<()> {
+    conn.execute(
+        "UPDATE projections SET last_error = ?2, updated_at = ?3 WHERE name = ?1",
+        (name, error, now_micros()),
+    )?;
+    Ok(())
+}
+
+pub(crate) fn last_error(conn: &Connection, name: &str) -> rusqlite::Result<Option<String>> {
+    Ok(conn
+        .query_row("SELECT last_error FROM projections WHERE name = ?1", [name], |row| {
+            row.get(0)
+        })
+        .optional()?
+        .flatten())
+}
+
+/// The highest generation any slot of `name` used, so a new build never
+/// reuses table names.
+pub(crate) fn max_generation(conn: &Connection, name: &str) -> rusqlite::Result<u32> {
+    conn.query_row(
+        "SELECT max(g) FROM (SELECT generation AS g FROM projections WHERE name = ?1 \
+         UNION ALL SELECT generation FROM projection_builds WHERE name = ?1)",
+        [name],
+        |row| row.get::<_, Option<u32>>(0),
+    )
+    .map(Option::unwrap_or_default)
+}
+
+pub(crate) fn now_micros() -> i64 {
+    chrono::Utc::now().timestamp_micros()
+}

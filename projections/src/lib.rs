@@ -1,0 +1,112 @@
+//! The read side of Triage: projections, their runtime and the ticket read
+//! models.
+//!
+//! # Layout
+//! - [`Projection`]: a name, a version, tables and a batch handler.
+//! - [`Projector`]: subscribes/catches up from each projection's saved
+//!   checkpoint and applies events in batches, each batch in one read-model
+//!   transaction that also writes the checkpoint (exactly once after a
+//!   crash); rebuilds into a shadow generation and swaps it in atomically.
+//! - [`ReadModelDb`]: the SQLite file the read models live in.
+//! - [`TicketsProjection`] / [`TicketsView`]: current ticket state and the
+//!   work queues; [`StatsProjection`] / [`stats::summary`]: statistics.
+//!
+//! # Main decisions
+//! - **Generations, not renames.** A projection's tables are named
+//!   `<table>_g<N>`. A rebuild fills generation N+1 while N keeps serving;
+//!   the swap is one transaction that points the registry (and the `<table>`
+//!   views) at N+1 and drops N. A crash or Ctrl-C mid-rebuild leaves N
+//!   untouched, and the next rebuild discards the half-built N+1.
+//! - **Read models in a sibling file** (`triage.db` → `triage.read.db`), not
+//!   in the event store's file: SQLite has one writer per file, so a
+//!   projection batch in the same file would hold the lock the event
+//!   writer's group commits need. The read models are rebuildable, so their
+//!   file runs with `synchronous=NORMAL`.
+//! - **Batches fold in memory**: a batch loads each touched ticket once,
+//!   folds its events with the domain's own `evolve`, and writes it once.
+
+use std::path::PathBuf;
+
+use triage_event_store::Position;
+
+mod db;
+mod projection;
+mod runtime;
+pub mod stats;
+mod tickets;
+
+pub use db::{APPLICATION_ID, ReadModelDb, SCHEMA_VERSION, Slot, generation_table};
+pub use projection::{Fnv, Payload, ProjectedEvent, Projection, STREAM_PREFIXES, decode, digest_rows};
+pub use runtime::{ProjectionStatus, Projector, ProjectorOptions, RebuildOptions, RebuildProgress, RebuildReport};
+pub use stats::{StatsProjection, StatsSummary};
+pub use tickets::{TicketRow, TicketsProjection, TicketsView};
+
+/// Why a projection could not do its work.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ProjectionError {
+    /// A stored event could not be decoded: an unknown type (written by a
+    /// newer Triage) or a damaged payload. The projection stops here rather
+    /// than skip it silently.
+    #[error(
+        "stopped at position {position}: cannot apply {event_type:?} from {stream}: {source}; \
+         upgrade Triage, or skip this type explicitly (--skip-event-type {event_type})"
+    )]
+    Undecodable {
+        /// Where.
+        position: Position,
+        /// Its stream.
+        stream: String,
+        /// Its type.
+        event_type: String,
+        /// Why.
+        #[source]
+        source: triage_domain::DecodeError,
+    },
+    /// No projection has that name.
+    #[error("no projection named {name:?}; known: {}", known.join(", "))]
+    UnknownProjection {
+        /// The name asked for.
+        name: String,
+        /// The known names.
+        known: Vec<String>,
+    },
+    /// The projection has no live tables yet.
+    #[error("projection {name} has not been built yet")]
+    NotBuilt {
+        /// The projection.
+        name: String,
+    },
+    /// The read-model file is not one Triage can use; it was left unchanged.
+    #[error("{} cannot be used as a read-model file: {reason}; the file was left unchanged", path.display())]
+    Incompatible {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// The rebuild was cancelled; the live model is untouched.
+    #[error("cancelled; the live read model is untouched")]
+    Cancelled,
+    /// The event store failed.
+    #[error(transparent)]
+    Store(#[from] triage_event_store::Error),
+    /// The read-model database failed.
+    #[error("read-model database error while trying to {action}: {source}")]
+    Sqlite {
+        /// What was being done.
+        action: &'static str,
+        /// The driver's error.
+        #[source]
+        source: rusqlite::Error,
+    },
+    /// A task failed unexpectedly.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl ProjectionError {
+    pub(crate) fn sqlite(action: &'static str, source: rusqlite::Error) -> Self {
+        ProjectionError::Sqlite { action, source }
+    }
+}

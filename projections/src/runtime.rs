@@ -1,0 +1,696 @@
+//! The runtime: catch up from checkpoints, follow the log live, rebuild
+//! into a shadow generation and swap it in.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use rusqlite::Connection;
+use serde::Serialize;
+use tokio::sync::mpsc;
+use triage_event_store::{AllStart, EventFilter, EventStore, Position, ReadAll, SubscribeToAll};
+
+use crate::ProjectionError;
+use crate::db::{self, ReadModelDb, Slot, SlotKind};
+use crate::projection::{ProjectedEvent, Projection, STREAM_PREFIXES, decode};
+use crate::stats::StatsProjection;
+use crate::tickets::TicketsProjection;
+
+/// How the runtime reads and applies.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProjectorOptions {
+    /// Events per read page and per read-model transaction.
+    pub batch_size: usize,
+    /// Event types to skip instead of stopping on them (types this build
+    /// does not know, written by a newer one). Empty by default: an unknown
+    /// type stops the projection with an error naming it.
+    pub skip_event_types: BTreeSet<String>,
+}
+
+impl Default for ProjectorOptions {
+    fn default() -> Self {
+        ProjectorOptions {
+            batch_size: 4096,
+            skip_event_types: BTreeSet::new(),
+        }
+    }
+}
+
+/// Progress of a rebuild, reported after every batch.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RebuildProgress {
+    /// Positions replayed so far (events, on stores with dense positions).
+    pub done: u64,
+    /// Positions to replay, as of the start.
+    pub total: u64,
+    /// Replay rate so far.
+    pub events_per_s: f64,
+    /// Time left at that rate.
+    pub eta: Duration,
+}
+
+/// What [`Projector::rebuild`] did.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct RebuildReport {
+    /// The projection.
+    pub name: String,
+    /// The version it was rebuilt at.
+    pub version: u32,
+    /// The new live generation.
+    pub generation: u32,
+    /// Events replayed.
+    pub events: u64,
+    /// Wall time of the replay.
+    pub wall_s: f64,
+    /// Replay rate.
+    pub events_per_s: f64,
+    /// With verification: keys whose rows differ between the rebuilt and
+    /// the previous live model (tickets, counters, …). Empty when they
+    /// match.
+    pub differences: Option<Vec<String>>,
+    /// Rows compared when verifying.
+    pub compared: Option<usize>,
+}
+
+/// A projection's state, for `triage projections status`.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ProjectionStatus {
+    /// The projection.
+    pub name: String,
+    /// The version this build of Triage has.
+    pub code_version: u32,
+    /// The version of the live tables, if built.
+    pub live_version: Option<u32>,
+    /// The live generation.
+    pub generation: Option<u32>,
+    /// The last position applied.
+    pub checkpoint: Option<Position>,
+    /// Events applied to the live generation.
+    pub events_applied: u64,
+    /// How far behind the log's head it is, in positions (events, on stores
+    /// with dense positions such as SQLite).
+    pub lag: u64,
+    /// The last error, if the projection stopped on one.
+    pub last_error: Option<String>,
+    /// Whether a rebuild is needed before serving (the version changed).
+    pub needs_rebuild: bool,
+    /// Whether a rebuild is under way (or was abandoned).
+    pub build_in_progress: bool,
+}
+
+/// Runs projections from an event store into a read-model database.
+#[derive(Clone, Debug)]
+pub struct Projector {
+    events: Arc<dyn EventStore>,
+    db: ReadModelDb,
+    projections: Vec<Arc<dyn Projection>>,
+    options: ProjectorOptions,
+}
+
+/// One projection and the slot it writes.
+#[derive(Clone, Debug)]
+struct Target {
+    projection: Arc<dyn Projection>,
+    kind: SlotKind,
+}
+
+impl Projector {
+    /// A projector with Triage's read models: `tickets` and `stats`.
+    pub fn new(events: Arc<dyn EventStore>, db: ReadModelDb) -> Self {
+        Self::with_projections(events, db, vec![Arc::new(TicketsProjection), Arc::new(StatsProjection)])
+    }
+
+    /// A projector with the given projections.
+    pub fn with_projections(
+        events: Arc<dyn EventStore>,
+        db: ReadModelDb,
+        projections: Vec<Arc<dyn Projection>>,
+    ) -> Self {
+        Projector {
+            events,
+            db,
+            projections,
+            options: ProjectorOptions::default(),
+        }
+    }
+
+    /// Uses `options`.
+    pub fn with_options(mut self, options: ProjectorOptions) -> Self {
+        self.options = options;
+        self
+    }
+
+    /// The projections.
+    pub fn projections(&self) -> &[Arc<dyn Projection>] {
+        &self.projections
+    }
+
+    /// The read-model database.
+    pub fn db(&self) -> &ReadModelDb {
+        &self.db
+    }
+
+    fn projection(&self, name: &str) -> Result<Arc<dyn Projection>, ProjectionError> {
+        self.projections
+            .iter()
+            .find(|projection| projection.name() == name)
+            .cloned()
+            .ok_or_else(|| ProjectionError::UnknownProjection {
+                name: name.to_owned(),
+                known: self.projections.iter().map(|p| p.name().to_owned()).collect(),
+            })
+    }
+
+    /// Runs `query` against the live generation of `name`.
+    pub fn read<T>(
+        &self,
+        name: &str,
+        query: impl FnOnce(&Connection, &Slot) -> rusqlite::Result<T>,
+    ) -> Result<T, ProjectionError> {
+        let conn = self.db.lock();
+        let slot = db::read_slot(&conn, SlotKind::Live, name)
+            .map_err(|error| ProjectionError::sqlite("read the registry", error))?
+            .ok_or_else(|| ProjectionError::NotBuilt { name: name.to_owned() })?;
+        query(&conn, &slot).map_err(|error| ProjectionError::sqlite("query the read model", error))
+    }
+
+    /// Makes every projection servable: creates missing ones empty and
+    /// rebuilds those whose version changed, then catches all up to the
+    /// head of the log.
+    pub async fn catch_up(&self) -> Result<Option<Position>, ProjectionError> {
+        for projection in &self.projections {
+            let live = {
+                let conn = self.db.lock();
+                db::read_slot(&conn, SlotKind::Live, projection.name())
+                    .map_err(|error| ProjectionError::sqlite("read the registry", error))?
+            };
+            match live {
+                None => self.create_live(projection)?,
+                Some(slot) if slot.version != projection.version() => {
+                    tracing::info!(
+                        projection = projection.name(),
+                        from = slot.version,
+                        to = projection.version(),
+                        "version changed; rebuilding before serving"
+                    );
+                    self.rebuild(projection.name(), RebuildOptions::default()).await?;
+                }
+                Some(_) => {}
+            }
+        }
+        let targets: Vec<Target> = self
+            .projections
+            .iter()
+            .map(|projection| Target {
+                projection: projection.clone(),
+                kind: SlotKind::Live,
+            })
+            .collect();
+        let result = self.replay(&targets, None, &mut |_| {}, None).await;
+        if let Err(error) = &result {
+            let conn = self.db.lock();
+            for target in &targets {
+                let _ = db::record_error(&conn, target.projection.name(), &error.to_string());
+            }
+        }
+        result
+    }
+
+    /// Follows the log until `stop` is set, applying new events in batches.
+    pub async fn run_live(&self, stop: Arc<AtomicBool>) -> Result<(), ProjectionError> {
+        self.catch_up().await?;
+        let from = self.min_checkpoint(SlotKind::Live)?;
+        let mut options = SubscribeToAll::default().filtered(EventFilter::StreamPrefix(
+            STREAM_PREFIXES.iter().map(|prefix| (*prefix).to_owned()).collect(),
+        ));
+        options.from = from;
+        let mut subscription = self.events.clone().subscribe_to_all(options);
+        while !stop.load(Ordering::Relaxed) {
+            // The subscription only wakes us; the catch-up reads from the
+            // checkpoints, so nothing is applied twice or skipped.
+            match tokio::time::timeout(Duration::from_millis(200), subscription.next()).await {
+                Ok(Some(Ok(_))) => {
+                    while let Some(message) = subscription.try_next() {
+                        message.map_err(ProjectionError::Store)?;
+                    }
+                    self.catch_up().await?;
+                }
+                Ok(Some(Err(error))) => return Err(ProjectionError::Store(error)),
+                Ok(None) => return Ok(()),
+                Err(_) => {}
+            }
+        }
+        Ok(())
+    }
+
+    fn min_checkpoint(&self, kind: SlotKind) -> Result<Option<Position>, ProjectionError> {
+        let conn = self.db.lock();
+        let mut min: Option<Option<Position>> = None;
+        for projection in &self.projections {
+            let checkpoint = db::read_slot(&conn, kind, projection.name())
+                .map_err(|error| ProjectionError::sqlite("read the registry", error))?
+                .and_then(|slot| slot.checkpoint);
+            min = Some(match min {
+                None => checkpoint,
+                Some(current) => current.min(checkpoint),
+            });
+        }
+        Ok(min.flatten())
+    }
+
+    fn create_live(&self, projection: &Arc<dyn Projection>) -> Result<(), ProjectionError> {
+        let mut conn = self.db.lock();
+        let tx = conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(|error| ProjectionError::sqlite("begin", error))?;
+        let generation =
+            db::max_generation(&tx, projection.name()).map_err(|e| ProjectionError::sqlite("registry", e))? + 1;
+        let slot = Slot {
+            name: projection.name().to_owned(),
+            version: projection.version(),
+            generation,
+            checkpoint: None,
+            events_applied: 0,
+        };
+        projection
+            .create(&tx, &slot)
+            .and_then(|()| db::insert_slot(&tx, SlotKind::Live, &slot))
+            .and_then(|()| create_views(&tx, projection.as_ref(), &slot))
+            .and_then(|()| tx.commit())
+            .map_err(|error| ProjectionError::sqlite("create the projection's tables", error))
+    }
+
+    /// Rebuilds `name` from the start of the log into a new generation
+    /// while the live one keeps serving, optionally verifies it against the
+    /// live one, and swaps it in atomically.
+    pub async fn rebuild(&self, name: &str, mut options: RebuildOptions) -> Result<RebuildReport, ProjectionError> {
+        let projection = self.projection(name)?;
+        let slot = {
+            let mut conn = self.db.lock();
+            let tx = conn
+                .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+                .map_err(|error| ProjectionError::sqlite("begin", error))?;
+            discard_build(&tx, projection.as_ref())
+                .map_err(|error| ProjectionError::sqlite("discard an old build", error))?;
+            let generation =
+                db::max_generation(&tx, name).map_err(|error| ProjectionError::sqlite("read the registry", error))? + 1;
+            let slot = Slot {
+                name: name.to_owned(),
+                version: projection.version(),
+                generation,
+                checkpoint: None,
+                events_applied: 0,
+            };
+            projection
+                .create(&tx, &slot)
+                .and_then(|()| db::insert_slot(&tx, SlotKind::Build, &slot))
+                .and_then(|()| tx.commit())
+                .map_err(|error| ProjectionError::sqlite("create the shadow tables", error))?;
+            slot
+        };
+        let build = [Target {
+            projection: projection.clone(),
+            kind: SlotKind::Build,
+        }];
+        let total = self.events.head_position().await?.map_or(0, |head| head.commit);
+        let started = Instant::now();
+        let mut report_progress = |done: u64| {
+            if let Some(progress) = options.progress.as_mut() {
+                let elapsed = started.elapsed().as_secs_f64().max(1e-6);
+                let rate = done as f64 / elapsed;
+                let left = total.saturating_sub(done) as f64;
+                progress(RebuildProgress {
+                    done,
+                    total,
+                    events_per_s: rate,
+                    eta: Duration::from_secs_f64(if rate > 0.0 { left / rate } else { 0.0 }),
+                });
+            }
+        };
+        let replayed = self
+            .replay(&build, None, &mut report_progress, options.cancel.as_deref())
+            .await;
+        if let Err(error) = replayed {
+            let mut conn = self.db.lock();
+            if let Ok(tx) = conn.transaction() {
+                let _ = discard_build(&tx, projection.as_ref());
+                let _ = tx.commit();
+            }
+            return Err(error);
+        }
+        let wall = started.elapsed().as_secs_f64();
+        let events = {
+            let conn = self.db.lock();
+            db::read_slot(&conn, SlotKind::Build, name)
+                .map_err(|error| ProjectionError::sqlite("read the registry", error))?
+                .map_or(0, |slot| slot.events_applied)
+        };
+        let (differences, compared) = if options.verify {
+            let (differences, compared) = self.verify(&projection).await?;
+            (Some(differences), Some(compared))
+        } else {
+            (None, None)
+        };
+        self.swap(&projection)?;
+        tracing::info!(
+            projection = name,
+            generation = slot.generation,
+            events,
+            "rebuilt and swapped in"
+        );
+        Ok(RebuildReport {
+            name: name.to_owned(),
+            version: projection.version(),
+            generation: slot.generation,
+            events,
+            wall_s: wall,
+            events_per_s: events as f64 / wall.max(1e-6),
+            differences,
+            compared,
+        })
+    }
+
+    /// Brings the live and the rebuilt generation to the same position and
+    /// compares their digests, key by key.
+    async fn verify(&self, projection: &Arc<dyn Projection>) -> Result<(Vec<String>, usize), ProjectionError> {
+        let head = self.events.head_position().await?;
+        let live_exists = {
+            let conn = self.db.lock();
+            db::read_slot(&conn, SlotKind::Live, projection.name())
+                .map_err(|error| ProjectionError::sqlite("read the registry", error))?
+                .is_some()
+        };
+        if !live_exists {
+            return Ok((vec!["(no live model to compare with)".to_owned()], 0));
+        }
+        for kind in [SlotKind::Live, SlotKind::Build] {
+            let target = [Target {
+                projection: projection.clone(),
+                kind,
+            }];
+            self.replay(&target, head, &mut |_| {}, None).await?;
+        }
+        let conn = self.db.lock();
+        let slot = |kind| {
+            db::read_slot(&conn, kind, projection.name())
+                .map_err(|error| ProjectionError::sqlite("read the registry", error))?
+                .ok_or_else(|| ProjectionError::NotBuilt {
+                    name: projection.name().to_owned(),
+                })
+        };
+        let (live, build) = (slot(SlotKind::Live)?, slot(SlotKind::Build)?);
+        let digest = |slot: &Slot| {
+            projection
+                .digest(&conn, slot)
+                .map_err(|error| ProjectionError::sqlite("digest the read model", error))
+        };
+        let (live_rows, build_rows) = (digest(&live)?, digest(&build)?);
+        Ok((diff(&live_rows, &build_rows), build_rows.len().max(live_rows.len())))
+    }
+
+    /// Makes the build generation live and drops the old one, in one
+    /// transaction.
+    fn swap(&self, projection: &Arc<dyn Projection>) -> Result<(), ProjectionError> {
+        let mut conn = self.db.lock();
+        let tx = conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(|error| ProjectionError::sqlite("begin", error))?;
+        let swap = || -> rusqlite::Result<()> {
+            let Some(build) = db::read_slot(&tx, SlotKind::Build, projection.name())? else {
+                return Err(rusqlite::Error::QueryReturnedNoRows);
+            };
+            if let Some(old) = db::read_slot(&tx, SlotKind::Live, projection.name())? {
+                drop_views(&tx, projection.as_ref())?;
+                drop_tables(&tx, projection.as_ref(), &old)?;
+            }
+            db::insert_slot(&tx, SlotKind::Live, &build)?;
+            db::delete_slot(&tx, SlotKind::Build, projection.name())?;
+            create_views(&tx, projection.as_ref(), &build)?;
+            Ok(())
+        };
+        swap()
+            .and_then(|()| tx.commit())
+            .map_err(|error| ProjectionError::sqlite("swap the rebuilt model in", error))
+    }
+
+    /// Each projection's status.
+    pub async fn status(&self) -> Result<Vec<ProjectionStatus>, ProjectionError> {
+        let head = self.events.head_position().await?;
+        let conn = self.db.lock();
+        let mut statuses = Vec::new();
+        for projection in &self.projections {
+            let name = projection.name();
+            let sql = |error| ProjectionError::sqlite("read the registry", error);
+            let live = db::read_slot(&conn, SlotKind::Live, name).map_err(sql)?;
+            let build = db::read_slot(&conn, SlotKind::Build, name).map_err(sql)?;
+            let last_error = db::last_error(&conn, name).map_err(sql)?;
+            let checkpoint = live.as_ref().and_then(|slot| slot.checkpoint);
+            statuses.push(ProjectionStatus {
+                name: name.to_owned(),
+                code_version: projection.version(),
+                live_version: live.as_ref().map(|slot| slot.version),
+                generation: live.as_ref().map(|slot| slot.generation),
+                checkpoint,
+                events_applied: live.as_ref().map_or(0, |slot| slot.events_applied),
+                lag: head.map_or(0, |head| head.commit.saturating_sub(checkpoint.map_or(0, |c| c.commit))),
+                last_error,
+                needs_rebuild: live.as_ref().is_some_and(|slot| slot.version != projection.version()),
+                build_in_progress: build.is_some(),
+            });
+        }
+        Ok(statuses)
+    }
+
+    /// Replays the log into `targets` from their checkpoints, up to `until`
+    /// (inclusive) or the head. Pages are read and decoded one ahead of the
+    /// batch being applied.
+    async fn replay(
+        &self,
+        targets: &[Target],
+        until: Option<Position>,
+        progress: &mut dyn FnMut(u64),
+        cancel: Option<&AtomicBool>,
+    ) -> Result<Option<Position>, ProjectionError> {
+        let start = {
+            let conn = self.db.lock();
+            let mut start: Option<Option<Position>> = None;
+            for target in targets {
+                let checkpoint = db::read_slot(&conn, target.kind, target.projection.name())
+                    .map_err(|error| ProjectionError::sqlite("read the registry", error))?
+                    .ok_or_else(|| ProjectionError::NotBuilt {
+                        name: target.projection.name().to_owned(),
+                    })?
+                    .checkpoint;
+                start = Some(match start {
+                    None => checkpoint,
+                    Some(current) => current.min(checkpoint),
+                });
+            }
+            start.flatten()
+        };
+        let (pages, mut receiver) = mpsc::channel::<Result<Page, ProjectionError>>(2);
+        let reader = tokio::spawn(read_pages(
+            self.events.clone(),
+            start,
+            until,
+            self.options.batch_size,
+            self.options.skip_event_types.clone(),
+            pages,
+        ));
+        let mut last = start;
+        let mut done = 0u64;
+        while let Some(page) = receiver.recv().await {
+            if cancel.is_some_and(|cancel| cancel.load(Ordering::Relaxed)) {
+                reader.abort();
+                return Err(ProjectionError::Cancelled);
+            }
+            let page = page?;
+            let db = self.db.clone();
+            let batch_targets = targets.to_vec();
+            let page_end = page.end;
+            let count = page.considered;
+            tokio::task::spawn_blocking(move || apply_page(&db, &batch_targets, &page))
+                .await
+                .map_err(|error| ProjectionError::Internal(format!("a batch panicked: {error}")))??;
+            last = Some(page_end);
+            done += count;
+            progress(page_end.commit.max(done));
+        }
+        reader
+            .await
+            .map_err(|error| ProjectionError::Internal(format!("the reader panicked: {error}")))?;
+        Ok(last)
+    }
+}
+
+/// Options of [`Projector::rebuild`].
+#[derive(Default)]
+pub struct RebuildOptions {
+    /// Compare the rebuilt model with the live one before swapping.
+    pub verify: bool,
+    /// Called after every batch.
+    pub progress: Option<Box<dyn FnMut(RebuildProgress) + Send>>,
+    /// Set to stop the rebuild between batches; the live model is untouched.
+    pub cancel: Option<Arc<AtomicBool>>,
+}
+
+impl std::fmt::Debug for RebuildOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RebuildOptions")
+            .field("verify", &self.verify)
+            .field("progress", &self.progress.is_some())
+            .field("cancel", &self.cancel)
+            .finish()
+    }
+}
+
+/// One page of the log, decoded.
+#[derive(Debug)]
+struct Page {
+    events: Vec<ProjectedEvent>,
+    /// The last position considered (projected or not).
+    end: Position,
+    /// Records considered.
+    considered: u64,
+}
+
+async fn read_pages(
+    events: Arc<dyn EventStore>,
+    start: Option<Position>,
+    until: Option<Position>,
+    batch_size: usize,
+    skip: BTreeSet<String>,
+    pages: mpsc::Sender<Result<Page, ProjectionError>>,
+) {
+    let mut after = start;
+    loop {
+        let options = ReadAll {
+            direction: triage_event_store::Direction::Forwards,
+            from: after.map_or(AllStart::Boundary, AllStart::Position),
+            max_count: batch_size + 1,
+        };
+        let records = match events.read_all(options).await {
+            Ok(records) => records,
+            Err(error) => {
+                let _ = pages.send(Err(ProjectionError::Store(error))).await;
+                return;
+            }
+        };
+        let mut page = Page {
+            events: Vec::with_capacity(records.len()),
+            end: Position::START,
+            considered: 0,
+        };
+        for record in records {
+            // Reads include their start; it was applied already.
+            if Some(record.position) <= after {
+                continue;
+            }
+            if until.is_some_and(|until| record.position > until) {
+                break;
+            }
+            page.end = record.position;
+            page.considered += 1;
+            match decode(&record) {
+                Ok(Some(event)) => page.events.push(event),
+                Ok(None) => {}
+                Err(_) if skip.contains(&record.event_type) => {
+                    tracing::warn!(position = %record.position, event_type = %record.event_type, "skipping an event type on request");
+                }
+                Err(error) => {
+                    let _ = pages.send(Err(error)).await;
+                    return;
+                }
+            }
+        }
+        if page.considered == 0 {
+            return;
+        }
+        after = Some(page.end);
+        if pages.send(Ok(page)).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Applies one page to every target in one transaction that also moves
+/// their checkpoints. Each target reads its checkpoint inside the
+/// transaction and skips what it already has: a page is applied exactly
+/// once even when two runners (or a swap) race.
+fn apply_page(db: &ReadModelDb, targets: &[Target], page: &Page) -> Result<(), ProjectionError> {
+    let mut conn = db.lock();
+    let tx = conn
+        .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+        .map_err(|error| ProjectionError::sqlite("begin a batch", error))?;
+    for target in targets {
+        let name = target.projection.name();
+        let Some(mut slot) = db::read_slot(&tx, target.kind, name)
+            .map_err(|error| ProjectionError::sqlite("read a checkpoint", error))?
+        else {
+            return Err(ProjectionError::NotBuilt { name: name.to_owned() });
+        };
+        if slot.checkpoint >= Some(page.end) {
+            continue;
+        }
+        let fresh: &[ProjectedEvent] = {
+            let skip = page
+                .events
+                .iter()
+                .take_while(|event| Some(event.position) <= slot.checkpoint)
+                .count();
+            &page.events[skip..]
+        };
+        target.projection.apply(&tx, &slot, fresh)?;
+        slot.events_applied += fresh.len() as u64;
+        slot.checkpoint = Some(page.end);
+        db::write_checkpoint(&tx, target.kind, &slot)
+            .map_err(|error| ProjectionError::sqlite("write a checkpoint", error))?;
+    }
+    tx.commit()
+        .map_err(|error| ProjectionError::sqlite("commit a batch", error))
+}
+
+fn discard_build(conn: &Connection, projection: &dyn Projection) -> rusqlite::Result<()> {
+    if let Some(build) = db::read_slot(conn, SlotKind::Build, projection.name())? {
+        drop_tables(conn, projection, &build)?;
+        db::delete_slot(conn, SlotKind::Build, projection.name())?;
+    }
+    Ok(())
+}
+
+fn drop_tables(conn: &Connection, projection: &dyn Projection, slot: &Slot) -> rusqlite::Result<()> {
+    for table in projection.tables() {
+        conn.execute_batch(&format!("DROP TABLE IF EXISTS {}", slot.table(table)))?;
+    }
+    Ok(())
+}
+
+fn drop_views(conn: &Connection, projection: &dyn Projection) -> rusqlite::Result<()> {
+    for table in projection.tables() {
+        conn.execute_batch(&format!("DROP VIEW IF EXISTS {table}"))?;
+    }
+    Ok(())
+}
+
+/// `<table>` views onto the live generation, for people querying with SQL.
+fn create_views(conn: &Connection, projection: &dyn Projection, slot: &Slot) -> rusqlite::Result<()> {
+    drop_views(conn, projection)?;
+    for table in projection.tables() {
+        conn.execute_batch(&format!("CREATE VIEW {table} AS SELECT * FROM {}", slot.table(table)))?;
+    }
+    Ok(())
+}
+
+/// Keys whose digests differ, or that exist on one side only.
+fn diff(live: &BTreeMap<String, u64>, rebuilt: &BTreeMap<String, u64>) -> Vec<String> {
+    let keys: BTreeSet<&String> = live.keys().chain(rebuilt.keys()).collect();
+    keys.into_iter()
+        .filter(|key| live.get(*key) != rebuilt.get(*key))
+        .map(|key| match (live.contains_key(key), rebuilt.contains_key(key)) {
+            (true, false) => format!("{key} (only in the live model)"),
+            (false, true) => format!("{key} (only in the rebuilt model)"),
+            _ => format!("{key} (differs)"),
+        })
+        .collect()
+}

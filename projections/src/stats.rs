@@ -1,0 +1,399 @@
+//! The `stats` read model: tickets per state, stage latencies, refusals and
+//! conflicts, expired claims and outcomes per agent.
+
+use std::collections::{BTreeMap, HashMap};
+
+use rusqlite::{Connection, OptionalExtension};
+use serde::Serialize;
+use triage_domain::{Event, State, TicketId};
+
+use crate::ProjectionError;
+use crate::db::Slot;
+use crate::projection::{Payload, ProjectedEvent, Projection, digest_rows};
+
+/// The `stats` projection.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct StatsProjection;
+
+/// The stages whose latency is measured: from the moment a ticket became
+/// available for the stage to the moment the stage completed.
+pub const STAGES: [&str; 5] = ["classify", "draft", "review", "human", "end_to_end"];
+
+/// Per-ticket progress the projection needs to time stages.
+#[derive(Clone, Debug, Default)]
+struct Progress {
+    state: Option<State>,
+    opened_at: i64,
+    stage_started_at: i64,
+    claim_agent: Option<String>,
+    /// Stage durations completed in this batch: (stage, milliseconds).
+    finished: Vec<(&'static str, i64)>,
+}
+
+impl Projection for StatsProjection {
+    fn name(&self) -> &'static str {
+        "stats"
+    }
+
+    fn version(&self) -> u32 {
+        1
+    }
+
+    fn tables(&self) -> &'static [&'static str] {
+        &["stats_counters", "stats_tickets", "stats_latency", "stats_agents"]
+    }
+
+    fn create(&self, conn: &Connection, slot: &Slot) -> rusqlite::Result<()> {
+        let counters = slot.table("stats_counters");
+        let tickets = slot.table("stats_tickets");
+        let latency = slot.table("stats_latency");
+        let agents = slot.table("stats_agents");
+        conn.execute_batch(&format!(
+            "CREATE TABLE IF NOT EXISTS {counters} (name TEXT PRIMARY KEY, value INTEGER NOT NULL) STRICT;
+             CREATE TABLE IF NOT EXISTS {tickets} (
+                 ticket_id TEXT PRIMARY KEY, state TEXT NOT NULL, opened_at INTEGER NOT NULL,
+                 stage_started_at INTEGER NOT NULL, claim_agent TEXT) STRICT;
+             CREATE TABLE IF NOT EXISTS {latency} (
+                 stage TEXT NOT NULL, ticket_id TEXT NOT NULL, ms INTEGER NOT NULL) STRICT;
+             CREATE INDEX IF NOT EXISTS {latency}_stage ON {latency} (stage, ms);
+             CREATE TABLE IF NOT EXISTS {agents} (
+                 agent_id TEXT NOT NULL, role TEXT NOT NULL, outcome TEXT NOT NULL, count INTEGER NOT NULL,
+                 PRIMARY KEY (agent_id, outcome)) STRICT;"
+        ))
+    }
+
+    fn apply(&self, conn: &Connection, slot: &Slot, events: &[ProjectedEvent]) -> Result<(), ProjectionError> {
+        let sql = |error| ProjectionError::sqlite("update statistics", error);
+        let tickets_table = slot.table("stats_tickets");
+        let mut counters: BTreeMap<String, i64> = BTreeMap::new();
+        let mut agents: BTreeMap<(String, String), (String, i64)> = BTreeMap::new();
+        let mut progress: HashMap<TicketId, Progress> = HashMap::new();
+        let mut order = Vec::new();
+        let mut count = |name: &str| *counters.entry(name.to_owned()).or_default() += 1;
+        let mut outcome = |agent: &str, role: &str, what: &str| {
+            agents
+                .entry((agent.to_owned(), what.to_owned()))
+                .or_insert_with(|| (role.to_owned(), 0))
+                .1 += 1;
+        };
+        for event in events {
+            count("events");
+            let agent = event.metadata.agent.id.as_str();
+            let role = event.metadata.agent.role.as_str();
+            let at = event.recorded_at.timestamp_micros();
+            let domain_event = match &event.payload {
+                Payload::Rejected(rejected) => {
+                    count("rejections");
+                    count(&format!("rejections.{}", rejected.code));
+                    if rejected.code == "stale_revision" {
+                        count("conflicts");
+                    }
+                    outcome(agent, role, "refused");
+                    continue;
+                }
+                Payload::Ticket(domain_event) => domain_event,
+            };
+            let ticket = match progress.entry(event.ticket_id) {
+                std::collections::hash_map::Entry::Occupied(entry) => entry.into_mut(),
+                std::collections::hash_map::Entry::Vacant(entry) => {
+                    order.push(event.ticket_id);
+                    let stored = load_progress(conn, &tickets_table, event.ticket_id).map_err(sql)?;
+                    entry.insert(stored.unwrap_or_default())
+                }
+            };
+            let finish = |ticket: &mut Progress, stage: &'static str, since: i64| {
+                ticket.finished.push((stage, (at - since).max(0) / 1000));
+            };
+            match domain_event {
+                Event::TicketOpened { .. } => {
+                    count("tickets_opened");
+                    ticket.opened_at = at;
+                    ticket.stage_started_at = at;
+                    ticket.state = Some(State::New);
+                }
+                Event::ClassificationStarted { claim }
+                | Event::DraftingStarted { claim }
+                | Event::EscalationStarted { claim } => {
+                    count("claims_taken");
+                    outcome(agent, role, "claimed");
+                    ticket.claim_agent = Some(claim.agent_id.clone());
+                }
+                Event::ClaimTakenOver { claim, .. } => {
+                    count("claims_taken_over");
+                    if let Some(previous) = ticket.claim_agent.take() {
+                        outcome(&previous, "", "taken_over");
+                    }
+                    outcome(agent, role, "claimed");
+                    ticket.claim_agent = Some(claim.agent_id.clone());
+                }
+                Event::TicketClassified { .. } => {
+                    outcome(agent, role, "completed");
+                    finish(ticket, "classify", ticket.stage_started_at);
+                    ticket.stage_started_at = at;
+                    ticket.claim_agent = None;
+                }
+                Event::DraftSubmitted { .. } => {
+                    outcome(agent, role, "completed");
+                    finish(ticket, "draft", ticket.stage_started_at);
+                    ticket.stage_started_at = at;
+                    ticket.claim_agent = None;
+                }
+                Event::DraftRejected { .. } => {
+                    count("drafts_rejected");
+                    outcome(agent, role, "rejected_draft");
+                    finish(ticket, "review", ticket.stage_started_at);
+                    ticket.stage_started_at = at;
+                    ticket.claim_agent = None;
+                }
+                Event::EscalatedToHuman { claim_id, .. } => {
+                    count("escalated_to_human");
+                    if claim_id.is_some() {
+                        outcome(agent, role, "handed_to_human");
+                        finish(ticket, "review", ticket.stage_started_at);
+                    } else {
+                        count("poison_tickets");
+                    }
+                    ticket.stage_started_at = at;
+                    ticket.claim_agent = None;
+                }
+                Event::TicketResolved { .. } => {
+                    count("tickets_resolved");
+                    outcome(agent, role, "resolved");
+                    match ticket.state {
+                        Some(State::NeedsHuman) => finish(ticket, "human", ticket.stage_started_at),
+                        Some(State::Escalating | State::DraftReady) => {
+                            finish(ticket, "review", ticket.stage_started_at)
+                        }
+                        _ => {}
+                    }
+                    finish(ticket, "end_to_end", ticket.opened_at);
+                    ticket.claim_agent = None;
+                }
+                Event::ClaimReleased { .. } => {
+                    count("claims_released");
+                    outcome(agent, role, "released");
+                    ticket.claim_agent = None;
+                }
+                Event::ClaimExpired { .. } => {
+                    count("claims_expired");
+                    if let Some(holder) = ticket.claim_agent.take() {
+                        outcome(&holder, "", "expired");
+                    }
+                }
+                Event::LeaseExtended { .. } => count("leases_extended"),
+            }
+            ticket.state = next_state(ticket.state, domain_event);
+        }
+        for (name, delta) in counters {
+            conn.prepare_cached(&format!(
+                "INSERT INTO {} (name, value) VALUES (?1, ?2) ON CONFLICT (name) DO UPDATE SET value = value + ?2",
+                slot.table("stats_counters")
+            ))
+            .and_then(|mut statement| statement.execute((name, delta)))
+            .map_err(sql)?;
+        }
+        for ((agent, what), (role, delta)) in agents {
+            conn.prepare_cached(&format!(
+                "INSERT INTO {} (agent_id, role, outcome, count) VALUES (?1, ?2, ?3, ?4) \
+                 ON CONFLICT (agent_id, outcome) DO UPDATE SET count = count + ?4, \
+                 role = CASE WHEN ?2 = '' THEN role ELSE ?2 END",
+                slot.table("stats_agents")
+            ))
+            .and_then(|mut statement| statement.execute((agent, role, what, delta)))
+            .map_err(sql)?;
+        }
+        let latency = slot.table("stats_latency");
+        for id in order {
+            let ticket = &progress[&id];
+            let Some(state) = ticket.state else { continue };
+            conn.prepare_cached(&format!(
+                "INSERT OR REPLACE INTO {tickets_table} (ticket_id, state, opened_at, stage_started_at, claim_agent) \
+                 VALUES (?1, ?2, ?3, ?4, ?5)"
+            ))
+            .and_then(|mut statement| {
+                statement.execute((
+                    id.to_string(),
+                    state.as_str(),
+                    ticket.opened_at,
+                    ticket.stage_started_at,
+                    ticket.claim_agent.as_deref(),
+                ))
+            })
+            .map_err(sql)?;
+            for (stage, ms) in &ticket.finished {
+                conn.prepare_cached(&format!(
+                    "INSERT INTO {latency} (stage, ticket_id, ms) VALUES (?1, ?2, ?3)"
+                ))
+                .and_then(|mut statement| statement.execute((stage, id.to_string(), ms)))
+                .map_err(sql)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn digest(&self, conn: &Connection, slot: &Slot) -> rusqlite::Result<BTreeMap<String, u64>> {
+        let mut digests = digest_rows(
+            conn,
+            &format!(
+                "SELECT 'ticket ' || ticket_id, state, opened_at, stage_started_at, claim_agent FROM {} ORDER BY ticket_id",
+                slot.table("stats_tickets")
+            ),
+        )?;
+        digests.extend(digest_rows(
+            conn,
+            &format!(
+                "SELECT 'latency ' || ticket_id, stage, ms FROM {} ORDER BY ticket_id, stage, ms",
+                slot.table("stats_latency")
+            ),
+        )?);
+        digests.extend(digest_rows(
+            conn,
+            &format!(
+                "SELECT 'counter ' || name, value FROM {} ORDER BY name",
+                slot.table("stats_counters")
+            ),
+        )?);
+        digests.extend(digest_rows(
+            conn,
+            &format!(
+                "SELECT 'agent ' || agent_id || ' ' || outcome, role, count FROM {} ORDER BY agent_id, outcome",
+                slot.table("stats_agents")
+            ),
+        )?);
+        Ok(digests)
+    }
+}
+
+/// The state after an event, as the statistics track it.
+fn next_state(state: Option<State>, event: &Event) -> Option<State> {
+    let ticket = triage_domain::Ticket {
+        state,
+        ..triage_domain::Ticket::default()
+    };
+    triage_domain::evolve(ticket, event).state
+}
+
+fn load_progress(conn: &Connection, table: &str, id: TicketId) -> rusqlite::Result<Option<Progress>> {
+    conn.prepare_cached(&format!(
+        "SELECT state, opened_at, stage_started_at, claim_agent FROM {table} WHERE ticket_id = ?1"
+    ))?
+    .query_row([id.to_string()], |row| {
+        let state: String = row.get(0)?;
+        Ok(Progress {
+            state: state.parse().ok(),
+            opened_at: row.get(1)?,
+            stage_started_at: row.get(2)?,
+            claim_agent: row.get(3)?,
+            finished: Vec::new(),
+        })
+    })
+    .optional()
+}
+
+/// Latency percentiles of one stage, in milliseconds.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct StageLatency {
+    /// Completed stage instances.
+    pub count: u64,
+    /// Median.
+    pub p50_ms: u64,
+    /// 90th percentile.
+    pub p90_ms: u64,
+    /// 99th percentile.
+    pub p99_ms: u64,
+}
+
+/// One agent's outcomes.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct AgentOutcomes {
+    /// Its role.
+    pub role: String,
+    /// Outcome name → count (claimed, completed, resolved, released,
+    /// expired, refused, …).
+    pub outcomes: BTreeMap<String, u64>,
+}
+
+/// Everything the `stats` read model knows.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct StatsSummary {
+    /// Tickets per state.
+    pub tickets_per_state: BTreeMap<String, u64>,
+    /// Latency per stage.
+    pub stage_latency: BTreeMap<String, StageLatency>,
+    /// Counters: events, tickets_opened, tickets_resolved, claims_expired,
+    /// rejections, rejections.<code>, conflicts, …
+    pub counters: BTreeMap<String, u64>,
+    /// Outcomes per agent.
+    pub agents: BTreeMap<String, AgentOutcomes>,
+}
+
+/// Reads the summary of `slot`'s generation.
+pub fn summary(conn: &Connection, slot: &Slot) -> rusqlite::Result<StatsSummary> {
+    let mut summary = StatsSummary::default();
+    let mut statement = conn.prepare(&format!(
+        "SELECT state, count(*) FROM {} GROUP BY state ORDER BY state",
+        slot.table("stats_tickets")
+    ))?;
+    for row in statement.query_map([], |row| Ok((row.get::<_, String>(0)?, row.get::<_, i64>(1)?)))? {
+        let (state, count) = row?;
+        summary.tickets_per_state.insert(state, count as u64);
+    }
+    let latency = slot.table("stats_latency");
+    for stage in STAGES {
+        let count: i64 = conn.query_row(
+            &format!("SELECT count(*) FROM {latency} WHERE stage = ?1"),
+            [stage],
+            |row| row.get(0),
+        )?;
+        if count == 0 {
+            continue;
+        }
+        // Nearest-rank percentiles over the stage's index.
+        let at = |q: f64| -> rusqlite::Result<u64> {
+            let rank = ((q * count as f64).ceil() as i64).clamp(1, count) - 1;
+            conn.query_row(
+                &format!("SELECT ms FROM {latency} WHERE stage = ?1 ORDER BY ms LIMIT 1 OFFSET ?2"),
+                (stage, rank),
+                |row| row.get::<_, i64>(0),
+            )
+            .map(|ms| ms as u64)
+        };
+        summary.stage_latency.insert(
+            stage.to_owned(),
+            StageLatency {
+                count: count as u64,
+                p50_ms: at(0.50)?,
+                p90_ms: at(0.90)?,
+                p99_ms: at(0.99)?,
+            },
+        );
+    }
+    let mut statement = conn.prepare(&format!(
+        "SELECT name, value FROM {} ORDER BY name",
+        slot.table("stats_counters")
+    ))?;
+    for row in statement.query_map([], |row| Ok((row.get::<_, String>(0)?, row.get::<_, i64>(1)?)))? {
+        let (name, value) = row?;
+        summary.counters.insert(name, value as u64);
+    }
+    let mut statement = conn.prepare(&format!(
+        "SELECT agent_id, role, outcome, count FROM {} ORDER BY agent_id, outcome",
+        slot.table("stats_agents")
+    ))?;
+    for row in statement.query_map([], |row| {
+        Ok((
+            row.get::<_, String>(0)?,
+            row.get::<_, String>(1)?,
+            row.get::<_, String>(2)?,
+            row.get::<_, i64>(3)?,
+        ))
+    })? {
+        let (agent, role, outcome, count) = row?;
+        let entry = summary.agents.entry(agent).or_default();
+        if !role.is_empty() {
+            entry.role = role;
+        }
+        entry.outcomes.insert(outcome, count as u64);
+    }
+    Ok(summary)
+}

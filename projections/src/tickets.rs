@@ -1,0 +1,327 @@
+//! The `tickets` read model: each ticket's current state, and the work
+//! queues that are views of it.
+
+use std::collections::{BTreeMap, HashMap};
+
+use chrono::{DateTime, Utc};
+use rusqlite::{Connection, OptionalExtension, Row};
+use serde::Serialize;
+use triage_domain::{Claim, Classification, Role, State, Ticket, TicketId, evolve, queue_states};
+use uuid::Uuid;
+
+use crate::ProjectionError;
+use crate::db::Slot;
+use crate::projection::{Payload, ProjectedEvent, Projection, digest_rows};
+
+/// The `tickets` projection.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct TicketsProjection;
+
+/// One ticket as the read model holds it.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct TicketRow {
+    /// The ticket, folded with the domain's own `evolve`.
+    pub ticket: Ticket,
+    /// The stream revision this row reflects.
+    pub revision: u64,
+    /// When it was opened.
+    pub created_at: DateTime<Utc>,
+    /// When its last event was recorded.
+    pub updated_at: DateTime<Utc>,
+    /// When it entered its current state.
+    pub state_entered_at: DateTime<Utc>,
+}
+
+const COLUMNS: &str = "ticket_id, state, subject, body, customer, category, priority, confidence, draft, \
+    claim_id, claim_agent, lease_expires_at, attempts, resolution, last_reason, revision, events_applied, \
+    created_at, updated_at, state_entered_at";
+
+fn micros(time: DateTime<Utc>) -> i64 {
+    time.timestamp_micros()
+}
+
+fn from_micros(micros: i64) -> DateTime<Utc> {
+    DateTime::from_timestamp_micros(micros).unwrap_or_default()
+}
+
+fn parse<T: std::str::FromStr<Err = String>>(row: &Row<'_>, column: usize) -> rusqlite::Result<T> {
+    let text: String = row.get(column)?;
+    text.parse().map_err(|error: String| {
+        rusqlite::Error::FromSqlConversionFailure(column, rusqlite::types::Type::Text, error.into())
+    })
+}
+
+fn uuid(row: &Row<'_>, column: usize) -> rusqlite::Result<Option<Uuid>> {
+    let text: Option<String> = row.get(column)?;
+    text.map(|text| {
+        Uuid::parse_str(&text).map_err(|error| {
+            rusqlite::Error::FromSqlConversionFailure(column, rusqlite::types::Type::Text, error.into())
+        })
+    })
+    .transpose()
+}
+
+impl TicketRow {
+    fn from_row(row: &Row<'_>) -> rusqlite::Result<TicketRow> {
+        let id: TicketId = parse(row, 0)?;
+        let classification = match row.get::<_, Option<String>>(5)? {
+            Some(category) => Some(Classification {
+                category,
+                priority: parse(row, 6)?,
+                confidence: row.get(7)?,
+            }),
+            None => None,
+        };
+        let claim = match uuid(row, 9)? {
+            Some(claim_id) => Some(Claim {
+                claim_id,
+                agent_id: row.get(10)?,
+                lease_expires_at: from_micros(row.get(11)?),
+            }),
+            None => None,
+        };
+        Ok(TicketRow {
+            ticket: Ticket {
+                id: Some(id),
+                state: Some(parse(row, 1)?),
+                subject: row.get(2)?,
+                body: row.get(3)?,
+                customer: row.get(4)?,
+                classification,
+                draft: row.get(8)?,
+                claim,
+                attempts: row.get(12)?,
+                resolution: row.get(13)?,
+                last_reason: row.get(14)?,
+                events_applied: row.get::<_, i64>(16)? as u64,
+            },
+            revision: row.get::<_, i64>(15)? as u64,
+            created_at: from_micros(row.get(17)?),
+            updated_at: from_micros(row.get(18)?),
+            state_entered_at: from_micros(row.get(19)?),
+        })
+    }
+
+    fn apply(&mut self, event: &ProjectedEvent, first: bool) {
+        let Payload::Ticket(domain_event) = &event.payload else {
+            return;
+        };
+        let before = self.ticket.state;
+        self.ticket = evolve(std::mem::take(&mut self.ticket), domain_event);
+        self.revision = event.revision;
+        if first {
+            self.created_at = event.recorded_at;
+            self.state_entered_at = event.recorded_at;
+        }
+        if self.ticket.state != before {
+            self.state_entered_at = event.recorded_at;
+        }
+        self.updated_at = event.recorded_at;
+    }
+
+    fn write(&self, conn: &Connection, table: &str) -> rusqlite::Result<()> {
+        let ticket = &self.ticket;
+        let mut statement = conn.prepare_cached(&format!(
+            "INSERT OR REPLACE INTO {table} ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20)"
+        ))?;
+        let classification = ticket.classification.as_ref();
+        let claim = ticket.claim.as_ref();
+        statement.execute(rusqlite::params![
+            ticket.id.map(|id| id.to_string()),
+            ticket.state.map(State::as_str),
+            ticket.subject,
+            ticket.body,
+            ticket.customer,
+            classification.map(|c| c.category.as_str()),
+            classification.map(|c| c.priority.as_str()),
+            classification.map(|c| c.confidence),
+            ticket.draft,
+            claim.map(|c| c.claim_id.to_string()),
+            claim.map(|c| c.agent_id.as_str()),
+            claim.map(|c| micros(c.lease_expires_at)),
+            ticket.attempts,
+            ticket.resolution,
+            ticket.last_reason,
+            self.revision as i64,
+            ticket.events_applied as i64,
+            micros(self.created_at),
+            micros(self.updated_at),
+            micros(self.state_entered_at),
+        ])?;
+        Ok(())
+    }
+}
+
+impl Projection for TicketsProjection {
+    fn name(&self) -> &'static str {
+        "tickets"
+    }
+
+    fn version(&self) -> u32 {
+        1
+    }
+
+    fn tables(&self) -> &'static [&'static str] {
+        &["tickets"]
+    }
+
+    fn create(&self, conn: &Connection, slot: &Slot) -> rusqlite::Result<()> {
+        let table = slot.table("tickets");
+        conn.execute_batch(&format!(
+            "CREATE TABLE IF NOT EXISTS {table} (
+                ticket_id        TEXT    PRIMARY KEY,
+                state            TEXT    NOT NULL,
+                subject          TEXT    NOT NULL,
+                body             TEXT    NOT NULL,
+                customer         TEXT,
+                category         TEXT,
+                priority         TEXT,
+                confidence       REAL,
+                draft            TEXT,
+                claim_id         TEXT,
+                claim_agent      TEXT,
+                lease_expires_at INTEGER,
+                attempts         INTEGER NOT NULL,
+                resolution       TEXT,
+                last_reason      TEXT,
+                revision         INTEGER NOT NULL,
+                events_applied   INTEGER NOT NULL,
+                created_at       INTEGER NOT NULL,
+                updated_at       INTEGER NOT NULL,
+                state_entered_at INTEGER NOT NULL
+            ) STRICT;
+            CREATE INDEX IF NOT EXISTS {table}_queue ON {table} (state, state_entered_at);
+            CREATE INDEX IF NOT EXISTS {table}_lease ON {table} (lease_expires_at) WHERE lease_expires_at IS NOT NULL;"
+        ))
+    }
+
+    fn apply(&self, conn: &Connection, slot: &Slot, events: &[ProjectedEvent]) -> Result<(), ProjectionError> {
+        let table = slot.table("tickets");
+        // Fold the batch in memory and write each touched ticket once.
+        let mut rows: HashMap<TicketId, TicketRow> = HashMap::new();
+        let mut order = Vec::new();
+        for event in events {
+            if !matches!(event.payload, Payload::Ticket(_)) {
+                continue;
+            }
+            let row = match rows.entry(event.ticket_id) {
+                std::collections::hash_map::Entry::Occupied(entry) => entry.into_mut(),
+                std::collections::hash_map::Entry::Vacant(entry) => {
+                    order.push(event.ticket_id);
+                    let stored = load(conn, &table, event.ticket_id)
+                        .map_err(|error| ProjectionError::sqlite("load a ticket row", error))?;
+                    entry.insert(stored.unwrap_or_else(|| TicketRow {
+                        ticket: Ticket::default(),
+                        revision: 0,
+                        created_at: event.recorded_at,
+                        updated_at: event.recorded_at,
+                        state_entered_at: event.recorded_at,
+                    }))
+                }
+            };
+            let first = row.ticket.events_applied == 0;
+            row.apply(event, first);
+        }
+        for id in order {
+            let row = &rows[&id];
+            if row.ticket.exists() {
+                row.write(conn, &table)
+                    .map_err(|error| ProjectionError::sqlite("write a ticket row", error))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn digest(&self, conn: &Connection, slot: &Slot) -> rusqlite::Result<BTreeMap<String, u64>> {
+        digest_rows(
+            conn,
+            &format!("SELECT {COLUMNS} FROM {} ORDER BY ticket_id", slot.table("tickets")),
+        )
+    }
+}
+
+fn load(conn: &Connection, table: &str, id: TicketId) -> rusqlite::Result<Option<TicketRow>> {
+    conn.prepare_cached(&format!("SELECT {COLUMNS} FROM {table} WHERE ticket_id = ?1"))?
+        .query_row([id.to_string()], TicketRow::from_row)
+        .optional()
+}
+
+/// Queries over a live `tickets` generation.
+#[derive(Debug)]
+pub struct TicketsView<'a> {
+    conn: &'a Connection,
+    table: String,
+}
+
+impl<'a> TicketsView<'a> {
+    /// The view of `slot`'s generation.
+    pub fn new(conn: &'a Connection, slot: &Slot) -> Self {
+        TicketsView {
+            conn,
+            table: slot.table("tickets"),
+        }
+    }
+
+    /// One ticket.
+    pub fn get(&self, id: TicketId) -> rusqlite::Result<Option<TicketRow>> {
+        load(self.conn, &self.table, id)
+    }
+
+    /// Tickets in `state` (all states when `None`), oldest in that state
+    /// first.
+    pub fn list(&self, state: Option<State>, limit: usize) -> rusqlite::Result<Vec<TicketRow>> {
+        let limit = limit.min(i64::MAX as usize) as i64;
+        match state {
+            Some(state) => self
+                .conn
+                .prepare_cached(&format!(
+                    "SELECT {COLUMNS} FROM {} WHERE state = ?1 ORDER BY state_entered_at, ticket_id LIMIT ?2",
+                    self.table
+                ))?
+                .query_map((state.as_str(), limit), TicketRow::from_row)?
+                .collect(),
+            None => self
+                .conn
+                .prepare_cached(&format!(
+                    "SELECT {COLUMNS} FROM {} ORDER BY created_at, ticket_id LIMIT ?1",
+                    self.table
+                ))?
+                .query_map([limit], TicketRow::from_row)?
+                .collect(),
+        }
+    }
+
+    /// The work queue of `role`: tickets it can claim, oldest first. Claimed
+    /// tickets are never in a queue: their state is an `-ING` state.
+    pub fn work_queue(&self, role: Role, limit: usize) -> rusqlite::Result<Vec<TicketRow>> {
+        let states = queue_states(role);
+        let mut queue = Vec::new();
+        for state in &states {
+            queue.extend(self.list(Some(*state), limit)?);
+        }
+        queue.sort_by_key(|row| (row.state_entered_at, row.ticket.id));
+        queue.truncate(limit);
+        Ok(queue)
+    }
+
+    /// Claims whose lease ran out by `now`: the lease sweeper's queue.
+    pub fn expired_claims(&self, now: DateTime<Utc>, limit: usize) -> rusqlite::Result<Vec<TicketRow>> {
+        self.conn
+            .prepare_cached(&format!(
+                "SELECT {COLUMNS} FROM {} WHERE lease_expires_at IS NOT NULL AND lease_expires_at <= ?1 \
+                 ORDER BY lease_expires_at LIMIT ?2",
+                self.table
+            ))?
+            .query_map((micros(now), limit.min(i64::MAX as usize) as i64), TicketRow::from_row)?
+            .collect()
+    }
+
+    /// Tickets per state.
+    pub fn counts(&self) -> rusqlite::Result<BTreeMap<State, u64>> {
+        let mut statement = self
+            .conn
+            .prepare_cached(&format!("SELECT state, count(*) FROM {} GROUP BY state", self.table))?;
+        let rows = statement.query_map([], |row| Ok((parse::<State>(row, 0)?, row.get::<_, i64>(1)? as u64)))?;
+        rows.collect()
+    }
+}

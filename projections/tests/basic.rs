@@ -1,0 +1,115 @@
+//! The read models follow the events: tickets, queues and statistics.
+
+use std::sync::Arc;
+
+use triage_command_handler::{CommandHandler, open_ticket};
+use triage_domain::{Agent, Command, CommandEnvelope, Priority, Role, State};
+use triage_event_store::{EventStore, InMemoryEventStore};
+use triage_projections::{Projector, ReadModelDb, TicketsView, stats};
+
+fn agent(id: &str, role: Role) -> Agent {
+    Agent::new(id, role)
+}
+
+#[tokio::test]
+async fn tickets_queues_and_stats_follow_the_events() {
+    let store: Arc<dyn EventStore> = Arc::new(InMemoryEventStore::new());
+    let handler = CommandHandler::new(store.clone());
+    let projector = Projector::new(store.clone(), ReadModelDb::in_memory().unwrap());
+
+    let first = handler
+        .handle(open_ticket(
+            agent("intake", Role::Intake),
+            "Charged twice",
+            "Twice in March",
+            None,
+        ))
+        .await
+        .unwrap();
+    let second = handler
+        .handle(open_ticket(
+            agent("intake", Role::Intake),
+            "Cannot log in",
+            "Reset link expired",
+            None,
+        ))
+        .await
+        .unwrap();
+    let claim = handler
+        .handle(CommandEnvelope::new(
+            first.ticket_id,
+            agent("c1", Role::Classifier),
+            Command::StartClassification { lease_secs: None },
+        ))
+        .await
+        .unwrap();
+    handler
+        .handle(CommandEnvelope::new(
+            first.ticket_id,
+            agent("c1", Role::Classifier),
+            Command::Classify {
+                claim_id: claim.command_id,
+                category: "billing".into(),
+                priority: Priority::High,
+                confidence: 0.9,
+            },
+        ))
+        .await
+        .unwrap();
+    // A refusal, recorded for the statistics.
+    let refused = handler
+        .handle(CommandEnvelope::new(
+            second.ticket_id,
+            agent("d1", Role::Drafter),
+            Command::StartDrafting { lease_secs: None },
+        ))
+        .await;
+    assert!(refused.is_err());
+
+    projector.catch_up().await.unwrap();
+    let (row, queue, counts) = projector
+        .read("tickets", |conn, slot| {
+            let view = TicketsView::new(conn, slot);
+            Ok((
+                view.get(first.ticket_id)?,
+                view.work_queue(Role::Drafter, 10)?,
+                view.counts()?,
+            ))
+        })
+        .unwrap();
+    let row = row.expect("the ticket is in the read model");
+    assert_eq!(row.ticket.state, Some(State::Classified));
+    assert_eq!(row.revision, 2);
+    assert_eq!(row.ticket.classification.unwrap().category, "billing");
+    assert_eq!(queue.len(), 1);
+    assert_eq!(queue[0].ticket.id, Some(first.ticket_id));
+    assert_eq!(counts.get(&State::New), Some(&1));
+
+    let summary = projector.read("stats", stats::summary).unwrap();
+    assert_eq!(summary.counters.get("tickets_opened"), Some(&2));
+    assert_eq!(summary.counters.get("rejections"), Some(&1));
+    assert_eq!(summary.counters.get("rejections.invalid_transition"), Some(&1));
+    assert_eq!(summary.stage_latency.get("classify").map(|s| s.count), Some(1));
+    assert_eq!(summary.agents["c1"].outcomes.get("completed"), Some(&1));
+    assert_eq!(summary.agents["d1"].outcomes.get("refused"), Some(&1));
+    assert_eq!(summary.tickets_per_state.get("NEW"), Some(&1));
+
+    // A rebuild with verification finds the same model.
+    let report = projector
+        .rebuild(
+            "tickets",
+            triage_projections::RebuildOptions {
+                verify: true,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(report.differences, Some(vec![]));
+    assert_eq!(report.generation, 2);
+    let status = projector.status().await.unwrap();
+    assert!(
+        status.iter().all(|s| s.lag == 0 && s.last_error.is_none()),
+        "{status:?}"
+    );
+}
