@@ -6,6 +6,7 @@
 //! libraries keep typed errors.
 
 mod output;
+mod projections;
 mod store;
 mod ticket;
 
@@ -15,7 +16,20 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use triage_store_sqlite::Synchronous;
 
+use std::sync::Arc;
+
+use triage_event_store::EventStore;
+use triage_projections::{Projector, ProjectorOptions, ReadModelDb};
+
 use crate::store::StoreLocation;
+
+/// An event store and its read models, as chosen on the command line.
+#[derive(Debug)]
+struct Opened {
+    location: StoreLocation,
+    events: Arc<dyn EventStore>,
+    projector: Projector,
+}
 
 /// Triage: many AI agents and humans work the same support tickets without
 /// lost updates or impossible transitions.
@@ -50,6 +64,16 @@ struct GlobalArgs {
     )]
     db: PathBuf,
 
+    /// The read-model file (SQLite). Default: next to the event store file,
+    /// `triage.db` → `triage.read.db`; in memory for memory://.
+    #[arg(long, global = true, env = "TRIAGE_READ_MODEL", value_name = "PATH")]
+    read_model: Option<PathBuf>,
+
+    /// Event types projections skip instead of stopping on them (types a
+    /// newer Triage wrote). Repeat for several.
+    #[arg(long, global = true, value_name = "TYPE")]
+    skip_event_type: Vec<String>,
+
     /// Print JSON for programs: one object, or one object per line for lists.
     #[arg(long, global = true)]
     json: bool,
@@ -79,9 +103,15 @@ enum Command {
         #[arg(long)]
         mermaid: bool,
     },
-    /// Open, show and trace tickets.
+    /// Open, show, list and trace tickets; send commands as an agent.
     #[command(subcommand)]
     Ticket(ticket::TicketCommand),
+    /// List, inspect and rebuild the read models (projections).
+    #[command(subcommand)]
+    Projections(projections::ProjectionsCommand),
+    /// Statistics from the read model: tickets per state, stage latency
+    /// percentiles, refusals and conflicts, expired claims, outcomes per agent.
+    Stats,
 }
 
 impl GlobalArgs {
@@ -90,6 +120,26 @@ impl GlobalArgs {
             Some(url) => StoreLocation::parse(url),
             None => Ok(StoreLocation::Sqlite(self.db.clone())),
         }
+    }
+
+    /// Opens the event store and the read models that go with it.
+    fn open(&self) -> anyhow::Result<Opened> {
+        let location = self.location()?;
+        let events = location.open(self.synchronous())?;
+        let db = match (&self.read_model, &location) {
+            (Some(path), _) => ReadModelDb::open(path)?,
+            (None, StoreLocation::Sqlite(path)) => ReadModelDb::open(ReadModelDb::sibling_of(path))?,
+            (None, StoreLocation::Memory) => ReadModelDb::in_memory()?,
+        };
+        let projector = Projector::new(events.clone(), db).with_options(ProjectorOptions {
+            skip_event_types: self.skip_event_type.iter().cloned().collect(),
+            ..ProjectorOptions::default()
+        });
+        Ok(Opened {
+            location,
+            events,
+            projector,
+        })
     }
 
     fn synchronous(&self) -> Synchronous {
@@ -140,6 +190,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Ticket(command) => ticket::run(command, &cli.global).await,
+        Command::Projections(command) => projections::run(command, &cli.global).await,
+        Command::Stats => projections::stats(&cli.global).await,
     }
 }
 

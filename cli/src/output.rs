@@ -7,9 +7,11 @@ use comfy_table::presets::UTF8_FULL_CONDENSED;
 use comfy_table::{ContentArrangement, Table};
 use serde_json::{Value, json};
 use triage_command_handler::LoadedTicket;
-use triage_domain::{ClaimRule, Event, Guard, TRANSITIONS, TicketId, mermaid};
+use triage_domain::{ClaimRule, Event, Guard, TRANSITIONS, mermaid};
+use triage_event_store::Position;
+use triage_projections::TicketRow;
 
-fn table(header: &[&str]) -> Table {
+pub(crate) fn table(header: &[&str]) -> Table {
     let mut table = Table::new();
     table
         .load_preset(UTF8_FULL_CONDENSED)
@@ -78,13 +80,13 @@ pub(crate) fn print_states(as_mermaid: bool, as_json: bool) {
     println!("{out}");
 }
 
-/// The JSON form of `triage ticket show`.
-pub(crate) fn ticket_json(id: TicketId, loaded: &LoadedTicket) -> Value {
-    let ticket = &loaded.ticket;
+/// The JSON form of a ticket row.
+pub(crate) fn ticket_json(row: &TicketRow) -> Value {
+    let ticket = &row.ticket;
     json!({
-        "id": id,
+        "id": ticket.id,
         "state": ticket.state,
-        "revision": loaded.revision,
+        "revision": row.revision,
         "subject": ticket.subject,
         "body": ticket.body,
         "customer": ticket.customer,
@@ -94,26 +96,31 @@ pub(crate) fn ticket_json(id: TicketId, loaded: &LoadedTicket) -> Value {
         "attempts": ticket.attempts,
         "resolution": ticket.resolution,
         "last_reason": ticket.last_reason,
-        "opened_at": loaded.history.first().map(|stored| stored.metadata.recorded_at),
-        "updated_at": loaded.history.last().map(|stored| stored.metadata.recorded_at),
+        "created_at": row.created_at,
+        "updated_at": row.updated_at,
+        "state_entered_at": row.state_entered_at,
     })
 }
 
+fn time(at: chrono::DateTime<chrono::Utc>) -> String {
+    at.to_rfc3339_opts(SecondsFormat::Millis, true)
+}
+
 /// `triage ticket show`.
-pub(crate) fn print_ticket(id: TicketId, loaded: &LoadedTicket) {
-    let ticket = &loaded.ticket;
+pub(crate) fn print_ticket(row: &TicketRow, checkpoint: Option<Position>) {
+    let ticket = &row.ticket;
     let mut out = table(&["Field", "Value"]);
-    let mut row = |field: &str, value: String| {
+    let mut line = |field: &str, value: String| {
         out.add_row(vec![field.to_owned(), value]);
     };
-    row("id", id.to_string());
-    row("state", ticket.state.map_or_else(String::new, |s| s.to_string()));
-    row("revision", loaded.revision.map_or_else(String::new, |r| r.to_string()));
-    row("subject", ticket.subject.clone());
-    row("customer", ticket.customer.clone().unwrap_or_default());
-    row("body", ticket.body.clone());
+    line("id", ticket.id.map_or_else(String::new, |id| id.to_string()));
+    line("state", ticket.state.map_or_else(String::new, |s| s.to_string()));
+    line("revision", row.revision.to_string());
+    line("subject", ticket.subject.clone());
+    line("customer", ticket.customer.clone().unwrap_or_default());
+    line("body", ticket.body.clone());
     if let Some(classification) = &ticket.classification {
-        row(
+        line(
             "classification",
             format!(
                 "{} / {} (confidence {:.2})",
@@ -122,10 +129,10 @@ pub(crate) fn print_ticket(id: TicketId, loaded: &LoadedTicket) {
         );
     }
     if let Some(draft) = &ticket.draft {
-        row("draft", draft.clone());
+        line("draft", draft.clone());
     }
     if let Some(claim) = &ticket.claim {
-        row(
+        line(
             "claim",
             format!(
                 "{} by {}, lease until {}",
@@ -135,24 +142,59 @@ pub(crate) fn print_ticket(id: TicketId, loaded: &LoadedTicket) {
             ),
         );
     }
-    row("failed attempts", ticket.attempts.to_string());
+    line("failed attempts", ticket.attempts.to_string());
     if let Some(resolution) = &ticket.resolution {
-        row("resolution", resolution.clone());
+        line("resolution", resolution.clone());
     }
     if let Some(reason) = &ticket.last_reason {
-        row("last reason", reason.clone());
+        line("last reason", reason.clone());
     }
-    if let (Some(first), Some(last)) = (loaded.history.first(), loaded.history.last()) {
-        row(
-            "opened",
-            first.metadata.recorded_at.to_rfc3339_opts(SecondsFormat::Millis, true),
+    line("opened", time(row.created_at));
+    line("in state since", time(row.state_entered_at));
+    line("updated", time(row.updated_at));
+    println!("{out}");
+    if let Some(checkpoint) = checkpoint {
+        println!(
+            "read model at log position {checkpoint}; this ticket at revision {}",
+            row.revision
         );
-        row(
-            "updated",
-            last.metadata.recorded_at.to_rfc3339_opts(SecondsFormat::Millis, true),
-        );
+    }
+}
+
+/// `triage ticket list` and `triage ticket queue`.
+pub(crate) fn print_ticket_list(rows: &[TicketRow], as_json: bool) {
+    if as_json {
+        for row in rows {
+            print_json(&ticket_json(row));
+        }
+        return;
+    }
+    let mut out = table(&[
+        "Ticket",
+        "State",
+        "Rev",
+        "Subject",
+        "Category",
+        "Claim",
+        "In state since",
+    ]);
+    for row in rows {
+        let ticket = &row.ticket;
+        out.add_row(vec![
+            ticket.id.map_or_else(String::new, |id| id.to_string()),
+            ticket.state.map_or_else(String::new, |s| s.to_string()),
+            row.revision.to_string(),
+            ticket.subject.clone(),
+            ticket
+                .classification
+                .as_ref()
+                .map_or_else(String::new, |c| format!("{} / {}", c.category, c.priority)),
+            ticket.claim.as_ref().map_or_else(String::new, |c| c.agent_id.clone()),
+            time(row.state_entered_at),
+        ]);
     }
     println!("{out}");
+    println!("{} ticket(s)", rows.len());
 }
 
 /// A one-line summary of an event's payload.

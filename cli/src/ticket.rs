@@ -4,7 +4,8 @@ use anyhow::{Context as _, bail};
 use clap::Subcommand;
 use serde_json::json;
 use triage_command_handler::{CommandError, CommandHandler, LoadedTicket};
-use triage_domain::{Agent, Command, CommandEnvelope, Rejection, Role, TicketId};
+use triage_domain::{Agent, Command, CommandEnvelope, Rejection, Role, State, TicketId};
+use triage_projections::TicketsView;
 use uuid::Uuid;
 
 use crate::GlobalArgs;
@@ -60,10 +61,29 @@ pub(crate) enum TicketCommand {
         #[arg(long, value_name = "UUID")]
         command_id: Option<Uuid>,
     },
-    /// Show a ticket's current state, folded from its events.
+    /// Show a ticket's current state from the read model, and the revision
+    /// it reflects.
     Show {
         /// The ticket id (a UUID, optionally prefixed with `ticket-`).
         id: TicketId,
+    },
+    /// List tickets from the read model, oldest in their state first.
+    List {
+        /// Only tickets in this state (NEW, CLASSIFYING, …, RESOLVED).
+        #[arg(long, value_parser = parse_state)]
+        state: Option<State>,
+        /// At most this many.
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+    },
+    /// Show a role's work queue: tickets it can claim, oldest first.
+    Queue {
+        /// The role: classifier, drafter, escalator or operator.
+        #[arg(long, value_parser = parse_role)]
+        role: Role,
+        /// At most this many.
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
     },
     /// Show every event of a ticket: who did what, when, under which command.
     History {
@@ -76,10 +96,14 @@ fn parse_role(value: &str) -> Result<Role, String> {
     value.parse()
 }
 
+fn parse_state(value: &str) -> Result<State, String> {
+    value.parse()
+}
+
 pub(crate) async fn run(command: TicketCommand, global: &GlobalArgs) -> anyhow::Result<()> {
-    let location = global.location()?;
-    let store = location.open(global.synchronous())?;
-    let handler = CommandHandler::new(store);
+    let opened = global.open()?;
+    let location = opened.location.clone();
+    let handler = CommandHandler::new(opened.events.clone());
     match command {
         TicketCommand::Open {
             subject,
@@ -163,12 +187,32 @@ pub(crate) async fn run(command: TicketCommand, global: &GlobalArgs) -> anyhow::
             Ok(())
         }
         TicketCommand::Show { id } => {
-            let loaded = load_existing(&handler, id, &location).await?;
+            let checkpoint = opened.projector.catch_up().await?;
+            let row = opened
+                .projector
+                .read("tickets", |conn, slot| TicketsView::new(conn, slot).get(id))?
+                .ok_or_else(|| anyhow::anyhow!("ticket {id} not found in {location}"))?;
             if global.json {
-                output::print_json(&output::ticket_json(id, &loaded));
+                output::print_json(&output::ticket_json(&row));
             } else {
-                output::print_ticket(id, &loaded);
+                output::print_ticket(&row, checkpoint);
             }
+            Ok(())
+        }
+        TicketCommand::List { state, limit } => {
+            opened.projector.catch_up().await?;
+            let rows = opened
+                .projector
+                .read("tickets", |conn, slot| TicketsView::new(conn, slot).list(state, limit))?;
+            output::print_ticket_list(&rows, global.json);
+            Ok(())
+        }
+        TicketCommand::Queue { role, limit } => {
+            opened.projector.catch_up().await?;
+            let rows = opened.projector.read("tickets", |conn, slot| {
+                TicketsView::new(conn, slot).work_queue(role, limit)
+            })?;
+            output::print_ticket_list(&rows, global.json);
             Ok(())
         }
         TicketCommand::History { id } => {

@@ -2,81 +2,13 @@
 //!
 //! Snapshots live in `tests/snapshots/`; `TRIAGE_BLESS=1` rewrites them.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
 
+use std::path::Path;
+use std::process::Output;
+
+use common::{events_in, fail, rejections_in, snapshot, stderr, stdout, succeed, triage};
 use serde_json::Value;
-
-fn triage(dir: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_triage"))
-        .current_dir(dir)
-        .env_remove("TRIAGE_DB")
-        .env_remove("TRIAGE_STORE")
-        .env_remove("RUST_LOG")
-        .env("COLUMNS", "200")
-        .args(args)
-        .output()
-        .expect("the triage binary runs")
-}
-
-fn stdout(output: &Output) -> String {
-    String::from_utf8(output.stdout.clone()).unwrap()
-}
-
-fn stderr(output: &Output) -> String {
-    String::from_utf8(output.stderr.clone()).unwrap()
-}
-
-#[track_caller]
-fn succeed(dir: &Path, args: &[&str]) -> String {
-    let output = triage(dir, args);
-    assert!(output.status.success(), "triage {args:?} failed: {}", stderr(&output));
-    stdout(&output)
-}
-
-#[track_caller]
-fn fail(dir: &Path, args: &[&str]) -> String {
-    let output = triage(dir, args);
-    assert!(
-        !output.status.success(),
-        "triage {args:?} succeeded: {}",
-        stdout(&output)
-    );
-    assert!(output.stdout.is_empty(), "failures print nothing on stdout");
-    stderr(&output)
-}
-
-fn snapshot(name: &str, actual: &str) {
-    let path: PathBuf = [env!("CARGO_MANIFEST_DIR"), "tests", "snapshots", name]
-        .iter()
-        .collect();
-    if std::env::var_os("TRIAGE_BLESS").is_some() {
-        std::fs::write(&path, actual).unwrap();
-    }
-    let expected = std::fs::read_to_string(&path).unwrap_or_else(|_| panic!("missing snapshot {}", path.display()));
-    assert_eq!(actual, expected, "snapshot {name} differs (TRIAGE_BLESS=1 rewrites it)");
-}
-
-/// Events in ticket streams (refusals are recorded in `rejections-…`
-/// streams, which never change a ticket). Counted through the binary itself,
-/// a bug could hide in both; ask SQLite directly instead.
-fn events_in(db: &Path) -> i64 {
-    count_in_streams(db, "ticket-%")
-}
-
-fn rejections_in(db: &Path) -> i64 {
-    count_in_streams(db, "rejections-%")
-}
-
-fn count_in_streams(db: &Path, pattern: &str) -> i64 {
-    let conn = rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap();
-    conn.query_row(
-        "SELECT count(*) FROM events JOIN streams USING (stream_id) WHERE streams.name LIKE ?1",
-        [pattern],
-        |row| row.get(0),
-    )
-    .unwrap()
-}
 
 #[test]
 fn states_prints_the_transition_table() {

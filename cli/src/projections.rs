@@ -1,0 +1,279 @@
+//! `triage projections …` and `triage stats`.
+
+use std::io::IsTerminal as _;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::bail;
+use clap::Subcommand;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::json;
+use triage_projections::{RebuildOptions, RebuildProgress, RebuildReport, stats};
+
+use crate::GlobalArgs;
+use crate::output;
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum ProjectionsCommand {
+    /// List the projections this build has, with their versions and tables.
+    List,
+    /// Show each projection's live version, checkpoint, lag and last error.
+    Status,
+    /// Rebuild from the start of the log into a shadow copy while the live
+    /// copy keeps serving, then swap atomically. Ctrl-C leaves the live copy
+    /// untouched.
+    Rebuild {
+        /// The projection to rebuild (see `triage projections list`).
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        name: Option<String>,
+        /// Rebuild every projection.
+        #[arg(long)]
+        all: bool,
+        /// Before swapping, compare a digest of the rebuilt model with the
+        /// live one and report every ticket (or counter) that differs.
+        #[arg(long)]
+        verify: bool,
+        /// No progress output (a bar on a terminal, log lines otherwise).
+        #[arg(long)]
+        no_progress: bool,
+    },
+}
+
+pub(crate) async fn run(command: ProjectionsCommand, global: &GlobalArgs) -> anyhow::Result<()> {
+    let opened = global.open()?;
+    let projector = &opened.projector;
+    match command {
+        ProjectionsCommand::List => {
+            let rows: Vec<_> = projector
+                .projections()
+                .iter()
+                .map(|projection| {
+                    json!({
+                        "name": projection.name(),
+                        "version": projection.version(),
+                        "tables": projection.tables(),
+                    })
+                })
+                .collect();
+            if global.json {
+                rows.iter().for_each(output::print_json);
+            } else {
+                let mut out = output::table(&["Projection", "Version", "Tables (views onto the live generation)"]);
+                for projection in projector.projections() {
+                    out.add_row(vec![
+                        projection.name().to_owned(),
+                        projection.version().to_string(),
+                        projection.tables().join(", "),
+                    ]);
+                }
+                println!("{out}");
+            }
+            Ok(())
+        }
+        ProjectionsCommand::Status => {
+            let statuses = projector.status().await?;
+            if global.json {
+                for status in &statuses {
+                    output::print_json(&serde_json::to_value(status)?);
+                }
+                return Ok(());
+            }
+            let mut out = output::table(&[
+                "Projection",
+                "Version",
+                "Generation",
+                "Checkpoint",
+                "Lag",
+                "Events applied",
+                "State",
+            ]);
+            for status in &statuses {
+                let version = match status.live_version {
+                    Some(live) if live != status.code_version => format!("{live} (build has {})", status.code_version),
+                    Some(live) => live.to_string(),
+                    None => format!("- (build has {})", status.code_version),
+                };
+                let state = match (&status.last_error, status.needs_rebuild, status.live_version) {
+                    (Some(error), _, _) => format!("stopped: {error}"),
+                    (None, true, _) => "needs rebuild".to_owned(),
+                    (None, false, None) => "not built yet".to_owned(),
+                    (None, false, Some(_)) if status.build_in_progress => {
+                        "ok; a rebuild is under way or was abandoned".to_owned()
+                    }
+                    (None, false, Some(_)) => "ok".to_owned(),
+                };
+                out.add_row(vec![
+                    status.name.clone(),
+                    version,
+                    status.generation.map_or_else(|| "-".to_owned(), |g| g.to_string()),
+                    status.checkpoint.map_or_else(|| "-".to_owned(), |c| c.to_string()),
+                    status.lag.to_string(),
+                    status.events_applied.to_string(),
+                    state,
+                ]);
+            }
+            println!("{out}");
+            Ok(())
+        }
+        ProjectionsCommand::Rebuild {
+            name,
+            all,
+            verify,
+            no_progress,
+        } => {
+            let names: Vec<String> = match (name, all) {
+                (Some(name), false) => vec![name],
+                (None, true) => projector.projections().iter().map(|p| p.name().to_owned()).collect(),
+                _ => bail!("name a projection or pass --all"),
+            };
+            let cancel = Arc::new(AtomicBool::new(false));
+            let on_signal = cancel.clone();
+            tokio::spawn(async move {
+                if tokio::signal::ctrl_c().await.is_ok() {
+                    on_signal.store(true, Ordering::Relaxed);
+                }
+            });
+            let mut reports = Vec::new();
+            for name in names {
+                let options = RebuildOptions {
+                    verify,
+                    progress: (!no_progress).then(|| progress_reporter(&name)),
+                    cancel: Some(cancel.clone()),
+                };
+                let report = projector.rebuild(&name, options).await?;
+                if global.json {
+                    output::print_json(&serde_json::to_value(&report)?);
+                }
+                reports.push(report);
+            }
+            if !global.json {
+                print_reports(&reports);
+            }
+            Ok(())
+        }
+    }
+}
+
+/// A progress bar on a terminal; plain lines every two seconds otherwise.
+fn progress_reporter(name: &str) -> Box<dyn FnMut(RebuildProgress) + Send> {
+    if std::io::stderr().is_terminal() {
+        let bar = ProgressBar::new(0);
+        bar.set_style(
+            ProgressStyle::with_template("{prefix:>10} [{bar:40.cyan/blue}] {pos}/{len} positions  {msg}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar())
+                .progress_chars("=> "),
+        );
+        bar.set_prefix(name.to_owned());
+        Box::new(move |progress: RebuildProgress| {
+            bar.set_length(progress.total.max(progress.done));
+            bar.set_position(progress.done);
+            bar.set_message(format!(
+                "{:.0} events/s, ETA {}s",
+                progress.events_per_s,
+                progress.eta.as_secs()
+            ));
+            if progress.done >= progress.total {
+                bar.finish_and_clear();
+            }
+        })
+    } else {
+        let name = name.to_owned();
+        let mut last = Instant::now();
+        Box::new(move |progress: RebuildProgress| {
+            if last.elapsed() >= Duration::from_secs(2) || progress.done >= progress.total {
+                last = Instant::now();
+                let percent = if progress.total == 0 {
+                    100.0
+                } else {
+                    progress.done as f64 * 100.0 / progress.total as f64
+                };
+                eprintln!(
+                    "rebuild {name}: {}/{} positions ({percent:.0}%), {:.0} events/s, ETA {}s",
+                    progress.done,
+                    progress.total,
+                    progress.events_per_s,
+                    progress.eta.as_secs()
+                );
+            }
+        })
+    }
+}
+
+fn print_reports(reports: &[RebuildReport]) {
+    let mut out = output::table(&["Projection", "Version", "Generation", "Events", "Verification"]);
+    for report in reports {
+        let verification = match (&report.differences, report.compared) {
+            (None, _) => "not asked for".to_owned(),
+            (Some(differences), Some(compared)) if differences.is_empty() => {
+                format!("matches the live model ({compared} rows compared)")
+            }
+            (Some(differences), _) => format!("{} difference(s)", differences.len()),
+        };
+        out.add_row(vec![
+            report.name.clone(),
+            report.version.to_string(),
+            report.generation.to_string(),
+            report.events.to_string(),
+            verification,
+        ]);
+    }
+    println!("{out}");
+    for report in reports {
+        if let Some(differences) = report.differences.as_ref().filter(|d| !d.is_empty()) {
+            println!(
+                "{}: the rebuilt model differs from the previous live one in:",
+                report.name
+            );
+            for difference in differences.iter().take(50) {
+                println!("  {difference}");
+            }
+            if differences.len() > 50 {
+                println!("  … and {} more", differences.len() - 50);
+            }
+        }
+        println!(
+            "{}: replayed {} events in {:.2} s ({:.0} events/s); generation {} is live",
+            report.name, report.events, report.wall_s, report.events_per_s, report.generation
+        );
+    }
+}
+
+/// `triage stats`.
+pub(crate) async fn stats(global: &GlobalArgs) -> anyhow::Result<()> {
+    let opened = global.open()?;
+    opened.projector.catch_up().await?;
+    let summary = opened.projector.read("stats", stats::summary)?;
+    if global.json {
+        output::print_json(&serde_json::to_value(&summary)?);
+        return Ok(());
+    }
+    let mut states = output::table(&["State", "Tickets"]);
+    for (state, count) in &summary.tickets_per_state {
+        states.add_row(vec![state.clone(), count.to_string()]);
+    }
+    println!("{states}");
+    let mut latency = output::table(&["Stage", "Done", "p50", "p90", "p99"]);
+    for (stage, figures) in &summary.stage_latency {
+        latency.add_row(vec![
+            stage.clone(),
+            figures.count.to_string(),
+            format!("{} ms", figures.p50_ms),
+            format!("{} ms", figures.p90_ms),
+            format!("{} ms", figures.p99_ms),
+        ]);
+    }
+    println!("{latency}");
+    let mut counters = output::table(&["Counter", "Value"]);
+    for (name, value) in &summary.counters {
+        counters.add_row(vec![name.clone(), value.to_string()]);
+    }
+    println!("{counters}");
+    let mut agents = output::table(&["Agent", "Role", "Outcomes"]);
+    for (agent, outcomes) in &summary.agents {
+        let listed: Vec<String> = outcomes.outcomes.iter().map(|(k, v)| format!("{k} {v}")).collect();
+        agents.add_row(vec![agent.clone(), outcomes.role.clone(), listed.join(", ")]);
+    }
+    println!("{agents}");
+    Ok(())
+}

@@ -1,0 +1,224 @@
+//! `triage projections`, `ticket list/queue/show` and `stats` through the
+//! real binary. Snapshots have their timings masked.
+
+mod common;
+
+use std::path::Path;
+
+use common::{fail, snapshot, succeed};
+use serde_json::Value;
+
+fn json_lines(text: &str) -> Vec<Value> {
+    text.lines().map(|line| serde_json::from_str(line).unwrap()).collect()
+}
+
+/// Opens three tickets and moves one to CLASSIFIED; returns their ids.
+fn seed(dir: &Path) -> Vec<String> {
+    let ids: Vec<String> = (0..3)
+        .map(|n| {
+            let subject = format!("Ticket {n}");
+            let opened: Value = serde_json::from_str(&succeed(
+                dir,
+                &[
+                    "ticket",
+                    "open",
+                    "--subject",
+                    &subject,
+                    "--body",
+                    "b",
+                    "--json",
+                    "--id",
+                    &format!("00000000-0000-4000-8000-00000000000{n}"),
+                ],
+            ))
+            .unwrap();
+            opened["id"].as_str().unwrap().to_owned()
+        })
+        .collect();
+    let claim: Value = serde_json::from_str(&succeed(
+        dir,
+        &[
+            "ticket",
+            "send",
+            &ids[0],
+            r#"{"type":"start_classification"}"#,
+            "--agent",
+            "c-1",
+            "--role",
+            "classifier",
+            "--json",
+        ],
+    ))
+    .unwrap();
+    let classify = format!(
+        r#"{{"type":"classify","claim_id":"{}","category":"billing","priority":"high","confidence":0.9}}"#,
+        claim["command_id"].as_str().unwrap()
+    );
+    succeed(
+        dir,
+        &[
+            "ticket",
+            "send",
+            &ids[0],
+            &classify,
+            "--agent",
+            "c-1",
+            "--role",
+            "classifier",
+        ],
+    );
+    // A refusal for the statistics.
+    fail(
+        dir,
+        &[
+            "ticket",
+            "send",
+            &ids[1],
+            r#"{"type":"start_drafting"}"#,
+            "--agent",
+            "d-1",
+            "--role",
+            "drafter",
+        ],
+    );
+    ids
+}
+
+/// Masks the run-dependent parts of rebuild output (timings).
+fn mask_timings(text: &str) -> String {
+    text.lines()
+        .map(|line| match line.find(" events in ") {
+            Some(at) => format!("{} events in <time>", &line[..at]),
+            None => line.to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+        + "\n"
+}
+
+#[test]
+fn list_status_and_rebuild() {
+    let dir = tempfile::tempdir().unwrap();
+    seed(dir.path());
+    snapshot("projections-list.txt", &succeed(dir.path(), &["projections", "list"]));
+    // Nothing has read the models yet: not built.
+    snapshot(
+        "projections-status-before.txt",
+        &succeed(dir.path(), &["projections", "status"]),
+    );
+    succeed(dir.path(), &["ticket", "list"]);
+    snapshot(
+        "projections-status-after.txt",
+        &succeed(dir.path(), &["projections", "status"]),
+    );
+    let rebuilt = succeed(
+        dir.path(),
+        &["projections", "rebuild", "--all", "--verify", "--no-progress"],
+    );
+    snapshot("projections-rebuild.txt", &mask_timings(&rebuilt));
+    let statuses = json_lines(&succeed(dir.path(), &["projections", "status", "--json"]));
+    assert_eq!(statuses.len(), 2);
+    for status in &statuses {
+        assert_eq!(status["generation"], 2, "{status}");
+        assert_eq!(status["lag"], 0, "{status}");
+        assert_eq!(status["last_error"], Value::Null);
+    }
+    let reports = json_lines(&succeed(
+        dir.path(),
+        &[
+            "projections",
+            "rebuild",
+            "tickets",
+            "--json",
+            "--no-progress",
+            "--verify",
+        ],
+    ));
+    assert_eq!(reports[0]["differences"], serde_json::json!([]));
+    assert_eq!(reports[0]["generation"], 3);
+    assert!(
+        dir.path().join("triage.read.db").exists(),
+        "read models live next to the events"
+    );
+}
+
+#[test]
+fn rebuild_progress_is_printed_as_lines_when_not_on_a_terminal() {
+    let dir = tempfile::tempdir().unwrap();
+    seed(dir.path());
+    let output = common::triage(dir.path(), &["projections", "rebuild", "tickets"]);
+    assert!(output.status.success());
+    let progress = common::stderr(&output);
+    assert!(
+        progress.contains("rebuild tickets: ") && progress.contains("(100%)"),
+        "{progress}"
+    );
+    let error = fail(dir.path(), &["projections", "rebuild", "nonsense"]);
+    assert!(
+        error.contains("no projection named \"nonsense\"; known: tickets, stats"),
+        "{error}"
+    );
+    let error = fail(dir.path(), &["projections", "rebuild"]);
+    assert!(error.contains("required"), "{error}");
+}
+
+#[test]
+fn tickets_lists_and_queues_come_from_the_read_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let ids = seed(dir.path());
+    let all = json_lines(&succeed(dir.path(), &["ticket", "list", "--json"]));
+    assert_eq!(all.len(), 3);
+    let new = json_lines(&succeed(dir.path(), &["ticket", "list", "--state", "new", "--json"]));
+    assert_eq!(
+        new.iter().map(|t| t["id"].as_str().unwrap()).collect::<Vec<_>>(),
+        [&ids[1], &ids[2]]
+    );
+    let drafting_queue = json_lines(&succeed(
+        dir.path(),
+        &["ticket", "queue", "--role", "drafter", "--json"],
+    ));
+    assert_eq!(drafting_queue.len(), 1);
+    assert_eq!(drafting_queue[0]["id"], ids[0].as_str());
+    assert_eq!(drafting_queue[0]["revision"], 2);
+    let shown = succeed(dir.path(), &["ticket", "show", &ids[0]]);
+    assert!(
+        shown.contains("read model at log position") && shown.contains("this ticket at revision 2"),
+        "{shown}"
+    );
+    let error = fail(dir.path(), &["ticket", "list", "--state", "LIMBO"]);
+    assert!(error.contains("unknown state \"LIMBO\""), "{error}");
+}
+
+#[test]
+fn stats_counts_states_refusals_and_outcomes() {
+    let dir = tempfile::tempdir().unwrap();
+    seed(dir.path());
+    let stats: Value = serde_json::from_str(&succeed(dir.path(), &["stats", "--json"])).unwrap();
+    assert_eq!(stats["tickets_per_state"]["NEW"], 2);
+    assert_eq!(stats["tickets_per_state"]["CLASSIFIED"], 1);
+    assert_eq!(stats["counters"]["rejections.invalid_transition"], 1);
+    assert_eq!(stats["agents"]["c-1"]["outcomes"]["completed"], 1);
+    assert_eq!(stats["agents"]["d-1"]["outcomes"]["refused"], 1);
+    assert_eq!(stats["stage_latency"]["classify"]["count"], 1);
+    let people = succeed(dir.path(), &["stats"]);
+    assert!(
+        people.contains("rejections.invalid_transition") && people.contains("classify"),
+        "{people}"
+    );
+}
+
+#[test]
+fn a_foreign_read_model_file_is_refused_and_left_unchanged() {
+    let dir = tempfile::tempdir().unwrap();
+    seed(dir.path());
+    std::fs::write(dir.path().join("other.db"), b"not a database at all").unwrap();
+    let error = fail(dir.path(), &["--read-model", "other.db", "ticket", "list"]);
+    assert!(
+        error.contains("other.db cannot be used as a read-model file"),
+        "{error}"
+    );
+    assert_eq!(
+        std::fs::read(dir.path().join("other.db")).unwrap(),
+        b"not a database at all"
+    );
+}
