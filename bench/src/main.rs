@@ -53,6 +53,16 @@ enum Bench {
         #[arg(long, default_value_t = 2048)]
         page_size: u32,
     },
+    /// Projection rebuild: generate realistic ticket events into a fresh
+    /// SQLite store, then rebuild every projection from position 0.
+    Rebuild {
+        /// Events to generate (whole ticket lifecycles of 7 events).
+        #[arg(long, default_value_t = 1_000_000)]
+        events: u64,
+        /// Events per read page and read-model transaction.
+        #[arg(long, default_value_t = 4096)]
+        batch_size: usize,
+    },
     /// Replay speed of the SQLite store: read the whole log in pages and
     /// decode and fold every event, as a projection rebuild does.
     Replay {
@@ -200,6 +210,9 @@ fn round(value: f64, digits: i32) -> f64 {
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.bench {
+        Bench::Rebuild { events, batch_size } => {
+            println!("{}", replay::rebuild(events, batch_size).await?);
+        }
         Bench::Replay { events, page_sizes } => {
             for page_size in page_sizes {
                 println!("{}", replay::run(events, page_size).await?);

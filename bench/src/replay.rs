@@ -14,6 +14,7 @@ use serde_json::{Value, json};
 use triage_command_handler::decode_recorded;
 use triage_domain::{Agent, Context, Event, EventMetadata, Policy, Ticket, TicketId, decide, event_id, evolve};
 use triage_event_store::{EventData, EventStore, ExpectedRevision, ReadAll, StreamName};
+use triage_projections::{Projector, ProjectorOptions, ReadModelDb, RebuildOptions};
 use triage_store_sqlite::{SqliteEventStore, SqliteOptions, Synchronous};
 use uuid::Uuid;
 
@@ -73,10 +74,17 @@ pub(crate) fn peak_rss_mib() -> Option<f64> {
     Some(kib / 1024.0)
 }
 
-pub(crate) async fn run(events: u64, page_size: u32) -> anyhow::Result<Value> {
+/// Resets the peak-RSS mark (Linux), so that a later reading covers only
+/// what follows.
+fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+/// Fills a fresh store with `events` events of whole ticket lifecycles.
+async fn generate(events: u64, page_size: u32) -> anyhow::Result<(Arc<SqliteEventStore>, u64, f64)> {
     let options = SqliteOptions {
         page_size,
-        // Generation only: the replay below reads committed data either way.
+        // Generation only: what is measured reads committed data either way.
         synchronous: Synchronous::Normal,
         ..SqliteOptions::default()
     };
@@ -107,7 +115,55 @@ pub(crate) async fn run(events: u64, page_size: u32) -> anyhow::Result<Value> {
     for task in tasks {
         total += task.await??;
     }
-    let generate_s = generated.elapsed().as_secs_f64();
+    Ok((store, total, generated.elapsed().as_secs_f64()))
+}
+
+/// `triage-bench rebuild`: every projection rebuilt from position 0 through
+/// the real runtime.
+pub(crate) async fn rebuild(events: u64, batch_size: usize) -> anyhow::Result<Value> {
+    let (store, total, generate_s) = generate(events, SqliteOptions::default().page_size).await?;
+    let read_dir = tempfile::tempdir()?;
+    let db = ReadModelDb::open(read_dir.path().join("triage.read.db"))?;
+    let projector = Projector::new(store.clone() as Arc<dyn EventStore>, db).with_options(ProjectorOptions {
+        batch_size,
+        ..ProjectorOptions::default()
+    });
+    reset_peak_rss();
+    let started = Instant::now();
+    let mut per_projection = Vec::new();
+    for projection in ["tickets", "stats"] {
+        let report = projector.rebuild(projection, RebuildOptions::default()).await?;
+        per_projection.push(json!({
+            "projection": projection,
+            "events": report.events,
+            "wall_s": (report.wall_s * 1000.0).round() / 1000.0,
+            "events_per_s": report.events_per_s.round(),
+        }));
+    }
+    let wall = started.elapsed().as_secs_f64();
+    let tickets = projector.read("tickets", |conn, slot| triage_projections::TicketsView::new(conn, slot).counts())?;
+    anyhow::ensure!(
+        tickets.values().sum::<u64>() == total.div_ceil(7),
+        "the rebuilt model holds {} tickets, expected {}",
+        tickets.values().sum::<u64>(),
+        total.div_ceil(7)
+    );
+    Ok(json!({
+        "bench": "rebuild",
+        "store": "sqlite",
+        "read_model": "sqlite",
+        "events": total,
+        "projections": per_projection,
+        "generate_s": (generate_s * 1000.0).round() / 1000.0,
+        "wall_s": (wall * 1000.0).round() / 1000.0,
+        "events_per_s": (total as f64 / wall).round(),
+        "peak_rss_mb": peak_rss_mib().map(|m| (m * 10.0).round() / 10.0),
+        "batch_size": batch_size,
+    }))
+}
+
+pub(crate) async fn run(events: u64, page_size: u32) -> anyhow::Result<Value> {
+    let (store, total, generate_s) = generate(events, page_size).await?;
     let bytes = std::fs::metadata(store.path()).map(|m| m.len()).unwrap_or(0);
 
     let started = Instant::now();
