@@ -391,21 +391,46 @@ impl Projector {
             }];
             self.replay(&target, head, &mut |_| {}, None).await?;
         }
-        let conn = self.db.lock();
-        let slot = |kind| {
-            db::read_slot(&conn, kind, projection.name())
-                .map_err(|error| ProjectionError::sqlite("read the registry", error))?
-                .ok_or_else(|| ProjectionError::NotBuilt {
-                    name: projection.name().to_owned(),
-                })
+        // A live projector running alongside (`triage serve`) may move the
+        // live generation on meanwhile: bring the one behind up to the other
+        // and compare only when both are at the same position, under one
+        // hold of the connection.
+        let mut attempts = 0;
+        let (live_rows, build_rows) = loop {
+            attempts += 1;
+            let behind = {
+                let conn = self.db.lock();
+                let slot = |kind| {
+                    db::read_slot(&conn, kind, projection.name())
+                        .map_err(|error| ProjectionError::sqlite("read the registry", error))?
+                        .ok_or_else(|| ProjectionError::NotBuilt {
+                            name: projection.name().to_owned(),
+                        })
+                };
+                let (live, build) = (slot(SlotKind::Live)?, slot(SlotKind::Build)?);
+                if live.checkpoint == build.checkpoint || attempts >= 100 {
+                    let digest = |slot: &Slot| {
+                        projection
+                            .digest(&conn, slot)
+                            .map_err(|error| ProjectionError::sqlite("digest the read model", error))
+                    };
+                    Err((digest(&live)?, digest(&build)?))
+                } else if build.checkpoint < live.checkpoint {
+                    Ok((SlotKind::Build, live.checkpoint))
+                } else {
+                    Ok((SlotKind::Live, build.checkpoint))
+                }
+            };
+            let (kind, until) = match behind {
+                Ok(behind) => behind,
+                Err(digests) => break digests,
+            };
+            let target = [Target {
+                projection: projection.clone(),
+                kind,
+            }];
+            self.replay(&target, until, &mut |_| {}, None).await?;
         };
-        let (live, build) = (slot(SlotKind::Live)?, slot(SlotKind::Build)?);
-        let digest = |slot: &Slot| {
-            projection
-                .digest(&conn, slot)
-                .map_err(|error| ProjectionError::sqlite("digest the read model", error))
-        };
-        let (live_rows, build_rows) = (digest(&live)?, digest(&build)?);
         Ok((diff(&live_rows, &build_rows), build_rows.len().max(live_rows.len())))
     }
 
@@ -469,7 +494,7 @@ impl Projector {
         &self,
         targets: &[Target],
         until: Option<Position>,
-        progress: &mut dyn FnMut(u64),
+        progress: &mut (dyn FnMut(u64) + Send),
         cancel: Option<&AtomicBool>,
     ) -> Result<Option<Position>, ProjectionError> {
         let start = {
@@ -548,6 +573,8 @@ impl std::fmt::Debug for RebuildOptions {
 /// One page of the log, decoded.
 #[derive(Debug)]
 struct Page {
+    /// The position the page was read after (`None`: from the start).
+    start: Option<Position>,
     events: Vec<ProjectedEvent>,
     /// The last position considered (projected or not).
     end: Position,
@@ -578,6 +605,7 @@ async fn read_pages(
             }
         };
         let mut page = Page {
+            start: after,
             events: Vec::with_capacity(records.len()),
             end: Position::START,
             considered: 0,
@@ -631,6 +659,19 @@ fn apply_page(db: &ReadModelDb, targets: &[Target], page: &Page) -> Result<(), P
             return Err(ProjectionError::NotBuilt { name: name.to_owned() });
         };
         if slot.checkpoint >= Some(page.end) {
+            continue;
+        }
+        if slot.checkpoint < page.start {
+            // The slot is behind where this page starts: a rebuild swapped
+            // in a generation built up to an earlier position while this
+            // replay was running. Applying the page would skip the events in
+            // between; leave the slot for the next catch-up instead.
+            tracing::debug!(
+                projection = name,
+                checkpoint = ?slot.checkpoint,
+                page_start = ?page.start,
+                "checkpoint behind the page; leaving it to the next catch-up"
+            );
             continue;
         }
         let fresh: &[ProjectedEvent] = {
