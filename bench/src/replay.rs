@@ -141,7 +141,9 @@ pub(crate) async fn rebuild(events: u64, batch_size: usize) -> anyhow::Result<Va
         }));
     }
     let wall = started.elapsed().as_secs_f64();
-    let tickets = projector.read("tickets", |conn, slot| triage_projections::TicketsView::new(conn, slot).counts())?;
+    let tickets = projector.read("tickets", |conn, slot| {
+        triage_projections::TicketsView::new(conn, slot).counts()
+    })?;
     anyhow::ensure!(
         tickets.values().sum::<u64>() == total.div_ceil(7),
         "the rebuilt model holds {} tickets, expected {}",

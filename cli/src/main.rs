@@ -5,6 +5,7 @@
 //! people or JSON for programs. Errors are `anyhow` here and only here; the
 //! libraries keep typed errors.
 
+mod demo;
 mod output;
 mod projections;
 mod store;
@@ -55,14 +56,9 @@ struct GlobalArgs {
     store: Option<String>,
 
     /// The embedded SQLite store file; the same as --store sqlite://PATH.
-    #[arg(
-        long,
-        global = true,
-        env = "TRIAGE_DB",
-        value_name = "PATH",
-        default_value = "./triage.db"
-    )]
-    db: PathBuf,
+    /// Default: ./triage.db (`demo` uses a fresh temporary store instead).
+    #[arg(long, global = true, env = "TRIAGE_DB", value_name = "PATH")]
+    db: Option<PathBuf>,
 
     /// The read-model file (SQLite). Default: next to the event store file,
     /// `triage.db` → `triage.read.db`; in memory for memory://.
@@ -96,6 +92,12 @@ enum SyncMode {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// The main job: simulated AI agents work support tickets end to end on
+    /// the embedded store, with the failures real agents have (slow model
+    /// calls, timeouts and late writes, crashes, hallucinated output, retries,
+    /// two agents grabbing one ticket); then an audit computed from the event
+    /// log alone. Exits non-zero if the audit fails.
+    Demo(demo::DemoArgs),
     /// Print the transition table: every allowed transition, the command that
     /// makes it and the roles allowed to send it.
     States {
@@ -118,7 +120,9 @@ impl GlobalArgs {
     fn location(&self) -> anyhow::Result<StoreLocation> {
         match &self.store {
             Some(url) => StoreLocation::parse(url),
-            None => Ok(StoreLocation::Sqlite(self.db.clone())),
+            None => Ok(StoreLocation::Sqlite(
+                self.db.clone().unwrap_or_else(|| PathBuf::from("./triage.db")),
+            )),
         }
     }
 
@@ -189,6 +193,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             output::print_states(mermaid, cli.global.json);
             Ok(())
         }
+        Command::Demo(args) => demo::run(args, &cli.global).await,
         Command::Ticket(command) => ticket::run(command, &cli.global).await,
         Command::Projections(command) => projections::run(command, &cli.global).await,
         Command::Stats => projections::stats(&cli.global).await,

@@ -1,0 +1,95 @@
+//! `triage demo` through the real binary.
+
+mod common;
+
+use common::{fail, succeed};
+use serde_json::Value;
+
+const SMALL: &[&str] = &[
+    "demo",
+    "--tickets",
+    "12",
+    "--time-scale",
+    "0.002",
+    "--no-progress",
+    "--json",
+];
+
+const KEYS: &[&str] = &[
+    "tickets",
+    "resolved",
+    "task_failure_rate",
+    "latency_mean_ms",
+    "latency_p99_ms",
+    "conflicts_detected",
+    "late_writes_rejected",
+    "duplicates_suppressed",
+    "claims_expired",
+    "lost_updates",
+    "invalid_transitions",
+    "duplicate_events",
+    "missing_events",
+    "read_model_matches_rebuild",
+    "audit_passed",
+];
+
+#[test]
+fn the_demo_prints_its_summary_as_json_and_passes_its_audit() {
+    let dir = tempfile::tempdir().unwrap();
+    let report: Value = serde_json::from_str(&succeed(dir.path(), SMALL)).unwrap();
+    for key in KEYS {
+        assert!(report.get(key).is_some(), "missing key {key} in {report}");
+    }
+    assert_eq!(report["tickets"], 12);
+    assert_eq!(report["resolved"], 12);
+    assert_eq!(report["audit_passed"], true);
+    assert_eq!(report["lost_updates"], 0);
+    assert!(
+        !dir.path().join("triage.db").exists(),
+        "the demo used a temporary store"
+    );
+}
+
+#[test]
+fn compare_naive_prints_both_designs() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut args = SMALL.to_vec();
+    args.extend(["--compare", "naive"]);
+    let both: Value = serde_json::from_str(&succeed(dir.path(), &args)).unwrap();
+    for design in ["triage", "naive"] {
+        for key in KEYS {
+            assert!(both[design].get(key).is_some(), "missing {design}.{key}");
+        }
+    }
+    assert_eq!(both["triage"]["audit_passed"], true);
+    assert_eq!(both["naive"]["design"], "naive");
+}
+
+#[test]
+fn the_demo_keeps_its_events_when_given_a_store_and_people_get_a_table() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = succeed(
+        dir.path(),
+        &[
+            "--db",
+            "kept.db",
+            "demo",
+            "--tickets",
+            "6",
+            "--time-scale",
+            "0.002",
+            "--no-progress",
+        ],
+    );
+    assert!(
+        text.contains("AUDIT (from the log alone)") && text.contains("PASSED"),
+        "{text}"
+    );
+    let listed = succeed(
+        dir.path(),
+        &["--db", "kept.db", "ticket", "list", "--state", "resolved", "--json"],
+    );
+    assert_eq!(listed.lines().count(), 6, "the demo's tickets stay in kept.db");
+    let error = fail(dir.path(), &["demo", "--crash-rate", "0.9", "--timeout-rate", "0.9"]);
+    assert!(error.contains("failure rates must add up to at most 1"), "{error}");
+}

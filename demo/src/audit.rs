@@ -1,0 +1,354 @@
+//! The auditor: checks a design's write log against what its writers were
+//! told, trusting neither.
+//!
+//! It is the same function for Triage and for the naive baseline; only the
+//! source of the log differs. For Triage the log is the event store itself
+//! (read back through `$all`); for the naive design it is the sequence of
+//! writes to the shared records.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use serde::Serialize;
+use triage_command_handler::decode_recorded;
+use triage_domain::audit::audit_history;
+use triage_domain::{Event, EventMetadata, TicketId, event_id};
+use triage_event_store::{EventStore, ReadAll};
+use uuid::Uuid;
+
+/// One write as it stands in a log.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LoggedEvent {
+    /// The event id.
+    pub id: Uuid,
+    /// What happened.
+    pub event: Event,
+    /// Who did it, under which command, when.
+    pub metadata: EventMetadata,
+    /// How many of the ticket's earlier events the writer had seen when it
+    /// decided. In an event store with expected revisions this is always the
+    /// event's own index; a writer that saw fewer overwrote what it did not
+    /// see.
+    pub seen: u64,
+}
+
+/// What a writer was told: its command was accepted.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Acknowledged {
+    /// The ticket.
+    pub ticket_id: TicketId,
+    /// The command.
+    pub command_id: Uuid,
+    /// How many events it produced.
+    pub events: usize,
+}
+
+/// The auditor's findings.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Audit {
+    /// Tickets audited.
+    pub tickets: usize,
+    /// Events in the log.
+    pub events: usize,
+    /// Acknowledged updates that a later write overwrote without having
+    /// seen them.
+    pub lost_updates: usize,
+    /// Steps that are not a path through the transition table, or break a
+    /// claim rule.
+    pub invalid_transitions: usize,
+    /// Event ids stored more than once.
+    pub duplicate_events: usize,
+    /// Acknowledged commands whose events are not all in the log.
+    pub missing_events: usize,
+    /// The first findings, in words.
+    pub findings: Vec<String>,
+}
+
+impl Audit {
+    /// Whether every invariant held.
+    pub fn passed(&self) -> bool {
+        self.lost_updates == 0
+            && self.invalid_transitions == 0
+            && self.duplicate_events == 0
+            && self.missing_events == 0
+    }
+
+    fn note(&mut self, finding: String) {
+        if self.findings.len() < 20 {
+            self.findings.push(finding);
+        }
+    }
+}
+
+/// Audits per-ticket logs (each in write order) against acknowledgements.
+pub fn audit(logs: &BTreeMap<TicketId, Vec<LoggedEvent>>, acknowledged: &[Acknowledged]) -> Audit {
+    let mut audit = Audit {
+        tickets: logs.len(),
+        ..Audit::default()
+    };
+    let mut seen_ids: HashSet<Uuid> = HashSet::new();
+    for (ticket, log) in logs {
+        audit.events += log.len();
+        for logged in log {
+            if !seen_ids.insert(logged.id) {
+                audit.duplicate_events += 1;
+                audit.note(format!(
+                    "ticket {ticket}: event {} ({}) stored more than once",
+                    logged.id,
+                    logged.event.event_type()
+                ));
+            }
+        }
+        let pairs: Vec<(Event, EventMetadata)> = log
+            .iter()
+            .map(|logged| (logged.event.clone(), logged.metadata.clone()))
+            .collect();
+        for violation in audit_history(&pairs) {
+            audit.invalid_transitions += 1;
+            audit.note(format!("ticket {ticket}: {violation}"));
+        }
+        // Lost updates: a write that had seen fewer events than stood before
+        // it overwrote the commands behind the ones it did not see.
+        let mut lost: HashSet<Uuid> = HashSet::new();
+        for (index, logged) in log.iter().enumerate() {
+            let first_of_command = index == 0 || log[index - 1].metadata.command_id != logged.metadata.command_id;
+            if !first_of_command || logged.seen >= index as u64 {
+                continue;
+            }
+            for unseen in &log[logged.seen as usize..index] {
+                if unseen.metadata.command_id != logged.metadata.command_id && lost.insert(unseen.metadata.command_id) {
+                    audit.note(format!(
+                        "ticket {ticket}: {} by {} was overwritten by {} by {}, which never saw it",
+                        unseen.event.event_type(),
+                        unseen.metadata.agent.id,
+                        logged.event.event_type(),
+                        logged.metadata.agent.id
+                    ));
+                }
+            }
+        }
+        audit.lost_updates += lost.len();
+    }
+    let stored: HashMap<Uuid, TicketId> = logs
+        .iter()
+        .flat_map(|(ticket, log)| log.iter().map(move |logged| (logged.id, *ticket)))
+        .collect();
+    let mut checked = HashSet::new();
+    for ack in acknowledged {
+        if !checked.insert(ack.command_id) {
+            continue;
+        }
+        let complete =
+            (0..ack.events as u32).all(|index| stored.get(&event_id(ack.command_id, index)) == Some(&ack.ticket_id));
+        if !complete {
+            audit.missing_events += 1;
+            audit.note(format!(
+                "ticket {}: acknowledged command {} is missing from the log",
+                ack.ticket_id, ack.command_id
+            ));
+        }
+    }
+    audit
+}
+
+/// Reads every ticket stream of an event store, in revision order. An
+/// append with an expected revision means its writer had seen exactly the
+/// events before it, so `seen` is each event's revision.
+pub async fn logs_from_store(
+    store: &dyn EventStore,
+) -> Result<BTreeMap<TicketId, Vec<LoggedEvent>>, triage_event_store::Error> {
+    let mut logs: BTreeMap<TicketId, Vec<(u64, LoggedEvent)>> = BTreeMap::new();
+    let mut after = None;
+    loop {
+        let mut options = ReadAll::forwards(2048);
+        if let Some(position) = after {
+            options = options.from_position(position);
+        }
+        let page = store.read_all(options).await?;
+        let fresh: Vec<_> = page
+            .into_iter()
+            .filter(|record| Some(record.position) > after)
+            .collect();
+        let Some(last) = fresh.last() else { break };
+        after = Some(last.position);
+        for record in fresh {
+            let Some(ticket) = TicketId::from_stream_name(record.stream.as_str()) else {
+                continue;
+            };
+            let (event, metadata) = decode_recorded(&record).map_err(|error| triage_event_store::Error::Backend {
+                message: format!("cannot decode {} at {}: {error}", record.event_type, record.position),
+                source: None,
+            })?;
+            logs.entry(ticket).or_default().push((
+                record.revision,
+                LoggedEvent {
+                    id: record.id,
+                    event,
+                    metadata,
+                    seen: record.revision,
+                },
+            ));
+        }
+    }
+    Ok(logs
+        .into_iter()
+        .map(|(ticket, mut log)| {
+            log.sort_by_key(|(revision, _)| *revision);
+            (ticket, log.into_iter().map(|(_, logged)| logged).collect())
+        })
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::{TimeZone, Utc};
+    use triage_domain::{Agent, Claim, Priority, Role};
+
+    use super::*;
+
+    fn logged(command: u128, index: u32, event: Event, role: Role, agent: &str, seen: u64) -> LoggedEvent {
+        let command_id = Uuid::from_u128(command);
+        LoggedEvent {
+            id: event_id(command_id, index),
+            event,
+            metadata: EventMetadata {
+                schema_version: 1,
+                command_id,
+                correlation_id: command_id,
+                causation_id: command_id,
+                agent: Agent::new(agent, role),
+                traceparent: None,
+                recorded_at: Utc.with_ymd_and_hms(2026, 5, 1, 10, 0, command as u32 % 50).unwrap(),
+            },
+            seen,
+        }
+    }
+
+    fn ticket() -> TicketId {
+        TicketId(Uuid::from_u128(77))
+    }
+
+    fn clean_log() -> Vec<LoggedEvent> {
+        let lease = Utc.with_ymd_and_hms(2026, 5, 1, 11, 0, 0).unwrap();
+        vec![
+            logged(
+                1,
+                0,
+                Event::TicketOpened {
+                    ticket_id: ticket(),
+                    subject: "s".into(),
+                    body: "b".into(),
+                    customer: None,
+                },
+                Role::Intake,
+                "intake",
+                0,
+            ),
+            logged(
+                2,
+                0,
+                Event::ClassificationStarted {
+                    claim: Claim {
+                        claim_id: Uuid::from_u128(2),
+                        agent_id: "c1".into(),
+                        lease_expires_at: lease,
+                    },
+                },
+                Role::Classifier,
+                "c1",
+                1,
+            ),
+            logged(
+                3,
+                0,
+                Event::TicketClassified {
+                    claim_id: Uuid::from_u128(2),
+                    category: "bug".into(),
+                    priority: Priority::Low,
+                    confidence: 0.5,
+                },
+                Role::Classifier,
+                "c1",
+                2,
+            ),
+        ]
+    }
+
+    fn acks() -> Vec<Acknowledged> {
+        (1..=3)
+            .map(|command| Acknowledged {
+                ticket_id: ticket(),
+                command_id: Uuid::from_u128(command),
+                events: 1,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_clean_log_passes() {
+        let logs = BTreeMap::from([(ticket(), clean_log())]);
+        let audit = audit(&logs, &acks());
+        assert!(audit.passed(), "{audit:?}");
+        assert_eq!((audit.tickets, audit.events), (1, 3));
+    }
+
+    #[test]
+    fn an_injected_invalid_transition_is_reported() {
+        let mut log = clean_log();
+        // A draft for a ticket that is only being classified.
+        log.insert(
+            2,
+            logged(
+                9,
+                0,
+                Event::DraftSubmitted {
+                    claim_id: Uuid::from_u128(2),
+                    body: "draft".into(),
+                },
+                Role::Drafter,
+                "d1",
+                2,
+            ),
+        );
+        for (index, entry) in log.iter_mut().enumerate() {
+            entry.seen = index as u64;
+        }
+        let audit = audit(&BTreeMap::from([(ticket(), log)]), &acks());
+        assert!(audit.invalid_transitions >= 1, "{audit:?}");
+        assert!(!audit.passed());
+        assert!(
+            audit.findings.iter().any(|f| f.contains("not in the transition table")),
+            "{audit:?}"
+        );
+    }
+
+    #[test]
+    fn a_dropped_acknowledged_event_is_reported() {
+        let mut log = clean_log();
+        log.pop();
+        let audit = audit(&BTreeMap::from([(ticket(), log)]), &acks());
+        assert_eq!(audit.missing_events, 1, "{audit:?}");
+        assert!(audit.findings[0].contains("missing from the log"));
+    }
+
+    #[test]
+    fn a_duplicated_event_is_reported() {
+        let mut log = clean_log();
+        let mut again = log[2].clone();
+        again.seen = 3;
+        log.push(again);
+        let audit = audit(&BTreeMap::from([(ticket(), log)]), &acks());
+        assert_eq!(audit.duplicate_events, 1, "{audit:?}");
+        assert!(!audit.passed());
+    }
+
+    #[test]
+    fn an_overwrite_of_unseen_writes_is_a_lost_update() {
+        let mut log = clean_log();
+        // The classification was decided having seen only the opening: it
+        // overwrote the claim it never saw.
+        log[2].seen = 1;
+        let audit = audit(&BTreeMap::from([(ticket(), log)]), &acks());
+        assert_eq!(audit.lost_updates, 1, "{audit:?}");
+        assert!(audit.findings.iter().any(|f| f.contains("never saw it")), "{audit:?}");
+    }
+}
