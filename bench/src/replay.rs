@@ -130,16 +130,13 @@ pub(crate) async fn rebuild(events: u64, batch_size: usize) -> anyhow::Result<Va
     });
     reset_peak_rss();
     let started = Instant::now();
-    let mut per_projection = Vec::new();
-    for projection in ["tickets", "stats"] {
-        let report = projector.rebuild(projection, RebuildOptions::default()).await?;
-        per_projection.push(json!({
-            "projection": projection,
-            "events": report.events,
-            "wall_s": (report.wall_s * 1000.0).round() / 1000.0,
-            "events_per_s": report.events_per_s.round(),
-        }));
-    }
+    let reports = projector
+        .rebuild_many(&["tickets", "stats"], RebuildOptions::default())
+        .await?;
+    let per_projection: Vec<Value> = reports
+        .iter()
+        .map(|report| json!({ "projection": report.name, "events": report.events }))
+        .collect();
     let wall = started.elapsed().as_secs_f64();
     let tickets = projector.read("tickets", |conn, slot| {
         triage_projections::TicketsView::new(conn, slot).counts()

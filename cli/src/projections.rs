@@ -134,18 +134,19 @@ pub(crate) async fn run(command: ProjectionsCommand, global: &GlobalArgs) -> any
                     on_signal.store(true, Ordering::Relaxed);
                 }
             });
-            let mut reports = Vec::new();
-            for name in names {
-                let options = RebuildOptions {
-                    verify,
-                    progress: (!no_progress).then(|| progress_reporter(&name)),
-                    cancel: Some(cancel.clone()),
-                };
-                let report = projector.rebuild(&name, options).await?;
-                if global.json {
-                    output::print_json(&serde_json::to_value(&report)?);
+            // One pass over the log for all of them.
+            let label = names.join("+");
+            let options = RebuildOptions {
+                verify,
+                progress: (!no_progress).then(|| progress_reporter(&label)),
+                cancel: Some(cancel.clone()),
+            };
+            let names: Vec<&str> = names.iter().map(String::as_str).collect();
+            let reports = projector.rebuild_many(&names, options).await?;
+            if global.json {
+                for report in &reports {
+                    output::print_json(&serde_json::to_value(report)?);
                 }
-                reports.push(report);
             }
             if !global.json {
                 print_reports(&reports);

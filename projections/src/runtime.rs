@@ -284,35 +284,59 @@ impl Projector {
     /// Rebuilds `name` from the start of the log into a new generation
     /// while the live one keeps serving, optionally verifies it against the
     /// live one, and swaps it in atomically.
-    pub async fn rebuild(&self, name: &str, mut options: RebuildOptions) -> Result<RebuildReport, ProjectionError> {
-        let projection = self.projection(name)?;
-        let slot = {
+    pub async fn rebuild(&self, name: &str, options: RebuildOptions) -> Result<RebuildReport, ProjectionError> {
+        let mut reports = self.rebuild_many(&[name], options).await?;
+        Ok(reports.remove(0))
+    }
+
+    /// Rebuilds several projections in one pass over the log: each event is
+    /// read and decoded once and applied to every shadow generation in the
+    /// same transaction. Then each is verified (if asked) and swapped in.
+    pub async fn rebuild_many(
+        &self,
+        names: &[&str],
+        mut options: RebuildOptions,
+    ) -> Result<Vec<RebuildReport>, ProjectionError> {
+        let projections: Vec<Arc<dyn Projection>> = names
+            .iter()
+            .map(|name| self.projection(name))
+            .collect::<Result<_, _>>()?;
+        let mut slots = Vec::with_capacity(projections.len());
+        {
             let mut conn = self.db.lock();
             let tx = conn
                 .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
                 .map_err(|error| ProjectionError::sqlite("begin", error))?;
-            discard_build(&tx, projection.as_ref())
-                .map_err(|error| ProjectionError::sqlite("discard an old build", error))?;
-            let generation =
-                db::max_generation(&tx, name).map_err(|error| ProjectionError::sqlite("read the registry", error))? + 1;
-            let slot = Slot {
-                name: name.to_owned(),
-                version: projection.version(),
-                generation,
-                checkpoint: None,
-                events_applied: 0,
-            };
-            projection
-                .create(&tx, &slot)
-                .and_then(|()| db::insert_slot(&tx, SlotKind::Build, &slot))
-                .and_then(|()| tx.commit())
+            for projection in &projections {
+                let name = projection.name();
+                discard_build(&tx, projection.as_ref())
+                    .map_err(|error| ProjectionError::sqlite("discard an old build", error))?;
+                let generation = db::max_generation(&tx, name)
+                    .map_err(|error| ProjectionError::sqlite("read the registry", error))?
+                    + 1;
+                let slot = Slot {
+                    name: name.to_owned(),
+                    version: projection.version(),
+                    generation,
+                    checkpoint: None,
+                    events_applied: 0,
+                };
+                projection
+                    .create(&tx, &slot)
+                    .and_then(|()| db::insert_slot(&tx, SlotKind::Build, &slot))
+                    .map_err(|error| ProjectionError::sqlite("create the shadow tables", error))?;
+                slots.push(slot);
+            }
+            tx.commit()
                 .map_err(|error| ProjectionError::sqlite("create the shadow tables", error))?;
-            slot
-        };
-        let build = [Target {
-            projection: projection.clone(),
-            kind: SlotKind::Build,
-        }];
+        }
+        let build: Vec<Target> = projections
+            .iter()
+            .map(|projection| Target {
+                projection: projection.clone(),
+                kind: SlotKind::Build,
+            })
+            .collect();
         let total = self.events.head_position().await?.map_or(0, |head| head.commit);
         let started = Instant::now();
         let mut report_progress = |done: u64| {
@@ -334,41 +358,48 @@ impl Projector {
         if let Err(error) = replayed {
             let mut conn = self.db.lock();
             if let Ok(tx) = conn.transaction() {
-                let _ = discard_build(&tx, projection.as_ref());
+                for projection in &projections {
+                    let _ = discard_build(&tx, projection.as_ref());
+                }
                 let _ = tx.commit();
             }
             return Err(error);
         }
         let wall = started.elapsed().as_secs_f64();
-        let events = {
-            let conn = self.db.lock();
-            db::read_slot(&conn, SlotKind::Build, name)
-                .map_err(|error| ProjectionError::sqlite("read the registry", error))?
-                .map_or(0, |slot| slot.events_applied)
-        };
-        let (differences, compared) = if options.verify {
-            let (differences, compared) = self.verify(&projection).await?;
-            (Some(differences), Some(compared))
-        } else {
-            (None, None)
-        };
-        self.swap(&projection)?;
-        tracing::info!(
-            projection = name,
-            generation = slot.generation,
-            events,
-            "rebuilt and swapped in"
-        );
-        Ok(RebuildReport {
-            name: name.to_owned(),
-            version: projection.version(),
-            generation: slot.generation,
-            events,
-            wall_s: wall,
-            events_per_s: events as f64 / wall.max(1e-6),
-            differences,
-            compared,
-        })
+        let mut reports = Vec::with_capacity(projections.len());
+        for (projection, slot) in projections.iter().zip(&slots) {
+            let name = projection.name();
+            let events = {
+                let conn = self.db.lock();
+                db::read_slot(&conn, SlotKind::Build, name)
+                    .map_err(|error| ProjectionError::sqlite("read the registry", error))?
+                    .map_or(0, |slot| slot.events_applied)
+            };
+            let (differences, compared) = if options.verify {
+                let (differences, compared) = self.verify(projection).await?;
+                (Some(differences), Some(compared))
+            } else {
+                (None, None)
+            };
+            self.swap(projection)?;
+            tracing::info!(
+                projection = name,
+                generation = slot.generation,
+                events,
+                "rebuilt and swapped in"
+            );
+            reports.push(RebuildReport {
+                name: name.to_owned(),
+                version: projection.version(),
+                generation: slot.generation,
+                events,
+                wall_s: wall,
+                events_per_s: events as f64 / wall.max(1e-6),
+                differences,
+                compared,
+            });
+        }
+        Ok(reports)
     }
 
     /// Brings the live and the rebuilt generation to the same position and
