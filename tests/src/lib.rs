@@ -13,12 +13,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::{TimeZone, Utc};
-use triage_command_handler::{Accepted, Clock, CommandError, CommandHandler, ManualClock, decode_recorded};
-use triage_domain::audit::{Violation, audit_history};
-use triage_domain::{
-    Agent, Command, CommandEnvelope, Event, EventMetadata, Policy, Priority, Role, State, TicketId, event_id,
-};
-use triage_event_store::{EventStore, ReadAll, RecordedEvent};
+use triage_command_handler::{Accepted, Clock, CommandError, CommandHandler, ManualClock};
+use triage_demo::audit::{Acknowledged, Audit, audit, logs_from_store};
+use triage_domain::{Agent, Command, CommandEnvelope, Event, Policy, Priority, Role, State, TicketId, event_id};
+use triage_event_store::EventStore;
 use uuid::Uuid;
 
 /// What a race run is made of.
@@ -65,20 +63,17 @@ pub struct RaceReport {
     pub errors: Vec<String>,
 }
 
-/// What the event log says.
+/// What the event log says: the demo's auditor (the same one `triage demo`
+/// runs) plus checks only a test can make.
 #[derive(Debug, Default)]
 pub struct LogAudit {
-    /// Events in ticket streams.
-    pub events: usize,
+    /// Lost updates, invalid transitions, duplicate and missing events.
+    pub audit: Audit,
     /// Ticket streams read.
     pub streams: usize,
-    /// Transitions that break the table or a claim rule.
-    pub violations: Vec<(TicketId, Violation)>,
-    /// Event ids stored more than once.
-    pub duplicate_event_ids: usize,
-    /// Acknowledged commands whose events are missing or not where the
-    /// acknowledgement said.
-    pub missing_acknowledged: Vec<Uuid>,
+    /// Acknowledged commands whose last event is not at the acknowledged
+    /// revision.
+    pub misplaced_acknowledged: Vec<Uuid>,
     /// Stored events of commands whose ids do not match the deterministic
     /// scheme (event i of command c must be UUIDv5(c, i)).
     pub foreign_event_ids: usize,
@@ -93,9 +88,8 @@ pub struct LogAudit {
 impl LogAudit {
     /// True when every invariant holds.
     pub fn passed(&self) -> bool {
-        self.violations.is_empty()
-            && self.duplicate_event_ids == 0
-            && self.missing_acknowledged.is_empty()
+        self.audit.passed()
+            && self.misplaced_acknowledged.is_empty()
             && self.foreign_event_ids == 0
             && self.unacknowledged_commands.is_empty()
     }
@@ -366,86 +360,54 @@ fn record(report: &Mutex<RaceReport>, result: Result<Accepted, CommandError>, la
     }
 }
 
-/// Reads the whole log in pages and checks every invariant against it and
-/// against the acknowledgements the agents received.
+/// Reads the whole log and checks every invariant against it and against
+/// the acknowledgements the agents received.
 pub async fn audit_store(store: &dyn EventStore, acknowledged: &[Accepted]) -> LogAudit {
-    let mut audit = LogAudit::default();
-    let mut streams: HashMap<TicketId, Vec<(RecordedEvent, Event, EventMetadata)>> = HashMap::new();
-    let mut seen_ids = HashSet::new();
-    let mut from = None;
-    loop {
-        let mut options = ReadAll::forwards(1000);
-        if let Some(position) = from {
-            options = options.from_position(position);
-        }
-        let page = store.read_all(options).await.expect("the log is readable");
-        let fresh: Vec<RecordedEvent> = page.into_iter().filter(|e| Some(e.position) > from).collect();
-        let Some(last) = fresh.last() else { break };
-        from = Some(last.position);
-        for record in fresh {
-            let Some(ticket) = TicketId::from_stream_name(record.stream.as_str()) else {
-                continue;
-            };
-            if !seen_ids.insert(record.id) {
-                audit.duplicate_event_ids += 1;
-            }
-            let (event, metadata) = decode_recorded(&record).expect("stored events decode");
-            streams.entry(ticket).or_default().push((record, event, metadata));
-        }
-    }
-    audit.streams = streams.len();
-    for (ticket, history) in &mut streams {
-        history.sort_by_key(|(record, _, _)| record.revision);
-        audit.events += history.len();
-        // Event ids follow the deterministic scheme within each command.
+    let logs = logs_from_store(store).await.expect("the log is readable");
+    let acks: Vec<Acknowledged> = acknowledged
+        .iter()
+        .map(|accepted| Acknowledged {
+            ticket_id: accepted.ticket_id,
+            command_id: accepted.command_id,
+            events: accepted.events.len(),
+        })
+        .collect();
+    let mut result = LogAudit {
+        audit: audit(&logs, &acks),
+        streams: logs.len(),
+        ..LogAudit::default()
+    };
+    let mut stored_commands = HashSet::new();
+    for log in logs.values() {
         let mut index_in_command = 0u32;
-        for (position, (record, event, metadata)) in history.iter().enumerate() {
-            let previous_command = position.checked_sub(1).map(|previous| history[previous].2.command_id);
-            index_in_command = if previous_command == Some(metadata.command_id) {
-                index_in_command + 1
-            } else {
-                0
-            };
-            if record.id != event_id(metadata.command_id, index_in_command) {
-                audit.foreign_event_ids += 1;
+        for (revision, logged) in log.iter().enumerate() {
+            let same_command = revision > 0 && log[revision - 1].metadata.command_id == logged.metadata.command_id;
+            index_in_command = if same_command { index_in_command + 1 } else { 0 };
+            if logged.id != event_id(logged.metadata.command_id, index_in_command) {
+                result.foreign_event_ids += 1;
             }
-            if matches!(event, Event::ClaimExpired { .. }) {
-                audit.claims_expired += 1;
+            if matches!(logged.event, Event::ClaimExpired { .. }) {
+                result.claims_expired += 1;
             }
+            stored_commands.insert(logged.metadata.command_id);
         }
-        let pairs: Vec<(Event, EventMetadata)> = history
-            .iter()
-            .map(|(_, event, metadata)| (event.clone(), metadata.clone()))
-            .collect();
-        for violation in audit_history(&pairs) {
-            audit.violations.push((*ticket, violation));
-        }
-        let state = triage_domain::Ticket::from_events(pairs.iter().map(|(event, _)| event)).state;
+        let state = triage_domain::Ticket::from_events(log.iter().map(|logged| &logged.event)).state;
         if let Some(state) = state {
-            *audit.final_states.entry(state).or_default() += 1;
+            *result.final_states.entry(state).or_default() += 1;
         }
     }
-    // No lost update: every acknowledged command's last event is stored at
-    // the acknowledged revision, under its deterministic id.
+    // Every acknowledged command's last event sits at the acknowledged
+    // revision, under its deterministic id.
     for accepted in acknowledged {
         let expected_id = event_id(accepted.command_id, accepted.events.len() as u32 - 1);
-        let stored = streams.get(&accepted.ticket_id).and_then(|history| {
-            history
-                .iter()
-                .find(|(record, _, _)| record.revision == accepted.revision)
-        });
-        if stored.is_none_or(|(record, _, _)| record.id != expected_id) {
-            audit.missing_acknowledged.push(accepted.command_id);
+        let stored = logs
+            .get(&accepted.ticket_id)
+            .and_then(|log| log.get(accepted.revision as usize));
+        if stored.is_none_or(|logged| logged.id != expected_id) {
+            result.misplaced_acknowledged.push(accepted.command_id);
         }
     }
     let acknowledged_ids: HashSet<Uuid> = acknowledged.iter().map(|accepted| accepted.command_id).collect();
-    let mut stored_commands: Vec<Uuid> = streams
-        .values()
-        .flatten()
-        .map(|(_, _, metadata)| metadata.command_id)
-        .filter(|command_id| !acknowledged_ids.contains(command_id))
-        .collect();
-    stored_commands.dedup();
-    audit.unacknowledged_commands = stored_commands;
-    audit
+    result.unacknowledged_commands = stored_commands.difference(&acknowledged_ids).copied().collect();
+    result
 }

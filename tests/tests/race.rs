@@ -16,7 +16,7 @@ async fn race_and_audit(store: Arc<dyn EventStore>) {
         "{}: {} events in {} streams; {} acknowledged, {} rejections, {} stale decisions, {} retries, \
          {} late writes attempted, {} claims expired; final states {:?}",
         store.describe(),
-        audit.events,
+        audit.audit.events,
         audit.streams,
         report.acknowledged.len(),
         report.rejections,
@@ -26,16 +26,22 @@ async fn race_and_audit(store: Arc<dyn EventStore>) {
         audit.claims_expired,
         audit.final_states,
     );
-    assert!(
-        audit.violations.is_empty(),
+    assert_eq!(
+        audit.audit.invalid_transitions, 0,
         "invalid transitions: {:#?}",
-        audit.violations
+        audit.audit.findings
     );
-    assert_eq!(audit.duplicate_event_ids, 0, "events stored twice");
+    assert_eq!(audit.audit.lost_updates, 0, "lost updates: {:#?}", audit.audit.findings);
+    assert_eq!(audit.audit.duplicate_events, 0, "events stored twice");
+    assert_eq!(
+        audit.audit.missing_events, 0,
+        "acknowledged but missing: {:#?}",
+        audit.audit.findings
+    );
     assert!(
-        audit.missing_acknowledged.is_empty(),
-        "lost updates: {:?}",
-        audit.missing_acknowledged
+        audit.misplaced_acknowledged.is_empty(),
+        "{:?}",
+        audit.misplaced_acknowledged
     );
     assert_eq!(audit.foreign_event_ids, 0);
     assert!(
@@ -43,6 +49,7 @@ async fn race_and_audit(store: Arc<dyn EventStore>) {
         "{:?}",
         audit.unacknowledged_commands
     );
+    assert!(audit.passed());
     assert_eq!(audit.streams, 10);
     // The hazards really happened, and none of them got through.
     assert!(report.late_writes_attempted > 0, "the run exercised late writes");
