@@ -12,6 +12,7 @@
 //! the stream, decide, append with `Exact(revision)`.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
@@ -21,6 +22,7 @@ use serde_json::json;
 use triage_command_handler::CommandHandler;
 use triage_domain::{Agent, CommandEnvelope, TicketId};
 use triage_event_store::EventStore;
+use triage_projections::{Projector, ReadModelDb};
 use triage_store_sqlite::{SqliteEventStore, SqliteOptions, Synchronous};
 mod replay;
 mod workload;
@@ -52,6 +54,10 @@ enum Bench {
         /// Page size of the store files, in bytes.
         #[arg(long, default_value_t = 2048)]
         page_size: u32,
+        /// Keep the read models live during the run: none, in a sibling
+        /// file (what Triage does), or in the event store's own file.
+        #[arg(long, value_enum, default_value_t = ProjectorPlacement::None)]
+        projector: ProjectorPlacement,
     },
     /// Projection rebuild: generate realistic ticket events into a fresh
     /// SQLite store, then rebuild every projection from position 0.
@@ -90,6 +96,16 @@ impl Mode {
             Mode::Single => "commit_per_append",
         }
     }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum ProjectorPlacement {
+    /// No projections run.
+    None,
+    /// Read models in a sibling file.
+    Sibling,
+    /// Read models in the event store's own file.
+    SameFile,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -150,6 +166,7 @@ async fn run_commands(
     sync: Sync,
     seconds: f64,
     page_size: u32,
+    placement: ProjectorPlacement,
 ) -> anyhow::Result<(RunResult, serde_json::Value)> {
     let options = SqliteOptions {
         page_size,
@@ -162,6 +179,17 @@ async fn run_commands(
     };
     let store = Arc::new(SqliteEventStore::open_temporary_with(options)?);
     let handler = CommandHandler::new(store.clone() as Arc<dyn EventStore>);
+    let read_models = match placement {
+        ProjectorPlacement::None => None,
+        ProjectorPlacement::Sibling => Some(ReadModelDb::open(ReadModelDb::sibling_of(store.path()))?),
+        ProjectorPlacement::SameFile => Some(ReadModelDb::open_in_event_store_file(store.path())?),
+    };
+    let stop_projector = Arc::new(AtomicBool::new(false));
+    let projector = read_models.map(|db| Projector::new(store.clone() as Arc<dyn EventStore>, db));
+    let projector_task = projector.clone().map(|projector| {
+        let stop = stop_projector.clone();
+        tokio::spawn(async move { projector.run_live(stop).await })
+    });
     let started = Instant::now();
     let deadline = started + Duration::from_secs_f64(seconds);
     let tasks: Vec<_> = (0..agents)
@@ -175,6 +203,15 @@ async fn run_commands(
         latency.add(histogram)?;
     }
     let wall = started.elapsed();
+    // How far the live projections kept up: their lag when the agents stop.
+    let projection_lag = match &projector {
+        Some(projector) => projector.status().await?.iter().map(|status| status.lag).max(),
+        None => None,
+    };
+    stop_projector.store(true, Ordering::Relaxed);
+    if let Some(task) = projector_task {
+        task.await??;
+    }
     let stats = store.stats();
     let result = RunResult {
         commands,
@@ -187,6 +224,8 @@ async fn run_commands(
         "mode": mode.name(),
         "synchronous": format!("{sync:?}").to_uppercase(),
         "page_size": page_size,
+        "projector": format!("{placement:?}").to_lowercase(),
+        "projection_lag_events": projection_lag,
         "agents": agents,
         "commands": result.commands,
         "wall_s": round(wall.as_secs_f64(), 3),
@@ -224,11 +263,12 @@ async fn main() -> anyhow::Result<()> {
             seconds,
             sync,
             page_size,
+            projector,
         } => {
             for &count in &agents {
                 let mut rates = Vec::new();
                 for &mode in &modes {
-                    let (result, line) = run_commands(count, mode, sync, seconds, page_size).await?;
+                    let (result, line) = run_commands(count, mode, sync, seconds, page_size, projector).await?;
                     println!("{line}");
                     rates.push((mode, result.per_second(), result.latency_us.value_at_quantile(0.99)));
                 }

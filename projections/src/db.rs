@@ -12,6 +12,9 @@ use crate::ProjectionError;
 /// `PRAGMA application_id` of a read-model file: "TRRM" in ASCII.
 pub const APPLICATION_ID: i32 = 0x5452_524D;
 
+/// `PRAGMA application_id` of a Triage event store file ("TRIA").
+const EVENT_STORE_APPLICATION_ID: i32 = 0x5452_4941;
+
 /// `PRAGMA user_version` of the registry schema below.
 pub const SCHEMA_VERSION: i32 = 1;
 
@@ -167,6 +170,51 @@ impl ReadModelDb {
             path,
             conn: Arc::new(Mutex::new(conn)),
         })
+    }
+
+    /// Opens read models inside an event store's own SQLite file instead of a
+    /// sibling file. Only for measuring what that layout costs
+    /// (`triage-bench commands --projector same-file`): the projection's
+    /// batches then take the same write lock as the event writer's group
+    /// commits. The CLI never does this, and [`ReadModelDb::open`] refuses an
+    /// event store file so that a mistyped path cannot do it by accident.
+    pub fn open_in_event_store_file(path: impl AsRef<Path>) -> Result<Self, ProjectionError> {
+        let path = path.as_ref().to_path_buf();
+        let conn =
+            Connection::open(&path).map_err(|error| ProjectionError::sqlite("open the event store file", error))?;
+        let setup = || -> rusqlite::Result<bool> {
+            conn.busy_timeout(std::time::Duration::from_secs(10))?;
+            let id: i32 = conn.query_row("PRAGMA application_id", [], |row| row.get(0))?;
+            if id != EVENT_STORE_APPLICATION_ID {
+                return Ok(false);
+            }
+            conn.pragma_update(None, "synchronous", "NORMAL")?;
+            conn.execute_batch("BEGIN IMMEDIATE")?;
+            let exists: bool = conn.query_row(
+                "SELECT EXISTS (SELECT 1 FROM sqlite_schema WHERE name = 'projections')",
+                [],
+                |row| row.get(0),
+            )?;
+            if !exists {
+                conn.execute_batch(CREATE_REGISTRY)?;
+            }
+            conn.execute_batch("COMMIT")?;
+            Ok(true)
+        };
+        match setup() {
+            Ok(true) => Ok(ReadModelDb {
+                path,
+                conn: Arc::new(Mutex::new(conn)),
+            }),
+            Ok(false) => Err(ProjectionError::Incompatible {
+                path,
+                reason: "it is not a Triage event store file".to_owned(),
+            }),
+            Err(error) => Err(ProjectionError::sqlite(
+                "prepare the event store file for read models",
+                error,
+            )),
+        }
     }
 
     /// An in-memory read-model database, for tests and throwaway stores.
