@@ -152,18 +152,7 @@ impl ReadModelDb {
             conn.query_row("PRAGMA journal_mode = WAL", [], |_| Ok(()))?;
             conn.pragma_update(None, "synchronous", "NORMAL")?;
             conn.pragma_update(None, "foreign_keys", false)?;
-            conn.execute_batch("BEGIN IMMEDIATE")?;
-            let exists: bool = conn.query_row(
-                "SELECT EXISTS (SELECT 1 FROM sqlite_schema WHERE name = 'projections')",
-                [],
-                |row| row.get(0),
-            )?;
-            if !exists {
-                conn.execute_batch(CREATE_REGISTRY)?;
-                conn.pragma_update(None, "application_id", APPLICATION_ID)?;
-                conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
-            }
-            conn.execute_batch("COMMIT")
+            ensure_registry(&conn, true)
         };
         setup().map_err(|error| ProjectionError::sqlite("prepare the read-model file", error))?;
         Ok(ReadModelDb {
@@ -189,16 +178,7 @@ impl ReadModelDb {
                 return Ok(false);
             }
             conn.pragma_update(None, "synchronous", "NORMAL")?;
-            conn.execute_batch("BEGIN IMMEDIATE")?;
-            let exists: bool = conn.query_row(
-                "SELECT EXISTS (SELECT 1 FROM sqlite_schema WHERE name = 'projections')",
-                [],
-                |row| row.get(0),
-            )?;
-            if !exists {
-                conn.execute_batch(CREATE_REGISTRY)?;
-            }
-            conn.execute_batch("COMMIT")?;
+            ensure_registry(&conn, false)?;
             Ok(true)
         };
         match setup() {
@@ -240,6 +220,26 @@ impl ReadModelDb {
         // the checkpoint rolls back with the rows.
         self.conn.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
+}
+
+/// Creates the registry tables if the file has none, in a write
+/// transaction so that two processes cannot both create them. `stamp` marks
+/// the file as a read-model file (not done inside an event store's file).
+fn ensure_registry(conn: &Connection, stamp: bool) -> rusqlite::Result<()> {
+    conn.execute_batch("BEGIN IMMEDIATE")?;
+    let exists: bool = conn.query_row(
+        "SELECT EXISTS (SELECT 1 FROM sqlite_schema WHERE name = 'projections')",
+        [],
+        |row| row.get(0),
+    )?;
+    if !exists {
+        conn.execute_batch(CREATE_REGISTRY)?;
+        if stamp {
+            conn.pragma_update(None, "application_id", APPLICATION_ID)?;
+            conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+        }
+    }
+    conn.execute_batch("COMMIT")
 }
 
 fn position(commit: Option<i64>, prepare: Option<i64>) -> Option<Position> {

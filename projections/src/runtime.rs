@@ -264,19 +264,8 @@ impl Projector {
         let tx = conn
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
             .map_err(|error| ProjectionError::sqlite("begin", error))?;
-        let generation =
-            db::max_generation(&tx, projection.name()).map_err(|e| ProjectionError::sqlite("registry", e))? + 1;
-        let slot = Slot {
-            name: projection.name().to_owned(),
-            version: projection.version(),
-            generation,
-            checkpoint: None,
-            events_applied: 0,
-        };
-        projection
-            .create(&tx, &slot)
-            .and_then(|()| db::insert_slot(&tx, SlotKind::Live, &slot))
-            .and_then(|()| create_views(&tx, projection.as_ref(), &slot))
+        new_generation(&tx, projection.as_ref(), SlotKind::Live)
+            .and_then(|slot| create_views(&tx, projection.as_ref(), &slot))
             .and_then(|()| tx.commit())
             .map_err(|error| ProjectionError::sqlite("create the projection's tables", error))
     }
@@ -308,22 +297,8 @@ impl Projector {
                 .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
                 .map_err(|error| ProjectionError::sqlite("begin", error))?;
             for projection in &projections {
-                let name = projection.name();
-                discard_build(&tx, projection.as_ref())
-                    .map_err(|error| ProjectionError::sqlite("discard an old build", error))?;
-                let generation = db::max_generation(&tx, name)
-                    .map_err(|error| ProjectionError::sqlite("read the registry", error))?
-                    + 1;
-                let slot = Slot {
-                    name: name.to_owned(),
-                    version: projection.version(),
-                    generation,
-                    checkpoint: None,
-                    events_applied: 0,
-                };
-                projection
-                    .create(&tx, &slot)
-                    .and_then(|()| db::insert_slot(&tx, SlotKind::Build, &slot))
+                let slot = discard_build(&tx, projection.as_ref())
+                    .and_then(|()| new_generation(&tx, projection.as_ref(), SlotKind::Build))
                     .map_err(|error| ProjectionError::sqlite("create the shadow tables", error))?;
                 slots.push(slot);
             }
@@ -721,6 +696,22 @@ fn apply_page(db: &ReadModelDb, targets: &[Target], page: &Page) -> Result<(), P
     }
     tx.commit()
         .map_err(|error| ProjectionError::sqlite("commit a batch", error))
+}
+
+/// Creates the tables of the projection's next generation and registers
+/// them as `kind`, with no events applied. Generations only grow, so a new
+/// one never reuses the table names of a live or abandoned one.
+fn new_generation(conn: &Connection, projection: &dyn Projection, kind: SlotKind) -> rusqlite::Result<Slot> {
+    let slot = Slot {
+        name: projection.name().to_owned(),
+        version: projection.version(),
+        generation: db::max_generation(conn, projection.name())? + 1,
+        checkpoint: None,
+        events_applied: 0,
+    };
+    projection.create(conn, &slot)?;
+    db::insert_slot(conn, kind, &slot)?;
+    Ok(slot)
 }
 
 fn discard_build(conn: &Connection, projection: &dyn Projection) -> rusqlite::Result<()> {
