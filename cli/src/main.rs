@@ -6,6 +6,7 @@
 //! libraries keep typed errors.
 
 mod demo;
+mod events;
 mod output;
 mod projections;
 mod store;
@@ -105,6 +106,10 @@ enum Command {
         #[arg(long)]
         mermaid: bool,
     },
+    /// Query the event log for analysts: filter by ticket, stream, type,
+    /// agent, role, command, correlation, time or position; print a table,
+    /// JSON lines or CSV, in constant memory; --follow tails live events.
+    Events(events::EventsArgs),
     /// Open, show, list and trace tickets; send commands as an agent.
     #[command(subcommand)]
     Ticket(ticket::TicketCommand),
@@ -180,6 +185,10 @@ fn main() -> ExitCode {
     };
     match runtime.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(error) if error.downcast_ref::<events::NothingMatched>().is_some() => {
+            eprintln!("{error:#}");
+            ExitCode::from(3)
+        }
         Err(error) => {
             eprintln!("error: {error:#}");
             ExitCode::FAILURE
@@ -194,6 +203,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Demo(args) => demo::run(args, &cli.global).await,
+        Command::Events(args) => events::run(args, &cli.global).await,
         Command::Ticket(command) => ticket::run(command, &cli.global).await,
         Command::Projections(command) => projections::run(command, &cli.global).await,
         Command::Stats => projections::stats(&cli.global).await,

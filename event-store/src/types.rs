@@ -165,6 +165,24 @@ impl fmt::Display for Position {
     }
 }
 
+impl std::str::FromStr for Position {
+    type Err = String;
+
+    /// Parses what `Display` prints: `42`, or `C:1/P:2`.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let s = s.trim();
+        let invalid = || format!("{s:?} is not a position (expected a number such as 42, or C:1/P:2)");
+        if let Some(rest) = s.strip_prefix("C:") {
+            let (commit, prepare) = rest.split_once("/P:").ok_or_else(invalid)?;
+            return Ok(Position {
+                commit: commit.parse().map_err(|_| invalid())?,
+                prepare: prepare.parse().map_err(|_| invalid())?,
+            });
+        }
+        s.parse().map(Position::from_sequence).map_err(|_| invalid())
+    }
+}
+
 /// An event to append: already serialized, so that backends never see the
 /// domain's types.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -414,6 +432,9 @@ mod tests {
         assert!(a < b && Position::START < a);
         assert_eq!(Position::from_sequence(7).to_string(), "7");
         assert_eq!(a.to_string(), "C:1/P:9");
+        assert_eq!("C:1/P:9".parse::<Position>().unwrap(), a);
+        assert_eq!("7".parse::<Position>().unwrap(), Position::from_sequence(7));
+        assert!("seven".parse::<Position>().is_err() && "C:1".parse::<Position>().is_err());
     }
 
     #[test]

@@ -37,6 +37,7 @@ use triage_event_store::Position;
 
 mod db;
 mod projection;
+pub mod query;
 mod runtime;
 pub mod stats;
 mod tickets;

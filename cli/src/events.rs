@@ -1,0 +1,289 @@
+//! `triage events`: query and tail the event log.
+
+use std::io::{IsTerminal as _, Write as _};
+use std::ops::ControlFlow;
+
+use anyhow::Context as _;
+use chrono::{DateTime, Utc};
+use clap::{Args, ValueEnum};
+use triage_domain::{EventMetadata, Role, TicketId};
+use triage_event_store::{Position, RecordedEvent, SubscribeToAll, SubscriptionMessage};
+use triage_projections::query::{EventQuery, EventRow};
+use uuid::Uuid;
+
+use crate::GlobalArgs;
+
+#[derive(Debug, Args)]
+#[command(
+    after_help = "Exit status: 0 when events were printed, 3 when none matched, 1 on errors, 2 on bad arguments."
+)]
+pub(crate) struct EventsArgs {
+    /// Only this ticket's events and its recorded refusals.
+    #[arg(long, value_name = "ID")]
+    ticket: Option<TicketId>,
+    /// Only this stream, e.g. ticket-<uuid> or rejections-<uuid>.
+    #[arg(long)]
+    stream: Option<String>,
+    /// Only these event types (repeat, or separate with commas).
+    #[arg(long = "type", value_name = "TYPE", value_delimiter = ',')]
+    event_types: Vec<String>,
+    /// Only events sent by this agent id.
+    #[arg(long)]
+    agent: Option<String>,
+    /// Only events sent in this role.
+    #[arg(long, value_parser = parse_role)]
+    role: Option<Role>,
+    /// Only the events of this command.
+    #[arg(long, value_name = "UUID")]
+    command_id: Option<Uuid>,
+    /// Only the events of this correlation id.
+    #[arg(long, value_name = "UUID")]
+    correlation_id: Option<Uuid>,
+    /// Only events recorded at or after this time (RFC 3339, e.g. 2026-11-28T02:00:00Z).
+    #[arg(long, value_name = "TIME", value_parser = parse_time)]
+    since: Option<DateTime<Utc>>,
+    /// Only events recorded before this time (RFC 3339).
+    #[arg(long, value_name = "TIME", value_parser = parse_time)]
+    until: Option<DateTime<Utc>>,
+    /// Only events at or after this position (as printed: 42 or C:1/P:2).
+    #[arg(long, value_name = "POSITION", value_parser = parse_position)]
+    from_position: Option<Position>,
+    /// Only events at or before this position.
+    #[arg(long, value_name = "POSITION", value_parser = parse_position)]
+    to_position: Option<Position>,
+    /// Output format. Default: a table on a terminal, JSON lines otherwise.
+    #[arg(long, value_enum)]
+    format: Option<Format>,
+    /// After the history, keep printing new matching events until Ctrl-C.
+    #[arg(long)]
+    follow: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Format {
+    /// Aligned columns for people.
+    Table,
+    /// One JSON object per line.
+    Jsonl,
+    /// CSV with a header; `data` and `metadata` as JSON text.
+    Csv,
+}
+
+fn parse_role(value: &str) -> Result<Role, String> {
+    value.parse()
+}
+
+pub(crate) fn parse_time(value: &str) -> Result<DateTime<Utc>, String> {
+    DateTime::parse_from_rfc3339(value.trim())
+        .map(|time| time.with_timezone(&Utc))
+        .map_err(|error| format!("{value:?} is not an RFC 3339 time such as 2026-11-28T02:00:00Z ({error})"))
+}
+
+pub(crate) fn parse_position(value: &str) -> Result<Position, String> {
+    value.parse()
+}
+
+/// Whether output failed because the reader went away (`triage events | head`).
+fn is_broken_pipe(error: &anyhow::Error) -> bool {
+    error.chain().any(|cause| {
+        cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+            || cause.downcast_ref::<csv::Error>().is_some_and(
+                |csv| matches!(csv.kind(), csv::ErrorKind::Io(io) if io.kind() == std::io::ErrorKind::BrokenPipe),
+            )
+    })
+}
+
+/// No event matched: a distinct exit status for scripts.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub(crate) struct NothingMatched(pub(crate) String);
+
+const CSV_HEADER: [&str; 9] = [
+    "position",
+    "stream",
+    "ticket_id",
+    "revision",
+    "id",
+    "type",
+    "recorded_at",
+    "data",
+    "metadata",
+];
+
+/// Writes rows in the chosen format as they come.
+struct Printer {
+    format: Format,
+    csv: Option<csv::Writer<std::io::Stdout>>,
+    printed: u64,
+}
+
+impl Printer {
+    fn new(format: Format) -> anyhow::Result<Printer> {
+        let csv = match format {
+            Format::Csv => {
+                let mut writer = csv::Writer::from_writer(std::io::stdout());
+                writer.write_record(CSV_HEADER)?;
+                Some(writer)
+            }
+            _ => None,
+        };
+        if format == Format::Table {
+            writeln!(
+                std::io::stdout().lock(),
+                "{:<10} {:<24} {:<22} {:>4} {:<22} {:<26} {:<8}",
+                "POSITION",
+                "RECORDED",
+                "STREAM",
+                "REV",
+                "TYPE",
+                "AGENT",
+                "COMMAND"
+            )?;
+        }
+        Ok(Printer {
+            format,
+            csv,
+            printed: 0,
+        })
+    }
+
+    fn print(&mut self, record: &RecordedEvent) -> anyhow::Result<()> {
+        let row = EventRow::from_record(record);
+        self.printed += 1;
+        match self.format {
+            Format::Jsonl => {
+                let mut line = serde_json::to_string(&row)?;
+                line.push('\n');
+                std::io::stdout().lock().write_all(line.as_bytes())?;
+            }
+            Format::Csv => {
+                let writer = self.csv.as_mut().expect("a CSV writer for CSV output");
+                writer.write_record([
+                    row.position.clone(),
+                    row.stream.clone(),
+                    row.ticket_id.map(|id| id.to_string()).unwrap_or_default(),
+                    row.revision.to_string(),
+                    row.id.to_string(),
+                    row.event_type.clone(),
+                    row.recorded_at.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true),
+                    row.data.to_string(),
+                    row.metadata.to_string(),
+                ])?;
+            }
+            Format::Table => {
+                let metadata = EventMetadata::decode(&record.metadata).ok();
+                let agent = metadata
+                    .as_ref()
+                    .map_or_else(String::new, |m| format!("{} ({})", m.agent.id, m.agent.role));
+                let command = metadata
+                    .as_ref()
+                    .map_or_else(String::new, |m| m.command_id.simple().to_string()[..8].to_owned());
+                let stream = match row.stream.split_once('-') {
+                    Some((category, id)) => format!("{category}-{}", &id[..id.len().min(8)]),
+                    None => row.stream.clone(),
+                };
+                writeln!(
+                    std::io::stdout().lock(),
+                    "{:<10} {:<24} {:<22} {:>4} {:<22} {:<26} {:<8}",
+                    row.position,
+                    row.recorded_at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+                    stream,
+                    row.revision,
+                    row.event_type,
+                    agent,
+                    command
+                )?;
+            }
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> anyhow::Result<()> {
+        if let Some(writer) = self.csv.as_mut() {
+            writer.flush()?;
+        }
+        std::io::stdout().flush()?;
+        Ok(())
+    }
+}
+
+pub(crate) async fn run(args: EventsArgs, global: &GlobalArgs) -> anyhow::Result<()> {
+    if let (Some(since), Some(until)) = (args.since, args.until)
+        && since >= until
+    {
+        anyhow::bail!("--since {since} is not before --until {until}: that range holds no time");
+    }
+    let opened = global.open()?;
+    let query = EventQuery {
+        ticket: args.ticket,
+        stream: args.stream.clone(),
+        event_types: args.event_types.clone(),
+        agent: args.agent.clone(),
+        role: args.role,
+        command_id: args.command_id,
+        correlation_id: args.correlation_id,
+        since: args.since,
+        until: args.until,
+        from_position: args.from_position,
+        to_position: args.to_position,
+    };
+    let format = match (args.format, global.json) {
+        (Some(format), _) => format,
+        (None, true) => Format::Jsonl,
+        (None, false) if std::io::stdout().is_terminal() => Format::Table,
+        (None, false) => Format::Jsonl,
+    };
+    let mut printer = Printer::new(format)?;
+    let mut failure = None;
+    let last = query
+        .scan(opened.events.as_ref(), 1024, |record| match printer.print(record) {
+            Ok(()) => ControlFlow::Continue(()),
+            Err(error) => {
+                failure = Some(error);
+                ControlFlow::Break(())
+            }
+        })
+        .await
+        .context("cannot read the event log")?;
+    if let Some(error) = failure {
+        // A closed pipe (`| head`) ends the output quietly.
+        if is_broken_pipe(&error) {
+            return Ok(());
+        }
+        return Err(error);
+    }
+    printer.flush()?;
+    if args.follow {
+        let mut subscription = opened.events.clone().subscribe_to_all(SubscribeToAll {
+            from: last,
+            ..SubscribeToAll::default()
+        });
+        loop {
+            tokio::select! {
+                message = subscription.next() => match message {
+                    Some(Ok(SubscriptionMessage::Event(record))) => {
+                        if query.matches(&record) {
+                            printer.print(&record)?;
+                            printer.flush()?;
+                        }
+                    }
+                    Some(Ok(_)) => {}
+                    Some(Err(error)) => return Err(error).context("the live tail failed"),
+                    None => return Ok(()),
+                },
+                _ = tokio::signal::ctrl_c() => return Ok(()),
+            }
+        }
+    }
+    if printer.printed == 0 {
+        let what = match (args.ticket, &args.stream) {
+            (Some(ticket), _) => format!("ticket {ticket} has no matching events in {}", opened.location),
+            (None, Some(stream)) => format!("stream {stream} has no matching events in {}", opened.location),
+            (None, None) => format!("no events in {} match", opened.location),
+        };
+        return Err(NothingMatched(what).into());
+    }
+    Ok(())
+}

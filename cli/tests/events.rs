@@ -1,0 +1,194 @@
+//! `triage events` through the real binary: formats that round-trip,
+//! filters, and exit codes scripts can rely on.
+
+mod common;
+
+use std::path::Path;
+
+use common::{snapshot, succeed, triage};
+use serde_json::Value;
+
+/// Two tickets with fixed ids and command ids; returns their ids.
+fn seed(dir: &Path) -> [&'static str; 2] {
+    let ids = [
+        "00000000-0000-4000-8000-000000000001",
+        "00000000-0000-4000-8000-000000000002",
+    ];
+    for (n, id) in ids.iter().enumerate() {
+        let command = format!("00000000-0000-4000-8000-0000000000a{n}");
+        succeed(
+            dir,
+            &[
+                "ticket",
+                "open",
+                "--subject",
+                "Subject, with \"quotes\"",
+                "--body",
+                "line one\nline two",
+                "--id",
+                id,
+                "--command-id",
+                &command,
+            ],
+        );
+    }
+    succeed(
+        dir,
+        &[
+            "ticket",
+            "send",
+            ids[0],
+            r#"{"type":"start_classification"}"#,
+            "--agent",
+            "c-1",
+            "--role",
+            "classifier",
+            "--command-id",
+            "00000000-0000-4000-8000-0000000000b0",
+        ],
+    );
+    // A refusal, recorded in the ticket's rejections stream.
+    let refused = triage(
+        dir,
+        &[
+            "ticket",
+            "send",
+            ids[1],
+            r#"{"type":"start_drafting"}"#,
+            "--agent",
+            "d-1",
+            "--role",
+            "drafter",
+            "--command-id",
+            "00000000-0000-4000-8000-0000000000c0",
+        ],
+    );
+    assert!(!refused.status.success());
+    ids
+}
+
+#[test]
+fn json_lines_and_csv_parse_with_standard_parsers_and_agree_on_every_field() {
+    let dir = tempfile::tempdir().unwrap();
+    seed(dir.path());
+    let jsonl: Vec<Value> = succeed(dir.path(), &["events", "--format", "jsonl"])
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    let csv_text = succeed(dir.path(), &["events", "--format", "csv"]);
+    let mut reader = csv::Reader::from_reader(csv_text.as_bytes());
+    let header: Vec<String> = reader.headers().unwrap().iter().map(str::to_owned).collect();
+    assert_eq!(
+        header,
+        [
+            "position",
+            "stream",
+            "ticket_id",
+            "revision",
+            "id",
+            "type",
+            "recorded_at",
+            "data",
+            "metadata"
+        ]
+    );
+    let rows: Vec<csv::StringRecord> = reader.records().map(Result::unwrap).collect();
+    assert_eq!(jsonl.len(), 4, "3 ticket events and 1 refusal");
+    assert_eq!(rows.len(), jsonl.len());
+    for (json, row) in jsonl.iter().zip(&rows) {
+        assert_eq!(json["position"], row[0]);
+        assert_eq!(json["stream"], row[1]);
+        assert_eq!(json["ticket_id"], row[2]);
+        assert_eq!(json["revision"].as_u64().unwrap().to_string(), row[3]);
+        assert_eq!(json["id"], row[4]);
+        assert_eq!(json["type"], row[5]);
+        let json_time = chrono::DateTime::parse_from_rfc3339(json["recorded_at"].as_str().unwrap()).unwrap();
+        let csv_time = chrono::DateTime::parse_from_rfc3339(&row[6]).unwrap();
+        assert_eq!(json_time, csv_time);
+        assert_eq!(json["data"], serde_json::from_str::<Value>(&row[7]).unwrap());
+        assert_eq!(json["metadata"], serde_json::from_str::<Value>(&row[8]).unwrap());
+    }
+    // The payload survives commas, quotes and newlines.
+    assert_eq!(jsonl[0]["data"]["subject"], "Subject, with \"quotes\"");
+    assert_eq!(jsonl[0]["data"]["body"], "line one\nline two");
+    assert_eq!(jsonl[3]["type"], "CommandRejected");
+    assert_eq!(jsonl[3]["ticket_id"], "00000000-0000-4000-8000-000000000002");
+    assert_eq!(jsonl[2]["metadata"]["agent"]["id"], "c-1");
+}
+
+#[test]
+fn filters_narrow_the_output() {
+    let dir = tempfile::tempdir().unwrap();
+    let ids = seed(dir.path());
+    let count = |args: &[&str]| {
+        let mut all = vec!["events", "--format", "jsonl"];
+        all.extend_from_slice(args);
+        succeed(dir.path(), &all).lines().count()
+    };
+    assert_eq!(count(&["--ticket", ids[1]]), 2, "the ticket's event and its refusal");
+    assert_eq!(count(&["--stream", &format!("ticket-{}", ids[1])]), 1);
+    assert_eq!(count(&["--type", "TicketOpened"]), 2);
+    assert_eq!(count(&["--type", "TicketOpened,ClassificationStarted"]), 3);
+    assert_eq!(count(&["--role", "classifier"]), 1);
+    assert_eq!(count(&["--agent", "d-1"]), 1);
+    assert_eq!(count(&["--command-id", "00000000-0000-4000-8000-0000000000b0"]), 1);
+    assert_eq!(count(&["--from-position", "2", "--to-position", "3"]), 2);
+    assert_eq!(count(&["--since", "2000-01-01T00:00:00Z"]), 4);
+}
+
+#[test]
+fn bad_input_and_empty_ranges_have_clear_messages_and_exit_codes() {
+    let dir = tempfile::tempdir().unwrap();
+    seed(dir.path());
+    let unknown = triage(
+        dir.path(),
+        &["events", "--ticket", "6b1d0d0e-0000-4000-8000-000000000000"],
+    );
+    assert_eq!(unknown.status.code(), Some(3));
+    assert!(common::stderr(&unknown).contains("ticket 6b1d0d0e-0000-4000-8000-000000000000 has no matching events"));
+    let empty = triage(dir.path(), &["events", "--since", "2099-01-01T00:00:00Z"]);
+    assert_eq!(empty.status.code(), Some(3), "a range with no events");
+    assert!(
+        common::stderr(&empty).contains("no events in sqlite://./triage.db match"),
+        "{}",
+        common::stderr(&empty)
+    );
+    let malformed = triage(dir.path(), &["events", "--since", "last tuesday"]);
+    assert_eq!(malformed.status.code(), Some(2));
+    assert!(common::stderr(&malformed).contains("is not an RFC 3339 time"));
+    let position = triage(dir.path(), &["events", "--from-position", "first"]);
+    assert_eq!(position.status.code(), Some(2));
+    assert!(common::stderr(&position).contains("is not a position"));
+    let inverted = triage(
+        dir.path(),
+        &[
+            "events",
+            "--since",
+            "2026-01-02T00:00:00Z",
+            "--until",
+            "2026-01-01T00:00:00Z",
+        ],
+    );
+    assert_eq!(inverted.status.code(), Some(1));
+    assert!(common::stderr(&inverted).contains("is not before --until"));
+}
+
+#[test]
+fn the_table_for_people() {
+    let dir = tempfile::tempdir().unwrap();
+    seed(dir.path());
+    let table = succeed(dir.path(), &["events", "--format", "table"]);
+    // Mask the recording times, which change from run to run.
+    let masked: String = table
+        .lines()
+        .map(|line| match line.find("2026-").or_else(|| line.find("20")) {
+            Some(at) if line.len() > at + 24 && line.as_bytes()[at + 4] == b'-' => {
+                format!("{}<time>{}", &line[..at], &line[at + 24..])
+            }
+            _ => line.to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+        + "\n";
+    snapshot("events-table.txt", &masked);
+}

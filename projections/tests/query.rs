@@ -1,0 +1,184 @@
+//! The analysts' query: every filter agrees with brute-force filtering of
+//! the same log, and scans hold one page at a time.
+
+use std::ops::ControlFlow;
+use std::sync::Arc;
+
+use chrono::{Duration, TimeZone, Utc};
+use proptest::prelude::*;
+use triage_domain::{Agent, CommandRejected, EventMetadata, Role, TicketId};
+use triage_event_store::{
+    EventData, EventStore, ExpectedRevision, InMemoryEventStore, Position, ReadAll, RecordedEvent, StreamName,
+};
+use triage_projections::query::EventQuery;
+use uuid::Uuid;
+
+const TYPES: [&str; 4] = ["TicketOpened", "TicketClassified", "DraftSubmitted", "CommandRejected"];
+const AGENTS: [&str; 3] = ["a-1", "a-2", "a-3"];
+const ROLES: [Role; 3] = [Role::Classifier, Role::Drafter, Role::Operator];
+
+fn tickets() -> Vec<TicketId> {
+    (1..=3).map(|n| TicketId(Uuid::from_u128(n))).collect()
+}
+
+fn commands() -> Vec<Uuid> {
+    (100..104).map(Uuid::from_u128).collect()
+}
+
+/// One random write: (ticket, rejection stream?, type, agent, role, command, minute).
+type Write = (usize, bool, usize, usize, usize, usize, i64);
+
+fn write() -> impl Strategy<Value = Write> {
+    (
+        0..3usize,
+        any::<bool>(),
+        0..TYPES.len(),
+        0..AGENTS.len(),
+        0..ROLES.len(),
+        0..4usize,
+        0..120i64,
+    )
+}
+
+async fn store_with(writes: &[Write]) -> Arc<InMemoryEventStore> {
+    let store = Arc::new(InMemoryEventStore::new());
+    let base = Utc.with_ymd_and_hms(2026, 6, 1, 0, 0, 0).unwrap();
+    for &(ticket, rejection, kind, agent, role, command, minute) in writes {
+        let ticket = tickets()[ticket];
+        let stream = if rejection {
+            CommandRejected::stream_name(ticket)
+        } else {
+            ticket.stream_name()
+        };
+        let command_id = commands()[command];
+        let metadata = EventMetadata {
+            schema_version: 1,
+            command_id,
+            correlation_id: commands()[(command + 1) % 4],
+            causation_id: command_id,
+            agent: Agent::new(AGENTS[agent], ROLES[role]),
+            traceparent: None,
+            recorded_at: base + Duration::minutes(minute),
+        };
+        let event = EventData {
+            id: Uuid::new_v4(),
+            event_type: TYPES[kind].to_owned(),
+            data: b"{}".to_vec(),
+            metadata: metadata.encode(),
+        };
+        store
+            .append(&StreamName::new(stream).unwrap(), ExpectedRevision::Any, vec![event])
+            .await
+            .unwrap();
+    }
+    store
+}
+
+/// A random query: each filter set or not.
+fn query() -> impl Strategy<Value = EventQuery> {
+    (
+        proptest::option::of(0..3usize),
+        proptest::option::of((0..3usize, any::<bool>())),
+        proptest::collection::vec(0..TYPES.len(), 0..3),
+        proptest::option::of(0..AGENTS.len()),
+        proptest::option::of(0..ROLES.len()),
+        proptest::option::of(0..4usize),
+        proptest::option::of(0..4usize),
+        proptest::option::of(0..120i64),
+        proptest::option::of(0..120i64),
+        proptest::option::of(1..40u64),
+        proptest::option::of(1..40u64),
+    )
+        .prop_map(
+            |(ticket, stream, types, agent, role, command, correlation, since, until, from, to)| {
+                let base = Utc.with_ymd_and_hms(2026, 6, 1, 0, 0, 0).unwrap();
+                EventQuery {
+                    ticket: ticket.map(|t| tickets()[t]),
+                    stream: stream.map(|(t, rejection)| {
+                        if rejection {
+                            CommandRejected::stream_name(tickets()[t])
+                        } else {
+                            tickets()[t].stream_name()
+                        }
+                    }),
+                    event_types: types.into_iter().map(|t| TYPES[t].to_owned()).collect(),
+                    agent: agent.map(|a| AGENTS[a].to_owned()),
+                    role: role.map(|r| ROLES[r]),
+                    command_id: command.map(|c| commands()[c]),
+                    correlation_id: correlation.map(|c| commands()[c]),
+                    since: since.map(|m| base + Duration::minutes(m)),
+                    until: until.map(|m| base + Duration::minutes(m)),
+                    from_position: from.map(Position::from_sequence),
+                    to_position: to.map(Position::from_sequence),
+                }
+            },
+        )
+}
+
+/// The same filters, written out the long way over decoded fields.
+fn brute_force(query: &EventQuery, record: &RecordedEvent) -> bool {
+    let metadata = EventMetadata::decode(&record.metadata).unwrap();
+    let stream = record.stream.as_str();
+    let ticket_ok = query
+        .ticket
+        .is_none_or(|ticket| stream == ticket.stream_name() || stream == CommandRejected::stream_name(ticket));
+    ticket_ok
+        && query.stream.as_deref().is_none_or(|s| s == stream)
+        && (query.event_types.is_empty() || query.event_types.contains(&record.event_type))
+        && query.agent.as_deref().is_none_or(|a| a == metadata.agent.id)
+        && query.role.is_none_or(|r| r == metadata.agent.role)
+        && query.command_id.is_none_or(|c| c == metadata.command_id)
+        && query.correlation_id.is_none_or(|c| c == metadata.correlation_id)
+        && query.since.is_none_or(|t| metadata.recorded_at >= t)
+        && query.until.is_none_or(|t| metadata.recorded_at < t)
+        && query.from_position.is_none_or(|p| record.position >= p)
+        && query.to_position.is_none_or(|p| record.position <= p)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(96))]
+
+    #[test]
+    fn every_filter_agrees_with_brute_force(
+        writes in proptest::collection::vec(write(), 0..40),
+        query in query(),
+        page in 1..7usize,
+    ) {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let (scanned, expected) = runtime.block_on(async {
+            let store = store_with(&writes).await;
+            let mut scanned = Vec::new();
+            query
+                .scan(store.as_ref(), page, |record| {
+                    scanned.push(record.id);
+                    ControlFlow::Continue(())
+                })
+                .await
+                .unwrap();
+            let all = store.read_all(ReadAll::forwards(usize::MAX)).await.unwrap();
+            let expected: Vec<Uuid> = all.iter().filter(|r| brute_force(&query, r)).map(|r| r.id).collect();
+            (scanned, expected)
+        });
+        prop_assert_eq!(scanned, expected);
+    }
+}
+
+#[tokio::test]
+async fn a_scan_stops_when_the_sink_says_so() {
+    let writes: Vec<Write> = (0..30).map(|n| (n % 3, false, 0, 0, 0, 0, n as i64)).collect();
+    let store = store_with(&writes).await;
+    let mut seen = 0;
+    let last = EventQuery::default()
+        .scan(store.as_ref(), 4, |_| {
+            seen += 1;
+            if seen == 5 {
+                ControlFlow::Break(())
+            } else {
+                ControlFlow::Continue(())
+            }
+        })
+        .await
+        .unwrap();
+    assert_eq!(seen, 5);
+    assert_eq!(last, Some(Position::from_sequence(5)));
+}
