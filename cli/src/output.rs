@@ -6,7 +6,6 @@ use chrono::SecondsFormat;
 use comfy_table::presets::UTF8_FULL_CONDENSED;
 use comfy_table::{ContentArrangement, Table};
 use serde_json::{Value, json};
-use triage_command_handler::LoadedTicket;
 use triage_domain::{ClaimRule, Event, Guard, TRANSITIONS, mermaid};
 use triage_event_store::Position;
 use triage_projections::TicketRow;
@@ -250,35 +249,143 @@ fn summarize(event: &Event) -> String {
     }
 }
 
-/// `triage ticket history`.
-pub(crate) fn print_history(loaded: &LoadedTicket, as_json: bool) {
-    if as_json {
-        for stored in &loaded.history {
-            print_json(&json!({
-                "revision": stored.revision,
-                "position": stored.position,
-                "id": stored.id,
-                "type": stored.event.event_type(),
-                "recorded_at": stored.metadata.recorded_at,
-                "agent": stored.metadata.agent,
-                "command_id": stored.metadata.command_id,
-                "correlation_id": stored.metadata.correlation_id,
-                "causation_id": stored.metadata.causation_id,
-                "data": stored.event,
-            }));
-        }
-        return;
+/// One line of a ticket's timeline.
+#[derive(Debug, serde::Serialize)]
+pub(crate) struct TimelineEntry {
+    position: String,
+    stream: String,
+    revision: u64,
+    recorded_at: chrono::DateTime<chrono::Utc>,
+    #[serde(rename = "type")]
+    event_type: String,
+    agent: triage_domain::Agent,
+    command_id: uuid::Uuid,
+    correlation_id: uuid::Uuid,
+    /// The state before; for a refusal, the state the command was refused in.
+    from: Option<triage_domain::State>,
+    /// The state after (the same as `from` for a refusal).
+    to: Option<triage_domain::State>,
+    /// For a transition: how long the ticket had been in `from`.
+    time_in_from_state_ms: Option<i64>,
+    /// Whether this was a refused or conflicting attempt (nothing changed).
+    refused: bool,
+    /// The refusal's code, such as `stale_revision`.
+    code: Option<String>,
+    details: String,
+    data: Value,
+}
+
+/// Builds a ticket's timeline from its events and recorded refusals, in
+/// log order.
+pub(crate) fn timeline(records: &[triage_event_store::RecordedEvent]) -> anyhow::Result<Vec<TimelineEntry>> {
+    let mut ticket = triage_domain::Ticket::default();
+    let mut entered_at: Option<chrono::DateTime<chrono::Utc>> = None;
+    let mut entries = Vec::with_capacity(records.len());
+    for record in records {
+        let Some(projected) = triage_projections::decode(record)? else {
+            continue;
+        };
+        let at = projected.recorded_at;
+        let entry = match &projected.payload {
+            triage_projections::Payload::Ticket(event) => {
+                let from = ticket.state;
+                ticket = triage_domain::evolve(std::mem::take(&mut ticket), event);
+                let to = ticket.state;
+                let time_in_from_state_ms = (from != to)
+                    .then(|| entered_at.map(|since| (at - since).num_milliseconds()))
+                    .flatten();
+                if from != to {
+                    entered_at = Some(at);
+                }
+                TimelineEntry {
+                    position: record.position.to_string(),
+                    stream: record.stream.to_string(),
+                    revision: record.revision,
+                    recorded_at: at,
+                    event_type: event.event_type().to_owned(),
+                    agent: projected.metadata.agent.clone(),
+                    command_id: projected.metadata.command_id,
+                    correlation_id: projected.metadata.correlation_id,
+                    from,
+                    to,
+                    time_in_from_state_ms,
+                    refused: false,
+                    code: None,
+                    details: summarize(event),
+                    data: serde_json::to_value(event)?,
+                }
+            }
+            triage_projections::Payload::Rejected(rejected) => TimelineEntry {
+                position: record.position.to_string(),
+                stream: record.stream.to_string(),
+                revision: record.revision,
+                recorded_at: at,
+                event_type: format!("refused {}", rejected.command),
+                agent: projected.metadata.agent.clone(),
+                command_id: projected.metadata.command_id,
+                correlation_id: projected.metadata.correlation_id,
+                from: rejected.state,
+                to: rejected.state,
+                time_in_from_state_ms: None,
+                refused: true,
+                code: Some(rejected.code.clone()),
+                details: rejected.reason.clone(),
+                data: serde_json::to_value(rejected)?,
+            },
+        };
+        entries.push(entry);
     }
-    let mut out = table(&["Rev", "Recorded", "Event", "Agent", "Command", "Details"]);
-    for stored in &loaded.history {
+    Ok(entries)
+}
+
+fn duration(ms: i64) -> String {
+    match ms {
+        ms if ms < 1_000 => format!("{ms} ms"),
+        ms if ms < 120_000 => format!("{:.1} s", ms as f64 / 1000.0),
+        ms => format!("{:.1} min", ms as f64 / 60_000.0),
+    }
+}
+
+/// `triage ticket history`.
+pub(crate) fn print_timeline(entries: &[TimelineEntry], as_json: bool) -> anyhow::Result<()> {
+    if as_json {
+        for entry in entries {
+            print_json(&serde_json::to_value(entry)?);
+        }
+        return Ok(());
+    }
+    let mut out = table(&[
+        "Rev",
+        "Recorded",
+        "Event",
+        "Agent",
+        "Transition",
+        "Time in state",
+        "Command",
+        "Details",
+    ]);
+    for entry in entries {
+        let transition = match (entry.from, entry.to, entry.refused) {
+            (_, _, true) => format!("✗ {}", entry.code.as_deref().unwrap_or("refused")),
+            (Some(from), Some(to), false) if from != to => format!("{from} → {to}"),
+            (None, Some(to), false) => format!("→ {to}"),
+            _ => String::new(),
+        };
         out.add_row(vec![
-            stored.revision.to_string(),
-            stored.metadata.recorded_at.to_rfc3339_opts(SecondsFormat::Millis, true),
-            stored.event.event_type().to_owned(),
-            format!("{} ({})", stored.metadata.agent.id, stored.metadata.agent.role),
-            stored.metadata.command_id.simple().to_string()[..8].to_owned(),
-            summarize(&stored.event),
+            if entry.refused {
+                "-".to_owned()
+            } else {
+                entry.revision.to_string()
+            },
+            entry.recorded_at.to_rfc3339_opts(SecondsFormat::Millis, true),
+            entry.event_type.clone(),
+            format!("{} ({})", entry.agent.id, entry.agent.role),
+            transition,
+            entry.time_in_from_state_ms.map(duration).unwrap_or_default(),
+            entry.command_id.simple().to_string()[..8].to_owned(),
+            entry.details.clone(),
         ]);
     }
     println!("{out}");
+    Ok(())
 }

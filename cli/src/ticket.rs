@@ -3,9 +3,12 @@
 use anyhow::{Context as _, bail};
 use clap::Subcommand;
 use serde_json::json;
-use triage_command_handler::{CommandError, CommandHandler, LoadedTicket};
+use std::ops::ControlFlow;
+use triage_command_handler::{CommandError, CommandHandler};
 use triage_domain::{Agent, Command, CommandEnvelope, Rejection, Role, State, TicketId};
+
 use triage_projections::TicketsView;
+use triage_projections::query::EventQuery;
 use uuid::Uuid;
 
 use crate::GlobalArgs;
@@ -85,7 +88,9 @@ pub(crate) enum TicketCommand {
         #[arg(long, default_value_t = 20)]
         limit: usize,
     },
-    /// Show every event of a ticket: who did what, when, under which command.
+    /// The ticket's timeline: every transition with its agent, time, time
+    /// spent in the previous state and command id, and the refused or
+    /// conflicting attempts that were recorded.
     History {
         /// The ticket id (a UUID, optionally prefixed with `ticket-`).
         id: TicketId,
@@ -216,27 +221,35 @@ pub(crate) async fn run(command: TicketCommand, global: &GlobalArgs) -> anyhow::
             Ok(())
         }
         TicketCommand::History { id } => {
-            let loaded = load_existing(&handler, id, &location).await?;
-            output::print_history(&loaded, global.json);
-            Ok(())
+            let records = ticket_records(&opened, id).await?;
+            let entries = output::timeline(&records)?;
+            output::print_timeline(&entries, global.json)
         }
     }
 }
 
-async fn load_existing(
-    handler: &CommandHandler,
+/// A ticket's events and recorded refusals, in log order; an error naming
+/// the store when the ticket does not exist.
+async fn ticket_records(
+    opened: &crate::Opened,
     id: TicketId,
-    location: &crate::StoreLocation,
-) -> anyhow::Result<LoadedTicket> {
-    let loaded = handler
-        .load(id)
+) -> anyhow::Result<Vec<triage_event_store::RecordedEvent>> {
+    let query = EventQuery {
+        ticket: Some(id),
+        ..EventQuery::default()
+    };
+    let mut records = Vec::new();
+    query
+        .scan(opened.events.as_ref(), 1024, |record| {
+            records.push(record.clone());
+            ControlFlow::Continue(())
+        })
         .await
-        .map_err(|error| explain(error, location))
         .with_context(|| format!("cannot read ticket {id}"))?;
-    if loaded.revision.is_none() {
-        bail!("ticket {id} not found in {location}");
+    if !records.iter().any(|record| record.stream.as_str() == id.stream_name()) {
+        bail!("ticket {id} not found in {}", opened.location);
     }
-    Ok(loaded)
+    Ok(records)
 }
 
 /// Reads a command from JSON text, or from stdin for `-`.
