@@ -53,6 +53,7 @@ fn lifecycle(ticket_id: TicketId, policy: &Policy) -> Vec<EventData> {
                     &Uuid::new_v4().simple().to_string()[..16]
                 )),
                 recorded_at: now,
+                decided_at_revision: None,
             };
             records.push(EventData {
                 id: event_id(command_id, index as u32),

@@ -11,7 +11,7 @@ use serde_json::json;
 use triage_demo::{DemoConfig, DemoReport, Progress};
 use triage_domain::State;
 use triage_event_store::EventStore;
-use triage_projections::ReadModelDb;
+use triage_projections::{ProjectorOptions, ReadModelDb};
 use triage_store_sqlite::{SqliteEventStore, SqliteOptions};
 
 use crate::GlobalArgs;
@@ -98,21 +98,28 @@ impl DemoArgs {
 pub(crate) async fn run(args: DemoArgs, global: &GlobalArgs) -> anyhow::Result<()> {
     let config = args.config();
     // A fresh temporary store unless one was named; it is deleted at exit.
-    let (events, read_models, place): (Arc<dyn EventStore>, ReadModelDb, String) =
-        if global.db.is_some() || global.store.is_some() {
-            let opened = global.open()?;
-            let place = opened.location.to_string();
-            (opened.events, opened.projector.db().clone(), place)
-        } else {
-            let store = SqliteEventStore::open_temporary_with(SqliteOptions::default())
-                .context("cannot create a temporary event store")?;
-            let read_models = ReadModelDb::open(store.path().with_file_name("triage.read.db"))?;
-            let place = format!(
-                "a fresh temporary store (sqlite://{}, deleted at exit)",
-                store.path().display()
-            );
-            (Arc::new(store), read_models, place)
+    let (events, read_models, place): (Arc<dyn EventStore>, ReadModelDb, String) = if global.db.is_some()
+        || global.store.is_some()
+    {
+        let opened = global.open()?;
+        let place = opened.location.to_string();
+        (opened.events, opened.projector.db().clone(), place)
+    } else {
+        let options = SqliteOptions {
+            synchronous: global.synchronous(),
+            ..SqliteOptions::default()
         };
+        let store = SqliteEventStore::open_temporary_with(options).context("cannot create a temporary event store")?;
+        let read_models = match &global.read_model {
+            Some(path) => ReadModelDb::open(path)?,
+            None => ReadModelDb::open(store.path().with_file_name("triage.read.db"))?,
+        };
+        let place = format!(
+            "a fresh temporary store (sqlite://{}, deleted at exit)",
+            store.path().display()
+        );
+        (Arc::new(store), read_models, place)
+    };
     if !global.json {
         eprintln!(
             "triage demo: {} tickets, {} classifiers, {} drafters, {} escalators, {} operator(s) on {place}",
@@ -120,7 +127,18 @@ pub(crate) async fn run(args: DemoArgs, global: &GlobalArgs) -> anyhow::Result<(
         );
     }
     let show = !args.no_progress;
-    let triage = triage_demo::run_triage(events, read_models, config, progress("triage", config.tickets, show)).await?;
+    let projector_options = ProjectorOptions {
+        skip_event_types: global.skip_event_type.iter().cloned().collect(),
+        ..ProjectorOptions::default()
+    };
+    let triage = triage_demo::run_triage(
+        events,
+        read_models,
+        projector_options,
+        config,
+        progress("triage", config.tickets, show),
+    )
+    .await?;
     let naive = match args.compare {
         Some(Baseline::Naive) => Some(triage_demo::run_naive(config, progress("naive", config.tickets, show)).await?),
         None => None,

@@ -119,8 +119,15 @@ pub(crate) async fn run(command: TicketCommand, global: &GlobalArgs) -> anyhow::
             id,
             command_id,
         } => {
+            // A retry with the same --command-id must reach the same ticket:
+            // without --id, derive the ticket id from the command id.
+            let ticket_id = match (id, command_id) {
+                (Some(id), _) => id,
+                (None, Some(command_id)) => TicketId(Uuid::new_v5(&command_id, b"triage ticket")),
+                (None, None) => TicketId::new(),
+            };
             let mut envelope = CommandEnvelope::new(
-                id.unwrap_or_default(),
+                ticket_id,
                 Agent::new(agent, role),
                 Command::OpenTicket {
                     subject,

@@ -122,6 +122,30 @@ fn retrying_an_open_with_the_same_command_id_is_harmless() {
 }
 
 #[test]
+fn retrying_an_open_with_only_a_command_id_reaches_the_same_ticket() {
+    let dir = tempfile::tempdir().unwrap();
+    let args = [
+        "ticket",
+        "open",
+        "--subject",
+        "s",
+        "--body",
+        "b",
+        "--command-id",
+        "33333333-3333-4333-8333-333333333333",
+        "--json",
+    ];
+    let first: Value = serde_json::from_str(&succeed(dir.path(), &args)).unwrap();
+    let again: Value = serde_json::from_str(&succeed(dir.path(), &args)).unwrap();
+    assert_eq!(first["id"], again["id"]);
+    assert_eq!(
+        (first["duplicate"].clone(), again["duplicate"].clone()),
+        (Value::Bool(false), Value::Bool(true))
+    );
+    assert_eq!(events_in(&dir.path().join("triage.db")), 1);
+}
+
+#[test]
 fn bad_input_gets_a_clear_error_and_writes_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("triage.db");

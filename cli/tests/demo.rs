@@ -93,3 +93,35 @@ fn the_demo_keeps_its_events_when_given_a_store_and_people_get_a_table() {
     let error = fail(dir.path(), &["demo", "--crash-rate", "0.9", "--timeout-rate", "0.9"]);
     assert!(error.contains("failure rates must add up to at most 1"), "{error}");
 }
+
+#[test]
+fn a_second_demo_into_the_same_store_counts_and_audits_its_own_tickets() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = || -> Value {
+        serde_json::from_str(&succeed(
+            dir.path(),
+            &[
+                "--db",
+                "kept.db",
+                "demo",
+                "--tickets",
+                "5",
+                "--time-scale",
+                "0.002",
+                "--no-progress",
+                "--json",
+            ],
+        ))
+        .unwrap()
+    };
+    let first = run();
+    let second = run();
+    for report in [&first, &second] {
+        assert_eq!(report["tickets"], 5);
+        assert_eq!(report["resolved"], 5, "{report}");
+        assert!(report["tasks"].as_u64().unwrap() >= 15, "the agents worked: {report}");
+        assert_eq!(report["audit_passed"], true);
+    }
+    let all = succeed(dir.path(), &["--db", "kept.db", "ticket", "list", "--json"]);
+    assert_eq!(all.lines().count(), 10, "both runs' tickets are in the store");
+}

@@ -202,8 +202,14 @@ fn a_ticket_timeline_shows_transitions_time_in_state_and_refused_attempts() {
         .map(|line| serde_json::from_str(line).unwrap())
         .collect();
     assert_eq!(first.len(), 2);
-    assert_eq!((first[0]["from"].clone(), first[0]["to"].clone()), (Value::Null, Value::from("NEW")));
-    assert_eq!((first[1]["from"].clone(), first[1]["to"].clone()), (Value::from("NEW"), Value::from("CLASSIFYING")));
+    assert_eq!(
+        (first[0]["from"].clone(), first[0]["to"].clone()),
+        (Value::Null, Value::from("NEW"))
+    );
+    assert_eq!(
+        (first[1]["from"].clone(), first[1]["to"].clone()),
+        (Value::from("NEW"), Value::from("CLASSIFYING"))
+    );
     assert!(first[1]["time_in_from_state_ms"].as_i64().unwrap() >= 0);
     assert_eq!(first[1]["agent"]["id"], "c-1");
     let second: Vec<Value> = succeed(dir.path(), &["ticket", "history", ids[1], "--json"])
@@ -215,5 +221,8 @@ fn a_ticket_timeline_shows_transitions_time_in_state_and_refused_attempts() {
     assert_eq!(second[1]["code"], "invalid_transition");
     assert_eq!(second[1]["from"], "NEW");
     let people = succeed(dir.path(), &["ticket", "history", ids[1]]);
-    assert!(people.contains("✗ invalid_transition") && people.contains("refused start_drafting"), "{people}");
+    assert!(
+        people.contains("✗ invalid_transition") && people.contains("refused start_drafting"),
+        "{people}"
+    );
 }

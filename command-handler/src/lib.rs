@@ -495,11 +495,22 @@ impl CommandHandler {
                     });
                 }
             };
-            let records = serialize(envelope, &events, now);
+            let records = serialize(envelope, &events, now, loaded.revision);
             let expected = loaded
                 .revision
                 .map_or(ExpectedRevision::NoStream, ExpectedRevision::Exact);
             match self.store.append(&stream, expected, records).await {
+                Ok(result) if result.replayed => {
+                    // Another copy of this command got there first: what is
+                    // stored is its decision, not ours (a lease decided at
+                    // another moment, say). Answer with what is stored.
+                    self.cache.remove(ticket_id);
+                    let fresh = self.load(ticket_id).await?;
+                    return original_outcome(&fresh, envelope, first_event_id).ok_or(CommandError::Contended {
+                        ticket_id,
+                        attempts: attempt,
+                    });
+                }
                 Ok(result) => {
                     let accepted = self.remember(&loaded, envelope, events, now, result);
                     return Ok(accepted);
@@ -563,7 +574,7 @@ impl CommandHandler {
             state,
             revision,
         };
-        let metadata = metadata_for(envelope, CommandRejected::SCHEMA_VERSION, self.clock.now());
+        let metadata = metadata_for(envelope, CommandRejected::SCHEMA_VERSION, self.clock.now(), revision);
         let data = EventData {
             id: CommandRejected::record_id(envelope.command_id),
             event_type: CommandRejected::EVENT_TYPE.to_owned(),
@@ -598,7 +609,7 @@ impl CommandHandler {
             let mut history = loaded.history.clone();
             history.push(StoredEvent {
                 event: event.clone(),
-                metadata: metadata_for(envelope, event.schema_version(), now),
+                metadata: metadata_for(envelope, event.schema_version(), now, loaded.revision),
                 revision: result.current_revision,
                 position: result.position,
                 id: event_id(envelope.command_id, 0),
@@ -661,8 +672,14 @@ fn original_outcome(loaded: &LoadedTicket, envelope: &CommandEnvelope, first_eve
     })
 }
 
-fn metadata_for(envelope: &CommandEnvelope, schema_version: u16, now: DateTime<Utc>) -> EventMetadata {
+fn metadata_for(
+    envelope: &CommandEnvelope,
+    schema_version: u16,
+    now: DateTime<Utc>,
+    decided_at_revision: Option<u64>,
+) -> EventMetadata {
     EventMetadata {
+        decided_at_revision,
         schema_version,
         command_id: envelope.command_id,
         correlation_id: envelope.correlation_id.unwrap_or(envelope.command_id),
@@ -673,7 +690,12 @@ fn metadata_for(envelope: &CommandEnvelope, schema_version: u16, now: DateTime<U
     }
 }
 
-fn serialize(envelope: &CommandEnvelope, events: &[Event], now: DateTime<Utc>) -> Vec<EventData> {
+fn serialize(
+    envelope: &CommandEnvelope,
+    events: &[Event],
+    now: DateTime<Utc>,
+    decided_at_revision: Option<u64>,
+) -> Vec<EventData> {
     events
         .iter()
         .enumerate()
@@ -681,7 +703,7 @@ fn serialize(envelope: &CommandEnvelope, events: &[Event], now: DateTime<Utc>) -
             id: event_id(envelope.command_id, index as u32),
             event_type: event.event_type().to_owned(),
             data: event.encode(),
-            metadata: metadata_for(envelope, event.schema_version(), now).encode(),
+            metadata: metadata_for(envelope, event.schema_version(), now, decided_at_revision).encode(),
         })
         .collect()
 }

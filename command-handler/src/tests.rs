@@ -127,7 +127,17 @@ async fn racing_copies_of_one_command_store_its_events_once() {
             .iter()
             .all(|o| o.revision == 1 && o.state == State::Classifying)
     );
+    assert_eq!(
+        outcomes.iter().filter(|o| !o.duplicate).count(),
+        1,
+        "exactly one copy wrote"
+    );
+    assert!(
+        outcomes.iter().all(|o| o.events == outcomes[0].events),
+        "every copy reports what is stored"
+    );
     assert_eq!(stored(&f.store, ticket).await.len(), 2);
+    assert_eq!(f.handler.stats().accepted, 2, "the opening and one copy");
 }
 
 #[tokio::test]
@@ -428,5 +438,40 @@ async fn refusals_are_recorded_outside_the_ticket_stream_once() {
             .read_stream(&missing_rejections, ReadStream::forwards())
             .await
             .is_err()
+    );
+}
+
+#[tokio::test]
+async fn a_copy_that_lost_the_race_caches_what_is_stored_not_its_own_decision() {
+    // Two handlers (two processes) with their own caches; the same command
+    // reaches both, 20 s apart.
+    let f = fixture();
+    let other = CommandHandler::new(f.store.clone()).with_clock(f.clock.clone());
+    let ticket = open(&f.handler).await;
+    // f.handler caches the ticket at revision 0.
+    assert_eq!(f.handler.load(ticket).await.unwrap().revision, Some(0));
+    let envelope = start(ticket, classifier(1));
+    other.handle(envelope.clone()).await.unwrap();
+    f.clock.advance(Duration::seconds(20));
+    // f.handler decides on its cached revision 0 with a later lease, appends
+    // with Exact(0), and finds the original stored.
+    let retry = f.handler.handle(envelope.clone()).await.unwrap();
+    assert!(retry.duplicate, "the retry is answered as a duplicate");
+    // The stored lease (30 s from the first copy) ran out at +30 s: a
+    // completion at +35 s must be refused by the handler that cached too.
+    f.clock.advance(Duration::seconds(15));
+    let late = f
+        .handler
+        .handle(classify(ticket, classifier(1), envelope.command_id))
+        .await;
+    assert!(
+        matches!(
+            late,
+            Err(CommandError::Rejected {
+                rejection: Rejection::LeaseExpired { .. },
+                ..
+            })
+        ),
+        "{late:?}"
     );
 }

@@ -150,9 +150,8 @@ pub fn audit(logs: &BTreeMap<TicketId, Vec<LoggedEvent>>, acknowledged: &[Acknow
     audit
 }
 
-/// Reads every ticket stream of an event store, in revision order. An
-/// append with an expected revision means its writer had seen exactly the
-/// events before it, so `seen` is each event's revision.
+/// Reads every ticket stream of an event store, in revision order, with
+/// what each writer had seen taken from the event metadata.
 pub async fn logs_from_store(
     store: &dyn EventStore,
 ) -> Result<BTreeMap<TicketId, Vec<LoggedEvent>>, triage_event_store::Error> {
@@ -178,13 +177,22 @@ pub async fn logs_from_store(
                 message: format!("cannot decode {} at {}: {error}", record.event_type, record.position),
                 source: None,
             })?;
+            // What the writer had seen: the revision its command was decided
+            // on, as the handler recorded it. (Metadata written before that
+            // field existed says nothing; the append's expected revision
+            // then vouches for the event's own revision.)
+            let seen = match metadata.decided_at_revision {
+                Some(revision) => revision + 1,
+                None if record.revision == 0 => 0,
+                None => record.revision,
+            };
             logs.entry(ticket).or_default().push((
                 record.revision,
                 LoggedEvent {
                     id: record.id,
                     event,
                     metadata,
-                    seen: record.revision,
+                    seen,
                 },
             ));
         }
@@ -218,6 +226,7 @@ mod tests {
                 agent: Agent::new(agent, role),
                 traceparent: None,
                 recorded_at: Utc.with_ymd_and_hms(2026, 5, 1, 10, 0, command as u32 % 50).unwrap(),
+                decided_at_revision: None,
             },
             seen,
         }

@@ -53,8 +53,8 @@ pub(crate) trait Backend: Send + Sync {
     async fn expired_claims(&self, now: DateTime<Utc>, limit: usize) -> Vec<Snapshot>;
     /// Sends a command the agent decided on `snapshot`.
     async fn submit(&self, envelope: CommandEnvelope, snapshot: &Snapshot) -> Result<Accepted, Refused>;
-    /// Tickets per state, as far as the design knows.
-    async fn counts(&self) -> BTreeMap<State, u64>;
+    /// The states of these tickets (this run's), counted.
+    async fn counts(&self, tickets: &[TicketId]) -> BTreeMap<State, u64>;
 }
 
 /// Triage: the command handler for writes, the read model for queues.
@@ -121,9 +121,18 @@ impl Backend for TriageBackend {
         }
     }
 
-    async fn counts(&self) -> BTreeMap<State, u64> {
+    async fn counts(&self, tickets: &[TicketId]) -> BTreeMap<State, u64> {
         self.projector
-            .read("tickets", |conn, slot| TicketsView::new(conn, slot).counts())
+            .read("tickets", |conn, slot| {
+                let view = TicketsView::new(conn, slot);
+                let mut counts = BTreeMap::new();
+                for id in tickets {
+                    if let Some(state) = view.get(*id)?.and_then(|row| row.ticket.state) {
+                        *counts.entry(state).or_default() += 1;
+                    }
+                }
+                Ok(counts)
+            })
             .unwrap_or_default()
     }
 }
@@ -248,21 +257,20 @@ impl Backend for NaiveBackend {
             0
         };
         // Read-modify-write with no check: whatever landed since the agent
-        // read is overwritten.
-        let version = {
-            let mut records = self.records();
-            let record = records.entry(envelope.ticket_id).or_insert(NaiveRecord {
-                ticket: Ticket::default(),
-                version: 0,
-                since: now,
-            });
-            if record.ticket.state != written.state {
-                record.since = now;
-            }
-            record.ticket = written;
-            record.version += events.len() as u64;
-            record.version
-        };
+        // read is overwritten. The write log is appended under the same lock,
+        // so it holds the writes in the order they landed.
+        let mut records = self.records();
+        let record = records.entry(envelope.ticket_id).or_insert(NaiveRecord {
+            ticket: Ticket::default(),
+            version: 0,
+            since: now,
+        });
+        if record.ticket.state != written.state {
+            record.since = now;
+        }
+        record.ticket = written;
+        record.version += events.len() as u64;
+        let version = record.version;
         let mut log = self.log.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let entries = log.entry(envelope.ticket_id).or_default();
         for (index, event) in events.iter().enumerate() {
@@ -277,10 +285,13 @@ impl Backend for NaiveBackend {
                     agent: envelope.agent.clone(),
                     traceparent: None,
                     recorded_at: now,
+                    decided_at_revision: snapshot.ticket.exists().then_some(snapshot.revision),
                 },
                 seen,
             });
         }
+        drop(log);
+        drop(records);
         Ok(Accepted {
             revision: version.saturating_sub(1),
             events,
@@ -288,12 +299,11 @@ impl Backend for NaiveBackend {
         })
     }
 
-    async fn counts(&self) -> BTreeMap<State, u64> {
+    async fn counts(&self, tickets: &[TicketId]) -> BTreeMap<State, u64> {
+        let records = self.records();
         let mut counts = BTreeMap::new();
-        for record in self.records().values() {
-            if let Some(state) = record.ticket.state {
-                *counts.entry(state).or_default() += 1;
-            }
+        for state in tickets.iter().filter_map(|id| records.get(id)?.ticket.state) {
+            *counts.entry(state).or_default() += 1;
         }
         counts
     }

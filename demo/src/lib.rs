@@ -32,7 +32,7 @@ use serde::Serialize;
 use triage_command_handler::{CommandHandler, RetryPolicy};
 use triage_domain::{Agent, Command, CommandEnvelope, Event, Policy, Role, State, Ticket, TicketId};
 use triage_event_store::EventStore;
-use triage_projections::{Projector, ReadModelDb, RebuildOptions};
+use triage_projections::{Projector, ProjectorOptions, ReadModelDb, RebuildOptions};
 
 pub use sim::ScaledClock;
 
@@ -252,6 +252,7 @@ fn validate(config: &DemoConfig) -> Result<(), DemoError> {
 pub async fn run_triage(
     store: Arc<dyn EventStore>,
     read_models: ReadModelDb,
+    projector_options: ProjectorOptions,
     config: DemoConfig,
     mut on_progress: impl FnMut(&Progress) + Send,
 ) -> Result<DemoReport, DemoError> {
@@ -261,7 +262,7 @@ pub async fn run_triage(
         .with_clock(clock.clone())
         .with_policy(policy(&config))
         .with_retry(RetryPolicy::default());
-    let projector = Projector::new(store.clone(), read_models);
+    let projector = Projector::new(store.clone(), read_models).with_options(projector_options);
     projector.catch_up().await?;
     let backend = Arc::new(TriageBackend {
         handler: handler.clone(),
@@ -300,7 +301,7 @@ pub async fn run_triage(
         matches &= report.differences.as_ref().is_some_and(Vec::is_empty);
     }
     let decided_again = handler.stats().conflicts_retried;
-    Ok(report("triage", &shared, &logs, wall, matches, decided_again))
+    Ok(report("triage", &shared, logs, wall, matches, decided_again))
 }
 
 /// Runs the same demo on the naive shared-record design.
@@ -320,7 +321,7 @@ pub async fn run_naive(
     };
     let (shared, wall) = drive(backend.clone(), clock, config, &mut on_progress, writes).await;
     let logs = backend.log();
-    Ok(report("naive", &shared, &logs, wall, backend.records_match_log(), 0))
+    Ok(report("naive", &shared, logs, wall, backend.records_match_log(), 0))
 }
 
 /// Opens the tickets, runs every agent until all tickets are resolved (or
@@ -336,16 +337,11 @@ where
     F: Fn() -> Fut,
     Fut: std::future::Future<Output = u64>,
 {
-    let generated = workload::generate(config.tickets, config.seed);
-    let mut id_rng = fastrand::Rng::with_seed(config.seed);
-    let tickets: Vec<(TicketId, workload::GeneratedTicket)> = generated
+    // The tickets' content comes from the seed; their ids are fresh, so a
+    // run into an existing store never collides with an earlier run's.
+    let tickets: Vec<(TicketId, workload::GeneratedTicket)> = workload::generate(config.tickets, config.seed)
         .into_iter()
-        .map(|ticket| {
-            (
-                TicketId(uuid::Builder::from_random_bytes(id_rng.u128(..).to_le_bytes()).into_uuid()),
-                ticket,
-            )
-        })
+        .map(|ticket| (TicketId::new(), ticket))
         .collect();
     let shared = Shared {
         backend: backend.clone(),
@@ -392,7 +388,8 @@ where
     tasks.push(tokio::spawn(sim::sweeper(shared.clone())));
     loop {
         tokio::time::sleep(Duration::from_millis(500)).await;
-        let states = backend.counts().await;
+        let ids: Vec<TicketId> = shared.tickets.iter().map(|(id, _)| *id).collect();
+        let states = backend.counts(&ids).await;
         let events = events_so_far().await;
         let elapsed_s = started.elapsed().as_secs_f64();
         on_progress(&Progress {
@@ -415,19 +412,22 @@ where
 fn report(
     design: &str,
     shared: &Shared,
-    logs: &BTreeMap<TicketId, Vec<LoggedEvent>>,
+    mut logs: BTreeMap<TicketId, Vec<LoggedEvent>>,
     wall_s: f64,
     read_model_matches_rebuild: bool,
     decided_again: u64,
 ) -> DemoReport {
     let counters = &shared.counters;
     let load = |counter: &std::sync::atomic::AtomicU64| counter.load(Ordering::Relaxed);
+    // Only this run's tickets: a store may hold earlier runs' too.
+    let ours: std::collections::HashSet<TicketId> = shared.tickets.iter().map(|(id, _)| *id).collect();
+    logs.retain(|id, _| ours.contains(id));
     let acks = shared
         .acks
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
         .clone();
-    let audit = audit::audit(logs, &acks);
+    let audit = audit::audit(&logs, &acks);
     let mut latency = Histogram::<u64>::new_with_bounds(1, 1_000_000_000, 3).expect("valid histogram bounds");
     let mut resolved = 0;
     let mut claims_recovered = 0;

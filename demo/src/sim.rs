@@ -215,10 +215,13 @@ pub(crate) async fn agent(shared: Shared, role: Role, index: usize) {
                 bump(&shared.counters.claim_races_lost);
                 continue;
             }
-            Err(Refused::Rejected(_)) => {
+            // Another agent claimed it first (the read model had not shown
+            // it yet): the table refuses the second claim.
+            Err(Refused::Rejected("invalid_transition")) => {
                 bump(&shared.counters.claim_races_lost);
                 continue;
             }
+            Err(Refused::Rejected(_)) => continue,
             Err(Refused::Failed(_)) => continue,
         };
         bump(&shared.counters.tasks);

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use triage_demo::{DemoConfig, DemoReport};
 use triage_event_store::EventStore;
-use triage_projections::ReadModelDb;
+use triage_projections::{ProjectorOptions, ReadModelDb};
 use triage_store_sqlite::{SqliteEventStore, SqliteOptions};
 
 fn small() -> DemoConfig {
@@ -29,7 +29,7 @@ async fn triage_run(config: DemoConfig) -> DemoReport {
     let store = SqliteEventStore::open_temporary_with(SqliteOptions::default()).unwrap();
     let read_models = ReadModelDb::open(store.path().with_file_name("read.db")).unwrap();
     let store: Arc<dyn EventStore> = Arc::new(store);
-    triage_demo::run_triage(store, read_models, config, |_| {})
+    triage_demo::run_triage(store, read_models, ProjectorOptions::default(), config, |_| {})
         .await
         .unwrap()
 }

@@ -342,6 +342,11 @@ pub struct EventMetadata {
     pub traceparent: Option<String>,
     /// When the command handler decided the command.
     pub recorded_at: DateTime<Utc>,
+    /// The stream revision the command was decided on (`None` for a new
+    /// stream): what the writer had seen, so that an auditor can prove from
+    /// the log alone that no write overwrote one it never saw.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decided_at_revision: Option<u64>,
 }
 
 impl EventMetadata {

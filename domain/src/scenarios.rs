@@ -516,6 +516,7 @@ fn metadata(agent: &Agent, command_id: Uuid, now: chrono::DateTime<chrono::Utc>)
         agent: agent.clone(),
         traceparent: None,
         recorded_at: now,
+        decided_at_revision: None,
     }
 }
 

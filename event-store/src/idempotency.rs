@@ -81,6 +81,7 @@ pub fn plan_append(
         return Ok(AppendPlan::AlreadyAppended(AppendResult {
             current_revision: last.revision,
             position: last.position,
+            replayed: true,
         }));
     }
     if !expected.is_satisfied_by(current) {
@@ -161,6 +162,7 @@ mod tests {
             AppendPlan::AlreadyAppended(AppendResult {
                 current_revision: 4,
                 position: Position::from_sequence(104),
+                replayed: true,
             })
         );
     }

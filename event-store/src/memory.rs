@@ -107,11 +107,14 @@ impl EventStore for InMemoryEventStore {
             last = Some(AppendResult {
                 current_revision: revision,
                 position,
+                replayed: false,
             });
         }
-        drop(inner);
         let result = last.expect("validated appends carry at least one event");
+        // Published while still holding the lock, so that two appends cannot
+        // publish their heads in the wrong order.
         self.head.send_replace(Some(result.position));
+        drop(inner);
         Ok(result)
     }
 

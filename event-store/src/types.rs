@@ -233,6 +233,11 @@ pub struct AppendResult {
     pub current_revision: u64,
     /// The global position of the last event written.
     pub position: Position,
+    /// True when the events were already stored right after the expected
+    /// revision (an idempotent retry): the result is the original one and
+    /// nothing was written. A backend that cannot tell must say `true`, so
+    /// that callers re-read instead of trusting their own copy.
+    pub replayed: bool,
 }
 
 /// The direction of a read.

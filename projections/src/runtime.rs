@@ -179,6 +179,7 @@ impl Projector {
     /// rebuilds those whose version changed, then catches all up to the
     /// head of the log.
     pub async fn catch_up(&self) -> Result<Option<Position>, ProjectionError> {
+        let head = self.events.head_position().await?;
         for projection in &self.projections {
             let live = {
                 let conn = self.db.lock();
@@ -187,6 +188,18 @@ impl Projector {
             };
             match live {
                 None => self.create_live(projection)?,
+                // A checkpoint past the head means the events were replaced
+                // (a deleted or swapped store file): this model describes
+                // another log. Rebuild rather than silently skip.
+                Some(slot) if slot.checkpoint > head => {
+                    tracing::warn!(
+                        projection = projection.name(),
+                        checkpoint = ?slot.checkpoint,
+                        head = ?head,
+                        "the read model is ahead of the event log; rebuilding"
+                    );
+                    self.rebuild(projection.name(), RebuildOptions::default()).await?;
+                }
                 Some(slot) if slot.version != projection.version() => {
                     tracing::info!(
                         projection = projection.name(),
@@ -356,6 +369,22 @@ impl Projector {
             } else {
                 (None, None)
             };
+            // Verification can take a while: a cancel during it still
+            // leaves the live model untouched.
+            if options
+                .cancel
+                .as_deref()
+                .is_some_and(|cancel| cancel.load(Ordering::Relaxed))
+            {
+                let mut conn = self.db.lock();
+                if let Ok(tx) = conn.transaction() {
+                    for projection in &projections {
+                        let _ = discard_build(&tx, projection.as_ref());
+                    }
+                    let _ = tx.commit();
+                }
+                return Err(ProjectionError::Cancelled);
+            }
             self.swap(projection)?;
             tracing::info!(
                 projection = name,
@@ -486,7 +515,9 @@ impl Projector {
                 events_applied: live.as_ref().map_or(0, |slot| slot.events_applied),
                 lag: head.map_or(0, |head| head.commit.saturating_sub(checkpoint.map_or(0, |c| c.commit))),
                 last_error,
-                needs_rebuild: live.as_ref().is_some_and(|slot| slot.version != projection.version()),
+                needs_rebuild: live
+                    .as_ref()
+                    .is_some_and(|slot| slot.version != projection.version() || slot.checkpoint > head),
                 build_in_progress: build.is_some(),
             });
         }

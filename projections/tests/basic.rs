@@ -113,3 +113,43 @@ async fn tickets_queues_and_stats_follow_the_events() {
         "{status:?}"
     );
 }
+
+#[tokio::test]
+async fn a_read_model_ahead_of_its_event_log_is_rebuilt_not_trusted() {
+    // The read models were built from one log …
+    let db = ReadModelDb::in_memory().unwrap();
+    let old: Arc<dyn EventStore> = Arc::new(InMemoryEventStore::new());
+    let old_handler = CommandHandler::new(old.clone());
+    for n in 0..3 {
+        old_handler
+            .handle(open_ticket(
+                agent("intake", Role::Intake),
+                format!("old {n}"),
+                "b",
+                None,
+            ))
+            .await
+            .unwrap();
+    }
+    Projector::new(old.clone(), db.clone()).catch_up().await.unwrap();
+    // … and the events were then replaced (a deleted or swapped file).
+    let new: Arc<dyn EventStore> = Arc::new(InMemoryEventStore::new());
+    let fresh = CommandHandler::new(new.clone())
+        .handle(open_ticket(agent("intake", Role::Intake), "new", "b", None))
+        .await
+        .unwrap();
+    let projector = Projector::new(new.clone(), db);
+    let before = projector.status().await.unwrap();
+    assert!(before.iter().all(|status| status.needs_rebuild), "{before:?}");
+    projector.catch_up().await.unwrap();
+    let rows = projector
+        .read("tickets", |conn, slot| TicketsView::new(conn, slot).list(None, 10))
+        .unwrap();
+    assert_eq!(rows.len(), 1, "only the new log's ticket");
+    assert_eq!(rows[0].ticket.id, Some(fresh.ticket_id));
+    let after = projector.status().await.unwrap();
+    assert!(
+        after.iter().all(|status| !status.needs_rebuild && status.lag == 0),
+        "{after:?}"
+    );
+}

@@ -59,6 +59,7 @@ async fn store_with(writes: &[Write]) -> Arc<InMemoryEventStore> {
             agent: Agent::new(AGENTS[agent], ROLES[role]),
             traceparent: None,
             recorded_at: base + Duration::minutes(minute),
+            decided_at_revision: None,
         };
         let event = EventData {
             id: Uuid::new_v4(),

@@ -292,6 +292,7 @@ async fn append_teleport(store: &dyn EventStore, ticket: TicketId) -> triage_eve
         agent: Agent::new("triage-9", Role::System),
         traceparent: None,
         recorded_at: chrono::Utc::now(),
+        decided_at_revision: None,
     };
     let event = EventData {
         id: Uuid::new_v4(),

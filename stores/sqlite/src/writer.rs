@@ -272,6 +272,7 @@ impl Writer {
             last = Some(AppendResult {
                 current_revision: revision,
                 position,
+                replayed: false,
             });
         }
         // validate_append guarantees at least one event.
