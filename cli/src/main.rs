@@ -116,6 +116,19 @@ enum Command {
     /// List, inspect and rebuild the read models (projections).
     #[command(subcommand)]
     Projections(projections::ProjectionsCommand),
+    /// Time travel: build the read models as of a moment into a scratch
+    /// read-model file, for what-if analysis; the live store and read models
+    /// are not touched. Query the file with SQL (views `tickets`,
+    /// `stats_counters`, …) or with `--read-model PATH`.
+    Replay {
+        /// The moment: a log position (as printed by `triage events`) or a
+        /// time (RFC 3339).
+        #[arg(long, value_name = "POSITION|TIME")]
+        until: String,
+        /// The scratch read-model file to create; it must not exist yet.
+        #[arg(long, value_name = "PATH")]
+        into: PathBuf,
+    },
     /// Statistics from the read model: tickets per state, stage latency
     /// percentiles, refusals and conflicts, expired claims, outcomes per agent.
     Stats,
@@ -207,6 +220,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Ticket(command) => ticket::run(command, &cli.global).await,
         Command::Projections(command) => projections::run(command, &cli.global).await,
         Command::Stats => projections::stats(&cli.global).await,
+        Command::Replay { until, into } => projections::replay(&until, &into, &cli.global).await,
     }
 }
 

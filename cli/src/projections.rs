@@ -9,7 +9,7 @@ use anyhow::bail;
 use clap::Subcommand;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
-use triage_projections::{RebuildOptions, RebuildProgress, RebuildReport, stats};
+use triage_projections::{ReadModelDb, RebuildOptions, RebuildProgress, RebuildReport, stats};
 
 use crate::GlobalArgs;
 use crate::output;
@@ -276,5 +276,60 @@ pub(crate) async fn stats(global: &GlobalArgs) -> anyhow::Result<()> {
         agents.add_row(vec![agent.clone(), outcomes.role.clone(), listed.join(", ")]);
     }
     println!("{agents}");
+    Ok(())
+}
+
+/// `triage replay --until … --into …`.
+pub(crate) async fn replay(until: &str, into: &std::path::Path, global: &GlobalArgs) -> anyhow::Result<()> {
+    if into.exists() && std::fs::metadata(into).map(|m| m.len() > 0).unwrap_or(true) {
+        bail!(
+            "{} already exists; choose a new file for the scratch read models",
+            into.display()
+        );
+    }
+    let opened = global.open()?;
+    let position = match until.parse::<triage_event_store::Position>() {
+        Ok(position) => position,
+        Err(_) => {
+            let time = crate::events::parse_time(until)
+                .map_err(|error| anyhow::anyhow!("--until {until:?} is neither a log position nor a time: {error}"))?;
+            // The last event recorded at or before that moment.
+            let query = triage_projections::query::EventQuery {
+                until: Some(time + chrono::Duration::microseconds(1)),
+                ..Default::default()
+            };
+            let mut last = None;
+            query
+                .scan(opened.events.as_ref(), 1024, |record| {
+                    last = Some(record.position);
+                    std::ops::ControlFlow::Continue(())
+                })
+                .await?;
+            last.ok_or_else(|| crate::events::NothingMatched(format!("no events were recorded by {time}")))?
+        }
+    };
+    let scratch = triage_projections::Projector::new(opened.events.clone(), ReadModelDb::open(into)?);
+    let reached = scratch.catch_up_to(Some(position)).await?;
+    let counts = scratch.read("tickets", |conn, slot| {
+        triage_projections::TicketsView::new(conn, slot).counts()
+    })?;
+    if global.json {
+        output::print_json(&json!({
+            "into": into.display().to_string(),
+            "until": position.to_string(),
+            "reached": reached.map(|p| p.to_string()),
+            "tickets_per_state": counts.iter().map(|(state, count)| (state.as_str(), *count)).collect::<std::collections::BTreeMap<_, _>>(),
+        }));
+        return Ok(());
+    }
+    let mut out = output::table(&["State", "Tickets"]);
+    for (state, count) in &counts {
+        out.add_row(vec![state.to_string(), count.to_string()]);
+    }
+    println!("{out}");
+    println!(
+        "read models as of log position {position} are in {} (views: tickets, stats_counters, stats_tickets, stats_latency, stats_agents)",
+        into.display()
+    );
     Ok(())
 }

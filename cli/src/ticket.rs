@@ -7,8 +7,8 @@ use std::ops::ControlFlow;
 use triage_command_handler::{CommandError, CommandHandler};
 use triage_domain::{Agent, Command, CommandEnvelope, Rejection, Role, State, TicketId};
 
-use triage_projections::TicketsView;
 use triage_projections::query::EventQuery;
+use triage_projections::{TicketRow, TicketsView};
 use uuid::Uuid;
 
 use crate::GlobalArgs;
@@ -69,6 +69,10 @@ pub(crate) enum TicketCommand {
     Show {
         /// The ticket id (a UUID, optionally prefixed with `ticket-`).
         id: TicketId,
+        /// Time travel: the ticket as it was at this revision (a number) or
+        /// moment (RFC 3339), folded from its events.
+        #[arg(long, value_name = "REVISION|TIME", value_parser = parse_moment)]
+        at: Option<Moment>,
     },
     /// List tickets from the read model, oldest in their state first.
     List {
@@ -103,6 +107,24 @@ fn parse_role(value: &str) -> Result<Role, String> {
 
 fn parse_state(value: &str) -> Result<State, String> {
     value.parse()
+}
+
+/// A point in a ticket's history.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Moment {
+    /// After this stream revision.
+    Revision(u64),
+    /// At this time.
+    Time(chrono::DateTime<chrono::Utc>),
+}
+
+fn parse_moment(value: &str) -> Result<Moment, String> {
+    match value.trim().parse::<u64>() {
+        Ok(revision) => Ok(Moment::Revision(revision)),
+        Err(_) => crate::events::parse_time(value)
+            .map(Moment::Time)
+            .map_err(|error| format!("neither a revision number nor a time: {error}")),
+    }
 }
 
 pub(crate) async fn run(command: TicketCommand, global: &GlobalArgs) -> anyhow::Result<()> {
@@ -198,7 +220,40 @@ pub(crate) async fn run(command: TicketCommand, global: &GlobalArgs) -> anyhow::
             }
             Ok(())
         }
-        TicketCommand::Show { id } => {
+        TicketCommand::Show { id, at: Some(moment) } => {
+            let records = ticket_records(&opened, id).await?;
+            let mut events = Vec::with_capacity(records.len());
+            for record in &records {
+                if let Some(event) = triage_projections::decode(record)? {
+                    events.push(event);
+                }
+            }
+            let upto: Vec<_> = events
+                .into_iter()
+                .filter(|event| matches!(event.payload, triage_projections::Payload::Ticket(_)))
+                .filter(|event| match moment {
+                    Moment::Revision(revision) => event.revision <= revision,
+                    Moment::Time(time) => event.recorded_at <= time,
+                })
+                .collect();
+            let row = TicketRow::fold(&upto).ok_or_else(|| match moment {
+                Moment::Time(time) => anyhow::anyhow!("ticket {id} did not exist yet at {time}"),
+                Moment::Revision(_) => anyhow::anyhow!("ticket {id} has no events"),
+            })?;
+            if let Moment::Revision(revision) = moment
+                && row.revision < revision
+            {
+                bail!("ticket {id} has no revision {revision}; its last is {}", row.revision);
+            }
+            if global.json {
+                output::print_json(&output::ticket_json(&row));
+            } else {
+                output::print_ticket(&row, None);
+                println!("as of revision {} ({})", row.revision, row.updated_at.to_rfc3339());
+            }
+            Ok(())
+        }
+        TicketCommand::Show { id, at: None } => {
             let checkpoint = opened.projector.catch_up().await?;
             let row = opened
                 .projector

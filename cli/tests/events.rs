@@ -226,3 +226,104 @@ fn a_ticket_timeline_shows_transitions_time_in_state_and_refused_attempts() {
         "{people}"
     );
 }
+
+/// Folds the ticket events of `triage events` output up to a point, as an
+/// independent check of time travel.
+fn fold_until(dir: &Path, ticket: &str, keep: impl Fn(&Value) -> bool) -> triage_domain::Ticket {
+    let events: Vec<triage_domain::Event> = succeed(
+        dir,
+        &["events", "--stream", &format!("ticket-{ticket}"), "--format", "jsonl"],
+    )
+    .lines()
+    .map(|line| serde_json::from_str::<Value>(line).unwrap())
+    .filter(|row| keep(row))
+    .map(|row| serde_json::from_value(row["data"].clone()).unwrap())
+    .collect();
+    triage_domain::Ticket::from_events(&events)
+}
+
+#[test]
+fn time_travel_equals_folding_the_stream_up_to_that_point() {
+    let dir = tempfile::tempdir().unwrap();
+    let ids = seed(dir.path());
+    for revision in 0..=1u64 {
+        let shown: Value = serde_json::from_str(&succeed(
+            dir.path(),
+            &["ticket", "show", ids[0], "--at", &revision.to_string(), "--json"],
+        ))
+        .unwrap();
+        let folded = fold_until(dir.path(), ids[0], |row| row["revision"].as_u64().unwrap() <= revision);
+        assert_eq!(
+            shown["state"],
+            serde_json::to_value(folded.state).unwrap(),
+            "at revision {revision}"
+        );
+        assert_eq!(shown["revision"], revision);
+    }
+    // By time: the moment of the opening shows the new ticket.
+    let opened_at = succeed(
+        dir.path(),
+        &["events", "--stream", &format!("ticket-{}", ids[0]), "--format", "jsonl"],
+    )
+    .lines()
+    .next()
+    .map(|line| {
+        serde_json::from_str::<Value>(line).unwrap()["recorded_at"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    })
+    .unwrap();
+    let at_open: Value = serde_json::from_str(&succeed(
+        dir.path(),
+        &["ticket", "show", ids[0], "--at", &opened_at, "--json"],
+    ))
+    .unwrap();
+    assert_eq!(at_open["state"], "NEW");
+    let error = common::fail(dir.path(), &["ticket", "show", ids[0], "--at", "2001-01-01T00:00:00Z"]);
+    assert!(error.contains("did not exist yet"), "{error}");
+    let error = common::fail(dir.path(), &["ticket", "show", ids[0], "--at", "yesterday"]);
+    assert!(error.contains("neither a revision number nor a time"), "{error}");
+}
+
+#[test]
+fn replay_builds_the_read_models_as_of_a_moment_and_leaves_the_live_ones_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let ids = seed(dir.path());
+    let live_before = succeed(dir.path(), &["ticket", "list", "--json"]);
+    succeed(dir.path(), &["replay", "--until", "2", "--into", "then.db"]);
+    let conn = rusqlite::Connection::open(dir.path().join("then.db")).unwrap();
+    let mut states: Vec<(String, String)> = conn
+        .prepare("SELECT ticket_id, state FROM tickets ORDER BY ticket_id")
+        .unwrap()
+        .query_map([], |row| Ok((row.get(0)?, row.get(1)?)))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    states.sort();
+    let expected: Vec<(String, String)> = ids
+        .iter()
+        .map(|id| {
+            let folded = fold_until(dir.path(), id, |row| {
+                row["position"].as_str().unwrap().parse::<u64>().unwrap() <= 2
+            });
+            (id.to_string(), folded.state.unwrap().to_string())
+        })
+        .collect();
+    assert_eq!(
+        states, expected,
+        "both tickets opened, neither claimed yet at position 2"
+    );
+    assert_eq!(
+        succeed(dir.path(), &["ticket", "list", "--json"]),
+        live_before,
+        "the live model is untouched"
+    );
+    let again = common::fail(dir.path(), &["replay", "--until", "2", "--into", "then.db"]);
+    assert!(again.contains("already exists"), "{again}");
+    let none = triage(
+        dir.path(),
+        &["replay", "--until", "2001-01-01T00:00:00Z", "--into", "never.db"],
+    );
+    assert_eq!(none.status.code(), Some(3));
+}

@@ -179,6 +179,13 @@ impl Projector {
     /// rebuilds those whose version changed, then catches all up to the
     /// head of the log.
     pub async fn catch_up(&self) -> Result<Option<Position>, ProjectionError> {
+        self.catch_up_to(None).await
+    }
+
+    /// [`Projector::catch_up`], but only up to `until` (inclusive): the
+    /// read models as of that moment, for time travel into a scratch
+    /// read-model file.
+    pub async fn catch_up_to(&self, until: Option<Position>) -> Result<Option<Position>, ProjectionError> {
         let head = self.events.head_position().await?;
         for projection in &self.projections {
             let live = {
@@ -220,7 +227,7 @@ impl Projector {
                 kind: SlotKind::Live,
             })
             .collect();
-        let result = self.replay(&targets, None, &mut |_| {}, None).await;
+        let result = self.replay(&targets, until, &mut |_| {}, None).await;
         if let Err(error) = &result {
             let conn = self.db.lock();
             for target in &targets {

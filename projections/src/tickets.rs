@@ -102,6 +102,27 @@ impl TicketRow {
         })
     }
 
+    /// Folds a ticket's events, oldest first, the way the projection does;
+    /// `None` when none of them is a ticket event.
+    pub fn fold<'a>(events: impl IntoIterator<Item = &'a ProjectedEvent>) -> Option<TicketRow> {
+        let mut row: Option<TicketRow> = None;
+        for event in events {
+            if !matches!(event.payload, Payload::Ticket(_)) {
+                continue;
+            }
+            let current = row.get_or_insert_with(|| TicketRow {
+                ticket: Ticket::default(),
+                revision: 0,
+                created_at: event.recorded_at,
+                updated_at: event.recorded_at,
+                state_entered_at: event.recorded_at,
+            });
+            let first = current.ticket.events_applied == 0;
+            current.apply(event, first);
+        }
+        row
+    }
+
     fn apply(&mut self, event: &ProjectedEvent, first: bool) {
         let Payload::Ticket(domain_event) = &event.payload else {
             return;
