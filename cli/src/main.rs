@@ -129,9 +129,11 @@ enum Command {
         #[arg(long, value_name = "PATH")]
         into: PathBuf,
     },
-    /// Statistics from the read model: tickets per state, stage latency
-    /// percentiles, refusals and conflicts, expired claims, outcomes per agent.
-    Stats,
+    /// Statistics: tickets per state, stage latency percentiles, refusals
+    /// and conflicts, expired claims, outcomes per agent. From the live read
+    /// model, or, with --since/--until/--by, computed from the events of any
+    /// period.
+    Stats(projections::StatsArgs),
 }
 
 impl GlobalArgs {
@@ -219,7 +221,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Events(args) => events::run(args, &cli.global).await,
         Command::Ticket(command) => ticket::run(command, &cli.global).await,
         Command::Projections(command) => projections::run(command, &cli.global).await,
-        Command::Stats => projections::stats(&cli.global).await,
+        Command::Stats(args) => projections::stats(args, &cli.global).await,
         Command::Replay { until, into } => projections::replay(&until, &into, &cli.global).await,
     }
 }

@@ -240,15 +240,181 @@ fn print_reports(reports: &[RebuildReport]) {
     }
 }
 
+/// `triage stats` options.
+#[derive(Debug, clap::Args)]
+pub(crate) struct StatsArgs {
+    /// Only events recorded at or after this time (RFC 3339).
+    #[arg(long, value_name = "TIME", value_parser = crate::events::parse_time)]
+    since: Option<chrono::DateTime<chrono::Utc>>,
+    /// Only events recorded before this time (RFC 3339).
+    #[arg(long, value_name = "TIME", value_parser = crate::events::parse_time)]
+    until: Option<chrono::DateTime<chrono::Utc>>,
+    /// Break the figures down by agent, role or ticket category.
+    #[arg(long, value_enum)]
+    by: Option<By>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+enum By {
+    Agent,
+    Role,
+    Category,
+}
+
 /// `triage stats`.
-pub(crate) async fn stats(global: &GlobalArgs) -> anyhow::Result<()> {
+pub(crate) async fn stats(args: StatsArgs, global: &GlobalArgs) -> anyhow::Result<()> {
     let opened = global.open()?;
     opened.projector.catch_up().await?;
-    let summary = opened.projector.read("stats", stats::summary)?;
-    if global.json {
-        output::print_json(&serde_json::to_value(&summary)?);
+    if args.since.is_none() && args.until.is_none() && args.by.is_none() {
+        let summary = opened.projector.read("stats", stats::summary)?;
+        if global.json {
+            output::print_json(&serde_json::to_value(&summary)?);
+        } else {
+            print_summary(&summary, None);
+        }
         return Ok(());
     }
+    if let (Some(since), Some(until)) = (args.since, args.until)
+        && since >= until
+    {
+        bail!("--since {since} is not before --until {until}: that range holds no time");
+    }
+    // Each ticket's category, from the read model, for --by category.
+    let categories: std::collections::HashMap<triage_domain::TicketId, String> = if args.by == Some(By::Category) {
+        opened
+            .projector
+            .read("tickets", |conn, slot| {
+                triage_projections::TicketsView::new(conn, slot).list(None, usize::MAX)
+            })?
+            .into_iter()
+            .filter_map(|row| {
+                let category = row
+                    .ticket
+                    .classification
+                    .map(|c| c.category)
+                    .unwrap_or_else(|| "unclassified".to_owned());
+                Some((row.ticket.id?, category))
+            })
+            .collect()
+    } else {
+        Default::default()
+    };
+    let query = triage_projections::query::EventQuery {
+        since: args.since,
+        until: args.until,
+        ..Default::default()
+    };
+    let mut windows: std::collections::BTreeMap<String, stats::StatsWindow> = std::collections::BTreeMap::new();
+    let mut failure = None;
+    query
+        .scan(opened.events.as_ref(), 1024, |record| {
+            let pushed = (|| -> anyhow::Result<()> {
+                let Some(event) = triage_projections::decode(record)? else {
+                    return Ok(());
+                };
+                let group = match args.by {
+                    Some(By::Category) => categories
+                        .get(&event.ticket_id)
+                        .cloned()
+                        .unwrap_or_else(|| "unclassified".to_owned()),
+                    _ => "all".to_owned(),
+                };
+                let window = match windows.entry(group) {
+                    std::collections::btree_map::Entry::Occupied(entry) => entry.into_mut(),
+                    std::collections::btree_map::Entry::Vacant(entry) => entry.insert(stats::StatsWindow::new()?),
+                };
+                window.push(event)?;
+                Ok(())
+            })();
+            match pushed {
+                Ok(()) => std::ops::ControlFlow::Continue(()),
+                Err(error) => {
+                    failure = Some(error);
+                    std::ops::ControlFlow::Break(())
+                }
+            }
+        })
+        .await?;
+    if let Some(error) = failure {
+        return Err(error);
+    }
+    if windows.is_empty() {
+        return Err(
+            crate::events::NothingMatched(format!("no events in {} fall in that period", opened.location)).into(),
+        );
+    }
+    for (group, window) in windows {
+        let (summary, rates) = window.finish()?;
+        let by_role = (args.by == Some(By::Role)).then(|| outcomes_by_role(&summary));
+        if global.json {
+            output::print_json(&json!({
+                "since": args.since,
+                "until": args.until,
+                "by": args.by,
+                "group": group,
+                "rates": rates,
+                "summary": summary,
+                "roles": by_role,
+            }));
+            continue;
+        }
+        if args.by == Some(By::Category) {
+            println!("category {group}:");
+        }
+        let mut out = output::table(&["Rate", "Value"]);
+        out.add_row(vec![
+            "events".to_owned(),
+            format!(
+                "{} over {:.0} s ({:.1}/s)",
+                rates.events, rates.span_s, rates.events_per_s
+            ),
+        ]);
+        out.add_row(vec![
+            "tickets resolved per hour".to_owned(),
+            format!("{:.1}", rates.resolved_per_hour),
+        ]);
+        out.add_row(vec![
+            "failed claims / claims taken".to_owned(),
+            format!("{:.1}%", rates.failure_rate * 100.0),
+        ]);
+        out.add_row(vec![
+            "refused / commands".to_owned(),
+            format!("{:.1}%", rates.rejection_rate * 100.0),
+        ]);
+        out.add_row(vec![
+            "stale-revision conflicts / commands".to_owned(),
+            format!("{:.1}%", rates.conflict_rate * 100.0),
+        ]);
+        println!("{out}");
+        print_summary(&summary, by_role.as_ref());
+    }
+    Ok(())
+}
+
+/// Outcomes summed over the agents of each role.
+fn outcomes_by_role(
+    summary: &stats::StatsSummary,
+) -> std::collections::BTreeMap<String, std::collections::BTreeMap<String, u64>> {
+    let mut roles: std::collections::BTreeMap<String, std::collections::BTreeMap<String, u64>> = Default::default();
+    for outcomes in summary.agents.values() {
+        let role = if outcomes.role.is_empty() {
+            "unknown".to_owned()
+        } else {
+            outcomes.role.clone()
+        };
+        let entry = roles.entry(role).or_default();
+        for (outcome, count) in &outcomes.outcomes {
+            *entry.entry(outcome.clone()).or_default() += count;
+        }
+    }
+    roles
+}
+
+fn print_summary(
+    summary: &stats::StatsSummary,
+    by_role: Option<&std::collections::BTreeMap<String, std::collections::BTreeMap<String, u64>>>,
+) {
     let mut states = output::table(&["State", "Tickets"]);
     for (state, count) in &summary.tickets_per_state {
         states.add_row(vec![state.clone(), count.to_string()]);
@@ -270,13 +436,24 @@ pub(crate) async fn stats(global: &GlobalArgs) -> anyhow::Result<()> {
         counters.add_row(vec![name.clone(), value.to_string()]);
     }
     println!("{counters}");
-    let mut agents = output::table(&["Agent", "Role", "Outcomes"]);
-    for (agent, outcomes) in &summary.agents {
-        let listed: Vec<String> = outcomes.outcomes.iter().map(|(k, v)| format!("{k} {v}")).collect();
-        agents.add_row(vec![agent.clone(), outcomes.role.clone(), listed.join(", ")]);
+    match by_role {
+        Some(roles) => {
+            let mut out = output::table(&["Role", "Outcomes"]);
+            for (role, outcomes) in roles {
+                let listed: Vec<String> = outcomes.iter().map(|(k, v)| format!("{k} {v}")).collect();
+                out.add_row(vec![role.clone(), listed.join(", ")]);
+            }
+            println!("{out}");
+        }
+        None => {
+            let mut agents = output::table(&["Agent", "Role", "Outcomes"]);
+            for (agent, outcomes) in &summary.agents {
+                let listed: Vec<String> = outcomes.outcomes.iter().map(|(k, v)| format!("{k} {v}")).collect();
+                agents.add_row(vec![agent.clone(), outcomes.role.clone(), listed.join(", ")]);
+            }
+            println!("{agents}");
+        }
     }
-    println!("{agents}");
-    Ok(())
 }
 
 /// `triage replay --until … --into …`.

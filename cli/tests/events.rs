@@ -327,3 +327,37 @@ fn replay_builds_the_read_models_as_of_a_moment_and_leaves_the_live_ones_alone()
     );
     assert_eq!(none.status.code(), Some(3));
 }
+
+#[test]
+fn stats_for_a_period_and_by_group_come_from_the_events() {
+    let dir = tempfile::tempdir().unwrap();
+    seed(dir.path());
+    let window: Value = serde_json::from_str(&succeed(
+        dir.path(),
+        &[
+            "stats",
+            "--since",
+            "2000-01-01T00:00:00Z",
+            "--until",
+            "2100-01-01T00:00:00Z",
+            "--json",
+        ],
+    ))
+    .unwrap();
+    assert_eq!(window["summary"]["counters"]["events"], 4, "3 events and 1 refusal");
+    assert_eq!(window["summary"]["counters"]["rejections"], 1);
+    assert_eq!(window["rates"]["rejection_rate"], 0.25);
+    assert!(window["rates"]["span_s"].as_f64().unwrap() >= 0.0);
+    let by_role: Value = serde_json::from_str(&succeed(dir.path(), &["stats", "--by", "role", "--json"])).unwrap();
+    assert_eq!(by_role["roles"]["classifier"]["claimed"], 1);
+    assert_eq!(by_role["roles"]["drafter"]["refused"], 1);
+    let groups: Vec<Value> = succeed(dir.path(), &["stats", "--by", "category", "--json"])
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    assert_eq!(groups.len(), 1, "no ticket is classified yet");
+    assert_eq!(groups[0]["group"], "unclassified");
+    let empty = triage(dir.path(), &["stats", "--since", "2099-01-01T00:00:00Z"]);
+    assert_eq!(empty.status.code(), Some(3));
+    assert!(common::stderr(&empty).contains("fall in that period"));
+}

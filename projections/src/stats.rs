@@ -101,8 +101,12 @@ impl Projection for StatsProjection {
                     entry.insert(stored.unwrap_or_default())
                 }
             };
+            // A stage whose start is not in the events seen (a window that
+            // begins mid-ticket) has no duration to record.
             let finish = |ticket: &mut Progress, stage: &'static str, since: i64| {
-                ticket.finished.push((stage, (at - since).max(0) / 1000));
+                if since > 0 {
+                    ticket.finished.push((stage, (at - since).max(0) / 1000));
+                }
             };
             match domain_event {
                 Event::TicketOpened { .. } => {
@@ -396,4 +400,118 @@ pub fn summary(conn: &Connection, slot: &Slot) -> rusqlite::Result<StatsSummary>
         entry.outcomes.insert(outcome, count as u64);
     }
     Ok(summary)
+}
+
+/// Rates and throughput over a window of events.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct WindowRates {
+    /// Events in the window (refusal records included).
+    pub events: u64,
+    /// Seconds from the first to the last event in the window.
+    pub span_s: f64,
+    /// Events per second over that span.
+    pub events_per_s: f64,
+    /// Tickets resolved per hour over that span.
+    pub resolved_per_hour: f64,
+    /// Claims that failed (released or expired) per claim taken.
+    pub failure_rate: f64,
+    /// Refused commands per command (accepted or refused).
+    pub rejection_rate: f64,
+    /// Stale-revision conflicts per command.
+    pub conflict_rate: f64,
+}
+
+/// Statistics over any set of events (a time window, one category, …),
+/// computed by the `stats` projection into a private in-memory database,
+/// batch by batch.
+#[derive(Debug)]
+pub struct StatsWindow {
+    conn: Connection,
+    slot: Slot,
+    pending: Vec<ProjectedEvent>,
+    /// The earliest decision time pushed.
+    first: Option<chrono::DateTime<chrono::Utc>>,
+    /// The latest decision time pushed.
+    last: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+impl StatsWindow {
+    /// An empty window.
+    pub fn new() -> rusqlite::Result<Self> {
+        let conn = Connection::open_in_memory()?;
+        let slot = Slot {
+            name: "stats".to_owned(),
+            version: StatsProjection.version(),
+            generation: 1,
+            checkpoint: None,
+            events_applied: 0,
+        };
+        StatsProjection.create(&conn, &slot)?;
+        Ok(StatsWindow {
+            conn,
+            slot,
+            pending: Vec::new(),
+            first: None,
+            last: None,
+        })
+    }
+
+    /// Adds one event, in log order.
+    pub fn push(&mut self, event: ProjectedEvent) -> Result<(), ProjectionError> {
+        // Decision times of concurrent writers need not follow log order:
+        // keep the earliest and the latest.
+        self.first = Some(
+            self.first
+                .map_or(event.recorded_at, |first| first.min(event.recorded_at)),
+        );
+        self.last = Some(self.last.map_or(event.recorded_at, |last| last.max(event.recorded_at)));
+        self.pending.push(event);
+        if self.pending.len() >= 4096 {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<(), ProjectionError> {
+        let tx = self
+            .conn
+            .transaction()
+            .map_err(|error| ProjectionError::sqlite("begin", error))?;
+        StatsProjection.apply(&tx, &self.slot, &self.pending)?;
+        tx.commit().map_err(|error| ProjectionError::sqlite("commit", error))?;
+        self.pending.clear();
+        Ok(())
+    }
+
+    /// The statistics and rates of everything pushed.
+    pub fn finish(mut self) -> Result<(StatsSummary, WindowRates), ProjectionError> {
+        self.flush()?;
+        let summary = summary(&self.conn, &self.slot).map_err(|error| ProjectionError::sqlite("summarize", error))?;
+        let counter = |name: &str| summary.counters.get(name).copied().unwrap_or(0) as f64;
+        let span_s = match (self.first, self.last) {
+            (Some(first), Some(last)) => (last - first).num_milliseconds() as f64 / 1000.0,
+            _ => 0.0,
+        };
+        let per = |numerator: f64, denominator: f64| {
+            if denominator > 0.0 {
+                numerator / denominator
+            } else {
+                0.0
+            }
+        };
+        let commands = counter("events");
+        let rates = WindowRates {
+            events: commands as u64,
+            span_s,
+            events_per_s: per(commands, span_s),
+            resolved_per_hour: per(counter("tickets_resolved") * 3600.0, span_s),
+            failure_rate: per(
+                counter("claims_released") + counter("claims_expired"),
+                counter("claims_taken"),
+            ),
+            rejection_rate: per(counter("rejections"), commands),
+            conflict_rate: per(counter("conflicts"), commands),
+        };
+        Ok((summary, rates))
+    }
 }
