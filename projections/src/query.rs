@@ -188,7 +188,9 @@ impl EventQuery {
                 .read_all(ReadAll {
                     direction: Direction::Forwards,
                     from,
-                    max_count: page_size,
+                    // One more than a page: a read from the last position
+                    // read returns that record again.
+                    max_count: page_size.max(1) + 1,
                 })
                 .await?;
             let mut fresh = 0;
