@@ -69,6 +69,13 @@ enum Bench {
         #[arg(long, default_value_t = 4096)]
         batch_size: usize,
     },
+    /// `triage events --format jsonl` over the whole log: the analysts'
+    /// query, each event serialized as a JSON line (to a sink).
+    Events {
+        /// Events to generate (whole ticket lifecycles of 7 events).
+        #[arg(long, default_value_t = 1_000_000)]
+        events: u64,
+    },
     /// Replay speed of the SQLite store: read the whole log in pages and
     /// decode and fold every event, as a projection rebuild does.
     Replay {
@@ -251,6 +258,9 @@ async fn main() -> anyhow::Result<()> {
     match cli.bench {
         Bench::Rebuild { events, batch_size } => {
             println!("{}", replay::rebuild(events, batch_size).await?);
+        }
+        Bench::Events { events } => {
+            println!("{}", replay::events_jsonl(events).await?);
         }
         Bench::Replay { events, page_sizes } => {
             for page_size in page_sizes {

@@ -162,6 +162,52 @@ pub(crate) async fn rebuild(events: u64, batch_size: usize) -> anyhow::Result<Va
     }))
 }
 
+/// `triage-bench events`: the query `triage events --format jsonl` runs,
+/// over the whole log, each row serialized as a JSON line into a sink.
+pub(crate) async fn events_jsonl(events: u64) -> anyhow::Result<Value> {
+    use std::io::Write as _;
+    let (store, total, generate_s) = generate(events, SqliteOptions::default().page_size).await?;
+    reset_peak_rss();
+    let started = Instant::now();
+    let mut out = std::io::BufWriter::new(std::io::sink());
+    let mut written = 0u64;
+    let mut bytes = 0usize;
+    let mut failure = None;
+    triage_projections::query::EventQuery::default()
+        .scan(store.as_ref(), 1024, |record| {
+            let row = triage_projections::query::EventRow::from_record(record);
+            match serde_json::to_vec(&row) {
+                Ok(line) => {
+                    bytes += line.len() + 1;
+                    written += 1;
+                    let _ = out.write_all(&line).and_then(|()| out.write_all(b"\n"));
+                    std::ops::ControlFlow::Continue(())
+                }
+                Err(error) => {
+                    failure = Some(error);
+                    std::ops::ControlFlow::Break(())
+                }
+            }
+        })
+        .await?;
+    if let Some(error) = failure {
+        return Err(error.into());
+    }
+    out.flush()?;
+    let wall = started.elapsed().as_secs_f64();
+    anyhow::ensure!(written == total, "wrote {written} of {total} events");
+    Ok(json!({
+        "bench": "events_jsonl",
+        "store": "sqlite",
+        "events": written,
+        "bytes": bytes,
+        "generate_s": (generate_s * 1000.0).round() / 1000.0,
+        "wall_s": (wall * 1000.0).round() / 1000.0,
+        "events_per_s": (written as f64 / wall).round(),
+        "peak_rss_mb": peak_rss_mib().map(|m| (m * 10.0).round() / 10.0),
+    }))
+}
+
 pub(crate) async fn run(events: u64, page_size: u32) -> anyhow::Result<Value> {
     let (store, total, generate_s) = generate(events, page_size).await?;
     let bytes = std::fs::metadata(store.path()).map(|m| m.len()).unwrap_or(0);
