@@ -148,7 +148,7 @@ pub(crate) async fn run(command: TicketCommand, global: &GlobalArgs) -> anyhow::
                 (None, Some(command_id)) => TicketId(Uuid::new_v5(&command_id, b"triage ticket")),
                 (None, None) => TicketId::new(),
             };
-            let mut envelope = CommandEnvelope::new(
+            let envelope = CommandEnvelope::new(
                 ticket_id,
                 Agent::new(agent, role),
                 Command::OpenTicket {
@@ -157,13 +157,7 @@ pub(crate) async fn run(command: TicketCommand, global: &GlobalArgs) -> anyhow::
                     customer,
                 },
             );
-            if let Some(command_id) = command_id {
-                envelope.command_id = command_id;
-            }
-            let accepted = handler
-                .handle(envelope)
-                .await
-                .map_err(|error| explain(error, &location))?;
+            let accepted = send(&handler, envelope, command_id, &location).await?;
             if global.json {
                 output::print_json(&json!({
                     "id": accepted.ticket_id,
@@ -188,13 +182,7 @@ pub(crate) async fn run(command: TicketCommand, global: &GlobalArgs) -> anyhow::
             let command = parse_command(&command)?;
             let mut envelope = CommandEnvelope::new(id, Agent::new(agent, role), command);
             envelope.expected_revision = at_revision;
-            if let Some(command_id) = command_id {
-                envelope.command_id = command_id;
-            }
-            let accepted = handler
-                .handle(envelope)
-                .await
-                .map_err(|error| explain(error, &location))?;
+            let accepted = send(&handler, envelope, command_id, &location).await?;
             if global.json {
                 output::print_json(&json!({
                     "id": accepted.ticket_id,
@@ -329,6 +317,20 @@ fn parse_command(text: &str) -> anyhow::Result<Command> {
             "the command is not valid: {error}; expected JSON such as {{\"type\":\"start_classification\"}} (see `triage states` for the commands)"
         )
     })
+}
+
+/// Sends a command (under `command_id` when given, so that a retry is
+/// harmless) and explains a refusal.
+async fn send(
+    handler: &CommandHandler,
+    mut envelope: CommandEnvelope,
+    command_id: Option<Uuid>,
+    location: &crate::StoreLocation,
+) -> anyhow::Result<triage_command_handler::Accepted> {
+    if let Some(command_id) = command_id {
+        envelope.command_id = command_id;
+    }
+    handler.handle(envelope).await.map_err(|error| explain(error, location))
 }
 
 /// Turns a handler error into a message that says what to do.

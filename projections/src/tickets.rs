@@ -110,23 +110,28 @@ impl TicketRow {
             if !matches!(event.payload, Payload::Ticket(_)) {
                 continue;
             }
-            let current = row.get_or_insert_with(|| TicketRow {
-                ticket: Ticket::default(),
-                revision: 0,
-                created_at: event.recorded_at,
-                updated_at: event.recorded_at,
-                state_entered_at: event.recorded_at,
-            });
-            let first = current.ticket.events_applied == 0;
-            current.apply(event, first);
+            row.get_or_insert_with(|| TicketRow::empty(event.recorded_at))
+                .apply(event);
         }
         row
     }
 
-    fn apply(&mut self, event: &ProjectedEvent, first: bool) {
+    /// A ticket that does not exist yet, first seen at `at`.
+    fn empty(at: DateTime<Utc>) -> TicketRow {
+        TicketRow {
+            ticket: Ticket::default(),
+            revision: 0,
+            created_at: at,
+            updated_at: at,
+            state_entered_at: at,
+        }
+    }
+
+    fn apply(&mut self, event: &ProjectedEvent) {
         let Payload::Ticket(domain_event) = &event.payload else {
             return;
         };
+        let first = self.ticket.events_applied == 0;
         let before = self.ticket.state;
         self.ticket = evolve(std::mem::take(&mut self.ticket), domain_event);
         self.revision = event.revision;
@@ -231,17 +236,10 @@ impl Projection for TicketsProjection {
                     order.push(event.ticket_id);
                     let stored = load(conn, &table, event.ticket_id)
                         .map_err(|error| ProjectionError::sqlite("load a ticket row", error))?;
-                    entry.insert(stored.unwrap_or_else(|| TicketRow {
-                        ticket: Ticket::default(),
-                        revision: 0,
-                        created_at: event.recorded_at,
-                        updated_at: event.recorded_at,
-                        state_entered_at: event.recorded_at,
-                    }))
+                    entry.insert(stored.unwrap_or_else(|| TicketRow::empty(event.recorded_at)))
                 }
             };
-            let first = row.ticket.events_applied == 0;
-            row.apply(event, first);
+            row.apply(event);
         }
         for id in order {
             let row = &rows[&id];
