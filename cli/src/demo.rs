@@ -281,17 +281,17 @@ fn print_summary(triage: &DemoReport, naive: Option<&DemoReport>, config: &DemoC
     row("  audit", &|r| {
         if r.audit_passed { "PASSED" } else { "FAILED" }.to_owned()
     });
-    println!("{out}");
-    println!(
+    out!("{out}");
+    out!(
         "model calls take 2–10 simulated seconds, run at {}× speed; claims lease {} simulated seconds",
         (1.0 / config.time_scale).round(),
         config.lease_secs
     );
     for (report, name) in std::iter::once((triage, "Triage")).chain(naive.map(|n| (n, "Naive"))) {
         if !report.findings.is_empty() {
-            println!("{name}: first findings of the audit:");
+            out!("{name}: first findings of the audit:");
             for finding in report.findings.iter().take(5) {
-                println!("  - {finding}");
+                out!("  - {finding}");
             }
         }
     }

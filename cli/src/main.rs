@@ -5,6 +5,14 @@
 //! people or JSON for programs. Errors are `anyhow` here and only here; the
 //! libraries keep typed errors.
 
+/// `println!` for the command's output: when the reader goes away (`triage
+/// … | head`), the process ends quietly instead of panicking.
+macro_rules! out {
+    ($($arg:tt)*) => {
+        $crate::output::write_line(format_args!($($arg)*))
+    };
+}
+
 mod demo;
 mod events;
 mod output;

@@ -19,11 +19,21 @@ pub(crate) fn table(header: &[&str]) -> Table {
     table
 }
 
+/// Writes one line to stdout. A closed pipe (`triage … | head`) ends the
+/// process quietly: the reader has what it wanted.
+pub(crate) fn write_line(line: std::fmt::Arguments<'_>) {
+    if let Err(error) = writeln!(std::io::stdout().lock(), "{line}") {
+        if error.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("error: cannot write the output: {error}");
+        std::process::exit(1);
+    }
+}
+
 /// Prints one JSON value on one line.
 pub(crate) fn print_json(value: &Value) {
-    let mut stdout = std::io::stdout().lock();
-    // A closed pipe (`triage … | head`) is not an error worth a panic.
-    let _ = writeln!(stdout, "{value}");
+    out!("{value}");
 }
 
 fn claim_rule(rule: ClaimRule) -> &'static str {
@@ -48,7 +58,7 @@ fn guard(guard: Guard) -> &'static str {
 /// `triage states`.
 pub(crate) fn print_states(as_mermaid: bool, as_json: bool) {
     if as_mermaid {
-        print!("{}", mermaid());
+        out!("{}", mermaid().trim_end());
         return;
     }
     if as_json {
@@ -76,7 +86,7 @@ pub(crate) fn print_states(as_mermaid: bool, as_json: bool) {
             guard(row.guard).to_owned(),
         ]);
     }
-    println!("{out}");
+    out!("{out}");
 }
 
 /// The JSON form of a ticket row.
@@ -151,9 +161,9 @@ pub(crate) fn print_ticket(row: &TicketRow, checkpoint: Option<Position>) {
     line("opened", time(row.created_at));
     line("in state since", time(row.state_entered_at));
     line("updated", time(row.updated_at));
-    println!("{out}");
+    out!("{out}");
     if let Some(checkpoint) = checkpoint {
-        println!(
+        out!(
             "read model at log position {checkpoint}; this ticket at revision {}",
             row.revision
         );
@@ -192,8 +202,8 @@ pub(crate) fn print_ticket_list(rows: &[TicketRow], as_json: bool) {
             time(row.state_entered_at),
         ]);
     }
-    println!("{out}");
-    println!("{} ticket(s)", rows.len());
+    out!("{out}");
+    out!("{} ticket(s)", rows.len());
 }
 
 /// A one-line summary of an event's payload.
@@ -386,6 +396,6 @@ pub(crate) fn print_timeline(entries: &[TimelineEntry], as_json: bool) -> anyhow
             entry.details.clone(),
         ]);
     }
-    println!("{out}");
+    out!("{out}");
     Ok(())
 }

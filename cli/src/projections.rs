@@ -67,7 +67,7 @@ pub(crate) async fn run(command: ProjectionsCommand, global: &GlobalArgs) -> any
                         projection.tables().join(", "),
                     ]);
                 }
-                println!("{out}");
+                out!("{out}");
             }
             Ok(())
         }
@@ -113,7 +113,7 @@ pub(crate) async fn run(command: ProjectionsCommand, global: &GlobalArgs) -> any
                     state,
                 ]);
             }
-            println!("{out}");
+            out!("{out}");
             Ok(())
         }
         ProjectionsCommand::Rebuild {
@@ -219,23 +219,27 @@ fn print_reports(reports: &[RebuildReport]) {
             verification,
         ]);
     }
-    println!("{out}");
+    out!("{out}");
     for report in reports {
         if let Some(differences) = report.differences.as_ref().filter(|d| !d.is_empty()) {
-            println!(
+            out!(
                 "{}: the rebuilt model differs from the previous live one in:",
                 report.name
             );
             for difference in differences.iter().take(50) {
-                println!("  {difference}");
+                out!("  {difference}");
             }
             if differences.len() > 50 {
-                println!("  … and {} more", differences.len() - 50);
+                out!("  … and {} more", differences.len() - 50);
             }
         }
-        println!(
+        out!(
             "{}: replayed {} events in {:.2} s ({:.0} events/s); generation {} is live",
-            report.name, report.events, report.wall_s, report.events_per_s, report.generation
+            report.name,
+            report.events,
+            report.wall_s,
+            report.events_per_s,
+            report.generation
         );
     }
 }
@@ -360,7 +364,7 @@ pub(crate) async fn stats(args: StatsArgs, global: &GlobalArgs) -> anyhow::Resul
             continue;
         }
         if args.by == Some(By::Category) {
-            println!("category {group}:");
+            out!("category {group}:");
         }
         let mut out = output::table(&["Rate", "Value"]);
         out.add_row(vec![
@@ -386,7 +390,7 @@ pub(crate) async fn stats(args: StatsArgs, global: &GlobalArgs) -> anyhow::Resul
             "stale-revision conflicts / commands".to_owned(),
             format!("{:.1}%", rates.conflict_rate * 100.0),
         ]);
-        println!("{out}");
+        out!("{out}");
         print_summary(&summary, by_role.as_ref());
     }
     Ok(())
@@ -419,7 +423,7 @@ fn print_summary(
     for (state, count) in &summary.tickets_per_state {
         states.add_row(vec![state.clone(), count.to_string()]);
     }
-    println!("{states}");
+    out!("{states}");
     let mut latency = output::table(&["Stage", "Done", "p50", "p90", "p99"]);
     for (stage, figures) in &summary.stage_latency {
         latency.add_row(vec![
@@ -430,12 +434,12 @@ fn print_summary(
             format!("{} ms", figures.p99_ms),
         ]);
     }
-    println!("{latency}");
+    out!("{latency}");
     let mut counters = output::table(&["Counter", "Value"]);
     for (name, value) in &summary.counters {
         counters.add_row(vec![name.clone(), value.to_string()]);
     }
-    println!("{counters}");
+    out!("{counters}");
     match by_role {
         Some(roles) => {
             let mut out = output::table(&["Role", "Outcomes"]);
@@ -443,7 +447,7 @@ fn print_summary(
                 let listed: Vec<String> = outcomes.iter().map(|(k, v)| format!("{k} {v}")).collect();
                 out.add_row(vec![role.clone(), listed.join(", ")]);
             }
-            println!("{out}");
+            out!("{out}");
         }
         None => {
             let mut agents = output::table(&["Agent", "Role", "Outcomes"]);
@@ -451,7 +455,7 @@ fn print_summary(
                 let listed: Vec<String> = outcomes.outcomes.iter().map(|(k, v)| format!("{k} {v}")).collect();
                 agents.add_row(vec![agent.clone(), outcomes.role.clone(), listed.join(", ")]);
             }
-            println!("{agents}");
+            out!("{agents}");
         }
     }
 }
@@ -503,8 +507,8 @@ pub(crate) async fn replay(until: &str, into: &std::path::Path, global: &GlobalA
     for (state, count) in &counts {
         out.add_row(vec![state.to_string(), count.to_string()]);
     }
-    println!("{out}");
-    println!(
+    out!("{out}");
+    out!(
         "read models as of log position {position} are in {} (views: tickets, stats_counters, stats_tickets, stats_latency, stats_agents)",
         into.display()
     );

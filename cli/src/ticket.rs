@@ -167,7 +167,7 @@ pub(crate) async fn run(command: TicketCommand, global: &GlobalArgs) -> anyhow::
                     "duplicate": accepted.duplicate,
                 }));
             } else {
-                println!("{}", accepted.ticket_id);
+                out!("{}", accepted.ticket_id);
             }
             Ok(())
         }
@@ -199,7 +199,7 @@ pub(crate) async fn run(command: TicketCommand, global: &GlobalArgs) -> anyhow::
                 } else {
                     ""
                 };
-                println!(
+                out!(
                     "{} at revision {}: {}{note}",
                     accepted.state,
                     accepted.revision,
@@ -237,7 +237,7 @@ pub(crate) async fn run(command: TicketCommand, global: &GlobalArgs) -> anyhow::
                 output::print_json(&output::ticket_json(&row));
             } else {
                 output::print_ticket(&row, None);
-                println!("as of revision {} ({})", row.revision, row.updated_at.to_rfc3339());
+                out!("as of revision {} ({})", row.revision, row.updated_at.to_rfc3339());
             }
             Ok(())
         }
