@@ -247,7 +247,8 @@ async fn run_commands(
     Ok((result, line))
 }
 
-fn round(value: f64, digits: i32) -> f64 {
+/// `value` rounded to `digits` decimals, for the JSON lines.
+pub(crate) fn round(value: f64, digits: i32) -> f64 {
     let scale = 10f64.powi(digits);
     (value * scale).round() / scale
 }

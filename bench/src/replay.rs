@@ -6,17 +6,21 @@
 //! memory: only the folded tickets are kept.
 
 use std::collections::HashMap;
+use std::ops::ControlFlow;
 use std::sync::Arc;
 use std::time::Instant;
 
 use chrono::Utc;
 use serde_json::{Value, json};
 use triage_command_handler::decode_recorded;
-use triage_domain::{Agent, Context, Event, EventMetadata, Policy, Ticket, TicketId, decide, event_id, evolve};
-use triage_event_store::{EventData, EventStore, ExpectedRevision, ReadAll, StreamName};
+use triage_domain::{Agent, Context, EventMetadata, Policy, Ticket, TicketId, decide, event_id, evolve};
+use triage_event_store::{EventData, EventStore, ExpectedRevision, StreamName};
+use triage_projections::query::EventQuery;
 use triage_projections::{Projector, ProjectorOptions, ReadModelDb, RebuildOptions};
 use triage_store_sqlite::{SqliteEventStore, SqliteOptions, Synchronous};
 use uuid::Uuid;
+
+use crate::round;
 
 /// One ticket's whole lifecycle as serialized records, decided by the real
 /// domain.
@@ -154,10 +158,10 @@ pub(crate) async fn rebuild(events: u64, batch_size: usize) -> anyhow::Result<Va
         "read_model": "sqlite",
         "events": total,
         "projections": per_projection,
-        "generate_s": (generate_s * 1000.0).round() / 1000.0,
-        "wall_s": (wall * 1000.0).round() / 1000.0,
-        "events_per_s": (total as f64 / wall).round(),
-        "peak_rss_mb": peak_rss_mib().map(|m| (m * 10.0).round() / 10.0),
+        "generate_s": round(generate_s, 3),
+        "wall_s": round(wall, 3),
+        "events_per_s": round(total as f64 / wall, 0),
+        "peak_rss_mb": peak_rss_mib().map(|m| round(m, 1)),
         "batch_size": batch_size,
     }))
 }
@@ -173,7 +177,7 @@ pub(crate) async fn events_jsonl(events: u64) -> anyhow::Result<Value> {
     let mut written = 0u64;
     let mut bytes = 0usize;
     let mut failure = None;
-    triage_projections::query::EventQuery::default()
+    EventQuery::default()
         .scan(store.as_ref(), 1024, |record| {
             let row = triage_projections::query::EventRow::from_record(record);
             match serde_json::to_vec(&row) {
@@ -181,11 +185,11 @@ pub(crate) async fn events_jsonl(events: u64) -> anyhow::Result<Value> {
                     bytes += line.len() + 1;
                     written += 1;
                     let _ = out.write_all(&line).and_then(|()| out.write_all(b"\n"));
-                    std::ops::ControlFlow::Continue(())
+                    ControlFlow::Continue(())
                 }
                 Err(error) => {
                     failure = Some(error);
-                    std::ops::ControlFlow::Break(())
+                    ControlFlow::Break(())
                 }
             }
         })
@@ -201,10 +205,10 @@ pub(crate) async fn events_jsonl(events: u64) -> anyhow::Result<Value> {
         "store": "sqlite",
         "events": written,
         "bytes": bytes,
-        "generate_s": (generate_s * 1000.0).round() / 1000.0,
-        "wall_s": (wall * 1000.0).round() / 1000.0,
-        "events_per_s": (written as f64 / wall).round(),
-        "peak_rss_mb": peak_rss_mib().map(|m| (m * 10.0).round() / 10.0),
+        "generate_s": round(generate_s, 3),
+        "wall_s": round(wall, 3),
+        "events_per_s": round(written as f64 / wall, 0),
+        "peak_rss_mb": peak_rss_mib().map(|m| round(m, 1)),
     }))
 }
 
@@ -215,32 +219,24 @@ pub(crate) async fn run(events: u64, page_size: u32) -> anyhow::Result<Value> {
     let started = Instant::now();
     let mut folded: HashMap<TicketId, Ticket> = HashMap::new();
     let mut replayed = 0u64;
-    let mut from = None;
-    loop {
-        let mut options = ReadAll::forwards(4096);
-        if let Some(position) = from {
-            options = options.from_position(position);
-        }
-        let page = store.read_all(options).await?;
-        let mut fresh = 0;
-        for record in page {
-            if Some(record.position) <= from {
-                continue;
+    let mut failure = None;
+    EventQuery::default()
+        .scan(store.as_ref(), 4096, |record| match decode_recorded(record) {
+            Ok((event, _metadata)) => {
+                replayed += 1;
+                let ticket_id = TicketId::from_stream_name(record.stream.as_str()).expect("a ticket stream");
+                let ticket = folded.remove(&ticket_id).unwrap_or_default();
+                folded.insert(ticket_id, evolve(ticket, &event));
+                ControlFlow::Continue(())
             }
-            from = Some(record.position);
-            fresh += 1;
-            let (event, _metadata) = decode_recorded(&record)?;
-            let ticket_id = match &event {
-                Event::TicketOpened { ticket_id, .. } => *ticket_id,
-                _ => TicketId::from_stream_name(record.stream.as_str()).expect("ticket stream"),
-            };
-            let ticket = folded.remove(&ticket_id).unwrap_or_default();
-            folded.insert(ticket_id, evolve(ticket, &event));
-        }
-        replayed += fresh;
-        if fresh == 0 {
-            break;
-        }
+            Err(error) => {
+                failure = Some(error);
+                ControlFlow::Break(())
+            }
+        })
+        .await?;
+    if let Some(error) = failure {
+        return Err(error.into());
     }
     let wall = started.elapsed().as_secs_f64();
     anyhow::ensure!(replayed == total, "replayed {replayed} of {total} events");
@@ -251,9 +247,9 @@ pub(crate) async fn run(events: u64, page_size: u32) -> anyhow::Result<Value> {
         "events": replayed,
         "tickets": folded.len(),
         "db_bytes": bytes,
-        "generate_s": (generate_s * 1000.0).round() / 1000.0,
-        "wall_s": (wall * 1000.0).round() / 1000.0,
-        "events_per_s": (replayed as f64 / wall).round(),
-        "peak_rss_mb": peak_rss_mib().map(|m| (m * 10.0).round() / 10.0),
+        "generate_s": round(generate_s, 3),
+        "wall_s": round(wall, 3),
+        "events_per_s": round(replayed as f64 / wall, 0),
+        "peak_rss_mb": peak_rss_mib().map(|m| round(m, 1)),
     }))
 }

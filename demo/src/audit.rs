@@ -7,12 +7,14 @@
 //! writes to the shared records.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::ops::ControlFlow;
 
 use serde::Serialize;
 use triage_command_handler::decode_recorded;
 use triage_domain::audit::audit_history;
 use triage_domain::{Event, EventMetadata, TicketId, event_id};
-use triage_event_store::{EventStore, ReadAll};
+use triage_event_store::EventStore;
+use triage_projections::query::EventQuery;
 use uuid::Uuid;
 
 /// One write as it stands in a log.
@@ -156,27 +158,22 @@ pub async fn logs_from_store(
     store: &dyn EventStore,
 ) -> Result<BTreeMap<TicketId, Vec<LoggedEvent>>, triage_event_store::Error> {
     let mut logs: BTreeMap<TicketId, Vec<(u64, LoggedEvent)>> = BTreeMap::new();
-    let mut after = None;
-    loop {
-        let mut options = ReadAll::forwards(2048);
-        if let Some(position) = after {
-            options = options.from_position(position);
-        }
-        let page = store.read_all(options).await?;
-        let fresh: Vec<_> = page
-            .into_iter()
-            .filter(|record| Some(record.position) > after)
-            .collect();
-        let Some(last) = fresh.last() else { break };
-        after = Some(last.position);
-        for record in fresh {
+    let mut failure = None;
+    EventQuery::default()
+        .scan(store, 2048, |record| {
             let Some(ticket) = TicketId::from_stream_name(record.stream.as_str()) else {
-                continue;
+                return ControlFlow::Continue(());
             };
-            let (event, metadata) = decode_recorded(&record).map_err(|error| triage_event_store::Error::Backend {
-                message: format!("cannot decode {} at {}: {error}", record.event_type, record.position),
-                source: None,
-            })?;
+            let (event, metadata) = match decode_recorded(record) {
+                Ok(decoded) => decoded,
+                Err(error) => {
+                    failure = Some(triage_event_store::Error::Backend {
+                        message: format!("cannot decode {} at {}: {error}", record.event_type, record.position),
+                        source: None,
+                    });
+                    return ControlFlow::Break(());
+                }
+            };
             // What the writer had seen: the revision its command was decided
             // on, as the handler recorded it. (Metadata written before that
             // field existed says nothing; the append's expected revision
@@ -195,7 +192,11 @@ pub async fn logs_from_store(
                     seen,
                 },
             ));
-        }
+            ControlFlow::Continue(())
+        })
+        .await?;
+    if let Some(error) = failure {
+        return Err(error);
     }
     Ok(logs
         .into_iter()
