@@ -48,4 +48,13 @@ pub trait EventStore: Send + Sync + std::fmt::Debug + 'static {
     /// A short description of the backend for logs and `--help` output,
     /// such as `sqlite:///tmp/triage.db`.
     fn describe(&self) -> String;
+
+    /// Whether an event id stored in one stream is refused in every other
+    /// stream (a conflict). True for the embedded and SQL backends; false for
+    /// KurrentDB, whose idempotency is per stream. The command handler's
+    /// "command id reused on another ticket" answer relies on it; without it
+    /// such a command is simply applied to the other ticket.
+    fn enforces_unique_event_ids(&self) -> bool {
+        true
+    }
 }
