@@ -26,9 +26,11 @@
 //! on the cluster delays subscribers until it ends.
 //!
 //! # Appends
-//! One statement, so one transaction: the last revision and the stored ids
-//! are read, [`plan_append`] decides, and `triage_append` inserts the batch
-//! and calls `pg_notify`. No lock is held between the read and the write:
+//! One statement reads the stream's last revision and where the append's
+//! ids are already stored, [`plan_append`] decides, and one more statement
+//! (so one transaction) calls `triage_append`, which inserts the whole
+//! batch and calls `pg_notify`. No lock is held between the read and the
+//! write:
 //! the unique constraints `(stream, revision)` and `(event_id)` refuse a
 //! write that lost a race, the violation is recognised by its typed
 //! [`SqlState::UNIQUE_VIOLATION`], and the append reads again and decides

@@ -315,3 +315,62 @@ async fn interleaved_slow_and_fast_transactions_are_delivered_exactly_once_in_or
         None
     );
 }
+
+/// The watermark relies on every append taking its transaction id inside
+/// `triage_append`'s lock, so the function refuses to run in a transaction
+/// that already wrote (or already appended): its older transaction id could
+/// sit below positions handed out in between.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn triage_append_refuses_a_transaction_that_already_has_an_id() {
+    let Some(url) = common::url("triage_append_refuses_a_transaction_that_already_has_an_id") else {
+        return;
+    };
+    let store = common::temporary_store(&url, options()).await;
+    let client = common::raw_client(&url).await;
+    let s = stream("ticket");
+    begin_slow_append(&client, store.schema(), &s, &common::event("First")).await;
+    let second = common::event("Second");
+    let error = client
+        .query_one(
+            &format!(r#"SELECT "{}".triage_append($1, 1, $2, $3, $4, $5)"#, store.schema()),
+            &[
+                &s.as_str(),
+                &vec![second.id],
+                &vec![second.event_type.as_str()],
+                &vec![second.data.as_slice()],
+                &vec![second.metadata.as_slice()],
+            ],
+        )
+        .await
+        .expect_err("a second append in one transaction is refused");
+    assert_eq!(
+        error.code(),
+        Some(&tokio_postgres::error::SqlState::INVALID_TRANSACTION_STATE)
+    );
+    client.batch_execute("ROLLBACK").await.unwrap();
+
+    client
+        .batch_execute("BEGIN; SELECT pg_current_xact_id();")
+        .await
+        .unwrap();
+    let third = common::event("Third");
+    let error = client
+        .query_one(
+            &format!(r#"SELECT "{}".triage_append($1, 0, $2, $3, $4, $5)"#, store.schema()),
+            &[
+                &s.as_str(),
+                &vec![third.id],
+                &vec![third.event_type.as_str()],
+                &vec![third.data.as_slice()],
+                &vec![third.metadata.as_slice()],
+            ],
+        )
+        .await
+        .expect_err("an append after the transaction took its id is refused");
+    assert_eq!(
+        error.code(),
+        Some(&tokio_postgres::error::SqlState::INVALID_TRANSACTION_STATE)
+    );
+    client.batch_execute("ROLLBACK").await.unwrap();
+    assert_eq!(store.head_position().await.unwrap(), None, "nothing was stored");
+}
