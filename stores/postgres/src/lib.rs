@@ -64,7 +64,10 @@
 //! - `notify`: LISTEN and the head refresher.
 //!
 //! Dependencies: `tokio-postgres` (not sqlx, whose `libsqlite3-sys` clashes
-//! with the bundled one of `rusqlite`) and `deadpool-postgres` for the pool.
+//! with the bundled one of `rusqlite`) and `deadpool-postgres` for the pool:
+//! maintained, made for tokio-postgres, with a per-connection statement
+//! cache, and licensed MIT OR Apache-2.0 like the workspace (`bb8-postgres`
+//! is MIT only).
 //! Connections are made without TLS (`NoTls`); a URL asking for
 //! `sslmode=require` fails to connect.
 
