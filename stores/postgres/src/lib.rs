@@ -1,0 +1,589 @@
+//! The PostgreSQL backend of Triage's event store (`postgres://…`), for
+//! production and for running several command handlers against one log.
+//!
+//! [`PostgresEventStore`] implements the port [`triage_event_store::EventStore`]
+//! and passes its conformance suite.
+//!
+//! # Main decision: a transaction-id watermark keeps subscribers gap-free
+//! Positions come from a `bigint` identity ([`Position::from_sequence`]),
+//! and in PostgreSQL a sequence value is taken at insert time, not at
+//! commit: a slow transaction can commit position 5 after position 6 is
+//! already visible, and a reader that went on from 6 would skip 5 forever.
+//! Every event therefore records the transaction id that wrote it (`tx_id`,
+//! an `xid8`), and reads of `$all` stop below
+//! `pg_snapshot_xmin(pg_current_snapshot())`: only transactions that have
+//! finished are read. The `triage_append` function takes the transaction id
+//! and the positions under one short advisory lock, which makes position
+//! order and transaction-id order the same, so what lies below the
+//! watermark is a gap-free prefix of the log (see `reader.rs` and
+//! `schema.rs`). [`EventStore::read_all`], [`EventStore::head_position`]
+//! and the subscriptions all obey it; stream reads do not need it.
+//!
+//! A read of `$all` waits (at most [`PostgresOptions::visibility_wait`])
+//! until everything committed when it started is below the watermark, so a
+//! caller reads its own appends even while other appends are in flight.
+//! The price: xmin is cluster-wide, so a long writing transaction anywhere
+//! on the cluster delays subscribers until it ends.
+//!
+//! # Appends
+//! One statement reads the stream's last revision and where the append's
+//! ids are already stored, [`plan_append`] decides, and one more statement
+//! (so one transaction) calls `triage_append`, which inserts the whole
+//! batch and calls `pg_notify`. No lock is held between the read and the
+//! write:
+//! the unique constraints `(stream, revision)` and `(event_id)` refuse a
+//! write that lost a race, the violation is recognised by its typed
+//! [`SqlState::UNIQUE_VIOLATION`], and the append reads again and decides
+//! again: a conflict with the actual revision for `Exact` and `NoStream`,
+//! the original result for a retry that raced its original, or a new
+//! attempt for `Any` and `StreamExists`.
+//!
+//! # Subscriptions
+//! [`Subscription::catch_up`] over the watermarked reads, woken by a watch
+//! of the visible head. A dedicated connection LISTENs for the appends'
+//! notifications; a poll every [`PostgresOptions::poll_interval`] is the
+//! fallback (see `notify.rs`).
+//!
+//! # Schema and migrations
+//! The tables (`triage_schema`, `triage_events`) and the append function
+//! live in one PostgreSQL schema ([`PostgresOptions::schema`], default
+//! `public`). On connect, versioned migrations run in one transaction under
+//! a schema-level advisory lock; a store from a newer Triage is refused
+//! with [`Error::Incompatible`] and left unchanged.
+//!
+//! # Tests
+//! [`PostgresEventStore::connect_temporary`] puts each store in a fresh
+//! schema named `triage_tmp_<random>`, dropped with the store, so tests
+//! share one database without seeing each other. Every test reads the
+//! server from `TRIAGE_PG_URL` and is skipped, saying so, without it.
+//!
+//! # Layout
+//! - `options`: [`PostgresOptions`].
+//! - `schema`: the tables, `triage_append`, migrations and version checks.
+//! - `reader`: the SQL and the reads, and the watermark.
+//! - `notify`: LISTEN and the head refresher.
+//!
+//! Dependencies: `tokio-postgres` (not sqlx, whose `libsqlite3-sys` clashes
+//! with the bundled one of `rusqlite`) and `deadpool-postgres` for the pool:
+//! maintained, made for tokio-postgres, with a per-connection statement
+//! cache, and licensed MIT OR Apache-2.0 like the workspace (`bb8-postgres`
+//! is MIT only).
+//! Connections are made without TLS (`NoTls`); a URL asking for
+//! `sslmode=require` fails to connect.
+
+mod notify;
+mod options;
+mod reader;
+mod schema;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use async_trait::async_trait;
+use deadpool_postgres::{Client, Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime};
+use tokio::sync::{Notify, watch};
+use tokio::task::AbortHandle;
+use tokio_postgres::config::Host;
+use tokio_postgres::error::SqlState;
+use tokio_postgres::{Config, NoTls};
+use triage_event_store::{
+    AppendPlan, AppendResult, Error, EventData, EventStore, ExpectedRevision, Position, ReadAll, ReadStream,
+    RecordedEvent, Result, StoredEventRef, StreamName, SubscribeToAll, Subscription, plan_append, validate_append,
+};
+use uuid::Uuid;
+
+pub use options::{MAX_SCHEMA_BYTES, PostgresOptions};
+
+use reader::Sql;
+
+/// How often an `Any` or `StreamExists` append tries again after losing a
+/// race for its revision. Every lost race means another append won, so
+/// the log always moves on; the bound only stops one unlucky caller.
+const MAX_APPEND_ATTEMPTS: u32 = 200;
+
+/// An event store in a PostgreSQL schema.
+///
+/// Dropping it stops its background tasks and closes its connections. A
+/// store from [`PostgresEventStore::connect_temporary`] also drops its
+/// schema; that drop blocks for one round trip to the server.
+pub struct PostgresEventStore {
+    target: Arc<Target>,
+    options: PostgresOptions,
+    pool: Pool,
+    sql: Arc<Sql>,
+    /// The visible head; see `notify.rs`.
+    head: Arc<watch::Sender<Option<Position>>>,
+    /// Wakes the head refresher after an append of this process.
+    wake: Arc<Notify>,
+    tasks: Vec<AbortHandle>,
+    counters: Counters,
+    temporary: bool,
+}
+
+/// Where a store lives, for connecting and for messages: never prints the
+/// password.
+#[derive(Clone)]
+pub(crate) struct Target {
+    pub(crate) config: Config,
+    pub(crate) schema: String,
+}
+
+impl Target {
+    /// `postgres://user@host:port/database (schema s)`, without a password.
+    pub(crate) fn describe(&self) -> String {
+        let config = &self.config;
+        let user = config.get_user().unwrap_or("");
+        let ports = config.get_ports();
+        let hosts: Vec<String> = config
+            .get_hosts()
+            .iter()
+            .enumerate()
+            .map(|(index, host)| {
+                let port = ports.get(index).or(ports.first()).copied().unwrap_or(5432);
+                match host {
+                    Host::Tcp(name) if name.contains(':') => format!("[{name}]:{port}"),
+                    Host::Tcp(name) => format!("{name}:{port}"),
+                    Host::Unix(path) => format!("{}:{port}", path.display()),
+                }
+            })
+            .collect();
+        let database = config.get_dbname().unwrap_or(user);
+        format!(
+            "postgres://{user}@{}/{database} (schema {})",
+            hosts.join(","),
+            self.schema
+        )
+    }
+
+    /// Maps a driver error. A missing privilege gets a message that says
+    /// which role lacks what, where.
+    pub(crate) fn db_error(&self, what: &str, error: tokio_postgres::Error) -> Error {
+        if error.code() == Some(&SqlState::INSUFFICIENT_PRIVILEGE) {
+            let detail = error
+                .as_db_error()
+                .map_or_else(|| error.to_string(), |db| db.message().to_owned());
+            return Error::Backend {
+                message: format!(
+                    "{what}: the role {:?} lacks a privilege the event store needs on {} ({detail}); \
+                     it needs USAGE and CREATE on the schema (or CREATE on the database to create the schema) \
+                     and SELECT, INSERT on its tables",
+                    self.config.get_user().unwrap_or(""),
+                    self.describe()
+                ),
+                source: Some(Box::new(error)),
+            };
+        }
+        Error::backend(format!("{what} ({})", self.describe()), error)
+    }
+}
+
+impl fmt::Debug for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.describe())
+    }
+}
+
+pub(crate) fn pool_error(target: &Target, error: PoolError) -> Error {
+    match error {
+        PoolError::Backend(error) => target.db_error("cannot connect", error),
+        PoolError::Timeout(kind) => Error::Backend {
+            message: format!("timed out ({kind:?}) getting a connection to {}", target.describe()),
+            source: None,
+        },
+        PoolError::Closed => Error::Closed,
+        other => Error::backend(format!("cannot get a connection to {}", target.describe()), other),
+    }
+}
+
+/// What the store has done so far; see [`PostgresEventStore::stats`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct PostgresStats {
+    /// Appends that wrote their events.
+    pub appends_written: u64,
+    /// Events written.
+    pub events_written: u64,
+    /// Appends answered with the original result of an earlier append.
+    pub appends_replayed: u64,
+    /// Appends answered with [`Error::WrongExpectedVersion`].
+    pub conflicts: u64,
+    /// Writes refused by a unique constraint (a lost race) and decided again.
+    pub lost_races: u64,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    appends_written: AtomicU64,
+    events_written: AtomicU64,
+    appends_replayed: AtomicU64,
+    conflicts: AtomicU64,
+    lost_races: AtomicU64,
+}
+
+impl PostgresEventStore {
+    /// Connects to the database at `url` (`postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE`)
+    /// and opens the store in `options.schema`, creating or migrating it.
+    ///
+    /// Errors: [`Error::Incompatible`] when the schema holds a store from a
+    /// newer Triage, or tables that are not a Triage store; nothing is
+    /// modified then. [`Error::Backend`] when the URL is invalid, the server
+    /// cannot be reached, or the role lacks privileges (the message says
+    /// which).
+    pub async fn connect(url: &str, options: PostgresOptions) -> Result<Self> {
+        options.validate()?;
+        let config = parse_url(url)?;
+        Self::open(config, options, false).await
+    }
+
+    /// Opens a fresh, empty store in a new schema named
+    /// `triage_tmp_<random>` (replacing `options.schema`); the schema is
+    /// dropped with the store. For tests: stores made this way never see
+    /// each other, so tests can run in parallel on one database.
+    pub async fn connect_temporary(url: &str, options: PostgresOptions) -> Result<Self> {
+        let schema = format!("triage_tmp_{}", &Uuid::new_v4().simple().to_string()[..16]);
+        let options = PostgresOptions { schema, ..options };
+        options.validate()?;
+        let config = parse_url(url)?;
+        Self::open(config, options, true).await
+    }
+
+    async fn open(mut config: Config, options: PostgresOptions, temporary: bool) -> Result<Self> {
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(options.connect_timeout);
+        }
+        if config.get_application_name().is_none() {
+            config.application_name("triage");
+        }
+        let target = Arc::new(Target {
+            config,
+            schema: options.schema.clone(),
+        });
+        let manager = Manager::from_config(
+            target.config.clone(),
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(options.pool_size.max(1))
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(Some(options.connect_timeout))
+            .create_timeout(Some(options.connect_timeout))
+            .build()
+            .map_err(|error| Error::backend(format!("cannot build the pool for {}", target.describe()), error))?;
+        let mut client = pool.get().await.map_err(|error| pool_error(&target, error))?;
+        schema::migrate(&mut client, &target).await?;
+        let sql = Arc::new(Sql::new(&target.schema));
+        let initial = reader::heads(&client, &sql, &target).await?.visible_position();
+        drop(client);
+        let head = Arc::new(watch::Sender::new(initial));
+        let wake = Arc::new(Notify::new());
+        let tasks = notify::start(
+            Arc::clone(&target),
+            pool.clone(),
+            Arc::clone(&sql),
+            Arc::clone(&head),
+            Arc::clone(&wake),
+            options.poll_interval,
+        );
+        tracing::debug!(store = %target.describe(), ?options, "opened PostgreSQL event store");
+        Ok(PostgresEventStore {
+            target,
+            options,
+            pool,
+            sql,
+            head,
+            wake,
+            tasks,
+            counters: Counters::default(),
+            temporary,
+        })
+    }
+
+    /// The PostgreSQL schema holding the store.
+    pub fn schema(&self) -> &str {
+        &self.target.schema
+    }
+
+    /// The options the store was opened with.
+    pub fn options(&self) -> &PostgresOptions {
+        &self.options
+    }
+
+    /// A snapshot of the store's counters, for benchmarks and logs.
+    pub fn stats(&self) -> PostgresStats {
+        let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        PostgresStats {
+            appends_written: load(&self.counters.appends_written),
+            events_written: load(&self.counters.events_written),
+            appends_replayed: load(&self.counters.appends_replayed),
+            conflicts: load(&self.counters.conflicts),
+            lost_races: load(&self.counters.lost_races),
+        }
+    }
+
+    async fn client(&self) -> Result<Client> {
+        self.pool.get().await.map_err(|error| pool_error(&self.target, error))
+    }
+
+    fn count(&self, counter: &AtomicU64, by: u64) {
+        counter.fetch_add(by, Ordering::Relaxed);
+    }
+}
+
+fn parse_url(url: &str) -> Result<Config> {
+    // The parser's message names the bad part, never the URL, so the
+    // password cannot leak through it.
+    url.parse::<Config>().map_err(|error| {
+        Error::backend(
+            "invalid PostgreSQL URL (expected postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE)",
+            error,
+        )
+    })
+}
+
+impl Drop for PostgresEventStore {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+        if !self.temporary {
+            return;
+        }
+        self.pool.close();
+        // Drop cannot await, and the runtime may be shutting down: drop the
+        // schema from a thread with a runtime of its own.
+        let target = Arc::clone(&self.target);
+        let cleanup = std::thread::Builder::new()
+            .name("triage-pg-cleanup".to_owned())
+            .spawn(move || {
+                let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+                runtime.block_on(async {
+                    let (client, connection) = target.config.connect(NoTls).await.map_err(std::io::Error::other)?;
+                    let driver = tokio::spawn(connection);
+                    let result = client
+                        .batch_execute(&format!(r#"DROP SCHEMA IF EXISTS "{}" CASCADE"#, target.schema))
+                        .await;
+                    drop(client);
+                    let _ = driver.await;
+                    result.map_err(std::io::Error::other)
+                })
+            });
+        match cleanup.map(|thread| thread.join()) {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(error))) => {
+                tracing::warn!(schema = %self.target.schema, %error, "cannot drop a temporary schema")
+            }
+            Ok(Err(_)) => tracing::warn!(schema = %self.target.schema, "dropping a temporary schema panicked"),
+            Err(error) => tracing::warn!(%error, "cannot start the thread that drops a temporary schema"),
+        }
+    }
+}
+
+impl fmt::Debug for PostgresEventStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PostgresEventStore")
+            .field("target", &self.target)
+            .field("options", &self.options)
+            .field("temporary", &self.temporary)
+            .finish_non_exhaustive()
+    }
+}
+
+#[async_trait]
+impl EventStore for PostgresEventStore {
+    async fn append(
+        &self,
+        stream: &StreamName,
+        expected: ExpectedRevision,
+        events: Vec<EventData>,
+    ) -> Result<AppendResult> {
+        validate_append(stream, &events)?;
+        let failed = |what: &str, error| self.target.db_error(what, error);
+        let ids: Vec<Uuid> = events.iter().map(|event| event.id).collect();
+        let types: Vec<&str> = events.iter().map(|event| event.event_type.as_str()).collect();
+        let data: Vec<&[u8]> = events.iter().map(|event| event.data.as_slice()).collect();
+        let metadata: Vec<&[u8]> = events.iter().map(|event| event.metadata.as_slice()).collect();
+        let client = self.client().await?;
+        let read_state = client
+            .prepare_cached(&self.sql.append_state)
+            .await
+            .map_err(|e| failed("cannot prepare an append", e))?;
+        let write = client
+            .prepare_cached(&self.sql.append)
+            .await
+            .map_err(|e| failed("cannot prepare an append", e))?;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            // One statement, so one snapshot: the last committed revision
+            // and where the append's ids are already stored.
+            let rows = client
+                .query(&read_state, &[&stream.as_str(), &ids])
+                .await
+                .map_err(|e| failed("cannot read the stream's revision", e))?;
+            let current: Option<u64> = rows
+                .first()
+                .and_then(|row| row.get::<_, Option<i64>>(0))
+                .map(reader::from_sql_int);
+            let mut stored = HashMap::new();
+            for row in &rows {
+                let Some(id) = row.get::<_, Option<Uuid>>(1) else {
+                    continue;
+                };
+                let name: String = row.get(2);
+                stored.insert(
+                    id,
+                    StoredEventRef {
+                        stream: StreamName::new(name).map_err(|error| {
+                            Error::backend(
+                                format!("{} holds an invalid stream name", self.target.describe()),
+                                error,
+                            )
+                        })?,
+                        revision: reader::from_sql_int(row.get(3)),
+                        position: Position::from_sequence(reader::from_sql_int(row.get(4))),
+                    },
+                );
+            }
+            let conflict = || Error::WrongExpectedVersion {
+                stream: stream.clone(),
+                expected,
+                actual: current,
+            };
+            let plan = plan_append(stream, expected, current, &events, |id| Ok(stored.get(&id).cloned()));
+            let first_revision = match plan {
+                Ok(AppendPlan::Write { first_revision }) => first_revision,
+                Ok(AppendPlan::AlreadyAppended(original)) => {
+                    self.count(&self.counters.appends_replayed, 1);
+                    return Ok(original);
+                }
+                Err(error) => {
+                    if error.is_wrong_expected_version() {
+                        self.count(&self.counters.conflicts, 1);
+                    }
+                    return Err(error);
+                }
+            };
+            // The first id is new but a later one is stored: the unique
+            // event_id would refuse the insert, and no re-read can change
+            // that. A conflict, as plan_append asks of every backend.
+            if events.iter().any(|event| stored.contains_key(&event.id)) {
+                self.count(&self.counters.conflicts, 1);
+                return Err(conflict());
+            }
+            let first = reader::to_sql_int(first_revision);
+            match client
+                .query_one(&write, &[&stream.as_str(), &first, &ids, &types, &data, &metadata])
+                .await
+            {
+                Ok(row) => {
+                    let position: i64 = row.get(0);
+                    self.count(&self.counters.appends_written, 1);
+                    self.count(&self.counters.events_written, events.len() as u64);
+                    self.wake.notify_one();
+                    return Ok(AppendResult {
+                        current_revision: first_revision + events.len() as u64 - 1,
+                        position: Position::from_sequence(reader::from_sql_int(position)),
+                        replayed: false,
+                    });
+                }
+                // Another append committed this revision or one of these ids
+                // after our read (the unique check waits for it to commit).
+                // Read again and decide again: `Exact` and `NoStream` now see
+                // the conflict or, for a retry racing its original, the
+                // original result; `Any` and `StreamExists` write after the
+                // new last revision.
+                Err(error) if error.code() == Some(&SqlState::UNIQUE_VIOLATION) => {
+                    self.count(&self.counters.lost_races, 1);
+                    if attempt >= MAX_APPEND_ATTEMPTS {
+                        return Err(Error::backend(
+                            format!(
+                                "gave up an append to {stream} after losing {attempt} races for its revision ({})",
+                                self.target.describe()
+                            ),
+                            error,
+                        ));
+                    }
+                    tokio::task::yield_now().await;
+                }
+                Err(error) => return Err(failed("cannot append", error)),
+            }
+        }
+    }
+
+    async fn read_stream(&self, stream: &StreamName, options: ReadStream) -> Result<Vec<RecordedEvent>> {
+        let client = self.client().await?;
+        reader::read_stream(&client, &self.sql, &self.target, stream, options).await
+    }
+
+    async fn read_all(&self, options: ReadAll) -> Result<Vec<RecordedEvent>> {
+        let client = self.client().await?;
+        reader::read_all(
+            &client,
+            &self.sql,
+            &self.target,
+            options,
+            Some(self.options.visibility_wait),
+        )
+        .await
+    }
+
+    async fn head_position(&self) -> Result<Option<Position>> {
+        let client = self.client().await?;
+        let heads = reader::settled_heads(&client, &self.sql, &self.target, self.options.visibility_wait).await?;
+        Ok(heads.visible_position())
+    }
+
+    fn subscribe_to_all(self: Arc<Self>, options: SubscribeToAll) -> Subscription {
+        // The catch-up reader pages through `read_all`, which never reads
+        // past the watermark, and sleeps on the visible head, which moves
+        // only when more of the log became visible.
+        let head = self.head.subscribe();
+        Subscription::catch_up(self, options, head)
+    }
+
+    fn describe(&self) -> String {
+        self.target.describe()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn target(url: &str) -> Target {
+        Target {
+            config: parse_url(url).unwrap(),
+            schema: "triage".to_owned(),
+        }
+    }
+
+    #[test]
+    fn describe_never_prints_the_password() {
+        let url = target("postgres://alice:s3cret@db.example:6543/tickets");
+        assert_eq!(
+            url.describe(),
+            "postgres://alice@db.example:6543/tickets (schema triage)"
+        );
+        assert!(!format!("{url:?}").contains("s3cret"));
+        let key_value = target("host=h1,h2 port=1,2 user=bob password=s3cret dbname=d");
+        assert_eq!(key_value.describe(), "postgres://bob@h1:1,h2:2/d (schema triage)");
+    }
+
+    #[test]
+    fn invalid_urls_are_backend_errors_without_the_url() {
+        let error = parse_url("postgres://alice:s3cret@host/db?bogus=1").unwrap_err();
+        assert!(matches!(error, Error::Backend { .. }));
+        let mut text = error.to_string();
+        let mut source = std::error::Error::source(&error);
+        while let Some(cause) = source {
+            text.push_str(&cause.to_string());
+            source = cause.source();
+        }
+        assert!(!text.contains("s3cret"), "{text}");
+    }
+}

@@ -1,0 +1,107 @@
+//! How a store is opened: the schema it lives in, the pool, and how long
+//! reads wait for slower writers.
+
+use std::time::Duration;
+
+use triage_event_store::Error;
+
+/// Longest accepted schema name, in bytes. PostgreSQL identifiers have at
+/// most 63 bytes and the notification channel is `triage_events_<schema>`,
+/// which must fit too.
+pub const MAX_SCHEMA_BYTES: usize = 48;
+
+/// Options of [`crate::PostgresEventStore::connect`].
+/// `PostgresOptions::default()` is what Triage ships with.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PostgresOptions {
+    /// The PostgreSQL schema holding the store's tables (default `public`).
+    /// The tables are named `triage_*`, so they can share a schema with read
+    /// models. Lowercase ASCII letters, digits and `_`, not starting with a
+    /// digit, at most [`MAX_SCHEMA_BYTES`] bytes.
+    pub schema: String,
+    /// Most pooled connections (default 16; at least 1). The store opens one
+    /// more, outside the pool, for LISTEN.
+    pub pool_size: usize,
+    /// How often the head is re-read when no notification arrives (default
+    /// 500 ms). Notifications are the fast path; polling covers a lost
+    /// LISTEN connection and a watermark held back by a transaction that
+    /// does not notify (one that is not a Triage append).
+    pub poll_interval: Duration,
+    /// How long a read of `$all` (and `head_position`) waits for older
+    /// transactions that are still in flight before it answers with what is
+    /// visible below the watermark (default 2 s). See the crate docs.
+    pub visibility_wait: Duration,
+    /// How long getting a connection may take: connecting, or waiting for a
+    /// free pooled one (default 10 s).
+    pub connect_timeout: Duration,
+}
+
+impl Default for PostgresOptions {
+    fn default() -> Self {
+        PostgresOptions {
+            schema: "public".to_owned(),
+            pool_size: 16,
+            poll_interval: Duration::from_millis(500),
+            visibility_wait: Duration::from_secs(2),
+            connect_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+impl PostgresOptions {
+    /// The default options with the store in `schema`.
+    pub fn in_schema(schema: impl Into<String>) -> Self {
+        PostgresOptions {
+            schema: schema.into(),
+            ..Self::default()
+        }
+    }
+
+    /// Checks the schema name. Only plain lowercase names are accepted, so
+    /// that the name means the same quoted and unquoted and never needs
+    /// escaping in SQL or in a channel name.
+    pub(crate) fn validate(&self) -> Result<(), Error> {
+        let schema = &self.schema;
+        let valid_start = schema
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_lowercase() || c == '_');
+        let valid_rest = schema
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+        if !valid_start || !valid_rest || schema.len() > MAX_SCHEMA_BYTES || schema.starts_with("pg_") {
+            return Err(Error::Backend {
+                message: format!(
+                    "invalid PostgreSQL schema name {schema:?}: use 1 to {MAX_SCHEMA_BYTES} lowercase ASCII letters, digits or '_', not starting with a digit or 'pg_'"
+                ),
+                source: None,
+            });
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schema_names_are_validated() {
+        for good in ["public", "triage", "_x", "triage_tmp_0123456789abcdef"] {
+            assert!(
+                PostgresOptions::in_schema(good).validate().is_ok(),
+                "{good} was refused"
+            );
+        }
+        let too_long = "a".repeat(MAX_SCHEMA_BYTES + 1);
+        for bad in ["", "Public", "1abc", "a-b", "a\"b", "pg_catalog", too_long.as_str()] {
+            assert!(
+                matches!(
+                    PostgresOptions::in_schema(bad).validate(),
+                    Err(Error::Backend { source: None, .. })
+                ),
+                "{bad:?} was accepted"
+            );
+        }
+    }
+}

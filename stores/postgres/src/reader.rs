@@ -1,0 +1,311 @@
+//! The SQL of one store and the reads: streams, `$all` below the watermark,
+//! and the heads the watermark is measured by.
+//!
+//! # The watermark
+//! An event is *visible* when its `tx_id` (the top-level transaction id
+//! that wrote it) is below `pg_snapshot_xmin(pg_current_snapshot())` of the
+//! reading statement: every transaction below that xmin has finished, so no
+//! event with such a `tx_id` can still appear. `triage_append` (see
+//! `schema.rs`) keeps positions in the order of transaction ids, so the
+//! visible events are exactly a gap-free prefix of the log: an event from a
+//! slower transaction with a lower position stays invisible, and so does
+//! every later one, until the slower transaction ends. Reads of `$all` and
+//! the head never go past the highest visible position, so a reader that
+//! goes on from its last position never skips an event.
+//!
+//! Stream reads need no watermark: a stream's revisions are written in
+//! order (each append is planned from the committed last revision and the
+//! unique `(stream, revision)` refuses anything else), so the committed
+//! part of a stream never has a hole.
+
+use std::time::{Duration, Instant, SystemTime};
+
+use deadpool_postgres::Client;
+use tokio_postgres::Row;
+use triage_event_store::{AllStart, Direction, Error, Position, ReadAll, ReadStream, RecordedEvent, StreamName};
+use triage_event_store::{Result, StreamStart};
+use uuid::Uuid;
+
+use crate::Target;
+
+/// Every statement the store runs, with the schema filled in once.
+#[derive(Debug)]
+pub(crate) struct Sql {
+    /// `(current, event_id, stream, revision, position)`: the stream's last
+    /// committed revision on every row, and one row per already-stored id.
+    pub(crate) append_state: String,
+    /// Appends one batch; returns the last position.
+    pub(crate) append: String,
+    read_stream_forwards: String,
+    read_stream_backwards: String,
+    stream_exists: String,
+    read_all_forwards: String,
+    read_all_backwards: String,
+    /// `(top, visible)`: the highest committed position, and the highest
+    /// position below the watermark.
+    heads: String,
+}
+
+/// The highest position below the watermark, as a sub-select.
+fn visible_top(s: &str) -> String {
+    format!(
+        r#"(SELECT position FROM "{s}".triage_events
+            WHERE tx_id < pg_snapshot_xmin(pg_current_snapshot())
+            ORDER BY tx_id DESC, position DESC LIMIT 1)"#
+    )
+}
+
+const EVENT_COLUMNS: &str = "position, stream, revision, event_id, event_type, data, metadata, recorded_at";
+
+impl Sql {
+    pub(crate) fn new(s: &str) -> Self {
+        let top = visible_top(s);
+        Sql {
+            append_state: format!(
+                r#"SELECT c.current, e.event_id, e.stream, e.revision, e.position
+                   FROM (SELECT max(revision) AS current FROM "{s}".triage_events WHERE stream = $1) c
+                   LEFT JOIN "{s}".triage_events e ON e.event_id = ANY ($2)"#
+            ),
+            append: format!(r#"SELECT "{s}".triage_append($1, $2, $3, $4, $5, $6)"#),
+            read_stream_forwards: format!(
+                r#"SELECT {EVENT_COLUMNS} FROM "{s}".triage_events
+                   WHERE stream = $1 AND revision >= $2 ORDER BY revision ASC LIMIT $3"#
+            ),
+            read_stream_backwards: format!(
+                r#"SELECT {EVENT_COLUMNS} FROM "{s}".triage_events
+                   WHERE stream = $1 AND revision <= $2 ORDER BY revision DESC LIMIT $3"#
+            ),
+            stream_exists: format!(r#"SELECT EXISTS (SELECT 1 FROM "{s}".triage_events WHERE stream = $1)"#),
+            // The tx_id test repeats what the bound already implies; it keeps
+            // the read inside the watermark even for rows written around
+            // triage_append.
+            read_all_forwards: format!(
+                r#"SELECT {EVENT_COLUMNS} FROM "{s}".triage_events
+                   WHERE position >= $1 AND position <= {top}
+                     AND tx_id < pg_snapshot_xmin(pg_current_snapshot())
+                   ORDER BY position ASC LIMIT $2"#
+            ),
+            read_all_backwards: format!(
+                r#"SELECT {EVENT_COLUMNS} FROM "{s}".triage_events
+                   WHERE position <= $1 AND position <= {top}
+                     AND tx_id < pg_snapshot_xmin(pg_current_snapshot())
+                   ORDER BY position DESC LIMIT $2"#
+            ),
+            heads: format!(r#"SELECT (SELECT max(position) FROM "{s}".triage_events), {top}"#),
+        }
+    }
+}
+
+/// The two heads, read in one statement (one snapshot).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Heads {
+    /// The highest committed position, visible or not.
+    pub(crate) top: Option<i64>,
+    /// The highest position below the watermark.
+    pub(crate) visible: Option<i64>,
+}
+
+impl Heads {
+    pub(crate) fn visible_position(self) -> Option<Position> {
+        self.visible.map(|position| Position::from_sequence(position as u64))
+    }
+}
+
+pub(crate) async fn heads(client: &Client, sql: &Sql, target: &Target) -> Result<Heads> {
+    let statement = client
+        .prepare_cached(&sql.heads)
+        .await
+        .map_err(|e| target.db_error("cannot prepare the head query", e))?;
+    let row = client
+        .query_one(&statement, &[])
+        .await
+        .map_err(|e| target.db_error("cannot read the head position", e))?;
+    Ok(Heads {
+        top: row.get(0),
+        visible: row.get(1),
+    })
+}
+
+/// Waits until everything committed when it was called is below the
+/// watermark, for at most `wait`, and returns the heads then.
+///
+/// This is what makes reads read-your-writes: an append that returned is
+/// committed, but its events stay invisible while an older transaction is
+/// in flight. Appends are short, so the wait usually ends in a few
+/// milliseconds. A transaction that stays open (or any long transaction
+/// holding an xid on the cluster: xmin is cluster-wide) ends the wait at
+/// the deadline, and the read answers with the visible prefix, which is
+/// still gap-free.
+pub(crate) async fn settled_heads(client: &Client, sql: &Sql, target: &Target, wait: Duration) -> Result<Heads> {
+    let first = heads(client, sql, target).await?;
+    let Some(goal) = first.top else {
+        return Ok(first);
+    };
+    if first.visible >= Some(goal) {
+        return Ok(first);
+    }
+    let deadline = Instant::now() + wait;
+    let mut pause = Duration::from_millis(1);
+    loop {
+        let now = Instant::now();
+        if now >= deadline {
+            let last = heads(client, sql, target).await?;
+            tracing::debug!(?goal, visible = ?last.visible, "a read stopped waiting for older transactions");
+            return Ok(last);
+        }
+        tokio::time::sleep(pause.min(deadline - now)).await;
+        pause = (pause * 2).min(Duration::from_millis(50));
+        let current = heads(client, sql, target).await?;
+        if current.visible >= Some(goal) {
+            return Ok(current);
+        }
+    }
+}
+
+/// Reads one stream; `Err(StreamNotFound)` when it has no events.
+pub(crate) async fn read_stream(
+    client: &Client,
+    sql: &Sql,
+    target: &Target,
+    stream: &StreamName,
+    options: ReadStream,
+) -> Result<Vec<RecordedEvent>> {
+    let failed = |e| target.db_error("cannot read a stream", e);
+    let limit = to_sql_int(options.max_count as u64);
+    let (query, from) = match (options.direction, options.from) {
+        (Direction::Forwards, StreamStart::Boundary) => (&sql.read_stream_forwards, 0),
+        (Direction::Forwards, StreamStart::Revision(revision)) => (&sql.read_stream_forwards, to_sql_int(revision)),
+        (Direction::Backwards, StreamStart::Boundary) => (&sql.read_stream_backwards, i64::MAX),
+        (Direction::Backwards, StreamStart::Revision(revision)) => (&sql.read_stream_backwards, to_sql_int(revision)),
+    };
+    let statement = client.prepare_cached(query).await.map_err(failed)?;
+    let rows = client
+        .query(&statement, &[&stream.as_str(), &from, &limit])
+        .await
+        .map_err(failed)?;
+    if rows.is_empty() {
+        // Empty is an answer only for a stream that exists (a read past its
+        // end, or a zero limit).
+        let statement = client.prepare_cached(&sql.stream_exists).await.map_err(failed)?;
+        let exists: bool = client
+            .query_one(&statement, &[&stream.as_str()])
+            .await
+            .map_err(failed)?
+            .get(0);
+        if !exists {
+            return Err(Error::StreamNotFound { stream: stream.clone() });
+        }
+    }
+    rows.iter().map(|row| decode(row, target)).collect()
+}
+
+/// Reads a page of `$all` below the watermark, the start position included.
+/// With `wait`, first waits (bounded) for transactions in flight; see
+/// [`settled_heads`].
+pub(crate) async fn read_all(
+    client: &Client,
+    sql: &Sql,
+    target: &Target,
+    options: ReadAll,
+    wait: Option<Duration>,
+) -> Result<Vec<RecordedEvent>> {
+    if let Some(wait) = wait {
+        settled_heads(client, sql, target, wait).await?;
+    }
+    let failed = |e| target.db_error("cannot read $all", e);
+    let limit = to_sql_int(options.max_count as u64);
+    // Positions here have equal parts (`Position::from_sequence`). A start
+    // position from elsewhere may not; these bounds keep the port's order
+    // (commit, then prepare) exact for it too.
+    let (query, from) = match options.direction {
+        Direction::Forwards => {
+            let from = match options.from {
+                AllStart::Boundary => 0,
+                AllStart::Position(Position { commit, prepare }) if prepare > commit => commit.saturating_add(1),
+                AllStart::Position(Position { commit, .. }) => commit,
+            };
+            (&sql.read_all_forwards, from)
+        }
+        Direction::Backwards => {
+            let from = match options.from {
+                AllStart::Boundary => u64::MAX,
+                AllStart::Position(Position { commit, prepare }) if prepare < commit => commit - 1,
+                AllStart::Position(Position { commit, .. }) => commit,
+            };
+            (&sql.read_all_backwards, from)
+        }
+    };
+    let statement = client.prepare_cached(query).await.map_err(failed)?;
+    let rows = client
+        .query(&statement, &[&to_sql_int(from), &limit])
+        .await
+        .map_err(failed)?;
+    rows.iter().map(|row| decode(row, target)).collect()
+}
+
+/// Decodes a row of [`EVENT_COLUMNS`].
+fn decode(row: &Row, target: &Target) -> Result<RecordedEvent> {
+    let failed = |e| target.db_error("cannot decode an event row", e);
+    let position: i64 = row.try_get(0).map_err(failed)?;
+    let stream: String = row.try_get(1).map_err(failed)?;
+    let revision: i64 = row.try_get(2).map_err(failed)?;
+    let id: Uuid = row.try_get(3).map_err(failed)?;
+    let recorded_at: SystemTime = row.try_get(7).map_err(failed)?;
+    // A hand-edited table must not smuggle an invalid name into the port.
+    let stream = StreamName::new(stream).map_err(|error| {
+        Error::backend(
+            format!("{} holds an event with an invalid stream name", target.describe()),
+            error,
+        )
+    })?;
+    Ok(RecordedEvent {
+        stream,
+        revision: from_sql_int(revision),
+        position: Position::from_sequence(from_sql_int(position)),
+        id,
+        event_type: row.try_get(4).map_err(failed)?,
+        data: row.try_get(5).map_err(failed)?,
+        metadata: row.try_get(6).map_err(failed)?,
+        recorded_at,
+    })
+}
+
+/// PostgreSQL `bigint`s are `i64`; bounds past its range mean "no bound".
+pub(crate) fn to_sql_int(value: u64) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
+}
+
+/// Positions and revisions are never negative (identity from 1, and a
+/// CHECK on revisions).
+pub(crate) fn from_sql_int(value: i64) -> u64 {
+    u64::try_from(value).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn out_of_range_bounds_become_unbounded() {
+        assert_eq!(to_sql_int(u64::MAX), i64::MAX);
+        assert_eq!(to_sql_int(7), 7);
+        assert_eq!(from_sql_int(7), 7);
+    }
+
+    #[test]
+    fn every_statement_names_the_schema() {
+        let sql = Sql::new("triage_x");
+        for statement in [
+            &sql.append_state,
+            &sql.append,
+            &sql.read_stream_forwards,
+            &sql.read_stream_backwards,
+            &sql.stream_exists,
+            &sql.read_all_forwards,
+            &sql.read_all_backwards,
+            &sql.heads,
+        ] {
+            assert!(statement.contains(r#""triage_x"."#), "{statement}");
+        }
+    }
+}

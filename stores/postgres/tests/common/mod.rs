@@ -1,0 +1,49 @@
+//! Shared by the PostgreSQL tests: the server comes from `TRIAGE_PG_URL`,
+//! and every store lives in a fresh schema of its own
+//! ([`PostgresEventStore::connect_temporary`]), dropped with it.
+
+#![allow(dead_code, unreachable_pub)]
+
+use tokio_postgres::{Client, NoTls};
+use triage_event_store::EventData;
+use triage_store_postgres::{PostgresEventStore, PostgresOptions};
+use uuid::Uuid;
+
+/// The server URL, or `None` after saying plainly that `test` is skipped.
+pub fn url(test: &str) -> Option<String> {
+    match std::env::var("TRIAGE_PG_URL") {
+        Ok(url) if !url.is_empty() => Some(url),
+        _ => {
+            eprintln!("skipped: {test} (TRIAGE_PG_URL is not set; e.g. postgres://postgres@127.0.0.1:5432/postgres)");
+            None
+        }
+    }
+}
+
+/// A fresh store in a schema of its own.
+pub async fn temporary_store(url: &str, options: PostgresOptions) -> PostgresEventStore {
+    PostgresEventStore::connect_temporary(url, options)
+        .await
+        .expect("a temporary store opens")
+}
+
+/// A plain connection for looking at and tampering with the tables.
+pub async fn raw_client(url: &str) -> Client {
+    let (client, connection) = tokio_postgres::connect(url, NoTls).await.expect("raw connection");
+    tokio::spawn(async move {
+        if let Err(error) = connection.await {
+            eprintln!("raw connection ended: {error}");
+        }
+    });
+    client
+}
+
+/// A small event with a fresh id.
+pub fn event(event_type: &str) -> EventData {
+    EventData {
+        id: Uuid::new_v4(),
+        event_type: event_type.to_owned(),
+        data: br#"{"test":true}"#.to_vec(),
+        metadata: b"{}".to_vec(),
+    }
+}

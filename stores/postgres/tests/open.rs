@@ -1,0 +1,318 @@
+//! Opening safety and bad input: a store from a newer Triage or tables that
+//! are not a store are refused with `Error::Incompatible` and left
+//! unchanged; a role without privileges and an unreachable server fail
+//! with a clear `Error::Backend`; migrations run once even when several
+//! processes start at once; the password never shows.
+
+mod common;
+
+use std::time::Duration;
+
+use tokio_postgres::Client;
+use triage_event_store::{Error, EventStore, ExpectedRevision, ReadStream, StreamName};
+use triage_store_postgres::{PostgresEventStore, PostgresOptions};
+use uuid::Uuid;
+
+fn fresh_schema() -> String {
+    format!("triage_test_{}", &Uuid::new_v4().simple().to_string()[..16])
+}
+
+async fn drop_schema(client: &Client, schema: &str) {
+    client
+        .batch_execute(&format!(r#"DROP SCHEMA IF EXISTS "{schema}" CASCADE"#))
+        .await
+        .unwrap();
+}
+
+/// Everything in `schema` that a refused open must not change: its
+/// objects, the version row and the events.
+async fn snapshot(client: &Client, schema: &str) -> Vec<String> {
+    let mut state: Vec<String> = client
+        .query(
+            "SELECT c.relname || ':' || c.relkind::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+             WHERE n.nspname = $1
+             UNION ALL
+             SELECT p.proname::text || ':function' FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+             WHERE n.nspname = $1
+             ORDER BY 1",
+            &[&schema],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    for table in ["triage_schema", "triage_events"] {
+        let exists: bool = client
+            .query_one(&format!("SELECT to_regclass('\"{schema}\".{table}') IS NOT NULL"), &[])
+            .await
+            .unwrap()
+            .get(0);
+        if exists {
+            let rows = client
+                .query(
+                    &format!(r#"SELECT row_to_json(t)::text FROM "{schema}".{table} t"#),
+                    &[],
+                )
+                .await
+                .unwrap();
+            state.extend(rows.iter().map(|row| row.get::<_, String>(0)));
+        }
+    }
+    state
+}
+
+/// `url` with its user (and password) replaced by `userinfo`, for a URL of
+/// the form `postgres://[userinfo@]host…`.
+fn with_userinfo(url: &str, userinfo: &str) -> Option<String> {
+    let (scheme, rest) = url.split_once("://")?;
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let host_part = match rest[..authority_end].rfind('@') {
+        Some(at) => &rest[at + 1..],
+        None => rest,
+    };
+    Some(format!("{scheme}://{userinfo}@{host_part}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_from_a_newer_version_is_refused_and_left_unchanged() {
+    let Some(url) = common::url("a_store_from_a_newer_version_is_refused_and_left_unchanged") else {
+        return;
+    };
+    let admin = common::raw_client(&url).await;
+    let schema = fresh_schema();
+    let store = PostgresEventStore::connect(&url, PostgresOptions::in_schema(&schema))
+        .await
+        .unwrap();
+    let stream = StreamName::new("ticket-1").unwrap();
+    store
+        .append(
+            &stream,
+            ExpectedRevision::NoStream,
+            vec![common::event("A"), common::event("B")],
+        )
+        .await
+        .unwrap();
+    drop(store);
+    admin
+        .batch_execute(&format!(r#"UPDATE "{schema}".triage_schema SET version = 999"#))
+        .await
+        .unwrap();
+    let before = snapshot(&admin, &schema).await;
+
+    let refused = PostgresEventStore::connect(&url, PostgresOptions::in_schema(&schema)).await;
+    let message = match refused {
+        Err(Error::Incompatible(message)) => message,
+        other => panic!("expected Error::Incompatible, got {other:?}"),
+    };
+    eprintln!("refused: {message}");
+    for needle in ["newer", "999", "up to 1", schema.as_str(), "nothing was modified"] {
+        assert!(message.contains(needle), "message says {needle:?}: {message}");
+    }
+    assert_eq!(snapshot(&admin, &schema).await, before, "the schema is unchanged");
+    drop_schema(&admin, &schema).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tables_that_are_not_a_store_are_refused_and_left_unchanged() {
+    let Some(url) = common::url("tables_that_are_not_a_store_are_refused_and_left_unchanged") else {
+        return;
+    };
+    let admin = common::raw_client(&url).await;
+    let schema = fresh_schema();
+    admin
+        .batch_execute(&format!(
+            r#"CREATE SCHEMA "{schema}"; CREATE TABLE "{schema}".triage_events (note text);
+               INSERT INTO "{schema}".triage_events VALUES ('someone else''s');"#
+        ))
+        .await
+        .unwrap();
+    let before = snapshot(&admin, &schema).await;
+    match PostgresEventStore::connect(&url, PostgresOptions::in_schema(&schema)).await {
+        Err(Error::Incompatible(message)) => {
+            assert!(message.contains("not a Triage event store"), "{message}");
+            assert!(message.contains(&schema), "{message}");
+        }
+        other => panic!("expected Error::Incompatible, got {other:?}"),
+    }
+    assert_eq!(snapshot(&admin, &schema).await, before, "the schema is unchanged");
+    drop_schema(&admin, &schema).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_role_without_privileges_fails_with_a_clear_error() {
+    let Some(url) = common::url("a_role_without_privileges_fails_with_a_clear_error") else {
+        return;
+    };
+    let admin = common::raw_client(&url).await;
+    let role = format!("triage_noprivs_{}", &Uuid::new_v4().simple().to_string()[..12]);
+    let Some(role_url) = with_userinfo(&url, &role) else {
+        eprintln!(
+            "skipped: a_role_without_privileges_fails_with_a_clear_error (TRIAGE_PG_URL is not a postgres:// URL)"
+        );
+        return;
+    };
+    // LOGIN but no privileges at all: only what PUBLIC has (CONNECT).
+    admin
+        .batch_execute(&format!(r#"CREATE ROLE "{role}" LOGIN"#))
+        .await
+        .unwrap();
+
+    // A store it would have to create.
+    let fresh = fresh_schema();
+    let error = PostgresEventStore::connect(&role_url, PostgresOptions::in_schema(&fresh))
+        .await
+        .expect_err("a role without privileges cannot create a store");
+    let message = error.to_string();
+    eprintln!("refused: {message}");
+    assert!(matches!(error, Error::Backend { .. }), "{error:?}");
+    assert!(
+        message.contains(&role) && message.contains("lacks a privilege"),
+        "{message}"
+    );
+    let created: bool = admin
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)",
+            &[&fresh],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(!created, "nothing was created");
+
+    // A store that exists but that it may not use.
+    let existing = fresh_schema();
+    drop(
+        PostgresEventStore::connect(&url, PostgresOptions::in_schema(&existing))
+            .await
+            .unwrap(),
+    );
+    let before = snapshot(&admin, &existing).await;
+    let error = PostgresEventStore::connect(&role_url, PostgresOptions::in_schema(&existing))
+        .await
+        .expect_err("a role without privileges cannot open a store");
+    let message = error.to_string();
+    eprintln!("refused: {message}");
+    assert!(
+        message.contains(&role) && message.contains("lacks a privilege"),
+        "{message}"
+    );
+    assert!(message.contains(&existing), "{message}");
+    assert_eq!(snapshot(&admin, &existing).await, before);
+
+    drop_schema(&admin, &existing).await;
+    admin.batch_execute(&format!(r#"DROP ROLE "{role}""#)).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn processes_starting_at_once_migrate_once_and_reopening_keeps_the_events() {
+    let Some(url) = common::url("processes_starting_at_once_migrate_once_and_reopening_keeps_the_events") else {
+        return;
+    };
+    let admin = common::raw_client(&url).await;
+    let schema = fresh_schema();
+    let mut opening = Vec::new();
+    for _ in 0..6 {
+        let url = url.clone();
+        let schema = schema.clone();
+        opening.push(tokio::spawn(async move {
+            PostgresEventStore::connect(&url, PostgresOptions::in_schema(schema)).await
+        }));
+    }
+    let mut stores = Vec::new();
+    for task in opening {
+        stores.push(task.await.unwrap().expect("every concurrent open succeeds"));
+    }
+    let version: i32 = admin
+        .query_one(&format!(r#"SELECT version FROM "{schema}".triage_schema"#), &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(version, 1);
+
+    let stream = StreamName::new("ticket-reopen").unwrap();
+    let events = vec![common::event("A"), common::event("B")];
+    let written = stores[0]
+        .append(&stream, ExpectedRevision::NoStream, events.clone())
+        .await
+        .unwrap();
+    // Another "process" on the same schema sees it at once.
+    let seen = stores[3].read_stream(&stream, ReadStream::forwards()).await.unwrap();
+    assert_eq!(
+        seen.iter().map(|e| e.id).collect::<Vec<_>>(),
+        [events[0].id, events[1].id]
+    );
+    drop(stores);
+
+    let reopened = PostgresEventStore::connect(&url, PostgresOptions::in_schema(&schema))
+        .await
+        .unwrap();
+    let read = reopened.read_stream(&stream, ReadStream::forwards()).await.unwrap();
+    assert_eq!(
+        read.iter().map(|e| e.id).collect::<Vec<_>>(),
+        [events[0].id, events[1].id]
+    );
+    assert_eq!(reopened.head_position().await.unwrap(), Some(written.position));
+    drop(reopened);
+    drop_schema(&admin, &schema).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_password_is_never_described() {
+    let Some(url) = common::url("the_password_is_never_described") else {
+        return;
+    };
+    let config: tokio_postgres::Config = url.parse().unwrap();
+    // With a password in the URL already, that one must not show; without
+    // one, the server (trust auth) ignores the one added here.
+    let (url, password) = match config.get_password() {
+        Some(password) => (url.clone(), String::from_utf8_lossy(password).into_owned()),
+        None => {
+            let user = config.get_user().unwrap_or("postgres");
+            let Some(url) = with_userinfo(&url, &format!("{user}:s3cret-pw")) else {
+                eprintln!("skipped: the_password_is_never_described (TRIAGE_PG_URL is not a postgres:// URL)");
+                return;
+            };
+            (url, "s3cret-pw".to_owned())
+        }
+    };
+    let store = PostgresEventStore::connect_temporary(&url, PostgresOptions::default())
+        .await
+        .unwrap();
+    let described = store.describe();
+    assert!(described.starts_with("postgres://"), "{described}");
+    assert!(described.contains(store.schema()), "{described}");
+    assert!(!described.contains(&password), "{described}");
+    assert!(!format!("{store:?}").contains(&password));
+}
+
+#[tokio::test]
+async fn an_unreachable_server_fails_with_a_clear_error() {
+    // Port 1 on the loopback: nothing listens there.
+    let options = PostgresOptions {
+        connect_timeout: Duration::from_secs(3),
+        ..PostgresOptions::default()
+    };
+    let error = PostgresEventStore::connect("postgres://triage:pw-not-shown@127.0.0.1:1/triage", options)
+        .await
+        .expect_err("nothing listens on port 1");
+    let message = error.to_string();
+    assert!(matches!(error, Error::Backend { .. }), "{error:?}");
+    assert!(message.contains("127.0.0.1:1"), "{message}");
+    assert!(!message.contains("pw-not-shown"), "{message}");
+}
+
+#[tokio::test]
+async fn invalid_urls_and_schema_names_are_refused() {
+    let bad_url = PostgresEventStore::connect("postgres://a:b@h/db?no_such_option=1", PostgresOptions::default()).await;
+    assert!(matches!(bad_url, Err(Error::Backend { .. })), "{bad_url:?}");
+    let bad_schema = PostgresEventStore::connect(
+        "postgres://a@127.0.0.1:1/db",
+        PostgresOptions::in_schema("Robert'); DROP TABLE students;--"),
+    )
+    .await;
+    match bad_schema {
+        Err(Error::Backend { message, .. }) => assert!(message.contains("invalid PostgreSQL schema name"), "{message}"),
+        other => panic!("expected a refused schema name, got {other:?}"),
+    }
+}
