@@ -101,7 +101,7 @@ pub(crate) async fn run(args: DemoArgs, global: &GlobalArgs) -> anyhow::Result<(
     let (events, read_models, place): (Arc<dyn EventStore>, ReadModelDb, String) = if global.db.is_some()
         || global.store.is_some()
     {
-        let opened = global.open()?;
+        let opened = global.open().await?;
         let place = opened.location.to_string();
         (opened.events, opened.projector.db().clone(), place)
     } else {

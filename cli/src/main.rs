@@ -59,8 +59,10 @@ struct Cli {
 
 #[derive(Debug, Args)]
 struct GlobalArgs {
-    /// Where events live: sqlite://PATH, memory://, or a plain file path
-    /// (SQLite). Overrides --db.
+    /// Where events live: sqlite://PATH or a plain file path (the embedded
+    /// default), postgres://USER@HOST/DB, esdb://HOST:2113?tls=false (also
+    /// kurrentdb://, a cluster as esdb://h1:2113,h2:2113,h3:2113, and
+    /// namespace=NAME to share a server), or memory://. Overrides --db.
     #[arg(long, global = true, env = "TRIAGE_STORE", value_name = "URL")]
     store: Option<String>,
 
@@ -70,7 +72,9 @@ struct GlobalArgs {
     db: Option<PathBuf>,
 
     /// The read-model file (SQLite). Default: next to the event store file,
-    /// `triage.db` → `triage.read.db`; in memory for memory://.
+    /// `triage.db` → `triage.read.db`; in memory for memory://;
+    /// ./triage.esdb.read.db for EventStoreDB and ./triage.pg.read.db for
+    /// PostgreSQL (give each server store its own file).
     #[arg(long, global = true, env = "TRIAGE_READ_MODEL", value_name = "PATH")]
     read_model: Option<PathBuf>,
 
@@ -155,13 +159,12 @@ impl GlobalArgs {
     }
 
     /// Opens the event store and the read models that go with it.
-    fn open(&self) -> anyhow::Result<Opened> {
+    async fn open(&self) -> anyhow::Result<Opened> {
         let location = self.location()?;
-        let events = location.open(self.synchronous())?;
-        let db = match (&self.read_model, &location) {
-            (Some(path), _) => ReadModelDb::open(path)?,
-            (None, StoreLocation::Sqlite(path)) => ReadModelDb::open(ReadModelDb::sibling_of(path))?,
-            (None, StoreLocation::Memory) => ReadModelDb::in_memory()?,
+        let events = location.open(self.synchronous()).await?;
+        let db = match self.read_model.clone().or_else(|| location.default_read_model()) {
+            Some(path) => ReadModelDb::open(path)?,
+            None => ReadModelDb::in_memory()?,
         };
         let projector = Projector::new(events.clone(), db).with_options(ProjectorOptions {
             skip_event_types: self.skip_event_type.iter().cloned().collect(),

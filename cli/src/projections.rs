@@ -41,7 +41,7 @@ pub(crate) enum ProjectionsCommand {
 }
 
 pub(crate) async fn run(command: ProjectionsCommand, global: &GlobalArgs) -> anyhow::Result<()> {
-    let opened = global.open()?;
+    let opened = global.open().await?;
     let projector = &opened.projector;
     match command {
         ProjectionsCommand::List => {
@@ -268,7 +268,7 @@ enum By {
 
 /// `triage stats`.
 pub(crate) async fn stats(args: StatsArgs, global: &GlobalArgs) -> anyhow::Result<()> {
-    let opened = global.open()?;
+    let opened = global.open().await?;
     opened.projector.catch_up().await?;
     if args.since.is_none() && args.until.is_none() && args.by.is_none() {
         let summary = opened.projector.read("stats", stats::summary)?;
@@ -468,7 +468,7 @@ pub(crate) async fn replay(until: &str, into: &std::path::Path, global: &GlobalA
             into.display()
         );
     }
-    let opened = global.open()?;
+    let opened = global.open().await?;
     let position = match until.parse::<triage_event_store::Position>() {
         Ok(position) => position,
         Err(_) => {

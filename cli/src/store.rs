@@ -6,10 +6,18 @@ use std::sync::Arc;
 
 use anyhow::{Context as _, bail};
 use triage_event_store::{EventStore, InMemoryEventStore};
+use triage_store_kurrentdb::{KurrentDbEventStore, KurrentDbOptions};
+use triage_store_postgres::{PostgresEventStore, PostgresOptions};
 use triage_store_sqlite::{SqliteEventStore, SqliteOptions, Synchronous};
 
 /// The URL schemes `--store` accepts.
-pub(crate) const URL_SCHEMES: &[&str] = &["sqlite://PATH", "memory://"];
+pub(crate) const URL_SCHEMES: &[&str] = &[
+    "sqlite://PATH",
+    "postgres://USER@HOST/DB",
+    "esdb://HOST:2113?tls=false",
+    "kurrentdb://…",
+    "memory://",
+];
 
 /// Where events live, parsed from `--store` or `--db`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -18,6 +26,11 @@ pub(crate) enum StoreLocation {
     Sqlite(PathBuf),
     /// A throwaway in-memory store (for trying commands out).
     Memory,
+    /// PostgreSQL, by connection URL.
+    Postgres(String),
+    /// EventStoreDB / KurrentDB, by connection string (`esdb://`,
+    /// `kurrentdb://`, `kdb://`, and their `+discover` forms).
+    Kurrent(String),
 }
 
 impl StoreLocation {
@@ -34,22 +47,23 @@ impl StoreLocation {
             return Ok(StoreLocation::Memory);
         }
         if let Some((scheme, _)) = value.split_once("://") {
-            let hint = match scheme {
-                "postgres" | "postgresql" | "esdb" | "kurrentdb" | "kdb" => {
-                    " (this build of triage has no such backend yet)"
+            return match scheme {
+                "postgres" | "postgresql" => Ok(StoreLocation::Postgres(value.to_owned())),
+                "esdb" | "esdb+discover" | "kurrentdb" | "kurrentdb+discover" | "kdb" | "kdb+discover" => {
+                    Ok(StoreLocation::Kurrent(value.to_owned()))
                 }
-                _ => "",
+                _ => bail!(
+                    "unsupported store URL scheme {scheme:?}; supported: {}, or a plain file path",
+                    URL_SCHEMES.join(", ")
+                ),
             };
-            bail!(
-                "unsupported store URL scheme {scheme:?}{hint}; supported: {}, or a plain file path",
-                URL_SCHEMES.join(", ")
-            );
         }
         Ok(StoreLocation::Sqlite(PathBuf::from(value)))
     }
 
-    /// Opens the store.
-    pub(crate) fn open(&self, synchronous: Synchronous) -> anyhow::Result<Arc<dyn EventStore>> {
+    /// Opens the store. Servers are contacted here (PostgreSQL) or on first
+    /// use (KurrentDB connects lazily).
+    pub(crate) async fn open(&self, synchronous: Synchronous) -> anyhow::Result<Arc<dyn EventStore>> {
         match self {
             StoreLocation::Sqlite(path) => {
                 let options = SqliteOptions {
@@ -61,6 +75,29 @@ impl StoreLocation {
                 Ok(Arc::new(store))
             }
             StoreLocation::Memory => Ok(Arc::new(InMemoryEventStore::new())),
+            StoreLocation::Postgres(url) => {
+                let store = PostgresEventStore::connect(url, PostgresOptions::default())
+                    .await
+                    .with_context(|| format!("cannot open the event store {self}"))?;
+                Ok(Arc::new(store))
+            }
+            StoreLocation::Kurrent(url) => {
+                let store = KurrentDbEventStore::connect(url, KurrentDbOptions::default())
+                    .with_context(|| format!("cannot open the event store {self}"))?;
+                Ok(Arc::new(store))
+            }
+        }
+    }
+
+    /// Where read models live when `--read-model` is not given: next to a
+    /// SQLite store, in memory for memory://, and in a SQLite file in the
+    /// working directory for servers.
+    pub(crate) fn default_read_model(&self) -> Option<PathBuf> {
+        match self {
+            StoreLocation::Sqlite(path) => Some(triage_projections::ReadModelDb::sibling_of(path)),
+            StoreLocation::Memory => None,
+            StoreLocation::Postgres(_) => Some(PathBuf::from("./triage.pg.read.db")),
+            StoreLocation::Kurrent(_) => Some(PathBuf::from("./triage.esdb.read.db")),
         }
     }
 }
@@ -70,7 +107,22 @@ impl fmt::Display for StoreLocation {
         match self {
             StoreLocation::Sqlite(path) => write!(f, "sqlite://{}", path.display()),
             StoreLocation::Memory => f.write_str("memory://"),
+            StoreLocation::Postgres(url) | StoreLocation::Kurrent(url) => f.write_str(&redact_password(url)),
         }
+    }
+}
+
+/// A server URL without its password, for messages.
+fn redact_password(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    match rest.split_once('@') {
+        Some((credentials, host)) if credentials.contains(':') => {
+            let user = credentials.split(':').next().unwrap_or_default();
+            format!("{scheme}://{user}:***@{host}")
+        }
+        _ => url.to_owned(),
     }
 }
 
@@ -89,6 +141,16 @@ mod tests {
             StoreLocation::Sqlite("./t.db".into())
         );
         assert_eq!(StoreLocation::parse("memory://").unwrap(), StoreLocation::Memory);
+        assert_eq!(
+            StoreLocation::parse("esdb://localhost:2113?tls=false").unwrap(),
+            StoreLocation::Kurrent("esdb://localhost:2113?tls=false".into())
+        );
+        assert!(matches!(
+            StoreLocation::parse("kurrentdb+discover://h:2113").unwrap(),
+            StoreLocation::Kurrent(_)
+        ));
+        let postgres = StoreLocation::parse("postgres://triage:secret@db/triage").unwrap();
+        assert_eq!(postgres.to_string(), "postgres://triage:***@db/triage");
         let error = StoreLocation::parse("mysql://x").unwrap_err().to_string();
         assert!(error.contains("unsupported store URL scheme \"mysql\""), "{error}");
         assert!(StoreLocation::parse("sqlite://").is_err());

@@ -128,7 +128,7 @@ fn parse_moment(value: &str) -> Result<Moment, String> {
 }
 
 pub(crate) async fn run(command: TicketCommand, global: &GlobalArgs) -> anyhow::Result<()> {
-    let opened = global.open()?;
+    let opened = global.open().await?;
     let location = opened.location.clone();
     let handler = CommandHandler::new(opened.events.clone());
     match command {
