@@ -40,6 +40,7 @@
 //! `kurrentdb-testserver` binary serves one for manual use.
 
 mod log;
+mod net;
 mod service;
 
 /// Code generated from the protos.
@@ -114,12 +115,9 @@ impl TestServer {
         let (shutdown, mut shutdown_signal) = watch::channel(false);
         let faults = Arc::new(Faults::default());
         let service = StreamsService::new(log.clone(), shutdown.subscribe(), faults.clone());
-        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        let incoming = net::incoming(listener);
         let task = tokio::spawn(async move {
             tonic::transport::Server::builder()
-                // The client does not set TCP_NODELAY; the server at least
-                // answers without waiting.
-                .tcp_nodelay(true)
                 .add_service(service.into_server())
                 .serve_with_incoming_shutdown(incoming, async move {
                     let _ = shutdown_signal.wait_for(|stopped| *stopped).await;
