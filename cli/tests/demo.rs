@@ -125,3 +125,51 @@ fn a_second_demo_into_the_same_store_counts_and_audits_its_own_tickets() {
     let all = succeed(dir.path(), &["--db", "kept.db", "ticket", "list", "--json"]);
     assert_eq!(all.lines().count(), 10, "both runs' tickets are in the store");
 }
+
+#[test]
+fn the_demo_runs_on_a_kurrentdb_store_through_the_test_double() {
+    // The server runs on its own runtime for the length of the test; the
+    // binary connects to it like to a real KurrentDB node.
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let server = runtime
+        .block_on(triage_kurrentdb_testserver::TestServer::start(
+            "127.0.0.1:0".parse().unwrap(),
+        ))
+        .unwrap();
+    let url = server.url();
+    let dir = tempfile::tempdir().unwrap();
+    let mut args = vec!["--store", url.as_str()];
+    args.extend_from_slice(SMALL);
+    let report: Value = serde_json::from_str(&succeed(dir.path(), &args)).unwrap();
+    assert_eq!(report["resolved"], 12, "{report}");
+    assert_eq!(report["audit_passed"], true, "{report}");
+    assert_eq!(report["read_model_matches_rebuild"], true, "{report}");
+    let events = server.log().len();
+    assert!(events >= 12 * 5, "the events are on the server: {events}");
+    assert!(
+        dir.path().join("triage.esdb.read.db").exists(),
+        "read models default to a SQLite file in the working directory"
+    );
+    // The analysts' tools read the same server.
+    let listed = succeed(dir.path(), &["--store", url.as_str(), "ticket", "list", "--json"]);
+    assert_eq!(listed.lines().count(), 12, "{listed}");
+    let stopped = runtime.block_on(server.stop());
+    assert_eq!(stopped.len(), events, "nothing was written after the demo");
+}
+
+#[test]
+fn an_unreachable_kurrentdb_store_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    // Nothing listens on port 9 (discard) on loopback here.
+    let error = fail(
+        dir.path(),
+        &[
+            "--store",
+            "esdb://127.0.0.1:9?tls=false&discoveryInterval=0",
+            "ticket",
+            "list",
+        ],
+    );
+    assert!(error.contains("unavailable"), "{error}");
+    assert!(error.contains("127.0.0.1:9"), "{error}");
+}
