@@ -187,7 +187,9 @@ impl GlobalArgs {
 
 fn init_tracing(verbose: u8) {
     let default = match verbose {
-        0 => "warn",
+        // The KurrentDB client logs every failed connection attempt at
+        // ERROR; the error Triage reports carries the cause once.
+        0 => "warn,kurrentdb=off",
         1 => "debug",
         _ => "trace",
     };
