@@ -2,7 +2,8 @@
 //! double): a projector following the log live is stopped mid-way and a new
 //! one resumes from the saved checkpoint, a `(commit, prepare)` position.
 //! Nothing is skipped and nothing applied twice: the counts equal the log's
-//! and the model equals a clean rebuild.
+//! and the model equals a clean rebuild. Against a real server too, in a
+//! fresh namespace, when `TRIAGE_ESDB_URL` is set.
 
 mod support;
 
@@ -22,6 +23,23 @@ async fn a_stopped_projection_resumes_from_its_checkpoint_on_kurrentdb() {
     let server = TestServer::start("127.0.0.1:0".parse().unwrap()).await.unwrap();
     let store: Arc<dyn EventStore> =
         Arc::new(KurrentDbEventStore::connect(&server.url(), KurrentDbOptions::default()).unwrap());
+    stop_and_resume(store).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stopped_projection_resumes_from_its_checkpoint_on_a_real_kurrentdb_server() {
+    let Ok(url) = std::env::var("TRIAGE_ESDB_URL") else {
+        eprintln!("skipped: projection resume on a real KurrentDB server (TRIAGE_ESDB_URL is not set)");
+        return;
+    };
+    let options = KurrentDbOptions {
+        namespace: Some(format!("projections_{}", uuid::Uuid::new_v4().simple())),
+        ..KurrentDbOptions::default()
+    };
+    stop_and_resume(Arc::new(KurrentDbEventStore::connect(&url, options).unwrap())).await;
+}
+
+async fn stop_and_resume(store: Arc<dyn EventStore>) {
     let dir = tempfile::tempdir().unwrap();
     let read_models = dir.path().join("triage.read.db");
 

@@ -1,6 +1,8 @@
 //! The command handler over the KurrentDB backend, through the protocol
 //! test double: agents racing on shared tickets (audited from the log), and
-//! an outage (the server stopped, then restarted on the same port).
+//! an outage (the server stopped, then restarted on the same port). The race
+//! also runs against a real server, in a fresh namespace, when
+//! `TRIAGE_ESDB_URL` is set.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,7 +15,12 @@ use triage_store_kurrentdb::{KurrentDbEventStore, KurrentDbOptions};
 use triage_tests::{RaceConfig, audit_store, race};
 
 fn connect(url: &str) -> Arc<dyn EventStore> {
+    connect_in(url, None)
+}
+
+fn connect_in(url: &str, namespace: Option<String>) -> Arc<dyn EventStore> {
     let options = KurrentDbOptions {
+        namespace,
         deadline: Duration::from_secs(5),
         max_backoff: Duration::from_millis(500),
         ..KurrentDbOptions::default()
@@ -24,7 +31,20 @@ fn connect(url: &str) -> Arc<dyn EventStore> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn agents_racing_on_the_kurrentdb_store() {
     let server = TestServer::start("127.0.0.1:0".parse().unwrap()).await.unwrap();
-    let store = connect(&server.url());
+    race_and_audit(connect(&server.url())).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn agents_racing_on_a_real_kurrentdb_server() {
+    let Ok(url) = std::env::var("TRIAGE_ESDB_URL") else {
+        eprintln!("skipped: agents_racing_on_a_real_kurrentdb_server (TRIAGE_ESDB_URL is not set)");
+        return;
+    };
+    let namespace = format!("race_{}", uuid::Uuid::new_v4().simple());
+    race_and_audit(connect_in(&url, Some(namespace))).await;
+}
+
+async fn race_and_audit(store: Arc<dyn EventStore>) {
     let report = race(store.clone(), RaceConfig::default()).await;
     assert!(report.errors.is_empty(), "unexpected errors: {:?}", report.errors);
     let audit = audit_store(store.as_ref(), &report.acknowledged).await;
