@@ -1,0 +1,134 @@
+//! What the KurrentDB backend adds over the port: deadlines, namespaces, and
+//! the replay flag a server cannot give directly.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use triage_event_store::testing::event;
+use triage_event_store::{Error, EventStore, ExpectedRevision, ReadAll, ReadStream, StreamName};
+use triage_kurrentdb_testserver::TestServer;
+use triage_store_kurrentdb::{KurrentDbEventStore, KurrentDbOptions};
+
+async fn server() -> TestServer {
+    TestServer::start("127.0.0.1:0".parse().unwrap()).await.unwrap()
+}
+
+fn stream(name: &str) -> StreamName {
+    StreamName::new(format!("{name}-{}", uuid::Uuid::new_v4().simple())).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_server_is_a_deadline_error_naming_the_wait() {
+    let server = server().await;
+    let options = KurrentDbOptions {
+        deadline: Duration::from_millis(300),
+        ..KurrentDbOptions::default()
+    };
+    let store = KurrentDbEventStore::connect(&server.url(), options).unwrap();
+    let s = stream("ticket");
+    store
+        .append(&s, ExpectedRevision::NoStream, vec![event("A")])
+        .await
+        .unwrap();
+    server.set_append_delay(Duration::from_secs(2));
+    let slow = vec![event("B")];
+    let started = Instant::now();
+    let error = store
+        .append(&s, ExpectedRevision::Exact(0), slow.clone())
+        .await
+        .unwrap_err();
+    assert!(
+        started.elapsed() < Duration::from_millis(1500),
+        "gave up at the deadline"
+    );
+    let message = error.to_string();
+    assert!(message.contains("did not answer within 300ms"), "{message}");
+    server.set_append_delay(Duration::ZERO);
+    // Whether or not the timed-out append landed, retrying it with the same
+    // ids is harmless: the stream ends up with it exactly once.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let retried = store
+        .append(&s, ExpectedRevision::Exact(0), slow.clone())
+        .await
+        .unwrap();
+    assert_eq!(retried.current_revision, 1);
+    let stored = store.read_stream(&s, ReadStream::forwards()).await.unwrap();
+    assert_eq!(stored.len(), 2, "{stored:?}");
+    assert_eq!(stored[1].id, slow[0].id);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn namespaces_share_a_server_without_seeing_each_other() {
+    let server = server().await;
+    let in_namespace = |namespace: &str| {
+        Arc::new(
+            KurrentDbEventStore::connect(
+                &format!("{}&namespace={namespace}", server.url()),
+                KurrentDbOptions::default(),
+            )
+            .unwrap(),
+        )
+    };
+    let blue = in_namespace("blue");
+    let green = in_namespace("green");
+    let s = stream("ticket");
+    blue.append(&s, ExpectedRevision::NoStream, vec![event("A"), event("B")])
+        .await
+        .unwrap();
+    // The same stream name in another namespace is another stream.
+    green
+        .append(&s, ExpectedRevision::NoStream, vec![event("C")])
+        .await
+        .unwrap();
+    assert_eq!(blue.read_stream(&s, ReadStream::forwards()).await.unwrap().len(), 2);
+    assert_eq!(green.read_stream(&s, ReadStream::forwards()).await.unwrap().len(), 1);
+    let blue_log = blue.read_all(ReadAll::forwards(100)).await.unwrap();
+    assert_eq!(blue_log.len(), 2);
+    assert!(
+        blue_log.iter().all(|e| e.stream == s),
+        "names come back without the namespace"
+    );
+    assert_eq!(
+        green.head_position().await.unwrap(),
+        Some(green.read_all(ReadAll::forwards(10)).await.unwrap()[0].position)
+    );
+    assert_eq!(server.log().len(), 3, "all three events are on the one server");
+    assert!(blue.describe().contains("namespace blue"), "{}", blue.describe());
+    let invalid = KurrentDbEventStore::connect(&format!("{}&namespace=a.b", server.url()), KurrentDbOptions::default());
+    assert!(matches!(invalid, Err(Error::Incompatible(_))));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_append_reports_a_replay_only_when_what_is_stored_is_not_what_it_sent() {
+    let server = server().await;
+    let store = KurrentDbEventStore::connect(&server.url(), KurrentDbOptions::default()).unwrap();
+    let s = stream("ticket");
+    let mine = vec![event("A")];
+    let first = store
+        .append(&s, ExpectedRevision::NoStream, mine.clone())
+        .await
+        .unwrap();
+    assert!(!first.replayed);
+    // Another copy of the same command (same ids) decided at another moment.
+    let mut other_copy = mine.clone();
+    other_copy[0].metadata = br#"{"decided":"later"}"#.to_vec();
+    let second = store.append(&s, ExpectedRevision::NoStream, other_copy).await.unwrap();
+    assert!(second.replayed, "the stored events are the first copy's");
+    assert_eq!(
+        (second.current_revision, second.position),
+        (first.current_revision, first.position)
+    );
+    assert_eq!(server.log().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_connection_strings_are_refused_up_front() {
+    for url in ["esdb://", "esdb://host:notaport", "esdb://h:2113?tls=maybe"] {
+        match KurrentDbEventStore::connect(url, KurrentDbOptions::default()) {
+            Err(Error::Incompatible(message)) => {
+                assert!(message.contains("not a KurrentDB connection string"), "{message}")
+            }
+            other => panic!("{url}: expected a clear refusal, got {other:?}"),
+        }
+    }
+}
