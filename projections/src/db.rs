@@ -69,7 +69,7 @@ pub fn generation_table(table: &str, generation: u32) -> String {
 }
 
 /// Which registry a slot is in.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub(crate) enum SlotKind {
     Live,
     Build,

@@ -8,6 +8,10 @@
 //!   transaction that also writes the checkpoint (exactly once after a
 //!   crash); rebuilds into a shadow generation and swaps it in atomically.
 //! - [`ReadModelDb`]: the SQLite file the read models live in.
+//! - [`postgres`]: the same read models in PostgreSQL ([`PgReadModels`])
+//!   and their runtime with projection leadership ([`PgProjector`]).
+//! - [`ReadModels`]: either of the two, chosen by location (`PATH` or
+//!   `postgres://…`), with the queries the CLI serves.
 //! - [`TicketsProjection`] / [`TicketsView`]: current ticket state and the
 //!   work queues; [`StatsProjection`] / [`stats::summary`]: statistics.
 //!
@@ -36,14 +40,18 @@ use std::path::PathBuf;
 use triage_event_store::Position;
 
 mod db;
+pub mod postgres;
 mod projection;
 pub mod query;
+mod read_models;
 mod runtime;
 pub mod stats;
 mod tickets;
 
 pub use db::{APPLICATION_ID, ReadModelDb, SCHEMA_VERSION, Slot, generation_table};
+pub use postgres::{PgProjector, PgReadModelOptions, PgReadModels};
 pub use projection::{Fnv, Payload, ProjectedEvent, Projection, STREAM_PREFIXES, decode, digest_rows};
+pub use read_models::ReadModels;
 pub use runtime::{ProjectionStatus, Projector, ProjectorOptions, RebuildOptions, RebuildProgress, RebuildReport};
 pub use stats::{StatsProjection, StatsSummary};
 pub use tickets::{TicketRow, TicketsProjection, TicketsView};
@@ -107,6 +115,36 @@ pub enum ProjectionError {
         #[source]
         source: rusqlite::Error,
     },
+    /// The PostgreSQL read-model database failed.
+    #[error("PostgreSQL read-model error while trying to {action}: {}", postgres::describe_error(.source))]
+    Postgres {
+        /// What was being done.
+        action: &'static str,
+        /// The driver's error.
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    /// No connection to the PostgreSQL read models could be had.
+    #[error("cannot get a connection to the PostgreSQL read models ({target}): {reason}")]
+    PostgresConnect {
+        /// Where, without the password.
+        target: String,
+        /// Why.
+        reason: String,
+    },
+    /// The read-model location (a path or a `postgres://` URL) or its
+    /// options cannot be used.
+    #[error("invalid read-model location: {reason}")]
+    InvalidLocation {
+        /// Why (never contains a password).
+        reason: String,
+    },
+    /// Another process is rebuilding this projection right now.
+    #[error("another process is rebuilding {name} right now; try again when it has finished")]
+    RebuildInProgress {
+        /// The projection.
+        name: String,
+    },
     /// A task failed unexpectedly.
     #[error("internal error: {0}")]
     Internal(String),
@@ -115,5 +153,9 @@ pub enum ProjectionError {
 impl ProjectionError {
     pub(crate) fn sqlite(action: &'static str, source: rusqlite::Error) -> Self {
         ProjectionError::Sqlite { action, source }
+    }
+
+    pub(crate) fn postgres(action: &'static str, source: tokio_postgres::Error) -> Self {
+        ProjectionError::Postgres { action, source }
     }
 }

@@ -97,6 +97,11 @@ pub struct ProjectionStatus {
     pub needs_rebuild: bool,
     /// Whether a rebuild is under way (or was abandoned).
     pub build_in_progress: bool,
+    /// PostgreSQL read models only: the runner instance that holds the
+    /// projection's leadership lock right now (`None` when no runner
+    /// leads it, and always for SQLite read models).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub leader: Option<String>,
 }
 
 /// Runs projections from an event store into a read-model database.
@@ -526,6 +531,7 @@ impl Projector {
                     .as_ref()
                     .is_some_and(|slot| slot.version != projection.version() || slot.checkpoint > head),
                 build_in_progress: build.is_some(),
+                leader: None,
             });
         }
         Ok(statuses)
@@ -616,17 +622,19 @@ impl std::fmt::Debug for RebuildOptions {
 
 /// One page of the log, decoded.
 #[derive(Debug)]
-struct Page {
+pub(crate) struct Page {
     /// The position the page was read after (`None`: from the start).
-    start: Option<Position>,
-    events: Vec<ProjectedEvent>,
+    pub(crate) start: Option<Position>,
+    pub(crate) events: Vec<ProjectedEvent>,
     /// The last position considered (projected or not).
-    end: Position,
+    pub(crate) end: Position,
     /// Records considered.
-    considered: u64,
+    pub(crate) considered: u64,
 }
 
-async fn read_pages(
+/// Reads the log after `start` (up to `until`) page by page into `pages`,
+/// decoded; shared by the SQLite and the PostgreSQL runtimes.
+pub(crate) async fn read_pages(
     events: Arc<dyn EventStore>,
     start: Option<Position>,
     until: Option<Position>,
@@ -784,7 +792,7 @@ fn create_views(conn: &Connection, projection: &dyn Projection, slot: &Slot) -> 
 }
 
 /// Keys whose digests differ, or that exist on one side only.
-fn diff(live: &BTreeMap<String, u64>, rebuilt: &BTreeMap<String, u64>) -> Vec<String> {
+pub(crate) fn diff(live: &BTreeMap<String, u64>, rebuilt: &BTreeMap<String, u64>) -> Vec<String> {
     let keys: BTreeSet<&String> = live.keys().chain(rebuilt.keys()).collect();
     keys.into_iter()
         .filter(|key| live.get(*key) != rebuilt.get(*key))

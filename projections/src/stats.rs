@@ -21,13 +21,15 @@ pub const STAGES: [&str; 5] = ["classify", "draft", "review", "human", "end_to_e
 
 /// Per-ticket progress the projection needs to time stages.
 #[derive(Clone, Debug, Default)]
-struct Progress {
-    state: Option<State>,
-    opened_at: i64,
-    stage_started_at: i64,
-    claim_agent: Option<String>,
+pub(crate) struct Progress {
+    pub(crate) state: Option<State>,
+    /// Decision time (µs) of `TicketOpened`.
+    pub(crate) opened_at: i64,
+    /// Decision time (µs) the current stage became available.
+    pub(crate) stage_started_at: i64,
+    pub(crate) claim_agent: Option<String>,
     /// Stage durations completed in this batch: (stage, milliseconds).
-    finished: Vec<(&'static str, i64)>,
+    pub(crate) finished: Vec<(&'static str, i64)>,
 }
 
 impl Projection for StatsProjection {
@@ -65,6 +67,111 @@ impl Projection for StatsProjection {
     fn apply(&self, conn: &Connection, slot: &Slot, events: &[ProjectedEvent]) -> Result<(), ProjectionError> {
         let sql = |error| ProjectionError::sqlite("update statistics", error);
         let tickets_table = slot.table("stats_tickets");
+        let StatsDelta {
+            counters,
+            agents,
+            tickets,
+        } = StatsDelta::fold(events, |id| load_progress(conn, &tickets_table, id)).map_err(sql)?;
+        for (name, delta) in counters {
+            conn.prepare_cached(&format!(
+                "INSERT INTO {} (name, value) VALUES (?1, ?2) ON CONFLICT (name) DO UPDATE SET value = value + ?2",
+                slot.table("stats_counters")
+            ))
+            .and_then(|mut statement| statement.execute((name, delta)))
+            .map_err(sql)?;
+        }
+        for ((agent, what), (role, delta)) in agents {
+            conn.prepare_cached(&format!(
+                "INSERT INTO {} (agent_id, role, outcome, count) VALUES (?1, ?2, ?3, ?4) \
+                 ON CONFLICT (agent_id, outcome) DO UPDATE SET count = count + ?4, \
+                 role = CASE WHEN ?2 = '' THEN role ELSE ?2 END",
+                slot.table("stats_agents")
+            ))
+            .and_then(|mut statement| statement.execute((agent, role, what, delta)))
+            .map_err(sql)?;
+        }
+        let latency = slot.table("stats_latency");
+        for (id, ticket) in &tickets {
+            let Some(state) = ticket.state else { continue };
+            conn.prepare_cached(&format!(
+                "INSERT OR REPLACE INTO {tickets_table} (ticket_id, state, opened_at, stage_started_at, claim_agent) \
+                 VALUES (?1, ?2, ?3, ?4, ?5)"
+            ))
+            .and_then(|mut statement| {
+                statement.execute((
+                    id.to_string(),
+                    state.as_str(),
+                    ticket.opened_at,
+                    ticket.stage_started_at,
+                    ticket.claim_agent.as_deref(),
+                ))
+            })
+            .map_err(sql)?;
+            for (stage, ms) in &ticket.finished {
+                conn.prepare_cached(&format!(
+                    "INSERT INTO {latency} (stage, ticket_id, ms) VALUES (?1, ?2, ?3)"
+                ))
+                .and_then(|mut statement| statement.execute((stage, id.to_string(), ms)))
+                .map_err(sql)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn digest(&self, conn: &Connection, slot: &Slot) -> rusqlite::Result<BTreeMap<String, u64>> {
+        let mut digests = digest_rows(
+            conn,
+            &format!(
+                "SELECT 'ticket ' || ticket_id, state, opened_at, stage_started_at, claim_agent FROM {} ORDER BY ticket_id",
+                slot.table("stats_tickets")
+            ),
+        )?;
+        digests.extend(digest_rows(
+            conn,
+            &format!(
+                "SELECT 'latency ' || ticket_id, stage, ms FROM {} ORDER BY ticket_id, stage, ms",
+                slot.table("stats_latency")
+            ),
+        )?);
+        digests.extend(digest_rows(
+            conn,
+            &format!(
+                "SELECT 'counter ' || name, value FROM {} ORDER BY name",
+                slot.table("stats_counters")
+            ),
+        )?);
+        digests.extend(digest_rows(
+            conn,
+            &format!(
+                "SELECT 'agent ' || agent_id || ' ' || outcome, role, count FROM {} ORDER BY agent_id, outcome",
+                slot.table("stats_agents")
+            ),
+        )?);
+        Ok(digests)
+    }
+}
+
+/// What one batch changes in the `stats` model, folded in memory: the
+/// one place the statistics logic lives, written out by the SQLite and the
+/// PostgreSQL read models alike.
+#[derive(Debug, Default)]
+pub(crate) struct StatsDelta {
+    /// Counter name → increment.
+    pub(crate) counters: BTreeMap<String, i64>,
+    /// (agent, outcome) → (role, or "" when unknown; increment).
+    pub(crate) agents: BTreeMap<(String, String), (String, i64)>,
+    /// Each ticket the batch touched, in first-touch order, with its
+    /// progress after the batch (and the stage durations it completed).
+    pub(crate) tickets: Vec<(TicketId, Progress)>,
+}
+
+impl StatsDelta {
+    /// Folds a batch. `load` gives a ticket's stored progress; it is called
+    /// once per ticket, the first time the batch touches it.
+    pub(crate) fn fold<E>(
+        events: &[ProjectedEvent],
+        mut load: impl FnMut(TicketId) -> Result<Option<Progress>, E>,
+    ) -> Result<StatsDelta, E> {
         let mut counters: BTreeMap<String, i64> = BTreeMap::new();
         let mut agents: BTreeMap<(String, String), (String, i64)> = BTreeMap::new();
         let mut progress: HashMap<TicketId, Progress> = HashMap::new();
@@ -97,7 +204,7 @@ impl Projection for StatsProjection {
                 std::collections::hash_map::Entry::Occupied(entry) => entry.into_mut(),
                 std::collections::hash_map::Entry::Vacant(entry) => {
                     order.push(event.ticket_id);
-                    let stored = load_progress(conn, &tickets_table, event.ticket_id).map_err(sql)?;
+                    let stored = load(event.ticket_id)?;
                     entry.insert(stored.unwrap_or_default())
                 }
             };
@@ -188,83 +295,18 @@ impl Projection for StatsProjection {
             }
             ticket.state = next_state(ticket.state, domain_event);
         }
-        for (name, delta) in counters {
-            conn.prepare_cached(&format!(
-                "INSERT INTO {} (name, value) VALUES (?1, ?2) ON CONFLICT (name) DO UPDATE SET value = value + ?2",
-                slot.table("stats_counters")
-            ))
-            .and_then(|mut statement| statement.execute((name, delta)))
-            .map_err(sql)?;
-        }
-        for ((agent, what), (role, delta)) in agents {
-            conn.prepare_cached(&format!(
-                "INSERT INTO {} (agent_id, role, outcome, count) VALUES (?1, ?2, ?3, ?4) \
-                 ON CONFLICT (agent_id, outcome) DO UPDATE SET count = count + ?4, \
-                 role = CASE WHEN ?2 = '' THEN role ELSE ?2 END",
-                slot.table("stats_agents")
-            ))
-            .and_then(|mut statement| statement.execute((agent, role, what, delta)))
-            .map_err(sql)?;
-        }
-        let latency = slot.table("stats_latency");
-        for id in order {
-            let ticket = &progress[&id];
-            let Some(state) = ticket.state else { continue };
-            conn.prepare_cached(&format!(
-                "INSERT OR REPLACE INTO {tickets_table} (ticket_id, state, opened_at, stage_started_at, claim_agent) \
-                 VALUES (?1, ?2, ?3, ?4, ?5)"
-            ))
-            .and_then(|mut statement| {
-                statement.execute((
-                    id.to_string(),
-                    state.as_str(),
-                    ticket.opened_at,
-                    ticket.stage_started_at,
-                    ticket.claim_agent.as_deref(),
-                ))
+        let tickets = order
+            .into_iter()
+            .map(|id| {
+                let ticket = progress.remove(&id).unwrap_or_default();
+                (id, ticket)
             })
-            .map_err(sql)?;
-            for (stage, ms) in &ticket.finished {
-                conn.prepare_cached(&format!(
-                    "INSERT INTO {latency} (stage, ticket_id, ms) VALUES (?1, ?2, ?3)"
-                ))
-                .and_then(|mut statement| statement.execute((stage, id.to_string(), ms)))
-                .map_err(sql)?;
-            }
-        }
-        Ok(())
-    }
-
-    fn digest(&self, conn: &Connection, slot: &Slot) -> rusqlite::Result<BTreeMap<String, u64>> {
-        let mut digests = digest_rows(
-            conn,
-            &format!(
-                "SELECT 'ticket ' || ticket_id, state, opened_at, stage_started_at, claim_agent FROM {} ORDER BY ticket_id",
-                slot.table("stats_tickets")
-            ),
-        )?;
-        digests.extend(digest_rows(
-            conn,
-            &format!(
-                "SELECT 'latency ' || ticket_id, stage, ms FROM {} ORDER BY ticket_id, stage, ms",
-                slot.table("stats_latency")
-            ),
-        )?);
-        digests.extend(digest_rows(
-            conn,
-            &format!(
-                "SELECT 'counter ' || name, value FROM {} ORDER BY name",
-                slot.table("stats_counters")
-            ),
-        )?);
-        digests.extend(digest_rows(
-            conn,
-            &format!(
-                "SELECT 'agent ' || agent_id || ' ' || outcome, role, count FROM {} ORDER BY agent_id, outcome",
-                slot.table("stats_agents")
-            ),
-        )?);
-        Ok(digests)
+            .collect();
+        Ok(StatsDelta {
+            counters,
+            agents,
+            tickets,
+        })
     }
 }
 

@@ -36,11 +36,11 @@ const COLUMNS: &str = "ticket_id, state, subject, body, customer, category, prio
     claim_id, claim_agent, lease_expires_at, attempts, resolution, last_reason, revision, events_applied, \
     created_at, updated_at, state_entered_at";
 
-fn micros(time: DateTime<Utc>) -> i64 {
+pub(crate) fn micros(time: DateTime<Utc>) -> i64 {
     time.timestamp_micros()
 }
 
-fn from_micros(micros: i64) -> DateTime<Utc> {
+pub(crate) fn from_micros(micros: i64) -> DateTime<Utc> {
     DateTime::from_timestamp_micros(micros).unwrap_or_default()
 }
 
@@ -117,7 +117,7 @@ impl TicketRow {
     }
 
     /// A ticket that does not exist yet, first seen at `at`.
-    fn empty(at: DateTime<Utc>) -> TicketRow {
+    pub(crate) fn empty(at: DateTime<Utc>) -> TicketRow {
         TicketRow {
             ticket: Ticket::default(),
             revision: 0,
@@ -127,7 +127,10 @@ impl TicketRow {
         }
     }
 
-    fn apply(&mut self, event: &ProjectedEvent) {
+    /// Folds one event into the row (events of other kinds are ignored).
+    /// The one place the read model's ticket logic lives: both the SQLite
+    /// and the PostgreSQL read models call it.
+    pub(crate) fn apply(&mut self, event: &ProjectedEvent) {
         let Payload::Ticket(domain_event) = &event.payload else {
             return;
         };

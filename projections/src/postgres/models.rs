@@ -1,0 +1,633 @@
+//! The `tickets` and `stats` models in PostgreSQL: their tables, how a
+//! batch folded by the shared folding code is written, their digests, and
+//! the statistics summary.
+//!
+//! Every batch first loads the rows it touches in one statement
+//! (`= ANY($1)`), folds in memory, then sends its writes pipelined (all
+//! statements in flight at once on the one connection) inside the batch's
+//! transaction.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::convert::Infallible;
+
+use futures::future::try_join_all;
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{GenericClient, Row, Transaction};
+use triage_domain::{Claim, Classification, State, Ticket, TicketId};
+use uuid::Uuid;
+
+use super::PgReadModels;
+use crate::ProjectionError;
+use crate::projection::{Fnv, Payload, ProjectedEvent, Projection};
+use crate::stats::{STAGES, StageLatency, StatsDelta, StatsProjection, StatsSummary};
+use crate::tickets::{TicketRow, TicketsProjection, from_micros, micros};
+
+/// The columns of a `tickets` row, in [`ticket_from_row`]'s order: the
+/// SQLite model's columns.
+pub(crate) const TICKET_COLUMNS: &str = "ticket_id, state, subject, body, customer, category, priority, confidence, \
+    draft, claim_id, claim_agent, lease_expires_at, attempts, resolution, last_reason, revision, events_applied, \
+    created_at, updated_at, state_entered_at";
+
+/// A read model this backend keeps: Triage's two projections.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub(crate) enum Model {
+    Tickets,
+    Stats,
+}
+
+impl Model {
+    pub(crate) const ALL: [Model; 2] = [Model::Tickets, Model::Stats];
+
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Model::Tickets => TicketsProjection.name(),
+            Model::Stats => StatsProjection.name(),
+        }
+    }
+
+    /// The SQLite projection's version: the folding is shared, so a change
+    /// to it bumps both.
+    pub(crate) fn version(self) -> u32 {
+        match self {
+            Model::Tickets => TicketsProjection.version(),
+            Model::Stats => StatsProjection.version(),
+        }
+    }
+
+    pub(crate) fn tables(self) -> &'static [&'static str] {
+        match self {
+            Model::Tickets => TicketsProjection.tables(),
+            Model::Stats => StatsProjection.tables(),
+        }
+    }
+
+    pub(crate) fn by_name(name: &str) -> Result<Model, ProjectionError> {
+        Model::ALL
+            .into_iter()
+            .find(|model| model.name() == name)
+            .ok_or_else(|| ProjectionError::UnknownProjection {
+                name: name.to_owned(),
+                known: Model::ALL.iter().map(|model| model.name().to_owned()).collect(),
+            })
+    }
+
+    /// Creates the tables of `generation` (dropping leftovers of an
+    /// abandoned one with the same number first).
+    pub(crate) async fn create(
+        self,
+        tx: &Transaction<'_>,
+        models: &PgReadModels,
+        generation: u32,
+    ) -> Result<(), ProjectionError> {
+        let table = |base: &str| models.qualified(&format!("{base}_g{generation}"));
+        let mut sql = String::new();
+        for base in self.tables() {
+            sql.push_str(&format!("DROP TABLE IF EXISTS {};\n", table(base)));
+        }
+        sql.push_str(&match self {
+            Model::Tickets => format!(
+                "CREATE TABLE {t} (
+                    ticket_id        uuid    PRIMARY KEY,
+                    state            text    NOT NULL,
+                    subject          text    NOT NULL,
+                    body             text    NOT NULL,
+                    customer         text,
+                    category         text,
+                    priority         text,
+                    confidence       double precision,
+                    draft            text,
+                    claim_id         uuid,
+                    claim_agent      text,
+                    lease_expires_at bigint,
+                    attempts         bigint  NOT NULL,
+                    resolution       text,
+                    last_reason      text,
+                    revision         bigint  NOT NULL,
+                    events_applied   bigint  NOT NULL,
+                    created_at       bigint  NOT NULL,
+                    updated_at       bigint  NOT NULL,
+                    state_entered_at bigint  NOT NULL
+                );
+                CREATE INDEX ON {t} (state, state_entered_at);
+                CREATE INDEX ON {t} (lease_expires_at) WHERE lease_expires_at IS NOT NULL;",
+                t = table("tickets")
+            ),
+            Model::Stats => format!(
+                "CREATE TABLE {counters} (name text PRIMARY KEY, value bigint NOT NULL);
+                 CREATE TABLE {tickets} (
+                     ticket_id uuid PRIMARY KEY, state text NOT NULL, opened_at bigint NOT NULL,
+                     stage_started_at bigint NOT NULL, claim_agent text);
+                 CREATE TABLE {latency} (stage text NOT NULL, ticket_id uuid NOT NULL, ms bigint NOT NULL);
+                 CREATE INDEX ON {latency} (stage, ms);
+                 CREATE TABLE {agents} (
+                     agent_id text NOT NULL, role text NOT NULL, outcome text NOT NULL, count bigint NOT NULL,
+                     PRIMARY KEY (agent_id, outcome));",
+                counters = table("stats_counters"),
+                tickets = table("stats_tickets"),
+                latency = table("stats_latency"),
+                agents = table("stats_agents"),
+            ),
+        });
+        tx.batch_execute(&sql)
+            .await
+            .map_err(|error| ProjectionError::postgres("create the projection's tables", error))
+    }
+
+    /// Applies a batch to `generation` inside the caller's transaction.
+    pub(crate) async fn apply(
+        self,
+        tx: &Transaction<'_>,
+        models: &PgReadModels,
+        generation: u32,
+        events: &[ProjectedEvent],
+    ) -> Result<(), ProjectionError> {
+        match self {
+            Model::Tickets => apply_tickets(tx, models, generation, events).await,
+            Model::Stats => apply_stats(tx, models, generation, events).await,
+        }
+    }
+
+    /// A digest per key of `generation`'s rows (FNV-1a of every column as
+    /// text, tagged so that NULL and "" differ).
+    pub(crate) async fn digest(
+        self,
+        client: &impl GenericClient,
+        models: &PgReadModels,
+        generation: u32,
+    ) -> Result<BTreeMap<String, u64>, ProjectionError> {
+        let table = |base: &str| models.qualified(&format!("{base}_g{generation}"));
+        let queries = match self {
+            Model::Tickets => {
+                let columns: Vec<String> = TICKET_COLUMNS.split(", ").map(|c| format!("{c}::text")).collect();
+                vec![format!(
+                    "SELECT {} FROM {} ORDER BY ticket_id",
+                    columns.join(", "),
+                    table("tickets")
+                )]
+            }
+            Model::Stats => vec![
+                format!(
+                    "SELECT 'ticket ' || ticket_id, state, opened_at::text, stage_started_at::text, claim_agent \
+                     FROM {} ORDER BY ticket_id",
+                    table("stats_tickets")
+                ),
+                format!(
+                    "SELECT 'latency ' || ticket_id, stage, ms::text FROM {} ORDER BY ticket_id, stage, ms",
+                    table("stats_latency")
+                ),
+                format!(
+                    "SELECT 'counter ' || name, value::text FROM {} ORDER BY name",
+                    table("stats_counters")
+                ),
+                format!(
+                    "SELECT 'agent ' || agent_id || ' ' || outcome, role, count::text FROM {} \
+                     ORDER BY agent_id, outcome",
+                    table("stats_agents")
+                ),
+            ],
+        };
+        let mut digests = BTreeMap::new();
+        for sql in queries {
+            let rows = client
+                .query(&sql, &[])
+                .await
+                .map_err(|error| ProjectionError::postgres("digest the read model", error))?;
+            for row in rows {
+                let mut hash = Fnv::default();
+                for column in 0..row.len() {
+                    match row.get::<_, Option<&str>>(column) {
+                        None => hash.write(&[0]),
+                        Some(text) => {
+                            hash.write(&[3]);
+                            hash.write(&(text.len() as u64).to_le_bytes());
+                            hash.write(text.as_bytes());
+                        }
+                    }
+                }
+                let key = row.get::<_, Option<String>>(0).unwrap_or_default();
+                // Rows that share a key (latencies) combine in order.
+                let entry = digests.entry(key).or_insert(0u64);
+                *entry = entry.rotate_left(5) ^ hash.finish();
+            }
+        }
+        Ok(digests)
+    }
+}
+
+fn column<'a, T: tokio_postgres::types::FromSql<'a>>(row: &'a Row, index: usize) -> Result<T, ProjectionError> {
+    row.try_get(index)
+        .map_err(|error| ProjectionError::postgres("read a ticket row", error))
+}
+
+fn parsed<T: std::str::FromStr<Err = String>>(text: &str, what: &str) -> Result<T, ProjectionError> {
+    text.parse()
+        .map_err(|reason| ProjectionError::Internal(format!("unreadable {what} in the tickets model: {reason}")))
+}
+
+/// A `tickets` row ([`TICKET_COLUMNS`]) as the domain sees it.
+pub(crate) fn ticket_from_row(row: &Row) -> Result<TicketRow, ProjectionError> {
+    let classification = match column::<Option<String>>(row, 5)? {
+        Some(category) => Some(Classification {
+            category,
+            priority: parsed(column::<&str>(row, 6)?, "priority")?,
+            confidence: column(row, 7)?,
+        }),
+        None => None,
+    };
+    let claim = match column::<Option<Uuid>>(row, 9)? {
+        Some(claim_id) => Some(Claim {
+            claim_id,
+            agent_id: column(row, 10)?,
+            lease_expires_at: from_micros(column(row, 11)?),
+        }),
+        None => None,
+    };
+    Ok(TicketRow {
+        ticket: Ticket {
+            id: Some(TicketId(column(row, 0)?)),
+            state: Some(parsed(column::<&str>(row, 1)?, "state")?),
+            subject: column(row, 2)?,
+            body: column(row, 3)?,
+            customer: column(row, 4)?,
+            classification,
+            draft: column(row, 8)?,
+            claim,
+            attempts: column::<i64>(row, 12)? as u32,
+            resolution: column(row, 13)?,
+            last_reason: column(row, 14)?,
+            events_applied: column::<i64>(row, 16)? as u64,
+        },
+        revision: column::<i64>(row, 15)? as u64,
+        created_at: from_micros(column(row, 17)?),
+        updated_at: from_micros(column(row, 18)?),
+        state_entered_at: from_micros(column(row, 19)?),
+    })
+}
+
+/// The tickets of `events`, each once, in first-touch order.
+fn touched(events: &[ProjectedEvent]) -> Vec<TicketId> {
+    let mut seen = HashSet::new();
+    events
+        .iter()
+        .filter(|event| matches!(event.payload, Payload::Ticket(_)))
+        .map(|event| event.ticket_id)
+        .filter(|id| seen.insert(*id))
+        .collect()
+}
+
+/// The owned values of one `tickets` row, in [`TICKET_COLUMNS`] order.
+struct TicketValues {
+    id: Uuid,
+    state: Option<&'static str>,
+    subject: String,
+    body: String,
+    customer: Option<String>,
+    category: Option<String>,
+    priority: Option<&'static str>,
+    confidence: Option<f64>,
+    draft: Option<String>,
+    claim_id: Option<Uuid>,
+    claim_agent: Option<String>,
+    lease_expires_at: Option<i64>,
+    attempts: i64,
+    resolution: Option<String>,
+    last_reason: Option<String>,
+    revision: i64,
+    events_applied: i64,
+    created_at: i64,
+    updated_at: i64,
+    state_entered_at: i64,
+}
+
+impl TicketValues {
+    fn new(id: TicketId, row: &TicketRow) -> Self {
+        let ticket = &row.ticket;
+        let classification = ticket.classification.as_ref();
+        let claim = ticket.claim.as_ref();
+        TicketValues {
+            id: ticket.id.unwrap_or(id).0,
+            state: ticket.state.map(State::as_str),
+            subject: ticket.subject.clone(),
+            body: ticket.body.clone(),
+            customer: ticket.customer.clone(),
+            category: classification.map(|c| c.category.clone()),
+            priority: classification.map(|c| c.priority.as_str()),
+            confidence: classification.map(|c| c.confidence),
+            draft: ticket.draft.clone(),
+            claim_id: claim.map(|c| c.claim_id),
+            claim_agent: claim.map(|c| c.agent_id.clone()),
+            lease_expires_at: claim.map(|c| micros(c.lease_expires_at)),
+            attempts: i64::from(ticket.attempts),
+            resolution: ticket.resolution.clone(),
+            last_reason: ticket.last_reason.clone(),
+            revision: row.revision as i64,
+            events_applied: ticket.events_applied as i64,
+            created_at: micros(row.created_at),
+            updated_at: micros(row.updated_at),
+            state_entered_at: micros(row.state_entered_at),
+        }
+    }
+
+    fn params(&self) -> [&(dyn ToSql + Sync); 20] {
+        [
+            &self.id,
+            &self.state,
+            &self.subject,
+            &self.body,
+            &self.customer,
+            &self.category,
+            &self.priority,
+            &self.confidence,
+            &self.draft,
+            &self.claim_id,
+            &self.claim_agent,
+            &self.lease_expires_at,
+            &self.attempts,
+            &self.resolution,
+            &self.last_reason,
+            &self.revision,
+            &self.events_applied,
+            &self.created_at,
+            &self.updated_at,
+            &self.state_entered_at,
+        ]
+    }
+}
+
+async fn apply_tickets(
+    tx: &Transaction<'_>,
+    models: &PgReadModels,
+    generation: u32,
+    events: &[ProjectedEvent],
+) -> Result<(), ProjectionError> {
+    let table = models.qualified(&format!("tickets_g{generation}"));
+    let order = touched(events);
+    if order.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<Uuid> = order.iter().map(|id| id.0).collect();
+    let stored = tx
+        .query(
+            &format!("SELECT {TICKET_COLUMNS} FROM {table} WHERE ticket_id = ANY($1)"),
+            &[&ids],
+        )
+        .await
+        .map_err(|error| ProjectionError::postgres("load ticket rows", error))?;
+    let mut rows: HashMap<TicketId, TicketRow> = HashMap::with_capacity(order.len());
+    for row in &stored {
+        let row = ticket_from_row(row)?;
+        if let Some(id) = row.ticket.id {
+            rows.insert(id, row);
+        }
+    }
+    for event in events {
+        if !matches!(event.payload, Payload::Ticket(_)) {
+            continue;
+        }
+        rows.entry(event.ticket_id)
+            .or_insert_with(|| TicketRow::empty(event.recorded_at))
+            .apply(event);
+    }
+    let values: Vec<TicketValues> = order
+        .iter()
+        .filter_map(|id| rows.get(id).filter(|row| row.ticket.exists()).map(|row| (id, row)))
+        .map(|(id, row)| TicketValues::new(*id, row))
+        .collect();
+    let placeholders: Vec<String> = (1..=20).map(|n| format!("${n}")).collect();
+    let updates: Vec<String> = TICKET_COLUMNS
+        .split(", ")
+        .skip(1)
+        .map(|column| format!("{column} = EXCLUDED.{column}"))
+        .collect();
+    let upsert = tx
+        .prepare(&format!(
+            "INSERT INTO {table} ({TICKET_COLUMNS}) VALUES ({}) ON CONFLICT (ticket_id) DO UPDATE SET {}",
+            placeholders.join(", "),
+            updates.join(", ")
+        ))
+        .await
+        .map_err(|error| ProjectionError::postgres("prepare a ticket write", error))?;
+    let params: Vec<[&(dyn ToSql + Sync); 20]> = values.iter().map(TicketValues::params).collect();
+    try_join_all(params.iter().map(|params| tx.execute(&upsert, params)))
+        .await
+        .map_err(|error| ProjectionError::postgres("write ticket rows", error))?;
+    Ok(())
+}
+
+async fn apply_stats(
+    tx: &Transaction<'_>,
+    models: &PgReadModels,
+    generation: u32,
+    events: &[ProjectedEvent],
+) -> Result<(), ProjectionError> {
+    let table = |base: &str| models.qualified(&format!("{base}_g{generation}"));
+    let failed = |action| move |error| ProjectionError::postgres(action, error);
+    let ids: Vec<Uuid> = touched(events).into_iter().map(|id| id.0).collect();
+    let mut stored: HashMap<TicketId, crate::stats::Progress> = HashMap::new();
+    if !ids.is_empty() {
+        let rows = tx
+            .query(
+                &format!(
+                    "SELECT ticket_id, state, opened_at, stage_started_at, claim_agent FROM {} \
+                     WHERE ticket_id = ANY($1)",
+                    table("stats_tickets")
+                ),
+                &[&ids],
+            )
+            .await
+            .map_err(failed("load statistics rows"))?;
+        for row in rows {
+            let state: String = row.get(1);
+            stored.insert(
+                TicketId(row.get(0)),
+                crate::stats::Progress {
+                    // As in SQLite: an unknown state reads as none.
+                    state: state.parse().ok(),
+                    opened_at: row.get(2),
+                    stage_started_at: row.get(3),
+                    claim_agent: row.get(4),
+                    finished: Vec::new(),
+                },
+            );
+        }
+    }
+    let delta =
+        StatsDelta::fold(events, |id| Ok::<_, Infallible>(stored.remove(&id))).unwrap_or_else(|never| match never {});
+
+    let counters = tx
+        .prepare(&format!(
+            "INSERT INTO {} AS c (name, value) VALUES ($1, $2) \
+             ON CONFLICT (name) DO UPDATE SET value = c.value + EXCLUDED.value",
+            table("stats_counters")
+        ))
+        .await
+        .map_err(failed("prepare a statistics write"))?;
+    let agents = tx
+        .prepare(&format!(
+            "INSERT INTO {} AS a (agent_id, role, outcome, count) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (agent_id, outcome) DO UPDATE SET count = a.count + EXCLUDED.count, \
+             role = CASE WHEN EXCLUDED.role = '' THEN a.role ELSE EXCLUDED.role END",
+            table("stats_agents")
+        ))
+        .await
+        .map_err(failed("prepare a statistics write"))?;
+    let tickets = tx
+        .prepare(&format!(
+            "INSERT INTO {} (ticket_id, state, opened_at, stage_started_at, claim_agent) VALUES ($1, $2, $3, $4, $5) \
+             ON CONFLICT (ticket_id) DO UPDATE SET state = EXCLUDED.state, opened_at = EXCLUDED.opened_at, \
+             stage_started_at = EXCLUDED.stage_started_at, claim_agent = EXCLUDED.claim_agent",
+            table("stats_tickets")
+        ))
+        .await
+        .map_err(failed("prepare a statistics write"))?;
+    let latency = tx
+        .prepare(&format!(
+            "INSERT INTO {} (stage, ticket_id, ms) VALUES ($1, $2, $3)",
+            table("stats_latency")
+        ))
+        .await
+        .map_err(failed("prepare a statistics write"))?;
+
+    // Every statement's parameters first, so that they outlive the
+    // pipelined writes that borrow them.
+    let states: Vec<Option<&'static str>> = delta
+        .tickets
+        .iter()
+        .map(|(_, ticket)| ticket.state.map(State::as_str))
+        .collect();
+    let ids: Vec<Uuid> = delta.tickets.iter().map(|(id, _)| id.0).collect();
+    let mut params: Vec<(&tokio_postgres::Statement, Vec<&(dyn ToSql + Sync)>)> = Vec::new();
+    for (name, delta) in &delta.counters {
+        params.push((&counters, vec![name, delta]));
+    }
+    for ((agent, what), (role, count)) in &delta.agents {
+        params.push((&agents, vec![agent, role, what, count]));
+    }
+    for (index, (_, ticket)) in delta.tickets.iter().enumerate() {
+        // A ticket whose opening the model never saw has no state: skipped,
+        // as in SQLite.
+        if states[index].is_none() {
+            continue;
+        }
+        let id = &ids[index];
+        params.push((
+            &tickets,
+            vec![
+                id,
+                &states[index],
+                &ticket.opened_at,
+                &ticket.stage_started_at,
+                &ticket.claim_agent,
+            ],
+        ));
+        for (stage, ms) in &ticket.finished {
+            params.push((&latency, vec![stage, id, ms]));
+        }
+    }
+    let writes = params
+        .iter()
+        .map(|(statement, params)| tx.execute(*statement, params.as_slice()));
+    try_join_all(writes).await.map_err(failed("write statistics"))?;
+    Ok(())
+}
+
+/// The live `stats` model's summary, read through the views in one
+/// transaction that locks them first: a swap waits for it.
+pub(crate) async fn stats_summary(
+    client: &mut tokio_postgres::Client,
+    models: &PgReadModels,
+) -> Result<StatsSummary, ProjectionError> {
+    let view = |base: &str| models.qualified(base);
+    let failed = |action| move |error| super::not_built_or("stats", action, error);
+    let tx = client
+        .build_transaction()
+        .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+        .start()
+        .await
+        .map_err(|error| ProjectionError::postgres("begin", error))?;
+    tx.batch_execute(&format!(
+        "LOCK TABLE {}, {}, {}, {} IN ACCESS SHARE MODE",
+        view("stats_tickets"),
+        view("stats_latency"),
+        view("stats_counters"),
+        view("stats_agents")
+    ))
+    .await
+    .map_err(failed("lock the statistics"))?;
+    let mut summary = StatsSummary::default();
+    for row in tx
+        .query(
+            &format!("SELECT state, count(*) FROM {} GROUP BY state", view("stats_tickets")),
+            &[],
+        )
+        .await
+        .map_err(failed("read the statistics"))?
+    {
+        summary
+            .tickets_per_state
+            .insert(row.get::<_, String>(0), row.get::<_, i64>(1) as u64);
+    }
+    // percentile_disc is the nearest rank, ceil(q * n), as in SQLite's
+    // summary.
+    for row in tx
+        .query(
+            &format!(
+                "SELECT stage, count(*), percentile_disc(0.50) WITHIN GROUP (ORDER BY ms), \
+                 percentile_disc(0.90) WITHIN GROUP (ORDER BY ms), percentile_disc(0.99) WITHIN GROUP (ORDER BY ms) \
+                 FROM {} GROUP BY stage",
+                view("stats_latency")
+            ),
+            &[],
+        )
+        .await
+        .map_err(failed("read the statistics"))?
+    {
+        let stage: String = row.get(0);
+        if !STAGES.contains(&stage.as_str()) {
+            continue;
+        }
+        summary.stage_latency.insert(
+            stage,
+            StageLatency {
+                count: row.get::<_, i64>(1) as u64,
+                p50_ms: row.get::<_, i64>(2) as u64,
+                p90_ms: row.get::<_, i64>(3) as u64,
+                p99_ms: row.get::<_, i64>(4) as u64,
+            },
+        );
+    }
+    for row in tx
+        .query(&format!("SELECT name, value FROM {}", view("stats_counters")), &[])
+        .await
+        .map_err(failed("read the statistics"))?
+    {
+        summary
+            .counters
+            .insert(row.get::<_, String>(0), row.get::<_, i64>(1) as u64);
+    }
+    // Byte order, as SQLite's: the last non-empty role of an agent wins.
+    for row in tx
+        .query(
+            &format!(
+                r#"SELECT agent_id, role, outcome, count FROM {} ORDER BY agent_id COLLATE "C", outcome COLLATE "C""#,
+                view("stats_agents")
+            ),
+            &[],
+        )
+        .await
+        .map_err(failed("read the statistics"))?
+    {
+        let role: String = row.get(1);
+        let entry = summary.agents.entry(row.get::<_, String>(0)).or_default();
+        if !role.is_empty() {
+            entry.role = role;
+        }
+        entry
+            .outcomes
+            .insert(row.get::<_, String>(2), row.get::<_, i64>(3) as u64);
+    }
+    tx.commit()
+        .await
+        .map_err(|error| ProjectionError::postgres("end a read", error))?;
+    Ok(summary)
+}

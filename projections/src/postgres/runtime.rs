@@ -1,0 +1,944 @@
+//! [`PgProjector`]: catch-up, live following under leadership, rebuilds
+//! into a shadow generation, and status, for read models in PostgreSQL.
+//!
+//! Every write to a projection's slot happens on a [`Session`] that holds
+//! the slot's advisory lock (`…/live` for the live generation, `…/build`
+//! for a rebuild): see the module docs of [`crate::postgres`].
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_postgres::{Client, IsolationLevel, NoTls, Transaction};
+use triage_event_store::{EventFilter, EventStore, Position, SubscribeToAll};
+use uuid::Uuid;
+
+use super::{LEADER_LOCK_CLASS, Model, PgReadModels, REGISTRY_LOCK_CLASS, read_slot};
+use crate::ProjectionError;
+use crate::db::{Slot, SlotKind};
+use crate::projection::{ProjectedEvent, STREAM_PREFIXES};
+use crate::runtime::{Page, diff, read_pages};
+use crate::{ProjectionStatus, ProjectorOptions, RebuildOptions, RebuildProgress, RebuildReport};
+
+/// How long a one-shot [`PgProjector::catch_up`] waits for another
+/// instance that leads a projection to reach the head of the log.
+const FOLLOWER_WAIT: Duration = Duration::from_secs(5);
+
+/// A projection slot: what a lock covers and a batch writes.
+type Target = (Model, SlotKind);
+
+/// Runs Triage's projections from an event store into [`PgReadModels`].
+///
+/// Any number of instances may run against one schema:
+/// [`PgProjector::run_live`] applies only the projections whose leadership
+/// it holds and takes over the others' when their leader's session ends.
+#[derive(Clone, Debug)]
+pub struct PgProjector {
+    events: Arc<dyn EventStore>,
+    models: PgReadModels,
+    options: ProjectorOptions,
+    instance: String,
+}
+
+/// A dedicated connection (never pooled: the locks live exactly as long as
+/// it) and the slots whose locks it holds.
+struct Session {
+    client: Client,
+    driver: JoinHandle<()>,
+    held: BTreeSet<Target>,
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        // Closing the socket ends the server session, which releases its
+        // advisory locks at once.
+        self.driver.abort();
+    }
+}
+
+impl Session {
+    async fn open(projector: &PgProjector) -> Result<Session, ProjectionError> {
+        let mut config = projector.models.config().clone();
+        config.application_name(format!("triage-projector {}", projector.instance));
+        let (client, connection) = config
+            .connect(NoTls)
+            .await
+            .map_err(|error| ProjectionError::PostgresConnect {
+                target: projector.models.describe(),
+                reason: super::describe_error(&error),
+            })?;
+        let driver = tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::warn!(%error, "a projector session ended");
+            }
+        });
+        Ok(Session {
+            client,
+            driver,
+            held: BTreeSet::new(),
+        })
+    }
+
+    fn is_closed(&self) -> bool {
+        self.client.is_closed()
+    }
+
+    /// Takes the lock of `target` if it is free; `false` if another session
+    /// holds it. Locks already held are not taken twice (advisory locks
+    /// count).
+    async fn try_lock(&mut self, models: &PgReadModels, target: Target) -> Result<bool, ProjectionError> {
+        if self.held.contains(&target) {
+            return Ok(true);
+        }
+        let acquired: bool = self
+            .client
+            .query_one(
+                "SELECT pg_try_advisory_lock($1, hashtext($2))",
+                &[&LEADER_LOCK_CLASS, &lock_key(models, target)],
+            )
+            .await
+            .map_err(|error| ProjectionError::postgres("try the leadership lock", error))?
+            .get(0);
+        if acquired {
+            self.held.insert(target);
+        }
+        Ok(acquired)
+    }
+
+    fn holds(&self, kind: SlotKind) -> Vec<Model> {
+        self.held
+            .iter()
+            .filter(|(_, held)| *held == kind)
+            .map(|(model, _)| *model)
+            .collect()
+    }
+}
+
+/// The second key of a slot's advisory lock, hashed by the server.
+fn lock_key(models: &PgReadModels, (model, kind): Target) -> String {
+    format!("{}/{}/{}", models.schema(), model.name(), kind.as_str())
+}
+
+fn names(models: &[Model]) -> String {
+    models.iter().map(|model| model.name()).collect::<Vec<_>>().join(", ")
+}
+
+impl PgProjector {
+    /// A projector of Triage's read models (`tickets`, `stats`) from
+    /// `events` into `models`.
+    pub fn new(events: Arc<dyn EventStore>, models: PgReadModels) -> Self {
+        PgProjector {
+            events,
+            models,
+            options: ProjectorOptions::default(),
+            instance: format!(
+                "pid {} {}",
+                std::process::id(),
+                &Uuid::new_v4().simple().to_string()[..8]
+            ),
+        }
+    }
+
+    /// Uses `options` (batch size, event types to skip).
+    pub fn with_options(mut self, options: ProjectorOptions) -> Self {
+        self.options = options;
+        self
+    }
+
+    /// Names this runner in the registry's `leader` column, in
+    /// [`ProjectionStatus::leader`] and in `pg_stat_activity`. By default
+    /// `pid <pid> <random>`.
+    pub fn with_instance(mut self, instance: impl Into<String>) -> Self {
+        self.instance = instance.into();
+        self
+    }
+
+    /// This runner's name.
+    pub fn instance(&self) -> &str {
+        &self.instance
+    }
+
+    /// The read models.
+    pub fn models(&self) -> &PgReadModels {
+        &self.models
+    }
+
+    /// The names of the projections.
+    pub fn projection_names(&self) -> Vec<&'static str> {
+        Model::ALL.iter().map(|model| model.name()).collect()
+    }
+
+    /// Brings the read models up to the head of the log once: applies the
+    /// projections no other instance leads (creating them, or rebuilding
+    /// those whose version changed, first), and waits a little (at most
+    /// 5 s) for the leaders of the others to reach the head. Returns the
+    /// lowest checkpoint of the live models.
+    pub async fn catch_up(&self) -> Result<Option<Position>, ProjectionError> {
+        let head = self.events.head_position().await?;
+        let mut session = Session::open(self).await?;
+        for model in Model::ALL {
+            session.try_lock(&self.models, (model, SlotKind::Live)).await?;
+        }
+        let led = session.holds(SlotKind::Live);
+        self.prepare(&mut session, &led, head).await?;
+        if !led.is_empty() {
+            let targets: Vec<Target> = led.iter().map(|model| (*model, SlotKind::Live)).collect();
+            self.replay_recording_errors(&mut session, &targets).await?;
+        }
+        drop(session);
+        if led.len() < Model::ALL.len() {
+            // The others are led elsewhere: read what their leader has
+            // applied, once it has the log as of the start.
+            let deadline = Instant::now() + FOLLOWER_WAIT;
+            loop {
+                let lowest = self.lowest_checkpoint().await?;
+                if lowest >= head || Instant::now() >= deadline {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        self.lowest_checkpoint().await
+    }
+
+    async fn lowest_checkpoint(&self) -> Result<Option<Position>, ProjectionError> {
+        let mut lowest: Option<Option<Position>> = None;
+        for model in Model::ALL {
+            let checkpoint = self
+                .models
+                .slot(model.name(), SlotKind::Live)
+                .await?
+                .and_then(|slot| slot.checkpoint);
+            lowest = Some(lowest.map_or(checkpoint, |lowest| lowest.min(checkpoint)));
+        }
+        Ok(lowest.flatten())
+    }
+
+    /// Follows the log until `stop` is set: leads what it can, applies what
+    /// it leads in batches, and tries every
+    /// [`super::PgReadModelOptions::retry_interval`] to take over the
+    /// projections another instance leads. A lost session (its leadership
+    /// gone with it) is reopened and the leadership tried for again.
+    pub async fn run_live(&self, stop: Arc<AtomicBool>) -> Result<(), ProjectionError> {
+        let retry = self.models.options().retry_interval;
+        let mut session: Option<Session> = None;
+        let mut options = SubscribeToAll::default().filtered(EventFilter::StreamPrefix(
+            STREAM_PREFIXES.iter().map(|prefix| (*prefix).to_owned()).collect(),
+        ));
+        options.from = self.events.head_position().await?;
+        // The subscription only wakes the leader; batches read from the
+        // checkpoints, so nothing is skipped or applied twice.
+        let mut subscription = self.events.clone().subscribe_to_all(options);
+        while !stop.load(Ordering::Relaxed) {
+            if session.as_ref().is_none_or(Session::is_closed) {
+                if let Some(lost) = session.take()
+                    && !lost.held.is_empty()
+                {
+                    tracing::warn!(
+                        instance = %self.instance,
+                        "the leadership session ended; its locks are released; reconnecting"
+                    );
+                }
+                match Session::open(self).await {
+                    Ok(opened) => session = Some(opened),
+                    Err(error) => {
+                        tracing::warn!(instance = %self.instance, %error, "cannot open a leadership session");
+                        tokio::time::sleep(retry).await;
+                        continue;
+                    }
+                }
+            }
+            let Some(current) = session.as_mut() else { continue };
+            match self.lead_and_apply(current).await {
+                Ok(()) => {}
+                Err(error) if current.is_closed() => {
+                    tracing::warn!(instance = %self.instance, %error, "lost the leadership session");
+                    session = None;
+                    continue;
+                }
+                Err(error) => return Err(error),
+            }
+            let leading = session.as_ref().is_some_and(|session| !session.held.is_empty());
+            if leading {
+                match tokio::time::timeout(retry, subscription.next()).await {
+                    Ok(Some(Ok(_))) | Err(_) => {}
+                    Ok(Some(Err(error))) => return Err(ProjectionError::Store(error)),
+                    Ok(None) => tokio::time::sleep(retry).await,
+                }
+            } else {
+                tokio::time::sleep(retry).await;
+            }
+            // Everything delivered so far is covered by the next catch-up.
+            while let Some(message) = subscription.try_next() {
+                message.map_err(ProjectionError::Store)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Tries to lead what this session does not lead yet, then applies the
+    /// log to everything it leads.
+    async fn lead_and_apply(&self, session: &mut Session) -> Result<(), ProjectionError> {
+        let mut newly = Vec::new();
+        for model in Model::ALL {
+            let target = (model, SlotKind::Live);
+            if !session.held.contains(&target) && session.try_lock(&self.models, target).await? {
+                newly.push(model);
+            }
+        }
+        if !newly.is_empty() {
+            tracing::info!(instance = %self.instance, projections = %names(&newly), "leading");
+            let head = self.events.head_position().await?;
+            self.prepare(session, &newly, head).await?;
+            for model in &newly {
+                session
+                    .client
+                    .execute(
+                        &format!(
+                            "UPDATE {} SET leader = $2, updated_at = now() WHERE name = $1 AND slot = 'live'",
+                            self.models.qualified("triage_read_models")
+                        ),
+                        &[&model.name(), &self.instance],
+                    )
+                    .await
+                    .map_err(|error| ProjectionError::postgres("record the leader", error))?;
+            }
+        }
+        let led: Vec<Target> = session
+            .holds(SlotKind::Live)
+            .into_iter()
+            .map(|model| (model, SlotKind::Live))
+            .collect();
+        if !led.is_empty() {
+            self.replay_recording_errors(session, &led).await?;
+        }
+        Ok(())
+    }
+
+    /// Makes the projections in `led` (whose live locks the session holds)
+    /// servable: creates missing ones, and rebuilds those built by another
+    /// version or from another log (a checkpoint past the head).
+    async fn prepare(
+        &self,
+        session: &mut Session,
+        led: &[Model],
+        head: Option<Position>,
+    ) -> Result<(), ProjectionError> {
+        for model in led {
+            match self.models.slot(model.name(), SlotKind::Live).await? {
+                None => self.create_live(session, *model).await?,
+                Some(slot) if slot.checkpoint > head => {
+                    tracing::warn!(projection = model.name(), checkpoint = ?slot.checkpoint, head = ?head,
+                        "the read model is ahead of the event log; rebuilding");
+                    self.rebuild(model.name(), RebuildOptions::default()).await?;
+                }
+                Some(slot) if slot.version != model.version() => {
+                    tracing::info!(
+                        projection = model.name(),
+                        from = slot.version,
+                        to = model.version(),
+                        "version changed; rebuilding before serving"
+                    );
+                    self.rebuild(model.name(), RebuildOptions::default()).await?;
+                }
+                Some(_) => {}
+            }
+        }
+        Ok(())
+    }
+
+    async fn create_live(&self, session: &mut Session, model: Model) -> Result<(), ProjectionError> {
+        let tx = begin(&mut session.client).await?;
+        lock_registry(&tx, &self.models, model).await?;
+        // A rebuild may have swapped a generation in meanwhile.
+        if read_slot(&tx, &self.models, model.name(), SlotKind::Live, "")
+            .await?
+            .is_none()
+        {
+            let slot = new_generation(&tx, &self.models, model, SlotKind::Live).await?;
+            create_views(&tx, &self.models, model, slot.generation).await?;
+        }
+        commit(tx).await
+    }
+
+    /// Replays into `targets` up to the head, recording an error in the
+    /// registry (unless the session died: then the next leader goes on).
+    async fn replay_recording_errors(&self, session: &mut Session, targets: &[Target]) -> Result<(), ProjectionError> {
+        let result = self.replay(&mut session.client, targets, None, &mut |_| {}, None).await;
+        if let Err(error) = &result
+            && !session.is_closed()
+        {
+            for (model, _) in targets {
+                let _ = session
+                    .client
+                    .execute(
+                        &format!(
+                            "UPDATE {} SET last_error = $2, updated_at = now() WHERE name = $1 AND slot = 'live'",
+                            self.models.qualified("triage_read_models")
+                        ),
+                        &[&model.name(), &error.to_string()],
+                    )
+                    .await;
+            }
+        }
+        result.map(|_| ())
+    }
+
+    /// Replays the log into `targets` from their checkpoints, up to `until`
+    /// (inclusive) or the head, one transaction per page on `client`.
+    async fn replay(
+        &self,
+        client: &mut Client,
+        targets: &[Target],
+        until: Option<Position>,
+        progress: &mut (dyn FnMut(u64) + Send),
+        cancel: Option<&AtomicBool>,
+    ) -> Result<Option<Position>, ProjectionError> {
+        let mut start: Option<Option<Position>> = None;
+        for (model, kind) in targets {
+            let checkpoint = read_slot(&*client, &self.models, model.name(), *kind, "")
+                .await?
+                .ok_or_else(|| ProjectionError::NotBuilt {
+                    name: model.name().to_owned(),
+                })?
+                .checkpoint;
+            start = Some(start.map_or(checkpoint, |start| start.min(checkpoint)));
+        }
+        let start = start.flatten();
+        let (pages, mut receiver) = mpsc::channel::<Result<Page, ProjectionError>>(2);
+        let reader = tokio::spawn(read_pages(
+            self.events.clone(),
+            start,
+            until,
+            self.options.batch_size,
+            self.options.skip_event_types.clone(),
+            pages,
+        ));
+        let mut last = start;
+        let mut done = 0u64;
+        while let Some(page) = receiver.recv().await {
+            if cancel.is_some_and(|cancel| cancel.load(Ordering::Relaxed)) {
+                reader.abort();
+                return Err(ProjectionError::Cancelled);
+            }
+            let page = match page {
+                Ok(page) => page,
+                Err(error) => {
+                    reader.abort();
+                    return Err(error);
+                }
+            };
+            if let Err(error) = self.apply_page(client, targets, &page).await {
+                reader.abort();
+                return Err(error);
+            }
+            last = Some(page.end);
+            done += page.considered;
+            progress(page.end.commit.max(done));
+        }
+        reader
+            .await
+            .map_err(|error| ProjectionError::Internal(format!("the reader panicked: {error}")))?;
+        Ok(last)
+    }
+
+    /// Applies one page to every target in one transaction that also moves
+    /// their checkpoints. Each target's registry row is locked and read
+    /// inside the transaction, and what it already has is skipped: a page
+    /// is applied exactly once even when it races a swap.
+    async fn apply_page(&self, client: &mut Client, targets: &[Target], page: &Page) -> Result<(), ProjectionError> {
+        let tx = begin(client).await?;
+        for (model, kind) in targets {
+            let name = model.name();
+            let Some(mut slot) = read_slot(&tx, &self.models, name, *kind, "FOR UPDATE").await? else {
+                return Err(ProjectionError::NotBuilt { name: name.to_owned() });
+            };
+            if slot.checkpoint >= Some(page.end) {
+                continue;
+            }
+            if slot.checkpoint < page.start {
+                // A swap put in a generation built up to an earlier
+                // position: applying this page would skip the events in
+                // between. The next catch-up starts from its checkpoint.
+                tracing::debug!(projection = name, checkpoint = ?slot.checkpoint, page_start = ?page.start,
+                    "checkpoint behind the page; leaving it to the next catch-up");
+                continue;
+            }
+            let skip = page
+                .events
+                .iter()
+                .take_while(|event| Some(event.position) <= slot.checkpoint)
+                .count();
+            let fresh: &[ProjectedEvent] = &page.events[skip..];
+            model.apply(&tx, &self.models, slot.generation, fresh).await?;
+            slot.events_applied += fresh.len() as u64;
+            slot.checkpoint = Some(page.end);
+            write_checkpoint(&tx, &self.models, *kind, &slot, &self.instance).await?;
+        }
+        commit(tx).await
+    }
+
+    /// Rebuilds `name` from the start of the log into a new generation
+    /// while the live one keeps serving (and its leader keeps applying),
+    /// optionally verifies it, and swaps it in atomically.
+    pub async fn rebuild(&self, name: &str, options: RebuildOptions) -> Result<RebuildReport, ProjectionError> {
+        let mut reports = self.rebuild_many(&[name], options).await?;
+        Ok(reports.remove(0))
+    }
+
+    /// Rebuilds several projections in one pass over the log, as
+    /// [`crate::Projector::rebuild_many`]. Fails with
+    /// [`ProjectionError::RebuildInProgress`] when another process is
+    /// rebuilding one of them.
+    pub async fn rebuild_many(
+        &self,
+        names: &[&str],
+        mut options: RebuildOptions,
+    ) -> Result<Vec<RebuildReport>, ProjectionError> {
+        let models: Vec<Model> = names
+            .iter()
+            .map(|name| Model::by_name(name))
+            .collect::<Result<_, _>>()?;
+        let mut session = Session::open(self).await?;
+        for model in &models {
+            if !session.try_lock(&self.models, (*model, SlotKind::Build)).await? {
+                return Err(ProjectionError::RebuildInProgress {
+                    name: model.name().to_owned(),
+                });
+            }
+        }
+        let mut slots = Vec::with_capacity(models.len());
+        {
+            let tx = begin(&mut session.client).await?;
+            for model in &models {
+                discard_build(&tx, &self.models, *model).await?;
+                slots.push(new_generation(&tx, &self.models, *model, SlotKind::Build).await?);
+            }
+            commit(tx).await?;
+        }
+        let build: Vec<Target> = models.iter().map(|model| (*model, SlotKind::Build)).collect();
+        let total = self.events.head_position().await?.map_or(0, |head| head.commit);
+        let started = Instant::now();
+        let mut report_progress = |done: u64| {
+            if let Some(progress) = options.progress.as_mut() {
+                let elapsed = started.elapsed().as_secs_f64().max(1e-6);
+                let rate = done as f64 / elapsed;
+                let left = total.saturating_sub(done) as f64;
+                progress(RebuildProgress {
+                    done,
+                    total,
+                    events_per_s: rate,
+                    eta: Duration::from_secs_f64(if rate > 0.0 { left / rate } else { 0.0 }),
+                });
+            }
+        };
+        let replayed = self
+            .replay(
+                &mut session.client,
+                &build,
+                None,
+                &mut report_progress,
+                options.cancel.as_deref(),
+            )
+            .await;
+        if let Err(error) = replayed {
+            self.discard_builds(&mut session, &models).await;
+            return Err(error);
+        }
+        let wall = started.elapsed().as_secs_f64();
+        let mut reports = Vec::with_capacity(models.len());
+        for (model, slot) in models.iter().zip(&slots) {
+            let events = read_slot(&session.client, &self.models, model.name(), SlotKind::Build, "")
+                .await?
+                .map_or(0, |slot| slot.events_applied);
+            let (differences, compared) = if options.verify {
+                let (differences, compared) = self.verify(&mut session, *model).await?;
+                (Some(differences), Some(compared))
+            } else {
+                (None, None)
+            };
+            if options
+                .cancel
+                .as_deref()
+                .is_some_and(|cancel| cancel.load(Ordering::Relaxed))
+            {
+                self.discard_builds(&mut session, &models).await;
+                return Err(ProjectionError::Cancelled);
+            }
+            self.swap(&mut session, *model).await?;
+            tracing::info!(
+                projection = model.name(),
+                generation = slot.generation,
+                events,
+                "rebuilt and swapped in"
+            );
+            reports.push(RebuildReport {
+                name: model.name().to_owned(),
+                version: model.version(),
+                generation: slot.generation,
+                events,
+                wall_s: wall,
+                events_per_s: events as f64 / wall.max(1e-6),
+                differences,
+                compared,
+            });
+        }
+        Ok(reports)
+    }
+
+    async fn discard_builds(&self, session: &mut Session, models: &[Model]) {
+        if let Ok(tx) = begin(&mut session.client).await {
+            for model in models {
+                let _ = discard_build(&tx, &self.models, *model).await;
+            }
+            let _ = commit(tx).await;
+        }
+    }
+
+    /// Brings the live and the rebuilt generation to the same position and
+    /// compares their digests, key by key, in one snapshot.
+    ///
+    /// A live leader elsewhere keeps moving the live generation on, so the
+    /// build could chase it forever: instead, once the live generation is
+    /// at least as far as the build, it is frozen by holding its registry
+    /// row `FOR SHARE` on a pooled connection (the leader's next batch
+    /// waits for that row), the build is brought to the same position, and
+    /// both are digested. The live generation is moved on here only when
+    /// no other instance leads it.
+    async fn verify(&self, session: &mut Session, model: Model) -> Result<(Vec<String>, usize), ProjectionError> {
+        let name = model.name();
+        let not_built = || ProjectionError::NotBuilt { name: name.to_owned() };
+        for _ in 0..200 {
+            let Some(live) = self.models.slot(name, SlotKind::Live).await? else {
+                return Ok((vec!["(no live model to compare with)".to_owned()], 0));
+            };
+            let build = self.models.slot(name, SlotKind::Build).await?.ok_or_else(not_built)?;
+            if live.checkpoint >= build.checkpoint {
+                break;
+            }
+            if session.try_lock(&self.models, (model, SlotKind::Live)).await? {
+                let target = [(model, SlotKind::Live)];
+                self.replay(&mut session.client, &target, build.checkpoint, &mut |_| {}, None)
+                    .await?;
+            } else {
+                // Its leader is applying the events the build already has.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        let mut freezer = self.models.client().await?;
+        let freezer: &mut Client = &mut freezer;
+        let freeze = begin(freezer).await?;
+        let live = read_slot(&freeze, &self.models, name, SlotKind::Live, "FOR SHARE")
+            .await?
+            .ok_or_else(not_built)?;
+        let target = [(model, SlotKind::Build)];
+        self.replay(&mut session.client, &target, live.checkpoint, &mut |_| {}, None)
+            .await?;
+        let compared = self.compare_in_snapshot(session, model).await;
+        commit(freeze).await?;
+        compared
+    }
+
+    /// Digests both generations of `model` in one repeatable-read snapshot
+    /// and compares them.
+    async fn compare_in_snapshot(
+        &self,
+        session: &mut Session,
+        model: Model,
+    ) -> Result<(Vec<String>, usize), ProjectionError> {
+        let tx = session
+            .client
+            .build_transaction()
+            .isolation_level(IsolationLevel::RepeatableRead)
+            .read_only(true)
+            .start()
+            .await
+            .map_err(|error| ProjectionError::postgres("begin", error))?;
+        let not_built = || ProjectionError::NotBuilt {
+            name: model.name().to_owned(),
+        };
+        let live = read_slot(&tx, &self.models, model.name(), SlotKind::Live, "")
+            .await?
+            .ok_or_else(not_built)?;
+        let build = read_slot(&tx, &self.models, model.name(), SlotKind::Build, "")
+            .await?
+            .ok_or_else(not_built)?;
+        let live_rows = model.digest(&tx, &self.models, live.generation).await?;
+        let build_rows = model.digest(&tx, &self.models, build.generation).await?;
+        commit(tx).await?;
+        let mut differences = diff(&live_rows, &build_rows);
+        if live.checkpoint != build.checkpoint {
+            differences.push(format!(
+                "(compared at different positions: live {:?}, rebuilt {:?}; the live leader did not catch up)",
+                live.checkpoint, build.checkpoint
+            ));
+        }
+        Ok((differences, live_rows.len().max(build_rows.len())))
+    }
+
+    /// Makes the build generation live and drops the old one, in one
+    /// transaction that holds both registry rows.
+    async fn swap(&self, session: &mut Session, model: Model) -> Result<(), ProjectionError> {
+        let tx = begin(&mut session.client).await?;
+        lock_registry(&tx, &self.models, model).await?;
+        let build = read_slot(&tx, &self.models, model.name(), SlotKind::Build, "FOR UPDATE")
+            .await?
+            .ok_or_else(|| ProjectionError::NotBuilt {
+                name: model.name().to_owned(),
+            })?;
+        let old = read_slot(&tx, &self.models, model.name(), SlotKind::Live, "FOR UPDATE").await?;
+        drop_views(&tx, &self.models, model).await?;
+        if let Some(old) = old {
+            drop_tables(&tx, &self.models, model, old.generation).await?;
+        }
+        tx.execute(
+            &format!(
+                "INSERT INTO {registry} (name, slot, version, generation, checkpoint_commit, checkpoint_prepare, \
+                 events_applied) \
+                 SELECT name, 'live', version, generation, checkpoint_commit, checkpoint_prepare, events_applied \
+                 FROM {registry} WHERE name = $1 AND slot = 'build' \
+                 ON CONFLICT (name, slot) DO UPDATE SET version = EXCLUDED.version, generation = EXCLUDED.generation, \
+                 checkpoint_commit = EXCLUDED.checkpoint_commit, checkpoint_prepare = EXCLUDED.checkpoint_prepare, \
+                 events_applied = EXCLUDED.events_applied, last_error = NULL, updated_at = now()",
+                registry = self.models.qualified("triage_read_models")
+            ),
+            &[&model.name()],
+        )
+        .await
+        .map_err(|error| ProjectionError::postgres("swap the rebuilt model in", error))?;
+        tx.execute(
+            &format!(
+                "DELETE FROM {} WHERE name = $1 AND slot = 'build'",
+                self.models.qualified("triage_read_models")
+            ),
+            &[&model.name()],
+        )
+        .await
+        .map_err(|error| ProjectionError::postgres("swap the rebuilt model in", error))?;
+        create_views(&tx, &self.models, model, build.generation).await?;
+        commit(tx).await
+    }
+
+    /// Each projection's status, with the instance leading it right now.
+    pub async fn status(&self) -> Result<Vec<ProjectionStatus>, ProjectionError> {
+        let head = self.events.head_position().await?;
+        let client = self.models.client().await?;
+        let mut statuses = Vec::new();
+        for model in Model::ALL {
+            let name = model.name();
+            let live = read_slot(&**client, &self.models, name, SlotKind::Live, "").await?;
+            let build = read_slot(&**client, &self.models, name, SlotKind::Build, "").await?;
+            // The recorded leader counts only while its lock is held.
+            let row = client
+                .query_opt(
+                    &format!(
+                        "SELECT last_error, leader, EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' \
+                         AND granted AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+                         AND classid = $2::int8::oid AND objid = (hashtext($3)::int8 & 4294967295)::oid \
+                         AND objsubid = 2) \
+                         FROM {} WHERE name = $1 AND slot = 'live'",
+                        self.models.qualified("triage_read_models")
+                    ),
+                    &[
+                        &name,
+                        &i64::from(LEADER_LOCK_CLASS),
+                        &lock_key(&self.models, (model, SlotKind::Live)),
+                    ],
+                )
+                .await
+                .map_err(|error| ProjectionError::postgres("read the registry", error))?;
+            let (last_error, leader) = match row {
+                Some(row) => (
+                    row.get::<_, Option<String>>(0),
+                    row.get::<_, Option<String>>(1).filter(|_| row.get::<_, bool>(2)),
+                ),
+                None => (None, None),
+            };
+            let checkpoint = live.as_ref().and_then(|slot| slot.checkpoint);
+            statuses.push(ProjectionStatus {
+                name: name.to_owned(),
+                code_version: model.version(),
+                live_version: live.as_ref().map(|slot| slot.version),
+                generation: live.as_ref().map(|slot| slot.generation),
+                checkpoint,
+                events_applied: live.as_ref().map_or(0, |slot| slot.events_applied),
+                lag: head.map_or(0, |head| head.commit.saturating_sub(checkpoint.map_or(0, |c| c.commit))),
+                last_error,
+                needs_rebuild: live
+                    .as_ref()
+                    .is_some_and(|slot| slot.version != model.version() || slot.checkpoint > head),
+                build_in_progress: build.is_some(),
+                leader,
+            });
+        }
+        Ok(statuses)
+    }
+}
+
+async fn begin(client: &mut Client) -> Result<Transaction<'_>, ProjectionError> {
+    client
+        .transaction()
+        .await
+        .map_err(|error| ProjectionError::postgres("begin a transaction", error))
+}
+
+async fn commit(tx: Transaction<'_>) -> Result<(), ProjectionError> {
+    tx.commit()
+        .await
+        .map_err(|error| ProjectionError::postgres("commit", error))
+}
+
+/// Serializes creating and swapping in a projection's live generation.
+async fn lock_registry(tx: &Transaction<'_>, models: &PgReadModels, model: Model) -> Result<(), ProjectionError> {
+    tx.execute(
+        "SELECT pg_advisory_xact_lock($1, hashtext($2))",
+        &[&REGISTRY_LOCK_CLASS, &format!("{}/{}", models.schema(), model.name())],
+    )
+    .await
+    .map_err(|error| ProjectionError::postgres("lock the registry", error))?;
+    Ok(())
+}
+
+async fn write_checkpoint(
+    tx: &Transaction<'_>,
+    models: &PgReadModels,
+    kind: SlotKind,
+    slot: &Slot,
+    instance: &str,
+) -> Result<(), ProjectionError> {
+    let updated = tx
+        .execute(
+            &format!(
+                "UPDATE {} SET checkpoint_commit = $3, checkpoint_prepare = $4, events_applied = $5, \
+                 leader = $6, last_error = NULL, updated_at = now() WHERE name = $1 AND slot = $2",
+                models.qualified("triage_read_models")
+            ),
+            &[
+                &slot.name,
+                &kind.as_str(),
+                &slot.checkpoint.map(|p| p.commit as i64),
+                &slot.checkpoint.map(|p| p.prepare as i64),
+                &(slot.events_applied as i64),
+                &instance,
+            ],
+        )
+        .await
+        .map_err(|error| ProjectionError::postgres("write a checkpoint", error))?;
+    debug_assert_eq!(updated, 1, "the row was locked by this transaction");
+    Ok(())
+}
+
+/// Creates the next generation's tables and registers them as `kind`.
+async fn new_generation(
+    tx: &Transaction<'_>,
+    models: &PgReadModels,
+    model: Model,
+    kind: SlotKind,
+) -> Result<Slot, ProjectionError> {
+    let generation: i32 = tx
+        .query_one(
+            &format!(
+                "INSERT INTO {} AS g (name, last) VALUES ($1, 1) \
+                 ON CONFLICT (name) DO UPDATE SET last = g.last + 1 RETURNING last",
+                models.qualified("triage_read_generations")
+            ),
+            &[&model.name()],
+        )
+        .await
+        .map_err(|error| ProjectionError::postgres("number a new generation", error))?
+        .get(0);
+    let slot = Slot {
+        name: model.name().to_owned(),
+        version: model.version(),
+        generation: generation as u32,
+        checkpoint: None,
+        events_applied: 0,
+    };
+    model.create(tx, models, slot.generation).await?;
+    tx.execute(
+        &format!(
+            "INSERT INTO {} (name, slot, version, generation) VALUES ($1, $2, $3, $4)",
+            models.qualified("triage_read_models")
+        ),
+        &[&model.name(), &kind.as_str(), &(model.version() as i32), &generation],
+    )
+    .await
+    .map_err(|error| ProjectionError::postgres("register a new generation", error))?;
+    Ok(slot)
+}
+
+async fn discard_build(tx: &Transaction<'_>, models: &PgReadModels, model: Model) -> Result<(), ProjectionError> {
+    if let Some(build) = read_slot(tx, models, model.name(), SlotKind::Build, "FOR UPDATE").await? {
+        drop_tables(tx, models, model, build.generation).await?;
+        tx.execute(
+            &format!(
+                "DELETE FROM {} WHERE name = $1 AND slot = 'build'",
+                models.qualified("triage_read_models")
+            ),
+            &[&model.name()],
+        )
+        .await
+        .map_err(|error| ProjectionError::postgres("discard a build", error))?;
+    }
+    Ok(())
+}
+
+async fn drop_tables(
+    tx: &Transaction<'_>,
+    models: &PgReadModels,
+    model: Model,
+    generation: u32,
+) -> Result<(), ProjectionError> {
+    let sql: String = model
+        .tables()
+        .iter()
+        .map(|table| {
+            format!(
+                "DROP TABLE IF EXISTS {};",
+                models.qualified(&format!("{table}_g{generation}"))
+            )
+        })
+        .collect();
+    tx.batch_execute(&sql)
+        .await
+        .map_err(|error| ProjectionError::postgres("drop a generation", error))
+}
+
+async fn drop_views(tx: &Transaction<'_>, models: &PgReadModels, model: Model) -> Result<(), ProjectionError> {
+    let sql: String = model
+        .tables()
+        .iter()
+        .map(|table| format!("DROP VIEW IF EXISTS {};", models.qualified(table)))
+        .collect();
+    tx.batch_execute(&sql)
+        .await
+        .map_err(|error| ProjectionError::postgres("drop the views", error))
+}
+
+/// `<table>` views onto the live generation: what queries and SQL users
+/// read.
+async fn create_views(
+    tx: &Transaction<'_>,
+    models: &PgReadModels,
+    model: Model,
+    generation: u32,
+) -> Result<(), ProjectionError> {
+    drop_views(tx, models, model).await?;
+    let sql: String = model
+        .tables()
+        .iter()
+        .map(|table| {
+            format!(
+                "CREATE VIEW {} AS SELECT * FROM {};",
+                models.qualified(table),
+                models.qualified(&format!("{table}_g{generation}"))
+            )
+        })
+        .collect();
+    tx.batch_execute(&sql)
+        .await
+        .map_err(|error| ProjectionError::postgres("create the views", error))
+}

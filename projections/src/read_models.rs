@@ -1,0 +1,202 @@
+//! [`ReadModels`]: the read models wherever they live, SQLite or
+//! PostgreSQL, chosen by location, with the queries the CLI serves.
+//!
+//! One enum rather than a trait object: there are two backends, and the
+//! SQLite one keeps its richer API ([`Projector`] with custom projections
+//! and SQL access) for callers that want it.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
+use triage_domain::{Role, State, TicketId};
+use triage_event_store::{EventStore, Position};
+
+use crate::postgres::{PgProjector, PgReadModelOptions, PgReadModels};
+use crate::stats::{self, StatsSummary};
+use crate::{
+    ProjectionError, ProjectionStatus, Projector, ProjectorOptions, ReadModelDb, RebuildOptions, RebuildReport,
+    TicketRow, TicketsView,
+};
+
+/// The read models of one event store, in SQLite or in PostgreSQL.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub enum ReadModels {
+    /// In a SQLite file (or in memory).
+    Sqlite(Projector),
+    /// In a PostgreSQL schema, with projection leadership.
+    Postgres(PgProjector),
+}
+
+/// The schema query parameter of a read-model URL: `postgres://…?schema=NAME`.
+const SCHEMA_PARAMETER: &str = "schema";
+
+impl ReadModels {
+    /// Opens the read models at `location` for `events`:
+    /// - `postgres://…` or `postgresql://…`: PostgreSQL, in the schema given
+    ///   by an optional `schema=NAME` query parameter (default `public`);
+    ///   the other parameters are the driver's;
+    /// - anything else: a SQLite read-model file at that path (see
+    ///   [`ReadModelDb::open`]).
+    pub async fn open(
+        location: &str,
+        events: Arc<dyn EventStore>,
+        options: ProjectorOptions,
+    ) -> Result<ReadModels, ProjectionError> {
+        if location.starts_with("postgres://") || location.starts_with("postgresql://") {
+            let (url, schema) = split_schema(location);
+            let pg_options = schema.map_or_else(PgReadModelOptions::default, PgReadModelOptions::in_schema);
+            let models = PgReadModels::connect(&url, pg_options).await?;
+            Ok(ReadModels::Postgres(
+                PgProjector::new(events, models).with_options(options),
+            ))
+        } else {
+            let db = ReadModelDb::open(Path::new(location))?;
+            Ok(ReadModels::Sqlite(Projector::new(events, db).with_options(options)))
+        }
+    }
+
+    /// The names of the projections.
+    pub fn projection_names(&self) -> Vec<&'static str> {
+        match self {
+            ReadModels::Sqlite(projector) => projector.projections().iter().map(|p| p.name()).collect(),
+            ReadModels::Postgres(projector) => projector.projection_names(),
+        }
+    }
+
+    /// Brings the read models up to the head of the log (see
+    /// [`Projector::catch_up`] and [`PgProjector::catch_up`]).
+    pub async fn catch_up(&self) -> Result<Option<Position>, ProjectionError> {
+        match self {
+            ReadModels::Sqlite(projector) => projector.catch_up().await,
+            ReadModels::Postgres(projector) => projector.catch_up().await,
+        }
+    }
+
+    /// Follows the log until `stop` is set. In PostgreSQL, only while this
+    /// instance leads a projection does it apply it.
+    pub async fn run_live(&self, stop: Arc<AtomicBool>) -> Result<(), ProjectionError> {
+        match self {
+            ReadModels::Sqlite(projector) => projector.run_live(stop).await,
+            ReadModels::Postgres(projector) => projector.run_live(stop).await,
+        }
+    }
+
+    /// Each projection's status.
+    pub async fn status(&self) -> Result<Vec<ProjectionStatus>, ProjectionError> {
+        match self {
+            ReadModels::Sqlite(projector) => projector.status().await,
+            ReadModels::Postgres(projector) => projector.status().await,
+        }
+    }
+
+    /// Rebuilds projections into shadow generations and swaps them in.
+    pub async fn rebuild_many(
+        &self,
+        names: &[&str],
+        options: RebuildOptions,
+    ) -> Result<Vec<RebuildReport>, ProjectionError> {
+        match self {
+            ReadModels::Sqlite(projector) => projector.rebuild_many(names, options).await,
+            ReadModels::Postgres(projector) => projector.rebuild_many(names, options).await,
+        }
+    }
+
+    /// One ticket.
+    pub async fn ticket(&self, id: TicketId) -> Result<Option<TicketRow>, ProjectionError> {
+        match self {
+            ReadModels::Sqlite(projector) => {
+                projector.read("tickets", |conn, slot| TicketsView::new(conn, slot).get(id))
+            }
+            ReadModels::Postgres(projector) => projector.models().ticket(id).await,
+        }
+    }
+
+    /// Tickets in `state` (all when `None`), oldest first.
+    pub async fn list(&self, state: Option<State>, limit: usize) -> Result<Vec<TicketRow>, ProjectionError> {
+        match self {
+            ReadModels::Sqlite(projector) => {
+                projector.read("tickets", |conn, slot| TicketsView::new(conn, slot).list(state, limit))
+            }
+            ReadModels::Postgres(projector) => projector.models().list(state, limit).await,
+        }
+    }
+
+    /// The work queue of `role`, oldest first.
+    pub async fn work_queue(&self, role: Role, limit: usize) -> Result<Vec<TicketRow>, ProjectionError> {
+        match self {
+            ReadModels::Sqlite(projector) => projector.read("tickets", |conn, slot| {
+                TicketsView::new(conn, slot).work_queue(role, limit)
+            }),
+            ReadModels::Postgres(projector) => projector.models().work_queue(role, limit).await,
+        }
+    }
+
+    /// Tickets per state.
+    pub async fn counts(&self) -> Result<BTreeMap<State, u64>, ProjectionError> {
+        match self {
+            ReadModels::Sqlite(projector) => {
+                projector.read("tickets", |conn, slot| TicketsView::new(conn, slot).counts())
+            }
+            ReadModels::Postgres(projector) => projector.models().counts().await,
+        }
+    }
+
+    /// The statistics.
+    pub async fn stats_summary(&self) -> Result<StatsSummary, ProjectionError> {
+        match self {
+            ReadModels::Sqlite(projector) => projector.read("stats", stats::summary),
+            ReadModels::Postgres(projector) => projector.models().stats_summary().await,
+        }
+    }
+}
+
+/// Splits a `schema=NAME` parameter off a PostgreSQL URL (the driver
+/// refuses parameters it does not know).
+fn split_schema(url: &str) -> (String, Option<String>) {
+    let Some((base, query)) = url.split_once('?') else {
+        return (url.to_owned(), None);
+    };
+    let mut schema = None;
+    let rest: Vec<&str> = query
+        .split('&')
+        .filter(|pair| match pair.split_once('=') {
+            Some((SCHEMA_PARAMETER, value)) => {
+                schema = Some(value.to_owned());
+                false
+            }
+            _ => !pair.is_empty(),
+        })
+        .collect();
+    if rest.is_empty() {
+        (base.to_owned(), schema)
+    } else {
+        (format!("{base}?{}", rest.join("&")), schema)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::split_schema;
+
+    #[test]
+    fn the_schema_parameter_is_taken_off_the_url() {
+        assert_eq!(
+            split_schema("postgres://a@h/db"),
+            ("postgres://a@h/db".to_owned(), None)
+        );
+        assert_eq!(
+            split_schema("postgres://a@h/db?schema=rm"),
+            ("postgres://a@h/db".to_owned(), Some("rm".to_owned()))
+        );
+        assert_eq!(
+            split_schema("postgres://a@h/db?connect_timeout=3&schema=rm&application_name=x"),
+            (
+                "postgres://a@h/db?connect_timeout=3&application_name=x".to_owned(),
+                Some("rm".to_owned())
+            )
+        );
+    }
+}

@@ -1,0 +1,549 @@
+//! The read models in PostgreSQL, fed from the PostgreSQL event store:
+//! catch-up and queries, rebuild and verification, exactly once after a
+//! projector is killed between batches, and projection leadership (two
+//! runners, one applies; killing it hands over to the other).
+//!
+//! Every test reads the server from `TRIAGE_PG_URL` and is skipped, saying
+//! so, without it. Each uses a fresh event-store schema and fresh
+//! read-model schemas, dropped at the end. The killed runners are real
+//! child processes (this test binary, re-executed), killed with SIGKILL.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::{Duration, Instant};
+
+use triage_domain::{Role, State};
+use triage_event_store::EventStore;
+use triage_projections::{
+    PgProjector, PgReadModelOptions, PgReadModels, ProjectionStatus, Projector, ProjectorOptions, ReadModelDb,
+    ReadModels, RebuildOptions,
+};
+use triage_store_postgres::{PostgresEventStore, PostgresOptions};
+
+use support::{Workload, projected_events};
+
+const URL_ENV: &str = "TRIAGE_PG_URL";
+const EVENTS_SCHEMA_ENV: &str = "TRIAGE_PG_TEST_EVENTS_SCHEMA";
+const MODELS_SCHEMA_ENV: &str = "TRIAGE_PG_TEST_MODELS_SCHEMA";
+const INSTANCE_ENV: &str = "TRIAGE_PG_TEST_INSTANCE";
+const CATCH_UP_CHILD: &str = "pg_child_catches_up_until_killed";
+const RUNNER_CHILD: &str = "pg_child_runs_live_until_killed";
+
+/// The server URL, or `None` after saying plainly that `test` is skipped.
+fn url(test: &str) -> Option<String> {
+    match std::env::var(URL_ENV) {
+        Ok(url) if !url.is_empty() => Some(url),
+        _ => {
+            eprintln!("skipped: {test} ({URL_ENV} is not set; e.g. postgres://postgres@127.0.0.1:5432/postgres)");
+            None
+        }
+    }
+}
+
+async fn event_store(url: &str) -> Arc<PostgresEventStore> {
+    Arc::new(
+        PostgresEventStore::connect_temporary(url, PostgresOptions::default())
+            .await
+            .expect("a temporary event store opens"),
+    )
+}
+
+async fn read_models(url: &str) -> PgReadModels {
+    PgReadModels::connect_temporary(url, PgReadModelOptions::default())
+        .await
+        .expect("temporary read models open")
+}
+
+/// The same log projected from scratch into in-memory SQLite: the model
+/// the PostgreSQL one must equal.
+async fn sqlite_model(events: Arc<dyn EventStore>) -> ReadModels {
+    let projector = Projector::new(events, ReadModelDb::in_memory().unwrap());
+    projector.catch_up().await.expect("the SQLite model builds");
+    ReadModels::Sqlite(projector)
+}
+
+/// The digests of a clean rebuild into fresh PostgreSQL read models.
+async fn clean_pg_digests(url: &str, events: Arc<dyn EventStore>) -> [BTreeMap<String, u64>; 2] {
+    let models = read_models(url).await;
+    PgProjector::new(events, models.clone())
+        .catch_up()
+        .await
+        .expect("a clean rebuild succeeds");
+    [
+        models.digest("tickets").await.unwrap(),
+        models.digest("stats").await.unwrap(),
+    ]
+}
+
+/// Every query the CLI serves answers the same from both models.
+async fn assert_same_answers(pg: &ReadModels, sqlite: &ReadModels) {
+    let all = sqlite.list(None, usize::MAX).await.unwrap();
+    assert!(!all.is_empty(), "the workload opened tickets");
+    assert_eq!(pg.list(None, usize::MAX).await.unwrap(), all, "all tickets");
+    for state in State::ALL {
+        assert_eq!(
+            pg.list(Some(state), 1000).await.unwrap(),
+            sqlite.list(Some(state), 1000).await.unwrap(),
+            "tickets in {state:?}"
+        );
+    }
+    for role in Role::ALL {
+        assert_eq!(
+            pg.work_queue(role, 7).await.unwrap(),
+            sqlite.work_queue(role, 7).await.unwrap(),
+            "work queue of {role:?}"
+        );
+    }
+    let some = all[all.len() / 2].ticket.id.unwrap();
+    assert_eq!(pg.ticket(some).await.unwrap(), sqlite.ticket(some).await.unwrap());
+    assert_eq!(pg.counts().await.unwrap(), sqlite.counts().await.unwrap());
+    let summary = sqlite.stats_summary().await.unwrap();
+    assert!(summary.stage_latency.contains_key("classify"), "{summary:?}");
+    assert_eq!(pg.stats_summary().await.unwrap(), summary);
+}
+
+fn status_of(statuses: &[ProjectionStatus], name: &str) -> ProjectionStatus {
+    statuses.iter().find(|status| status.name == name).unwrap().clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pg_read_models_follow_the_events_and_equal_the_sqlite_ones() {
+    let Some(url) = url("pg_read_models_follow_the_events_and_equal_the_sqlite_ones") else {
+        return;
+    };
+    let store = event_store(&url).await;
+    let events: Arc<dyn EventStore> = store.clone();
+    let models = read_models(&url).await;
+    let projector = PgProjector::new(events.clone(), models.clone()).with_options(ProjectorOptions {
+        batch_size: 64,
+        ..ProjectorOptions::default()
+    });
+    let pg = ReadModels::Postgres(projector.clone());
+    assert!(matches!(
+        models.ticket(triage_domain::TicketId::new()).await,
+        Err(triage_projections::ProjectionError::NotBuilt { .. })
+    ));
+
+    // Catch up in two steps: from nothing, then from the checkpoint.
+    let mut workload = Workload::new(events.clone());
+    workload.random(500, 10, 3).await;
+    pg.catch_up().await.unwrap();
+    workload.random(500, 10, 4).await;
+    let checkpoint = pg.catch_up().await.unwrap();
+    let (projected, head) = projected_events(events.as_ref()).await;
+    assert_eq!(checkpoint, head);
+    assert_same_answers(&pg, &sqlite_model(events.clone()).await).await;
+
+    let statuses = pg.status().await.unwrap();
+    for status in &statuses {
+        assert_eq!(status.events_applied, projected, "{status:?}");
+        assert_eq!((status.lag, status.generation), (0, Some(1)), "{status:?}");
+        assert!(status.last_error.is_none() && !status.needs_rebuild, "{status:?}");
+        // The one-shot catch-up released its leadership.
+        assert_eq!(status.leader, None, "{status:?}");
+    }
+    let summary = pg.stats_summary().await.unwrap();
+    assert_eq!(summary.counters.get("events"), Some(&projected));
+
+    // A rebuild with verification finds the same model, and swaps it in.
+    let report = projector
+        .rebuild(
+            "stats",
+            RebuildOptions {
+                verify: true,
+                ..RebuildOptions::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(report.differences, Some(vec![]));
+    assert_eq!((report.generation, report.events), (2, projected));
+    let [tickets, stats] = clean_pg_digests(&url, events.clone()).await;
+    assert_eq!(models.digest("tickets").await.unwrap(), tickets);
+    assert_eq!(models.digest("stats").await.unwrap(), stats);
+    assert_eq!(status_of(&pg.status().await.unwrap(), "stats").generation, Some(2));
+    assert_eq!(pg.stats_summary().await.unwrap(), summary);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebuild_swaps_in_while_a_leader_keeps_applying() {
+    let Some(url) = url("a_rebuild_swaps_in_while_a_leader_keeps_applying") else {
+        return;
+    };
+    let store = event_store(&url).await;
+    let events: Arc<dyn EventStore> = store.clone();
+    let models = read_models(&url).await;
+    let leader = PgProjector::new(events.clone(), models.clone()).with_instance("leader");
+    let mut workload = Workload::new(events.clone());
+    workload.random(300, 10, 5).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let running = tokio::spawn({
+        let (leader, stop) = (leader.clone(), stop.clone());
+        async move { leader.run_live(stop).await }
+    });
+    // Writes go on while another projector (an operator's CLI) rebuilds.
+    let writer = tokio::spawn(async move {
+        workload.random(400, 10, 6).await;
+        workload
+    });
+    let operator = PgProjector::new(events.clone(), models.clone()).with_instance("operator");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let reports = operator
+        .rebuild_many(
+            &["tickets", "stats"],
+            RebuildOptions {
+                verify: true,
+                ..RebuildOptions::default()
+            },
+        )
+        .await
+        .unwrap();
+    for report in &reports {
+        assert_eq!(report.differences, Some(vec![]), "{report:?}");
+        assert_eq!(report.generation, 2, "{report:?}");
+    }
+    drop(writer.await.unwrap());
+    let (projected, head) = projected_events(events.as_ref()).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let statuses = operator.status().await.unwrap();
+        if statuses.iter().all(|status| status.checkpoint == head) {
+            for status in &statuses {
+                assert_eq!(status.events_applied, projected, "{status:?}");
+                assert_eq!(status.leader.as_deref(), Some("leader"), "{status:?}");
+            }
+            break;
+        }
+        assert!(Instant::now() < deadline, "the leader did not catch up: {statuses:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    running.await.unwrap().unwrap();
+    let [tickets, stats] = clean_pg_digests(&url, events.clone()).await;
+    assert_eq!(models.digest("tickets").await.unwrap(), tickets);
+    assert_eq!(models.digest("stats").await.unwrap(), stats);
+}
+
+// ---------------------------------------------------------------------
+// Child processes: killed by the parent tests below.
+
+fn child_env() -> Option<(String, String, String, String)> {
+    Some((
+        std::env::var(URL_ENV).ok()?,
+        std::env::var(EVENTS_SCHEMA_ENV).ok()?,
+        std::env::var(MODELS_SCHEMA_ENV).ok()?,
+        std::env::var(INSTANCE_ENV).unwrap_or_default(),
+    ))
+}
+
+async fn child_projector(url: &str, events_schema: &str, models_schema: &str, batch_size: usize) -> PgProjector {
+    let events: Arc<dyn EventStore> = Arc::new(
+        PostgresEventStore::connect(url, PostgresOptions::in_schema(events_schema))
+            .await
+            .unwrap(),
+    );
+    let models = PgReadModels::connect(url, PgReadModelOptions::in_schema(models_schema))
+        .await
+        .unwrap();
+    PgProjector::new(events, models).with_options(ProjectorOptions {
+        batch_size,
+        ..ProjectorOptions::default()
+    })
+}
+
+#[test]
+#[ignore = "child process of pg_projector_killed_between_batches_recovers_exactly_once; run by it"]
+fn pg_child_catches_up_until_killed() {
+    let Some((url, events_schema, models_schema, _)) = child_env() else {
+        eprintln!("run by pg_projector_killed_between_batches_recovers_exactly_once only");
+        return;
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let projector = child_projector(&url, &events_schema, &models_schema, 4).await;
+        projector.catch_up().await.unwrap();
+    });
+}
+
+#[test]
+#[ignore = "child process of two_runners_one_applies_and_a_kill_hands_over; run by it"]
+fn pg_child_runs_live_until_killed() {
+    let Some((url, events_schema, models_schema, instance)) = child_env() else {
+        eprintln!("run by two_runners_one_applies_and_a_kill_hands_over only");
+        return;
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let projector = child_projector(&url, &events_schema, &models_schema, 16)
+            .await
+            .with_instance(instance);
+        projector.run_live(Arc::new(AtomicBool::new(false))).await.unwrap();
+    });
+}
+
+fn spawn_child(test: &str, url: &str, store: &PostgresEventStore, models: &PgReadModels, instance: &str) -> Child {
+    Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", test, "--ignored", "--nocapture", "--test-threads=1"])
+        .env(URL_ENV, url)
+        .env(EVENTS_SCHEMA_ENV, store.schema())
+        .env(MODELS_SCHEMA_ENV, models.schema())
+        .env(INSTANCE_ENV, instance)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("the test binary re-executes itself")
+}
+
+/// A plain connection for watching the registry.
+async fn raw_client(url: &str) -> tokio_postgres::Client {
+    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    client
+}
+
+/// The live `tickets` row of the registry: checkpoint and recorded leader.
+async fn registry(client: &tokio_postgres::Client, models: &PgReadModels, name: &str) -> (Option<u64>, Option<String>) {
+    client
+        .query_opt(
+            &format!(
+                r#"SELECT checkpoint_commit, leader FROM "{}".triage_read_models WHERE name = $1 AND slot = 'live'"#,
+                models.schema()
+            ),
+            &[&name],
+        )
+        .await
+        .unwrap()
+        .map_or((None, None), |row| {
+            (row.get::<_, Option<i64>>(0).map(|c| c as u64), row.get(1))
+        })
+}
+
+fn kill(child: &mut Child) {
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
+#[test]
+fn pg_projector_killed_between_batches_recovers_exactly_once() {
+    let Some(url) = url("pg_projector_killed_between_batches_recovers_exactly_once") else {
+        return;
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let (store, models) = runtime.block_on(async { (event_store(&url).await, read_models(&url).await) });
+    let events: Arc<dyn EventStore> = store.clone();
+    let (projected, head) = runtime.block_on(async {
+        let mut workload = Workload::new(events.clone());
+        workload.random(1500, 12, 11).await;
+        projected_events(events.as_ref()).await
+    });
+    let head = head.expect("the workload wrote events").commit;
+    assert!(projected >= 800, "only {projected} events to project");
+
+    // Kill the child at three growing checkpoints strictly inside the log.
+    let watcher = runtime.block_on(raw_client(&url));
+    let mut kills = Vec::new();
+    for round in 1..=3u64 {
+        let target = head * round / 4;
+        let mut child = spawn_child(CATCH_UP_CHILD, &url, &store, &models, "crash");
+        let started = Instant::now();
+        let killed_at = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                panic!("the child finished ({status}) before it could be killed at {target} of {head}");
+            }
+            match runtime.block_on(registry(&watcher, &models, "tickets")).0 {
+                Some(checkpoint) if checkpoint >= target && checkpoint < head => {
+                    kill(&mut child);
+                    break checkpoint;
+                }
+                _ => {}
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(120),
+                "the child made no progress"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        };
+        let after = runtime
+            .block_on(registry(&watcher, &models, "tickets"))
+            .0
+            .expect("a checkpoint survives the kill");
+        assert!(
+            after >= killed_at && after < head,
+            "checkpoint {after} after a kill at {killed_at}"
+        );
+        eprintln!("kill {round}: checkpoint {after} of {head}");
+        kills.push(after);
+    }
+    assert_eq!(kills.len(), 3);
+
+    runtime.block_on(async {
+        let projector = PgProjector::new(events.clone(), models.clone());
+        projector.catch_up().await.unwrap();
+        for status in projector.status().await.unwrap() {
+            assert_eq!(
+                status.events_applied, projected,
+                "{}: events applied after kills at {kills:?}",
+                status.name
+            );
+            assert_eq!(status.checkpoint.map(|c| c.commit), Some(head));
+            assert!(status.last_error.is_none(), "{status:?}");
+        }
+        let [tickets, stats] = clean_pg_digests(&url, events.clone()).await;
+        assert_eq!(models.digest("tickets").await.unwrap(), tickets);
+        assert_eq!(models.digest("stats").await.unwrap(), stats);
+        // The model's own count agrees: no batch was applied twice.
+        let summary = models.stats_summary().await.unwrap();
+        assert_eq!(summary.counters.get("events"), Some(&projected));
+        assert_same_answers(&ReadModels::Postgres(projector), &sqlite_model(events.clone()).await).await;
+    });
+}
+
+#[test]
+fn two_runners_one_applies_and_a_kill_hands_over() {
+    let Some(url) = url("two_runners_one_applies_and_a_kill_hands_over") else {
+        return;
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let (store, models) = runtime.block_on(async { (event_store(&url).await, read_models(&url).await) });
+    let events: Arc<dyn EventStore> = store.clone();
+    let observer = PgProjector::new(events.clone(), models.clone());
+    let watcher = runtime.block_on(raw_client(&url));
+    let mut workload = Workload::new(events.clone());
+    runtime.block_on(workload.random(300, 10, 21));
+
+    // Both projections led by A, and caught up.
+    let mut a = spawn_child(RUNNER_CHILD, &url, &store, &models, "runner-a");
+    let wait_for = |what: &str, leader: &str, timeout: Duration| -> Duration {
+        let started = Instant::now();
+        loop {
+            let head = runtime.block_on(events.head_position()).unwrap();
+            let statuses = runtime.block_on(observer.status()).unwrap();
+            if statuses
+                .iter()
+                .all(|status| status.leader.as_deref() == Some(leader) && status.checkpoint == head)
+            {
+                return started.elapsed();
+            }
+            assert!(started.elapsed() < timeout, "{what}: {statuses:#?}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    wait_for("runner A leads and catches up", "runner-a", Duration::from_secs(60));
+
+    // B starts and keeps trying; it must apply nothing while A lives.
+    let mut b = spawn_child(RUNNER_CHILD, &url, &store, &models, "runner-b");
+    let b_connected = || {
+        runtime
+            .block_on(watcher.query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'triage-projector runner-b'",
+                &[],
+            ))
+            .unwrap()
+            .get::<_, i64>(0)
+            > 0
+    };
+    let started = Instant::now();
+    while !b_connected() {
+        assert!(started.elapsed() < Duration::from_secs(60), "runner B never connected");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut polls = 0;
+    let writes = std::thread::scope(|scope| {
+        let watch = scope.spawn(|| {
+            let started = Instant::now();
+            // Both runners live for well over B's retry interval.
+            while started.elapsed() < Duration::from_secs(3) {
+                for name in ["tickets", "stats"] {
+                    let (_, leader) = runtime.block_on(registry(&watcher, &models, name));
+                    assert_eq!(
+                        leader.as_deref(),
+                        Some("runner-a"),
+                        "{name} was applied by another runner"
+                    );
+                }
+                polls += 1;
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        });
+        runtime.block_on(workload.random(300, 10, 22));
+        watch.join().unwrap();
+        workload.accepted
+    });
+    assert!(polls > 50 && writes > 0, "{polls} polls, {writes} commands");
+    wait_for("runner A applies the new events", "runner-a", Duration::from_secs(60));
+    assert!(
+        b.try_wait().unwrap().is_none(),
+        "runner B is still running, as a follower"
+    );
+
+    // SIGKILL A: B takes over within seconds, and applies what follows.
+    kill(&mut a);
+    runtime.block_on(workload.random(300, 10, 23));
+    let takeover = wait_for("runner B takes over", "runner-b", Duration::from_secs(15));
+    eprintln!("runner B led and had caught up {takeover:?} after runner A was killed");
+    assert!(takeover < Duration::from_secs(10), "take-over took {takeover:?}");
+    kill(&mut b);
+
+    runtime.block_on(async {
+        let (projected, _) = projected_events(events.as_ref()).await;
+        for status in observer.status().await.unwrap() {
+            assert_eq!(
+                status.events_applied, projected,
+                "exactly once across the hand-over: {status:?}"
+            );
+        }
+        // B's session, and with it its leadership, ended with the process.
+        let started = Instant::now();
+        while observer
+            .status()
+            .await
+            .unwrap()
+            .iter()
+            .any(|status| status.leader.is_some())
+        {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "a killed runner still leads"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let [tickets, stats] = clean_pg_digests(&url, events.clone()).await;
+        assert_eq!(
+            models.digest("tickets").await.unwrap(),
+            tickets,
+            "tickets equal a clean rebuild"
+        );
+        assert_eq!(
+            models.digest("stats").await.unwrap(),
+            stats,
+            "stats equal a clean rebuild"
+        );
+        assert_same_answers(
+            &ReadModels::Postgres(observer.clone()),
+            &sqlite_model(events.clone()).await,
+        )
+        .await;
+    });
+}
