@@ -10,6 +10,12 @@
 //! commit per append (the peer). Each agent drives tickets through the
 //! whole lifecycle, every command through the real command handler: load
 //! the stream, decide, append with `Exact(revision)`.
+//!
+//! `triage-bench pg-commands`, `pg-compare` and `pg-rebuild`: the same on
+//! PostgreSQL, against cqrs-es with postgres-es as the peer (see `pg.rs`).
+//! The peer is the one exception to "in the same process": its crate
+//! cannot share the workspace's dependency graph, so it runs as its own
+//! binary, alternated with Triage's runs.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -24,6 +30,7 @@ use triage_domain::{Agent, CommandEnvelope, TicketId};
 use triage_event_store::EventStore;
 use triage_projections::{Projector, ReadModelDb};
 use triage_store_sqlite::{SqliteEventStore, SqliteOptions, Synchronous};
+mod pg;
 mod replay;
 mod workload;
 
@@ -86,6 +93,84 @@ enum Bench {
         #[arg(long, value_delimiter = ',', default_value = "2048")]
         page_sizes: Vec<u32>,
     },
+    /// Command throughput and latency on PostgreSQL (a fresh schema per
+    /// run), disjoint or hot tickets.
+    PgCommands {
+        #[command(flatten)]
+        pg: PgArgs,
+    },
+    /// `pg-commands` against the peer (cqrs-es + postgres-es), alternating
+    /// the two per round; medians and ratios per configuration.
+    PgCompare {
+        #[command(flatten)]
+        pg: PgArgs,
+        /// Runs of each system per configuration.
+        #[arg(long, default_value_t = 2)]
+        rounds: usize,
+        /// The peer's binary; built from bench/peer-cqrs-es when absent.
+        #[arg(long)]
+        peer: Option<std::path::PathBuf>,
+    },
+    /// Projection rebuild from PostgreSQL: generate ticket events into a
+    /// fresh schema, then rebuild every projection from position 0.
+    PgRebuild {
+        /// The PostgreSQL database.
+        #[arg(long, env = "TRIAGE_PG_URL", default_value = DEFAULT_PG_URL)]
+        url: String,
+        /// Events to generate (whole ticket lifecycles of 7 events).
+        #[arg(long, default_value_t = 210_000)]
+        events: u64,
+        /// Events per read page and read-model transaction.
+        #[arg(long, default_value_t = 4096)]
+        batch_size: usize,
+        /// Most pooled connections of the store.
+        #[arg(long, default_value_t = 16)]
+        pool_size: usize,
+    },
+}
+
+const DEFAULT_PG_URL: &str = "postgres://postgres@127.0.0.1:5432/triage_bench";
+
+/// What `pg-commands` and `pg-compare` share.
+#[derive(Debug, clap::Args)]
+struct PgArgs {
+    /// The PostgreSQL database.
+    #[arg(long, env = "TRIAGE_PG_URL", default_value = DEFAULT_PG_URL)]
+    url: String,
+    /// Concurrent agents, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
+    agents: Vec<usize>,
+    /// Ticket sets, comma-separated: disjoint (own tickets per agent) or hot
+    /// (all agents on a few shared tickets).
+    #[arg(long, value_delimiter = ',', default_value = "disjoint,hot")]
+    tickets: Vec<pg::TicketsMode>,
+    /// Shared tickets in the hot set.
+    #[arg(long, default_value_t = 4)]
+    hot_tickets: usize,
+    /// Seconds each run lasts.
+    #[arg(long, default_value_t = 5.0)]
+    seconds: f64,
+    /// Most pooled connections, the same for Triage and the peer.
+    #[arg(long, default_value_t = 16)]
+    pool_size: usize,
+}
+
+impl PgArgs {
+    /// Every configuration, ticket set by ticket set.
+    fn configs(&self) -> Vec<pg::RunConfig> {
+        self.tickets
+            .iter()
+            .flat_map(|&tickets| {
+                self.agents.iter().map(move |&agents| pg::RunConfig {
+                    agents,
+                    tickets,
+                    hot_tickets: self.hot_tickets,
+                    seconds: self.seconds,
+                    pool_size: self.pool_size,
+                })
+            })
+            .collect()
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -259,6 +344,25 @@ async fn main() -> anyhow::Result<()> {
     match cli.bench {
         Bench::Rebuild { events, batch_size } => {
             println!("{}", replay::rebuild(events, batch_size).await?);
+        }
+        Bench::PgCommands { pg } => {
+            for config in pg.configs() {
+                println!("{}", pg::commands(&pg.url, config).await?);
+            }
+        }
+        Bench::PgCompare { pg, rounds, peer } => {
+            let peer = pg::peer_binary(peer)?;
+            for config in pg.configs() {
+                pg::compare(&pg.url, &peer, config, rounds).await?;
+            }
+        }
+        Bench::PgRebuild {
+            url,
+            events,
+            batch_size,
+            pool_size,
+        } => {
+            println!("{}", pg::rebuild(&url, events, batch_size, pool_size).await?);
         }
         Bench::Events { events } => {
             println!("{}", replay::events_jsonl(events).await?);

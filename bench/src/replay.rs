@@ -94,6 +94,13 @@ async fn generate(events: u64, page_size: u32) -> anyhow::Result<(Arc<SqliteEven
         ..SqliteOptions::default()
     };
     let store = Arc::new(SqliteEventStore::open_temporary_with(options)?);
+    let (total, generate_s) = fill(store.clone(), events).await?;
+    Ok((store, total, generate_s))
+}
+
+/// Appends `events` events of whole ticket lifecycles to `store` from 16
+/// concurrent writers; returns the events written and the seconds taken.
+pub(crate) async fn fill(store: Arc<dyn EventStore>, events: u64) -> anyhow::Result<(u64, f64)> {
     let policy = Policy::default();
     let tickets = events.div_ceil(7);
     let writers = 16u64;
@@ -120,16 +127,27 @@ async fn generate(events: u64, page_size: u32) -> anyhow::Result<(Arc<SqliteEven
     for task in tasks {
         total += task.await??;
     }
-    Ok((store, total, generated.elapsed().as_secs_f64()))
+    Ok((total, generated.elapsed().as_secs_f64()))
 }
 
 /// `triage-bench rebuild`: every projection rebuilt from position 0 through
 /// the real runtime.
 pub(crate) async fn rebuild(events: u64, batch_size: usize) -> anyhow::Result<Value> {
     let (store, total, generate_s) = generate(events, SqliteOptions::default().page_size).await?;
+    let mut line = rebuild_from(store, total, batch_size).await?;
+    line["bench"] = json!("rebuild");
+    line["store"] = json!("sqlite");
+    line["generate_s"] = json!(round(generate_s, 3));
+    Ok(line)
+}
+
+/// Rebuilds the `tickets` and `stats` projections from position 0 of
+/// `store`, which holds `total` events of whole lifecycles, into a fresh
+/// SQLite read-model database, and checks the result.
+pub(crate) async fn rebuild_from(store: Arc<dyn EventStore>, total: u64, batch_size: usize) -> anyhow::Result<Value> {
     let read_dir = tempfile::tempdir()?;
     let db = ReadModelDb::open(read_dir.path().join("triage.read.db"))?;
-    let projector = Projector::new(store.clone() as Arc<dyn EventStore>, db).with_options(ProjectorOptions {
+    let projector = Projector::new(store, db).with_options(ProjectorOptions {
         batch_size,
         ..ProjectorOptions::default()
     });
@@ -153,12 +171,9 @@ pub(crate) async fn rebuild(events: u64, batch_size: usize) -> anyhow::Result<Va
         total.div_ceil(7)
     );
     Ok(json!({
-        "bench": "rebuild",
-        "store": "sqlite",
         "read_model": "sqlite",
         "events": total,
         "projections": per_projection,
-        "generate_s": round(generate_s, 3),
         "wall_s": round(wall, 3),
         "events_per_s": round(total as f64 / wall, 0),
         "peak_rss_mb": peak_rss_mib().map(|m| round(m, 1)),

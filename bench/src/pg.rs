@@ -1,0 +1,483 @@
+//! The PostgreSQL benchmarks: `pg-commands`, `pg-compare` and `pg-rebuild`.
+//!
+//! `pg-commands` runs the `commands` workload through the real command
+//! handler on [`PostgresEventStore`], in a fresh schema per run
+//! (`connect_temporary`). Two ticket sets:
+//! - `disjoint`: every agent opens its own tickets and drives each through
+//!   the seven-command lifecycle, sending the revision it decided on, as
+//!   `commands` does. No two agents touch one ticket.
+//! - `hot`: all agents race for the work on a few shared tickets (4 by
+//!   default). An agent loads a ticket and sends the command that takes
+//!   its next claim (or opens it), without a decided-on revision, so a lost
+//!   race is a conflict that the handler re-decides on fresh state, which
+//!   usually ends in a rejection (the claim is taken). The winner completes
+//!   its claim. Hot ticket ids are UUIDv5 of the run and `slot:generation`,
+//!   so every agent names the same next ticket without talking to the
+//!   others, and racing `OpenTicket`s conflict too.
+//!
+//! `pg-compare` measures the same workload on the peer, cqrs-es with
+//! postgres-es (`bench/peer-cqrs-es`, a crate of its own: see its docs for
+//! why), alternating the two per round, and prints medians and ratios.
+//! The peer is a separate process; it gets the same database, pool size,
+//! agents, tickets and duration.
+//!
+//! What counts: `commands` are accepted commands; `rejected` and
+//! `contended` are the other answers. Latency covers every command sent,
+//! accepted or not, retries included. `conflicts` are expected-revision
+//! conflicts that were retried by deciding again on fresh state.
+//!
+//! The handler is Triage's default one, so it also records every refusal
+//! in the ticket's `rejections-<uuid>` stream (one more append per
+//! rejection in `hot`), which the peer does not do; its stream cache
+//! saves most reads before an append, which the peer does not have.
+
+use std::path::PathBuf;
+use std::process::Command as Process;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use clap::ValueEnum;
+use hdrhistogram::Histogram;
+use serde_json::{Value, json};
+use triage_command_handler::{CommandError, CommandHandler};
+use triage_domain::{Agent, CommandEnvelope, State, TicketId};
+use triage_event_store::EventStore;
+use triage_store_postgres::{PostgresEventStore, PostgresOptions};
+use uuid::Uuid;
+
+use crate::{round, workload};
+
+/// Which tickets the agents work on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub(crate) enum TicketsMode {
+    /// Every agent opens its own tickets and drives them end to end.
+    Disjoint,
+    /// All agents race for the work on a few shared tickets.
+    Hot,
+}
+
+impl TicketsMode {
+    fn name(self) -> &'static str {
+        match self {
+            TicketsMode::Disjoint => "disjoint",
+            TicketsMode::Hot => "hot",
+        }
+    }
+}
+
+/// One configuration of a command run, the same for Triage and the peer.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct RunConfig {
+    pub(crate) agents: usize,
+    pub(crate) tickets: TicketsMode,
+    pub(crate) hot_tickets: usize,
+    pub(crate) seconds: f64,
+    pub(crate) pool_size: usize,
+}
+
+/// The ticket set of one run.
+#[derive(Clone, Debug)]
+struct Tickets {
+    hot: usize,
+    namespace: Uuid,
+}
+
+impl Tickets {
+    fn hot_ticket(&self, slot: usize, generation: u64) -> TicketId {
+        TicketId(Uuid::new_v5(&self.namespace, format!("{slot}:{generation}").as_bytes()))
+    }
+}
+
+/// What the agents did.
+#[derive(Debug)]
+struct Totals {
+    accepted: u64,
+    rejected: u64,
+    contended: u64,
+    loads: u64,
+    latency_us: Histogram<u64>,
+}
+
+impl Totals {
+    fn new() -> anyhow::Result<Self> {
+        Ok(Totals {
+            accepted: 0,
+            rejected: 0,
+            contended: 0,
+            loads: 0,
+            latency_us: Histogram::new_with_bounds(1, 60_000_000, 3)?,
+        })
+    }
+
+    fn add(&mut self, other: Totals) -> anyhow::Result<()> {
+        self.accepted += other.accepted;
+        self.rejected += other.rejected;
+        self.contended += other.contended;
+        self.loads += other.loads;
+        self.latency_us.add(other.latency_us)?;
+        Ok(())
+    }
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Outcome {
+    Accepted { revision: u64 },
+    Rejected,
+    Contended,
+}
+
+/// Sends one command through the handler and times it.
+async fn send(handler: &CommandHandler, totals: &mut Totals, envelope: CommandEnvelope) -> anyhow::Result<Outcome> {
+    let ticket = envelope.ticket_id;
+    let started = Instant::now();
+    let result = handler.handle(envelope).await;
+    totals.latency_us.record(started.elapsed().as_micros().max(1) as u64)?;
+    let outcome = match result {
+        Ok(accepted) => {
+            totals.accepted += 1;
+            Outcome::Accepted {
+                revision: accepted.revision,
+            }
+        }
+        Err(CommandError::Rejected { .. }) => {
+            totals.rejected += 1;
+            Outcome::Rejected
+        }
+        Err(CommandError::Contended { .. }) => {
+            totals.contended += 1;
+            Outcome::Contended
+        }
+        Err(error) => return Err(anyhow::Error::new(error).context(format!("ticket {ticket}"))),
+    };
+    Ok(outcome)
+}
+
+/// One agent until `deadline`.
+async fn agent_loop(
+    handler: CommandHandler,
+    mode: TicketsMode,
+    tickets: Tickets,
+    index: usize,
+    deadline: Instant,
+) -> anyhow::Result<Totals> {
+    let mut totals = Totals::new()?;
+    let agents = workload::LIFECYCLE.map(|role| Agent::new(format!("{role}-{index}"), role));
+    match mode {
+        TicketsMode::Disjoint => {
+            while Instant::now() < deadline {
+                let ticket = TicketId::new();
+                let mut revision = None;
+                let mut claim = None;
+                for (step, agent) in agents.iter().enumerate() {
+                    let mut envelope = CommandEnvelope::new(ticket, agent.clone(), workload::command(step, claim));
+                    if let Some(revision) = revision {
+                        envelope = envelope.at_revision(revision);
+                    }
+                    let command_id = envelope.command_id;
+                    match send(&handler, &mut totals, envelope).await? {
+                        Outcome::Accepted { revision: now } => revision = Some(now),
+                        other => anyhow::bail!("agent {index} ticket {ticket} step {step}: {other:?}"),
+                    }
+                    if workload::takes_claim(step) {
+                        claim = Some(command_id);
+                    }
+                }
+            }
+        }
+        TicketsMode::Hot => {
+            let mut generation = vec![0u64; tickets.hot];
+            let mut slot = index % tickets.hot;
+            while Instant::now() < deadline {
+                let ticket = tickets.hot_ticket(slot, generation[slot]);
+                let loaded = handler
+                    .load(ticket)
+                    .await
+                    .with_context(|| format!("loading ticket {ticket}"))?;
+                totals.loads += 1;
+                let step = match loaded.ticket.state {
+                    None => 0,
+                    Some(State::New) => 1,
+                    Some(State::Classified) => 3,
+                    Some(State::DraftReady) => 5,
+                    Some(State::Resolved) => {
+                        generation[slot] += 1;
+                        continue;
+                    }
+                    // Another agent holds the claim: look again later, as a
+                    // poller would, and try the next ticket.
+                    Some(State::Classifying | State::Drafting | State::Escalating) => {
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                        slot = (slot + 1) % tickets.hot;
+                        continue;
+                    }
+                    Some(State::NeedsHuman) => anyhow::bail!("ticket {ticket} went to a human"),
+                };
+                let envelope = CommandEnvelope::new(ticket, agents[step].clone(), workload::command(step, None));
+                let command_id = envelope.command_id;
+                let outcome = send(&handler, &mut totals, envelope).await?;
+                if let Outcome::Accepted { revision } = outcome
+                    && workload::takes_claim(step)
+                {
+                    // The claim is ours: complete it.
+                    let next = step + 1;
+                    let envelope =
+                        CommandEnvelope::new(ticket, agents[next].clone(), workload::command(next, Some(command_id)))
+                            .at_revision(revision);
+                    let done = send(&handler, &mut totals, envelope).await?;
+                    anyhow::ensure!(
+                        matches!(done, Outcome::Accepted { .. }),
+                        "agent {index} ticket {ticket} step {next}: {done:?}"
+                    );
+                }
+                slot = (slot + 1) % tickets.hot;
+            }
+        }
+    }
+    Ok(totals)
+}
+
+/// `triage-bench pg-commands`: one run of Triage on PostgreSQL.
+pub(crate) async fn commands(url: &str, config: RunConfig) -> anyhow::Result<Value> {
+    let options = PostgresOptions {
+        pool_size: config.pool_size,
+        ..PostgresOptions::default()
+    };
+    let store = Arc::new(
+        PostgresEventStore::connect_temporary(url, options)
+            .await
+            .with_context(|| format!("cannot open a temporary store at {url}"))?,
+    );
+    let handler = CommandHandler::new(store.clone() as Arc<dyn EventStore>);
+    let tickets = Tickets {
+        hot: config.hot_tickets.max(1),
+        namespace: Uuid::new_v4(),
+    };
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs_f64(config.seconds);
+    let tasks: Vec<_> = (0..config.agents)
+        .map(|index| {
+            tokio::spawn(agent_loop(
+                handler.clone(),
+                config.tickets,
+                tickets.clone(),
+                index,
+                deadline,
+            ))
+        })
+        .collect();
+    let mut totals = Totals::new()?;
+    for task in tasks {
+        totals.add(task.await??)?;
+    }
+    let wall = started.elapsed();
+    let handled = handler.stats();
+    let stored = store.stats();
+    let ms = |quantile: f64| round(totals.latency_us.value_at_quantile(quantile) as f64 / 1000.0, 3);
+    Ok(json!({
+        "bench": "pg-commands",
+        "system": "triage",
+        "agents": config.agents,
+        "tickets": config.tickets.name(),
+        "hot_tickets": (config.tickets == TicketsMode::Hot).then_some(config.hot_tickets),
+        "commands": totals.accepted,
+        "rejected": totals.rejected,
+        "contended": totals.contended,
+        "loads": totals.loads,
+        "wall_s": round(wall.as_secs_f64(), 3),
+        "commands_per_s": round(totals.accepted as f64 / wall.as_secs_f64(), 1),
+        "p50_ms": ms(0.50),
+        "p99_ms": ms(0.99),
+        "max_ms": round(totals.latency_us.max() as f64 / 1000.0, 3),
+        "conflicts": handled.conflicts_retried,
+        "store_conflicts": stored.conflicts,
+        "lost_races": stored.lost_races,
+        "appends": stored.appends_written,
+        "pool_size": config.pool_size,
+    }))
+}
+
+/// The peer's binary: built with cargo (its own workspace and lockfile)
+/// unless `--peer` names one.
+pub(crate) fn peer_binary(given: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    if let Some(path) = given {
+        return Ok(path);
+    }
+    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("peer-cqrs-es/Cargo.toml");
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    eprintln!(
+        "building the peer: cargo build --release --manifest-path {}",
+        manifest.display()
+    );
+    let output = Process::new(cargo)
+        .args(["build", "--release", "--message-format=json", "--manifest-path"])
+        .arg(&manifest)
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .context("cannot run cargo to build the peer")?;
+    anyhow::ensure!(output.status.success(), "building the peer failed");
+    // Cargo names the binary it built, wherever CARGO_TARGET_DIR points.
+    let executable = String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+        .filter(|message| message["reason"] == "compiler-artifact")
+        .find_map(|message| message["executable"].as_str().map(PathBuf::from))
+        .context("cargo built no peer executable")?;
+    Ok(executable)
+}
+
+/// One run of the peer, its JSON line.
+fn peer_run(peer: &PathBuf, url: &str, config: RunConfig) -> anyhow::Result<Value> {
+    let output = Process::new(peer)
+        .args(["--url", url])
+        .args(["--agents", &config.agents.to_string()])
+        .args(["--tickets", config.tickets.name()])
+        .args(["--hot-tickets", &config.hot_tickets.to_string()])
+        .args(["--seconds", &config.seconds.to_string()])
+        .args(["--pool-size", &config.pool_size.to_string()])
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .with_context(|| format!("cannot run the peer {}", peer.display()))?;
+    anyhow::ensure!(output.status.success(), "the peer failed: {}", output.status);
+    let stdout = String::from_utf8(output.stdout)?;
+    let line = stdout.lines().last().context("the peer printed nothing")?;
+    Ok(serde_json::from_str(line)?)
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    let middle = values.len() / 2;
+    if values.len().is_multiple_of(2) {
+        (values[middle - 1] + values[middle]) / 2.0
+    } else {
+        values[middle]
+    }
+}
+
+/// `triage-bench pg-compare`: for each configuration, Triage and the peer
+/// in turn (A B A B …), every run's line, then one summary line.
+pub(crate) async fn compare(url: &str, peer: &PathBuf, config: RunConfig, rounds: usize) -> anyhow::Result<()> {
+    let mut triage = Vec::new();
+    let mut peers = Vec::new();
+    for _ in 0..rounds.max(1) {
+        let line = commands(url, config).await?;
+        println!("{line}");
+        triage.push(line);
+        let line = peer_run(peer, url, config)?;
+        println!("{line}");
+        peers.push(line);
+    }
+    let medians = |lines: &[Value], key: &str| median(lines.iter().filter_map(|line| line[key].as_f64()).collect());
+    let (triage_rate, peer_rate) = (medians(&triage, "commands_per_s"), medians(&peers, "commands_per_s"));
+    let (triage_p99, peer_p99) = (medians(&triage, "p99_ms"), medians(&peers, "p99_ms"));
+    let ratio_rate = triage_rate / peer_rate.max(f64::MIN_POSITIVE);
+    let ratio_p99 = triage_p99 / peer_p99.max(f64::MIN_POSITIVE);
+    // DESIGN.md's targets are for 8 to 32 agents.
+    let targeted = (8..=32).contains(&config.agents);
+    println!(
+        "{}",
+        json!({
+            "bench": "pg-compare",
+            "agents": config.agents,
+            "tickets": config.tickets.name(),
+            "rounds": triage.len(),
+            "seconds": config.seconds,
+            "pool_size": config.pool_size,
+            "triage_commands_per_s": round(triage_rate, 1),
+            "peer_commands_per_s": round(peer_rate, 1),
+            "triage_p50_ms": round(medians(&triage, "p50_ms"), 3),
+            "peer_p50_ms": round(medians(&peers, "p50_ms"), 3),
+            "triage_p99_ms": round(triage_p99, 3),
+            "peer_p99_ms": round(peer_p99, 3),
+            "ratio_commands_per_s": round(ratio_rate, 2),
+            "ratio_p99": round(ratio_p99, 2),
+            "target_ratio_commands_per_s": targeted.then_some(1.5),
+            "target_ratio_p99": targeted.then_some(0.75),
+            "targets_met": targeted.then_some(ratio_rate >= 1.5 && ratio_p99 <= 0.75),
+        })
+    );
+    Ok(())
+}
+
+/// Reads the whole log in pages and decodes every event, as a rebuild's
+/// reader does; returns the seconds taken.
+async fn read_all(store: &dyn EventStore, total: u64, batch_size: usize) -> anyhow::Result<f64> {
+    let started = Instant::now();
+    let mut decoded = 0u64;
+    let mut failure = None;
+    triage_projections::query::EventQuery::default()
+        .scan(
+            store,
+            batch_size,
+            |record| match triage_command_handler::decode_recorded(record) {
+                Ok(_) => {
+                    decoded += 1;
+                    std::ops::ControlFlow::Continue(())
+                }
+                Err(error) => {
+                    failure = Some(error);
+                    std::ops::ControlFlow::Break(())
+                }
+            },
+        )
+        .await?;
+    if let Some(error) = failure {
+        return Err(error.into());
+    }
+    anyhow::ensure!(decoded == total, "read {decoded} of {total} events");
+    Ok(started.elapsed().as_secs_f64())
+}
+
+/// `triage-bench pg-rebuild`: appends `events` events of whole ticket
+/// lifecycles to a fresh PostgreSQL schema, then rebuilds the projections
+/// from it into a SQLite read-model database, as `rebuild` does for
+/// SQLite. What is measured is the rebuild: reading `$all` from
+/// PostgreSQL in pages, decoding, and applying.
+pub(crate) async fn rebuild(url: &str, events: u64, batch_size: usize, pool_size: usize) -> anyhow::Result<Value> {
+    let options = PostgresOptions {
+        pool_size,
+        ..PostgresOptions::default()
+    };
+    let store = Arc::new(
+        PostgresEventStore::connect_temporary(url, options)
+            .await
+            .with_context(|| format!("cannot open a temporary store at {url}"))?,
+    );
+    let (total, generate_s) = crate::replay::fill(store.clone(), events).await?;
+    let read = read_all(store.as_ref(), total, batch_size).await?;
+    let mut line = crate::replay::rebuild_from(store.clone(), total, batch_size).await?;
+    line["bench"] = json!("pg-rebuild");
+    // The read side alone, to tell the PostgreSQL reads from the SQLite
+    // read-model writes: `$all` in pages, every event decoded.
+    line["read_only_events_per_s"] = json!(round(total as f64 / read, 0));
+    line["read_only_wall_s"] = json!(round(read, 3));
+    line["store"] = json!("postgres");
+    line["generate_s"] = json!(round(generate_s, 3));
+    // DESIGN.md: projection rebuild from PostgreSQL ≥ 500,000 events/s.
+    line["target_events_per_s"] = json!(500_000);
+    line["target_met"] = json!(line["events_per_s"].as_f64().is_some_and(|rate| rate >= 500_000.0));
+    Ok(line)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn median_of_odd_and_even_counts() {
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(vec![4.0, 1.0, 3.0, 2.0]), 2.5);
+    }
+
+    #[test]
+    fn every_agent_names_the_same_hot_tickets() {
+        let tickets = Tickets {
+            hot: 4,
+            namespace: Uuid::new_v4(),
+        };
+        let again = tickets.clone();
+        assert_eq!(tickets.hot_ticket(2, 7), again.hot_ticket(2, 7));
+        assert_ne!(tickets.hot_ticket(2, 7), tickets.hot_ticket(2, 8));
+        assert_ne!(tickets.hot_ticket(1, 7), tickets.hot_ticket(2, 7));
+    }
+}
