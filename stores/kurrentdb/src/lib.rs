@@ -293,14 +293,15 @@ impl KurrentDbEventStore {
         (!self.prefix.is_empty()).then(|| SubscriptionFilter::on_stream_name().add_prefix(&self.prefix))
     }
 
-    /// One page of `$all` from the server, converted; the second value is
-    /// the number of server events seen, to tell the end of the log.
+    /// One page of `$all` from the server, converted, with what the server
+    /// sent before conversion dropped system events: how many events, and
+    /// the last one's position (the next page's start).
     async fn read_all_page(
         &self,
         direction: Direction,
         from: Option<Position>,
         count: usize,
-    ) -> Result<(Vec<RecordedEvent>, usize)> {
+    ) -> Result<(Vec<RecordedEvent>, usize, Option<Position>)> {
         let mut options = ReadAllOptions::default()
             .max_count(count)
             .deadline(self.options.deadline);
@@ -328,13 +329,16 @@ impl KurrentDbEventStore {
             })
             .await?;
         let seen = raw.len();
+        let last = raw
+            .last()
+            .map(|resolved| from_client_position(resolved.get_original_event().position));
         let mut events = Vec::with_capacity(seen);
         for resolved in &raw {
             if let Some(event) = self.recorded(resolved.get_original_event())? {
                 events.push(event);
             }
         }
-        Ok((events, seen))
+        Ok((events, seen, last))
     }
 
     /// Whether the stored events at the end of an append are exactly `sent`.
@@ -450,7 +454,7 @@ impl EventStore for KurrentDbEventStore {
 
     async fn read_all(&self, options: ReadAll) -> Result<Vec<RecordedEvent>> {
         let mut events = Vec::with_capacity(options.max_count.min(PAGE));
-        let mut from = match options.from {
+        let start = match options.from {
             AllStart::Boundary => None,
             AllStart::Position(position) => Some(position),
         };
@@ -458,40 +462,48 @@ impl EventStore for KurrentDbEventStore {
             return Ok(events);
         }
         if options.direction == Direction::Backwards
-            && let Some(position) = from
+            && let Some(position) = start
         {
-            // The server's backward read excludes its start; the port's
-            // includes it.
-            let (first, _) = self.read_all_page(Direction::Forwards, Some(position), 1).await?;
+            // A backward read excludes its start on the server and includes
+            // it in the port.
+            let (first, _, _) = self.read_all_page(Direction::Forwards, Some(position), 1).await?;
             events.extend(first.into_iter().filter(|event| event.position == position));
         }
-        // Filtered-out system events make short pages: read on until the
-        // page is full or the log ends.
+        // System events dropped in conversion make short pages: read on
+        // until the page is full or the log ends. Whatever the server does
+        // with a page's start, an event is kept only if it lies beyond the
+        // previous page (or, forwards on the first page, at the start).
+        let mut cursor = start;
+        let mut first_page = true;
         while events.len() < options.max_count {
-            let wanted = (options.max_count - events.len()).min(PAGE);
-            let (page, seen) = self.read_all_page(options.direction, from, wanted).await?;
-            let last = page.last().map(|event| event.position);
+            // After the first page the server may return the cursor event
+            // again (forward reads include their start): ask for one more.
+            let wanted = (options.max_count - events.len()).min(PAGE) + usize::from(!first_page);
+            let (page, seen, last) = self.read_all_page(options.direction, cursor, wanted).await?;
             for event in page {
-                let fresh = match (options.direction, from) {
-                    // Forward reads include their start; after the first
-                    // page the start was already returned.
-                    (Direction::Forwards, Some(start)) => event.position > start || events.is_empty(),
-                    _ => true,
+                let beyond = match (options.direction, cursor) {
+                    (_, None) => true,
+                    (Direction::Forwards, Some(at)) if first_page => event.position >= at,
+                    (Direction::Forwards, Some(at)) => event.position > at,
+                    (Direction::Backwards, Some(at)) => event.position < at,
                 };
-                if fresh && events.len() < options.max_count {
+                if beyond && events.len() < options.max_count {
                     events.push(event);
                 }
             }
-            if seen < wanted || last.is_none() {
+            // The end of the log, or no progress (a page holding only the
+            // cursor event).
+            if seen < wanted || last.is_none() || (!first_page && last == cursor) {
                 break;
             }
-            from = last;
+            cursor = last;
+            first_page = false;
         }
         Ok(events)
     }
 
     async fn head_position(&self) -> Result<Option<Position>> {
-        let (events, _) = self.read_all_page(Direction::Backwards, None, 1).await?;
+        let (events, _, _) = self.read_all_page(Direction::Backwards, None, 1).await?;
         if let Some(last) = events.first() {
             return Ok(Some(last.position));
         }

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use triage_event_store::testing::event;
-use triage_event_store::{Error, EventStore, ExpectedRevision, ReadAll, ReadStream, StreamName};
+use triage_event_store::{Error, EventStore, ExpectedRevision, Position, ReadAll, ReadStream, StreamName};
 use triage_kurrentdb_testserver::TestServer;
 use triage_store_kurrentdb::{KurrentDbEventStore, KurrentDbOptions};
 
@@ -131,4 +131,55 @@ async fn malformed_connection_strings_are_refused_up_front() {
             other => panic!("{url}: expected a clear refusal, got {other:?}"),
         }
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn system_streams_on_the_server_are_not_part_of_the_store() {
+    let server = server().await;
+    let store = KurrentDbEventStore::connect(&server.url(), KurrentDbOptions::default()).unwrap();
+    // What a real server writes on its own: `$`-streams between ours.
+    let raw = kurrentdb::Client::new(server.url().parse().unwrap()).unwrap();
+    let system_events = |count: usize| {
+        (0..count)
+            .map(|_| kurrentdb::EventData::binary("$statsCollected", vec![1].into()).id(uuid::Uuid::new_v4()))
+            .collect::<Vec<_>>()
+    };
+    let any = kurrentdb::AppendToStreamOptions::default();
+    let s = stream("ticket");
+    store
+        .append(&s, ExpectedRevision::NoStream, vec![event("A")])
+        .await
+        .unwrap();
+    raw.append_to_stream("$stats-node", &any, system_events(5))
+        .await
+        .unwrap();
+    store
+        .append(&s, ExpectedRevision::Exact(0), vec![event("B")])
+        .await
+        .unwrap();
+    raw.append_to_stream("$stats-node", &any, system_events(5))
+        .await
+        .unwrap();
+
+    let ours = store.read_all(ReadAll::forwards(100)).await.unwrap();
+    assert_eq!(ours.iter().map(|e| e.revision).collect::<Vec<_>>(), [0, 1]);
+    // Pages of one event step over the system events in both directions.
+    let one = store
+        .read_all(ReadAll::forwards(1).from_position(ours[0].position))
+        .await
+        .unwrap();
+    assert_eq!(one.len(), 1);
+    let second = store
+        .read_all(ReadAll::forwards(1).from_position(Position {
+            commit: ours[0].position.commit,
+            prepare: ours[0].position.prepare + 1,
+        }))
+        .await
+        .unwrap();
+    assert_eq!(second.iter().map(|e| e.revision).collect::<Vec<_>>(), [1]);
+    let backwards = store.read_all(ReadAll::backwards(10)).await.unwrap();
+    assert_eq!(backwards.iter().map(|e| e.revision).collect::<Vec<_>>(), [1, 0]);
+    // The head is our last event, not the server's last system event.
+    assert_eq!(store.head_position().await.unwrap(), Some(ours[1].position));
+    assert_eq!(server.log().len(), 12);
 }
