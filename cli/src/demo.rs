@@ -11,7 +11,7 @@ use serde_json::json;
 use triage_demo::{DemoConfig, DemoReport, Progress};
 use triage_domain::State;
 use triage_event_store::EventStore;
-use triage_projections::{ProjectorOptions, ReadModelDb};
+use triage_projections::{ProjectorOptions, ReadModelDb, ReadModels};
 use triage_store_sqlite::{SqliteEventStore, SqliteOptions};
 
 use crate::GlobalArgs;
@@ -103,7 +103,16 @@ pub(crate) async fn run(args: DemoArgs, global: &GlobalArgs) -> anyhow::Result<(
     {
         let opened = global.open().await?;
         let place = opened.location.to_string();
-        (opened.events, opened.projector.db().clone(), place)
+        let read_models = match &opened.read_models {
+            ReadModels::Sqlite(projector) => projector.db().clone(),
+            // The demo's own checks read SQLite read models; PostgreSQL ones
+            // stay for `triage serve` and `triage ticket`.
+            _ => {
+                eprintln!("triage demo: read models for this run are kept in memory (SQLite)");
+                ReadModelDb::in_memory()?
+            }
+        };
+        (opened.events, read_models, place)
     } else {
         let options = SqliteOptions {
             synchronous: global.synchronous(),
@@ -111,6 +120,9 @@ pub(crate) async fn run(args: DemoArgs, global: &GlobalArgs) -> anyhow::Result<(
         };
         let store = SqliteEventStore::open_temporary_with(options).context("cannot create a temporary event store")?;
         let read_models = match &global.read_model {
+            Some(url) if url.contains("://") => {
+                anyhow::bail!("the demo keeps its read models in SQLite: give --read-model a file path, not {url:?}")
+            }
             Some(path) => ReadModelDb::open(path)?,
             None => ReadModelDb::open(store.path().with_file_name("triage.read.db"))?,
         };

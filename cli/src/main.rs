@@ -28,8 +28,9 @@ use triage_store_sqlite::Synchronous;
 
 use std::sync::Arc;
 
+use anyhow::Context as _;
 use triage_event_store::EventStore;
-use triage_projections::{Projector, ProjectorOptions, ReadModelDb};
+use triage_projections::{ProjectorOptions, ReadModels};
 
 use crate::store::StoreLocation;
 
@@ -38,7 +39,7 @@ use crate::store::StoreLocation;
 struct Opened {
     location: StoreLocation,
     events: Arc<dyn EventStore>,
-    projector: Projector,
+    read_models: ReadModels,
 }
 
 /// Triage: many AI agents and humans work the same support tickets without
@@ -71,12 +72,14 @@ struct GlobalArgs {
     #[arg(long, global = true, env = "TRIAGE_DB", value_name = "PATH")]
     db: Option<PathBuf>,
 
-    /// The read-model file (SQLite). Default: next to the event store file,
-    /// `triage.db` → `triage.read.db`; in memory for memory://;
-    /// ./triage.esdb.read.db for EventStoreDB and ./triage.pg.read.db for
-    /// PostgreSQL (give each server store its own file).
-    #[arg(long, global = true, env = "TRIAGE_READ_MODEL", value_name = "PATH")]
-    read_model: Option<PathBuf>,
+    /// Where read models live: a SQLite file PATH, or
+    /// postgres://USER@HOST/DB[?schema=NAME] (with projection leadership:
+    /// one running instance applies each projection). Default: next to a
+    /// SQLite event file (`triage.db` → `triage.read.db`); in memory for
+    /// memory://; the same database, schema `triage_read`, for a PostgreSQL
+    /// store; ./triage.esdb.read.db for EventStoreDB.
+    #[arg(long, global = true, env = "TRIAGE_READ_MODEL", value_name = "PATH|URL")]
+    read_model: Option<String>,
 
     /// Event types projections skip instead of stopping on them (types a
     /// newer Triage wrote). Repeat for several.
@@ -162,19 +165,33 @@ impl GlobalArgs {
     async fn open(&self) -> anyhow::Result<Opened> {
         let location = self.location()?;
         let events = location.open(self.synchronous()).await?;
-        let db = match self.read_model.clone().or_else(|| location.default_read_model()) {
-            Some(path) => ReadModelDb::open(path)?,
-            None => ReadModelDb::in_memory()?,
+        let options = self.projector_options();
+        let read_models = match self.read_model.clone().or_else(|| location.default_read_model()) {
+            Some(place) => ReadModels::open(&place, events.clone(), options)
+                .await
+                .with_context(|| {
+                    format!(
+                        "cannot open the read models at {}",
+                        triage_event_store::url::redact_password(&place)
+                    )
+                })?,
+            None => ReadModels::Sqlite(
+                triage_projections::Projector::new(events.clone(), triage_projections::ReadModelDb::in_memory()?)
+                    .with_options(options),
+            ),
         };
-        let projector = Projector::new(events.clone(), db).with_options(ProjectorOptions {
-            skip_event_types: self.skip_event_type.iter().cloned().collect(),
-            ..ProjectorOptions::default()
-        });
         Ok(Opened {
             location,
             events,
-            projector,
+            read_models,
         })
+    }
+
+    fn projector_options(&self) -> ProjectorOptions {
+        ProjectorOptions {
+            skip_event_types: self.skip_event_type.iter().cloned().collect(),
+            ..ProjectorOptions::default()
+        }
     }
 
     fn synchronous(&self) -> Synchronous {

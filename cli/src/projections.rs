@@ -42,10 +42,13 @@ pub(crate) enum ProjectionsCommand {
 
 pub(crate) async fn run(command: ProjectionsCommand, global: &GlobalArgs) -> anyhow::Result<()> {
     let opened = global.open().await?;
-    let projector = &opened.projector;
+    let read_models = &opened.read_models;
     match command {
         ProjectionsCommand::List => {
-            let rows: Vec<_> = projector
+            // Versions and tables are those of this build's projections,
+            // wherever the read models live.
+            let catalog = triage_projections::Projector::new(opened.events.clone(), ReadModelDb::in_memory()?);
+            let rows: Vec<_> = catalog
                 .projections()
                 .iter()
                 .map(|projection| {
@@ -60,7 +63,7 @@ pub(crate) async fn run(command: ProjectionsCommand, global: &GlobalArgs) -> any
                 rows.iter().for_each(output::print_json);
             } else {
                 let mut out = output::table(&["Projection", "Version", "Tables (views onto the live generation)"]);
-                for projection in projector.projections() {
+                for projection in catalog.projections() {
                     out.add_row(vec![
                         projection.name().to_owned(),
                         projection.version().to_string(),
@@ -72,7 +75,7 @@ pub(crate) async fn run(command: ProjectionsCommand, global: &GlobalArgs) -> any
             Ok(())
         }
         ProjectionsCommand::Status => {
-            let statuses = projector.status().await?;
+            let statuses = read_models.status().await?;
             if global.json {
                 for status in &statuses {
                     output::print_json(&serde_json::to_value(status)?);
@@ -124,7 +127,7 @@ pub(crate) async fn run(command: ProjectionsCommand, global: &GlobalArgs) -> any
         } => {
             let names: Vec<String> = match (name, all) {
                 (Some(name), false) => vec![name],
-                (None, true) => projector.projections().iter().map(|p| p.name().to_owned()).collect(),
+                (None, true) => read_models.projection_names().into_iter().map(str::to_owned).collect(),
                 _ => bail!("name a projection or pass --all"),
             };
             let cancel = Arc::new(AtomicBool::new(false));
@@ -142,7 +145,7 @@ pub(crate) async fn run(command: ProjectionsCommand, global: &GlobalArgs) -> any
                 cancel: Some(cancel.clone()),
             };
             let names: Vec<&str> = names.iter().map(String::as_str).collect();
-            let reports = projector.rebuild_many(&names, options).await?;
+            let reports = read_models.rebuild_many(&names, options).await?;
             if global.json {
                 for report in &reports {
                     output::print_json(&serde_json::to_value(report)?);
@@ -269,9 +272,9 @@ enum By {
 /// `triage stats`.
 pub(crate) async fn stats(args: StatsArgs, global: &GlobalArgs) -> anyhow::Result<()> {
     let opened = global.open().await?;
-    opened.projector.catch_up().await?;
+    opened.read_models.catch_up().await?;
     if args.since.is_none() && args.until.is_none() && args.by.is_none() {
-        let summary = opened.projector.read("stats", stats::summary)?;
+        let summary = opened.read_models.stats_summary().await?;
         if global.json {
             output::print_json(&serde_json::to_value(&summary)?);
         } else {
@@ -287,10 +290,9 @@ pub(crate) async fn stats(args: StatsArgs, global: &GlobalArgs) -> anyhow::Resul
     // Each ticket's category, from the read model, for --by category.
     let categories: std::collections::HashMap<triage_domain::TicketId, String> = if args.by == Some(By::Category) {
         opened
-            .projector
-            .read("tickets", |conn, slot| {
-                triage_projections::TicketsView::new(conn, slot).list(None, usize::MAX)
-            })?
+            .read_models
+            .list(None, usize::MAX)
+            .await?
             .into_iter()
             .filter_map(|row| {
                 let category = row

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{Context as _, bail};
+use triage_event_store::url::{redact_password, take_query_parameter};
 use triage_event_store::{EventStore, InMemoryEventStore};
 use triage_store_kurrentdb::{KurrentDbEventStore, KurrentDbOptions};
 use triage_store_postgres::{PostgresEventStore, PostgresOptions};
@@ -76,7 +77,10 @@ impl StoreLocation {
             }
             StoreLocation::Memory => Ok(Arc::new(InMemoryEventStore::new())),
             StoreLocation::Postgres(url) => {
-                let store = PostgresEventStore::connect(url, PostgresOptions::default())
+                // `schema=NAME` places the store in a schema of its own.
+                let (url, schema) = take_query_parameter(url, "schema");
+                let options = schema.map_or_else(PostgresOptions::default, PostgresOptions::in_schema);
+                let store = PostgresEventStore::connect(&url, options)
                     .await
                     .with_context(|| format!("cannot open the event store {self}"))?;
                 Ok(Arc::new(store))
@@ -90,14 +94,23 @@ impl StoreLocation {
     }
 
     /// Where read models live when `--read-model` is not given: next to a
-    /// SQLite store, in memory for memory://, and in a SQLite file in the
-    /// working directory for servers.
-    pub(crate) fn default_read_model(&self) -> Option<PathBuf> {
+    /// SQLite store; in memory for memory://; in the same PostgreSQL
+    /// database (schema `triage_read`) for a PostgreSQL store; in a SQLite
+    /// file in the working directory for EventStoreDB.
+    pub(crate) fn default_read_model(&self) -> Option<String> {
         match self {
-            StoreLocation::Sqlite(path) => Some(triage_projections::ReadModelDb::sibling_of(path)),
+            StoreLocation::Sqlite(path) => {
+                Some(triage_projections::ReadModelDb::sibling_of(path).display().to_string())
+            }
             StoreLocation::Memory => None,
-            StoreLocation::Postgres(_) => Some(PathBuf::from("./triage.pg.read.db")),
-            StoreLocation::Kurrent(_) => Some(PathBuf::from("./triage.esdb.read.db")),
+            StoreLocation::Postgres(url) => {
+                // Beside the events: `<schema>_read`, or `triage_read`.
+                let (base, schema) = take_query_parameter(url, "schema");
+                let read_schema = schema.map_or_else(|| "triage_read".to_owned(), |schema| format!("{schema}_read"));
+                let separator = if base.contains('?') { '&' } else { '?' };
+                Some(format!("{base}{separator}schema={read_schema}"))
+            }
+            StoreLocation::Kurrent(_) => Some("./triage.esdb.read.db".to_owned()),
         }
     }
 }
@@ -109,20 +122,6 @@ impl fmt::Display for StoreLocation {
             StoreLocation::Memory => f.write_str("memory://"),
             StoreLocation::Postgres(url) | StoreLocation::Kurrent(url) => f.write_str(&redact_password(url)),
         }
-    }
-}
-
-/// A server URL without its password, for messages.
-fn redact_password(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
-    };
-    match rest.split_once('@') {
-        Some((credentials, host)) if credentials.contains(':') => {
-            let user = credentials.split(':').next().unwrap_or_default();
-            format!("{scheme}://{user}:***@{host}")
-        }
-        _ => url.to_owned(),
     }
 }
 

@@ -7,8 +7,8 @@ use std::ops::ControlFlow;
 use triage_command_handler::{CommandError, CommandHandler};
 use triage_domain::{Agent, Command, CommandEnvelope, Rejection, Role, State, TicketId};
 
+use triage_projections::TicketRow;
 use triage_projections::query::EventQuery;
-use triage_projections::{TicketRow, TicketsView};
 use uuid::Uuid;
 
 use crate::GlobalArgs;
@@ -242,10 +242,11 @@ pub(crate) async fn run(command: TicketCommand, global: &GlobalArgs) -> anyhow::
             Ok(())
         }
         TicketCommand::Show { id, at: None } => {
-            let checkpoint = opened.projector.catch_up().await?;
+            let checkpoint = opened.read_models.catch_up().await?;
             let row = opened
-                .projector
-                .read("tickets", |conn, slot| TicketsView::new(conn, slot).get(id))?
+                .read_models
+                .ticket(id)
+                .await?
                 .ok_or_else(|| anyhow::anyhow!("ticket {id} not found in {location}"))?;
             if global.json {
                 output::print_json(&output::ticket_json(&row));
@@ -255,18 +256,14 @@ pub(crate) async fn run(command: TicketCommand, global: &GlobalArgs) -> anyhow::
             Ok(())
         }
         TicketCommand::List { state, limit } => {
-            opened.projector.catch_up().await?;
-            let rows = opened
-                .projector
-                .read("tickets", |conn, slot| TicketsView::new(conn, slot).list(state, limit))?;
+            opened.read_models.catch_up().await?;
+            let rows = opened.read_models.list(state, limit).await?;
             output::print_ticket_list(&rows, global.json);
             Ok(())
         }
         TicketCommand::Queue { role, limit } => {
-            opened.projector.catch_up().await?;
-            let rows = opened.projector.read("tickets", |conn, slot| {
-                TicketsView::new(conn, slot).work_queue(role, limit)
-            })?;
+            opened.read_models.catch_up().await?;
+            let rows = opened.read_models.work_queue(role, limit).await?;
             output::print_ticket_list(&rows, global.json);
             Ok(())
         }

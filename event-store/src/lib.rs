@@ -33,6 +33,7 @@ mod memory;
 mod store;
 mod subscription;
 mod types;
+pub mod url;
 
 #[cfg(feature = "testing")]
 pub mod testing;

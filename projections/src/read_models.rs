@@ -46,7 +46,7 @@ impl ReadModels {
         options: ProjectorOptions,
     ) -> Result<ReadModels, ProjectionError> {
         if location.starts_with("postgres://") || location.starts_with("postgresql://") {
-            let (url, schema) = split_schema(location);
+            let (url, schema) = triage_event_store::url::take_query_parameter(location, SCHEMA_PARAMETER);
             let pg_options = schema.map_or_else(PgReadModelOptions::default, PgReadModelOptions::in_schema);
             let models = PgReadModels::connect(&url, pg_options).await?;
             Ok(ReadModels::Postgres(
@@ -150,53 +150,5 @@ impl ReadModels {
             ReadModels::Sqlite(projector) => projector.read("stats", stats::summary),
             ReadModels::Postgres(projector) => projector.models().stats_summary().await,
         }
-    }
-}
-
-/// Splits a `schema=NAME` parameter off a PostgreSQL URL (the driver
-/// refuses parameters it does not know).
-fn split_schema(url: &str) -> (String, Option<String>) {
-    let Some((base, query)) = url.split_once('?') else {
-        return (url.to_owned(), None);
-    };
-    let mut schema = None;
-    let rest: Vec<&str> = query
-        .split('&')
-        .filter(|pair| match pair.split_once('=') {
-            Some((SCHEMA_PARAMETER, value)) => {
-                schema = Some(value.to_owned());
-                false
-            }
-            _ => !pair.is_empty(),
-        })
-        .collect();
-    if rest.is_empty() {
-        (base.to_owned(), schema)
-    } else {
-        (format!("{base}?{}", rest.join("&")), schema)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::split_schema;
-
-    #[test]
-    fn the_schema_parameter_is_taken_off_the_url() {
-        assert_eq!(
-            split_schema("postgres://a@h/db"),
-            ("postgres://a@h/db".to_owned(), None)
-        );
-        assert_eq!(
-            split_schema("postgres://a@h/db?schema=rm"),
-            ("postgres://a@h/db".to_owned(), Some("rm".to_owned()))
-        );
-        assert_eq!(
-            split_schema("postgres://a@h/db?connect_timeout=3&schema=rm&application_name=x"),
-            (
-                "postgres://a@h/db?connect_timeout=3&application_name=x".to_owned(),
-                Some("rm".to_owned())
-            )
-        );
     }
 }

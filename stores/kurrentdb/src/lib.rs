@@ -56,6 +56,7 @@ use kurrentdb::{
     SubscribeToAllOptions, SubscriptionEvent, SubscriptionFilter,
 };
 use tokio::sync::mpsc;
+use triage_event_store::url::{redact_password as redact, take_query_parameter};
 use triage_event_store::{
     AllStart, AppendResult, Direction, Error, EventData, EventFilter, EventStore, ExpectedRevision, Position, ReadAll,
     ReadStream, RecordedEvent, Result, StreamName, StreamStart, SubscribeToAll, Subscription, SubscriptionMessage,
@@ -123,7 +124,7 @@ impl KurrentDbEventStore {
     /// `namespace=NAME` parameter) and prepares a client. Connecting is lazy:
     /// the first call connects. Must be called inside a tokio runtime.
     pub fn connect(url: &str, mut options: KurrentDbOptions) -> Result<Self> {
-        let (client_url, namespace) = split_namespace(url);
+        let (client_url, namespace) = take_query_parameter(url, "namespace");
         if namespace.is_some() {
             options.namespace = namespace;
         }
@@ -639,30 +640,6 @@ fn is_connection_failure(error: &kurrentdb::Error) -> bool {
     )
 }
 
-/// Takes `namespace=NAME` out of a connection string; the client would
-/// ignore it with a warning.
-fn split_namespace(url: &str) -> (String, Option<String>) {
-    let Some((base, query)) = url.split_once('?') else {
-        return (url.to_owned(), None);
-    };
-    let mut namespace = None;
-    let kept: Vec<&str> = query
-        .split('&')
-        .filter(|pair| match pair.split_once('=') {
-            Some((key, value)) if key.eq_ignore_ascii_case("namespace") => {
-                namespace = Some(value.to_owned());
-                false
-            }
-            _ => !pair.is_empty(),
-        })
-        .collect();
-    if kept.is_empty() {
-        (base.to_owned(), namespace)
-    } else {
-        (format!("{base}?{}", kept.join("&")), namespace)
-    }
-}
-
 fn validate_namespace(namespace: &str) -> Result<()> {
     let valid = !namespace.is_empty()
         && namespace.len() <= 64
@@ -678,49 +655,14 @@ fn validate_namespace(namespace: &str) -> Result<()> {
     }
 }
 
-/// The connection string without its password.
-fn redact(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
-    };
-    match rest.split_once('@') {
-        Some((credentials, host)) => {
-            let user = credentials.split(':').next().unwrap_or_default();
-            format!("{scheme}://{user}:***@{host}")
-        }
-        None => url.to_owned(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn namespaces_come_out_of_the_connection_string() {
-        assert_eq!(
-            split_namespace("esdb://h:2113?tls=false&namespace=prod&discoveryInterval=0"),
-            (
-                "esdb://h:2113?tls=false&discoveryInterval=0".to_owned(),
-                Some("prod".to_owned())
-            )
-        );
-        assert_eq!(
-            split_namespace("esdb://h:2113?namespace=prod"),
-            ("esdb://h:2113".to_owned(), Some("prod".to_owned()))
-        );
-        assert_eq!(split_namespace("esdb://h:2113"), ("esdb://h:2113".to_owned(), None));
+    fn namespaces_are_validated() {
         assert!(validate_namespace("prod_1").is_ok());
         assert!(validate_namespace("a.b").is_err());
         assert!(validate_namespace("").is_err());
-    }
-
-    #[test]
-    fn passwords_are_not_described() {
-        assert_eq!(
-            redact("esdb://admin:changeit@h:2113?tls=true"),
-            "esdb://admin:***@h:2113?tls=true"
-        );
-        assert_eq!(redact("esdb://h:2113"), "esdb://h:2113");
     }
 }
