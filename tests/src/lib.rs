@@ -411,3 +411,66 @@ pub async fn audit_store(store: &dyn EventStore, acknowledged: &[Accepted]) -> L
     result.unacknowledged_commands = stored_commands.difference(&acknowledged_ids).copied().collect();
     result
 }
+
+/// Runs [`race`] with the default configuration on `store`, audits the log
+/// with [`audit_store`], and asserts every invariant, and that the hazards
+/// (late writes, retries, collisions, expired claims) really happened. The
+/// one check every backend's race test shares.
+pub async fn race_and_audit(store: Arc<dyn EventStore>) {
+    let report = race(store.clone(), RaceConfig::default()).await;
+    assert!(report.errors.is_empty(), "unexpected errors: {:?}", report.errors);
+    let audit = audit_store(store.as_ref(), &report.acknowledged).await;
+    eprintln!(
+        "{}: {} events in {} streams; {} acknowledged, {} rejections, {} stale decisions, {} retries, \
+         {} late writes attempted, {} claims expired; final states {:?}",
+        store.describe(),
+        audit.audit.events,
+        audit.streams,
+        report.acknowledged.len(),
+        report.rejections,
+        report.stale_decisions,
+        report.retries_sent,
+        report.late_writes_attempted,
+        audit.claims_expired,
+        audit.final_states,
+    );
+    assert_eq!(
+        audit.audit.invalid_transitions, 0,
+        "invalid transitions: {:#?}",
+        audit.audit.findings
+    );
+    assert_eq!(audit.audit.lost_updates, 0, "lost updates: {:#?}", audit.audit.findings);
+    assert_eq!(audit.audit.duplicate_events, 0, "events stored twice");
+    assert_eq!(
+        audit.audit.missing_events, 0,
+        "acknowledged but missing: {:#?}",
+        audit.audit.findings
+    );
+    assert!(
+        audit.misplaced_acknowledged.is_empty(),
+        "{:?}",
+        audit.misplaced_acknowledged
+    );
+    assert_eq!(audit.foreign_event_ids, 0);
+    assert!(
+        audit.unacknowledged_commands.is_empty(),
+        "{:?}",
+        audit.unacknowledged_commands
+    );
+    assert!(audit.passed());
+    assert_eq!(audit.streams, 10);
+    // The hazards really happened, and none of them got through.
+    assert!(report.late_writes_attempted > 0, "the run exercised late writes");
+    assert_eq!(report.late_writes_accepted, 0, "a late write was accepted");
+    assert!(report.retries_sent > 0, "the run exercised retries");
+    assert!(report.stale_decisions + report.rejections > 0, "agents collided");
+    assert!(audit.claims_expired > 0, "the sweeper expired claims");
+    let retried_outcomes = report.acknowledged.iter().filter(|accepted| accepted.duplicate).count();
+    assert!(retried_outcomes > 0, "retries were answered from the log");
+    let resolved = audit
+        .final_states
+        .get(&triage_domain::State::Resolved)
+        .copied()
+        .unwrap_or(0);
+    assert!(resolved > 0, "tickets went through the whole lifecycle");
+}

@@ -12,7 +12,7 @@ use triage_domain::{Agent, Command, CommandEnvelope, Role};
 use triage_event_store::{Error as StoreError, EventStore};
 use triage_kurrentdb_testserver::TestServer;
 use triage_store_kurrentdb::{KurrentDbEventStore, KurrentDbOptions};
-use triage_tests::{RaceConfig, audit_store, race};
+use triage_tests::race_and_audit;
 
 fn connect(url: &str) -> Arc<dyn EventStore> {
     connect_in(url, None)
@@ -42,48 +42,6 @@ async fn agents_racing_on_a_real_kurrentdb_server() {
     };
     let namespace = format!("race_{}", uuid::Uuid::new_v4().simple());
     race_and_audit(connect_in(&url, Some(namespace))).await;
-}
-
-async fn race_and_audit(store: Arc<dyn EventStore>) {
-    let report = race(store.clone(), RaceConfig::default()).await;
-    assert!(report.errors.is_empty(), "unexpected errors: {:?}", report.errors);
-    let audit = audit_store(store.as_ref(), &report.acknowledged).await;
-    eprintln!(
-        "{}: {} events in {} streams; {} acknowledged, {} rejections, {} stale decisions, {} retries, \
-         {} late writes attempted",
-        store.describe(),
-        audit.audit.events,
-        audit.streams,
-        report.acknowledged.len(),
-        report.rejections,
-        report.stale_decisions,
-        report.retries_sent,
-        report.late_writes_attempted,
-    );
-    assert_eq!(audit.audit.invalid_transitions, 0, "{:#?}", audit.audit.findings);
-    assert_eq!(audit.audit.lost_updates, 0, "{:#?}", audit.audit.findings);
-    assert_eq!(audit.audit.duplicate_events, 0, "events stored twice");
-    assert_eq!(audit.audit.missing_events, 0, "{:#?}", audit.audit.findings);
-    assert!(
-        audit.misplaced_acknowledged.is_empty(),
-        "{:?}",
-        audit.misplaced_acknowledged
-    );
-    assert_eq!(audit.foreign_event_ids, 0);
-    assert!(
-        audit.unacknowledged_commands.is_empty(),
-        "{:?}",
-        audit.unacknowledged_commands
-    );
-    assert!(audit.passed());
-    assert_eq!(audit.streams, 10);
-    assert!(report.late_writes_attempted > 0 && report.late_writes_accepted == 0);
-    assert!(report.retries_sent > 0, "the run exercised retries");
-    assert!(report.stale_decisions + report.rejections > 0, "agents collided");
-    assert!(
-        report.acknowledged.iter().any(|accepted| accepted.duplicate),
-        "retries were answered from the log"
-    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
