@@ -51,21 +51,30 @@ async fn refresh_forever(
     wake: Arc<Notify>,
     poll_interval: Duration,
 ) {
-    let mut ticks = tokio::time::interval(poll_interval.max(Duration::from_millis(1)));
+    let poll_interval = poll_interval.max(Duration::from_millis(1));
+    let mut ticks = tokio::time::interval(poll_interval);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Set while committed events are hidden behind an older transaction.
+    let mut recheck: Option<Duration> = None;
     loop {
+        let soon = async {
+            match recheck {
+                Some(pause) => tokio::time::sleep(pause).await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             _ = ticks.tick() => {}
             () = wake.notified() => {}
+            () = soon => {}
         }
-        let visible = match pool.get().await {
-            Ok(client) => heads(&client, &sql, &target)
-                .await
-                .map(|heads| heads.visible_position()),
+        let found = match pool.get().await {
+            Ok(client) => heads(&client, &sql, &target).await,
             Err(error) => Err(crate::pool_error(&target, error)),
         };
-        match visible {
-            Ok(visible) => {
+        match found {
+            Ok(found) => {
+                let visible = found.visible_position();
                 head.send_if_modified(|current| {
                     let moved = visible > *current;
                     if moved {
@@ -73,8 +82,19 @@ async fn refresh_forever(
                     }
                     moved
                 });
+                // Something committed is not visible yet: an older
+                // transaction is still in flight, and nothing may notify
+                // when it ends (it may not be an append, or its
+                // notification came first). Appends are short, so look
+                // again soon, backing off to the poll interval, rather
+                // than leave subscribers waiting for the next poll.
+                recheck = (found.top > found.visible)
+                    .then(|| recheck.map_or(Duration::from_millis(1), |pause| (pause * 2).min(poll_interval)));
             }
-            Err(error) => tracing::warn!(%error, "cannot refresh the head position; retrying at the next poll"),
+            Err(error) => {
+                recheck = None;
+                tracing::warn!(%error, "cannot refresh the head position; retrying at the next poll");
+            }
         }
     }
 }
