@@ -29,8 +29,12 @@
 //! One statement reads the stream's last revision and where the append's
 //! ids are already stored, [`plan_append`] decides, and one more statement
 //! (so one transaction) calls `triage_append`, which inserts the whole
-//! batch and calls `pg_notify`. No lock is held between the read and the
-//! write:
+//! batch. No lock is held between the read and the write, and nothing
+//! serializes the commits, so concurrent appends share WAL flushes (group
+//! commit): the append does not notify in its own transaction, because
+//! PostgreSQL serializes the commits of notifying transactions, WAL flush
+//! included; the store announces its appends after they commit instead
+//! (see `notify.rs`). Against races,
 //! the unique constraints `(stream, revision)` and `(event_id)` refuse a
 //! write that lost a race, the violation is recognised by its typed
 //! [`SqlState::UNIQUE_VIOLATION`], and the append reads again and decides
@@ -40,9 +44,11 @@
 //!
 //! # Subscriptions
 //! [`Subscription::catch_up`] over the watermarked reads, woken by a watch
-//! of the visible head. A dedicated connection LISTENs for the appends'
-//! notifications; a poll every [`PostgresOptions::poll_interval`] is the
-//! fallback (see `notify.rs`).
+//! of the visible head. A dedicated connection LISTENs for the
+//! notifications that stores send after their appends commit; a poll every
+//! [`PostgresOptions::poll_interval`] is the fallback (see `notify.rs`).
+//! Notifications only wake readers up; what is delivered always comes from
+//! the watermarked reads, so a lost or late one costs latency only.
 //!
 //! # Schema and migrations
 //! The tables (`triage_schema`, `triage_events`) and the append function
@@ -117,6 +123,9 @@ pub struct PostgresEventStore {
     head: Arc<watch::Sender<Option<Position>>>,
     /// Wakes the head refresher after an append of this process.
     wake: Arc<Notify>,
+    /// Asks for a NOTIFY to the other processes after an append of this
+    /// process; see `notify.rs`.
+    announce: Arc<Notify>,
     tasks: Vec<AbortHandle>,
     counters: Counters,
     temporary: bool,
@@ -281,12 +290,14 @@ impl PostgresEventStore {
         drop(client);
         let head = Arc::new(watch::Sender::new(initial));
         let wake = Arc::new(Notify::new());
+        let announce = Arc::new(Notify::new());
         let tasks = notify::start(
             Arc::clone(&target),
             pool.clone(),
             Arc::clone(&sql),
             Arc::clone(&head),
             Arc::clone(&wake),
+            Arc::clone(&announce),
             options.poll_interval,
         );
         tracing::debug!(store = %target.describe(), ?options, "opened PostgreSQL event store");
@@ -297,6 +308,7 @@ impl PostgresEventStore {
             sql,
             head,
             wake,
+            announce,
             tasks,
             counters: Counters::default(),
             temporary,
@@ -484,7 +496,10 @@ impl EventStore for PostgresEventStore {
                     let position: i64 = row.get(0);
                     self.count(&self.counters.appends_written, 1);
                     self.count(&self.counters.events_written, events.len() as u64);
+                    // Committed: wake this process's subscribers, and
+                    // the other processes' through one coalesced NOTIFY.
                     self.wake.notify_one();
+                    self.announce.notify_one();
                     return Ok(AppendResult {
                         current_revision: first_revision + events.len() as u64 - 1,
                         position: Position::from_sequence(reader::from_sql_int(position)),

@@ -1,15 +1,39 @@
 //! Keeps the store's head watch current: LISTEN on a dedicated connection
-//! for the fast path, polling as the fallback.
+//! for the fast path, polling as the fallback; and announces this
+//! process's appends to the other processes with NOTIFY.
 //!
 //! The watch holds the *visible* head (the highest position below the
 //! watermark), never the highest committed one, so a subscriber woken by it
 //! finds exactly what it may deliver. The head only moves forward.
 //!
-//! Why both: `triage_append` notifies at commit, which wakes subscribers
-//! within a round trip. But the watermark can also move without any
-//! notification, when the transaction holding it back is not an append
-//! (any writing transaction on the cluster holds xmin), and a LISTEN
-//! connection can drop; the poll every `poll_interval` covers both.
+//! Why both: a notification wakes subscribers within a round trip. But the
+//! watermark can also move without any notification, when the transaction
+//! holding it back is not an append of a Triage store (any writing
+//! transaction on the cluster holds xmin), a LISTEN connection can drop,
+//! and a notification can be lost (see below); the poll every
+//! `poll_interval` covers all of them.
+//!
+//! # Announcing appends
+//! Appends do not notify inside their own transaction: PostgreSQL takes
+//! one cluster-wide lock at the commit of every transaction that notified
+//! and holds it through the commit's WAL flush, so notifying appends would
+//! commit and fsync one at a time. Instead, an append that committed asks
+//! the announcer for a notification, and the announcer sends `NOTIFY` in a
+//! transaction of its own on a connection of its own, opened at the first
+//! append. Requests coalesce: however many appends commit while one
+//! `NOTIFY` is on its way, one more follows it, and every append that
+//! returned is followed by a `NOTIFY` that started after its commit, so the
+//! listeners that it wakes read heads that include it. The announcer's
+//! connection commits asynchronously (`synchronous_commit = off`): its
+//! transactions write nothing but the notification, and they hold the
+//! watermark back (they take a transaction id) only for as long as they
+//! run.
+//!
+//! A notification is only a wake-up, never a source of positions: one that
+//! is lost (the process stops between its commit and the announcement, the
+//! announcer's connection is down) or late costs latency, up to one
+//! `poll_interval`, never an event. Subscribers of this process do not
+//! depend on it: the append wakes the head refresher directly.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,29 +42,36 @@ use deadpool_postgres::Pool;
 use futures::StreamExt;
 use tokio::sync::{Notify, watch};
 use tokio::task::AbortHandle;
-use tokio_postgres::{AsyncMessage, Config, NoTls};
+use tokio_postgres::{AsyncMessage, Client, Config, NoTls};
 use triage_event_store::Position;
 
 use crate::Target;
 use crate::reader::{Sql, heads};
 
-/// Starts the listener and the head refresher; the store aborts them when
-/// it is dropped.
+/// Starts the listener, the head refresher and the announcer; the store
+/// aborts them when it is dropped.
 pub(crate) fn start(
     target: Arc<Target>,
     pool: Pool,
     sql: Arc<Sql>,
     head: Arc<watch::Sender<Option<Position>>>,
     wake: Arc<Notify>,
+    announce: Arc<Notify>,
     poll_interval: Duration,
 ) -> Vec<AbortHandle> {
+    let channel = crate::schema::channel(&target.schema);
     let listener = tokio::spawn(listen_forever(
         target.config.clone(),
-        crate::schema::channel(&target.schema),
+        channel.clone(),
         Arc::clone(&wake),
     ));
+    let announcer = tokio::spawn(announce_forever(target.config.clone(), channel, announce));
     let refresher = tokio::spawn(refresh_forever(target, pool, sql, head, wake, poll_interval));
-    vec![listener.abort_handle(), refresher.abort_handle()]
+    vec![
+        listener.abort_handle(),
+        announcer.abort_handle(),
+        refresher.abort_handle(),
+    ]
 }
 
 async fn refresh_forever(
@@ -51,21 +82,30 @@ async fn refresh_forever(
     wake: Arc<Notify>,
     poll_interval: Duration,
 ) {
-    let mut ticks = tokio::time::interval(poll_interval.max(Duration::from_millis(1)));
+    let poll_interval = poll_interval.max(Duration::from_millis(1));
+    let mut ticks = tokio::time::interval(poll_interval);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Set while committed events are hidden behind an older transaction.
+    let mut recheck: Option<Duration> = None;
     loop {
+        let soon = async {
+            match recheck {
+                Some(pause) => tokio::time::sleep(pause).await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             _ = ticks.tick() => {}
             () = wake.notified() => {}
+            () = soon => {}
         }
-        let visible = match pool.get().await {
-            Ok(client) => heads(&client, &sql, &target)
-                .await
-                .map(|heads| heads.visible_position()),
+        let found = match pool.get().await {
+            Ok(client) => heads(&client, &sql, &target).await,
             Err(error) => Err(crate::pool_error(&target, error)),
         };
-        match visible {
-            Ok(visible) => {
+        match found {
+            Ok(found) => {
+                let visible = found.visible_position();
                 head.send_if_modified(|current| {
                     let moved = visible > *current;
                     if moved {
@@ -73,8 +113,19 @@ async fn refresh_forever(
                     }
                     moved
                 });
+                // Something committed is not visible yet: an older
+                // transaction is still in flight, and nothing may notify
+                // when it ends (it may not be an append, or its
+                // notification came first). Appends are short, so look
+                // again soon, backing off to the poll interval, rather
+                // than leave subscribers waiting for the next poll.
+                recheck = (found.top > found.visible)
+                    .then(|| recheck.map_or(Duration::from_millis(1), |pause| (pause * 2).min(poll_interval)));
             }
-            Err(error) => tracing::warn!(%error, "cannot refresh the head position; retrying at the next poll"),
+            Err(error) => {
+                recheck = None;
+                tracing::warn!(%error, "cannot refresh the head position; retrying at the next poll");
+            }
         }
     }
 }
@@ -119,5 +170,47 @@ async fn listen(config: &Config, channel: &str, wake: &Notify) -> Result<(), tok
                 None => return Ok(()),
             },
         }
+    }
+}
+
+/// Sends a `NOTIFY` whenever `pending` was notified since the last one; see
+/// the module docs. Connects at the first request, and again after the
+/// connection ended.
+async fn announce_forever(config: Config, channel: String, pending: Arc<Notify>) {
+    let statement = format!(r#"NOTIFY "{channel}""#);
+    let mut pause = Duration::from_millis(100);
+    loop {
+        pending.notified().await;
+        match announce(&config, &statement, &pending).await {
+            Ok(()) => tracing::warn!(channel, "the NOTIFY connection closed; reconnecting"),
+            Err(error) => {
+                tracing::warn!(channel, %error, "the NOTIFY connection failed; other processes poll until it is back");
+            }
+        }
+        // A request may have been taken but not sent: send one once the
+        // connection is back.
+        pending.notify_one();
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// Announces on one connection until it ends.
+async fn announce(config: &Config, statement: &str, pending: &Notify) -> Result<(), tokio_postgres::Error> {
+    let (client, connection) = config.connect(NoTls).await?;
+    tokio::select! {
+        result = connection => result,
+        result = send_notifications(&client, statement, pending) => result,
+    }
+}
+
+/// The first `NOTIFY` goes out at once, for the request that connected.
+async fn send_notifications(client: &Client, statement: &str, pending: &Notify) -> Result<(), tokio_postgres::Error> {
+    // Each NOTIFY is a transaction of its own that writes nothing else: it
+    // need not wait for a WAL flush.
+    client.batch_execute("SET synchronous_commit = off").await?;
+    loop {
+        client.batch_execute(statement).await?;
+        pending.notified().await;
     }
 }

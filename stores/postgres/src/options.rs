@@ -19,13 +19,15 @@ pub struct PostgresOptions {
     /// models. Lowercase ASCII letters, digits and `_`, not starting with a
     /// digit, at most [`MAX_SCHEMA_BYTES`] bytes.
     pub schema: String,
-    /// Most pooled connections (default 16; at least 1). The store opens one
-    /// more, outside the pool, for LISTEN.
+    /// Most pooled connections (default 16; at least 1). The store opens two
+    /// more, outside the pool: one for LISTEN, and at its first append one
+    /// for NOTIFY.
     pub pool_size: usize,
     /// How often the head is re-read when no notification arrives (default
     /// 500 ms). Notifications are the fast path; polling covers a lost
-    /// LISTEN connection and a watermark held back by a transaction that
-    /// does not notify (one that is not a Triage append).
+    /// LISTEN or NOTIFY connection, a notification lost with its process,
+    /// and a watermark held back by a transaction that does not notify (one
+    /// that is not an append of a Triage store).
     pub poll_interval: Duration,
     /// How long a read of `$all` (and `head_position`) waits for older
     /// transactions that are still in flight before it answers with what is

@@ -14,7 +14,7 @@ use triage_event_store::Error;
 use crate::Target;
 
 /// The newest schema version this build knows: the number of migrations.
-pub(crate) const LATEST_VERSION: i32 = 1;
+pub(crate) const LATEST_VERSION: i32 = 2;
 
 /// First key of the advisory locks, "TRIA" in ASCII; the second key is the
 /// hash of the schema name, so stores in different schemas never wait for
@@ -102,11 +102,58 @@ $fn$;
 "#,
             channel = channel(s),
         )),
+        // Version 2: triage_append no longer calls pg_notify. A transaction
+        // that notified takes PostgreSQL's cluster-wide NOTIFY lock at commit
+        // and holds it through its WAL flush, so every append committed and
+        // flushed alone (no group commit). The store now announces its
+        // appends after they commit, from a connection of its own (see
+        // `notify.rs`); notifications are only wake-ups, and the polling
+        // fallback finds whatever one of them misses.
+        2 => Some(format!(
+            r#"
+-- The same function as in version 1 (see the invariant there), without
+-- pg_notify.
+CREATE OR REPLACE FUNCTION "{s}".triage_append(
+    p_stream text, p_first_revision bigint, p_ids uuid[], p_types text[], p_data bytea[], p_metadata bytea[]
+) RETURNS bigint LANGUAGE plpgsql AS $fn$
+DECLARE
+    v_locked boolean := false;
+    v_last bigint;
+BEGIN
+    IF pg_current_xact_id_if_assigned() IS NOT NULL THEN
+        RAISE EXCEPTION 'triage_append must be the first write of its transaction'
+            USING ERRCODE = 'invalid_transaction_state';
+    END IF;
+    BEGIN
+        PERFORM pg_advisory_lock({APPEND_LOCK_CLASS}, hashtext('{s}'));
+        v_locked := true;
+        PERFORM pg_current_xact_id();
+        WITH inserted AS (
+            INSERT INTO "{s}".triage_events (tx_id, stream, revision, event_id, event_type, data, metadata)
+            SELECT pg_current_xact_id(), p_stream, p_first_revision + e.ord - 1, e.id, e.t, e.d, e.m
+            FROM unnest(p_ids, p_types, p_data, p_metadata) WITH ORDINALITY AS e (id, t, d, m, ord)
+            ORDER BY e.ord
+            RETURNING position
+        )
+        SELECT max(position) INTO v_last FROM inserted;
+        PERFORM pg_advisory_unlock({APPEND_LOCK_CLASS}, hashtext('{s}'));
+    EXCEPTION WHEN OTHERS OR query_canceled THEN
+        IF v_locked THEN
+            PERFORM pg_advisory_unlock({APPEND_LOCK_CLASS}, hashtext('{s}'));
+        END IF;
+        RAISE;
+    END;
+    RETURN v_last;
+END
+$fn$;
+"#
+        )),
         _ => None,
     }
 }
 
-/// The LISTEN/NOTIFY channel of the store in `schema`.
+/// The LISTEN/NOTIFY channel of the store in `schema`. Since version 2 the
+/// store itself notifies it after its appends commit (`notify.rs`).
 pub(crate) fn channel(schema: &str) -> String {
     format!("triage_events_{schema}")
 }

@@ -1,0 +1,167 @@
+//! Appends are announced to other processes after they commit, by a NOTIFY
+//! of their own (schema version 2: `triage_append` no longer notifies), and
+//! a store from version 1 is migrated to that.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use triage_event_store::{EventStore, ExpectedRevision, ReadStream, StreamName, SubscribeToAll, SubscriptionMessage};
+use triage_store_postgres::{PostgresEventStore, PostgresOptions};
+use uuid::Uuid;
+
+fn fresh_schema() -> String {
+    format!("triage_test_{}", &Uuid::new_v4().simple().to_string()[..16])
+}
+
+/// Two "processes" on one schema; the subscriber's store polls only every
+/// 60 s, so only a notification can wake it in time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn another_process_is_woken_by_the_notification_after_commit() {
+    let Some(url) = common::url("another_process_is_woken_by_the_notification_after_commit") else {
+        return;
+    };
+    let schema = fresh_schema();
+    let writer = PostgresEventStore::connect(&url, PostgresOptions::in_schema(&schema))
+        .await
+        .unwrap();
+    let reader = Arc::new(
+        PostgresEventStore::connect(
+            &url,
+            PostgresOptions {
+                poll_interval: Duration::from_secs(60),
+                ..PostgresOptions::in_schema(&schema)
+            },
+        )
+        .await
+        .unwrap(),
+    );
+    let mut subscription = reader.clone().subscribe_to_all(SubscribeToAll::default());
+    let first = tokio::time::timeout(Duration::from_secs(10), subscription.next())
+        .await
+        .unwrap();
+    assert!(matches!(first, Some(Ok(SubscriptionMessage::CaughtUp))));
+    // The reader's LISTEN connection may still be starting: wait until it
+    // is listening, then append.
+    let admin = common::raw_client(&url).await;
+    let channel = format!("triage_events_{schema}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let listening: bool = admin
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE query = $1)",
+                &[&format!(r#"LISTEN "{channel}""#)],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if listening {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the reader never listened");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for round in 0..3 {
+        let event = common::event("Announced");
+        let stream = StreamName::new(format!("ticket-notify-{round}")).unwrap();
+        writer
+            .append(&stream, ExpectedRevision::NoStream, vec![event.clone()])
+            .await
+            .unwrap();
+        let started = Instant::now();
+        let delivered = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                match subscription.next().await {
+                    Some(Ok(SubscriptionMessage::Event(event))) => return event,
+                    Some(Ok(_)) => continue,
+                    other => panic!("subscription: {other:?}"),
+                }
+            }
+        })
+        .await
+        .expect("the notification wakes the other process long before its poll");
+        assert_eq!(delivered.id, event.id);
+        assert!(started.elapsed() < Duration::from_secs(10));
+    }
+    drop(writer);
+    drop(subscription);
+    drop(reader);
+    admin
+        .batch_execute(&format!(r#"DROP SCHEMA "{schema}" CASCADE"#))
+        .await
+        .unwrap();
+}
+
+/// A store at schema version 1 (whose `triage_append` notified inside the
+/// append's transaction) is migrated to version 2 on open and keeps its
+/// events; afterwards no append transaction notifies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_1_store_is_migrated_and_keeps_its_events() {
+    let Some(url) = common::url("a_version_1_store_is_migrated_and_keeps_its_events") else {
+        return;
+    };
+    let admin = common::raw_client(&url).await;
+    let schema = fresh_schema();
+    let store = PostgresEventStore::connect(&url, PostgresOptions::in_schema(&schema))
+        .await
+        .unwrap();
+    let stream = StreamName::new("ticket-migrated").unwrap();
+    let events = vec![common::event("A"), common::event("B")];
+    store
+        .append(&stream, ExpectedRevision::NoStream, events.clone())
+        .await
+        .unwrap();
+    drop(store);
+    // Back to version 1: the old function, which notified.
+    admin
+        .batch_execute(&format!(
+            r#"UPDATE "{schema}".triage_schema SET version = 1;
+               CREATE OR REPLACE FUNCTION "{schema}".triage_append(
+                   p_stream text, p_first_revision bigint, p_ids uuid[], p_types text[], p_data bytea[], p_metadata bytea[]
+               ) RETURNS bigint LANGUAGE plpgsql AS $fn$
+               BEGIN
+                   PERFORM pg_notify('triage_events_{schema}', '0');
+                   RETURN 0;
+               END
+               $fn$;"#
+        ))
+        .await
+        .unwrap();
+
+    let reopened = PostgresEventStore::connect(&url, PostgresOptions::in_schema(&schema))
+        .await
+        .unwrap();
+    let (version, source): (i32, String) = {
+        let row = admin
+            .query_one(
+                &format!(
+                    r#"SELECT (SELECT version FROM "{schema}".triage_schema),
+                              (SELECT prosrc FROM pg_proc WHERE oid = '"{schema}".triage_append'::regproc)"#
+                ),
+                &[],
+            )
+            .await
+            .unwrap();
+        (row.get(0), row.get(1))
+    };
+    assert_eq!(version, 2);
+    assert!(!source.contains("pg_notify"), "{source}");
+    assert!(source.contains("pg_advisory_lock"), "{source}");
+    let more = common::event("C");
+    let written = reopened
+        .append(&stream, ExpectedRevision::Exact(1), vec![more.clone()])
+        .await
+        .unwrap();
+    assert_eq!(written.current_revision, 2);
+    let read = reopened.read_stream(&stream, ReadStream::forwards()).await.unwrap();
+    assert_eq!(
+        read.iter().map(|e| e.id).collect::<Vec<_>>(),
+        [events[0].id, events[1].id, more.id]
+    );
+    drop(reopened);
+    admin
+        .batch_execute(&format!(r#"DROP SCHEMA "{schema}" CASCADE"#))
+        .await
+        .unwrap();
+}
