@@ -24,8 +24,8 @@ use crate::auth::Principal;
 use crate::error::{ApiError, Problem};
 use crate::model::{
     ClaimRequest, ClaimResponse, ClaimView, ClassificationRequest, ClassificationView, CommandResponse, DraftRequest,
-    EscalationRequest, EventList, EventView, HeartbeatRequest, OpenTicketRequest, PriorityName, RejectionRequest,
-    ReleaseRequest, ResolutionRequest, RoleName, TicketList, TicketView,
+    EscalationRequest, EventList, EventView, HeartbeatRequest, OpenTicketRequest, OpenedTicket, PriorityName,
+    RejectionRequest, ReleaseRequest, ResolutionRequest, RoleName, TicketList, TicketView,
 };
 use crate::service::AppState;
 
@@ -155,7 +155,7 @@ fn sized(state: &AppState, error: ApiError) -> ApiError {
     params(("Idempotency-Key" = Option<String>, Header, description = "The command id: a retry with the same key and body returns the original outcome; with another body, 422.")),
     request_body = OpenTicketRequest,
     responses(
-        (status = 201, description = "Opened (or the original outcome of a retry)", body = CommandResponse),
+        (status = 201, description = "Opened (or the original outcome of a retry)", body = OpenedTicket),
         (status = 400, description = "Malformed JSON", body = Problem, content_type = "application/problem+json"),
         (status = 401, description = "No or unknown token", body = Problem, content_type = "application/problem+json"),
         (status = 403, description = "The token's roles may not open tickets", body = Problem, content_type = "application/problem+json"),
@@ -173,7 +173,8 @@ async fn open_ticket(
         .open_ticket(&principal, idempotency_key(&headers)?, request)
         .await?;
     let location = format!("/v1/tickets/{}", outcome.ticket.id);
-    let mut response = command_response(StatusCode::CREATED, outcome);
+    let opened = OpenedTicket::from(outcome);
+    let mut response = with_etag(StatusCode::CREATED, opened.ticket.revision, opened);
     if let Ok(value) = HeaderValue::from_str(&location) {
         response.headers_mut().insert(header::LOCATION, value);
     }
@@ -586,7 +587,7 @@ impl Modify for BearerAuth {
     paths(open_ticket, list_tickets, get_ticket, ticket_events, stats, claim, classify, draft, escalate, resolve,
         reject_draft, release, heartbeat, healthz, readyz),
     components(schemas(Problem, TicketView, ClaimView, ClassificationView, EventView, CommandResponse, ClaimResponse,
-        TicketList, EventList, OpenTicketRequest, ClaimRequest, ClassificationRequest, DraftRequest, EscalationRequest,
+        TicketList, EventList, OpenedTicket, OpenTicketRequest, ClaimRequest, ClassificationRequest, DraftRequest, EscalationRequest,
         ResolutionRequest, RejectionRequest, ReleaseRequest, HeartbeatRequest, RoleName, PriorityName)),
     modifiers(&BearerAuth),
     security(("bearer" = [])),

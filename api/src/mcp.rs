@@ -209,11 +209,11 @@ impl TriageMcp {
         Parameters(args): Parameters<OpenArgs>,
     ) -> Result<CallToolResult, ErrorData> {
         let result = match self.principal(&extensions) {
-            Ok(principal) => {
-                self.state
-                    .open_ticket(&principal, args.idempotency_key.as_deref(), args.ticket)
-                    .await
-            }
+            Ok(principal) => self
+                .state
+                .open_ticket(&principal, args.idempotency_key.as_deref(), args.ticket)
+                .await
+                .map(crate::model::OpenedTicket::from),
             Err(error) => Err(error),
         };
         done(result)

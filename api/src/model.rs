@@ -360,6 +360,29 @@ pub struct CommandResponse {
     pub events: Vec<String>,
 }
 
+/// `201` of `POST /v1/tickets`: the ticket itself (`id`, `state`,
+/// `revision`, …) with the command's id and whether this was a retry.
+#[derive(Clone, Debug, PartialEq, Serialize, ToSchema)]
+pub struct OpenedTicket {
+    /// The ticket.
+    #[serde(flatten)]
+    pub ticket: TicketView,
+    /// The command id (the Idempotency-Key, or a fresh one).
+    pub command_id: Uuid,
+    /// True when this answers a retry: nothing new was written.
+    pub duplicate: bool,
+}
+
+impl From<CommandResponse> for OpenedTicket {
+    fn from(outcome: CommandResponse) -> Self {
+        OpenedTicket {
+            ticket: outcome.ticket,
+            command_id: outcome.command_id,
+            duplicate: outcome.duplicate,
+        }
+    }
+}
+
 /// `GET /v1/tickets`.
 #[derive(Clone, Debug, PartialEq, Serialize, ToSchema)]
 pub struct TicketList {
