@@ -13,6 +13,7 @@ use rusqlite::OptionalExtension;
 use triage_command_handler::{Accepted, CommandError, CommandHandler};
 use triage_domain::{
     Agent, ClaimRule, Command, CommandEnvelope, CommandKind, Event, Role, State, TRANSITIONS, TicketId, queue_states,
+    transitions_from,
 };
 use triage_projections::{Projector, TicketsView};
 use uuid::Uuid;
@@ -304,7 +305,34 @@ impl AppState {
         if_match: Option<u64>,
         command: Command,
     ) -> Result<CommandResponse, ApiError> {
-        let agent = self.acting_agent(principal, command.kind(), command.claim_id().is_some())?;
+        let kind = command.kind();
+        let has_claim = command.claim_id().is_some();
+        let mut agent = self.acting_agent(principal, kind, has_claim)?;
+        if principal.roles.len() > 1 {
+            // A token with several roles acts in the one the table allows
+            // from the ticket's current state (a drafter's heartbeat, not a
+            // classifier's); the handler still decides on fresh state.
+            let loaded = self
+                .inner
+                .handler
+                .load(ticket_id)
+                .await
+                .map_err(ApiError::from_command)?;
+            if let Some(state) = loaded.ticket.state {
+                let fits: Vec<Role> = transitions_from(Some(state), kind)
+                    .flat_map(|row| row.roles.iter().copied())
+                    .filter(|role| principal.roles.contains(role))
+                    .collect();
+                let role = if !has_claim && fits.contains(&Role::Operator) {
+                    Some(Role::Operator)
+                } else {
+                    principal.roles.iter().copied().find(|role| fits.contains(role))
+                };
+                if let Some(role) = role {
+                    agent.role = role;
+                }
+            }
+        }
         let command_id = self.command_id(principal, key)?;
         let mut envelope = CommandEnvelope::new(ticket_id, agent, command.clone()).with_id(command_id);
         envelope.expected_revision = if_match;

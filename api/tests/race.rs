@@ -206,16 +206,41 @@ async fn agent(client: Client, role: Role, index: usize, deadline: Instant) {
     }
 }
 
-async fn done(client: &Client) -> bool {
+async fn list(client: &Client, state: &str) -> Vec<Value> {
     let response = client
         .http
-        .get(format!("{}/v1/tickets?state=RESOLVED&limit=500", client.base))
+        .get(format!("{}/v1/tickets?state={state}&limit=500", client.base))
         .bearer_auth(&client.token)
         .send()
         .await
         .expect("list");
     let json: Value = response.json().await.expect("json");
-    json["tickets"].as_array().map_or(0, Vec::len) == TICKETS
+    json["tickets"].as_array().cloned().unwrap_or_default()
+}
+
+async fn done(client: &Client) -> bool {
+    list(client, "RESOLVED").await.len() == TICKETS
+}
+
+/// A human operator: resolves the tickets handed to a human (poison
+/// tickets whose claims kept expiring), deciding on the revision it saw.
+async fn operator(client: Client, deadline: Instant) {
+    while Instant::now() < deadline && !done(&client).await {
+        for ticket in list(&client, "NEEDS_HUMAN").await {
+            let path = format!("/v1/tickets/{}/resolution", ticket["id"].as_str().unwrap());
+            let revision = ticket["revision"].as_u64();
+            let (status, json) = client
+                .post(
+                    &path,
+                    Some(&Uuid::new_v4().to_string()),
+                    revision,
+                    json!({"resolution": "called"}),
+                )
+                .await;
+            client.outcome(status, &json);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -225,7 +250,10 @@ async fn concurrent_http_clients_race_and_the_log_stays_clean() {
     let projector = Projector::new(store.clone(), ReadModelDb::in_memory().expect("read model"));
     let mut file = AgentsFile::default();
     let mut tokens = HashMap::new();
-    let mut roster = vec![("intake".to_owned(), Role::Intake)];
+    let mut roster = vec![
+        ("intake".to_owned(), Role::Intake),
+        ("operator".to_owned(), Role::Operator),
+    ];
     for role in [Role::Classifier, Role::Drafter, Role::Escalator] {
         for index in 0..PER_ROLE {
             roster.push((format!("{role}-{index}"), role));
@@ -272,7 +300,8 @@ async fn concurrent_http_clients_race_and_the_log_stays_clean() {
 
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut agents = Vec::new();
-    for (index, (id, role)) in roster.iter().enumerate().skip(1) {
+    agents.push(tokio::spawn(operator(client("operator"), deadline)));
+    for (index, (id, role)) in roster.iter().enumerate().skip(2) {
         agents.push(tokio::spawn(agent(client(id), *role, index, deadline)));
     }
     for agent in agents {
