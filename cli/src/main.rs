@@ -17,6 +17,7 @@ mod demo;
 mod events;
 mod output;
 mod projections;
+mod serve;
 mod store;
 mod ticket;
 
@@ -144,6 +145,17 @@ enum Command {
         #[arg(long, value_name = "PATH")]
         into: PathBuf,
     },
+    /// Serve the agent API: HTTP JSON under /v1 (OpenAPI at /openapi.json),
+    /// MCP over streamable HTTP at /mcp, /healthz and /readyz; runs the
+    /// lease sweeper; stops gracefully on Ctrl-C or SIGTERM.
+    Serve(serve::ServeArgs),
+    /// Serve the agent API's tools over MCP on stdin/stdout, for a desktop
+    /// LLM client; the token decides the agent and its roles.
+    Mcp(serve::McpArgs),
+    /// Create, list and revoke agent tokens (the agents file stores only
+    /// their hashes).
+    #[command(subcommand)]
+    Agents(serve::AgentsCommand),
     /// Statistics: tickets per state, stage latency percentiles, refusals
     /// and conflicts, expired claims, outcomes per agent. From the live read
     /// model, or, with --since/--until/--by, computed from the events of any
@@ -252,6 +264,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Ticket(command) => ticket::run(command, &cli.global).await,
         Command::Projections(command) => projections::run(command, &cli.global).await,
         Command::Stats(args) => projections::stats(args, &cli.global).await,
+        Command::Serve(args) => serve::serve(args, &cli.global).await,
+        Command::Mcp(args) => serve::mcp(args, &cli.global).await,
+        Command::Agents(command) => serve::agents(command, &cli.global),
         Command::Replay { until, into } => projections::replay(&until, &into, &cli.global).await,
     }
 }

@@ -1,0 +1,599 @@
+//! The HTTP front door: routes, header conventions and the OpenAPI
+//! document generated from these handlers.
+//!
+//! - `Authorization: Bearer <token>` → the agent and its roles.
+//! - `Idempotency-Key` → the command id.
+//! - `If-Match: "<revision>"` → the revision the agent decided on.
+//! - `ETag: "<revision>"` on tickets and command outcomes.
+
+use axum::Json;
+use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::{DefaultBodyLimit, FromRequestParts, Path, Query, State as AxumState};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Router, body::Bytes};
+use serde::Deserialize;
+use triage_domain::{Command, State, TicketId};
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::{IntoParams, Modify, OpenApi};
+use uuid::Uuid;
+
+use crate::auth::Principal;
+use crate::error::{ApiError, Problem};
+use crate::model::{
+    ClaimRequest, ClaimResponse, ClaimView, ClassificationRequest, ClassificationView, CommandResponse, DraftRequest,
+    EscalationRequest, EventList, EventView, HeartbeatRequest, OpenTicketRequest, OpenedTicket, PriorityName,
+    RejectionRequest, ReleaseRequest, ResolutionRequest, RoleName, TicketList, TicketView,
+};
+use crate::service::AppState;
+
+/// The whole HTTP application: the JSON API, `/openapi.json`, `/healthz`,
+/// `/readyz` and MCP over streamable HTTP at `/mcp`.
+pub fn router(state: AppState) -> Router {
+    let limit = state.limits().max_body_bytes;
+    let mcp = crate::mcp::http_service(state.clone());
+    Router::new()
+        .route("/v1/tickets", post(open_ticket).get(list_tickets))
+        .route("/v1/tickets/{id}", get(get_ticket))
+        .route("/v1/tickets/{id}/events", get(ticket_events))
+        .route("/v1/tickets/{id}/classification", post(classify))
+        .route("/v1/tickets/{id}/draft", post(draft))
+        .route("/v1/tickets/{id}/escalation", post(escalate))
+        .route("/v1/tickets/{id}/resolution", post(resolve))
+        .route("/v1/tickets/{id}/rejection", post(reject_draft))
+        .route("/v1/work/claim", post(claim))
+        .route("/v1/claims/{claim_id}/release", post(release))
+        .route("/v1/claims/{claim_id}/heartbeat", post(heartbeat))
+        .route("/v1/stats", get(stats))
+        .route("/openapi.json", get(openapi))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .nest_service("/mcp", crate::mcp::authenticated(state.clone(), mcp))
+        .fallback(unknown_route)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(limit))
+        .with_state(state)
+}
+
+/// The authenticated sender of a request.
+#[derive(Clone, Debug)]
+pub(crate) struct Auth(pub(crate) Principal);
+
+impl FromRequestParts<AppState> for Auth {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+        state.authenticate(bearer(&parts.headers)).map(Auth)
+    }
+}
+
+/// The token of an `Authorization: Bearer …` header.
+pub(crate) fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.trim().split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+}
+
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<&str>, ApiError> {
+    headers
+        .get("idempotency-key")
+        .map(|value| {
+            value
+                .to_str()
+                .map(str::trim)
+                .map_err(|_| ApiError::bad_request("invalid_header", "Idempotency-Key must be visible ASCII"))
+        })
+        .transpose()
+}
+
+/// `If-Match: "7"` (or `7`, or `W/"7"`) → 7; `*` or no header → none.
+fn if_match(headers: &HeaderMap) -> Result<Option<u64>, ApiError> {
+    let Some(value) = headers.get(header::IF_MATCH) else {
+        return Ok(None);
+    };
+    let bad = || ApiError::bad_request("invalid_header", "If-Match must be a ticket revision, such as \"3\"");
+    let text = value.to_str().map_err(|_| bad())?.trim();
+    if text == "*" {
+        return Ok(None);
+    }
+    let text = text.strip_prefix("W/").unwrap_or(text);
+    let text = text.strip_prefix('"').and_then(|t| t.strip_suffix('"')).unwrap_or(text);
+    text.parse().map(Some).map_err(|_| bad())
+}
+
+fn ticket_id(id: &str) -> Result<TicketId, ApiError> {
+    id.parse()
+        .map_err(|error: String| ApiError::bad_request("invalid_path", error))
+}
+
+fn claim_id(id: &str) -> Result<Uuid, ApiError> {
+    Uuid::parse_str(id).map_err(|_| ApiError::bad_request("invalid_path", format!("{id:?} is not a claim id (a UUID)")))
+}
+
+fn json_body<T>(body: Result<Json<T>, JsonRejection>) -> Result<T, ApiError> {
+    match body {
+        Ok(Json(body)) => Ok(body),
+        Err(JsonRejection::JsonDataError(error)) => Err(ApiError::unprocessable("invalid_body", error.body_text())),
+        Err(JsonRejection::JsonSyntaxError(error)) => Err(ApiError::bad_request("malformed_json", error.body_text())),
+        Err(JsonRejection::MissingJsonContentType(_)) => Err(ApiError::UnsupportedMediaType),
+        Err(JsonRejection::BytesRejection(error)) if error.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+            Err(ApiError::PayloadTooLarge { limit: 0 })
+        }
+        Err(other) => Err(ApiError::bad_request("malformed_json", other.body_text())),
+    }
+}
+
+fn etag(revision: u64) -> HeaderValue {
+    HeaderValue::from_str(&format!("\"{revision}\"")).expect("digits and quotes are a valid header value")
+}
+
+fn with_etag(status: StatusCode, revision: u64, body: impl serde::Serialize) -> Response {
+    let mut response = (status, Json(body)).into_response();
+    response.headers_mut().insert(header::ETAG, etag(revision));
+    response
+}
+
+fn command_response(status: StatusCode, outcome: CommandResponse) -> Response {
+    let revision = outcome.revision;
+    with_etag(status, revision, outcome)
+}
+
+/// Fills in the body limit, which only the state knows.
+fn sized(state: &AppState, error: ApiError) -> ApiError {
+    match error {
+        ApiError::PayloadTooLarge { .. } => ApiError::PayloadTooLarge {
+            limit: state.limits().max_body_bytes,
+        },
+        other => other,
+    }
+}
+
+/// Open a ticket (intake, operator).
+#[utoipa::path(post, path = "/v1/tickets", tag = "tickets",
+    params(("Idempotency-Key" = Option<String>, Header, description = "The command id: a retry with the same key and body returns the original outcome; with another body, 422.")),
+    request_body = OpenTicketRequest,
+    responses(
+        (status = 201, description = "Opened (or the original outcome of a retry)", body = OpenedTicket),
+        (status = 400, description = "Malformed JSON", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "No or unknown token", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "The token's roles may not open tickets", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "Body too large", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid input or reused key", body = Problem, content_type = "application/problem+json"),
+    ))]
+async fn open_ticket(
+    AxumState(state): AxumState<AppState>,
+    Auth(principal): Auth,
+    headers: HeaderMap,
+    body: Result<Json<OpenTicketRequest>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let request = json_body(body).map_err(|e| sized(&state, e))?;
+    let outcome = state
+        .open_ticket(&principal, idempotency_key(&headers)?, request)
+        .await?;
+    let location = format!("/v1/tickets/{}", outcome.ticket.id);
+    let opened = OpenedTicket::from(outcome);
+    let mut response = with_etag(StatusCode::CREATED, opened.ticket.revision, opened);
+    if let Ok(value) = HeaderValue::from_str(&location) {
+        response.headers_mut().insert(header::LOCATION, value);
+    }
+    Ok(response)
+}
+
+/// `GET /v1/tickets` query.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+struct ListQuery {
+    /// Only tickets in this state: NEW, CLASSIFYING, CLASSIFIED, DRAFTING,
+    /// DRAFT_READY, ESCALATING, NEEDS_HUMAN or RESOLVED.
+    state: Option<String>,
+    /// At most this many (default 50, at most 500).
+    limit: Option<usize>,
+}
+
+/// List tickets, oldest in their state first (any token).
+#[utoipa::path(get, path = "/v1/tickets", tag = "tickets", params(ListQuery),
+    responses(
+        (status = 200, body = TicketList),
+        (status = 400, description = "Unknown state", body = Problem, content_type = "application/problem+json"),
+        (status = 401, body = Problem, content_type = "application/problem+json"),
+    ))]
+async fn list_tickets(
+    AxumState(state): AxumState<AppState>,
+    Auth(principal): Auth,
+    query: Result<Query<ListQuery>, QueryRejection>,
+) -> Result<Json<TicketList>, ApiError> {
+    let Query(query) = query.map_err(|error| ApiError::bad_request("invalid_query", error.body_text()))?;
+    let wanted = query
+        .state
+        .as_deref()
+        .map(str::parse::<State>)
+        .transpose()
+        .map_err(|error| ApiError::bad_request("invalid_query", error))?;
+    Ok(Json(state.list(&principal, wanted, query.limit).await?))
+}
+
+/// A ticket as it is now, read from its stream (any token). The `ETag` is
+/// its revision.
+#[utoipa::path(get, path = "/v1/tickets/{id}", tag = "tickets",
+    params(("id" = String, Path, description = "The ticket id")),
+    responses(
+        (status = 200, body = TicketView, headers(("ETag" = String, description = "The stream revision, quoted"))),
+        (status = 401, body = Problem, content_type = "application/problem+json"),
+        (status = 404, body = Problem, content_type = "application/problem+json"),
+    ))]
+async fn get_ticket(
+    AxumState(state): AxumState<AppState>,
+    Auth(principal): Auth,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let view = state.ticket(&principal, ticket_id(&id)?).await?;
+    Ok(with_etag(StatusCode::OK, view.revision, view))
+}
+
+/// A ticket's events in revision order (any token).
+#[utoipa::path(get, path = "/v1/tickets/{id}/events", tag = "tickets",
+    params(("id" = String, Path, description = "The ticket id")),
+    responses(
+        (status = 200, body = EventList),
+        (status = 401, body = Problem, content_type = "application/problem+json"),
+        (status = 404, body = Problem, content_type = "application/problem+json"),
+    ))]
+async fn ticket_events(
+    AxumState(state): AxumState<AppState>,
+    Auth(principal): Auth,
+    Path(id): Path<String>,
+) -> Result<Json<EventList>, ApiError> {
+    Ok(Json(state.events(&principal, ticket_id(&id)?).await?))
+}
+
+/// Statistics from the read model (any token).
+#[utoipa::path(get, path = "/v1/stats", tag = "tickets",
+    responses((status = 200, body = Object), (status = 401, body = Problem, content_type = "application/problem+json")))]
+async fn stats(
+    AxumState(state): AxumState<AppState>,
+    Auth(principal): Auth,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    Ok(Json(state.stats(&principal).await?))
+}
+
+/// Claim the next ticket in a role's work queue, atomically.
+#[utoipa::path(post, path = "/v1/work/claim", tag = "work",
+    params(("Idempotency-Key" = Option<String>, Header, description = "The claim's command id; a retry returns the same claim.")),
+    request_body = ClaimRequest,
+    responses(
+        (status = 200, description = "Claimed", body = ClaimResponse),
+        (status = 204, description = "Nothing to claim"),
+        (status = 401, body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "The token lacks the role, or the role claims nothing", body = Problem, content_type = "application/problem+json"),
+        (status = 422, body = Problem, content_type = "application/problem+json"),
+    ))]
+async fn claim(
+    AxumState(state): AxumState<AppState>,
+    Auth(principal): Auth,
+    headers: HeaderMap,
+    body: Result<Json<ClaimRequest>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let request = json_body(body).map_err(|e| sized(&state, e))?;
+    match state.claim(&principal, idempotency_key(&headers)?, request).await? {
+        Some(claimed) => Ok(with_etag(StatusCode::OK, claimed.revision, claimed)),
+        None => Ok(StatusCode::NO_CONTENT.into_response()),
+    }
+}
+
+async fn ticket_command(
+    state: &AppState,
+    principal: &Principal,
+    id: &str,
+    headers: &HeaderMap,
+    command: Command,
+) -> Result<Response, ApiError> {
+    let outcome = state
+        .ticket_command(
+            principal,
+            ticket_id(id)?,
+            idempotency_key(headers)?,
+            if_match(headers)?,
+            command,
+        )
+        .await?;
+    Ok(command_response(StatusCode::OK, outcome))
+}
+
+/// Complete a classification claim.
+#[utoipa::path(post, path = "/v1/tickets/{id}/classification", tag = "work",
+    params(("id" = String, Path, description = "The ticket id"),
+        ("Idempotency-Key" = Option<String>, Header, description = "The command id"),
+        ("If-Match" = Option<String>, Header, description = "The revision the decision was made on, e.g. \"1\"")),
+    request_body = ClassificationRequest,
+    responses(
+        (status = 200, body = CommandResponse),
+        (status = 401, body = Problem, content_type = "application/problem+json"),
+        (status = 403, body = Problem, content_type = "application/problem+json"),
+        (status = 404, body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "Stale If-Match (with the events since), stale or expired claim, or not allowed in this state", body = Problem, content_type = "application/problem+json"),
+        (status = 422, body = Problem, content_type = "application/problem+json"),
+    ))]
+async fn classify(
+    AxumState(state): AxumState<AppState>,
+    Auth(principal): Auth,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Result<Json<ClassificationRequest>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let request = json_body(body).map_err(|e| sized(&state, e))?;
+    let command = Command::Classify {
+        claim_id: request.claim_id,
+        category: request.category,
+        priority: request.priority.into(),
+        confidence: request.confidence,
+    };
+    ticket_command(&state, &principal, &id, &headers, command).await
+}
+
+/// Complete a drafting claim with a draft reply.
+#[utoipa::path(post, path = "/v1/tickets/{id}/draft", tag = "work",
+    params(("id" = String, Path, description = "The ticket id"),
+        ("Idempotency-Key" = Option<String>, Header, description = "The command id"),
+        ("If-Match" = Option<String>, Header, description = "The revision the decision was made on")),
+    request_body = DraftRequest,
+    responses(
+        (status = 200, body = CommandResponse),
+        (status = 403, body = Problem, content_type = "application/problem+json"),
+        (status = 409, body = Problem, content_type = "application/problem+json"),
+        (status = 422, body = Problem, content_type = "application/problem+json"),
+    ))]
+async fn draft(
+    AxumState(state): AxumState<AppState>,
+    Auth(principal): Auth,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Result<Json<DraftRequest>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let request = json_body(body).map_err(|e| sized(&state, e))?;
+    let command = Command::SubmitDraft {
+        claim_id: request.claim_id,
+        body: request.body,
+    };
+    ticket_command(&state, &principal, &id, &headers, command).await
+}
+
+/// Hand the ticket to a human, under a review claim.
+#[utoipa::path(post, path = "/v1/tickets/{id}/escalation", tag = "work",
+    params(("id" = String, Path, description = "The ticket id"),
+        ("Idempotency-Key" = Option<String>, Header, description = "The command id"),
+        ("If-Match" = Option<String>, Header, description = "The revision the decision was made on")),
+    request_body = EscalationRequest,
+    responses(
+        (status = 200, body = CommandResponse),
+        (status = 403, body = Problem, content_type = "application/problem+json"),
+        (status = 409, body = Problem, content_type = "application/problem+json"),
+        (status = 422, body = Problem, content_type = "application/problem+json"),
+    ))]
+async fn escalate(
+    AxumState(state): AxumState<AppState>,
+    Auth(principal): Auth,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Result<Json<EscalationRequest>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let request = json_body(body).map_err(|e| sized(&state, e))?;
+    let command = Command::EscalateToHuman {
+        claim_id: request.claim_id,
+        reason: request.reason,
+    };
+    ticket_command(&state, &principal, &id, &headers, command).await
+}
+
+/// Resolve: an escalator under its review claim, or an operator at any
+/// point without one.
+#[utoipa::path(post, path = "/v1/tickets/{id}/resolution", tag = "work",
+    params(("id" = String, Path, description = "The ticket id"),
+        ("Idempotency-Key" = Option<String>, Header, description = "The command id"),
+        ("If-Match" = Option<String>, Header, description = "The revision the decision was made on")),
+    request_body = ResolutionRequest,
+    responses(
+        (status = 200, body = CommandResponse),
+        (status = 403, body = Problem, content_type = "application/problem+json"),
+        (status = 409, body = Problem, content_type = "application/problem+json"),
+        (status = 422, body = Problem, content_type = "application/problem+json"),
+    ))]
+async fn resolve(
+    AxumState(state): AxumState<AppState>,
+    Auth(principal): Auth,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Result<Json<ResolutionRequest>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let request = json_body(body).map_err(|e| sized(&state, e))?;
+    let command = Command::Resolve {
+        claim_id: request.claim_id,
+        resolution: request.resolution,
+    };
+    ticket_command(&state, &principal, &id, &headers, command).await
+}
+
+/// Send the draft back for another one.
+#[utoipa::path(post, path = "/v1/tickets/{id}/rejection", tag = "work",
+    params(("id" = String, Path, description = "The ticket id"),
+        ("Idempotency-Key" = Option<String>, Header, description = "The command id"),
+        ("If-Match" = Option<String>, Header, description = "The revision the decision was made on")),
+    request_body = RejectionRequest,
+    responses(
+        (status = 200, body = CommandResponse),
+        (status = 403, body = Problem, content_type = "application/problem+json"),
+        (status = 409, body = Problem, content_type = "application/problem+json"),
+        (status = 422, body = Problem, content_type = "application/problem+json"),
+    ))]
+async fn reject_draft(
+    AxumState(state): AxumState<AppState>,
+    Auth(principal): Auth,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Result<Json<RejectionRequest>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let request = json_body(body).map_err(|e| sized(&state, e))?;
+    let command = Command::RejectDraft {
+        claim_id: request.claim_id,
+        reason: request.reason,
+    };
+    ticket_command(&state, &principal, &id, &headers, command).await
+}
+
+/// Give a claim back (counts as a failed attempt).
+#[utoipa::path(post, path = "/v1/claims/{claim_id}/release", tag = "work",
+    params(("claim_id" = String, Path, description = "The claim id"),
+        ("Idempotency-Key" = Option<String>, Header, description = "The command id"),
+        ("If-Match" = Option<String>, Header, description = "The revision the decision was made on")),
+    request_body = ReleaseRequest,
+    responses(
+        (status = 200, body = CommandResponse),
+        (status = 403, body = Problem, content_type = "application/problem+json"),
+        (status = 404, body = Problem, content_type = "application/problem+json"),
+        (status = 409, body = Problem, content_type = "application/problem+json"),
+    ))]
+async fn release(
+    AxumState(state): AxumState<AppState>,
+    Auth(principal): Auth,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Result<Json<ReleaseRequest>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let request = json_body(body).map_err(|e| sized(&state, e))?;
+    let claim_id = claim_id(&id)?;
+    let command = Command::ReleaseClaim {
+        claim_id,
+        reason: request.reason,
+    };
+    let outcome = state
+        .claim_command(
+            &principal,
+            claim_id,
+            idempotency_key(&headers)?,
+            if_match(&headers)?,
+            command,
+        )
+        .await?;
+    Ok(command_response(StatusCode::OK, outcome))
+}
+
+/// Extend a claim's lease (the body may be empty).
+#[utoipa::path(post, path = "/v1/claims/{claim_id}/heartbeat", tag = "work",
+    params(("claim_id" = String, Path, description = "The claim id"),
+        ("Idempotency-Key" = Option<String>, Header, description = "The command id")),
+    request_body(content = Option<HeartbeatRequest>),
+    responses(
+        (status = 200, body = CommandResponse),
+        (status = 403, body = Problem, content_type = "application/problem+json"),
+        (status = 404, body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "The claim is stale or its lease expired", body = Problem, content_type = "application/problem+json"),
+    ))]
+async fn heartbeat(
+    AxumState(state): AxumState<AppState>,
+    Auth(principal): Auth,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> Result<Response, ApiError> {
+    let body = body.map_err(|error| {
+        if error.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            sized(&state, ApiError::PayloadTooLarge { limit: 0 })
+        } else {
+            ApiError::bad_request("malformed_json", error.body_text())
+        }
+    })?;
+    let request: HeartbeatRequest = if body.iter().all(u8::is_ascii_whitespace) {
+        HeartbeatRequest::default()
+    } else {
+        let mut deserializer = serde_json::Deserializer::from_slice(&body);
+        serde::Deserialize::deserialize(&mut deserializer).map_err(|error: serde_json::Error| {
+            if error.is_data() {
+                ApiError::unprocessable("invalid_body", error.to_string())
+            } else {
+                ApiError::bad_request("malformed_json", error.to_string())
+            }
+        })?
+    };
+    let claim_id = claim_id(&id)?;
+    let command = Command::ExtendLease {
+        claim_id,
+        lease_secs: request.lease_secs,
+    };
+    let outcome = state
+        .claim_command(&principal, claim_id, idempotency_key(&headers)?, None, command)
+        .await?;
+    Ok(command_response(StatusCode::OK, outcome))
+}
+
+/// Liveness: the process answers.
+#[utoipa::path(get, path = "/healthz", tag = "health", responses((status = 200, body = Object)))]
+async fn healthz() -> Json<serde_json::Value> {
+    Json(serde_json::json!({ "status": "ok" }))
+}
+
+/// Readiness: the event store answers and the read models are built; `503`
+/// while starting or shutting down.
+#[utoipa::path(get, path = "/readyz", tag = "health",
+    responses((status = 200, body = Object), (status = 503, body = Problem, content_type = "application/problem+json")))]
+async fn readyz(AxumState(state): AxumState<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
+    state.ready().await?;
+    Ok(Json(serde_json::json!({ "status": "ready" })))
+}
+
+async fn openapi() -> Json<utoipa::openapi::OpenApi> {
+    Json(ApiDoc::openapi())
+}
+
+async fn unknown_route() -> ApiError {
+    ApiError::NotFound {
+        code: "not_found",
+        detail: "no such resource; see /openapi.json".to_owned(),
+    }
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::MethodNotAllowed
+}
+
+struct BearerAuth;
+
+impl Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .description(Some(
+                        "A token made by `triage agents add`; it carries the agent id and roles.",
+                    ))
+                    .build(),
+            ),
+        );
+    }
+}
+
+/// The OpenAPI 3.1 document, generated from the handlers and bodies above.
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "Triage agent API",
+        description = "Agents and operators work support tickets. Every error is an RFC 9457 problem document \
+            (application/problem+json) whose `type` is `urn:triage:problem:<code>`. `Idempotency-Key` is the \
+            command id; `If-Match` is the revision a decision was made on; `ETag` is a ticket's revision."
+    ),
+    paths(open_ticket, list_tickets, get_ticket, ticket_events, stats, claim, classify, draft, escalate, resolve,
+        reject_draft, release, heartbeat, healthz, readyz),
+    components(schemas(Problem, TicketView, ClaimView, ClassificationView, EventView, CommandResponse, ClaimResponse,
+        TicketList, EventList, OpenedTicket, OpenTicketRequest, ClaimRequest, ClassificationRequest, DraftRequest, EscalationRequest,
+        ResolutionRequest, RejectionRequest, ReleaseRequest, HeartbeatRequest, RoleName, PriorityName)),
+    modifiers(&BearerAuth),
+    security(("bearer" = [])),
+    tags((name = "tickets", description = "Open and read tickets"),
+        (name = "work", description = "Claim work and complete it under the claim"),
+        (name = "health", description = "Liveness and readiness"))
+)]
+#[derive(Debug)]
+pub struct ApiDoc;

@@ -1,0 +1,492 @@
+//! The MCP front door (rmcp): the API's operations as tools for LLM agents,
+//! over stdio (`triage mcp`) or streamable HTTP (`/mcp`).
+//!
+//! The agent's token decides its role, as over HTTP: on stdio the token is
+//! given once when the server starts; over HTTP every request carries
+//! `Authorization: Bearer …`, checked before MCP sees the request. Tool
+//! failures are tool results with `isError` set and the problem document as
+//! their content, so the model can read why and decide again.
+
+use axum::body::Body;
+use axum::extract::{Request, State as AxumState};
+use axum::http::request::Parts;
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use rmcp::handler::server::router::tool::ToolRouter;
+use rmcp::handler::server::wrapper::Parameters;
+use rmcp::model::{CallToolResult, Extensions, ServerCapabilities, ServerConfig};
+use rmcp::transport::streamable_http_server::session::local::LocalSessionManager;
+use rmcp::transport::streamable_http_server::{StreamableHttpServerConfig, StreamableHttpService};
+use rmcp::{ErrorData, ServerHandler, schemars, tool, tool_handler, tool_router};
+use serde::{Deserialize, Serialize};
+use triage_domain::{Command, TicketId};
+use uuid::Uuid;
+
+use crate::auth::Principal;
+use crate::error::ApiError;
+use crate::model::{
+    ClaimRequest, ClassificationRequest, DraftRequest, EscalationRequest, OpenTicketRequest, RejectionRequest,
+    ReleaseRequest, ResolutionRequest, RoleName,
+};
+use crate::service::AppState;
+
+const INSTRUCTIONS: &str = "Triage: support tickets worked by agents. Loop: claim_work for your role; read the \
+ticket; do the work; complete it with the tool for your stage (submit_classification, submit_draft, resolve_ticket, \
+escalate_to_human or reject_draft), naming the claim_id and, as expected_revision, the revision you decided on. \
+If a result is an error with code stale_revision, the ticket changed: read it again and decide anew. Send a \
+heartbeat for long work, or release_claim if you cannot finish. Reuse an idempotency_key only to retry the same call.";
+
+/// The MCP server: one per connection (stdio) or session (HTTP).
+#[derive(Clone, Debug)]
+pub struct TriageMcp {
+    state: AppState,
+    /// The principal of a stdio server; HTTP requests carry their own.
+    principal: Option<Principal>,
+    tool_router: ToolRouter<TriageMcp>,
+}
+
+/// Arguments naming a ticket.
+#[derive(Debug, Deserialize, Serialize, schemars::JsonSchema)]
+pub struct TicketArgs {
+    /// The ticket id (a UUID).
+    pub ticket_id: String,
+}
+
+/// Arguments of `list_tickets`.
+#[derive(Debug, Deserialize, Serialize, schemars::JsonSchema)]
+pub struct ListArgs {
+    /// Only tickets in this state: NEW, CLASSIFYING, CLASSIFIED, DRAFTING,
+    /// DRAFT_READY, ESCALATING, NEEDS_HUMAN or RESOLVED.
+    #[serde(default)]
+    pub state: Option<String>,
+    /// At most this many (default 50).
+    #[serde(default)]
+    pub limit: Option<usize>,
+}
+
+/// Arguments common to commands.
+#[derive(Debug, Default, Deserialize, Serialize, schemars::JsonSchema)]
+pub struct CommandOptions {
+    /// Reuse only to retry the very same call; a new key for a new decision.
+    #[serde(default)]
+    pub idempotency_key: Option<String>,
+    /// The ticket revision your decision was based on. If the ticket changed
+    /// since, the call fails with stale_revision and the events since.
+    #[serde(default)]
+    pub expected_revision: Option<u64>,
+}
+
+/// Arguments of `open_ticket`.
+#[derive(Debug, Deserialize, Serialize, schemars::JsonSchema)]
+pub struct OpenArgs {
+    /// The ticket.
+    #[serde(flatten)]
+    pub ticket: OpenTicketRequest,
+    /// Retry key.
+    #[serde(default)]
+    pub idempotency_key: Option<String>,
+}
+
+/// Arguments of `claim_work`.
+#[derive(Debug, Deserialize, Serialize, schemars::JsonSchema)]
+pub struct ClaimArgs {
+    /// The role to claim work for: classifier, drafter or escalator (or
+    /// operator); the token must carry it.
+    pub role: RoleName,
+    /// The lease in seconds (default 60).
+    #[serde(default)]
+    pub lease_secs: Option<u32>,
+    /// Retry key: the same key returns the same claim.
+    #[serde(default)]
+    pub idempotency_key: Option<String>,
+}
+
+/// A command on a ticket: its id, the body, and the options.
+#[derive(Debug, Deserialize, Serialize, schemars::JsonSchema)]
+pub struct OnTicket<T> {
+    /// The ticket id (a UUID).
+    pub ticket_id: String,
+    /// The command's fields.
+    #[serde(flatten)]
+    pub body: T,
+    /// Retry key and decided-on revision.
+    #[serde(flatten)]
+    pub options: CommandOptions,
+}
+
+/// Arguments of `release_claim`.
+#[derive(Debug, Deserialize, Serialize, schemars::JsonSchema)]
+pub struct ReleaseArgs {
+    /// The claim to give back.
+    pub claim_id: Uuid,
+    /// Why.
+    #[serde(flatten)]
+    pub body: ReleaseRequest,
+    /// Retry key.
+    #[serde(default)]
+    pub idempotency_key: Option<String>,
+}
+
+/// Arguments of `heartbeat`.
+#[derive(Debug, Deserialize, Serialize, schemars::JsonSchema)]
+pub struct HeartbeatArgs {
+    /// The claim to extend.
+    pub claim_id: Uuid,
+    /// The new lease from now, in seconds (default 60).
+    #[serde(default)]
+    pub lease_secs: Option<u32>,
+}
+
+fn done<T: Serialize>(result: Result<T, ApiError>) -> Result<CallToolResult, ErrorData> {
+    Ok(match result {
+        Ok(value) => CallToolResult::structured(
+            serde_json::to_value(value).map_err(|e| ErrorData::internal_error(e.to_string(), None))?,
+        ),
+        Err(error) => {
+            if let ApiError::Internal(detail) = &error {
+                tracing::error!(%detail, "internal error in an MCP tool");
+            }
+            let problem = serde_json::to_value(error.problem()).unwrap_or_default();
+            CallToolResult::structured_error(problem)
+        }
+    })
+}
+
+fn parse_ticket(id: &str) -> Result<TicketId, ApiError> {
+    id.parse()
+        .map_err(|error: String| ApiError::unprocessable("invalid_body", error))
+}
+
+#[tool_router]
+impl TriageMcp {
+    /// A server for `state`. `principal` is the stdio agent; `None` for
+    /// HTTP, where each request brings its token.
+    pub fn new(state: AppState, principal: Option<Principal>) -> Self {
+        TriageMcp {
+            state,
+            principal,
+            tool_router: Self::tool_router(),
+        }
+    }
+
+    fn principal(&self, extensions: &Extensions) -> Result<Principal, ApiError> {
+        if let Some(principal) = &self.principal {
+            return Ok(principal.clone());
+        }
+        extensions
+            .get::<Parts>()
+            .and_then(|parts| parts.extensions.get::<Principal>())
+            .cloned()
+            .ok_or_else(|| ApiError::Unauthorized("send `Authorization: Bearer <token>`".to_owned()))
+    }
+
+    async fn on_ticket(
+        &self,
+        extensions: &Extensions,
+        ticket_id: &str,
+        options: CommandOptions,
+        command: Command,
+    ) -> Result<crate::model::CommandResponse, ApiError> {
+        let principal = self.principal(extensions)?;
+        self.state
+            .ticket_command(
+                &principal,
+                parse_ticket(ticket_id)?,
+                options.idempotency_key.as_deref(),
+                options.expected_revision,
+                command,
+            )
+            .await
+    }
+
+    #[tool(
+        description = "Open a new support ticket (roles intake or operator). Returns the ticket with its id, \
+        state NEW and revision 0."
+    )]
+    async fn open_ticket(
+        &self,
+        extensions: Extensions,
+        Parameters(args): Parameters<OpenArgs>,
+    ) -> Result<CallToolResult, ErrorData> {
+        let result = match self.principal(&extensions) {
+            Ok(principal) => self
+                .state
+                .open_ticket(&principal, args.idempotency_key.as_deref(), args.ticket)
+                .await
+                .map(crate::model::OpenedTicket::from),
+            Err(error) => Err(error),
+        };
+        done(result)
+    }
+
+    #[tool(
+        description = "Claim the next ticket waiting for your role (classifier: NEW tickets; drafter: \
+        CLASSIFIED; escalator: DRAFT_READY). Returns {ticket, claim_id, lease_expires_at, revision}, or \
+        {claimed: false} when there is no work. Complete the work before the lease expires."
+    )]
+    async fn claim_work(
+        &self,
+        extensions: Extensions,
+        Parameters(args): Parameters<ClaimArgs>,
+    ) -> Result<CallToolResult, ErrorData> {
+        let result = match self.principal(&extensions) {
+            Ok(principal) => self
+                .state
+                .claim(
+                    &principal,
+                    args.idempotency_key.as_deref(),
+                    ClaimRequest {
+                        role: args.role,
+                        lease_secs: args.lease_secs,
+                    },
+                )
+                .await
+                .map(|claimed| match claimed {
+                    Some(claimed) => serde_json::to_value(claimed).unwrap_or_default(),
+                    None => serde_json::json!({ "claimed": false, "detail": "no ticket is waiting for this role" }),
+                }),
+            Err(error) => Err(error),
+        };
+        done(result)
+    }
+
+    #[tool(
+        description = "Read a ticket as it is now: state, subject, body, classification, draft, current \
+        claim and revision."
+    )]
+    async fn get_ticket(
+        &self,
+        extensions: Extensions,
+        Parameters(args): Parameters<TicketArgs>,
+    ) -> Result<CallToolResult, ErrorData> {
+        let result = match (self.principal(&extensions), parse_ticket(&args.ticket_id)) {
+            (Ok(principal), Ok(id)) => self.state.ticket(&principal, id).await,
+            (Err(error), _) | (_, Err(error)) => Err(error),
+        };
+        done(result)
+    }
+
+    #[tool(description = "List tickets, optionally only those in one state, oldest first.")]
+    async fn list_tickets(
+        &self,
+        extensions: Extensions,
+        Parameters(args): Parameters<ListArgs>,
+    ) -> Result<CallToolResult, ErrorData> {
+        let result = async {
+            let principal = self.principal(&extensions)?;
+            let state = args
+                .state
+                .as_deref()
+                .map(str::parse)
+                .transpose()
+                .map_err(|error: String| ApiError::unprocessable("invalid_body", error))?;
+            self.state.list(&principal, state, args.limit).await
+        }
+        .await;
+        done(result)
+    }
+
+    #[tool(description = "A ticket's history: every event in revision order with the agent behind it.")]
+    async fn ticket_events(
+        &self,
+        extensions: Extensions,
+        Parameters(args): Parameters<TicketArgs>,
+    ) -> Result<CallToolResult, ErrorData> {
+        let result = match (self.principal(&extensions), parse_ticket(&args.ticket_id)) {
+            (Ok(principal), Ok(id)) => self.state.events(&principal, id).await,
+            (Err(error), _) | (_, Err(error)) => Err(error),
+        };
+        done(result)
+    }
+
+    #[tool(description = "Statistics: tickets per state, stage latencies, refusals, conflicts, per-agent outcomes.")]
+    async fn stats(&self, extensions: Extensions) -> Result<CallToolResult, ErrorData> {
+        let result = match self.principal(&extensions) {
+            Ok(principal) => self.state.stats(&principal).await,
+            Err(error) => Err(error),
+        };
+        done(result)
+    }
+
+    #[tool(
+        description = "Complete a classification claim: category (billing, outage, account_access, bug, \
+        feature_request, other), priority (low, normal, high, urgent) and confidence in [0, 1]."
+    )]
+    async fn submit_classification(
+        &self,
+        extensions: Extensions,
+        Parameters(args): Parameters<OnTicket<ClassificationRequest>>,
+    ) -> Result<CallToolResult, ErrorData> {
+        let command = Command::Classify {
+            claim_id: args.body.claim_id,
+            category: args.body.category,
+            priority: args.body.priority.into(),
+            confidence: args.body.confidence,
+        };
+        done(
+            self.on_ticket(&extensions, &args.ticket_id, args.options, command)
+                .await,
+        )
+    }
+
+    #[tool(description = "Complete a drafting claim with the draft reply to the customer (non-empty).")]
+    async fn submit_draft(
+        &self,
+        extensions: Extensions,
+        Parameters(args): Parameters<OnTicket<DraftRequest>>,
+    ) -> Result<CallToolResult, ErrorData> {
+        let command = Command::SubmitDraft {
+            claim_id: args.body.claim_id,
+            body: args.body.body,
+        };
+        done(
+            self.on_ticket(&extensions, &args.ticket_id, args.options, command)
+                .await,
+        )
+    }
+
+    #[tool(
+        description = "Send the reviewed draft and close the ticket (RESOLVED): an escalator under its \
+        review claim, or an operator without a claim."
+    )]
+    async fn resolve_ticket(
+        &self,
+        extensions: Extensions,
+        Parameters(args): Parameters<OnTicket<ResolutionRequest>>,
+    ) -> Result<CallToolResult, ErrorData> {
+        let command = Command::Resolve {
+            claim_id: args.body.claim_id,
+            resolution: args.body.resolution,
+        };
+        done(
+            self.on_ticket(&extensions, &args.ticket_id, args.options, command)
+                .await,
+        )
+    }
+
+    #[tool(description = "Hand the ticket to a human operator (NEEDS_HUMAN), under a review claim, with a reason.")]
+    async fn escalate_to_human(
+        &self,
+        extensions: Extensions,
+        Parameters(args): Parameters<OnTicket<EscalationRequest>>,
+    ) -> Result<CallToolResult, ErrorData> {
+        let command = Command::EscalateToHuman {
+            claim_id: args.body.claim_id,
+            reason: args.body.reason,
+        };
+        done(
+            self.on_ticket(&extensions, &args.ticket_id, args.options, command)
+                .await,
+        )
+    }
+
+    #[tool(description = "Send the draft back for another draft (CLASSIFIED), with a reason.")]
+    async fn reject_draft(
+        &self,
+        extensions: Extensions,
+        Parameters(args): Parameters<OnTicket<RejectionRequest>>,
+    ) -> Result<CallToolResult, ErrorData> {
+        let command = Command::RejectDraft {
+            claim_id: args.body.claim_id,
+            reason: args.body.reason,
+        };
+        done(
+            self.on_ticket(&extensions, &args.ticket_id, args.options, command)
+                .await,
+        )
+    }
+
+    #[tool(description = "Give a claim back when you cannot finish (counts as a failed attempt).")]
+    async fn release_claim(
+        &self,
+        extensions: Extensions,
+        Parameters(args): Parameters<ReleaseArgs>,
+    ) -> Result<CallToolResult, ErrorData> {
+        let result = async {
+            let principal = self.principal(&extensions)?;
+            let command = Command::ReleaseClaim {
+                claim_id: args.claim_id,
+                reason: args.body.reason,
+            };
+            self.state
+                .claim_command(
+                    &principal,
+                    args.claim_id,
+                    args.idempotency_key.as_deref(),
+                    None,
+                    command,
+                )
+                .await
+        }
+        .await;
+        done(result)
+    }
+
+    #[tool(description = "Extend a claim's lease while you keep working on it.")]
+    async fn heartbeat(
+        &self,
+        extensions: Extensions,
+        Parameters(args): Parameters<HeartbeatArgs>,
+    ) -> Result<CallToolResult, ErrorData> {
+        let result = async {
+            let principal = self.principal(&extensions)?;
+            let command = Command::ExtendLease {
+                claim_id: args.claim_id,
+                lease_secs: args.lease_secs,
+            };
+            self.state
+                .claim_command(&principal, args.claim_id, None, None, command)
+                .await
+        }
+        .await;
+        done(result)
+    }
+}
+
+#[tool_handler(router = self.tool_router)]
+impl ServerHandler for TriageMcp {
+    fn get_info(&self) -> ServerConfig {
+        ServerConfig::new(ServerCapabilities::builder().enable_tools().build()).with_instructions(INSTRUCTIONS)
+    }
+}
+
+/// The streamable HTTP service, stopped by the state's shutdown token.
+pub fn http_service(state: AppState) -> StreamableHttpService<TriageMcp, LocalSessionManager> {
+    let config = StreamableHttpServerConfig::default()
+        .with_cancellation_token(state.shutdown_token().child_token())
+        .with_max_request_body_bytes(state.limits().max_body_bytes);
+    StreamableHttpService::new(
+        move || Ok(TriageMcp::new(state.clone(), None)),
+        Default::default(),
+        config,
+    )
+}
+
+/// `service` behind bearer authentication: `401` without a valid token;
+/// otherwise the principal rides in the request's extensions.
+pub fn authenticated(state: AppState, service: StreamableHttpService<TriageMcp, LocalSessionManager>) -> axum::Router {
+    axum::Router::new()
+        .fallback_service(service)
+        .layer(middleware::from_fn_with_state(state, require_token))
+}
+
+async fn require_token(AxumState(state): AxumState<AppState>, mut request: Request<Body>, next: Next) -> Response {
+    match state.authenticate(crate::http::bearer(request.headers())) {
+        Ok(principal) => {
+            request.extensions_mut().insert(principal);
+            next.run(request).await
+        }
+        Err(error) => error.into_response(),
+    }
+}
+
+/// Serves MCP over stdin/stdout as `principal` until the client hangs up.
+pub async fn serve_stdio(state: AppState, principal: Principal) -> Result<(), std::io::Error> {
+    use rmcp::ServiceExt;
+    let server = TriageMcp::new(state, Some(principal))
+        .serve(rmcp::transport::stdio())
+        .await
+        .map_err(std::io::Error::other)?;
+    server.waiting().await.map_err(std::io::Error::other)?;
+    Ok(())
+}

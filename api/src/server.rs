@@ -1,0 +1,80 @@
+//! Running the API: the listener, the live projector, the lease sweeper and
+//! graceful shutdown.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+
+use crate::service::AppState;
+
+/// How the server runs its background work.
+#[derive(Clone, Copy, Debug)]
+pub struct ServeOptions {
+    /// How often the lease sweeper looks for expired claims; `None` turns
+    /// it off.
+    pub sweep_interval: Option<Duration>,
+}
+
+impl Default for ServeOptions {
+    fn default() -> Self {
+        ServeOptions {
+            sweep_interval: Some(Duration::from_secs(1)),
+        }
+    }
+}
+
+/// Serves `state` on `listener` until `shutdown` completes, then shuts
+/// down gracefully: stops accepting, lets in-flight requests and the
+/// commands they started finish (each command's append is atomic, so
+/// nothing is half-written), stops the sweeper and the live projector, and
+/// catches the read models up one last time.
+pub async fn serve(
+    listener: TcpListener,
+    state: AppState,
+    options: ServeOptions,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    state
+        .catch_up()
+        .await
+        .map_err(|error| std::io::Error::other(format!("cannot build the read models: {error}")))?;
+    let projector_stop = Arc::new(AtomicBool::new(false));
+    let projector = {
+        let projector = state.projector().clone();
+        let stop = projector_stop.clone();
+        tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                if let Err(error) = projector.run_live(stop.clone()).await {
+                    tracing::warn!(%error, "the live projector stopped; restarting");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        })
+    };
+    let sweeper = options
+        .sweep_interval
+        .map(|interval| tokio::spawn(crate::sweeper::run(state.clone(), interval)));
+    let token = state.shutdown_token();
+    let app = crate::router(state.clone());
+    let served = axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            shutdown.await;
+            tracing::info!("shutting down: finishing in-flight requests");
+            // Ends MCP sessions and the sweeper; requests in flight go on.
+            token.cancel();
+        })
+        .await;
+    state.drain().await;
+    projector_stop.store(true, Ordering::Relaxed);
+    if let Some(sweeper) = sweeper {
+        let _ = sweeper.await;
+    }
+    let _ = projector.await;
+    if let Err(error) = state.projector().catch_up().await {
+        tracing::warn!(%error, "the last read-model catch-up failed; the next start catches up");
+    }
+    served
+}

@@ -1,0 +1,709 @@
+//! The operations both front doors offer, on [`AppState`]: authorization by
+//! the transition table, idempotency keys, decided-on revisions, claims.
+//!
+//! HTTP handlers and MCP tools are thin wrappers around these methods, so
+//! the two doors cannot drift apart.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use rusqlite::OptionalExtension;
+use triage_command_handler::{Accepted, CommandError, CommandHandler};
+use triage_domain::{
+    Agent, ClaimRule, Command, CommandEnvelope, CommandKind, Event, Role, State, TRANSITIONS, TicketId, queue_states,
+    transitions_from,
+};
+use triage_projections::{Projector, TicketsView};
+use uuid::Uuid;
+
+use crate::auth::{Authenticator, Principal};
+use crate::error::ApiError;
+use crate::model::{
+    ClaimRequest, ClaimResponse, CommandResponse, EventList, EventView, OpenTicketRequest, TicketList, TicketView,
+};
+
+/// Namespace of command ids derived from idempotency keys that are not
+/// UUIDs (UUIDv5 of `agent id` + NUL + key).
+const KEY_NAMESPACE: Uuid = Uuid::from_u128(0x7f1c_3c56_0d2e_4b8a_9a4e_5d1f_2b6c_8e01);
+
+/// Request limits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// The largest request body, in bytes; more is a `413`.
+    pub max_body_bytes: usize,
+    /// The longest `Idempotency-Key`, in bytes.
+    pub max_key_bytes: usize,
+    /// The most tickets one list returns.
+    pub max_list: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            // Above the domain's largest texts (a 64 KiB message, a 16 KiB
+            // draft), which the domain checks field by field (422).
+            max_body_bytes: 256 * 1024,
+            max_key_bytes: 200,
+            max_list: 500,
+        }
+    }
+}
+
+/// Everything a request needs. Cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    handler: CommandHandler,
+    projector: Projector,
+    auth: Authenticator,
+    limits: Limits,
+    catch_up: tokio::sync::Mutex<()>,
+    /// Claims this instance handed out, for `/v1/claims/{id}` look-ups that
+    /// the read model can no longer answer (a retried release after the
+    /// claim ended). Bounded; other instances fall back to the read model.
+    claims: std::sync::Mutex<HashMap<Uuid, TicketId>>,
+    /// Commands in flight: shutdown waits for them.
+    commands: tokio_util::task::TaskTracker,
+    stopping: AtomicBool,
+    /// Cancelled when shutdown begins: ends MCP sessions and the sweeper.
+    shutdown: tokio_util::sync::CancellationToken,
+}
+
+const MAX_REMEMBERED_CLAIMS: usize = 100_000;
+
+impl fmt::Debug for AppState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AppState")
+            .field("handler", &self.inner.handler)
+            .field("auth", &self.inner.auth)
+            .field("limits", &self.inner.limits)
+            .finish_non_exhaustive()
+    }
+}
+
+impl AppState {
+    /// State over a command handler, the projector of its store, and the
+    /// tokens of `auth`.
+    pub fn new(handler: CommandHandler, projector: Projector, auth: Authenticator) -> Self {
+        Self::with_limits(handler, projector, auth, Limits::default())
+    }
+
+    /// [`AppState::new`] with other limits.
+    pub fn with_limits(handler: CommandHandler, projector: Projector, auth: Authenticator, limits: Limits) -> Self {
+        AppState {
+            inner: Arc::new(Inner {
+                handler,
+                projector,
+                auth,
+                limits,
+                catch_up: tokio::sync::Mutex::new(()),
+                claims: std::sync::Mutex::new(HashMap::new()),
+                commands: tokio_util::task::TaskTracker::new(),
+                stopping: AtomicBool::new(false),
+                shutdown: tokio_util::sync::CancellationToken::new(),
+            }),
+        }
+    }
+
+    /// The command handler.
+    pub fn handler(&self) -> &CommandHandler {
+        &self.inner.handler
+    }
+
+    /// The projector.
+    pub fn projector(&self) -> &Projector {
+        &self.inner.projector
+    }
+
+    /// The limits.
+    pub fn limits(&self) -> Limits {
+        self.inner.limits
+    }
+
+    /// The principal behind a bearer token.
+    pub fn authenticate(&self, token: Option<&str>) -> Result<Principal, ApiError> {
+        let token = token.ok_or_else(|| ApiError::Unauthorized("send `Authorization: Bearer <token>`".to_owned()))?;
+        self.inner
+            .auth
+            .authenticate(token)
+            .ok_or_else(|| ApiError::Unauthorized("the token is unknown or revoked".to_owned()))
+    }
+
+    /// Cancelled when shutdown begins.
+    pub fn shutdown_token(&self) -> tokio_util::sync::CancellationToken {
+        self.inner.shutdown.clone()
+    }
+
+    /// Stops taking new commands, then waits for those in flight.
+    pub async fn drain(&self) {
+        self.inner.shutdown.cancel();
+        self.inner.stopping.store(true, Ordering::SeqCst);
+        self.inner.commands.close();
+        self.inner.commands.wait().await;
+    }
+
+    /// Whether [`AppState::drain`] was called.
+    pub fn is_stopping(&self) -> bool {
+        self.inner.stopping.load(Ordering::SeqCst)
+    }
+
+    /// Brings the read models up to the head of the log. Callers queue
+    /// rather than replay the same tail side by side.
+    pub async fn catch_up(&self) -> Result<(), ApiError> {
+        let _turn = self.inner.catch_up.lock().await;
+        self.inner.projector.catch_up().await?;
+        Ok(())
+    }
+
+    /// The command id for an idempotency key: the key itself when it is a
+    /// UUID, otherwise a UUIDv5 of the agent and the key.
+    pub fn command_id(&self, principal: &Principal, key: Option<&str>) -> Result<Uuid, ApiError> {
+        let Some(key) = key else {
+            return Ok(Uuid::new_v4());
+        };
+        if key.is_empty() || key.len() > self.inner.limits.max_key_bytes || !key.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(ApiError::bad_request(
+                "invalid_header",
+                format!(
+                    "Idempotency-Key must be 1 to {} visible ASCII characters",
+                    self.inner.limits.max_key_bytes
+                ),
+            ));
+        }
+        if let Ok(uuid) = Uuid::parse_str(key) {
+            return Ok(uuid);
+        }
+        let name = format!("{}\0{key}", principal.agent_id);
+        Ok(Uuid::new_v5(&KEY_NAMESPACE, name.as_bytes()))
+    }
+
+    /// The role `principal` acts in to send `kind`: one of its roles that
+    /// the transition table allows for `kind`; an operator when no claim is
+    /// named (operators override), otherwise the first in grant order.
+    pub fn acting_agent(&self, principal: &Principal, kind: CommandKind, has_claim: bool) -> Result<Agent, ApiError> {
+        let mut allowed: Vec<Role> = TRANSITIONS
+            .iter()
+            .filter(|row| row.command == kind)
+            .flat_map(|row| row.roles.iter().copied())
+            .collect();
+        allowed.sort();
+        allowed.dedup();
+        let candidates: Vec<Role> = principal
+            .roles
+            .iter()
+            .copied()
+            .filter(|role| allowed.contains(role))
+            .collect();
+        let role = if !has_claim && candidates.contains(&Role::Operator) {
+            Role::Operator
+        } else {
+            *candidates.first().ok_or_else(|| ApiError::Forbidden {
+                detail: format!(
+                    "agent {} ({}) may not {kind}",
+                    principal.agent_id,
+                    roles_text(&principal.roles)
+                ),
+                allowed: allowed.clone(),
+            })?
+        };
+        Ok(Agent::new(principal.agent_id.clone(), role))
+    }
+
+    /// Runs a command to completion even if the client goes away, and
+    /// turns refusals into API errors (a stale decision with the events
+    /// since the revision it was decided on).
+    async fn run(&self, envelope: CommandEnvelope) -> Result<Accepted, ApiError> {
+        if self.is_stopping() {
+            return Err(ApiError::Unavailable("the server is shutting down".to_owned()));
+        }
+        let handler = self.inner.handler.clone();
+        let ticket_id = envelope.ticket_id;
+        let expected = envelope.expected_revision;
+        let result = self
+            .inner
+            .commands
+            .spawn(async move { handler.handle(envelope).await })
+            .await
+            .map_err(|error| ApiError::Internal(format!("the command task failed: {error}")))?;
+        match result {
+            Ok(accepted) => Ok(accepted),
+            Err(error @ CommandError::StaleRevision { .. }) => {
+                let since = expected.map_or(0, |revision| revision + 1);
+                let events = match self.inner.handler.load(ticket_id).await {
+                    Ok(loaded) => loaded
+                        .history
+                        .iter()
+                        .filter(|stored| stored.revision >= since)
+                        .map(EventView::from_stored)
+                        .collect(),
+                    Err(_) => Vec::new(),
+                };
+                Err(ApiError::from_command(error).with_events(events))
+            }
+            Err(error) => Err(ApiError::from_command(error)),
+        }
+    }
+
+    async fn view(&self, ticket_id: TicketId) -> Result<TicketView, ApiError> {
+        let loaded = self
+            .inner
+            .handler
+            .load(ticket_id)
+            .await
+            .map_err(ApiError::from_command)?;
+        TicketView::from_loaded(ticket_id, &loaded).ok_or_else(|| not_found(ticket_id))
+    }
+
+    async fn respond(&self, command: &Command, accepted: Accepted) -> Result<CommandResponse, ApiError> {
+        if accepted.duplicate && !same_request(command, &accepted.events) {
+            return Err(ApiError::key_reused(format!(
+                "the Idempotency-Key (command {}) was already used with a different request",
+                accepted.command_id
+            )));
+        }
+        Ok(CommandResponse {
+            ticket: self.view(accepted.ticket_id).await?,
+            revision: accepted.revision,
+            command_id: accepted.command_id,
+            duplicate: accepted.duplicate,
+            events: accepted.events.iter().map(|e| e.event_type().to_owned()).collect(),
+        })
+    }
+
+    /// Opens a ticket. The ticket id derives from the command id, so a
+    /// retry with the same key reaches the same ticket.
+    pub async fn open_ticket(
+        &self,
+        principal: &Principal,
+        key: Option<&str>,
+        request: OpenTicketRequest,
+    ) -> Result<CommandResponse, ApiError> {
+        let agent = self.acting_agent(principal, CommandKind::OpenTicket, false)?;
+        let command_id = self.command_id(principal, key)?;
+        let ticket_id = TicketId(Uuid::new_v5(&command_id, b"triage ticket"));
+        let command = Command::OpenTicket {
+            subject: request.subject,
+            body: request.body,
+            customer: request.customer,
+        };
+        let envelope = CommandEnvelope::new(ticket_id, agent, command.clone()).with_id(command_id);
+        let accepted = self.run(envelope).await?;
+        self.respond(&command, accepted).await
+    }
+
+    /// Sends `command` to a ticket, decided on `if_match` when given.
+    pub async fn ticket_command(
+        &self,
+        principal: &Principal,
+        ticket_id: TicketId,
+        key: Option<&str>,
+        if_match: Option<u64>,
+        command: Command,
+    ) -> Result<CommandResponse, ApiError> {
+        let kind = command.kind();
+        let has_claim = command.claim_id().is_some();
+        let mut agent = self.acting_agent(principal, kind, has_claim)?;
+        if principal.roles.len() > 1 {
+            // A token with several roles acts in the one the table allows
+            // from the ticket's current state (a drafter's heartbeat, not a
+            // classifier's); the handler still decides on fresh state.
+            let loaded = self
+                .inner
+                .handler
+                .load(ticket_id)
+                .await
+                .map_err(ApiError::from_command)?;
+            if let Some(state) = loaded.ticket.state {
+                let fits: Vec<Role> = transitions_from(Some(state), kind)
+                    .flat_map(|row| row.roles.iter().copied())
+                    .filter(|role| principal.roles.contains(role))
+                    .collect();
+                let role = if !has_claim && fits.contains(&Role::Operator) {
+                    Some(Role::Operator)
+                } else {
+                    principal.roles.iter().copied().find(|role| fits.contains(role))
+                };
+                if let Some(role) = role {
+                    agent.role = role;
+                }
+            }
+        }
+        let command_id = self.command_id(principal, key)?;
+        let mut envelope = CommandEnvelope::new(ticket_id, agent, command.clone()).with_id(command_id);
+        envelope.expected_revision = if_match;
+        let accepted = self.run(envelope).await?;
+        self.respond(&command, accepted).await
+    }
+
+    /// Sends a command that names a claim (release, heartbeat) to the
+    /// ticket that claim is on.
+    pub async fn claim_command(
+        &self,
+        principal: &Principal,
+        claim_id: Uuid,
+        key: Option<&str>,
+        if_match: Option<u64>,
+        command: Command,
+    ) -> Result<CommandResponse, ApiError> {
+        // Authorize before looking anything up.
+        self.acting_agent(principal, command.kind(), true)?;
+        let ticket_id = self
+            .ticket_of_claim(claim_id)
+            .await?
+            .ok_or_else(|| ApiError::NotFound {
+                code: "claim_not_found",
+                detail: format!("no ticket holds claim {claim_id}; it may have completed, expired or been released"),
+            })?;
+        self.ticket_command(principal, ticket_id, key, if_match, command).await
+    }
+
+    async fn ticket_of_claim(&self, claim_id: Uuid) -> Result<Option<TicketId>, ApiError> {
+        if let Some(ticket) = self.remembered_claim(claim_id) {
+            return Ok(Some(ticket));
+        }
+        self.catch_up().await?;
+        let found = self.inner.projector.read("tickets", |conn, slot| {
+            conn.prepare_cached(&format!(
+                "SELECT ticket_id FROM {} WHERE claim_id = ?1",
+                slot.table("tickets")
+            ))?
+            .query_row([claim_id.to_string()], |row| row.get::<_, String>(0))
+            .optional()
+        })?;
+        Ok(found.and_then(|id| id.parse().ok()))
+    }
+
+    fn remembered_claim(&self, claim_id: Uuid) -> Option<TicketId> {
+        let claims = self
+            .inner
+            .claims
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        claims.get(&claim_id).copied()
+    }
+
+    fn remember_claim(&self, claim_id: Uuid, ticket_id: TicketId) {
+        let mut claims = self
+            .inner
+            .claims
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if claims.len() >= MAX_REMEMBERED_CLAIMS {
+            claims.clear();
+        }
+        claims.insert(claim_id, ticket_id);
+    }
+
+    /// Claims the next ticket in `role`'s work queue: tries the queue's
+    /// tickets, each with the revision it was seen at, until one claim is
+    /// accepted. `None` when the queue is empty or every try lost its race.
+    pub async fn claim(
+        &self,
+        principal: &Principal,
+        key: Option<&str>,
+        request: ClaimRequest,
+    ) -> Result<Option<ClaimResponse>, ApiError> {
+        let role: Role = request.role.into();
+        let claimable: Vec<Role> = TRANSITIONS
+            .iter()
+            .filter(|row| row.claim == ClaimRule::Takes)
+            .flat_map(|row| row.roles.iter().copied())
+            .collect();
+        if !principal.roles.contains(&role) || !claimable.contains(&role) {
+            let mut allowed: Vec<Role> = principal
+                .roles
+                .iter()
+                .copied()
+                .filter(|r| claimable.contains(r))
+                .collect();
+            allowed.dedup();
+            return Err(ApiError::Forbidden {
+                detail: format!(
+                    "agent {} ({}) may not claim work as {role}",
+                    principal.agent_id,
+                    roles_text(&principal.roles)
+                ),
+                allowed,
+            });
+        }
+        let agent = Agent::new(principal.agent_id.clone(), role);
+        let keyed = key.map(|key| self.command_id(principal, Some(key))).transpose()?;
+        // A retried claim: answer from the ticket the key already claimed.
+        if let Some(claim_id) = keyed
+            && let Some(ticket_id) = self.ticket_of_claim(claim_id).await?
+        {
+            let loaded = self
+                .inner
+                .handler
+                .load(ticket_id)
+                .await
+                .map_err(ApiError::from_command)?;
+            if let Some(command) = loaded
+                .history
+                .iter()
+                .find(|stored| stored.metadata.command_id == claim_id)
+                .and_then(|stored| start_command_for(&stored.event, request.lease_secs))
+            {
+                let envelope = CommandEnvelope::new(ticket_id, agent.clone(), command).with_id(claim_id);
+                let accepted = self.run(envelope).await?;
+                return self.claim_response(role, accepted).await.map(Some);
+            }
+        }
+        for _round in 0..3 {
+            self.catch_up().await?;
+            let mut queue = self.inner.projector.read("tickets", |conn, slot| {
+                TicketsView::new(conn, slot).work_queue(role, 32)
+            })?;
+            queue.retain(|row| row.ticket.state.and_then(|state| start_kind(state, role)).is_some());
+            if queue.is_empty() {
+                return Ok(None);
+            }
+            // Claimers that all start at the oldest ticket would all race
+            // for it; start each at a random place instead.
+            let offset = fastrand::usize(..queue.len());
+            queue.rotate_left(offset);
+            for row in &queue {
+                let (Some(ticket_id), Some(state)) = (row.ticket.id, row.ticket.state) else {
+                    continue;
+                };
+                let Some(kind) = start_kind(state, role) else { continue };
+                let command = start_command(kind, request.lease_secs);
+                let envelope = CommandEnvelope::new(ticket_id, agent.clone(), command)
+                    .with_id(keyed.unwrap_or_else(Uuid::new_v4))
+                    .at_revision(row.revision);
+                match self.run(envelope).await {
+                    Ok(accepted) => return self.claim_response(role, accepted).await.map(Some),
+                    // Lost the race for this one, or the read model was
+                    // behind: try the next.
+                    Err(ApiError::Conflict { .. }) => continue,
+                    Err(ApiError::NotFound { .. }) => continue,
+                    Err(other) => return Err(other),
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    async fn claim_response(&self, role: Role, accepted: Accepted) -> Result<ClaimResponse, ApiError> {
+        let claim = accepted.events.iter().find_map(|event| match event {
+            Event::ClassificationStarted { claim }
+            | Event::DraftingStarted { claim }
+            | Event::EscalationStarted { claim } => Some(claim.clone()),
+            _ => None,
+        });
+        let Some(claim) = claim else {
+            return Err(ApiError::key_reused(format!(
+                "the Idempotency-Key (command {}) was already used for a different request",
+                accepted.command_id
+            )));
+        };
+        let matches_role = accepted
+            .state
+            .resting_state()
+            .and_then(|resting| start_kind(resting, role))
+            .is_some();
+        if accepted.duplicate && !matches_role {
+            return Err(ApiError::key_reused(format!(
+                "the Idempotency-Key (command {}) was already used to claim work as another role",
+                accepted.command_id
+            )));
+        }
+        self.remember_claim(claim.claim_id, accepted.ticket_id);
+        Ok(ClaimResponse {
+            ticket: self.view(accepted.ticket_id).await?,
+            claim_id: claim.claim_id,
+            lease_expires_at: claim.lease_expires_at,
+            revision: accepted.revision,
+            duplicate: accepted.duplicate,
+        })
+    }
+
+    /// A ticket, read from its stream: exactly the revision it is at.
+    pub async fn ticket(&self, _principal: &Principal, ticket_id: TicketId) -> Result<TicketView, ApiError> {
+        self.view(ticket_id).await
+    }
+
+    /// Tickets in `state` (all when `None`), from the read model.
+    pub async fn list(
+        &self,
+        _principal: &Principal,
+        state: Option<State>,
+        limit: Option<usize>,
+    ) -> Result<TicketList, ApiError> {
+        let limit = limit.unwrap_or(50).min(self.inner.limits.max_list);
+        self.catch_up().await?;
+        let rows = self
+            .inner
+            .projector
+            .read("tickets", |conn, slot| TicketsView::new(conn, slot).list(state, limit))?;
+        Ok(TicketList {
+            tickets: rows.iter().filter_map(TicketView::from_row).collect(),
+        })
+    }
+
+    /// A ticket's events, from its stream.
+    pub async fn events(&self, _principal: &Principal, ticket_id: TicketId) -> Result<EventList, ApiError> {
+        let loaded = self
+            .inner
+            .handler
+            .load(ticket_id)
+            .await
+            .map_err(ApiError::from_command)?;
+        if loaded.history.is_empty() {
+            return Err(not_found(ticket_id));
+        }
+        Ok(EventList {
+            ticket_id,
+            events: loaded.history.iter().map(EventView::from_stored).collect(),
+        })
+    }
+
+    /// The statistics read model.
+    pub async fn stats(&self, _principal: &Principal) -> Result<serde_json::Value, ApiError> {
+        self.catch_up().await?;
+        let summary = self.inner.projector.read("stats", triage_projections::stats::summary)?;
+        serde_json::to_value(summary).map_err(|error| ApiError::Internal(error.to_string()))
+    }
+
+    /// Whether the store answers and the read models can be served.
+    pub async fn ready(&self) -> Result<(), ApiError> {
+        if self.is_stopping() {
+            return Err(ApiError::Unavailable("the server is shutting down".to_owned()));
+        }
+        self.inner
+            .handler
+            .store()
+            .head_position()
+            .await
+            .map_err(|error| ApiError::Unavailable(format!("the event store does not answer: {error}")))?;
+        self.inner.projector.read("tickets", |_, _| Ok(()))?;
+        Ok(())
+    }
+}
+
+fn not_found(ticket_id: TicketId) -> ApiError {
+    ApiError::NotFound {
+        code: "ticket_not_found",
+        detail: format!("ticket {ticket_id} does not exist"),
+    }
+}
+
+fn roles_text(roles: &[Role]) -> String {
+    roles.iter().map(|role| role.as_str()).collect::<Vec<_>>().join(", ")
+}
+
+/// The command with which `role` claims a ticket resting in `state`.
+fn start_kind(state: State, role: Role) -> Option<CommandKind> {
+    TRANSITIONS
+        .iter()
+        .find(|row| row.from == Some(state) && row.claim == ClaimRule::Takes && row.roles.contains(&role))
+        .map(|row| row.command)
+        .filter(|_| queue_states(role).contains(&state))
+}
+
+fn start_command(kind: CommandKind, lease_secs: Option<u32>) -> Command {
+    match kind {
+        CommandKind::StartDrafting => Command::StartDrafting { lease_secs },
+        CommandKind::StartEscalation => Command::StartEscalation { lease_secs },
+        _ => Command::StartClassification { lease_secs },
+    }
+}
+
+/// The claim command that produced `event`, to replay a keyed claim.
+fn start_command_for(event: &Event, lease_secs: Option<u32>) -> Option<Command> {
+    match event {
+        Event::ClassificationStarted { .. } => Some(Command::StartClassification { lease_secs }),
+        Event::DraftingStarted { .. } => Some(Command::StartDrafting { lease_secs }),
+        Event::EscalationStarted { .. } => Some(Command::StartEscalation { lease_secs }),
+        _ => None,
+    }
+}
+
+/// The type of the first event `kind` produces.
+fn first_event_type(kind: CommandKind) -> &'static str {
+    match kind {
+        CommandKind::OpenTicket => "TicketOpened",
+        CommandKind::StartClassification => "ClassificationStarted",
+        CommandKind::Classify => "TicketClassified",
+        CommandKind::StartDrafting => "DraftingStarted",
+        CommandKind::SubmitDraft => "DraftSubmitted",
+        CommandKind::StartEscalation => "EscalationStarted",
+        CommandKind::Resolve => "TicketResolved",
+        CommandKind::RejectDraft => "DraftRejected",
+        CommandKind::EscalateToHuman => "EscalatedToHuman",
+        CommandKind::ReleaseClaim => "ClaimReleased",
+        CommandKind::ExtendLease => "LeaseExtended",
+        CommandKind::ExpireClaim => "ClaimExpired",
+        CommandKind::TakeOver => "ClaimTakenOver",
+    }
+}
+
+/// Whether the events stored under a reused command id came from this same
+/// request: the first event is of the type the command produces, and every
+/// field the command carries (but the requested lease, which is resolved
+/// against the clock) is stored with the same value.
+pub(crate) fn same_request(command: &Command, events: &[Event]) -> bool {
+    let Some(first) = events.first() else { return false };
+    if first.event_type() != first_event_type(command.kind()) {
+        return false;
+    }
+    let (Ok(serde_json::Value::Object(sent)), Ok(serde_json::Value::Object(stored))) =
+        (serde_json::to_value(command), serde_json::to_value(first))
+    else {
+        return false;
+    };
+    sent.iter()
+        .filter(|(field, _)| !matches!(field.as_str(), "type" | "lease_secs"))
+        .all(|(field, value)| stored.get(field).unwrap_or(&serde_json::Value::Null) == value)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use triage_domain::Priority;
+
+    #[test]
+    fn a_reused_key_matches_only_the_same_request() {
+        let claim_id = Uuid::new_v4();
+        let classify = |category: &str| Command::Classify {
+            claim_id,
+            category: category.to_owned(),
+            priority: Priority::High,
+            confidence: 0.5,
+        };
+        let stored = [Event::TicketClassified {
+            claim_id,
+            category: "billing".to_owned(),
+            priority: Priority::High,
+            confidence: 0.5,
+        }];
+        assert!(same_request(&classify("billing"), &stored));
+        assert!(!same_request(&classify("bug"), &stored));
+        let draft = Command::SubmitDraft {
+            claim_id,
+            body: "hello".to_owned(),
+        };
+        assert!(!same_request(&draft, &stored));
+        assert!(!same_request(&draft, &[]));
+    }
+
+    #[test]
+    fn only_claiming_roles_have_start_commands() {
+        assert_eq!(
+            start_kind(State::New, Role::Classifier),
+            Some(CommandKind::StartClassification)
+        );
+        assert_eq!(
+            start_kind(State::Classified, Role::Drafter),
+            Some(CommandKind::StartDrafting)
+        );
+        assert_eq!(start_kind(State::New, Role::Drafter), None);
+        assert_eq!(start_kind(State::NeedsHuman, Role::Operator), None);
+        assert_eq!(start_kind(State::New, Role::Analyst), None);
+    }
+}

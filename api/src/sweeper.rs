@@ -1,0 +1,70 @@
+//! The lease sweeper: expires claims whose lease ran out, through the
+//! domain's `ExpireClaim` command.
+//!
+//! Safe with several server instances at once: each expiry is decided on
+//! the revision the sweeper saw, and its command id derives from the claim
+//! id, so two sweepers expiring the same claim write it once (the second
+//! gets the first's outcome, or a stale-revision refusal).
+
+use std::time::Duration;
+
+use triage_command_handler::CommandError;
+use triage_domain::{Agent, Command, CommandEnvelope, Role};
+use triage_projections::TicketsView;
+use uuid::Uuid;
+
+use crate::error::ApiError;
+use crate::service::AppState;
+
+/// The agent id the sweeper's events carry.
+pub const SWEEPER_AGENT: &str = "lease-sweeper";
+
+/// Expires up to `limit` claims whose lease ran out by the handler's clock;
+/// returns how many this call expired.
+pub async fn sweep_once(state: &AppState, limit: usize) -> Result<usize, ApiError> {
+    state.catch_up().await?;
+    let now = state.handler().clock().now();
+    let rows = state.projector().read("tickets", |conn, slot| {
+        TicketsView::new(conn, slot).expired_claims(now, limit)
+    })?;
+    let mut expired = 0;
+    for row in rows {
+        let (Some(ticket_id), Some(claim)) = (row.ticket.id, row.ticket.claim.as_ref()) else {
+            continue;
+        };
+        let command_id = Uuid::new_v5(&claim.claim_id, b"triage expire claim");
+        let envelope = CommandEnvelope::new(
+            ticket_id,
+            Agent::new(SWEEPER_AGENT, Role::System),
+            Command::ExpireClaim {
+                claim_id: claim.claim_id,
+            },
+        )
+        .with_id(command_id)
+        .at_revision(row.revision);
+        match state.handler().handle(envelope).await {
+            Ok(accepted) if !accepted.duplicate => expired += 1,
+            Ok(_) => {}
+            // Another sweeper, a heartbeat or the holder got there first.
+            Err(CommandError::StaleRevision { .. } | CommandError::Rejected { .. }) => {}
+            Err(error) => return Err(ApiError::from_command(error)),
+        }
+    }
+    Ok(expired)
+}
+
+/// Sweeps every `interval` until the state's shutdown token is cancelled.
+pub async fn run(state: AppState, interval: Duration) {
+    let stop = state.shutdown_token();
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(interval) => {}
+        }
+        match sweep_once(&state, 256).await {
+            Ok(0) => {}
+            Ok(expired) => tracing::info!(expired, "expired claims whose lease ran out"),
+            Err(error) => tracing::warn!(%error, "lease sweep failed; retrying"),
+        }
+    }
+}

@@ -1,0 +1,671 @@
+//! Router-level tests: every endpoint and every error, through
+//! `router(state).oneshot(request)`.
+
+mod support;
+
+use axum::http::StatusCode;
+use serde_json::{Value, json};
+use support::{Harness, Req};
+
+fn id(ticket: &Value) -> String {
+    ticket["ticket"]["id"].as_str().expect("ticket id").to_owned()
+}
+
+/// Opens a ticket and claims it for classification.
+async fn claimed(h: &Harness) -> (String, Value) {
+    h.open("Cannot log in").await;
+    let claim = h.claim("classifier", "classifier").await;
+    assert_eq!(claim.status, StatusCode::OK, "{}", claim.json);
+    (id(&claim.json), claim.json)
+}
+
+fn classification(claim: &Value) -> Value {
+    json!({"claim_id": claim["claim_id"], "category": "account_access", "priority": "high", "confidence": 0.9})
+}
+
+#[tokio::test]
+async fn opening_a_ticket_returns_201_with_id_state_and_revision() {
+    let h = Harness::new();
+    let reply = h
+        .send(
+            Some("intake"),
+            Req::post(
+                "/v1/tickets",
+                json!({"subject": "Refund", "body": "Charged twice", "customer": "a@example.com"}),
+            ),
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::CREATED, "{}", reply.json);
+    let ticket = &reply.json;
+    assert_eq!(ticket["state"], "NEW");
+    assert_eq!(ticket["revision"], 0);
+    assert_eq!(ticket["customer"], "a@example.com");
+    assert_eq!(reply.json["duplicate"], false);
+    assert_eq!(reply.headers["etag"], "\"0\"");
+    assert_eq!(
+        reply.headers["location"].to_str().unwrap(),
+        format!("/v1/tickets/{}", ticket["id"].as_str().unwrap())
+    );
+    // Operators may open tickets too.
+    let by_operator = h
+        .send(
+            Some("operator"),
+            Req::post("/v1/tickets", json!({"subject": "s", "body": "b"})),
+        )
+        .await;
+    assert_eq!(by_operator.status, StatusCode::CREATED);
+}
+
+#[tokio::test]
+async fn no_token_or_an_unknown_token_is_401() {
+    let h = Harness::new();
+    let reply = h.send(None, Req::get("/v1/tickets")).await;
+    reply.assert_problem(StatusCode::UNAUTHORIZED, "unauthorized");
+    assert_eq!(reply.headers["www-authenticate"], "Bearer");
+    let bad = h
+        .send(
+            None,
+            Req::get("/v1/stats").header("authorization", "Bearer trg_not_a_token"),
+        )
+        .await;
+    bad.assert_problem(StatusCode::UNAUTHORIZED, "unauthorized");
+    let opened = h
+        .send(None, Req::post("/v1/tickets", json!({"subject": "s", "body": "b"})))
+        .await;
+    opened.assert_problem(StatusCode::UNAUTHORIZED, "unauthorized");
+}
+
+#[tokio::test]
+async fn roles_follow_the_transition_table() {
+    let h = Harness::new();
+    for agent in ["analyst", "drafter", "classifier"] {
+        let reply = h
+            .send(
+                Some(agent),
+                Req::post("/v1/tickets", json!({"subject": "s", "body": "b"})),
+            )
+            .await;
+        reply.assert_problem(StatusCode::FORBIDDEN, "role_not_allowed");
+        assert_eq!(reply.json["allowed_roles"], json!(["intake", "operator"]));
+    }
+    let (ticket, claim) = claimed(&h).await;
+    // A drafter cannot classify.
+    let reply = h
+        .send(
+            Some("drafter"),
+            Req::post(format!("/v1/tickets/{ticket}/classification"), classification(&claim)),
+        )
+        .await;
+    reply.assert_problem(StatusCode::FORBIDDEN, "role_not_allowed");
+    // An analyst is read-only: it may read but claims nothing.
+    h.claim("analyst", "analyst")
+        .await
+        .assert_problem(StatusCode::FORBIDDEN, "role_not_allowed");
+    let read = h.send(Some("analyst"), Req::get(format!("/v1/tickets/{ticket}"))).await;
+    assert_eq!(read.status, StatusCode::OK);
+    // A token cannot claim for a role it does not carry.
+    h.claim("drafter", "classifier")
+        .await
+        .assert_problem(StatusCode::FORBIDDEN, "role_not_allowed");
+}
+
+#[tokio::test]
+async fn malformed_json_is_400_a_wrong_shape_422_and_no_json_415() {
+    let h = Harness::new();
+    let reply = h
+        .send(
+            Some("intake"),
+            Req::raw("POST", "/v1/tickets", b"{\"subject\": ".to_vec()),
+        )
+        .await;
+    reply.assert_problem(StatusCode::BAD_REQUEST, "malformed_json");
+    let reply = h
+        .send(
+            Some("intake"),
+            Req::post("/v1/tickets", json!({"subject": 5, "body": "b"})),
+        )
+        .await;
+    reply.assert_problem(StatusCode::UNPROCESSABLE_ENTITY, "invalid_body");
+    let reply = h
+        .send(
+            Some("intake"),
+            Req::post("/v1/tickets", json!({"subject": "s", "body": "b", "extra": 1})),
+        )
+        .await;
+    reply.assert_problem(StatusCode::UNPROCESSABLE_ENTITY, "invalid_body");
+    let reply = h
+        .send(
+            Some("intake"),
+            Req::raw("POST", "/v1/tickets", b"subject=s".to_vec()).header("content-type", "text/plain"),
+        )
+        .await;
+    reply.assert_problem(StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type");
+}
+
+#[tokio::test]
+async fn an_oversized_body_is_413_and_overlong_strings_422() {
+    let h = Harness::new();
+    let huge = "x".repeat(h.state.limits().max_body_bytes + 1);
+    let reply = h
+        .send(
+            Some("intake"),
+            Req::post("/v1/tickets", json!({"subject": "s", "body": huge})),
+        )
+        .await;
+    reply.assert_problem(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large");
+    assert!(
+        reply.json["detail"]
+            .as_str()
+            .unwrap()
+            .contains(&h.state.limits().max_body_bytes.to_string())
+    );
+    let long_subject = "s".repeat(201);
+    let reply = h
+        .send(
+            Some("intake"),
+            Req::post("/v1/tickets", json!({"subject": long_subject, "body": "b"})),
+        )
+        .await;
+    reply.assert_problem(StatusCode::UNPROCESSABLE_ENTITY, "invalid_input");
+    let reply = h
+        .send(
+            Some("intake"),
+            Req::post("/v1/tickets", json!({"subject": "s", "body": "b"})).header("idempotency-key", "k".repeat(201)),
+        )
+        .await;
+    reply.assert_problem(StatusCode::BAD_REQUEST, "invalid_header");
+}
+
+#[tokio::test]
+async fn get_a_ticket_with_its_revision_as_etag_and_unknown_tickets_are_404() {
+    let h = Harness::new();
+    let opened = h.open("Hello").await;
+    let ticket = opened["id"].as_str().unwrap().to_owned();
+    let reply = h.send(Some("analyst"), Req::get(format!("/v1/tickets/{ticket}"))).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(reply.json["subject"], "Hello");
+    assert_eq!(reply.headers["etag"], "\"0\"");
+    let unknown = uuid::Uuid::new_v4();
+    h.send(Some("analyst"), Req::get(format!("/v1/tickets/{unknown}")))
+        .await
+        .assert_problem(StatusCode::NOT_FOUND, "ticket_not_found");
+    h.send(Some("analyst"), Req::get(format!("/v1/tickets/{unknown}/events")))
+        .await
+        .assert_problem(StatusCode::NOT_FOUND, "ticket_not_found");
+    h.send(Some("analyst"), Req::get("/v1/tickets/not-a-uuid"))
+        .await
+        .assert_problem(StatusCode::BAD_REQUEST, "invalid_path");
+    // Commands on an unknown ticket are 404 too.
+    h.send(
+        Some("operator"),
+        Req::post(
+            format!("/v1/tickets/{unknown}/resolution"),
+            json!({"resolution": "done"}),
+        ),
+    )
+    .await
+    .assert_problem(StatusCode::NOT_FOUND, "ticket_not_found");
+}
+
+#[tokio::test]
+async fn list_by_state_events_and_stats() {
+    let h = Harness::new();
+    h.open("one").await;
+    h.open("two").await;
+    let (ticket, _claim) = claimed(&h).await;
+    let new = h.send(Some("analyst"), Req::get("/v1/tickets?state=NEW")).await;
+    assert_eq!(new.status, StatusCode::OK);
+    assert_eq!(new.json["tickets"].as_array().unwrap().len(), 2);
+    let claimed_list = h.send(Some("analyst"), Req::get("/v1/tickets?state=classifying")).await;
+    assert_eq!(claimed_list.json["tickets"].as_array().unwrap().len(), 1);
+    let all = h.send(Some("analyst"), Req::get("/v1/tickets?limit=2")).await;
+    assert_eq!(all.json["tickets"].as_array().unwrap().len(), 2);
+    h.send(Some("analyst"), Req::get("/v1/tickets?state=SLEEPING"))
+        .await
+        .assert_problem(StatusCode::BAD_REQUEST, "invalid_query");
+    h.send(Some("analyst"), Req::get("/v1/tickets?limit=many"))
+        .await
+        .assert_problem(StatusCode::BAD_REQUEST, "invalid_query");
+    let events = h
+        .send(Some("analyst"), Req::get(format!("/v1/tickets/{ticket}/events")))
+        .await;
+    assert_eq!(events.status, StatusCode::OK);
+    let types: Vec<&str> = events.json["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["type"].as_str().unwrap())
+        .collect();
+    assert_eq!(types, ["TicketOpened", "ClassificationStarted"]);
+    assert_eq!(events.json["events"][1]["agent_id"], "classifier");
+    let stats = h.send(Some("analyst"), Req::get("/v1/stats")).await;
+    assert_eq!(stats.status, StatusCode::OK);
+    assert_eq!(stats.json["tickets_per_state"]["NEW"], 2);
+    assert_eq!(stats.json["tickets_per_state"]["CLASSIFYING"], 1);
+}
+
+#[tokio::test]
+async fn claiming_is_200_with_the_claim_then_204_when_nothing_waits() {
+    let h = Harness::new();
+    h.claim("classifier", "classifier").await.assert_problem_or_204();
+    let opened = h.open("Work").await;
+    let reply = h.claim("classifier", "classifier").await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.json);
+    assert_eq!(reply.json["ticket"]["id"], opened["id"]);
+    assert_eq!(reply.json["ticket"]["state"], "CLASSIFYING");
+    assert_eq!(reply.json["revision"], 1);
+    assert_eq!(reply.json["ticket"]["claim"]["claim_id"], reply.json["claim_id"]);
+    assert!(reply.json["lease_expires_at"].is_string());
+    assert_eq!(
+        h.claim("classifier-2", "classifier").await.status,
+        StatusCode::NO_CONTENT
+    );
+    h.send(
+        Some("classifier"),
+        Req::post("/v1/work/claim", json!({"role": "wizard"})),
+    )
+    .await
+    .assert_problem(StatusCode::UNPROCESSABLE_ENTITY, "invalid_body");
+}
+
+trait NoContent {
+    fn assert_problem_or_204(&self);
+}
+
+impl NoContent for support::Reply {
+    fn assert_problem_or_204(&self) {
+        assert_eq!(self.status, StatusCode::NO_CONTENT, "{}", self.json);
+        assert_eq!(self.json, Value::Null);
+    }
+}
+
+#[tokio::test]
+async fn a_ticket_goes_from_new_to_resolved_through_the_api() {
+    let h = Harness::new();
+    let (ticket, claim) = claimed(&h).await;
+    let classified = h
+        .send(
+            Some("classifier"),
+            Req::post(format!("/v1/tickets/{ticket}/classification"), classification(&claim))
+                .header("if-match", "\"1\""),
+        )
+        .await;
+    assert_eq!(classified.status, StatusCode::OK, "{}", classified.json);
+    assert_eq!(classified.json["ticket"]["state"], "CLASSIFIED");
+    assert_eq!(classified.json["events"], json!(["TicketClassified"]));
+    assert_eq!(classified.headers["etag"], "\"2\"");
+    let drafting = h.claim("drafter", "drafter").await;
+    assert_eq!(drafting.status, StatusCode::OK, "{}", drafting.json);
+    let drafted = h
+        .send(
+            Some("drafter"),
+            Req::post(
+                format!("/v1/tickets/{ticket}/draft"),
+                json!({"claim_id": drafting.json["claim_id"], "body": "Reset your password here."}),
+            ),
+        )
+        .await;
+    assert_eq!(drafted.json["ticket"]["state"], "DRAFT_READY", "{}", drafted.json);
+    let review = h.claim("escalator", "escalator").await;
+    assert_eq!(review.status, StatusCode::OK);
+    let resolved = h
+        .send(
+            Some("escalator"),
+            Req::post(
+                format!("/v1/tickets/{ticket}/resolution"),
+                json!({"claim_id": review.json["claim_id"], "resolution": "sent"}),
+            )
+            .header("if-match", review.json["revision"].to_string()),
+        )
+        .await;
+    assert_eq!(resolved.status, StatusCode::OK, "{}", resolved.json);
+    assert_eq!(resolved.json["ticket"]["state"], "RESOLVED");
+    // Nothing leaves RESOLVED: a rejected transition is a 409 with the state.
+    let again = h
+        .send(
+            Some("operator"),
+            Req::post(
+                format!("/v1/tickets/{ticket}/resolution"),
+                json!({"resolution": "again"}),
+            ),
+        )
+        .await;
+    again.assert_problem(StatusCode::CONFLICT, "invalid_transition");
+    assert_eq!(again.json["state"], "RESOLVED");
+    assert_eq!(again.json["revision"], 6);
+}
+
+#[tokio::test]
+async fn escalation_rejection_and_operator_resolution() {
+    let h = Harness::new();
+    let (ticket, claim) = claimed(&h).await;
+    h.send(
+        Some("classifier"),
+        Req::post(format!("/v1/tickets/{ticket}/classification"), classification(&claim)),
+    )
+    .await;
+    let drafting = h.claim("drafter", "drafter").await;
+    h.send(
+        Some("drafter"),
+        Req::post(
+            format!("/v1/tickets/{ticket}/draft"),
+            json!({"claim_id": drafting.json["claim_id"], "body": "Draft one"}),
+        ),
+    )
+    .await;
+    let review = h.claim("escalator", "escalator").await;
+    let rejected = h
+        .send(
+            Some("escalator"),
+            Req::post(
+                format!("/v1/tickets/{ticket}/rejection"),
+                json!({"claim_id": review.json["claim_id"], "reason": "too terse"}),
+            ),
+        )
+        .await;
+    assert_eq!(rejected.json["ticket"]["state"], "CLASSIFIED", "{}", rejected.json);
+    let drafting = h.claim("drafter", "drafter").await;
+    h.send(
+        Some("drafter"),
+        Req::post(
+            format!("/v1/tickets/{ticket}/draft"),
+            json!({"claim_id": drafting.json["claim_id"], "body": "Draft two"}),
+        ),
+    )
+    .await;
+    let review = h.claim("escalator", "escalator").await;
+    // An escalation without a reason field is a shape error.
+    h.send(
+        Some("escalator"),
+        Req::post(
+            format!("/v1/tickets/{ticket}/escalation"),
+            json!({"claim_id": review.json["claim_id"]}),
+        ),
+    )
+    .await
+    .assert_problem(StatusCode::UNPROCESSABLE_ENTITY, "invalid_body");
+    let escalated = h
+        .send(
+            Some("escalator"),
+            Req::post(
+                format!("/v1/tickets/{ticket}/escalation"),
+                json!({"claim_id": review.json["claim_id"], "reason": "legal question"}),
+            ),
+        )
+        .await;
+    assert_eq!(escalated.json["ticket"]["state"], "NEEDS_HUMAN", "{}", escalated.json);
+    // An escalator cannot resolve without a claim; an operator can.
+    h.send(
+        Some("escalator"),
+        Req::post(format!("/v1/tickets/{ticket}/resolution"), json!({"resolution": "x"})),
+    )
+    .await
+    .assert_problem(StatusCode::FORBIDDEN, "role_not_allowed");
+    let resolved = h
+        .send(
+            Some("operator"),
+            Req::post(
+                format!("/v1/tickets/{ticket}/resolution"),
+                json!({"resolution": "called them"}),
+            ),
+        )
+        .await;
+    assert_eq!(resolved.json["ticket"]["state"], "RESOLVED", "{}", resolved.json);
+}
+
+#[tokio::test]
+async fn a_stale_if_match_is_409_with_state_revision_and_the_events_since() {
+    let h = Harness::new();
+    let (ticket, claim) = claimed(&h).await;
+    // Decided on revision 0 (before the claim): stale.
+    let reply = h
+        .send(
+            Some("classifier"),
+            Req::post(format!("/v1/tickets/{ticket}/classification"), classification(&claim))
+                .header("if-match", "\"0\""),
+        )
+        .await;
+    reply.assert_problem(StatusCode::CONFLICT, "stale_revision");
+    assert_eq!(reply.json["state"], "CLASSIFYING");
+    assert_eq!(reply.json["revision"], 1);
+    assert_eq!(reply.json["ticket_id"], ticket);
+    let events = reply.json["events"].as_array().expect("events since");
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0]["type"], "ClassificationStarted");
+    assert_eq!(events[0]["revision"], 1);
+    h.send(
+        Some("classifier"),
+        Req::post(format!("/v1/tickets/{ticket}/classification"), classification(&claim)).header("if-match", "soon"),
+    )
+    .await
+    .assert_problem(StatusCode::BAD_REQUEST, "invalid_header");
+    // Nothing was written.
+    let now = h.send(Some("analyst"), Req::get(format!("/v1/tickets/{ticket}"))).await;
+    assert_eq!(now.json["revision"], 1);
+}
+
+#[tokio::test]
+async fn a_write_under_an_expired_claim_is_409_and_fencing_holds() {
+    let h = Harness::new();
+    let (ticket, claim) = claimed(&h).await;
+    // Another classifier cannot complete someone else's claim.
+    h.send(
+        Some("classifier-2"),
+        Req::post(format!("/v1/tickets/{ticket}/classification"), classification(&claim)),
+    )
+    .await
+    .assert_problem(StatusCode::CONFLICT, "not_claim_holder");
+    h.clock.advance(chrono::Duration::seconds(61));
+    let reply = h
+        .send(
+            Some("classifier"),
+            Req::post(format!("/v1/tickets/{ticket}/classification"), classification(&claim)),
+        )
+        .await;
+    reply.assert_problem(StatusCode::CONFLICT, "lease_expired");
+    assert_eq!(reply.json["state"], "CLASSIFYING");
+    // A claim that is not the current one is stale.
+    let mut other = classification(&claim);
+    other["claim_id"] = json!(uuid::Uuid::new_v4());
+    h.send(
+        Some("classifier"),
+        Req::post(format!("/v1/tickets/{ticket}/classification"), other),
+    )
+    .await
+    .assert_problem(StatusCode::CONFLICT, "stale_claim");
+}
+
+#[tokio::test]
+async fn the_same_key_and_body_replays_and_a_different_body_is_422() {
+    let h = Harness::new();
+    let open = |subject: &str| {
+        Req::post("/v1/tickets", json!({"subject": subject, "body": "b"})).header("idempotency-key", "open-1")
+    };
+    let first = h.send(Some("intake"), open("Same")).await;
+    assert_eq!(first.status, StatusCode::CREATED);
+    let again = h.send(Some("intake"), open("Same")).await;
+    assert_eq!(again.status, StatusCode::CREATED);
+    assert_eq!(again.json["id"], first.json["id"]);
+    assert_eq!(again.json["command_id"], first.json["command_id"]);
+    assert_eq!(again.json["duplicate"], true);
+    h.send(Some("intake"), open("Different"))
+        .await
+        .assert_problem(StatusCode::UNPROCESSABLE_ENTITY, "idempotency_key_reused");
+
+    let (ticket, claim) = claimed(&h).await;
+    let key = uuid::Uuid::new_v4().to_string();
+    let send = |body: Value| {
+        Req::post(format!("/v1/tickets/{ticket}/classification"), body).header("idempotency-key", key.clone())
+    };
+    let first = h.send(Some("classifier"), send(classification(&claim))).await;
+    assert_eq!(first.status, StatusCode::OK, "{}", first.json);
+    assert_eq!(first.json["command_id"], key);
+    let retry = h.send(Some("classifier"), send(classification(&claim))).await;
+    assert_eq!(retry.status, StatusCode::OK);
+    assert_eq!(retry.json["duplicate"], true);
+    assert_eq!(retry.json["revision"], first.json["revision"]);
+    let mut different = classification(&claim);
+    different["category"] = json!("billing");
+    h.send(Some("classifier"), send(different))
+        .await
+        .assert_problem(StatusCode::UNPROCESSABLE_ENTITY, "idempotency_key_reused");
+    // The same key on another ticket is a reuse too.
+    let other = h.open("Other").await["id"].as_str().unwrap().to_owned();
+    h.send(
+        Some("operator"),
+        Req::post(format!("/v1/tickets/{other}/resolution"), json!({"resolution": "x"}))
+            .header("idempotency-key", key.clone()),
+    )
+    .await
+    .assert_problem(StatusCode::UNPROCESSABLE_ENTITY, "idempotency_key_reused");
+    // A keyed claim retried returns the same claim.
+    let claim_req = || Req::post("/v1/work/claim", json!({"role": "drafter"})).header("idempotency-key", "claim-7");
+    let claimed = h.send(Some("drafter"), claim_req()).await;
+    assert_eq!(claimed.status, StatusCode::OK, "{}", claimed.json);
+    let retried = h.send(Some("drafter"), claim_req()).await;
+    assert_eq!(retried.status, StatusCode::OK, "{}", retried.json);
+    assert_eq!(retried.json["claim_id"], claimed.json["claim_id"]);
+    assert_eq!(retried.json["duplicate"], true);
+    let events = h
+        .send(Some("analyst"), Req::get(format!("/v1/tickets/{ticket}/events")))
+        .await;
+    assert_eq!(events.json["events"].as_array().unwrap().len(), 4, "one claim, not two");
+}
+
+#[tokio::test]
+async fn release_and_heartbeat_act_on_the_claims_ticket() {
+    let h = Harness::new();
+    let (ticket, claim) = claimed(&h).await;
+    let claim_id = claim["claim_id"].as_str().unwrap();
+    let before = claim["lease_expires_at"].as_str().unwrap().to_owned();
+    h.clock.advance(chrono::Duration::seconds(30));
+    let beat = h
+        .send(
+            Some("classifier"),
+            Req::raw("POST", format!("/v1/claims/{claim_id}/heartbeat"), Vec::new()),
+        )
+        .await;
+    assert_eq!(beat.status, StatusCode::OK, "{}", beat.json);
+    assert_eq!(beat.json["events"], json!(["LeaseExtended"]));
+    let after = beat.json["ticket"]["claim"]["lease_expires_at"].as_str().unwrap();
+    assert!(after > before.as_str(), "{after} should be after {before}");
+    let beat = h
+        .send(
+            Some("classifier"),
+            Req::post(format!("/v1/claims/{claim_id}/heartbeat"), json!({"lease_secs": 120})),
+        )
+        .await;
+    assert_eq!(beat.status, StatusCode::OK, "{}", beat.json);
+    // Someone else's heartbeat is fenced off.
+    h.send(
+        Some("classifier-2"),
+        Req::raw("POST", format!("/v1/claims/{claim_id}/heartbeat"), Vec::new()),
+    )
+    .await
+    .assert_problem(StatusCode::CONFLICT, "not_claim_holder");
+    h.send(
+        Some("drafter"),
+        Req::post(format!("/v1/claims/{claim_id}/release"), json!({"reason": "x"})),
+    )
+    .await
+    .assert_problem(StatusCode::FORBIDDEN, "role_not_allowed");
+    let released = h
+        .send(
+            Some("classifier"),
+            Req::post(
+                format!("/v1/claims/{claim_id}/release"),
+                json!({"reason": "model timed out"}),
+            ),
+        )
+        .await;
+    assert_eq!(released.status, StatusCode::OK, "{}", released.json);
+    assert_eq!(released.json["ticket"]["state"], "NEW");
+    assert_eq!(released.json["ticket"]["attempts"], 1);
+    assert_eq!(released.json["ticket"]["id"], ticket);
+    let unknown = uuid::Uuid::new_v4();
+    h.send(
+        Some("classifier"),
+        Req::post(format!("/v1/claims/{unknown}/release"), json!({"reason": "x"})),
+    )
+    .await
+    .assert_problem(StatusCode::NOT_FOUND, "claim_not_found");
+    h.send(
+        Some("classifier"),
+        Req::raw("POST", format!("/v1/claims/{unknown}/heartbeat"), b"{nope".to_vec()),
+    )
+    .await
+    .assert_problem(StatusCode::BAD_REQUEST, "malformed_json");
+}
+
+#[tokio::test]
+async fn the_sweeper_expires_claims_through_the_domain() {
+    let h = Harness::new();
+    let (ticket, _claim) = claimed(&h).await;
+    assert_eq!(triage_api::sweeper::sweep_once(&h.state, 10).await.unwrap(), 0);
+    h.clock.advance(chrono::Duration::seconds(61));
+    assert_eq!(triage_api::sweeper::sweep_once(&h.state, 10).await.unwrap(), 1);
+    // A second sweep (another instance, say) finds nothing to do.
+    assert_eq!(triage_api::sweeper::sweep_once(&h.state, 10).await.unwrap(), 0);
+    let now = h.send(Some("analyst"), Req::get(format!("/v1/tickets/{ticket}"))).await;
+    assert_eq!(now.json["state"], "NEW");
+    assert_eq!(now.json["attempts"], 1);
+    let events = h
+        .send(Some("analyst"), Req::get(format!("/v1/tickets/{ticket}/events")))
+        .await;
+    assert_eq!(events.json["events"][2]["type"], "ClaimExpired");
+    assert_eq!(events.json["events"][2]["role"], "system");
+}
+
+#[tokio::test]
+async fn openapi_health_and_unknown_routes() {
+    let h = Harness::new();
+    let doc = h.send(None, Req::get("/openapi.json")).await;
+    assert_eq!(doc.status, StatusCode::OK);
+    assert!(doc.json["openapi"].as_str().unwrap().starts_with("3.1"));
+    for path in [
+        "/v1/tickets",
+        "/v1/tickets/{id}",
+        "/v1/tickets/{id}/events",
+        "/v1/stats",
+        "/v1/work/claim",
+        "/v1/tickets/{id}/classification",
+        "/v1/tickets/{id}/draft",
+        "/v1/tickets/{id}/escalation",
+        "/v1/tickets/{id}/resolution",
+        "/v1/claims/{claim_id}/release",
+        "/v1/claims/{claim_id}/heartbeat",
+    ] {
+        assert!(
+            doc.json["paths"][path].is_object(),
+            "{path} is missing from the OpenAPI document"
+        );
+    }
+    assert!(doc.json["components"]["schemas"]["Problem"].is_object());
+    assert!(doc.json["components"]["securitySchemes"]["bearer"].is_object());
+    let health = h.send(None, Req::get("/healthz")).await;
+    assert_eq!(health.status, StatusCode::OK);
+    let ready = h.send(None, Req::get("/readyz")).await;
+    assert_eq!(
+        ready.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "read models not built yet"
+    );
+    h.state.catch_up().await.unwrap();
+    let ready = h.send(None, Req::get("/readyz")).await;
+    assert_eq!(ready.status, StatusCode::OK, "{}", ready.json);
+    h.send(Some("analyst"), Req::get("/v2/nothing"))
+        .await
+        .assert_problem(StatusCode::NOT_FOUND, "not_found");
+    h.send(Some("analyst"), Req::raw("DELETE", "/v1/tickets", Vec::new()))
+        .await
+        .assert_problem(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed");
+    h.state.drain().await;
+    let ready = h.send(None, Req::get("/readyz")).await;
+    ready.assert_problem(StatusCode::SERVICE_UNAVAILABLE, "unavailable");
+    h.send(
+        Some("intake"),
+        Req::post("/v1/tickets", json!({"subject": "s", "body": "b"})),
+    )
+    .await
+    .assert_problem(StatusCode::SERVICE_UNAVAILABLE, "unavailable");
+}

@@ -1,0 +1,230 @@
+//! The MCP front door through a real MCP client (rmcp's): over streamable
+//! HTTP at `/mcp` on a real socket, and over an in-process pipe standing in
+//! for stdio. The client lists the tools and takes a ticket from NEW to
+//! RESOLVED; the token decides what it may do.
+
+use std::sync::Arc;
+
+use rmcp::model::{CallToolRequestParams, CallToolResult, ClientConfig};
+use rmcp::service::{Peer, RoleClient};
+use rmcp::transport::StreamableHttpClientTransport;
+use rmcp::transport::streamable_http_client::StreamableHttpClientTransportConfig;
+use rmcp::{ServiceExt, service::RunningService};
+use serde_json::{Value, json};
+use triage_api::mcp::TriageMcp;
+use triage_api::{AgentsFile, AppState, Authenticator, Principal, ServeOptions};
+use triage_command_handler::CommandHandler;
+use triage_domain::Role;
+use triage_event_store::{EventStore, InMemoryEventStore};
+use triage_projections::{Projector, ReadModelDb};
+
+const TOOLS: [&str; 13] = [
+    "open_ticket",
+    "claim_work",
+    "get_ticket",
+    "list_tickets",
+    "ticket_events",
+    "stats",
+    "submit_classification",
+    "submit_draft",
+    "resolve_ticket",
+    "escalate_to_human",
+    "reject_draft",
+    "release_claim",
+    "heartbeat",
+];
+
+fn state() -> (AppState, String, String) {
+    let store: Arc<dyn EventStore> = Arc::new(InMemoryEventStore::new());
+    let mut file = AgentsFile::default();
+    let worker = file
+        .add(
+            "llm-1",
+            &[Role::Intake, Role::Classifier, Role::Drafter, Role::Escalator],
+        )
+        .unwrap();
+    let drafter = file.add("drafter", &[Role::Drafter]).unwrap();
+    let state = AppState::new(
+        CommandHandler::new(store.clone()),
+        Projector::new(store, ReadModelDb::in_memory().unwrap()),
+        Authenticator::Fixed(file),
+    );
+    (state, worker, drafter)
+}
+
+async fn call(peer: &Peer<RoleClient>, tool: &str, arguments: Value) -> CallToolResult {
+    let arguments = arguments.as_object().cloned().expect("an object");
+    peer.call_tool(CallToolRequestParams::new(tool.to_owned()).with_arguments(arguments))
+        .await
+        .unwrap_or_else(|error| panic!("{tool} failed at the protocol level: {error}"))
+}
+
+fn ok(result: &CallToolResult) -> Value {
+    assert_ne!(result.is_error, Some(true), "{result:?}");
+    result.structured_content.clone().expect("structured content")
+}
+
+/// Lists the tools and works one ticket from NEW to RESOLVED.
+async fn new_to_resolved(peer: &Peer<RoleClient>) {
+    let tools = peer.list_all_tools().await.expect("tools listed");
+    for name in TOOLS {
+        let tool = tools
+            .iter()
+            .find(|tool| tool.name == name)
+            .unwrap_or_else(|| panic!("tool {name} is missing"));
+        assert!(
+            tool.description.as_ref().is_some_and(|d| d.len() > 20),
+            "{name} is described"
+        );
+        assert_eq!(
+            tool.input_schema.get("type"),
+            Some(&json!("object")),
+            "{name} has a JSON schema"
+        );
+    }
+    let claim_schema = &tools
+        .iter()
+        .find(|t| t.name == "submit_classification")
+        .unwrap()
+        .input_schema;
+    let properties = claim_schema["properties"].as_object().unwrap();
+    for field in [
+        "ticket_id",
+        "claim_id",
+        "category",
+        "priority",
+        "confidence",
+        "expected_revision",
+    ] {
+        assert!(properties.contains_key(field), "submit_classification lacks {field}");
+    }
+
+    let opened = ok(&call(
+        peer,
+        "open_ticket",
+        json!({"subject": "Refund", "body": "Charged twice"}),
+    )
+    .await);
+    assert_eq!(opened["state"], "NEW");
+    let ticket = opened["id"].as_str().unwrap().to_owned();
+    let nothing = ok(&call(peer, "claim_work", json!({"role": "drafter"})).await);
+    assert_eq!(nothing["claimed"], false);
+    let claim = ok(&call(peer, "claim_work", json!({"role": "classifier"})).await);
+    assert_eq!(claim["ticket"]["id"], ticket.as_str());
+    // A stale decision is an error result the model can read.
+    let stale = call(
+        peer,
+        "submit_classification",
+        json!({"ticket_id": ticket, "claim_id": claim["claim_id"], "category": "billing", "priority": "high",
+               "confidence": 0.9, "expected_revision": 0}),
+    )
+    .await;
+    assert_eq!(stale.is_error, Some(true));
+    assert_eq!(stale.structured_content.as_ref().unwrap()["code"], "stale_revision");
+    let classified = ok(&call(
+        peer,
+        "submit_classification",
+        json!({"ticket_id": ticket, "claim_id": claim["claim_id"], "category": "billing", "priority": "high",
+               "confidence": 0.9, "expected_revision": claim["revision"]}),
+    )
+    .await);
+    assert_eq!(classified["ticket"]["state"], "CLASSIFIED");
+    let claim = ok(&call(peer, "claim_work", json!({"role": "drafter"})).await);
+    let beat = ok(&call(peer, "heartbeat", json!({"claim_id": claim["claim_id"]})).await);
+    assert_eq!(beat["events"], json!(["LeaseExtended"]));
+    let drafted = ok(&call(
+        peer,
+        "submit_draft",
+        json!({"ticket_id": ticket, "claim_id": claim["claim_id"], "body": "We refunded the second charge."}),
+    )
+    .await);
+    assert_eq!(drafted["ticket"]["state"], "DRAFT_READY");
+    let claim = ok(&call(peer, "claim_work", json!({"role": "escalator"})).await);
+    let resolved = ok(&call(
+        peer,
+        "resolve_ticket",
+        json!({"ticket_id": ticket, "claim_id": claim["claim_id"], "resolution": "sent",
+               "idempotency_key": "resolve-1"}),
+    )
+    .await);
+    assert_eq!(resolved["ticket"]["state"], "RESOLVED");
+    let shown = ok(&call(peer, "get_ticket", json!({"ticket_id": ticket})).await);
+    assert_eq!(shown["state"], "RESOLVED");
+    let history = ok(&call(peer, "ticket_events", json!({"ticket_id": ticket})).await);
+    assert_eq!(history["events"].as_array().unwrap().len(), 8);
+    let listed = ok(&call(peer, "list_tickets", json!({"state": "RESOLVED"})).await);
+    assert_eq!(listed["tickets"].as_array().unwrap().len(), 1);
+    let stats = ok(&call(peer, "stats", json!({})).await);
+    assert_eq!(stats["tickets_per_state"]["RESOLVED"], 1);
+}
+
+async fn http_client(address: std::net::SocketAddr, token: &str) -> RunningService<RoleClient, ClientConfig> {
+    let transport = StreamableHttpClientTransport::from_config(
+        StreamableHttpClientTransportConfig::with_uri(format!("http://{address}/mcp")).auth_header(token.to_owned()),
+    );
+    ClientConfig::default()
+        .serve(transport)
+        .await
+        .expect("the MCP client connects")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_mcp_client_over_streamable_http_takes_a_ticket_to_resolved() {
+    let (state, worker, drafter) = state();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(triage_api::serve(listener, state, ServeOptions::default(), async {
+        let _ = stopped.await;
+    }));
+
+    let client = http_client(address, &worker).await;
+    new_to_resolved(client.peer()).await;
+
+    // The token decides the role: a drafter may not classify or open.
+    let limited = http_client(address, &drafter).await;
+    let refused = call(limited.peer(), "open_ticket", json!({"subject": "s", "body": "b"})).await;
+    assert_eq!(refused.is_error, Some(true));
+    assert_eq!(refused.structured_content.unwrap()["code"], "role_not_allowed");
+
+    // Without a valid token the endpoint answers 401 before MCP sees it.
+    let response = reqwest::Client::new()
+        .post(format!("http://{address}/mcp"))
+        .header("accept", "application/json, text/event-stream")
+        .json(&json!({"jsonrpc": "2.0", "id": 1, "method": "tools/list"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 401);
+
+    client.cancel().await.ok();
+    limited.cancel().await.ok();
+    stop.send(()).unwrap();
+    tokio::time::timeout(std::time::Duration::from_secs(10), server)
+        .await
+        .expect("the server stops with MCP sessions open")
+        .unwrap()
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_mcp_client_over_a_pipe_acts_as_the_stdio_agent() {
+    let (state, _, _) = state();
+    state.catch_up().await.unwrap();
+    let principal = Principal::new(
+        "llm-stdio",
+        [Role::Intake, Role::Classifier, Role::Drafter, Role::Escalator],
+    );
+    let (server_io, client_io) = tokio::io::duplex(64 * 1024);
+    let server = tokio::spawn(async move {
+        let running = TriageMcp::new(state, Some(principal))
+            .serve(server_io)
+            .await
+            .expect("server starts");
+        running.waiting().await.ok();
+    });
+    let client = ClientConfig::default().serve(client_io).await.expect("client connects");
+    new_to_resolved(client.peer()).await;
+    client.cancel().await.ok();
+    server.await.unwrap();
+}

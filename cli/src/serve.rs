@@ -1,0 +1,201 @@
+//! `triage serve`, `triage mcp` and `triage agents …`: the agent API and
+//! its tokens.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use clap::{Args, Subcommand};
+use serde_json::json;
+use triage_api::{AgentsFile, AppState, Authenticator, ServeOptions};
+use triage_command_handler::CommandHandler;
+use triage_domain::Role;
+
+use crate::GlobalArgs;
+use crate::output;
+
+/// Where tokens live unless told otherwise.
+const DEFAULT_AGENTS: &str = "./agents.toml";
+
+#[derive(Debug, Args)]
+pub(crate) struct ServeArgs {
+    /// The address to listen on; port 0 picks a free port (printed on start).
+    #[arg(long, default_value = "127.0.0.1:8080", env = "TRIAGE_LISTEN", value_name = "ADDR")]
+    listen: SocketAddr,
+    /// The agents file: each token's hash, agent id and roles. Re-read when
+    /// it changes, so `triage agents revoke` takes effect at once.
+    #[arg(long, default_value = DEFAULT_AGENTS, env = "TRIAGE_AGENTS", value_name = "PATH")]
+    agents: PathBuf,
+    /// How often the lease sweeper expires claims whose lease ran out, in
+    /// milliseconds; 0 turns it off (another instance may run it).
+    #[arg(long, default_value_t = 1000, value_name = "MS")]
+    sweep_every_ms: u64,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct McpArgs {
+    /// The agents file.
+    #[arg(long, default_value = DEFAULT_AGENTS, env = "TRIAGE_AGENTS", value_name = "PATH")]
+    agents: PathBuf,
+    /// The agent's token; its roles decide what the tools may do. Prefer
+    /// the TRIAGE_TOKEN variable, which does not show in process lists.
+    #[arg(long, env = "TRIAGE_TOKEN", hide_env_values = true, value_name = "TOKEN")]
+    token: String,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum AgentsCommand {
+    /// Create an agent with a new token. The token is printed once and only
+    /// its SHA-256 is stored.
+    Add {
+        /// The agent id, recorded in every event it causes.
+        id: String,
+        /// A role: classifier, drafter, escalator, operator, intake or
+        /// analyst. Repeat for several.
+        #[arg(long = "role", required = true, value_parser = parse_role)]
+        roles: Vec<Role>,
+        /// The agents file.
+        #[arg(long, default_value = DEFAULT_AGENTS, env = "TRIAGE_AGENTS", value_name = "PATH")]
+        agents: PathBuf,
+    },
+    /// List agents (never tokens).
+    List {
+        /// The agents file.
+        #[arg(long, default_value = DEFAULT_AGENTS, env = "TRIAGE_AGENTS", value_name = "PATH")]
+        agents: PathBuf,
+    },
+    /// Revoke an agent's token; a running server refuses it at once.
+    Revoke {
+        /// The agent id.
+        id: String,
+        /// The agents file.
+        #[arg(long, default_value = DEFAULT_AGENTS, env = "TRIAGE_AGENTS", value_name = "PATH")]
+        agents: PathBuf,
+    },
+}
+
+fn parse_role(value: &str) -> Result<Role, String> {
+    value.parse()
+}
+
+async fn state(global: &GlobalArgs, agents: PathBuf) -> anyhow::Result<AppState> {
+    if !agents.exists() {
+        bail!(
+            "no agents file at {}; create a token first: triage agents add ID --role ROLE --agents {}",
+            agents.display(),
+            agents.display()
+        );
+    }
+    let auth = Authenticator::from_file(&agents)?;
+    let opened = global.open().await?;
+    let handler = CommandHandler::new(opened.events.clone());
+    Ok(AppState::new(handler, opened.projector, auth))
+}
+
+pub(crate) async fn serve(args: ServeArgs, global: &GlobalArgs) -> anyhow::Result<()> {
+    let location = global.location()?;
+    let state = state(global, args.agents).await?;
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let address = listener.local_addr()?;
+    // Tests and scripts read this line to find a port chosen with :0.
+    out!("listening on http://{address} (store {location})");
+    let options = ServeOptions {
+        sweep_interval: (args.sweep_every_ms > 0).then(|| Duration::from_millis(args.sweep_every_ms)),
+    };
+    triage_api::serve(listener, state, options, shutdown_signal()).await?;
+    eprintln!("stopped");
+    Ok(())
+}
+
+/// Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = terminate => {}
+    }
+}
+
+pub(crate) async fn mcp(args: McpArgs, global: &GlobalArgs) -> anyhow::Result<()> {
+    let state = state(global, args.agents).await?;
+    let principal = state
+        .authenticate(Some(args.token.trim()))
+        .map_err(|_| anyhow::anyhow!("the token is unknown or revoked"))?;
+    state.catch_up().await?;
+    // stdout carries the protocol: nothing else may be printed there.
+    triage_api::mcp::serve_stdio(state.clone(), principal).await?;
+    state.drain().await;
+    Ok(())
+}
+
+pub(crate) fn agents(command: AgentsCommand, global: &GlobalArgs) -> anyhow::Result<()> {
+    match command {
+        AgentsCommand::Add { id, roles, agents } => {
+            let mut file = AgentsFile::load(&agents)?;
+            let token = file.add(&id, &roles)?;
+            file.save(&agents)?;
+            if global.json {
+                output::print_json(&json!({ "id": id, "roles": roles, "token": token }));
+            } else {
+                out!("{token}");
+                eprintln!(
+                    "agent {id} added to {}; the token above is shown only this once",
+                    agents.display()
+                );
+            }
+            Ok(())
+        }
+        AgentsCommand::List { agents } => {
+            let file = AgentsFile::load(&agents)?;
+            if global.json {
+                for agent in &file.agents {
+                    output::print_json(&json!({
+                        "id": agent.id,
+                        "roles": agent.roles,
+                        "created_at": agent.created_at,
+                        "revoked_at": agent.revoked_at,
+                    }));
+                }
+            } else {
+                let mut table = output::table(&["agent", "roles", "created", "revoked"]);
+                for agent in &file.agents {
+                    let roles: Vec<&str> = agent.roles.iter().map(|role| role.as_str()).collect();
+                    table.add_row(vec![
+                        agent.id.clone(),
+                        roles.join(", "),
+                        agent.created_at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+                        agent
+                            .revoked_at
+                            .map(|at| at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+                            .unwrap_or_default(),
+                    ]);
+                }
+                out!("{table}");
+            }
+            Ok(())
+        }
+        AgentsCommand::Revoke { id, agents } => {
+            let mut file = AgentsFile::load(&agents)?;
+            file.revoke(&id)?;
+            file.save(&agents)?;
+            eprintln!("agent {id} revoked");
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,135 @@
+//! `triage agents` and `triage serve` through the real binary.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::{fail, succeed};
+use serde_json::Value;
+
+#[test]
+fn agents_add_list_and_revoke_store_only_hashes() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = succeed(
+        dir.path(),
+        &["agents", "add", "drafter-1", "--role", "drafter", "--agents", "a.toml"],
+    );
+    let token = token.trim();
+    assert!(token.starts_with("trg_"), "{token}");
+    let file = std::fs::read_to_string(dir.path().join("a.toml")).unwrap();
+    assert!(!file.contains(token), "the token itself is never stored");
+    assert!(file.contains("drafter-1"));
+    let added: Value = serde_json::from_str(&succeed(
+        dir.path(),
+        &[
+            "agents", "add", "op", "--role", "operator", "--role", "intake", "--agents", "a.toml", "--json",
+        ],
+    ))
+    .unwrap();
+    assert_eq!(added["roles"], serde_json::json!(["operator", "intake"]));
+    let listed = succeed(dir.path(), &["agents", "list", "--agents", "a.toml", "--json"]);
+    let rows: Vec<Value> = listed.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(rows.len(), 2);
+    assert!(!listed.contains("trg_"), "list never shows tokens");
+    assert!(
+        fail(
+            dir.path(),
+            &["agents", "add", "op", "--role", "operator", "--agents", "a.toml"]
+        )
+        .contains("exists")
+    );
+    assert!(
+        fail(
+            dir.path(),
+            &["agents", "add", "x", "--role", "system", "--agents", "a.toml"]
+        )
+        .contains("system")
+    );
+    succeed(dir.path(), &["agents", "revoke", "op", "--agents", "a.toml"]);
+    let listed = succeed(dir.path(), &["agents", "list", "--agents", "a.toml", "--json"]);
+    assert!(
+        listed
+            .lines()
+            .any(|l| l.contains("\"op\"") && !l.contains("\"revoked_at\":null"))
+    );
+    assert!(fail(dir.path(), &["agents", "revoke", "nobody", "--agents", "a.toml"]).contains("nobody"));
+}
+
+#[test]
+fn serve_refuses_to_start_without_an_agents_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let error = fail(
+        dir.path(),
+        &["serve", "--listen", "127.0.0.1:0", "--agents", "none.toml"],
+    );
+    assert!(error.contains("triage agents add"), "{error}");
+}
+
+/// One plain HTTP/1.1 request; returns the status line and the body.
+fn request(address: &str, method: &str, path: &str, token: &str, body: &str) -> (String, String) {
+    let mut stream = TcpStream::connect(address).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: {address}\r\nAuthorization: Bearer {token}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let status = response.lines().next().unwrap_or_default().to_owned();
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+#[test]
+fn serve_answers_on_a_free_port_and_stops_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = succeed(
+        dir.path(),
+        &["agents", "add", "in", "--role", "intake", "--agents", "a.toml"],
+    );
+    let mut child = Command::new(env!("CARGO_BIN_EXE_triage"))
+        .current_dir(dir.path())
+        .args(["serve", "--listen", "127.0.0.1:0", "--agents", "a.toml"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    let address = first
+        .trim()
+        .strip_prefix("listening on http://")
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or_else(|| panic!("unexpected first line {first:?}"))
+        .to_owned();
+    let (status, body) = request(
+        &address,
+        "POST",
+        "/v1/tickets",
+        token.trim(),
+        r#"{"subject":"Hello","body":"It broke"}"#,
+    );
+    assert!(status.contains("201"), "{status} {body}");
+    let (status, _) = request(&address, "GET", "/v1/tickets", "trg_wrong", "");
+    assert!(status.contains("401"), "{status}");
+    let (status, _) = request(&address, "GET", "/readyz", "", "");
+    assert!(status.contains("200"), "{status}");
+    let pid = child.id().to_string();
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    let exit = child.wait().unwrap();
+    assert!(exit.success(), "graceful shutdown exits 0: {exit:?}");
+    // The ticket is in the store the CLI reads.
+    let listed = succeed(dir.path(), &["ticket", "list", "--json"]);
+    assert!(listed.contains("Hello"), "{listed}");
+}
