@@ -191,7 +191,6 @@ fn mcp_over_stdio_lists_the_tools_as_the_tokens_agent() {
     );
     let opened = receive();
     assert_eq!(opened["result"]["structuredContent"]["state"], "NEW", "{opened}");
-    drop(send);
     // Closing stdin is how the client hangs up.
     drop(stdin);
     let status = child.wait().unwrap();
