@@ -452,7 +452,12 @@ impl ServerHandler for TriageMcp {
 
 /// The streamable HTTP service, stopped by the state's shutdown token.
 pub fn http_service(state: AppState) -> StreamableHttpService<TriageMcp, LocalSessionManager> {
+    // Every /mcp request must carry a bearer token (see `authenticated`),
+    // which a DNS-rebinding page cannot send, so the Host allow-list that
+    // protects unauthenticated local servers is not needed, and keeping it
+    // would refuse clients that reach a deployed server by its name.
     let config = StreamableHttpServerConfig::default()
+        .disable_allowed_hosts()
         .with_cancellation_token(state.shutdown_token().child_token())
         .with_max_request_body_bytes(state.limits().max_body_bytes);
     StreamableHttpService::new(

@@ -133,3 +133,84 @@ fn serve_answers_on_a_free_port_and_stops_on_sigterm() {
     let listed = succeed(dir.path(), &["ticket", "list", "--json"]);
     assert!(listed.contains("Hello"), "{listed}");
 }
+
+#[test]
+fn mcp_over_stdio_lists_the_tools_as_the_tokens_agent() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = succeed(
+        dir.path(),
+        &["agents", "add", "llm", "--role", "intake", "--agents", "a.toml"],
+    );
+    let mut child = Command::new(env!("CARGO_BIN_EXE_triage"))
+        .current_dir(dir.path())
+        .args(["mcp", "--agents", "a.toml"])
+        .env("TRIAGE_TOKEN", token.trim())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut send = |message: Value| {
+        writeln!(stdin, "{message}").unwrap();
+        stdin.flush().unwrap();
+    };
+    let mut receive = || {
+        let mut line = String::new();
+        stdout.read_line(&mut line).unwrap();
+        serde_json::from_str::<Value>(&line).unwrap_or_else(|_| panic!("not JSON-RPC: {line:?}"))
+    };
+    send(
+        serde_json::json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+        "protocolVersion": "2025-06-18", "capabilities": {},
+        "clientInfo": {"name": "cli-test", "version": "0"}}}),
+    );
+    let initialized = receive();
+    assert_eq!(initialized["id"], 1, "{initialized}");
+    assert!(
+        initialized["result"]["capabilities"]["tools"].is_object(),
+        "{initialized}"
+    );
+    send(serde_json::json!({"jsonrpc": "2.0", "method": "notifications/initialized"}));
+    send(serde_json::json!({"jsonrpc": "2.0", "id": 2, "method": "tools/list"}));
+    let tools = receive();
+    let names: Vec<&str> = tools["result"]["tools"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{tools}"))
+        .iter()
+        .map(|tool| tool["name"].as_str().unwrap())
+        .collect();
+    assert!(
+        names.contains(&"claim_work") && names.contains(&"open_ticket"),
+        "{names:?}"
+    );
+    send(
+        serde_json::json!({"jsonrpc": "2.0", "id": 3, "method": "tools/call", "params": {
+        "name": "open_ticket", "arguments": {"subject": "Over stdio", "body": "b"}}}),
+    );
+    let opened = receive();
+    assert_eq!(opened["result"]["structuredContent"]["state"], "NEW", "{opened}");
+    // Closing stdin is how the client hangs up.
+    drop(stdin);
+    let status = child.wait().unwrap();
+    assert!(status.success(), "triage mcp ends when stdin closes: {status:?}");
+    assert!(succeed(dir.path(), &["ticket", "list", "--json"]).contains("Over stdio"));
+}
+
+#[test]
+fn mcp_refuses_an_unknown_token() {
+    let dir = tempfile::tempdir().unwrap();
+    succeed(
+        dir.path(),
+        &["agents", "add", "x", "--role", "intake", "--agents", "a.toml"],
+    );
+    let output = Command::new(env!("CARGO_BIN_EXE_triage"))
+        .current_dir(dir.path())
+        .args(["mcp", "--agents", "a.toml", "--token", "trg_nope"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("unknown or revoked"));
+}
