@@ -25,22 +25,24 @@
 //! The price: xmin is cluster-wide, so a long writing transaction anywhere
 //! on the cluster delays subscribers until it ends.
 //!
-//! # Appends
-//! One statement reads the stream's last revision and where the append's
-//! ids are already stored, [`plan_append`] decides, and one more statement
-//! (so one transaction) calls `triage_append`, which inserts the whole
-//! batch. No lock is held between the read and the write, and nothing
-//! serializes the commits, so concurrent appends share WAL flushes (group
-//! commit): the append does not notify in its own transaction, because
-//! PostgreSQL serializes the commits of notifying transactions, WAL flush
-//! included; the store announces its appends after they commit instead
-//! (see `notify.rs`). Against races,
-//! the unique constraints `(stream, revision)` and `(event_id)` refuse a
-//! write that lost a race, the violation is recognised by its typed
-//! [`SqlState::UNIQUE_VIOLATION`], and the append reads again and decides
-//! again: a conflict with the actual revision for `Exact` and `NoStream`,
-//! the original result for a retry that raced its original, or a new
-//! attempt for `Any` and `StreamExists`.
+//! # Appends: group commit
+//! Appends of concurrent callers are grouped into one call of
+//! `triage_append`, one transaction (see `batcher.rs`): a batch costs one
+//! round trip, one pass through the append lock and one WAL flush however
+//! many appends it holds, and a lone append goes out at once. The function
+//! checks each append's expected revision itself, under a lock on its
+//! stream held until commit, and writes those that hold. An append that
+//! does not hold, or a batch that failed, leaves the caller to read the
+//! stream's last revision and where its ids are stored, decide with
+//! [`plan_append`] (a conflict with the actual revision, the original
+//! result of a retry, or a write after the new last revision for `Any` and
+//! `StreamExists`), and write alone, checked at the revision it read. The
+//! unique constraints `(stream, revision)` and `(event_id)` stay as the
+//! last guard; a violation is recognised by its typed
+//! [`SqlState::UNIQUE_VIOLATION`] and decided again. No append notifies in
+//! its own transaction, because PostgreSQL serializes the commits of
+//! notifying transactions, WAL flush included; the store announces its
+//! appends after they commit instead (see `notify.rs`).
 //!
 //! # Subscriptions
 //! [`Subscription::catch_up`] over the watermarked reads, woken by a watch
@@ -66,6 +68,7 @@
 //! # Layout
 //! - `options`: [`PostgresOptions`].
 //! - `schema`: the tables, `triage_append`, migrations and version checks.
+//! - `batcher`: group commit of concurrent appends.
 //! - `reader`: the SQL and the reads, and the watermark.
 //! - `notify`: LISTEN and the head refresher.
 //!
@@ -77,6 +80,7 @@
 //! Connections are made without TLS (`NoTls`); a URL asking for
 //! `sslmode=require` fails to connect.
 
+mod batcher;
 mod notify;
 mod options;
 mod reader;
@@ -102,6 +106,7 @@ use uuid::Uuid;
 
 pub use options::{MAX_SCHEMA_BYTES, PostgresOptions};
 
+use batcher::{Append, Batcher, Written};
 use reader::Sql;
 
 /// How often an `Any` or `StreamExists` append tries again after losing a
@@ -126,6 +131,8 @@ pub struct PostgresEventStore {
     /// Asks for a NOTIFY to the other processes after an append of this
     /// process; see `notify.rs`.
     announce: Arc<Notify>,
+    /// Groups concurrent appends into one transaction; see `batcher.rs`.
+    batcher: Batcher,
     tasks: Vec<AbortHandle>,
     counters: Counters,
     temporary: bool,
@@ -291,7 +298,7 @@ impl PostgresEventStore {
         let head = Arc::new(watch::Sender::new(initial));
         let wake = Arc::new(Notify::new());
         let announce = Arc::new(Notify::new());
-        let tasks = notify::start(
+        let mut tasks = notify::start(
             Arc::clone(&target),
             pool.clone(),
             Arc::clone(&sql),
@@ -300,6 +307,8 @@ impl PostgresEventStore {
             Arc::clone(&announce),
             options.poll_interval,
         );
+        let (batcher, writers) = Batcher::start(Arc::clone(&target), pool.clone(), Arc::clone(&sql));
+        tasks.extend(writers);
         tracing::debug!(store = %target.describe(), ?options, "opened PostgreSQL event store");
         Ok(PostgresEventStore {
             target,
@@ -309,6 +318,7 @@ impl PostgresEventStore {
             head,
             wake,
             announce,
+            batcher,
             tasks,
             counters: Counters::default(),
             temporary,
@@ -415,17 +425,40 @@ impl EventStore for PostgresEventStore {
     ) -> Result<AppendResult> {
         validate_append(stream, &events)?;
         let failed = |what: &str, error| self.target.db_error(what, error);
-        let ids: Vec<Uuid> = events.iter().map(|event| event.id).collect();
-        let types: Vec<&str> = events.iter().map(|event| event.event_type.as_str()).collect();
-        let data: Vec<&[u8]> = events.iter().map(|event| event.data.as_slice()).collect();
-        let metadata: Vec<&[u8]> = events.iter().map(|event| event.metadata.as_slice()).collect();
+        let events = Arc::new(events);
+        let written = |first_revision: u64, position: i64| {
+            self.count(&self.counters.appends_written, 1);
+            self.count(&self.counters.events_written, events.len() as u64);
+            // Committed: wake this process's subscribers, and the other
+            // processes' through one coalesced NOTIFY.
+            self.wake.notify_one();
+            self.announce.notify_one();
+            AppendResult {
+                current_revision: first_revision + events.len() as u64 - 1,
+                position: Position::from_sequence(reader::from_sql_int(position)),
+                replayed: false,
+            }
+        };
+        // The usual case: with the next batch, where `triage_append` checks
+        // the expected revision itself, under the stream's lock. It writes
+        // nothing when the stream is elsewhere or an id is stored already;
+        // then the store reads and decides below.
+        let fast = Append {
+            stream: stream.clone(),
+            expected: batcher::expectation(expected),
+            events: Arc::clone(&events),
+        };
+        if let Written::Yes {
+            first_revision,
+            last_position,
+        } = self.batcher.append(fast).await
+        {
+            return Ok(written(first_revision, last_position));
+        }
         let client = self.client().await?;
+        let ids: Vec<Uuid> = events.iter().map(|event| event.id).collect();
         let read_state = client
             .prepare_cached(&self.sql.append_state)
-            .await
-            .map_err(|e| failed("cannot prepare an append", e))?;
-        let write = client
-            .prepare_cached(&self.sql.append)
             .await
             .map_err(|e| failed("cannot prepare an append", e))?;
         let mut attempt = 0;
@@ -467,8 +500,8 @@ impl EventStore for PostgresEventStore {
                 actual: current,
             };
             let plan = plan_append(stream, expected, current, &events, |id| Ok(stored.get(&id).cloned()));
-            let first_revision = match plan {
-                Ok(AppendPlan::Write { first_revision }) => first_revision,
+            match plan {
+                Ok(AppendPlan::Write { .. }) => {}
                 Ok(AppendPlan::AlreadyAppended(original)) => {
                     self.count(&self.counters.appends_replayed, 1);
                     return Ok(original);
@@ -479,7 +512,7 @@ impl EventStore for PostgresEventStore {
                     }
                     return Err(error);
                 }
-            };
+            }
             // The first id is new but a later one is stored: the unique
             // event_id would refuse the insert, and no re-read can change
             // that. A conflict, as plan_append asks of every backend.
@@ -487,46 +520,44 @@ impl EventStore for PostgresEventStore {
                 self.count(&self.counters.conflicts, 1);
                 return Err(conflict());
             }
-            let first = reader::to_sql_int(first_revision);
-            match client
-                .query_one(&write, &[&stream.as_str(), &first, &ids, &types, &data, &metadata])
-                .await
-            {
-                Ok(row) => {
-                    let position: i64 = row.get(0);
-                    self.count(&self.counters.appends_written, 1);
-                    self.count(&self.counters.events_written, events.len() as u64);
-                    // Committed: wake this process's subscribers, and
-                    // the other processes' through one coalesced NOTIFY.
-                    self.wake.notify_one();
-                    self.announce.notify_one();
-                    return Ok(AppendResult {
-                        current_revision: first_revision + events.len() as u64 - 1,
-                        position: Position::from_sequence(reader::from_sql_int(position)),
-                        replayed: false,
-                    });
-                }
-                // Another append committed this revision or one of these ids
-                // after our read (the unique check waits for it to commit).
-                // Read again and decide again: `Exact` and `NoStream` now see
-                // the conflict or, for a retry racing its original, the
-                // original result; `Any` and `StreamExists` write after the
-                // new last revision.
-                Err(error) if error.code() == Some(&SqlState::UNIQUE_VIOLATION) => {
-                    self.count(&self.counters.lost_races, 1);
-                    if attempt >= MAX_APPEND_ATTEMPTS {
-                        return Err(Error::backend(
-                            format!(
-                                "gave up an append to {stream} after losing {attempt} races for its revision ({})",
-                                self.target.describe()
-                            ),
-                            error,
-                        ));
-                    }
-                    tokio::task::yield_now().await;
-                }
+            // Write after the revision just read, and only there.
+            let only_here = Append {
+                stream: stream.clone(),
+                expected: Some(current.map_or(schema::EXPECT_NO_STREAM, reader::to_sql_int)),
+                events: Arc::clone(&events),
+            };
+            // Not written: another append moved the stream, or stored one
+            // of these ids, after our read.
+            let lost = match batcher::write(&client, &self.sql, &[&only_here]).await {
+                Ok(answers) => match answers.as_slice() {
+                    [
+                        Written::Yes {
+                            first_revision,
+                            last_position,
+                        },
+                    ] => return Ok(written(*first_revision, *last_position)),
+                    _ => None,
+                },
+                // One of the ids was written to another stream after our read.
+                Err(error) if error.code() == Some(&SqlState::UNIQUE_VIOLATION) => Some(error),
                 Err(error) => return Err(failed("cannot append", error)),
+            };
+            // Read again and decide again: `Exact` and `NoStream` now see the
+            // conflict or, for a retry racing its original, the original
+            // result; `Any` and `StreamExists` write after the new last
+            // revision.
+            self.count(&self.counters.lost_races, 1);
+            if attempt >= MAX_APPEND_ATTEMPTS {
+                let message = format!(
+                    "gave up an append to {stream} after losing {attempt} races for its revision ({})",
+                    self.target.describe()
+                );
+                return Err(match lost {
+                    Some(error) => Error::backend(message, error),
+                    None => Error::Backend { message, source: None },
+                });
             }
+            tokio::task::yield_now().await;
         }
     }
 

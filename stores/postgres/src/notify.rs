@@ -33,9 +33,15 @@
 //! is lost (the process stops between its commit and the announcement, the
 //! announcer's connection is down) or late costs latency, up to one
 //! `poll_interval`, never an event. Subscribers of this process do not
-//! depend on it: the append wakes the head refresher directly.
+//! depend on it: the append wakes the head refresher directly, and the
+//! listener ignores the notifications of this store's own announcer.
+//!
+//! # Only for subscribers
+//! The refresher reads the head only while a subscription of this process
+//! waits on it; a writer with no subscribers pays no query per append.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::time::Duration;
 
 use deadpool_postgres::Pool;
@@ -60,12 +66,21 @@ pub(crate) fn start(
     poll_interval: Duration,
 ) -> Vec<AbortHandle> {
     let channel = crate::schema::channel(&target.schema);
+    // The announcer's backend, whose notifications the listener ignores:
+    // this process's subscribers were woken by the appends themselves.
+    let announcer_pid = Arc::new(AtomicI32::new(0));
     let listener = tokio::spawn(listen_forever(
         target.config.clone(),
         channel.clone(),
         Arc::clone(&wake),
+        Arc::clone(&announcer_pid),
     ));
-    let announcer = tokio::spawn(announce_forever(target.config.clone(), channel, announce));
+    let announcer = tokio::spawn(announce_forever(
+        target.config.clone(),
+        channel,
+        announce,
+        announcer_pid,
+    ));
     let refresher = tokio::spawn(refresh_forever(target, pool, sql, head, wake, poll_interval));
     vec![
         listener.abort_handle(),
@@ -99,6 +114,15 @@ async fn refresh_forever(
             () = wake.notified() => {}
             () = soon => {}
         }
+        // Nobody in this process waits on the head: leave it as it is. It
+        // only has to move when a subscriber waits for it to, and a new
+        // subscriber reads everything visible before it waits, so the next
+        // wake-up or tick after it subscribed is soon enough. This keeps a
+        // busy writer from paying a head query per append for nothing.
+        if head.receiver_count() == 0 {
+            recheck = None;
+            continue;
+        }
         let found = match pool.get().await {
             Ok(client) => heads(&client, &sql, &target).await,
             Err(error) => Err(crate::pool_error(&target, error)),
@@ -130,10 +154,10 @@ async fn refresh_forever(
     }
 }
 
-async fn listen_forever(config: Config, channel: String, wake: Arc<Notify>) {
+async fn listen_forever(config: Config, channel: String, wake: Arc<Notify>, announcer_pid: Arc<AtomicI32>) {
     let mut pause = Duration::from_millis(100);
     loop {
-        match listen(&config, &channel, &wake).await {
+        match listen(&config, &channel, &wake, &announcer_pid).await {
             Ok(()) => tracing::warn!(channel, "the LISTEN connection closed; reconnecting"),
             Err(error) => {
                 tracing::warn!(channel, %error, "the LISTEN connection failed; polling until it is back");
@@ -148,7 +172,12 @@ async fn listen_forever(config: Config, channel: String, wake: Arc<Notify>) {
 
 /// Listens until the connection ends. The connection is driven by hand
 /// (`poll_message`) because notifications arrive only through it.
-async fn listen(config: &Config, channel: &str, wake: &Notify) -> Result<(), tokio_postgres::Error> {
+async fn listen(
+    config: &Config,
+    channel: &str,
+    wake: &Notify,
+    announcer_pid: &AtomicI32,
+) -> Result<(), tokio_postgres::Error> {
     let (client, mut connection) = config.connect(NoTls).await?;
     let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
     let statement = format!(r#"LISTEN "{channel}""#);
@@ -164,6 +193,8 @@ async fn listen(config: &Config, channel: &str, wake: &Notify) -> Result<(), tok
                 wake.notify_one();
             }
             message = messages.next() => match message {
+                Some(Ok(AsyncMessage::Notification(notification)))
+                    if notification.process_id() == announcer_pid.load(Ordering::Relaxed) => {}
                 Some(Ok(AsyncMessage::Notification(_))) => wake.notify_one(),
                 Some(Ok(_)) => {}
                 Some(Err(error)) => return Err(error),
@@ -176,12 +207,12 @@ async fn listen(config: &Config, channel: &str, wake: &Notify) -> Result<(), tok
 /// Sends a `NOTIFY` whenever `pending` was notified since the last one; see
 /// the module docs. Connects at the first request, and again after the
 /// connection ended.
-async fn announce_forever(config: Config, channel: String, pending: Arc<Notify>) {
+async fn announce_forever(config: Config, channel: String, pending: Arc<Notify>, pid: Arc<AtomicI32>) {
     let statement = format!(r#"NOTIFY "{channel}""#);
     let mut pause = Duration::from_millis(100);
     loop {
         pending.notified().await;
-        match announce(&config, &statement, &pending).await {
+        match announce(&config, &statement, &pending, &pid).await {
             Ok(()) => tracing::warn!(channel, "the NOTIFY connection closed; reconnecting"),
             Err(error) => {
                 tracing::warn!(channel, %error, "the NOTIFY connection failed; other processes poll until it is back");
@@ -196,19 +227,33 @@ async fn announce_forever(config: Config, channel: String, pending: Arc<Notify>)
 }
 
 /// Announces on one connection until it ends.
-async fn announce(config: &Config, statement: &str, pending: &Notify) -> Result<(), tokio_postgres::Error> {
+async fn announce(
+    config: &Config,
+    statement: &str,
+    pending: &Notify,
+    pid: &AtomicI32,
+) -> Result<(), tokio_postgres::Error> {
     let (client, connection) = config.connect(NoTls).await?;
     tokio::select! {
         result = connection => result,
-        result = send_notifications(&client, statement, pending) => result,
+        result = send_notifications(&client, statement, pending, pid) => result,
     }
 }
 
 /// The first `NOTIFY` goes out at once, for the request that connected.
-async fn send_notifications(client: &Client, statement: &str, pending: &Notify) -> Result<(), tokio_postgres::Error> {
+async fn send_notifications(
+    client: &Client,
+    statement: &str,
+    pending: &Notify,
+    pid: &AtomicI32,
+) -> Result<(), tokio_postgres::Error> {
     // Each NOTIFY is a transaction of its own that writes nothing else: it
     // need not wait for a WAL flush.
     client.batch_execute("SET synchronous_commit = off").await?;
+    pid.store(
+        client.query_one("SELECT pg_backend_pid()", &[]).await?.get(0),
+        Ordering::Relaxed,
+    );
     loop {
         client.batch_execute(statement).await?;
         pending.notified().await;

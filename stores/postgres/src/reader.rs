@@ -34,7 +34,8 @@ pub(crate) struct Sql {
     /// `(current, event_id, stream, revision, position)`: the stream's last
     /// committed revision on every row, and one row per already-stored id.
     pub(crate) append_state: String,
-    /// Appends one batch; returns the last position.
+    /// Appends one batch where expected; returns the first revision and the
+    /// last position, or NULLs (see `triage_append`).
     pub(crate) append: String,
     read_stream_forwards: String,
     read_stream_backwards: String,
@@ -66,7 +67,9 @@ impl Sql {
                    FROM (SELECT max(revision) AS current FROM "{s}".triage_events WHERE stream = $1) c
                    LEFT JOIN "{s}".triage_events e ON e.event_id = ANY ($2)"#
             ),
-            append: format!(r#"SELECT "{s}".triage_append($1, $2, $3, $4, $5, $6)"#),
+            append: format!(
+                r#"SELECT first_revision, last_position FROM "{s}".triage_append($1, $2, $3, $4, $5, $6, $7, $8)"#
+            ),
             read_stream_forwards: format!(
                 r#"SELECT {EVENT_COLUMNS} FROM "{s}".triage_events
                    WHERE stream = $1 AND revision >= $2 ORDER BY revision ASC LIMIT $3"#

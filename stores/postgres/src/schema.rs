@@ -14,7 +14,7 @@ use triage_event_store::Error;
 use crate::Target;
 
 /// The newest schema version this build knows: the number of migrations.
-pub(crate) const LATEST_VERSION: i32 = 2;
+pub(crate) const LATEST_VERSION: i32 = 3;
 
 /// First key of the advisory locks, "TRIA" in ASCII; the second key is the
 /// hash of the schema name, so stores in different schemas never wait for
@@ -22,6 +22,15 @@ pub(crate) const LATEST_VERSION: i32 = 2;
 pub(crate) const APPEND_LOCK_CLASS: i32 = 0x5452_4941;
 /// First key of the migration lock, "TRIM".
 const MIGRATION_LOCK_CLASS: i32 = 0x5452_494D;
+/// First key of the per-stream append locks, "TRIS"; the second key is the
+/// hash of the schema and stream names.
+pub(crate) const STREAM_LOCK_CLASS: i32 = 0x5452_4953;
+
+/// `p_expected` of `triage_append` for a stream that must not exist.
+pub(crate) const EXPECT_NO_STREAM: i64 = -1;
+/// `p_expected` of `triage_append` for a stream that must exist, at any
+/// revision.
+pub(crate) const EXPECT_STREAM_EXISTS: i64 = -2;
 
 /// The SQL of migration `version` (1-based) for the store in `schema`.
 fn migration(schema: &str, version: i32) -> Option<String> {
@@ -146,6 +155,122 @@ BEGIN
     RETURN v_last;
 END
 $fn$;
+"#
+        )),
+        // Version 3: `triage_append` takes a batch of appends to different
+        // streams and checks each one's expected revision itself, under a
+        // transaction-scoped lock per stream. The store groups the appends
+        // of concurrent callers into one transaction (see `batcher.rs`):
+        // one round trip, one pass through the append lock and one WAL
+        // flush for many appends. Version 2's lock was taken by every append
+        // and convoyed under load; and an append that lost a race waited,
+        // holding it, for the winner's commit in a unique index.
+        3 => Some(format!(
+            r#"
+DROP FUNCTION IF EXISTS "{s}".triage_append(text, bigint, uuid[], text[], bytea[], bytea[]);
+
+-- Appends a batch of appends, one row per append in `p_streams`' order.
+--
+-- Append i writes to `p_streams[i]` if the stream is where `p_expected[i]`
+-- says: its last revision (>= 0), {EXPECT_NO_STREAM} for "no stream",
+-- {EXPECT_STREAM_EXISTS} for "exists, at any revision", NULL for "anything".
+-- Its events are those whose `p_event_append` is i, in order, with
+-- `p_event_index` their 0-based index in the append. Its row holds the
+-- first revision and the last position written, or two NULLs when it
+-- wrote nothing: the stream is elsewhere, one of its ids is stored
+-- already, or an earlier append of the batch has the same stream. The
+-- caller then reads and decides (a conflict, or the original result of a
+-- retry). Appends that write are written together, in one INSERT.
+--
+-- Two kinds of locks, always in this order:
+-- - Each stream's lock, in the order of their keys (so two batches never
+--   wait for each other crosswise), held until the transaction ends:
+--   every append takes it, so no other append to the stream is in flight
+--   while this one reads the last revision and writes after it.
+-- - The append lock of the schema, a session lock held only around taking
+--   the transaction id and the positions, not until commit, so commits
+--   still share WAL flushes. Invariant: among the transactions that
+--   append to this schema, the order of their transaction ids is the
+--   order of their positions. Readers rely on it: every event with tx_id
+--   below a snapshot's xmin has a lower position than every event still
+--   in flight, so the events below the watermark are a gap-free prefix
+--   of the log. Hence the function must be the first write of its
+--   transaction, and run once per transaction.
+CREATE OR REPLACE FUNCTION "{s}".triage_append(
+    p_streams text[], p_expected bigint[], p_event_append int[], p_event_index int[],
+    p_ids uuid[], p_types text[], p_data bytea[], p_metadata bytea[]
+) RETURNS TABLE (first_revision bigint, last_position bigint) LANGUAGE plpgsql AS $fn$
+DECLARE
+    v_first bigint[] := array_fill(NULL::bigint, ARRAY[cardinality(p_streams)]);
+    v_stored int[];
+    v_current bigint;
+    v_expected bigint;
+    v_key int;
+    v_locked boolean := false;
+BEGIN
+    IF pg_current_xact_id_if_assigned() IS NOT NULL THEN
+        RAISE EXCEPTION 'triage_append must be the first write of its transaction'
+            USING ERRCODE = 'invalid_transaction_state';
+    END IF;
+    FOR v_key IN SELECT DISTINCT hashtext('{s}/' || stream_name) AS k FROM unnest(p_streams) AS stream_name ORDER BY k LOOP
+        PERFORM pg_advisory_xact_lock({STREAM_LOCK_CLASS}, v_key);
+    END LOOP;
+    -- Statements of their own, so snapshots taken after the locks: they see
+    -- every append to these streams that finished before.
+    -- The appends with an id that is stored already: the ids through the
+    -- unique index, then which appends they belong to, in memory.
+    SELECT array_agg(DISTINCT u.a) INTO v_stored
+    FROM unnest(p_ids, p_event_append) AS u (id, a)
+    WHERE u.id = ANY (ARRAY(SELECT event_id FROM "{s}".triage_events WHERE event_id = ANY (p_ids)));
+    FOR i IN 1 .. cardinality(p_streams) LOOP
+        CONTINUE WHEN i = ANY (v_stored) OR p_streams[i] = ANY (p_streams[1 : i - 1]);
+        SELECT max(revision) INTO v_current FROM "{s}".triage_events WHERE stream = p_streams[i];
+        v_expected := p_expected[i];
+        -- NULL (anything) fails neither test.
+        CONTINUE WHEN (v_expected = {EXPECT_STREAM_EXISTS} AND v_current IS NULL)
+            OR (v_expected >= {EXPECT_NO_STREAM} AND v_current IS DISTINCT FROM nullif(v_expected, {EXPECT_NO_STREAM}));
+        v_first[i] := coalesce(v_current + 1, 0);
+    END LOOP;
+    IF cardinality(array_remove(v_first, NULL)) = 0 THEN
+        -- Nothing to write: no transaction id, no append lock.
+        RETURN QUERY SELECT NULL::bigint, NULL::bigint FROM generate_subscripts(p_streams, 1);
+        RETURN;
+    END IF;
+    BEGIN
+        PERFORM pg_advisory_lock({APPEND_LOCK_CLASS}, hashtext('{s}'));
+        v_locked := true;
+        PERFORM pg_current_xact_id();
+        RETURN QUERY
+        WITH inserted AS (
+            INSERT INTO "{s}".triage_events (tx_id, stream, revision, event_id, event_type, data, metadata)
+            SELECT pg_current_xact_id(), p_streams[e.a], v_first[e.a] + e.x, e.id, e.t, e.d, e.m
+            FROM unnest(p_event_append, p_event_index, p_ids, p_types, p_data, p_metadata)
+                WITH ORDINALITY AS e (a, x, id, t, d, m, ord)
+            WHERE v_first[e.a] IS NOT NULL
+            ORDER BY e.ord
+            RETURNING stream, position
+        ), last_written AS (
+            SELECT stream, max(position) AS position FROM inserted GROUP BY stream
+        )
+        SELECT v_first[n], w.position
+        FROM generate_subscripts(p_streams, 1) AS n
+        LEFT JOIN last_written AS w ON v_first[n] IS NOT NULL AND w.stream = p_streams[n]
+        ORDER BY n;
+        PERFORM pg_advisory_unlock({APPEND_LOCK_CLASS}, hashtext('{s}'));
+    EXCEPTION WHEN OTHERS OR query_canceled THEN
+        -- Session locks survive a rollback: release it before re-raising
+        -- the error unchanged (SQLSTATE and constraint name included).
+        IF v_locked THEN
+            PERFORM pg_advisory_unlock({APPEND_LOCK_CLASS}, hashtext('{s}'));
+        END IF;
+        RAISE;
+    END;
+END
+$fn$
+-- Index lookups only, whatever the statistics: PL/pgSQL keeps a plan made
+-- while the table was empty (a sequential scan, cheapest then) for as long
+-- as the connection lives, and it would then read the whole log per call.
+SET enable_seqscan = off;
 "#
         )),
         _ => None,
@@ -303,6 +428,7 @@ mod tests {
     fn lock_classes_spell_their_names() {
         assert_eq!(&APPEND_LOCK_CLASS.to_be_bytes(), b"TRIA");
         assert_eq!(&MIGRATION_LOCK_CLASS.to_be_bytes(), b"TRIM");
+        assert_eq!(&STREAM_LOCK_CLASS.to_be_bytes(), b"TRIS");
     }
 
     #[test]

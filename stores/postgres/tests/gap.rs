@@ -39,9 +39,27 @@ fn stream(name: &str) -> StreamName {
 /// `triage_append` and stays open; returns the position it took.
 async fn begin_slow_append(client: &Client, schema: &str, stream: &StreamName, event: &EventData) -> u64 {
     client.batch_execute("BEGIN").await.unwrap();
+    let position = call_triage_append(client, schema, stream, event)
+        .await
+        .unwrap()
+        .expect("a new stream is written");
+    position as u64
+}
+
+/// Calls `triage_append` with one append of `event` to the new stream
+/// `stream`; its last position, or `None` when it wrote nothing.
+async fn call_triage_append(
+    client: &Client,
+    schema: &str,
+    stream: &StreamName,
+    event: &EventData,
+) -> Result<Option<i64>, tokio_postgres::Error> {
     let row = client
         .query_one(
-            &format!(r#"SELECT "{schema}".triage_append($1, 0, $2, $3, $4, $5)"#),
+            &format!(
+                r#"SELECT last_position FROM "{schema}".triage_append(
+                       ARRAY[$1], ARRAY[-1]::bigint[], ARRAY[1], ARRAY[0], $2, $3, $4, $5)"#
+            ),
             &[
                 &stream.as_str(),
                 &vec![event.id],
@@ -50,9 +68,8 @@ async fn begin_slow_append(client: &Client, schema: &str, stream: &StreamName, e
                 &vec![event.metadata.as_slice()],
             ],
         )
-        .await
-        .unwrap();
-    row.get::<_, i64>(0) as u64
+        .await?;
+    Ok(row.get(0))
 }
 
 /// The next event, skipping checkpoints and `CaughtUp`; `None` if nothing
@@ -329,18 +346,7 @@ async fn triage_append_refuses_a_transaction_that_already_has_an_id() {
     let client = common::raw_client(&url).await;
     let s = stream("ticket");
     begin_slow_append(&client, store.schema(), &s, &common::event("First")).await;
-    let second = common::event("Second");
-    let error = client
-        .query_one(
-            &format!(r#"SELECT "{}".triage_append($1, 1, $2, $3, $4, $5)"#, store.schema()),
-            &[
-                &s.as_str(),
-                &vec![second.id],
-                &vec![second.event_type.as_str()],
-                &vec![second.data.as_slice()],
-                &vec![second.metadata.as_slice()],
-            ],
-        )
+    let error = call_triage_append(&client, store.schema(), &stream("ticket"), &common::event("Second"))
         .await
         .expect_err("a second append in one transaction is refused");
     assert_eq!(
@@ -353,18 +359,7 @@ async fn triage_append_refuses_a_transaction_that_already_has_an_id() {
         .batch_execute("BEGIN; SELECT pg_current_xact_id();")
         .await
         .unwrap();
-    let third = common::event("Third");
-    let error = client
-        .query_one(
-            &format!(r#"SELECT "{}".triage_append($1, 0, $2, $3, $4, $5)"#, store.schema()),
-            &[
-                &s.as_str(),
-                &vec![third.id],
-                &vec![third.event_type.as_str()],
-                &vec![third.data.as_slice()],
-                &vec![third.metadata.as_slice()],
-            ],
-        )
+    let error = call_triage_append(&client, store.schema(), &s, &common::event("Third"))
         .await
         .expect_err("an append after the transaction took its id is refused");
     assert_eq!(

@@ -1,0 +1,219 @@
+//! Group commit: the appends of concurrent callers go to PostgreSQL
+//! together, in one call of `triage_append` (one transaction), so that many
+//! appends share one round trip, one pass through the append lock and one
+//! WAL flush.
+//!
+//! A few writer tasks take turns at one queue: a writer takes whatever is
+//! waiting (up to [`MAX_BATCH_APPENDS`] appends and [`MAX_BATCH_BYTES`] of
+//! payload), sends it, and answers each caller. While one batch is on its
+//! way, the next one gathers, so batches grow with the load and a lone
+//! append goes out at once. Each append is still checked on its own
+//! against its expected revision, by `triage_append` under its stream's
+//! lock; an append that does not hold there is answered
+//! [`Written::No`], and its caller reads and decides (see
+//! `PostgresEventStore::append`). An append is acknowledged only after the
+//! transaction that holds it committed, as without batching.
+//!
+//! A batch that fails as a whole (an id written meanwhile by another
+//! process, a lost connection) answers every caller [`Written::No`] too:
+//! each then goes the single-append way, which reports its own error or,
+//! when the batch committed after all, finds its events and answers with
+//! the original result.
+
+use std::sync::Arc;
+
+use deadpool_postgres::{Client, Pool};
+use tokio::sync::{Mutex, mpsc, oneshot};
+use tokio::task::AbortHandle;
+use triage_event_store::{EventData, ExpectedRevision, StreamName};
+
+use crate::reader::{self, Sql};
+use crate::{Target, schema};
+
+/// Writers taking turns at the queue: batches in flight at once.
+pub(crate) const WRITERS: usize = 4;
+/// Most appends in one batch.
+pub(crate) const MAX_BATCH_APPENDS: usize = 256;
+/// Most payload bytes in one batch (an append bigger than this goes alone).
+pub(crate) const MAX_BATCH_BYTES: usize = 4 * 1024 * 1024;
+
+/// One append, as `triage_append` takes it.
+#[derive(Debug)]
+pub(crate) struct Append {
+    pub(crate) stream: StreamName,
+    /// `p_expected`; see [`expectation`].
+    pub(crate) expected: Option<i64>,
+    pub(crate) events: Arc<Vec<EventData>>,
+}
+
+/// What became of one append of a batch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Written {
+    /// Written: its first revision and its last position.
+    Yes { first_revision: u64, last_position: i64 },
+    /// Not written; the caller reads and decides.
+    No,
+}
+
+#[derive(Debug)]
+struct Pending {
+    append: Append,
+    reply: oneshot::Sender<Written>,
+}
+
+/// The queue of appends and the writers that empty it.
+#[derive(Debug)]
+pub(crate) struct Batcher {
+    queue: mpsc::UnboundedSender<Pending>,
+}
+
+/// `p_expected` of `triage_append` for an expected revision.
+pub(crate) fn expectation(expected: ExpectedRevision) -> Option<i64> {
+    match expected {
+        ExpectedRevision::Any => None,
+        ExpectedRevision::NoStream => Some(schema::EXPECT_NO_STREAM),
+        ExpectedRevision::StreamExists => Some(schema::EXPECT_STREAM_EXISTS),
+        ExpectedRevision::Exact(revision) => Some(reader::to_sql_int(revision)),
+    }
+}
+
+impl Batcher {
+    /// Starts the writers; the store aborts them when it is dropped.
+    pub(crate) fn start(target: Arc<Target>, pool: Pool, sql: Arc<Sql>) -> (Self, Vec<AbortHandle>) {
+        let (queue, receiver) = mpsc::unbounded_channel();
+        let receiver = Arc::new(Mutex::new(receiver));
+        let writers = (0..WRITERS)
+            .map(|_| {
+                tokio::spawn(write_forever(
+                    Arc::clone(&target),
+                    pool.clone(),
+                    Arc::clone(&sql),
+                    Arc::clone(&receiver),
+                ))
+                .abort_handle()
+            })
+            .collect();
+        (Batcher { queue }, writers)
+    }
+
+    /// Appends with the next batch. [`Written::No`] also when the writers
+    /// are gone (the store is closing): the caller's own attempt then
+    /// reports why.
+    pub(crate) async fn append(&self, append: Append) -> Written {
+        let (reply, answer) = oneshot::channel();
+        if self.queue.send(Pending { append, reply }).is_err() {
+            return Written::No;
+        }
+        answer.await.unwrap_or(Written::No)
+    }
+}
+
+async fn write_forever(
+    target: Arc<Target>,
+    pool: Pool,
+    sql: Arc<Sql>,
+    receiver: Arc<Mutex<mpsc::UnboundedReceiver<Pending>>>,
+) {
+    loop {
+        let batch = {
+            let mut receiver = receiver.lock().await;
+            let Some(first) = receiver.recv().await else {
+                return;
+            };
+            let mut bytes = payload(&first.append);
+            let mut batch = vec![first];
+            while batch.len() < MAX_BATCH_APPENDS && bytes < MAX_BATCH_BYTES {
+                match receiver.try_recv() {
+                    Ok(next) => {
+                        bytes += payload(&next.append);
+                        batch.push(next);
+                    }
+                    Err(_) => break,
+                }
+            }
+            batch
+        };
+        let appends: Vec<&Append> = batch.iter().map(|pending| &pending.append).collect();
+        let written = match pool.get().await {
+            Ok(client) => write(&client, &sql, &appends)
+                .await
+                .map_err(|error| target.db_error("cannot append", error)),
+            Err(error) => Err(crate::pool_error(&target, error)),
+        };
+        let answers = match written {
+            Ok(answers) => answers,
+            Err(error) => {
+                tracing::debug!(%error, appends = batch.len(), "a batch of appends failed; each is tried alone");
+                vec![Written::No; batch.len()]
+            }
+        };
+        for (pending, answer) in batch.into_iter().zip(answers) {
+            // A caller that went away has nothing to be told.
+            let _ = pending.reply.send(answer);
+        }
+    }
+}
+
+fn payload(append: &Append) -> usize {
+    append.events.iter().map(EventData::payload_len).sum()
+}
+
+/// Calls `triage_append` once for `appends`; one answer per append, in
+/// order.
+pub(crate) async fn write(
+    client: &Client,
+    sql: &Sql,
+    appends: &[&Append],
+) -> Result<Vec<Written>, tokio_postgres::Error> {
+    let events = appends.iter().map(|append| append.events.len()).sum();
+    let mut streams = Vec::with_capacity(appends.len());
+    let mut expected = Vec::with_capacity(appends.len());
+    let mut event_append = Vec::with_capacity(events);
+    let mut event_index = Vec::with_capacity(events);
+    let mut ids = Vec::with_capacity(events);
+    let mut types = Vec::with_capacity(events);
+    let mut data = Vec::with_capacity(events);
+    let mut metadata = Vec::with_capacity(events);
+    for (number, append) in (1..).zip(appends) {
+        streams.push(append.stream.as_str());
+        expected.push(append.expected);
+        for (index, event) in (0..).zip(append.events.iter()) {
+            event_append.push(number);
+            event_index.push(index);
+            ids.push(event.id);
+            types.push(event.event_type.as_str());
+            data.push(event.data.as_slice());
+            metadata.push(event.metadata.as_slice());
+        }
+    }
+    let statement = client.prepare_cached(&sql.append).await?;
+    let rows = client
+        .query(
+            &statement,
+            &[
+                &streams,
+                &expected,
+                &event_append,
+                &event_index,
+                &ids,
+                &types,
+                &data,
+                &metadata,
+            ],
+        )
+        .await?;
+    // One row per append, in order (`ORDER BY` in the function); a missing
+    // row would only mean "read and decide".
+    let mut answers = vec![Written::No; appends.len()];
+    for (answer, row) in answers.iter_mut().zip(&rows) {
+        if let (Some(first), Some(last_position)) =
+            (row.try_get::<_, Option<i64>>(0)?, row.try_get::<_, Option<i64>>(1)?)
+        {
+            *answer = Written::Yes {
+                first_revision: reader::from_sql_int(first),
+                last_position,
+            };
+        }
+    }
+    Ok(answers)
+}

@@ -1,0 +1,199 @@
+//! Group commit: `triage_append` takes a batch of appends, checks each one
+//! on its own, and writes those that hold in one transaction; the store
+//! groups the appends of concurrent callers into such batches.
+
+mod common;
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use tokio::sync::Barrier;
+use triage_event_store::{Error, EventData, EventStore, ExpectedRevision, ReadStream, StreamName};
+use triage_store_postgres::PostgresOptions;
+use uuid::Uuid;
+
+fn stream() -> StreamName {
+    StreamName::new(format!("ticket-{}", Uuid::new_v4())).unwrap()
+}
+
+/// One batch, every outcome: a new stream, an `Exact` on a missing stream,
+/// a second append to a stream already in the batch, an append whose id is
+/// stored, and an append that holds after them. Only the first and the
+/// last are written, together, in one transaction; the others write
+/// nothing and say so with NULLs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_batch_writes_only_the_appends_that_hold() {
+    let Some(url) = common::url("one_batch_writes_only_the_appends_that_hold") else {
+        return;
+    };
+    let store = common::temporary_store(&url, PostgresOptions::default()).await;
+    let schema = store.schema().to_owned();
+    let client = common::raw_client(&url).await;
+    let existing = stream();
+    let stored = common::event("Stored");
+    store
+        .append(&existing, ExpectedRevision::NoStream, vec![stored.clone()])
+        .await
+        .unwrap();
+
+    let (fresh, missing, other) = (stream(), stream(), stream());
+    // (stream, p_expected, events)
+    let batch: Vec<(&StreamName, Option<i64>, Vec<EventData>)> = vec![
+        (&fresh, Some(-1), vec![common::event("A"), common::event("B")]),
+        (&missing, Some(4), vec![common::event("C")]),
+        (&fresh, None, vec![common::event("D")]),
+        (&other, None, vec![stored.clone()]),
+        (&existing, Some(0), vec![common::event("E")]),
+    ];
+    let streams: Vec<&str> = batch.iter().map(|(stream, ..)| stream.as_str()).collect();
+    let expected: Vec<Option<i64>> = batch.iter().map(|(_, expected, _)| *expected).collect();
+    let mut event_append = Vec::new();
+    let mut event_index = Vec::new();
+    let mut events = Vec::new();
+    for (number, (_, _, batch_events)) in (1i32..).zip(&batch) {
+        for (index, event) in (0i32..).zip(batch_events) {
+            event_append.push(number);
+            event_index.push(index);
+            events.push(event.clone());
+        }
+    }
+    let rows = client
+        .query(
+            &format!(
+                r#"SELECT first_revision, last_position FROM "{schema}".triage_append($1, $2, $3, $4, $5, $6, $7, $8)"#
+            ),
+            &[
+                &streams,
+                &expected,
+                &event_append,
+                &event_index,
+                &events.iter().map(|event| event.id).collect::<Vec<_>>(),
+                &events.iter().map(|event| event.event_type.as_str()).collect::<Vec<_>>(),
+                &events.iter().map(|event| event.data.as_slice()).collect::<Vec<_>>(),
+                &events.iter().map(|event| event.metadata.as_slice()).collect::<Vec<_>>(),
+            ],
+        )
+        .await
+        .unwrap();
+    let answers: Vec<(Option<i64>, Option<i64>)> = rows.iter().map(|row| (row.get(0), row.get(1))).collect();
+    assert_eq!(answers.len(), 5, "one row per append");
+    let (first, last) = (answers[0], answers[4]);
+    assert_eq!(first.0, Some(0), "the new stream starts at revision 0");
+    assert_eq!(last.0, Some(1), "the existing stream goes on after revision 0");
+    for skipped in &answers[1..4] {
+        assert_eq!(*skipped, (None, None), "{answers:?}");
+    }
+    // Written in the batch's order: A, B, then E.
+    assert_eq!(last.1, first.1.map(|position| position + 1), "{answers:?}");
+
+    let log = client
+        .query(
+            &format!(
+                r#"SELECT event_type, stream, revision, tx_id::text FROM "{schema}".triage_events ORDER BY position"#
+            ),
+            &[],
+        )
+        .await
+        .unwrap();
+    let written: Vec<(String, String, i64)> = log.iter().map(|row| (row.get(0), row.get(1), row.get(2))).collect();
+    assert_eq!(
+        written,
+        [
+            ("Stored".to_owned(), existing.to_string(), 0),
+            ("A".to_owned(), fresh.to_string(), 0),
+            ("B".to_owned(), fresh.to_string(), 1),
+            ("E".to_owned(), existing.to_string(), 1),
+        ]
+    );
+    let batch_transactions: HashSet<String> = log[1..].iter().map(|row| row.get(3)).collect();
+    assert_eq!(batch_transactions.len(), 1, "the batch is one transaction");
+    assert!(matches!(
+        store.read_stream(&missing, ReadStream::forwards()).await,
+        Err(Error::StreamNotFound { .. })
+    ));
+}
+
+/// 64 callers append at once, half to streams of their own and half racing
+/// `Exact(0)` on one shared stream. Every append to an own stream is
+/// stored once at revision 0; exactly one racer wins and every other one
+/// gets `WrongExpectedVersion` with the winner's revision; some appends
+/// shared a transaction; and, read back from the log, positions follow
+/// transaction ids (each transaction's events are one block of
+/// positions), which the watermark relies on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_appends_share_transactions_and_keep_their_checks() {
+    let Some(url) = common::url("concurrent_appends_share_transactions_and_keep_their_checks") else {
+        return;
+    };
+    const CALLERS: usize = 64;
+    let store = Arc::new(common::temporary_store(&url, PostgresOptions::default()).await);
+    let shared = stream();
+    store
+        .append(&shared, ExpectedRevision::NoStream, vec![common::event("Opened")])
+        .await
+        .unwrap();
+    let barrier = Arc::new(Barrier::new(CALLERS));
+    let tasks: Vec<_> = (0..CALLERS)
+        .map(|caller| {
+            let (store, barrier, shared) = (Arc::clone(&store), Arc::clone(&barrier), shared.clone());
+            tokio::spawn(async move {
+                let (target, expected) = if caller % 2 == 0 {
+                    (stream(), ExpectedRevision::NoStream)
+                } else {
+                    (shared, ExpectedRevision::Exact(0))
+                };
+                barrier.wait().await;
+                let result = store.append(&target, expected, vec![common::event("Worked")]).await;
+                (target, result)
+            })
+        })
+        .collect();
+    let mut racers_won = 0;
+    for task in tasks {
+        let (target, result) = task.await.unwrap();
+        if target == shared {
+            match result {
+                Ok(written) => {
+                    assert_eq!(written.current_revision, 1);
+                    racers_won += 1;
+                }
+                Err(Error::WrongExpectedVersion { actual, .. }) => assert_eq!(actual, Some(1)),
+                Err(other) => panic!("a racer failed: {other}"),
+            }
+        } else {
+            assert_eq!(result.expect("an own stream is written").current_revision, 0);
+            let read = store.read_stream(&target, ReadStream::forwards()).await.unwrap();
+            assert_eq!(read.len(), 1);
+        }
+    }
+    assert_eq!(racers_won, 1, "exactly one racer wins");
+    assert_eq!(
+        store.read_stream(&shared, ReadStream::forwards()).await.unwrap().len(),
+        2
+    );
+
+    let client = common::raw_client(&url).await;
+    let rows = client
+        .query(
+            &format!(
+                r#"SELECT tx_id::text::bigint FROM "{}".triage_events ORDER BY position"#,
+                store.schema()
+            ),
+            &[],
+        )
+        .await
+        .unwrap();
+    let transactions: Vec<i64> = rows.iter().map(|row| row.get(0)).collect();
+    assert_eq!(transactions.len(), 1 + CALLERS / 2 + 1, "every written append once");
+    assert!(
+        transactions.windows(2).all(|pair| pair[0] <= pair[1]),
+        "positions follow transaction ids: {transactions:?}"
+    );
+    let distinct: HashSet<i64> = transactions.iter().copied().collect();
+    assert!(
+        distinct.len() < transactions.len(),
+        "some appends shared a transaction: {} transactions for {} appends",
+        distinct.len(),
+        transactions.len()
+    );
+}
