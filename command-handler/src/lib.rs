@@ -373,7 +373,23 @@ impl CommandHandler {
 
     /// Loads and folds a ticket's stream. A missing stream is a default
     /// (non-existent) ticket with no revision.
+    ///
+    /// What was read is also what the next command on the ticket decides on
+    /// first: a sender that looks at a ticket and then sends a command
+    /// (agents do) is not answered from an older cached snapshot, which
+    /// would cost a conflict and a second read.
     pub async fn load(&self, ticket_id: TicketId) -> Result<LoadedTicket, CommandError> {
+        Ok(Arc::unwrap_or_clone(self.load_fresh(ticket_id).await?))
+    }
+
+    /// [`CommandHandler::load`], kept in the stream cache.
+    async fn load_fresh(&self, ticket_id: TicketId) -> Result<Arc<LoadedTicket>, CommandError> {
+        let loaded = Arc::new(self.read_and_fold(ticket_id).await?);
+        self.cache.put(ticket_id, Arc::clone(&loaded));
+        Ok(loaded)
+    }
+
+    async fn read_and_fold(&self, ticket_id: TicketId) -> Result<LoadedTicket, CommandError> {
         let stream = stream_of(ticket_id)?;
         let records = match self.store.read_stream(&stream, ReadStream::forwards()).await {
             Ok(records) => records,
@@ -458,11 +474,7 @@ impl CommandHandler {
             let from_cache = cached.is_some();
             let loaded = match cached.take() {
                 Some(loaded) => loaded,
-                None => {
-                    let fresh = Arc::new(self.load(ticket_id).await?);
-                    self.cache.put(ticket_id, fresh.clone());
-                    fresh
-                }
+                None => self.load_fresh(ticket_id).await?,
             };
             if let Some(original) = original_outcome(&loaded, envelope, first_event_id) {
                 return Ok(original);

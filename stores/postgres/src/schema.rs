@@ -177,10 +177,11 @@ DROP FUNCTION IF EXISTS "{s}".triage_append(text, bigint, uuid[], text[], bytea[
 -- Its events are those whose `p_event_append` is i, in order, with
 -- `p_event_index` their 0-based index in the append. Its row holds the
 -- first revision and the last position written, or two NULLs when it
--- wrote nothing: the stream is elsewhere, one of its ids is stored
--- already, or an earlier append of the batch has the same stream. The
--- caller then reads and decides (a conflict, or the original result of a
--- retry). Appends that write are written together, in one INSERT.
+-- wrote nothing: the stream is elsewhere (after the batch's earlier
+-- appends: the batch means what running its appends one after the other
+-- means), or one of its ids is stored already. The caller then reads and
+-- decides (a conflict, or the original result of a retry). Appends that
+-- write are written together, in one INSERT.
 --
 -- Two kinds of locks, always in this order:
 -- - Each stream's lock, in the order of their keys (so two batches never
@@ -202,10 +203,17 @@ CREATE OR REPLACE FUNCTION "{s}".triage_append(
 ) RETURNS TABLE (first_revision bigint, last_position bigint) LANGUAGE plpgsql AS $fn$
 DECLARE
     v_first bigint[] := array_fill(NULL::bigint, ARRAY[cardinality(p_streams)]);
+    v_counts int[] := array_fill(0, ARRAY[cardinality(p_streams)]);
+    -- The streams seen so far in the batch, and each one's last revision
+    -- after the appends of the batch written before (NULL: no stream).
+    v_seen text[] := '{{}}';
+    v_seen_last bigint[] := '{{}}';
+    v_seen_at int;
     v_stored int[];
     v_current bigint;
     v_expected bigint;
     v_key int;
+    v_append int;
     v_locked boolean := false;
 BEGIN
     IF pg_current_xact_id_if_assigned() IS NOT NULL THEN
@@ -222,14 +230,26 @@ BEGIN
     SELECT array_agg(DISTINCT u.a) INTO v_stored
     FROM unnest(p_ids, p_event_append) AS u (id, a)
     WHERE u.id = ANY (ARRAY(SELECT event_id FROM "{s}".triage_events WHERE event_id = ANY (p_ids)));
+    FOREACH v_append IN ARRAY p_event_append LOOP
+        v_counts[v_append] := v_counts[v_append] + 1;
+    END LOOP;
+    -- As if the appends ran one after the other, in the batch's order.
     FOR i IN 1 .. cardinality(p_streams) LOOP
-        CONTINUE WHEN i = ANY (v_stored) OR p_streams[i] = ANY (p_streams[1 : i - 1]);
-        SELECT max(revision) INTO v_current FROM "{s}".triage_events WHERE stream = p_streams[i];
+        v_seen_at := array_position(v_seen, p_streams[i]);
+        IF v_seen_at IS NULL THEN
+            SELECT max(revision) INTO v_current FROM "{s}".triage_events WHERE stream = p_streams[i];
+            v_seen := v_seen || p_streams[i];
+            v_seen_last := v_seen_last || v_current;
+            v_seen_at := cardinality(v_seen);
+        END IF;
+        CONTINUE WHEN i = ANY (v_stored);
+        v_current := v_seen_last[v_seen_at];
         v_expected := p_expected[i];
         -- NULL (anything) fails neither test.
         CONTINUE WHEN (v_expected = {EXPECT_STREAM_EXISTS} AND v_current IS NULL)
             OR (v_expected >= {EXPECT_NO_STREAM} AND v_current IS DISTINCT FROM nullif(v_expected, {EXPECT_NO_STREAM}));
         v_first[i] := coalesce(v_current + 1, 0);
+        v_seen_last[v_seen_at] := v_first[i] + v_counts[i] - 1;
     END LOOP;
     IF cardinality(array_remove(v_first, NULL)) = 0 THEN
         -- Nothing to write: no transaction id, no append lock.
@@ -248,13 +268,12 @@ BEGIN
                 WITH ORDINALITY AS e (a, x, id, t, d, m, ord)
             WHERE v_first[e.a] IS NOT NULL
             ORDER BY e.ord
-            RETURNING stream, position
-        ), last_written AS (
-            SELECT stream, max(position) AS position FROM inserted GROUP BY stream
+            RETURNING stream, revision, position
         )
         SELECT v_first[n], w.position
         FROM generate_subscripts(p_streams, 1) AS n
-        LEFT JOIN last_written AS w ON v_first[n] IS NOT NULL AND w.stream = p_streams[n]
+        LEFT JOIN inserted AS w
+            ON w.stream = p_streams[n] AND w.revision = v_first[n] + v_counts[n] - 1
         ORDER BY n;
         PERFORM pg_advisory_unlock({APPEND_LOCK_CLASS}, hashtext('{s}'));
     EXCEPTION WHEN OTHERS OR query_canceled THEN

@@ -17,10 +17,11 @@ fn stream() -> StreamName {
 }
 
 /// One batch, every outcome: a new stream, an `Exact` on a missing stream,
-/// a second append to a stream already in the batch, an append whose id is
-/// stored, and an append that holds after them. Only the first and the
-/// last are written, together, in one transaction; the others write
-/// nothing and say so with NULLs.
+/// a second append to the new stream (it goes on after the first), an
+/// append whose id is stored, a stale `Exact` on the new stream, and an
+/// append that holds. The batch means what its appends would mean one
+/// after the other: those that hold are written together, in one
+/// transaction; the others write nothing and say so with NULLs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_batch_writes_only_the_appends_that_hold() {
     let Some(url) = common::url("one_batch_writes_only_the_appends_that_hold") else {
@@ -43,6 +44,7 @@ async fn one_batch_writes_only_the_appends_that_hold() {
         (&missing, Some(4), vec![common::event("C")]),
         (&fresh, None, vec![common::event("D")]),
         (&other, None, vec![stored.clone()]),
+        (&fresh, Some(1), vec![common::event("F")]),
         (&existing, Some(0), vec![common::event("E")]),
     ];
     let streams: Vec<&str> = batch.iter().map(|(stream, ..)| stream.as_str()).collect();
@@ -76,15 +78,20 @@ async fn one_batch_writes_only_the_appends_that_hold() {
         .await
         .unwrap();
     let answers: Vec<(Option<i64>, Option<i64>)> = rows.iter().map(|row| (row.get(0), row.get(1))).collect();
-    assert_eq!(answers.len(), 5, "one row per append");
-    let (first, last) = (answers[0], answers[4]);
+    assert_eq!(answers.len(), 6, "one row per append");
+    let (first, again, last) = (answers[0], answers[2], answers[5]);
     assert_eq!(first.0, Some(0), "the new stream starts at revision 0");
+    assert_eq!(again.0, Some(2), "the second append to it goes on after the first");
     assert_eq!(last.0, Some(1), "the existing stream goes on after revision 0");
-    for skipped in &answers[1..4] {
-        assert_eq!(*skipped, (None, None), "{answers:?}");
+    for skipped in [answers[1], answers[3], answers[4]] {
+        assert_eq!(skipped, (None, None), "{answers:?}");
     }
-    // Written in the batch's order: A, B, then E.
-    assert_eq!(last.1, first.1.map(|position| position + 1), "{answers:?}");
+    // Written in the batch's order: A, B, D, then E.
+    let start = first.1.expect("written");
+    assert_eq!(
+        (first.1, again.1, last.1),
+        (Some(start), Some(start + 1), Some(start + 2))
+    );
 
     let log = client
         .query(
@@ -102,6 +109,7 @@ async fn one_batch_writes_only_the_appends_that_hold() {
             ("Stored".to_owned(), existing.to_string(), 0),
             ("A".to_owned(), fresh.to_string(), 0),
             ("B".to_owned(), fresh.to_string(), 1),
+            ("D".to_owned(), fresh.to_string(), 2),
             ("E".to_owned(), existing.to_string(), 1),
         ]
     );
