@@ -153,6 +153,11 @@ struct PgArgs {
     /// Most pooled connections, the same for Triage and the peer.
     #[arg(long, default_value_t = 16)]
     pool_size: usize,
+    /// Run Triage's handler without its rejection log (`rejections-<uuid>`
+    /// records of refused commands), which the peer does not keep: the same
+    /// work on both sides. By default the handler runs as Triage ships it.
+    #[arg(long)]
+    no_rejection_log: bool,
 }
 
 impl PgArgs {
@@ -167,6 +172,7 @@ impl PgArgs {
                     hot_tickets: self.hot_tickets,
                     seconds: self.seconds,
                     pool_size: self.pool_size,
+                    rejection_log: !self.no_rejection_log,
                 })
             })
             .collect()

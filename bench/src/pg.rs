@@ -28,7 +28,8 @@
 //!
 //! The handler is Triage's default one, so it also records every refusal
 //! in the ticket's `rejections-<uuid>` stream (one more append per
-//! rejection in `hot`), which the peer does not do; its stream cache
+//! rejection in `hot`), which the peer does not do; `--no-rejection-log`
+//! turns that off, for the same work on both sides. Its stream cache
 //! saves most reads before an append, which the peer does not have.
 
 use std::path::PathBuf;
@@ -74,6 +75,9 @@ pub(crate) struct RunConfig {
     pub(crate) hot_tickets: usize,
     pub(crate) seconds: f64,
     pub(crate) pool_size: usize,
+    /// Whether Triage's handler records refusals (its default); the peer
+    /// never does.
+    pub(crate) rejection_log: bool,
 }
 
 /// The ticket set of one run.
@@ -248,7 +252,7 @@ pub(crate) async fn commands(url: &str, config: RunConfig) -> anyhow::Result<Val
             .await
             .with_context(|| format!("cannot open a temporary store at {url}"))?,
     );
-    let handler = CommandHandler::new(store.clone() as Arc<dyn EventStore>);
+    let handler = CommandHandler::new(store.clone() as Arc<dyn EventStore>).with_rejection_log(config.rejection_log);
     let tickets = Tickets {
         hot: config.hot_tickets.max(1),
         namespace: Uuid::new_v4(),
@@ -294,6 +298,7 @@ pub(crate) async fn commands(url: &str, config: RunConfig) -> anyhow::Result<Val
         "lost_races": stored.lost_races,
         "appends": stored.appends_written,
         "pool_size": config.pool_size,
+        "rejection_log": config.rejection_log,
     }))
 }
 
@@ -383,6 +388,7 @@ pub(crate) async fn compare(url: &str, peer: &PathBuf, config: RunConfig, rounds
             "rounds": triage.len(),
             "seconds": config.seconds,
             "pool_size": config.pool_size,
+            "triage_rejection_log": config.rejection_log,
             "triage_commands_per_s": round(triage_rate, 1),
             "peer_commands_per_s": round(peer_rate, 1),
             "triage_p50_ms": round(medians(&triage, "p50_ms"), 3),

@@ -32,7 +32,7 @@ use crate::{Target, schema};
 
 /// Writers taking turns at the queue: batches in flight at once. Two, not
 /// more: measured with 8 and 32 agents, four writers made batches small
-/// and ran at 0.6 to 0.8 times the rate of two; one writer ran like two
+/// and ran at 0.7 to 0.85 times the rate of two; one writer ran like two
 /// but leaves every append waiting behind a batch that waits for a stream
 /// lock held by another process's transaction.
 pub(crate) const WRITERS: usize = 2;

@@ -94,6 +94,9 @@ impl Sql {
             // - `(SELECT $1)` hides the start from the planner, so the
             //   estimate does not come from a histogram taken when the table
             //   was small (it takes the whole table, from its current size).
+            // - `(SELECT pg_snapshot_xmin(…))` is taken once per statement,
+            //   not once per row: the same value (one statement, one
+            //   snapshot), without building a snapshot copy for every row.
             // Every returned row passes the same two tests as before (at or
             // below the visible head, tx_id below the watermark), so the
             // read never goes past the watermark. The visible rows are a
@@ -107,7 +110,7 @@ impl Sql {
                        ORDER BY position ASC LIMIT $2
                    ) page
                    WHERE position <= {top}
-                     AND tx_id < pg_snapshot_xmin(pg_current_snapshot())
+                     AND tx_id < (SELECT pg_snapshot_xmin(pg_current_snapshot()))
                    ORDER BY position ASC"#
             ),
             // Backwards the page starts at or below the visible head, so
@@ -119,7 +122,7 @@ impl Sql {
                        WHERE position <= (SELECT $1::bigint) AND position <= {top}
                        ORDER BY position DESC LIMIT $2
                    ) page
-                   WHERE tx_id < pg_snapshot_xmin(pg_current_snapshot())
+                   WHERE tx_id < (SELECT pg_snapshot_xmin(pg_current_snapshot()))
                    ORDER BY position DESC"#
             ),
             heads: format!(r#"SELECT (SELECT max(position) FROM "{s}".triage_events), {top}"#),
