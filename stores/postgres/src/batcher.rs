@@ -10,8 +10,9 @@
 //! append goes out at once. Each append is still checked on its own
 //! against its expected revision, by `triage_append` under its stream's
 //! lock; an append that does not hold there is answered
-//! [`Written::No`], and its caller reads and decides (see
-//! `PostgresEventStore::append`). An append is acknowledged only after the
+//! [`Written::Conflict`] with the stream's last revision, or
+//! [`Written::No`] when one of its ids is stored already, and then its
+//! caller reads and decides (see `PostgresEventStore::append`). An append is acknowledged only after the
 //! transaction that holds it committed, as without batching.
 //!
 //! A batch that fails as a whole (an id written meanwhile by another
@@ -55,6 +56,9 @@ pub(crate) struct Append {
 pub(crate) enum Written {
     /// Written: its first revision and its last position.
     Yes { first_revision: u64, last_position: i64 },
+    /// Not written: the stream is not where the append expects it (its
+    /// last revision is `actual`), and none of its ids is stored.
+    Conflict { actual: Option<u64> },
     /// Not written; the caller reads and decides.
     No,
 }
@@ -210,14 +214,18 @@ pub(crate) async fn write(
     // row would only mean "read and decide".
     let mut answers = vec![Written::No; appends.len()];
     for (answer, row) in answers.iter_mut().zip(&rows) {
-        if let (Some(first), Some(last_position)) =
-            (row.try_get::<_, Option<i64>>(0)?, row.try_get::<_, Option<i64>>(1)?)
-        {
-            *answer = Written::Yes {
+        let written = (row.try_get::<_, Option<i64>>(0)?, row.try_get::<_, Option<i64>>(1)?);
+        let (conflict, actual) = (row.try_get::<_, bool>(2)?, row.try_get::<_, Option<i64>>(3)?);
+        *answer = match written {
+            (Some(first), Some(last_position)) => Written::Yes {
                 first_revision: reader::from_sql_int(first),
                 last_position,
-            };
-        }
+            },
+            _ if conflict => Written::Conflict {
+                actual: actual.map(reader::from_sql_int),
+            },
+            _ => Written::No,
+        };
     }
     Ok(answers)
 }

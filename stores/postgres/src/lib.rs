@@ -441,19 +441,29 @@ impl EventStore for PostgresEventStore {
         };
         // The usual case: with the next batch, where `triage_append` checks
         // the expected revision itself, under the stream's lock. It writes
-        // nothing when the stream is elsewhere or an id is stored already;
-        // then the store reads and decides below.
+        // nothing when the stream is elsewhere (a conflict) or an id is
+        // stored already; then the store reads and decides below.
         let fast = Append {
             stream: stream.clone(),
             expected: batcher::expectation(expected),
             events: Arc::clone(&events),
         };
-        if let Written::Yes {
-            first_revision,
-            last_position,
-        } = self.batcher.append(fast).await
-        {
-            return Ok(written(first_revision, last_position));
+        match self.batcher.append(fast).await {
+            Written::Yes {
+                first_revision,
+                last_position,
+            } => return Ok(written(first_revision, last_position)),
+            // Decided under the stream's lock, with none of the ids stored:
+            // what plan_append would answer after a read.
+            Written::Conflict { actual } => {
+                self.count(&self.counters.conflicts, 1);
+                return Err(Error::WrongExpectedVersion {
+                    stream: stream.clone(),
+                    expected,
+                    actual,
+                });
+            }
+            Written::No => {}
         }
         let client = self.client().await?;
         let ids: Vec<Uuid> = events.iter().map(|event| event.id).collect();

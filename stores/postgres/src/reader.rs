@@ -34,8 +34,8 @@ pub(crate) struct Sql {
     /// `(current, event_id, stream, revision, position)`: the stream's last
     /// committed revision on every row, and one row per already-stored id.
     pub(crate) append_state: String,
-    /// Appends one batch where expected; returns the first revision and the
-    /// last position, or NULLs (see `triage_append`).
+    /// Appends a batch; per append, the first revision and the last
+    /// position, or why not (see `triage_append`).
     pub(crate) append: String,
     read_stream_forwards: String,
     read_stream_backwards: String,
@@ -68,7 +68,8 @@ impl Sql {
                    LEFT JOIN "{s}".triage_events e ON e.event_id = ANY ($2)"#
             ),
             append: format!(
-                r#"SELECT first_revision, last_position FROM "{s}".triage_append($1, $2, $3, $4, $5, $6, $7, $8)"#
+                r#"SELECT first_revision, last_position, conflict, actual_revision
+                   FROM "{s}".triage_append($1, $2, $3, $4, $5, $6, $7, $8)"#
             ),
             read_stream_forwards: format!(
                 r#"SELECT {EVENT_COLUMNS} FROM "{s}".triage_events

@@ -175,13 +175,17 @@ DROP FUNCTION IF EXISTS "{s}".triage_append(text, bigint, uuid[], text[], bytea[
 -- says: its last revision (>= 0), {EXPECT_NO_STREAM} for "no stream",
 -- {EXPECT_STREAM_EXISTS} for "exists, at any revision", NULL for "anything".
 -- Its events are those whose `p_event_append` is i, in order, with
--- `p_event_index` their 0-based index in the append. Its row holds the
--- first revision and the last position written, or two NULLs when it
--- wrote nothing: the stream is elsewhere (after the batch's earlier
--- appends: the batch means what running its appends one after the other
--- means), or one of its ids is stored already. The caller then reads and
--- decides (a conflict, or the original result of a retry). Appends that
--- write are written together, in one INSERT.
+-- `p_event_index` their 0-based index in the append. The batch means
+-- what running its appends one after the other means. Append i's row
+-- holds, when it was written, the first revision and the last position;
+-- otherwise NULLs there and either
+-- - `conflict` true and `actual_revision` the stream's last revision
+--   (NULL: no stream): the stream is not where the append expects it and
+--   none of its ids is stored, a conflict as the port defines it; or
+-- - `conflict` false: one of its ids is stored already, or is in an
+--   earlier append of the batch, and the caller reads and decides (the
+--   original result of a retry, or a conflict).
+-- Appends that write are written together, in one INSERT.
 --
 -- Two kinds of locks, always in this order:
 -- - Each stream's lock, in the order of their keys (so two batches never
@@ -200,9 +204,12 @@ DROP FUNCTION IF EXISTS "{s}".triage_append(text, bigint, uuid[], text[], bytea[
 CREATE OR REPLACE FUNCTION "{s}".triage_append(
     p_streams text[], p_expected bigint[], p_event_append int[], p_event_index int[],
     p_ids uuid[], p_types text[], p_data bytea[], p_metadata bytea[]
-) RETURNS TABLE (first_revision bigint, last_position bigint) LANGUAGE plpgsql AS $fn$
+) RETURNS TABLE (first_revision bigint, last_position bigint, conflict boolean, actual_revision bigint)
+LANGUAGE plpgsql AS $fn$
 DECLARE
     v_first bigint[] := array_fill(NULL::bigint, ARRAY[cardinality(p_streams)]);
+    v_conflict boolean[] := array_fill(false, ARRAY[cardinality(p_streams)]);
+    v_actual bigint[] := array_fill(NULL::bigint, ARRAY[cardinality(p_streams)]);
     v_counts int[] := array_fill(0, ARRAY[cardinality(p_streams)]);
     -- The streams seen so far in the batch, and each one's last revision
     -- after the appends of the batch written before (NULL: no stream).
@@ -225,11 +232,17 @@ BEGIN
     END LOOP;
     -- Statements of their own, so snapshots taken after the locks: they see
     -- every append to these streams that finished before.
-    -- The appends with an id that is stored already: the ids through the
-    -- unique index, then which appends they belong to, in memory.
-    SELECT array_agg(DISTINCT u.a) INTO v_stored
-    FROM unnest(p_ids, p_event_append) AS u (id, a)
-    WHERE u.id = ANY (ARRAY(SELECT event_id FROM "{s}".triage_events WHERE event_id = ANY (p_ids)));
+    -- The appends with an id that is stored already (the ids through the
+    -- unique index, then which appends they belong to, in memory), or
+    -- that an earlier append of the batch has too (a retry that raced its
+    -- original into one batch: it is stored by the time its caller reads).
+    SELECT array_agg(DISTINCT t.a) INTO v_stored
+    FROM (
+        SELECT u.id, u.a, min(u.a) OVER (PARTITION BY u.id) AS first_append
+        FROM unnest(p_ids, p_event_append) AS u (id, a)
+    ) AS t
+    WHERE t.a > t.first_append
+       OR t.id = ANY (ARRAY(SELECT event_id FROM "{s}".triage_events WHERE event_id = ANY (p_ids)));
     FOREACH v_append IN ARRAY p_event_append LOOP
         v_counts[v_append] := v_counts[v_append] + 1;
     END LOOP;
@@ -246,14 +259,19 @@ BEGIN
         v_current := v_seen_last[v_seen_at];
         v_expected := p_expected[i];
         -- NULL (anything) fails neither test.
-        CONTINUE WHEN (v_expected = {EXPECT_STREAM_EXISTS} AND v_current IS NULL)
-            OR (v_expected >= {EXPECT_NO_STREAM} AND v_current IS DISTINCT FROM nullif(v_expected, {EXPECT_NO_STREAM}));
+        IF (v_expected = {EXPECT_STREAM_EXISTS} AND v_current IS NULL)
+            OR (v_expected >= {EXPECT_NO_STREAM} AND v_current IS DISTINCT FROM nullif(v_expected, {EXPECT_NO_STREAM})) THEN
+            v_conflict[i] := true;
+            v_actual[i] := v_current;
+            CONTINUE;
+        END IF;
         v_first[i] := coalesce(v_current + 1, 0);
         v_seen_last[v_seen_at] := v_first[i] + v_counts[i] - 1;
     END LOOP;
     IF cardinality(array_remove(v_first, NULL)) = 0 THEN
         -- Nothing to write: no transaction id, no append lock.
-        RETURN QUERY SELECT NULL::bigint, NULL::bigint FROM generate_subscripts(p_streams, 1);
+        RETURN QUERY SELECT NULL::bigint, NULL::bigint, v_conflict[n], v_actual[n]
+            FROM generate_subscripts(p_streams, 1) AS n ORDER BY n;
         RETURN;
     END IF;
     BEGIN
@@ -270,7 +288,7 @@ BEGIN
             ORDER BY e.ord
             RETURNING stream, revision, position
         )
-        SELECT v_first[n], w.position
+        SELECT v_first[n], w.position, v_conflict[n], v_actual[n]
         FROM generate_subscripts(p_streams, 1) AS n
         LEFT JOIN inserted AS w
             ON w.stream = p_streams[n] AND w.revision = v_first[n] + v_counts[n] - 1

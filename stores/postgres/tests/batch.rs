@@ -18,10 +18,11 @@ fn stream() -> StreamName {
 
 /// One batch, every outcome: a new stream, an `Exact` on a missing stream,
 /// a second append to the new stream (it goes on after the first), an
-/// append whose id is stored, a stale `Exact` on the new stream, and an
-/// append that holds. The batch means what its appends would mean one
-/// after the other: those that hold are written together, in one
-/// transaction; the others write nothing and say so with NULLs.
+/// append whose id is stored, a stale `Exact` on the new stream, an append
+/// that holds, and one with an id of the batch's first append. The batch
+/// means what its appends would mean one after the other: those that hold
+/// are written together, in one transaction; the others write nothing and
+/// say why.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_batch_writes_only_the_appends_that_hold() {
     let Some(url) = common::url("one_batch_writes_only_the_appends_that_hold") else {
@@ -38,14 +39,16 @@ async fn one_batch_writes_only_the_appends_that_hold() {
         .unwrap();
 
     let (fresh, missing, other) = (stream(), stream(), stream());
+    let a = common::event("A");
     // (stream, p_expected, events)
     let batch: Vec<(&StreamName, Option<i64>, Vec<EventData>)> = vec![
-        (&fresh, Some(-1), vec![common::event("A"), common::event("B")]),
+        (&fresh, Some(-1), vec![a.clone(), common::event("B")]),
         (&missing, Some(4), vec![common::event("C")]),
         (&fresh, None, vec![common::event("D")]),
         (&other, None, vec![stored.clone()]),
         (&fresh, Some(1), vec![common::event("F")]),
         (&existing, Some(0), vec![common::event("E")]),
+        (&other, None, vec![a.clone()]),
     ];
     let streams: Vec<&str> = batch.iter().map(|(stream, ..)| stream.as_str()).collect();
     let expected: Vec<Option<i64>> = batch.iter().map(|(_, expected, _)| *expected).collect();
@@ -62,7 +65,8 @@ async fn one_batch_writes_only_the_appends_that_hold() {
     let rows = client
         .query(
             &format!(
-                r#"SELECT first_revision, last_position FROM "{schema}".triage_append($1, $2, $3, $4, $5, $6, $7, $8)"#
+                r#"SELECT first_revision, last_position, conflict, actual_revision
+                   FROM "{schema}".triage_append($1, $2, $3, $4, $5, $6, $7, $8)"#
             ),
             &[
                 &streams,
@@ -78,14 +82,30 @@ async fn one_batch_writes_only_the_appends_that_hold() {
         .await
         .unwrap();
     let answers: Vec<(Option<i64>, Option<i64>)> = rows.iter().map(|row| (row.get(0), row.get(1))).collect();
-    assert_eq!(answers.len(), 6, "one row per append");
+    let refusals: Vec<(bool, Option<i64>)> = rows.iter().map(|row| (row.get(2), row.get(3))).collect();
+    assert_eq!(answers.len(), 7, "one row per append");
     let (first, again, last) = (answers[0], answers[2], answers[5]);
     assert_eq!(first.0, Some(0), "the new stream starts at revision 0");
     assert_eq!(again.0, Some(2), "the second append to it goes on after the first");
     assert_eq!(last.0, Some(1), "the existing stream goes on after revision 0");
-    for skipped in [answers[1], answers[3], answers[4]] {
+    for skipped in [answers[1], answers[3], answers[4], answers[6]] {
         assert_eq!(skipped, (None, None), "{answers:?}");
     }
+    // Why not: a conflict with the actual revision (none: no stream; 2:
+    // after the batch's own D), or an id stored already, or written by an
+    // earlier append of the batch (A).
+    assert_eq!(
+        refusals,
+        [
+            (false, None),
+            (true, None),
+            (false, None),
+            (false, None),
+            (true, Some(2)),
+            (false, None),
+            (false, None)
+        ]
+    );
     // Written in the batch's order: A, B, D, then E.
     let start = first.1.expect("written");
     assert_eq!(
