@@ -236,13 +236,18 @@ BEGIN
     -- unique index, then which appends they belong to, in memory), or
     -- that an earlier append of the batch has too (a retry that raced its
     -- original into one batch: it is stored by the time its caller reads).
-    SELECT array_agg(DISTINCT t.a) INTO v_stored
-    FROM (
-        SELECT u.id, u.a, min(u.a) OVER (PARTITION BY u.id) AS first_append
-        FROM unnest(p_ids, p_event_append) AS u (id, a)
-    ) AS t
-    WHERE t.a > t.first_append
-       OR t.id = ANY (ARRAY(SELECT event_id FROM "{s}".triage_events WHERE event_id = ANY (p_ids)));
+    -- Looked for only when there is one: the usual batch has neither, and
+    -- the full query costs more than the rest of the function.
+    IF EXISTS (SELECT 1 FROM "{s}".triage_events WHERE event_id = ANY (p_ids))
+        OR (SELECT count(DISTINCT id) FROM unnest(p_ids) AS id) < cardinality(p_ids) THEN
+        SELECT array_agg(DISTINCT t.a) INTO v_stored
+        FROM (
+            SELECT u.id, u.a, min(u.a) OVER (PARTITION BY u.id) AS first_append
+            FROM unnest(p_ids, p_event_append) AS u (id, a)
+        ) AS t
+        WHERE t.a > t.first_append
+           OR t.id = ANY (ARRAY(SELECT event_id FROM "{s}".triage_events WHERE event_id = ANY (p_ids)));
+    END IF;
     FOREACH v_append IN ARRAY p_event_append LOOP
         v_counts[v_append] := v_counts[v_append] + 1;
     END LOOP;
