@@ -4,16 +4,17 @@
 //! WAL flush.
 //!
 //! A few writer tasks take turns at one queue: a writer takes whatever is
-//! waiting (up to [`MAX_BATCH_APPENDS`] appends and [`MAX_BATCH_BYTES`] of
-//! payload), sends it, and answers each caller. While one batch is on its
-//! way, the next one gathers, so batches grow with the load and a lone
-//! append goes out at once. Each append is still checked on its own
-//! against its expected revision, by `triage_append` under its stream's
-//! lock; an append that does not hold there is answered
-//! [`Written::Conflict`] with the stream's last revision, or
-//! [`Written::No`] when one of its ids is stored already, and then its
-//! caller reads and decides (see `PostgresEventStore::append`). An append is acknowledged only after the
-//! transaction that holds it committed, as without batching.
+//! waiting (up to [`MAX_BATCH_APPENDS`] appends, and no more once the batch
+//! holds [`MAX_BATCH_BYTES`] of payload), sends it, and answers each
+//! caller. While one batch is on its way, the next one gathers, so batches
+//! grow with the load and a lone append goes out at once. Each append is
+//! still checked on its own against its expected revision, by
+//! `triage_append` under its stream's lock: an append that does not hold
+//! there is answered [`Written::Conflict`] with the stream's last revision,
+//! and one with an id that is stored already [`Written::No`], after which
+//! its caller reads and decides (see `PostgresEventStore::append`). An
+//! append is acknowledged only after the transaction that holds it
+//! committed, as without batching.
 //!
 //! A batch that fails as a whole (an id written meanwhile by another
 //! process, a lost connection) answers every caller [`Written::No`] too:
@@ -39,7 +40,7 @@ use crate::{Target, schema};
 pub(crate) const WRITERS: usize = 2;
 /// Most appends in one batch.
 pub(crate) const MAX_BATCH_APPENDS: usize = 256;
-/// Most payload bytes in one batch (an append bigger than this goes alone).
+/// Payload bytes after which a batch takes no more appends.
 pub(crate) const MAX_BATCH_BYTES: usize = 4 * 1024 * 1024;
 
 /// One append, as `triage_append` takes it.
