@@ -19,9 +19,10 @@ pub struct PostgresOptions {
     /// models. Lowercase ASCII letters, digits and `_`, not starting with a
     /// digit, at most [`MAX_SCHEMA_BYTES`] bytes.
     pub schema: String,
-    /// Most pooled connections (default 16; at least 1). The store opens two
-    /// more, outside the pool: one for LISTEN, and at its first append one
-    /// for NOTIFY.
+    /// Most pooled connections (default 16; at least 1). While batches of
+    /// appends are in flight, their writers hold one each (two at most; see
+    /// `batcher.rs`). The store opens two more, outside the pool: one for
+    /// LISTEN, and at its first append one for NOTIFY.
     pub pool_size: usize,
     /// How often the head is re-read when no notification arrives (default
     /// 500 ms). Notifications are the fast path; polling covers a lost
