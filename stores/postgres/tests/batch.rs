@@ -16,6 +16,19 @@ fn stream() -> StreamName {
     StreamName::new(format!("ticket-{}", Uuid::new_v4())).unwrap()
 }
 
+/// The transaction id of every event in the log, in position order.
+async fn transactions_in_log_order(url: &str, schema: &str) -> Vec<i64> {
+    let rows = common::raw_client(url)
+        .await
+        .query(
+            &format!(r#"SELECT tx_id::text::bigint FROM "{schema}".triage_events ORDER BY position"#),
+            &[],
+        )
+        .await
+        .unwrap();
+    rows.iter().map(|row| row.get(0)).collect()
+}
+
 /// One batch, every outcome: a new stream, an `Exact` on a missing stream,
 /// a second append to the new stream (it goes on after the first), an
 /// append whose id is stored, a stale `Exact` on the new stream, an append
@@ -200,18 +213,7 @@ async fn concurrent_appends_share_transactions_and_keep_their_checks() {
         2
     );
 
-    let client = common::raw_client(&url).await;
-    let rows = client
-        .query(
-            &format!(
-                r#"SELECT tx_id::text::bigint FROM "{}".triage_events ORDER BY position"#,
-                store.schema()
-            ),
-            &[],
-        )
-        .await
-        .unwrap();
-    let transactions: Vec<i64> = rows.iter().map(|row| row.get(0)).collect();
+    let transactions = transactions_in_log_order(&url, store.schema()).await;
     assert_eq!(transactions.len(), 1 + CALLERS / 2 + 1, "every written append once");
     assert!(
         transactions.windows(2).all(|pair| pair[0] <= pair[1]),
@@ -307,15 +309,7 @@ async fn two_stores_racing_on_shared_streams_neither_deadlock_nor_lose_events() 
             winners.keys().filter(|(target, _)| target == shared).count()
         );
     }
-    let client = common::raw_client(&url).await;
-    let rows = client
-        .query(
-            &format!(r#"SELECT tx_id::text::bigint FROM "{schema}".triage_events ORDER BY position"#),
-            &[],
-        )
-        .await
-        .unwrap();
-    let transactions: Vec<i64> = rows.iter().map(|row| row.get(0)).collect();
+    let transactions = transactions_in_log_order(&url, &schema).await;
     assert_eq!(transactions.len(), streams.len() + winners.len());
     assert!(transactions.windows(2).all(|pair| pair[0] <= pair[1]));
 }
