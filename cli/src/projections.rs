@@ -237,11 +237,12 @@ fn print_reports(reports: &[RebuildReport]) {
             }
         }
         out!(
-            "{}: replayed {} events in {:.2} s ({:.0} events/s); generation {} is live",
+            "{}: replayed {} events in {:.2} s ({:.0} events/s, {:.2} s of it writing the read model); generation {} is live",
             report.name,
             report.events,
             report.wall_s,
             report.events_per_s,
+            report.write_s,
             report.generation
         );
     }

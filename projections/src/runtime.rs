@@ -65,6 +65,11 @@ pub struct RebuildReport {
     pub wall_s: f64,
     /// Replay rate.
     pub events_per_s: f64,
+    /// Seconds of `wall_s` spent writing the read model. The log is read
+    /// and decoded meanwhile, so when this is close to `wall_s` the
+    /// read-model writes are what limits the rebuild, and otherwise the
+    /// reads are.
+    pub write_s: f64,
     /// With verification: keys whose rows differ between the rebuilt and
     /// the previous live model (tickets, counters, …). Empty when they
     /// match.
@@ -239,7 +244,7 @@ impl Projector {
                 let _ = db::record_error(&conn, target.projection.name(), &error.to_string());
             }
         }
-        result
+        result.map(|replayed| replayed.last)
     }
 
     /// Follows the log until `stop` is set, applying new events in batches.
@@ -355,16 +360,19 @@ impl Projector {
         let replayed = self
             .replay(&build, None, &mut report_progress, options.cancel.as_deref())
             .await;
-        if let Err(error) = replayed {
-            let mut conn = self.db.lock();
-            if let Ok(tx) = conn.transaction() {
-                for projection in &projections {
-                    let _ = discard_build(&tx, projection.as_ref());
+        let writing = match replayed {
+            Ok(replayed) => replayed.writing,
+            Err(error) => {
+                let mut conn = self.db.lock();
+                if let Ok(tx) = conn.transaction() {
+                    for projection in &projections {
+                        let _ = discard_build(&tx, projection.as_ref());
+                    }
+                    let _ = tx.commit();
                 }
-                let _ = tx.commit();
+                return Err(error);
             }
-            return Err(error);
-        }
+        };
         let wall = started.elapsed().as_secs_f64();
         let mut reports = Vec::with_capacity(projections.len());
         for (projection, slot) in projections.iter().zip(&slots) {
@@ -411,6 +419,7 @@ impl Projector {
                 events,
                 wall_s: wall,
                 events_per_s: events as f64 / wall.max(1e-6),
+                write_s: writing.as_secs_f64(),
                 differences,
                 compared,
             });
@@ -546,7 +555,7 @@ impl Projector {
         until: Option<Position>,
         progress: &mut (dyn FnMut(u64) + Send),
         cancel: Option<&AtomicBool>,
-    ) -> Result<Option<Position>, ProjectionError> {
+    ) -> Result<Replayed, ProjectionError> {
         let start = {
             let conn = self.db.lock();
             let mut start: Option<Option<Position>> = None;
@@ -574,6 +583,7 @@ impl Projector {
             pages,
         ));
         let mut last = start;
+        let mut writing = Duration::ZERO;
         let mut done = 0u64;
         while let Some(page) = receiver.recv().await {
             if cancel.is_some_and(|cancel| cancel.load(Ordering::Relaxed)) {
@@ -585,9 +595,11 @@ impl Projector {
             let batch_targets = targets.to_vec();
             let page_end = page.end;
             let count = page.considered;
+            let applying = Instant::now();
             tokio::task::spawn_blocking(move || apply_page(&db, &batch_targets, &page))
                 .await
                 .map_err(|error| ProjectionError::Internal(format!("a batch panicked: {error}")))??;
+            writing += applying.elapsed();
             last = Some(page_end);
             done += count;
             progress(page_end.commit.max(done));
@@ -595,8 +607,17 @@ impl Projector {
         reader
             .await
             .map_err(|error| ProjectionError::Internal(format!("the reader panicked: {error}")))?;
-        Ok(last)
+        Ok(Replayed { last, writing })
     }
+}
+
+/// What a replay did.
+#[derive(Debug)]
+pub(crate) struct Replayed {
+    /// The last position applied (the start, when there was nothing new).
+    pub(crate) last: Option<Position>,
+    /// Time spent applying pages to the read model.
+    pub(crate) writing: Duration,
 }
 
 /// Options of [`Projector::rebuild`].
@@ -634,6 +655,15 @@ pub(crate) struct Page {
 
 /// Reads the log after `start` (up to `until`) page by page into `pages`,
 /// decoded; shared by the SQLite and the PostgreSQL runtimes.
+///
+/// The read of the next page is started as soon as a page arrives, before
+/// the page is decoded: the store (a database server, or the embedded
+/// store's blocking thread) then produces the next rows while this task
+/// decodes, instead of each waiting for the other. The next page starts
+/// at the last record of this one, so one read ahead is as far as the
+/// reader can go. At most one page is read ahead; a read-ahead still
+/// running when the reader stops (an error, the receiver gone, or the
+/// reader aborted) is aborted with it.
 pub(crate) async fn read_pages(
     events: Arc<dyn EventStore>,
     start: Option<Position>,
@@ -642,20 +672,47 @@ pub(crate) async fn read_pages(
     skip: BTreeSet<String>,
     pages: mpsc::Sender<Result<Page, ProjectionError>>,
 ) {
+    let read = |after: Option<Position>| {
+        let events = Arc::clone(&events);
+        async move {
+            events
+                .read_all(ReadAll {
+                    direction: triage_event_store::Direction::Forwards,
+                    from: after.map_or(AllStart::Boundary, AllStart::Position),
+                    max_count: batch_size + 1,
+                })
+                .await
+        }
+    };
+    // Dropping the set aborts the read ahead.
+    let mut read_ahead = tokio::task::JoinSet::new();
     let mut after = start;
     loop {
-        let options = ReadAll {
-            direction: triage_event_store::Direction::Forwards,
-            from: after.map_or(AllStart::Boundary, AllStart::Position),
-            max_count: batch_size + 1,
+        let records = match read_ahead.join_next().await {
+            Some(Ok(records)) => records,
+            Some(Err(error)) => {
+                let error = ProjectionError::Internal(format!("a page read panicked: {error}"));
+                let _ = pages.send(Err(error)).await;
+                return;
+            }
+            None => read(after).await,
         };
-        let records = match events.read_all(options).await {
+        let records = match records {
             Ok(records) => records,
             Err(error) => {
                 let _ = pages.send(Err(ProjectionError::Store(error))).await;
                 return;
             }
         };
+        // Reads include their start, so the next page starts at the last
+        // record of this one, if this one got further and `until` is not
+        // reached yet (then this page is the last with anything new).
+        if let Some(last) = records.last().map(|record| record.position)
+            && Some(last) > after
+            && until.is_none_or(|until| last < until)
+        {
+            read_ahead.spawn(read(Some(last)));
+        }
         let mut page = Page {
             start: after,
             events: Vec::with_capacity(records.len()),
@@ -802,4 +859,217 @@ pub(crate) fn diff(live: &BTreeMap<String, u64>, rebuilt: &BTreeMap<String, u64>
             _ => format!("{key} (differs)"),
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicUsize;
+
+    use async_trait::async_trait;
+    use triage_event_store::InMemoryEventStore;
+    use triage_event_store::{
+        AppendResult, EventData, ExpectedRevision, ReadStream, RecordedEvent, StreamName, Subscription,
+    };
+    use uuid::Uuid;
+
+    use super::*;
+
+    /// The in-memory store, counting the `$all` reads started and failing
+    /// the one that starts at `fail_from`.
+    #[derive(Debug)]
+    struct CountingStore {
+        inner: Arc<InMemoryEventStore>,
+        reads: AtomicUsize,
+        fail_from: Option<Position>,
+    }
+
+    #[async_trait]
+    impl EventStore for CountingStore {
+        async fn append(
+            &self,
+            stream: &StreamName,
+            expected: ExpectedRevision,
+            events: Vec<EventData>,
+        ) -> triage_event_store::Result<AppendResult> {
+            self.inner.append(stream, expected, events).await
+        }
+
+        async fn read_stream(
+            &self,
+            stream: &StreamName,
+            options: ReadStream,
+        ) -> triage_event_store::Result<Vec<RecordedEvent>> {
+            self.inner.read_stream(stream, options).await
+        }
+
+        async fn read_all(&self, options: ReadAll) -> triage_event_store::Result<Vec<RecordedEvent>> {
+            self.reads.fetch_add(1, Ordering::SeqCst);
+            if self.fail_from.is_some() && options.from == self.fail_from.map_or(AllStart::Boundary, AllStart::Position)
+            {
+                return Err(triage_event_store::Error::backend(
+                    "the test fails this page",
+                    "on purpose",
+                ));
+            }
+            self.inner.read_all(options).await
+        }
+
+        async fn head_position(&self) -> triage_event_store::Result<Option<Position>> {
+            self.inner.head_position().await
+        }
+
+        fn subscribe_to_all(self: Arc<Self>, options: SubscribeToAll) -> Subscription {
+            Arc::clone(&self.inner).subscribe_to_all(options)
+        }
+
+        fn describe(&self) -> String {
+            "counting test store".to_owned()
+        }
+    }
+
+    /// A store with `events` events in streams projections do not read
+    /// (each is considered, none decoded).
+    async fn store_with(events: usize, fail_from: Option<Position>) -> Arc<CountingStore> {
+        let inner = Arc::new(InMemoryEventStore::new());
+        for index in 0..events {
+            let stream = StreamName::new(format!("other-{index}")).unwrap();
+            let event = EventData {
+                id: Uuid::new_v4(),
+                event_type: "Noted".to_owned(),
+                data: b"{}".to_vec(),
+                metadata: b"{}".to_vec(),
+            };
+            inner
+                .append(&stream, ExpectedRevision::NoStream, vec![event])
+                .await
+                .unwrap();
+        }
+        Arc::new(CountingStore {
+            inner,
+            reads: AtomicUsize::new(0),
+            fail_from,
+        })
+    }
+
+    /// Every position in the store, without counting a read.
+    async fn positions(store: &CountingStore) -> Vec<Position> {
+        let all = store.inner.read_all(ReadAll::forwards(100)).await.unwrap();
+        all.iter().map(|record| record.position).collect()
+    }
+
+    async fn reads_settle_at(store: &CountingStore, expected: usize) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while store.reads.load(Ordering::SeqCst) < expected {
+            assert!(
+                Instant::now() < deadline,
+                "only {} reads started, expected {expected}",
+                store.reads.load(Ordering::SeqCst)
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // And no further: the reader waits on the full channel with one
+        // page read ahead, not more.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(store.reads.load(Ordering::SeqCst), expected);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_reader_reads_exactly_one_page_ahead_and_delivers_every_record_once_in_order() {
+        let store = store_with(10, None).await;
+        let (pages, mut receiver) = mpsc::channel(1);
+        let reader = tokio::spawn(read_pages(
+            store.clone() as Arc<dyn EventStore>,
+            None,
+            None,
+            3,
+            BTreeSet::new(),
+            pages,
+        ));
+        // Nothing is received yet: page 1 waits in the channel, page 2 is
+        // decoded and waits to be sent, and the read of page 3 is the read
+        // ahead. Without the read ahead it stays at 2 reads.
+        reads_settle_at(&store, 3).await;
+        let mut seen = Vec::new();
+        let mut previous_end = None;
+        while let Some(page) = receiver.recv().await {
+            let page = page.unwrap();
+            assert_eq!(page.start, previous_end, "pages are contiguous");
+            seen.push((page.start, page.end, page.considered));
+            previous_end = Some(page.end);
+        }
+        reader.await.unwrap();
+        // Reads ask for one more than a page: the first read has no start
+        // to repeat, so its page has 4 records; the others 3.
+        let all = positions(&store).await;
+        assert_eq!(
+            seen,
+            vec![(None, all[3], 4), (Some(all[3]), all[6], 3), (Some(all[6]), all[9], 3),]
+        );
+        // The last read, from the last record, found nothing new.
+        assert_eq!(store.reads.load(Ordering::SeqCst), 4);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_read_ahead_is_reported_after_the_pages_before_it() {
+        let store = store_with(10, None).await;
+        let third_read_from = positions(&store).await[6];
+        let store = Arc::new(CountingStore {
+            inner: Arc::clone(&store.inner),
+            reads: AtomicUsize::new(0),
+            fail_from: Some(third_read_from),
+        });
+        let (pages, mut receiver) = mpsc::channel(1);
+        let reader = tokio::spawn(read_pages(
+            store.clone() as Arc<dyn EventStore>,
+            None,
+            None,
+            3,
+            BTreeSet::new(),
+            pages,
+        ));
+        let mut delivered = Vec::new();
+        while let Some(page) = receiver.recv().await {
+            match page {
+                Ok(page) => delivered.push(page.considered),
+                Err(error) => {
+                    assert!(
+                        matches!(error, ProjectionError::Store(_)),
+                        "a store error, got {error:?}"
+                    );
+                    delivered.push(0);
+                }
+            }
+        }
+        reader.await.unwrap();
+        // Pages 1 and 2, then the error of the read ahead, then nothing.
+        assert_eq!(delivered, vec![4, 3, 0]);
+        assert_eq!(store.reads.load(Ordering::SeqCst), 3, "no read after the failed one");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn until_stops_the_reader_without_reading_past_it() {
+        let store = store_with(10, None).await;
+        let until = positions(&store).await[5];
+        let (pages, mut receiver) = mpsc::channel(4);
+        let reader = tokio::spawn(read_pages(
+            store.clone() as Arc<dyn EventStore>,
+            None,
+            Some(until),
+            3,
+            BTreeSet::new(),
+            pages,
+        ));
+        let mut considered = 0;
+        let mut last = None;
+        while let Some(page) = receiver.recv().await {
+            let page = page.unwrap();
+            considered += page.considered;
+            last = Some(page.end);
+        }
+        reader.await.unwrap();
+        assert_eq!((considered, last), (6, Some(until)));
+        // Two pages, and one read that finds nothing new: the page that
+        // ends at `until` starts no read ahead.
+        assert_eq!(store.reads.load(Ordering::SeqCst), 3);
+    }
 }

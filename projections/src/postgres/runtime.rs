@@ -20,7 +20,7 @@ use super::{LEADER_LOCK_CLASS, Model, PgReadModels, REGISTRY_LOCK_CLASS, read_sl
 use crate::ProjectionError;
 use crate::db::{Slot, SlotKind};
 use crate::projection::{ProjectedEvent, STREAM_PREFIXES};
-use crate::runtime::{Page, diff, read_pages};
+use crate::runtime::{Page, Replayed, diff, read_pages};
 use crate::{ProjectionStatus, ProjectorOptions, RebuildOptions, RebuildProgress, RebuildReport};
 
 /// How long a one-shot [`PgProjector::catch_up`] waits for another
@@ -396,7 +396,7 @@ impl PgProjector {
         until: Option<Position>,
         progress: &mut (dyn FnMut(u64) + Send),
         cancel: Option<&AtomicBool>,
-    ) -> Result<Option<Position>, ProjectionError> {
+    ) -> Result<Replayed, ProjectionError> {
         let mut start: Option<Option<Position>> = None;
         for (model, kind) in targets {
             let checkpoint = read_slot(&*client, &self.models, model.name(), *kind, "")
@@ -418,6 +418,7 @@ impl PgProjector {
             pages,
         ));
         let mut last = start;
+        let mut writing = Duration::ZERO;
         let mut done = 0u64;
         while let Some(page) = receiver.recv().await {
             if cancel.is_some_and(|cancel| cancel.load(Ordering::Relaxed)) {
@@ -431,10 +432,12 @@ impl PgProjector {
                     return Err(error);
                 }
             };
+            let applying = Instant::now();
             if let Err(error) = self.apply_page(client, targets, &page).await {
                 reader.abort();
                 return Err(error);
             }
+            writing += applying.elapsed();
             last = Some(page.end);
             done += page.considered;
             progress(page.end.commit.max(done));
@@ -442,7 +445,7 @@ impl PgProjector {
         reader
             .await
             .map_err(|error| ProjectionError::Internal(format!("the reader panicked: {error}")))?;
-        Ok(last)
+        Ok(Replayed { last, writing })
     }
 
     /// Applies one page to every target in one transaction that also moves
@@ -544,10 +547,13 @@ impl PgProjector {
                 options.cancel.as_deref(),
             )
             .await;
-        if let Err(error) = replayed {
-            self.discard_builds(&mut session, &models).await;
-            return Err(error);
-        }
+        let writing = match replayed {
+            Ok(replayed) => replayed.writing,
+            Err(error) => {
+                self.discard_builds(&mut session, &models).await;
+                return Err(error);
+            }
+        };
         let wall = started.elapsed().as_secs_f64();
         let mut reports = Vec::with_capacity(models.len());
         for (model, slot) in models.iter().zip(&slots) {
@@ -582,6 +588,7 @@ impl PgProjector {
                 events,
                 wall_s: wall,
                 events_per_s: events as f64 / wall.max(1e-6),
+                write_s: writing.as_secs_f64(),
                 differences,
                 compared,
             });
