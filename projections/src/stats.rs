@@ -204,7 +204,13 @@ impl StatsDelta {
                 std::collections::hash_map::Entry::Occupied(entry) => entry.into_mut(),
                 std::collections::hash_map::Entry::Vacant(entry) => {
                     order.push(event.ticket_id);
-                    let stored = load(event.ticket_id)?;
+                    // Revision 0 opens the stream: there is nothing stored
+                    // to load (pages are applied once, in order).
+                    let stored = if event.revision == 0 {
+                        None
+                    } else {
+                        load(event.ticket_id)?
+                    };
                     entry.insert(stored.unwrap_or_default())
                 }
             };

@@ -237,8 +237,14 @@ impl Projection for TicketsProjection {
                 std::collections::hash_map::Entry::Occupied(entry) => entry.into_mut(),
                 std::collections::hash_map::Entry::Vacant(entry) => {
                     order.push(event.ticket_id);
-                    let stored = load(conn, &table, event.ticket_id)
-                        .map_err(|error| ProjectionError::sqlite("load a ticket row", error))?;
+                    // Revision 0 opens the stream: there is no row to load
+                    // (pages are applied once, in order).
+                    let stored = if event.revision == 0 {
+                        None
+                    } else {
+                        load(conn, &table, event.ticket_id)
+                            .map_err(|error| ProjectionError::sqlite("load a ticket row", error))?
+                    };
                     entry.insert(stored.unwrap_or_else(|| TicketRow::empty(event.recorded_at)))
                 }
             };
