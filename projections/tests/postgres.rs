@@ -162,6 +162,12 @@ async fn pg_read_models_follow_the_events_and_equal_the_sqlite_ones() {
         .unwrap();
     assert_eq!(report.differences, Some(vec![]));
     assert_eq!((report.generation, report.events), (2, projected));
+    assert!(
+        report.write_s > 0.0 && report.write_s <= report.wall_s,
+        "write_s {} of wall_s {}",
+        report.write_s,
+        report.wall_s
+    );
     let [tickets, stats] = clean_pg_digests(&url, events.clone()).await;
     assert_eq!(models.digest("tickets").await.unwrap(), tickets);
     assert_eq!(models.digest("stats").await.unwrap(), stats);

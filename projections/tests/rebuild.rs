@@ -124,6 +124,16 @@ async fn rebuild_under_load_keeps_serving_and_converges() {
     assert_eq!(tickets.generation, 2);
     assert_eq!(stats.generation, 2);
     assert!(tickets.events > 0);
+    // Writing is part of the replay: some time, never more than all of it.
+    for report in [&tickets, &stats] {
+        assert!(
+            report.write_s > 0.0 && report.write_s <= report.wall_s,
+            "{}: write_s {} of wall_s {}",
+            report.name,
+            report.write_s,
+            report.wall_s
+        );
+    }
     // Verification brings both generations to the same position under load.
     assert_eq!(stats.differences, Some(vec![]));
 
