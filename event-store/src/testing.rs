@@ -519,6 +519,15 @@ pub async fn missing_stream_is_not_found(store: Arc<dyn EventStore>) {
         store.read_stream(&s, ReadStream::backwards().limit(1)).await,
         Err(Error::StreamNotFound { .. })
     ));
+    // From a revision, in either direction: still not found, not empty.
+    assert!(matches!(
+        store.read_stream(&s, ReadStream::forwards().from_revision(2)).await,
+        Err(Error::StreamNotFound { .. })
+    ));
+    assert!(matches!(
+        store.read_stream(&s, ReadStream::backwards().from_revision(3)).await,
+        Err(Error::StreamNotFound { .. })
+    ));
 }
 
 /// `$all` reads include their start position, in both directions.

@@ -218,15 +218,22 @@ pub(crate) async fn read_stream(
         .query(&statement, &[&stream.as_str(), &from, &limit])
         .await
         .map_err(failed)?;
+    // A stream's revisions start at 0 without gaps, and nothing is ever
+    // deleted: a read whose range holds revision 0 (any backwards read, a
+    // forwards one from the start) finds nothing only when there is no
+    // stream, and needs no second query to tell.
+    let holds_revision_0 = limit > 0 && (options.direction == Direction::Backwards || from == 0);
     if rows.is_empty() {
-        // Empty is an answer only for a stream that exists (a read past its
-        // end, or a zero limit).
-        let statement = client.prepare_cached(&sql.stream_exists).await.map_err(failed)?;
-        let exists: bool = client
-            .query_one(&statement, &[&stream.as_str()])
-            .await
-            .map_err(failed)?
-            .get(0);
+        // Otherwise empty is an answer only for a stream that exists (a
+        // read past its end, or a zero limit).
+        let exists = !holds_revision_0 && {
+            let statement = client.prepare_cached(&sql.stream_exists).await.map_err(failed)?;
+            client
+                .query_one(&statement, &[&stream.as_str()])
+                .await
+                .map_err(failed)?
+                .get::<_, bool>(0)
+        };
         if !exists {
             return Err(Error::StreamNotFound { stream: stream.clone() });
         }
