@@ -469,6 +469,14 @@ impl CommandHandler {
         // Decide on the cached ticket first; anything but an accepted append
         // is confirmed on a fresh read before it is reported.
         let mut cached = self.cache.get(ticket_id);
+        // A ticket being opened is almost always new: decide on "no ticket"
+        // without reading it, and let the append's "no stream" expectation
+        // check that. A ticket that exists comes back as a conflict and is
+        // decided again on a fresh read, as on a stale cache entry; a
+        // retried open finds its events stored and gets its original answer.
+        if cached.is_none() && matches!(envelope.command, Command::OpenTicket { .. }) {
+            cached = Some(Arc::new(LoadedTicket::default()));
+        }
         loop {
             attempt += 1;
             let from_cache = cached.is_some();

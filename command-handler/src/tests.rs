@@ -475,3 +475,99 @@ async fn a_copy_that_lost_the_race_caches_what_is_stored_not_its_own_decision() 
         "{late:?}"
     );
 }
+
+/// The in-memory store, counting stream reads.
+#[derive(Debug)]
+struct ReadCountingStore {
+    inner: Arc<InMemoryEventStore>,
+    stream_reads: std::sync::atomic::AtomicUsize,
+}
+
+#[async_trait::async_trait]
+impl EventStore for ReadCountingStore {
+    async fn append(
+        &self,
+        stream: &StreamName,
+        expected: ExpectedRevision,
+        events: Vec<EventData>,
+    ) -> triage_event_store::Result<AppendResult> {
+        self.inner.append(stream, expected, events).await
+    }
+
+    async fn read_stream(
+        &self,
+        stream: &StreamName,
+        options: ReadStream,
+    ) -> triage_event_store::Result<Vec<triage_event_store::RecordedEvent>> {
+        self.stream_reads.fetch_add(1, Ordering::SeqCst);
+        self.inner.read_stream(stream, options).await
+    }
+
+    async fn read_all(
+        &self,
+        options: triage_event_store::ReadAll,
+    ) -> triage_event_store::Result<Vec<triage_event_store::RecordedEvent>> {
+        self.inner.read_all(options).await
+    }
+
+    async fn head_position(&self) -> triage_event_store::Result<Option<triage_event_store::Position>> {
+        self.inner.head_position().await
+    }
+
+    fn subscribe_to_all(
+        self: Arc<Self>,
+        options: triage_event_store::SubscribeToAll,
+    ) -> triage_event_store::Subscription {
+        Arc::clone(&self.inner).subscribe_to_all(options)
+    }
+
+    fn describe(&self) -> String {
+        "read-counting test store".to_owned()
+    }
+}
+
+#[tokio::test]
+async fn opening_a_new_ticket_reads_nothing_and_an_existing_one_is_refused_on_a_fresh_read() {
+    let store = Arc::new(ReadCountingStore {
+        inner: Arc::new(InMemoryEventStore::new()),
+        stream_reads: std::sync::atomic::AtomicUsize::new(0),
+    });
+    let reads = || store.stream_reads.load(Ordering::SeqCst);
+    let handler = CommandHandler::new(store.clone() as Arc<dyn EventStore>);
+    let first = open_ticket(intake(), "Charged twice", "Twice in March.", None);
+    let ticket = first.ticket_id;
+    let accepted = handler.handle(first.clone()).await.unwrap();
+    assert_eq!((accepted.revision, accepted.duplicate), (0, false));
+    assert_eq!(reads(), 0, "a new ticket is opened without reading its stream");
+
+    // Another open of the same ticket, by a handler that has never seen it:
+    // refused with the state read afresh, nothing written.
+    let other_handler = CommandHandler::new(store.clone() as Arc<dyn EventStore>);
+    let second = CommandEnvelope::new(
+        ticket,
+        intake(),
+        Command::OpenTicket {
+            subject: "Charged twice".into(),
+            body: "Again.".into(),
+            customer: None,
+        },
+    );
+    match other_handler.handle(second).await {
+        Err(CommandError::Rejected {
+            rejection: Rejection::TicketAlreadyExists,
+            state,
+            revision,
+            ..
+        }) => assert_eq!((state, revision), (Some(State::New), Some(0))),
+        other => panic!("expected TicketAlreadyExists, got {other:?}"),
+    }
+    assert!(reads() >= 1, "the refusal was confirmed on a fresh read");
+
+    // A retry of the first open, by a third handler: its original answer.
+    let retry = CommandHandler::new(store.clone() as Arc<dyn EventStore>)
+        .handle(first)
+        .await
+        .unwrap();
+    assert_eq!((retry.revision, retry.duplicate), (0, true));
+    assert_eq!(stored(&store.inner, ticket).await.len(), 1);
+}
