@@ -2,6 +2,7 @@ use std::sync::Arc;
 
 use chrono::{Duration, TimeZone, Utc};
 use triage_domain::{Agent, Command, CommandEnvelope, CommandKind, Priority, Rejection, Role, State, TicketId};
+use triage_event_store::testing::CountingStore;
 use triage_event_store::{EventData, EventStore, ExpectedRevision, InMemoryEventStore, ReadStream, StreamName};
 use uuid::Uuid;
 
@@ -476,63 +477,11 @@ async fn a_copy_that_lost_the_race_caches_what_is_stored_not_its_own_decision() 
     );
 }
 
-/// The in-memory store, counting stream reads.
-#[derive(Debug)]
-struct ReadCountingStore {
-    inner: Arc<InMemoryEventStore>,
-    stream_reads: std::sync::atomic::AtomicUsize,
-}
-
-#[async_trait::async_trait]
-impl EventStore for ReadCountingStore {
-    async fn append(
-        &self,
-        stream: &StreamName,
-        expected: ExpectedRevision,
-        events: Vec<EventData>,
-    ) -> triage_event_store::Result<AppendResult> {
-        self.inner.append(stream, expected, events).await
-    }
-
-    async fn read_stream(
-        &self,
-        stream: &StreamName,
-        options: ReadStream,
-    ) -> triage_event_store::Result<Vec<triage_event_store::RecordedEvent>> {
-        self.stream_reads.fetch_add(1, Ordering::SeqCst);
-        self.inner.read_stream(stream, options).await
-    }
-
-    async fn read_all(
-        &self,
-        options: triage_event_store::ReadAll,
-    ) -> triage_event_store::Result<Vec<triage_event_store::RecordedEvent>> {
-        self.inner.read_all(options).await
-    }
-
-    async fn head_position(&self) -> triage_event_store::Result<Option<triage_event_store::Position>> {
-        self.inner.head_position().await
-    }
-
-    fn subscribe_to_all(
-        self: Arc<Self>,
-        options: triage_event_store::SubscribeToAll,
-    ) -> triage_event_store::Subscription {
-        Arc::clone(&self.inner).subscribe_to_all(options)
-    }
-
-    fn describe(&self) -> String {
-        "read-counting test store".to_owned()
-    }
-}
-
 #[tokio::test]
 async fn opening_a_new_ticket_reads_nothing_and_an_existing_one_is_refused_on_a_fresh_read() {
-    let store = Arc::new(ReadCountingStore {
-        inner: Arc::new(InMemoryEventStore::new()),
-        stream_reads: std::sync::atomic::AtomicUsize::new(0),
-    });
-    let reads = || store.stream_reads.load(Ordering::SeqCst);
+    let memory = Arc::new(InMemoryEventStore::new());
+    let store = Arc::new(CountingStore::new(memory.clone()));
+    let reads = || store.stream_reads();
     let handler = CommandHandler::new(store.clone() as Arc<dyn EventStore>);
     let first = open_ticket(intake(), "Charged twice", "Twice in March.", None);
     let ticket = first.ticket_id;
@@ -569,5 +518,5 @@ async fn opening_a_new_ticket_reads_nothing_and_an_existing_one_is_refused_on_a_
         .await
         .unwrap();
     assert_eq!((retry.revision, retry.duplicate), (0, true));
-    assert_eq!(stored(&store.inner, ticket).await.len(), 1);
+    assert_eq!(stored(&memory, ticket).await.len(), 1);
 }

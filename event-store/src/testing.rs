@@ -8,14 +8,99 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime};
 
+use async_trait::async_trait;
 use uuid::Uuid;
 
 use crate::{
-    AppendResult, Error, EventData, EventFilter, EventStore, ExpectedRevision, MAX_EVENT_BYTES, Position, ReadAll,
-    ReadStream, RecordedEvent, StreamName, SubscribeToAll, Subscription, SubscriptionMessage,
+    AllStart, AppendResult, Error, EventData, EventFilter, EventStore, ExpectedRevision, MAX_EVENT_BYTES, Position,
+    ReadAll, ReadStream, RecordedEvent, StreamName, SubscribeToAll, Subscription, SubscriptionMessage,
 };
+
+/// Another store, counting the reads it serves, and failing the `$all`
+/// reads that start at one place if asked to: for tests of what callers
+/// read (the command handler's loads, the projection reader's pages).
+#[derive(Debug)]
+pub struct CountingStore {
+    inner: Arc<dyn EventStore>,
+    stream_reads: AtomicUsize,
+    all_reads: AtomicUsize,
+    fail_read_all_from: Option<AllStart>,
+}
+
+impl CountingStore {
+    /// Counts the reads of `inner`.
+    pub fn new(inner: Arc<dyn EventStore>) -> Self {
+        CountingStore {
+            inner,
+            stream_reads: AtomicUsize::new(0),
+            all_reads: AtomicUsize::new(0),
+            fail_read_all_from: None,
+        }
+    }
+
+    /// Answers the `$all` reads that start at `from` with a backend error
+    /// (they are counted all the same).
+    pub fn failing_read_all_from(self, from: AllStart) -> Self {
+        CountingStore {
+            fail_read_all_from: Some(from),
+            ..self
+        }
+    }
+
+    /// Stream reads started so far.
+    pub fn stream_reads(&self) -> usize {
+        self.stream_reads.load(Ordering::SeqCst)
+    }
+
+    /// `$all` reads started so far.
+    pub fn all_reads(&self) -> usize {
+        self.all_reads.load(Ordering::SeqCst)
+    }
+}
+
+#[async_trait]
+impl EventStore for CountingStore {
+    async fn append(
+        &self,
+        stream: &StreamName,
+        expected: ExpectedRevision,
+        events: Vec<EventData>,
+    ) -> crate::Result<AppendResult> {
+        self.inner.append(stream, expected, events).await
+    }
+
+    async fn read_stream(&self, stream: &StreamName, options: ReadStream) -> crate::Result<Vec<RecordedEvent>> {
+        self.stream_reads.fetch_add(1, Ordering::SeqCst);
+        self.inner.read_stream(stream, options).await
+    }
+
+    async fn read_all(&self, options: ReadAll) -> crate::Result<Vec<RecordedEvent>> {
+        self.all_reads.fetch_add(1, Ordering::SeqCst);
+        if self.fail_read_all_from == Some(options.from) {
+            return Err(Error::backend("a read the test fails", "on purpose"));
+        }
+        self.inner.read_all(options).await
+    }
+
+    async fn head_position(&self) -> crate::Result<Option<Position>> {
+        self.inner.head_position().await
+    }
+
+    fn subscribe_to_all(self: Arc<Self>, options: SubscribeToAll) -> Subscription {
+        Arc::clone(&self.inner).subscribe_to_all(options)
+    }
+
+    fn describe(&self) -> String {
+        format!("{} (reads counted)", self.inner.describe())
+    }
+
+    fn enforces_unique_event_ids(&self) -> bool {
+        self.inner.enforces_unique_event_ids()
+    }
+}
 
 /// Generates one test per conformance case for a backend.
 ///

@@ -863,74 +863,16 @@ pub(crate) fn diff(live: &BTreeMap<String, u64>, rebuilt: &BTreeMap<String, u64>
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::AtomicUsize;
-
-    use async_trait::async_trait;
-    use triage_event_store::InMemoryEventStore;
-    use triage_event_store::{
-        AppendResult, EventData, ExpectedRevision, ReadStream, RecordedEvent, StreamName, Subscription,
-    };
+    use triage_event_store::testing::CountingStore;
+    use triage_event_store::{EventData, ExpectedRevision, InMemoryEventStore, StreamName};
     use uuid::Uuid;
 
     use super::*;
 
-    /// The in-memory store, counting the `$all` reads started and failing
-    /// the one that starts at `fail_from`.
-    #[derive(Debug)]
-    struct CountingStore {
-        inner: Arc<InMemoryEventStore>,
-        reads: AtomicUsize,
-        fail_from: Option<Position>,
-    }
-
-    #[async_trait]
-    impl EventStore for CountingStore {
-        async fn append(
-            &self,
-            stream: &StreamName,
-            expected: ExpectedRevision,
-            events: Vec<EventData>,
-        ) -> triage_event_store::Result<AppendResult> {
-            self.inner.append(stream, expected, events).await
-        }
-
-        async fn read_stream(
-            &self,
-            stream: &StreamName,
-            options: ReadStream,
-        ) -> triage_event_store::Result<Vec<RecordedEvent>> {
-            self.inner.read_stream(stream, options).await
-        }
-
-        async fn read_all(&self, options: ReadAll) -> triage_event_store::Result<Vec<RecordedEvent>> {
-            self.reads.fetch_add(1, Ordering::SeqCst);
-            if self.fail_from.is_some() && options.from == self.fail_from.map_or(AllStart::Boundary, AllStart::Position)
-            {
-                return Err(triage_event_store::Error::backend(
-                    "the test fails this page",
-                    "on purpose",
-                ));
-            }
-            self.inner.read_all(options).await
-        }
-
-        async fn head_position(&self) -> triage_event_store::Result<Option<Position>> {
-            self.inner.head_position().await
-        }
-
-        fn subscribe_to_all(self: Arc<Self>, options: SubscribeToAll) -> Subscription {
-            Arc::clone(&self.inner).subscribe_to_all(options)
-        }
-
-        fn describe(&self) -> String {
-            "counting test store".to_owned()
-        }
-    }
-
-    /// A store with `events` events in streams projections do not read
-    /// (each is considered, none decoded).
-    async fn store_with(events: usize, fail_from: Option<Position>) -> Arc<CountingStore> {
-        let inner = Arc::new(InMemoryEventStore::new());
+    /// An in-memory store with `events` events in streams projections do
+    /// not read (each is considered, none decoded), and their positions.
+    async fn memory_with(events: usize) -> (Arc<InMemoryEventStore>, Vec<Position>) {
+        let memory = Arc::new(InMemoryEventStore::new());
         for index in 0..events {
             let stream = StreamName::new(format!("other-{index}")).unwrap();
             let event = EventData {
@@ -939,52 +881,58 @@ mod tests {
                 data: b"{}".to_vec(),
                 metadata: b"{}".to_vec(),
             };
-            inner
+            memory
                 .append(&stream, ExpectedRevision::NoStream, vec![event])
                 .await
                 .unwrap();
         }
-        Arc::new(CountingStore {
-            inner,
-            reads: AtomicUsize::new(0),
-            fail_from,
-        })
+        let all = memory.read_all(ReadAll::forwards(events + 1)).await.unwrap();
+        (memory, all.iter().map(|record| record.position).collect())
     }
 
-    /// Every position in the store, without counting a read.
-    async fn positions(store: &CountingStore) -> Vec<Position> {
-        let all = store.inner.read_all(ReadAll::forwards(100)).await.unwrap();
-        all.iter().map(|record| record.position).collect()
+    /// Runs the reader over `store` in pages of 3 into a channel of
+    /// `capacity` pages.
+    fn reader(
+        store: &Arc<CountingStore>,
+        until: Option<Position>,
+        capacity: usize,
+    ) -> (
+        tokio::task::JoinHandle<()>,
+        mpsc::Receiver<Result<Page, ProjectionError>>,
+    ) {
+        let (pages, receiver) = mpsc::channel(capacity);
+        let reader = tokio::spawn(read_pages(
+            store.clone() as Arc<dyn EventStore>,
+            None,
+            until,
+            3,
+            BTreeSet::new(),
+            pages,
+        ));
+        (reader, receiver)
     }
 
     async fn reads_settle_at(store: &CountingStore, expected: usize) {
         let deadline = Instant::now() + Duration::from_secs(10);
-        while store.reads.load(Ordering::SeqCst) < expected {
+        while store.all_reads() < expected {
             assert!(
                 Instant::now() < deadline,
                 "only {} reads started, expected {expected}",
-                store.reads.load(Ordering::SeqCst)
+                store.all_reads()
             );
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         // And no further: the reader waits on the full channel with one
         // page read ahead, not more.
         tokio::time::sleep(Duration::from_millis(200)).await;
-        assert_eq!(store.reads.load(Ordering::SeqCst), expected);
+        assert_eq!(store.all_reads(), expected);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_reader_reads_exactly_one_page_ahead_and_delivers_every_record_once_in_order() {
-        let store = store_with(10, None).await;
-        let (pages, mut receiver) = mpsc::channel(1);
-        let reader = tokio::spawn(read_pages(
-            store.clone() as Arc<dyn EventStore>,
-            None,
-            None,
-            3,
-            BTreeSet::new(),
-            pages,
-        ));
+        let (memory, all) = memory_with(10).await;
+        let store = Arc::new(CountingStore::new(memory));
+        let (reader, mut receiver) = reader(&store, None, 1);
         // Nothing is received yet: page 1 waits in the channel, page 2 is
         // decoded and waits to be sent, and the read of page 3 is the read
         // ahead. Without the read ahead it stays at 2 reads.
@@ -1000,33 +948,19 @@ mod tests {
         reader.await.unwrap();
         // Reads ask for one more than a page: the first read has no start
         // to repeat, so its page has 4 records; the others 3.
-        let all = positions(&store).await;
         assert_eq!(
             seen,
             vec![(None, all[3], 4), (Some(all[3]), all[6], 3), (Some(all[6]), all[9], 3),]
         );
         // The last read, from the last record, found nothing new.
-        assert_eq!(store.reads.load(Ordering::SeqCst), 4);
+        assert_eq!(store.all_reads(), 4);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_failed_read_ahead_is_reported_after_the_pages_before_it() {
-        let store = store_with(10, None).await;
-        let third_read_from = positions(&store).await[6];
-        let store = Arc::new(CountingStore {
-            inner: Arc::clone(&store.inner),
-            reads: AtomicUsize::new(0),
-            fail_from: Some(third_read_from),
-        });
-        let (pages, mut receiver) = mpsc::channel(1);
-        let reader = tokio::spawn(read_pages(
-            store.clone() as Arc<dyn EventStore>,
-            None,
-            None,
-            3,
-            BTreeSet::new(),
-            pages,
-        ));
+        let (memory, all) = memory_with(10).await;
+        let store = Arc::new(CountingStore::new(memory).failing_read_all_from(AllStart::Position(all[6])));
+        let (reader, mut receiver) = reader(&store, None, 1);
         let mut delivered = Vec::new();
         while let Some(page) = receiver.recv().await {
             match page {
@@ -1043,22 +977,15 @@ mod tests {
         reader.await.unwrap();
         // Pages 1 and 2, then the error of the read ahead, then nothing.
         assert_eq!(delivered, vec![4, 3, 0]);
-        assert_eq!(store.reads.load(Ordering::SeqCst), 3, "no read after the failed one");
+        assert_eq!(store.all_reads(), 3, "no read after the failed one");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn until_stops_the_reader_without_reading_past_it() {
-        let store = store_with(10, None).await;
-        let until = positions(&store).await[5];
-        let (pages, mut receiver) = mpsc::channel(4);
-        let reader = tokio::spawn(read_pages(
-            store.clone() as Arc<dyn EventStore>,
-            None,
-            Some(until),
-            3,
-            BTreeSet::new(),
-            pages,
-        ));
+        let (memory, all) = memory_with(10).await;
+        let store = Arc::new(CountingStore::new(memory));
+        let until = all[5];
+        let (reader, mut receiver) = reader(&store, Some(until), 4);
         let mut considered = 0;
         let mut last = None;
         while let Some(page) = receiver.recv().await {
@@ -1070,6 +997,6 @@ mod tests {
         assert_eq!((considered, last), (6, Some(until)));
         // Two pages, and one read that finds nothing new: the page that
         // ends at `until` starts no read ahead.
-        assert_eq!(store.reads.load(Ordering::SeqCst), 3);
+        assert_eq!(store.all_reads(), 3);
     }
 }
