@@ -50,6 +50,10 @@ pub struct RebuildProgress {
     pub eta: Duration,
 }
 
+/// How often a rebuild catches its shadow generation up to a live one that
+/// moved ahead before swapping it in anyway (see `swap_once_caught_up`).
+const SWAP_ATTEMPTS: usize = 20;
+
 /// What [`Projector::rebuild`] did.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct RebuildReport {
@@ -405,7 +409,7 @@ impl Projector {
                 }
                 return Err(ProjectionError::Cancelled);
             }
-            self.swap(projection)?;
+            self.swap_once_caught_up(projection).await?;
             tracing::info!(
                 projection = name,
                 generation = slot.generation,
@@ -492,27 +496,62 @@ impl Projector {
 
     /// Makes the build generation live and drops the old one, in one
     /// transaction.
-    fn swap(&self, projection: &Arc<dyn Projection>) -> Result<(), ProjectionError> {
+    fn swap(&self, projection: &Arc<dyn Projection>, only_if_caught_up: bool) -> Result<bool, ProjectionError> {
         let mut conn = self.db.lock();
         let tx = conn
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
             .map_err(|error| ProjectionError::sqlite("begin", error))?;
-        let swap = || -> rusqlite::Result<()> {
+        let swap = || -> rusqlite::Result<bool> {
             let Some(build) = db::read_slot(&tx, SlotKind::Build, projection.name())? else {
                 return Err(rusqlite::Error::QueryReturnedNoRows);
             };
-            if let Some(old) = db::read_slot(&tx, SlotKind::Live, projection.name())? {
+            let live = db::read_slot(&tx, SlotKind::Live, projection.name())?;
+            if only_if_caught_up && live.as_ref().is_some_and(|live| live.checkpoint > build.checkpoint) {
+                return Ok(false);
+            }
+            if let Some(old) = live {
                 drop_views(&tx, projection.as_ref())?;
                 drop_tables(&tx, projection.as_ref(), &old)?;
             }
             db::insert_slot(&tx, SlotKind::Live, &build)?;
             db::delete_slot(&tx, SlotKind::Build, projection.name())?;
             create_views(&tx, projection.as_ref(), &build)?;
-            Ok(())
+            Ok(true)
         };
-        swap()
-            .and_then(|()| tx.commit())
-            .map_err(|error| ProjectionError::sqlite("swap the rebuilt model in", error))
+        // Not swapped: the transaction rolls back when dropped.
+        match swap().map_err(|error| ProjectionError::sqlite("swap the rebuilt model in", error))? {
+            true => tx
+                .commit()
+                .map(|()| true)
+                .map_err(|error| ProjectionError::sqlite("swap the rebuilt model in", error)),
+            false => Ok(false),
+        }
+    }
+
+    /// Swaps the build generation in once it is at least as far along as
+    /// the live one, so that readers never see the live model go back: a
+    /// live projector running alongside (`triage serve`) keeps applying
+    /// while the build replays. A build found behind catches up to the head
+    /// and is tried again. After [`SWAP_ATTEMPTS`] tries it is swapped in as
+    /// it is, which is still correct (the live catch-up goes on from its
+    /// checkpoint), only no longer monotonic for readers.
+    async fn swap_once_caught_up(&self, projection: &Arc<dyn Projection>) -> Result<(), ProjectionError> {
+        let build = [Target {
+            projection: projection.clone(),
+            kind: SlotKind::Build,
+        }];
+        for _ in 0..SWAP_ATTEMPTS {
+            if self.swap(projection, true)? {
+                return Ok(());
+            }
+            self.replay(&build, None, &mut |_| {}, None).await?;
+        }
+        tracing::warn!(
+            projection = projection.name(),
+            attempts = SWAP_ATTEMPTS,
+            "the live model kept moving ahead of the rebuilt one; swapping it in behind, the live catch-up brings it forward"
+        );
+        self.swap(projection, false).map(|_| ())
     }
 
     /// Each projection's status.
