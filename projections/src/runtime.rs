@@ -200,12 +200,19 @@ impl Projector {
     /// read models as of that moment, for time travel into a scratch
     /// read-model file.
     pub async fn catch_up_to(&self, until: Option<Position>) -> Result<Option<Position>, ProjectionError> {
-        let head = self.events.head_position().await?;
         for projection in &self.projections {
             let live = {
                 let conn = self.db.lock();
                 db::read_slot(&conn, SlotKind::Live, projection.name())
                     .map_err(|error| ProjectionError::sqlite("read the registry", error))?
+            };
+            // Read after the checkpoint: a checkpoint is never past the head
+            // when it is written and the head only grows, so a checkpoint
+            // past a head read later means the log is another one. Read
+            // before it, a rebuild swapping in meanwhile looked the same.
+            let head = match live {
+                Some(_) => self.events.head_position().await?,
+                None => None,
             };
             match live {
                 None => self.create_live(projection)?,
