@@ -183,7 +183,7 @@ impl PgProjector {
             session.try_lock(&self.models, (model, SlotKind::Live)).await?;
         }
         let led = session.holds(SlotKind::Live);
-        self.prepare(&mut session, &led, head).await?;
+        self.prepare(&mut session, &led).await?;
         if !led.is_empty() {
             let targets: Vec<Target> = led.iter().map(|model| (*model, SlotKind::Live)).collect();
             self.replay_recording_errors(&mut session, &targets).await?;
@@ -291,8 +291,7 @@ impl PgProjector {
         }
         if !newly.is_empty() {
             tracing::info!(instance = %self.instance, projections = %names(&newly), "leading");
-            let head = self.events.head_position().await?;
-            self.prepare(session, &newly, head).await?;
+            self.prepare(session, &newly).await?;
             for model in &newly {
                 session
                     .client
@@ -321,14 +320,15 @@ impl PgProjector {
     /// Makes the projections in `led` (whose live locks the session holds)
     /// servable: creates missing ones, and rebuilds those built by another
     /// version or from another log (a checkpoint past the head).
-    async fn prepare(
-        &self,
-        session: &mut Session,
-        led: &[Model],
-        head: Option<Position>,
-    ) -> Result<(), ProjectionError> {
+    async fn prepare(&self, session: &mut Session, led: &[Model]) -> Result<(), ProjectionError> {
         for model in led {
-            match self.models.slot(model.name(), SlotKind::Live).await? {
+            let live = self.models.slot(model.name(), SlotKind::Live).await?;
+            // Read after the checkpoint: a checkpoint is never past the head
+            // when it is written and the head only grows, so only a replaced
+            // log puts it past a head read later (a rebuild swapping in
+            // between the two reads would otherwise look the same).
+            let head = self.events.head_position().await?;
+            match live {
                 None => self.create_live(session, *model).await?,
                 Some(slot) if slot.checkpoint > head => {
                     tracing::warn!(projection = model.name(), checkpoint = ?slot.checkpoint, head = ?head,
