@@ -28,6 +28,15 @@ pub struct ProjectedEvent {
     pub payload: Payload,
 }
 
+impl ProjectedEvent {
+    /// Whether this is the first event of its ticket's stream. A read model
+    /// holds nothing for the ticket before it (pages are applied once and
+    /// in order), so there is no stored row to load.
+    pub fn opens_ticket(&self) -> bool {
+        self.revision == 0 && matches!(self.payload, Payload::Ticket(_))
+    }
+}
+
 /// The two kinds of stored records projections read.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Payload {

@@ -502,7 +502,8 @@ impl Projector {
     }
 
     /// Makes the build generation live and drops the old one, in one
-    /// transaction.
+    /// transaction. With `only_if_caught_up`, does nothing and returns
+    /// false when the live generation is further along than the build.
     fn swap(&self, projection: &Arc<dyn Projection>, only_if_caught_up: bool) -> Result<bool, ProjectionError> {
         let mut conn = self.db.lock();
         let tx = conn
@@ -526,13 +527,8 @@ impl Projector {
             Ok(true)
         };
         // Not swapped: the transaction rolls back when dropped.
-        match swap().map_err(|error| ProjectionError::sqlite("swap the rebuilt model in", error))? {
-            true => tx
-                .commit()
-                .map(|()| true)
-                .map_err(|error| ProjectionError::sqlite("swap the rebuilt model in", error)),
-            false => Ok(false),
-        }
+        let swapped = swap().and_then(|swapped| if swapped { tx.commit().map(|()| true) } else { Ok(false) });
+        swapped.map_err(|error| ProjectionError::sqlite("swap the rebuilt model in", error))
     }
 
     /// Swaps the build generation in once it is at least as far along as
@@ -563,15 +559,24 @@ impl Projector {
 
     /// Each projection's status.
     pub async fn status(&self) -> Result<Vec<ProjectionStatus>, ProjectionError> {
+        let mut registry = Vec::new();
+        {
+            let conn = self.db.lock();
+            for projection in &self.projections {
+                let name = projection.name();
+                let sql = |error| ProjectionError::sqlite("read the registry", error);
+                let live = db::read_slot(&conn, SlotKind::Live, name).map_err(sql)?;
+                let build = db::read_slot(&conn, SlotKind::Build, name).map_err(sql)?;
+                let last_error = db::last_error(&conn, name).map_err(sql)?;
+                registry.push((projection, live, build, last_error));
+            }
+        }
+        // After the checkpoints, as in `catch_up_to`: only a replaced log
+        // puts a checkpoint past a head read later.
         let head = self.events.head_position().await?;
-        let conn = self.db.lock();
         let mut statuses = Vec::new();
-        for projection in &self.projections {
+        for (projection, live, build, last_error) in registry {
             let name = projection.name();
-            let sql = |error| ProjectionError::sqlite("read the registry", error);
-            let live = db::read_slot(&conn, SlotKind::Live, name).map_err(sql)?;
-            let build = db::read_slot(&conn, SlotKind::Build, name).map_err(sql)?;
-            let last_error = db::last_error(&conn, name).map_err(sql)?;
             let checkpoint = live.as_ref().and_then(|slot| slot.checkpoint);
             statuses.push(ProjectionStatus {
                 name: name.to_owned(),

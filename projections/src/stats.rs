@@ -204,9 +204,7 @@ impl StatsDelta {
                 std::collections::hash_map::Entry::Occupied(entry) => entry.into_mut(),
                 std::collections::hash_map::Entry::Vacant(entry) => {
                     order.push(event.ticket_id);
-                    // Revision 0 opens the stream: there is nothing stored
-                    // to load (pages are applied once, in order).
-                    let stored = if event.revision == 0 {
+                    let stored = if event.opens_ticket() {
                         None
                     } else {
                         load(event.ticket_id)?

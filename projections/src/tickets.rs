@@ -237,9 +237,7 @@ impl Projection for TicketsProjection {
                 std::collections::hash_map::Entry::Occupied(entry) => entry.into_mut(),
                 std::collections::hash_map::Entry::Vacant(entry) => {
                     order.push(event.ticket_id);
-                    // Revision 0 opens the stream: there is no row to load
-                    // (pages are applied once, in order).
-                    let stored = if event.revision == 0 {
+                    let stored = if event.opens_ticket() {
                         None
                     } else {
                         load(conn, &table, event.ticket_id)

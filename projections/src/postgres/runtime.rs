@@ -731,7 +731,6 @@ impl PgProjector {
 
     /// Each projection's status, with the instance leading it right now.
     pub async fn status(&self) -> Result<Vec<ProjectionStatus>, ProjectionError> {
-        let head = self.events.head_position().await?;
         let client = self.models.client().await?;
         let mut statuses = Vec::new();
         for model in Model::ALL {
@@ -772,14 +771,21 @@ impl PgProjector {
                 generation: live.as_ref().map(|slot| slot.generation),
                 checkpoint,
                 events_applied: live.as_ref().map_or(0, |slot| slot.events_applied),
-                lag: head.map_or(0, |head| head.commit.saturating_sub(checkpoint.map_or(0, |c| c.commit))),
                 last_error,
-                needs_rebuild: live
-                    .as_ref()
-                    .is_some_and(|slot| slot.version != model.version() || slot.checkpoint > head),
+                // Filled in below, from a head read after every checkpoint.
+                lag: 0,
+                needs_rebuild: live.as_ref().is_some_and(|slot| slot.version != model.version()),
                 build_in_progress: build.is_some(),
                 leader,
             });
+        }
+        // After the checkpoints, as in `prepare`: only a replaced log puts a
+        // checkpoint past a head read later.
+        let head = self.events.head_position().await?;
+        for status in &mut statuses {
+            let checkpoint = status.checkpoint;
+            status.lag = head.map_or(0, |head| head.commit.saturating_sub(checkpoint.map_or(0, |c| c.commit)));
+            status.needs_rebuild |= status.live_version.is_some() && checkpoint > head;
         }
         Ok(statuses)
     }
