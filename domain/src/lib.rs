@@ -29,6 +29,7 @@ mod event;
 mod model;
 mod table;
 mod ticket;
+mod timestamp;
 
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;

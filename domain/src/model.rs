@@ -272,6 +272,7 @@ pub struct Claim {
     /// The agent holding it.
     pub agent_id: String,
     /// When the lease runs out.
+    #[serde(deserialize_with = "crate::timestamp::deserialize")]
     pub lease_expires_at: DateTime<Utc>,
 }
 
