@@ -173,3 +173,71 @@ fn an_unreachable_kurrentdb_store_is_a_clear_error() {
     assert!(error.contains("unavailable"), "{error}");
     assert!(error.contains("127.0.0.1:9"), "{error}");
 }
+
+#[test]
+fn a_demo_on_a_store_with_other_tickets_never_touches_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let open = || -> String {
+        let opened: Value = serde_json::from_str(&succeed(
+            dir.path(),
+            &[
+                "--db",
+                "real.db",
+                "ticket",
+                "open",
+                "--subject",
+                "Refund",
+                "--body",
+                "Twice.",
+                "--json",
+            ],
+        ))
+        .unwrap();
+        opened["id"].as_str().unwrap().to_owned()
+    };
+    // One waiting in the classifiers' queue, one with a lease that runs out
+    // while the demo runs: the demo's agents and sweeper would take both.
+    let waiting = open();
+    let claimed = open();
+    succeed(
+        dir.path(),
+        &[
+            "--db",
+            "real.db",
+            "ticket",
+            "send",
+            &claimed,
+            r#"{"type":"start_classification","lease_secs":1}"#,
+            "--agent",
+            "classifier-7",
+            "--role",
+            "classifier",
+        ],
+    );
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    let report: Value = serde_json::from_str(&succeed(
+        dir.path(),
+        &[
+            "--db",
+            "real.db",
+            "demo",
+            "--tickets",
+            "6",
+            "--time-scale",
+            "0.002",
+            "--no-progress",
+            "--json",
+        ],
+    ))
+    .unwrap();
+    assert_eq!(report["resolved"], 6, "{report}");
+    assert_eq!(report["audit_passed"], true);
+    for (ticket, events) in [(&waiting, 1), (&claimed, 2)] {
+        let history = succeed(dir.path(), &["--db", "real.db", "ticket", "history", ticket, "--json"]);
+        assert_eq!(
+            history.lines().count(),
+            events,
+            "the demo worked a ticket not its own:\n{history}"
+        );
+    }
+}

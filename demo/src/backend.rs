@@ -1,7 +1,7 @@
 //! The two designs the simulated agents can work against: Triage (events
 //! with expected revisions) and the naive shared record.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use async_trait::async_trait;
@@ -11,7 +11,7 @@ use triage_domain::{
     CommandEnvelope, Context, Event, EventMetadata, Policy, Role, State, Ticket, TicketId, decide, event_id, evolve,
     queue_states,
 };
-use triage_projections::{Projector, TicketsView};
+use triage_projections::{Projector, TicketRow, TicketsView};
 
 use crate::audit::LoggedEvent;
 
@@ -55,12 +55,43 @@ pub(crate) trait Backend: Send + Sync {
     async fn submit(&self, envelope: CommandEnvelope, snapshot: &Snapshot) -> Result<Accepted, Refused>;
     /// The states of these tickets (this run's), counted.
     async fn counts(&self, tickets: &[TicketId]) -> BTreeMap<State, u64>;
+    /// From now on, queues and expired claims hold only these tickets (this
+    /// run's): a store given to the demo may hold other tickets, and the
+    /// simulated agents must never work those.
+    fn keep_to(&self, _tickets: &[TicketId]) {}
 }
 
 /// Triage: the command handler for writes, the read model for queues.
 pub(crate) struct TriageBackend {
     pub(crate) handler: CommandHandler,
     pub(crate) projector: Projector,
+    /// This run's tickets, once known; see [`Backend::keep_to`].
+    pub(crate) own: std::sync::OnceLock<HashSet<TicketId>>,
+}
+
+impl TriageBackend {
+    /// `read(limit)` narrowed to this run's tickets, at most `limit` of
+    /// them, in `read`'s order. A first read of `limit` rows is enough
+    /// unless it holds other tickets; then the whole list is read and
+    /// filtered, which only a store shared with other tickets pays for.
+    fn own_rows(
+        &self,
+        limit: usize,
+        read: impl Fn(&TicketsView<'_>, usize) -> rusqlite::Result<Vec<TicketRow>>,
+    ) -> Vec<TicketRow> {
+        let read = |limit| {
+            self.projector
+                .read("tickets", |conn, slot| read(&TicketsView::new(conn, slot), limit))
+                .unwrap_or_default()
+        };
+        let rows = read(limit);
+        let Some(own) = self.own.get() else { return rows };
+        let is_own = |row: &TicketRow| row.ticket.id.is_some_and(|id| own.contains(&id));
+        if rows.iter().all(is_own) {
+            return rows;
+        }
+        read(usize::MAX).into_iter().filter(is_own).take(limit).collect()
+    }
 }
 
 fn snapshot(row: triage_projections::TicketRow, read_at: DateTime<Utc>) -> Option<Snapshot> {
@@ -75,27 +106,19 @@ fn snapshot(row: triage_projections::TicketRow, read_at: DateTime<Utc>) -> Optio
 #[async_trait]
 impl Backend for TriageBackend {
     async fn queue(&self, role: Role, limit: usize) -> Vec<Snapshot> {
-        let rows = self
-            .projector
-            .read("tickets", |conn, slot| {
-                let view = TicketsView::new(conn, slot);
-                if role == Role::Operator {
-                    view.list(Some(State::NeedsHuman), limit)
-                } else {
-                    view.work_queue(role, limit)
-                }
-            })
-            .unwrap_or_default();
+        let rows = self.own_rows(limit, |view, limit| {
+            if role == Role::Operator {
+                view.list(Some(State::NeedsHuman), limit)
+            } else {
+                view.work_queue(role, limit)
+            }
+        });
         let now = self.handler.clock().now();
         rows.into_iter().filter_map(|row| snapshot(row, now)).collect()
     }
 
     async fn expired_claims(&self, now: DateTime<Utc>, limit: usize) -> Vec<Snapshot> {
-        self.projector
-            .read("tickets", |conn, slot| {
-                TicketsView::new(conn, slot).expired_claims(now, limit)
-            })
-            .unwrap_or_default()
+        self.own_rows(limit, |view, limit| view.expired_claims(now, limit))
             .into_iter()
             .filter_map(|row| snapshot(row, now))
             .collect()
@@ -119,6 +142,11 @@ impl Backend for TriageBackend {
             Err(CommandError::Rejected { rejection, .. }) => Err(Refused::Rejected(rejection.code())),
             Err(other) => Err(Refused::Failed(other.to_string())),
         }
+    }
+
+    fn keep_to(&self, tickets: &[TicketId]) {
+        // Set once, by the one run that owns this backend.
+        let _ = self.own.set(tickets.iter().copied().collect());
     }
 
     async fn counts(&self, tickets: &[TicketId]) -> BTreeMap<State, u64> {

@@ -267,6 +267,7 @@ pub async fn run_triage(
     let backend = Arc::new(TriageBackend {
         handler: handler.clone(),
         projector: projector.clone(),
+        own: std::sync::OnceLock::new(),
     });
     let stop_projector = Arc::new(AtomicBool::new(false));
     let live = {
@@ -343,6 +344,8 @@ where
         .into_iter()
         .map(|ticket| (TicketId::new(), ticket))
         .collect();
+    let ids: Vec<TicketId> = tickets.iter().map(|(id, _)| *id).collect();
+    backend.keep_to(&ids);
     let shared = Shared {
         backend: backend.clone(),
         clock: clock.clone(),
