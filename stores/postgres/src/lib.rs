@@ -272,6 +272,7 @@ impl PostgresEventStore {
         if config.get_application_name().is_none() {
             config.application_name("triage");
         }
+        read_committed(&mut config);
         let target = Arc::new(Target {
             config,
             schema: options.schema.clone(),
@@ -354,6 +355,22 @@ impl PostgresEventStore {
     fn count(&self, counter: &AtomicU64, by: u64) {
         counter.fetch_add(by, Ordering::Relaxed);
     }
+}
+
+/// Makes every session of `config` start its transactions READ COMMITTED,
+/// whatever the database's or role's default: `triage_append` and the
+/// migrations take their snapshots after their locks, which only READ
+/// COMMITTED does. Under REPEATABLE READ a process that waited for the
+/// migration lock saw no schema row, and under SERIALIZABLE racing appends
+/// failed with serialization errors. Added after any options of the URL,
+/// so that it wins over a setting there too.
+pub fn read_committed(config: &mut Config) {
+    const SETTING: &str = r"-c default_transaction_isolation=read\ committed";
+    let options = match config.get_options() {
+        Some(options) if !options.trim().is_empty() => format!("{options} {SETTING}"),
+        _ => SETTING.to_owned(),
+    };
+    config.options(&options);
 }
 
 fn parse_url(url: &str) -> Result<Config> {

@@ -317,3 +317,107 @@ async fn invalid_urls_and_schema_names_are_refused() {
         other => panic!("expected a refused schema name, got {other:?}"),
     }
 }
+
+/// A role whose transactions default to SERIALIZABLE (a database setting
+/// some teams use) changes nothing: the store's sessions run READ
+/// COMMITTED, so stores starting together all open the one schema, and
+/// appends racing on shared streams either land or conflict, never fail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stricter_default_isolation_changes_nothing() {
+    let Some(url) = common::url("a_stricter_default_isolation_changes_nothing") else {
+        return;
+    };
+    let admin = common::raw_client(&url).await;
+    let role = format!("triage_serial_{}", &Uuid::new_v4().simple().to_string()[..12]);
+    let Some(role_url) = with_userinfo(&url, &role) else {
+        eprintln!("skipped: a_stricter_default_isolation_changes_nothing (TRIAGE_PG_URL is not a postgres:// URL)");
+        return;
+    };
+    let database: String = admin.query_one("SELECT current_database()", &[]).await.unwrap().get(0);
+    admin
+        .batch_execute(&format!(
+            r#"CREATE ROLE "{role}" LOGIN;
+               GRANT CREATE ON DATABASE "{database}" TO "{role}";
+               ALTER ROLE "{role}" SET default_transaction_isolation = 'serializable';"#
+        ))
+        .await
+        .unwrap();
+    // The setting is in force for the role's ordinary sessions.
+    let plain = common::raw_client(&role_url).await;
+    let isolation: String = plain
+        .query_one("SHOW default_transaction_isolation", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(isolation, "serializable");
+
+    let schema = fresh_schema();
+    let mut opening = tokio::task::JoinSet::new();
+    for _ in 0..4 {
+        let (role_url, schema) = (role_url.clone(), schema.clone());
+        opening.spawn(async move { PostgresEventStore::connect(&role_url, PostgresOptions::in_schema(schema)).await });
+    }
+    let mut stores = Vec::new();
+    while let Some(opened) = opening.join_next().await {
+        stores.push(std::sync::Arc::new(
+            opened.unwrap().expect("every store opens the schema"),
+        ));
+    }
+
+    const STREAMS: usize = 3;
+    const APPENDS: usize = 40;
+    let mut racing = tokio::task::JoinSet::new();
+    for (index, store) in stores.iter().enumerate() {
+        let store = store.clone();
+        racing.spawn(async move {
+            let mut exact_written = 0usize;
+            for n in 0..APPENDS {
+                let stream = StreamName::new(format!("iso-{}", n % STREAMS)).unwrap();
+                store
+                    .append(&stream, ExpectedRevision::Any, vec![common::event("Any")])
+                    .await
+                    .unwrap_or_else(|error| panic!("store {index}: an Any append failed: {error}"));
+                let last = match store.read_stream(&stream, ReadStream::backwards().limit(1)).await {
+                    Ok(records) => records[0].revision,
+                    Err(error) => panic!("store {index}: a read failed: {error}"),
+                };
+                match store
+                    .append(&stream, ExpectedRevision::Exact(last), vec![common::event("Exact")])
+                    .await
+                {
+                    Ok(_) => exact_written += 1,
+                    Err(Error::WrongExpectedVersion { .. }) => {}
+                    Err(error) => panic!("store {index}: an Exact append failed: {error}"),
+                }
+            }
+            exact_written
+        });
+    }
+    let mut exact_written = 0;
+    while let Some(written) = racing.join_next().await {
+        exact_written += written.unwrap();
+    }
+    let mut stored = 0;
+    for n in 0..STREAMS {
+        let stream = StreamName::new(format!("iso-{n}")).unwrap();
+        let records = stores[0].read_stream(&stream, ReadStream::forwards()).await.unwrap();
+        for (revision, record) in records.iter().enumerate() {
+            assert_eq!(record.revision, revision as u64, "revisions without gaps");
+        }
+        stored += records.len();
+    }
+    assert_eq!(
+        stored,
+        stores.len() * APPENDS + exact_written,
+        "every append that landed, once"
+    );
+    assert!(exact_written > 0, "some Exact appends landed");
+
+    drop(stores);
+    drop(plain);
+    drop_schema(&admin, &schema).await;
+    admin
+        .batch_execute(&format!(r#"DROP OWNED BY "{role}"; DROP ROLE "{role}""#))
+        .await
+        .unwrap();
+}
