@@ -595,6 +595,18 @@ async fn migrate(client: &mut Client, schema: &str) -> Result<(), ProjectionErro
     tx.commit().await.map_err(failed("commit the migration"))
 }
 
+/// Makes every session start its transactions READ COMMITTED, whatever the
+/// database's or role's default, as the event store does: batches and
+/// swaps lock their checkpoint rows and then read, and are written for
+/// READ COMMITTED, where a read after a lock sees what committed before it.
+/// Added after any options of the URL, so that it wins over a setting
+/// there too.
+fn read_committed(config: &mut Config) {
+    let setting = r"-c default_transaction_isolation=read\ committed";
+    let options = config.get_options().filter(|options| !options.trim().is_empty());
+    config.options(options.map_or_else(|| setting.to_owned(), |options| format!("{options} {setting}")));
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -624,16 +636,4 @@ mod tests {
         let error = parse_url("postgres://ada:secret@db.example:notaport/triage").unwrap_err();
         assert!(!error.to_string().contains("secret"), "{error}");
     }
-}
-
-/// Makes every session start its transactions READ COMMITTED, whatever the
-/// database's or role's default, as the event store does: batches and
-/// swaps lock their checkpoint rows and then read, and are written for
-/// READ COMMITTED, where a read after a lock sees what committed before it.
-/// Added after any options of the URL, so that it wins over a setting
-/// there too.
-fn read_committed(config: &mut Config) {
-    let setting = r"-c default_transaction_isolation=read\ committed";
-    let options = config.get_options().filter(|options| !options.trim().is_empty());
-    config.options(&options.map_or_else(|| setting.to_owned(), |options| format!("{options} {setting}")));
 }
