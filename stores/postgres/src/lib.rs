@@ -607,7 +607,7 @@ impl EventStore for PostgresEventStore {
 
     async fn head_position(&self) -> Result<Option<Position>> {
         let client = self.client().await?;
-        let heads = reader::settled_heads(&client, &self.sql, &self.target, self.options.visibility_wait).await?;
+        let heads = reader::settled_heads(&client, &self.sql, &self.target, self.options.visibility_wait, None).await?;
         Ok(heads.visible_position())
     }
 

@@ -162,7 +162,9 @@ pub(crate) async fn heads(client: &Client, sql: &Sql, target: &Target) -> Result
 }
 
 /// Waits until everything committed when it was called is below the
-/// watermark, for at most `wait`, and returns the heads then.
+/// watermark, for at most `wait`, and returns the heads then. With
+/// `enough`, it also stops waiting once every position up to `enough` is
+/// below the watermark: a read of a range that ends there needs no more.
 ///
 /// This is what makes reads read-your-writes: an append that returned is
 /// committed, but its events stay invisible while an older transaction is
@@ -171,12 +173,20 @@ pub(crate) async fn heads(client: &Client, sql: &Sql, target: &Target) -> Result
 /// holding an xid on the cluster: xmin is cluster-wide) ends the wait at
 /// the deadline, and the read answers with the visible prefix, which is
 /// still gap-free.
-pub(crate) async fn settled_heads(client: &Client, sql: &Sql, target: &Target, wait: Duration) -> Result<Heads> {
+pub(crate) async fn settled_heads(
+    client: &Client,
+    sql: &Sql,
+    target: &Target,
+    wait: Duration,
+    enough: Option<i64>,
+) -> Result<Heads> {
     let first = heads(client, sql, target).await?;
     let Some(goal) = first.top else {
         return Ok(first);
     };
-    if first.visible >= Some(goal) {
+    let settled =
+        |heads: Heads| heads.visible >= Some(goal) || enough.is_some_and(|enough| heads.visible >= Some(enough));
+    if settled(first) {
         return Ok(first);
     }
     let deadline = Instant::now() + wait;
@@ -191,7 +201,7 @@ pub(crate) async fn settled_heads(client: &Client, sql: &Sql, target: &Target, w
         tokio::time::sleep(pause.min(deadline - now)).await;
         pause = (pause * 2).min(Duration::from_millis(50));
         let current = heads(client, sql, target).await?;
-        if current.visible >= Some(goal) {
+        if settled(current) {
             return Ok(current);
         }
     }
@@ -251,9 +261,6 @@ pub(crate) async fn read_all(
     options: ReadAll,
     wait: Option<Duration>,
 ) -> Result<Vec<RecordedEvent>> {
-    if let Some(wait) = wait {
-        settled_heads(client, sql, target, wait).await?;
-    }
     let failed = |e| target.db_error("cannot read $all", e);
     let limit = to_sql_int(options.max_count as u64);
     // Positions here have equal parts (`Position::from_sequence`). A start
@@ -277,6 +284,17 @@ pub(crate) async fn read_all(
             (&sql.read_all_backwards, from)
         }
     };
+    if let Some(wait) = wait {
+        // The positions this page can hold: a page that ends below the
+        // watermark (catching up far behind the head) needs no wait, also
+        // while some unrelated transaction stays open on the cluster.
+        let last = match options.direction {
+            Direction::Forwards => Some(to_sql_int(from).saturating_add(limit.saturating_sub(1))),
+            Direction::Backwards if from == u64::MAX => None,
+            Direction::Backwards => Some(to_sql_int(from)),
+        };
+        settled_heads(client, sql, target, wait, last).await?;
+    }
     let statement = client.prepare_cached(query).await.map_err(failed)?;
     let rows = client
         .query(&statement, &[&to_sql_int(from), &limit])

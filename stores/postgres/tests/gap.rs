@@ -369,3 +369,64 @@ async fn triage_append_refuses_a_transaction_that_already_has_an_id() {
     client.batch_execute("ROLLBACK").await.unwrap();
     assert_eq!(store.head_position().await.unwrap(), None, "nothing was stored");
 }
+
+/// A transaction left open anywhere on the cluster (here one that only took
+/// an id) holds the watermark back. A read whose page ends below the
+/// watermark (catching up far behind the head) answers at once; a read
+/// that reaches past it waits, up to the visibility wait, and answers the
+/// visible prefix.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_page_below_the_watermark_does_not_wait_for_an_open_transaction() {
+    let Some(url) = common::url("a_page_below_the_watermark_does_not_wait_for_an_open_transaction") else {
+        return;
+    };
+    // A visibility wait far longer than the test's patience: a read that
+    // waits shows up as a timeout, not as a slow pass.
+    let store = common::temporary_store(
+        &url,
+        PostgresOptions {
+            visibility_wait: Duration::from_secs(60),
+            ..options()
+        },
+    )
+    .await;
+    let s = stream("ticket");
+    let early: Vec<EventData> = (0..20).map(|_| common::event("Early")).collect();
+    store.append(&s, ExpectedRevision::NoStream, early).await.unwrap();
+    let idle = common::raw_client(&url).await;
+    idle.batch_execute("BEGIN; SELECT pg_current_xact_id();").await.unwrap();
+    // Committed, but above the watermark while `idle` stays open.
+    store
+        .append(&s, ExpectedRevision::Any, vec![common::event("Late")])
+        .await
+        .unwrap();
+
+    let page = tokio::time::timeout(WAIT, store.read_all(ReadAll::forwards(10)))
+        .await
+        .expect("a page below the watermark is read without waiting")
+        .unwrap();
+    assert_eq!(page.len(), 10);
+    assert!(page.iter().all(|record| record.event_type == "Early"));
+    let backwards = tokio::time::timeout(
+        WAIT,
+        store.read_all(ReadAll::backwards(5).from_position(page[9].position)),
+    )
+    .await
+    .expect("a backwards page below the watermark is read without waiting")
+    .unwrap();
+    assert_eq!(backwards.len(), 5);
+
+    // A page reaching past the watermark does wait for the open transaction.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), store.read_all(ReadAll::forwards(100)))
+            .await
+            .is_err(),
+        "a read up to the head waits for the open transaction"
+    );
+    idle.batch_execute("ROLLBACK").await.unwrap();
+    let all = tokio::time::timeout(WAIT, store.read_all(ReadAll::forwards(100)))
+        .await
+        .expect("the wait ends with the transaction")
+        .unwrap();
+    assert_eq!(all.len(), 21, "the late event is read once the watermark passes it");
+}
