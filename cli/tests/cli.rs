@@ -411,3 +411,57 @@ fn every_kind_of_bad_command_gets_a_clear_error_and_writes_nothing() {
     // foreign claim.
     assert_eq!(rejections_in(&db), 6);
 }
+
+#[test]
+fn a_command_id_reused_for_another_command_is_refused_not_called_a_retry() {
+    let dir = tempfile::tempdir().unwrap();
+    let opened: Value = serde_json::from_str(&succeed(
+        dir.path(),
+        &["ticket", "open", "--subject", "s", "--body", "b", "--json"],
+    ))
+    .unwrap();
+    let id = opened["id"].as_str().unwrap().to_owned();
+    let command_id = "33333333-3333-4333-8333-333333333333";
+    let claim = accepted(send(
+        dir.path(),
+        &id,
+        "c-1",
+        "classifier",
+        r#"{"type":"start_classification"}"#,
+        &["--command-id", command_id],
+    ));
+    let classify = format!(
+        r#"{{"type":"classify","claim_id":"{command_id}","category":"billing","priority":"high","confidence":0.9}}"#
+    );
+    let output = send(
+        dir.path(),
+        &id,
+        "c-1",
+        "classifier",
+        &classify,
+        &["--command-id", command_id],
+    );
+    assert!(!output.status.success(), "{}", stdout(&output));
+    let error = stderr(&output);
+    assert!(
+        error.contains(command_id) && error.contains("already used for a different command"),
+        "{error}"
+    );
+    // The same command again is the harmless retry it claims to be.
+    let again = accepted(send(
+        dir.path(),
+        &id,
+        "c-1",
+        "classifier",
+        r#"{"type":"start_classification"}"#,
+        &["--command-id", command_id],
+    ));
+    assert_eq!(again["duplicate"], true);
+    assert_eq!(again["revision"], claim["revision"]);
+    let history = succeed(dir.path(), &["ticket", "history", &id, "--json"]);
+    assert_eq!(
+        history.lines().count(),
+        2,
+        "nothing was written by the reuse:\n{history}"
+    );
+}

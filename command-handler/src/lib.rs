@@ -172,8 +172,9 @@ pub enum CommandError {
         /// Attempts made.
         attempts: u32,
     },
-    /// The command id was already used for another ticket's events.
-    #[error("command id {command_id} was already used for another ticket")]
+    /// The command id was already used for a different command: on another
+    /// ticket, or for another command or sender on this one. Not a retry.
+    #[error("command id {command_id} was already used for a different command")]
     CommandIdReused {
         /// The reused id.
         command_id: Uuid,
@@ -484,7 +485,7 @@ impl CommandHandler {
                 Some(loaded) => loaded,
                 None => self.load_fresh(ticket_id).await?,
             };
-            if let Some(original) = original_outcome(&loaded, envelope, first_event_id) {
+            if let Some(original) = original_outcome(&loaded, envelope, first_event_id, &self.policy)? {
                 return Ok(original);
             }
             if let Some(expected) = envelope.expected_revision
@@ -526,10 +527,12 @@ impl CommandHandler {
                     // another moment, say). Answer with what is stored.
                     self.cache.remove(ticket_id);
                     let fresh = self.load(ticket_id).await?;
-                    return original_outcome(&fresh, envelope, first_event_id).ok_or(CommandError::Contended {
-                        ticket_id,
-                        attempts: attempt,
-                    });
+                    return original_outcome(&fresh, envelope, first_event_id, &self.policy)?.ok_or(
+                        CommandError::Contended {
+                            ticket_id,
+                            attempts: attempt,
+                        },
+                    );
                 }
                 Ok(result) => {
                     let accepted = self.remember(&loaded, envelope, events, now, result);
@@ -551,7 +554,7 @@ impl CommandHandler {
                     }
                     if let Some(expected) = envelope.expected_revision {
                         let fresh = self.load(ticket_id).await?;
-                        if let Some(original) = original_outcome(&fresh, envelope, first_event_id) {
+                        if let Some(original) = original_outcome(&fresh, envelope, first_event_id, &self.policy)? {
                             return Ok(original);
                         }
                         return Err(stale(ticket_id, expected, &fresh));
@@ -670,18 +673,60 @@ fn stale(ticket_id: TicketId, expected: u64, loaded: &LoadedTicket) -> CommandEr
 }
 
 /// The outcome of this command id if its events are already in the stream.
-fn original_outcome(loaded: &LoadedTicket, envelope: &CommandEnvelope, first_event_id: Uuid) -> Option<Accepted> {
-    let start = loaded.history.iter().position(|stored| stored.id == first_event_id)?;
+///
+/// Only a retry of the same command gets it: the stored events must be
+/// what this command, from this sender, decides on the ticket as it was
+/// then, at the moment it was decided (lease expiries aside, as they follow
+/// a policy that may have changed since). Anything else is
+/// [`CommandError::CommandIdReused`], never a "harmless retry" that did
+/// nothing.
+fn original_outcome(
+    loaded: &LoadedTicket,
+    envelope: &CommandEnvelope,
+    first_event_id: Uuid,
+    policy: &Policy,
+) -> Result<Option<Accepted>, CommandError> {
+    let Some(start) = loaded.history.iter().position(|stored| stored.id == first_event_id) else {
+        return Ok(None);
+    };
     let own: Vec<&StoredEvent> = loaded.history[start..]
         .iter()
         .take_while(|stored| stored.metadata.command_id == envelope.command_id)
         .collect();
-    let last = own.last()?;
-    let state = loaded.history[..start + own.len()]
+    let Some((first, last)) = own.first().zip(own.last()) else {
+        return Ok(None);
+    };
+    let before = loaded.history[..start]
         .iter()
-        .fold(Ticket::default(), |ticket, stored| evolve(ticket, &stored.event))
-        .state?;
-    Some(Accepted {
+        .fold(Ticket::default(), |ticket, stored| evolve(ticket, &stored.event));
+    let context = Context {
+        now: first.metadata.recorded_at,
+        ticket_id: envelope.ticket_id,
+        agent: &envelope.agent,
+        command_id: envelope.command_id,
+        policy,
+    };
+    let same_command = first.metadata.agent == envelope.agent
+        && decide(&before, &envelope.command, &context).is_ok_and(|events| {
+            events.len() == own.len()
+                && events
+                    .iter()
+                    .zip(&own)
+                    .all(|(decided, stored)| without_leases(decided) == without_leases(&stored.event))
+        });
+    if !same_command {
+        return Err(CommandError::CommandIdReused {
+            command_id: envelope.command_id,
+        });
+    }
+    let Some(state) = own
+        .iter()
+        .fold(before, |ticket, stored| evolve(ticket, &stored.event))
+        .state
+    else {
+        return Ok(None);
+    };
+    Ok(Some(Accepted {
         ticket_id: envelope.ticket_id,
         command_id: envelope.command_id,
         revision: last.revision,
@@ -689,7 +734,21 @@ fn original_outcome(loaded: &LoadedTicket, envelope: &CommandEnvelope, first_eve
         state,
         events: own.iter().map(|stored| stored.event.clone()).collect(),
         duplicate: true,
-    })
+    }))
+}
+
+/// `event` with every lease expiry it carries set to one fixed time.
+fn without_leases(event: &Event) -> Event {
+    let mut event = event.clone();
+    match &mut event {
+        Event::ClassificationStarted { claim }
+        | Event::DraftingStarted { claim }
+        | Event::EscalationStarted { claim }
+        | Event::ClaimTakenOver { claim, .. } => claim.lease_expires_at = DateTime::UNIX_EPOCH,
+        Event::LeaseExtended { lease_expires_at, .. } => *lease_expires_at = DateTime::UNIX_EPOCH,
+        _ => {}
+    }
+    event
 }
 
 fn metadata_for(

@@ -306,6 +306,47 @@ async fn a_command_id_reused_on_another_ticket_is_refused() {
 }
 
 #[tokio::test]
+async fn a_command_id_reused_for_another_command_on_the_ticket_is_refused() {
+    let f = fixture();
+    let ticket = open(&f.handler).await;
+    // The lease is the policy's default.
+    let claim = CommandEnvelope::new(ticket, classifier(1), Command::StartClassification { lease_secs: None });
+    f.handler.handle(claim.clone()).await.unwrap();
+    f.clock.advance(Duration::seconds(5));
+
+    // Another command under the claim's id: not a retry, and nothing new.
+    let mut other = classify(ticket, classifier(1), claim.command_id);
+    other.command_id = claim.command_id;
+    // The same command from another sender.
+    let mut other_sender = start(ticket, classifier(2));
+    other_sender.command_id = claim.command_id;
+    for reused in [other, other_sender] {
+        let fresh = CommandHandler::new(f.store.clone()).with_clock(f.clock.clone());
+        for handler in [&f.handler, &fresh] {
+            let result = handler.handle(reused.clone()).await;
+            assert!(
+                matches!(result, Err(CommandError::CommandIdReused { command_id }) if command_id == claim.command_id),
+                "{reused:?}: {result:?}"
+            );
+        }
+    }
+    assert_eq!(stored(&f.store, ticket).await.len(), 2);
+
+    // The real retry, later and through a handler whose default lease
+    // differs, still gets the original outcome.
+    let later = CommandHandler::new(f.store.clone())
+        .with_clock(f.clock.clone())
+        .with_policy(Policy {
+            default_lease_secs: 600,
+            ..Policy::default()
+        });
+    let retried = later.handle(claim).await.unwrap();
+    assert!(retried.duplicate);
+    assert_eq!(retried.revision, 1);
+    assert_eq!(retried.state, State::Classifying);
+}
+
+#[tokio::test]
 async fn an_undecodable_stored_event_is_a_clear_error() {
     let f = fixture();
     let ticket = open(&f.handler).await;
