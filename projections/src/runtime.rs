@@ -177,16 +177,32 @@ impl Projector {
     }
 
     /// Runs `query` against the live generation of `name`.
+    ///
+    /// The registry lookup and the query run in one read transaction, so
+    /// they see one snapshot of the file: a rebuild in another process
+    /// (`triage projections rebuild` beside `triage serve`) may swap the
+    /// live generation and drop the old one at any moment, and a read must
+    /// never find the registry from before the swap and the tables from
+    /// after it. It also keeps a query of several statements (the
+    /// statistics summary) at one moment.
     pub fn read<T>(
         &self,
         name: &str,
         query: impl FnOnce(&Connection, &Slot) -> rusqlite::Result<T>,
     ) -> Result<T, ProjectionError> {
         let conn = self.db.lock();
-        let slot = db::read_slot(&conn, SlotKind::Live, name)
+        let snapshot = conn
+            .unchecked_transaction()
+            .map_err(|error| ProjectionError::sqlite("begin a read", error))?;
+        let slot = db::read_slot(&snapshot, SlotKind::Live, name)
             .map_err(|error| ProjectionError::sqlite("read the registry", error))?
             .ok_or_else(|| ProjectionError::NotBuilt { name: name.to_owned() })?;
-        query(&conn, &slot).map_err(|error| ProjectionError::sqlite("query the read model", error))
+        let result = query(&snapshot, &slot).map_err(|error| ProjectionError::sqlite("query the read model", error))?;
+        // Nothing was written: ending the read either way is the same.
+        snapshot
+            .rollback()
+            .map_err(|error| ProjectionError::sqlite("end a read", error))?;
+        Ok(result)
     }
 
     /// Makes every projection servable: creates missing ones empty and
