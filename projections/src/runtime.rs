@@ -476,13 +476,17 @@ impl Projector {
         }
         // A live projector running alongside (`triage serve`) may move the
         // live generation on meanwhile: bring the one behind up to the other
-        // and compare only when both are at the same position, under one
-        // hold of the connection.
+        // and compare only when both are at the same position, in one read
+        // transaction: one snapshot of the file, also when that projector
+        // is another process with a connection of its own.
         let mut attempts = 0;
         let (live_rows, build_rows) = loop {
             attempts += 1;
             let behind = {
-                let conn = self.db.lock();
+                let held = self.db.lock();
+                let conn = held
+                    .unchecked_transaction()
+                    .map_err(|error| ProjectionError::sqlite("begin a read", error))?;
                 let slot = |kind| {
                     db::read_slot(&conn, kind, projection.name())
                         .map_err(|error| ProjectionError::sqlite("read the registry", error))?
