@@ -494,6 +494,8 @@ pub(crate) async fn replay(until: &str, into: &std::path::Path, global: &GlobalA
     };
     let scratch = triage_projections::Projector::new(opened.events.clone(), ReadModelDb::open(into)?);
     let reached = scratch.catch_up_to(Some(position)).await?;
+    // Reading the file later (`--read-model PATH`) must not move it on.
+    scratch.db().freeze_at(position)?;
     let counts = scratch.read("tickets", |conn, slot| {
         triage_projections::TicketsView::new(conn, slot).counts()
     })?;

@@ -319,6 +319,40 @@ fn replay_builds_the_read_models_as_of_a_moment_and_leaves_the_live_ones_alone()
         live_before,
         "the live model is untouched"
     );
+    // Querying the file as a read model, as `replay --help` suggests,
+    // shows that moment, and leaves the file there.
+    let listed: Vec<(String, String)> = {
+        let out = succeed(dir.path(), &["--read-model", "then.db", "ticket", "list", "--json"]);
+        let mut rows: Vec<(String, String)> = out
+            .lines()
+            .map(|line| {
+                let row: Value = serde_json::from_str(line).unwrap();
+                (
+                    row["id"].as_str().unwrap().to_owned(),
+                    row["state"].as_str().unwrap().to_owned(),
+                )
+            })
+            .collect();
+        rows.sort();
+        rows
+    };
+    assert_eq!(listed, expected, "the replay file is read as of position 2");
+    let rebuild = common::fail(
+        dir.path(),
+        &["--read-model", "then.db", "projections", "rebuild", "--all"],
+    );
+    assert!(rebuild.contains("triage replay"), "{rebuild}");
+    drop(conn);
+    let conn = rusqlite::Connection::open(dir.path().join("then.db")).unwrap();
+    let mut after: Vec<(String, String)> = conn
+        .prepare("SELECT ticket_id, state FROM tickets ORDER BY ticket_id")
+        .unwrap()
+        .query_map([], |row| Ok((row.get(0)?, row.get(1)?)))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    after.sort();
+    assert_eq!(after, expected, "the file still holds position 2");
     let again = common::fail(dir.path(), &["replay", "--until", "2", "--into", "then.db"]);
     assert!(again.contains("already exists"), "{again}");
     let none = triage(

@@ -18,6 +18,11 @@ const EVENT_STORE_APPLICATION_ID: i32 = 0x5452_4941;
 /// `PRAGMA user_version` of the registry schema below.
 pub const SCHEMA_VERSION: i32 = 1;
 
+/// `PRAGMA user_version` of a file that also holds a `replay_limit` row
+/// ([`ReadModelDb::freeze_at`]): a Triage from before it would not know to
+/// stop there, so it refuses the file as newer instead of moving it on.
+pub const FROZEN_SCHEMA_VERSION: i32 = 2;
+
 const CREATE_REGISTRY: &str = "
     CREATE TABLE projections (
         name             TEXT    PRIMARY KEY,
@@ -132,9 +137,9 @@ impl ReadModelDb {
             .map_err(|error| incompatible(format!("it is not a readable SQLite database ({error})")))?;
             match header {
                 (0, 0, 0) => {}
-                (APPLICATION_ID, version, _) if version > SCHEMA_VERSION => {
+                (APPLICATION_ID, version, _) if version > FROZEN_SCHEMA_VERSION => {
                     return Err(incompatible(format!(
-                        "it was written by a newer Triage (read-model schema {version}, this build reads up to {SCHEMA_VERSION})"
+                        "it was written by a newer Triage (read-model schema {version}, this build reads up to {FROZEN_SCHEMA_VERSION})"
                     )));
                 }
                 (APPLICATION_ID, _, _) => {}
@@ -211,6 +216,53 @@ impl ReadModelDb {
     /// The file.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Marks the file as read models as of `position` (`triage replay`):
+    /// from now on, catching up stops there, and a rebuild is refused.
+    pub fn freeze_at(&self, position: Position) -> Result<(), ProjectionError> {
+        let conn = self.lock();
+        conn.execute_batch(
+            "BEGIN IMMEDIATE;
+             CREATE TABLE IF NOT EXISTS replay_limit (commit_position INTEGER NOT NULL, prepare_position INTEGER NOT NULL) STRICT;
+             DELETE FROM replay_limit;",
+        )
+        .and_then(|()| {
+            conn.execute(
+                "INSERT INTO replay_limit VALUES (?1, ?2)",
+                (position.commit as i64, position.prepare as i64),
+            )
+        })
+        .and_then(|_| conn.pragma_update(None, "user_version", FROZEN_SCHEMA_VERSION))
+        .and_then(|()| conn.execute_batch("COMMIT"))
+        .map_err(|error| {
+            let _ = conn.execute_batch("ROLLBACK");
+            ProjectionError::sqlite("mark the read models as a replay", error)
+        })
+    }
+
+    /// The position the file's read models are frozen at, if it is a
+    /// replay ([`ReadModelDb::freeze_at`]).
+    pub fn frozen_at(&self) -> Result<Option<Position>, ProjectionError> {
+        let conn = self.lock();
+        let frozen = || -> rusqlite::Result<Option<Position>> {
+            let exists: bool = conn.query_row(
+                "SELECT EXISTS (SELECT 1 FROM sqlite_schema WHERE name = 'replay_limit')",
+                [],
+                |row| row.get(0),
+            )?;
+            if !exists {
+                return Ok(None);
+            }
+            conn.query_row(
+                "SELECT commit_position, prepare_position FROM replay_limit",
+                [],
+                |row| Ok(position(row.get(0)?, row.get(1)?)),
+            )
+            .optional()
+            .map(Option::flatten)
+        };
+        frozen().map_err(|error| ProjectionError::sqlite("read the replay limit", error))
     }
 
     /// The connection. Held only for short, synchronous work.

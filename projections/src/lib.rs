@@ -48,7 +48,7 @@ mod runtime;
 pub mod stats;
 mod tickets;
 
-pub use db::{APPLICATION_ID, ReadModelDb, SCHEMA_VERSION, Slot, generation_table};
+pub use db::{APPLICATION_ID, FROZEN_SCHEMA_VERSION, ReadModelDb, SCHEMA_VERSION, Slot, generation_table};
 pub use postgres::{PgProjector, PgReadModelOptions, PgReadModels};
 pub use projection::{Fnv, Payload, ProjectedEvent, Projection, STREAM_PREFIXES, decode, digest_rows};
 pub use read_models::ReadModels;

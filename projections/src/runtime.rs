@@ -216,6 +216,12 @@ impl Projector {
     /// read models as of that moment, for time travel into a scratch
     /// read-model file.
     pub async fn catch_up_to(&self, until: Option<Position>) -> Result<Option<Position>, ProjectionError> {
+        // A `triage replay` file stays at the moment it was made.
+        let until = match (self.db.frozen_at()?, until) {
+            (Some(frozen), Some(until)) if until < frozen => Some(until),
+            (Some(frozen), _) => Some(frozen),
+            (None, until) => until,
+        };
         for projection in &self.projections {
             let live = {
                 let conn = self.db.lock();
@@ -343,6 +349,15 @@ impl Projector {
         names: &[&str],
         mut options: RebuildOptions,
     ) -> Result<Vec<RebuildReport>, ProjectionError> {
+        if let Some(frozen) = self.db.frozen_at()? {
+            return Err(ProjectionError::Incompatible {
+                path: self.db.path().to_path_buf(),
+                reason: format!(
+                    "it holds the read models as of log position {frozen}, made by `triage replay`, and a rebuild \
+                     would move it to the present; make a new one with `triage replay --until … --into …`"
+                ),
+            });
+        }
         let projections: Vec<Arc<dyn Projection>> = names
             .iter()
             .map(|name| self.projection(name))
