@@ -144,9 +144,18 @@ async fn write_forever(
         };
         let appends: Vec<&Append> = batch.iter().map(|pending| &pending.append).collect();
         let written = match pool.get().await {
-            Ok(client) => write(&client, &sql, &appends)
-                .await
-                .map_err(|error| target.db_error("cannot append", error)),
+            Ok(client) => {
+                let written = write(&client, &sql, &appends).await;
+                if written.is_err() {
+                    // The connection may be dead (its session ended mid-batch)
+                    // without the pool's quick check seeing it yet: back in
+                    // the pool it would be handed straight to the callers'
+                    // single-append fallback. A failed batch is rare, so
+                    // the connection is dropped rather than judged.
+                    drop(deadpool_postgres::Object::take(client));
+                }
+                written.map_err(|error| target.db_error("cannot append", error))
+            }
             Err(error) => Err(crate::pool_error(&target, error)),
         };
         let answers = match written {

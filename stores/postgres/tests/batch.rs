@@ -313,3 +313,96 @@ async fn two_stores_racing_on_shared_streams_neither_deadlock_nor_lose_events() 
     assert_eq!(transactions.len(), streams.len() + winners.len());
     assert!(transactions.windows(2).all(|pair| pair[0] <= pair[1]));
 }
+
+/// A batch whose connection dies mid-flight (a server restart, a failover,
+/// an administrator ending sessions): every caller still gets its own
+/// answer by the single-append way, on a live connection, and nothing is
+/// written twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_batch_whose_connection_dies_answers_every_caller_on_a_live_one() {
+    let Some(url) = common::url("a_batch_whose_connection_dies_answers_every_caller_on_a_live_one") else {
+        return;
+    };
+    let store = Arc::new(common::temporary_store(&url, PostgresOptions::default()).await);
+    let schema = store.schema().to_owned();
+    let hot = stream();
+    store
+        .append(&hot, ExpectedRevision::NoStream, vec![common::event("First")])
+        .await
+        .unwrap();
+    // Another session appends to the stream and keeps its transaction open,
+    // holding the stream's lock: the store's batches wait behind it.
+    let locker = common::raw_client(&url).await;
+    let slow = common::event("Slow");
+    locker.batch_execute("BEGIN").await.unwrap();
+    locker
+        .query_one(
+            &format!(
+                r#"SELECT last_position FROM "{schema}".triage_append(
+                       ARRAY[$1], ARRAY[NULL]::bigint[], ARRAY[1], ARRAY[0], $2, $3, $4, $5)"#
+            ),
+            &[
+                &hot.as_str(),
+                &vec![slow.id],
+                &vec![slow.event_type.as_str()],
+                &vec![slow.data.as_slice()],
+                &vec![slow.metadata.as_slice()],
+            ],
+        )
+        .await
+        .unwrap();
+    let exact = tokio::spawn({
+        let (store, hot) = (store.clone(), hot.clone());
+        async move {
+            store
+                .append(&hot, ExpectedRevision::Exact(0), vec![common::event("Exact")])
+                .await
+        }
+    });
+    let any = tokio::spawn({
+        let (store, hot) = (store.clone(), hot.clone());
+        async move {
+            store
+                .append(&hot, ExpectedRevision::Any, vec![common::event("Any")])
+                .await
+        }
+    });
+    // Wait until the batches are blocked on the lock, then end their
+    // sessions.
+    let admin = common::raw_client(&url).await;
+    let mut killed = 0;
+    for _ in 0..100 {
+        killed = admin
+            .query(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+                 WHERE application_name = 'triage' AND wait_event_type = 'Lock' AND query LIKE '%triage_append%'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .len();
+        if killed > 0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(killed > 0, "a batch waited on the lock and its session was ended");
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    locker.batch_execute("COMMIT").await.unwrap();
+
+    let exact = exact.await.unwrap();
+    assert!(
+        matches!(exact, Err(Error::WrongExpectedVersion { actual: Some(actual), .. }) if actual >= 1),
+        "the Exact(0) append conflicts with the slow one: {exact:?}"
+    );
+    let any = any.await.unwrap().expect("the Any append lands");
+    assert_eq!(any.current_revision, 2);
+    let types: Vec<String> = store
+        .read_stream(&hot, ReadStream::forwards())
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|record| record.event_type)
+        .collect();
+    assert_eq!(types, ["First", "Slow", "Any"]);
+}
