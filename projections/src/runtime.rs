@@ -405,13 +405,7 @@ impl Projector {
         let writing = match replayed {
             Ok(replayed) => replayed.writing,
             Err(error) => {
-                let mut conn = self.db.lock();
-                if let Ok(tx) = conn.transaction() {
-                    for projection in &projections {
-                        let _ = discard_build(&tx, projection.as_ref());
-                    }
-                    let _ = tx.commit();
-                }
+                self.discard_builds(&projections);
                 return Err(error);
             }
         };
@@ -426,8 +420,13 @@ impl Projector {
                     .map_or(0, |slot| slot.events_applied)
             };
             let (differences, compared) = if options.verify {
-                let (differences, compared) = self.verify(projection).await?;
-                (Some(differences), Some(compared))
+                match self.verify(projection).await {
+                    Ok((differences, compared)) => (Some(differences), Some(compared)),
+                    Err(error) => {
+                        self.discard_builds(&projections);
+                        return Err(error);
+                    }
+                }
             } else {
                 (None, None)
             };
@@ -438,13 +437,7 @@ impl Projector {
                 .as_deref()
                 .is_some_and(|cancel| cancel.load(Ordering::Relaxed))
             {
-                let mut conn = self.db.lock();
-                if let Ok(tx) = conn.transaction() {
-                    for projection in &projections {
-                        let _ = discard_build(&tx, projection.as_ref());
-                    }
-                    let _ = tx.commit();
-                }
+                self.discard_builds(&projections);
                 return Err(ProjectionError::Cancelled);
             }
             self.swap_once_caught_up(projection).await?;
@@ -469,18 +462,42 @@ impl Projector {
         Ok(reports)
     }
 
+    /// Drops the build generations of `projections`, best effort: after a
+    /// failed or cancelled rebuild the live model stays as it was.
+    fn discard_builds(&self, projections: &[Arc<dyn Projection>]) {
+        let mut conn = self.db.lock();
+        if let Ok(tx) = conn.transaction() {
+            for projection in projections {
+                let _ = discard_build(&tx, projection.as_ref());
+            }
+            let _ = tx.commit();
+        }
+    }
+
     /// Brings the live and the rebuilt generation to the same position and
     /// compares their digests, key by key.
     async fn verify(&self, projection: &Arc<dyn Projection>) -> Result<(Vec<String>, usize), ProjectionError> {
         let head = self.events.head_position().await?;
-        let live_exists = {
+        let live = {
             let conn = self.db.lock();
             db::read_slot(&conn, SlotKind::Live, projection.name())
                 .map_err(|error| ProjectionError::sqlite("read the registry", error))?
-                .is_some()
         };
-        if !live_exists {
+        let Some(live) = live else {
             return Ok((vec!["(no live model to compare with)".to_owned()], 0));
+        };
+        // Another version's tables may not even have this version's
+        // columns, and this version's code must never write into them.
+        if live.version != projection.version() {
+            return Ok((
+                vec![format!(
+                    "(the live model was built by version {} of the projection, this build has version {}: \
+                     nothing to compare)",
+                    live.version,
+                    projection.version()
+                )],
+                0,
+            ));
         }
         for kind in [SlotKind::Live, SlotKind::Build] {
             let target = [Target {
