@@ -561,8 +561,13 @@ impl PgProjector {
                 .await?
                 .map_or(0, |slot| slot.events_applied);
             let (differences, compared) = if options.verify {
-                let (differences, compared) = self.verify(&mut session, *model).await?;
-                (Some(differences), Some(compared))
+                match self.verify(&mut session, *model).await {
+                    Ok((differences, compared)) => (Some(differences), Some(compared)),
+                    Err(error) => {
+                        self.discard_builds(&mut session, &models).await;
+                        return Err(error);
+                    }
+                }
             } else {
                 (None, None)
             };
@@ -622,6 +627,19 @@ impl PgProjector {
             let Some(live) = self.models.slot(name, SlotKind::Live).await? else {
                 return Ok((vec!["(no live model to compare with)".to_owned()], 0));
             };
+            // Another version's tables may lack this version's columns, and
+            // this version's code must never write into them.
+            if live.version != model.version() {
+                return Ok((
+                    vec![format!(
+                        "(the live model was built by version {} of the projection, this build has version {}: \
+                         nothing to compare)",
+                        live.version,
+                        model.version()
+                    )],
+                    0,
+                ));
+            }
             let build = self.models.slot(name, SlotKind::Build).await?.ok_or_else(not_built)?;
             if live.checkpoint >= build.checkpoint {
                 break;
