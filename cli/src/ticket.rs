@@ -29,7 +29,7 @@ pub(crate) enum TicketCommand {
         customer: Option<String>,
         /// The id of the person or program opening it, recorded in every
         /// event's metadata.
-        #[arg(long, default_value = "cli", value_name = "ID")]
+        #[arg(long, default_value = "cli", value_name = "ID", value_parser = parse_agent_id)]
         agent: String,
         /// The role to act in: intake or operator.
         #[arg(long, default_value = "operator", value_parser = parse_role)]
@@ -51,7 +51,7 @@ pub(crate) enum TicketCommand {
         /// The command as JSON, or `-` to read it from stdin.
         command: String,
         /// The sender's id, recorded in the event metadata.
-        #[arg(long, value_name = "ID")]
+        #[arg(long, value_name = "ID", value_parser = parse_agent_id)]
         agent: String,
         /// The role the sender acts in.
         #[arg(long, value_parser = parse_role)]
@@ -371,4 +371,14 @@ fn explain(error: CommandError, location: &crate::StoreLocation) -> anyhow::Erro
         ),
         other => anyhow::Error::new(other),
     }
+}
+
+/// An agent id as the agents file takes it: 1 to 200 characters, not only
+/// spaces. It is recorded in every event's metadata, and a claim names it.
+fn parse_agent_id(value: &str) -> Result<String, String> {
+    let id = value.trim();
+    if id.is_empty() || id.chars().count() > 200 {
+        return Err("an agent id must have 1 to 200 characters".to_owned());
+    }
+    Ok(id.to_owned())
 }

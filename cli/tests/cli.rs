@@ -465,3 +465,39 @@ fn a_command_id_reused_for_another_command_is_refused_not_called_a_retry() {
         "nothing was written by the reuse:\n{history}"
     );
 }
+
+#[test]
+fn an_empty_agent_id_is_refused_before_anything_is_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let opened: Value = serde_json::from_str(&succeed(
+        dir.path(),
+        &["ticket", "open", "--subject", "s", "--body", "b", "--json"],
+    ))
+    .unwrap();
+    let id = opened["id"].as_str().unwrap().to_owned();
+    for agent in ["", "   "] {
+        let output = send(
+            dir.path(),
+            &id,
+            agent,
+            "classifier",
+            r#"{"type":"start_classification"}"#,
+            &[],
+        );
+        assert_eq!(output.status.code(), Some(2), "a usage error");
+        assert!(
+            stderr(&output).contains("an agent id must have 1 to 200 characters"),
+            "{}",
+            stderr(&output)
+        );
+        let open = fail(
+            dir.path(),
+            &["ticket", "open", "--subject", "s", "--body", "b", "--agent", agent],
+        );
+        assert!(open.contains("agent id"), "{open}");
+    }
+    let history = succeed(dir.path(), &["ticket", "history", &id, "--json"]);
+    assert_eq!(history.lines().count(), 1, "nothing was written:\n{history}");
+    let tickets = succeed(dir.path(), &["ticket", "list", "--json"]);
+    assert_eq!(tickets.lines().count(), 1, "no ticket was opened:\n{tickets}");
+}
