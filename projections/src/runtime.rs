@@ -431,11 +431,14 @@ impl Projector {
                 (None, None)
             };
             // Verification can take a while: a cancel during it still
-            // leaves the live model untouched.
-            if options
-                .cancel
-                .as_deref()
-                .is_some_and(|cancel| cancel.load(Ordering::Relaxed))
+            // leaves the live models untouched. Once one projection is
+            // swapped in, the others follow: a cancel then would leave the
+            // live models half rebuilt while saying they are untouched.
+            if reports.is_empty()
+                && options
+                    .cancel
+                    .as_deref()
+                    .is_some_and(|cancel| cancel.load(Ordering::Relaxed))
             {
                 self.discard_builds(&projections);
                 return Err(ProjectionError::Cancelled);

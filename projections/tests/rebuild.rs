@@ -722,3 +722,95 @@ async fn verify_after_a_version_bump_compares_nothing_and_swaps_in() {
         .unwrap();
     assert_eq!(counted as u64, projected, "the new model counts every event once");
 }
+
+/// A projection that raises the rebuild's cancel flag when its model is
+/// digested, that is while `--verify` compares it.
+#[derive(Debug)]
+struct CancelsWhenVerified(Arc<AtomicBool>);
+
+impl Projection for CancelsWhenVerified {
+    fn name(&self) -> &'static str {
+        "cancel_probe"
+    }
+
+    fn version(&self) -> u32 {
+        1
+    }
+
+    fn tables(&self) -> &'static [&'static str] {
+        &["probe"]
+    }
+
+    fn create(&self, conn: &Connection, slot: &Slot) -> rusqlite::Result<()> {
+        conn.execute_batch(&format!(
+            "CREATE TABLE IF NOT EXISTS {} (k TEXT PRIMARY KEY, n INTEGER NOT NULL)",
+            slot.table("probe")
+        ))
+    }
+
+    fn apply(&self, conn: &Connection, slot: &Slot, events: &[ProjectedEvent]) -> Result<(), ProjectionError> {
+        conn.execute(
+            &format!(
+                "INSERT INTO {} (k, n) VALUES ('n', ?1) ON CONFLICT (k) DO UPDATE SET n = n + ?1",
+                slot.table("probe")
+            ),
+            [events.len() as i64],
+        )
+        .map_err(|error| ProjectionError::Internal(error.to_string()))?;
+        Ok(())
+    }
+
+    fn digest(&self, conn: &Connection, slot: &Slot) -> rusqlite::Result<BTreeMap<String, u64>> {
+        self.0.store(true, Ordering::Relaxed);
+        triage_projections::digest_rows(conn, &format!("SELECT k, n FROM {}", slot.table("probe")))
+    }
+}
+
+/// A cancel before any projection is swapped in leaves every live model as
+/// it was; once one is swapped in, the rest are too, rather than leaving
+/// the models half rebuilt under a "nothing changed" answer.
+#[tokio::test]
+async fn a_cancel_after_the_first_swap_finishes_the_rebuild() {
+    let store: Arc<dyn EventStore> = Arc::new(InMemoryEventStore::new());
+    let mut workload = Workload::new(store.clone());
+    workload.random(100, 5, 9).await;
+    let cancel = Arc::new(AtomicBool::new(false));
+    let projector = Projector::with_projections(
+        store.clone(),
+        ReadModelDb::in_memory().unwrap(),
+        vec![
+            Arc::new(TicketsProjection),
+            Arc::new(CancelsWhenVerified(cancel.clone())),
+        ],
+    );
+    projector.catch_up().await.unwrap();
+    let generations = |statuses: Vec<ProjectionStatus>| -> Vec<Option<u32>> {
+        ["tickets", "cancel_probe"]
+            .iter()
+            .map(|name| status_of(&statuses, name).generation)
+            .collect()
+    };
+    let options = || RebuildOptions {
+        verify: true,
+        cancel: Some(cancel.clone()),
+        ..RebuildOptions::default()
+    };
+
+    // The probe is verified first: cancelled before any swap.
+    let cancelled = projector.rebuild_many(&["cancel_probe", "tickets"], options()).await;
+    assert!(matches!(cancelled, Err(ProjectionError::Cancelled)), "{cancelled:?}");
+    assert_eq!(generations(projector.status().await.unwrap()), [Some(1), Some(1)]);
+
+    // Tickets first: swapped in before the probe raises the flag.
+    cancel.store(false, Ordering::Relaxed);
+    let reports = projector
+        .rebuild_many(&["tickets", "cancel_probe"], options())
+        .await
+        .expect("the rebuild finishes once a projection is swapped in");
+    assert_eq!(reports.len(), 2);
+    assert!(cancel.load(Ordering::Relaxed), "the flag was raised during the rebuild");
+    let statuses = projector.status().await.unwrap();
+    assert!(statuses.iter().all(|status| !status.build_in_progress), "{statuses:?}");
+    let after = generations(statuses);
+    assert!(after.iter().all(|generation| generation > &Some(1)), "{after:?}");
+}

@@ -571,10 +571,14 @@ impl PgProjector {
             } else {
                 (None, None)
             };
-            if options
-                .cancel
-                .as_deref()
-                .is_some_and(|cancel| cancel.load(Ordering::Relaxed))
+            // Once one projection is swapped in, the others follow: a cancel
+            // then would leave the live models half rebuilt while saying
+            // they are untouched.
+            if reports.is_empty()
+                && options
+                    .cancel
+                    .as_deref()
+                    .is_some_and(|cancel| cancel.load(Ordering::Relaxed))
             {
                 self.discard_builds(&mut session, &models).await;
                 return Err(ProjectionError::Cancelled);
