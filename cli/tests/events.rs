@@ -292,15 +292,20 @@ fn replay_builds_the_read_models_as_of_a_moment_and_leaves_the_live_ones_alone()
     let ids = seed(dir.path());
     let live_before = succeed(dir.path(), &["ticket", "list", "--json"]);
     succeed(dir.path(), &["replay", "--until", "2", "--into", "then.db"]);
-    let conn = rusqlite::Connection::open(dir.path().join("then.db")).unwrap();
-    let mut states: Vec<(String, String)> = conn
-        .prepare("SELECT ticket_id, state FROM tickets ORDER BY ticket_id")
-        .unwrap()
-        .query_map([], |row| Ok((row.get(0)?, row.get(1)?)))
-        .unwrap()
-        .map(Result::unwrap)
-        .collect();
-    states.sort();
+    // The file's tickets and states, read with SQLite itself.
+    let states_in_file = || -> Vec<(String, String)> {
+        let conn = rusqlite::Connection::open(dir.path().join("then.db")).unwrap();
+        let mut states: Vec<(String, String)> = conn
+            .prepare("SELECT ticket_id, state FROM tickets ORDER BY ticket_id")
+            .unwrap()
+            .query_map([], |row| Ok((row.get(0)?, row.get(1)?)))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        states.sort();
+        states
+    };
+    let states = states_in_file();
     let expected: Vec<(String, String)> = ids
         .iter()
         .map(|id| {
@@ -342,17 +347,7 @@ fn replay_builds_the_read_models_as_of_a_moment_and_leaves_the_live_ones_alone()
         &["--read-model", "then.db", "projections", "rebuild", "--all"],
     );
     assert!(rebuild.contains("triage replay"), "{rebuild}");
-    drop(conn);
-    let conn = rusqlite::Connection::open(dir.path().join("then.db")).unwrap();
-    let mut after: Vec<(String, String)> = conn
-        .prepare("SELECT ticket_id, state FROM tickets ORDER BY ticket_id")
-        .unwrap()
-        .query_map([], |row| Ok((row.get(0)?, row.get(1)?)))
-        .unwrap()
-        .map(Result::unwrap)
-        .collect();
-    after.sort();
-    assert_eq!(after, expected, "the file still holds position 2");
+    assert_eq!(states_in_file(), expected, "the file still holds position 2");
     let again = common::fail(dir.path(), &["replay", "--until", "2", "--into", "then.db"]);
     assert!(again.contains("already exists"), "{again}");
     let none = triage(

@@ -631,18 +631,8 @@ impl PgProjector {
             let Some(live) = self.models.slot(name, SlotKind::Live).await? else {
                 return Ok((vec!["(no live model to compare with)".to_owned()], 0));
             };
-            // Another version's tables may lack this version's columns, and
-            // this version's code must never write into them.
-            if live.version != model.version() {
-                return Ok((
-                    vec![format!(
-                        "(the live model was built by version {} of the projection, this build has version {}: \
-                         nothing to compare)",
-                        live.version,
-                        model.version()
-                    )],
-                    0,
-                ));
+            if let Some(nothing) = crate::runtime::other_version(live.version, model.version()) {
+                return Ok(nothing);
             }
             let build = self.models.slot(name, SlotKind::Build).await?.ok_or_else(not_built)?;
             if live.checkpoint >= build.checkpoint {
