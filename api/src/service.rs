@@ -9,7 +9,6 @@ use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use rusqlite::OptionalExtension;
 use triage_command_handler::{Accepted, CommandError, CommandHandler};
 use triage_domain::{
     Agent, ClaimRule, Command, CommandEnvelope, CommandKind, Event, Role, State, TRANSITIONS, TicketId, queue_states,
@@ -63,9 +62,9 @@ struct Inner {
     auth: Authenticator,
     limits: Limits,
     catch_up: tokio::sync::Mutex<()>,
-    /// Claims this instance handed out, for `/v1/claims/{id}` look-ups that
-    /// the read model can no longer answer (a retried release after the
-    /// claim ended). Bounded; other instances fall back to the read model.
+    /// Claim → ticket, a cache in front of the read model's `claims` table
+    /// (which keeps every claim, ended or not). The pairs never change, so
+    /// the cache is never stale. Bounded.
     claims: std::sync::Mutex<HashMap<Uuid, TicketId>>,
     /// Commands in flight: shutdown waits for them.
     commands: tokio_util::task::TaskTracker,
@@ -357,7 +356,7 @@ impl AppState {
             .await?
             .ok_or_else(|| ApiError::NotFound {
                 code: "claim_not_found",
-                detail: format!("no ticket holds claim {claim_id}; it may have completed, expired or been released"),
+                detail: format!("claim {claim_id} was never handed out"),
             })?;
         self.ticket_command(principal, ticket_id, key, if_match, command).await
     }
@@ -368,14 +367,12 @@ impl AppState {
         }
         self.catch_up().await?;
         let found = self.inner.projector.read("tickets", |conn, slot| {
-            conn.prepare_cached(&format!(
-                "SELECT ticket_id FROM {} WHERE claim_id = ?1",
-                slot.table("tickets")
-            ))?
-            .query_row([claim_id.to_string()], |row| row.get::<_, String>(0))
-            .optional()
+            TicketsView::new(conn, slot).ticket_of_claim(claim_id)
         })?;
-        Ok(found.and_then(|id| id.parse().ok()))
+        if let Some(ticket_id) = found {
+            self.remember_claim(claim_id, ticket_id);
+        }
+        Ok(found)
     }
 
     fn remembered_claim(&self, claim_id: Uuid) -> Option<TicketId> {

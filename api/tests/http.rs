@@ -597,6 +597,71 @@ async fn release_and_heartbeat_act_on_the_claims_ticket() {
     .assert_problem(StatusCode::BAD_REQUEST, "malformed_json");
 }
 
+/// A keyed release whose answer was lost is retried after the server
+/// restarted (a new instance over the same log): the claim has ended, and
+/// the retry still gets the original outcome, not a 404.
+#[tokio::test]
+async fn a_retried_release_after_a_restart_returns_the_original_outcome() {
+    let first = Harness::new();
+    let (ticket, claim) = claimed(&first).await;
+    let claim_id = claim["claim_id"].as_str().unwrap();
+    let release = || {
+        Req::post(
+            format!("/v1/claims/{claim_id}/release"),
+            json!({"reason": "model timed out"}),
+        )
+        .header("idempotency-key", "release-1")
+    };
+    let released = first.send(Some("classifier"), release()).await;
+    assert_eq!(released.status, StatusCode::OK, "{}", released.json);
+    assert_eq!(released.json["duplicate"], false);
+
+    let restarted = Harness::on(first.store.clone());
+    let retried = restarted.send(Some("classifier"), release()).await;
+    assert_eq!(retried.status, StatusCode::OK, "{}", retried.json);
+    assert_eq!(retried.json["duplicate"], true);
+    assert_eq!(retried.json["ticket"]["id"], ticket);
+    assert_eq!(retried.json["revision"], released.json["revision"]);
+}
+
+/// A keyed claim retried after a restart, once the work it claimed has
+/// moved on, answers with that claim: it never claims a second ticket
+/// under the same claim id.
+#[tokio::test]
+async fn a_retried_claim_after_a_restart_never_claims_a_second_ticket() {
+    let first = Harness::new();
+    first.open("Cannot log in").await;
+    let claim = || Req::post("/v1/work/claim", json!({"role": "classifier"})).header("idempotency-key", "claim-1");
+    let claimed = first.send(Some("classifier"), claim()).await;
+    assert_eq!(claimed.status, StatusCode::OK, "{}", claimed.json);
+    let ticket = id(&claimed.json);
+    let classified = first
+        .send(
+            Some("classifier"),
+            Req::post(
+                format!("/v1/tickets/{ticket}/classification"),
+                classification(&claimed.json),
+            ),
+        )
+        .await;
+    assert_eq!(classified.status, StatusCode::OK, "{}", classified.json);
+    // Another ticket now waits in the classifiers' queue.
+    let other = first.open("Refund").await;
+
+    let restarted = Harness::on(first.store.clone());
+    let retried = restarted.send(Some("classifier"), claim()).await;
+    assert_eq!(retried.status, StatusCode::OK, "{}", retried.json);
+    assert_eq!(retried.json["claim_id"], claimed.json["claim_id"]);
+    assert_eq!(retried.json["duplicate"], true);
+    assert_eq!(id(&retried.json), ticket);
+    // From the log: the other ticket was never claimed.
+    let other = other["id"].as_str().unwrap();
+    let events = restarted
+        .send(Some("analyst"), Req::get(format!("/v1/tickets/{other}/events")))
+        .await;
+    assert_eq!(events.json["events"].as_array().unwrap().len(), 1, "{}", events.json);
+}
+
 #[tokio::test]
 async fn the_sweeper_expires_claims_through_the_domain() {
     let h = Harness::new();

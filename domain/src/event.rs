@@ -195,6 +195,18 @@ impl Event {
         }
     }
 
+    /// The claim this event hands out, if it starts one: a stage's claim,
+    /// or an operator's take-over.
+    pub fn new_claim(&self) -> Option<&Claim> {
+        match self {
+            Event::ClassificationStarted { claim }
+            | Event::DraftingStarted { claim }
+            | Event::EscalationStarted { claim }
+            | Event::ClaimTakenOver { claim, .. } => Some(claim),
+            _ => None,
+        }
+    }
+
     /// The current schema version of this event's type.
     ///
     /// When a type's payload changes, bump its version here, add the upcast
@@ -386,6 +398,27 @@ mod tests {
         assert_ne!(event_id(command, 0), event_id(command, 1));
         assert_ne!(event_id(command, 0), event_id(Uuid::from_u128(43), 0));
         assert_eq!(event_id(command, 0).get_version_num(), 5);
+    }
+
+    #[test]
+    fn claims_come_from_the_starts_and_take_overs_only() {
+        let claim = Claim {
+            claim_id: Uuid::from_u128(7),
+            agent_id: "drafter-1".into(),
+            lease_expires_at: DateTime::UNIX_EPOCH,
+        };
+        let started = Event::DraftingStarted { claim: claim.clone() };
+        let taken = Event::ClaimTakenOver {
+            previous_claim_id: Uuid::from_u128(6),
+            claim: claim.clone(),
+        };
+        assert_eq!(started.new_claim(), Some(&claim));
+        assert_eq!(taken.new_claim(), Some(&claim));
+        let extended = Event::LeaseExtended {
+            claim_id: claim.claim_id,
+            lease_expires_at: DateTime::UNIX_EPOCH,
+        };
+        assert_eq!(extended.new_claim(), None);
     }
 
     #[test]
