@@ -602,9 +602,14 @@ async fn migrate(client: &mut Client, schema: &str) -> Result<(), ProjectionErro
 /// Added after any options of the URL, so that it wins over a setting
 /// there too.
 fn read_committed(config: &mut Config) {
-    let setting = r"-c default_transaction_isolation=read\ committed";
+    add_server_settings(config, r"-c default_transaction_isolation=read\ committed");
+}
+
+/// Appends `settings` (`-c name=value` pairs) to the options sent to the
+/// server, after the URL's own.
+pub(crate) fn add_server_settings(config: &mut Config, settings: &str) {
     let options = config.get_options().filter(|options| !options.trim().is_empty());
-    config.options(options.map_or_else(|| setting.to_owned(), |options| format!("{options} {setting}")));
+    config.options(options.map_or_else(|| settings.to_owned(), |options| format!("{options} {settings}")));
 }
 
 #[cfg(test)]

@@ -63,6 +63,7 @@ impl Session {
     async fn open(projector: &PgProjector) -> Result<Session, ProjectionError> {
         let mut config = projector.models.config().clone();
         config.application_name(format!("triage-projector {}", projector.instance));
+        detect_a_vanished_peer(&mut config);
         let (client, connection) = config
             .connect(NoTls)
             .await
@@ -115,6 +116,43 @@ impl Session {
             .map(|(model, _)| *model)
             .collect()
     }
+}
+
+/// Idle time before the first keepalive probe on a leadership session.
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(5);
+/// Time between keepalive probes.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(2);
+/// Unanswered probes after which the peer is taken for gone.
+const KEEPALIVE_PROBES: u32 = 3;
+/// Time sent data may stay unacknowledged before the peer is taken for gone.
+const TCP_USER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A leader whose machine dies, or drops off the network, never closes its
+/// socket: the server would keep its session, and with it the advisory
+/// locks that are its leadership, until the kernel's default keepalive
+/// gives up (over two hours), and no follower could take over. Both ends
+/// probe instead. The server ends a vanished leader's session, releasing
+/// its locks, about 11 s after it last heard from it (5 s idle, then 3
+/// probes 2 s apart; 10 s for unacknowledged data); the leader likewise
+/// notices a vanished server and reconnects. Only TCP sessions probe; a
+/// Unix socket has no peer machine to lose.
+fn detect_a_vanished_peer(config: &mut tokio_postgres::Config) {
+    config
+        .keepalives(true)
+        .keepalives_idle(KEEPALIVE_IDLE)
+        .keepalives_interval(KEEPALIVE_INTERVAL)
+        .keepalives_retries(KEEPALIVE_PROBES)
+        .tcp_user_timeout(TCP_USER_TIMEOUT);
+    super::add_server_settings(
+        config,
+        &format!(
+            "-c tcp_keepalives_idle={} -c tcp_keepalives_interval={} -c tcp_keepalives_count={} -c tcp_user_timeout={}",
+            KEEPALIVE_IDLE.as_secs(),
+            KEEPALIVE_INTERVAL.as_secs(),
+            KEEPALIVE_PROBES,
+            TCP_USER_TIMEOUT.as_millis()
+        ),
+    );
 }
 
 /// The second key of a slot's advisory lock, hashed by the server.
@@ -966,4 +1004,54 @@ async fn create_views(
     tx.batch_execute(&sql)
         .await
         .map_err(|error| ProjectionError::postgres("create the views", error))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::postgres::PgReadModelOptions;
+
+    /// A leadership session asks the server to probe it: without that, a
+    /// leader that vanished without closing its socket would keep its locks
+    /// for hours. Read back from the server itself.
+    #[tokio::test]
+    async fn a_leadership_session_is_probed_by_the_server() {
+        let Some(url) = std::env::var("TRIAGE_PG_URL").ok().filter(|url| !url.is_empty()) else {
+            eprintln!("skipped: a_leadership_session_is_probed_by_the_server (TRIAGE_PG_URL is not set)");
+            return;
+        };
+        let models = PgReadModels::connect_temporary(&url, PgReadModelOptions::default())
+            .await
+            .expect("temporary read models open");
+        let events: Arc<dyn EventStore> = Arc::new(triage_event_store::InMemoryEventStore::new());
+        let projector = PgProjector::new(events, models);
+        let session = Session::open(&projector).await.expect("a session opens");
+        let setting = |name: &'static str| {
+            let client = &session.client;
+            async move {
+                client
+                    .query_one(&format!("SELECT current_setting('{name}')"), &[])
+                    .await
+                    .expect("the setting reads")
+                    .get::<_, String>(0)
+            }
+        };
+        // Over a Unix socket the server reports 0 whatever was asked.
+        let over_tcp: bool = session
+            .client
+            .query_one("SELECT inet_client_addr() IS NOT NULL", &[])
+            .await
+            .unwrap()
+            .get(0);
+        if !over_tcp {
+            eprintln!("skipped: a_leadership_session_is_probed_by_the_server (TRIAGE_PG_URL is not a TCP address)");
+            return;
+        }
+        assert_eq!(setting("tcp_keepalives_idle").await, "5");
+        assert_eq!(setting("tcp_keepalives_interval").await, "2");
+        assert_eq!(setting("tcp_keepalives_count").await, "3");
+        assert_eq!(setting("tcp_user_timeout").await, "10000");
+        // The session still starts its transactions READ COMMITTED.
+        assert_eq!(setting("default_transaction_isolation").await, "read committed");
+    }
 }
