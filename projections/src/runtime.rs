@@ -52,7 +52,7 @@ pub struct RebuildProgress {
 
 /// How often a rebuild catches its shadow generation up to a live one that
 /// moved ahead before swapping it in anyway (see `swap_once_caught_up`).
-const SWAP_ATTEMPTS: usize = 20;
+pub(crate) const SWAP_ATTEMPTS: usize = 20;
 
 /// What [`Projector::rebuild`] did.
 #[derive(Clone, Debug, PartialEq, Serialize)]

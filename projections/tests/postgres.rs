@@ -234,6 +234,70 @@ async fn a_rebuild_swaps_in_while_a_leader_keeps_applying() {
     assert_eq!(models.digest("stats").await.unwrap(), stats);
 }
 
+/// The live model moves on while a rebuild replays (another instance
+/// applies new events after the rebuild read its last page): the rebuild
+/// catches up before swapping in, and the live model never moves back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_swap_never_moves_the_live_model_back() {
+    let Some(url) = url("a_swap_never_moves_the_live_model_back") else {
+        return;
+    };
+    let store = event_store(&url).await;
+    let events: Arc<dyn EventStore> = store.clone();
+    let models = read_models(&url).await;
+    let mut workload = Workload::new(events.clone());
+    workload.random(200, 10, 8).await;
+    let follower = PgProjector::new(events.clone(), models.clone()).with_instance("follower");
+    follower.catch_up().await.unwrap();
+
+    // When the rebuild has replayed everything there was, more is written
+    // and applied to the live model by another instance, and only then
+    // does the rebuild go on to its swap.
+    let (moved_on, wait_for_it) = std::sync::mpsc::channel::<()>();
+    let (go, mut started) = tokio::sync::mpsc::channel::<()>(1);
+    let helper = tokio::spawn({
+        let follower = follower.clone();
+        async move {
+            started.recv().await.expect("the rebuild reached the head");
+            workload.random(100, 10, 9).await;
+            follower.catch_up().await.unwrap();
+            moved_on.send(()).unwrap();
+        }
+    });
+    let mut fired = false;
+    let progress = move |progress: triage_projections::RebuildProgress| {
+        if !fired && progress.done >= progress.total {
+            fired = true;
+            go.try_send(()).unwrap();
+            tokio::task::block_in_place(|| wait_for_it.recv().unwrap());
+        }
+    };
+    let operator = PgProjector::new(events.clone(), models.clone()).with_instance("operator");
+    let reports = operator
+        .rebuild_many(
+            &["tickets", "stats"],
+            RebuildOptions {
+                progress: Some(Box::new(progress)),
+                ..RebuildOptions::default()
+            },
+        )
+        .await
+        .unwrap();
+    helper.await.unwrap();
+    let (projected, head) = projected_events(events.as_ref()).await;
+    for report in &reports {
+        assert_eq!(report.events, projected, "the rebuild caught up: {report:?}");
+    }
+    // Nothing applies any more: what the swap left is what readers see.
+    for status in operator.status().await.unwrap() {
+        assert_eq!(status.checkpoint, head, "{status:?}");
+        assert_eq!(status.events_applied, projected, "{status:?}");
+    }
+    let [tickets, stats] = clean_pg_digests(&url, events.clone()).await;
+    assert_eq!(models.digest("tickets").await.unwrap(), tickets);
+    assert_eq!(models.digest("stats").await.unwrap(), stats);
+}
+
 // ---------------------------------------------------------------------
 // Child processes: killed by the parent tests below.
 

@@ -595,9 +595,6 @@ impl PgProjector {
         let wall = started.elapsed().as_secs_f64();
         let mut reports = Vec::with_capacity(models.len());
         for (model, slot) in models.iter().zip(&slots) {
-            let events = read_slot(&session.client, &self.models, model.name(), SlotKind::Build, "")
-                .await?
-                .map_or(0, |slot| slot.events_applied);
             let (differences, compared) = if options.verify {
                 match self.verify(&mut session, *model).await {
                     Ok((differences, compared)) => (Some(differences), Some(compared)),
@@ -621,7 +618,7 @@ impl PgProjector {
                 self.discard_builds(&mut session, &models).await;
                 return Err(ProjectionError::Cancelled);
             }
-            self.swap(&mut session, *model).await?;
+            let events = self.swap_once_caught_up(&mut session, *model).await?.events_applied;
             tracing::info!(
                 projection = model.name(),
                 generation = slot.generation,
@@ -736,9 +733,41 @@ impl PgProjector {
         Ok((differences, live_rows.len().max(build_rows.len())))
     }
 
+    /// Swaps the build generation in once it has caught up with the live
+    /// one, which its leader kept applying to during the rebuild: readers
+    /// never see the model move back. A build that is behind is caught up
+    /// and tried again; after [`crate::runtime::SWAP_ATTEMPTS`] tries it is
+    /// swapped in behind, and the live catch-up brings it forward.
+    /// Answers the registry row of what was swapped in.
+    async fn swap_once_caught_up(&self, session: &mut Session, model: Model) -> Result<Slot, ProjectionError> {
+        let build = [(model, SlotKind::Build)];
+        for _ in 0..crate::runtime::SWAP_ATTEMPTS {
+            if let Some(swapped) = self.swap(session, model, true).await? {
+                return Ok(swapped);
+            }
+            self.replay(&mut session.client, &build, None, &mut |_| {}, None)
+                .await?;
+        }
+        tracing::warn!(
+            projection = model.name(),
+            attempts = crate::runtime::SWAP_ATTEMPTS,
+            "the live model kept moving ahead of the rebuilt one; swapping it in behind, the live catch-up brings it forward"
+        );
+        self.swap(session, model, false)
+            .await?
+            .ok_or_else(|| ProjectionError::Internal("an unconditional swap did not swap".to_owned()))
+    }
+
     /// Makes the build generation live and drops the old one, in one
-    /// transaction that holds both registry rows.
-    async fn swap(&self, session: &mut Session, model: Model) -> Result<(), ProjectionError> {
+    /// transaction that holds both registry rows, and answers the build's
+    /// row. With `only_if_caught_up`, does nothing and answers `None` while
+    /// the live generation's checkpoint is past the build's.
+    async fn swap(
+        &self,
+        session: &mut Session,
+        model: Model,
+        only_if_caught_up: bool,
+    ) -> Result<Option<Slot>, ProjectionError> {
         let tx = begin(&mut session.client).await?;
         lock_registry(&tx, &self.models, model).await?;
         let build = read_slot(&tx, &self.models, model.name(), SlotKind::Build, "FOR UPDATE")
@@ -747,6 +776,10 @@ impl PgProjector {
                 name: model.name().to_owned(),
             })?;
         let old = read_slot(&tx, &self.models, model.name(), SlotKind::Live, "FOR UPDATE").await?;
+        if only_if_caught_up && old.as_ref().is_some_and(|old| old.checkpoint > build.checkpoint) {
+            // Dropping the transaction rolls it back.
+            return Ok(None);
+        }
         drop_views(&tx, &self.models, model).await?;
         if let Some(old) = old {
             drop_tables(&tx, &self.models, model, old.generation).await?;
@@ -776,7 +809,8 @@ impl PgProjector {
         .await
         .map_err(|error| ProjectionError::postgres("swap the rebuilt model in", error))?;
         create_views(&tx, &self.models, model, build.generation).await?;
-        commit(tx).await
+        commit(tx).await?;
+        Ok(Some(build))
     }
 
     /// Each projection's status, with the instance leading it right now.
