@@ -1,6 +1,7 @@
 //! The read-model database: one SQLite file holding every projection's
 //! tables, their checkpoints and the registry of live generations.
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -99,6 +100,26 @@ impl SlotKind {
 pub struct ReadModelDb {
     path: PathBuf,
     conn: Arc<Mutex<Connection>>,
+    /// Projections this process is rebuilding into this database.
+    rebuilding: Arc<Mutex<BTreeSet<String>>>,
+}
+
+/// The right to rebuild one projection, given up when dropped.
+#[derive(Debug)]
+pub(crate) struct RebuildClaim {
+    name: String,
+    rebuilding: Arc<Mutex<BTreeSet<String>>>,
+    /// Locked exclusively; closing it unlocks it.
+    file: Option<std::fs::File>,
+}
+
+impl Drop for RebuildClaim {
+    fn drop(&mut self) {
+        self.rebuilding
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .remove(&self.name);
+    }
 }
 
 impl ReadModelDb {
@@ -163,6 +184,7 @@ impl ReadModelDb {
         Ok(ReadModelDb {
             path,
             conn: Arc::new(Mutex::new(conn)),
+            rebuilding: Arc::default(),
         })
     }
 
@@ -190,6 +212,7 @@ impl ReadModelDb {
             Ok(true) => Ok(ReadModelDb {
                 path,
                 conn: Arc::new(Mutex::new(conn)),
+                rebuilding: Arc::default(),
             }),
             Ok(false) => Err(ProjectionError::Incompatible {
                 path,
@@ -210,12 +233,65 @@ impl ReadModelDb {
         Ok(ReadModelDb {
             path: PathBuf::from(":memory:"),
             conn: Arc::new(Mutex::new(conn)),
+            rebuilding: Arc::default(),
         })
     }
 
     /// The file.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Whether the models live in memory only.
+    fn in_memory_only(&self) -> bool {
+        self.path == Path::new(":memory:")
+    }
+
+    /// The file whose lock a rebuild of `name` holds.
+    pub fn rebuild_lock_path(&self, name: &str) -> Option<PathBuf> {
+        let file = self.path.file_name()?.to_string_lossy().into_owned();
+        (!self.in_memory_only()).then(|| self.path.with_file_name(format!("{file}.rebuild-{name}.lock")))
+    }
+
+    /// Claims the right to rebuild `name`, or fails with
+    /// [`ProjectionError::RebuildInProgress`] while another rebuild of it
+    /// runs, in this process or another: a second rebuild would discard
+    /// the first one's shadow generation under it. Across processes the
+    /// claim is an exclusive lock on a file beside the database, which the
+    /// system releases when its holder dies, so a crashed rebuild never
+    /// blocks the next one.
+    pub(crate) fn claim_rebuild(&self, name: &str) -> Result<RebuildClaim, ProjectionError> {
+        let in_progress = || ProjectionError::RebuildInProgress { name: name.to_owned() };
+        if !self
+            .rebuilding
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .insert(name.to_owned())
+        {
+            return Err(in_progress());
+        }
+        let mut claim = RebuildClaim {
+            name: name.to_owned(),
+            rebuilding: self.rebuilding.clone(),
+            file: None,
+        };
+        if let Some(path) = self.rebuild_lock_path(name) {
+            let cannot = |error: std::io::Error| {
+                ProjectionError::Internal(format!("cannot lock {} for a rebuild: {error}", path.display()))
+            };
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(&path)
+                .map_err(cannot)?;
+            match file.try_lock() {
+                Ok(()) => claim.file = Some(file),
+                Err(std::fs::TryLockError::WouldBlock) => return Err(in_progress()),
+                Err(std::fs::TryLockError::Error(error)) => return Err(cannot(error)),
+            }
+        }
+        Ok(claim)
     }
 
     /// Marks the file as read models as of `position` (`triage replay`):

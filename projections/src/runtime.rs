@@ -376,6 +376,11 @@ impl Projector {
             .iter()
             .map(|name| self.projection(name))
             .collect::<Result<_, _>>()?;
+        // Held to the end: the build generations below are this rebuild's.
+        let _claims = projections
+            .iter()
+            .map(|projection| self.db.claim_rebuild(projection.name()))
+            .collect::<Result<Vec<_>, _>>()?;
         let mut slots = Vec::with_capacity(projections.len());
         {
             let mut conn = self.db.lock();

@@ -815,3 +815,60 @@ async fn a_cancel_after_the_first_swap_finishes_the_rebuild() {
     let after = generations(statuses);
     assert!(after.iter().all(|generation| generation > &Some(1)), "{after:?}");
 }
+
+/// A second rebuild of a projection while one runs, in the same process
+/// or through another handle on the same file (as another process would
+/// open it), is refused with a clear error and leaves the first alone; a
+/// rebuild of another projection meanwhile is not held up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_rebuild_of_the_same_projection_is_refused() {
+    let store: Arc<dyn EventStore> = Arc::new(InMemoryEventStore::new());
+    let mut workload = Workload::new(store.clone());
+    workload.random(300, 15, 21).await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("triage.read.db");
+    let db = ReadModelDb::open(&path).unwrap();
+    let first = Projector::new(store.clone(), db.clone()).with_options(small_batches(25));
+    first.catch_up().await.unwrap();
+    let same_handle = Projector::new(store.clone(), db.clone());
+    let other_handle = Projector::new(store.clone(), ReadModelDb::open(&path).unwrap());
+
+    let mut tried = false;
+    let progress = move |_| {
+        if tried {
+            return;
+        }
+        tried = true;
+        let attempt = |projector: &Projector, name: &str| {
+            tokio::task::block_in_place(|| {
+                tokio::runtime::Handle::current().block_on(projector.rebuild(name, RebuildOptions::default()))
+            })
+        };
+        for projector in [&same_handle, &other_handle] {
+            match attempt(projector, "tickets") {
+                Err(ProjectionError::RebuildInProgress { name }) => assert_eq!(name, "tickets"),
+                other => panic!("a second rebuild of tickets ran: {other:?}"),
+            }
+        }
+        attempt(&other_handle, "stats").expect("a rebuild of stats runs meanwhile");
+    };
+    let report = first
+        .rebuild(
+            "tickets",
+            RebuildOptions {
+                progress: Some(Box::new(progress)),
+                ..RebuildOptions::default()
+            },
+        )
+        .await
+        .expect("the first rebuild finishes");
+    let (projected, _) = projected_events(store.as_ref()).await;
+    assert_eq!(report.events, projected);
+    assert!(path.with_file_name("triage.read.db.rebuild-tickets.lock").exists());
+    // Once it has finished, the next rebuild runs.
+    let again = Projector::new(store.clone(), ReadModelDb::open(&path).unwrap());
+    again.rebuild("tickets", RebuildOptions::default()).await.unwrap();
+    let [clean_tickets, clean_stats] = clean_digests(store.clone()).await;
+    assert_eq!(digest(&again, "tickets"), clean_tickets);
+    assert_eq!(digest(&again, "stats"), clean_stats);
+}
