@@ -333,6 +333,20 @@ fn probe(schema: &str) -> String {
     )
 }
 
+/// Whether a failure to prepare [`probe`] means the table lacks a column
+/// or has one of another type: the SQLSTATEs of a missing or mistyped
+/// relation or column.
+fn is_shape_error(code: &SqlState) -> bool {
+    [
+        SqlState::UNDEFINED_COLUMN,
+        SqlState::UNDEFINED_TABLE,
+        SqlState::WRONG_OBJECT_TYPE,
+        SqlState::DATATYPE_MISMATCH,
+        SqlState::AMBIGUOUS_COLUMN,
+    ]
+    .contains(code)
+}
+
 /// Brings the store in the target's schema to [`LATEST_VERSION`], creating
 /// it if the schema has no Triage tables.
 ///
@@ -437,12 +451,16 @@ pub(crate) async fn migrate(client: &mut Client, target: &Target) -> Result<(), 
         }
     }
     if let Err(error) = tx.prepare(&probe(schema)).await {
-        if error.code() == Some(&SqlState::INSUFFICIENT_PRIVILEGE) {
-            return Err(failed("cannot read the events table", error));
-        }
+        // Only an answer about the table's shape says it is damaged; a
+        // lock timeout, a lost connection or a shutdown says nothing about
+        // the store.
+        let Some(db) = error.as_db_error().filter(|db| is_shape_error(db.code())) else {
+            return Err(failed("cannot check the events table", error));
+        };
         return Err(Error::Incompatible(format!(
-            "{} is a damaged Triage event store: triage_events does not have the schema-{LATEST_VERSION} shape ({error}); nothing was modified",
-            target.describe()
+            "{} is a damaged Triage event store: triage_events does not have the schema-{LATEST_VERSION} shape ({}); nothing was modified",
+            target.describe(),
+            db.message()
         )));
     }
     tx.commit()

@@ -421,3 +421,67 @@ async fn a_stricter_default_isolation_changes_nothing() {
         .await
         .unwrap();
 }
+
+/// A store that is fine but cannot be checked right now (here the events
+/// table is locked by another session past the opener's lock_timeout) is
+/// not called damaged: the error says what failed, and nothing changes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_that_cannot_be_checked_now_is_not_called_damaged() {
+    let Some(url) = common::url("a_store_that_cannot_be_checked_now_is_not_called_damaged") else {
+        return;
+    };
+    let admin = common::raw_client(&url).await;
+    let schema = fresh_schema();
+    PostgresEventStore::connect(&url, PostgresOptions::in_schema(&schema))
+        .await
+        .expect("the store is created");
+    let mut locker = common::raw_client(&url).await;
+    let lock = locker.transaction().await.unwrap();
+    lock.batch_execute(&format!(
+        r#"LOCK TABLE "{schema}".triage_events IN ACCESS EXCLUSIVE MODE"#
+    ))
+    .await
+    .unwrap();
+    let separator = if url.contains('?') { '&' } else { '?' };
+    let impatient = format!("{url}{separator}options=-c%20lock_timeout%3D200");
+    match PostgresEventStore::connect(&impatient, PostgresOptions::in_schema(&schema)).await {
+        Err(Error::Backend { message, .. }) => {
+            assert!(!message.contains("damaged"), "{message}");
+            assert!(message.contains("events table"), "{message}");
+        }
+        other => panic!("expected Error::Backend, got {other:?}"),
+    }
+    lock.rollback().await.unwrap();
+    PostgresEventStore::connect(&url, PostgresOptions::in_schema(&schema))
+        .await
+        .expect("once the lock is gone the store opens");
+    drop_schema(&admin, &schema).await;
+}
+
+/// An events table that lost a column is a damaged store, said with the
+/// server's own words, and left as it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_events_table_of_the_wrong_shape_is_called_damaged() {
+    let Some(url) = common::url("an_events_table_of_the_wrong_shape_is_called_damaged") else {
+        return;
+    };
+    let admin = common::raw_client(&url).await;
+    let schema = fresh_schema();
+    PostgresEventStore::connect(&url, PostgresOptions::in_schema(&schema))
+        .await
+        .expect("the store is created");
+    admin
+        .batch_execute(&format!(r#"ALTER TABLE "{schema}".triage_events DROP COLUMN metadata"#))
+        .await
+        .unwrap();
+    let before = snapshot(&admin, &schema).await;
+    match PostgresEventStore::connect(&url, PostgresOptions::in_schema(&schema)).await {
+        Err(Error::Incompatible(message)) => {
+            assert!(message.contains("damaged"), "{message}");
+            assert!(message.contains("\"metadata\" does not exist"), "{message}");
+        }
+        other => panic!("expected Error::Incompatible, got {other:?}"),
+    }
+    assert_eq!(snapshot(&admin, &schema).await, before, "the schema is unchanged");
+    drop_schema(&admin, &schema).await;
+}
