@@ -475,6 +475,66 @@ async fn a_write_under_an_expired_claim_is_409_and_fencing_holds() {
     .assert_problem(StatusCode::CONFLICT, "stale_claim");
 }
 
+/// After the sweeper expired the claim (the ticket is back in the queue),
+/// the late write is still told its lease expired, and when; a release
+/// then a late write is told the claim is stale. Nothing is appended.
+#[tokio::test]
+async fn a_late_write_after_the_claim_ended_says_how_it_ended() {
+    let h = Harness::new();
+    let (ticket, claim) = claimed(&h).await;
+    h.clock.advance(chrono::Duration::seconds(61));
+    assert_eq!(triage_api::sweeper::sweep_once(&h.state, 10).await.unwrap(), 1);
+    let late = h
+        .send(
+            Some("classifier"),
+            Req::post(format!("/v1/tickets/{ticket}/classification"), classification(&claim)),
+        )
+        .await;
+    late.assert_problem(StatusCode::CONFLICT, "lease_expired");
+    assert_eq!(late.json["state"], "NEW");
+    let detail = late.json["detail"].as_str().unwrap();
+    assert!(
+        detail.contains(claim["claim_id"].as_str().unwrap()) && detail.contains("expired at"),
+        "{detail}"
+    );
+
+    let again = h.claim("classifier", "classifier").await;
+    assert_eq!(again.status, StatusCode::OK, "{}", again.json);
+    let again_id = again.json["claim_id"].as_str().unwrap().to_owned();
+    let released = h
+        .send(
+            Some("classifier"),
+            Req::post(
+                format!("/v1/claims/{again_id}/release"),
+                json!({"reason": "model down"}),
+            ),
+        )
+        .await;
+    assert_eq!(released.status, StatusCode::OK, "{}", released.json);
+    h.send(
+        Some("classifier"),
+        Req::post(
+            format!("/v1/tickets/{ticket}/classification"),
+            classification(&again.json),
+        ),
+    )
+    .await
+    .assert_problem(StatusCode::CONFLICT, "stale_claim");
+    // A claim this ticket never had: the transition is what is wrong.
+    let mut unknown = classification(&claim);
+    unknown["claim_id"] = json!(uuid::Uuid::new_v4());
+    h.send(
+        Some("classifier"),
+        Req::post(format!("/v1/tickets/{ticket}/classification"), unknown),
+    )
+    .await
+    .assert_problem(StatusCode::CONFLICT, "invalid_transition");
+    let events = h
+        .send(Some("analyst"), Req::get(format!("/v1/tickets/{ticket}/events")))
+        .await;
+    assert_eq!(events.json["events"].as_array().unwrap().len(), 5, "{}", events.json);
+}
+
 #[tokio::test]
 async fn the_same_key_and_body_replays_and_a_different_body_is_422() {
     let h = Harness::new();

@@ -301,6 +301,44 @@ fn check_claim(
     }
 }
 
+/// Why a command refused as an invalid transition really failed, when it
+/// names a claim that was handed out on this ticket and has ended since: a
+/// late write after the sweeper expired its claim (the ticket went back
+/// to a queue, where completing the stage is no transition) is told that
+/// its lease expired, and one after a release, completion or take-over
+/// that its claim is stale. `None` for a claim this ticket never had, or
+/// its current one: then the transition is what is wrong.
+pub fn ended_claim<'a>(
+    ticket: &Ticket,
+    history: impl IntoIterator<Item = &'a Event>,
+    claim_id: Uuid,
+) -> Option<Rejection> {
+    let current = ticket.claim.as_ref().map(|claim| claim.claim_id);
+    if current == Some(claim_id) {
+        return None;
+    }
+    let mut handed_out = false;
+    for event in history {
+        if event.new_claim().is_some_and(|claim| claim.claim_id == claim_id) {
+            handed_out = true;
+        }
+        if let Event::ClaimExpired {
+            claim_id: expired,
+            lease_expired_at,
+            ..
+        } = event
+            && *expired == claim_id
+            && handed_out
+        {
+            return Some(Rejection::LeaseExpired {
+                claim_id,
+                expired_at: *lease_expired_at,
+            });
+        }
+    }
+    handed_out.then_some(Rejection::StaleClaim { claim_id, current })
+}
+
 fn current_claim(ticket: &Ticket, claim_id: Uuid) -> Result<&Claim, Rejection> {
     match &ticket.claim {
         Some(claim) if claim.claim_id == claim_id => Ok(claim),
