@@ -49,6 +49,10 @@ impl EventStore for SlowStore {
         self.inner.head_position().await
     }
 
+    async fn read_event(&self, event_id: uuid::Uuid) -> Result<Option<RecordedEvent>> {
+        self.inner.read_event(event_id).await
+    }
+
     fn subscribe_to_all(self: Arc<Self>, options: SubscribeToAll) -> Subscription {
         self.inner.clone().subscribe_to_all(options)
     }

@@ -142,6 +142,11 @@ impl EventStore for InMemoryEventStore {
         Ok(selected)
     }
 
+    async fn read_event(&self, event_id: Uuid) -> Result<Option<RecordedEvent>> {
+        let inner = self.lock();
+        Ok(inner.ids.get(&event_id).map(|&index| inner.log[index].clone()))
+    }
+
     async fn read_all(&self, options: ReadAll) -> Result<Vec<RecordedEvent>> {
         let inner = self.lock();
         let in_range = |event: &&RecordedEvent| after_start(options.direction, options.from, event.position);

@@ -3,6 +3,7 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use uuid::Uuid;
 
 use crate::subscription::{SubscribeToAll, Subscription};
 use crate::{AppendResult, EventData, ExpectedRevision, Position, ReadAll, ReadStream};
@@ -44,6 +45,15 @@ pub trait EventStore: Send + Sync + std::fmt::Debug + 'static {
     /// Backends without a native subscription return
     /// [`Subscription::catch_up`] over their reads and head notifications.
     fn subscribe_to_all(self: Arc<Self>, options: SubscribeToAll) -> Subscription;
+
+    /// The event with `event_id`, wherever it is stored; `Ok(None)` when
+    /// none is. Stores that index event ids across streams
+    /// ([`EventStore::enforces_unique_event_ids`]) answer from that index;
+    /// KurrentDB, which keeps no such index, always answers `Ok(None)`, and
+    /// callers fall back to what they have (a read model, say). The command
+    /// handler derives event ids from command ids ([`crate::EventData`]
+    /// ids are deterministic), so this finds the stream a command went to.
+    async fn read_event(&self, event_id: Uuid) -> Result<Option<RecordedEvent>>;
 
     /// A short description of the backend for logs and `--help` output,
     /// such as `sqlite:///tmp/triage.db`.

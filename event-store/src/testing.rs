@@ -89,6 +89,10 @@ impl EventStore for CountingStore {
         self.inner.head_position().await
     }
 
+    async fn read_event(&self, event_id: uuid::Uuid) -> crate::Result<Option<RecordedEvent>> {
+        self.inner.read_event(event_id).await
+    }
+
     fn subscribe_to_all(self: Arc<Self>, options: SubscribeToAll) -> Subscription {
         Arc::clone(&self.inner).subscribe_to_all(options)
     }
@@ -124,6 +128,7 @@ macro_rules! conformance_suite {
             idempotent_retry_after_no_stream,
             partial_idempotent_match_fails,
             event_ids_are_unique_across_streams,
+            read_event_finds_an_event_by_id,
             appends_are_atomic,
             invalid_appends_are_rejected_without_writing,
             recorded_events_round_trip,
@@ -438,6 +443,35 @@ pub async fn partial_idempotent_match_fails(store: Arc<dyn EventStore>) {
         Some(2),
     );
     assert_eq!(read(&store, &s).await.len(), 3, "failed appends wrote nothing");
+}
+
+/// An event is found by its id, whole (stream, revision, position, payload),
+/// on the backends that index ids across streams; an id never stored is
+/// `None` everywhere, and so is every id where ids are not indexed.
+pub async fn read_event_finds_an_event_by_id(store: Arc<dyn EventStore>) {
+    let first = stream("ticket");
+    let second = stream("ticket");
+    store
+        .append(&first, ExpectedRevision::NoStream, events(2))
+        .await
+        .unwrap();
+    store
+        .append(&second, ExpectedRevision::NoStream, events(3))
+        .await
+        .unwrap();
+    assert_eq!(store.read_event(Uuid::new_v4()).await.unwrap(), None);
+    for stored in read(&store, &first)
+        .await
+        .into_iter()
+        .chain(read(&store, &second).await)
+    {
+        let found = store.read_event(stored.id).await.unwrap();
+        if store.enforces_unique_event_ids() {
+            assert_eq!(found.as_ref(), Some(&stored));
+        } else {
+            assert_eq!(found, None, "a store without an id index answers None");
+        }
+    }
 }
 
 /// An event id stored in one stream cannot be appended to another, on the

@@ -425,6 +425,14 @@ impl EventStore for View {
         Ok(records)
     }
 
+    async fn read_event(
+        &self,
+        event_id: Uuid,
+    ) -> triage_event_store::Result<Option<triage_event_store::RecordedEvent>> {
+        let event = self.inner.read_event(event_id).await?;
+        Ok(event.filter(|event| self.limit.is_none_or(|limit| event.position <= limit)))
+    }
+
     async fn head_position(&self) -> triage_event_store::Result<Option<triage_event_store::Position>> {
         let head = self.inner.head_position().await?;
         Ok(match self.limit {

@@ -503,6 +503,13 @@ impl EventStore for KurrentDbEventStore {
         Ok(events)
     }
 
+    /// KurrentDB keeps no index of event ids across streams (its
+    /// idempotency is per stream), and finding one would mean scanning
+    /// `$all`: callers fall back to what they have.
+    async fn read_event(&self, _event_id: uuid::Uuid) -> Result<Option<RecordedEvent>> {
+        Ok(None)
+    }
+
     async fn head_position(&self) -> Result<Option<Position>> {
         let (events, _, _) = self.read_all_page(Direction::Backwards, None, 1).await?;
         if let Some(last) = events.first() {

@@ -605,6 +605,11 @@ impl EventStore for PostgresEventStore {
         .await
     }
 
+    async fn read_event(&self, event_id: Uuid) -> Result<Option<RecordedEvent>> {
+        let client = self.client().await?;
+        reader::read_event(&client, &self.sql, &self.target, event_id).await
+    }
+
     async fn head_position(&self) -> Result<Option<Position>> {
         let client = self.client().await?;
         let heads = reader::settled_heads(&client, &self.sql, &self.target, self.options.visibility_wait, None).await?;

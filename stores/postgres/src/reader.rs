@@ -40,6 +40,7 @@ pub(crate) struct Sql {
     read_stream_forwards: String,
     read_stream_backwards: String,
     stream_exists: String,
+    read_event: String,
     read_all_forwards: String,
     read_all_backwards: String,
     /// `(top, visible)`: the highest committed position, and the highest
@@ -80,6 +81,7 @@ impl Sql {
                    WHERE stream = $1 AND revision <= $2 ORDER BY revision DESC LIMIT $3"#
             ),
             stream_exists: format!(r#"SELECT EXISTS (SELECT 1 FROM "{s}".triage_events WHERE stream = $1)"#),
+            read_event: format!(r#"SELECT {EVENT_COLUMNS} FROM "{s}".triage_events WHERE event_id = $1"#),
             // A page of `$all` is the first `$2` rows from `$1` in the order
             // of the primary key (the inner select), of which only those
             // below the watermark are returned (the outer filters). The two
@@ -249,6 +251,21 @@ pub(crate) async fn read_stream(
         }
     }
     rows.iter().map(|row| decode(row, target)).collect()
+}
+
+/// The event with `event_id`, through the unique constraint on it. Only
+/// committed rows are seen; unlike `$all`, a single event needs no
+/// watermark, since nothing is read after it.
+pub(crate) async fn read_event(
+    client: &Client,
+    sql: &Sql,
+    target: &Target,
+    event_id: Uuid,
+) -> Result<Option<RecordedEvent>> {
+    let failed = |e| target.db_error("cannot read an event by id", e);
+    let statement = client.prepare_cached(&sql.read_event).await.map_err(failed)?;
+    let row = client.query_opt(&statement, &[&event_id]).await.map_err(failed)?;
+    row.map(|row| decode(&row, target)).transpose()
 }
 
 /// Reads a page of `$all` below the watermark, the start position included.

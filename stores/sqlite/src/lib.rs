@@ -262,6 +262,12 @@ impl EventStore for SqliteEventStore {
             .await
     }
 
+    async fn read_event(&self, event_id: uuid::Uuid) -> Result<Option<RecordedEvent>> {
+        self.readers
+            .run("reading an event by id", move |conn| reader::read_event(conn, event_id))
+            .await
+    }
+
     fn subscribe_to_all(self: Arc<Self>, options: SubscribeToAll) -> Subscription {
         let head = self.head.subscribe();
         Subscription::catch_up(self, options, head)

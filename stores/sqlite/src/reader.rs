@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rusqlite::types::Type;
-use rusqlite::{Connection, Row};
+use rusqlite::{Connection, OptionalExtension, Row};
 use tokio::sync::Semaphore;
 use triage_event_store::{AllStart, Direction, Error, Position, ReadAll, ReadStream, RecordedEvent, Result};
 use triage_event_store::{StreamName, StreamStart};
@@ -162,6 +162,19 @@ pub(crate) fn read_all(conn: &Connection, options: ReadAll) -> rusqlite::Result<
         .query_map((to_sql_int(from), limit), |row| decode(row, None))?
         .collect::<rusqlite::Result<Vec<_>>>()?;
     Ok(Ok(events))
+}
+
+/// The event with `event_id`, through the unique index on it.
+pub(crate) fn read_event(conn: &Connection, event_id: Uuid) -> rusqlite::Result<Result<Option<RecordedEvent>>> {
+    const SQL: &str = concat!(
+        "SELECT e.position, s.name, e.revision, e.event_id, e.event_type, e.data, e.metadata, e.recorded_at",
+        " FROM events e JOIN streams s ON s.stream_id = e.stream_id WHERE e.event_id = ?1"
+    );
+    let event = conn
+        .prepare_cached(SQL)?
+        .query_row([event_id.as_bytes().as_slice()], |row| decode(row, None))
+        .optional()?;
+    Ok(Ok(event))
 }
 
 /// The position of the last committed event.
