@@ -62,9 +62,9 @@ struct Inner {
     auth: Authenticator,
     limits: Limits,
     catch_up: tokio::sync::Mutex<()>,
-    /// Claim → ticket, a cache in front of the read model's `claims` table
-    /// (which keeps every claim, ended or not). The pairs never change, so
-    /// the cache is never stale. Bounded.
+    /// Claim → ticket, a cache in front of the log (see
+    /// `ticket_of_claim`). The pairs never change, so the cache is never
+    /// stale. Bounded.
     claims: std::sync::Mutex<HashMap<Uuid, TicketId>>,
     /// Commands in flight: shutdown waits for them.
     commands: tokio_util::task::TaskTracker,
@@ -361,14 +361,39 @@ impl AppState {
         self.ticket_command(principal, ticket_id, key, if_match, command).await
     }
 
+    /// The ticket `claim_id` was handed out on, whether or not it still
+    /// holds it: a retried release or claim names a claim that may have
+    /// ended, on this instance or another, before or after a restart.
+    ///
+    /// A claim's id is the id of the command that took it, and that
+    /// command's first event, the claim itself, has the id
+    /// [`triage_domain::event_id`]`(claim_id, 0)`: the log finds it through
+    /// its index of event ids. A store without one (KurrentDB) falls back
+    /// to the read model, which knows current claims only.
     async fn ticket_of_claim(&self, claim_id: Uuid) -> Result<Option<TicketId>, ApiError> {
         if let Some(ticket) = self.remembered_claim(claim_id) {
             return Ok(Some(ticket));
         }
-        self.catch_up().await?;
-        let found = self.inner.projector.read("tickets", |conn, slot| {
-            TicketsView::new(conn, slot).ticket_of_claim(claim_id)
-        })?;
+        let store = self.inner.handler.store();
+        let record = store
+            .read_event(triage_domain::event_id(claim_id, 0))
+            .await
+            .map_err(|error| ApiError::from_command(CommandError::Store(error)))?;
+        let found = match record {
+            Some(record) => {
+                let (event, _) = triage_command_handler::decode_recorded(&record)
+                    .map_err(|error| ApiError::Internal(format!("cannot decode {}: {error}", record.stream)))?;
+                TicketId::from_stream_name(record.stream.as_str())
+                    .filter(|_| event.new_claim().is_some_and(|claim| claim.claim_id == claim_id))
+            }
+            None if store.enforces_unique_event_ids() => None,
+            None => {
+                self.catch_up().await?;
+                self.inner.projector.read("tickets", |conn, slot| {
+                    TicketsView::new(conn, slot).holder_of_claim(claim_id)
+                })?
+            }
+        };
         if let Some(ticket_id) = found {
             self.remember_claim(claim_id, ticket_id);
         }

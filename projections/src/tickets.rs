@@ -186,13 +186,14 @@ impl Projection for TicketsProjection {
         "tickets"
     }
 
-    /// 2: the `claims` table.
+    /// 3: version 2's `claims` table is gone again; claims are found in
+    /// the log.
     fn version(&self) -> u32 {
-        2
+        3
     }
 
     fn tables(&self) -> &'static [&'static str] {
-        &["tickets", "claims"]
+        &["tickets"]
     }
 
     fn create(&self, conn: &Connection, slot: &Slot) -> rusqlite::Result<()> {
@@ -221,36 +222,18 @@ impl Projection for TicketsProjection {
                 state_entered_at INTEGER NOT NULL
             ) STRICT;
             CREATE INDEX IF NOT EXISTS {table}_queue ON {table} (state, state_entered_at);
-            CREATE INDEX IF NOT EXISTS {table}_lease ON {table} (lease_expires_at) WHERE lease_expires_at IS NOT NULL;
-            -- Every claim ever handed out, kept after it ends: a retried
-            -- release or claim names a claim the ticket no longer holds.
-            CREATE TABLE IF NOT EXISTS {claims} (
-                claim_id  TEXT PRIMARY KEY,
-                ticket_id TEXT NOT NULL
-            ) STRICT;",
-            claims = slot.table("claims"),
+            CREATE INDEX IF NOT EXISTS {table}_lease ON {table} (lease_expires_at) WHERE lease_expires_at IS NOT NULL;"
         ))
     }
 
     fn apply(&self, conn: &Connection, slot: &Slot, events: &[ProjectedEvent]) -> Result<(), ProjectionError> {
         let table = slot.table("tickets");
-        let mut record_claim = conn
-            .prepare_cached(&format!(
-                "INSERT OR IGNORE INTO {} (claim_id, ticket_id) VALUES (?1, ?2)",
-                slot.table("claims")
-            ))
-            .map_err(|error| ProjectionError::sqlite("prepare a claim write", error))?;
         // Fold the batch in memory and write each touched ticket once.
         let mut rows: HashMap<TicketId, TicketRow> = HashMap::new();
         let mut order = Vec::new();
         for event in events {
-            let Payload::Ticket(domain_event) = &event.payload else {
+            if !matches!(event.payload, Payload::Ticket(_)) {
                 continue;
-            };
-            if let Some(claim) = domain_event.new_claim() {
-                record_claim
-                    .execute((claim.claim_id.to_string(), event.ticket_id.to_string()))
-                    .map_err(|error| ProjectionError::sqlite("write a claim", error))?;
             }
             let row = match rows.entry(event.ticket_id) {
                 std::collections::hash_map::Entry::Occupied(entry) => entry.into_mut(),
@@ -278,24 +261,10 @@ impl Projection for TicketsProjection {
     }
 
     fn digest(&self, conn: &Connection, slot: &Slot) -> rusqlite::Result<BTreeMap<String, u64>> {
-        let mut digests = digest_rows(
+        digest_rows(
             conn,
             &format!("SELECT {COLUMNS} FROM {} ORDER BY ticket_id", slot.table("tickets")),
-        )?;
-        // Keyed apart from the tickets: `claim <uuid>`.
-        let claims = digest_rows(
-            conn,
-            &format!(
-                "SELECT claim_id, ticket_id FROM {} ORDER BY claim_id",
-                slot.table("claims")
-            ),
-        )?;
-        digests.extend(
-            claims
-                .into_iter()
-                .map(|(claim, digest)| (format!("claim {claim}"), digest)),
-        );
-        Ok(digests)
+        )
     }
 }
 
@@ -310,7 +279,6 @@ fn load(conn: &Connection, table: &str, id: TicketId) -> rusqlite::Result<Option
 pub struct TicketsView<'a> {
     conn: &'a Connection,
     table: String,
-    claims: String,
 }
 
 impl<'a> TicketsView<'a> {
@@ -319,7 +287,6 @@ impl<'a> TicketsView<'a> {
         TicketsView {
             conn,
             table: slot.table("tickets"),
-            claims: slot.table("claims"),
         }
     }
 
@@ -328,11 +295,10 @@ impl<'a> TicketsView<'a> {
         load(self.conn, &self.table, id)
     }
 
-    /// The ticket that `claim_id` was handed out on, whether or not it
-    /// still holds it.
-    pub fn ticket_of_claim(&self, claim_id: Uuid) -> rusqlite::Result<Option<TicketId>> {
+    /// The ticket that holds `claim_id` now, if one does.
+    pub fn holder_of_claim(&self, claim_id: Uuid) -> rusqlite::Result<Option<TicketId>> {
         self.conn
-            .prepare_cached(&format!("SELECT ticket_id FROM {} WHERE claim_id = ?1", self.claims))?
+            .prepare_cached(&format!("SELECT ticket_id FROM {} WHERE claim_id = ?1", self.table))?
             .query_row([claim_id.to_string()], |row| parse(row, 0))
             .optional()
     }

@@ -109,14 +109,8 @@ impl Model {
                     state_entered_at bigint  NOT NULL
                 );
                 CREATE INDEX ON {t} (state, state_entered_at);
-                CREATE INDEX ON {t} (lease_expires_at) WHERE lease_expires_at IS NOT NULL;
-                -- Every claim ever handed out, kept after it ends.
-                CREATE TABLE {c} (
-                    claim_id  uuid PRIMARY KEY,
-                    ticket_id uuid NOT NULL
-                );",
-                t = table("tickets"),
-                c = table("claims")
+                CREATE INDEX ON {t} (lease_expires_at) WHERE lease_expires_at IS NOT NULL;",
+                t = table("tickets")
             ),
             Model::Stats => format!(
                 "CREATE TABLE {counters} (name text PRIMARY KEY, value bigint NOT NULL);
@@ -165,17 +159,11 @@ impl Model {
         let queries = match self {
             Model::Tickets => {
                 let columns: Vec<String> = TICKET_COLUMNS.split(", ").map(|c| format!("{c}::text")).collect();
-                vec![
-                    format!(
-                        "SELECT {} FROM {} ORDER BY ticket_id",
-                        columns.join(", "),
-                        table("tickets")
-                    ),
-                    format!(
-                        "SELECT 'claim ' || claim_id, ticket_id::text FROM {} ORDER BY claim_id",
-                        table("claims")
-                    ),
-                ]
+                vec![format!(
+                    "SELECT {} FROM {} ORDER BY ticket_id",
+                    columns.join(", "),
+                    table("tickets")
+                )]
             }
             Model::Stats => vec![
                 format!(
@@ -376,27 +364,6 @@ async fn apply_tickets(
     let order = touched(events);
     if order.is_empty() {
         return Ok(());
-    }
-    let (claims, claimed): (Vec<Uuid>, Vec<Uuid>) = events
-        .iter()
-        .filter_map(|event| match &event.payload {
-            Payload::Ticket(domain_event) => domain_event
-                .new_claim()
-                .map(|claim| (claim.claim_id, event.ticket_id.0)),
-            Payload::Rejected(_) => None,
-        })
-        .unzip();
-    if !claims.is_empty() {
-        tx.execute(
-            &format!(
-                "INSERT INTO {} (claim_id, ticket_id) SELECT * FROM unnest($1::uuid[], $2::uuid[]) \
-                 ON CONFLICT (claim_id) DO NOTHING",
-                models.qualified(&format!("claims_g{generation}"))
-            ),
-            &[&claims, &claimed],
-        )
-        .await
-        .map_err(|error| ProjectionError::postgres("write claims", error))?;
     }
     let ids: Vec<Uuid> = order.iter().map(|id| id.0).collect();
     let stored = tx
