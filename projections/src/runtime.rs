@@ -336,11 +336,20 @@ impl Projector {
         Ok(min.flatten())
     }
 
+    /// Creates the live generation of `projection`, unless another process
+    /// sharing the file did since the caller found none: replacing that one
+    /// would orphan its tables and show readers an empty model.
     fn create_live(&self, projection: &Arc<dyn Projection>) -> Result<(), ProjectionError> {
         let mut conn = self.db.lock();
         let tx = conn
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
             .map_err(|error| ProjectionError::sqlite("begin", error))?;
+        if db::read_slot(&tx, SlotKind::Live, projection.name())
+            .map_err(|error| ProjectionError::sqlite("read the registry", error))?
+            .is_some()
+        {
+            return Ok(());
+        }
         new_generation(&tx, projection.as_ref(), SlotKind::Live)
             .and_then(|slot| create_views(&tx, projection.as_ref(), &slot))
             .and_then(|()| tx.commit())
@@ -1113,5 +1122,34 @@ mod tests {
         // Two pages, and one read that finds nothing new: the page that
         // ends at `until` starts no read ahead.
         assert_eq!(store.all_reads(), 3);
+    }
+
+    /// Two processes on a fresh file both find no live model and both
+    /// create one: the second finds the first's and keeps it (its tables
+    /// and its progress), instead of replacing it with an empty one.
+    #[tokio::test]
+    async fn a_live_model_created_meanwhile_is_kept() {
+        let (memory, positions) = memory_with(20).await;
+        let store: Arc<dyn EventStore> = memory;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("triage.read.db");
+        let first = Projector::new(store.clone(), ReadModelDb::open(&path).unwrap());
+        let second = Projector::new(store.clone(), ReadModelDb::open(&path).unwrap());
+        let tickets = second.projection("tickets").unwrap();
+        first.catch_up().await.unwrap();
+        // The second had looked before the first created it.
+        second.create_live(&tickets).unwrap();
+        let conn = second.db.lock();
+        let slot = db::read_slot(&conn, SlotKind::Live, "tickets").unwrap().unwrap();
+        assert_eq!(slot.generation, 1);
+        assert_eq!(slot.checkpoint, positions.last().copied());
+        let tables: i64 = conn
+            .query_row(
+                "SELECT count(*) FROM sqlite_schema WHERE type = 'table' AND name LIKE 'tickets_g%'",
+                [],
+                |row| row.get(0),
+            )
+            .unwrap();
+        assert_eq!(tables, 1, "no orphaned generation");
     }
 }
