@@ -236,17 +236,24 @@ impl Event {
         }
         // Upcasts go here, oldest first, as `match (event_type, version)` arms
         // that rewrite a `serde_json::Value`. Every type is at version 1 so far.
-        let event: Event = from_json(data).map_err(|source| DecodeError::Payload {
+        let payload = |source| DecodeError::Payload {
             event_type: event_type.to_owned(),
             source,
-        })?;
-        if event.event_type() != event_type {
-            return Err(DecodeError::TypeMismatch {
+        };
+        let Ok(json) = std::str::from_utf8(data) else {
+            // Not UTF-8: `from_slice` says where.
+            let error = serde_json::from_slice::<serde::de::IgnoredAny>(data)
+                .err()
+                .unwrap_or_else(|| serde::de::Error::custom("the payload is not UTF-8"));
+            return Err(payload(error));
+        };
+        crate::by_type::decode(event_type, json).map_err(|failure| match failure {
+            crate::by_type::Failure::Payload(source) => payload(source),
+            crate::by_type::Failure::Tagged(tagged) => DecodeError::TypeMismatch {
                 stored: event_type.to_owned(),
-                tagged: event.event_type().to_owned(),
-            });
-        }
-        Ok(event)
+                tagged,
+            },
+        })
     }
 }
 

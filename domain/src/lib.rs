@@ -23,6 +23,7 @@
 //! checked by `decide` against the same history the store serializes with
 //! its expected revision.
 
+mod by_type;
 mod command;
 mod decide;
 mod event;
