@@ -375,7 +375,10 @@ mod tests {
     fn missing_fields_wrong_types_and_trailing_bytes_are_payload_errors() {
         for (event_type, json) in [
             ("DraftRejected", r#"{"type":"DraftRejected"}"#),
-            ("ClaimReleased", r#"{"claim_id":"00000000-0000-0000-0000-000000000001","reason":"x","attempts":-1}"#),
+            (
+                "ClaimReleased",
+                r#"{"claim_id":"00000000-0000-0000-0000-000000000001","reason":"x","attempts":-1}"#,
+            ),
             ("DraftRejected", r#"{"reason":"tone"} {}"#),
             ("DraftRejected", r#"["tone"]"#),
             ("DraftRejected", r#"{"reason":"tone""#),

@@ -441,12 +441,6 @@ impl Projector {
         let mut reports = Vec::with_capacity(projections.len());
         for (projection, slot) in projections.iter().zip(&slots) {
             let name = projection.name();
-            let events = {
-                let conn = self.db.lock();
-                db::read_slot(&conn, SlotKind::Build, name)
-                    .map_err(|error| ProjectionError::sqlite("read the registry", error))?
-                    .map_or(0, |slot| slot.events_applied)
-            };
             let (differences, compared) = if options.verify {
                 match self.verify(projection).await {
                     Ok((differences, compared)) => (Some(differences), Some(compared)),
@@ -471,7 +465,7 @@ impl Projector {
                 self.discard_builds(&projections);
                 return Err(ProjectionError::Cancelled);
             }
-            self.swap_once_caught_up(projection).await?;
+            let events = self.swap_once_caught_up(projection).await?.events_applied;
             tracing::info!(
                 projection = name,
                 generation = slot.generation,
@@ -577,18 +571,18 @@ impl Projector {
     /// Makes the build generation live and drops the old one, in one
     /// transaction. With `only_if_caught_up`, does nothing and returns
     /// false when the live generation is further along than the build.
-    fn swap(&self, projection: &Arc<dyn Projection>, only_if_caught_up: bool) -> Result<bool, ProjectionError> {
+    fn swap(&self, projection: &Arc<dyn Projection>, only_if_caught_up: bool) -> Result<Option<Slot>, ProjectionError> {
         let mut conn = self.db.lock();
         let tx = conn
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
             .map_err(|error| ProjectionError::sqlite("begin", error))?;
-        let swap = || -> rusqlite::Result<bool> {
+        let swap = || -> rusqlite::Result<Option<Slot>> {
             let Some(build) = db::read_slot(&tx, SlotKind::Build, projection.name())? else {
                 return Err(rusqlite::Error::QueryReturnedNoRows);
             };
             let live = db::read_slot(&tx, SlotKind::Live, projection.name())?;
             if only_if_caught_up && live.as_ref().is_some_and(|live| live.checkpoint > build.checkpoint) {
-                return Ok(false);
+                return Ok(None);
             }
             if let Some(old) = live {
                 drop_views(&tx, projection.as_ref())?;
@@ -597,10 +591,13 @@ impl Projector {
             db::insert_slot(&tx, SlotKind::Live, &build)?;
             db::delete_slot(&tx, SlotKind::Build, projection.name())?;
             create_views(&tx, projection.as_ref(), &build)?;
-            Ok(true)
+            Ok(Some(build))
         };
         // Not swapped: the transaction rolls back when dropped.
-        let swapped = swap().and_then(|swapped| if swapped { tx.commit().map(|()| true) } else { Ok(false) });
+        let swapped = swap().and_then(|swapped| match swapped {
+            Some(build) => tx.commit().map(|()| Some(build)),
+            None => Ok(None),
+        });
         swapped.map_err(|error| ProjectionError::sqlite("swap the rebuilt model in", error))
     }
 
@@ -610,15 +607,16 @@ impl Projector {
     /// while the build replays. A build found behind catches up to the head
     /// and is tried again. After [`SWAP_ATTEMPTS`] tries it is swapped in as
     /// it is, which is still correct (the live catch-up goes on from its
-    /// checkpoint), only no longer monotonic for readers.
-    async fn swap_once_caught_up(&self, projection: &Arc<dyn Projection>) -> Result<(), ProjectionError> {
+    /// checkpoint), only no longer monotonic for readers. Answers the
+    /// registry row of what was swapped in.
+    async fn swap_once_caught_up(&self, projection: &Arc<dyn Projection>) -> Result<Slot, ProjectionError> {
         let build = [Target {
             projection: projection.clone(),
             kind: SlotKind::Build,
         }];
         for _ in 0..SWAP_ATTEMPTS {
-            if self.swap(projection, true)? {
-                return Ok(());
+            if let Some(swapped) = self.swap(projection, true)? {
+                return Ok(swapped);
             }
             self.replay(&build, None, &mut |_| {}, None).await?;
         }
@@ -627,7 +625,8 @@ impl Projector {
             attempts = SWAP_ATTEMPTS,
             "the live model kept moving ahead of the rebuilt one; swapping it in behind, the live catch-up brings it forward"
         );
-        self.swap(projection, false).map(|_| ())
+        self.swap(projection, false)?
+            .ok_or_else(|| ProjectionError::Internal("an unconditional swap did not swap".to_owned()))
     }
 
     /// Each projection's status.

@@ -880,3 +880,51 @@ async fn a_second_rebuild_of_the_same_projection_is_refused() {
     assert_eq!(digest(&again, "tickets"), clean_tickets);
     assert_eq!(digest(&again, "stats"), clean_stats);
 }
+
+/// The live model moves on after the rebuild has read its last page: the
+/// rebuild catches up before its swap, and its report counts the events of
+/// what it swapped in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_report_counts_what_was_swapped_in() {
+    let store: Arc<dyn EventStore> = Arc::new(InMemoryEventStore::new());
+    let mut workload = Workload::new(store.clone());
+    workload.random(200, 10, 31).await;
+    let db = ReadModelDb::in_memory().unwrap();
+    let live = Projector::new(store.clone(), db.clone());
+    live.catch_up().await.unwrap();
+
+    let (moved_on, wait_for_it) = std::sync::mpsc::channel::<()>();
+    let (go, mut started) = tokio::sync::mpsc::channel::<()>(1);
+    let helper = tokio::spawn({
+        let live = live.clone();
+        async move {
+            started.recv().await.expect("the rebuild reached the head");
+            workload.random(100, 10, 32).await;
+            live.catch_up().await.unwrap();
+            moved_on.send(()).unwrap();
+        }
+    });
+    let mut fired = false;
+    let progress = move |progress: triage_projections::RebuildProgress| {
+        if !fired && progress.done >= progress.total {
+            fired = true;
+            go.try_send(()).unwrap();
+            tokio::task::block_in_place(|| wait_for_it.recv().unwrap());
+        }
+    };
+    let report = Projector::new(store.clone(), db.clone())
+        .rebuild(
+            "tickets",
+            RebuildOptions {
+                progress: Some(Box::new(progress)),
+                ..RebuildOptions::default()
+            },
+        )
+        .await
+        .unwrap();
+    helper.await.unwrap();
+    let (projected, head) = projected_events(store.as_ref()).await;
+    assert_eq!(report.events, projected, "{report:?}");
+    let status = status_of(&live.status().await.unwrap(), "tickets");
+    assert_eq!((status.checkpoint, status.events_applied), (head, projected));
+}
