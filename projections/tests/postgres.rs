@@ -253,25 +253,13 @@ async fn a_swap_never_moves_the_live_model_back() {
     // When the rebuild has replayed everything there was, more is written
     // and applied to the live model by another instance, and only then
     // does the rebuild go on to its swap.
-    let (moved_on, wait_for_it) = std::sync::mpsc::channel::<()>();
-    let (go, mut started) = tokio::sync::mpsc::channel::<()>(1);
-    let helper = tokio::spawn({
+    let (progress, helper) = support::hold_at_head({
         let follower = follower.clone();
         async move {
-            started.recv().await.expect("the rebuild reached the head");
             workload.random(100, 10, 9).await;
             follower.catch_up().await.unwrap();
-            moved_on.send(()).unwrap();
         }
     });
-    let mut fired = false;
-    let progress = move |progress: triage_projections::RebuildProgress| {
-        if !fired && progress.done >= progress.total {
-            fired = true;
-            go.try_send(()).unwrap();
-            tokio::task::block_in_place(|| wait_for_it.recv().unwrap());
-        }
-    };
     let operator = PgProjector::new(events.clone(), models.clone()).with_instance("operator");
     let reports = operator
         .rebuild_many(

@@ -893,25 +893,13 @@ async fn the_report_counts_what_was_swapped_in() {
     let live = Projector::new(store.clone(), db.clone());
     live.catch_up().await.unwrap();
 
-    let (moved_on, wait_for_it) = std::sync::mpsc::channel::<()>();
-    let (go, mut started) = tokio::sync::mpsc::channel::<()>(1);
-    let helper = tokio::spawn({
+    let (progress, helper) = support::hold_at_head({
         let live = live.clone();
         async move {
-            started.recv().await.expect("the rebuild reached the head");
             workload.random(100, 10, 32).await;
             live.catch_up().await.unwrap();
-            moved_on.send(()).unwrap();
         }
     });
-    let mut fired = false;
-    let progress = move |progress: triage_projections::RebuildProgress| {
-        if !fired && progress.done >= progress.total {
-            fired = true;
-            go.try_send(()).unwrap();
-            tokio::task::block_in_place(|| wait_for_it.recv().unwrap());
-        }
-    };
     let report = Projector::new(store.clone(), db.clone())
         .rebuild(
             "tickets",

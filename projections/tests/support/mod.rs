@@ -308,3 +308,32 @@ impl NowUtc for ManualClock {
         triage_command_handler::Clock::now(self)
     }
 }
+
+/// A rebuild's progress callback that holds the rebuild once it has
+/// replayed everything there was, runs `move_on` (more events, applied to
+/// the live model by someone else) and only then lets the rebuild go on to
+/// its swap. Needs a multi-threaded runtime. The handle ends with
+/// `move_on`.
+pub fn hold_at_head(
+    move_on: impl std::future::Future<Output = ()> + Send + 'static,
+) -> (
+    impl FnMut(triage_projections::RebuildProgress) + Send + 'static,
+    tokio::task::JoinHandle<()>,
+) {
+    let (moved_on, wait_for_it) = std::sync::mpsc::channel::<()>();
+    let (go, mut started) = tokio::sync::mpsc::channel::<()>(1);
+    let helper = tokio::spawn(async move {
+        started.recv().await.expect("the rebuild reached the head");
+        move_on.await;
+        moved_on.send(()).unwrap();
+    });
+    let mut fired = false;
+    let progress = move |progress: triage_projections::RebuildProgress| {
+        if !fired && progress.done >= progress.total {
+            fired = true;
+            go.try_send(()).unwrap();
+            tokio::task::block_in_place(|| wait_for_it.recv().unwrap());
+        }
+    };
+    (progress, helper)
+}
