@@ -17,7 +17,9 @@
 //!   copies race, the store's idempotent append makes the second a no-op.
 //! - **A bounded stream cache** saves the read before most appends; a
 //!   decision on cached state is still appended with `Exact(revision)`, and
-//!   rejections are only ever given on a fresh read.
+//!   rejections are only ever given on fresh state: a read, or the cached
+//!   ticket at exactly the revision a refused append found the stream at
+//!   (a race lost to a command of this process, whose result is cached).
 //! - **Conflicts stay typed** from the store's `WrongExpectedVersion` to the
 //!   retry loop; the domain's [`Rejection`] reaches the caller unchanged.
 
@@ -478,12 +480,15 @@ impl CommandHandler {
         if cached.is_none() && matches!(envelope.command, Command::OpenTicket { .. }) {
             cached = Some(Arc::new(LoadedTicket::default()));
         }
+        // The stream as the store found it when it refused an append of
+        // this command: as good as a fresh read (see the conflict below).
+        let mut current: Option<Arc<LoadedTicket>> = None;
         loop {
             attempt += 1;
-            let from_cache = cached.is_some();
-            let loaded = match cached.take() {
-                Some(loaded) => loaded,
-                None => self.load_fresh(ticket_id).await?,
+            let from_cache = cached.is_some() && current.is_none();
+            let loaded = match (current.take(), cached.take()) {
+                (Some(loaded), _) | (None, Some(loaded)) => loaded,
+                (None, None) => self.load_fresh(ticket_id).await?,
             };
             if let Some(original) = original_outcome(&loaded, envelope, first_event_id, &self.policy)? {
                 return Ok(original);
@@ -550,21 +555,41 @@ impl CommandHandler {
                     return Ok(accepted);
                 }
                 Err(StoreError::WrongExpectedVersion { actual, .. }) => {
-                    self.cache.remove(ticket_id);
                     if actual == loaded.revision {
                         // The stream did not move: the event ids are stored
                         // in another stream.
+                        self.cache.remove(ticket_id);
                         return Err(CommandError::CommandIdReused {
                             command_id: envelope.command_id,
                         });
                     }
+                    // The store found the stream at `actual`. When the race
+                    // was lost to a command of this process, the cache may
+                    // hold the stream at exactly that revision already: a
+                    // cached ticket is the fold of the stored events up to
+                    // its revision (read, or appended with `Exact`), and
+                    // stored events never change, so it is the stream as
+                    // it was at the conflict, within this command's
+                    // lifetime: deciding on it, a refusal included, is as
+                    // sound as deciding on a read made then, and saves it.
+                    let at_conflict = self
+                        .cache
+                        .get(ticket_id)
+                        .filter(|cached| actual.is_some() && cached.revision == actual);
+                    if at_conflict.is_none() {
+                        self.cache.remove(ticket_id);
+                    }
                     if from_cache {
                         // The cached ticket was behind: not a race with
                         // another writer, so decide again at once.
+                        current = at_conflict;
                         continue;
                     }
                     if let Some(expected) = envelope.expected_revision {
-                        let fresh = self.load(ticket_id).await?;
+                        let fresh = match at_conflict {
+                            Some(current) => current,
+                            None => self.load_fresh(ticket_id).await?,
+                        };
                         if let Some(original) = original_outcome(&fresh, envelope, first_event_id, &self.policy)? {
                             return Ok(original);
                         }

@@ -561,3 +561,42 @@ async fn opening_a_new_ticket_reads_nothing_and_an_existing_one_is_refused_on_a_
     assert_eq!((retry.revision, retry.duplicate), (0, true));
     assert_eq!(stored(&memory, ticket).await.len(), 1);
 }
+
+#[tokio::test]
+async fn a_race_lost_to_this_handler_is_decided_on_the_winners_state_without_a_read() {
+    let memory = Arc::new(InMemoryEventStore::new());
+    let store = Arc::new(CountingStore::new(memory.clone()));
+    let handler = CommandHandler::new(store.clone() as Arc<dyn EventStore>);
+    let ticket = open(&handler).await;
+    handler.load(ticket).await.unwrap();
+    let reads_before = store.stream_reads();
+
+    // Both claims are decided on the loaded ticket (revision 0); the first
+    // one's append lets the second one in first, through a clone of the
+    // handler (which shares its cache).
+    let winner = handler.clone();
+    let winning_claim = start(ticket, classifier(1));
+    let winning_claim_id = winning_claim.command_id;
+    store.before_next_append(async move {
+        let accepted = winner.handle(winning_claim).await.unwrap();
+        assert_eq!(accepted.revision, 1);
+    });
+    let lost = handler.handle(start(ticket, classifier(2))).await;
+    match lost {
+        Err(CommandError::Rejected {
+            rejection: Rejection::InvalidTransition { .. },
+            state,
+            revision,
+            ..
+        }) => assert_eq!((state, revision), (Some(State::Classifying), Some(1))),
+        other => panic!("expected the claim to be held, got {other:?}"),
+    }
+    assert_eq!(
+        store.stream_reads(),
+        reads_before,
+        "the refusal was decided on the state the store reported at the conflict, which the cache held"
+    );
+    let events = stored(&memory, ticket).await;
+    assert_eq!(events.len(), 2, "only the winner's claim was written");
+    assert_eq!(events[1].id, event_id(winning_claim_id, 0));
+}

@@ -21,13 +21,29 @@ use crate::{
 
 /// Another store, counting the reads it serves, and failing the `$all`
 /// reads that start at one place if asked to: for tests of what callers
-/// read (the command handler's loads, the projection reader's pages).
-#[derive(Debug)]
+/// read (the command handler's loads, the projection reader's pages). It
+/// can also let another writer in just before an append: for tests of
+/// lost races.
 pub struct CountingStore {
     inner: Arc<dyn EventStore>,
     stream_reads: AtomicUsize,
     all_reads: AtomicUsize,
     fail_read_all_from: Option<AllStart>,
+    before_next_append: std::sync::Mutex<Option<Interloper>>,
+}
+
+/// What runs before the next append; see [`CountingStore::before_next_append`].
+type Interloper = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
+impl std::fmt::Debug for CountingStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CountingStore")
+            .field("inner", &self.inner.describe())
+            .field("stream_reads", &self.stream_reads)
+            .field("all_reads", &self.all_reads)
+            .field("fail_read_all_from", &self.fail_read_all_from)
+            .finish_non_exhaustive()
+    }
 }
 
 impl CountingStore {
@@ -38,7 +54,19 @@ impl CountingStore {
             stream_reads: AtomicUsize::new(0),
             all_reads: AtomicUsize::new(0),
             fail_read_all_from: None,
+            before_next_append: std::sync::Mutex::new(None),
         }
+    }
+
+    /// Runs `interloper` to its end when the next append arrives, before
+    /// that append reaches the inner store; appends made by `interloper`
+    /// itself go straight through. The append that lets it in then finds
+    /// the store as `interloper` left it: a race lost, every time.
+    pub fn before_next_append(&self, interloper: impl std::future::Future<Output = ()> + Send + 'static) {
+        *self
+            .before_next_append
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(Box::pin(interloper));
     }
 
     /// Answers the `$all` reads that start at `from` with a backend error
@@ -69,6 +97,14 @@ impl EventStore for CountingStore {
         expected: ExpectedRevision,
         events: Vec<EventData>,
     ) -> crate::Result<AppendResult> {
+        let interloper = self
+            .before_next_append
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        if let Some(interloper) = interloper {
+            interloper.await;
+        }
         self.inner.append(stream, expected, events).await
     }
 
