@@ -531,6 +531,14 @@ impl EventStore for PostgresEventStore {
                 Ok(AppendPlan::Write { .. }) => {}
                 Ok(AppendPlan::AlreadyAppended(original)) => {
                     self.count(&self.counters.appends_replayed, 1);
+                    // Announced like an append that wrote: a retry is often
+                    // the only append of its events that returns (the
+                    // original's process stopped after its commit, before
+                    // its NOTIFY), and every append that returns is followed
+                    // by a NOTIFY, so that other processes do not wait for
+                    // their poll to see it.
+                    self.wake.notify_one();
+                    self.announce.notify_one();
                     return Ok(original);
                 }
                 Err(error) => {

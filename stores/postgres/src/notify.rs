@@ -36,6 +36,12 @@
 //! depend on it: the append wakes the head refresher directly, and the
 //! listener ignores the notifications of this store's own announcer.
 //!
+//! # Reconnecting
+//! The listener and the announcer reconnect after their connection ends,
+//! pausing between attempts: the pause doubles (0.1 s up to 5 s) while
+//! attempts fail, and is back to 0.1 s once a connection worked, so a
+//! connection dropped after a day of service is replaced at once.
+//!
 //! # Only for subscribers
 //! The refresher reads the head only while a subscription of this process
 //! waits on it; a writer with no subscribers pays no query per append.
@@ -154,10 +160,41 @@ async fn refresh_forever(
     }
 }
 
+/// The pauses between connection attempts: doubling from [`Self::FIRST`]
+/// up to [`Self::MOST`] while attempts fail, and back to the first once a
+/// connection worked, so that a connection that drops after hours of
+/// service is back within [`Self::FIRST`], not after the longest pause the
+/// failures of another day grew to.
+#[derive(Debug)]
+struct Reconnect {
+    next: Duration,
+}
+
+impl Reconnect {
+    const FIRST: Duration = Duration::from_millis(100);
+    const MOST: Duration = Duration::from_secs(5);
+
+    fn new() -> Self {
+        Reconnect { next: Self::FIRST }
+    }
+
+    /// The pause before the next attempt, after a connection that ended;
+    /// `worked`: it did its job (listened, notified) before it ended.
+    fn pause_after(&mut self, worked: bool) -> Duration {
+        if worked {
+            self.next = Self::FIRST;
+        }
+        let pause = self.next;
+        self.next = (self.next * 2).min(Self::MOST);
+        pause
+    }
+}
+
 async fn listen_forever(config: Config, channel: String, wake: Arc<Notify>, announcer_pid: Arc<AtomicI32>) {
-    let mut pause = Duration::from_millis(100);
+    let mut reconnect = Reconnect::new();
     loop {
-        match listen(&config, &channel, &wake, &announcer_pid).await {
+        let mut listened = false;
+        match listen(&config, &channel, &wake, &announcer_pid, &mut listened).await {
             Ok(()) => tracing::warn!(channel, "the LISTEN connection closed; reconnecting"),
             Err(error) => {
                 tracing::warn!(channel, %error, "the LISTEN connection failed; polling until it is back");
@@ -165,18 +202,19 @@ async fn listen_forever(config: Config, channel: String, wake: Arc<Notify>, anno
         }
         // Whatever was notified meanwhile is found by the next read.
         wake.notify_one();
-        tokio::time::sleep(pause).await;
-        pause = (pause * 2).min(Duration::from_secs(5));
+        tokio::time::sleep(reconnect.pause_after(listened)).await;
     }
 }
 
-/// Listens until the connection ends. The connection is driven by hand
-/// (`poll_message`) because notifications arrive only through it.
+/// Listens until the connection ends; `listened` is set once LISTEN took
+/// effect. The connection is driven by hand (`poll_message`) because
+/// notifications arrive only through it.
 async fn listen(
     config: &Config,
     channel: &str,
     wake: &Notify,
     announcer_pid: &AtomicI32,
+    listened: &mut bool,
 ) -> Result<(), tokio_postgres::Error> {
     let (client, mut connection) = config.connect(NoTls).await?;
     let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
@@ -189,6 +227,7 @@ async fn listen(
             result = &mut subscribe, if !listening => {
                 result?;
                 listening = true;
+                *listened = true;
                 // Appends that committed before LISTEN took effect.
                 wake.notify_one();
             }
@@ -209,10 +248,11 @@ async fn listen(
 /// connection ended.
 async fn announce_forever(config: Config, channel: String, pending: Arc<Notify>, pid: Arc<AtomicI32>) {
     let statement = format!(r#"NOTIFY "{channel}""#);
-    let mut pause = Duration::from_millis(100);
+    let mut reconnect = Reconnect::new();
     loop {
         pending.notified().await;
-        match announce(&config, &statement, &pending, &pid).await {
+        let mut notified = false;
+        match announce(&config, &statement, &pending, &pid, &mut notified).await {
             Ok(()) => tracing::warn!(channel, "the NOTIFY connection closed; reconnecting"),
             Err(error) => {
                 tracing::warn!(channel, %error, "the NOTIFY connection failed; other processes poll until it is back");
@@ -221,22 +261,23 @@ async fn announce_forever(config: Config, channel: String, pending: Arc<Notify>,
         // A request may have been taken but not sent: send one once the
         // connection is back.
         pending.notify_one();
-        tokio::time::sleep(pause).await;
-        pause = (pause * 2).min(Duration::from_secs(5));
+        tokio::time::sleep(reconnect.pause_after(notified)).await;
     }
 }
 
-/// Announces on one connection until it ends.
+/// Announces on one connection until it ends; `notified` is set once a
+/// `NOTIFY` went out.
 async fn announce(
     config: &Config,
     statement: &str,
     pending: &Notify,
     pid: &AtomicI32,
+    notified: &mut bool,
 ) -> Result<(), tokio_postgres::Error> {
     let (client, connection) = config.connect(NoTls).await?;
     tokio::select! {
         result = connection => result,
-        result = send_notifications(&client, statement, pending, pid) => result,
+        result = send_notifications(&client, statement, pending, pid, notified) => result,
     }
 }
 
@@ -246,6 +287,7 @@ async fn send_notifications(
     statement: &str,
     pending: &Notify,
     pid: &AtomicI32,
+    notified: &mut bool,
 ) -> Result<(), tokio_postgres::Error> {
     // Each NOTIFY is a transaction of its own that writes nothing else: it
     // need not wait for a WAL flush.
@@ -256,6 +298,23 @@ async fn send_notifications(
     );
     loop {
         client.batch_execute(statement).await?;
+        *notified = true;
         pending.notified().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pauses_double_while_attempts_fail_and_restart_after_one_worked() {
+        let mut reconnect = Reconnect::new();
+        let failing: Vec<u64> = (0..8)
+            .map(|_| reconnect.pause_after(false).as_millis() as u64)
+            .collect();
+        assert_eq!(failing, [100, 200, 400, 800, 1600, 3200, 5000, 5000]);
+        assert_eq!(reconnect.pause_after(true), Reconnect::FIRST);
+        assert_eq!(reconnect.pause_after(false), Duration::from_millis(200));
     }
 }

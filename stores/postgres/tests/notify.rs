@@ -165,3 +165,102 @@ async fn a_version_1_store_is_migrated_and_keeps_its_events() {
         .await
         .unwrap();
 }
+
+/// The pid of the backend listening on `channel`, once there is one.
+async fn listener_pid(admin: &tokio_postgres::Client, channel: &str, other_than: Option<i32>) -> i32 {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let row = admin
+            .query_opt(
+                "SELECT pid FROM pg_stat_activity WHERE query = $1 AND pid IS DISTINCT FROM $2",
+                &[&format!(r#"LISTEN "{channel}""#), &other_than],
+            )
+            .await
+            .unwrap();
+        if let Some(row) = row {
+            return row.get(0);
+        }
+        assert!(Instant::now() < deadline, "nobody listens on {channel}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A LISTEN connection that dropped after it had been listening is back
+/// after the first pause (0.1 s), however often that happened before: the
+/// pauses grow only while attempts fail. Seven drops in a row would
+/// otherwise wait 0.1 + 0.2 + … + 3.2 + 5 = 11.3 s, during which other
+/// processes' appends reach this one only by polling.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listener_that_drops_after_listening_is_back_at_once_every_time() {
+    let Some(url) = common::url("a_listener_that_drops_after_listening_is_back_at_once_every_time") else {
+        return;
+    };
+    let store = common::temporary_store(&url, PostgresOptions::default()).await;
+    let admin = common::raw_client(&url).await;
+    let channel = format!("triage_events_{}", store.schema());
+    let mut pid = listener_pid(&admin, &channel, None).await;
+    let started = Instant::now();
+    for _ in 0..7 {
+        let ended: bool = admin
+            .query_one("SELECT pg_terminate_backend($1)", &[&pid])
+            .await
+            .unwrap()
+            .get(0);
+        assert!(ended);
+        pid = listener_pid(&admin, &channel, Some(pid)).await;
+    }
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(6),
+        "seven reconnects of a listener that had been listening took {took:?}"
+    );
+    drop(store);
+}
+
+/// A retried append that finds its events stored (the original's process
+/// may have stopped between its commit and its NOTIFY) is announced as
+/// well: other processes hear of every append that returns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_append_that_finds_its_events_stored_is_announced() {
+    let Some(url) = common::url("a_retried_append_that_finds_its_events_stored_is_announced") else {
+        return;
+    };
+    let store = common::temporary_store(&url, PostgresOptions::default()).await;
+    let channel = format!("triage_events_{}", store.schema());
+    // Another process's listener.
+    let (listener, mut connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
+    let (heard, mut notifications) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
+        while let Some(Ok(message)) = futures::StreamExt::next(&mut messages).await {
+            if let tokio_postgres::AsyncMessage::Notification(notification) = message {
+                let _ = heard.send(notification.channel().to_owned());
+            }
+        }
+    });
+    listener.batch_execute(&format!(r#"LISTEN "{channel}""#)).await.unwrap();
+
+    let stream = StreamName::new("ticket-retried").unwrap();
+    let event = common::event("Retried");
+    let first = store
+        .append(&stream, ExpectedRevision::NoStream, vec![event.clone()])
+        .await
+        .unwrap();
+    let announced = tokio::time::timeout(Duration::from_secs(10), notifications.recv()).await;
+    assert_eq!(announced.unwrap().as_deref(), Some(channel.as_str()));
+    // Nothing else is on its way for the first append.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    while notifications.try_recv().is_ok() {}
+
+    let retry = store
+        .append(&stream, ExpectedRevision::NoStream, vec![event])
+        .await
+        .unwrap();
+    assert!(retry.replayed);
+    assert_eq!(retry.position, first.position);
+    let announced = tokio::time::timeout(Duration::from_secs(10), notifications.recv())
+        .await
+        .expect("the retry that returned is announced");
+    assert_eq!(announced.as_deref(), Some(channel.as_str()));
+    drop(store);
+}
