@@ -6,7 +6,9 @@
 //! `Exact(cached revision)`: if another writer moved the stream on, the
 //! append fails, the entry is dropped and the command is decided again on
 //! a fresh read. A rejection or a stale-revision answer is never given on
-//! cached state: the handler reads the stream first and decides again.
+//! an entry merely found in the cache: the handler reads the stream first
+//! and decides again, unless a refused append just reported the stream at
+//! exactly the entry's revision (see `CommandHandler::handle_inner`).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};

@@ -470,7 +470,8 @@ impl CommandHandler {
         let first_event_id = event_id(envelope.command_id, 0);
         let mut attempt = 0;
         // Decide on the cached ticket first; anything but an accepted append
-        // is confirmed on a fresh read before it is reported.
+        // is confirmed on fresh state (a read, or the state a refused append
+        // found) before it is reported.
         let mut cached = self.cache.get(ticket_id);
         // A ticket being opened is almost always new: decide on "no ticket"
         // without reading it, and let the append's "no stream" expectation
@@ -604,6 +605,12 @@ impl CommandHandler {
                     self.stats.conflicts_retried.fetch_add(1, Ordering::Relaxed);
                     debug!(attempt, ?actual, "conflict; deciding again on fresh state");
                     tokio::time::sleep(self.retry.delay(attempt)).await;
+                    // Decide again on the state the store found at the
+                    // conflict, when cached: a refusal on it is one the
+                    // command could have been given at that moment, and an
+                    // acceptance is appended with `Exact`, so a stream that
+                    // moved during the pause costs one more conflict.
+                    current = at_conflict;
                 }
                 Err(error) => {
                     self.cache.remove(ticket_id);
