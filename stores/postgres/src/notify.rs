@@ -39,8 +39,11 @@
 //! # Reconnecting
 //! The listener and the announcer reconnect after their connection ends,
 //! pausing between attempts: the pause doubles (0.1 s up to 5 s) while
-//! attempts fail, and is back to 0.1 s once a connection worked, so a
-//! connection dropped after a day of service is replaced at once.
+//! attempts fail or connections drop soon after they start, and is back
+//! to 0.1 s after a connection that served for 5 s or more, so a
+//! connection dropped after a day of service is replaced at once, and one
+//! that a server or proxy keeps dropping is retried every 5 s, not
+//! hammered.
 //!
 //! # Only for subscribers
 //! The refresher reads the head only while a subscription of this process
@@ -48,7 +51,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI32, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use deadpool_postgres::Pool;
 use futures::StreamExt;
@@ -161,10 +164,13 @@ async fn refresh_forever(
 }
 
 /// The pauses between connection attempts: doubling from [`Self::FIRST`]
-/// up to [`Self::MOST`] while attempts fail, and back to the first once a
-/// connection worked, so that a connection that drops after hours of
-/// service is back within [`Self::FIRST`], not after the longest pause the
-/// failures of another day grew to.
+/// up to [`Self::MOST`] while attempts fail, and back to the first after a
+/// connection that served for [`Self::MOST`] or more, so that a connection
+/// that drops after hours of service is back within [`Self::FIRST`], not
+/// after the longest pause the failures of another day grew to. One that
+/// drops as soon as it served (a proxy closing sessions, a server in a
+/// crash loop) counts as a failure: resetting then would reconnect ten
+/// times a second.
 #[derive(Debug)]
 struct Reconnect {
     next: Duration,
@@ -178,10 +184,11 @@ impl Reconnect {
         Reconnect { next: Self::FIRST }
     }
 
-    /// The pause before the next attempt, after a connection that ended;
-    /// `worked`: it did its job (listened, notified) before it ended.
-    fn pause_after(&mut self, worked: bool) -> Duration {
-        if worked {
+    /// The pause before the next attempt, after a connection that ended
+    /// having served (listened, notified) for `served`, zero if it never
+    /// did.
+    fn pause_after(&mut self, served: Duration) -> Duration {
+        if served >= Self::MOST {
             self.next = Self::FIRST;
         }
         let pause = self.next;
@@ -190,11 +197,16 @@ impl Reconnect {
     }
 }
 
+/// How long a connection served, from when it started serving.
+fn served(since: Option<Instant>) -> Duration {
+    since.map_or(Duration::ZERO, |since| since.elapsed())
+}
+
 async fn listen_forever(config: Config, channel: String, wake: Arc<Notify>, announcer_pid: Arc<AtomicI32>) {
     let mut reconnect = Reconnect::new();
     loop {
-        let mut listened = false;
-        match listen(&config, &channel, &wake, &announcer_pid, &mut listened).await {
+        let mut listening_since = None;
+        match listen(&config, &channel, &wake, &announcer_pid, &mut listening_since).await {
             Ok(()) => tracing::warn!(channel, "the LISTEN connection closed; reconnecting"),
             Err(error) => {
                 tracing::warn!(channel, %error, "the LISTEN connection failed; polling until it is back");
@@ -202,19 +214,19 @@ async fn listen_forever(config: Config, channel: String, wake: Arc<Notify>, anno
         }
         // Whatever was notified meanwhile is found by the next read.
         wake.notify_one();
-        tokio::time::sleep(reconnect.pause_after(listened)).await;
+        tokio::time::sleep(reconnect.pause_after(served(listening_since))).await;
     }
 }
 
-/// Listens until the connection ends; `listened` is set once LISTEN took
-/// effect. The connection is driven by hand (`poll_message`) because
+/// Listens until the connection ends; `listening_since` is set when
+/// LISTEN takes effect. The connection is driven by hand (`poll_message`) because
 /// notifications arrive only through it.
 async fn listen(
     config: &Config,
     channel: &str,
     wake: &Notify,
     announcer_pid: &AtomicI32,
-    listened: &mut bool,
+    listening_since: &mut Option<Instant>,
 ) -> Result<(), tokio_postgres::Error> {
     let (client, mut connection) = config.connect(NoTls).await?;
     let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
@@ -227,7 +239,7 @@ async fn listen(
             result = &mut subscribe, if !listening => {
                 result?;
                 listening = true;
-                *listened = true;
+                *listening_since = Some(Instant::now());
                 // Appends that committed before LISTEN took effect.
                 wake.notify_one();
             }
@@ -251,8 +263,8 @@ async fn announce_forever(config: Config, channel: String, pending: Arc<Notify>,
     let mut reconnect = Reconnect::new();
     loop {
         pending.notified().await;
-        let mut notified = false;
-        match announce(&config, &statement, &pending, &pid, &mut notified).await {
+        let mut notifying_since = None;
+        match announce(&config, &statement, &pending, &pid, &mut notifying_since).await {
             Ok(()) => tracing::warn!(channel, "the NOTIFY connection closed; reconnecting"),
             Err(error) => {
                 tracing::warn!(channel, %error, "the NOTIFY connection failed; other processes poll until it is back");
@@ -261,23 +273,23 @@ async fn announce_forever(config: Config, channel: String, pending: Arc<Notify>,
         // A request may have been taken but not sent: send one once the
         // connection is back.
         pending.notify_one();
-        tokio::time::sleep(reconnect.pause_after(notified)).await;
+        tokio::time::sleep(reconnect.pause_after(served(notifying_since))).await;
     }
 }
 
-/// Announces on one connection until it ends; `notified` is set once a
-/// `NOTIFY` went out.
+/// Announces on one connection until it ends; `notifying_since` is set
+/// when the first `NOTIFY` went out.
 async fn announce(
     config: &Config,
     statement: &str,
     pending: &Notify,
     pid: &AtomicI32,
-    notified: &mut bool,
+    notifying_since: &mut Option<Instant>,
 ) -> Result<(), tokio_postgres::Error> {
     let (client, connection) = config.connect(NoTls).await?;
     tokio::select! {
         result = connection => result,
-        result = send_notifications(&client, statement, pending, pid, notified) => result,
+        result = send_notifications(&client, statement, pending, pid, notifying_since) => result,
     }
 }
 
@@ -287,7 +299,7 @@ async fn send_notifications(
     statement: &str,
     pending: &Notify,
     pid: &AtomicI32,
-    notified: &mut bool,
+    notifying_since: &mut Option<Instant>,
 ) -> Result<(), tokio_postgres::Error> {
     // Each NOTIFY is a transaction of its own that writes nothing else: it
     // need not wait for a WAL flush.
@@ -298,7 +310,7 @@ async fn send_notifications(
     );
     loop {
         client.batch_execute(statement).await?;
-        *notified = true;
+        notifying_since.get_or_insert_with(Instant::now);
         pending.notified().await;
     }
 }
@@ -308,13 +320,22 @@ mod tests {
     use super::*;
 
     #[test]
-    fn pauses_double_while_attempts_fail_and_restart_after_one_worked() {
+    fn pauses_double_while_connections_fail_and_restart_after_one_served() {
         let mut reconnect = Reconnect::new();
         let failing: Vec<u64> = (0..8)
-            .map(|_| reconnect.pause_after(false).as_millis() as u64)
+            .map(|_| reconnect.pause_after(Duration::ZERO).as_millis() as u64)
             .collect();
         assert_eq!(failing, [100, 200, 400, 800, 1600, 3200, 5000, 5000]);
-        assert_eq!(reconnect.pause_after(true), Reconnect::FIRST);
-        assert_eq!(reconnect.pause_after(false), Duration::from_millis(200));
+        assert_eq!(reconnect.pause_after(Reconnect::MOST), Reconnect::FIRST);
+        assert_eq!(reconnect.pause_after(Duration::ZERO), Duration::from_millis(200));
+    }
+
+    #[test]
+    fn a_connection_dropped_right_after_it_served_is_a_failure() {
+        let mut reconnect = Reconnect::new();
+        let flapping: Vec<u64> = (0..8)
+            .map(|_| reconnect.pause_after(Duration::from_millis(50)).as_millis() as u64)
+            .collect();
+        assert_eq!(flapping, [100, 200, 400, 800, 1600, 3200, 5000, 5000]);
     }
 }
