@@ -36,6 +36,22 @@ const COLUMNS: &str = "ticket_id, state, subject, body, customer, category, prio
     claim_id, claim_agent, lease_expires_at, attempts, resolution, last_reason, revision, events_applied, \
     created_at, updated_at, state_entered_at";
 
+/// The statement that writes a whole row: an update in place when the
+/// ticket has one (`INSERT OR REPLACE` deleted the row and inserted it
+/// again, with every index entry).
+fn upsert(table: &str) -> String {
+    let assignments = COLUMNS
+        .split(", ")
+        .skip(1)
+        .map(|column| format!("{column} = excluded.{column}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!(
+        "INSERT INTO {table} ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20) \
+         ON CONFLICT (ticket_id) DO UPDATE SET {assignments}"
+    )
+}
+
 pub(crate) fn micros(time: DateTime<Utc>) -> i64 {
     time.timestamp_micros()
 }
@@ -148,11 +164,9 @@ impl TicketRow {
         self.updated_at = event.recorded_at;
     }
 
-    fn write(&self, conn: &Connection, table: &str) -> rusqlite::Result<()> {
+    /// Writes the row with `statement`, prepared from [`upsert`].
+    fn write(&self, statement: &mut rusqlite::CachedStatement<'_>) -> rusqlite::Result<()> {
         let ticket = &self.ticket;
-        let mut statement = conn.prepare_cached(&format!(
-            "INSERT OR REPLACE INTO {table} ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20)"
-        ))?;
         let classification = ticket.classification.as_ref();
         let claim = ticket.claim.as_ref();
         statement.execute(rusqlite::params![
@@ -250,11 +264,13 @@ impl Projection for TicketsProjection {
             };
             row.apply(event);
         }
+        let write_failed = |error| ProjectionError::sqlite("write a ticket row", error);
+        // Prepared once per page, not looked up per row.
+        let mut write = conn.prepare_cached(&upsert(&table)).map_err(write_failed)?;
         for id in order {
             let row = &rows[&id];
             if row.ticket.exists() {
-                row.write(conn, &table)
-                    .map_err(|error| ProjectionError::sqlite("write a ticket row", error))?;
+                row.write(&mut write).map_err(write_failed)?;
             }
         }
         Ok(())
