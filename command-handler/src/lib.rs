@@ -604,13 +604,13 @@ impl CommandHandler {
                     }
                     self.stats.conflicts_retried.fetch_add(1, Ordering::Relaxed);
                     debug!(attempt, ?actual, "conflict; deciding again on fresh state");
+                    // Then a fresh read: the state found at the conflict is
+                    // not used after the pause. On a busy ticket it is out of
+                    // date by then (each retry would conflict again and use
+                    // up an attempt), and a refusal would pair it with a
+                    // later clock (a lease extended during the pause would
+                    // read as expired).
                     tokio::time::sleep(self.retry.delay(attempt)).await;
-                    // Decide again on the state the store found at the
-                    // conflict, when cached: a refusal on it is one the
-                    // command could have been given at that moment, and an
-                    // acceptance is appended with `Exact`, so a stream that
-                    // moved during the pause costs one more conflict.
-                    current = at_conflict;
                 }
                 Err(error) => {
                     self.cache.remove(ticket_id);

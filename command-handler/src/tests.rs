@@ -600,36 +600,3 @@ async fn a_race_lost_to_this_handler_is_decided_on_the_winners_state_without_a_r
     assert_eq!(events.len(), 2, "only the winner's claim was written");
     assert_eq!(events[1].id, event_id(winning_claim_id, 0));
 }
-
-#[tokio::test]
-async fn a_retry_after_a_race_lost_to_this_handler_decides_without_a_second_read() {
-    let memory = Arc::new(InMemoryEventStore::new());
-    let store = Arc::new(CountingStore::new(memory.clone()));
-    // Opened by another handler: this one has nothing cached, so its
-    // command is decided on a read.
-    let ticket = open(&CommandHandler::new(store.clone() as Arc<dyn EventStore>)).await;
-    let handler = CommandHandler::new(store.clone() as Arc<dyn EventStore>);
-    let reads_before = store.stream_reads();
-
-    let winner = handler.clone();
-    let winning_claim = start(ticket, classifier(1));
-    store.before_next_append(async move {
-        winner.handle(winning_claim).await.unwrap();
-    });
-    match handler.handle(start(ticket, classifier(2))).await {
-        Err(CommandError::Rejected {
-            rejection: Rejection::InvalidTransition { .. },
-            state,
-            revision,
-            ..
-        }) => assert_eq!((state, revision), (Some(State::Classifying), Some(1))),
-        other => panic!("expected the claim to be taken, got {other:?}"),
-    }
-    assert_eq!(
-        store.stream_reads(),
-        reads_before + 1,
-        "one read before the first attempt; the retry decided on the state found at the conflict"
-    );
-    assert_eq!(handler.stats().conflicts_retried, 1);
-    assert_eq!(stored(&memory, ticket).await.len(), 2);
-}
