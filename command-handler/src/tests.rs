@@ -600,3 +600,70 @@ async fn a_race_lost_to_this_handler_is_decided_on_the_winners_state_without_a_r
     assert_eq!(events.len(), 2, "only the winner's claim was written");
     assert_eq!(events[1].id, event_id(winning_claim_id, 0));
 }
+
+/// A retry after the backoff pause decides on a fresh read: the state a
+/// refused append found is out of date by then. Here the holder's lease,
+/// as the conflict found it, ran out during the pause, but the holder had
+/// extended it meanwhile: the command is accepted, not refused as late.
+/// (Time is paused: the pause ends only once the test's other task, which
+/// extends the lease and moves the clock, is done.)
+#[tokio::test(start_paused = true)]
+async fn a_retry_after_the_pause_decides_on_a_read_made_after_it() {
+    let memory = Arc::new(InMemoryEventStore::new());
+    let store = Arc::new(CountingStore::new(memory.clone()));
+    let clock = Arc::new(ManualClock::new(Utc.with_ymd_and_hms(2026, 2, 1, 8, 0, 0).unwrap()));
+    let new_handler = || CommandHandler::new(store.clone() as Arc<dyn EventStore>).with_clock(clock.clone());
+    // Opened and claimed (lease 30 s) by another handler, so that this
+    // one decides its command on a read.
+    let other = new_handler();
+    let ticket = open(&other).await;
+    let holder = classifier(1);
+    let claim = start(ticket, holder.clone());
+    let claim_id = claim.command_id;
+    other.handle(claim).await.unwrap();
+    let extend = |lease_secs| {
+        CommandEnvelope::new(
+            ticket,
+            holder.clone(),
+            Command::ExtendLease {
+                claim_id,
+                lease_secs: Some(lease_secs),
+            },
+        )
+    };
+
+    let handler = new_handler().with_retry(RetryPolicy {
+        max_attempts: 8,
+        base_delay: std::time::Duration::from_secs(1),
+        max_delay: std::time::Duration::from_secs(1),
+    });
+    // The classification races a heartbeat of this handler (lease until
+    // 08:00:10), which wins.
+    let heartbeat = handler.clone();
+    let first_extension = extend(10);
+    store.before_next_append(async move {
+        heartbeat.handle(first_extension).await.unwrap();
+    });
+    // During the pause that follows the conflict: another heartbeat
+    // (until 08:00:39), then the clock passes 08:00:10.
+    let during_the_pause = {
+        let (handler, other, clock) = (handler.clone(), new_handler(), clock.clone());
+        let second_extension = extend(30);
+        tokio::spawn(async move {
+            while handler.stats().conflicts_retried == 0 {
+                tokio::task::yield_now().await;
+            }
+            clock.advance(Duration::seconds(9));
+            other.handle(second_extension).await.unwrap();
+            clock.advance(Duration::seconds(2));
+        })
+    };
+    let accepted = handler
+        .handle(classify(ticket, holder.clone(), claim_id))
+        .await
+        .expect("the lease had been extended when the retry decided");
+    during_the_pause.await.unwrap();
+    assert_eq!(accepted.state, State::Classified);
+    assert_eq!(accepted.revision, 4);
+    assert_eq!(handler.stats().conflicts_retried, 1);
+}
