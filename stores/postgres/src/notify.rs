@@ -264,32 +264,39 @@ async fn announce_forever(config: Config, channel: String, pending: Arc<Notify>,
     loop {
         pending.notified().await;
         let mut notifying_since = None;
-        match announce(&config, &statement, &pending, &pid, &mut notifying_since).await {
+        // Whether a request was taken and its NOTIFY not sent yet.
+        let mut owed = true;
+        match announce(&config, &statement, &pending, &pid, &mut notifying_since, &mut owed).await {
             Ok(()) => tracing::warn!(channel, "the NOTIFY connection closed; reconnecting"),
             Err(error) => {
                 tracing::warn!(channel, %error, "the NOTIFY connection failed; other processes poll until it is back");
             }
         }
-        // A request may have been taken but not sent: send one once the
-        // connection is back.
-        pending.notify_one();
+        // A request taken but not sent is sent once the connection is
+        // back; a connection that ended idle is opened again at the next
+        // request, not to send a NOTIFY nobody asked for.
+        if owed {
+            pending.notify_one();
+        }
         tokio::time::sleep(reconnect.pause_after(served(notifying_since))).await;
     }
 }
 
 /// Announces on one connection until it ends; `notifying_since` is set
-/// when the first `NOTIFY` went out.
+/// when the first `NOTIFY` went out, and `owed` is false while every
+/// request taken was sent.
 async fn announce(
     config: &Config,
     statement: &str,
     pending: &Notify,
     pid: &AtomicI32,
     notifying_since: &mut Option<Instant>,
+    owed: &mut bool,
 ) -> Result<(), tokio_postgres::Error> {
     let (client, connection) = config.connect(NoTls).await?;
     tokio::select! {
         result = connection => result,
-        result = send_notifications(&client, statement, pending, pid, notifying_since) => result,
+        result = send_notifications(&client, statement, pending, pid, notifying_since, owed) => result,
     }
 }
 
@@ -300,6 +307,7 @@ async fn send_notifications(
     pending: &Notify,
     pid: &AtomicI32,
     notifying_since: &mut Option<Instant>,
+    owed: &mut bool,
 ) -> Result<(), tokio_postgres::Error> {
     // Each NOTIFY is a transaction of its own that writes nothing else: it
     // need not wait for a WAL flush.
@@ -310,8 +318,10 @@ async fn send_notifications(
     );
     loop {
         client.batch_execute(statement).await?;
+        *owed = false;
         notifying_since.get_or_insert_with(Instant::now);
         pending.notified().await;
+        *owed = true;
     }
 }
 

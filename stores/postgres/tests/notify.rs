@@ -281,3 +281,63 @@ async fn a_retried_append_that_finds_its_events_stored_is_announced() {
     assert_eq!(announced.as_deref(), Some(channel.as_str()));
     drop(store);
 }
+
+/// The NOTIFY connection, killed while idle, is opened again at the next
+/// append, not at once with a NOTIFY nobody asked for (which would wake
+/// every other process's subscribers for nothing).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_announcer_that_drops_sends_nothing_until_the_next_append() {
+    let Some(url) = common::url("an_idle_announcer_that_drops_sends_nothing_until_the_next_append") else {
+        return;
+    };
+    let store = common::temporary_store(&url, PostgresOptions::default()).await;
+    let admin = common::raw_client(&url).await;
+    let channel = format!("triage_events_{}", store.schema());
+    let (listener, mut connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
+    let (heard, mut notifications) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
+        while let Some(Ok(message)) = futures::StreamExt::next(&mut messages).await {
+            if let tokio_postgres::AsyncMessage::Notification(notification) = message {
+                let _ = heard.send(notification.process_id());
+            }
+        }
+    });
+    listener.batch_execute(&format!(r#"LISTEN "{channel}""#)).await.unwrap();
+
+    let append = |name: &str| {
+        let stream = StreamName::new(name).unwrap();
+        let store = &store;
+        async move {
+            store
+                .append(&stream, ExpectedRevision::NoStream, vec![common::event("Announced")])
+                .await
+                .unwrap();
+        }
+    };
+    append("ticket-before").await;
+    let announcer = tokio::time::timeout(Duration::from_secs(10), notifications.recv())
+        .await
+        .expect("the append is announced")
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    while notifications.try_recv().is_ok() {}
+
+    let ended: bool = admin
+        .query_one("SELECT pg_terminate_backend($1)", &[&announcer])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(ended);
+    // Longer than the first reconnect pause (0.1 s) by far.
+    let unasked = tokio::time::timeout(Duration::from_secs(1), notifications.recv()).await;
+    assert!(unasked.is_err(), "a NOTIFY nobody asked for: {unasked:?}");
+
+    append("ticket-after").await;
+    let next = tokio::time::timeout(Duration::from_secs(10), notifications.recv())
+        .await
+        .expect("the next append is announced on a new connection")
+        .unwrap();
+    assert_ne!(next, announcer, "a new backend announces");
+    drop(store);
+}
