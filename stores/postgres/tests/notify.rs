@@ -234,6 +234,30 @@ async fn a_listener_is_back_at_once_after_serving_and_slowly_while_it_keeps_drop
     drop(store);
 }
 
+/// Another process's listener on `channel`: its connection (LISTEN lasts
+/// as long as it does) and the notifications it hears, as (channel, pid of
+/// the notifying backend).
+async fn listen_to(
+    url: &str,
+    channel: &str,
+) -> (
+    tokio_postgres::Client,
+    tokio::sync::mpsc::UnboundedReceiver<(String, i32)>,
+) {
+    let (listener, mut connection) = tokio_postgres::connect(url, tokio_postgres::NoTls).await.unwrap();
+    let (heard, notifications) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
+        while let Some(Ok(message)) = futures::StreamExt::next(&mut messages).await {
+            if let tokio_postgres::AsyncMessage::Notification(notification) = message {
+                let _ = heard.send((notification.channel().to_owned(), notification.process_id()));
+            }
+        }
+    });
+    listener.batch_execute(&format!(r#"LISTEN "{channel}""#)).await.unwrap();
+    (listener, notifications)
+}
+
 /// A retried append that finds its events stored (the original's process
 /// may have stopped between its commit and its NOTIFY) is announced as
 /// well: other processes hear of every append that returns.
@@ -244,18 +268,7 @@ async fn a_retried_append_that_finds_its_events_stored_is_announced() {
     };
     let store = common::temporary_store(&url, PostgresOptions::default()).await;
     let channel = format!("triage_events_{}", store.schema());
-    // Another process's listener.
-    let (listener, mut connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
-    let (heard, mut notifications) = tokio::sync::mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
-        while let Some(Ok(message)) = futures::StreamExt::next(&mut messages).await {
-            if let tokio_postgres::AsyncMessage::Notification(notification) = message {
-                let _ = heard.send(notification.channel().to_owned());
-            }
-        }
-    });
-    listener.batch_execute(&format!(r#"LISTEN "{channel}""#)).await.unwrap();
+    let (_listener, mut notifications) = listen_to(&url, &channel).await;
 
     let stream = StreamName::new("ticket-retried").unwrap();
     let event = common::event("Retried");
@@ -264,7 +277,7 @@ async fn a_retried_append_that_finds_its_events_stored_is_announced() {
         .await
         .unwrap();
     let announced = tokio::time::timeout(Duration::from_secs(10), notifications.recv()).await;
-    assert_eq!(announced.unwrap().as_deref(), Some(channel.as_str()));
+    assert_eq!(announced.unwrap().map(|heard| heard.0), Some(channel.clone()));
     // Nothing else is on its way for the first append.
     tokio::time::sleep(Duration::from_millis(300)).await;
     while notifications.try_recv().is_ok() {}
@@ -278,7 +291,7 @@ async fn a_retried_append_that_finds_its_events_stored_is_announced() {
     let announced = tokio::time::timeout(Duration::from_secs(10), notifications.recv())
         .await
         .expect("the retry that returned is announced");
-    assert_eq!(announced.as_deref(), Some(channel.as_str()));
+    assert_eq!(announced.map(|heard| heard.0), Some(channel.clone()));
     drop(store);
 }
 
@@ -293,17 +306,7 @@ async fn an_idle_announcer_that_drops_sends_nothing_until_the_next_append() {
     let store = common::temporary_store(&url, PostgresOptions::default()).await;
     let admin = common::raw_client(&url).await;
     let channel = format!("triage_events_{}", store.schema());
-    let (listener, mut connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
-    let (heard, mut notifications) = tokio::sync::mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
-        while let Some(Ok(message)) = futures::StreamExt::next(&mut messages).await {
-            if let tokio_postgres::AsyncMessage::Notification(notification) = message {
-                let _ = heard.send(notification.process_id());
-            }
-        }
-    });
-    listener.batch_execute(&format!(r#"LISTEN "{channel}""#)).await.unwrap();
+    let (_listener, mut notifications) = listen_to(&url, &channel).await;
 
     let append = |name: &str| {
         let stream = StreamName::new(name).unwrap();
@@ -316,7 +319,7 @@ async fn an_idle_announcer_that_drops_sends_nothing_until_the_next_append() {
         }
     };
     append("ticket-before").await;
-    let announcer = tokio::time::timeout(Duration::from_secs(10), notifications.recv())
+    let (_, announcer) = tokio::time::timeout(Duration::from_secs(10), notifications.recv())
         .await
         .expect("the append is announced")
         .unwrap();
@@ -334,7 +337,7 @@ async fn an_idle_announcer_that_drops_sends_nothing_until_the_next_append() {
     assert!(unasked.is_err(), "a NOTIFY nobody asked for: {unasked:?}");
 
     append("ticket-after").await;
-    let next = tokio::time::timeout(Duration::from_secs(10), notifications.recv())
+    let (_, next) = tokio::time::timeout(Duration::from_secs(10), notifications.recv())
         .await
         .expect("the next append is announced on a new connection")
         .unwrap();
