@@ -233,12 +233,10 @@ async fn listen(
     let statement = format!(r#"LISTEN "{channel}""#);
     let subscribe = client.batch_execute(&statement);
     tokio::pin!(subscribe);
-    let mut listening = false;
     loop {
         tokio::select! {
-            result = &mut subscribe, if !listening => {
+            result = &mut subscribe, if listening_since.is_none() => {
                 result?;
-                listening = true;
                 *listening_since = Some(Instant::now());
                 // Appends that committed before LISTEN took effect.
                 wake.notify_one();
