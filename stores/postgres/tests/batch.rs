@@ -29,6 +29,49 @@ async fn transactions_in_log_order(url: &str, schema: &str) -> Vec<i64> {
     rows.iter().map(|row| row.get(0)).collect()
 }
 
+/// One append of a direct `triage_append` call: the stream, `p_expected`
+/// and the events.
+type RawAppend<'a> = (&'a StreamName, Option<i64>, Vec<EventData>);
+
+/// Calls `triage_append` directly with `batch`, in one transaction of its
+/// own; its rows as they come.
+async fn call_append(
+    client: &tokio_postgres::Client,
+    schema: &str,
+    batch: &[RawAppend<'_>],
+) -> Result<Vec<tokio_postgres::Row>, tokio_postgres::Error> {
+    let streams: Vec<&str> = batch.iter().map(|(stream, ..)| stream.as_str()).collect();
+    let expected: Vec<Option<i64>> = batch.iter().map(|(_, expected, _)| *expected).collect();
+    let mut event_append = Vec::new();
+    let mut event_index = Vec::new();
+    let mut events = Vec::new();
+    for (number, (_, _, batch_events)) in (1i32..).zip(batch) {
+        for (index, event) in (0i32..).zip(batch_events) {
+            event_append.push(number);
+            event_index.push(index);
+            events.push(event.clone());
+        }
+    }
+    client
+        .query(
+            &format!(
+                r#"SELECT first_revision, last_position, conflict, actual_revision
+                   FROM "{schema}".triage_append($1, $2, $3, $4, $5, $6, $7, $8)"#
+            ),
+            &[
+                &streams,
+                &expected,
+                &event_append,
+                &event_index,
+                &events.iter().map(|event| event.id).collect::<Vec<_>>(),
+                &events.iter().map(|event| event.event_type.as_str()).collect::<Vec<_>>(),
+                &events.iter().map(|event| event.data.as_slice()).collect::<Vec<_>>(),
+                &events.iter().map(|event| event.metadata.as_slice()).collect::<Vec<_>>(),
+            ],
+        )
+        .await
+}
+
 /// One batch, every outcome: a new stream, an `Exact` on a missing stream,
 /// a second append to the new stream (it goes on after the first), an
 /// append whose id is stored, a stale `Exact` on the new stream, an append
@@ -63,37 +106,7 @@ async fn one_batch_writes_only_the_appends_that_hold() {
         (&existing, Some(0), vec![common::event("E")]),
         (&other, None, vec![a.clone()]),
     ];
-    let streams: Vec<&str> = batch.iter().map(|(stream, ..)| stream.as_str()).collect();
-    let expected: Vec<Option<i64>> = batch.iter().map(|(_, expected, _)| *expected).collect();
-    let mut event_append = Vec::new();
-    let mut event_index = Vec::new();
-    let mut events = Vec::new();
-    for (number, (_, _, batch_events)) in (1i32..).zip(&batch) {
-        for (index, event) in (0i32..).zip(batch_events) {
-            event_append.push(number);
-            event_index.push(index);
-            events.push(event.clone());
-        }
-    }
-    let rows = client
-        .query(
-            &format!(
-                r#"SELECT first_revision, last_position, conflict, actual_revision
-                   FROM "{schema}".triage_append($1, $2, $3, $4, $5, $6, $7, $8)"#
-            ),
-            &[
-                &streams,
-                &expected,
-                &event_append,
-                &event_index,
-                &events.iter().map(|event| event.id).collect::<Vec<_>>(),
-                &events.iter().map(|event| event.event_type.as_str()).collect::<Vec<_>>(),
-                &events.iter().map(|event| event.data.as_slice()).collect::<Vec<_>>(),
-                &events.iter().map(|event| event.metadata.as_slice()).collect::<Vec<_>>(),
-            ],
-        )
-        .await
-        .unwrap();
+    let rows = call_append(&client, &schema, &batch).await.unwrap();
     let answers: Vec<(Option<i64>, Option<i64>)> = rows.iter().map(|row| (row.get(0), row.get(1))).collect();
     let refusals: Vec<(bool, Option<i64>)> = rows.iter().map(|row| (row.get(2), row.get(3))).collect();
     assert_eq!(answers.len(), 7, "one row per append");
@@ -152,6 +165,144 @@ async fn one_batch_writes_only_the_appends_that_hold() {
         store.read_stream(&missing, ReadStream::forwards()).await,
         Err(Error::StreamNotFound { .. })
     ));
+}
+
+/// A batch of one append takes a path of its own in `triage_append`
+/// (schema version 4): for every kind of append it answers what the
+/// general path answers for the same append in a batch of two (whose other
+/// append writes to a stream of its own), and writes the same events.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_of_one_append_answers_as_the_general_path_does() {
+    let Some(url) = common::url("a_batch_of_one_append_answers_as_the_general_path_does") else {
+        return;
+    };
+    let store = common::temporary_store(&url, PostgresOptions::default()).await;
+    let schema = store.schema().to_owned();
+    let client = common::raw_client(&url).await;
+
+    /// The stream a case starts from: none, or one event (with an id of its
+    /// own, or the id the case's append then sends again).
+    #[derive(Clone, Copy, Debug)]
+    enum Start {
+        NoStream,
+        OneEvent,
+        OneEventWithTheAppendsId,
+    }
+    // (what the case is, the stream before, p_expected, events the append sends)
+    let cases: [(&str, Start, Option<i64>, usize); 10] = [
+        ("no stream expected, none there", Start::NoStream, Some(-1), 2),
+        ("no stream expected, one there", Start::OneEvent, Some(-1), 1),
+        ("exact revision that holds", Start::OneEvent, Some(0), 3),
+        ("stale exact revision", Start::OneEvent, Some(5), 1),
+        ("exact revision on no stream", Start::NoStream, Some(0), 1),
+        ("stream exists, and it does", Start::OneEvent, Some(-2), 1),
+        ("stream exists, and it does not", Start::NoStream, Some(-2), 1),
+        ("any revision, on no stream", Start::NoStream, None, 1),
+        ("any revision, on a stream", Start::OneEvent, None, 2),
+        ("an id stored already", Start::OneEventWithTheAppendsId, Some(0), 1),
+    ];
+    let mut written = Vec::new();
+    for (case, start, expected, count) in cases {
+        let mut answers = Vec::new();
+        let mut logs = Vec::new();
+        for general in [false, true] {
+            let target = stream();
+            let events: Vec<EventData> = (0..count).map(|n| common::event(&format!("E{n}"))).collect();
+            match start {
+                Start::NoStream => {}
+                Start::OneEvent => {
+                    store
+                        .append(&target, ExpectedRevision::NoStream, vec![common::event("Before")])
+                        .await
+                        .unwrap();
+                }
+                Start::OneEventWithTheAppendsId => {
+                    store
+                        .append(&target, ExpectedRevision::NoStream, vec![events[0].clone()])
+                        .await
+                        .unwrap();
+                }
+            }
+            let own = stream();
+            let mut batch: Vec<RawAppend<'_>> = vec![(&target, expected, events)];
+            if general {
+                batch.push((&own, Some(-1), vec![common::event("Other")]));
+            }
+            let rows = call_append(&client, &schema, &batch).await.unwrap();
+            assert_eq!(rows.len(), batch.len(), "{case}: one row per append");
+            let row = &rows[0];
+            let (first, last, conflict, actual): (Option<i64>, Option<i64>, bool, Option<i64>) =
+                (row.get(0), row.get(1), row.get(2), row.get(3));
+            answers.push((first, last.is_some(), conflict, actual));
+            let log: Vec<(String, i64)> = store
+                .read_stream(&target, ReadStream::forwards())
+                .await
+                .map(|events| {
+                    events
+                        .iter()
+                        .map(|event| (event.event_type.clone(), event.revision as i64))
+                        .collect()
+                })
+                .unwrap_or_default();
+            if let Some(last) = last {
+                let position: i64 = client
+                    .query_one(
+                        &format!(r#"SELECT max(position) FROM "{schema}".triage_events WHERE stream = $1"#),
+                        &[&target.as_str()],
+                    )
+                    .await
+                    .unwrap()
+                    .get(0);
+                assert_eq!(last, position, "{case}: the last position is the stream's last event");
+            }
+            logs.push(log);
+        }
+        assert_eq!(
+            answers[0], answers[1],
+            "{case}: one append alone, then in a batch of two"
+        );
+        assert_eq!(logs[0], logs[1], "{case}: the same events stored");
+        written.push((case, answers[0].0));
+    }
+    // What the answers are, so that the two paths cannot agree on nonsense.
+    assert_eq!(
+        written,
+        [
+            ("no stream expected, none there", Some(0)),
+            ("no stream expected, one there", None),
+            ("exact revision that holds", Some(1)),
+            ("stale exact revision", None),
+            ("exact revision on no stream", None),
+            ("stream exists, and it does", Some(1)),
+            ("stream exists, and it does not", None),
+            ("any revision, on no stream", Some(0)),
+            ("any revision, on a stream", Some(1)),
+            ("an id stored already", None),
+        ]
+    );
+
+    // Two events with one id in the append: both paths leave it to the
+    // unique index, which refuses the whole call.
+    for general in [false, true] {
+        let (target, own) = (stream(), stream());
+        let twice = common::event("Twice");
+        let mut batch: Vec<RawAppend<'_>> = vec![(&target, Some(-1), vec![twice.clone(), twice])];
+        if general {
+            batch.push((&own, Some(-1), vec![common::event("Other")]));
+        }
+        let error = call_append(&client, &schema, &batch)
+            .await
+            .expect_err("a repeated id within one append is refused");
+        assert_eq!(
+            error.code(),
+            Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION),
+            "general path: {general}: {error}"
+        );
+        assert!(matches!(
+            store.read_stream(&target, ReadStream::forwards()).await,
+            Err(Error::StreamNotFound { .. })
+        ));
+    }
 }
 
 /// 64 callers append at once, half to streams of their own and half racing

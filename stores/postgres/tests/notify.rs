@@ -145,7 +145,7 @@ async fn a_version_1_store_is_migrated_and_keeps_its_events() {
             .unwrap();
         (row.get(0), row.get(1))
     };
-    assert_eq!(version, 3);
+    assert_eq!(version, 4);
     assert!(!source.contains("pg_notify"), "{source}");
     assert!(source.contains("pg_advisory_lock"), "{source}");
     let more = common::event("C");
