@@ -175,9 +175,9 @@ impl TicketId {
     /// The stream category of tickets.
     pub const CATEGORY: &'static str = "ticket";
 
-    /// A fresh random id.
+    /// A fresh id: a UUIDv7, which begins with its creation time.
     pub fn new() -> Self {
-        TicketId(Uuid::new_v4())
+        TicketId(Uuid::now_v7())
     }
 
     /// The ticket's stream name.
@@ -311,5 +311,23 @@ impl Agent {
             model: None,
             prompt_version: None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Ticket ids are UUIDv7: ids made one after the other sort in the
+    /// order they were made, so the read models' and the stores' indexes
+    /// on them grow at one end instead of at random places.
+    #[test]
+    fn ticket_ids_sort_in_the_order_they_were_made() {
+        let ids: Vec<TicketId> = (0..10_000).map(|_| TicketId::new()).collect();
+        assert!(ids.iter().all(|id| id.0.get_version_num() == 7));
+        assert!(ids.windows(2).all(|pair| pair[0] < pair[1]), "ids in creation order");
+        // The same order as text, as the read models and streams hold them.
+        let names: Vec<String> = ids.iter().map(TicketId::stream_name).collect();
+        assert!(names.windows(2).all(|pair| pair[0] < pair[1]));
     }
 }
