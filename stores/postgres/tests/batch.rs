@@ -189,7 +189,7 @@ async fn a_batch_of_one_append_answers_as_the_general_path_does() {
         OneEventWithTheAppendsId,
     }
     // (what the case is, the stream before, p_expected, events the append sends)
-    let cases: [(&str, Start, Option<i64>, usize); 10] = [
+    let cases: [(&str, Start, Option<i64>, usize); 11] = [
         ("no stream expected, none there", Start::NoStream, Some(-1), 2),
         ("no stream expected, one there", Start::OneEvent, Some(-1), 1),
         ("exact revision that holds", Start::OneEvent, Some(0), 3),
@@ -200,6 +200,13 @@ async fn a_batch_of_one_append_answers_as_the_general_path_does() {
         ("any revision, on no stream", Start::NoStream, None, 1),
         ("any revision, on a stream", Start::OneEvent, None, 2),
         ("an id stored already", Start::OneEventWithTheAppendsId, Some(0), 1),
+        // Stored ids are looked for first: a retry, not a conflict.
+        (
+            "an id stored already, no stream expected",
+            Start::OneEventWithTheAppendsId,
+            Some(-1),
+            1,
+        ),
     ];
     let mut written = Vec::new();
     for (case, start, expected, count) in cases {
@@ -262,22 +269,24 @@ async fn a_batch_of_one_append_answers_as_the_general_path_does() {
             "{case}: one append alone, then in a batch of two"
         );
         assert_eq!(logs[0], logs[1], "{case}: the same events stored");
-        written.push((case, answers[0].0));
+        written.push((case, answers[0].0, answers[0].2));
     }
-    // What the answers are, so that the two paths cannot agree on nonsense.
+    // What the answers are (first revision, conflict), so that the two
+    // paths cannot agree on nonsense.
     assert_eq!(
         written,
         [
-            ("no stream expected, none there", Some(0)),
-            ("no stream expected, one there", None),
-            ("exact revision that holds", Some(1)),
-            ("stale exact revision", None),
-            ("exact revision on no stream", None),
-            ("stream exists, and it does", Some(1)),
-            ("stream exists, and it does not", None),
-            ("any revision, on no stream", Some(0)),
-            ("any revision, on a stream", Some(1)),
-            ("an id stored already", None),
+            ("no stream expected, none there", Some(0), false),
+            ("no stream expected, one there", None, true),
+            ("exact revision that holds", Some(1), false),
+            ("stale exact revision", None, true),
+            ("exact revision on no stream", None, true),
+            ("stream exists, and it does", Some(1), false),
+            ("stream exists, and it does not", None, true),
+            ("any revision, on no stream", Some(0), false),
+            ("any revision, on a stream", Some(1), false),
+            ("an id stored already", None, false),
+            ("an id stored already, no stream expected", None, false),
         ]
     );
 
@@ -302,6 +311,17 @@ async fn a_batch_of_one_append_answers_as_the_general_path_does() {
             store.read_stream(&target, ReadStream::forwards()).await,
             Err(Error::StreamNotFound { .. })
         ));
+        // The failed call let go of the schema's append lock, a session
+        // lock that outlives the rollback: held, it would stop every append.
+        let held: i64 = client
+            .query_one(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(held, 0, "general path: {general}: advisory locks still held");
     }
 }
 
