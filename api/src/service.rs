@@ -274,8 +274,10 @@ impl AppState {
         })
     }
 
-    /// Opens a ticket. The ticket id derives from the command id, so a
-    /// retry with the same key reaches the same ticket.
+    /// Opens a ticket. With an idempotency key the ticket id derives from
+    /// the command id ([`TicketId::for_command`]), so a retry with the same
+    /// key reaches the same ticket; without one every request is a command
+    /// of its own, and its ticket gets a fresh id.
     pub async fn open_ticket(
         &self,
         principal: &Principal,
@@ -284,7 +286,10 @@ impl AppState {
     ) -> Result<CommandResponse, ApiError> {
         let agent = self.acting_agent(principal, CommandKind::OpenTicket, false)?;
         let command_id = self.command_id(principal, key)?;
-        let ticket_id = TicketId(Uuid::new_v5(&command_id, b"triage ticket"));
+        let ticket_id = match key {
+            Some(_) => TicketId::for_command(command_id),
+            None => TicketId::new(),
+        };
         let command = Command::OpenTicket {
             subject: request.subject,
             body: request.body,

@@ -145,7 +145,7 @@ pub(crate) async fn run(command: TicketCommand, global: &GlobalArgs) -> anyhow::
             // without --id, derive the ticket id from the command id.
             let ticket_id = match (id, command_id) {
                 (Some(id), _) => id,
-                (None, Some(command_id)) => TicketId(Uuid::new_v5(&command_id, b"triage ticket")),
+                (None, Some(command_id)) => TicketId::for_command(command_id),
                 (None, None) => TicketId::new(),
             };
             let envelope = CommandEnvelope::new(

@@ -175,9 +175,28 @@ impl TicketId {
     /// The stream category of tickets.
     pub const CATEGORY: &'static str = "ticket";
 
-    /// A fresh id: a UUIDv7, which begins with its creation time.
+    /// A fresh id: a UUIDv7, which begins with its creation time, so that
+    /// tickets sort in the order they were opened and the indexes keyed by
+    /// them (read models, stream names) grow at one end.
     pub fn new() -> Self {
         TicketId(Uuid::now_v7())
+    }
+
+    /// The ticket that opening a ticket with `command_id` creates: derived
+    /// from the command id alone, so that a retry of the command reaches
+    /// the same ticket. A UUIDv5 of the command id; when the command id is
+    /// a UUIDv7, a UUIDv7 of the same millisecond with the UUIDv5's bits
+    /// after it, so that such tickets still sort by when they were opened.
+    pub fn for_command(command_id: Uuid) -> Self {
+        let derived = Uuid::new_v5(&command_id, b"triage ticket");
+        if command_id.get_version() != Some(uuid::Version::SortRand) {
+            return TicketId(derived);
+        }
+        // A UUIDv7's first 48 bits are its Unix time in milliseconds.
+        let mut millis = [0u8; 8];
+        millis[2..].copy_from_slice(&command_id.as_bytes()[..6]);
+        let rest: [u8; 10] = derived.as_bytes()[6..].try_into().expect("16 - 6 bytes");
+        TicketId(uuid::Builder::from_unix_timestamp_millis(u64::from_be_bytes(millis), &rest).into_uuid())
     }
 
     /// The ticket's stream name.
@@ -329,5 +348,35 @@ mod tests {
         // The same order as text, as the read models and streams hold them.
         let names: Vec<String> = ids.iter().map(TicketId::stream_name).collect();
         assert!(names.windows(2).all(|pair| pair[0] < pair[1]));
+    }
+
+    /// A retry of an open reaches the same ticket: the id depends on the
+    /// command id alone. A UUIDv4 command id gives the UUIDv5 earlier
+    /// builds gave (retries across an upgrade still meet); a UUIDv7 one a
+    /// UUIDv7 of the command's millisecond, so tickets opened in later
+    /// milliseconds sort after.
+    #[test]
+    fn a_ticket_opened_by_a_command_has_an_id_derived_from_it() {
+        let random = Uuid::new_v4();
+        assert_eq!(TicketId::for_command(random), TicketId::for_command(random));
+        assert_eq!(TicketId::for_command(random).0, Uuid::new_v5(&random, b"triage ticket"));
+        let made_at = |millis: u64| uuid::Builder::from_unix_timestamp_millis(millis, &[0x5a; 10]).into_uuid();
+        let start = 1_764_979_200_000; // 2025-12-06T00:00:00Z
+        let tickets: Vec<TicketId> = (0..1_000).map(|n| TicketId::for_command(made_at(start + n))).collect();
+        for (n, ticket) in (0..).zip(&tickets) {
+            assert_eq!(ticket.0.get_version_num(), 7);
+            assert_eq!(
+                ticket,
+                &TicketId::for_command(made_at(start + n)),
+                "the same command, the same ticket"
+            );
+            let (seconds, nanos) = ticket.0.get_timestamp().expect("a v7 has a time").to_unix();
+            assert_eq!(seconds * 1_000 + u64::from(nanos) / 1_000_000, start + n);
+            assert_ne!(ticket.0, made_at(start + n), "not the command id itself");
+        }
+        assert!(
+            tickets.windows(2).all(|pair| pair[0] < pair[1]),
+            "in the order of their commands"
+        );
     }
 }

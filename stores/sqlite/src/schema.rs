@@ -28,9 +28,11 @@ pub(crate) const SCHEMA_VERSION: i32 = 1;
 ///
 /// Streams get small integer ids in creation order. The `(stream_id,
 /// revision)` index then keeps the streams being worked on (mostly recent
-/// ones) in a few neighbouring pages, where an index on the random
-/// `ticket-<uuid>` names would dirty one random page per append; fewer
-/// dirty pages per group commit means less to fsync.
+/// ones) in a few neighbouring pages, where an index on the
+/// `ticket-<uuid>` names would dirty one random page per append for any
+/// ticket whose id is not time-ordered (a UUIDv5 of a random command id,
+/// see `TicketId::for_command`); fewer dirty pages per group commit means
+/// less to fsync.
 const CREATE_EVENTS: &str = "
     CREATE TABLE streams (
         stream_id   INTEGER PRIMARY KEY,
