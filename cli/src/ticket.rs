@@ -34,7 +34,8 @@ pub(crate) enum TicketCommand {
         /// The role to act in: intake or operator.
         #[arg(long, default_value = "operator", value_parser = parse_role)]
         role: Role,
-        /// Use this ticket id instead of a random one.
+        /// Use this ticket id instead of a new one (or, with --command-id,
+        /// one derived from the command id).
         #[arg(long, value_name = "UUID")]
         id: Option<TicketId>,
         /// The command id; sending the same id again is a harmless retry.

@@ -378,5 +378,11 @@ mod tests {
             tickets.windows(2).all(|pair| pair[0] < pair[1]),
             "in the order of their commands"
         );
+        // Two commands of one millisecond open two tickets.
+        let (first, second) = (
+            uuid::Builder::from_unix_timestamp_millis(start, &[0x11; 10]).into_uuid(),
+            uuid::Builder::from_unix_timestamp_millis(start, &[0x22; 10]).into_uuid(),
+        );
+        assert_ne!(TicketId::for_command(first), TicketId::for_command(second));
     }
 }

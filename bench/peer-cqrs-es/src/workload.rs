@@ -224,7 +224,8 @@ pub(crate) async fn agent_loop(
     match tickets.mode {
         TicketsMode::Disjoint => {
             while Instant::now() < deadline {
-                let ticket = Uuid::new_v4();
+                // Time-ordered, as Triage's `TicketId::new()`.
+                let ticket = Uuid::now_v7();
                 let mut claim = None;
                 for (step, agent) in agents.iter().enumerate() {
                     let (outcome, command_id) = send(cqrs, &mut totals, ticket, agent, command(step, claim)).await?;
