@@ -398,6 +398,40 @@ fn from_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, serde_js
 mod tests {
     use super::*;
 
+    /// A stored event decodes to exactly the event that was decided:
+    /// otherwise a retry compares its decision with a stored copy that
+    /// differs in the last bit of a float, and is refused as a reused
+    /// command id. serde_json writes the shortest text that reads back to
+    /// the same f64, but by default reads some of it back one unit in the
+    /// last place off (0.18414572685438918 came back 0.1841457268543892);
+    /// its `float_roundtrip` feature reads exactly.
+    #[test]
+    fn a_classification_confidence_survives_the_log_bit_for_bit() {
+        let classified = |confidence: f64| Event::TicketClassified {
+            claim_id: Uuid::from_u128(7),
+            category: "billing".into(),
+            priority: Priority::Normal,
+            confidence,
+        };
+        // The value a race test found, then a deterministic spread of others.
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        let mut values = vec![0.184_145_726_854_389_18];
+        for _ in 0..20_000 {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            values.push((state >> 11) as f64 / (1u64 << 53) as f64);
+        }
+        for confidence in values {
+            let event = classified(confidence);
+            let decoded = Event::decode("TicketClassified", 1, &event.encode()).expect("decodes");
+            let Event::TicketClassified { confidence: read, .. } = decoded else {
+                panic!("decoded as another event: {decoded:?}");
+            };
+            assert_eq!(read.to_bits(), confidence.to_bits(), "{confidence:?} came back as {read:?}");
+        }
+    }
+
     #[test]
     fn event_ids_are_deterministic_and_distinct() {
         let command = Uuid::from_u128(42);
