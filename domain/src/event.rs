@@ -428,7 +428,11 @@ mod tests {
             let Event::TicketClassified { confidence: read, .. } = decoded else {
                 panic!("decoded as another event: {decoded:?}");
             };
-            assert_eq!(read.to_bits(), confidence.to_bits(), "{confidence:?} came back as {read:?}");
+            assert_eq!(
+                read.to_bits(),
+                confidence.to_bits(),
+                "{confidence:?} came back as {read:?}"
+            );
         }
     }
 
