@@ -113,8 +113,19 @@ pub trait Projection: Send + Sync + fmt::Debug + 'static {
     /// The base names of its tables (and of their views).
     fn tables(&self) -> &'static [&'static str];
 
-    /// Creates the tables of `slot`'s generation.
+    /// Creates the tables of `slot`'s generation, with their primary keys
+    /// but without secondary indexes (see [`Projection::create_indexes`]).
     fn create(&self, conn: &Connection, slot: &Slot) -> rusqlite::Result<()>;
+
+    /// Creates the secondary indexes of `slot`'s generation. A generation
+    /// made live at once gets them with its tables. A rebuild's generation
+    /// gets them only when it is swapped in, in the swap's transaction:
+    /// each index is then built once, by sorting the finished table,
+    /// instead of being updated row by row through the whole replay. So a
+    /// live generation always has its indexes.
+    fn create_indexes(&self, _conn: &Connection, _slot: &Slot) -> rusqlite::Result<()> {
+        Ok(())
+    }
 
     /// Applies a batch, in order, inside the caller's transaction.
     fn apply(&self, conn: &Connection, slot: &Slot, events: &[ProjectedEvent]) -> Result<(), ProjectionError>;

@@ -588,6 +588,9 @@ impl Projector {
                 drop_views(&tx, projection.as_ref())?;
                 drop_tables(&tx, projection.as_ref(), &old)?;
             }
+            // Deferred from the start of the rebuild (see
+            // `Projection::create_indexes`); only a swap makes a build live.
+            projection.create_indexes(&tx, &build)?;
             db::insert_slot(&tx, SlotKind::Live, &build)?;
             db::delete_slot(&tx, SlotKind::Build, projection.name())?;
             create_views(&tx, projection.as_ref(), &build)?;
@@ -926,7 +929,8 @@ fn apply_page(db: &ReadModelDb, targets: &[Target], page: &Page) -> Result<(), P
 
 /// Creates the tables of the projection's next generation and registers
 /// them as `kind`, with no events applied. Generations only grow, so a new
-/// one never reuses the table names of a live or abandoned one.
+/// one never reuses the table names of a live or abandoned one. A build
+/// gets its secondary indexes when it is swapped in, a live one at once.
 fn new_generation(conn: &Connection, projection: &dyn Projection, kind: SlotKind) -> rusqlite::Result<Slot> {
     let slot = Slot {
         name: projection.name().to_owned(),
@@ -936,6 +940,9 @@ fn new_generation(conn: &Connection, projection: &dyn Projection, kind: SlotKind
         events_applied: 0,
     };
     projection.create(conn, &slot)?;
+    if kind == SlotKind::Live {
+        projection.create_indexes(conn, &slot)?;
+    }
     db::insert_slot(conn, kind, &slot)?;
     Ok(slot)
 }

@@ -234,9 +234,15 @@ impl Projection for TicketsProjection {
                 created_at       INTEGER NOT NULL,
                 updated_at       INTEGER NOT NULL,
                 state_entered_at INTEGER NOT NULL
-            ) STRICT;
-            CREATE INDEX IF NOT EXISTS {table}_queue ON {table} (state, state_entered_at);
-            CREATE INDEX IF NOT EXISTS {table}_lease ON {table} (lease_expires_at) WHERE lease_expires_at IS NOT NULL;"
+            ) STRICT;"
+        ))
+    }
+
+    fn create_indexes(&self, conn: &Connection, slot: &Slot) -> rusqlite::Result<()> {
+        let table = slot.table("tickets");
+        conn.execute_batch(&format!(
+            "CREATE INDEX IF NOT EXISTS {table}_queue ON {table} (state, state_entered_at);
+             CREATE INDEX IF NOT EXISTS {table}_lease ON {table} (lease_expires_at) WHERE lease_expires_at IS NOT NULL;"
         ))
     }
 

@@ -48,6 +48,75 @@ fn tables_like(projector: &Projector, prefix: &str) -> Vec<String> {
         .unwrap()
 }
 
+/// The secondary indexes (not the primary keys' automatic ones) on tables
+/// whose names start with `prefix`.
+fn indexes_like(conn: &Connection, prefix: &str) -> Vec<String> {
+    let mut statement = conn
+        .prepare(
+            "SELECT name FROM sqlite_schema WHERE type = 'index' AND sql IS NOT NULL AND tbl_name LIKE ?1 || '%' \
+             ORDER BY name",
+        )
+        .unwrap();
+    statement
+        .query_map([prefix], |row| row.get(0))
+        .unwrap()
+        .collect::<rusqlite::Result<_>>()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_rebuild_indexes_its_generation_when_it_goes_live() {
+    let store: Arc<dyn EventStore> = Arc::new(InMemoryEventStore::new());
+    let mut workload = Workload::new(store.clone());
+    workload.random(300, 15, 5).await;
+    let projector = Projector::new(store.clone(), ReadModelDb::in_memory().unwrap()).with_options(small_batches(10));
+    projector.catch_up().await.unwrap();
+    let live_indexes = |generation: u32| {
+        vec![
+            format!("stats_latency_g{generation}_stage"),
+            format!("tickets_g{generation}_lease"),
+            format!("tickets_g{generation}_queue"),
+        ]
+    };
+    let both = |conn: &Connection, generation: u32| {
+        let mut names = indexes_like(conn, &format!("stats_latency_g{generation}"));
+        names.extend(indexes_like(conn, &format!("tickets_g{generation}")));
+        names
+    };
+    // A generation made live at once has its indexes from the start.
+    assert_eq!(both(&projector.db().lock(), 1), live_indexes(1));
+
+    // While the rebuild replays, its generation has none: each index is
+    // built once at the swap instead of updated row by row.
+    let seen_during_replay = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let options = RebuildOptions {
+        progress: Some(Box::new({
+            let (db, seen) = (projector.db().clone(), seen_during_replay.clone());
+            move |_| seen.lock().unwrap().push(both(&db.lock(), 2))
+        })),
+        ..RebuildOptions::default()
+    };
+    let reports = projector.rebuild_many(&["tickets", "stats"], options).await.unwrap();
+    assert!(reports.iter().all(|report| report.events > 0), "{reports:?}");
+    let seen = seen_during_replay.lock().unwrap().clone();
+    assert!(seen.len() > 1, "a progress report per batch: {seen:?}");
+    assert!(seen.iter().all(Vec::is_empty), "indexes during the replay: {seen:?}");
+
+    // Swapped in with its indexes; the old generation's went with its tables.
+    let conn = projector.db().lock();
+    assert_eq!(both(&conn, 2), live_indexes(2));
+    assert!(both(&conn, 1).is_empty());
+    // The work queue's query is answered from its index.
+    let plan: Vec<String> = conn
+        .prepare("EXPLAIN QUERY PLAN SELECT ticket_id FROM tickets WHERE state = 'new' ORDER BY state_entered_at")
+        .unwrap()
+        .query_map([], |row| row.get(3))
+        .unwrap()
+        .collect::<rusqlite::Result<_>>()
+        .unwrap();
+    assert!(plan.iter().any(|step| step.contains("tickets_g2_queue")), "{plan:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rebuild_under_load_keeps_serving_and_converges() {
     let store: Arc<dyn EventStore> = Arc::new(InMemoryEventStore::new());
