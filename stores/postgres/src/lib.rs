@@ -23,7 +23,11 @@
 //! until everything committed when it started is below the watermark, so a
 //! caller reads its own appends even while other appends are in flight.
 //! The price: xmin is cluster-wide, so a long writing transaction anywhere
-//! on the cluster delays subscribers until it ends.
+//! on the cluster delays subscribers until it ends. A long page that lies
+//! wholly below the visible head (a rebuild catching up) is read as two
+//! halves at once on two pooled connections, and answered only when the
+//! halves hold every position of the page; otherwise it is read in one
+//! query (see `reader.rs`).
 //!
 //! # Appends: group commit
 //! Appends of concurrent callers are grouped into one call of
@@ -227,6 +231,8 @@ pub struct PostgresStats {
     pub conflicts: u64,
     /// Writes refused by a unique constraint (a lost race) and decided again.
     pub lost_races: u64,
+    /// Pages of `$all` read as two halves at once (far behind the head).
+    pub pages_read_in_halves: u64,
 }
 
 #[derive(Debug, Default)]
@@ -236,6 +242,7 @@ struct Counters {
     appends_replayed: AtomicU64,
     conflicts: AtomicU64,
     lost_races: AtomicU64,
+    pages_read_in_halves: AtomicU64,
 }
 
 impl PostgresEventStore {
@@ -345,6 +352,7 @@ impl PostgresEventStore {
             appends_replayed: load(&self.counters.appends_replayed),
             conflicts: load(&self.counters.conflicts),
             lost_races: load(&self.counters.lost_races),
+            pages_read_in_halves: load(&self.counters.pages_read_in_halves),
         }
     }
 
@@ -609,6 +617,10 @@ impl EventStore for PostgresEventStore {
             &self.target,
             options,
             Some(self.options.visibility_wait),
+            Some(reader::Spare {
+                pool: &self.pool,
+                pages_read_in_halves: &self.counters.pages_read_in_halves,
+            }),
         )
         .await
     }

@@ -21,8 +21,11 @@ pub struct PostgresOptions {
     pub schema: String,
     /// Most pooled connections (default 16; at least 1). While batches of
     /// appends are in flight, their writers hold one each (two at most; see
-    /// `batcher.rs`). The store opens two more, outside the pool: one for
-    /// LISTEN, and at its first append one for NOTIFY.
+    /// `batcher.rs`). A read of a long page of `$all` far behind the head
+    /// may take a second one for half of the page, only while more than
+    /// three would stay free (see `reader.rs`). The store opens two more,
+    /// outside the pool: one for LISTEN, and at its first append one for
+    /// NOTIFY.
     pub pool_size: usize,
     /// How often the head is re-read when no notification arrives (default
     /// 500 ms). Notifications are the fast path; polling covers a lost

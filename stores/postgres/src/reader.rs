@@ -18,9 +18,10 @@
 //! unique `(stream, revision)` refuses anything else), so the committed
 //! part of a stream never has a hole.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
-use deadpool_postgres::Client;
+use deadpool_postgres::{Client, Pool};
 use tokio_postgres::Row;
 use triage_event_store::{AllStart, Direction, Error, Position, ReadAll, ReadStream, RecordedEvent, StreamName};
 use triage_event_store::{Result, StreamStart};
@@ -268,15 +269,29 @@ pub(crate) async fn read_event(
     row.map(|row| decode(&row, target)).transpose()
 }
 
+/// Forward pages of `$all` at least this long that lie wholly below the
+/// visible head are read as two halves at once; see [`read_halves`].
+pub(crate) const SPLIT_PAGE_MIN: usize = 1024;
+
+/// Where [`read_all`] may take a second connection, and what it counts.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Spare<'a> {
+    pub(crate) pool: &'a Pool,
+    pub(crate) pages_read_in_halves: &'a AtomicU64,
+}
+
 /// Reads a page of `$all` below the watermark, the start position included.
 /// With `wait`, first waits (bounded) for transactions in flight; see
-/// [`settled_heads`].
+/// [`settled_heads`]. With `spare`, a long forward page far enough behind
+/// the head may be read in two halves, the second on a connection of
+/// `spare` (see [`read_halves`]); the answer is the same either way.
 pub(crate) async fn read_all(
     client: &Client,
     sql: &Sql,
     target: &Target,
     options: ReadAll,
     wait: Option<Duration>,
+    spare: Option<Spare<'_>>,
 ) -> Result<Vec<RecordedEvent>> {
     let failed = |e| target.db_error("cannot read $all", e);
     let limit = to_sql_int(options.max_count as u64);
@@ -310,7 +325,21 @@ pub(crate) async fn read_all(
             Direction::Backwards if from == u64::MAX => None,
             Direction::Backwards => Some(to_sql_int(from)),
         };
-        settled_heads(client, sql, target, wait, last).await?;
+        let heads = settled_heads(client, sql, target, wait, last).await?;
+        // Splitting pays only where both halves are full, so only below the
+        // visible head: a live reader's pages near the head stay one query.
+        if let Some(spare) = spare
+            && options.direction == Direction::Forwards
+            && options.max_count >= SPLIT_PAGE_MIN
+            && from > 0
+            && heads
+                .visible
+                .is_some_and(|visible| last.is_some_and(|last| last <= visible))
+            && let Some(page) = read_halves(client, spare.pool, sql, target, to_sql_int(from), limit).await?
+        {
+            spare.pages_read_in_halves.fetch_add(1, Ordering::Relaxed);
+            return Ok(page);
+        }
     }
     let statement = client.prepare_cached(query).await.map_err(failed)?;
     let rows = client
@@ -318,6 +347,96 @@ pub(crate) async fn read_all(
         .await
         .map_err(failed)?;
     rows.iter().map(|row| decode(row, target)).collect()
+}
+
+/// Reads the `limit` rows of `$all` from position `from` as two halves at
+/// once, the first on `client` and the second on a spare connection of
+/// `pool` (see [`spare_client`]): the database produces and sends both
+/// halves in parallel, which is where a rebuild far behind the head spends
+/// its time.
+///
+/// Each half is an ordinary page read (`read_all_forwards`, with its
+/// watermark filters), the second starting where the first ends when no
+/// position is missing. The halves are answered only if together they are
+/// exactly the positions `from .. from + limit`, in order: those are the
+/// first `limit` positions from `from`, and they were visible, so one read
+/// of the whole page now would return the same rows (the watermark only
+/// moves up, and events are never deleted). A position can be missing (an
+/// identity value taken by a transaction that rolled back); then, with no
+/// spare connection, or when the spare's half fails, `None`, and the caller
+/// reads the page in one query.
+async fn read_halves(
+    client: &Client,
+    pool: &Pool,
+    sql: &Sql,
+    target: &Target,
+    from: i64,
+    limit: i64,
+) -> Result<Option<Vec<RecordedEvent>>> {
+    async fn read(
+        client: &Client,
+        sql: &Sql,
+        from: i64,
+        limit: i64,
+    ) -> std::result::Result<Vec<Row>, tokio_postgres::Error> {
+        let statement = client.prepare_cached(&sql.read_all_forwards).await?;
+        client.query(&statement, &[&from, &limit]).await
+    }
+    let Some(spare) = spare_client(pool).await else {
+        return Ok(None);
+    };
+    let failed = |e| target.db_error("cannot read $all", e);
+    let half = limit / 2;
+    let (first, second) = tokio::join!(
+        read(client, sql, from, half),
+        read(&spare, sql, from + half, limit - half)
+    );
+    let first = first.map_err(failed)?;
+    let Ok(second) = second else {
+        // The spare may be dead without the pool's quick check knowing it
+        // yet; it is not put back. The caller's own query decides.
+        drop(deadpool_postgres::Object::take(spare));
+        return Ok(None);
+    };
+    drop(spare);
+    if first.len() + second.len() != usize::try_from(limit).unwrap_or(usize::MAX) {
+        return Ok(None);
+    }
+    for (expected, row) in (from..).zip(first.iter().chain(&second)) {
+        let position: i64 = row.try_get(0).map_err(failed)?;
+        if position != expected {
+            return Ok(None);
+        }
+    }
+    first
+        .iter()
+        .chain(&second)
+        .map(|row| decode(row, target))
+        .collect::<Result<_>>()
+        .map(Some)
+}
+
+/// Connections of the pool a page read leaves to others: the batch writers
+/// (see `batcher.rs`) and one more, so that a rebuild's split reads never
+/// keep appends waiting for a connection.
+const SPARE_RESERVE: usize = crate::batcher::WRITERS + 1;
+
+/// A pooled connection for the second half of a page, if the pool has one
+/// to spare: nobody waits for one, and [`SPARE_RESERVE`] would still be
+/// free (idle or not yet opened). Taken without waiting: a read that holds
+/// one connection and waited for a second could wait on readers doing the
+/// same.
+async fn spare_client(pool: &Pool) -> Option<Client> {
+    let status = pool.status();
+    let free = status.max_size.saturating_sub(status.size) + status.available;
+    if status.waiting > 0 || free <= SPARE_RESERVE {
+        return None;
+    }
+    let timeouts = deadpool_postgres::Timeouts {
+        wait: Some(Duration::ZERO),
+        ..pool.timeouts()
+    };
+    pool.timeout_get(&timeouts).await.ok()
 }
 
 /// Decodes a row of [`EVENT_COLUMNS`].
