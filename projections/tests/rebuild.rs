@@ -48,6 +48,17 @@ fn tables_like(projector: &Projector, prefix: &str) -> Vec<String> {
         .unwrap()
 }
 
+/// An in-memory log of 300 pseudo-random workload steps (a ticket opened
+/// every 15), and a projector caught up with it in batches of 10.
+async fn caught_up_on_random_tickets() -> (Arc<dyn EventStore>, Projector) {
+    let store: Arc<dyn EventStore> = Arc::new(InMemoryEventStore::new());
+    let mut workload = Workload::new(store.clone());
+    workload.random(300, 15, 5).await;
+    let projector = Projector::new(store.clone(), ReadModelDb::in_memory().unwrap()).with_options(small_batches(10));
+    projector.catch_up().await.unwrap();
+    (store, projector)
+}
+
 /// The secondary indexes (not the primary keys' automatic ones) on tables
 /// whose names start with `prefix`.
 fn indexes_like(conn: &Connection, prefix: &str) -> Vec<String> {
@@ -66,11 +77,7 @@ fn indexes_like(conn: &Connection, prefix: &str) -> Vec<String> {
 
 #[tokio::test]
 async fn a_rebuild_indexes_its_generation_when_it_goes_live() {
-    let store: Arc<dyn EventStore> = Arc::new(InMemoryEventStore::new());
-    let mut workload = Workload::new(store.clone());
-    workload.random(300, 15, 5).await;
-    let projector = Projector::new(store.clone(), ReadModelDb::in_memory().unwrap()).with_options(small_batches(10));
-    projector.catch_up().await.unwrap();
+    let (_store, projector) = caught_up_on_random_tickets().await;
     let live_indexes = |generation: u32| {
         vec![
             format!("stats_latency_g{generation}_stage"),
@@ -235,11 +242,7 @@ async fn rebuild_under_load_keeps_serving_and_converges() {
 
 #[tokio::test]
 async fn a_cancelled_rebuild_leaves_the_live_model_untouched() {
-    let store: Arc<dyn EventStore> = Arc::new(InMemoryEventStore::new());
-    let mut workload = Workload::new(store.clone());
-    workload.random(300, 15, 5).await;
-    let projector = Projector::new(store.clone(), ReadModelDb::in_memory().unwrap()).with_options(small_batches(10));
-    projector.catch_up().await.unwrap();
+    let (store, projector) = caught_up_on_random_tickets().await;
     let before = digest(&projector, "tickets");
     let status_before = status_of(&projector.status().await.unwrap(), "tickets");
 
