@@ -234,6 +234,95 @@ async fn a_rebuild_swaps_in_while_a_leader_keeps_applying() {
     assert_eq!(models.digest("stats").await.unwrap(), stats);
 }
 
+/// The secondary indexes of the read models' table `table`, as the
+/// columns (and condition) they cover, sorted.
+async fn secondary_indexes(client: &tokio_postgres::Client, models: &PgReadModels, table: &str) -> Vec<String> {
+    let mut indexes: Vec<String> = client
+        .query(
+            "SELECT indexdef FROM pg_indexes WHERE schemaname = $1 AND tablename = $2 AND indexname NOT LIKE '%_pkey'",
+            &[&models.schema(), &table],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| {
+            let definition: String = row.get(0);
+            definition
+                .split_once(" USING btree ")
+                .map_or(definition.clone(), |(_, covered)| covered.to_owned())
+        })
+        .collect();
+    indexes.sort();
+    indexes
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pg_rebuild_indexes_its_generation_when_it_goes_live() {
+    let Some(url) = url("a_pg_rebuild_indexes_its_generation_when_it_goes_live") else {
+        return;
+    };
+    let store = event_store(&url).await;
+    let events: Arc<dyn EventStore> = store.clone();
+    let models = read_models(&url).await;
+    Workload::new(events.clone()).random(300, 10, 5).await;
+    let options = ProjectorOptions {
+        batch_size: 16,
+        ..ProjectorOptions::default()
+    };
+    let projector = PgProjector::new(events.clone(), models.clone()).with_options(options);
+    projector.catch_up().await.unwrap();
+    let client = raw_client(&url).await;
+    let indexes = |generation: u32| {
+        let (client, models) = (&client, &models);
+        async move {
+            [
+                secondary_indexes(client, models, &format!("tickets_g{generation}")).await,
+                secondary_indexes(client, models, &format!("stats_latency_g{generation}")).await,
+            ]
+        }
+    };
+    let expected = [
+        vec![
+            "(lease_expires_at) WHERE (lease_expires_at IS NOT NULL)".to_owned(),
+            "(state, state_entered_at)".to_owned(),
+        ],
+        vec!["(stage, ms)".to_owned()],
+    ];
+    // Made live at once: indexed from the start.
+    assert_eq!(indexes(1).await, expected);
+
+    // The rebuild stops after its first batch until the test has looked
+    // at its generation: no indexes while it replays.
+    let (reached, first_batch) = tokio::sync::oneshot::channel::<()>();
+    let (resume, resumed) = std::sync::mpsc::channel::<()>();
+    let mut reached = Some(reached);
+    let options = RebuildOptions {
+        progress: Some(Box::new(move |_| {
+            if let Some(reached) = reached.take() {
+                reached.send(()).unwrap();
+                resumed.recv().unwrap();
+            }
+        })),
+        ..RebuildOptions::default()
+    };
+    let rebuilding = tokio::spawn({
+        let projector = projector.clone();
+        async move { projector.rebuild_many(&["tickets", "stats"], options).await }
+    });
+    first_batch.await.unwrap();
+    assert_eq!(indexes(2).await, [Vec::<String>::new(), Vec::new()]);
+    resume.send(()).unwrap();
+    let reports = rebuilding.await.unwrap().unwrap();
+    assert!(reports.iter().all(|report| report.generation == 2), "{reports:?}");
+
+    // Swapped in with them; the old generation went with its tables.
+    assert_eq!(indexes(2).await, expected);
+    assert_eq!(indexes(1).await, [Vec::<String>::new(), Vec::new()]);
+    let [tickets, stats] = clean_pg_digests(&url, events.clone()).await;
+    assert_eq!(models.digest("tickets").await.unwrap(), tickets);
+    assert_eq!(models.digest("stats").await.unwrap(), stats);
+}
+
 /// The live model moves on while a rebuild replays (another instance
 /// applies new events after the rebuild read its last page): the rebuild
 /// catches up before swapping in, and the live model never moves back.

@@ -71,8 +71,34 @@ impl Model {
             })
     }
 
+    /// Creates the secondary indexes of `generation`: with its tables for a
+    /// generation made live at once, and at the swap for a rebuild's, each
+    /// built once from the finished table (as `Projection::create_indexes`
+    /// does in SQLite).
+    pub(crate) async fn create_indexes(
+        self,
+        tx: &Transaction<'_>,
+        models: &PgReadModels,
+        generation: u32,
+    ) -> Result<(), ProjectionError> {
+        let table = |base: &str| models.qualified(&format!("{base}_g{generation}"));
+        let sql = match self {
+            Model::Tickets => format!(
+                "CREATE INDEX ON {t} (state, state_entered_at);
+                 CREATE INDEX ON {t} (lease_expires_at) WHERE lease_expires_at IS NOT NULL;",
+                t = table("tickets")
+            ),
+            // The percentiles of the summary sort by it.
+            Model::Stats => format!("CREATE INDEX ON {} (stage, ms);", table("stats_latency")),
+        };
+        tx.batch_execute(&sql)
+            .await
+            .map_err(|error| ProjectionError::postgres("index the projection's tables", error))
+    }
+
     /// Creates the tables of `generation` (dropping leftovers of an
-    /// abandoned one with the same number first).
+    /// abandoned one with the same number first), without their secondary
+    /// indexes ([`Model::create_indexes`]).
     pub(crate) async fn create(
         self,
         tx: &Transaction<'_>,
@@ -107,9 +133,7 @@ impl Model {
                     created_at       bigint  NOT NULL,
                     updated_at       bigint  NOT NULL,
                     state_entered_at bigint  NOT NULL
-                );
-                CREATE INDEX ON {t} (state, state_entered_at);
-                CREATE INDEX ON {t} (lease_expires_at) WHERE lease_expires_at IS NOT NULL;",
+                );",
                 t = table("tickets")
             ),
             Model::Stats => format!(
@@ -118,7 +142,6 @@ impl Model {
                      ticket_id uuid PRIMARY KEY, state text NOT NULL, opened_at bigint NOT NULL,
                      stage_started_at bigint NOT NULL, claim_agent text);
                  CREATE TABLE {latency} (stage text NOT NULL, ticket_id uuid NOT NULL, ms bigint NOT NULL);
-                 CREATE INDEX ON {latency} (stage, ms);
                  CREATE TABLE {agents} (
                      agent_id text NOT NULL, role text NOT NULL, outcome text NOT NULL, count bigint NOT NULL,
                      PRIMARY KEY (agent_id, outcome));",

@@ -784,6 +784,9 @@ impl PgProjector {
         if let Some(old) = old {
             drop_tables(&tx, &self.models, model, old.generation).await?;
         }
+        // Deferred from the start of the rebuild; only a swap makes a build
+        // live.
+        model.create_indexes(&tx, &self.models, build.generation).await?;
         tx.execute(
             &format!(
                 "INSERT INTO {registry} (name, slot, version, generation, checkpoint_commit, checkpoint_prepare, \
@@ -928,7 +931,9 @@ async fn write_checkpoint(
     Ok(())
 }
 
-/// Creates the next generation's tables and registers them as `kind`.
+/// Creates the next generation's tables and registers them as `kind`. A
+/// build gets its secondary indexes when it is swapped in, a live one at
+/// once.
 async fn new_generation(
     tx: &Transaction<'_>,
     models: &PgReadModels,
@@ -955,6 +960,9 @@ async fn new_generation(
         events_applied: 0,
     };
     model.create(tx, models, slot.generation).await?;
+    if kind == SlotKind::Live {
+        model.create_indexes(tx, models, slot.generation).await?;
+    }
     tx.execute(
         &format!(
             "INSERT INTO {} (name, slot, version, generation) VALUES ($1, $2, $3, $4)",
