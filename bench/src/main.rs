@@ -126,6 +126,10 @@ enum Bench {
         /// Most pooled connections of the store.
         #[arg(long, default_value_t = 16)]
         pool_size: usize,
+        /// Where the rebuilt read models go: a SQLite file (as `triage`'s
+        /// default) or a fresh schema of the same PostgreSQL database.
+        #[arg(long, value_enum, default_value_t = pg::ReadModelPlace::Sqlite)]
+        read_model: pg::ReadModelPlace,
     },
 }
 
@@ -367,8 +371,12 @@ async fn main() -> anyhow::Result<()> {
             events,
             batch_size,
             pool_size,
+            read_model,
         } => {
-            println!("{}", pg::rebuild(&url, events, batch_size, pool_size).await?);
+            println!(
+                "{}",
+                pg::rebuild(&url, events, batch_size, pool_size, read_model).await?
+            );
         }
         Bench::Events { events } => {
             println!("{}", replay::events_jsonl(events).await?);

@@ -434,12 +434,71 @@ async fn read_all(store: &dyn EventStore, total: u64, batch_size: usize) -> anyh
     Ok(started.elapsed().as_secs_f64())
 }
 
+/// Where `pg-rebuild` puts the read models.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub(crate) enum ReadModelPlace {
+    /// A SQLite read-model file in a temporary directory.
+    Sqlite,
+    /// A fresh schema of the same PostgreSQL database, dropped afterwards.
+    Postgres,
+}
+
+/// Rebuilds `tickets` and `stats` from position 0 of `store`, which holds
+/// `total` events of whole lifecycles, into fresh PostgreSQL read models in
+/// a temporary schema, and checks the result.
+async fn rebuild_into_postgres(
+    url: &str,
+    store: Arc<dyn EventStore>,
+    total: u64,
+    batch_size: usize,
+) -> anyhow::Result<Value> {
+    use triage_projections::{PgProjector, PgReadModelOptions, PgReadModels, ProjectorOptions, RebuildOptions};
+    let models = PgReadModels::connect_temporary(url, PgReadModelOptions::default())
+        .await
+        .with_context(|| format!("cannot open temporary read models at {url}"))?;
+    let projector = PgProjector::new(store, models).with_options(ProjectorOptions {
+        batch_size,
+        ..ProjectorOptions::default()
+    });
+    crate::replay::reset_peak_rss();
+    let started = Instant::now();
+    let reports = projector
+        .rebuild_many(&["tickets", "stats"], RebuildOptions::default())
+        .await?;
+    let wall = started.elapsed().as_secs_f64();
+    let read_models = triage_projections::ReadModels::Postgres(projector);
+    let tickets: u64 = read_models.counts().await?.values().sum();
+    anyhow::ensure!(
+        tickets == total.div_ceil(7),
+        "the rebuilt model holds {tickets} tickets, expected {}",
+        total.div_ceil(7)
+    );
+    Ok(json!({
+        "read_model": "postgres",
+        "events": total,
+        "projections": reports.iter().map(|report| json!({ "projection": report.name, "events": report.events })).collect::<Vec<_>>(),
+        "wall_s": round(wall, 3),
+        // Of the wall time, the read-model writes; the reads overlap them.
+        "write_s": round(reports.first().map_or(0.0, |report| report.write_s), 3),
+        "events_per_s": round(total as f64 / wall, 0),
+        "peak_rss_mb": crate::replay::peak_rss_mib().map(|m| round(m, 1)),
+        "batch_size": batch_size,
+    }))
+}
+
 /// `triage-bench pg-rebuild`: appends `events` events of whole ticket
 /// lifecycles to a fresh PostgreSQL schema, then rebuilds the projections
-/// from it into a SQLite read-model database, as `rebuild` does for
-/// SQLite. What is measured is the rebuild: reading `$all` from
-/// PostgreSQL in pages, decoding, and applying.
-pub(crate) async fn rebuild(url: &str, events: u64, batch_size: usize, pool_size: usize) -> anyhow::Result<Value> {
+/// from it into a SQLite read-model database (as `rebuild` does for
+/// SQLite) or into PostgreSQL read models. What is measured is the
+/// rebuild: reading `$all` from PostgreSQL in pages, decoding, and
+/// applying.
+pub(crate) async fn rebuild(
+    url: &str,
+    events: u64,
+    batch_size: usize,
+    pool_size: usize,
+    read_model: ReadModelPlace,
+) -> anyhow::Result<Value> {
     let options = PostgresOptions {
         pool_size,
         ..PostgresOptions::default()
@@ -451,7 +510,10 @@ pub(crate) async fn rebuild(url: &str, events: u64, batch_size: usize, pool_size
     );
     let (total, generate_s) = crate::replay::fill(store.clone(), events).await?;
     let read = read_all(store.as_ref(), total, batch_size).await?;
-    let mut line = crate::replay::rebuild_from(store.clone(), total, batch_size).await?;
+    let mut line = match read_model {
+        ReadModelPlace::Sqlite => crate::replay::rebuild_from(store.clone(), total, batch_size).await?,
+        ReadModelPlace::Postgres => rebuild_into_postgres(url, store.clone(), total, batch_size).await?,
+    };
     line["bench"] = json!("pg-rebuild");
     // The read side alone, to tell the PostgreSQL reads from the SQLite
     // read-model writes: `$all` in pages, every event decoded.

@@ -81,7 +81,7 @@ pub(crate) fn peak_rss_mib() -> Option<f64> {
 
 /// Resets the peak-RSS mark (Linux), so that a later reading covers only
 /// what follows.
-fn reset_peak_rss() {
+pub(crate) fn reset_peak_rss() {
     let _ = std::fs::write("/proc/self/clear_refs", "5");
 }
 
