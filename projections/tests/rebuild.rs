@@ -35,17 +35,26 @@ fn small_batches(batch_size: usize) -> ProjectorOptions {
     }
 }
 
-/// Tables of the read-model database whose names start with `prefix`.
-fn tables_like(projector: &Projector, prefix: &str) -> Vec<String> {
-    let conn = projector.db().lock();
+/// The names of the schema objects of type `kind` (`table`, `index`) on
+/// tables whose names start with `prefix`; for indexes, the secondary ones
+/// only (the primary keys' automatic ones have no SQL).
+fn objects_on(conn: &Connection, kind: &str, prefix: &str) -> Vec<String> {
     let mut statement = conn
-        .prepare("SELECT name FROM sqlite_schema WHERE type = 'table' AND name LIKE ?1 || '%' ORDER BY name")
+        .prepare(
+            "SELECT name FROM sqlite_schema WHERE type = ?1 AND sql IS NOT NULL AND tbl_name LIKE ?2 || '%' \
+             ORDER BY name",
+        )
         .unwrap();
     statement
-        .query_map([prefix], |row| row.get(0))
+        .query_map([kind, prefix], |row| row.get(0))
         .unwrap()
         .collect::<rusqlite::Result<_>>()
         .unwrap()
+}
+
+/// Tables of the read-model database whose names start with `prefix`.
+fn tables_like(projector: &Projector, prefix: &str) -> Vec<String> {
+    objects_on(&projector.db().lock(), "table", prefix)
 }
 
 /// An in-memory log of 300 pseudo-random workload steps (a ticket opened
@@ -59,20 +68,9 @@ async fn caught_up_on_random_tickets() -> (Arc<dyn EventStore>, Projector) {
     (store, projector)
 }
 
-/// The secondary indexes (not the primary keys' automatic ones) on tables
-/// whose names start with `prefix`.
+/// The secondary indexes on tables whose names start with `prefix`.
 fn indexes_like(conn: &Connection, prefix: &str) -> Vec<String> {
-    let mut statement = conn
-        .prepare(
-            "SELECT name FROM sqlite_schema WHERE type = 'index' AND sql IS NOT NULL AND tbl_name LIKE ?1 || '%' \
-             ORDER BY name",
-        )
-        .unwrap();
-    statement
-        .query_map([prefix], |row| row.get(0))
-        .unwrap()
-        .collect::<rusqlite::Result<_>>()
-        .unwrap()
+    objects_on(conn, "index", prefix)
 }
 
 #[tokio::test]
