@@ -27,7 +27,10 @@
 //! wholly below the visible head (a rebuild catching up) is read as two
 //! halves at once on two pooled connections, and answered only when the
 //! halves hold every position of the page; otherwise it is read in one
-//! query (see `reader.rs`).
+//! query (see `reader.rs`). When such a page is answered and the page the
+//! reader will ask for next lies below the visible head too, that page is
+//! read ahead in the background, and kept only if it holds every position
+//! it covers (see `read_ahead.rs`).
 //!
 //! # Appends: group commit
 //! Appends of concurrent callers are grouped into one call of
@@ -74,6 +77,7 @@
 //! - `schema`: the tables, `triage_append`, migrations and version checks.
 //! - `batcher`: group commit of concurrent appends.
 //! - `reader`: the SQL and the reads, and the watermark.
+//! - `read_ahead`: the next page of a reader far behind the head.
 //! - `notify`: LISTEN and the head refresher.
 //!
 //! Dependencies: `tokio-postgres` (not sqlx, whose `libsqlite3-sys` clashes
@@ -87,6 +91,7 @@
 mod batcher;
 mod notify;
 mod options;
+mod read_ahead;
 mod reader;
 mod schema;
 
@@ -103,7 +108,7 @@ use tokio_postgres::config::Host;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{Config, NoTls};
 use triage_event_store::{
-    AppendPlan, AppendResult, Error, EventData, EventStore, ExpectedRevision, Position, ReadAll, ReadStream,
+    AppendPlan, AppendResult, Direction, Error, EventData, EventStore, ExpectedRevision, Position, ReadAll, ReadStream,
     RecordedEvent, Result, StoredEventRef, StreamName, SubscribeToAll, Subscription, plan_append, validate_append,
 };
 use uuid::Uuid;
@@ -111,6 +116,7 @@ use uuid::Uuid;
 pub use options::{MAX_SCHEMA_BYTES, PostgresOptions};
 
 use batcher::{Append, Batcher, Written};
+use read_ahead::ReadAhead;
 use reader::Sql;
 
 /// How often an `Any` or `StreamExists` append tries again after losing a
@@ -139,6 +145,10 @@ pub struct PostgresEventStore {
     batcher: Batcher,
     tasks: Vec<AbortHandle>,
     counters: Counters,
+    /// Pages of `$all` read ahead of a reader far behind the head; see
+    /// `read_ahead.rs`.
+    read_ahead: ReadAhead,
+    read_ahead_source: read_ahead::Source,
     temporary: bool,
 }
 
@@ -231,8 +241,11 @@ pub struct PostgresStats {
     pub conflicts: u64,
     /// Writes refused by a unique constraint (a lost race) and decided again.
     pub lost_races: u64,
-    /// Pages of `$all` read as two halves at once (far behind the head).
+    /// Pages of `$all` asked for and read as two halves at once (far behind
+    /// the head); read-aheads are not counted here.
     pub pages_read_in_halves: u64,
+    /// Pages of `$all` answered from a read-ahead (far behind the head).
+    pub pages_read_ahead: u64,
 }
 
 #[derive(Debug, Default)]
@@ -243,6 +256,7 @@ struct Counters {
     conflicts: AtomicU64,
     lost_races: AtomicU64,
     pages_read_in_halves: AtomicU64,
+    pages_read_ahead: AtomicU64,
 }
 
 impl PostgresEventStore {
@@ -262,13 +276,18 @@ impl PostgresEventStore {
 
     /// Opens a fresh, empty store in a new schema named
     /// `triage_tmp_<random>` (replacing `options.schema`); the schema is
-    /// dropped with the store. For tests: stores made this way never see
-    /// each other, so tests can run in parallel on one database.
+    /// dropped with the store, after the store's sessions (named
+    /// `triage <schema>`, whatever the URL says) are ended. For tests:
+    /// stores made this way never see each other, so tests can run in
+    /// parallel on one database.
     pub async fn connect_temporary(url: &str, options: PostgresOptions) -> Result<Self> {
         let schema = format!("triage_tmp_{}", &Uuid::new_v4().simple().to_string()[..16]);
         let options = PostgresOptions { schema, ..options };
         options.validate()?;
-        let config = parse_url(url)?;
+        let mut config = parse_url(url)?;
+        // The schema's name in every session of the store: the drop ends
+        // the sessions still open (see `Drop`).
+        config.application_name(format!("triage {}", options.schema));
         Self::open(config, options, true).await
     }
 
@@ -318,6 +337,12 @@ impl PostgresEventStore {
         let (batcher, writers) = Batcher::start(Arc::clone(&target), pool.clone(), Arc::clone(&sql));
         tasks.extend(writers);
         tracing::debug!(store = %target.describe(), ?options, "opened PostgreSQL event store");
+        let counters = Counters::default();
+        let read_ahead_source = read_ahead::Source {
+            pool: pool.clone(),
+            sql: Arc::clone(&sql),
+            target: Arc::clone(&target),
+        };
         Ok(PostgresEventStore {
             target,
             options,
@@ -328,7 +353,9 @@ impl PostgresEventStore {
             announce,
             batcher,
             tasks,
-            counters: Counters::default(),
+            counters,
+            read_ahead: ReadAhead::default(),
+            read_ahead_source,
             temporary,
         })
     }
@@ -353,6 +380,7 @@ impl PostgresEventStore {
             conflicts: load(&self.counters.conflicts),
             lost_races: load(&self.counters.lost_races),
             pages_read_in_halves: load(&self.counters.pages_read_in_halves),
+            pages_read_ahead: load(&self.counters.pages_read_ahead),
         }
     }
 
@@ -397,6 +425,7 @@ impl Drop for PostgresEventStore {
         for task in &self.tasks {
             task.abort();
         }
+        self.read_ahead.clear();
         if !self.temporary {
             return;
         }
@@ -411,6 +440,23 @@ impl Drop for PostgresEventStore {
                 runtime.block_on(async {
                     let (client, connection) = target.config.connect(NoTls).await.map_err(std::io::Error::other)?;
                     let driver = tokio::spawn(connection);
+                    // A session of the store may still be running a query
+                    // whose rows nobody reads: a read-ahead, aborted above,
+                    // whose task cannot run while this drop blocks its
+                    // runtime. It keeps its lock on the events table, and
+                    // the DROP would wait for it for ever; so the store's
+                    // sessions end first. (Allowed for the role's own
+                    // sessions; if refused, the DROP tries anyway.)
+                    let ended = client
+                        .execute(
+                            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+                             WHERE application_name = $1 AND pid <> pg_backend_pid()",
+                            &[&target.config.get_application_name().unwrap_or_default()],
+                        )
+                        .await;
+                    if let Err(error) = ended {
+                        tracing::debug!(%error, "cannot end the sessions of a temporary store");
+                    }
                     let result = client
                         .batch_execute(&format!(r#"DROP SCHEMA IF EXISTS "{}" CASCADE"#, target.schema))
                         .await;
@@ -610,8 +656,16 @@ impl EventStore for PostgresEventStore {
     }
 
     async fn read_all(&self, options: ReadAll) -> Result<Vec<RecordedEvent>> {
+        let forwards = options.direction == Direction::Forwards;
+        let limit = reader::to_sql_int(options.max_count as u64);
+        if forwards && let Some(page) = self.read_ahead.take(reader::forward_from(options.from), limit).await {
+            self.count(&self.counters.pages_read_ahead, 1);
+            self.read_ahead
+                .after(&self.read_ahead_source, &page.events, limit, Some(page.visible));
+            return Ok(page.events);
+        }
         let client = self.client().await?;
-        reader::read_all(
+        let page = reader::read_all(
             &client,
             &self.sql,
             &self.target,
@@ -622,7 +676,14 @@ impl EventStore for PostgresEventStore {
                 pages_read_in_halves: &self.counters.pages_read_in_halves,
             }),
         )
-        .await
+        .await?;
+        // The connection goes back first: the read-ahead may want it.
+        drop(client);
+        if forwards {
+            self.read_ahead
+                .after(&self.read_ahead_source, &page.events, limit, page.visible);
+        }
+        Ok(page.events)
     }
 
     async fn read_event(&self, event_id: Uuid) -> Result<Option<RecordedEvent>> {

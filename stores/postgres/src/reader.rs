@@ -280,11 +280,33 @@ pub(crate) struct Spare<'a> {
     pub(crate) pages_read_in_halves: &'a AtomicU64,
 }
 
+/// The start of a forward page of `$all` as the page query takes it.
+/// Positions here have equal parts (`Position::from_sequence`). A start
+/// position from elsewhere may not; this bound keeps the port's order
+/// (commit, then prepare) exact for it too.
+pub(crate) fn forward_from(from: AllStart) -> i64 {
+    let from = match from {
+        AllStart::Boundary => 0,
+        AllStart::Position(Position { commit, prepare }) if prepare > commit => commit.saturating_add(1),
+        AllStart::Position(Position { commit, .. }) => commit,
+    };
+    to_sql_int(from)
+}
+
+/// A page of `$all`, and the visible head the store knew of when it read
+/// the page (when it asked; see [`read_all`]).
+#[derive(Debug)]
+pub(crate) struct AllPage {
+    pub(crate) events: Vec<RecordedEvent>,
+    pub(crate) visible: Option<i64>,
+}
+
 /// Reads a page of `$all` below the watermark, the start position included.
 /// With `wait`, first waits (bounded) for transactions in flight; see
-/// [`settled_heads`]. With `spare`, a long forward page far enough behind
-/// the head may be read in two halves, the second on a connection of
-/// `spare` (see [`read_halves`]); the answer is the same either way.
+/// [`settled_heads`]; the page then carries the visible head it read. With
+/// `spare`, a long forward page far enough behind the head may be read in
+/// two halves, the second on a connection of `spare` (see
+/// [`read_halves`]); the answer is the same either way.
 pub(crate) async fn read_all(
     client: &Client,
     sql: &Sql,
@@ -292,61 +314,72 @@ pub(crate) async fn read_all(
     options: ReadAll,
     wait: Option<Duration>,
     spare: Option<Spare<'_>>,
-) -> Result<Vec<RecordedEvent>> {
-    let failed = |e| target.db_error("cannot read $all", e);
+) -> Result<AllPage> {
     let limit = to_sql_int(options.max_count as u64);
-    // Positions here have equal parts (`Position::from_sequence`). A start
-    // position from elsewhere may not; these bounds keep the port's order
-    // (commit, then prepare) exact for it too.
     let (query, from) = match options.direction {
-        Direction::Forwards => {
-            let from = match options.from {
-                AllStart::Boundary => 0,
-                AllStart::Position(Position { commit, prepare }) if prepare > commit => commit.saturating_add(1),
-                AllStart::Position(Position { commit, .. }) => commit,
-            };
-            (&sql.read_all_forwards, from)
-        }
+        Direction::Forwards => (&sql.read_all_forwards, forward_from(options.from)),
         Direction::Backwards => {
             let from = match options.from {
                 AllStart::Boundary => u64::MAX,
                 AllStart::Position(Position { commit, prepare }) if prepare < commit => commit - 1,
                 AllStart::Position(Position { commit, .. }) => commit,
             };
-            (&sql.read_all_backwards, from)
+            (&sql.read_all_backwards, to_sql_int(from))
         }
     };
+    let mut visible = None;
     if let Some(wait) = wait {
         // The positions this page can hold: a page that ends below the
         // watermark (catching up far behind the head) needs no wait, also
         // while some unrelated transaction stays open on the cluster.
         let last = match options.direction {
-            Direction::Forwards => Some(to_sql_int(from).saturating_add(limit.saturating_sub(1))),
-            Direction::Backwards if from == u64::MAX => None,
-            Direction::Backwards => Some(to_sql_int(from)),
+            Direction::Forwards => Some(from.saturating_add(limit.saturating_sub(1))),
+            Direction::Backwards if from == i64::MAX => None,
+            Direction::Backwards => Some(from),
         };
         let heads = settled_heads(client, sql, target, wait, last).await?;
+        visible = heads.visible;
         // Splitting pays only where both halves are full, so only below the
         // visible head: a live reader's pages near the head stay one query.
         if let Some(spare) = spare
             && options.direction == Direction::Forwards
-            && options.max_count >= SPLIT_PAGE_MIN
-            && from > 0
-            && heads
-                .visible
-                .is_some_and(|visible| last.is_some_and(|last| last <= visible))
-            && let Some(page) = read_halves(client, spare.pool, sql, target, to_sql_int(from), limit).await?
+            && visible.is_some_and(|visible| last.is_some_and(|last| last <= visible))
         {
-            spare.pages_read_in_halves.fetch_add(1, Ordering::Relaxed);
-            return Ok(page);
+            let events = read_visible_page(client, spare, sql, target, from, limit).await?;
+            return Ok(AllPage { events, visible });
         }
     }
+    let events = read_page(client, query, target, from, limit).await?;
+    Ok(AllPage { events, visible })
+}
+
+/// One page query, decoded.
+async fn read_page(client: &Client, query: &str, target: &Target, from: i64, limit: i64) -> Result<Vec<RecordedEvent>> {
+    let failed = |e| target.db_error("cannot read $all", e);
     let statement = client.prepare_cached(query).await.map_err(failed)?;
-    let rows = client
-        .query(&statement, &[&to_sql_int(from), &limit])
-        .await
-        .map_err(failed)?;
+    let rows = client.query(&statement, &[&from, &limit]).await.map_err(failed)?;
     rows.iter().map(|row| decode(row, target)).collect()
+}
+
+/// Reads the forward page of `limit` rows from `from`, which lies wholly
+/// at or below a visible head: as two halves at once when it is long
+/// enough (see [`read_halves`]), else in one query.
+pub(crate) async fn read_visible_page(
+    client: &Client,
+    spare: Spare<'_>,
+    sql: &Sql,
+    target: &Target,
+    from: i64,
+    limit: i64,
+) -> Result<Vec<RecordedEvent>> {
+    if usize::try_from(limit).is_ok_and(|limit| limit >= SPLIT_PAGE_MIN)
+        && from > 0
+        && let Some(page) = read_halves(client, spare.pool, sql, target, from, limit).await?
+    {
+        spare.pages_read_in_halves.fetch_add(1, Ordering::Relaxed);
+        return Ok(page);
+    }
+    read_page(client, &sql.read_all_forwards, target, from, limit).await
 }
 
 /// Reads the `limit` rows of `$all` from position `from` as two halves at
@@ -426,7 +459,7 @@ const SPARE_RESERVE: usize = crate::batcher::WRITERS + 1;
 /// free (idle or not yet opened). Taken without waiting: a read that holds
 /// one connection and waited for a second could wait on readers doing the
 /// same.
-async fn spare_client(pool: &Pool) -> Option<Client> {
+pub(crate) async fn spare_client(pool: &Pool) -> Option<Client> {
     let status = pool.status();
     let free = status.max_size.saturating_sub(status.size) + status.available;
     if status.waiting > 0 || free <= SPARE_RESERVE {

@@ -1,13 +1,21 @@
 //! Long pages of `$all` far behind the head are read as two halves at
-//! once, on two connections. They must answer exactly what one read of the
-//! page answers, also where the log's positions have a gap, and pages that
-//! reach the head or hold a gap must be read in one query.
+//! once, on two connections, and the page a reader will ask for next is
+//! read ahead. Either way they must answer exactly what one read of the
+//! page answers, also where the log's positions have a gap; pages that
+//! reach the head or hold a gap must be read in one query, and a read-ahead
+//! must never answer for a part of the log that was not visible yet.
 
 mod common;
 
-use triage_event_store::{EventStore, ExpectedRevision, Position, ReadAll, RecordedEvent, StreamName};
+use triage_event_store::{
+    AllStart, Direction, EventStore, ExpectedRevision, Position, ReadAll, RecordedEvent, StreamName,
+};
 use triage_store_postgres::{PostgresEventStore, PostgresOptions};
 use uuid::Uuid;
+
+/// The watermark is the cluster's: a test here that holds a transaction
+/// open holds back what the others see. They take turns.
+static WATERMARK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 async fn append_events(store: &PostgresEventStore, streams: usize, appends: usize, events_per_append: usize) {
     for _ in 0..streams {
@@ -17,6 +25,44 @@ async fn append_events(store: &PostgresEventStore, streams: usize, appends: usiz
             store.append(&stream, ExpectedRevision::Any, events).await.unwrap();
         }
     }
+}
+
+/// Fills `store` with positions 1..=3000, then five taken by a transaction
+/// that rolls back, then 3006..=4505, and returns the whole log.
+async fn log_with_a_gap(store: &PostgresEventStore, url: &str) -> Vec<RecordedEvent> {
+    append_events(store, 20, 3, 50).await;
+    let raw = common::raw_client(url).await;
+    raw.batch_execute(&format!(
+        r#"BEGIN;
+           INSERT INTO "{schema}".triage_events (tx_id, stream, revision, event_id, event_type, data, metadata)
+           SELECT pg_current_xact_id(), 'rolled-back-' || g, 0, gen_random_uuid(), 'Gone', '\x00', '\x00'
+           FROM generate_series(1, 5) g;
+           ROLLBACK;"#,
+        schema = store.schema()
+    ))
+    .await
+    .unwrap();
+    append_events(store, 10, 3, 50).await;
+    let all = page(store, 1, 10_000).await;
+    assert_eq!(all.len(), 4500);
+    assert_eq!(all[2999].position, Position::from_sequence(3000));
+    assert_eq!(all[3000].position, Position::from_sequence(3006));
+    assert_eq!(all[4499].position, Position::from_sequence(4505));
+    all
+}
+
+/// The schema of `store` through a pool of one connection: never a spare
+/// connection, so every page is one query and nothing is read ahead.
+async fn single_connection(url: &str, store: &PostgresEventStore) -> PostgresEventStore {
+    PostgresEventStore::connect(
+        url,
+        PostgresOptions {
+            pool_size: 1,
+            ..PostgresOptions::in_schema(store.schema())
+        },
+    )
+    .await
+    .unwrap()
 }
 
 async fn page(store: &PostgresEventStore, from: u64, max_count: usize) -> Vec<RecordedEvent> {
@@ -31,39 +77,10 @@ async fn long_pages_read_in_halves_answer_as_one_read_does() {
     let Some(url) = common::url("long_pages_read_in_halves_answer_as_one_read_does") else {
         return;
     };
+    let _turn = WATERMARK.lock().await;
     let store = common::temporary_store(&url, PostgresOptions::default()).await;
-    // Positions 1..=3000, then five taken by a transaction that rolls back,
-    // then 3006..=4505.
-    append_events(&store, 20, 3, 50).await;
-    let raw = common::raw_client(&url).await;
-    raw.batch_execute(&format!(
-        r#"BEGIN;
-           INSERT INTO "{schema}".triage_events (tx_id, stream, revision, event_id, event_type, data, metadata)
-           SELECT pg_current_xact_id(), 'rolled-back-' || g, 0, gen_random_uuid(), 'Gone', '\x00', '\x00'
-           FROM generate_series(1, 5) g;
-           ROLLBACK;"#,
-        schema = store.schema()
-    ))
-    .await
-    .unwrap();
-    append_events(&store, 10, 3, 50).await;
-    let all = page(&store, 1, 10_000).await;
-    assert_eq!(all.len(), 4500);
-    assert_eq!(all[2999].position, Position::from_sequence(3000));
-    assert_eq!(all[3000].position, Position::from_sequence(3006));
-    assert_eq!(all[4499].position, Position::from_sequence(4505));
-
-    // The same schema through a pool of one connection: never a spare
-    // connection, so every page is one query.
-    let single = PostgresEventStore::connect(
-        &url,
-        PostgresOptions {
-            pool_size: 1,
-            ..PostgresOptions::in_schema(store.schema())
-        },
-    )
-    .await
-    .unwrap();
+    let all = log_with_a_gap(&store, &url).await;
+    let single = single_connection(&url, &store).await;
 
     // (from, page length, read in halves?)
     let cases = [
@@ -83,10 +100,17 @@ async fn long_pages_read_in_halves_answer_as_one_read_does() {
         (1, 10_000, false),
     ];
     for (from, max_count, in_halves) in cases {
-        let before = store.stats().pages_read_in_halves;
-        let answered = page(&store, from, max_count).await;
-        let split = store.stats().pages_read_in_halves - before;
-        assert_eq!(split, u64::from(in_halves), "page of {max_count} from {from}");
+        // A handle of its own for each case: a page read ahead after one
+        // case must not answer a later one (then not read in halves).
+        let reader = PostgresEventStore::connect(&url, PostgresOptions::in_schema(store.schema()))
+            .await
+            .unwrap();
+        let answered = page(&reader, from, max_count).await;
+        assert_eq!(
+            reader.stats().pages_read_in_halves,
+            u64::from(in_halves),
+            "page of {max_count} from {from}"
+        );
         let expected = page(&single, from, max_count).await;
         assert_eq!(answered.len(), expected.len(), "page of {max_count} from {from}");
         assert!(
@@ -104,6 +128,7 @@ async fn long_pages_read_in_halves_answer_as_one_read_does() {
         );
     }
     assert_eq!(single.stats().pages_read_in_halves, 0);
+    assert_eq!(single.stats().pages_read_ahead, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -111,6 +136,7 @@ async fn a_page_read_in_halves_never_passes_an_open_transaction() {
     let Some(url) = common::url("a_page_read_in_halves_never_passes_an_open_transaction") else {
         return;
     };
+    let _turn = WATERMARK.lock().await;
     let options = PostgresOptions {
         // Reads give up waiting for the open transaction quickly.
         visibility_wait: std::time::Duration::from_millis(200),
@@ -142,4 +168,223 @@ async fn a_page_read_in_halves_never_passes_an_open_transaction() {
     let after = page(&store, 2500, 1024).await;
     assert_eq!(store.stats().pages_read_in_halves, before + 2);
     assert_eq!(positions(&after), (2500..=3523).collect::<Vec<_>>());
+}
+
+/// Pages through the log from its start as a catch-up reader does: each
+/// page starts at the last position of the one before (reads include their
+/// start). Returns every page.
+async fn page_through(store: &PostgresEventStore, page_length: usize) -> Vec<Vec<RecordedEvent>> {
+    let mut pages = Vec::new();
+    let mut from = AllStart::Boundary;
+    loop {
+        let page = store
+            .read_all(ReadAll {
+                direction: Direction::Forwards,
+                from,
+                max_count: page_length,
+            })
+            .await
+            .unwrap();
+        let Some(last) = page.last().map(|event| event.position) else {
+            break;
+        };
+        let done = page.len() < page_length;
+        pages.push(page);
+        if done {
+            break;
+        }
+        from = AllStart::Position(last);
+    }
+    pages
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_paging_through_history_is_read_ahead_only_where_the_pages_are_exact() {
+    let Some(url) = common::url("a_reader_paging_through_history_is_read_ahead_only_where_the_pages_are_exact") else {
+        return;
+    };
+    let _turn = WATERMARK.lock().await;
+    let store = common::temporary_store(&url, PostgresOptions::default()).await;
+    let all = log_with_a_gap(&store, &url).await;
+    let single = single_connection(&url, &store).await;
+    let reader = PostgresEventStore::connect(&url, PostgresOptions::in_schema(store.schema()))
+        .await
+        .unwrap();
+
+    // Pages of 1025 from the start: 1..=1025 (read), then 1025..=2049 (read
+    // ahead: exact), 2049..=3078 (its read-ahead held the gap, so it was
+    // read again), 3078..=4102 (read ahead), 4102..=4505 (reaches past the
+    // head: nothing was read ahead).
+    let pages = page_through(&reader, 1025).await;
+    let expected = page_through(&single, 1025).await;
+    assert_eq!(pages.len(), 5);
+    assert!(pages == expected, "the pages differ from those read without read-ahead");
+    let firsts: Vec<u64> = pages.iter().map(|page| page[0].position.commit).collect();
+    assert_eq!(firsts, [1, 1025, 2049, 3078, 4102]);
+    let mut joined: Vec<RecordedEvent> = pages[0].clone();
+    for page in &pages[1..] {
+        assert_eq!(
+            page[0],
+            *joined.last().unwrap(),
+            "each page starts at the last of the one before"
+        );
+        joined.extend_from_slice(&page[1..]);
+    }
+    assert!(joined == all, "the pages together are not the log");
+    assert_eq!(reader.stats().pages_read_ahead, 2);
+    assert_eq!(single.stats().pages_read_ahead, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_ahead_never_answers_for_events_that_were_not_visible() {
+    let Some(url) = common::url("a_read_ahead_never_answers_for_events_that_were_not_visible") else {
+        return;
+    };
+    let _turn = WATERMARK.lock().await;
+    let options = PostgresOptions {
+        // Reads give up waiting for the open transaction quickly.
+        visibility_wait: std::time::Duration::from_millis(200),
+        ..PostgresOptions::default()
+    };
+    let store = common::temporary_store(&url, options).await;
+    append_events(&store, 20, 3, 50).await;
+    // A transaction with an id holds the watermark at 3000.
+    let raw = common::raw_client(&url).await;
+    raw.batch_execute("BEGIN; SELECT pg_current_xact_id();").await.unwrap();
+    append_events(&store, 10, 3, 50).await;
+    let positions = |events: &[RecordedEvent]| events.iter().map(|event| event.position.commit).collect::<Vec<_>>();
+
+    // 1024..=2047 lies below the watermark: read ahead.
+    assert_eq!(positions(&page(&store, 1, 1024).await), (1..=1024).collect::<Vec<_>>());
+    assert_eq!(
+        positions(&page(&store, 1024, 1024).await),
+        (1024..=2047).collect::<Vec<_>>()
+    );
+    assert_eq!(store.stats().pages_read_ahead, 1);
+    // 2047..=3070 reaches past it: read when asked for, and only the
+    // visible part.
+    assert_eq!(
+        positions(&page(&store, 2047, 1024).await),
+        (2047..=3000).collect::<Vec<_>>()
+    );
+    assert_eq!(store.stats().pages_read_ahead, 1);
+    // Once it ends, the same page holds the events appended meanwhile.
+    raw.batch_execute("COMMIT").await.unwrap();
+    assert_eq!(
+        positions(&page(&store, 2047, 1024).await),
+        (2047..=3070).collect::<Vec<_>>()
+    );
+    assert_eq!(store.stats().pages_read_ahead, 1);
+    // And the reader goes on from there, read ahead again.
+    assert_eq!(
+        positions(&page(&store, 3070, 1024).await),
+        (3070..=4093).collect::<Vec<_>>()
+    );
+    assert_eq!(store.stats().pages_read_ahead, 2);
+}
+
+/// A store dropped while a read-ahead still runs, on a runtime with one
+/// thread (as `#[tokio::test]` gives): the drop blocks that thread, so the
+/// read-ahead's connection is never read again, and its session keeps its
+/// lock on the events table while the drop's `DROP SCHEMA` waits. The drop
+/// must end that session rather than wait for ever.
+#[tokio::test]
+async fn a_temporary_store_dropped_while_it_reads_ahead_drops_its_schema() {
+    let Some(url) = common::url("a_temporary_store_dropped_while_it_reads_ahead_drops_its_schema") else {
+        return;
+    };
+    let _turn = WATERMARK.lock().await;
+    let store = common::temporary_store(&url, PostgresOptions::default()).await;
+    let schema = store.schema().to_owned();
+    // Positions 1..=1024 small; 1025..=2048 of 64 KiB each, so that the
+    // read-ahead of 1024..=2047 is 64 MiB to send, far more than a socket
+    // holds. (Stored compressed: it is all one byte.)
+    append_events(&store, 1, 8, 128).await;
+    let stream = StreamName::new("pages-heavy").unwrap();
+    for _ in 0..64 {
+        let events = (0..16)
+            .map(|_| {
+                let mut event = common::event("Heavy");
+                event.data = vec![b'x'; 64 * 1024 - 512];
+                event
+            })
+            .collect();
+        store.append(&stream, ExpectedRevision::Any, events).await.unwrap();
+    }
+    assert_eq!(page(&store, 1, 1024).await.len(), 1024);
+    // Let the read-ahead start its query, then block this thread (the
+    // runtime's only one) until its session is stuck sending rows.
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    let application = format!("triage {schema}");
+    let watch = {
+        let url = url.clone();
+        let application = application.clone();
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Runtime::new().unwrap();
+            runtime.block_on(async {
+                let raw = common::raw_client(&url).await;
+                for _ in 0..500 {
+                    let stuck: i64 = raw
+                        .query_one(
+                            "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1 \
+                             AND wait_event = 'ClientWrite'",
+                            &[&application],
+                        )
+                        .await
+                        .unwrap()
+                        .get(0);
+                    if stuck > 0 {
+                        return true;
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                }
+                false
+            })
+        })
+    };
+    assert!(
+        watch.join().unwrap(),
+        "the read-ahead never got stuck sending rows, so this test shows nothing"
+    );
+    // A watchdog ends the sessions itself after 30 s, so that a drop that
+    // would wait for ever fails the test instead of hanging it.
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let rescued = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watchdog = {
+        let (url, done, rescued) = (url.clone(), done.clone(), rescued.clone());
+        std::thread::spawn(move || {
+            let started = std::time::Instant::now();
+            while !done.load(std::sync::atomic::Ordering::SeqCst) {
+                if started.elapsed() > std::time::Duration::from_secs(30) {
+                    rescued.store(true, std::sync::atomic::Ordering::SeqCst);
+                    let runtime = tokio::runtime::Runtime::new().unwrap();
+                    runtime.block_on(async {
+                        let raw = common::raw_client(&url).await;
+                        raw.execute(
+                            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1",
+                            &[&application],
+                        )
+                        .await
+                        .unwrap();
+                    });
+                    return;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+        })
+    };
+    drop(store);
+    done.store(true, std::sync::atomic::Ordering::SeqCst);
+    watchdog.join().unwrap();
+    assert!(
+        !rescued.load(std::sync::atomic::Ordering::SeqCst),
+        "dropping the store waited on its own read-ahead"
+    );
+    let raw = common::raw_client(&url).await;
+    let left: i64 = raw
+        .query_one("SELECT count(*) FROM pg_namespace WHERE nspname = $1", &[&schema])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(left, 0, "the temporary schema is still there");
 }
