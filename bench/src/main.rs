@@ -21,6 +21,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+/// The allocator of the `triage` binary (see cli/src/main.rs), so that the
+/// harness measures what users run.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
 use hdrhistogram::Histogram;

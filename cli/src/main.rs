@@ -24,6 +24,14 @@ mod ticket;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+/// mimalloc, not the system allocator: a rebuild or a replay allocates and
+/// frees several small objects per event (rows, strings, decoded events)
+/// from several threads at once, and glibc's malloc spent about a tenth of
+/// a PostgreSQL rebuild's CPU time on it. The benchmark harness uses the
+/// same allocator, so that it measures what this binary does.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use triage_store_sqlite::Synchronous;
 
