@@ -64,6 +64,7 @@ use std::time::Duration;
 use deadpool_postgres::{Client, Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use tokio_postgres::config::Host;
 use tokio_postgres::error::SqlState;
+use tokio_postgres::types::Type;
 use tokio_postgres::{Config, NoTls};
 use triage_domain::{Role, State, TicketId, queue_states};
 use triage_event_store::Position;
@@ -504,14 +505,16 @@ pub(crate) async fn read_slot(
     kind: SlotKind,
     lock: &str,
 ) -> Result<Option<Slot>, ProjectionError> {
+    // Typed parameters: parsed, bound and run in one round trip, which
+    // counts for a rebuild that reads the registry for every page.
     let row = client
-        .query_opt(
+        .query_typed_opt(
             &format!(
                 "SELECT version, generation, checkpoint_commit, checkpoint_prepare, events_applied \
                  FROM {} WHERE name = $1 AND slot = $2 {lock}",
                 models.qualified("triage_read_models")
             ),
-            &[&name, &kind.as_str()],
+            &[(&name, Type::TEXT), (&kind.as_str(), Type::TEXT)],
         )
         .await
         .map_err(|error| ProjectionError::postgres("read the registry", error))?;
