@@ -491,15 +491,21 @@ impl PgProjector {
     /// their checkpoints. Each target's registry row is locked and read
     /// inside the transaction, and what it already has is skipped: a page
     /// is applied exactly once even when it races a swap.
+    ///
+    /// The targets are applied at once, their statements interleaved on the
+    /// transaction's connection (which pipelines them): they touch tables
+    /// and registry rows of their own, and one's round trips no longer wait
+    /// for the other's.
     async fn apply_page(&self, client: &mut Client, targets: &[Target], page: &Page) -> Result<(), ProjectionError> {
-        let tx = begin(client).await?;
-        for (model, kind) in targets {
+        let transaction = begin(client).await?;
+        let tx = &transaction;
+        let apply = |&(model, kind): &Target| async move {
             let name = model.name();
-            let Some(mut slot) = read_slot(&tx, &self.models, name, *kind, "FOR UPDATE").await? else {
+            let Some(mut slot) = read_slot(tx, &self.models, name, kind, "FOR UPDATE").await? else {
                 return Err(ProjectionError::NotBuilt { name: name.to_owned() });
             };
             if slot.checkpoint >= Some(page.end) {
-                continue;
+                return Ok(());
             }
             if slot.checkpoint < page.start {
                 // A swap put in a generation built up to an earlier
@@ -507,7 +513,7 @@ impl PgProjector {
                 // between. The next catch-up starts from its checkpoint.
                 tracing::debug!(projection = name, checkpoint = ?slot.checkpoint, page_start = ?page.start,
                     "checkpoint behind the page; leaving it to the next catch-up");
-                continue;
+                return Ok(());
             }
             let skip = page
                 .events
@@ -515,12 +521,13 @@ impl PgProjector {
                 .take_while(|event| Some(event.position) <= slot.checkpoint)
                 .count();
             let fresh: &[ProjectedEvent] = &page.events[skip..];
-            model.apply(&tx, &self.models, slot.generation, fresh).await?;
+            model.apply(tx, &self.models, slot.generation, fresh).await?;
             slot.events_applied += fresh.len() as u64;
             slot.checkpoint = Some(page.end);
-            write_checkpoint(&tx, &self.models, *kind, &slot, &self.instance).await?;
-        }
-        commit(tx).await
+            write_checkpoint(tx, &self.models, kind, &slot, &self.instance).await
+        };
+        futures::future::try_join_all(targets.iter().map(apply)).await?;
+        commit(transaction).await
     }
 
     /// Rebuilds `name` from the start of the log into a new generation
