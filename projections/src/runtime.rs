@@ -381,7 +381,7 @@ impl Projector {
                 ),
             });
         }
-        let projections: Vec<Arc<dyn Projection>> = names
+        let projections: Vec<Arc<dyn Projection>> = distinct(names)
             .iter()
             .map(|name| self.projection(name))
             .collect::<Result<_, _>>()?;
@@ -744,6 +744,13 @@ pub(crate) struct Replayed {
     pub(crate) last: Option<Position>,
     /// Time spent applying pages to the read model.
     pub(crate) writing: Duration,
+}
+
+/// `names` without repeats, in their first order: a projection named twice
+/// in one rebuild is rebuilt once.
+pub(crate) fn distinct<'a>(names: &[&'a str]) -> Vec<&'a str> {
+    let mut seen = BTreeSet::new();
+    names.iter().copied().filter(|name| seen.insert(*name)).collect()
 }
 
 /// Options of [`Projector::rebuild`].

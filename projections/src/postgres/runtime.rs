@@ -21,7 +21,7 @@ use super::{LEADER_LOCK_CLASS, Model, PgReadModels, REGISTRY_LOCK_CLASS, read_sl
 use crate::ProjectionError;
 use crate::db::{Slot, SlotKind};
 use crate::projection::{ProjectedEvent, STREAM_PREFIXES};
-use crate::runtime::{Page, Replayed, diff, read_pages};
+use crate::runtime::{Page, Replayed, diff, distinct, read_pages};
 use crate::{ProjectionStatus, ProjectorOptions, RebuildOptions, RebuildProgress, RebuildReport};
 
 /// How long a one-shot [`PgProjector::catch_up`] waits for another
@@ -493,10 +493,21 @@ impl PgProjector {
     /// is applied exactly once even when it races a swap.
     ///
     /// The targets are applied at once, their statements interleaved on the
-    /// transaction's connection (which pipelines them): they touch tables
-    /// and registry rows of their own, and one's round trips no longer wait
-    /// for the other's.
+    /// transaction's connection (which pipelines them), so that one's round
+    /// trips do not wait for the other's. That needs distinct targets: each
+    /// touches its own tables and registry row. (Two copies of one target
+    /// would both read the old checkpoint and apply the page twice; the
+    /// callers pass sets, and `rebuild_many` drops repeated names.) The
+    /// futures are first polled in order, so the registry rows are locked in
+    /// the targets' order, as when they ran one after the other.
     async fn apply_page(&self, client: &mut Client, targets: &[Target], page: &Page) -> Result<(), ProjectionError> {
+        debug_assert!(
+            targets
+                .iter()
+                .enumerate()
+                .all(|(index, target)| !targets[..index].contains(target)),
+            "apply_page needs distinct targets"
+        );
         let transaction = begin(client).await?;
         let tx = &transaction;
         let apply = |&(model, kind): &Target| async move {
@@ -526,7 +537,18 @@ impl PgProjector {
             slot.checkpoint = Some(page.end);
             write_checkpoint(tx, &self.models, kind, &slot, &self.instance).await
         };
-        futures::future::try_join_all(targets.iter().map(apply)).await?;
+        let results = futures::future::join_all(targets.iter().map(apply)).await;
+        // After a failed statement the others in flight fail with "current
+        // transaction is aborted": report the failure that caused it.
+        let aborted = |error: &ProjectionError| {
+            matches!(error, ProjectionError::Postgres { source, .. }
+                if source.code() == Some(&tokio_postgres::error::SqlState::IN_FAILED_SQL_TRANSACTION))
+        };
+        let mut errors: Vec<ProjectionError> = results.into_iter().filter_map(Result::err).collect();
+        if !errors.is_empty() {
+            let cause = errors.iter().position(|error| !aborted(error)).unwrap_or(0);
+            return Err(errors.swap_remove(cause));
+        }
         commit(transaction).await
     }
 
@@ -547,7 +569,7 @@ impl PgProjector {
         names: &[&str],
         mut options: RebuildOptions,
     ) -> Result<Vec<RebuildReport>, ProjectionError> {
-        let models: Vec<Model> = names
+        let models: Vec<Model> = distinct(names)
             .iter()
             .map(|name| Model::by_name(name))
             .collect::<Result<_, _>>()?;
