@@ -65,6 +65,27 @@ async fn single_connection(url: &str, store: &PostgresEventStore) -> PostgresEve
     .unwrap()
 }
 
+/// A store holding positions 1..=4500 whose watermark is held at 3000 by
+/// an open transaction on the returned connection (`COMMIT` ends it): the
+/// events appended after it began stay invisible until it ends. Reads give
+/// up waiting for it after 200 ms.
+async fn held_at_3000(url: &str) -> (PostgresEventStore, tokio_postgres::Client) {
+    let options = PostgresOptions {
+        visibility_wait: std::time::Duration::from_millis(200),
+        ..PostgresOptions::default()
+    };
+    let store = common::temporary_store(url, options).await;
+    append_events(&store, 20, 3, 50).await;
+    let raw = common::raw_client(url).await;
+    raw.batch_execute("BEGIN; SELECT pg_current_xact_id();").await.unwrap();
+    append_events(&store, 10, 3, 50).await;
+    (store, raw)
+}
+
+fn positions(events: &[RecordedEvent]) -> Vec<u64> {
+    events.iter().map(|event| event.position.commit).collect()
+}
+
 async fn page(store: &PostgresEventStore, from: u64, max_count: usize) -> Vec<RecordedEvent> {
     store
         .read_all(ReadAll::forwards(max_count).from_position(Position::from_sequence(from)))
@@ -137,19 +158,7 @@ async fn a_page_read_in_halves_never_passes_an_open_transaction() {
         return;
     };
     let _turn = WATERMARK.lock().await;
-    let options = PostgresOptions {
-        // Reads give up waiting for the open transaction quickly.
-        visibility_wait: std::time::Duration::from_millis(200),
-        ..PostgresOptions::default()
-    };
-    let store = common::temporary_store(&url, options).await;
-    append_events(&store, 20, 3, 50).await;
-    // A transaction with an id holds the watermark at 3000: the events
-    // appended after it began stay invisible until it ends.
-    let raw = common::raw_client(&url).await;
-    raw.batch_execute("BEGIN; SELECT pg_current_xact_id();").await.unwrap();
-    append_events(&store, 10, 3, 50).await;
-    let positions = |events: &[RecordedEvent]| events.iter().map(|event| event.position.commit).collect::<Vec<_>>();
+    let (store, raw) = held_at_3000(&url).await;
 
     // Wholly below the watermark: read in halves, and exactly those rows.
     let before = store.stats().pages_read_in_halves;
@@ -241,18 +250,7 @@ async fn a_read_ahead_never_answers_for_events_that_were_not_visible() {
         return;
     };
     let _turn = WATERMARK.lock().await;
-    let options = PostgresOptions {
-        // Reads give up waiting for the open transaction quickly.
-        visibility_wait: std::time::Duration::from_millis(200),
-        ..PostgresOptions::default()
-    };
-    let store = common::temporary_store(&url, options).await;
-    append_events(&store, 20, 3, 50).await;
-    // A transaction with an id holds the watermark at 3000.
-    let raw = common::raw_client(&url).await;
-    raw.batch_execute("BEGIN; SELECT pg_current_xact_id();").await.unwrap();
-    append_events(&store, 10, 3, 50).await;
-    let positions = |events: &[RecordedEvent]| events.iter().map(|event| event.position.commit).collect::<Vec<_>>();
+    let (store, raw) = held_at_3000(&url).await;
 
     // 1024..=2047 lies below the watermark: read ahead.
     assert_eq!(positions(&page(&store, 1, 1024).await), (1..=1024).collect::<Vec<_>>());
