@@ -148,7 +148,6 @@ pub struct PostgresEventStore {
     /// Pages of `$all` read ahead of a reader far behind the head; see
     /// `read_ahead.rs`.
     read_ahead: ReadAhead,
-    read_ahead_source: read_ahead::Source,
     temporary: bool,
 }
 
@@ -337,12 +336,6 @@ impl PostgresEventStore {
         let (batcher, writers) = Batcher::start(Arc::clone(&target), pool.clone(), Arc::clone(&sql));
         tasks.extend(writers);
         tracing::debug!(store = %target.describe(), ?options, "opened PostgreSQL event store");
-        let counters = Counters::default();
-        let read_ahead_source = read_ahead::Source {
-            pool: pool.clone(),
-            sql: Arc::clone(&sql),
-            target: Arc::clone(&target),
-        };
         Ok(PostgresEventStore {
             target,
             options,
@@ -353,9 +346,8 @@ impl PostgresEventStore {
             announce,
             batcher,
             tasks,
-            counters,
+            counters: Counters::default(),
             read_ahead: ReadAhead::default(),
-            read_ahead_source,
             temporary,
         })
     }
@@ -386,6 +378,14 @@ impl PostgresEventStore {
 
     async fn client(&self) -> Result<Client> {
         self.pool.get().await.map_err(|error| pool_error(&self.target, error))
+    }
+
+    fn read_ahead_source(&self) -> read_ahead::Source<'_> {
+        read_ahead::Source {
+            pool: &self.pool,
+            sql: &self.sql,
+            target: &self.target,
+        }
     }
 
     fn count(&self, counter: &AtomicU64, by: u64) {
@@ -661,7 +661,7 @@ impl EventStore for PostgresEventStore {
         if forwards && let Some(page) = self.read_ahead.take(reader::forward_from(options.from), limit).await {
             self.count(&self.counters.pages_read_ahead, 1);
             self.read_ahead
-                .after(&self.read_ahead_source, &page.events, limit, Some(page.visible));
+                .after(self.read_ahead_source(), &page.events, limit, Some(page.visible));
             return Ok(page.events);
         }
         let client = self.client().await?;
@@ -681,7 +681,7 @@ impl EventStore for PostgresEventStore {
         drop(client);
         if forwards {
             self.read_ahead
-                .after(&self.read_ahead_source, &page.events, limit, page.visible);
+                .after(self.read_ahead_source(), &page.events, limit, page.visible);
         }
         Ok(page.events)
     }

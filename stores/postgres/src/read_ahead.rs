@@ -91,11 +91,12 @@ impl Drop for AbortOnDrop {
     }
 }
 
-/// What a read-ahead needs of its store, owned so that it can run on.
-pub(crate) struct Source {
-    pub(crate) pool: Pool,
-    pub(crate) sql: Arc<Sql>,
-    pub(crate) target: Arc<Target>,
+/// What a read-ahead needs of its store (cloned into its task).
+#[derive(Clone, Copy)]
+pub(crate) struct Source<'a> {
+    pub(crate) pool: &'a Pool,
+    pub(crate) sql: &'a Arc<Sql>,
+    pub(crate) target: &'a Arc<Target>,
 }
 
 impl ReadAhead {
@@ -135,7 +136,7 @@ impl ReadAhead {
     /// events, with the visible head known to be at least `visible`:
     /// starts reading the page the reader will ask for next, when that is
     /// worth it and safe (see the module docs).
-    pub(crate) fn after(&self, source: &Source, events: &[RecordedEvent], limit: i64, visible: Option<i64>) {
+    pub(crate) fn after(&self, source: Source<'_>, events: &[RecordedEvent], limit: i64, visible: Option<i64>) {
         let long = usize::try_from(limit)
             .is_ok_and(|limit| (SPLIT_PAGE_MIN..=MAX_PAGE).contains(&limit) && events.len() == limit);
         let (Some(last), Some(visible)) = (events.last(), visible) else {
@@ -155,8 +156,8 @@ impl ReadAhead {
             return;
         }
         let pool = source.pool.clone();
-        let sql = Arc::clone(&source.sql);
-        let target = Arc::clone(&source.target);
+        let sql = Arc::clone(source.sql);
+        let target = Arc::clone(source.target);
         let task = tokio::spawn(async move {
             let client = reader::spare_client(&pool).await?;
             // Halves read here are not the store's `pages_read_in_halves`,
