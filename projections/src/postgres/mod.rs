@@ -279,6 +279,12 @@ impl PgReadModels {
         format!(r#""{}".{name}"#, self.schema())
     }
 
+    /// The table `base` of `generation`, qualified: `"<schema>".<base>_g<n>`.
+    /// The live model is a view of the same name without the suffix.
+    pub(crate) fn generation_table(&self, base: &str, generation: u32) -> String {
+        self.qualified(&format!("{base}_g{generation}"))
+    }
+
     /// One ticket, from the live `tickets` model.
     pub async fn ticket(&self, id: TicketId) -> Result<Option<TicketRow>, ProjectionError> {
         let client = self.client().await?;

@@ -81,7 +81,7 @@ impl Model {
         models: &PgReadModels,
         generation: u32,
     ) -> Result<(), ProjectionError> {
-        let table = |base: &str| models.qualified(&format!("{base}_g{generation}"));
+        let table = |base: &str| models.generation_table(base, generation);
         let sql = match self {
             Model::Tickets => format!(
                 "CREATE INDEX ON {t} (state, state_entered_at);
@@ -105,7 +105,7 @@ impl Model {
         models: &PgReadModels,
         generation: u32,
     ) -> Result<(), ProjectionError> {
-        let table = |base: &str| models.qualified(&format!("{base}_g{generation}"));
+        let table = |base: &str| models.generation_table(base, generation);
         let mut sql = String::new();
         for base in self.tables() {
             sql.push_str(&format!("DROP TABLE IF EXISTS {};\n", table(base)));
@@ -178,7 +178,7 @@ impl Model {
         models: &PgReadModels,
         generation: u32,
     ) -> Result<BTreeMap<String, u64>, ProjectionError> {
-        let table = |base: &str| models.qualified(&format!("{base}_g{generation}"));
+        let table = |base: &str| models.generation_table(base, generation);
         let queries = match self {
             Model::Tickets => {
                 let columns: Vec<String> = TICKET_COLUMNS.split(", ").map(|c| format!("{c}::text")).collect();
@@ -403,7 +403,7 @@ async fn apply_tickets(
     generation: u32,
     events: &[ProjectedEvent],
 ) -> Result<(), ProjectionError> {
-    let table = models.qualified(&format!("tickets_g{generation}"));
+    let table = models.generation_table("tickets", generation);
     let order = touched(events);
     if order.is_empty() {
         return Ok(());
@@ -479,7 +479,7 @@ async fn apply_stats(
     generation: u32,
     events: &[ProjectedEvent],
 ) -> Result<(), ProjectionError> {
-    let table = |base: &str| models.qualified(&format!("{base}_g{generation}"));
+    let table = |base: &str| models.generation_table(base, generation);
     let failed = |action| move |error| ProjectionError::postgres(action, error);
     let ids: Vec<Uuid> = touched(events).into_iter().map(|id| id.0).collect();
     let load = format!(

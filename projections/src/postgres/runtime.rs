@@ -1031,12 +1031,7 @@ async fn drop_tables(
     let sql: String = model
         .tables()
         .iter()
-        .map(|table| {
-            format!(
-                "DROP TABLE IF EXISTS {};",
-                models.qualified(&format!("{table}_g{generation}"))
-            )
-        })
+        .map(|table| format!("DROP TABLE IF EXISTS {};", models.generation_table(table, generation)))
         .collect();
     tx.batch_execute(&sql)
         .await
@@ -1070,7 +1065,7 @@ async fn create_views(
             format!(
                 "CREATE VIEW {} AS SELECT * FROM {};",
                 models.qualified(table),
-                models.qualified(&format!("{table}_g{generation}"))
+                models.generation_table(table, generation)
             )
         })
         .collect();
