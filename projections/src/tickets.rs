@@ -1,7 +1,8 @@
 //! The `tickets` read model: each ticket's current state, and the work
 //! queues that are views of it.
 
-use std::collections::{BTreeMap, HashMap};
+use rustc_hash::FxHashMap;
+use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
 use rusqlite::{Connection, OptionalExtension, Row};
@@ -249,7 +250,7 @@ impl Projection for TicketsProjection {
     fn apply(&self, conn: &Connection, slot: &Slot, events: &[ProjectedEvent]) -> Result<(), ProjectionError> {
         let table = slot.table("tickets");
         // Fold the batch in memory and write each touched ticket once.
-        let mut rows: HashMap<TicketId, TicketRow> = HashMap::new();
+        let mut rows: FxHashMap<TicketId, TicketRow> = FxHashMap::default();
         let mut order = Vec::new();
         for event in events {
             if !matches!(event.payload, Payload::Ticket(_)) {

@@ -7,7 +7,8 @@
 //! statements in flight at once on the one connection) inside the batch's
 //! transaction.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use rustc_hash::FxHashMap;
+use std::collections::{BTreeMap, HashSet};
 use std::convert::Infallible;
 
 use futures::future::try_join_all;
@@ -444,7 +445,7 @@ async fn apply_tickets(
                 .map_err(|error| ProjectionError::postgres("prepare a ticket write", error))
         }
     )?;
-    let mut rows: HashMap<TicketId, TicketRow> = HashMap::with_capacity(order.len());
+    let mut rows: FxHashMap<TicketId, TicketRow> = FxHashMap::with_capacity_and_hasher(order.len(), Default::default());
     for row in &stored {
         let row = ticket_from_row(row)?;
         if let Some(id) = row.ticket.id {
@@ -528,7 +529,8 @@ async fn apply_stats(
         prepare(&tickets),
         prepare(&latency)
     )?;
-    let mut stored: HashMap<TicketId, crate::stats::Progress> = HashMap::with_capacity(rows.len());
+    let mut stored: FxHashMap<TicketId, crate::stats::Progress> =
+        FxHashMap::with_capacity_and_hasher(rows.len(), Default::default());
     for row in rows {
         let state: String = row.get(1);
         stored.insert(
