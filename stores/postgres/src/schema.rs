@@ -14,7 +14,7 @@ use triage_event_store::Error;
 use crate::Target;
 
 /// The newest schema version this build knows: the number of migrations.
-pub(crate) const LATEST_VERSION: i32 = 4;
+pub(crate) const LATEST_VERSION: i32 = 5;
 
 /// First key of the advisory locks, "TRIA" in ASCII; the second key is the
 /// hash of the schema name, so stores in different schemas never wait for
@@ -210,6 +210,12 @@ DROP FUNCTION IF EXISTS "{s}".triage_append(text, bigint, uuid[], text[], bytea[
         // through the executor with a snapshot of its own; the general path
         // runs about a dozen for one append.
         4 => Some(batch_append(s, &single_append(s))),
+        // Version 5: the same function, which now counts the append lock as
+        // taken before asking for it. Until version 4 a cancel that arrived
+        // just after the grant left the session holding the lock (see
+        // `batch_append`). Migrations 3 and 4 create the corrected function
+        // too; this one brings it to stores already at version 4.
+        5 => Some(batch_append(s, &single_append(s))),
         _ => None,
     }
 }
@@ -299,8 +305,14 @@ BEGIN
         RETURN;
     END IF;
     BEGIN
-        PERFORM pg_advisory_lock({APPEND_LOCK_CLASS}, hashtext('{s}'));
+        -- Set before the lock is asked for: a cancel (statement_timeout,
+        -- lock_timeout, pg_cancel_backend) can arrive right after the grant,
+        -- before the next statement, and a session lock that the handler
+        -- does not release stays with the pooled connection and stops every
+        -- append of every process. Unlocking a lock the session does not
+        -- hold is only a warning.
         v_locked := true;
+        PERFORM pg_advisory_lock({APPEND_LOCK_CLASS}, hashtext('{s}'));
         PERFORM pg_current_xact_id();
         RETURN QUERY
         WITH inserted AS (
@@ -365,8 +377,9 @@ fn single_append(s: &str) -> String {
             END IF;
             v_one_first := coalesce(v_current + 1, 0);
             BEGIN
-                PERFORM pg_advisory_lock({APPEND_LOCK_CLASS}, hashtext('{s}'));
+                -- Before the lock, as in the general path below.
                 v_locked := true;
+                PERFORM pg_advisory_lock({APPEND_LOCK_CLASS}, hashtext('{s}'));
                 PERFORM pg_current_xact_id();
                 WITH inserted AS (
                     INSERT INTO "{s}".triage_events (tx_id, stream, revision, event_id, event_type, data, metadata)
