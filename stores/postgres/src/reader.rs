@@ -333,7 +333,9 @@ pub(crate) async fn read_all(
         // watermark (catching up far behind the head) needs no wait, also
         // while some unrelated transaction stays open on the cluster.
         let last = match options.direction {
-            Direction::Forwards => Some(from.saturating_add(limit.saturating_sub(1))),
+            // Positions start at 1: a page from the start (0) ends at
+            // `limit`, not `limit - 1`.
+            Direction::Forwards => Some(from.max(1).saturating_add(limit.saturating_sub(1))),
             Direction::Backwards if from == i64::MAX => None,
             Direction::Backwards => Some(from),
         };
@@ -341,13 +343,30 @@ pub(crate) async fn read_all(
         visible = heads.visible;
         // Splitting pays only where both halves are full, so only below the
         // visible head: a live reader's pages near the head stay one query.
-        if let Some(spare) = spare
+        let events = if let Some(spare) = spare
             && options.direction == Direction::Forwards
             && visible.is_some_and(|visible| last.is_some_and(|last| last <= visible))
         {
-            let events = read_visible_page(client, spare, sql, target, from, limit).await?;
-            return Ok(AllPage { events, visible });
+            read_visible_page(client, spare, sql, target, from, limit).await?
+        } else {
+            read_page(client, query, target, from, limit).await?
+        };
+        // The wait stopped at `last` (not at its deadline), short of
+        // everything committed, and the page came back short: a position of its range is missing (an
+        // identity value taken by a batch that rolled back), so the page
+        // reaches past `last`, where committed events may still be above
+        // the watermark. Wait for them too, as a read near the head does,
+        // and read the page again.
+        let stopped_at_last = last.is_some_and(|last| heads.visible >= Some(last)) && heads.visible < heads.top;
+        if stopped_at_last && options.direction == Direction::Forwards && (events.len() as u64) < limit as u64 {
+            let heads = settled_heads(client, sql, target, wait, None).await?;
+            let events = read_page(client, query, target, from, limit).await?;
+            return Ok(AllPage {
+                events,
+                visible: heads.visible,
+            });
         }
+        return Ok(AllPage { events, visible });
     }
     let events = read_page(client, query, target, from, limit).await?;
     Ok(AllPage { events, visible })

@@ -386,3 +386,103 @@ async fn a_temporary_store_dropped_while_it_reads_ahead_drops_its_schema() {
         .get(0);
     assert_eq!(left, 0, "the temporary schema is still there");
 }
+
+/// A store whose reads wait up to 5 s for transactions in flight, and a
+/// plain connection for holding the watermark back.
+async fn read_your_writes_store(url: &str) -> (PostgresEventStore, tokio_postgres::Client) {
+    let options = PostgresOptions {
+        visibility_wait: std::time::Duration::from_secs(5),
+        ..PostgresOptions::default()
+    };
+    let store = common::temporary_store(url, options).await;
+    let raw = common::raw_client(url).await;
+    (store, raw)
+}
+
+/// Commits `raw`'s open transaction after 300 ms.
+fn end_after_300_ms(raw: tokio_postgres::Client) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        raw.batch_execute("COMMIT").await.unwrap();
+    })
+}
+
+fn new_stream() -> StreamName {
+    StreamName::new(format!("ticket-{}", Uuid::new_v4().simple())).unwrap()
+}
+
+/// Positions start at 1, so a page of n from the start ends at position n,
+/// and must wait for it like any page that reaches past the watermark: a
+/// caller reads its own append there. It answered at position n - 1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_page_from_the_start_waits_for_its_last_position() {
+    let Some(url) = common::url("a_page_from_the_start_waits_for_its_last_position") else {
+        return;
+    };
+    let _turn = WATERMARK.lock().await;
+    let (store, raw) = read_your_writes_store(&url).await;
+    let stream = new_stream();
+    store
+        .append(&stream, ExpectedRevision::NoStream, vec![common::event("First")])
+        .await
+        .unwrap();
+    raw.batch_execute("BEGIN; SELECT pg_current_xact_id();").await.unwrap();
+    let mine = store
+        .append(&stream, ExpectedRevision::Exact(0), vec![common::event("Mine")])
+        .await
+        .unwrap();
+    assert_eq!(mine.position, Position::from_sequence(2));
+    let ends = end_after_300_ms(raw);
+    let read = store.read_all(ReadAll::forwards(2)).await.unwrap();
+    ends.await.unwrap();
+    assert_eq!(
+        positions(&read),
+        vec![1, 2],
+        "a page from the start missed the caller's own append"
+    );
+}
+
+/// A page whose range lies below the watermark but holds a position that
+/// was never written (taken by a batch that rolled back) reaches past its
+/// range: it must wait for the events there like any page that does. It
+/// answered short, without the caller's own append.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_page_with_a_gap_waits_for_the_events_past_its_range() {
+    let Some(url) = common::url("a_page_with_a_gap_waits_for_the_events_past_its_range") else {
+        return;
+    };
+    let _turn = WATERMARK.lock().await;
+    let (store, raw) = read_your_writes_store(&url).await;
+    store
+        .append(&new_stream(), ExpectedRevision::NoStream, vec![common::event("First")])
+        .await
+        .unwrap();
+    raw.batch_execute(&format!(
+        r#"BEGIN;
+           INSERT INTO "{schema}".triage_events (tx_id, stream, revision, event_id, event_type, data, metadata)
+           VALUES (pg_current_xact_id(), 'rolled-back', 0, gen_random_uuid(), 'Gone', '\x00', '\x00');
+           ROLLBACK;"#,
+        schema = store.schema()
+    ))
+    .await
+    .unwrap();
+    store
+        .append(&new_stream(), ExpectedRevision::NoStream, vec![common::event("Third")])
+        .await
+        .unwrap();
+    raw.batch_execute("BEGIN; SELECT pg_current_xact_id();").await.unwrap();
+    let mine = store
+        .append(&new_stream(), ExpectedRevision::NoStream, vec![common::event("Mine")])
+        .await
+        .unwrap();
+    assert_eq!(mine.position, Position::from_sequence(4));
+    let ends = end_after_300_ms(raw);
+    // Positions 1..=3 are below the watermark; the page of 3 is 1, 3, 4.
+    let read = store.read_all(ReadAll::forwards(3)).await.unwrap();
+    ends.await.unwrap();
+    assert_eq!(
+        positions(&read),
+        vec![1, 3, 4],
+        "a page over a gap missed the caller's own append"
+    );
+}
