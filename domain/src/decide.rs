@@ -101,6 +101,13 @@ pub enum ValidationError {
         /// The limit.
         max: usize,
     },
+    /// A text holds U+0000, which no text column of the read models (nor
+    /// PostgreSQL's `text`) can store, and which no ticket means.
+    #[error("{field} must not contain the character U+0000")]
+    NulCharacter {
+        /// Which field.
+        field: &'static str,
+    },
     /// The requested lease is zero or longer than allowed.
     #[error("a lease of {secs}s is not in [1, {max}]")]
     LeaseOutOfRange {
@@ -224,6 +231,10 @@ pub fn decide(ticket: &Ticket, command: &Command, context: &Context<'_>) -> Resu
             command: kind,
         });
     };
+    // The agent id is recorded in the events and in the read models.
+    if context.agent.id.contains('\0') {
+        return Err(Rejection::Invalid(ValidationError::NulCharacter { field: "agent id" }));
+    }
     let role = context.agent.role;
     let allowed_rows: Vec<&Transition> = rows.iter().copied().filter(|row| row.roles.contains(&role)).collect();
     if allowed_rows.is_empty() {
@@ -506,6 +517,9 @@ fn check_text(field: &'static str, value: &str, max: usize, len: usize) -> Resul
     }
     if len > max {
         return Err(Rejection::Invalid(ValidationError::TooLong { field, len, max }));
+    }
+    if value.contains('\0') {
+        return Err(Rejection::Invalid(ValidationError::NulCharacter { field }));
     }
     Ok(())
 }

@@ -454,6 +454,43 @@ fn empty_and_oversized_drafts_are_invalid_input() {
     given().when(draft("x".repeat(max))).then_state(State::DraftReady);
 }
 
+/// U+0000 cannot be stored in PostgreSQL's `text`, where the read models
+/// may live: refused in every text a command carries, and in the agent id.
+#[test]
+fn a_nul_character_in_a_text_or_the_agent_id_is_invalid_input() {
+    let open = |subject: &str, body: &str, customer: Option<&str>| Command::OpenTicket {
+        subject: subject.into(),
+        body: body.into(),
+        customer: customer.map(str::to_owned),
+    };
+    for (command, field) in [
+        (open("Refund\0please", "b", None), "subject"),
+        (open("s", "charged\0twice", None), "body"),
+        (open("s", "b", Some("ana\0@example.com")), "customer"),
+    ] {
+        Scenario::given([])
+            .as_role("intake-1", Role::Intake)
+            .when(command)
+            .then_rejected(Rejection::Invalid(ValidationError::NulCharacter { field }));
+    }
+    Scenario::given([])
+        .as_role("intake\0-1", Role::Intake)
+        .when(open("s", "b", None))
+        .then_rejected(Rejection::Invalid(ValidationError::NulCharacter { field: "agent id" }));
+    Scenario::given(history_to(State::Drafting, 0, HOLDER))
+        .as_role(HOLDER, Role::Drafter)
+        .when(Command::SubmitDraft {
+            claim_id: Uuid::from_u128(9),
+            body: "Dear\0customer".into(),
+        })
+        .then_rejected(Rejection::Invalid(ValidationError::NulCharacter { field: "draft" }));
+    // Other control characters, line breaks above all, stay allowed.
+    Scenario::given([])
+        .as_role("intake-1", Role::Intake)
+        .when(open("s", "line one\r\n\tline two", None))
+        .then_state(State::New);
+}
+
 #[test]
 fn invalid_ticket_fields_and_leases_are_refused() {
     Scenario::given([])

@@ -43,7 +43,8 @@ pub enum Error {
         reason: String,
     },
 
-    /// An event type was empty or too long.
+    /// An event type was empty, too long, or held a control character
+    /// (PostgreSQL cannot store U+0000 in text).
     #[error("invalid event type {event_type:?} on event {id}")]
     InvalidEventType {
         /// The event carrying it.

@@ -574,7 +574,8 @@ pub async fn appends_are_atomic(store: Arc<dyn EventStore>) {
     assert_eq!(head, Some(log[0].position));
 }
 
-/// Oversized, empty and self-duplicating appends are typed errors.
+/// Oversized, empty and self-duplicating appends, and event types that no
+/// backend can store, are typed errors.
 pub async fn invalid_appends_are_rejected_without_writing(store: Arc<dyn EventStore>) {
     let s = stream("ticket");
     let mut huge = event("Huge");
@@ -587,6 +588,16 @@ pub async fn invalid_appends_are_rejected_without_writing(store: Arc<dyn EventSt
         store.append(&s, ExpectedRevision::Any, vec![]).await,
         Err(Error::EmptyAppend { .. })
     ));
+    // PostgreSQL's text cannot hold U+0000: every backend refuses it alike.
+    for event_type in ["", "Ticket\0Opened", "Ticket\nOpened"] {
+        assert!(
+            matches!(
+                store.append(&s, ExpectedRevision::Any, vec![event(event_type)]).await,
+                Err(Error::InvalidEventType { .. })
+            ),
+            "event type {event_type:?}"
+        );
+    }
     let twice = event("Twice");
     assert!(matches!(
         store

@@ -375,7 +375,10 @@ pub fn validate_append(stream: &StreamName, events: &[EventData]) -> Result<(), 
                 max: MAX_EVENT_BYTES,
             });
         }
-        if event.event_type.is_empty() || event.event_type.len() > MAX_STREAM_NAME_BYTES {
+        if event.event_type.is_empty()
+            || event.event_type.len() > MAX_STREAM_NAME_BYTES
+            || event.event_type.chars().any(char::is_control)
+        {
             return Err(Error::InvalidEventType {
                 id: event.id,
                 event_type: event.event_type.clone(),

@@ -404,6 +404,72 @@ async fn a_failed_pg_page_reports_the_statement_that_failed() {
     panic!("only {failures} of 200 attempts applied the page");
 }
 
+/// PostgreSQL's `text` cannot hold U+0000. The domain refuses it in new
+/// commands, but an event stored before (or by another writer) must not
+/// stop the read models for good: every catch-up would fail on its page,
+/// and `stats` with it. The PostgreSQL models store U+FFFD instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stored_nul_character_does_not_stop_the_pg_read_models() {
+    let Some(url) = url("a_stored_nul_character_does_not_stop_the_pg_read_models") else {
+        return;
+    };
+    let store = event_store(&url).await;
+    let events: Arc<dyn EventStore> = store.clone();
+    let models = read_models(&url).await;
+    let mut workload = Workload::new(events.clone());
+    workload.random(30, 10, 5).await;
+    // A ticket opened with a NUL in its subject, written to the log
+    // directly: its opening event is a real one's with the ticket id and
+    // the subject changed.
+    let model = workload.open().await;
+    let model_stream = triage_event_store::StreamName::new(model.stream_name()).unwrap();
+    let opened = &events
+        .read_stream(&model_stream, triage_event_store::ReadStream::forwards())
+        .await
+        .unwrap()[0];
+    let ticket = triage_domain::TicketId::new();
+    let data = String::from_utf8(opened.data.clone())
+        .unwrap()
+        .replace(&model.to_string(), &ticket.to_string())
+        .replace("\"Ticket ", "\"Refund\\u0000please ");
+    assert!(data.contains("\\u0000"), "{data}");
+    events
+        .append(
+            &triage_event_store::StreamName::new(ticket.stream_name()).unwrap(),
+            triage_event_store::ExpectedRevision::NoStream,
+            vec![triage_event_store::EventData {
+                id: uuid::Uuid::new_v4(),
+                event_type: opened.event_type.clone(),
+                data: data.into_bytes(),
+                metadata: opened.metadata.clone(),
+            }],
+        )
+        .await
+        .unwrap();
+    workload.random(30, 10, 6).await;
+
+    let projector = PgProjector::new(events.clone(), models.clone());
+    let (_, head) = projected_events(events.as_ref()).await;
+    assert_eq!(projector.catch_up().await.unwrap(), head);
+    let row = models
+        .ticket(ticket)
+        .await
+        .unwrap()
+        .expect("the ticket is in the model");
+    assert!(
+        row.ticket.subject.starts_with("Refund\u{FFFD}please "),
+        "{:?}",
+        row.ticket.subject
+    );
+    // The rest of the log was applied too, statistics included.
+    let sqlite = sqlite_model(events.clone()).await;
+    let listed = |rows: Vec<triage_projections::TicketRow>| rows.len();
+    assert_eq!(
+        listed(ReadModels::Postgres(projector).list(None, usize::MAX).await.unwrap()),
+        listed(sqlite.list(None, usize::MAX).await.unwrap())
+    );
+}
+
 /// The live model moves on while a rebuild replays (another instance
 /// applies new events after the rebuild read its last page): the rebuild
 /// catches up before swapping in, and the live model never moves back.

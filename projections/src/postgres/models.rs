@@ -299,6 +299,18 @@ fn touched(events: &[ProjectedEvent]) -> Vec<TicketId> {
         .collect()
 }
 
+/// `text` as PostgreSQL can store it: U+0000, which its `text` cannot
+/// hold, becomes U+FFFD. New commands cannot carry it (the domain refuses
+/// it), but an event stored earlier, or by another writer, must not stop
+/// the read models for good: every catch-up would fail on the same page.
+fn pg_text(text: &str) -> String {
+    if text.contains('\0') {
+        text.replace('\0', "\u{FFFD}")
+    } else {
+        text.to_owned()
+    }
+}
+
 /// The owned values of one `tickets` row, in [`TICKET_COLUMNS`] order.
 struct TicketValues {
     id: Uuid,
@@ -331,19 +343,19 @@ impl TicketValues {
         TicketValues {
             id: ticket.id.unwrap_or(id).0,
             state: ticket.state.map(State::as_str),
-            subject: ticket.subject.clone(),
-            body: ticket.body.clone(),
-            customer: ticket.customer.clone(),
-            category: classification.map(|c| c.category.clone()),
+            subject: pg_text(&ticket.subject),
+            body: pg_text(&ticket.body),
+            customer: ticket.customer.as_deref().map(pg_text),
+            category: classification.map(|c| pg_text(&c.category)),
             priority: classification.map(|c| c.priority.as_str()),
             confidence: classification.map(|c| c.confidence),
-            draft: ticket.draft.clone(),
+            draft: ticket.draft.as_deref().map(pg_text),
             claim_id: claim.map(|c| c.claim_id),
-            claim_agent: claim.map(|c| c.agent_id.clone()),
+            claim_agent: claim.map(|c| pg_text(&c.agent_id)),
             lease_expires_at: claim.map(|c| micros(c.lease_expires_at)),
             attempts: i64::from(ticket.attempts),
-            resolution: ticket.resolution.clone(),
-            last_reason: ticket.last_reason.clone(),
+            resolution: ticket.resolution.as_deref().map(pg_text),
+            last_reason: ticket.last_reason.as_deref().map(pg_text),
             revision: row.revision as i64,
             events_applied: ticket.events_applied as i64,
             created_at: micros(row.created_at),
@@ -562,9 +574,9 @@ async fn apply_stats(
         .iter()
         .map(|(_, _, ticket)| ticket.stage_started_at)
         .collect();
-    let claim_agents: Vec<Option<&str>> = progressed
+    let claim_agents: Vec<Option<String>> = progressed
         .iter()
-        .map(|(_, _, ticket)| ticket.claim_agent.as_deref())
+        .map(|(_, _, ticket)| ticket.claim_agent.as_deref().map(pg_text))
         .collect();
     let finished = || {
         progressed
@@ -581,8 +593,13 @@ async fn apply_stats(
     for (name, delta) in &delta.counters {
         params.push((&counters, vec![name, delta]));
     }
-    for ((agent, what), (role, count)) in &delta.agents {
-        params.push((&agents, vec![agent, role, what, count]));
+    let agent_rows: Vec<(String, String, &String, &i64)> = delta
+        .agents
+        .iter()
+        .map(|((agent, what), (role, count))| (pg_text(agent), pg_text(role), what, count))
+        .collect();
+    for (agent, role, what, count) in &agent_rows {
+        params.push((&agents, vec![agent, role, *what, *count]));
     }
     if !ticket_ids.is_empty() {
         params.push((
