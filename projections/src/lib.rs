@@ -86,6 +86,22 @@ pub enum ProjectionError {
         /// The known names.
         known: Vec<String>,
     },
+    /// The live tables were built by another version of the projection
+    /// than this build's: their columns or meaning may differ, so this
+    /// instance does not write to them. A newer model needs a newer Triage;
+    /// an older one is rebuilt by the next catch-up of this one.
+    #[error(
+        "projection {name}: the live model was built by version {live} of the projection, this Triage has          version {code}; it leaves the model alone ({})",
+        if live > code { "upgrade this instance to serve it" } else { "its next catch-up rebuilds it" }
+    )]
+    OtherVersion {
+        /// The projection.
+        name: String,
+        /// The version of the live tables.
+        live: u32,
+        /// This build's version.
+        code: u32,
+    },
     /// The projection has no live tables yet.
     #[error("projection {name} has not been built yet")]
     NotBuilt {

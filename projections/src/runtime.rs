@@ -264,6 +264,16 @@ impl Projector {
                     );
                     self.rebuild(projection.name(), RebuildOptions::default()).await?;
                 }
+                // Built by a newer Triage: rebuilding it with this version
+                // would undo the newer instance's work, and it would undo
+                // ours in turn.
+                Some(slot) if slot.version > projection.version() => {
+                    return Err(ProjectionError::OtherVersion {
+                        name: projection.name().to_owned(),
+                        live: slot.version,
+                        code: projection.version(),
+                    });
+                }
                 Some(slot) if slot.version != projection.version() => {
                     tracing::info!(
                         projection = projection.name(),
@@ -900,6 +910,15 @@ fn apply_page(db: &ReadModelDb, targets: &[Target], page: &Page) -> Result<(), P
         else {
             return Err(ProjectionError::NotBuilt { name: name.to_owned() });
         };
+        // Another instance swapped in a generation of another version
+        // while this one was applying: its tables are not this code's.
+        if slot.version != target.projection.version() {
+            return Err(ProjectionError::OtherVersion {
+                name: name.to_owned(),
+                live: slot.version,
+                code: target.projection.version(),
+            });
+        }
         if slot.checkpoint >= Some(page.end) {
             continue;
         }

@@ -892,3 +892,62 @@ async fn verify_of_a_model_from_another_version_compares_nothing_and_swaps_in() 
     let [_, stats] = clean_pg_digests(&url, events.clone()).await;
     assert_eq!(models.digest("stats").await.unwrap(), stats);
 }
+
+/// A rolling upgrade: a newer Triage swapped in a generation of a newer
+/// version of `tickets` (simulated here by its registry row) while this
+/// instance leads. This instance must stop instead of writing into it, and
+/// its next start must not rebuild it back to its own version.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_older_pg_leader_leaves_a_newer_model_alone() {
+    let Some(url) = url("an_older_pg_leader_leaves_a_newer_model_alone") else {
+        return;
+    };
+    let store = event_store(&url).await;
+    let events: Arc<dyn EventStore> = store.clone();
+    let models = read_models(&url).await;
+    let projector = PgProjector::new(events.clone(), models.clone());
+    let mut workload = Workload::new(events.clone());
+    workload.random(100, 10, 3).await;
+    projector.catch_up().await.unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let leading = tokio::spawn({
+        let projector = projector.clone();
+        let stop = stop.clone();
+        async move { projector.run_live(stop).await }
+    });
+    let code = status_of(&projector.status().await.unwrap(), "tickets").code_version;
+    let newer = code + 1;
+    raw_client(&url)
+        .await
+        .execute(
+            &format!(
+                r#"UPDATE "{}".triage_read_models SET version = $1 WHERE name = 'tickets' AND slot = 'live'"#,
+                models.schema()
+            ),
+            &[&(newer as i32)],
+        )
+        .await
+        .unwrap();
+    workload.random(100, 10, 4).await;
+    let stopped = tokio::time::timeout(Duration::from_secs(15), leading)
+        .await
+        .expect("the older leader stops")
+        .unwrap();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let error = stopped.expect_err("the older leader must not apply to the newer model");
+    assert!(
+        matches!(error, ProjectionError::OtherVersion { live, code: ours, .. } if live == newer && ours == code),
+        "{error:?}"
+    );
+    let before = status_of(&projector.status().await.unwrap(), "tickets");
+    let restarted = PgProjector::new(events.clone(), models.clone());
+    assert!(matches!(
+        restarted.catch_up().await,
+        Err(ProjectionError::OtherVersion { .. })
+    ));
+    let after = status_of(&restarted.status().await.unwrap(), "tickets");
+    assert_eq!(
+        (after.generation, after.live_version, after.events_applied),
+        (before.generation, Some(newer), before.events_applied)
+    );
+}

@@ -364,6 +364,66 @@ async fn a_version_bump_rebuilds_before_serving() {
     assert_eq!(status_of(&v2.status().await.unwrap(), "tickets").generation, Some(2));
 }
 
+/// A rolling upgrade: an older instance runs beside a newer one. It must
+/// neither write into the model the newer one swapped in while it was
+/// following the log, nor rebuild that model back to its own version at
+/// its next catch-up (each would undo the other's work for ever).
+#[tokio::test]
+async fn an_older_instance_leaves_a_newer_model_alone() {
+    let store: Arc<dyn EventStore> = Arc::new(InMemoryEventStore::new());
+    let mut workload = Workload::new(store.clone());
+    workload.random(300, 15, 7).await;
+    let db = ReadModelDb::in_memory().unwrap();
+    let old = Projector::with_projections(store.clone(), db.clone(), vec![Arc::new(TicketsProjection)])
+        .with_options(small_batches(25));
+    old.catch_up().await.unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let following = tokio::spawn({
+        let old = old.clone();
+        let stop = stop.clone();
+        async move { old.run_live(stop).await }
+    });
+
+    let new = Projector::with_projections(store.clone(), db.clone(), vec![Arc::new(TicketsNext)])
+        .with_options(small_batches(25));
+    new.catch_up().await.unwrap();
+    let upgraded = status_of(&new.status().await.unwrap(), "tickets");
+    assert_eq!(upgraded.live_version, Some(TicketsNext.version()), "{upgraded:?}");
+    // New events: the older instance's live loop reaches a page, finds
+    // the newer generation, and stops instead of applying it.
+    workload.random(100, 15, 8).await;
+    let stopped = tokio::time::timeout(Duration::from_secs(10), following)
+        .await
+        .expect("the older instance stops following")
+        .unwrap();
+    stop.store(true, Ordering::Relaxed);
+    let error = stopped.expect_err("the older instance must not apply to the newer model");
+    assert!(
+        matches!(error, ProjectionError::OtherVersion { live, code, .. }
+            if live == TicketsNext.version() && code == TicketsProjection.version()),
+        "{error:?}"
+    );
+    assert!(error.to_string().contains("upgrade this instance"), "{error}");
+
+    // Its next catch-up refuses too, and leaves the model as it was.
+    let before = status_of(&new.status().await.unwrap(), "tickets");
+    let before_digest = digest(&new, "tickets");
+    assert!(matches!(
+        old.catch_up().await,
+        Err(ProjectionError::OtherVersion { .. })
+    ));
+    let after = status_of(&new.status().await.unwrap(), "tickets");
+    assert_eq!(
+        (after.generation, after.live_version, after.events_applied),
+        (before.generation, before.live_version, before.events_applied)
+    );
+    assert_eq!(digest(&new, "tickets"), before_digest);
+    // The newer instance goes on, and its model equals a clean rebuild.
+    new.catch_up().await.unwrap();
+    let [clean_tickets, _] = clean_digests(store.clone()).await;
+    assert_eq!(digest(&new, "tickets"), clean_tickets);
+}
+
 async fn append_teleport(store: &dyn EventStore, ticket: TicketId) -> triage_event_store::Position {
     let metadata = EventMetadata {
         schema_version: 1,

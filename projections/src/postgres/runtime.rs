@@ -374,6 +374,14 @@ impl PgProjector {
                         "the read model is ahead of the event log; rebuilding");
                     self.rebuild(model.name(), RebuildOptions::default()).await?;
                 }
+                // Built by a newer Triage: see the SQLite runtime.
+                Some(slot) if slot.version > model.version() => {
+                    return Err(ProjectionError::OtherVersion {
+                        name: model.name().to_owned(),
+                        live: slot.version,
+                        code: model.version(),
+                    });
+                }
                 Some(slot) if slot.version != model.version() => {
                     tracing::info!(
                         projection = model.name(),
@@ -515,6 +523,15 @@ impl PgProjector {
             let Some(mut slot) = read_slot(tx, &self.models, name, kind, "FOR UPDATE").await? else {
                 return Err(ProjectionError::NotBuilt { name: name.to_owned() });
             };
+            // Another instance swapped in a generation of another version
+            // while this one led: its tables are not this code's.
+            if slot.version != model.version() {
+                return Err(ProjectionError::OtherVersion {
+                    name: name.to_owned(),
+                    live: slot.version,
+                    code: model.version(),
+                });
+            }
             if slot.checkpoint >= Some(page.end) {
                 return Ok(());
             }
