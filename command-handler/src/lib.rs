@@ -494,8 +494,12 @@ impl CommandHandler {
             if let Some(original) = original_outcome(&loaded, envelope, first_event_id, &self.policy)? {
                 return Ok(original);
             }
+            // A ticket that does not exist is not found, whatever revision
+            // the sender expected (decide says so below); only an opening
+            // can be stale on a stream that is not there.
             if let Some(expected) = envelope.expected_revision
                 && loaded.revision != Some(expected)
+                && (loaded.revision.is_some() || matches!(envelope.command, Command::OpenTicket { .. }))
             {
                 if from_cache {
                     continue;
@@ -629,6 +633,8 @@ impl CommandHandler {
                 ..
             } => return,
             CommandError::Rejected { state, revision, .. } => (*state, *revision),
+            // Nothing to record against a ticket that does not exist.
+            CommandError::StaleRevision { actual: None, .. } => return,
             CommandError::StaleRevision { state, actual, .. } => (*state, *actual),
             _ => return,
         };
@@ -718,7 +724,8 @@ fn stale(ticket_id: TicketId, expected: u64, loaded: &LoadedTicket) -> CommandEr
 /// The outcome of this command id if its events are already in the stream.
 ///
 /// Only a retry of the same command gets it: the stored events must be
-/// what this command, from this sender, decides on the ticket as it was
+/// what this command, from this sender (its agent id, in the role it sent
+/// the original in), decides on the ticket as it was
 /// then, at the moment it was decided (lease expiries aside, as they follow
 /// a policy that may have changed since). Anything else is
 /// [`CommandError::CommandIdReused`], never a "harmless retry" that did
@@ -742,14 +749,19 @@ fn original_outcome(
     let before = loaded.history[..start]
         .iter()
         .fold(Ticket::default(), |ticket, stored| evolve(ticket, &stored.event));
+    // Decided again as its original sender: a principal with several roles
+    // may send the retry in another of them (the API picks the role from
+    // the ticket's state, which has moved on since). Its command ids are
+    // its own (the API derives them from the agent id and the key), so the
+    // agent id is what must match.
     let context = Context {
         now: first.metadata.recorded_at,
         ticket_id: envelope.ticket_id,
-        agent: &envelope.agent,
+        agent: &first.metadata.agent,
         command_id: envelope.command_id,
         policy,
     };
-    let same_command = first.metadata.agent == envelope.agent
+    let same_command = first.metadata.agent.id == envelope.agent.id
         && decide(&before, &envelope.command, &context).is_ok_and(|events| {
             events.len() == own.len()
                 && events

@@ -1,0 +1,129 @@
+//! Idempotency keys and expected revisions at the API's edges: a keyed
+//! retry gets its original outcome whatever role a principal with several
+//! roles sends it in, and `If-Match` on a ticket that does not exist is
+//! "not found", like the same request without it.
+
+mod support;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use axum::http::StatusCode;
+use serde_json::json;
+use support::{Harness, Req};
+use triage_api::{AgentsFile, AppState, Authenticator};
+use triage_command_handler::{CommandHandler, ManualClock};
+use triage_domain::Role;
+use triage_event_store::{EventStore, InMemoryEventStore};
+use triage_projections::{Projector, ReadModelDb};
+
+/// The usual harness plus one agent holding two roles.
+fn harness_with_multi_role() -> Harness {
+    let store: Arc<dyn EventStore> = Arc::new(InMemoryEventStore::new());
+    let clock = Arc::new(ManualClock::new(chrono::Utc::now()));
+    let handler = CommandHandler::new(store.clone()).with_clock(clock.clone());
+    let projector = Projector::new(store.clone(), ReadModelDb::in_memory().expect("read model"));
+    let mut file = AgentsFile::default();
+    let mut tokens = HashMap::new();
+    for (id, roles) in support::AGENTS {
+        tokens.insert(id, file.add(id, roles).expect("agent added"));
+    }
+    tokens.insert(
+        "worker",
+        file.add("worker", &[Role::Drafter, Role::Classifier]).expect("added"),
+    );
+    let state = AppState::new(handler, projector, Authenticator::Fixed(file));
+    Harness {
+        state,
+        clock,
+        tokens,
+        store,
+    }
+}
+
+/// A command with `If-Match` on a ticket that does not exist is a 404,
+/// like the same command without `If-Match`, not a 409 "stale revision".
+#[tokio::test]
+async fn if_match_on_an_unknown_ticket_is_404_not_409() {
+    let h = Harness::new();
+    let ticket = uuid::Uuid::new_v4();
+    let body = json!({"claim_id": uuid::Uuid::new_v4(), "category": "bug", "priority": "high", "confidence": 0.5});
+    let without = h
+        .send(
+            Some("classifier"),
+            Req::post(format!("/v1/tickets/{ticket}/classification"), body.clone()),
+        )
+        .await;
+    without.assert_problem(StatusCode::NOT_FOUND, "ticket_not_found");
+    let with = h
+        .send(
+            Some("classifier"),
+            Req::post(format!("/v1/tickets/{ticket}/classification"), body).header("if-match", "\"3\""),
+        )
+        .await;
+    // The refusal of a command to a ticket that does not exist is not
+    // recorded (TicketNotFound is skipped), but this one was.
+    let rejections = triage_event_store::StreamName::new(format!("rejections-{ticket}")).unwrap();
+    let recorded = h
+        .store
+        .read_stream(&rejections, triage_event_store::ReadStream::forwards())
+        .await
+        .map(|records| records.len())
+        .unwrap_or(0);
+    with.assert_problem(StatusCode::NOT_FOUND, "ticket_not_found");
+    assert_eq!(recorded, 0, "a refusal was recorded for a ticket that does not exist");
+}
+
+/// A keyed heartbeat retried by a two-role token after the ticket moved on
+/// gets the original outcome, as a one-role token does; not a 422 saying
+/// the key was used for a different request.
+#[tokio::test]
+async fn a_multi_role_tokens_retried_heartbeat_returns_the_original_outcome() {
+    let h = harness_with_multi_role();
+    h.open("Cannot log in").await;
+    let claim = h.claim("worker", "classifier").await;
+    assert_eq!(claim.status, StatusCode::OK, "{}", claim.json);
+    let claim_id = claim.json["claim_id"].as_str().unwrap().to_owned();
+    let ticket = claim.json["ticket"]["id"].as_str().unwrap().to_owned();
+    let beat = || Req::post(format!("/v1/claims/{claim_id}/heartbeat"), json!({})).header("idempotency-key", "hb-1");
+    let first = h.send(Some("worker"), beat()).await;
+    assert_eq!(first.status, StatusCode::OK, "{}", first.json);
+    // The same retry at once is answered as a duplicate already.
+    let again = h.send(Some("worker"), beat()).await;
+    assert_eq!(again.status, StatusCode::OK, "{}", again.json);
+    let done = h
+        .send(
+            Some("worker"),
+            Req::post(
+                format!("/v1/tickets/{ticket}/classification"),
+                json!({"claim_id": claim_id, "category": "bug", "priority": "high", "confidence": 0.5}),
+            ),
+        )
+        .await;
+    assert_eq!(done.status, StatusCode::OK, "{}", done.json);
+    let retried = h.send(Some("worker"), beat()).await;
+    assert_eq!(retried.status, StatusCode::OK, "{}", retried.json);
+    assert_eq!(retried.json["duplicate"], true);
+}
+
+/// Same for a keyed release, the retry the existing tests care most about.
+#[tokio::test]
+async fn a_multi_role_tokens_retried_release_returns_the_original_outcome() {
+    let h = harness_with_multi_role();
+    h.open("Cannot log in").await;
+    let claim = h.claim("worker", "classifier").await;
+    assert_eq!(claim.status, StatusCode::OK, "{}", claim.json);
+    let claim_id = claim.json["claim_id"].as_str().unwrap().to_owned();
+    let release = || {
+        Req::post(
+            format!("/v1/claims/{claim_id}/release"),
+            json!({"reason": "model timed out"}),
+        )
+        .header("idempotency-key", "release-1")
+    };
+    let first = h.send(Some("worker"), release()).await;
+    assert_eq!(first.status, StatusCode::OK, "{}", first.json);
+    let retried = h.send(Some("worker"), release()).await;
+    assert_eq!(retried.status, StatusCode::OK, "{}", retried.json);
+    assert_eq!(retried.json["duplicate"], true);
+}
