@@ -3,6 +3,7 @@
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use futures::Stream;
 use tokio::sync::{mpsc, watch};
@@ -109,9 +110,25 @@ impl Subscription {
     where
         S: EventStore + ?Sized,
     {
+        Self::catch_up_polling(store, options, head, None)
+    }
+
+    /// [`Subscription::catch_up`] that, once caught up, also reads again
+    /// every `poll` without waiting for `head`: for a backend whose `head`
+    /// only hears of this process's own appends (a SQLite file another
+    /// process appends to).
+    pub fn catch_up_polling<S>(
+        store: Arc<S>,
+        options: SubscribeToAll,
+        head: watch::Receiver<Option<Position>>,
+        poll: Option<Duration>,
+    ) -> Self
+    where
+        S: EventStore + ?Sized,
+    {
         // A small buffer: the reader runs one page ahead of the consumer.
         let (sender, receiver) = mpsc::channel(PAGE_SIZE);
-        tokio::spawn(run_catch_up(store, options, head, sender));
+        tokio::spawn(run_catch_up(store, options, head, sender, poll));
         Subscription { receiver }
     }
 
@@ -144,6 +161,7 @@ async fn run_catch_up<S>(
     options: SubscribeToAll,
     mut head: watch::Receiver<Option<Position>>,
     sender: mpsc::Sender<Result<SubscriptionMessage>>,
+    poll: Option<Duration>,
 ) where
     S: EventStore + ?Sized,
 {
@@ -230,6 +248,12 @@ async fn run_catch_up<S>(
                 }
             }
             () = sender.closed() => return,
+            () = async {
+                match poll {
+                    Some(poll) => tokio::time::sleep(poll).await,
+                    None => std::future::pending().await,
+                }
+            } => {}
         }
     }
 }

@@ -41,11 +41,16 @@
 //! # Limits
 //! One process should own a store file at a time. Another process appending
 //! to the same file stays correct (every batch re-reads revisions under
-//! SQLite's write lock), but this process's live subscriptions only wake on
-//! its own commits.
+//! SQLite's write lock); this process's live subscriptions wake at once on
+//! its own commits, and find another process's within
+//! [`OTHER_PROCESSES_POLL`] (`triage events --follow` beside a writer).
 //!
 //! Dependency: `rusqlite` with SQLite bundled, so that the embedded default
 //! needs no system library and every build runs the same SQLite version.
+
+/// How often a caught-up subscription reads again for appends of other
+/// processes, which do not wake it.
+pub const OTHER_PROCESSES_POLL: std::time::Duration = std::time::Duration::from_millis(250);
 
 mod checkpoint;
 mod options;
@@ -270,7 +275,9 @@ impl EventStore for SqliteEventStore {
 
     fn subscribe_to_all(self: Arc<Self>, options: SubscribeToAll) -> Subscription {
         let head = self.head.subscribe();
-        Subscription::catch_up(self, options, head)
+        // `head` hears of this process's commits only; another process's
+        // appends to the file are found by reading again now and then.
+        Subscription::catch_up_polling(self, options, head, Some(OTHER_PROCESSES_POLL))
     }
 
     fn describe(&self) -> String {

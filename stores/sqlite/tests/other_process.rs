@@ -1,0 +1,63 @@
+//! Two handles on one store file stand in for two processes (`triage
+//! events --follow` beside a writer): a live subscription of one must see
+//! what the other appends, though only its own commits wake it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use triage_event_store::{EventData, EventStore, ExpectedRevision, StreamName, SubscribeToAll, SubscriptionMessage};
+use triage_store_sqlite::{SqliteEventStore, SqliteOptions};
+use uuid::Uuid;
+
+fn event() -> EventData {
+    EventData {
+        id: Uuid::new_v4(),
+        event_type: "Tested".to_owned(),
+        data: b"{}".to_vec(),
+        metadata: b"{}".to_vec(),
+    }
+}
+
+/// The subscription's next message, within 5 s.
+async fn next(subscription: &mut triage_event_store::Subscription) -> SubscriptionMessage {
+    tokio::time::timeout(Duration::from_secs(5), subscription.next())
+        .await
+        .expect("a message within 5 s")
+        .expect("the subscription goes on")
+        .unwrap()
+}
+
+fn stream() -> StreamName {
+    StreamName::new(format!("ticket-{}", Uuid::new_v4().simple())).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_subscription_sees_what_another_handle_appends() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("events.db");
+    let follower = Arc::new(SqliteEventStore::open(&path, SqliteOptions::default()).unwrap());
+    let writer = SqliteEventStore::open(&path, SqliteOptions::default()).unwrap();
+    writer
+        .append(&stream(), ExpectedRevision::NoStream, vec![event()])
+        .await
+        .unwrap();
+
+    let mut subscription = follower.clone().subscribe_to_all(SubscribeToAll::default());
+    assert!(matches!(next(&mut subscription).await, SubscriptionMessage::Event(_)));
+    assert!(matches!(next(&mut subscription).await, SubscriptionMessage::CaughtUp));
+
+    // Live now: appends through the other handle do not wake the follower.
+    for expected in 2..=3 {
+        let appended = writer
+            .append(&stream(), ExpectedRevision::NoStream, vec![event()])
+            .await
+            .unwrap();
+        match next(&mut subscription).await {
+            SubscriptionMessage::Event(event) => {
+                assert_eq!(event.position, appended.position);
+                assert_eq!(event.position.commit, expected);
+            }
+            other => panic!("expected the other handle's event, got {other:?}"),
+        }
+    }
+}
