@@ -206,6 +206,7 @@ fn probe(path: &Path, conn: &Connection) -> Result<(), Error> {
 struct Header {
     application_id: i32,
     user_version: i32,
+    /// Its tables, views and triggers.
     tables: Vec<String>,
 }
 
@@ -214,7 +215,10 @@ impl Header {
         let application_id = conn.query_row("PRAGMA application_id", [], |row| row.get(0))?;
         let user_version = conn.query_row("PRAGMA user_version", [], |row| row.get(0))?;
         let mut statement = conn.prepare(
-            "SELECT name FROM sqlite_schema WHERE type = 'table' AND name NOT LIKE 'sqlite_%' ORDER BY name",
+            // Views and triggers count: a file holding only a view is
+            // someone's database, not a blank one.
+            "SELECT name FROM sqlite_schema WHERE type IN ('table', 'view', 'trigger') AND name NOT LIKE 'sqlite_%' \
+             ORDER BY name",
         )?;
         let tables = statement
             .query_map([], |row| row.get(0))?

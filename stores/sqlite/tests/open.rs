@@ -112,6 +112,21 @@ fn a_foreign_sqlite_database_is_refused() {
     );
 }
 
+/// A database that holds only a view has no tables, but is not blank: it
+/// was turned into a Triage store.
+#[test]
+fn a_foreign_database_holding_only_a_view_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("report.db");
+    {
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        conn.execute_batch("CREATE VIEW report AS SELECT 42 AS answer;")
+            .unwrap();
+    }
+    let message = assert_refused_untouched(&path, "is not a Triage event store");
+    assert!(message.contains("report"), "message names the view: {message}");
+}
+
 #[test]
 fn a_foreign_database_without_application_id_is_refused() {
     let dir = tempfile::tempdir().unwrap();
