@@ -57,6 +57,22 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
+/// A path segment (a ticket or claim id) as text. A segment axum cannot
+/// decode (not UTF-8, say) is answered with a problem document, like every
+/// other error, instead of axum's plain-text reply.
+pub(crate) struct PathId(pub(crate) String);
+
+impl FromRequestParts<AppState> for PathId {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+        match Path::<String>::from_request_parts(parts, state).await {
+            Ok(Path(id)) => Ok(PathId(id)),
+            Err(rejection) => Err(ApiError::bad_request("invalid_path", rejection.body_text())),
+        }
+    }
+}
+
 /// The authenticated sender of a request.
 #[derive(Clone, Debug)]
 pub(crate) struct Auth(pub(crate) Principal);
@@ -226,7 +242,7 @@ async fn list_tickets(
 async fn get_ticket(
     AxumState(state): AxumState<AppState>,
     Auth(principal): Auth,
-    Path(id): Path<String>,
+    PathId(id): PathId,
 ) -> Result<Response, ApiError> {
     let view = state.ticket(&principal, ticket_id(&id)?).await?;
     Ok(with_etag(StatusCode::OK, view.revision, view))
@@ -243,7 +259,7 @@ async fn get_ticket(
 async fn ticket_events(
     AxumState(state): AxumState<AppState>,
     Auth(principal): Auth,
-    Path(id): Path<String>,
+    PathId(id): PathId,
 ) -> Result<Json<EventList>, ApiError> {
     Ok(Json(state.events(&principal, ticket_id(&id)?).await?))
 }
@@ -318,7 +334,7 @@ async fn ticket_command(
 async fn classify(
     AxumState(state): AxumState<AppState>,
     Auth(principal): Auth,
-    Path(id): Path<String>,
+    PathId(id): PathId,
     headers: HeaderMap,
     body: Result<Json<ClassificationRequest>, JsonRejection>,
 ) -> Result<Response, ApiError> {
@@ -347,7 +363,7 @@ async fn classify(
 async fn draft(
     AxumState(state): AxumState<AppState>,
     Auth(principal): Auth,
-    Path(id): Path<String>,
+    PathId(id): PathId,
     headers: HeaderMap,
     body: Result<Json<DraftRequest>, JsonRejection>,
 ) -> Result<Response, ApiError> {
@@ -374,7 +390,7 @@ async fn draft(
 async fn escalate(
     AxumState(state): AxumState<AppState>,
     Auth(principal): Auth,
-    Path(id): Path<String>,
+    PathId(id): PathId,
     headers: HeaderMap,
     body: Result<Json<EscalationRequest>, JsonRejection>,
 ) -> Result<Response, ApiError> {
@@ -402,7 +418,7 @@ async fn escalate(
 async fn resolve(
     AxumState(state): AxumState<AppState>,
     Auth(principal): Auth,
-    Path(id): Path<String>,
+    PathId(id): PathId,
     headers: HeaderMap,
     body: Result<Json<ResolutionRequest>, JsonRejection>,
 ) -> Result<Response, ApiError> {
@@ -429,7 +445,7 @@ async fn resolve(
 async fn reject_draft(
     AxumState(state): AxumState<AppState>,
     Auth(principal): Auth,
-    Path(id): Path<String>,
+    PathId(id): PathId,
     headers: HeaderMap,
     body: Result<Json<RejectionRequest>, JsonRejection>,
 ) -> Result<Response, ApiError> {
@@ -456,7 +472,7 @@ async fn reject_draft(
 async fn release(
     AxumState(state): AxumState<AppState>,
     Auth(principal): Auth,
-    Path(id): Path<String>,
+    PathId(id): PathId,
     headers: HeaderMap,
     body: Result<Json<ReleaseRequest>, JsonRejection>,
 ) -> Result<Response, ApiError> {
@@ -492,7 +508,7 @@ async fn release(
 async fn heartbeat(
     AxumState(state): AxumState<AppState>,
     Auth(principal): Auth,
-    Path(id): Path<String>,
+    PathId(id): PathId,
     headers: HeaderMap,
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<Response, ApiError> {

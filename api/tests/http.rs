@@ -195,6 +195,17 @@ async fn get_a_ticket_with_its_revision_as_etag_and_unknown_tickets_are_404() {
     h.send(Some("analyst"), Req::get("/v1/tickets/not-a-uuid"))
         .await
         .assert_problem(StatusCode::BAD_REQUEST, "invalid_path");
+    // A segment that does not decode to UTF-8 is a problem document too,
+    // on reads and on commands.
+    h.send(Some("analyst"), Req::get("/v1/tickets/%FF"))
+        .await
+        .assert_problem(StatusCode::BAD_REQUEST, "invalid_path");
+    h.send(
+        Some("operator"),
+        Req::post("/v1/tickets/%FF/resolution", serde_json::json!({"resolution": "done"})),
+    )
+    .await
+    .assert_problem(StatusCode::BAD_REQUEST, "invalid_path");
     // Commands on an unknown ticket are 404 too.
     h.send(
         Some("operator"),
