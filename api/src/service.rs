@@ -462,24 +462,9 @@ impl AppState {
         let keyed = key.map(|key| self.command_id(principal, Some(key))).transpose()?;
         // A retried claim: answer from the ticket the key already claimed.
         if let Some(claim_id) = keyed
-            && let Some(ticket_id) = self.ticket_of_claim(claim_id).await?
+            && let Some(response) = self.claimed_before(claim_id, &agent, role, request.lease_secs).await?
         {
-            let loaded = self
-                .inner
-                .handler
-                .load(ticket_id)
-                .await
-                .map_err(ApiError::from_command)?;
-            if let Some(command) = loaded
-                .history
-                .iter()
-                .find(|stored| stored.metadata.command_id == claim_id)
-                .and_then(|stored| start_command_for(&stored.event, request.lease_secs))
-            {
-                let envelope = CommandEnvelope::new(ticket_id, agent.clone(), command).with_id(claim_id);
-                let accepted = self.run(envelope).await?;
-                return self.claim_response(role, accepted).await.map(Some);
-            }
+            return Ok(Some(response));
         }
         for _round in 0..3 {
             self.catch_up().await?;
@@ -509,11 +494,55 @@ impl AppState {
                     // behind: try the next.
                     Err(ApiError::Conflict { .. }) => continue,
                     Err(ApiError::NotFound { .. }) => continue,
+                    // Another copy of this keyed claim (a retry sent while
+                    // the first was still running) took a ticket meanwhile
+                    // under the same command id: answer with its claim.
+                    Err(error) if error.code() == "idempotency_key_reused" => {
+                        if let Some(claim_id) = keyed
+                            && let Some(response) =
+                                self.claimed_before(claim_id, &agent, role, request.lease_secs).await?
+                        {
+                            return Ok(Some(response));
+                        }
+                        return Err(error);
+                    }
                     Err(other) => return Err(other),
                 }
             }
         }
         Ok(None)
+    }
+
+    /// The answer to a keyed claim whose key already claimed a ticket: that
+    /// claim, as the command that took it answers a retry. `None` when the
+    /// key claimed nothing yet.
+    async fn claimed_before(
+        &self,
+        claim_id: Uuid,
+        agent: &Agent,
+        role: Role,
+        lease_secs: Option<u32>,
+    ) -> Result<Option<ClaimResponse>, ApiError> {
+        let Some(ticket_id) = self.ticket_of_claim(claim_id).await? else {
+            return Ok(None);
+        };
+        let loaded = self
+            .inner
+            .handler
+            .load(ticket_id)
+            .await
+            .map_err(ApiError::from_command)?;
+        let Some(command) = loaded
+            .history
+            .iter()
+            .find(|stored| stored.metadata.command_id == claim_id)
+            .and_then(|stored| start_command_for(&stored.event, lease_secs))
+        else {
+            return Ok(None);
+        };
+        let envelope = CommandEnvelope::new(ticket_id, agent.clone(), command).with_id(claim_id);
+        let accepted = self.run(envelope).await?;
+        self.claim_response(role, accepted).await.map(Some)
     }
 
     async fn claim_response(&self, role: Role, accepted: Accepted) -> Result<ClaimResponse, ApiError> {

@@ -1,7 +1,8 @@
 //! Idempotency keys and expected revisions at the API's edges: a keyed
 //! retry gets its original outcome whatever role a principal with several
 //! roles sends it in, and `If-Match` on a ticket that does not exist is
-//! "not found", like the same request without it.
+//! "not found", like the same request without it; and copies of one keyed
+//! claim racing each other get one claim.
 
 mod support;
 
@@ -126,4 +127,27 @@ async fn a_multi_role_tokens_retried_release_returns_the_original_outcome() {
     let retried = h.send(Some("worker"), release()).await;
     assert_eq!(retried.status, StatusCode::OK, "{}", retried.json);
     assert_eq!(retried.json["duplicate"], true);
+}
+
+/// Two copies of one keyed claim in flight at once (a client's retry after
+/// a timeout, while the first is still running) with several tickets
+/// waiting: both get the one claim the key took, not "key reused" for the
+/// copy that lost the race.
+#[tokio::test]
+async fn concurrent_copies_of_one_keyed_claim_get_the_same_claim() {
+    for trial in 0..10 {
+        let h = Harness::new();
+        for n in 0..4 {
+            h.open(&format!("ticket {n}")).await;
+        }
+        let key = format!("claim-{trial}");
+        let claim =
+            || Req::post("/v1/work/claim", json!({"role": "classifier"})).header("idempotency-key", key.clone());
+        let (a, b) = tokio::join!(h.send(Some("classifier"), claim()), h.send(Some("classifier"), claim()));
+        for reply in [&a, &b] {
+            assert_eq!(reply.status, StatusCode::OK, "trial {trial}: {}", reply.json);
+        }
+        assert_eq!(a.json["claim_id"], b.json["claim_id"], "trial {trial}");
+        assert_eq!(a.json["ticket"]["id"], b.json["ticket"]["id"], "trial {trial}");
+    }
 }
