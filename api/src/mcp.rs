@@ -40,9 +40,31 @@ heartbeat for long work, or release_claim if you cannot finish. Reuse an idempot
 #[derive(Clone, Debug)]
 pub struct TriageMcp {
     state: AppState,
-    /// The principal of a stdio server; HTTP requests carry their own.
-    principal: Option<Principal>,
+    sender: Sender,
     tool_router: ToolRouter<TriageMcp>,
+}
+
+/// Who sends a server's tool calls.
+#[derive(Clone)]
+enum Sender {
+    /// HTTP: each request brings its own token, checked by the router.
+    PerRequest,
+    /// A principal fixed by the embedding program.
+    Fixed(Principal),
+    /// stdio: the token given at start, checked again on every call, so
+    /// that `triage agents revoke` takes effect on a running server.
+    Token(String),
+}
+
+impl std::fmt::Debug for Sender {
+    // Never the token itself: it is a secret.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Sender::PerRequest => f.write_str("PerRequest"),
+            Sender::Fixed(principal) => f.debug_tuple("Fixed").field(principal).finish(),
+            Sender::Token(_) => f.write_str("Token(..)"),
+        }
+    }
 }
 
 /// Arguments naming a ticket.
@@ -159,25 +181,38 @@ fn parse_ticket(id: &str) -> Result<TicketId, ApiError> {
 
 #[tool_router]
 impl TriageMcp {
-    /// A server for `state`. `principal` is the stdio agent; `None` for
-    /// HTTP, where each request brings its token.
+    /// A server for `state`. `principal` sends every call when given (an
+    /// embedding program's own agent); `None` for HTTP, where each request
+    /// brings its token.
     pub fn new(state: AppState, principal: Option<Principal>) -> Self {
         TriageMcp {
             state,
-            principal,
+            sender: principal.map_or(Sender::PerRequest, Sender::Fixed),
+            tool_router: Self::tool_router(),
+        }
+    }
+
+    /// A server whose calls are sent by the holder of `token`, checked on
+    /// every call (a revoked token stops working at once), as `triage mcp`
+    /// serves over stdio.
+    pub fn with_token(state: AppState, token: String) -> Self {
+        TriageMcp {
+            state,
+            sender: Sender::Token(token),
             tool_router: Self::tool_router(),
         }
     }
 
     fn principal(&self, extensions: &Extensions) -> Result<Principal, ApiError> {
-        if let Some(principal) = &self.principal {
-            return Ok(principal.clone());
+        match &self.sender {
+            Sender::Fixed(principal) => Ok(principal.clone()),
+            Sender::Token(token) => self.state.authenticate(Some(token)),
+            Sender::PerRequest => extensions
+                .get::<Parts>()
+                .and_then(|parts| parts.extensions.get::<Principal>())
+                .cloned()
+                .ok_or_else(|| ApiError::Unauthorized("send `Authorization: Bearer <token>`".to_owned())),
         }
-        extensions
-            .get::<Parts>()
-            .and_then(|parts| parts.extensions.get::<Principal>())
-            .cloned()
-            .ok_or_else(|| ApiError::Unauthorized("send `Authorization: Bearer <token>`".to_owned()))
     }
 
     async fn on_ticket(
@@ -485,10 +520,11 @@ async fn require_token(AxumState(state): AxumState<AppState>, mut request: Reque
     }
 }
 
-/// Serves MCP over stdin/stdout as `principal` until the client hangs up.
-pub async fn serve_stdio(state: AppState, principal: Principal) -> Result<(), std::io::Error> {
+/// Serves MCP over stdin/stdout as the holder of `token` until the client
+/// hangs up; the token is checked on every call.
+pub async fn serve_stdio(state: AppState, token: String) -> Result<(), std::io::Error> {
     use rmcp::ServiceExt;
-    let server = TriageMcp::new(state, Some(principal))
+    let server = TriageMcp::with_token(state, token)
         .serve(rmcp::transport::stdio())
         .await
         .map_err(std::io::Error::other)?;

@@ -228,3 +228,44 @@ async fn an_mcp_client_over_a_pipe_acts_as_the_stdio_agent() {
     client.cancel().await.ok();
     server.await.unwrap();
 }
+
+/// `triage mcp` over stdio checks its token on every call: revoking the
+/// agent (`triage agents revoke`, which rewrites the agents file) stops a
+/// running session at its next call, as it does over HTTP.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_token_stops_a_running_stdio_session() {
+    let dir = tempfile::tempdir().unwrap();
+    let agents = dir.path().join("agents.toml");
+    let mut file = AgentsFile::default();
+    let token = file.add("llm-stdio", &[Role::Intake, Role::Classifier]).unwrap();
+    file.save(&agents).unwrap();
+    let store: Arc<dyn EventStore> = Arc::new(InMemoryEventStore::new());
+    let state = AppState::new(
+        CommandHandler::new(store.clone()),
+        Projector::new(store, ReadModelDb::in_memory().unwrap()),
+        Authenticator::from_file(&agents).unwrap(),
+    );
+    state.catch_up().await.unwrap();
+    let (server_io, client_io) = tokio::io::duplex(64 * 1024);
+    let server = tokio::spawn(async move {
+        let running = TriageMcp::with_token(state, token)
+            .serve(server_io)
+            .await
+            .expect("server starts");
+        running.waiting().await.ok();
+    });
+    let client = ClientConfig::default().serve(client_io).await.expect("client connects");
+    let opened = call(client.peer(), "open_ticket", json!({"subject": "s", "body": "b"})).await;
+    ok(&opened);
+
+    let mut file = AgentsFile::load(&agents).unwrap();
+    assert_eq!(file.revoke("llm-stdio").unwrap(), 1);
+    // A later modification time than the file the session started with.
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    file.save(&agents).unwrap();
+    let refused = call(client.peer(), "open_ticket", json!({"subject": "s", "body": "b"})).await;
+    assert_eq!(refused.is_error, Some(true), "{refused:?}");
+    assert_eq!(refused.structured_content.unwrap()["code"], "unauthorized");
+    client.cancel().await.ok();
+    server.await.unwrap();
+}

@@ -142,12 +142,13 @@ async fn shutdown_signal() {
 
 pub(crate) async fn mcp(args: McpArgs, global: &GlobalArgs) -> anyhow::Result<()> {
     let state = state(global, args.agents).await?;
-    let principal = state
-        .authenticate(Some(args.token.trim()))
+    let token = args.token.trim().to_owned();
+    state
+        .authenticate(Some(&token))
         .map_err(|_| anyhow::anyhow!("the token is unknown or revoked"))?;
     state.catch_up().await?;
     // stdout carries the protocol: nothing else may be printed there.
-    triage_api::mcp::serve_stdio(state.clone(), principal).await?;
+    triage_api::mcp::serve_stdio(state.clone(), token).await?;
     state.drain().await;
     Ok(())
 }
