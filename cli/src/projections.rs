@@ -492,10 +492,22 @@ pub(crate) async fn replay(until: &str, into: &std::path::Path, global: &GlobalA
             last.ok_or_else(|| crate::events::NothingMatched(format!("no events were recorded by {time}")))?
         }
     };
-    let scratch = triage_projections::Projector::new(opened.events.clone(), ReadModelDb::open(into)?);
+    // A position past the end of the log is the log as it is now: the
+    // file is frozen at its last event, or later appends up to the
+    // position asked for would move it on.
+    let head = opened
+        .events
+        .head_position()
+        .await?
+        .ok_or_else(|| crate::events::NothingMatched("the log has no events yet".to_owned()))?;
+    let position = position.min(head);
+    let db = ReadModelDb::open(into)?;
+    // Frozen before it is built: reading the file later (`--read-model
+    // PATH`), also after an interrupted replay, never takes it past the
+    // position.
+    db.freeze_at(position)?;
+    let scratch = triage_projections::Projector::new(opened.events.clone(), db);
     let reached = scratch.catch_up_to(Some(position)).await?;
-    // Reading the file later (`--read-model PATH`) must not move it on.
-    scratch.db().freeze_at(position)?;
     let counts = scratch.read("tickets", |conn, slot| {
         triage_projections::TicketsView::new(conn, slot).counts()
     })?;

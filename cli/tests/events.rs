@@ -357,6 +357,25 @@ fn replay_builds_the_read_models_as_of_a_moment_and_leaves_the_live_ones_alone()
     assert_eq!(none.status.code(), Some(3));
 }
 
+/// A position past the end of the log is the log as it is now, and the
+/// file stays there: an append made afterwards is not in it.
+#[test]
+fn a_replay_past_the_head_stays_at_the_head() {
+    let dir = tempfile::tempdir().unwrap();
+    seed(dir.path());
+    let head = succeed(dir.path(), &["events", "--format", "jsonl"]).lines().count();
+    let out = succeed(dir.path(), &["replay", "--until", "1000000", "--into", "now.db"]);
+    assert!(out.contains(&format!("as of log position {head}")), "{out}");
+    let listed = || {
+        succeed(dir.path(), &["--read-model", "now.db", "ticket", "list", "--json"])
+            .lines()
+            .count()
+    };
+    let before = listed();
+    succeed(dir.path(), &["ticket", "open", "--subject", "later", "--body", "b"]);
+    assert_eq!(listed(), before, "a ticket opened after the replay is not in the file");
+}
+
 #[test]
 fn stats_for_a_period_and_by_group_come_from_the_events() {
     let dir = tempfile::tempdir().unwrap();
