@@ -215,7 +215,7 @@ pub(crate) async fn run(args: EventsArgs, global: &GlobalArgs) -> anyhow::Result
     {
         anyhow::bail!("--since {since} is not before --until {until}: that range holds no time");
     }
-    let opened = global.open().await?;
+    let opened = global.open_log().await?;
     let query = EventQuery {
         ticket: args.ticket,
         stream: args.stream.clone(),

@@ -53,6 +53,12 @@ struct Opened {
     read_models: ReadModels,
 }
 
+/// An event store without its read models.
+struct OpenedLog {
+    location: StoreLocation,
+    events: Arc<dyn EventStore>,
+}
+
 /// Triage: many AI agents and humans work the same support tickets without
 /// lost updates or impossible transitions.
 ///
@@ -183,17 +189,30 @@ impl GlobalArgs {
         }
     }
 
-    /// Opens the event store and the read models that go with it.
-    async fn open(&self) -> anyhow::Result<Opened> {
+    /// Opens the event store alone, for commands that read only the log
+    /// (`events`, `replay`): a damaged read-model file does not stop them.
+    async fn open_log(&self) -> anyhow::Result<OpenedLog> {
         let location = self.location()?;
         let events = location.open(self.synchronous()).await?;
+        Ok(OpenedLog { location, events })
+    }
+
+    /// Opens the event store and the read models that go with it.
+    async fn open(&self) -> anyhow::Result<Opened> {
+        let OpenedLog { location, events } = self.open_log().await?;
         let options = self.projector_options();
         let read_models = match self.read_model.clone().or_else(|| location.default_read_model()) {
             Some(place) => ReadModels::open(&place, events.clone(), options)
                 .await
                 .with_context(|| {
+                    let hint = if place.contains("://") {
+                        ""
+                    } else {
+                        "; the file holds only what the event log says: move it aside, and the next \
+                         command rebuilds it from the log"
+                    };
                     format!(
-                        "cannot open the read models at {}",
+                        "cannot open the read models at {}{hint}",
                         triage_event_store::url::redact_password(&place)
                     )
                 })?,

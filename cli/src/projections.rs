@@ -471,7 +471,7 @@ pub(crate) async fn replay(until: &str, into: &std::path::Path, global: &GlobalA
             into.display()
         );
     }
-    let opened = global.open().await?;
+    let opened = global.open_log().await?;
     let position = match until.parse::<triage_event_store::Position>() {
         Ok(position) => position,
         Err(_) => {

@@ -409,3 +409,30 @@ fn stats_for_a_period_and_by_group_come_from_the_events() {
     assert_eq!(empty.status.code(), Some(3));
     assert!(common::stderr(&empty).contains("fall in that period"));
 }
+
+/// The read-model file holds only what the log says. Damaged, it must not
+/// stop the commands that read the log alone, and the commands that need it
+/// say how to get it back; moved aside, it is rebuilt from the log.
+#[test]
+fn a_damaged_read_model_file_stops_only_what_needs_it_and_says_how_to_mend_it() {
+    let dir = tempfile::tempdir().unwrap();
+    seed(dir.path());
+    let listed = succeed(dir.path(), &["ticket", "list", "--json"]);
+    let read_db = dir.path().join("triage.read.db");
+    for side in ["-wal", "-shm"] {
+        let _ = std::fs::remove_file(dir.path().join(format!("triage.read.db{side}")));
+    }
+    std::fs::write(&read_db, vec![0x5a; 8192]).unwrap();
+
+    let events = succeed(dir.path(), &["events", "--format", "jsonl"]);
+    assert!(events.lines().count() > 2, "{events}");
+    succeed(dir.path(), &["replay", "--until", "2", "--into", "then.db"]);
+    let error = common::fail(dir.path(), &["ticket", "list"]);
+    assert!(
+        error.contains("triage.read.db") && error.contains("move it aside"),
+        "{error}"
+    );
+
+    std::fs::rename(&read_db, dir.path().join("damaged.read.db")).unwrap();
+    assert_eq!(succeed(dir.path(), &["ticket", "list", "--json"]), listed);
+}
