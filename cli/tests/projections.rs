@@ -222,3 +222,37 @@ fn a_foreign_read_model_file_is_refused_and_left_unchanged() {
         b"not a database at all"
     );
 }
+
+/// A store file deleted and made anew starts its positions at 1 again, so
+/// once it is as long as the old one the read-model file beside it looked
+/// current. It must be rebuilt from the new log, not show the old one's
+/// tickets with the new ones.
+#[test]
+fn read_models_of_a_deleted_store_are_rebuilt_from_the_new_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let open = |subject: &str| -> String {
+        let opened: Value = serde_json::from_str(&succeed(
+            dir.path(),
+            &["--json", "ticket", "open", "--subject", subject, "--body", "b"],
+        ))
+        .unwrap();
+        opened["id"].as_str().unwrap().to_owned()
+    };
+    for n in 0..3 {
+        open(&format!("old {n}"));
+    }
+    assert_eq!(json_lines(&succeed(dir.path(), &["ticket", "list", "--json"])).len(), 3);
+    for file in ["triage.db", "triage.db-wal", "triage.db-shm"] {
+        let _ = std::fs::remove_file(dir.path().join(file));
+    }
+    let new: Vec<String> = (0..4).map(|n| open(&format!("new {n}"))).collect();
+    let mut listed: Vec<String> = json_lines(&succeed(dir.path(), &["ticket", "list", "--json"]))
+        .iter()
+        .map(|row| row["id"].as_str().unwrap().to_owned())
+        .collect();
+    listed.sort();
+    let mut expected = new.clone();
+    expected.sort();
+    assert_eq!(listed, expected, "only the new store's tickets");
+    succeed(dir.path(), &["ticket", "show", &new[0]]);
+}

@@ -341,6 +341,48 @@ impl ReadModelDb {
         frozen().map_err(|error| ProjectionError::sqlite("read the replay limit", error))
     }
 
+    /// The id of the first event of the log the read models were built
+    /// from, if recorded ([`ReadModelDb::record_log`]).
+    pub fn log_identity(&self) -> Result<Option<String>, ProjectionError> {
+        let conn = self.lock();
+        let read = || -> rusqlite::Result<Option<String>> {
+            let exists: bool = conn.query_row(
+                "SELECT EXISTS (SELECT 1 FROM sqlite_schema WHERE name = 'log_identity')",
+                [],
+                |row| row.get(0),
+            )?;
+            if !exists {
+                return Ok(None);
+            }
+            conn.query_row("SELECT first_event_id FROM log_identity", [], |row| row.get(0))
+                .optional()
+        };
+        read().map_err(|error| ProjectionError::sqlite("read the log identity", error))
+    }
+
+    /// Records `first_event_id`, the id of the log's first event, as the
+    /// log the read models describe. A store file deleted and made anew
+    /// has another first event, though its positions start again at 1.
+    pub fn record_log(&self, first_event_id: &str) -> Result<(), ProjectionError> {
+        let conn = self.lock();
+        conn.execute_batch(
+            "BEGIN IMMEDIATE;
+             CREATE TABLE IF NOT EXISTS log_identity (
+                 only_row INTEGER PRIMARY KEY CHECK (only_row = 1), first_event_id TEXT NOT NULL) STRICT;",
+        )
+        .and_then(|()| {
+            conn.execute(
+                "INSERT INTO log_identity VALUES (1, ?1) ON CONFLICT (only_row) DO UPDATE SET first_event_id = ?1",
+                [first_event_id],
+            )
+        })
+        .and_then(|_| conn.execute_batch("COMMIT"))
+        .map_err(|error| {
+            let _ = conn.execute_batch("ROLLBACK");
+            ProjectionError::sqlite("record the log identity", error)
+        })
+    }
+
     /// The connection. Held only for short, synchronous work.
     pub fn lock(&self) -> MutexGuard<'_, Connection> {
         // A panic mid-transaction leaves the transaction open; SQLite rolls

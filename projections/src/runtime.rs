@@ -236,6 +236,17 @@ impl Projector {
             (Some(frozen), _) => Some(frozen),
             (None, until) => until,
         };
+        // The log's first event names the log: a model recorded for
+        // another one (a store file deleted and made anew, whose positions
+        // start again at 1) is rebuilt, as one ahead of the head is.
+        let first_event = self
+            .events
+            .read_all(ReadAll::forwards(1))
+            .await?
+            .first()
+            .map(|event| event.id.to_string());
+        let recorded_log = self.db.log_identity()?;
+        let other_log = recorded_log.is_some() && first_event.is_some() && recorded_log != first_event;
         for projection in &self.projections {
             let live = {
                 let conn = self.db.lock();
@@ -261,6 +272,15 @@ impl Projector {
                         checkpoint = ?slot.checkpoint,
                         head = ?head,
                         "the read model is ahead of the event log; rebuilding"
+                    );
+                    self.rebuild(projection.name(), RebuildOptions::default()).await?;
+                }
+                Some(slot) if other_log && slot.checkpoint.is_some() => {
+                    tracing::warn!(
+                        projection = projection.name(),
+                        recorded = ?recorded_log,
+                        first_event = ?first_event,
+                        "the read model was built from another event log; rebuilding"
                     );
                     self.rebuild(projection.name(), RebuildOptions::default()).await?;
                 }
@@ -295,6 +315,12 @@ impl Projector {
             })
             .collect();
         let result = self.replay(&targets, until, &mut |_| {}, None).await;
+        if result.is_ok()
+            && let Some(first_event) = &first_event
+            && recorded_log.as_ref() != Some(first_event)
+        {
+            self.db.record_log(first_event)?;
+        }
         if let Err(error) = &result {
             let conn = self.db.lock();
             for target in &targets {
