@@ -120,6 +120,10 @@ pub struct Projector {
     db: ReadModelDb,
     projections: Vec<Arc<dyn Projection>>,
     options: ProjectorOptions,
+    /// Set once a catch-up found the read models built from this log (see
+    /// `catch_up_to`): a store does not change logs under an open handle,
+    /// so later catch-ups of this projector skip the check.
+    log_confirmed: Arc<AtomicBool>,
 }
 
 /// One projection and the slot it writes.
@@ -160,6 +164,7 @@ impl Projector {
             db,
             projections,
             options: ProjectorOptions::default(),
+            log_confirmed: Arc::new(AtomicBool::new(false)),
         }
     }
 
@@ -239,13 +244,19 @@ impl Projector {
         // The log's first event names the log: a model recorded for
         // another one (a store file deleted and made anew, whose positions
         // start again at 1) is rebuilt, as one ahead of the head is.
-        let first_event = self
-            .events
-            .read_all(ReadAll::forwards(1))
-            .await?
-            .first()
-            .map(|event| event.id.to_string());
-        let recorded_log = self.db.log_identity()?;
+        let first_event = if self.log_confirmed.load(Ordering::Relaxed) {
+            None
+        } else {
+            self.events
+                .read_all(ReadAll::forwards(1))
+                .await?
+                .first()
+                .map(|event| event.id.to_string())
+        };
+        let recorded_log = match first_event {
+            Some(_) => self.db.log_identity()?,
+            None => None,
+        };
         let other_log = recorded_log.is_some() && first_event.is_some() && recorded_log != first_event;
         for projection in &self.projections {
             let live = {
@@ -317,9 +328,11 @@ impl Projector {
         let result = self.replay(&targets, until, &mut |_| {}, None).await;
         if result.is_ok()
             && let Some(first_event) = &first_event
-            && recorded_log.as_ref() != Some(first_event)
         {
-            self.db.record_log(first_event)?;
+            if recorded_log.as_ref() != Some(first_event) {
+                self.db.record_log(first_event)?;
+            }
+            self.log_confirmed.store(true, Ordering::Relaxed);
         }
         if let Err(error) = &result {
             let conn = self.db.lock();
