@@ -6,40 +6,20 @@
 
 mod support;
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use axum::http::StatusCode;
 use serde_json::json;
 use support::{Harness, Req};
-use triage_api::{AgentsFile, AppState, Authenticator};
-use triage_command_handler::{CommandHandler, ManualClock};
 use triage_domain::Role;
 use triage_event_store::{EventStore, InMemoryEventStore};
-use triage_projections::{Projector, ReadModelDb};
 
 /// The usual harness plus one agent holding two roles.
 fn harness_with_multi_role() -> Harness {
-    let store: Arc<dyn EventStore> = Arc::new(InMemoryEventStore::new());
-    let clock = Arc::new(ManualClock::new(chrono::Utc::now()));
-    let handler = CommandHandler::new(store.clone()).with_clock(clock.clone());
-    let projector = Projector::new(store.clone(), ReadModelDb::in_memory().expect("read model"));
-    let mut file = AgentsFile::default();
-    let mut tokens = HashMap::new();
-    for (id, roles) in support::AGENTS {
-        tokens.insert(id, file.add(id, roles).expect("agent added"));
-    }
-    tokens.insert(
-        "worker",
-        file.add("worker", &[Role::Drafter, Role::Classifier]).expect("added"),
-    );
-    let state = AppState::new(handler, projector, Authenticator::Fixed(file));
-    Harness {
-        state,
-        clock,
-        tokens,
-        store,
-    }
+    Harness::with_agents(
+        Arc::new(InMemoryEventStore::new()),
+        &[("worker", &[Role::Drafter, Role::Classifier])],
+    )
 }
 
 /// A command with `If-Match` on a ticket that does not exist is a 404,

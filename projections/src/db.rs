@@ -322,12 +322,7 @@ impl ReadModelDb {
     pub fn frozen_at(&self) -> Result<Option<Position>, ProjectionError> {
         let conn = self.lock();
         let frozen = || -> rusqlite::Result<Option<Position>> {
-            let exists: bool = conn.query_row(
-                "SELECT EXISTS (SELECT 1 FROM sqlite_schema WHERE name = 'replay_limit')",
-                [],
-                |row| row.get(0),
-            )?;
-            if !exists {
+            if !table_exists(&conn, "replay_limit")? {
                 return Ok(None);
             }
             conn.query_row(
@@ -346,12 +341,7 @@ impl ReadModelDb {
     pub fn log_identity(&self) -> Result<Option<String>, ProjectionError> {
         let conn = self.lock();
         let read = || -> rusqlite::Result<Option<String>> {
-            let exists: bool = conn.query_row(
-                "SELECT EXISTS (SELECT 1 FROM sqlite_schema WHERE name = 'log_identity')",
-                [],
-                |row| row.get(0),
-            )?;
-            if !exists {
+            if !table_exists(&conn, "log_identity")? {
                 return Ok(None);
             }
             conn.query_row("SELECT first_event_id FROM log_identity", [], |row| row.get(0))
@@ -397,12 +387,7 @@ impl ReadModelDb {
 /// the file as a read-model file (not done inside an event store's file).
 fn ensure_registry(conn: &Connection, stamp: bool) -> rusqlite::Result<()> {
     conn.execute_batch("BEGIN IMMEDIATE")?;
-    let exists: bool = conn.query_row(
-        "SELECT EXISTS (SELECT 1 FROM sqlite_schema WHERE name = 'projections')",
-        [],
-        |row| row.get(0),
-    )?;
-    if !exists {
+    if !table_exists(conn, "projections")? {
         conn.execute_batch(CREATE_REGISTRY)?;
         if stamp {
             conn.pragma_update(None, "application_id", APPLICATION_ID)?;
@@ -410,6 +395,14 @@ fn ensure_registry(conn: &Connection, stamp: bool) -> rusqlite::Result<()> {
         }
     }
     conn.execute_batch("COMMIT")
+}
+
+fn table_exists(conn: &Connection, name: &str) -> rusqlite::Result<bool> {
+    conn.query_row(
+        "SELECT EXISTS (SELECT 1 FROM sqlite_schema WHERE name = ?1)",
+        [name],
+        |row| row.get(0),
+    )
 }
 
 fn position(commit: Option<i64>, prepare: Option<i64>) -> Option<Position> {

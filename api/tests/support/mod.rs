@@ -40,12 +40,17 @@ impl Harness {
     }
 
     pub fn on(store: Arc<dyn EventStore>) -> Self {
+        Self::with_agents(store, &[])
+    }
+
+    /// [`AGENTS`] and `extra` agents, on `store`.
+    pub fn with_agents(store: Arc<dyn EventStore>, extra: &[(&'static str, &'static [Role])]) -> Self {
         let clock = Arc::new(ManualClock::new(chrono::Utc::now()));
         let handler = CommandHandler::new(store.clone()).with_clock(clock.clone());
         let projector = Projector::new(store.clone(), ReadModelDb::in_memory().expect("read model"));
         let mut file = AgentsFile::default();
         let mut tokens = HashMap::new();
-        for (id, roles) in AGENTS {
+        for &(id, roles) in AGENTS.iter().chain(extra) {
             tokens.insert(id, file.add(id, roles).expect("agent added"));
         }
         let state = AppState::new(handler, projector, Authenticator::Fixed(file));
