@@ -12,7 +12,7 @@ use axum::http::StatusCode;
 use serde_json::json;
 use support::{Harness, Req};
 use triage_domain::Role;
-use triage_event_store::{EventStore, InMemoryEventStore};
+use triage_event_store::InMemoryEventStore;
 
 /// The usual harness plus one agent holding two roles.
 fn harness_with_multi_role() -> Harness {
