@@ -951,3 +951,42 @@ async fn an_older_pg_leader_leaves_a_newer_model_alone() {
         (before.generation, Some(newer), before.events_applied)
     );
 }
+
+/// The log replaced under the read models (an event store schema dropped
+/// and made anew, or the models pointed at another store): positions start
+/// at 1 again, so once the new log is as long the checkpoint looks current.
+/// The models must be rebuilt from the new log, not mix the two.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pg_read_models_of_a_replaced_log_are_rebuilt_from_it() {
+    let Some(url) = url("pg_read_models_of_a_replaced_log_are_rebuilt_from_it") else {
+        return;
+    };
+    let models = read_models(&url).await;
+    let old_store = event_store(&url).await;
+    let old: Arc<dyn EventStore> = old_store.clone();
+    Workload::new(old.clone()).random(100, 10, 3).await;
+    let old_head = PgProjector::new(old.clone(), models.clone()).catch_up().await.unwrap();
+
+    let new_store = event_store(&url).await;
+    let new: Arc<dyn EventStore> = new_store.clone();
+    Workload::new(new.clone()).random(300, 10, 4).await;
+    let (_, new_head) = projected_events(new.as_ref()).await;
+    assert!(
+        new_head > old_head,
+        "the new log is longer: {new_head:?} against {old_head:?}"
+    );
+
+    let projector = PgProjector::new(new.clone(), models.clone());
+    assert_eq!(projector.catch_up().await.unwrap(), new_head);
+    let [tickets, stats] = clean_pg_digests(&url, new.clone()).await;
+    assert_eq!(
+        models.digest("tickets").await.unwrap(),
+        tickets,
+        "tickets of the new log only"
+    );
+    assert_eq!(
+        models.digest("stats").await.unwrap(),
+        stats,
+        "stats of the new log only"
+    );
+}

@@ -401,6 +401,38 @@ impl PgReadModels {
         let client = self.client().await?;
         read_slot(&**client, self, name, kind, "").await
     }
+
+    /// The id of the first event of the log the read models were built
+    /// from, if recorded (see the SQLite read models' `log_identity`).
+    pub(crate) async fn log_identity(&self) -> Result<Option<Uuid>, ProjectionError> {
+        let client = self.client().await?;
+        client
+            .query_opt(
+                &format!("SELECT first_event_id FROM {}", self.qualified("triage_read_log")),
+                &[],
+            )
+            .await
+            .map(|row| row.map(|row| row.get(0)))
+            .map_err(|error| ProjectionError::postgres("read the log identity", error))
+    }
+
+    /// Records the id of the log's first event as the log the read models
+    /// describe.
+    pub(crate) async fn record_log(&self, first_event_id: Uuid) -> Result<(), ProjectionError> {
+        let client = self.client().await?;
+        client
+            .execute(
+                &format!(
+                    "INSERT INTO {} (first_event_id) VALUES ($1) \
+                     ON CONFLICT (only_row) DO UPDATE SET first_event_id = EXCLUDED.first_event_id",
+                    self.qualified("triage_read_log")
+                ),
+                &[&first_event_id],
+            )
+            .await
+            .map(|_| ())
+            .map_err(|error| ProjectionError::postgres("record the log identity", error))
+    }
 }
 
 impl Drop for Inner {
@@ -601,6 +633,16 @@ async fn migrate(client: &mut Client, schema: &str) -> Result<(), ProjectionErro
         .await
         .map_err(failed("create the read-model registry"))?;
     }
+    // Added after version 1 of the registry, and only added to: older
+    // builds never read it, so the version stays.
+    tx.batch_execute(&format!(
+        r#"CREATE TABLE IF NOT EXISTS "{schema}".triage_read_log (
+            only_row       boolean PRIMARY KEY DEFAULT true CHECK (only_row),
+            first_event_id uuid    NOT NULL
+        );"#
+    ))
+    .await
+    .map_err(failed("create the log identity table"))?;
     tx.commit().await.map_err(failed("commit the migration"))
 }
 

@@ -14,7 +14,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_postgres::types::Type;
 use tokio_postgres::{Client, IsolationLevel, NoTls, Transaction};
-use triage_event_store::{EventFilter, EventStore, Position, SubscribeToAll};
+use triage_event_store::{EventFilter, EventStore, Position, ReadAll, SubscribeToAll};
 use uuid::Uuid;
 
 use super::{LEADER_LOCK_CLASS, Model, PgReadModels, REGISTRY_LOCK_CLASS, read_slot};
@@ -360,6 +360,19 @@ impl PgProjector {
     /// servable: creates missing ones, and rebuilds those built by another
     /// version or from another log (a checkpoint past the head).
     async fn prepare(&self, session: &mut Session, led: &[Model]) -> Result<(), ProjectionError> {
+        // Which log the models describe (see the SQLite runtime): another
+        // first event means the log was replaced under them.
+        let first_event = self
+            .events
+            .read_all(ReadAll::forwards(1))
+            .await?
+            .first()
+            .map(|event| event.id);
+        let recorded_log = match first_event {
+            Some(_) => self.models.log_identity().await?,
+            None => None,
+        };
+        let other_log = recorded_log.is_some() && first_event.is_some() && recorded_log != first_event;
         for model in led {
             let live = self.models.slot(model.name(), SlotKind::Live).await?;
             // Read after the checkpoint: a checkpoint is never past the head
@@ -382,6 +395,11 @@ impl PgProjector {
                         code: model.version(),
                     });
                 }
+                Some(slot) if other_log && slot.checkpoint.is_some() => {
+                    tracing::warn!(projection = model.name(), recorded = ?recorded_log, first_event = ?first_event,
+                        "the read model was built from another event log; rebuilding");
+                    self.rebuild(model.name(), RebuildOptions::default()).await?;
+                }
                 Some(slot) if slot.version != model.version() => {
                     tracing::info!(
                         projection = model.name(),
@@ -393,6 +411,14 @@ impl PgProjector {
                 }
                 Some(_) => {}
             }
+        }
+        // Recorded once every model was checked against this log: a model
+        // led elsewhere is checked when its leader prepares it.
+        if let Some(first_event) = first_event
+            && recorded_log != Some(first_event)
+            && Model::ALL.iter().all(|model| led.contains(model))
+        {
+            self.models.record_log(first_event).await?;
         }
         Ok(())
     }
