@@ -9,7 +9,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use triage_command_handler::{Accepted, CommandError, CommandHandler};
+use triage_command_handler::{Accepted, CommandError, CommandHandler, LoadedTicket};
 use triage_domain::{
     Agent, ClaimRule, Command, CommandEnvelope, CommandKind, Event, Role, State, TRANSITIONS, TicketId, queue_states,
     transitions_from,
@@ -248,13 +248,13 @@ impl AppState {
         }
     }
 
+    /// The ticket's stream, folded (see `CommandHandler::load`).
+    async fn load(&self, ticket_id: TicketId) -> Result<LoadedTicket, ApiError> {
+        self.inner.handler.load(ticket_id).await.map_err(ApiError::from_command)
+    }
+
     async fn view(&self, ticket_id: TicketId) -> Result<TicketView, ApiError> {
-        let loaded = self
-            .inner
-            .handler
-            .load(ticket_id)
-            .await
-            .map_err(ApiError::from_command)?;
+        let loaded = self.load(ticket_id).await?;
         TicketView::from_loaded(ticket_id, &loaded).ok_or_else(|| not_found(ticket_id))
     }
 
@@ -316,12 +316,7 @@ impl AppState {
             // A token with several roles acts in the one the table allows
             // from the ticket's current state (a drafter's heartbeat, not a
             // classifier's); the handler still decides on fresh state.
-            let loaded = self
-                .inner
-                .handler
-                .load(ticket_id)
-                .await
-                .map_err(ApiError::from_command)?;
+            let loaded = self.load(ticket_id).await?;
             if let Some(state) = loaded.ticket.state {
                 let fits: Vec<Role> = transitions_from(Some(state), kind)
                     .flat_map(|row| row.roles.iter().copied())
@@ -526,12 +521,7 @@ impl AppState {
         let Some(ticket_id) = self.ticket_of_claim(claim_id).await? else {
             return Ok(None);
         };
-        let loaded = self
-            .inner
-            .handler
-            .load(ticket_id)
-            .await
-            .map_err(ApiError::from_command)?;
+        let loaded = self.load(ticket_id).await?;
         let Some(command) = loaded
             .history
             .iter()
@@ -604,12 +594,7 @@ impl AppState {
 
     /// A ticket's events, from its stream.
     pub async fn events(&self, _principal: &Principal, ticket_id: TicketId) -> Result<EventList, ApiError> {
-        let loaded = self
-            .inner
-            .handler
-            .load(ticket_id)
-            .await
-            .map_err(ApiError::from_command)?;
+        let loaded = self.load(ticket_id).await?;
         if loaded.history.is_empty() {
             return Err(not_found(ticket_id));
         }

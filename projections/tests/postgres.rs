@@ -79,6 +79,13 @@ async fn clean_pg_digests(url: &str, events: Arc<dyn EventStore>) -> [BTreeMap<S
     ]
 }
 
+/// Asserts that both of `models` equal a clean rebuild of `events`.
+async fn assert_equals_a_clean_rebuild(url: &str, models: &PgReadModels, events: Arc<dyn EventStore>) {
+    let [tickets, stats] = clean_pg_digests(url, events).await;
+    assert_eq!(models.digest("tickets").await.unwrap(), tickets, "tickets");
+    assert_eq!(models.digest("stats").await.unwrap(), stats, "stats");
+}
+
 /// Every query the CLI serves answers the same from both models.
 async fn assert_same_answers(pg: &ReadModels, sqlite: &ReadModels) {
     let all = sqlite.list(None, usize::MAX).await.unwrap();
@@ -168,9 +175,7 @@ async fn pg_read_models_follow_the_events_and_equal_the_sqlite_ones() {
         report.write_s,
         report.wall_s
     );
-    let [tickets, stats] = clean_pg_digests(&url, events.clone()).await;
-    assert_eq!(models.digest("tickets").await.unwrap(), tickets);
-    assert_eq!(models.digest("stats").await.unwrap(), stats);
+    assert_equals_a_clean_rebuild(&url, &models, events.clone()).await;
     assert_eq!(status_of(&pg.status().await.unwrap(), "stats").generation, Some(2));
     assert_eq!(pg.stats_summary().await.unwrap(), summary);
 }
@@ -229,9 +234,7 @@ async fn a_rebuild_swaps_in_while_a_leader_keeps_applying() {
     }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     running.await.unwrap().unwrap();
-    let [tickets, stats] = clean_pg_digests(&url, events.clone()).await;
-    assert_eq!(models.digest("tickets").await.unwrap(), tickets);
-    assert_eq!(models.digest("stats").await.unwrap(), stats);
+    assert_equals_a_clean_rebuild(&url, &models, events.clone()).await;
 }
 
 /// The secondary indexes of the read models' table `table`, as the
@@ -318,9 +321,7 @@ async fn a_pg_rebuild_indexes_its_generation_when_it_goes_live() {
     // Swapped in with them; the old generation went with its tables.
     assert_eq!(indexes(2).await, expected);
     assert_eq!(indexes(1).await, [Vec::<String>::new(), Vec::new()]);
-    let [tickets, stats] = clean_pg_digests(&url, events.clone()).await;
-    assert_eq!(models.digest("tickets").await.unwrap(), tickets);
-    assert_eq!(models.digest("stats").await.unwrap(), stats);
+    assert_equals_a_clean_rebuild(&url, &models, events.clone()).await;
 }
 
 /// A page's targets are applied at once on its transaction; two copies of
@@ -347,9 +348,7 @@ async fn a_projection_named_twice_in_a_pg_rebuild_is_rebuilt_once() {
         .unwrap();
     let names: Vec<&str> = reports.iter().map(|report| report.name.as_str()).collect();
     assert_eq!(names, ["stats", "tickets"]);
-    let [tickets, stats] = clean_pg_digests(&url, events.clone()).await;
-    assert_eq!(models.digest("tickets").await.unwrap(), tickets);
-    assert_eq!(models.digest("stats").await.unwrap(), stats);
+    assert_equals_a_clean_rebuild(&url, &models, events.clone()).await;
 }
 
 /// When one model's write fails, the other's statements in flight on the
@@ -517,9 +516,7 @@ async fn a_swap_never_moves_the_live_model_back() {
         assert_eq!(status.checkpoint, head, "{status:?}");
         assert_eq!(status.events_applied, projected, "{status:?}");
     }
-    let [tickets, stats] = clean_pg_digests(&url, events.clone()).await;
-    assert_eq!(models.digest("tickets").await.unwrap(), tickets);
-    assert_eq!(models.digest("stats").await.unwrap(), stats);
+    assert_equals_a_clean_rebuild(&url, &models, events.clone()).await;
 }
 
 // ---------------------------------------------------------------------
