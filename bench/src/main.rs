@@ -135,6 +135,9 @@ enum Bench {
         /// default) or a fresh schema of the same PostgreSQL database.
         #[arg(long, value_enum, default_value_t = pg::ReadModelPlace::Sqlite)]
         read_model: pg::ReadModelPlace,
+        /// Rebuilds of the one generated log, a JSON line each.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+        rounds: u32,
     },
 }
 
@@ -377,11 +380,15 @@ async fn main() -> anyhow::Result<()> {
             batch_size,
             pool_size,
             read_model,
+            rounds,
         } => {
-            println!(
-                "{}",
-                pg::rebuild(&url, events, batch_size, pool_size, read_model).await?
-            );
+            let options = pg::RebuildBench {
+                batch_size,
+                pool_size,
+                read_model,
+                rounds,
+            };
+            pg::rebuild(&url, events, options, |line| println!("{line}")).await?;
         }
         Bench::Events { events } => {
             println!("{}", replay::events_jsonl(events).await?);

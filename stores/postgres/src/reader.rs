@@ -374,11 +374,55 @@ pub(crate) async fn read_all(
 
 /// One page query, decoded.
 async fn read_page(client: &Client, query: &str, target: &Target, from: i64, limit: i64) -> Result<Vec<RecordedEvent>> {
-    let failed = |e| target.db_error("cannot read $all", e);
-    let statement = client.prepare_cached(query).await.map_err(failed)?;
-    let rows = client.query(&statement, &[&from, &limit]).await.map_err(failed)?;
-    rows.iter().map(|row| decode(row, target)).collect()
+    query_page(client, query, target, from, limit)
+        .await
+        .map_err(|error| error.into_error(target))
 }
+
+/// Why a page query gave no page.
+enum PageError {
+    /// The query failed: the connection, the server, a cancel.
+    Query(tokio_postgres::Error),
+    /// A row did not decode (a hand-edited table).
+    Row(Error),
+}
+
+impl PageError {
+    fn into_error(self, target: &Target) -> Error {
+        match self {
+            PageError::Query(error) => target.db_error("cannot read $all", error),
+            PageError::Row(error) => error,
+        }
+    }
+}
+
+/// Runs a page query (`$1` the start, `$2` the length) and decodes each row
+/// as it arrives. A row's buffer is let go once it is decoded, so a page is
+/// never held twice (as rows, then as events), and the decoding overlaps
+/// the transfer of the rows behind it.
+async fn query_page(
+    client: &Client,
+    query: &str,
+    target: &Target,
+    from: i64,
+    limit: i64,
+) -> std::result::Result<Vec<RecordedEvent>, PageError> {
+    use futures::TryStreamExt as _;
+    let statement = client.prepare_cached(query).await.map_err(PageError::Query)?;
+    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&from, &limit];
+    let rows = client.query_raw(&statement, params).await.map_err(PageError::Query)?;
+    let mut rows = std::pin::pin!(rows);
+    // A page is at most `limit` rows; a huge `limit` asked of a short log
+    // does not reserve memory it will never use.
+    let mut events = Vec::with_capacity(usize::try_from(limit).unwrap_or(0).min(PAGE_RESERVE));
+    while let Some(row) = rows.try_next().await.map_err(PageError::Query)? {
+        events.push(decode(&row, target).map_err(PageError::Row)?);
+    }
+    Ok(events)
+}
+
+/// The most events a page read reserves room for before it sees its rows.
+const PAGE_RESERVE: usize = 16_384;
 
 /// Reads the forward page of `limit` rows from `from`, which lies wholly
 /// at or below a visible head: as two halves at once when it is long
@@ -425,47 +469,35 @@ async fn read_halves(
     from: i64,
     limit: i64,
 ) -> Result<Option<Vec<RecordedEvent>>> {
-    async fn read(
-        client: &Client,
-        sql: &Sql,
-        from: i64,
-        limit: i64,
-    ) -> std::result::Result<Vec<Row>, tokio_postgres::Error> {
-        let statement = client.prepare_cached(&sql.read_all_forwards).await?;
-        client.query(&statement, &[&from, &limit]).await
-    }
     let Some(spare) = spare_client(pool).await else {
         return Ok(None);
     };
-    let failed = |e| target.db_error("cannot read $all", e);
+    let query = &sql.read_all_forwards;
     let half = limit / 2;
     let (first, second) = tokio::join!(
-        read(client, sql, from, half),
-        read(&spare, sql, from + half, limit - half)
+        query_page(client, query, target, from, half),
+        query_page(&spare, query, target, from + half, limit - half)
     );
-    let first = first.map_err(failed)?;
-    let Ok(second) = second else {
-        // The spare may be dead without the pool's quick check knowing it
-        // yet; it is not put back. The caller's own query decides.
-        drop(deadpool_postgres::Object::take(spare));
-        return Ok(None);
-    };
-    drop(spare);
-    if first.len() + second.len() != usize::try_from(limit).unwrap_or(usize::MAX) {
-        return Ok(None);
-    }
-    for (expected, row) in (from..).zip(first.iter().chain(&second)) {
-        let position: i64 = row.try_get(0).map_err(failed)?;
-        if position != expected {
+    let mut events = first.map_err(|error| error.into_error(target))?;
+    let second = match second {
+        Ok(second) => second,
+        Err(PageError::Query(_)) => {
+            // The spare may be dead without the pool's quick check knowing
+            // it yet; it is not put back. The caller's own query decides.
+            drop(deadpool_postgres::Object::take(spare));
             return Ok(None);
         }
+        Err(PageError::Row(error)) => return Err(error),
+    };
+    drop(spare);
+    if events.len() + second.len() != usize::try_from(limit).unwrap_or(usize::MAX) {
+        return Ok(None);
     }
-    first
-        .iter()
-        .chain(&second)
-        .map(|row| decode(row, target))
-        .collect::<Result<_>>()
-        .map(Some)
+    events.extend(second);
+    let exact = (from..)
+        .zip(&events)
+        .all(|(expected, event)| i64::try_from(event.position.commit) == Ok(expected));
+    Ok(exact.then_some(events))
 }
 
 /// Connections of the pool a page read leaves to others: the batch writers
