@@ -236,17 +236,36 @@ pub(crate) async fn run(args: EventsArgs, global: &GlobalArgs) -> anyhow::Result
         (None, false) => Format::Jsonl,
     };
     let mut printer = Printer::new(format)?;
+    // A tail runs until Ctrl-C, which ends it cleanly, history included.
+    // One listener for the whole command, made before the first read: a
+    // listener made afresh in each turn of the live loop did not hear a
+    // Ctrl-C that arrived between two turns (while an event was printed),
+    // and once one was made the default handler no longer ends the process.
+    let mut interrupted = std::pin::pin!(async {
+        if args.follow {
+            let _ = tokio::signal::ctrl_c().await;
+        } else {
+            std::future::pending::<()>().await;
+        }
+    });
+    // Registers the listener now (a first poll), not at the first `select!`.
+    let already = std::future::poll_fn(|cx| std::task::Poll::Ready(interrupted.as_mut().poll(cx).is_ready())).await;
+    if already {
+        return Ok(());
+    }
     let mut failure = None;
-    let last = query
-        .scan(opened.events.as_ref(), 1024, |record| match printer.print(record) {
-            Ok(()) => ControlFlow::Continue(()),
-            Err(error) => {
-                failure = Some(error);
-                ControlFlow::Break(())
-            }
-        })
-        .await
-        .context("cannot read the event log")?;
+    let scan = query.scan(opened.events.as_ref(), 1024, |record| match printer.print(record) {
+        Ok(()) => ControlFlow::Continue(()),
+        Err(error) => {
+            failure = Some(error);
+            ControlFlow::Break(())
+        }
+    });
+    let last = tokio::select! {
+        biased;
+        () = &mut interrupted => return Ok(()),
+        last = scan => last.context("cannot read the event log")?,
+    };
     if let Some(error) = failure {
         // A closed pipe (`| head`) ends the output quietly.
         if is_broken_pipe(&error) {
@@ -262,18 +281,23 @@ pub(crate) async fn run(args: EventsArgs, global: &GlobalArgs) -> anyhow::Result
         });
         loop {
             tokio::select! {
+                biased;
+                () = &mut interrupted => return Ok(()),
                 message = subscription.next() => match message {
                     Some(Ok(SubscriptionMessage::Event(record))) => {
                         if query.matches(&record) {
-                            printer.print(&record)?;
-                            printer.flush()?;
+                            match printer.print(&record).and_then(|()| printer.flush()) {
+                                Ok(()) => {}
+                                // A closed pipe (`| head`) ends the tail quietly.
+                                Err(error) if is_broken_pipe(&error) => return Ok(()),
+                                Err(error) => return Err(error),
+                            }
                         }
                     }
                     Some(Ok(_)) => {}
                     Some(Err(error)) => return Err(error).context("the live tail failed"),
                     None => return Ok(()),
                 },
-                _ = tokio::signal::ctrl_c() => return Ok(()),
             }
         }
     }
