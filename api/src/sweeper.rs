@@ -21,6 +21,12 @@ pub const SWEEPER_AGENT: &str = "lease-sweeper";
 
 /// Expires up to `limit` claims whose lease ran out by the handler's clock;
 /// returns how many this call expired.
+///
+/// A ticket that cannot be expired for a reason of its own (a stored event
+/// this version cannot read, other writers that kept winning) is logged
+/// and passed over: stopping there would leave every claim behind it
+/// unexpired, at every sweep, since the next sweep meets it first again.
+/// A failing store ends the sweep with its error.
 pub async fn sweep_once(state: &AppState, limit: usize) -> Result<usize, ApiError> {
     state.catch_up().await?;
     let now = state.handler().clock().now();
@@ -47,7 +53,10 @@ pub async fn sweep_once(state: &AppState, limit: usize) -> Result<usize, ApiErro
             Ok(_) => {}
             // Another sweeper, a heartbeat or the holder got there first.
             Err(CommandError::StaleRevision { .. } | CommandError::Rejected { .. }) => {}
-            Err(error) => return Err(ApiError::from_command(error)),
+            Err(error @ CommandError::Store(_)) => return Err(ApiError::from_command(error)),
+            Err(error) => {
+                tracing::warn!(ticket = %ticket_id, %error, "cannot expire this ticket's claim; sweeping the others");
+            }
         }
     }
     Ok(expired)

@@ -733,6 +733,53 @@ async fn a_retried_claim_after_a_restart_never_claims_a_second_ticket() {
     assert_eq!(events.json["events"].as_array().unwrap().len(), 1, "{}", events.json);
 }
 
+/// A ticket whose stream holds an event this version cannot read (one
+/// the projector was told to skip) cannot have its claim expired; the
+/// sweep passes it over and still expires the claims behind it.
+#[tokio::test]
+async fn the_sweeper_passes_over_a_ticket_it_cannot_read() {
+    let options = triage_projections::ProjectorOptions {
+        skip_event_types: ["TicketTeleported".to_owned()].into(),
+        ..triage_projections::ProjectorOptions::default()
+    };
+    let h = Harness::with_options(
+        std::sync::Arc::new(triage_event_store::InMemoryEventStore::new()),
+        &[],
+        options,
+    );
+    // Claimed first, so its lease runs out first and a sweep meets it first.
+    let (unreadable, _) = claimed(&h).await;
+    h.clock.advance(chrono::Duration::seconds(1));
+    let (readable, _) = claimed(&h).await;
+    let stream = triage_event_store::StreamName::new(format!("ticket-{unreadable}")).unwrap();
+    h.store
+        .append(
+            &stream,
+            triage_event_store::ExpectedRevision::Any,
+            vec![triage_event_store::EventData {
+                id: uuid::Uuid::new_v4(),
+                event_type: "TicketTeleported".to_owned(),
+                data: br#"{"to":"elsewhere"}"#.to_vec(),
+                metadata: b"{}".to_vec(),
+            }],
+        )
+        .await
+        .unwrap();
+    h.clock.advance(chrono::Duration::seconds(61));
+    assert_eq!(triage_api::sweeper::sweep_once(&h.state, 10).await.unwrap(), 1);
+    let now = h
+        .send(Some("analyst"), Req::get(format!("/v1/tickets/{readable}")))
+        .await;
+    assert_eq!(now.json["state"], "NEW", "{}", now.json);
+    // Nothing was written to the ticket it could not read.
+    let stored = h
+        .store
+        .read_stream(&stream, triage_event_store::ReadStream::forwards())
+        .await
+        .unwrap();
+    assert_eq!(stored.last().unwrap().event_type, "TicketTeleported");
+}
+
 #[tokio::test]
 async fn the_sweeper_expires_claims_through_the_domain() {
     let h = Harness::new();

@@ -14,7 +14,7 @@ use triage_api::{AgentsFile, AppState, Authenticator};
 use triage_command_handler::{CommandHandler, ManualClock};
 use triage_domain::Role;
 use triage_event_store::{EventStore, InMemoryEventStore};
-use triage_projections::{Projector, ReadModelDb};
+use triage_projections::{Projector, ProjectorOptions, ReadModelDb};
 
 pub struct Harness {
     pub state: AppState,
@@ -45,9 +45,20 @@ impl Harness {
 
     /// [`AGENTS`] and `extra` agents, on `store`.
     pub fn with_agents(store: Arc<dyn EventStore>, extra: &[(&'static str, &'static [Role])]) -> Self {
+        Self::with_options(store, extra, ProjectorOptions::default())
+    }
+
+    /// [`AGENTS`] and `extra` agents, on `store`, the projector run with
+    /// `options`.
+    pub fn with_options(
+        store: Arc<dyn EventStore>,
+        extra: &[(&'static str, &'static [Role])],
+        options: ProjectorOptions,
+    ) -> Self {
         let clock = Arc::new(ManualClock::new(chrono::Utc::now()));
         let handler = CommandHandler::new(store.clone()).with_clock(clock.clone());
-        let projector = Projector::new(store.clone(), ReadModelDb::in_memory().expect("read model"));
+        let projector =
+            Projector::new(store.clone(), ReadModelDb::in_memory().expect("read model")).with_options(options);
         let mut file = AgentsFile::default();
         let mut tokens = HashMap::new();
         for &(id, roles) in AGENTS.iter().chain(extra) {
