@@ -19,12 +19,7 @@ fn open_ticket(dir: &Path, subject: &str) {
 }
 
 fn follow(dir: &Path) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_triage"))
-        .current_dir(dir)
-        .env_remove("TRIAGE_DB")
-        .env_remove("TRIAGE_STORE")
-        .env_remove("TRIAGE_READ_MODEL")
-        .env_remove("RUST_LOG")
+    common::command(dir)
         .args(["events", "--follow", "--format", "jsonl"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

@@ -5,17 +5,21 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-pub fn triage(dir: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_triage"))
+/// The triage binary in `dir`, with none of the caller's Triage settings.
+pub fn command(dir: &Path) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_triage"));
+    command
         .current_dir(dir)
         .env_remove("TRIAGE_DB")
         .env_remove("TRIAGE_STORE")
         .env_remove("TRIAGE_READ_MODEL")
         .env_remove("RUST_LOG")
-        .env("COLUMNS", "200")
-        .args(args)
-        .output()
-        .expect("the triage binary runs")
+        .env("COLUMNS", "200");
+    command
+}
+
+pub fn triage(dir: &Path, args: &[&str]) -> Output {
+    command(dir).args(args).output().expect("the triage binary runs")
 }
 
 pub fn stdout(output: &Output) -> String {
