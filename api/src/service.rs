@@ -18,6 +18,22 @@ use triage_projections::{Projector, TicketsView};
 use uuid::Uuid;
 
 use crate::auth::{Authenticator, Principal};
+
+/// The event type of a claim index record (see [`AppState::index_claim`]).
+pub const CLAIM_INDEXED: &str = "ClaimIndexed";
+
+/// The stream that records which ticket a keyed claim took, on stores
+/// without an index of event ids.
+pub fn claim_index_stream(claim_id: Uuid) -> String {
+    format!("claim-{claim_id}")
+}
+
+/// A claim index record's data.
+#[derive(Debug, serde::Deserialize)]
+struct ClaimIndexed {
+    claim_id: Uuid,
+    ticket_id: TicketId,
+}
 use crate::error::ApiError;
 use crate::model::{
     ClaimRequest, ClaimResponse, CommandResponse, EventList, EventView, OpenTicketRequest, TicketList, TicketView,
@@ -368,8 +384,9 @@ impl AppState {
     /// A claim's id is the id of the command that took it, and that
     /// command's first event, the claim itself, has the id
     /// [`triage_domain::event_id`]`(claim_id, 0)`: the log finds it through
-    /// its index of event ids. A store without one (KurrentDB) falls back
-    /// to the read model, which knows current claims only.
+    /// its index of event ids. A store without one (KurrentDB) looks in
+    /// the claim's own index stream (see [`AppState::index_claim`]), then
+    /// in the read model, which knows current claims only.
     async fn ticket_of_claim(&self, claim_id: Uuid) -> Result<Option<TicketId>, ApiError> {
         if let Some(ticket) = self.remembered_claim(claim_id) {
             return Ok(Some(ticket));
@@ -387,6 +404,7 @@ impl AppState {
                     .filter(|_| event.new_claim().is_some_and(|claim| claim.claim_id == claim_id))
             }
             None if store.enforces_unique_event_ids() => None,
+            None if let Some(ticket_id) = self.indexed_claim(claim_id).await? => Some(ticket_id),
             None => {
                 self.catch_up().await?;
                 self.inner.projector.read("tickets", |conn, slot| {
@@ -398,6 +416,62 @@ impl AppState {
             self.remember_claim(claim_id, ticket_id);
         }
         Ok(found)
+    }
+
+    /// On a store without an index of event ids (KurrentDB), records which
+    /// ticket a keyed claim took, in the claim's own stream
+    /// (`claim-<claim id>`, one event): a retry of the claim after its
+    /// ticket moved on (the claim completed or released, so the read model
+    /// no longer lists it) and after a restart (nothing remembered) still
+    /// finds its ticket, instead of claiming a second one. Written once,
+    /// with a fixed event id, so a repeat is a no-op. Best effort, after
+    /// the claim: if it fails, or the process stops in between, a retry
+    /// still finds the claim in the read model while it is current.
+    async fn index_claim(&self, claim_id: Uuid, ticket_id: TicketId) {
+        let store = self.inner.handler.store();
+        if store.enforces_unique_event_ids() {
+            return;
+        }
+        let record = triage_event_store::EventData {
+            id: Uuid::new_v5(&claim_id, b"triage claim index"),
+            event_type: CLAIM_INDEXED.to_owned(),
+            data: serde_json::json!({ "claim_id": claim_id, "ticket_id": ticket_id })
+                .to_string()
+                .into_bytes(),
+            metadata: b"{}".to_vec(),
+        };
+        let appended = match triage_event_store::StreamName::new(claim_index_stream(claim_id)) {
+            Ok(stream) => store
+                .append(&stream, triage_event_store::ExpectedRevision::NoStream, vec![record])
+                .await
+                .map(|_| ()),
+            Err(error) => Err(error),
+        };
+        if let Err(error) = appended {
+            tracing::warn!(%claim_id, ticket = %ticket_id, %error, "could not index the claim");
+        }
+    }
+
+    /// The ticket [`AppState::index_claim`] recorded for `claim_id`.
+    async fn indexed_claim(&self, claim_id: Uuid) -> Result<Option<TicketId>, ApiError> {
+        let store = self.inner.handler.store();
+        let stream = triage_event_store::StreamName::new(claim_index_stream(claim_id))
+            .map_err(|error| ApiError::Internal(format!("claim index stream: {error}")))?;
+        let options = triage_event_store::ReadStream {
+            max_count: 1,
+            ..triage_event_store::ReadStream::forwards()
+        };
+        let records = match store.read_stream(&stream, options).await {
+            Ok(records) => records,
+            Err(triage_event_store::Error::StreamNotFound { .. }) => return Ok(None),
+            Err(error) => return Err(ApiError::from_command(CommandError::Store(error))),
+        };
+        let Some(record) = records.first() else {
+            return Ok(None);
+        };
+        let indexed: ClaimIndexed = serde_json::from_slice(&record.data)
+            .map_err(|error| ApiError::Internal(format!("cannot read {stream}: {error}")))?;
+        Ok((indexed.claim_id == claim_id).then_some(indexed.ticket_id))
     }
 
     fn remembered_claim(&self, claim_id: Uuid) -> Option<TicketId> {
@@ -484,7 +558,12 @@ impl AppState {
                     .with_id(keyed.unwrap_or_else(Uuid::new_v4))
                     .at_revision(row.revision);
                 match self.run(envelope).await {
-                    Ok(accepted) => return self.claim_response(role, accepted).await.map(Some),
+                    Ok(accepted) => {
+                        if let Some(claim_id) = keyed {
+                            self.index_claim(claim_id, ticket_id).await;
+                        }
+                        return self.claim_response(role, accepted).await.map(Some);
+                    }
                     // Lost the race for this one, or the read model was
                     // behind: try the next.
                     Err(ApiError::Conflict { .. }) => continue,
@@ -532,6 +611,9 @@ impl AppState {
         };
         let envelope = CommandEnvelope::new(ticket_id, agent.clone(), command).with_id(claim_id);
         let accepted = self.run(envelope).await?;
+        // Found some other way than its index (the read model, after the
+        // index was not written): index it now.
+        self.index_claim(claim_id, ticket_id).await;
         self.claim_response(role, accepted).await.map(Some)
     }
 

@@ -780,6 +780,101 @@ async fn the_sweeper_passes_over_a_ticket_it_cannot_read() {
     assert_eq!(stored.last().unwrap().event_type, "TicketTeleported");
 }
 
+/// A store without an index of event ids, as KurrentDB's port is:
+/// `read_event` finds nothing and ids are unique per stream only.
+#[derive(Debug)]
+struct WithoutIdIndex(std::sync::Arc<triage_event_store::InMemoryEventStore>);
+
+#[async_trait::async_trait]
+impl triage_event_store::EventStore for WithoutIdIndex {
+    async fn append(
+        &self,
+        stream: &triage_event_store::StreamName,
+        expected: triage_event_store::ExpectedRevision,
+        events: Vec<triage_event_store::EventData>,
+    ) -> triage_event_store::Result<triage_event_store::AppendResult> {
+        self.0.append(stream, expected, events).await
+    }
+
+    async fn read_stream(
+        &self,
+        stream: &triage_event_store::StreamName,
+        options: triage_event_store::ReadStream,
+    ) -> triage_event_store::Result<Vec<triage_event_store::RecordedEvent>> {
+        self.0.read_stream(stream, options).await
+    }
+
+    async fn read_all(
+        &self,
+        options: triage_event_store::ReadAll,
+    ) -> triage_event_store::Result<Vec<triage_event_store::RecordedEvent>> {
+        self.0.read_all(options).await
+    }
+
+    async fn head_position(&self) -> triage_event_store::Result<Option<triage_event_store::Position>> {
+        self.0.head_position().await
+    }
+
+    async fn read_event(&self, _: uuid::Uuid) -> triage_event_store::Result<Option<triage_event_store::RecordedEvent>> {
+        Ok(None)
+    }
+
+    fn subscribe_to_all(
+        self: std::sync::Arc<Self>,
+        options: triage_event_store::SubscribeToAll,
+    ) -> triage_event_store::Subscription {
+        std::sync::Arc::clone(&self.0).subscribe_to_all(options)
+    }
+
+    fn describe(&self) -> String {
+        "an in-memory store without an index of event ids".to_owned()
+    }
+
+    fn enforces_unique_event_ids(&self) -> bool {
+        false
+    }
+}
+
+/// The restart case above on a store without an index of event ids
+/// (KurrentDB): the claim completed, so the read model no longer lists it,
+/// and the restarted server remembers nothing; the retry still answers
+/// with the first ticket, found through the claim's index stream.
+#[tokio::test]
+async fn a_retried_claim_after_a_restart_never_claims_a_second_ticket_without_an_id_index() {
+    let store: std::sync::Arc<dyn triage_event_store::EventStore> = std::sync::Arc::new(WithoutIdIndex(
+        std::sync::Arc::new(triage_event_store::InMemoryEventStore::new()),
+    ));
+    let first = Harness::on(store.clone());
+    first.open("Cannot log in").await;
+    let claim = || Req::post("/v1/work/claim", json!({"role": "classifier"})).header("idempotency-key", "claim-1");
+    let claimed = first.send(Some("classifier"), claim()).await;
+    assert_eq!(claimed.status, StatusCode::OK, "{}", claimed.json);
+    let ticket = id(&claimed.json);
+    let classified = first
+        .send(
+            Some("classifier"),
+            Req::post(
+                format!("/v1/tickets/{ticket}/classification"),
+                classification(&claimed.json),
+            ),
+        )
+        .await;
+    assert_eq!(classified.status, StatusCode::OK, "{}", classified.json);
+    let other = first.open("Refund").await;
+
+    let restarted = Harness::on(store);
+    let retried = restarted.send(Some("classifier"), claim()).await;
+    assert_eq!(retried.status, StatusCode::OK, "{}", retried.json);
+    assert_eq!(retried.json["claim_id"], claimed.json["claim_id"]);
+    assert_eq!(retried.json["duplicate"], true);
+    assert_eq!(id(&retried.json), ticket);
+    let other = other["id"].as_str().unwrap();
+    let events = restarted
+        .send(Some("analyst"), Req::get(format!("/v1/tickets/{other}/events")))
+        .await;
+    assert_eq!(events.json["events"].as_array().unwrap().len(), 1, "{}", events.json);
+}
+
 #[tokio::test]
 async fn the_sweeper_expires_claims_through_the_domain() {
     let h = Harness::new();
