@@ -230,9 +230,15 @@ impl GlobalArgs {
 
     fn projector_options(&self) -> ProjectorOptions {
         ProjectorOptions {
-            skip_event_types: self.skip_event_type.iter().cloned().collect(),
+            skip_event_types: self.skipped_event_types(),
             ..ProjectorOptions::default()
         }
+    }
+
+    /// `--skip-event-type`, for every command that decodes events, not
+    /// only the projectors.
+    fn skipped_event_types(&self) -> std::collections::BTreeSet<String> {
+        self.skip_event_type.iter().cloned().collect()
     }
 
     fn synchronous(&self) -> Synchronous {
@@ -256,7 +262,24 @@ fn init_tracing(verbose: u8) {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // Colours for a person at a terminal, not escape codes in a log
+        // file or a pipe.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+}
+
+/// The error and its causes, each cause once: many errors already quote
+/// their source in their own text, and `{:#}` would repeat it.
+fn describe(error: &anyhow::Error) -> String {
+    let mut text = error.to_string();
+    for cause in error.chain().skip(1) {
+        let cause = cause.to_string();
+        if !text.contains(&cause) {
+            text.push_str(": ");
+            text.push_str(&cause);
+        }
+    }
+    text
 }
 
 fn main() -> ExitCode {
@@ -272,11 +295,11 @@ fn main() -> ExitCode {
     match runtime.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) if error.downcast_ref::<events::NothingMatched>().is_some() => {
-            eprintln!("{error:#}");
+            eprintln!("{}", describe(&error));
             ExitCode::from(3)
         }
         Err(error) => {
-            eprintln!("error: {error:#}");
+            eprintln!("error: {}", describe(&error));
             ExitCode::FAILURE
         }
     }

@@ -287,12 +287,15 @@ pub(crate) struct TimelineEntry {
 
 /// Builds a ticket's timeline from its events and recorded refusals, in
 /// log order.
-pub(crate) fn timeline(records: &[triage_event_store::RecordedEvent]) -> anyhow::Result<Vec<TimelineEntry>> {
+pub(crate) fn timeline(
+    records: &[triage_event_store::RecordedEvent],
+    skipped: &std::collections::BTreeSet<String>,
+) -> anyhow::Result<Vec<TimelineEntry>> {
     let mut ticket = triage_domain::Ticket::default();
     let mut entered_at: Option<chrono::DateTime<chrono::Utc>> = None;
     let mut entries = Vec::with_capacity(records.len());
     for record in records {
-        let Some(projected) = triage_projections::decode(record)? else {
+        let Some(projected) = triage_projections::decode_skipping(record, skipped)? else {
             continue;
         };
         let at = projected.recorded_at;

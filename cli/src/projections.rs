@@ -313,11 +313,12 @@ pub(crate) async fn stats(args: StatsArgs, global: &GlobalArgs) -> anyhow::Resul
         ..Default::default()
     };
     let mut windows: std::collections::BTreeMap<String, stats::StatsWindow> = std::collections::BTreeMap::new();
+    let skipped = global.skipped_event_types();
     let mut failure = None;
     query
         .scan(opened.events.as_ref(), 1024, |record| {
             let pushed = (|| -> anyhow::Result<()> {
-                let Some(event) = triage_projections::decode(record)? else {
+                let Some(event) = triage_projections::decode_skipping(record, &skipped)? else {
                     return Ok(());
                 };
                 let group = match args.by {
@@ -501,16 +502,34 @@ pub(crate) async fn replay(until: &str, into: &std::path::Path, global: &GlobalA
         .await?
         .ok_or_else(|| crate::events::NothingMatched("the log has no events yet".to_owned()))?;
     let position = position.min(head);
-    let db = ReadModelDb::open(into)?;
-    // Frozen before it is built: reading the file later (`--read-model
-    // PATH`), also after an interrupted replay, never takes it past the
-    // position.
-    db.freeze_at(position)?;
-    let scratch = triage_projections::Projector::new(opened.events.clone(), db);
-    let reached = scratch.catch_up_to(Some(position)).await?;
-    let counts = scratch.read("tickets", |conn, slot| {
-        triage_projections::TicketsView::new(conn, slot).counts()
-    })?;
+    let build = async {
+        let db = ReadModelDb::open(into)?;
+        // Frozen before it is built: reading the file later (`--read-model
+        // PATH`), also after an interrupted replay, never takes it past the
+        // position.
+        db.freeze_at(position)?;
+        let scratch =
+            triage_projections::Projector::new(opened.events.clone(), db).with_options(global.projector_options());
+        let reached = scratch.catch_up_to(Some(position)).await?;
+        let counts = scratch.read("tickets", |conn, slot| {
+            triage_projections::TicketsView::new(conn, slot).counts()
+        })?;
+        anyhow::Ok((reached, counts))
+    };
+    let (reached, counts) = match build.await {
+        Ok(built) => built,
+        Err(error) => {
+            // The file is this command's own (it did not exist, or was
+            // empty): a failed replay leaves nothing behind, so the same
+            // command can run again once the cause is mended.
+            for suffix in ["", "-wal", "-shm"] {
+                let mut path = into.as_os_str().to_owned();
+                path.push(suffix);
+                let _ = std::fs::remove_file(path);
+            }
+            return Err(error);
+        }
+    };
     if global.json {
         output::print_json(&json!({
             "into": into.display().to_string(),

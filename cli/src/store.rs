@@ -59,6 +59,9 @@ impl StoreLocation {
                 ),
             };
         }
+        if value.is_empty() {
+            bail!("the store is an empty path; name a file, e.g. ./triage.db, or a URL");
+        }
         Ok(StoreLocation::Sqlite(PathBuf::from(value)))
     }
 
@@ -67,6 +70,13 @@ impl StoreLocation {
     pub(crate) async fn open(&self, synchronous: Synchronous) -> anyhow::Result<Arc<dyn EventStore>> {
         match self {
             StoreLocation::Sqlite(path) => {
+                if path.is_dir() {
+                    bail!(
+                        "cannot open the event store {}: it is a directory; name a file, e.g. {}",
+                        path.display(),
+                        path.join("triage.db").display()
+                    );
+                }
                 let options = SqliteOptions {
                     synchronous,
                     ..SqliteOptions::default()

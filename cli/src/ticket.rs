@@ -212,8 +212,9 @@ pub(crate) async fn run(command: TicketCommand, global: &GlobalArgs) -> anyhow::
         TicketCommand::Show { id, at: Some(moment) } => {
             let records = ticket_records(&opened, id).await?;
             let mut events = Vec::with_capacity(records.len());
+            let skipped = global.skipped_event_types();
             for record in &records {
-                if let Some(event) = triage_projections::decode(record)? {
+                if let Some(event) = triage_projections::decode_skipping(record, &skipped)? {
                     events.push(event);
                 }
             }
@@ -270,7 +271,7 @@ pub(crate) async fn run(command: TicketCommand, global: &GlobalArgs) -> anyhow::
         }
         TicketCommand::History { id } => {
             let records = ticket_records(&opened, id).await?;
-            let entries = output::timeline(&records)?;
+            let entries = output::timeline(&records, &global.skipped_event_types())?;
             output::print_timeline(&entries, global.json)
         }
     }

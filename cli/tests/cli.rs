@@ -501,3 +501,55 @@ fn an_empty_agent_id_is_refused_before_anything_is_written() {
     let tickets = succeed(dir.path(), &["ticket", "list", "--json"]);
     assert_eq!(tickets.lines().count(), 1, "no ticket was opened:\n{tickets}");
 }
+
+#[test]
+fn a_store_path_that_is_a_directory_or_empty_is_refused_plainly() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("logs")).unwrap();
+    let refused = common::fail(dir.path(), &["--db", "logs", "events"]);
+    assert!(refused.contains("logs: it is a directory"), "{refused}");
+    let refused = common::fail(dir.path(), &["--store", "", "events"]);
+    assert!(refused.contains("empty path"), "{refused}");
+    // Nothing was created in its place.
+    assert!(!dir.path().join("triage.db").exists());
+}
+
+#[test]
+fn errors_carry_each_cause_once_and_no_colour_codes_in_a_pipe() {
+    let dir = tempfile::tempdir().unwrap();
+    let command_id = "00000000-0000-4000-8000-0000000000d1";
+    common::succeed(
+        dir.path(),
+        &[
+            "ticket",
+            "open",
+            "--subject",
+            "S",
+            "--body",
+            "B",
+            "--command-id",
+            command_id,
+        ],
+    );
+    // The same command id for another command: a warning is logged and an
+    // error returned.
+    let output = common::triage(
+        dir.path(),
+        &[
+            "ticket",
+            "open",
+            "--subject",
+            "Other",
+            "--body",
+            "B",
+            "--command-id",
+            command_id,
+        ],
+    );
+    let stderr = common::stderr(&output);
+    assert!(!output.status.success());
+    assert!(stderr.contains("WARN"), "{stderr:?}");
+    assert!(!stderr.contains('\u{1b}'), "{stderr:?}");
+    let error = stderr.lines().find(|line| line.starts_with("error: ")).unwrap();
+    assert_eq!(error.matches("already used").count(), 1, "{error}");
+}

@@ -50,11 +50,40 @@ mod tickets;
 
 pub use db::{APPLICATION_ID, FROZEN_SCHEMA_VERSION, ReadModelDb, SCHEMA_VERSION, Slot, generation_table};
 pub use postgres::{PgProjector, PgReadModelOptions, PgReadModels};
-pub use projection::{Fnv, Payload, ProjectedEvent, Projection, STREAM_PREFIXES, decode, digest_rows};
+pub use projection::{Fnv, Payload, ProjectedEvent, Projection, STREAM_PREFIXES, decode, decode_skipping, digest_rows};
 pub use read_models::ReadModels;
 pub use runtime::{ProjectionStatus, Projector, ProjectorOptions, RebuildOptions, RebuildProgress, RebuildReport};
 pub use stats::{StatsProjection, StatsSummary};
 pub use tickets::{TicketRow, TicketsProjection, TicketsView};
+
+/// What to do about an event that did not decode.
+fn undecodable_advice(source: &triage_domain::DecodeError, event_type: &str) -> String {
+    if written_by_a_newer_build(source) {
+        format!("upgrade Triage, or skip this type explicitly (--skip-event-type {event_type})")
+    } else {
+        "the stored event is damaged (its type is one this Triage reads); restore the log from a backup. \
+         It is not skipped: that would drop it from the read models for good"
+            .to_owned()
+    }
+}
+
+/// Whether a decode failure is a type or schema version this build does
+/// not know, as a newer Triage writes, rather than damage.
+fn written_by_a_newer_build(source: &triage_domain::DecodeError) -> bool {
+    matches!(
+        source,
+        triage_domain::DecodeError::UnknownType { .. } | triage_domain::DecodeError::NewerVersion { .. }
+    )
+}
+
+impl ProjectionError {
+    /// Whether this is an event of a type (or schema version) that this
+    /// build does not know, which `--skip-event-type` may pass over; not
+    /// a damaged one.
+    pub fn written_by_a_newer_build(&self) -> bool {
+        matches!(self, ProjectionError::Undecodable { source, .. } if written_by_a_newer_build(source))
+    }
+}
 
 /// Why a projection could not do its work.
 #[derive(Debug, thiserror::Error)]
@@ -62,10 +91,11 @@ pub use tickets::{TicketRow, TicketsProjection, TicketsView};
 pub enum ProjectionError {
     /// A stored event could not be decoded: an unknown type (written by a
     /// newer Triage) or a damaged payload. The projection stops here rather
-    /// than skip it silently.
+    /// than skip it silently. Only the first kind may be skipped on
+    /// request, so only it is told how.
     #[error(
-        "stopped at position {position}: cannot apply {event_type:?} from {stream}: {source}; \
-         upgrade Triage, or skip this type explicitly (--skip-event-type {event_type})"
+        "stopped at position {position}: cannot apply {event_type:?} from {stream}: {source}; {}",
+        undecodable_advice(source, event_type)
     )]
     Undecodable {
         /// Where.

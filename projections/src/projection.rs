@@ -1,6 +1,6 @@
 //! What a projection is: a name, a version, tables, and a batch handler.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
 use chrono::{DateTime, Utc};
@@ -92,6 +92,25 @@ pub fn decode(record: &RecordedEvent) -> Result<Option<ProjectedEvent>, Projecti
         metadata,
         payload,
     }))
+}
+
+/// [`decode`], passing over an event that `skip` names the type of and
+/// that this build cannot read by design (a type it does not know, or a
+/// newer schema version of one), as `--skip-event-type` asks. A damaged
+/// event of a type this build knows is never passed over: skipping it
+/// would drop it from every read model for good, and the log needs
+/// repairing instead.
+pub fn decode_skipping(
+    record: &RecordedEvent,
+    skip: &BTreeSet<String>,
+) -> Result<Option<ProjectedEvent>, ProjectionError> {
+    match decode(record) {
+        Err(error) if error.written_by_a_newer_build() && skip.contains(&record.event_type) => {
+            tracing::warn!(position = %record.position, event_type = %record.event_type, "skipping an event type on request");
+            Ok(None)
+        }
+        decoded => decoded,
+    }
 }
 
 /// A read model maintained from the events.

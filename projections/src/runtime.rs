@@ -13,7 +13,7 @@ use triage_event_store::{AllStart, EventFilter, EventStore, Position, ReadAll, S
 
 use crate::ProjectionError;
 use crate::db::{self, ReadModelDb, Slot, SlotKind};
-use crate::projection::{ProjectedEvent, Projection, STREAM_PREFIXES, decode};
+use crate::projection::{ProjectedEvent, Projection, STREAM_PREFIXES, decode_skipping};
 use crate::stats::StatsProjection;
 use crate::tickets::TicketsProjection;
 
@@ -911,12 +911,9 @@ pub(crate) async fn read_pages(
             }
             page.end = record.position;
             page.considered += 1;
-            match decode(&record) {
+            match decode_skipping(&record, &skip) {
                 Ok(Some(event)) => page.events.push(event),
                 Ok(None) => {}
-                Err(_) if skip.contains(&record.event_type) => {
-                    tracing::warn!(position = %record.position, event_type = %record.event_type, "skipping an event type on request");
-                }
                 Err(error) => {
                     let _ = pages.send(Err(error)).await;
                     return;
