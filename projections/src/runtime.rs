@@ -731,6 +731,34 @@ impl Projector {
         progress: &mut (dyn FnMut(u64) + Send),
         cancel: Option<&AtomicBool>,
     ) -> Result<Replayed, ProjectionError> {
+        let mut writing = Duration::ZERO;
+        loop {
+            let pass = self.replay_pass(targets, until, progress, cancel).await?;
+            writing += pass.replayed.writing;
+            if !pass.fell_behind {
+                return Ok(Replayed {
+                    writing,
+                    ..pass.replayed
+                });
+            }
+            // A target's checkpoint went back behind the pages being read
+            // (a rebuild swapped in a generation built up to an earlier
+            // position): read again from the checkpoints as they are now,
+            // so that what this replay reports as reached was applied.
+            tracing::debug!("a checkpoint went back during the replay; reading again from the checkpoints");
+        }
+    }
+
+    /// One pass of [`Projector::replay`]: from the targets' lowest
+    /// checkpoint, until the end or until a target is found behind the
+    /// page being applied.
+    async fn replay_pass(
+        &self,
+        targets: &[Target],
+        until: Option<Position>,
+        progress: &mut (dyn FnMut(u64) + Send),
+        cancel: Option<&AtomicBool>,
+    ) -> Result<ReplayPass, ProjectionError> {
         let start = {
             let conn = self.db.lock();
             let mut start: Option<Option<Position>> = None;
@@ -771,10 +799,17 @@ impl Projector {
             let page_end = page.end;
             let count = page.considered;
             let applying = Instant::now();
-            tokio::task::spawn_blocking(move || apply_page(&db, &batch_targets, &page))
+            let applied = tokio::task::spawn_blocking(move || apply_page(&db, &batch_targets, &page))
                 .await
                 .map_err(|error| ProjectionError::Internal(format!("a batch panicked: {error}")))??;
             writing += applying.elapsed();
+            if applied == Applied::SomeBehind {
+                reader.abort();
+                return Ok(ReplayPass {
+                    replayed: Replayed { last, writing },
+                    fell_behind: true,
+                });
+            }
             last = Some(page_end);
             done += count;
             progress(page_end.commit.max(done));
@@ -782,8 +817,28 @@ impl Projector {
         reader
             .await
             .map_err(|error| ProjectionError::Internal(format!("the reader panicked: {error}")))?;
-        Ok(Replayed { last, writing })
+        Ok(ReplayPass {
+            replayed: Replayed { last, writing },
+            fell_behind: false,
+        })
     }
+}
+
+/// What one pass of a replay did.
+struct ReplayPass {
+    replayed: Replayed,
+    /// A target was found behind a page: the pass stopped there.
+    fell_behind: bool,
+}
+
+/// What [`apply_page`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Applied {
+    /// Every target holds the page now.
+    All,
+    /// A target's checkpoint is behind where the page starts; the others
+    /// hold the page, that one was left as it was.
+    SomeBehind,
 }
 
 /// What a replay did.
@@ -934,7 +989,8 @@ pub(crate) async fn read_pages(
 /// their checkpoints. Each target reads its checkpoint inside the
 /// transaction and skips what it already has: a page is applied exactly
 /// once even when two runners (or a swap) race.
-fn apply_page(db: &ReadModelDb, targets: &[Target], page: &Page) -> Result<(), ProjectionError> {
+fn apply_page(db: &ReadModelDb, targets: &[Target], page: &Page) -> Result<Applied, ProjectionError> {
+    let mut applied = Applied::All;
     let mut conn = db.lock();
     let tx = conn
         .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
@@ -962,13 +1018,14 @@ fn apply_page(db: &ReadModelDb, targets: &[Target], page: &Page) -> Result<(), P
             // The slot is behind where this page starts: a rebuild swapped
             // in a generation built up to an earlier position while this
             // replay was running. Applying the page would skip the events in
-            // between; leave the slot for the next catch-up instead.
+            // between; the replay reads again from the checkpoint.
             tracing::debug!(
                 projection = name,
                 checkpoint = ?slot.checkpoint,
                 page_start = ?page.start,
-                "checkpoint behind the page; leaving it to the next catch-up"
+                "checkpoint behind the page; reading again from it"
             );
+            applied = Applied::SomeBehind;
             continue;
         }
         let fresh: &[ProjectedEvent] = {
@@ -986,7 +1043,8 @@ fn apply_page(db: &ReadModelDb, targets: &[Target], page: &Page) -> Result<(), P
             .map_err(|error| ProjectionError::sqlite("write a checkpoint", error))?;
     }
     tx.commit()
-        .map_err(|error| ProjectionError::sqlite("commit a batch", error))
+        .map_err(|error| ProjectionError::sqlite("commit a batch", error))?;
+    Ok(applied)
 }
 
 /// Creates the tables of the projection's next generation and registers

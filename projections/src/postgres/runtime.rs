@@ -470,6 +470,31 @@ impl PgProjector {
         progress: &mut (dyn FnMut(u64) + Send),
         cancel: Option<&AtomicBool>,
     ) -> Result<Replayed, ProjectionError> {
+        let mut writing = Duration::ZERO;
+        loop {
+            let (replayed, fell_behind) = self.replay_pass(client, targets, until, progress, cancel).await?;
+            writing += replayed.writing;
+            if !fell_behind {
+                return Ok(Replayed { writing, ..replayed });
+            }
+            // A swap put a target's checkpoint back behind the pages being
+            // read: read again from the checkpoints as they are now, so
+            // that what this replay reports as reached was applied.
+            tracing::debug!("a checkpoint went back during the replay; reading again from the checkpoints");
+        }
+    }
+
+    /// One pass of [`PgProjector::replay`]: from the targets' lowest
+    /// checkpoint, until the end or until a target is found behind the
+    /// page being applied (then `true`).
+    async fn replay_pass(
+        &self,
+        client: &mut Client,
+        targets: &[Target],
+        until: Option<Position>,
+        progress: &mut (dyn FnMut(u64) + Send),
+        cancel: Option<&AtomicBool>,
+    ) -> Result<(Replayed, bool), ProjectionError> {
         let mut start: Option<Option<Position>> = None;
         for (model, kind) in targets {
             let checkpoint = read_slot(&*client, &self.models, model.name(), *kind, "")
@@ -506,11 +531,18 @@ impl PgProjector {
                 }
             };
             let applying = Instant::now();
-            if let Err(error) = self.apply_page(client, targets, &page).await {
-                reader.abort();
-                return Err(error);
-            }
+            let behind = match self.apply_page(client, targets, &page).await {
+                Ok(behind) => behind,
+                Err(error) => {
+                    reader.abort();
+                    return Err(error);
+                }
+            };
             writing += applying.elapsed();
+            if behind {
+                reader.abort();
+                return Ok((Replayed { last, writing }, true));
+            }
             last = Some(page.end);
             done += page.considered;
             progress(page.end.commit.max(done));
@@ -518,7 +550,7 @@ impl PgProjector {
         reader
             .await
             .map_err(|error| ProjectionError::Internal(format!("the reader panicked: {error}")))?;
-        Ok(Replayed { last, writing })
+        Ok((Replayed { last, writing }, false))
     }
 
     /// Applies one page to every target in one transaction that also moves
@@ -534,7 +566,9 @@ impl PgProjector {
     /// callers pass sets, and `rebuild_many` drops repeated names.) The
     /// futures are first polled in order, so the registry rows are locked in
     /// the targets' order, as when they ran one after the other.
-    async fn apply_page(&self, client: &mut Client, targets: &[Target], page: &Page) -> Result<(), ProjectionError> {
+    /// Returns whether a target was found behind where the page starts (it
+    /// is left as it was; the others hold the page).
+    async fn apply_page(&self, client: &mut Client, targets: &[Target], page: &Page) -> Result<bool, ProjectionError> {
         debug_assert!(
             targets
                 .iter()
@@ -559,15 +593,15 @@ impl PgProjector {
                 });
             }
             if slot.checkpoint >= Some(page.end) {
-                return Ok(());
+                return Ok(false);
             }
             if slot.checkpoint < page.start {
                 // A swap put in a generation built up to an earlier
                 // position: applying this page would skip the events in
-                // between. The next catch-up starts from its checkpoint.
+                // between. The replay reads again from its checkpoint.
                 tracing::debug!(projection = name, checkpoint = ?slot.checkpoint, page_start = ?page.start,
-                    "checkpoint behind the page; leaving it to the next catch-up");
-                return Ok(());
+                    "checkpoint behind the page; reading again from it");
+                return Ok(true);
             }
             let skip = page
                 .events
@@ -578,7 +612,8 @@ impl PgProjector {
             model.apply(tx, &self.models, slot.generation, fresh).await?;
             slot.events_applied += fresh.len() as u64;
             slot.checkpoint = Some(page.end);
-            write_checkpoint(tx, &self.models, kind, &slot, &self.instance).await
+            write_checkpoint(tx, &self.models, kind, &slot, &self.instance).await?;
+            Ok(false)
         };
         let results = futures::future::join_all(targets.iter().map(apply)).await;
         // After a failed statement the others in flight fail with "current
@@ -587,12 +622,20 @@ impl PgProjector {
             matches!(error, ProjectionError::Postgres { source, .. }
                 if source.code() == Some(&tokio_postgres::error::SqlState::IN_FAILED_SQL_TRANSACTION))
         };
-        let mut errors: Vec<ProjectionError> = results.into_iter().filter_map(Result::err).collect();
+        let mut behind = false;
+        let mut errors = Vec::new();
+        for result in results {
+            match result {
+                Ok(target_behind) => behind |= target_behind,
+                Err(error) => errors.push(error),
+            }
+        }
         if !errors.is_empty() {
             let cause = errors.iter().position(|error| !aborted(error)).unwrap_or(0);
             return Err(errors.swap_remove(cause));
         }
-        commit(transaction).await
+        commit(transaction).await?;
+        Ok(behind)
     }
 
     /// Rebuilds `name` from the start of the log into a new generation
