@@ -108,6 +108,17 @@ pub enum ProjectionError {
         #[source]
         source: triage_domain::DecodeError,
     },
+    /// A rebuild of several projections swapped some in, then failed on
+    /// another: those are rebuilt and live; the one that failed and the
+    /// ones after it keep their live models.
+    #[error("rebuilt and swapped in: {}; the others keep their live models: {source}", rebuilt.join(", "))]
+    PartlyRebuilt {
+        /// The projections rebuilt and swapped in.
+        rebuilt: Vec<String>,
+        /// What stopped the rest.
+        #[source]
+        source: Box<ProjectionError>,
+    },
     /// No projection has that name.
     #[error("no projection named {name:?}; known: {}", known.join(", "))]
     UnknownProjection {

@@ -461,7 +461,13 @@ impl Projector {
                 kind: SlotKind::Build,
             })
             .collect();
-        let total = self.events.head_position().await?.map_or(0, |head| head.commit);
+        let total = match self.events.head_position().await {
+            Ok(head) => head.map_or(0, |head| head.commit),
+            Err(error) => {
+                self.discard_builds(&projections);
+                return Err(error.into());
+            }
+        };
         let started = Instant::now();
         let mut report_progress = |done: u64| {
             if let Some(progress) = options.progress.as_mut() {
@@ -495,7 +501,7 @@ impl Projector {
                     Ok((differences, compared)) => (Some(differences), Some(compared)),
                     Err(error) => {
                         self.discard_builds(&projections);
-                        return Err(error);
+                        return Err(partly_rebuilt(&reports, error));
                     }
                 }
             } else {
@@ -514,7 +520,15 @@ impl Projector {
                 self.discard_builds(&projections);
                 return Err(ProjectionError::Cancelled);
             }
-            let events = self.swap_once_caught_up(projection).await?.events_applied;
+            let events = match self.swap_once_caught_up(projection).await {
+                Ok(swapped) => swapped.events_applied,
+                Err(error) => {
+                    // This one and the rest keep their live models; their
+                    // builds are not left behind to fill the file.
+                    self.discard_builds(&projections);
+                    return Err(partly_rebuilt(&reports, error));
+                }
+            };
             tracing::info!(
                 projection = name,
                 generation = slot.generation,
@@ -540,7 +554,10 @@ impl Projector {
     /// failed or cancelled rebuild the live model stays as it was.
     fn discard_builds(&self, projections: &[Arc<dyn Projection>]) {
         let mut conn = self.db.lock();
-        if let Ok(tx) = conn.transaction() {
+        // Immediate: a deferred transaction that read, then tried to write
+        // after another process wrote, would fail at once (SQLite does not
+        // wait for a stale snapshot), and the builds would stay.
+        if let Ok(tx) = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate) {
             for projection in projections {
                 let _ = discard_build(&tx, projection.as_ref());
             }
@@ -848,6 +865,18 @@ pub(crate) struct Replayed {
     pub(crate) last: Option<Position>,
     /// Time spent applying pages to the read model.
     pub(crate) writing: Duration,
+}
+
+/// `error`, saying which projections of the rebuild were swapped in before
+/// it (none: `error` as it is).
+pub(crate) fn partly_rebuilt(reports: &[RebuildReport], error: ProjectionError) -> ProjectionError {
+    if reports.is_empty() {
+        return error;
+    }
+    ProjectionError::PartlyRebuilt {
+        rebuilt: reports.iter().map(|report| report.name.clone()).collect(),
+        source: Box::new(error),
+    }
 }
 
 /// `names` without repeats, in their first order: a projection named twice
