@@ -89,6 +89,15 @@ struct GlobalArgs {
     #[arg(long, global = true, env = "TRIAGE_DB", value_name = "PATH")]
     db: Option<PathBuf>,
 
+    /// Whether `store` came from TRIAGE_STORE rather than --store: an
+    /// explicit --db then wins over it (flags over the environment).
+    #[arg(skip)]
+    store_from_env: bool,
+
+    /// Whether `db` came from TRIAGE_DB rather than --db.
+    #[arg(skip)]
+    db_from_env: bool,
+
     /// Where read models live: a SQLite file PATH, or
     /// postgres://USER@HOST/DB[?schema=NAME] (with projection leadership:
     /// one running instance applies each projection). Default: next to a
@@ -181,7 +190,13 @@ enum Command {
 
 impl GlobalArgs {
     fn location(&self) -> anyhow::Result<StoreLocation> {
-        match &self.store {
+        // Flags before the environment: --store, then --db, then
+        // TRIAGE_STORE, then TRIAGE_DB.
+        let store = self
+            .store
+            .as_ref()
+            .filter(|_| !(self.store_from_env && self.db_given()));
+        match store {
             Some(url) => StoreLocation::parse(url),
             None => Ok(StoreLocation::Sqlite(
                 self.db.clone().unwrap_or_else(|| PathBuf::from("./triage.db")),
@@ -205,11 +220,21 @@ impl GlobalArgs {
             Some(place) => ReadModels::open(&place, events.clone(), options)
                 .await
                 .with_context(|| {
+                    let path = std::path::Path::new(&place);
+                    // Only a read-model file may be moved aside: the advice
+                    // given for an event log or another program's database
+                    // would lose what it holds.
                     let hint = if place.contains("://") {
                         ""
-                    } else {
+                    } else if path.is_dir() {
+                        "; it is a directory: name a file"
+                    } else if is_read_model_file(path) {
                         "; the file holds only what the event log says: move it aside, and the next \
                          command rebuilds it from the log"
+                    } else {
+                        // The cause says what the file is, and that it was
+                        // left unchanged.
+                        ""
                     };
                     format!(
                         "cannot open the read models at {}{hint}",
@@ -226,6 +251,11 @@ impl GlobalArgs {
             events,
             read_models,
         })
+    }
+
+    /// Whether --db was given on the command line (not by TRIAGE_DB).
+    fn db_given(&self) -> bool {
+        self.db.is_some() && !self.db_from_env
     }
 
     fn projector_options(&self) -> ProjectorOptions {
@@ -268,6 +298,20 @@ fn init_tracing(verbose: u8) {
         .init();
 }
 
+/// Whether `path` is a SQLite file marked as Triage read models (its
+/// header's application id), read from the header alone.
+fn is_read_model_file(path: &std::path::Path) -> bool {
+    use std::io::Read as _;
+    let mut header = [0u8; 72];
+    std::fs::File::open(path)
+        .and_then(|mut file| file.read_exact(&mut header))
+        .is_ok_and(|()| {
+            header.starts_with(b"SQLite format 3\0")
+                && i32::from_be_bytes([header[68], header[69], header[70], header[71]])
+                    == triage_projections::APPLICATION_ID
+        })
+}
+
 /// The error and its causes, each cause once: many errors already quote
 /// their source in their own text, and `{:#}` would repeat it.
 fn describe(error: &anyhow::Error) -> String {
@@ -283,7 +327,14 @@ fn describe(error: &anyhow::Error) -> String {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let matches = <Cli as clap::CommandFactory>::command().get_matches();
+    let mut cli = match <Cli as clap::FromArgMatches>::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(error) => error.exit(),
+    };
+    let from_env = |id: &str| matches.value_source(id) == Some(clap::parser::ValueSource::EnvVariable);
+    cli.global.store_from_env = from_env("store");
+    cli.global.db_from_env = from_env("db");
     init_tracing(cli.global.verbose);
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,

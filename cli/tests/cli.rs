@@ -553,3 +553,46 @@ fn errors_carry_each_cause_once_and_no_colour_codes_in_a_pipe() {
     let error = stderr.lines().find(|line| line.starts_with("error: ")).unwrap();
     assert_eq!(error.matches("already used").count(), 1, "{error}");
 }
+
+#[test]
+fn a_db_flag_wins_over_triage_store_in_the_environment() {
+    let dir = tempfile::tempdir().unwrap();
+    common::succeed(
+        dir.path(),
+        &["--db", "one.db", "ticket", "open", "--subject", "S", "--body", "B"],
+    );
+    for args in [
+        &["--db", "one.db", "ticket", "list", "--json"][..],
+        &["ticket", "list", "--db", "one.db", "--json"][..],
+    ] {
+        let output = common::command(dir.path())
+            .env("TRIAGE_STORE", "two.db")
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{}", stderr(&output));
+        assert_eq!(stdout(&output).lines().count(), 1, "{args:?}: {}", stdout(&output));
+    }
+    assert!(
+        !dir.path().join("two.db").exists(),
+        "the environment's store was not opened"
+    );
+    // Without the flag the environment applies.
+    let output = common::command(dir.path())
+        .env("TRIAGE_STORE", "two.db")
+        .args(["ticket", "list", "--json"])
+        .output()
+        .unwrap();
+    assert!(output.status.success());
+    assert_eq!(stdout(&output).lines().count(), 0);
+}
+
+#[test]
+fn an_event_log_named_as_read_models_is_not_called_disposable() {
+    let dir = tempfile::tempdir().unwrap();
+    common::succeed(dir.path(), &["ticket", "open", "--subject", "S", "--body", "B"]);
+    let refused = fail(dir.path(), &["--read-model", "triage.db", "ticket", "list"]);
+    assert!(refused.contains("not a Triage read-model file"), "{refused}");
+    assert!(!refused.contains("move it aside"), "{refused}");
+    assert_eq!(events_in(&dir.path().join("triage.db")), 1);
+}
