@@ -132,6 +132,13 @@ pub trait Projection: Send + Sync + fmt::Debug + 'static {
     /// The base names of its tables (and of their views).
     fn tables(&self) -> &'static [&'static str];
 
+    /// Base names of tables that earlier versions of the projection had
+    /// and this one has not: dropped with a generation an earlier version
+    /// made, views included, so that an upgrade leaves none behind.
+    fn former_tables(&self) -> &'static [&'static str] {
+        &[]
+    }
+
     /// Creates the tables of `slot`'s generation, with their primary keys
     /// but without secondary indexes (see [`Projection::create_indexes`]).
     fn create(&self, conn: &Connection, slot: &Slot) -> rusqlite::Result<()>;

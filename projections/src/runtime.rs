@@ -1104,15 +1104,20 @@ fn discard_build(conn: &Connection, projection: &dyn Projection) -> rusqlite::Re
     Ok(())
 }
 
+/// Drops `slot`'s tables: those of this version of the projection and
+/// those earlier versions had ([`Projection::former_tables`]), since the
+/// slot may be a generation an earlier version made.
 fn drop_tables(conn: &Connection, projection: &dyn Projection, slot: &Slot) -> rusqlite::Result<()> {
-    for table in projection.tables() {
+    for table in projection.tables().iter().chain(projection.former_tables()) {
         conn.execute_batch(&format!("DROP TABLE IF EXISTS {}", slot.table(table)))?;
     }
     Ok(())
 }
 
+/// Drops the projection's views, former ones included: a view left onto
+/// a dropped generation's table would answer with frozen rows, or fail.
 fn drop_views(conn: &Connection, projection: &dyn Projection) -> rusqlite::Result<()> {
-    for table in projection.tables() {
+    for table in projection.tables().iter().chain(projection.former_tables()) {
         conn.execute_batch(&format!("DROP VIEW IF EXISTS {table}"))?;
     }
     Ok(())

@@ -211,6 +211,11 @@ impl Projection for TicketsProjection {
         &["tickets"]
     }
 
+    /// Version 2 kept the claims in a `claims` table.
+    fn former_tables(&self) -> &'static [&'static str] {
+        &["claims"]
+    }
+
     fn create(&self, conn: &Connection, slot: &Slot) -> rusqlite::Result<()> {
         let table = slot.table("tickets");
         conn.execute_batch(&format!(

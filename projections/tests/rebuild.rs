@@ -1132,3 +1132,34 @@ async fn a_rebuild_that_fails_after_its_shadow_tables_leaves_no_build_behind() {
         assert!(!status.build_in_progress, "{status:?}");
     }
 }
+
+/// Upgrading from version 2 of `tickets`, which kept a `claims` table next
+/// to `tickets`: the swap drops the old generation's tables and views,
+/// the former `claims` ones included, so SQL users do not go on reading a
+/// frozen `claims` view.
+#[tokio::test]
+async fn an_upgrade_drops_the_tables_an_earlier_version_had() {
+    let (store, projector) = caught_up_on_random_tickets().await;
+    {
+        // The file as version 2 left it.
+        let conn = projector.db().lock();
+        conn.execute_batch(
+            "CREATE TABLE claims_g1 (claim_id TEXT PRIMARY KEY, ticket_id TEXT NOT NULL);
+             CREATE VIEW claims AS SELECT * FROM claims_g1;
+             UPDATE projections SET version = 2 WHERE name = 'tickets';",
+        )
+        .unwrap();
+    }
+    let upgraded = Projector::new(store, projector.db().clone());
+    upgraded.catch_up().await.unwrap();
+    assert_eq!(
+        status_of(&upgraded.status().await.unwrap(), "tickets").generation,
+        Some(2)
+    );
+    assert_eq!(tables_like(&upgraded, "claims"), Vec::<String>::new());
+    assert_eq!(
+        objects_on(&upgraded.db().lock(), "view", "claims"),
+        Vec::<String>::new()
+    );
+    assert_eq!(tables_like(&upgraded, "tickets_g"), ["tickets_g2"]);
+}
