@@ -212,6 +212,9 @@ fn print_reports(reports: &[RebuildReport]) {
             (Some(differences), Some(compared)) if differences.is_empty() => {
                 format!("matches the live model ({compared} rows compared)")
             }
+            // Nothing was compared: the one entry says why (no live model,
+            // or one of another version), it is not a difference.
+            (Some(_), Some(0)) => "nothing to compare".to_owned(),
             (Some(differences), _) => format!("{} difference(s)", differences.len()),
         };
         out.add_row(vec![
@@ -224,7 +227,11 @@ fn print_reports(reports: &[RebuildReport]) {
     }
     out!("{out}");
     for report in reports {
-        if let Some(differences) = report.differences.as_ref().filter(|d| !d.is_empty()) {
+        if let (Some(notes), Some(0)) = (report.differences.as_ref(), report.compared) {
+            for note in notes {
+                out!("{}: not verified {note}", report.name);
+            }
+        } else if let Some(differences) = report.differences.as_ref().filter(|d| !d.is_empty()) {
             out!(
                 "{}: the rebuilt model differs from the previous live one in:",
                 report.name

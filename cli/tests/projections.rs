@@ -256,3 +256,14 @@ fn read_models_of_a_deleted_store_are_rebuilt_from_the_new_one() {
     assert_eq!(listed, expected, "only the new store's tickets");
     succeed(dir.path(), &["ticket", "show", &new[0]]);
 }
+
+#[test]
+fn verify_with_no_live_model_says_nothing_was_compared_not_that_it_differs() {
+    let dir = tempfile::tempdir().unwrap();
+    common::succeed(dir.path(), &["ticket", "open", "--subject", "S", "--body", "B"]);
+    std::fs::remove_file(dir.path().join("triage.read.db")).unwrap();
+    let out = common::succeed(dir.path(), &["projections", "rebuild", "tickets", "--verify"]);
+    assert!(out.contains("nothing to compare"), "{out}");
+    assert!(out.contains("not verified (no live model to compare with)"), "{out}");
+    assert!(!out.contains("difference"), "{out}");
+}
