@@ -95,6 +95,12 @@ fn is_broken_pipe(error: &anyhow::Error) -> bool {
     })
 }
 
+/// Arguments that parse but ask for nothing sensible (an empty range):
+/// exit status 2, as for arguments that do not parse.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub(crate) struct BadArguments(pub(crate) String);
+
 /// No event matched: a distinct exit status for scripts.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
@@ -213,7 +219,18 @@ pub(crate) async fn run(args: EventsArgs, global: &GlobalArgs) -> anyhow::Result
     if let (Some(since), Some(until)) = (args.since, args.until)
         && since >= until
     {
-        anyhow::bail!("--since {since} is not before --until {until}: that range holds no time");
+        return Err(BadArguments(format!(
+            "--since {since} is not before --until {until}: that range holds no time"
+        ))
+        .into());
+    }
+    if let (Some(from), Some(to)) = (args.from_position, args.to_position)
+        && from > to
+    {
+        return Err(BadArguments(format!(
+            "--from-position {from} is after --to-position {to}: that range holds no position"
+        ))
+        .into());
     }
     let opened = global.open_log().await?;
     let query = EventQuery {

@@ -216,6 +216,7 @@ impl GlobalArgs {
     async fn open(&self) -> anyhow::Result<Opened> {
         let OpenedLog { location, events } = self.open_log().await?;
         let options = self.projector_options();
+        let explicit = self.read_model.is_some();
         let read_models = match self.read_model.clone().or_else(|| location.default_read_model()) {
             Some(place) => ReadModels::open(&place, events.clone(), options)
                 .await
@@ -228,7 +229,13 @@ impl GlobalArgs {
                         ""
                     } else if path.is_dir() {
                         "; it is a directory: name a file"
-                    } else if is_read_model_file(path) {
+                    } else if match sqlite_application_id(path) {
+                        Some(id) => id == triage_projections::APPLICATION_ID,
+                        // Not a SQLite file (any more): damage, if Triage
+                        // chose the place; if the user named it, it may be
+                        // anything.
+                        None => !explicit,
+                    } {
                         "; the file holds only what the event log says: move it aside, and the next \
                          command rebuilds it from the log"
                     } else {
@@ -298,18 +305,18 @@ fn init_tracing(verbose: u8) {
         .init();
 }
 
-/// Whether `path` is a SQLite file marked as Triage read models (its
-/// header's application id), read from the header alone.
-fn is_read_model_file(path: &std::path::Path) -> bool {
+/// The application id in the header of the SQLite file at `path` (Triage
+/// marks its read models and its event logs apart); `None` when it is not
+/// a readable SQLite file.
+fn sqlite_application_id(path: &std::path::Path) -> Option<i32> {
     use std::io::Read as _;
     let mut header = [0u8; 72];
     std::fs::File::open(path)
         .and_then(|mut file| file.read_exact(&mut header))
-        .is_ok_and(|()| {
-            header.starts_with(b"SQLite format 3\0")
-                && i32::from_be_bytes([header[68], header[69], header[70], header[71]])
-                    == triage_projections::APPLICATION_ID
-        })
+        .ok()?;
+    header
+        .starts_with(b"SQLite format 3\0")
+        .then(|| i32::from_be_bytes([header[68], header[69], header[70], header[71]]))
 }
 
 /// The error and its causes, each cause once: many errors already quote
@@ -345,6 +352,10 @@ fn main() -> ExitCode {
     };
     match runtime.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(error) if error.downcast_ref::<events::BadArguments>().is_some() => {
+            eprintln!("error: {}", describe(&error));
+            ExitCode::from(2)
+        }
         Err(error) if error.downcast_ref::<events::NothingMatched>().is_some() => {
             eprintln!("{}", describe(&error));
             ExitCode::from(3)

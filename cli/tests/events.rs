@@ -169,7 +169,8 @@ fn bad_input_and_empty_ranges_have_clear_messages_and_exit_codes() {
             "2026-01-01T00:00:00Z",
         ],
     );
-    assert_eq!(inverted.status.code(), Some(1));
+    // Parsed, but an empty range: a bad argument, as `--help` says.
+    assert_eq!(inverted.status.code(), Some(2));
     assert!(common::stderr(&inverted).contains("is not before --until"));
 }
 
@@ -435,4 +436,18 @@ fn a_damaged_read_model_file_stops_only_what_needs_it_and_says_how_to_mend_it() 
 
     std::fs::rename(&read_db, dir.path().join("damaged.read.db")).unwrap();
     assert_eq!(succeed(dir.path(), &["ticket", "list", "--json"]), listed);
+}
+
+#[test]
+fn an_inverted_position_range_is_a_bad_argument_with_exit_status_2() {
+    let dir = tempfile::tempdir().unwrap();
+    seed(dir.path());
+    let output = triage(dir.path(), &["events", "--from-position", "5", "--to-position", "2"]);
+    assert_eq!(output.status.code(), Some(2), "{}", common::stderr(&output));
+    assert!(
+        common::stderr(&output).contains("--from-position 5 is after --to-position 2"),
+        "{}",
+        common::stderr(&output)
+    );
+    assert!(output.stdout.is_empty());
 }
