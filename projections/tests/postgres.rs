@@ -987,3 +987,30 @@ async fn pg_read_models_of_a_replaced_log_are_rebuilt_from_it() {
         "stats of the new log only"
     );
 }
+
+/// As on SQLite: a rebuild that fails after making its shadow tables drops
+/// them again.
+#[tokio::test]
+async fn a_rebuild_that_fails_after_its_shadow_tables_leaves_no_build_behind() {
+    let Some(url) = url("a_rebuild_that_fails_after_its_shadow_tables_leaves_no_build_behind") else {
+        return;
+    };
+    let store = event_store(&url).await;
+    let events: Arc<dyn EventStore> = store.clone();
+    let models = read_models(&url).await;
+    Workload::new(events.clone()).random(50, 10, 32).await;
+    let live = PgProjector::new(events.clone(), models.clone());
+    live.catch_up().await.unwrap();
+    let failing = PgProjector::new(Arc::new(support::HeadUnreadable(events.clone())), models.clone());
+    let error = failing
+        .rebuild_many(&["tickets", "stats"], RebuildOptions::default())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(error, triage_projections::ProjectionError::Store(_)),
+        "{error}"
+    );
+    for status in live.status().await.unwrap() {
+        assert!(!status.build_in_progress, "{status:?}");
+    }
+}

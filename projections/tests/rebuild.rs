@@ -1056,59 +1056,6 @@ async fn the_report_counts_what_was_swapped_in() {
     assert_eq!((status.checkpoint, status.events_applied), (head, projected));
 }
 
-/// A store whose head cannot be read: every other call goes through.
-#[derive(Debug)]
-struct HeadUnreadable(Arc<dyn EventStore>);
-
-#[async_trait::async_trait]
-impl EventStore for HeadUnreadable {
-    async fn append(
-        &self,
-        stream: &StreamName,
-        expected: ExpectedRevision,
-        events: Vec<EventData>,
-    ) -> triage_event_store::Result<triage_event_store::AppendResult> {
-        self.0.append(stream, expected, events).await
-    }
-
-    async fn read_stream(
-        &self,
-        stream: &StreamName,
-        options: triage_event_store::ReadStream,
-    ) -> triage_event_store::Result<Vec<triage_event_store::RecordedEvent>> {
-        self.0.read_stream(stream, options).await
-    }
-
-    async fn read_all(
-        &self,
-        options: triage_event_store::ReadAll,
-    ) -> triage_event_store::Result<Vec<triage_event_store::RecordedEvent>> {
-        self.0.read_all(options).await
-    }
-
-    async fn read_event(
-        &self,
-        event_id: Uuid,
-    ) -> triage_event_store::Result<Option<triage_event_store::RecordedEvent>> {
-        self.0.read_event(event_id).await
-    }
-
-    async fn head_position(&self) -> triage_event_store::Result<Option<triage_event_store::Position>> {
-        Err(triage_event_store::Error::backend("the head", "unreadable on purpose"))
-    }
-
-    fn subscribe_to_all(
-        self: Arc<Self>,
-        options: triage_event_store::SubscribeToAll,
-    ) -> triage_event_store::Subscription {
-        self.0.clone().subscribe_to_all(options)
-    }
-
-    fn describe(&self) -> String {
-        format!("{} (head unreadable)", self.0.describe())
-    }
-}
-
 /// A rebuild that fails after making its shadow tables drops them again:
 /// the file does not keep a full-size abandoned build, and the status
 /// does not show a rebuild under way.
@@ -1119,7 +1066,7 @@ async fn a_rebuild_that_fails_after_its_shadow_tables_leaves_no_build_behind() {
     let db = ReadModelDb::in_memory().unwrap();
     let live = Projector::new(store.clone(), db.clone());
     live.catch_up().await.unwrap();
-    let failing = Projector::new(Arc::new(HeadUnreadable(store.clone())), db.clone());
+    let failing = Projector::new(Arc::new(support::HeadUnreadable(store.clone())), db.clone());
     let error = failing
         .rebuild_many(&["tickets", "stats"], RebuildOptions::default())
         .await

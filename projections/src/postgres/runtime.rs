@@ -677,7 +677,13 @@ impl PgProjector {
             commit(tx).await?;
         }
         let build: Vec<Target> = models.iter().map(|model| (*model, SlotKind::Build)).collect();
-        let total = self.events.head_position().await?.map_or(0, |head| head.commit);
+        let total = match self.events.head_position().await {
+            Ok(head) => head.map_or(0, |head| head.commit),
+            Err(error) => {
+                self.discard_builds(&mut session, &models).await;
+                return Err(error.into());
+            }
+        };
         let started = Instant::now();
         let mut report_progress = |done: u64| {
             if let Some(progress) = options.progress.as_mut() {
@@ -716,7 +722,7 @@ impl PgProjector {
                     Ok((differences, compared)) => (Some(differences), Some(compared)),
                     Err(error) => {
                         self.discard_builds(&mut session, &models).await;
-                        return Err(error);
+                        return Err(crate::runtime::partly_rebuilt(&reports, error));
                     }
                 }
             } else {
@@ -734,7 +740,15 @@ impl PgProjector {
                 self.discard_builds(&mut session, &models).await;
                 return Err(ProjectionError::Cancelled);
             }
-            let events = self.swap_once_caught_up(&mut session, *model).await?.events_applied;
+            let events = match self.swap_once_caught_up(&mut session, *model).await {
+                Ok(swapped) => swapped.events_applied,
+                Err(error) => {
+                    // This one and the rest keep their live models; their
+                    // builds are not left behind.
+                    self.discard_builds(&mut session, &models).await;
+                    return Err(crate::runtime::partly_rebuilt(&reports, error));
+                }
+            };
             tracing::info!(
                 projection = model.name(),
                 generation = slot.generation,

@@ -337,3 +337,56 @@ pub fn hold_at_head(
     };
     (progress, helper)
 }
+
+/// A store whose head cannot be read: every other call goes through.
+#[derive(Debug)]
+pub struct HeadUnreadable(pub Arc<dyn EventStore>);
+
+#[async_trait::async_trait]
+impl EventStore for HeadUnreadable {
+    async fn append(
+        &self,
+        stream: &triage_event_store::StreamName,
+        expected: triage_event_store::ExpectedRevision,
+        events: Vec<triage_event_store::EventData>,
+    ) -> triage_event_store::Result<triage_event_store::AppendResult> {
+        self.0.append(stream, expected, events).await
+    }
+
+    async fn read_stream(
+        &self,
+        stream: &triage_event_store::StreamName,
+        options: triage_event_store::ReadStream,
+    ) -> triage_event_store::Result<Vec<triage_event_store::RecordedEvent>> {
+        self.0.read_stream(stream, options).await
+    }
+
+    async fn read_all(
+        &self,
+        options: triage_event_store::ReadAll,
+    ) -> triage_event_store::Result<Vec<triage_event_store::RecordedEvent>> {
+        self.0.read_all(options).await
+    }
+
+    async fn read_event(
+        &self,
+        event_id: uuid::Uuid,
+    ) -> triage_event_store::Result<Option<triage_event_store::RecordedEvent>> {
+        self.0.read_event(event_id).await
+    }
+
+    async fn head_position(&self) -> triage_event_store::Result<Option<triage_event_store::Position>> {
+        Err(triage_event_store::Error::backend("the head", "unreadable on purpose"))
+    }
+
+    fn subscribe_to_all(
+        self: Arc<Self>,
+        options: triage_event_store::SubscribeToAll,
+    ) -> triage_event_store::Subscription {
+        self.0.clone().subscribe_to_all(options)
+    }
+
+    fn describe(&self) -> String {
+        format!("{} (head unreadable)", self.0.describe())
+    }
+}
