@@ -216,6 +216,17 @@ impl Projector {
         let slot = db::read_slot(&snapshot, SlotKind::Live, name)
             .map_err(|error| ProjectionError::sqlite("read the registry", error))?
             .ok_or_else(|| ProjectionError::NotBuilt { name: name.to_owned() })?;
+        // Tables another version of the projection made may differ in their
+        // columns or their meaning: this code's queries do not read them.
+        if let Ok(projection) = self.projection(name)
+            && slot.version != projection.version()
+        {
+            return Err(ProjectionError::OtherVersion {
+                name: name.to_owned(),
+                live: slot.version,
+                code: projection.version(),
+            });
+        }
         let result = query(&snapshot, &slot).map_err(|error| ProjectionError::sqlite("query the read model", error))?;
         // Nothing was written: ending the read either way is the same.
         snapshot

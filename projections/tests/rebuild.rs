@@ -418,6 +418,9 @@ async fn an_older_instance_leaves_a_newer_model_alone() {
         (before.generation, before.live_version, before.events_applied)
     );
     assert_eq!(digest(&new, "tickets"), before_digest);
+    // Nor does it read the newer model with its own queries.
+    let read = old.read("tickets", |conn, slot| TicketsView::new(conn, slot).counts());
+    assert!(matches!(read, Err(ProjectionError::OtherVersion { .. })), "{read:?}");
     // The newer instance goes on, and its model equals a clean rebuild.
     new.catch_up().await.unwrap();
     let [clean_tickets, _] = clean_digests(store.clone()).await;
