@@ -232,6 +232,7 @@ pub(crate) async fn run(args: EventsArgs, global: &GlobalArgs) -> anyhow::Result
         ))
         .into());
     }
+    global.require_existing_store()?;
     let opened = global.open_log().await?;
     let query = EventQuery {
         ticket: args.ticket,

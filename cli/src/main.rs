@@ -204,6 +204,22 @@ impl GlobalArgs {
         }
     }
 
+    /// For commands that only read: an embedded store file that does not
+    /// exist is an error, not a new empty store (a mistyped `--db` would
+    /// otherwise print nothing, successfully, and leave a new file behind).
+    fn require_existing_store(&self) -> anyhow::Result<()> {
+        if let StoreLocation::Sqlite(path) = self.location()?
+            && !path.exists()
+        {
+            anyhow::bail!(
+                "there is no event store at {}: nothing to read (commands that only read do not create one; \
+                 `triage ticket open` or `triage demo` writes one)",
+                path.display()
+            );
+        }
+        Ok(())
+    }
+
     /// Opens the event store alone, for commands that read only the log
     /// (`events`, `replay`): a damaged read-model file does not stop them.
     async fn open_log(&self) -> anyhow::Result<OpenedLog> {

@@ -41,6 +41,9 @@ pub(crate) enum ProjectionsCommand {
 }
 
 pub(crate) async fn run(command: ProjectionsCommand, global: &GlobalArgs) -> anyhow::Result<()> {
+    if matches!(command, ProjectionsCommand::Status) {
+        global.require_existing_store()?;
+    }
     let opened = global.open().await?;
     let read_models = &opened.read_models;
     match command {
@@ -279,6 +282,7 @@ enum By {
 
 /// `triage stats`.
 pub(crate) async fn stats(args: StatsArgs, global: &GlobalArgs) -> anyhow::Result<()> {
+    global.require_existing_store()?;
     let opened = global.open().await?;
     opened.read_models.catch_up().await?;
     if args.since.is_none() && args.until.is_none() && args.by.is_none() {
@@ -479,6 +483,7 @@ pub(crate) async fn replay(until: &str, into: &std::path::Path, global: &GlobalA
             into.display()
         );
     }
+    global.require_existing_store()?;
     let opened = global.open_log().await?;
     let position = match until.parse::<triage_event_store::Position>() {
         Ok(position) => position,

@@ -129,6 +129,9 @@ fn parse_moment(value: &str) -> Result<Moment, String> {
 }
 
 pub(crate) async fn run(command: TicketCommand, global: &GlobalArgs) -> anyhow::Result<()> {
+    if !matches!(command, TicketCommand::Open { .. } | TicketCommand::Send { .. }) {
+        global.require_existing_store()?;
+    }
     let opened = global.open().await?;
     let location = opened.location.clone();
     let handler = CommandHandler::new(opened.events.clone());

@@ -577,14 +577,51 @@ fn a_db_flag_wins_over_triage_store_in_the_environment() {
         !dir.path().join("two.db").exists(),
         "the environment's store was not opened"
     );
-    // Without the flag the environment applies.
+    // Without the flag the environment applies: a store that does not
+    // exist, which a command that only reads does not create.
     let output = common::command(dir.path())
         .env("TRIAGE_STORE", "two.db")
         .args(["ticket", "list", "--json"])
         .output()
         .unwrap();
-    assert!(output.status.success());
-    assert_eq!(stdout(&output).lines().count(), 0);
+    assert!(!output.status.success());
+    assert!(
+        stderr(&output).contains("there is no event store at two.db"),
+        "{}",
+        stderr(&output)
+    );
+    assert!(!dir.path().join("two.db").exists());
+}
+
+#[test]
+fn commands_that_only_read_do_not_create_a_store() {
+    let dir = tempfile::tempdir().unwrap();
+    for args in [
+        &["--db", "tpyo.db", "ticket", "list"][..],
+        &[
+            "--db",
+            "tpyo.db",
+            "ticket",
+            "show",
+            "00000000-0000-4000-8000-000000000001",
+        ][..],
+        &["--db", "tpyo.db", "events"][..],
+        &["--db", "tpyo.db", "stats"][..],
+        &["--db", "tpyo.db", "projections", "status"][..],
+    ] {
+        let refused = fail(dir.path(), args);
+        assert!(
+            refused.contains("there is no event store at tpyo.db"),
+            "{args:?}: {refused}"
+        );
+    }
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "no file was created");
+    // A command that writes makes the store.
+    succeed(
+        dir.path(),
+        &["--db", "tpyo.db", "ticket", "open", "--subject", "S", "--body", "B"],
+    );
+    succeed(dir.path(), &["--db", "tpyo.db", "ticket", "list"]);
 }
 
 #[test]
