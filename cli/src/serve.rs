@@ -203,7 +203,11 @@ pub(crate) fn agents(command: AgentsCommand, global: &GlobalArgs) -> anyhow::Res
             let mut file = AgentsFile::load(&agents)?;
             file.revoke(&id)?;
             file.save(&agents)?;
-            eprintln!("agent {id} revoked");
+            if global.json {
+                output::print_json(&serde_json::json!({ "agent": id, "revoked": true }));
+            } else {
+                eprintln!("agent {id} revoked");
+            }
             Ok(())
         }
     }

@@ -87,7 +87,7 @@ pub(crate) enum TicketCommand {
     /// Show a role's work queue: tickets it can claim, oldest first.
     Queue {
         /// The role: classifier, drafter, escalator or operator.
-        #[arg(long, value_parser = parse_role)]
+        #[arg(long, value_parser = parse_queue_role)]
         role: Role,
         /// At most this many.
         #[arg(long, default_value_t = 20)]
@@ -104,6 +104,17 @@ pub(crate) enum TicketCommand {
 
 fn parse_role(value: &str) -> Result<Role, String> {
     value.parse()
+}
+
+/// A role that has a work queue (the others never claim work).
+fn parse_queue_role(value: &str) -> Result<Role, String> {
+    let role = parse_role(value)?;
+    match role {
+        Role::Classifier | Role::Drafter | Role::Escalator | Role::Operator => Ok(role),
+        _ => Err(format!(
+            "{role} has no work queue; the roles with one are classifier, drafter, escalator and operator"
+        )),
+    }
 }
 
 fn parse_state(value: &str) -> Result<State, String> {

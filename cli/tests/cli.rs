@@ -174,7 +174,7 @@ fn bad_input_gets_a_clear_error_and_writes_nothing() {
         &["ticket", "open", "--subject", &long_subject, "--body", "b"],
     );
     assert!(
-        error.contains("subject is 201 long, more than the limit of 200"),
+        error.contains("subject is 201 characters long, more than the limit of 200"),
         "{error}"
     );
 
@@ -632,4 +632,19 @@ fn an_event_log_named_as_read_models_is_not_called_disposable() {
     assert!(refused.contains("not a Triage read-model file"), "{refused}");
     assert!(!refused.contains("move it aside"), "{refused}");
     assert_eq!(events_in(&dir.path().join("triage.db")), 1);
+}
+
+#[test]
+fn a_queue_is_asked_for_a_role_that_has_one() {
+    let dir = tempfile::tempdir().unwrap();
+    succeed(dir.path(), &["ticket", "open", "--subject", "S", "--body", "B"]);
+    let output = triage(dir.path(), &["ticket", "queue", "--role", "intake"]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(
+        stderr(&output).contains("intake has no work queue"),
+        "{}",
+        stderr(&output)
+    );
+    let queue = succeed(dir.path(), &["ticket", "queue", "--role", "classifier", "--json"]);
+    assert_eq!(queue.lines().count(), 1, "{queue}");
 }

@@ -48,7 +48,12 @@ fn agents_add_list_and_revoke_store_only_hashes() {
         )
         .contains("system")
     );
-    succeed(dir.path(), &["agents", "revoke", "op", "--agents", "a.toml"]);
+    let revoked: Value = serde_json::from_str(&succeed(
+        dir.path(),
+        &["agents", "revoke", "op", "--agents", "a.toml", "--json"],
+    ))
+    .unwrap();
+    assert_eq!(revoked, serde_json::json!({"agent": "op", "revoked": true}));
     let listed = succeed(dir.path(), &["agents", "list", "--agents", "a.toml", "--json"]);
     assert!(
         listed

@@ -92,7 +92,7 @@ pub enum ValidationError {
         field: &'static str,
     },
     /// A text is longer than allowed.
-    #[error("{field} is {len} long, more than the limit of {max}")]
+    #[error("{field} is {len} {} long, more than the limit of {max}", length_unit(field))]
     TooLong {
         /// Which field.
         field: &'static str,
@@ -509,6 +509,12 @@ fn lease(policy: &Policy, requested: Option<u32>) -> Result<Duration, Rejection>
         }));
     }
     Ok(Duration::seconds(i64::from(secs)))
+}
+
+/// What a text's length is counted in: characters for the subject (what
+/// a person sees in a list), bytes for the rest (what is stored).
+fn length_unit(field: &str) -> &'static str {
+    if field == "subject" { "characters" } else { "bytes" }
 }
 
 fn check_text(field: &'static str, value: &str, max: usize, len: usize) -> Result<(), Rejection> {
