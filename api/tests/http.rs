@@ -424,6 +424,58 @@ async fn escalation_rejection_and_operator_resolution() {
     assert_eq!(resolved.json["ticket"]["state"], "RESOLVED", "{}", resolved.json);
 }
 
+/// A token with the escalator and the operator role, whose escalator
+/// claim the sweeper expired: its late resolution under that claim is 409
+/// lease_expired, not an operator's override (which names no claim).
+#[tokio::test]
+async fn a_late_write_by_a_token_that_is_also_an_operator_is_still_fenced() {
+    const BOTH: &[triage_domain::Role] = &[triage_domain::Role::Escalator, triage_domain::Role::Operator];
+    let h = Harness::with_agents(
+        std::sync::Arc::new(triage_event_store::InMemoryEventStore::new()),
+        &[("opesc", BOTH)],
+    );
+    let (ticket, claim) = claimed(&h).await;
+    h.send(
+        Some("classifier"),
+        Req::post(format!("/v1/tickets/{ticket}/classification"), classification(&claim)),
+    )
+    .await;
+    let drafting = h.claim("drafter", "drafter").await;
+    h.send(
+        Some("drafter"),
+        Req::post(
+            format!("/v1/tickets/{ticket}/draft"),
+            json!({"claim_id": drafting.json["claim_id"], "body": "Draft"}),
+        ),
+    )
+    .await;
+    let review = h.claim("opesc", "escalator").await;
+    assert_eq!(review.status, StatusCode::OK, "{}", review.json);
+    h.clock.advance(chrono::Duration::seconds(3_600));
+    assert_eq!(triage_api::sweeper::sweep_once(&h.state, 10).await.unwrap(), 1);
+    let late = h
+        .send(
+            Some("opesc"),
+            Req::post(
+                format!("/v1/tickets/{ticket}/resolution"),
+                json!({"claim_id": review.json["claim_id"], "resolution": "late answer"}),
+            ),
+        )
+        .await;
+    late.assert_problem(StatusCode::CONFLICT, "lease_expired");
+    // Without a claim it is the operator's override, and it resolves.
+    let resolved = h
+        .send(
+            Some("opesc"),
+            Req::post(
+                format!("/v1/tickets/{ticket}/resolution"),
+                json!({"resolution": "called them"}),
+            ),
+        )
+        .await;
+    assert_eq!(resolved.json["ticket"]["state"], "RESOLVED", "{}", resolved.json);
+}
+
 #[tokio::test]
 async fn a_stale_if_match_is_409_with_state_revision_and_the_events_since() {
     let h = Harness::new();

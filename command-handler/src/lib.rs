@@ -521,12 +521,14 @@ impl CommandHandler {
                     // A late write under a claim that has ended since is
                     // told how it ended, not only that the stage is over.
                     let rejection = match (&rejection, envelope.command.claim_id()) {
-                        (Rejection::InvalidTransition { .. }, Some(claim_id)) => triage_domain::ended_claim(
-                            &loaded.ticket,
-                            loaded.history.iter().map(|stored| &stored.event),
-                            claim_id,
-                        )
-                        .unwrap_or(rejection),
+                        (Rejection::InvalidTransition { .. } | Rejection::StaleClaim { .. }, Some(claim_id)) => {
+                            triage_domain::ended_claim(
+                                &loaded.ticket,
+                                loaded.history.iter().map(|stored| &stored.event),
+                                claim_id,
+                            )
+                            .unwrap_or(rejection)
+                        }
                         _ => rejection,
                     };
                     return Err(CommandError::Rejected {

@@ -280,7 +280,27 @@ fn check_claim(
     context: &Context<'_>,
 ) -> Result<(), Rejection> {
     match rule {
-        ClaimRule::None | ClaimRule::Takes | ClaimRule::Replaces | ClaimRule::Overrides => Ok(()),
+        ClaimRule::Takes | ClaimRule::Replaces => Ok(()),
+        // No claim needed (an operator overriding, or rejecting a draft
+        // nobody holds). One who names a claim all the same acts under
+        // it, and fencing holds as for anyone: it must be the ticket's
+        // current claim, with its lease not run out. Otherwise a late
+        // write (an escalator's token that also holds the operator role,
+        // say) would be accepted after its claim expired, and the event
+        // would record a claim that was never handed out.
+        ClaimRule::None | ClaimRule::Overrides => match command.claim_id() {
+            None => Ok(()),
+            Some(claim_id) => {
+                let claim = current_claim(ticket, claim_id)?;
+                if context.now >= claim.lease_expires_at {
+                    return Err(Rejection::LeaseExpired {
+                        claim_id,
+                        expired_at: claim.lease_expires_at,
+                    });
+                }
+                Ok(())
+            }
+        },
         ClaimRule::Holder => {
             let claim_id = command.claim_id().ok_or(Rejection::ClaimRequired { command: kind })?;
             let claim = current_claim(ticket, claim_id)?;

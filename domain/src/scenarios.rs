@@ -143,10 +143,22 @@ fn every_row_of_the_table_is_enforced() {
                 ClaimRule::Expired => t0() + Duration::seconds(61),
                 _ => t0() + Duration::seconds(1),
             };
+            // Where no claim is needed, the valid command names none: one
+            // named must be the ticket's current claim (see below).
+            let command = match (row.claim, valid_command(row.command)) {
+                (ClaimRule::None | ClaimRule::Overrides, Command::Resolve { resolution, .. }) => Command::Resolve {
+                    claim_id: None,
+                    resolution,
+                },
+                (ClaimRule::None | ClaimRule::Overrides, Command::RejectDraft { reason, .. }) => {
+                    Command::RejectDraft { claim_id: None, reason }
+                }
+                (_, command) => command,
+            };
             Scenario::given(history.clone())
                 .as_role(HOLDER, role)
                 .at(now)
-                .when(valid_command(row.command))
+                .when(command)
                 .then_state(row.to);
             // Every role not in any row for this state and command is refused.
             let allowed: Vec<Role> = transitions_from(row.from, row.command)
@@ -785,4 +797,49 @@ fn the_auditor_catches_an_invalid_transition_and_a_late_write() {
     let violations = audit_history(&skipped);
     assert_eq!(violations.len(), 1, "{violations:?}");
     assert!(violations[0].message.contains("not in the transition table"));
+}
+
+/// An operator may resolve without a claim; one who names a claim acts
+/// under it, and fencing holds: the claim must be the ticket's current one
+/// and its lease must not have run out.
+#[test]
+fn an_operator_who_names_a_claim_is_fenced_by_it() {
+    let escalating = history_to(State::Escalating, 0, HOLDER);
+    let resolve = |claim_id: Option<u128>| Command::Resolve {
+        claim_id: claim_id.map(Uuid::from_u128),
+        resolution: "answered by phone".into(),
+    };
+    // The current claim (9, leased for 60 s), in time: resolved.
+    Scenario::given(escalating.clone())
+        .as_role(HOLDER, Role::Operator)
+        .at(t0() + Duration::seconds(1))
+        .when(resolve(Some(9)))
+        .then_state(State::Resolved);
+    // The same claim after its lease ran out: a late write.
+    Scenario::given(escalating.clone())
+        .as_role(HOLDER, Role::Operator)
+        .at(t0() + Duration::seconds(61))
+        .when(resolve(Some(9)))
+        .then_rejected_with("lease_expired");
+    // A claim this ticket never had, on a ticket nobody holds.
+    Scenario::given(history_to(State::New, 0, HOLDER))
+        .as_role("operator-1", Role::Operator)
+        .at(t0() + Duration::seconds(1))
+        .when(resolve(Some(0xdead)))
+        .then_rejected_with("stale_claim");
+    // Naming none is the override.
+    Scenario::given(escalating)
+        .as_role("operator-1", Role::Operator)
+        .at(t0() + Duration::seconds(61))
+        .when(resolve(None))
+        .then_state(State::Resolved);
+    // Rejecting a draft nobody holds: the same rule.
+    Scenario::given(history_to(State::DraftReady, 0, HOLDER))
+        .as_role("operator-1", Role::Operator)
+        .at(t0() + Duration::seconds(1))
+        .when(Command::RejectDraft {
+            claim_id: Some(Uuid::from_u128(0xdead)),
+            reason: "wrong tone".into(),
+        })
+        .then_rejected_with("stale_claim");
 }
