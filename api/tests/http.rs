@@ -476,6 +476,37 @@ async fn a_late_write_by_a_token_that_is_also_an_operator_is_still_fenced() {
     assert_eq!(resolved.json["ticket"]["state"], "RESOLVED", "{}", resolved.json);
 }
 
+/// An Idempotency-Key replays its request; the same key asking for another
+/// lease is another request (422), on a claim as on a heartbeat.
+#[tokio::test]
+async fn the_same_key_with_another_lease_is_422() {
+    let h = Harness::new();
+    h.open("Cannot log in").await;
+    let claim = |lease: u32| {
+        Req::post("/v1/work/claim", json!({"role": "classifier", "lease_secs": lease}))
+            .header("idempotency-key", "claim-a")
+    };
+    let first = h.send(Some("classifier"), claim(5)).await;
+    assert_eq!(first.status, StatusCode::OK, "{}", first.json);
+    let again = h.send(Some("classifier"), claim(5)).await;
+    assert_eq!(again.status, StatusCode::OK, "{}", again.json);
+    assert_eq!(again.json["duplicate"], true);
+    assert_eq!(again.json["lease_expires_at"], first.json["lease_expires_at"]);
+    h.send(Some("classifier"), claim(50))
+        .await
+        .assert_problem(StatusCode::UNPROCESSABLE_ENTITY, "idempotency_key_reused");
+    let claim_id = first.json["claim_id"].as_str().unwrap().to_owned();
+    let heartbeat = |lease: u32| {
+        Req::post(format!("/v1/claims/{claim_id}/heartbeat"), json!({"lease_secs": lease}))
+            .header("idempotency-key", "beat-1")
+    };
+    let beat = h.send(Some("classifier"), heartbeat(30)).await;
+    assert_eq!(beat.status, StatusCode::OK, "{}", beat.json);
+    h.send(Some("classifier"), heartbeat(300))
+        .await
+        .assert_problem(StatusCode::UNPROCESSABLE_ENTITY, "idempotency_key_reused");
+}
+
 #[tokio::test]
 async fn a_stale_if_match_is_409_with_state_revision_and_the_events_since() {
     let h = Harness::new();

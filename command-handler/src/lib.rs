@@ -763,13 +763,22 @@ fn original_outcome(
         command_id: envelope.command_id,
         policy,
     };
+    // Decided at the original's moment, a lease the command names comes
+    // out at exactly the stored expiry: it is compared as it is, so a
+    // reused id that asks for another lease is not a retry. A default
+    // lease is the policy's, which may have changed since: its expiry is
+    // left out of the comparison.
+    let compared = |event: &Event| match envelope.command.lease_secs() {
+        Some(_) => event.clone(),
+        None => without_leases(event),
+    };
     let same_command = first.metadata.agent.id == envelope.agent.id
         && decide(&before, &envelope.command, &context).is_ok_and(|events| {
             events.len() == own.len()
                 && events
                     .iter()
                     .zip(&own)
-                    .all(|(decided, stored)| without_leases(decided) == without_leases(&stored.event))
+                    .all(|(decided, stored)| compared(decided) == compared(&stored.event))
         });
     if !same_command {
         return Err(CommandError::CommandIdReused {

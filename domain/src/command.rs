@@ -210,6 +210,19 @@ impl Command {
         }
     }
 
+    /// The lease the command asks for, in seconds, if it names one
+    /// (`None`: the policy's default, or a command that takes no lease).
+    pub fn lease_secs(&self) -> Option<u32> {
+        match self {
+            Command::StartClassification { lease_secs }
+            | Command::StartDrafting { lease_secs }
+            | Command::StartEscalation { lease_secs }
+            | Command::TakeOver { lease_secs }
+            | Command::ExtendLease { lease_secs, .. } => *lease_secs,
+            _ => None,
+        }
+    }
+
     /// The claim the command acts under, if it names one.
     pub fn claim_id(&self) -> Option<Uuid> {
         match self {
