@@ -351,8 +351,35 @@ impl AppState {
         let command_id = self.command_id(principal, key)?;
         let mut envelope = CommandEnvelope::new(ticket_id, agent, command.clone()).with_id(command_id);
         envelope.expected_revision = if_match;
-        let accepted = self.run(envelope).await?;
+        let accepted = match self.run(envelope).await {
+            Ok(accepted) => accepted,
+            // A key already used on another ticket is the client's mistake
+            // to hear about (422), not the refusal its reuse ran into here.
+            Err(refused @ (ApiError::Conflict { .. } | ApiError::Unprocessable { .. }))
+                if key.is_some() && self.used_on_another_ticket(command_id, ticket_id).await? =>
+            {
+                drop(refused);
+                return Err(ApiError::key_reused(format!(
+                    "the Idempotency-Key (command {command_id}) was already used on another ticket"
+                )));
+            }
+            Err(error) => return Err(error),
+        };
         self.respond(&command, accepted).await
+    }
+
+    /// Whether the command `command_id` is stored on a ticket other than
+    /// `ticket_id`, as far as the log's index of event ids tells (a store
+    /// without one, KurrentDB, cannot say: `false`).
+    async fn used_on_another_ticket(&self, command_id: Uuid, ticket_id: TicketId) -> Result<bool, ApiError> {
+        let record = self
+            .inner
+            .handler
+            .store()
+            .read_event(triage_domain::event_id(command_id, 0))
+            .await
+            .map_err(|error| ApiError::from_command(CommandError::Store(error)))?;
+        Ok(record.is_some_and(|record| TicketId::from_stream_name(record.stream.as_str()) != Some(ticket_id)))
     }
 
     /// Sends a command that names a claim (release, heartbeat) to the
@@ -534,6 +561,22 @@ impl AppState {
             && let Some(response) = self.claimed_before(claim_id, &agent, role, request.lease_secs).await?
         {
             return Ok(Some(response));
+        }
+        // A lease out of range is the request's fault, whatever waits: it
+        // is refused before a ticket is picked (not 204 on an empty queue,
+        // nor a refusal recorded against whichever ticket came first).
+        let policy = self.inner.handler.policy();
+        if let Some(secs) = request.lease_secs
+            && (secs == 0 || secs > policy.max_lease_secs)
+        {
+            return Err(ApiError::unprocessable(
+                "invalid_input",
+                triage_domain::ValidationError::LeaseOutOfRange {
+                    secs,
+                    max: policy.max_lease_secs,
+                }
+                .to_string(),
+            ));
         }
         for _round in 0..3 {
             self.catch_up().await?;

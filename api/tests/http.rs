@@ -507,6 +507,62 @@ async fn the_same_key_with_another_lease_is_422() {
         .assert_problem(StatusCode::UNPROCESSABLE_ENTITY, "idempotency_key_reused");
 }
 
+/// A key used on one ticket and sent to another is 422, not the refusal the
+/// other ticket's state would give.
+#[tokio::test]
+async fn a_key_used_on_another_ticket_is_422() {
+    let h = Harness::new();
+    let (first, claim) = claimed(&h).await;
+    let classify = |ticket: &str| {
+        Req::post(format!("/v1/tickets/{ticket}/classification"), classification(&claim))
+            .header("idempotency-key", "ck1")
+    };
+    let done = h.send(Some("classifier"), classify(&first)).await;
+    assert_eq!(done.status, StatusCode::OK, "{}", done.json);
+    let other = h.open("Refund").await;
+    let other = other["id"].as_str().unwrap();
+    h.send(Some("classifier"), classify(other))
+        .await
+        .assert_problem(StatusCode::UNPROCESSABLE_ENTITY, "idempotency_key_reused");
+    // The first ticket still replays it.
+    let replayed = h.send(Some("classifier"), classify(&first)).await;
+    assert_eq!(replayed.status, StatusCode::OK, "{}", replayed.json);
+    assert_eq!(replayed.json["duplicate"], true);
+}
+
+/// A lease out of range is refused before a ticket is picked: 422 also
+/// when nothing waits, and no refusal is recorded against a ticket.
+#[tokio::test]
+async fn a_claim_with_a_lease_out_of_range_is_422_before_any_ticket_is_picked() {
+    let h = Harness::new();
+    let claim = |lease: u32| Req::post("/v1/work/claim", json!({"role": "drafter", "lease_secs": lease}));
+    h.send(Some("drafter"), claim(0))
+        .await
+        .assert_problem(StatusCode::UNPROCESSABLE_ENTITY, "invalid_input");
+    h.open("Cannot log in").await;
+    let refused = h
+        .send(
+            Some("classifier"),
+            Req::post("/v1/work/claim", json!({"role": "classifier", "lease_secs": 100_000})),
+        )
+        .await;
+    refused.assert_problem(StatusCode::UNPROCESSABLE_ENTITY, "invalid_input");
+    assert!(
+        refused.json.get("ticket_id").is_none_or(Value::is_null),
+        "{}",
+        refused.json
+    );
+    let rejections = h
+        .store
+        .read_all(triage_event_store::ReadAll::forwards(1000))
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|record| record.stream.as_str().starts_with("rejections-"))
+        .count();
+    assert_eq!(rejections, 0);
+}
+
 #[tokio::test]
 async fn a_stale_if_match_is_409_with_state_revision_and_the_events_since() {
     let h = Harness::new();
