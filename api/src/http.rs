@@ -128,6 +128,16 @@ fn claim_id(id: &str) -> Result<Uuid, ApiError> {
     Uuid::parse_str(id).map_err(|_| ApiError::bad_request("invalid_path", format!("{id:?} is not a claim id (a UUID)")))
 }
 
+/// Whether the request's Content-Type is JSON (`application/json`, or a
+/// `+json` type), as axum's `Json` extractor requires it.
+fn declares_json(headers: &HeaderMap) -> bool {
+    let Some(value) = headers.get(header::CONTENT_TYPE).and_then(|value| value.to_str().ok()) else {
+        return false;
+    };
+    let essence = value.split(';').next().unwrap_or_default().trim().to_ascii_lowercase();
+    essence == "application/json" || (essence.starts_with("application/") && essence.ends_with("+json"))
+}
+
 fn json_body<T>(body: Result<Json<T>, JsonRejection>) -> Result<T, ApiError> {
     match body {
         Ok(Json(body)) => Ok(body),
@@ -519,17 +529,26 @@ async fn heartbeat(
             ApiError::bad_request("malformed_json", error.body_text())
         }
     })?;
+    // No body at all is a heartbeat with the default lease; a body is
+    // JSON, declared as such and with nothing after it, as on every other
+    // endpoint.
     let request: HeartbeatRequest = if body.iter().all(u8::is_ascii_whitespace) {
         HeartbeatRequest::default()
     } else {
+        if !declares_json(&headers) {
+            return Err(ApiError::UnsupportedMediaType);
+        }
         let mut deserializer = serde_json::Deserializer::from_slice(&body);
-        serde::Deserialize::deserialize(&mut deserializer).map_err(|error: serde_json::Error| {
+        let as_problem = |error: serde_json::Error| {
             if error.is_data() {
                 ApiError::unprocessable("invalid_body", error.to_string())
             } else {
                 ApiError::bad_request("malformed_json", error.to_string())
             }
-        })?
+        };
+        let request = serde::Deserialize::deserialize(&mut deserializer).map_err(as_problem)?;
+        deserializer.end().map_err(as_problem)?;
+        request
     };
     let claim_id = claim_id(&id)?;
     let command = Command::ExtendLease {

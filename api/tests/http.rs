@@ -563,6 +563,39 @@ async fn a_claim_with_a_lease_out_of_range_is_422_before_any_ticket_is_picked() 
     assert_eq!(rejections, 0);
 }
 
+/// A heartbeat's body is JSON as on every endpoint: declared as such, with
+/// nothing after it; no body at all is the default lease.
+#[tokio::test]
+async fn a_heartbeat_body_is_json_or_nothing() {
+    let h = Harness::new();
+    let (_, claim) = claimed(&h).await;
+    let claim_id = claim["claim_id"].as_str().unwrap();
+    let uri = format!("/v1/claims/{claim_id}/heartbeat");
+    h.send(
+        Some("classifier"),
+        Req::raw("POST", uri.clone(), br#"{"lease_secs":30}"#.to_vec()).header("content-type", "text/plain"),
+    )
+    .await
+    .assert_problem(StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type");
+    h.send(
+        Some("classifier"),
+        Req::raw("POST", uri.clone(), br#"{"lease_secs":30} and more"#.to_vec())
+            .header("content-type", "application/json"),
+    )
+    .await
+    .assert_problem(StatusCode::BAD_REQUEST, "malformed_json");
+    let fine = h
+        .send(
+            Some("classifier"),
+            Req::raw("POST", uri.clone(), br#"{"lease_secs":30}"#.to_vec())
+                .header("content-type", "application/json; charset=utf-8"),
+        )
+        .await;
+    assert_eq!(fine.status, StatusCode::OK, "{}", fine.json);
+    let empty = h.send(Some("classifier"), Req::raw("POST", uri, Vec::new())).await;
+    assert_eq!(empty.status, StatusCode::OK, "{}", empty.json);
+}
+
 #[tokio::test]
 async fn a_stale_if_match_is_409_with_state_revision_and_the_events_since() {
     let h = Harness::new();
