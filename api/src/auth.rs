@@ -117,6 +117,19 @@ pub fn generate_token() -> String {
     format!("trg_{}{}", uuid::Uuid::new_v4().simple(), uuid::Uuid::new_v4().simple())
 }
 
+/// An agent id goes into every event its token writes, and into read
+/// models (PostgreSQL refuses NUL in text): 1 to 200 bytes, no control
+/// characters.
+fn check_agent_id(id: &str) -> Result<(), String> {
+    if id.is_empty() || id.len() > 200 {
+        return Err("an agent id must have 1 to 200 characters".to_owned());
+    }
+    if id.chars().any(char::is_control) {
+        return Err("an agent id must not contain control characters".to_owned());
+    }
+    Ok(())
+}
+
 impl AgentsFile {
     /// Reads `path`; a missing file is an empty one.
     pub fn load(path: &Path) -> Result<Self, AgentsError> {
@@ -136,6 +149,12 @@ impl AgentsFile {
             message: error.to_string(),
         })?;
         for agent in &file.agents {
+            if let Err(message) = check_agent_id(&agent.id) {
+                return Err(AgentsError::Invalid {
+                    path: path.to_owned(),
+                    message: format!("agent {:?}: {message}", agent.id),
+                });
+            }
             if agent.roles.contains(&Role::System) {
                 return Err(AgentsError::Invalid {
                     path: path.to_owned(),
@@ -169,9 +188,7 @@ impl AgentsFile {
     /// Adds an agent and returns its token, which is not stored.
     pub fn add(&mut self, id: &str, roles: &[Role]) -> Result<String, AgentsError> {
         let id = id.trim();
-        if id.is_empty() || id.len() > 200 {
-            return Err(AgentsError::Bad("an agent id must have 1 to 200 characters".to_owned()));
-        }
+        check_agent_id(id).map_err(AgentsError::Bad)?;
         if roles.is_empty() {
             return Err(AgentsError::Bad("give at least one --role".to_owned()));
         }
@@ -315,6 +332,27 @@ mod tests {
         assert!(text.contains(&hash_token(&token)));
         assert_eq!(file.find(&token).map(|a| a.id.as_str()), Some("classifier-1"));
         assert!(file.find("trg_wrong").is_none());
+    }
+
+    #[test]
+    fn agent_ids_with_control_characters_are_refused_when_added_and_when_loaded() {
+        let mut file = AgentsFile::default();
+        assert!(matches!(
+            file.add("bad\0id", &[Role::Drafter]),
+            Err(AgentsError::Bad(_))
+        ));
+        assert!(matches!(
+            file.add("bad\u{1b}id", &[Role::Drafter]),
+            Err(AgentsError::Bad(_))
+        ));
+        file.add("good", &[Role::Drafter]).expect("added");
+        // A hand-edited file is checked when it is read.
+        file.agents[0].id = "bad\0id".to_owned();
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("agents.toml");
+        file.save(&path).expect("saved");
+        let error = AgentsFile::load(&path).expect_err("refused");
+        assert!(error.to_string().contains("control characters"), "{error}");
     }
 
     #[test]

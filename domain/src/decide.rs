@@ -436,7 +436,7 @@ fn events_for(
         } => {
             if !policy.categories.iter().any(|allowed| allowed == category) {
                 return Err(Rejection::Invalid(ValidationError::UnknownCategory {
-                    category: category.clone(),
+                    category: excerpt(category, MAX_ECHOED_CHARS),
                     allowed: policy.categories.clone(),
                 }));
             }
@@ -529,6 +529,19 @@ fn lease(policy: &Policy, requested: Option<u32>) -> Result<Duration, Rejection>
         }));
     }
     Ok(Duration::seconds(i64::from(secs)))
+}
+
+/// The most characters of a refused input a refusal quotes. A refusal is
+/// recorded in the ticket's rejections stream: output that failed must
+/// not get into the log through the reason that refuses it.
+const MAX_ECHOED_CHARS: usize = 64;
+
+/// `text` cut to `max` characters, with `…` when cut.
+fn excerpt(text: &str, max: usize) -> String {
+    match text.char_indices().nth(max) {
+        Some((end, _)) => format!("{}…", &text[..end]),
+        None => text.to_owned(),
+    }
 }
 
 /// What a text's length is counted in: characters for the subject (what

@@ -843,3 +843,24 @@ fn an_operator_who_names_a_claim_is_fenced_by_it() {
         })
         .then_rejected_with("stale_claim");
 }
+
+/// A refusal quotes at most a short excerpt of the input it refuses: the
+/// reason is recorded, and output that failed must not get into the log.
+#[test]
+fn an_unknown_category_is_quoted_only_in_part() {
+    let quoted = Rejection::Invalid(ValidationError::UnknownCategory {
+        category: format!("{}…", "x".repeat(64)),
+        allowed: Policy::default().categories,
+    });
+    assert!(quoted.to_string().len() < 400, "{quoted}");
+    Scenario::given(history_to(State::Classifying, 0, HOLDER))
+        .as_role(HOLDER, Role::Classifier)
+        .at(t0() + Duration::seconds(1))
+        .when(Command::Classify {
+            claim_id: Uuid::from_u128(9),
+            category: "x".repeat(10_000),
+            priority: Priority::Low,
+            confidence: 0.5,
+        })
+        .then_rejected(quoted);
+}
