@@ -312,7 +312,19 @@ impl AppState {
             customer: request.customer,
         };
         let envelope = CommandEnvelope::new(ticket_id, agent, command.clone()).with_id(command_id);
-        let accepted = self.run(envelope).await?;
+        let accepted = match self.run(envelope).await {
+            Ok(accepted) => accepted,
+            // A refused opening created nothing: the id this server picked
+            // for it names no ticket, so the problem does not carry it.
+            Err(ApiError::Unprocessable { code, detail, .. }) => {
+                return Err(ApiError::Unprocessable {
+                    code,
+                    detail,
+                    ticket_id: None,
+                });
+            }
+            Err(error) => return Err(error),
+        };
         self.respond(&command, accepted).await
     }
 

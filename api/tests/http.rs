@@ -167,6 +167,8 @@ async fn an_oversized_body_is_413_and_overlong_strings_422() {
         )
         .await;
     reply.assert_problem(StatusCode::UNPROCESSABLE_ENTITY, "invalid_input");
+    // The refused opening created no ticket, and the problem names none.
+    assert!(reply.json.get("ticket_id").is_none_or(Value::is_null), "{}", reply.json);
     let reply = h
         .send(
             Some("intake"),
