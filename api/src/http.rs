@@ -366,8 +366,13 @@ async fn classify(
     request_body = DraftRequest,
     responses(
         (status = 200, body = CommandResponse),
+        (status = 400, description = "Malformed JSON, a path id that is not a UUID, or a bad header", body = Problem, content_type = "application/problem+json"),
+        (status = 401, body = Problem, content_type = "application/problem+json"),
         (status = 403, body = Problem, content_type = "application/problem+json"),
-        (status = 409, body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such ticket", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "Stale If-Match (with the events since), stale or expired claim, or not allowed in this state", body = Problem, content_type = "application/problem+json"),
+        (status = 413, body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "The body is not declared as JSON", body = Problem, content_type = "application/problem+json"),
         (status = 422, body = Problem, content_type = "application/problem+json"),
     ))]
 async fn draft(
@@ -393,8 +398,13 @@ async fn draft(
     request_body = EscalationRequest,
     responses(
         (status = 200, body = CommandResponse),
+        (status = 400, description = "Malformed JSON, a path id that is not a UUID, or a bad header", body = Problem, content_type = "application/problem+json"),
+        (status = 401, body = Problem, content_type = "application/problem+json"),
         (status = 403, body = Problem, content_type = "application/problem+json"),
-        (status = 409, body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such ticket", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "Stale If-Match (with the events since), stale or expired claim, or not allowed in this state", body = Problem, content_type = "application/problem+json"),
+        (status = 413, body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "The body is not declared as JSON", body = Problem, content_type = "application/problem+json"),
         (status = 422, body = Problem, content_type = "application/problem+json"),
     ))]
 async fn escalate(
@@ -421,8 +431,13 @@ async fn escalate(
     request_body = ResolutionRequest,
     responses(
         (status = 200, body = CommandResponse),
+        (status = 400, description = "Malformed JSON, a path id that is not a UUID, or a bad header", body = Problem, content_type = "application/problem+json"),
+        (status = 401, body = Problem, content_type = "application/problem+json"),
         (status = 403, body = Problem, content_type = "application/problem+json"),
-        (status = 409, body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such ticket", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "Stale If-Match (with the events since), stale or expired claim, or not allowed in this state", body = Problem, content_type = "application/problem+json"),
+        (status = 413, body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "The body is not declared as JSON", body = Problem, content_type = "application/problem+json"),
         (status = 422, body = Problem, content_type = "application/problem+json"),
     ))]
 async fn resolve(
@@ -448,8 +463,13 @@ async fn resolve(
     request_body = RejectionRequest,
     responses(
         (status = 200, body = CommandResponse),
+        (status = 400, description = "Malformed JSON, a path id that is not a UUID, or a bad header", body = Problem, content_type = "application/problem+json"),
+        (status = 401, body = Problem, content_type = "application/problem+json"),
         (status = 403, body = Problem, content_type = "application/problem+json"),
-        (status = 409, body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such ticket", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "Stale If-Match (with the events since), stale or expired claim, or not allowed in this state", body = Problem, content_type = "application/problem+json"),
+        (status = 413, body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "The body is not declared as JSON", body = Problem, content_type = "application/problem+json"),
         (status = 422, body = Problem, content_type = "application/problem+json"),
     ))]
 async fn reject_draft(
@@ -562,14 +582,14 @@ async fn heartbeat(
 }
 
 /// Liveness: the process answers.
-#[utoipa::path(get, path = "/healthz", tag = "health", responses((status = 200, body = Object)))]
+#[utoipa::path(get, path = "/healthz", tag = "health", security(()), responses((status = 200, body = Object)))]
 async fn healthz() -> Json<serde_json::Value> {
     Json(serde_json::json!({ "status": "ok" }))
 }
 
 /// Readiness: the event store answers and the read models are built; `503`
 /// while starting or shutting down.
-#[utoipa::path(get, path = "/readyz", tag = "health",
+#[utoipa::path(get, path = "/readyz", tag = "health", security(()),
     responses((status = 200, body = Object), (status = 503, body = Problem, content_type = "application/problem+json")))]
 async fn readyz(AxumState(state): AxumState<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
     state.ready().await?;

@@ -90,6 +90,7 @@ pub struct ClaimRequest {
     pub role: RoleName,
     /// The lease to ask for, in seconds (default 60, at most 3600).
     #[serde(default)]
+    #[schema(minimum = 1, maximum = 3600)]
     pub lease_secs: Option<u32>,
 }
 
@@ -163,8 +164,9 @@ pub struct ReleaseRequest {
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct HeartbeatRequest {
-    /// The new lease from now, in seconds (default 60).
+    /// The new lease from now, in seconds (default 60, at most 3600).
     #[serde(default)]
+    #[schema(minimum = 1, maximum = 3600)]
     pub lease_secs: Option<u32>,
 }
 

@@ -1104,6 +1104,18 @@ async fn openapi_health_and_unknown_routes() {
     }
     assert!(doc.json["components"]["schemas"]["Problem"].is_object());
     assert!(doc.json["components"]["securitySchemes"]["bearer"].is_object());
+    // What the command endpoints answer for an unknown ticket or a body
+    // that is not JSON is in the document.
+    for path in ["draft", "escalation", "resolution", "rejection"] {
+        let responses = &doc.json["paths"][format!("/v1/tickets/{{id}}/{path}")]["post"]["responses"];
+        for status in ["400", "404", "413", "415"] {
+            assert!(responses[status].is_object(), "{path}: no {status} in {responses}");
+        }
+    }
+    // The health probes need no token.
+    for probe in ["/healthz", "/readyz"] {
+        assert_eq!(doc.json["paths"][probe]["get"]["security"], json!([{}]), "{probe}");
+    }
     let health = h.send(None, Req::get("/healthz")).await;
     assert_eq!(health.status, StatusCode::OK);
     let ready = h.send(None, Req::get("/readyz")).await;
