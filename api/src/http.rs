@@ -258,11 +258,23 @@ async fn get_ticket(
     Ok(with_etag(StatusCode::OK, view.revision, view))
 }
 
-/// A ticket's events in revision order (any token).
+/// `GET /v1/tickets/{id}/events` query.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+struct EventsQuery {
+    /// The first revision to return (default 0).
+    from_revision: Option<u64>,
+    /// At most this many events (default and most: 500); `next_revision`
+    /// in the answer says where the rest start.
+    limit: Option<usize>,
+}
+
+/// A ticket's events in revision order, a page at a time (any token).
 #[utoipa::path(get, path = "/v1/tickets/{id}/events", tag = "tickets",
-    params(("id" = String, Path, description = "The ticket id")),
+    params(("id" = String, Path, description = "The ticket id"), EventsQuery),
     responses(
         (status = 200, body = EventList),
+        (status = 400, description = "A query parameter that does not parse", body = Problem, content_type = "application/problem+json"),
         (status = 401, body = Problem, content_type = "application/problem+json"),
         (status = 404, body = Problem, content_type = "application/problem+json"),
     ))]
@@ -270,8 +282,14 @@ async fn ticket_events(
     AxumState(state): AxumState<AppState>,
     Auth(principal): Auth,
     PathId(id): PathId,
+    query: Result<Query<EventsQuery>, QueryRejection>,
 ) -> Result<Json<EventList>, ApiError> {
-    Ok(Json(state.events(&principal, ticket_id(&id)?).await?))
+    let Query(query) = query.map_err(|error| ApiError::bad_request("invalid_query", error.body_text()))?;
+    let page = crate::service::EventPage {
+        from_revision: query.from_revision.unwrap_or(0),
+        limit: query.limit,
+    };
+    Ok(Json(state.events(&principal, ticket_id(&id)?, page).await?))
 }
 
 /// Statistics from the read model (any token).

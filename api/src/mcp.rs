@@ -321,14 +321,20 @@ impl TriageMcp {
         done(result)
     }
 
-    #[tool(description = "A ticket's history: every event in revision order with the agent behind it.")]
+    #[tool(
+        description = "A ticket's history: its events in revision order with the agent behind each, up to 500; next_revision says where more start (the HTTP endpoint takes from_revision)."
+    )]
     async fn ticket_events(
         &self,
         extensions: Extensions,
         Parameters(args): Parameters<TicketArgs>,
     ) -> Result<CallToolResult, ErrorData> {
         let result = match (self.principal(&extensions), parse_ticket(&args.ticket_id)) {
-            (Ok(principal), Ok(id)) => self.state.events(&principal, id).await,
+            (Ok(principal), Ok(id)) => {
+                self.state
+                    .events(&principal, id, crate::service::EventPage::default())
+                    .await
+            }
             (Err(error), _) | (_, Err(error)) => Err(error),
         };
         done(result)

@@ -400,4 +400,6 @@ pub struct EventList {
     pub ticket_id: TicketId,
     /// Its events in revision order.
     pub events: Vec<EventView>,
+    /// Where the next page starts (`from_revision`), when there are more.
+    pub next_revision: Option<u64>,
 }

@@ -19,6 +19,18 @@ use uuid::Uuid;
 
 use crate::auth::{Authenticator, Principal};
 
+/// The most events one page of a ticket's events holds.
+pub const MAX_EVENTS_PAGE: usize = 500;
+
+/// Which events of a ticket to return.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct EventPage {
+    /// The first revision.
+    pub from_revision: u64,
+    /// At most this many (at most [`MAX_EVENTS_PAGE`], the default).
+    pub limit: Option<usize>,
+}
+
 /// The event type of a claim index record (see [`AppState::index_claim`]).
 pub const CLAIM_INDEXED: &str = "ClaimIndexed";
 
@@ -250,10 +262,13 @@ impl AppState {
             Err(error @ CommandError::StaleRevision { .. }) => {
                 let since = expected.map_or(0, |revision| revision + 1);
                 let events = match self.inner.handler.load(ticket_id).await {
+                    // The first page of them: the rest are a GET of the
+                    // ticket's events from there.
                     Ok(loaded) => loaded
                         .history
                         .iter()
                         .filter(|stored| stored.revision >= since)
+                        .take(MAX_EVENTS_PAGE)
                         .map(EventView::from_stored)
                         .collect(),
                     Err(_) => Vec::new(),
@@ -730,14 +745,27 @@ impl AppState {
     }
 
     /// A ticket's events, from its stream.
-    pub async fn events(&self, _principal: &Principal, ticket_id: TicketId) -> Result<EventList, ApiError> {
+    pub async fn events(
+        &self,
+        _principal: &Principal,
+        ticket_id: TicketId,
+        page: EventPage,
+    ) -> Result<EventList, ApiError> {
         let loaded = self.load(ticket_id).await?;
         if loaded.history.is_empty() {
             return Err(not_found(ticket_id));
         }
+        let limit = page.limit.unwrap_or(MAX_EVENTS_PAGE).clamp(1, MAX_EVENTS_PAGE);
+        let mut from = loaded
+            .history
+            .iter()
+            .filter(|stored| stored.revision >= page.from_revision)
+            .peekable();
+        let events: Vec<EventView> = from.by_ref().take(limit).map(EventView::from_stored).collect();
         Ok(EventList {
             ticket_id,
-            events: loaded.history.iter().map(EventView::from_stored).collect(),
+            events,
+            next_revision: from.peek().map(|stored| stored.revision),
         })
     }
 

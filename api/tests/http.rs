@@ -598,6 +598,59 @@ async fn a_heartbeat_body_is_json_or_nothing() {
     assert_eq!(empty.status, StatusCode::OK, "{}", empty.json);
 }
 
+/// A ticket's events come a page at a time: 500 at most, with where the
+/// next page starts.
+#[tokio::test]
+async fn a_tickets_events_come_in_pages() {
+    let h = Harness::new();
+    let (ticket, claim) = claimed(&h).await;
+    let claim_id = claim["claim_id"].as_str().unwrap();
+    for _ in 0..510 {
+        let beat = h
+            .send(
+                Some("classifier"),
+                Req::post(format!("/v1/claims/{claim_id}/heartbeat"), json!({"lease_secs": 60})),
+            )
+            .await;
+        assert_eq!(beat.status, StatusCode::OK, "{}", beat.json);
+    }
+    let first = h
+        .send(Some("analyst"), Req::get(format!("/v1/tickets/{ticket}/events")))
+        .await;
+    assert_eq!(first.json["events"].as_array().unwrap().len(), 500);
+    assert_eq!(first.json["next_revision"], 500);
+    let rest = h
+        .send(
+            Some("analyst"),
+            Req::get(format!("/v1/tickets/{ticket}/events?from_revision=500")),
+        )
+        .await;
+    // Opened, claimed, 510 heartbeats: revisions 0 to 511.
+    assert_eq!(rest.json["events"].as_array().unwrap().len(), 12, "{}", rest.json);
+    assert_eq!(rest.json["events"][0]["revision"], 500);
+    assert!(rest.json["next_revision"].is_null());
+    let few = h
+        .send(
+            Some("analyst"),
+            Req::get(format!("/v1/tickets/{ticket}/events?from_revision=2&limit=3")),
+        )
+        .await;
+    let revisions: Vec<_> = few.json["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["revision"].clone())
+        .collect();
+    assert_eq!(revisions, [json!(2), json!(3), json!(4)]);
+    assert_eq!(few.json["next_revision"], 5);
+    h.send(
+        Some("analyst"),
+        Req::get(format!("/v1/tickets/{ticket}/events?limit=many")),
+    )
+    .await
+    .assert_problem(StatusCode::BAD_REQUEST, "invalid_query");
+}
+
 #[tokio::test]
 async fn a_stale_if_match_is_409_with_state_revision_and_the_events_since() {
     let h = Harness::new();
