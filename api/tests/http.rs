@@ -19,6 +19,31 @@ async fn claimed(h: &Harness) -> (String, Value) {
     (id(&claim.json), claim.json)
 }
 
+/// A ticket with a draft waiting for review: claimed and classified, then
+/// claimed and drafted.
+async fn draft_ready(h: &Harness) -> String {
+    let (ticket, claim) = claimed(h).await;
+    let classified = h
+        .send(
+            Some("classifier"),
+            Req::post(format!("/v1/tickets/{ticket}/classification"), classification(&claim)),
+        )
+        .await;
+    assert_eq!(classified.status, StatusCode::OK, "{}", classified.json);
+    let drafting = h.claim("drafter", "drafter").await;
+    let drafted = h
+        .send(
+            Some("drafter"),
+            Req::post(
+                format!("/v1/tickets/{ticket}/draft"),
+                json!({"claim_id": drafting.json["claim_id"], "body": "Draft one"}),
+            ),
+        )
+        .await;
+    assert_eq!(drafted.json["ticket"]["state"], "DRAFT_READY", "{}", drafted.json);
+    ticket
+}
+
 fn classification(claim: &Value) -> Value {
     json!({"claim_id": claim["claim_id"], "category": "account_access", "priority": "high", "confidence": 0.9})
 }
@@ -351,21 +376,7 @@ async fn a_ticket_goes_from_new_to_resolved_through_the_api() {
 #[tokio::test]
 async fn escalation_rejection_and_operator_resolution() {
     let h = Harness::new();
-    let (ticket, claim) = claimed(&h).await;
-    h.send(
-        Some("classifier"),
-        Req::post(format!("/v1/tickets/{ticket}/classification"), classification(&claim)),
-    )
-    .await;
-    let drafting = h.claim("drafter", "drafter").await;
-    h.send(
-        Some("drafter"),
-        Req::post(
-            format!("/v1/tickets/{ticket}/draft"),
-            json!({"claim_id": drafting.json["claim_id"], "body": "Draft one"}),
-        ),
-    )
-    .await;
+    let ticket = draft_ready(&h).await;
     let review = h.claim("escalator", "escalator").await;
     let rejected = h
         .send(
@@ -436,21 +447,7 @@ async fn a_late_write_by_a_token_that_is_also_an_operator_is_still_fenced() {
         std::sync::Arc::new(triage_event_store::InMemoryEventStore::new()),
         &[("opesc", BOTH)],
     );
-    let (ticket, claim) = claimed(&h).await;
-    h.send(
-        Some("classifier"),
-        Req::post(format!("/v1/tickets/{ticket}/classification"), classification(&claim)),
-    )
-    .await;
-    let drafting = h.claim("drafter", "drafter").await;
-    h.send(
-        Some("drafter"),
-        Req::post(
-            format!("/v1/tickets/{ticket}/draft"),
-            json!({"claim_id": drafting.json["claim_id"], "body": "Draft"}),
-        ),
-    )
-    .await;
+    let ticket = draft_ready(&h).await;
     let review = h.claim("opesc", "escalator").await;
     assert_eq!(review.status, StatusCode::OK, "{}", review.json);
     h.clock.advance(chrono::Duration::seconds(3_600));
@@ -1017,70 +1014,18 @@ async fn the_sweeper_passes_over_a_ticket_it_cannot_read() {
     assert_eq!(stored.last().unwrap().event_type, "TicketTeleported");
 }
 
-/// A store without an index of event ids, as KurrentDB's port is:
-/// `read_event` finds nothing and ids are unique per stream only.
-#[derive(Debug)]
-struct WithoutIdIndex(std::sync::Arc<triage_event_store::InMemoryEventStore>);
-
-#[async_trait::async_trait]
-impl triage_event_store::EventStore for WithoutIdIndex {
-    async fn append(
-        &self,
-        stream: &triage_event_store::StreamName,
-        expected: triage_event_store::ExpectedRevision,
-        events: Vec<triage_event_store::EventData>,
-    ) -> triage_event_store::Result<triage_event_store::AppendResult> {
-        self.0.append(stream, expected, events).await
-    }
-
-    async fn read_stream(
-        &self,
-        stream: &triage_event_store::StreamName,
-        options: triage_event_store::ReadStream,
-    ) -> triage_event_store::Result<Vec<triage_event_store::RecordedEvent>> {
-        self.0.read_stream(stream, options).await
-    }
-
-    async fn read_all(
-        &self,
-        options: triage_event_store::ReadAll,
-    ) -> triage_event_store::Result<Vec<triage_event_store::RecordedEvent>> {
-        self.0.read_all(options).await
-    }
-
-    async fn head_position(&self) -> triage_event_store::Result<Option<triage_event_store::Position>> {
-        self.0.head_position().await
-    }
-
-    async fn read_event(&self, _: uuid::Uuid) -> triage_event_store::Result<Option<triage_event_store::RecordedEvent>> {
-        Ok(None)
-    }
-
-    fn subscribe_to_all(
-        self: std::sync::Arc<Self>,
-        options: triage_event_store::SubscribeToAll,
-    ) -> triage_event_store::Subscription {
-        std::sync::Arc::clone(&self.0).subscribe_to_all(options)
-    }
-
-    fn describe(&self) -> String {
-        "an in-memory store without an index of event ids".to_owned()
-    }
-
-    fn enforces_unique_event_ids(&self) -> bool {
-        false
-    }
-}
-
 /// The restart case above on a store without an index of event ids
 /// (KurrentDB): the claim completed, so the read model no longer lists it,
 /// and the restarted server remembers nothing; the retry still answers
 /// with the first ticket, found through the claim's index stream.
 #[tokio::test]
 async fn a_retried_claim_after_a_restart_never_claims_a_second_ticket_without_an_id_index() {
-    let store: std::sync::Arc<dyn triage_event_store::EventStore> = std::sync::Arc::new(WithoutIdIndex(
-        std::sync::Arc::new(triage_event_store::InMemoryEventStore::new()),
-    ));
+    let store: std::sync::Arc<dyn triage_event_store::EventStore> = std::sync::Arc::new(
+        triage_event_store::testing::CountingStore::new(std::sync::Arc::new(
+            triage_event_store::InMemoryEventStore::new(),
+        ))
+        .without_id_index(),
+    );
     let first = Harness::on(store.clone());
     first.open("Cannot log in").await;
     let claim = || Req::post("/v1/work/claim", json!({"role": "classifier"})).header("idempotency-key", "claim-1");

@@ -29,6 +29,8 @@ pub struct CountingStore {
     stream_reads: AtomicUsize,
     all_reads: AtomicUsize,
     fail_read_all_from: Option<AllStart>,
+    fail_head_position: bool,
+    without_id_index: bool,
     before_next_append: std::sync::Mutex<Option<Interloper>>,
 }
 
@@ -54,7 +56,27 @@ impl CountingStore {
             stream_reads: AtomicUsize::new(0),
             all_reads: AtomicUsize::new(0),
             fail_read_all_from: None,
+            fail_head_position: false,
+            without_id_index: false,
             before_next_append: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// Answers every `head_position` with a backend error.
+    pub fn failing_head_position(self) -> Self {
+        CountingStore {
+            fail_head_position: true,
+            ..self
+        }
+    }
+
+    /// Answers as a store without an index of event ids does (KurrentDB's
+    /// port): `read_event` finds nothing, and ids are unique per stream
+    /// only as far as callers know.
+    pub fn without_id_index(self) -> Self {
+        CountingStore {
+            without_id_index: true,
+            ..self
         }
     }
 
@@ -122,10 +144,16 @@ impl EventStore for CountingStore {
     }
 
     async fn head_position(&self) -> crate::Result<Option<Position>> {
+        if self.fail_head_position {
+            return Err(Error::backend("the head the test fails", "on purpose"));
+        }
         self.inner.head_position().await
     }
 
     async fn read_event(&self, event_id: uuid::Uuid) -> crate::Result<Option<RecordedEvent>> {
+        if self.without_id_index {
+            return Ok(None);
+        }
         self.inner.read_event(event_id).await
     }
 
@@ -138,7 +166,7 @@ impl EventStore for CountingStore {
     }
 
     fn enforces_unique_event_ids(&self) -> bool {
-        self.inner.enforces_unique_event_ids()
+        !self.without_id_index && self.inner.enforces_unique_event_ids()
     }
 }
 

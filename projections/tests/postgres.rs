@@ -1001,7 +1001,10 @@ async fn a_rebuild_that_fails_after_its_shadow_tables_leaves_no_build_behind() {
     Workload::new(events.clone()).random(50, 10, 32).await;
     let live = PgProjector::new(events.clone(), models.clone());
     live.catch_up().await.unwrap();
-    let failing = PgProjector::new(Arc::new(support::HeadUnreadable(events.clone())), models.clone());
+    let failing = PgProjector::new(
+        Arc::new(triage_event_store::testing::CountingStore::new(events.clone()).failing_head_position()),
+        models.clone(),
+    );
     let error = failing
         .rebuild_many(&["tickets", "stats"], RebuildOptions::default())
         .await

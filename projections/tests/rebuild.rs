@@ -1069,7 +1069,10 @@ async fn a_rebuild_that_fails_after_its_shadow_tables_leaves_no_build_behind() {
     let db = ReadModelDb::in_memory().unwrap();
     let live = Projector::new(store.clone(), db.clone());
     live.catch_up().await.unwrap();
-    let failing = Projector::new(Arc::new(support::HeadUnreadable(store.clone())), db.clone());
+    let failing = Projector::new(
+        Arc::new(triage_event_store::testing::CountingStore::new(store.clone()).failing_head_position()),
+        db.clone(),
+    );
     let error = failing
         .rebuild_many(&["tickets", "stats"], RebuildOptions::default())
         .await
