@@ -9,17 +9,11 @@ use std::sync::Arc;
 
 use triage_event_store::{Error, EventData, EventStore, ExpectedRevision, ReadStream, StreamName};
 use triage_store_sqlite::{SqliteEventStore, SqliteOptions};
-use uuid::Uuid;
 
 const APPENDS: usize = 256;
 
 fn event() -> EventData {
-    EventData {
-        id: Uuid::new_v4(),
-        event_type: "Tested".to_owned(),
-        data: b"{}".to_vec(),
-        metadata: b"{}".to_vec(),
-    }
+    triage_event_store::testing::event("Tested")
 }
 
 /// Holds SQLite's write lock from a second connection until `release`.

@@ -10,12 +10,7 @@ use triage_store_sqlite::{SqliteEventStore, SqliteOptions};
 use uuid::Uuid;
 
 fn event() -> EventData {
-    EventData {
-        id: Uuid::new_v4(),
-        event_type: "Tested".to_owned(),
-        data: b"{}".to_vec(),
-        metadata: b"{}".to_vec(),
-    }
+    triage_event_store::testing::event("Tested")
 }
 
 /// The subscription's next message, within 5 s.
