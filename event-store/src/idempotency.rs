@@ -62,7 +62,9 @@ pub fn plan_append(
             return Err(conflict());
         }
         let starts_right_after_expected = match expected {
-            ExpectedRevision::Exact(n) => stored_first.revision == n + 1,
+            // Checked: `Exact(u64::MAX)` names a revision no stream reaches,
+            // and must be a conflict, not an overflow.
+            ExpectedRevision::Exact(n) => n.checked_add(1) == Some(stored_first.revision),
             ExpectedRevision::NoStream => stored_first.revision == 0,
             ExpectedRevision::Any | ExpectedRevision::StreamExists => true,
         };
@@ -72,7 +74,7 @@ pub fn plan_append(
         let mut last = stored_first;
         for event in &events[1..] {
             match lookup(event.id)? {
-                Some(stored) if &stored.stream == stream && stored.revision == last.revision + 1 => {
+                Some(stored) if &stored.stream == stream && last.revision.checked_add(1) == Some(stored.revision) => {
                     last = stored;
                 }
                 _ => return Err(conflict()),
@@ -188,5 +190,14 @@ mod tests {
                 .unwrap_err()
                 .is_wrong_expected_version()
         );
+    }
+
+    #[test]
+    fn a_stored_id_under_the_largest_expected_revision_conflicts() {
+        // No stream reaches revision u64::MAX, so nothing can be stored right
+        // after it; the check must not overflow on the way to saying so.
+        let existing = stored(&[(1, 0)]);
+        let err = plan(ExpectedRevision::Exact(u64::MAX), Some(0), &[1], &existing).unwrap_err();
+        assert!(err.is_wrong_expected_version(), "{err:?}");
     }
 }

@@ -191,6 +191,7 @@ macro_rules! conformance_suite {
             idempotent_retry_returns_the_original_result,
             idempotent_retry_after_no_stream,
             partial_idempotent_match_fails,
+            a_stored_id_under_an_unreachable_revision_conflicts,
             event_ids_are_unique_across_streams,
             read_event_finds_an_event_by_id,
             appends_are_atomic,
@@ -199,6 +200,7 @@ macro_rules! conformance_suite {
             read_stream_forwards_and_backwards,
             read_stream_from_revision_with_limit,
             missing_stream_is_not_found,
+            a_stream_being_created_reads_as_missing_or_whole,
             read_all_forwards_and_backwards_from_position,
             positions_strictly_increase,
             racing_exact_appends_exactly_one_wins,
@@ -509,6 +511,22 @@ pub async fn partial_idempotent_match_fails(store: Arc<dyn EventStore>) {
     assert_eq!(read(&store, &s).await.len(), 3, "failed appends wrote nothing");
 }
 
+/// An append whose events are stored, expecting a revision no stream can
+/// reach, is a conflict, and the store goes on serving appends.
+pub async fn a_stored_id_under_an_unreachable_revision_conflicts(store: Arc<dyn EventStore>) {
+    let s = stream("ticket");
+    let batch = events(1);
+    store
+        .append(&s, ExpectedRevision::NoStream, batch.clone())
+        .await
+        .unwrap();
+    let retry = store.append(&s, ExpectedRevision::Exact(u64::MAX), batch).await;
+    assert_conflict(retry, ExpectedRevision::Exact(u64::MAX), Some(0));
+    let other = stream("ticket");
+    let next = store.append(&other, ExpectedRevision::NoStream, events(1)).await;
+    assert_eq!(next.expect("the store still appends").current_revision, 0);
+}
+
 /// An event is found by its id, whole (stream, revision, position, payload),
 /// on the backends that index ids across streams; an id never stored is
 /// `None` everywhere, and so is every id where ids are not indexed.
@@ -722,6 +740,38 @@ pub async fn missing_stream_is_not_found(store: Arc<dyn EventStore>) {
         store.read_stream(&s, ReadStream::backwards().from_revision(3)).await,
         Err(Error::StreamNotFound { .. })
     ));
+}
+
+/// Reads racing a stream's first append see it missing or whole: never
+/// empty, which would claim the stream exists and holds nothing.
+pub async fn a_stream_being_created_reads_as_missing_or_whole(store: Arc<dyn EventStore>) {
+    const STREAMS: usize = 100;
+    const READERS: usize = 3;
+    for _ in 0..STREAMS {
+        let s = stream("ticket");
+        let mut readers = Vec::with_capacity(READERS);
+        for _ in 0..READERS {
+            let (store, s) = (store.clone(), s.clone());
+            // Each reader reads until it sees the stream, so that reads are
+            // under way at the moment the append commits.
+            readers.push(tokio::spawn(async move {
+                let deadline = tokio::time::Instant::now() + WAIT;
+                loop {
+                    match store.read_stream(&s, ReadStream::forwards()).await {
+                        Err(Error::StreamNotFound { .. }) if tokio::time::Instant::now() < deadline => {}
+                        other => return other,
+                    }
+                }
+            }));
+        }
+        store.append(&s, ExpectedRevision::NoStream, events(2)).await.unwrap();
+        for reader in readers {
+            match reader.await.unwrap() {
+                Ok(read) => assert_eq!(read.len(), 2, "a read saw {s} empty or part-written: {read:?}"),
+                Err(other) => panic!("reading {s} while it was created failed: {other}"),
+            }
+        }
+    }
 }
 
 /// `$all` reads include their start position, in both directions.

@@ -226,7 +226,7 @@ fn idempotent_replay(
     let start = indexes.iter().position(|&i| state.events[i].id == first.id)?;
     let current = indexes.len().checked_sub(1).map(|last| last as u64);
     let right_after_expected = match expected {
-        Expected::Exact(n) => start as u64 == n + 1,
+        Expected::Exact(n) => n.checked_add(1) == Some(start as u64),
         Expected::NoStream => start == 0,
         Expected::Any | Expected::StreamExists => true,
     };

@@ -545,9 +545,12 @@ async fn a_batch_whose_connection_dies_answers_every_caller_on_a_live_one() {
     for _ in 0..100 {
         killed = admin
             .query(
+                // The store's own sessions only: a temporary store names
+                // them after its schema.
                 "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
-                 WHERE application_name = 'triage' AND wait_event_type = 'Lock' AND query LIKE '%triage_append%'",
-                &[],
+                 WHERE application_name = 'triage ' || $1 AND wait_event_type = 'Lock'
+                   AND query LIKE '%triage_append%'",
+                &[&schema],
             )
             .await
             .unwrap()

@@ -39,7 +39,7 @@ impl Checkpointer {
             OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
         )?;
         conn.busy_timeout(options.busy_timeout)?;
-        conn.pragma_update(None, "synchronous", options.synchronous.pragma_value())?;
+        options.synchronous.apply(&conn)?;
         conn.pragma_update(None, "wal_autocheckpoint", 0)?;
         // One pending request is enough: requests made while one is pending
         // are covered by it.

@@ -110,6 +110,9 @@ pub struct SqliteStats {
     pub events_written: u64,
     /// The most appends committed in one transaction.
     pub largest_batch: u64,
+    /// Read connections open and waiting in the pool; never more than
+    /// [`SqliteOptions::max_readers`].
+    pub idle_read_connections: usize,
 }
 
 impl SqliteEventStore {
@@ -194,6 +197,7 @@ impl SqliteEventStore {
             transactions: load(&self.counters.transactions),
             events_written: load(&self.counters.events_written),
             largest_batch: load(&self.counters.largest_batch),
+            idle_read_connections: self.readers.idle_count(),
         }
     }
 }

@@ -28,6 +28,17 @@ impl Synchronous {
             Synchronous::Normal => "NORMAL",
         }
     }
+
+    /// Sets `synchronous` on a connection that writes (the writer or the
+    /// checkpointer). With `Full`, also `fullfsync`: on Apple systems a
+    /// plain `fsync` leaves the data in the drive's cache, where a power loss
+    /// takes it; elsewhere SQLite ignores these two.
+    pub(crate) fn apply(self, conn: &rusqlite::Connection) -> rusqlite::Result<()> {
+        conn.pragma_update(None, "synchronous", self.pragma_value())?;
+        let full = self == Synchronous::Full;
+        conn.pragma_update(None, "fullfsync", full)?;
+        conn.pragma_update(None, "checkpoint_fullfsync", full)
+    }
 }
 
 /// Options of [`crate::SqliteEventStore::open`]. `SqliteOptions::default()`

@@ -24,14 +24,15 @@ use crate::schema::open_reader;
 pub(crate) struct Readers {
     path: PathBuf,
     options: SqliteOptions,
-    /// One permit per connection that may exist; taken for each query.
-    permits: Semaphore,
+    /// One permit per connection that may exist; taken for each query and
+    /// held until its connection is back in `idle`.
+    permits: Arc<Semaphore>,
     idle: Mutex<Vec<Connection>>,
 }
 
 impl Readers {
     pub(crate) fn new(path: PathBuf, options: SqliteOptions) -> Self {
-        let permits = Semaphore::new(options.max_readers.max(1));
+        let permits = Arc::new(Semaphore::new(options.max_readers.max(1)));
         Readers {
             path,
             options,
@@ -47,22 +48,36 @@ impl Readers {
         T: Send + 'static,
         F: FnOnce(&Connection) -> rusqlite::Result<Result<T>> + Send + 'static,
     {
-        let _permit = self.permits.acquire().await.map_err(|_| Error::Closed)?;
+        let permit = Arc::clone(&self.permits)
+            .acquire_owned()
+            .await
+            .map_err(|_| Error::Closed)?;
         let readers = Arc::clone(self);
         let outcome = tokio::task::spawn_blocking(move || {
+            // The permit moves in here: a caller that stops waiting drops
+            // only its future, and the connection stays counted until it is
+            // back in the pool. So there are never more connections than
+            // permits.
+            let _permit = permit;
             let conn = match readers.idle().pop() {
                 Some(conn) => conn,
                 None => open_reader(&readers.path, &readers.options)?,
             };
             let result = query(&conn);
-            // The permit bounds the pool: there are never more connections
-            // than permits, so returning one never grows it past the cap.
-            readers.idle().push(conn);
+            // A connection left inside a transaction would answer later
+            // queries from an old snapshot; it is closed instead.
+            if conn.is_autocommit() {
+                readers.idle().push(conn);
+            }
             result
         })
         .await
         .map_err(|join_error| Error::backend(format!("{what} panicked or was cancelled"), join_error))?;
         outcome.map_err(|error| Error::backend(what, error))?
+    }
+
+    pub(crate) fn idle_count(&self) -> usize {
+        self.idle().len()
     }
 
     /// Closes every idle connection.
@@ -106,19 +121,33 @@ pub(crate) fn read_stream(
         (Direction::Backwards, StreamStart::Boundary) => i64::MAX,
         (_, StreamStart::Revision(revision)) => to_sql_int(revision),
     };
-    let mut statement = conn.prepare_cached(sql)?;
-    let events = statement
-        .query_map((stream.as_str(), from, limit), |row| decode(row, Some(stream)))?
-        .collect::<rusqlite::Result<Vec<_>>>()?;
-    if events.is_empty() {
-        // Empty is a valid answer only for a stream that exists (a read past
-        // its end, or a zero limit).
+    let read_events = || -> rusqlite::Result<Vec<RecordedEvent>> {
+        conn.prepare_cached(sql)?
+            .query_map((stream.as_str(), from, limit), |row| decode(row, Some(stream)))?
+            .collect()
+    };
+    let events = read_events()?;
+    if !events.is_empty() {
+        return Ok(Ok(events));
+    }
+    // Empty is a valid answer only for a stream that exists (a read past its
+    // end, or a zero limit). Each statement reads its own snapshot, so the
+    // stream's first append may have committed since the read above: both
+    // run again in one read transaction, which sees one snapshot.
+    conn.prepare_cached("BEGIN DEFERRED")?.execute([])?;
+    let snapshot = read_events().and_then(|events| {
         let exists = conn
             .prepare_cached("SELECT EXISTS (SELECT 1 FROM streams WHERE name = ?1)")?
             .query_row([stream.as_str()], |row| row.get::<_, bool>(0))?;
-        if !exists {
-            return Ok(Err(Error::StreamNotFound { stream: stream.clone() }));
-        }
+        Ok((events, exists))
+    });
+    // A read transaction holds no lock worth keeping and has nothing to
+    // undo: ending it cannot lose anything.
+    let end = conn.prepare_cached("COMMIT").and_then(|mut commit| commit.execute([]));
+    let (events, exists) = snapshot?;
+    end?;
+    if events.is_empty() && !exists {
+        return Ok(Err(Error::StreamNotFound { stream: stream.clone() }));
     }
     Ok(Ok(events))
 }

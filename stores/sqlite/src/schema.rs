@@ -79,7 +79,7 @@ pub(crate) fn open_writer(path: &Path, options: &SqliteOptions) -> Result<Connec
         // WAL mode, which fixes the page size.
         conn.pragma_update(None, "page_size", options.page_size)?;
         let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |row| row.get(0))?;
-        conn.pragma_update(None, "synchronous", options.synchronous.pragma_value())?;
+        options.synchronous.apply(conn)?;
         conn.pragma_update(None, "wal_autocheckpoint", crate::checkpoint::BACKSTOP_PAGES)?;
         Ok(mode)
     };
@@ -216,9 +216,13 @@ impl Header {
         let user_version = conn.query_row("PRAGMA user_version", [], |row| row.get(0))?;
         let mut statement = conn.prepare(
             // Views and triggers count: a file holding only a view is
-            // someone's database, not a blank one.
-            "SELECT name FROM sqlite_schema WHERE type IN ('table', 'view', 'trigger') AND name NOT LIKE 'sqlite_%' \
-             ORDER BY name",
+            // someone's database, not a blank one. SQLite reserves names
+            // starting `sqlite_` in any case, which LIKE matches; the `_`
+            // is escaped, or `sqlitestudio_notes` would pass for SQLite's.
+            concat!(
+                "SELECT name FROM sqlite_schema WHERE type IN ('table', 'view', 'trigger')",
+                r" AND name NOT LIKE 'sqlite\_%' ESCAPE '\' ORDER BY name",
+            ),
         )?;
         let tables = statement
             .query_map([], |row| row.get(0))?
@@ -318,6 +322,7 @@ pub(crate) fn head_position(conn: &Connection) -> rusqlite::Result<Option<i64>> 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::Synchronous;
 
     #[test]
     fn uris_escape_reserved_characters() {
@@ -330,5 +335,24 @@ mod tests {
     #[test]
     fn application_id_spells_tria() {
         assert_eq!(&APPLICATION_ID.to_be_bytes(), b"TRIA");
+    }
+
+    #[test]
+    fn a_durable_writer_asks_for_full_fsync() {
+        let dir = tempfile::tempdir().unwrap();
+        for (synchronous, level, full) in [(Synchronous::Full, 2, true), (Synchronous::Normal, 1, false)] {
+            let options = SqliteOptions {
+                synchronous,
+                ..SqliteOptions::default()
+            };
+            let conn = open_writer(&dir.path().join(format!("{level}.db")), &options).unwrap();
+            let pragma = |name: &str| {
+                conn.query_row(&format!("PRAGMA {name}"), [], |row| row.get::<_, i64>(0))
+                    .unwrap()
+            };
+            assert_eq!(pragma("synchronous"), level);
+            assert_eq!(pragma("fullfsync") == 1, full, "{synchronous:?}");
+            assert_eq!(pragma("checkpoint_fullfsync") == 1, full, "{synchronous:?}");
+        }
     }
 }

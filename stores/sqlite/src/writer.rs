@@ -43,10 +43,56 @@ pub(crate) struct Counters {
     pub(crate) largest_batch: AtomicU64,
 }
 
-/// A failure that ends the whole batch: the transaction is rolled back and
-/// every append in it fails with [`Error::Backend`]. Conflicts never end up
-/// here; they are answers to one append.
+/// A failure inside one append that ends the whole batch. Conflicts never
+/// end up here; they are answers to one append.
 type Fatal = rusqlite::Error;
+
+/// Why a whole batch failed: the transaction is rolled back and every append
+/// in it fails with [`Error::Backend`].
+#[derive(Debug, thiserror::Error)]
+enum BatchFailure {
+    /// Before `COMMIT`: nothing of the batch was stored.
+    #[error(transparent)]
+    BeforeCommit(#[from] Fatal),
+    /// `COMMIT` itself failed. Its frames may already be in the WAL (a failed
+    /// fsync, say), so the batch may reappear when the file is next opened.
+    #[error("COMMIT failed: {0}")]
+    AtCommit(Fatal),
+    /// A bug panicked while the batch ran. Caught so that one bad append
+    /// fails its batch instead of killing the writer, which would refuse
+    /// every later append of the process.
+    #[error("the writer panicked: {0}")]
+    Panicked(String),
+}
+
+impl BatchFailure {
+    fn caller_message(&self) -> &'static str {
+        match self {
+            BatchFailure::BeforeCommit(_) | BatchFailure::Panicked(_) => {
+                "the write transaction failed; nothing of this append was stored"
+            }
+            BatchFailure::AtCommit(_) => {
+                "committing the write transaction failed; this append may or may not have been stored: read the \
+                 stream, or retry it with the same event ids"
+            }
+        }
+    }
+}
+
+/// Runs `batch_work`, turning a panic into [`BatchFailure::Panicked`].
+fn catch_panic<T>(batch_work: impl FnOnce() -> Result<T, BatchFailure>) -> Result<T, BatchFailure> {
+    // Unwind safety: after a panic the caller rolls the transaction back,
+    // and the writer's other state is counters and channels that a half-run
+    // batch leaves consistent.
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(batch_work)).unwrap_or_else(|payload| {
+        let message = payload
+            .downcast_ref::<&str>()
+            .map(|message| (*message).to_owned())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "a non-text panic".to_owned());
+        Err(BatchFailure::Panicked(message))
+    })
+}
 
 /// What one append produced inside the batch transaction.
 struct Applied {
@@ -91,7 +137,7 @@ impl Writer {
     /// Runs `batch` in one transaction and answers every append in it.
     fn commit_batch(&mut self, batch: &mut Vec<AppendRequest>) {
         let size = batch.len() as u64;
-        let outcome = self.run_batch(batch);
+        let outcome = catch_panic(|| self.run_batch(batch));
         // Counted before the replies go out, so that a caller holding its
         // answer sees it counted.
         self.counters.answered.fetch_add(size, Ordering::Relaxed);
@@ -131,18 +177,16 @@ impl Writer {
                     tracing::error!(%rollback, "rolling back a failed batch failed");
                 }
                 tracing::error!(%error, appends = batch.len(), "a group commit failed; every append in it failed");
+                let message = error.caller_message();
                 let error = Arc::new(error);
                 for request in batch.drain(..) {
-                    let _ = request.reply.send(Err(Error::backend(
-                        "the write transaction failed; nothing of this append was stored",
-                        Arc::clone(&error),
-                    )));
+                    let _ = request.reply.send(Err(Error::backend(message, Arc::clone(&error))));
                 }
             }
         }
     }
 
-    fn run_batch(&mut self, batch: &[AppendRequest]) -> Result<Vec<Applied>, Fatal> {
+    fn run_batch(&mut self, batch: &[AppendRequest]) -> Result<Vec<Applied>, BatchFailure> {
         // BEGIN IMMEDIATE takes SQLite's single write lock now, so that no
         // other connection (another process on the same file) can commit
         // between our reads of current revisions and our inserts.
@@ -152,7 +196,10 @@ impl Writer {
         for request in batch {
             applied.push(self.apply(request, recorded_at)?);
         }
-        self.conn.prepare_cached("COMMIT")?.execute([])?;
+        self.conn
+            .prepare_cached("COMMIT")
+            .and_then(|mut commit| commit.execute([]))
+            .map_err(BatchFailure::AtCommit)?;
         Ok(applied)
     }
 
@@ -311,4 +358,43 @@ fn is_unique_violation(error: &rusqlite::Error) -> bool {
             if failure.code == ErrorCode::ConstraintViolation
                 && matches!(failure.extended_code, ffi::SQLITE_CONSTRAINT_UNIQUE | ffi::SQLITE_CONSTRAINT_PRIMARYKEY)
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_panicking_batch_becomes_a_failure_the_writer_survives() {
+        let failure = catch_panic::<()>(|| panic!("bad append")).unwrap_err();
+        assert!(
+            matches!(&failure, BatchFailure::Panicked(message) if message == "bad append"),
+            "{failure:?}"
+        );
+        assert_eq!(
+            failure.caller_message(),
+            "the write transaction failed; nothing of this append was stored"
+        );
+        let owned = catch_panic::<()>(|| panic!("{} appends", 3)).unwrap_err();
+        assert!(
+            matches!(&owned, BatchFailure::Panicked(message) if message == "3 appends"),
+            "{owned:?}"
+        );
+        assert_eq!(catch_panic(|| Ok(7)).unwrap(), 7);
+    }
+
+    #[test]
+    fn only_a_failed_commit_leaves_the_outcome_open() {
+        let busy = || rusqlite::Error::SqliteFailure(ffi::Error::new(ffi::SQLITE_BUSY), None);
+        assert!(
+            BatchFailure::AtCommit(busy())
+                .caller_message()
+                .contains("may or may not")
+        );
+        assert!(
+            !BatchFailure::BeforeCommit(busy())
+                .caller_message()
+                .contains("may or may not")
+        );
+    }
 }

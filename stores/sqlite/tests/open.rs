@@ -127,6 +127,27 @@ fn a_foreign_database_holding_only_a_view_is_refused() {
     assert!(message.contains("report"), "message names the view: {message}");
 }
 
+/// Tables whose names merely start like SQLite's own (`sqlite_…` is
+/// reserved; these are not) still make a database someone's.
+#[test]
+fn a_foreign_database_of_tables_named_like_sqlites_own_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tool.db");
+    {
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        conn.execute_batch(
+            "CREATE TABLE sqlitestudio_notes (x); INSERT INTO sqlitestudio_notes VALUES ('keep me');\
+             CREATE TABLE sqlite3_cache (y);",
+        )
+        .unwrap();
+    }
+    let message = assert_refused_untouched(&path, "is not a Triage event store");
+    assert!(
+        message.contains("sqlitestudio_notes"),
+        "message names the table: {message}"
+    );
+}
+
 #[test]
 fn a_foreign_database_without_application_id_is_refused() {
     let dir = tempfile::tempdir().unwrap();
