@@ -17,10 +17,10 @@
 //! committed, as without batching.
 //!
 //! A batch that fails as a whole (an id written meanwhile by another
-//! process, a lost connection) answers every caller [`Written::No`] too:
-//! each then goes the single-append way, which reports its own error or,
-//! when the batch committed after all, finds its events and answers with
-//! the original result.
+//! process, a lost connection, no answer in time) answers every caller
+//! [`Written::Unknown`]: each then goes the single-append way, which
+//! reports its own error or, when the batch committed after all, finds its
+//! events and answers with the original result.
 
 use std::sync::Arc;
 
@@ -62,6 +62,10 @@ pub(crate) enum Written {
     Conflict { actual: Option<u64> },
     /// Not written; the caller reads and decides.
     No,
+    /// The batch failed as a whole, perhaps after it committed: the caller
+    /// reads and decides, and if that fails too, must not say the append
+    /// was not stored.
+    Unknown,
 }
 
 #[derive(Debug)]
@@ -145,7 +149,12 @@ async fn write_forever(
         let appends: Vec<&Append> = batch.iter().map(|pending| &pending.append).collect();
         let written = match pool.get().await {
             Ok(client) => {
-                let written = write(&client, &sql, &appends).await;
+                // Bounded: a connection that stopped answering would hold
+                // this writer, and every batch behind it, for hours.
+                let written = match tokio::time::timeout(target.query_timeout, write(&client, &sql, &appends)).await {
+                    Ok(written) => written.map_err(|error| target.db_error("cannot append", error)),
+                    Err(_elapsed) => Err(target.unanswered("appending a batch", true)),
+                };
                 if written.is_err() {
                     // The connection may be dead (its session ended mid-batch)
                     // without the pool's quick check seeing it yet: back in
@@ -154,7 +163,7 @@ async fn write_forever(
                     // the connection is dropped rather than judged.
                     drop(deadpool_postgres::Object::take(client));
                 }
-                written.map_err(|error| target.db_error("cannot append", error))
+                written
             }
             Err(error) => Err(crate::pool_error(&target, error)),
         };
@@ -162,7 +171,7 @@ async fn write_forever(
             Ok(answers) => answers,
             Err(error) => {
                 tracing::debug!(%error, appends = batch.len(), "a batch of appends failed; each is tried alone");
-                vec![Written::No; batch.len()]
+                vec![Written::Unknown; batch.len()]
             }
         };
         for (pending, answer) in batch.into_iter().zip(answers) {

@@ -99,6 +99,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use deadpool_postgres::{Client, Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime};
@@ -157,6 +158,8 @@ pub struct PostgresEventStore {
 pub(crate) struct Target {
     pub(crate) config: Config,
     pub(crate) schema: String,
+    /// [`PostgresOptions::query_timeout`].
+    pub(crate) query_timeout: Duration,
 }
 
 impl Target {
@@ -188,6 +191,42 @@ impl Target {
 
     /// Maps a driver error. A missing privilege gets a message that says
     /// which role lacks what, where.
+    /// Runs `operation` on `client`, waiting at most the query timeout for
+    /// it. On expiry the connection is closed, not pooled: its answer may
+    /// still come, and whoever used it next would wait behind it.
+    /// `unknown_outcome` is for writes, which the server may still commit.
+    pub(crate) async fn bounded<T>(
+        &self,
+        client: Client,
+        what: &str,
+        unknown_outcome: bool,
+        operation: impl AsyncFnOnce(&Client) -> Result<T>,
+    ) -> Result<T> {
+        let answer = tokio::time::timeout(self.query_timeout, operation(&client)).await;
+        answer.unwrap_or_else(|_elapsed| {
+            drop(deadpool_postgres::Object::take(client));
+            Err(self.unanswered(what, unknown_outcome))
+        })
+    }
+
+    /// The error for an operation the server did not answer in time.
+    pub(crate) fn unanswered(&self, what: &str, unknown_outcome: bool) -> Error {
+        let outcome = if unknown_outcome {
+            "; the server may still commit it, so whether it was stored is unknown: read the stream, or retry \
+             it with the same event ids"
+        } else {
+            ""
+        };
+        Error::Backend {
+            message: format!(
+                "{what}: {} did not answer within {:?}, and the connection was closed{outcome}",
+                self.describe(),
+                self.query_timeout
+            ),
+            source: None,
+        }
+    }
+
     pub(crate) fn db_error(&self, what: &str, error: tokio_postgres::Error) -> Error {
         if error.code() == Some(&SqlState::INSUFFICIENT_PRIVILEGE) {
             let detail = error
@@ -301,6 +340,7 @@ impl PostgresEventStore {
         let target = Arc::new(Target {
             config,
             schema: options.schema.clone(),
+            query_timeout: options.query_timeout,
         });
         let manager = Manager::from_config(
             target.config.clone(),
@@ -519,7 +559,8 @@ impl EventStore for PostgresEventStore {
             expected: batcher::expectation(expected),
             events: Arc::clone(&events),
         };
-        match self.batcher.append(fast).await {
+        let batched = self.batcher.append(fast).await;
+        match batched {
             Written::Yes {
                 first_revision,
                 last_position,
@@ -534,125 +575,151 @@ impl EventStore for PostgresEventStore {
                     actual,
                 });
             }
-            Written::No => {}
+            Written::No | Written::Unknown => {}
         }
-        let client = self.client().await?;
-        let ids: Vec<Uuid> = events.iter().map(|event| event.id).collect();
-        let read_state = client
-            .prepare_cached(&self.sql.append_state)
-            .await
-            .map_err(|e| failed("cannot prepare an append", e))?;
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            // One statement, so one snapshot: the last committed revision
-            // and where the append's ids are already stored.
-            let rows = client
-                .query(&read_state, &[&stream.as_str(), &ids])
-                .await
-                .map_err(|e| failed("cannot read the stream's revision", e))?;
-            let current: Option<u64> = rows
-                .first()
-                .and_then(|row| row.get::<_, Option<i64>>(0))
-                .map(reader::from_sql_int);
-            let mut stored = HashMap::new();
-            for row in &rows {
-                let Some(id) = row.get::<_, Option<Uuid>>(1) else {
-                    continue;
-                };
-                let name: String = row.get(2);
-                stored.insert(
-                    id,
-                    StoredEventRef {
-                        stream: StreamName::new(name).map_err(|error| {
-                            Error::backend(
-                                format!("{} holds an invalid stream name", self.target.describe()),
-                                error,
-                            )
-                        })?,
-                        revision: reader::from_sql_int(row.get(3)),
-                        position: Position::from_sequence(reader::from_sql_int(row.get(4))),
-                    },
-                );
-            }
-            let conflict = || Error::WrongExpectedVersion {
-                stream: stream.clone(),
-                expected,
-                actual: current,
-            };
-            let plan = plan_append(stream, expected, current, &events, |id| Ok(stored.get(&id).cloned()));
-            match plan {
-                Ok(AppendPlan::Write { .. }) => {}
-                Ok(AppendPlan::AlreadyAppended(original)) => {
-                    self.count(&self.counters.appends_replayed, 1);
-                    // Announced like an append that wrote: a retry is often
-                    // the only append of its events that returns (the
-                    // original's process stopped after its commit, before
-                    // its NOTIFY), and every append that returns is followed
-                    // by a NOTIFY, so that other processes do not wait for
-                    // their poll to see it.
-                    self.wake.notify_one();
-                    self.announce.notify_one();
-                    return Ok(original);
-                }
-                Err(error) => {
-                    if error.is_wrong_expected_version() {
-                        self.count(&self.counters.conflicts, 1);
+        let alone = async || {
+            let client = self.client().await?;
+            let what = format!("appending to {stream}");
+            self.target
+                .bounded(client, &what, true, async |client: &Client| {
+                    let ids: Vec<Uuid> = events.iter().map(|event| event.id).collect();
+                    let read_state = client
+                        .prepare_cached(&self.sql.append_state)
+                        .await
+                        .map_err(|e| failed("cannot prepare an append", e))?;
+                    let mut attempt = 0;
+                    loop {
+                        attempt += 1;
+                        // One statement, so one snapshot: the last committed revision
+                        // and where the append's ids are already stored.
+                        let rows = client
+                            .query(&read_state, &[&stream.as_str(), &ids])
+                            .await
+                            .map_err(|e| failed("cannot read the stream's revision", e))?;
+                        let current: Option<u64> = rows
+                            .first()
+                            .and_then(|row| row.get::<_, Option<i64>>(0))
+                            .map(reader::from_sql_int);
+                        let mut stored = HashMap::new();
+                        for row in &rows {
+                            let Some(id) = row.get::<_, Option<Uuid>>(1) else {
+                                continue;
+                            };
+                            let name: String = row.get(2);
+                            stored.insert(
+                                id,
+                                StoredEventRef {
+                                    stream: StreamName::new(name).map_err(|error| {
+                                        Error::backend(
+                                            format!("{} holds an invalid stream name", self.target.describe()),
+                                            error,
+                                        )
+                                    })?,
+                                    revision: reader::from_sql_int(row.get(3)),
+                                    position: Position::from_sequence(reader::from_sql_int(row.get(4))),
+                                },
+                            );
+                        }
+                        let conflict = || Error::WrongExpectedVersion {
+                            stream: stream.clone(),
+                            expected,
+                            actual: current,
+                        };
+                        let plan = plan_append(stream, expected, current, &events, |id| Ok(stored.get(&id).cloned()));
+                        match plan {
+                            Ok(AppendPlan::Write { .. }) => {}
+                            Ok(AppendPlan::AlreadyAppended(original)) => {
+                                self.count(&self.counters.appends_replayed, 1);
+                                // Announced like an append that wrote: a retry is often
+                                // the only append of its events that returns (the
+                                // original's process stopped after its commit, before
+                                // its NOTIFY), and every append that returns is followed
+                                // by a NOTIFY, so that other processes do not wait for
+                                // their poll to see it.
+                                self.wake.notify_one();
+                                self.announce.notify_one();
+                                return Ok(original);
+                            }
+                            Err(error) => {
+                                if error.is_wrong_expected_version() {
+                                    self.count(&self.counters.conflicts, 1);
+                                }
+                                return Err(error);
+                            }
+                        }
+                        // The first id is new but a later one is stored: the unique
+                        // event_id would refuse the insert, and no re-read can change
+                        // that. A conflict, as plan_append asks of every backend.
+                        if events.iter().any(|event| stored.contains_key(&event.id)) {
+                            self.count(&self.counters.conflicts, 1);
+                            return Err(conflict());
+                        }
+                        // Write after the revision just read, and only there.
+                        let only_here = Append {
+                            stream: stream.clone(),
+                            expected: Some(current.map_or(schema::EXPECT_NO_STREAM, reader::to_sql_int)),
+                            events: Arc::clone(&events),
+                        };
+                        // Not written: another append moved the stream, or stored one
+                        // of these ids, after our read.
+                        let lost = match batcher::write(client, &self.sql, &[&only_here]).await {
+                            Ok(answers) => match answers.as_slice() {
+                                [
+                                    Written::Yes {
+                                        first_revision,
+                                        last_position,
+                                    },
+                                ] => return Ok(written(*first_revision, *last_position)),
+                                _ => None,
+                            },
+                            // One of the ids was written to another stream after our read.
+                            Err(error) if error.code() == Some(&SqlState::UNIQUE_VIOLATION) => Some(error),
+                            Err(error) => return Err(failed("cannot append", error)),
+                        };
+                        // Read again and decide again: `Exact` and `NoStream` now see the
+                        // conflict or, for a retry racing its original, the original
+                        // result; `Any` and `StreamExists` write after the new last
+                        // revision.
+                        self.count(&self.counters.lost_races, 1);
+                        if attempt >= MAX_APPEND_ATTEMPTS {
+                            let message = format!(
+                                "gave up an append to {stream} after losing {attempt} races for its revision ({})",
+                                self.target.describe()
+                            );
+                            return Err(match lost {
+                                Some(error) => Error::backend(message, error),
+                                None => Error::Backend { message, source: None },
+                            });
+                        }
+                        tokio::task::yield_now().await;
                     }
-                    return Err(error);
-                }
-            }
-            // The first id is new but a later one is stored: the unique
-            // event_id would refuse the insert, and no re-read can change
-            // that. A conflict, as plan_append asks of every backend.
-            if events.iter().any(|event| stored.contains_key(&event.id)) {
-                self.count(&self.counters.conflicts, 1);
-                return Err(conflict());
-            }
-            // Write after the revision just read, and only there.
-            let only_here = Append {
-                stream: stream.clone(),
-                expected: Some(current.map_or(schema::EXPECT_NO_STREAM, reader::to_sql_int)),
-                events: Arc::clone(&events),
-            };
-            // Not written: another append moved the stream, or stored one
-            // of these ids, after our read.
-            let lost = match batcher::write(&client, &self.sql, &[&only_here]).await {
-                Ok(answers) => match answers.as_slice() {
-                    [
-                        Written::Yes {
-                            first_revision,
-                            last_position,
-                        },
-                    ] => return Ok(written(*first_revision, *last_position)),
-                    _ => None,
-                },
-                // One of the ids was written to another stream after our read.
-                Err(error) if error.code() == Some(&SqlState::UNIQUE_VIOLATION) => Some(error),
-                Err(error) => return Err(failed("cannot append", error)),
-            };
-            // Read again and decide again: `Exact` and `NoStream` now see the
-            // conflict or, for a retry racing its original, the original
-            // result; `Any` and `StreamExists` write after the new last
-            // revision.
-            self.count(&self.counters.lost_races, 1);
-            if attempt >= MAX_APPEND_ATTEMPTS {
-                let message = format!(
-                    "gave up an append to {stream} after losing {attempt} races for its revision ({})",
-                    self.target.describe()
-                );
-                return Err(match lost {
-                    Some(error) => Error::backend(message, error),
-                    None => Error::Backend { message, source: None },
-                });
-            }
-            tokio::task::yield_now().await;
+                })
+                .await
+        };
+        match alone().await {
+            // A conflict or a replay was decided by reading the stream,
+            // which holds the batch's events if it committed. A failure
+            // decided nothing.
+            Err(error @ (Error::Backend { .. } | Error::Closed)) if batched == Written::Unknown => Err(Error::backend(
+                format!(
+                    "appending to {stream}: the batch it went out in failed, perhaps after it committed, and \
+                     trying it alone failed too, so whether it was stored is unknown: read the stream, or \
+                     retry it with the same event ids"
+                ),
+                error,
+            )),
+            outcome => outcome,
         }
     }
 
     async fn read_stream(&self, stream: &StreamName, options: ReadStream) -> Result<Vec<RecordedEvent>> {
         let client = self.client().await?;
-        reader::read_stream(&client, &self.sql, &self.target, stream, options).await
+        let what = format!("reading {stream}");
+        self.target
+            .bounded(client, &what, false, async |client: &Client| {
+                reader::read_stream(client, &self.sql, &self.target, stream, options).await
+            })
+            .await
     }
 
     async fn read_all(&self, options: ReadAll) -> Result<Vec<RecordedEvent>> {
@@ -665,20 +732,25 @@ impl EventStore for PostgresEventStore {
             return Ok(page.events);
         }
         let client = self.client().await?;
-        let page = reader::read_all(
-            &client,
-            &self.sql,
-            &self.target,
-            options,
-            Some(self.options.visibility_wait),
-            Some(reader::Spare {
-                pool: &self.pool,
-                pages_read_in_halves: &self.counters.pages_read_in_halves,
-            }),
-        )
-        .await?;
-        // The connection goes back first: the read-ahead may want it.
-        drop(client);
+        // The connection goes back (or is closed) first: the read-ahead may
+        // want it.
+        let page = self
+            .target
+            .bounded(client, "reading $all", false, async |client: &Client| {
+                reader::read_all(
+                    client,
+                    &self.sql,
+                    &self.target,
+                    options,
+                    Some(self.options.visibility_wait),
+                    Some(reader::Spare {
+                        pool: &self.pool,
+                        pages_read_in_halves: &self.counters.pages_read_in_halves,
+                    }),
+                )
+                .await
+            })
+            .await?;
         if forwards {
             self.read_ahead
                 .after(self.read_ahead_source(), &page.events, limit, page.visible);
@@ -688,12 +760,22 @@ impl EventStore for PostgresEventStore {
 
     async fn read_event(&self, event_id: Uuid) -> Result<Option<RecordedEvent>> {
         let client = self.client().await?;
-        reader::read_event(&client, &self.sql, &self.target, event_id).await
+        let what = format!("reading event {event_id}");
+        self.target
+            .bounded(client, &what, false, async |client: &Client| {
+                reader::read_event(client, &self.sql, &self.target, event_id).await
+            })
+            .await
     }
 
     async fn head_position(&self) -> Result<Option<Position>> {
         let client = self.client().await?;
-        let heads = reader::settled_heads(&client, &self.sql, &self.target, self.options.visibility_wait, None).await?;
+        let heads = self
+            .target
+            .bounded(client, "reading the head of $all", false, async |client: &Client| {
+                reader::settled_heads(client, &self.sql, &self.target, self.options.visibility_wait, None).await
+            })
+            .await?;
         Ok(heads.visible_position())
     }
 
@@ -718,6 +800,7 @@ mod tests {
         Target {
             config: parse_url(url).unwrap(),
             schema: "triage".to_owned(),
+            query_timeout: Duration::from_secs(30),
         }
     }
 

@@ -292,10 +292,15 @@ async fn announce(
     owed: &mut bool,
 ) -> Result<(), tokio_postgres::Error> {
     let (client, connection) = config.connect(NoTls).await?;
-    tokio::select! {
+    let ended = tokio::select! {
         result = connection => result,
         result = send_notifications(&client, statement, pending, pid, notifying_since, owed) => result,
-    }
+    };
+    // The session is over, and the server may give its process id to
+    // another process's announcer: the listener must not ignore that one's
+    // notifications. No backend has process id 0.
+    pid.store(0, Ordering::Relaxed);
+    ended
 }
 
 /// The first `NOTIFY` goes out at once, for the request that connected.

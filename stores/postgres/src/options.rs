@@ -40,6 +40,15 @@ pub struct PostgresOptions {
     /// How long getting a connection may take: connecting, or waiting for a
     /// free pooled one (default 10 s).
     pub connect_timeout: Duration,
+    /// How long an append or a read waits for the server's answer (default
+    /// 30 s). A connection that stops answering without closing (a network
+    /// black hole, a hung proxy, a failover that left the socket open) would
+    /// otherwise hold its caller, and a batch writer with every append
+    /// behind it, for as long as the operating system keeps the socket
+    /// (hours). On expiry the connection is closed; an append is then
+    /// reported with its outcome unknown, because the server may still
+    /// commit it.
+    pub query_timeout: Duration,
 }
 
 impl Default for PostgresOptions {
@@ -50,6 +59,7 @@ impl Default for PostgresOptions {
             poll_interval: Duration::from_millis(500),
             visibility_wait: Duration::from_secs(2),
             connect_timeout: Duration::from_secs(10),
+            query_timeout: Duration::from_secs(30),
         }
     }
 }

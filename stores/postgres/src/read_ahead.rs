@@ -40,7 +40,7 @@ use std::sync::Mutex;
 use std::sync::atomic::AtomicU64;
 use std::time::{Duration, Instant};
 
-use deadpool_postgres::Pool;
+use deadpool_postgres::{Client, Pool};
 use tokio::task::JoinHandle;
 use triage_event_store::RecordedEvent;
 
@@ -168,7 +168,10 @@ impl ReadAhead {
                 pool: &pool,
                 pages_read_in_halves: &halves,
             };
-            reader::read_visible_page(&client, spare, &sql, &target, from, limit)
+            target
+                .bounded(client, "reading ahead in $all", false, async |client: &Client| {
+                    reader::read_visible_page(client, spare, &sql, &target, from, limit).await
+                })
                 .await
                 .inspect_err(
                     |error| tracing::debug!(%error, from, "a read-ahead of $all failed; the reader will read again"),
