@@ -38,8 +38,15 @@ use crate::{Target, schema};
 /// but leaves every append waiting behind a batch that waits for a stream
 /// lock held by another process's transaction.
 pub(crate) const WRITERS: usize = 2;
-/// Most appends in one batch.
-pub(crate) const MAX_BATCH_APPENDS: usize = 256;
+/// Most appends in one batch. `triage_append` takes one transaction-level
+/// advisory lock per stream of the batch, and those live in the server's
+/// shared lock table (`max_locks_per_transaction` × `max_connections`
+/// entries, 6,400 by default) with every other session's locks. At 256, a
+/// dozen busy processes (two writers each) could fill it and fail other
+/// sessions' transactions with "out of shared memory"; at 64 that takes
+/// fifty. The benchmark's batches stay under 64 at 32 agents, so the cap
+/// costs them nothing.
+pub(crate) const MAX_BATCH_APPENDS: usize = 64;
 /// Payload bytes after which a batch takes no more appends.
 pub(crate) const MAX_BATCH_BYTES: usize = 4 * 1024 * 1024;
 
