@@ -58,6 +58,7 @@ fn lifecycle(ticket_id: TicketId, policy: &Policy) -> Vec<EventData> {
                 )),
                 recorded_at: now,
                 decided_at_revision: None,
+                sender_saw_revision: None,
             };
             records.push(EventData {
                 id: event_id(command_id, index as u32),

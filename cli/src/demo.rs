@@ -241,7 +241,14 @@ fn print_summary(triage: &DemoReport, naive: Option<&DemoReport>, config: &DemoC
     };
     row("tickets resolved", &|r| format!("{} / {}", r.resolved, r.tickets));
     row("wall time", &|r| format!("{:.1} s", r.wall_s));
-    row("events written", &|r| format!("{} ({:.0}/s)", r.events, r.events_per_s));
+    row("events written", &|r| {
+        format!(
+            "{} ({} by the agents, {:.0}/s)",
+            r.events,
+            r.events - r.intake_events,
+            r.events_per_s
+        )
+    });
     row("agent tasks (claims taken)", &|r| r.tasks.to_string());
     row("task failure rate", &|r| format!("{:.1}%", r.task_failure_rate * 100.0));
     row("  crashed / timed out / invalid output", &|r| {
@@ -279,8 +286,11 @@ fn print_summary(triage: &DemoReport, naive: Option<&DemoReport>, config: &DemoC
             r.retries_sent, r.duplicates_suppressed, r.duplicates_applied
         )
     });
-    row("claims expired → ticket still resolved", &|r| {
-        format!("{} → {}", r.claims_expired, r.claims_recovered)
+    row("claims expired (on tickets) → tickets resolved", &|r| {
+        format!(
+            "{} ({}) → {}",
+            r.claims_expired, r.tickets_with_expired_claims, r.claims_recovered
+        )
     });
     row("AUDIT (from the log alone)", &|_| String::new());
     row("  lost updates", &|r| r.lost_updates.to_string());

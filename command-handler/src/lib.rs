@@ -825,6 +825,7 @@ fn metadata_for(
 ) -> EventMetadata {
     EventMetadata {
         decided_at_revision,
+        sender_saw_revision: envelope.expected_revision,
         schema_version,
         command_id: envelope.command_id,
         correlation_id: envelope.correlation_id.unwrap_or(envelope.command_id),

@@ -174,15 +174,7 @@ pub async fn logs_from_store(
                     return ControlFlow::Break(());
                 }
             };
-            // What the writer had seen: the revision its command was decided
-            // on, as the handler recorded it. (Metadata written before that
-            // field existed says nothing; the append's expected revision
-            // then vouches for the event's own revision.)
-            let seen = match metadata.decided_at_revision {
-                Some(revision) => revision + 1,
-                None if record.revision == 0 => 0,
-                None => record.revision,
-            };
+            let seen = seen_by_writers(record.revision, &metadata);
             logs.entry(ticket).or_default().push((
                 record.revision,
                 LoggedEvent {
@@ -207,6 +199,25 @@ pub async fn logs_from_store(
         .collect())
 }
 
+/// How many of the ticket's earlier events the writers of the event at
+/// `revision` had seen: the handler, by the revision it decided on, and the
+/// sender, by the revision it said it decided on. The lower counts: a
+/// handler that appended over a revision its sender never saw lost an
+/// update just the same, and the log, not the handler, must show it did not.
+/// (Metadata written before the handler recorded its revision says nothing;
+/// the append's expected revision then vouches for the event's own.)
+fn seen_by_writers(revision: u64, metadata: &EventMetadata) -> u64 {
+    let handler = match metadata.decided_at_revision {
+        Some(decided) => decided + 1,
+        None if revision == 0 => 0,
+        None => revision,
+    };
+    match metadata.sender_saw_revision {
+        Some(sender) => handler.min(sender + 1),
+        None => handler,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use chrono::{TimeZone, Utc};
@@ -228,6 +239,7 @@ mod tests {
                 traceparent: None,
                 recorded_at: Utc.with_ymd_and_hms(2026, 5, 1, 10, 0, command as u32 % 50).unwrap(),
                 decided_at_revision: None,
+                sender_saw_revision: None,
             },
             seen,
         }
@@ -360,5 +372,30 @@ mod tests {
         let audit = audit(&BTreeMap::from([(ticket(), log)]), &acks());
         assert_eq!(audit.lost_updates, 1, "{audit:?}");
         assert!(audit.findings.iter().any(|f| f.contains("never saw it")), "{audit:?}");
+    }
+
+    #[test]
+    fn a_sender_that_saw_less_than_the_handler_counts() {
+        let mut metadata = logged(1, 0, clean_log()[0].event.clone(), Role::Classifier, "c1", 0).metadata;
+        metadata.decided_at_revision = Some(4);
+        assert_eq!(seen_by_writers(5, &metadata), 5, "the handler decided on revision 4");
+        metadata.sender_saw_revision = Some(4);
+        assert_eq!(seen_by_writers(5, &metadata), 5, "both saw revision 4");
+        // A handler that ignored a stale at_revision: the sender saw only
+        // revisions 0 to 2, so revisions 3 and 4 were overwritten unseen.
+        metadata.sender_saw_revision = Some(2);
+        assert_eq!(seen_by_writers(5, &metadata), 3);
+        let mut log = clean_log();
+        log[2].seen = seen_by_writers(2, &{
+            let mut stale = log[2].metadata.clone();
+            stale.decided_at_revision = Some(1);
+            stale.sender_saw_revision = Some(0);
+            stale
+        });
+        let audit = audit(&BTreeMap::from([(ticket(), log)]), &acks());
+        assert_eq!(audit.lost_updates, 1, "{audit:?}");
+        // Metadata from before either field: the event's own revision.
+        let old = logged(1, 0, clean_log()[0].event.clone(), Role::Intake, "i", 0).metadata;
+        assert_eq!((seen_by_writers(0, &old), seen_by_writers(7, &old)), (0, 7));
     }
 }

@@ -314,6 +314,7 @@ impl Backend for NaiveBackend {
                     traceparent: None,
                     recorded_at: now,
                     decided_at_revision: snapshot.ticket.exists().then_some(snapshot.revision),
+                    sender_saw_revision: None,
                 },
                 seen,
             });

@@ -60,7 +60,22 @@ async fn a_small_demo_resolves_every_ticket_and_passes_its_audit() {
     assert_eq!(report.late_writes_rejected, report.late_writes_attempted);
     assert_eq!(report.duplicates_suppressed, report.retries_sent);
     assert!(report.claims_expired > 0, "{report:?}");
+    // Tickets, not claims: a ticket may lose several claims. Every ticket
+    // was resolved, so every one that lost a claim was too.
+    assert!(
+        (1..=report.claims_expired as usize).contains(&report.tickets_with_expired_claims),
+        "{report:?}"
+    );
+    assert_eq!(report.claims_recovered, report.tickets_with_expired_claims);
     assert!(report.latency_p99_ms as f64 >= report.latency_mean_ms && report.latency_mean_ms > 0.0);
+    // The rate counts the agents' events only: the intake's are written
+    // before the clock starts.
+    assert_eq!(report.intake_events, report.tickets, "one TicketOpened per ticket");
+    let agents_events = (report.events - report.intake_events) as f64;
+    assert!(
+        (report.events_per_s * report.wall_s - agents_events).abs() < 1.0,
+        "{report:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -101,4 +116,31 @@ async fn nonsense_configurations_are_refused() {
         error.to_string().contains("failure rates must add up to at most 1"),
         "{error}"
     );
+    // Each of these would run without ever finishing.
+    for (config, says) in [
+        (
+            DemoConfig {
+                lease_secs: 100_000,
+                ..small()
+            },
+            "above the policy's longest lease",
+        ),
+        (
+            DemoConfig {
+                operators: 0,
+                ..small()
+            },
+            "at least one operator",
+        ),
+        (
+            DemoConfig {
+                max_seconds: f64::NAN,
+                ..small()
+            },
+            "--max-seconds must be a positive number",
+        ),
+    ] {
+        let error = triage_demo::run_naive(config, |_| {}).await.unwrap_err();
+        assert!(error.to_string().contains(says), "{error}");
+    }
 }

@@ -369,6 +369,12 @@ pub struct EventMetadata {
     /// the log alone that no write overwrote one it never saw.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub decided_at_revision: Option<u64>,
+    /// The revision the sender said it decided on (the command's
+    /// `at_revision`), when it said. The handler appends only when this is
+    /// the revision it decided on too; recorded so that an auditor need not
+    /// take the handler's word for that.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sender_saw_revision: Option<u64>,
 }
 
 impl EventMetadata {

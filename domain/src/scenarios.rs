@@ -566,6 +566,7 @@ fn metadata(agent: &Agent, command_id: Uuid, now: chrono::DateTime<chrono::Utc>)
         traceparent: None,
         recorded_at: now,
         decided_at_revision: None,
+        sender_saw_revision: None,
     }
 }
 

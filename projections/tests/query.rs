@@ -60,6 +60,7 @@ async fn store_with(writes: &[Write]) -> Arc<InMemoryEventStore> {
             traceparent: None,
             recorded_at: base + Duration::minutes(minute),
             decided_at_revision: None,
+            sender_saw_revision: None,
         };
         let event = EventData {
             id: Uuid::new_v4(),

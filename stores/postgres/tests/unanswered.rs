@@ -99,7 +99,9 @@ async fn an_append_over_a_silent_connection_fails_in_time_and_the_store_recovers
     match &lost {
         // The batch got no answer, and the try alone found no connection
         // (or none that answered): the server may have the append.
-        Err(Error::Backend { message, .. }) => assert!(message.contains("whether it was stored is unknown"), "{message}"),
+        Err(Error::Backend { message, .. }) => {
+            assert!(message.contains("whether it was stored is unknown"), "{message}")
+        }
         other => panic!("expected a backend error, got {other:?}"),
     }
     eprintln!("the append failed after {:?}: {lost:?}", started.elapsed());
