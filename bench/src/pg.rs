@@ -24,7 +24,15 @@
 //! What counts: `commands` are accepted commands; `rejected` and
 //! `contended` are the other answers. Latency covers every command sent,
 //! accepted or not, retries included. `conflicts` are expected-revision
-//! conflicts that were retried by deciding again on fresh state.
+//! conflicts that were retried by deciding again on fresh state;
+//! `store_conflicts` counts every conflict the store answered, including
+//! those of a decision made on a cached state, which the handler decides
+//! again at once (a stale cache is not contention, so it does not back
+//! off). The peer has no cache: its `conflicts` are all contention, each
+//! retried after a backoff, and compare with `store_conflicts`.
+//!
+//! The summary's `p50_ms` and `p99_ms` are medians over the rounds of each
+//! round's percentile (the peer reports percentiles, not its samples).
 //!
 //! The handler is Triage's default one, so it also records every refusal
 //! in the ticket's `rejections-<uuid>` stream (one more append per
@@ -364,13 +372,22 @@ fn median(mut values: Vec<f64>) -> f64 {
 pub(crate) async fn compare(url: &str, peer: &PathBuf, config: RunConfig, rounds: usize) -> anyhow::Result<()> {
     let mut triage = Vec::new();
     let mut peers = Vec::new();
-    for _ in 0..rounds.max(1) {
+    for round in 0..rounds.max(1) {
+        // Each goes first in every other round, so that neither always
+        // meets the other's leftovers (dirty pages, autovacuum, the WAL).
+        if round % 2 == 1 {
+            let line = peer_run(peer, url, config)?;
+            println!("{line}");
+            peers.push(line);
+        }
         let line = commands(url, config).await?;
         println!("{line}");
         triage.push(line);
-        let line = peer_run(peer, url, config)?;
-        println!("{line}");
-        peers.push(line);
+        if round % 2 == 0 {
+            let line = peer_run(peer, url, config)?;
+            println!("{line}");
+            peers.push(line);
+        }
     }
     let medians = |lines: &[Value], key: &str| median(lines.iter().filter_map(|line| line[key].as_f64()).collect());
     let (triage_rate, peer_rate) = (medians(&triage, "commands_per_s"), medians(&peers, "commands_per_s"));
@@ -481,7 +498,7 @@ async fn rebuild_into_postgres(
         // Of the wall time, the read-model writes; the reads overlap them.
         "write_s": round(reports.first().map_or(0.0, |report| report.write_s), 3),
         "events_per_s": round(total as f64 / wall, 0),
-        "peak_rss_mb": crate::replay::peak_rss_mib().map(|m| round(m, 1)),
+        "peak_rss_mb": crate::replay::peak_rss_mb().map(|m| round(m, 1)),
         "batch_size": batch_size,
     }))
 }

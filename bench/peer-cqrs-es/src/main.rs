@@ -23,6 +23,10 @@
 //!   50 ms: Triage's default `RetryPolicy`.
 //! - Pool size: `--pool-size`, the same number `pg-compare` gives Triage.
 //!
+//! Its `conflicts` are every conflict it met, all contention; they compare
+//! with Triage's `store_conflicts`, not with its `conflicts` (see
+//! `bench/src/pg.rs`).
+//!
 //! What differs, by design of the peer: cqrs-es loads the aggregate's
 //! events before every command (no stream cache), stores JSON with string
 //! metadata, and has no global position or subscription machinery.

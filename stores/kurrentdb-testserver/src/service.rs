@@ -142,6 +142,13 @@ impl Streams for StreamsService {
             .filter(|name| !name.is_empty())
             .ok_or_else(|| invalid("an append needs a stream name"))?;
         let expected = match options.expected_stream_revision {
+            // As the server: a revision is read as a signed 64-bit number,
+            // u64::MAX (-1) meaning "no stream" and anything else above
+            // i64::MAX an internal error.
+            Some(append_req::options::ExpectedStreamRevision::Revision(u64::MAX)) => Expected::NoStream,
+            Some(append_req::options::ExpectedStreamRevision::Revision(n)) if i64::try_from(n).is_err() => {
+                return Err(Status::unknown(format!("revision {n} is out of range")));
+            }
             Some(append_req::options::ExpectedStreamRevision::Revision(n)) => Expected::Exact(n),
             Some(append_req::options::ExpectedStreamRevision::NoStream(_)) => Expected::NoStream,
             Some(append_req::options::ExpectedStreamRevision::Any(_)) => Expected::Any,

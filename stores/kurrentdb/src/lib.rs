@@ -380,6 +380,24 @@ impl EventStore for KurrentDbEventStore {
         events: Vec<EventData>,
     ) -> Result<AppendResult> {
         validate_append(stream, &events)?;
+        // The server reads a revision as a signed 64-bit number: it takes
+        // u64::MAX for "no stream" and refuses the rest above i64::MAX as
+        // an internal error. No stream reaches such a revision, so
+        // expecting one is a conflict, decided here.
+        if let ExpectedRevision::Exact(revision) = expected
+            && i64::try_from(revision).is_err()
+        {
+            let actual = match self.read_stream(stream, ReadStream::backwards().limit(1)).await {
+                Ok(last) => last.first().map(|event| event.revision),
+                Err(Error::StreamNotFound { .. }) => None,
+                Err(error) => return Err(error),
+            };
+            return Err(Error::WrongExpectedVersion {
+                stream: stream.clone(),
+                expected,
+                actual,
+            });
+        }
         let name = self.server_name(stream);
         let options = AppendToStreamOptions::default()
             .stream_state(to_client_state(expected))
