@@ -162,6 +162,17 @@ impl TestServer {
             .store(millis, std::sync::atomic::Ordering::Relaxed);
     }
 
+    /// Makes this server a follower of the leader at `leader` (`None`: the
+    /// leader again): reads and appends get KurrentDB's "not leader"
+    /// answer naming it, as a cluster's followers give.
+    pub fn set_leader(&self, leader: Option<SocketAddr>) {
+        *self
+            .faults
+            .leader
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = leader;
+    }
+
     /// Stops the server: subscriptions end with `Unavailable`, the listener
     /// closes and open connections are dropped. Returns the log, for
     /// [`TestServer::restart`].

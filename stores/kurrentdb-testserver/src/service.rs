@@ -45,6 +45,30 @@ const CHECKPOINT_INTERVAL: u32 = 32;
 pub(crate) struct Faults {
     /// Every append waits this long (milliseconds) before it is applied.
     pub(crate) append_delay_ms: AtomicU64,
+    /// When set, the server is a follower of the leader at this address:
+    /// reads and appends are refused with KurrentDB's "not leader" answer,
+    /// which names the leader.
+    pub(crate) leader: std::sync::Mutex<Option<std::net::SocketAddr>>,
+}
+
+impl Faults {
+    /// KurrentDB's answer to a leader-only request sent to a follower: the
+    /// `not-leader` exception with the leader's endpoint in the metadata.
+    fn refuse_if_follower(&self) -> Result<(), Status> {
+        let leader = *self.leader.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let Some(leader) = leader else {
+            return Ok(());
+        };
+        let mut status = Status::not_found("Leader info available");
+        let metadata = status.metadata_mut();
+        metadata.insert("exception", "not-leader".parse().expect("ASCII"));
+        metadata.insert("leader-endpoint-host", leader.ip().to_string().parse().expect("ASCII"));
+        metadata.insert(
+            "leader-endpoint-port",
+            leader.port().to_string().parse().expect("ASCII"),
+        );
+        Err(status)
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -81,6 +105,7 @@ impl Streams for StreamsService {
     type BatchAppendStream = ResponseStream<BatchAppendResp>;
 
     async fn read(&self, request: Request<ReadReq>) -> Result<Response<Self::ReadStream>, Status> {
+        self.faults.refuse_if_follower()?;
         let options = request
             .into_inner()
             .options
@@ -128,6 +153,7 @@ impl Streams for StreamsService {
     }
 
     async fn append(&self, request: Request<Streaming<AppendReq>>) -> Result<Response<AppendResp>, Status> {
+        self.faults.refuse_if_follower()?;
         let mut messages = request.into_inner();
         let first = messages
             .message()

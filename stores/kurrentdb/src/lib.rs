@@ -214,12 +214,21 @@ impl KurrentDbEventStore {
                     self.connected();
                     return Ok(value);
                 }
+                // The client has already turned to the leader it was told
+                // of: the same client tries again. A new one would start
+                // over from the URL's first host, which may be this very
+                // follower.
+                Err(error @ kurrentdb::Error::NotLeaderException(_)) if attempt < 2 => {
+                    tracing::debug!(%error, what, "KurrentDB node is not the leader; trying the leader");
+                }
                 Err(error) if is_connection_failure(&error) && attempt < 2 => {
                     tracing::debug!(%error, what, "KurrentDB call failed; reconnecting");
                     self.reconnect(generation).await;
                 }
                 Err(error) if is_connection_failure(&error) => {
-                    self.reconnect_later(generation);
+                    if !matches!(error, kurrentdb::Error::NotLeaderException(_)) {
+                        self.reconnect_later(generation);
+                    }
                     return Err(CallError::Port(Error::backend(
                         format!("KurrentDB at {} is unavailable ({what})", self.description),
                         error,

@@ -183,3 +183,27 @@ async fn system_streams_on_the_server_are_not_part_of_the_store() {
     assert_eq!(store.head_position().await.unwrap(), Some(ours[1].position));
     assert_eq!(server.log().len(), 12);
 }
+
+/// A URL naming one node that turns out to be a follower: the client
+/// follows the "not leader" answer to the leader it names, and the store
+/// must let it, not start over from the follower.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_sends_the_store_to_its_leader() {
+    let leader = server().await;
+    let follower = server().await;
+    follower.set_leader(Some(leader.address()));
+    let store = KurrentDbEventStore::connect(&follower.url(), KurrentDbOptions::default()).unwrap();
+    let s = stream("ticket");
+    let first = store
+        .append(&s, ExpectedRevision::NoStream, vec![event("A")])
+        .await
+        .expect("the append reaches the leader");
+    assert_eq!(first.current_revision, 0);
+    store
+        .append(&s, ExpectedRevision::Exact(0), vec![event("B")])
+        .await
+        .expect("later calls go to the leader too");
+    assert_eq!(store.read_stream(&s, ReadStream::forwards()).await.unwrap().len(), 2);
+    assert_eq!(leader.log().len(), 2, "the leader holds the events");
+    assert!(follower.log().is_empty(), "the follower wrote nothing");
+}
