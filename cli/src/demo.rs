@@ -95,6 +95,11 @@ impl DemoArgs {
     }
 }
 
+/// The user pressed Ctrl-C: exit status 130, as a shell gives.
+#[derive(Debug, thiserror::Error)]
+#[error("interrupted; nothing was audited")]
+pub(crate) struct Interrupted;
+
 pub(crate) async fn run(args: DemoArgs, global: &GlobalArgs) -> anyhow::Result<()> {
     let config = args.config();
     // A fresh temporary store unless one was named; it is deleted at exit.
@@ -143,14 +148,20 @@ pub(crate) async fn run(args: DemoArgs, global: &GlobalArgs) -> anyhow::Result<(
         skip_event_types: global.skip_event_type.iter().cloned().collect(),
         ..ProjectorOptions::default()
     };
-    let triage = triage_demo::run_triage(
+    let run = triage_demo::run_triage(
         events,
         read_models,
         projector_options,
         config,
         progress("triage", config.tickets, show),
-    )
-    .await?;
+    );
+    // On Ctrl-C the run is dropped, and the runtime with its agents when
+    // main returns: the last handle on a temporary store goes, and with it
+    // the store's directory, as promised above.
+    let triage = tokio::select! {
+        report = run => report?,
+        _ = tokio::signal::ctrl_c() => return Err(Interrupted.into()),
+    };
     let naive = match args.compare {
         Some(Baseline::Naive) => Some(triage_demo::run_naive(config, progress("naive", config.tickets, show)).await?),
         None => None,

@@ -372,6 +372,10 @@ fn main() -> ExitCode {
             eprintln!("error: {}", describe(&error));
             ExitCode::from(2)
         }
+        Err(error) if error.downcast_ref::<demo::Interrupted>().is_some() => {
+            eprintln!("{}", describe(&error));
+            ExitCode::from(130)
+        }
         Err(error) if error.downcast_ref::<events::NothingMatched>().is_some() => {
             eprintln!("{}", describe(&error));
             ExitCode::from(3)

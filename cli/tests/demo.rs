@@ -241,3 +241,50 @@ fn a_demo_on_a_store_with_other_tickets_never_touches_them() {
         );
     }
 }
+
+/// Ctrl-C during a run: the demo stops, says so, exits 130 and deletes the
+/// temporary store it said it would delete at exit.
+#[test]
+fn ctrl_c_stops_the_demo_and_deletes_its_temporary_store() {
+    use std::io::{BufRead, BufReader};
+    use std::time::{Duration, Instant};
+
+    let dir = tempfile::tempdir().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut demo = common::command(dir.path())
+        .args(["demo", "--tickets", "500", "--no-progress"])
+        .env("TMPDIR", tmp.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("the triage binary runs");
+    let mut stderr = BufReader::new(demo.stderr.take().unwrap());
+    let mut banner = String::new();
+    stderr.read_line(&mut banner).unwrap();
+    assert!(banner.contains("deleted at exit"), "{banner}");
+    let store_dirs = || std::fs::read_dir(tmp.path()).unwrap().count();
+    assert_eq!(store_dirs(), 1, "the demo made its temporary store");
+    std::thread::sleep(Duration::from_millis(500));
+    let pid = demo.id().to_string();
+    let kill = std::process::Command::new("kill")
+        .args(["-INT", &pid])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = demo.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = demo.kill();
+            panic!("the demo did not stop on Ctrl-C");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut stderr, &mut rest).unwrap();
+    assert_eq!(status.code(), Some(130), "{rest}");
+    assert!(rest.contains("interrupted"), "{rest}");
+    assert_eq!(store_dirs(), 0, "the temporary store was deleted");
+}

@@ -384,7 +384,15 @@ where
         ticket: Ticket::default(),
         read_at: triage_command_handler::Clock::now(clock.as_ref()),
     };
+    // Tickets arrive together, as from a mailbox: concurrent openings
+    // share the store's commits, where one at a time would wait for one
+    // fsync each.
+    const INTAKE_IN_FLIGHT: usize = 32;
+    let mut openings = tokio::task::JoinSet::new();
     for (id, ticket) in shared.tickets.iter() {
+        if openings.len() >= INTAKE_IN_FLIGHT {
+            openings.join_next().await;
+        }
         let open = CommandEnvelope::new(
             *id,
             intake.clone(),
@@ -394,8 +402,12 @@ where
                 customer: Some(ticket.customer.clone()),
             },
         );
-        let _ = shared.submit(open, &nobody(*id)).await;
+        let (shared, snapshot) = (shared.clone(), nobody(*id));
+        openings.spawn(async move {
+            let _ = shared.submit(open, &snapshot).await;
+        });
     }
+    openings.join_all().await;
     // The intake's events are not the agents' work: rates count from here.
     let events_at_start = events_so_far().await;
     let started = Instant::now();

@@ -33,9 +33,9 @@ impl ScaledClock {
         }
     }
 
-    /// Sleeps for `simulated` seconds of simulated time.
-    pub async fn sleep(&self, simulated: f64) {
-        tokio::time::sleep(Duration::from_secs_f64((simulated / self.speed).max(0.0))).await;
+    /// The real time `simulated` seconds take.
+    pub fn real(&self, simulated: f64) -> Duration {
+        Duration::from_secs_f64((simulated / self.speed).max(0.0))
     }
 }
 
@@ -86,6 +86,21 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    /// Sleeps `simulated` seconds, waking early when the run stops, so
+    /// that `--max-seconds` bounds the run even with long simulated waits.
+    /// False if the run stopped.
+    pub(crate) async fn pause(&self, simulated: f64) -> bool {
+        let until = tokio::time::Instant::now() + self.clock.real(simulated);
+        while !self.stop.load(Ordering::Relaxed) {
+            let now = tokio::time::Instant::now();
+            if now >= until {
+                return true;
+            }
+            tokio::time::sleep((until - now).min(Duration::from_millis(100))).await;
+        }
+        false
+    }
+
     pub(crate) async fn submit(
         &self,
         envelope: CommandEnvelope,
@@ -200,13 +215,13 @@ pub(crate) async fn agent(shared: Shared, role: Role, index: usize) {
     while !shared.stop.load(Ordering::Relaxed) {
         let queue = shared.backend.queue(role, 4).await;
         if queue.is_empty() {
-            shared.clock.sleep(0.5).await;
+            shared.pause(0.5).await;
             continue;
         }
         // Agents pick among the oldest few: two of them often pick the same.
         let snapshot = &queue[rng.usize(0..queue.len().min(3))];
         // Reading the ticket into the prompt takes a moment.
-        shared.clock.sleep(0.2 + rng.f64()).await;
+        shared.pause(0.2 + rng.f64()).await;
         let start = CommandEnvelope::new(snapshot.ticket_id, me.clone(), start_command(role));
         let claim_id = start.command_id;
         let claimed = match shared.submit(start, snapshot).await {
@@ -251,7 +266,10 @@ pub(crate) async fn agent(shared: Shared, role: Role, index: usize) {
         } else {
             shared.llm_latency(&mut rng)
         };
-        shared.clock.sleep(think).await;
+        if !shared.pause(think).await {
+            // The run is over: the result would come after its end.
+            break;
+        }
         let generated = shared.generated(snapshot.ticket_id);
         let result = CommandEnvelope::new(
             snapshot.ticket_id,
@@ -305,11 +323,11 @@ pub(crate) async fn operator(shared: Shared, index: usize) {
     while !shared.stop.load(Ordering::Relaxed) {
         let queue = shared.backend.queue(Role::Operator, 4).await;
         let Some(snapshot) = queue.first() else {
-            shared.clock.sleep(1.0).await;
+            shared.pause(1.0).await;
             continue;
         };
         // A human reads the thread and calls the customer.
-        shared.clock.sleep(5.0 + rng.f64() * 10.0).await;
+        shared.pause(5.0 + rng.f64() * 10.0).await;
         let resolve = CommandEnvelope::new(
             snapshot.ticket_id,
             me.clone(),
@@ -344,7 +362,7 @@ pub(crate) async fn sweeper(shared: Shared) {
                 Err(_) => {}
             }
         }
-        shared.clock.sleep(2.0).await;
+        shared.pause(2.0).await;
     }
 }
 
