@@ -288,12 +288,20 @@ impl KurrentDbEventStore {
     }
 
     /// The port's view of a recorded event; `None` for events outside the
-    /// namespace or in system streams.
+    /// namespace, in system streams, or in a stream whose name no Triage
+    /// store could have written (another application's, over 255 bytes or
+    /// with control characters): like system events, they are not this
+    /// store's, and failing on one would stop every reader of `$all` at it
+    /// for good.
     fn recorded(&self, event: &kurrentdb::RecordedEvent) -> Result<Option<RecordedEvent>> {
         let Some(name) = event.stream_id().strip_prefix(self.prefix.as_str()) else {
             return Ok(None);
         };
         if name.starts_with('$') {
+            return Ok(None);
+        }
+        if let Err(error) = StreamName::new(name) {
+            tracing::debug!(%error, position = ?event.position, "skipping an event of a stream Triage cannot name");
             return Ok(None);
         }
         convert::from_client_event(name, event).map(Some)

@@ -207,3 +207,40 @@ async fn a_follower_sends_the_store_to_its_leader() {
     assert_eq!(leader.log().len(), 2, "the leader holds the events");
     assert!(follower.log().is_empty(), "the follower wrote nothing");
 }
+
+/// Another application's stream, named as no Triage stream can be, shares
+/// `$all` without a namespace: readers pass over its events instead of
+/// failing at them for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_of_a_stream_triage_cannot_name_are_passed_over() {
+    let server = server().await;
+    let store = KurrentDbEventStore::connect(&server.url(), KurrentDbOptions::default()).unwrap();
+    let before = stream("ticket");
+    store
+        .append(&before, ExpectedRevision::NoStream, vec![event("Before")])
+        .await
+        .unwrap();
+    let settings: kurrentdb::ClientSettings = server.url().parse().unwrap();
+    let other_app = kurrentdb::Client::new(settings).unwrap();
+    let foreign = "x".repeat(300);
+    other_app
+        .append_to_stream(
+            foreign.as_str(),
+            &kurrentdb::AppendToStreamOptions::default(),
+            kurrentdb::EventData::binary("Foreign", vec![1, 2, 3].into()),
+        )
+        .await
+        .unwrap();
+    let after = stream("ticket");
+    store
+        .append(&after, ExpectedRevision::NoStream, vec![event("After")])
+        .await
+        .unwrap();
+    let all = store
+        .read_all(ReadAll::forwards(100))
+        .await
+        .expect("$all reads past the foreign event");
+    let types: Vec<&str> = all.iter().map(|event| event.event_type.as_str()).collect();
+    assert_eq!(types, ["Before", "After"]);
+    assert_eq!(server.log().len(), 3, "the foreign event is in the log");
+}
