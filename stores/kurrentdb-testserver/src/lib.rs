@@ -173,6 +173,12 @@ impl TestServer {
             .unwrap_or_else(|poisoned| poisoned.into_inner()) = leader;
     }
 
+    /// Read requests (`Streams.Read`: stream and `$all` reads, and
+    /// subscriptions) served so far.
+    pub fn reads(&self) -> u64 {
+        self.faults.reads.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Stops the server: subscriptions end with `Unavailable`, the listener
     /// closes and open connections are dropped. Returns the log, for
     /// [`TestServer::restart`].

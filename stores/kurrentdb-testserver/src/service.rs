@@ -49,6 +49,8 @@ pub(crate) struct Faults {
     /// reads and appends are refused with KurrentDB's "not leader" answer,
     /// which names the leader.
     pub(crate) leader: std::sync::Mutex<Option<std::net::SocketAddr>>,
+    /// Read requests served (not a fault: what tests count round trips by).
+    pub(crate) reads: AtomicU64,
 }
 
 impl Faults {
@@ -106,6 +108,7 @@ impl Streams for StreamsService {
 
     async fn read(&self, request: Request<ReadReq>) -> Result<Response<Self::ReadStream>, Status> {
         self.faults.refuse_if_follower()?;
+        self.faults.reads.fetch_add(1, Ordering::Relaxed);
         let options = request
             .into_inner()
             .options

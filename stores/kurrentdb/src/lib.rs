@@ -512,9 +512,17 @@ impl EventStore for KurrentDbEventStore {
         let mut cursor = start;
         let mut first_page = true;
         while events.len() < options.max_count {
-            // After the first page the server may return the cursor event
-            // again (forward reads include their start): ask for one more.
-            let wanted = (options.max_count - events.len()).min(PAGE) + usize::from(!first_page);
+            // A later page means the first held events that were dropped
+            // (system events: a projection writes links after each event),
+            // so it asks for a whole page, not for what is missing: asking
+            // for one event over a stretch of them would take a round trip
+            // each. It may also return the cursor event again (forward
+            // reads include their start): one more.
+            let wanted = if first_page {
+                (options.max_count - events.len()).min(PAGE)
+            } else {
+                PAGE + 1
+            };
             let (page, seen, last) = self.read_all_page(options.direction, cursor, wanted).await?;
             for event in page {
                 let beyond = match (options.direction, cursor) {

@@ -244,3 +244,53 @@ async fn events_of_a_stream_triage_cannot_name_are_passed_over() {
     assert_eq!(types, ["Before", "After"]);
     assert_eq!(server.log().len(), 3, "the foreign event is in the log");
 }
+
+/// A stretch of system events (links a server projection writes) between
+/// two events costs a reader of the next event a page or two, not a round
+/// trip per event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reading_past_system_events_takes_pages_not_one_request_each() {
+    let server = server().await;
+    let store = KurrentDbEventStore::connect(&server.url(), KurrentDbOptions::default()).unwrap();
+    let first = stream("ticket");
+    store
+        .append(&first, ExpectedRevision::NoStream, vec![event("First")])
+        .await
+        .unwrap();
+    let settings: kurrentdb::ClientSettings = server.url().parse().unwrap();
+    let projection = kurrentdb::Client::new(settings).unwrap();
+    let links: Vec<_> = (0..300)
+        .map(|index| kurrentdb::EventData::binary("$>", format!("{index}@ticket").into_bytes().into()))
+        .collect();
+    projection
+        .append_to_stream("$ce-ticket", &kurrentdb::AppendToStreamOptions::default(), links)
+        .await
+        .unwrap();
+    let second = stream("ticket");
+    store
+        .append(&second, ExpectedRevision::NoStream, vec![event("Second")])
+        .await
+        .unwrap();
+    let head = store.read_all(ReadAll::forwards(1)).await.unwrap();
+    assert_eq!(head[0].event_type, "First");
+    let reads = server.reads();
+    let next = store
+        .read_all(ReadAll::forwards(1).from_position(head[0].position))
+        .await
+        .unwrap();
+    let next: Vec<&str> = next.iter().map(|event| event.event_type.as_str()).collect();
+    // From the first event, inclusive: the first, then (past the links)
+    // nothing more fits in a page of one.
+    assert_eq!(next, ["First"]);
+    let after_first = store
+        .read_all(ReadAll::forwards(2).from_position(head[0].position))
+        .await
+        .unwrap();
+    let types: Vec<&str> = after_first.iter().map(|event| event.event_type.as_str()).collect();
+    assert_eq!(types, ["First", "Second"]);
+    let used = server.reads() - reads;
+    assert!(
+        used <= 4,
+        "{used} read requests for two short reads past 300 system events"
+    );
+}
