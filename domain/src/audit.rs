@@ -93,8 +93,12 @@ pub fn audit_history(history: &[(Event, EventMetadata)]) -> Vec<Violation> {
                     ClaimRule::Holder => match current {
                         None => fail(format!("{kind} completed a claim, but none was held")),
                         Some(claim) => {
-                            if named_claim.is_some_and(|named| named != claim.claim_id) {
-                                fail(format!("{kind} used a stale claim, not {}", claim.claim_id));
+                            match named_claim {
+                                None => fail(format!("{kind} completed claim {} without naming it", claim.claim_id)),
+                                Some(named) if named != claim.claim_id => {
+                                    fail(format!("{kind} used a stale claim, not {}", claim.claim_id));
+                                }
+                                Some(_) => {}
                             }
                             if claim.agent_id != metadata.agent.id {
                                 fail(format!(
@@ -113,6 +117,12 @@ pub fn audit_history(history: &[(Event, EventMetadata)]) -> Vec<Violation> {
                     ClaimRule::Expired => match current {
                         None => fail(format!("{kind} expired a claim, but none was held")),
                         Some(claim) => {
+                            if named_claim != Some(claim.claim_id) {
+                                fail(format!(
+                                    "{kind} named a claim other than the current {}",
+                                    claim.claim_id
+                                ));
+                            }
                             if metadata.recorded_at < claim.lease_expires_at {
                                 fail(format!(
                                     "{kind} at {} before the lease ran out at {}",
@@ -121,13 +131,82 @@ pub fn audit_history(history: &[(Event, EventMetadata)]) -> Vec<Violation> {
                             }
                         }
                     },
-                    ClaimRule::None | ClaimRule::Takes | ClaimRule::Replaces | ClaimRule::Overrides => {}
+                    // One who needs no claim but names one acts under it:
+                    // fenced like a holder, except that it may be anyone's.
+                    ClaimRule::None | ClaimRule::Overrides => {
+                        if let Some(named) = named_claim {
+                            match current {
+                                Some(claim) if claim.claim_id == named => {
+                                    if metadata.recorded_at >= claim.lease_expires_at {
+                                        fail(format!(
+                                            "{kind} at {} under claim {named}, whose lease expired at {} (a late write)",
+                                            metadata.recorded_at, claim.lease_expires_at
+                                        ));
+                                    }
+                                }
+                                _ => fail(format!(
+                                    "{kind} named claim {named}, which is not the ticket's current one"
+                                )),
+                            }
+                        }
+                    }
+                    ClaimRule::Takes | ClaimRule::Replaces => {
+                        if let Event::ClaimTakenOver { previous_claim_id, .. } = event {
+                            let replaced = current.map_or(uuid::Uuid::nil(), |claim| claim.claim_id);
+                            if *previous_claim_id != replaced {
+                                fail(format!(
+                                    "{kind} says it replaced claim {previous_claim_id}, but the current one was {replaced}"
+                                ));
+                            }
+                        }
+                    }
+                }
+                // A claim handed out is the sender's, with a lease that has
+                // not run out as it is handed out; an extension likewise.
+                if let Some(claim) = claim_started_by(event) {
+                    if claim.agent_id != metadata.agent.id {
+                        fail(format!(
+                            "{kind} by {} handed claim {} to {}",
+                            metadata.agent.id, claim.claim_id, claim.agent_id
+                        ));
+                    }
+                    if claim.lease_expires_at <= metadata.recorded_at {
+                        fail(format!(
+                            "{kind} at {} handed out a lease that expired at {}",
+                            metadata.recorded_at, claim.lease_expires_at
+                        ));
+                    }
+                }
+                if let Event::LeaseExtended { lease_expires_at, .. } = event
+                    && *lease_expires_at <= metadata.recorded_at
+                {
+                    fail(format!(
+                        "{kind} at {} extended the lease to {lease_expires_at}, already past",
+                        metadata.recorded_at
+                    ));
+                }
+                // Each failed attempt counts one more than the ticket had.
+                if let Event::ClaimReleased { attempts, .. } | Event::ClaimExpired { attempts, .. } = event {
+                    let expected = before.attempts.saturating_add(1);
+                    if *attempts != expected {
+                        fail(format!("{kind} counted {attempts} failed attempts, not {expected}"));
+                    }
                 }
             }
         }
         index += step;
     }
     violations
+}
+
+fn claim_started_by(event: &Event) -> Option<&crate::model::Claim> {
+    match event {
+        Event::ClassificationStarted { claim }
+        | Event::DraftingStarted { claim }
+        | Event::EscalationStarted { claim }
+        | Event::ClaimTakenOver { claim, .. } => Some(claim),
+        _ => None,
+    }
 }
 
 fn claim_named_by(event: &Event) -> Option<uuid::Uuid> {

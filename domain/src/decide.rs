@@ -116,6 +116,15 @@ pub enum ValidationError {
         /// The limit.
         max: u32,
     },
+    /// The lease would end after the last instant a timestamp can hold:
+    /// the handler's clock is wrong.
+    #[error("a lease of {secs}s from {now} ends past the last representable time")]
+    LeaseEndsPastTime {
+        /// The lease asked for.
+        secs: u32,
+        /// When it was asked for.
+        now: DateTime<Utc>,
+    },
 }
 
 /// Why a command was refused. Nothing is written for a rejected command.
@@ -249,7 +258,9 @@ pub fn decide(ticket: &Ticket, command: &Command, context: &Context<'_>) -> Resu
     }
     debug_assert!(allowed_rows.iter().all(|row| row.claim == allowed_rows[0].claim));
     check_claim(ticket, command, allowed_rows[0].claim, kind, context)?;
-    let attempts = ticket.attempts + 1;
+    // Saturating: `attempts` comes from stored events, and a wrapped count
+    // would send a poison ticket back to its queue.
+    let attempts = ticket.attempts.saturating_add(1);
     let exhausted = attempts >= context.policy.max_attempts;
     let row = allowed_rows
         .iter()
@@ -391,7 +402,7 @@ fn events_for(
         Ok(Claim {
             claim_id: context.command_id,
             agent_id: context.agent.id.clone(),
-            lease_expires_at: context.now + lease(policy, lease_secs)?,
+            lease_expires_at: lease_until(policy, lease_secs, context.now)?,
         })
     };
     let poison_after = |failed: Event| -> Vec<Event> {
@@ -496,7 +507,7 @@ fn events_for(
         }
         Command::ExtendLease { claim_id, lease_secs } => vec![Event::LeaseExtended {
             claim_id: *claim_id,
-            lease_expires_at: context.now + lease(policy, *lease_secs)?,
+            lease_expires_at: lease_until(policy, *lease_secs, context.now)?,
         }],
         Command::ExpireClaim { claim_id } => {
             let lease_expired_at = ticket
@@ -520,7 +531,9 @@ fn events_for(
     Ok(events)
 }
 
-fn lease(policy: &Policy, requested: Option<u32>) -> Result<Duration, Rejection> {
+/// When a lease asked for at `now` ends; checked, so that a clock near
+/// the end of representable time is a refusal, not a panic.
+fn lease_until(policy: &Policy, requested: Option<u32>, now: DateTime<Utc>) -> Result<DateTime<Utc>, Rejection> {
     let secs = requested.unwrap_or(policy.default_lease_secs);
     if secs == 0 || secs > policy.max_lease_secs {
         return Err(Rejection::Invalid(ValidationError::LeaseOutOfRange {
@@ -528,7 +541,8 @@ fn lease(policy: &Policy, requested: Option<u32>) -> Result<Duration, Rejection>
             max: policy.max_lease_secs,
         }));
     }
-    Ok(Duration::seconds(i64::from(secs)))
+    now.checked_add_signed(Duration::seconds(i64::from(secs)))
+        .ok_or(Rejection::Invalid(ValidationError::LeaseEndsPastTime { secs, now }))
 }
 
 /// The most characters of a refused input a refusal quotes. A refusal is

@@ -1,7 +1,7 @@
 //! Given/when/then tests of `decide`: every row of the transition table,
 //! every rejection, and property tests over random command sequences.
 
-use chrono::Duration;
+use chrono::{DateTime, Duration, Utc};
 use proptest::prelude::*;
 use proptest::strategy::ValueTree;
 use proptest::test_runner::TestCaseError;
@@ -539,6 +539,45 @@ fn invalid_ticket_fields_and_leases_are_refused() {
 }
 
 #[test]
+fn a_lease_past_the_end_of_time_is_refused_not_a_panic() {
+    let now = DateTime::<Utc>::MAX_UTC - Duration::seconds(10);
+    Scenario::given([opened()])
+        .as_role("classifier-1", Role::Classifier)
+        .at(now)
+        .when(Command::StartClassification { lease_secs: None })
+        .then_rejected(Rejection::Invalid(ValidationError::LeaseEndsPastTime {
+            secs: Policy::default().default_lease_secs,
+            now,
+        }));
+}
+
+#[test]
+fn a_stored_attempt_count_at_its_limit_does_not_wrap() {
+    // Whatever the stored count, one more failure is not zero failures:
+    // the ticket goes to a human.
+    Scenario::given([
+        opened(),
+        Event::ClassificationStarted {
+            claim: claim(1, "classifier-1", 300),
+        },
+        Event::ClaimReleased {
+            claim_id: Uuid::from_u128(1),
+            reason: "r".into(),
+            attempts: u32::MAX,
+        },
+        Event::ClassificationStarted {
+            claim: claim(2, "classifier-1", 300),
+        },
+    ])
+    .as_role("classifier-1", Role::Classifier)
+    .when(Command::ReleaseClaim {
+        claim_id: Uuid::from_u128(2),
+        reason: "again".into(),
+    })
+    .then_state(State::NeedsHuman);
+}
+
+#[test]
 fn commands_and_rejections_serialize_for_programs() {
     let json = serde_json::to_value(valid_command(CommandKind::Classify)).unwrap();
     assert_eq!(json["type"], "classify");
@@ -798,6 +837,136 @@ fn the_auditor_catches_an_invalid_transition_and_a_late_write() {
     let violations = audit_history(&skipped);
     assert_eq!(violations.len(), 1, "{violations:?}");
     assert!(violations[0].message.contains("not in the transition table"));
+}
+
+/// What `decide` refuses, the auditor finds in a stored history: fencing
+/// under a named claim, expiry of another claim, counts of failed attempts,
+/// claims handed to someone else or born expired, take-overs of a claim
+/// that was not current.
+#[test]
+fn the_auditor_checks_claims_as_decide_does() {
+    let by = |id: &str, role: Role, seconds: i64| {
+        metadata(&Agent::new(id, role), Uuid::new_v4(), t0() + Duration::seconds(seconds))
+    };
+    // Drafting under claim 2 of drafter-1, its lease ending at t0 + 60 s.
+    let drafting = vec![
+        (opened(), by("intake-1", Role::Intake, 0)),
+        (
+            Event::ClassificationStarted {
+                claim: claim(1, "classifier-1", 60),
+            },
+            by("classifier-1", Role::Classifier, 0),
+        ),
+        (
+            Event::TicketClassified {
+                claim_id: Uuid::from_u128(1),
+                category: "bug".into(),
+                priority: Priority::Low,
+                confidence: 0.4,
+            },
+            by("classifier-1", Role::Classifier, 1),
+        ),
+        (
+            Event::DraftingStarted {
+                claim: claim(2, "drafter-1", 60),
+            },
+            by("drafter-1", Role::Drafter, 2),
+        ),
+    ];
+    assert_eq!(audit_history(&drafting), []);
+    let found = |last: (Event, EventMetadata)| -> String {
+        let mut history = drafting.clone();
+        history.push(last);
+        let violations = audit_history(&history);
+        assert_eq!(violations.len(), 1, "{violations:?}");
+        assert_eq!(violations[0].index, 4);
+        violations[0].message.clone()
+    };
+    let resolved = |claim_id: u128| Event::TicketResolved {
+        claim_id: Some(Uuid::from_u128(claim_id)),
+        resolution: "done".into(),
+    };
+    // An operator naming a claim: not the current one, or after its lease.
+    let message = found((resolved(0xdead), by("operator-1", Role::Operator, 5)));
+    assert!(message.contains("not the ticket's current one"), "{message}");
+    let message = found((resolved(2), by("operator-1", Role::Operator, 61)));
+    assert!(message.contains("late write"), "{message}");
+    // The sweeper expiring a claim that is not the current one.
+    let message = found((
+        Event::ClaimExpired {
+            claim_id: Uuid::from_u128(0xdead),
+            lease_expired_at: t0() + Duration::seconds(60),
+            attempts: 1,
+        },
+        by("sweeper", Role::System, 61),
+    ));
+    assert!(message.contains("other than the current"), "{message}");
+    // A release that resets the count of failed attempts.
+    let message = found((
+        Event::ClaimReleased {
+            claim_id: Uuid::from_u128(2),
+            reason: "r".into(),
+            attempts: 0,
+        },
+        by("drafter-1", Role::Drafter, 3),
+    ));
+    assert!(message.contains("counted 0 failed attempts, not 1"), "{message}");
+    // A take-over naming a claim that was not current, and one handing the
+    // new claim to someone else, already expired.
+    let message = found((
+        Event::ClaimTakenOver {
+            previous_claim_id: Uuid::from_u128(0xdead),
+            claim: Claim {
+                claim_id: Uuid::from_u128(3),
+                agent_id: "operator-1".into(),
+                lease_expires_at: t0() + Duration::seconds(100),
+            },
+        },
+        by("operator-1", Role::Operator, 5),
+    ));
+    assert!(message.contains("but the current one was"), "{message}");
+    let mut history = drafting.clone();
+    history.push((
+        Event::ClaimTakenOver {
+            previous_claim_id: Uuid::from_u128(2),
+            claim: Claim {
+                claim_id: Uuid::from_u128(3),
+                agent_id: "someone-else".into(),
+                lease_expires_at: t0() + Duration::seconds(4),
+            },
+        },
+        by("operator-1", Role::Operator, 5),
+    ));
+    let messages: Vec<String> = audit_history(&history).into_iter().map(|v| v.message).collect();
+    assert_eq!(messages.len(), 2, "{messages:?}");
+    assert!(messages[0].contains("handed claim"), "{messages:?}");
+    assert!(messages[1].contains("handed out a lease that expired"), "{messages:?}");
+    // A holder's command that names no claim: the escalator resolving.
+    let mut escalating = drafting.clone();
+    escalating.push((
+        Event::DraftSubmitted {
+            claim_id: Uuid::from_u128(2),
+            body: "draft".into(),
+        },
+        by("drafter-1", Role::Drafter, 3),
+    ));
+    escalating.push((
+        Event::EscalationStarted {
+            claim: claim(4, "escalator-1", 60),
+        },
+        by("escalator-1", Role::Escalator, 4),
+    ));
+    assert_eq!(audit_history(&escalating), []);
+    escalating.push((
+        Event::TicketResolved {
+            claim_id: None,
+            resolution: "done".into(),
+        },
+        by("escalator-1", Role::Escalator, 5),
+    ));
+    let violations = audit_history(&escalating);
+    assert_eq!(violations.len(), 1, "{violations:?}");
+    assert!(violations[0].message.contains("without naming it"), "{violations:?}");
 }
 
 /// An operator may resolve without a claim; one who names a claim acts
