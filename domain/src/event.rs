@@ -148,6 +148,13 @@ pub enum DecodeError {
         #[source]
         source: serde_json::Error,
     },
+    /// The schema version is 0: versions start at 1, so the metadata is
+    /// damaged, and no upcast can be chosen for it.
+    #[error("{event_type} schema version 0 does not exist (versions start at 1)")]
+    VersionZero {
+        /// The stored type.
+        event_type: String,
+    },
     /// The payload's `type` tag disagrees with the stored event type.
     #[error("payload tagged {tagged:?} stored as {stored:?}")]
     TypeMismatch {
@@ -227,6 +234,11 @@ impl Event {
         let supported = current_schema_version(event_type).ok_or_else(|| DecodeError::UnknownType {
             event_type: event_type.to_owned(),
         })?;
+        if schema_version == 0 {
+            return Err(DecodeError::VersionZero {
+                event_type: event_type.to_owned(),
+            });
+        }
         if schema_version > supported {
             return Err(DecodeError::NewerVersion {
                 event_type: event_type.to_owned(),
@@ -308,6 +320,11 @@ impl CommandRejected {
 
     /// Reads a stored payload.
     pub fn decode(schema_version: u16, data: &[u8]) -> Result<Self, DecodeError> {
+        if schema_version == 0 {
+            return Err(DecodeError::VersionZero {
+                event_type: Self::EVENT_TYPE.to_owned(),
+            });
+        }
         if schema_version > Self::SCHEMA_VERSION {
             return Err(DecodeError::NewerVersion {
                 event_type: Self::EVENT_TYPE.to_owned(),
@@ -496,6 +513,10 @@ mod tests {
         assert!(matches!(
             Event::decode("DraftRejected", 2, &event.encode()),
             Err(DecodeError::NewerVersion { version: 2, .. })
+        ));
+        assert!(matches!(
+            Event::decode("DraftRejected", 0, &event.encode()),
+            Err(DecodeError::VersionZero { .. })
         ));
         assert!(matches!(
             Event::decode("TicketResolved", 1, &event.encode()),
