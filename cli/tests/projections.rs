@@ -267,3 +267,58 @@ fn verify_with_no_live_model_says_nothing_was_compared_not_that_it_differs() {
     assert!(out.contains("not verified (no live model to compare with)"), "{out}");
     assert!(!out.contains("difference"), "{out}");
 }
+
+/// `--verify` is only worth its name if it finds a difference: a live
+/// model changed behind the projector's back (a ticket's state edited, a
+/// statistic deleted) is reported, key by key, against a rebuild from the
+/// log, and the rebuild that replaces it is clean.
+#[test]
+fn verify_reports_a_live_model_that_differs_from_the_log() {
+    let dir = tempfile::tempdir().unwrap();
+    seed(dir.path());
+    succeed(dir.path(), &["projections", "rebuild", "--all", "--no-progress"]);
+    let statuses = json_lines(&succeed(dir.path(), &["projections", "status", "--json"]));
+    let generation = statuses[0]["generation"].as_u64().expect("the models are built");
+    let ticket: String = {
+        let db = rusqlite::Connection::open(dir.path().join("triage.read.db")).unwrap();
+        let ticket: String = db
+            .query_row(&format!("SELECT ticket_id FROM tickets_g{generation} LIMIT 1"), [], |row| row.get(0))
+            .unwrap();
+        let edited = db
+            .execute(
+                &format!("UPDATE tickets_g{generation} SET state = 'RESOLVED' WHERE ticket_id = ?1"),
+                [&ticket],
+            )
+            .unwrap();
+        assert_eq!(edited, 1);
+        let deleted = db
+            .execute(&format!("DELETE FROM stats_counters_g{generation} WHERE name = 'tickets_opened'"), [])
+            .unwrap();
+        assert_eq!(deleted, 1);
+        ticket
+    };
+    let reports = json_lines(&succeed(
+        dir.path(),
+        &["projections", "rebuild", "--all", "--verify", "--json", "--no-progress"],
+    ));
+    let differences = |name: &str| -> Vec<String> {
+        let report = reports.iter().find(|report| report["name"] == name).expect("a report per projection");
+        report["differences"]
+            .as_array()
+            .expect("differences are listed")
+            .iter()
+            .map(|difference| difference.as_str().unwrap().to_owned())
+            .collect()
+    };
+    let tickets = differences("tickets");
+    assert_eq!(tickets.len(), 1, "{tickets:?}");
+    assert!(tickets[0].contains(&ticket), "{tickets:?}");
+    let stats = differences("stats");
+    assert!(stats.iter().any(|difference| difference.contains("tickets_opened")), "{stats:?}");
+    // The rebuild replaced the edited models: verifying again finds nothing.
+    let again = json_lines(&succeed(
+        dir.path(),
+        &["projections", "rebuild", "--all", "--verify", "--json", "--no-progress"],
+    ));
+    assert!(again.iter().all(|report| report["differences"] == serde_json::json!([])), "{again:?}");
+}
