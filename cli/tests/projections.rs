@@ -282,7 +282,11 @@ fn verify_reports_a_live_model_that_differs_from_the_log() {
     let ticket: String = {
         let db = rusqlite::Connection::open(dir.path().join("triage.read.db")).unwrap();
         let ticket: String = db
-            .query_row(&format!("SELECT ticket_id FROM tickets_g{generation} LIMIT 1"), [], |row| row.get(0))
+            .query_row(
+                &format!("SELECT ticket_id FROM tickets_g{generation} LIMIT 1"),
+                [],
+                |row| row.get(0),
+            )
             .unwrap();
         let edited = db
             .execute(
@@ -292,7 +296,10 @@ fn verify_reports_a_live_model_that_differs_from_the_log() {
             .unwrap();
         assert_eq!(edited, 1);
         let deleted = db
-            .execute(&format!("DELETE FROM stats_counters_g{generation} WHERE name = 'tickets_opened'"), [])
+            .execute(
+                &format!("DELETE FROM stats_counters_g{generation} WHERE name = 'tickets_opened'"),
+                [],
+            )
             .unwrap();
         assert_eq!(deleted, 1);
         ticket
@@ -302,7 +309,10 @@ fn verify_reports_a_live_model_that_differs_from_the_log() {
         &["projections", "rebuild", "--all", "--verify", "--json", "--no-progress"],
     ));
     let differences = |name: &str| -> Vec<String> {
-        let report = reports.iter().find(|report| report["name"] == name).expect("a report per projection");
+        let report = reports
+            .iter()
+            .find(|report| report["name"] == name)
+            .expect("a report per projection");
         report["differences"]
             .as_array()
             .expect("differences are listed")
@@ -314,11 +324,19 @@ fn verify_reports_a_live_model_that_differs_from_the_log() {
     assert_eq!(tickets.len(), 1, "{tickets:?}");
     assert!(tickets[0].contains(&ticket), "{tickets:?}");
     let stats = differences("stats");
-    assert!(stats.iter().any(|difference| difference.contains("tickets_opened")), "{stats:?}");
+    assert!(
+        stats.iter().any(|difference| difference.contains("tickets_opened")),
+        "{stats:?}"
+    );
     // The rebuild replaced the edited models: verifying again finds nothing.
     let again = json_lines(&succeed(
         dir.path(),
         &["projections", "rebuild", "--all", "--verify", "--json", "--no-progress"],
     ));
-    assert!(again.iter().all(|report| report["differences"] == serde_json::json!([])), "{again:?}");
+    assert!(
+        again
+            .iter()
+            .all(|report| report["differences"] == serde_json::json!([])),
+        "{again:?}"
+    );
 }

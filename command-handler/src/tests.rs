@@ -108,16 +108,54 @@ async fn a_retried_command_id_returns_the_original_outcome_and_writes_nothing() 
     assert_eq!(f.handler.stats().duplicates, 1);
 }
 
+/// Copies of one command sent to two handlers (separate caches, one store),
+/// the second copy getting in while the first is on its way to the store:
+/// the store's idempotent append, not a cache, makes the first a no-op,
+/// and both report what is stored.
 #[tokio::test]
 async fn racing_copies_of_one_command_store_its_events_once() {
+    let memory = Arc::new(InMemoryEventStore::new());
+    let store = Arc::new(CountingStore::new(memory.clone()));
+    let first = CommandHandler::new(store.clone() as Arc<dyn EventStore>);
+    let second = CommandHandler::new(store.clone() as Arc<dyn EventStore>);
+    let ticket = open(&first).await;
+    let envelope = start(ticket, classifier(1));
+    let copy = envelope.clone();
+    let other = second.clone();
+    store.before_next_append(async move {
+        let accepted = other.handle(copy).await.unwrap();
+        assert!(!accepted.duplicate, "the copy that got in first wrote");
+    });
+    let late = first.handle(envelope).await.unwrap();
+    assert!(late.duplicate, "the copy that arrived second wrote nothing: {late:?}");
+    assert_eq!((late.revision, late.state), (1, State::Classifying));
+    let events = stored(&memory, ticket).await;
+    assert_eq!(events.len(), 2, "the claim is stored once");
+    let types: Vec<&str> = late.events.iter().map(Event::event_type).collect();
+    assert_eq!(
+        types,
+        [events[1].event_type.as_str()],
+        "the late copy reports what is stored"
+    );
+    assert_eq!(first.stats().duplicates, 1);
+    assert_eq!(second.stats().accepted, 1);
+}
+
+/// Many copies at once on a multi-threaded runtime: still one write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn many_concurrent_copies_of_one_command_store_its_events_once() {
     let f = fixture();
     let ticket = open(&f.handler).await;
     let envelope = start(ticket, classifier(1));
+    let barrier = Arc::new(tokio::sync::Barrier::new(8));
     let mut tasks = Vec::new();
     for _ in 0..8 {
-        let handler = f.handler.clone();
-        let envelope = envelope.clone();
-        tasks.push(tokio::spawn(async move { handler.handle(envelope).await }));
+        let handler = CommandHandler::new(f.store.clone() as Arc<dyn EventStore>);
+        let (envelope, barrier) = (envelope.clone(), barrier.clone());
+        tasks.push(tokio::spawn(async move {
+            barrier.wait().await;
+            handler.handle(envelope).await
+        }));
     }
     let mut outcomes = Vec::new();
     for task in tasks {
@@ -138,7 +176,6 @@ async fn racing_copies_of_one_command_store_its_events_once() {
         "every copy reports what is stored"
     );
     assert_eq!(stored(&f.store, ticket).await.len(), 2);
-    assert_eq!(f.handler.stats().accepted, 2, "the opening and one copy");
 }
 
 #[tokio::test]
@@ -218,14 +255,49 @@ async fn an_unknown_ticket_is_not_found_and_nothing_is_written() {
     assert_eq!(f.store.head_position().await.unwrap(), None);
 }
 
+/// A command without a decided-on revision that loses its append to
+/// another handler's is decided again on the state the store reports, and
+/// refused by the table (the ticket is claimed now), not by a raw store
+/// conflict.
 #[tokio::test]
 async fn conflicts_without_a_decided_on_revision_are_decided_again() {
+    let memory = Arc::new(InMemoryEventStore::new());
+    let store = Arc::new(CountingStore::new(memory.clone()));
+    let handler = CommandHandler::new(store.clone() as Arc<dyn EventStore>);
+    let other = CommandHandler::new(store.clone() as Arc<dyn EventStore>);
+    let ticket = open(&handler).await;
+    store.before_next_append(async move {
+        other.handle(start(ticket, classifier(2))).await.unwrap();
+    });
+    // The claim was decided on revision 0 and the other one got in before
+    // its append: only deciding again, on revision 1, refuses it.
+    match handler.handle(start(ticket, classifier(1))).await {
+        Err(CommandError::Rejected {
+            rejection,
+            state,
+            revision,
+            ..
+        }) => {
+            assert_eq!((state, revision), (Some(State::Classifying), Some(1)));
+            assert_eq!(rejection.code(), "invalid_transition");
+        }
+        other => panic!("expected the claim to be refused on fresh state, got {other:?}"),
+    }
+    assert_eq!(stored(&memory, ticket).await.len(), 2);
+}
+
+/// Sixteen claims at once on a multi-threaded runtime: one wins.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_claims_without_a_decided_on_revision_leave_one_winner() {
     let f = fixture();
     let ticket = open(&f.handler).await;
+    let barrier = Arc::new(tokio::sync::Barrier::new(16));
     let mut tasks = Vec::new();
     for n in 0..16 {
-        let handler = f.handler.clone();
+        let handler = CommandHandler::new(f.store.clone() as Arc<dyn EventStore>);
+        let barrier = barrier.clone();
         tasks.push(tokio::spawn(async move {
+            barrier.wait().await;
             handler.handle(start(ticket, classifier(n))).await
         }));
     }
@@ -236,8 +308,6 @@ async fn conflicts_without_a_decided_on_revision_are_decided_again() {
                 assert_eq!(accepted.state, State::Classifying);
                 winners += 1;
             }
-            // Losers decided again on fresh state and were refused by the
-            // table, not by a raw store conflict.
             Err(CommandError::Rejected { rejection, state, .. }) => {
                 assert_eq!(state, Some(State::Classifying));
                 assert_eq!(rejection.code(), "invalid_transition");
