@@ -193,11 +193,21 @@ async fn agent(client: Client, role: Role, index: usize, deadline: Instant) {
                 client.post(&path, Some(&key), Some(revision), body.clone()),
                 client.post(&path, Some(&key), Some(revision), body.clone())
             );
-            let first = client.outcome(a.0, &a.1);
-            let second = client.outcome(b.0, &b.1);
-            if let (Some(first), Some(second)) = (first, second) {
-                assert_eq!(first["revision"], second["revision"]);
-                assert_eq!(first["command_id"], second["command_id"]);
+            // One is decided and the other answered with its outcome,
+            // accepted or refused alike (a refusal, say a stale revision,
+            // is recorded under the key too).
+            assert_eq!(
+                a.0, b.0,
+                "two copies of one submission, two answers: {} and {}",
+                a.1, b.1
+            );
+            match (client.outcome(a.0, &a.1), client.outcome(b.0, &b.1)) {
+                (Some(first), Some(second)) => {
+                    assert_eq!(first["revision"], second["revision"]);
+                    assert_eq!(first["command_id"], second["command_id"]);
+                }
+                (None, None) => assert_eq!(a.1["code"], b.1["code"], "{} and {}", a.1, b.1),
+                (first, second) => panic!("two copies of one submission, two answers: {first:?} and {second:?}"),
             }
         } else {
             let (status, json) = client.post(&path, Some(&key), Some(revision), body).await;

@@ -373,6 +373,11 @@ fn a_replay_past_the_head_stays_at_the_head() {
             .count()
     };
     let before = listed();
+    let seeded = succeed(dir.path(), &["ticket", "list", "--json"]).lines().count();
+    assert!(
+        before > 0 && before == seeded,
+        "the file holds the seeded tickets: {before} of {seeded}"
+    );
     succeed(dir.path(), &["ticket", "open", "--subject", "later", "--body", "b"]);
     assert_eq!(listed(), before, "a ticket opened after the replay is not in the file");
 }

@@ -323,8 +323,12 @@ pub async fn race(store: Arc<dyn EventStore>, config: RaceConfig) -> RaceReport 
                 if accepted && rng.u8(0..6) == 0 {
                     report.lock().unwrap().retries_sent += 1;
                     let retry = handler.handle(envelope).await;
-                    if let Ok(outcome) = &retry {
-                        assert!(outcome.duplicate, "a retry must be answered as a duplicate");
+                    // Its original was accepted: the retry gets that answer,
+                    // never a refusal (which `record` would count as an
+                    // ordinary rejection).
+                    match &retry {
+                        Ok(outcome) => assert!(outcome.duplicate, "a retry must be answered as a duplicate"),
+                        Err(error) => panic!("a retry of an accepted command was refused: {error}"),
                     }
                     record(&report, retry, false);
                 }
