@@ -7,7 +7,7 @@ mod common;
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
 
@@ -43,7 +43,8 @@ fn exit_within(child: &mut Child, limit: Duration) -> Option<std::process::ExitS
 
 /// Starts a tail, checks that it prints the history and then live events,
 /// and sends it Ctrl-C while events keep arriving; returns how it ended.
-fn tail_until_ctrl_c(dir: &Path) -> Option<std::process::ExitStatus> {
+/// `opened` counts the tickets the writer has opened so far.
+fn tail_until_ctrl_c(dir: &Path, opened: &AtomicUsize) -> Option<std::process::ExitStatus> {
     let mut tail = follow(dir);
     let (lines, received) = mpsc::channel::<String>();
     let stdout = tail.stdout.take().unwrap();
@@ -63,13 +64,22 @@ fn tail_until_ctrl_c(dir: &Path) -> Option<std::process::ExitStatus> {
         .recv_timeout(Duration::from_secs(30))
         .expect("the history is printed");
     assert_eq!(subject(&first).as_deref(), Some("before the tail"));
-    let next = received
-        .recv_timeout(Duration::from_secs(30))
-        .expect("later events are printed");
-    assert!(
-        subject(&next).is_some_and(|subject| subject.starts_with("live ")),
-        "{next}"
-    );
+    // The history of this small log is one page, printed by now; a ticket
+    // the writer starts after this pause can only come live.
+    std::thread::sleep(Duration::from_millis(500));
+    let live_from = opened.load(Ordering::SeqCst) + 1;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let line = received
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .unwrap_or_else(|_| panic!("no ticket opened after the tail started was printed"));
+        let number = subject(&line)
+            .and_then(|subject| subject.strip_prefix("live ").map(str::to_owned))
+            .and_then(|number| number.parse::<usize>().ok());
+        if number.is_some_and(|number| number >= live_from) {
+            break;
+        }
+    }
     // A few more deliveries, then Ctrl-C in the middle of the flow.
     for _ in 0..3 {
         received
@@ -91,19 +101,20 @@ fn the_tail_prints_new_events_and_stops_on_ctrl_c_while_events_flow() {
     // Keep appending while the tails run, so that Ctrl-C arrives while
     // events are being delivered and printed.
     let stop = Arc::new(AtomicBool::new(false));
+    let opened = Arc::new(AtomicUsize::new(0));
     let writer = {
-        let stop = Arc::clone(&stop);
+        let (stop, opened) = (Arc::clone(&stop), Arc::clone(&opened));
         let dir = dir.path().to_path_buf();
         std::thread::spawn(move || {
-            let mut opened = 0;
             while !stop.load(Ordering::Relaxed) {
-                open_ticket(&dir, &format!("live {opened}"));
-                opened += 1;
+                let next = opened.load(Ordering::SeqCst);
+                open_ticket(&dir, &format!("live {next}"));
+                opened.store(next + 1, Ordering::SeqCst);
             }
-            opened
+            opened.load(Ordering::SeqCst)
         })
     };
-    let ended: Vec<_> = (0..8).map(|_| tail_until_ctrl_c(dir.path())).collect();
+    let ended: Vec<_> = (0..8).map(|_| tail_until_ctrl_c(dir.path(), &opened)).collect();
     stop.store(true, Ordering::Relaxed);
     assert!(writer.join().unwrap() > 0);
     for (run, status) in ended.into_iter().enumerate() {
