@@ -201,6 +201,14 @@ fn mcp_over_stdio_lists_the_tools_as_the_tokens_agent() {
     let status = child.wait().unwrap();
     assert!(status.success(), "triage mcp ends when stdin closes: {status:?}");
     assert!(succeed(dir.path(), &["ticket", "list", "--json"]).contains("Over stdio"));
+    // Opened as the token's agent, not as the CLI's.
+    let ticket = opened["result"]["structuredContent"]["id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{opened}"))
+        .to_owned();
+    let history = succeed(dir.path(), &["ticket", "history", &ticket, "--json"]);
+    let first: Value = serde_json::from_str(history.lines().next().expect("the opening is in the history")).unwrap();
+    assert_eq!(first["agent"], serde_json::json!({"id": "llm", "role": "intake"}), "{first}");
 }
 
 #[test]
