@@ -260,9 +260,15 @@ async fn a_revoked_token_stops_a_running_stdio_session() {
 
     let mut file = AgentsFile::load(&agents).unwrap();
     assert_eq!(file.revoke("llm-stdio").unwrap(), 1);
-    // A later modification time than the file the session started with.
-    std::thread::sleep(std::time::Duration::from_millis(20));
     file.save(&agents).unwrap();
+    // A later modification time than the file the session started with,
+    // whatever the file system's timestamp resolution.
+    let later = std::time::SystemTime::now() + std::time::Duration::from_secs(2);
+    std::fs::File::options()
+        .write(true)
+        .open(&agents)
+        .and_then(|saved| saved.set_modified(later))
+        .expect("the agents file's modification time can be set");
     let refused = call(client.peer(), "open_ticket", json!({"subject": "s", "body": "b"})).await;
     assert_eq!(refused.is_error, Some(true), "{refused:?}");
     assert_eq!(refused.structured_content.unwrap()["code"], "unauthorized");

@@ -16,11 +16,13 @@ use triage_event_store::{
 };
 use triage_projections::{Projector, ReadModelDb};
 
-/// The in-memory store, with appends that take half a second when asked.
+/// The in-memory store, with appends that take half a second when asked,
+/// saying when one has started.
 #[derive(Debug)]
 struct SlowStore {
     inner: Arc<InMemoryEventStore>,
     slow: AtomicBool,
+    append_started: tokio::sync::Notify,
 }
 
 #[async_trait]
@@ -32,6 +34,7 @@ impl EventStore for SlowStore {
         events: Vec<EventData>,
     ) -> Result<AppendResult> {
         if self.slow.load(Ordering::SeqCst) {
+            self.append_started.notify_one();
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
         self.inner.append(stream, expected, events).await
@@ -67,6 +70,7 @@ async fn in_flight_commands_finish_before_the_server_stops() {
     let slow = Arc::new(SlowStore {
         inner: Arc::new(InMemoryEventStore::new()),
         slow: AtomicBool::new(false),
+        append_started: tokio::sync::Notify::new(),
     });
     let store: Arc<dyn EventStore> = slow.clone();
     let mut file = AgentsFile::default();
@@ -97,7 +101,10 @@ async fn in_flight_commands_finish_before_the_server_stops() {
                 .await
         }
     });
-    tokio::time::sleep(Duration::from_millis(150)).await;
+    // The command is in flight: its append has begun.
+    tokio::time::timeout(Duration::from_secs(10), slow.append_started.notified())
+        .await
+        .expect("the request reached the store");
     stop.send(()).unwrap();
     let response = request.await.unwrap().expect("the in-flight request is answered");
     assert_eq!(response.status(), 201);

@@ -208,7 +208,11 @@ fn mcp_over_stdio_lists_the_tools_as_the_tokens_agent() {
         .to_owned();
     let history = succeed(dir.path(), &["ticket", "history", &ticket, "--json"]);
     let first: Value = serde_json::from_str(history.lines().next().expect("the opening is in the history")).unwrap();
-    assert_eq!(first["agent"], serde_json::json!({"id": "llm", "role": "intake"}), "{first}");
+    assert_eq!(
+        first["agent"],
+        serde_json::json!({"id": "llm", "role": "intake"}),
+        "{first}"
+    );
 }
 
 #[test]
