@@ -490,7 +490,7 @@ mod tests {
     }
 
     #[test]
-    fn every_type_name_round_trips() {
+    fn an_event_round_trips_through_its_type_name_and_version() {
         let event = Event::DraftRejected {
             claim_id: None,
             reason: "tone".into(),

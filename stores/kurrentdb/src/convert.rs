@@ -80,7 +80,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn only_exact_json_is_marked_json_and_bytes_are_kept() {
+    fn only_exact_json_is_marked_json() {
         let mut event = EventData {
             id: uuid::Uuid::new_v4(),
             event_type: "TicketOpened".to_owned(),
