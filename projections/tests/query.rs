@@ -76,20 +76,25 @@ async fn store_with(writes: &[Write]) -> Arc<InMemoryEventStore> {
     store
 }
 
-/// A random query: each filter set or not.
+/// How often each filter is set.
+const SET: f64 = 0.2;
+
+/// A random query: each filter set or not, a fifth of the time each, so
+/// that a query usually sets a few filters and still matches something.
 fn query() -> impl Strategy<Value = EventQuery> {
     (
-        proptest::option::of(0..3usize),
-        proptest::option::of((0..3usize, any::<bool>())),
-        proptest::collection::vec(0..TYPES.len(), 0..3),
-        proptest::option::of(0..AGENTS.len()),
-        proptest::option::of(0..ROLES.len()),
-        proptest::option::of(0..4usize),
-        proptest::option::of(0..4usize),
-        proptest::option::of(0..120i64),
-        proptest::option::of(0..120i64),
-        proptest::option::of(1..40u64),
-        proptest::option::of(1..40u64),
+        proptest::option::weighted(SET, 0..3usize),
+        proptest::option::weighted(SET, (0..3usize, any::<bool>())),
+        // Two types a third of the time, else none.
+        proptest::collection::vec(0..TYPES.len(), 0..3).prop_map(|types| if types.len() > 1 { types } else { vec![] }),
+        proptest::option::weighted(SET, 0..AGENTS.len()),
+        proptest::option::weighted(SET, 0..ROLES.len()),
+        proptest::option::weighted(SET, 0..4usize),
+        proptest::option::weighted(SET, 0..4usize),
+        proptest::option::weighted(SET, 0..120i64),
+        proptest::option::weighted(SET, 0..120i64),
+        proptest::option::weighted(SET, 1..40u64),
+        proptest::option::weighted(SET, 1..40u64),
     )
         .prop_map(
             |(ticket, stream, types, agent, role, command, correlation, since, until, from, to)| {
@@ -137,32 +142,85 @@ fn brute_force(query: &EventQuery, record: &RecordedEvent) -> bool {
         && query.to_position.is_none_or(|p| record.position <= p)
 }
 
+/// What the scan finds and what brute force finds, in log order.
+fn scan_and_brute_force(writes: &[Write], query: &EventQuery, page: usize) -> (Vec<Uuid>, Vec<Uuid>) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let store = store_with(writes).await;
+        let mut scanned = Vec::new();
+        query
+            .scan(store.as_ref(), page, |record| {
+                scanned.push(record.id);
+                ControlFlow::Continue(())
+            })
+            .await
+            .unwrap();
+        let all = store.read_all(ReadAll::forwards(usize::MAX)).await.unwrap();
+        let expected: Vec<Uuid> = all.iter().filter(|r| brute_force(query, r)).map(|r| r.id).collect();
+        (scanned, expected)
+    })
+}
+
+fn cases() -> impl Strategy<Value = (Vec<Write>, EventQuery, usize)> {
+    (proptest::collection::vec(write(), 0..40), query(), 1..7usize)
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(96))]
 
     #[test]
-    fn every_filter_agrees_with_brute_force(
-        writes in proptest::collection::vec(write(), 0..40),
-        query in query(),
-        page in 1..7usize,
-    ) {
-        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        let (scanned, expected) = runtime.block_on(async {
-            let store = store_with(&writes).await;
-            let mut scanned = Vec::new();
-            query
-                .scan(store.as_ref(), page, |record| {
-                    scanned.push(record.id);
-                    ControlFlow::Continue(())
-                })
-                .await
-                .unwrap();
-            let all = store.read_all(ReadAll::forwards(usize::MAX)).await.unwrap();
-            let expected: Vec<Uuid> = all.iter().filter(|r| brute_force(&query, r)).map(|r| r.id).collect();
-            (scanned, expected)
-        });
+    fn every_filter_agrees_with_brute_force((writes, query, page) in cases()) {
+        let (scanned, expected) = scan_and_brute_force(&writes, &query, page);
         prop_assert_eq!(scanned, expected);
     }
+}
+
+/// The property above says little if its queries match nothing: most of
+/// its cases must find events, and each filter must be set in cases that
+/// still find some.
+#[test]
+fn the_random_queries_match_events_and_exercise_every_filter() {
+    use proptest::strategy::ValueTree;
+    let mut runner = proptest::test_runner::TestRunner::deterministic();
+    let strategy = cases();
+    let mut matching = 0;
+    let mut filters_seen_matching = std::collections::BTreeSet::new();
+    const CASES: usize = 96;
+    for _ in 0..CASES {
+        let (writes, query, page) = strategy.new_tree(&mut runner).unwrap().current();
+        let (scanned, expected) = scan_and_brute_force(&writes, &query, page);
+        assert_eq!(scanned, expected);
+        if expected.is_empty() {
+            continue;
+        }
+        matching += 1;
+        let set = [
+            ("ticket", query.ticket.is_some()),
+            ("stream", query.stream.is_some()),
+            ("event_types", !query.event_types.is_empty()),
+            ("agent", query.agent.is_some()),
+            ("role", query.role.is_some()),
+            ("command_id", query.command_id.is_some()),
+            ("correlation_id", query.correlation_id.is_some()),
+            ("since", query.since.is_some()),
+            ("until", query.until.is_some()),
+            ("from_position", query.from_position.is_some()),
+            ("to_position", query.to_position.is_some()),
+        ];
+        filters_seen_matching.extend(set.iter().filter(|(_, set)| *set).map(|(name, _)| *name));
+    }
+    assert!(
+        matching * 2 >= CASES,
+        "only {matching} of {CASES} queries matched an event"
+    );
+    assert_eq!(
+        filters_seen_matching.len(),
+        11,
+        "filters set in matching queries: {filters_seen_matching:?}"
+    );
 }
 
 #[tokio::test]
