@@ -108,6 +108,16 @@ pub enum ValidationError {
         /// Which field.
         field: &'static str,
     },
+    /// A text holds a control character other than a line break or tab
+    /// (none at all in a subject): terminal escapes and the like, which
+    /// would reach every screen that shows the ticket.
+    #[error("{field} must not contain the control character U+{code:04X}")]
+    ControlCharacter {
+        /// Which field.
+        field: &'static str,
+        /// The character's code point.
+        code: u32,
+    },
     /// The requested lease is zero or longer than allowed.
     #[error("a lease of {secs}s is not in [1, {max}]")]
     LeaseOutOfRange {
@@ -565,7 +575,11 @@ fn length_unit(field: &str) -> &'static str {
 }
 
 fn check_text(field: &'static str, value: &str, max: usize, len: usize) -> Result<(), Rejection> {
-    if value.trim().is_empty() {
+    // Blank also when only invisible: white space, zero-width spaces and
+    // joiners, the byte-order mark, soft hyphens.
+    let invisible =
+        |c: char| c.is_whitespace() || matches!(c, '\u{200B}'..='\u{200D}' | '\u{2060}' | '\u{FEFF}' | '\u{00AD}');
+    if value.chars().all(invisible) {
         return Err(Rejection::Invalid(ValidationError::Empty { field }));
     }
     if len > max {
@@ -573,6 +587,16 @@ fn check_text(field: &'static str, value: &str, max: usize, len: usize) -> Resul
     }
     if value.contains('\0') {
         return Err(Rejection::Invalid(ValidationError::NulCharacter { field }));
+    }
+    let single_line = field == "subject";
+    if let Some(control) = value
+        .chars()
+        .find(|&c| c.is_control() && (single_line || !matches!(c, '\n' | '\r' | '\t')))
+    {
+        return Err(Rejection::Invalid(ValidationError::ControlCharacter {
+            field,
+            code: u32::from(control),
+        }));
     }
     Ok(())
 }

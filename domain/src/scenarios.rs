@@ -578,6 +578,35 @@ fn a_stored_attempt_count_at_its_limit_does_not_wrap() {
 }
 
 #[test]
+fn invisible_text_is_empty_and_control_characters_are_refused() {
+    let open = |subject: &str, body: &str| {
+        Scenario::given([])
+            .as_role("intake-1", Role::Intake)
+            .when(Command::OpenTicket {
+                subject: subject.into(),
+                body: body.into(),
+                customer: None,
+            })
+    };
+    open("s", "\u{200B}\u{FEFF} \u{2060}").then_rejected(Rejection::Invalid(ValidationError::Empty { field: "body" }));
+    open("\u{1b}[31mred", "b").then_rejected(Rejection::Invalid(ValidationError::ControlCharacter {
+        field: "subject",
+        code: 0x1b,
+    }));
+    open("two\nlines", "b").then_rejected(Rejection::Invalid(ValidationError::ControlCharacter {
+        field: "subject",
+        code: 0x0a,
+    }));
+    open("s", "ok\u{7}").then_rejected(Rejection::Invalid(ValidationError::ControlCharacter {
+        field: "body",
+        code: 0x07,
+    }));
+    // Line breaks and tabs are a body's own; a zero-width space inside
+    // text is text.
+    open("Charged\u{200B}twice", "line one\r\nline\ttwo").then_state(State::New);
+}
+
+#[test]
 fn commands_and_rejections_serialize_for_programs() {
     let json = serde_json::to_value(valid_command(CommandKind::Classify)).unwrap();
     assert_eq!(json["type"], "classify");
