@@ -731,6 +731,16 @@ impl EventStore for PostgresEventStore {
                 .after(self.read_ahead_source(), &page.events, limit, Some(page.visible));
             return Ok(page.events);
         }
+        // Waiting for older transactions takes no connection, except for
+        // each look; the page's read then waits at most what is left.
+        let (heads, wait_left) = reader::settled_heads_pooled(
+            &self.pool,
+            &self.sql,
+            &self.target,
+            self.options.visibility_wait,
+            reader::page_end(options),
+        )
+        .await?;
         let client = self.client().await?;
         // The connection goes back (or is closed) first: the read-ahead may
         // want it.
@@ -742,7 +752,7 @@ impl EventStore for PostgresEventStore {
                     &self.sql,
                     &self.target,
                     options,
-                    Some(self.options.visibility_wait),
+                    Some(reader::Settled { heads, wait_left }),
                     Some(reader::Spare {
                         pool: &self.pool,
                         pages_read_in_halves: &self.counters.pages_read_in_halves,
@@ -769,13 +779,9 @@ impl EventStore for PostgresEventStore {
     }
 
     async fn head_position(&self) -> Result<Option<Position>> {
-        let client = self.client().await?;
-        let heads = self
-            .target
-            .bounded(client, "reading the head of $all", false, async |client: &Client| {
-                reader::settled_heads(client, &self.sql, &self.target, self.options.visibility_wait, None).await
-            })
-            .await?;
+        let (heads, _) =
+            reader::settled_heads_pooled(&self.pool, &self.sql, &self.target, self.options.visibility_wait, None)
+                .await?;
         Ok(heads.visible_position())
     }
 

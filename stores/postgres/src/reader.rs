@@ -183,29 +183,85 @@ pub(crate) async fn settled_heads(
     wait: Duration,
     enough: Option<i64>,
 ) -> Result<Heads> {
-    let first = heads(client, sql, target).await?;
+    let (heads, _) = settle(Looker::Client(client), sql, target, wait, enough).await?;
+    Ok(heads)
+}
+
+/// [`settled_heads`] holding no connection while it waits: each look at
+/// the heads takes a pooled connection and gives it back. A read that
+/// waits on a transaction left open on the cluster would otherwise hold
+/// its connection for the whole wait, and enough such readers would leave
+/// appends waiting for one. Returns the heads and what is left of `wait`.
+pub(crate) async fn settled_heads_pooled(
+    pool: &Pool,
+    sql: &Sql,
+    target: &Target,
+    wait: Duration,
+    enough: Option<i64>,
+) -> Result<(Heads, Duration)> {
+    settle(Looker::Pool(pool), sql, target, wait, enough).await
+}
+
+/// Where [`settle`] reads the heads.
+#[derive(Clone, Copy)]
+enum Looker<'a> {
+    /// On the caller's connection.
+    Client(&'a Client),
+    /// On a pooled connection taken for each look.
+    Pool(&'a Pool),
+}
+
+impl Looker<'_> {
+    async fn look(self, sql: &Sql, target: &Target) -> Result<Heads> {
+        match self {
+            Looker::Client(client) => heads(client, sql, target).await,
+            Looker::Pool(pool) => {
+                let client = pool.get().await.map_err(|error| crate::pool_error(target, error))?;
+                match tokio::time::timeout(target.query_timeout, heads(&client, sql, target)).await {
+                    Ok(heads) => heads,
+                    Err(_elapsed) => {
+                        // Its answer may still come: not back to the pool.
+                        drop(deadpool_postgres::Object::take(client));
+                        Err(target.unanswered("reading the head of $all", false))
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The waiting of [`settled_heads`].
+async fn settle(
+    looker: Looker<'_>,
+    sql: &Sql,
+    target: &Target,
+    wait: Duration,
+    enough: Option<i64>,
+) -> Result<(Heads, Duration)> {
+    let deadline = Instant::now() + wait;
+    let left = || deadline.saturating_duration_since(Instant::now());
+    let first = looker.look(sql, target).await?;
     let Some(goal) = first.top else {
-        return Ok(first);
+        return Ok((first, left()));
     };
     let settled =
         |heads: Heads| heads.visible >= Some(goal) || enough.is_some_and(|enough| heads.visible >= Some(enough));
     if settled(first) {
-        return Ok(first);
+        return Ok((first, left()));
     }
-    let deadline = Instant::now() + wait;
     let mut pause = Duration::from_millis(1);
     loop {
         let now = Instant::now();
         if now >= deadline {
-            let last = heads(client, sql, target).await?;
+            let last = looker.look(sql, target).await?;
             tracing::debug!(?goal, visible = ?last.visible, "a read stopped waiting for older transactions");
-            return Ok(last);
+            return Ok((last, Duration::ZERO));
         }
         tokio::time::sleep(pause.min(deadline - now)).await;
         pause = (pause * 2).min(Duration::from_millis(50));
-        let current = heads(client, sql, target).await?;
+        let current = looker.look(sql, target).await?;
         if settled(current) {
-            return Ok(current);
+            return Ok((current, left()));
         }
     }
 }
@@ -293,6 +349,34 @@ pub(crate) fn forward_from(from: AllStart) -> i64 {
     to_sql_int(from)
 }
 
+/// The positions a page of `options` can hold end here: a page that ends
+/// below the watermark (catching up far behind the head) needs no wait,
+/// also while some unrelated transaction stays open on the cluster. `None`
+/// for a backward read from the end.
+pub(crate) fn page_end(options: ReadAll) -> Option<i64> {
+    let limit = to_sql_int(options.max_count as u64);
+    match options.direction {
+        // Positions start at 1: a page from the start (0) ends at `limit`,
+        // not `limit - 1`.
+        Direction::Forwards => Some(
+            forward_from(options.from)
+                .max(1)
+                .saturating_add(limit.saturating_sub(1)),
+        ),
+        Direction::Backwards => Some(backward_from(options.from)).filter(|&from| from != i64::MAX),
+    }
+}
+
+/// The first position a backward read of `$all` from `from` may return.
+fn backward_from(from: AllStart) -> i64 {
+    let from = match from {
+        AllStart::Boundary => u64::MAX,
+        AllStart::Position(Position { commit, prepare }) if prepare < commit => commit - 1,
+        AllStart::Position(Position { commit, .. }) => commit,
+    };
+    to_sql_int(from)
+}
+
 /// A page of `$all`, and the visible head the store knew of when it read
 /// the page (when it asked; see [`read_all`]).
 #[derive(Debug)]
@@ -301,9 +385,20 @@ pub(crate) struct AllPage {
     pub(crate) visible: Option<i64>,
 }
 
+/// Heads read after waiting for older transactions (see
+/// [`settled_heads_pooled`]), and what is left of the wait.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Settled {
+    pub(crate) heads: Heads,
+    pub(crate) wait_left: Duration,
+}
+
 /// Reads a page of `$all` below the watermark, the start position included.
-/// With `wait`, first waits (bounded) for transactions in flight; see
-/// [`settled_heads`]; the page then carries the visible head it read. With
+/// With `settled`, the caller has waited (bounded) for transactions in
+/// flight; the page then carries the visible head it knew. The heads may be
+/// a moment old: the page's query applies the watermark itself, and they
+/// only decide how to read (a lower visible head reads in one query, or
+/// waits again where the page came back short). With
 /// `spare`, a long forward page far enough behind the head may be read in
 /// two halves, the second on a connection of `spare` (see
 /// [`read_halves`]); the answer is the same either way.
@@ -312,34 +407,17 @@ pub(crate) async fn read_all(
     sql: &Sql,
     target: &Target,
     options: ReadAll,
-    wait: Option<Duration>,
+    settled: Option<Settled>,
     spare: Option<Spare<'_>>,
 ) -> Result<AllPage> {
     let limit = to_sql_int(options.max_count as u64);
     let (query, from) = match options.direction {
         Direction::Forwards => (&sql.read_all_forwards, forward_from(options.from)),
-        Direction::Backwards => {
-            let from = match options.from {
-                AllStart::Boundary => u64::MAX,
-                AllStart::Position(Position { commit, prepare }) if prepare < commit => commit - 1,
-                AllStart::Position(Position { commit, .. }) => commit,
-            };
-            (&sql.read_all_backwards, to_sql_int(from))
-        }
+        Direction::Backwards => (&sql.read_all_backwards, backward_from(options.from)),
     };
     let mut visible = None;
-    if let Some(wait) = wait {
-        // The positions this page can hold: a page that ends below the
-        // watermark (catching up far behind the head) needs no wait, also
-        // while some unrelated transaction stays open on the cluster.
-        let last = match options.direction {
-            // Positions start at 1: a page from the start (0) ends at
-            // `limit`, not `limit - 1`.
-            Direction::Forwards => Some(from.max(1).saturating_add(limit.saturating_sub(1))),
-            Direction::Backwards if from == i64::MAX => None,
-            Direction::Backwards => Some(from),
-        };
-        let heads = settled_heads(client, sql, target, wait, last).await?;
+    if let Some(Settled { heads, wait_left }) = settled {
+        let last = page_end(options);
         visible = heads.visible;
         // Splitting pays only where both halves are full, so only below the
         // visible head: a live reader's pages near the head stay one query.
@@ -359,7 +437,7 @@ pub(crate) async fn read_all(
         // and read the page again.
         let stopped_at_last = last.is_some_and(|last| heads.visible >= Some(last)) && heads.visible < heads.top;
         if stopped_at_last && options.direction == Direction::Forwards && (events.len() as u64) < limit as u64 {
-            let heads = settled_heads(client, sql, target, wait, None).await?;
+            let heads = settled_heads(client, sql, target, wait_left, None).await?;
             let events = read_page(client, query, target, from, limit).await?;
             return Ok(AllPage {
                 events,
