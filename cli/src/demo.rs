@@ -162,8 +162,16 @@ pub(crate) async fn run(args: DemoArgs, global: &GlobalArgs) -> anyhow::Result<(
         report = run => report?,
         _ = tokio::signal::ctrl_c() => return Err(Interrupted.into()),
     };
+    // Listening for Ctrl-C above took it over for the whole process: the
+    // naive run must listen too, or it could not be stopped.
     let naive = match args.compare {
-        Some(Baseline::Naive) => Some(triage_demo::run_naive(config, progress("naive", config.tickets, show)).await?),
+        Some(Baseline::Naive) => {
+            let run = triage_demo::run_naive(config, progress("naive", config.tickets, show));
+            Some(tokio::select! {
+                report = run => report?,
+                _ = tokio::signal::ctrl_c() => return Err(Interrupted.into()),
+            })
+        }
         None => None,
     };
     if global.json {

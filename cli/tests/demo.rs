@@ -288,3 +288,59 @@ fn ctrl_c_stops_the_demo_and_deletes_its_temporary_store() {
     assert!(rest.contains("interrupted"), "{rest}");
     assert_eq!(store_dirs(), 0, "the temporary store was deleted");
 }
+
+/// Ctrl-C during the naive design's run, after Triage's: still stops the
+/// demo (listening for Ctrl-C once takes it over for the whole process).
+#[test]
+fn ctrl_c_stops_the_demo_during_the_naive_run_too() {
+    use std::io::{BufRead, BufReader};
+    use std::time::{Duration, Instant};
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut demo = common::command(dir.path())
+        .args(["demo", "--tickets", "400", "--max-seconds", "4", "--compare", "naive"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("the triage binary runs");
+    let stderr = BufReader::new(demo.stderr.take().unwrap());
+    let (lines, received) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in stderr.lines().map_while(Result::ok) {
+            if lines.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    // Progress lines name the design: wait for the naive run's first.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let line = received
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .expect("the naive run starts");
+        if line.trim_start().starts_with("naive") {
+            break;
+        }
+    }
+    let pid = demo.id().to_string();
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-INT", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = demo.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = demo.kill();
+            panic!("the demo did not stop on Ctrl-C during the naive run");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let rest: Vec<String> = received.try_iter().collect();
+    assert_eq!(status.code(), Some(130), "{rest:?}");
+}

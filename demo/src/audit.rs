@@ -208,12 +208,12 @@ pub async fn logs_from_store(
 /// the append's expected revision then vouches for the event's own.)
 fn seen_by_writers(revision: u64, metadata: &EventMetadata) -> u64 {
     let handler = match metadata.decided_at_revision {
-        Some(decided) => decided + 1,
+        Some(decided) => decided.saturating_add(1),
         None if revision == 0 => 0,
         None => revision,
     };
     match metadata.sender_saw_revision {
-        Some(sender) => handler.min(sender + 1),
+        Some(sender) => handler.min(sender.saturating_add(1)),
         None => handler,
     }
 }

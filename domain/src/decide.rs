@@ -108,9 +108,9 @@ pub enum ValidationError {
         /// Which field.
         field: &'static str,
     },
-    /// A text holds a control character other than a line break or tab
-    /// (none at all in a subject): terminal escapes and the like, which
-    /// would reach every screen that shows the ticket.
+    /// A text holds an ASCII control character other than a tab or (outside
+    /// a subject) a line break: terminal escapes and the like, which would
+    /// reach every screen that shows the ticket.
     #[error("{field} must not contain the control character U+{code:04X}")]
     ControlCharacter {
         /// Which field.
@@ -588,11 +588,12 @@ fn check_text(field: &'static str, value: &str, max: usize, len: usize) -> Resul
     if value.contains('\0') {
         return Err(Rejection::Invalid(ValidationError::NulCharacter { field }));
     }
+    // C0 controls and DEL: escape sequences start with ESC. Tabs are
+    // allowed everywhere, line breaks outside the subject. C1 (U+0080 to
+    // U+009F) stays allowed: mail decoded as Latin-1 is full of it.
     let single_line = field == "subject";
-    if let Some(control) = value
-        .chars()
-        .find(|&c| c.is_control() && (single_line || !matches!(c, '\n' | '\r' | '\t')))
-    {
+    let refused = |c: char| (c < ' ' || c == '\u{7f}') && c != '\t' && (single_line || !matches!(c, '\n' | '\r'));
+    if let Some(control) = value.chars().find(|&c| refused(c)) {
         return Err(Rejection::Invalid(ValidationError::ControlCharacter {
             field,
             code: u32::from(control),

@@ -16,9 +16,9 @@
 //! append is acknowledged only after the transaction that holds it
 //! committed, as without batching.
 //!
-//! A batch that fails as a whole (an id written meanwhile by another
-//! process, a lost connection, no answer in time) answers every caller
-//! [`Written::Unknown`]: each then goes the single-append way, which
+//! A batch that was sent and failed as a whole (an id written meanwhile by
+//! another process, a lost connection, no answer in time) answers every
+//! caller [`Written::Unknown`] (one that got no connection, [`Written::No`]): each then goes the single-append way, which
 //! reports its own error or, when the batch committed after all, finds its
 //! events and answers with the original result.
 
@@ -69,9 +69,10 @@ pub(crate) enum Written {
     Conflict { actual: Option<u64> },
     /// Not written; the caller reads and decides.
     No,
-    /// The batch failed as a whole, perhaps after it committed: the caller
-    /// reads and decides, and if that fails too, must not say the append
-    /// was not stored.
+    /// The batch was sent and failed as a whole, perhaps after it
+    /// committed: the caller reads and decides, and if that fails too, must
+    /// not say the append was not stored. (A batch that never got a
+    /// connection answers `No`.)
     Unknown,
 }
 
@@ -154,8 +155,12 @@ async fn write_forever(
             batch
         };
         let appends: Vec<&Append> = batch.iter().map(|pending| &pending.append).collect();
+        // Not sent at all: the callers' own attempts decide, and nothing of
+        // theirs can have been stored (`No`). Sent and failed: `Unknown`.
+        let mut sent = false;
         let written = match pool.get().await {
             Ok(client) => {
+                sent = true;
                 // Bounded: a connection that stopped answering would hold
                 // this writer, and every batch behind it, for hours.
                 let written = match tokio::time::timeout(target.query_timeout, write(&client, &sql, &appends)).await {
@@ -178,7 +183,8 @@ async fn write_forever(
             Ok(answers) => answers,
             Err(error) => {
                 tracing::debug!(%error, appends = batch.len(), "a batch of appends failed; each is tried alone");
-                vec![Written::Unknown; batch.len()]
+                let answer = if sent { Written::Unknown } else { Written::No };
+                vec![answer; batch.len()]
             }
         };
         for (pending, answer) in batch.into_iter().zip(answers) {

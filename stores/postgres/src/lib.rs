@@ -189,8 +189,6 @@ impl Target {
         )
     }
 
-    /// Maps a driver error. A missing privilege gets a message that says
-    /// which role lacks what, where.
     /// Runs `operation` on `client`, waiting at most the query timeout for
     /// it. On expiry the connection is closed, not pooled: its answer may
     /// still come, and whoever used it next would wait behind it.
@@ -227,6 +225,8 @@ impl Target {
         }
     }
 
+    /// Maps a driver error. A missing privilege gets a message that says
+    /// which role lacks what, where.
     pub(crate) fn db_error(&self, what: &str, error: tokio_postgres::Error) -> Error {
         if error.code() == Some(&SqlState::INSUFFICIENT_PRIVILEGE) {
             let detail = error
@@ -700,7 +700,7 @@ impl EventStore for PostgresEventStore {
             // A conflict or a replay was decided by reading the stream,
             // which holds the batch's events if it committed. A failure
             // decided nothing.
-            Err(error @ (Error::Backend { .. } | Error::Closed)) if batched == Written::Unknown => Err(Error::backend(
+            Err(error @ Error::Backend { .. }) if batched == Written::Unknown => Err(Error::backend(
                 format!(
                     "appending to {stream}: the batch it went out in failed, perhaps after it committed, and \
                      trying it alone failed too, so whether it was stored is unknown: read the stream, or \

@@ -238,16 +238,18 @@ async fn settle(
     wait: Duration,
     enough: Option<i64>,
 ) -> Result<(Heads, Duration)> {
+    let first = looker.look(sql, target).await?;
+    // From the first look on: waiting for a pooled connection to look with
+    // does not use up the wait.
     let deadline = Instant::now() + wait;
     let left = || deadline.saturating_duration_since(Instant::now());
-    let first = looker.look(sql, target).await?;
     let Some(goal) = first.top else {
-        return Ok((first, left()));
+        return Ok((first, wait));
     };
     let settled =
         |heads: Heads| heads.visible >= Some(goal) || enough.is_some_and(|enough| heads.visible >= Some(enough));
     if settled(first) {
-        return Ok((first, left()));
+        return Ok((first, wait));
     }
     let mut pause = Duration::from_millis(1);
     loop {
@@ -550,24 +552,24 @@ async fn read_halves(
     let Some(spare) = spare_client(pool).await else {
         return Ok(None);
     };
+    // Back to the pool only once its query is answered: if this read is
+    // given up (the caller's query timeout), the spare is closed with it.
+    let spare = UntilAnswered(Some(spare));
     let query = &sql.read_all_forwards;
     let half = limit / 2;
     let (first, second) = tokio::join!(
         query_page(client, query, target, from, half),
-        query_page(&spare, query, target, from + half, limit - half)
+        query_page(spare.client(), query, target, from + half, limit - half)
     );
     let mut events = first.map_err(|error| error.into_error(target))?;
     let second = match second {
         Ok(second) => second,
-        Err(PageError::Query(_)) => {
-            // The spare may be dead without the pool's quick check knowing
-            // it yet; it is not put back. The caller's own query decides.
-            drop(deadpool_postgres::Object::take(spare));
-            return Ok(None);
-        }
+        // The spare may be dead without the pool's quick check knowing it
+        // yet; it is not put back. The caller's own query decides.
+        Err(PageError::Query(_)) => return Ok(None),
         Err(PageError::Row(error)) => return Err(error),
     };
-    drop(spare);
+    spare.answered();
     if events.len() + second.len() != usize::try_from(limit).unwrap_or(usize::MAX) {
         return Ok(None);
     }
@@ -576,6 +578,30 @@ async fn read_halves(
         .zip(&events)
         .all(|(expected, event)| i64::try_from(event.position.commit) == Ok(expected));
     Ok(exact.then_some(events))
+}
+
+/// A pooled connection that goes back to the pool only through
+/// [`UntilAnswered::answered`]. Dropped otherwise (a query failed, or the
+/// read was given up while the query ran), it is closed: its answer may
+/// still come, and whoever used it next would wait behind it.
+struct UntilAnswered(Option<Client>);
+
+impl UntilAnswered {
+    fn client(&self) -> &Client {
+        self.0.as_ref().expect("held until answered or dropped")
+    }
+
+    fn answered(mut self) {
+        drop(self.0.take());
+    }
+}
+
+impl Drop for UntilAnswered {
+    fn drop(&mut self) {
+        if let Some(client) = self.0.take() {
+            drop(deadpool_postgres::Object::take(client));
+        }
+    }
 }
 
 /// Connections of the pool a page read leaves to others: the batch writers

@@ -129,3 +129,77 @@ async fn an_append_over_a_silent_connection_fails_in_time_and_the_store_recovers
     // The proxy swallowed the lost append before the server saw it.
     assert_eq!(stored, ["Opened", "Again"]);
 }
+
+/// An append that never got a connection (the only one is busy past the
+/// connect timeout) was not sent: its error must not say it may be stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_append_that_got_no_connection_is_not_reported_as_maybe_stored() {
+    let Some(url) = common::url("an_append_that_got_no_connection_is_not_reported_as_maybe_stored") else {
+        return;
+    };
+    let options = PostgresOptions {
+        pool_size: 1,
+        connect_timeout: Duration::from_secs(1),
+        ..PostgresOptions::default()
+    };
+    let store = Arc::new(common::temporary_store(&url, options).await);
+    let schema = store.schema().to_owned();
+    let hot = StreamName::new("ticket-hot").unwrap();
+    store
+        .append(&hot, ExpectedRevision::NoStream, vec![common::event("First")])
+        .await
+        .unwrap();
+    // Another session holds the stream's lock: the store's one connection
+    // waits behind it with an append to that stream.
+    let locker = common::raw_client(&url).await;
+    let held = common::event("Held");
+    locker.batch_execute("BEGIN").await.unwrap();
+    locker
+        .query_one(
+            &format!(
+                r#"SELECT last_position FROM "{schema}".triage_append(
+                       ARRAY[$1], ARRAY[NULL]::bigint[], ARRAY[1], ARRAY[0], $2, $3, $4, $5)"#
+            ),
+            &[
+                &hot.as_str(),
+                &vec![held.id],
+                &vec![held.event_type.as_str()],
+                &vec![held.data.as_slice()],
+                &vec![held.metadata.as_slice()],
+            ],
+        )
+        .await
+        .unwrap();
+    let waiting = tokio::spawn({
+        let store = Arc::clone(&store);
+        let hot = hot.clone();
+        async move {
+            store
+                .append(&hot, ExpectedRevision::Any, vec![common::event("Waiting")])
+                .await
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let other = StreamName::new("ticket-other").unwrap();
+    let refused = store
+        .append(&other, ExpectedRevision::NoStream, vec![common::event("NoConnection")])
+        .await;
+    match &refused {
+        Err(Error::Backend { message, .. }) => {
+            assert!(message.contains("getting a connection"), "{message}");
+            assert!(!message.contains("unknown"), "{message}");
+        }
+        other => panic!("expected a backend error, got {other:?}"),
+    }
+    locker.batch_execute("ROLLBACK").await.unwrap();
+    waiting
+        .await
+        .unwrap()
+        .expect("the waiting append lands once the lock is free");
+    assert!(matches!(
+        store
+            .read_stream(&other, triage_event_store::ReadStream::forwards())
+            .await,
+        Err(Error::StreamNotFound { .. })
+    ));
+}
