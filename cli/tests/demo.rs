@@ -247,7 +247,7 @@ fn a_demo_on_a_store_with_other_tickets_never_touches_them() {
 #[test]
 fn ctrl_c_stops_the_demo_and_deletes_its_temporary_store() {
     use std::io::{BufRead, BufReader};
-    use std::time::{Duration, Instant};
+    use std::time::Duration;
 
     let dir = tempfile::tempdir().unwrap();
     let tmp = tempfile::tempdir().unwrap();
@@ -265,23 +265,7 @@ fn ctrl_c_stops_the_demo_and_deletes_its_temporary_store() {
     let store_dirs = || std::fs::read_dir(tmp.path()).unwrap().count();
     assert_eq!(store_dirs(), 1, "the demo made its temporary store");
     std::thread::sleep(Duration::from_millis(500));
-    let pid = demo.id().to_string();
-    let kill = std::process::Command::new("kill")
-        .args(["-INT", &pid])
-        .status()
-        .unwrap();
-    assert!(kill.success());
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let status = loop {
-        if let Some(status) = demo.try_wait().unwrap() {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = demo.kill();
-            panic!("the demo did not stop on Ctrl-C");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let status = ctrl_c(&mut demo);
     let mut rest = String::new();
     std::io::Read::read_to_string(&mut stderr, &mut rest).unwrap();
     assert_eq!(status.code(), Some(130), "{rest}");
@@ -322,25 +306,29 @@ fn ctrl_c_stops_the_demo_during_the_naive_run_too() {
             break;
         }
     }
+    let status = ctrl_c(&mut demo);
+    let rest: Vec<String> = received.try_iter().collect();
+    assert_eq!(status.code(), Some(130), "{rest:?}");
+}
+
+/// Sends the demo Ctrl-C and waits (at most 20 s) for it to end.
+fn ctrl_c(demo: &mut std::process::Child) -> std::process::ExitStatus {
+    use std::time::{Duration, Instant};
     let pid = demo.id().to_string();
-    assert!(
-        std::process::Command::new("kill")
-            .args(["-INT", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
+    let kill = std::process::Command::new("kill")
+        .args(["-INT", &pid])
+        .status()
+        .unwrap();
+    assert!(kill.success());
     let deadline = Instant::now() + Duration::from_secs(20);
-    let status = loop {
+    loop {
         if let Some(status) = demo.try_wait().unwrap() {
-            break status;
+            return status;
         }
         if Instant::now() > deadline {
             let _ = demo.kill();
-            panic!("the demo did not stop on Ctrl-C during the naive run");
+            panic!("the demo did not stop on Ctrl-C");
         }
         std::thread::sleep(Duration::from_millis(20));
-    };
-    let rest: Vec<String> = received.try_iter().collect();
-    assert_eq!(status.code(), Some(130), "{rest:?}");
+    }
 }

@@ -799,12 +799,15 @@ fn random_sequences_reach_every_state() {
     assert_eq!(visited.into_iter().collect::<Vec<_>>(), State::ALL.to_vec());
 }
 
-#[test]
-fn the_auditor_catches_an_invalid_transition_and_a_late_write() {
-    let by = |id: &str, role: Role, seconds: i64| {
-        metadata(&Agent::new(id, role), Uuid::new_v4(), t0() + Duration::seconds(seconds))
-    };
-    let valid = vec![
+/// Metadata of an event by `id` in `role`, `seconds` after `t0()`.
+fn by(id: &str, role: Role, seconds: i64) -> EventMetadata {
+    metadata(&Agent::new(id, role), Uuid::new_v4(), t0() + Duration::seconds(seconds))
+}
+
+/// A stored history: opened, classified, then drafting under claim 2 of
+/// drafter-1, whose lease ends at `t0() + 60 s`.
+fn drafting_history() -> Vec<(Event, EventMetadata)> {
+    vec![
         (opened(), by("intake-1", Role::Intake, 0)),
         (
             Event::ClassificationStarted {
@@ -827,7 +830,12 @@ fn the_auditor_catches_an_invalid_transition_and_a_late_write() {
             },
             by("drafter-1", Role::Drafter, 2),
         ),
-    ];
+    ]
+}
+
+#[test]
+fn the_auditor_catches_an_invalid_transition_and_a_late_write() {
+    let valid = drafting_history();
     assert_eq!(audit_history(&valid), []);
 
     let mut late = valid.clone();
@@ -875,34 +883,7 @@ fn the_auditor_catches_an_invalid_transition_and_a_late_write() {
 /// that was not current.
 #[test]
 fn the_auditor_checks_claims_as_decide_does() {
-    let by = |id: &str, role: Role, seconds: i64| {
-        metadata(&Agent::new(id, role), Uuid::new_v4(), t0() + Duration::seconds(seconds))
-    };
-    // Drafting under claim 2 of drafter-1, its lease ending at t0 + 60 s.
-    let drafting = vec![
-        (opened(), by("intake-1", Role::Intake, 0)),
-        (
-            Event::ClassificationStarted {
-                claim: claim(1, "classifier-1", 60),
-            },
-            by("classifier-1", Role::Classifier, 0),
-        ),
-        (
-            Event::TicketClassified {
-                claim_id: Uuid::from_u128(1),
-                category: "bug".into(),
-                priority: Priority::Low,
-                confidence: 0.4,
-            },
-            by("classifier-1", Role::Classifier, 1),
-        ),
-        (
-            Event::DraftingStarted {
-                claim: claim(2, "drafter-1", 60),
-            },
-            by("drafter-1", Role::Drafter, 2),
-        ),
-    ];
+    let drafting = drafting_history();
     assert_eq!(audit_history(&drafting), []);
     let found = |last: (Event, EventMetadata)| -> String {
         let mut history = drafting.clone();

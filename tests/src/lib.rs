@@ -95,6 +95,9 @@ impl LogAudit {
     }
 }
 
+/// How long an agent looks for work and finds none before it stops.
+const MAX_IDLE: Duration = Duration::from_millis(500);
+
 fn role_of(agent: usize) -> Role {
     match agent % 16 {
         0..=4 => Role::Classifier,
@@ -271,7 +274,13 @@ pub async fn race(store: Arc<dyn EventStore>, config: RaceConfig) -> RaceReport 
             let me = format!("{role}-{index}");
             let agent = Agent::new(me.clone(), role);
             let mut rng = fastrand::Rng::with_seed(config.seed.wrapping_mul(1000) + index as u64);
-            for _ in 0..config.steps_per_agent {
+            // A step is a command sent. Looking and finding no work is not
+            // one: an escalator whose steps ran out before any draft was
+            // ready would leave tickets unresolved on a loaded machine. An
+            // agent that finds no work for a while stops instead.
+            let mut steps = 0;
+            let mut idle_since: Option<std::time::Instant> = None;
+            while steps < config.steps_per_agent && idle_since.is_none_or(|since| since.elapsed() < MAX_IDLE) {
                 // Look through the tickets in random order for work this
                 // agent can do, as a worker polling its queue would.
                 let mut order: Vec<TicketId> = tickets.to_vec();
@@ -294,9 +303,12 @@ pub async fn race(store: Arc<dyn EventStore>, config: RaceConfig) -> RaceReport 
                     }
                 }
                 let Some((ticket, loaded, command)) = work else {
+                    idle_since.get_or_insert_with(std::time::Instant::now);
                     tokio::time::sleep(Duration::from_millis(1)).await;
                     continue;
                 };
+                idle_since = None;
+                steps += 1;
                 let revision = loaded.revision.expect("the ticket exists");
                 // Think: a simulated model call.
                 tokio::time::sleep(Duration::from_micros(rng.u64(0..1500))).await;

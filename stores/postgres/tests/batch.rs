@@ -503,25 +503,8 @@ async fn a_batch_whose_connection_dies_answers_every_caller_on_a_live_one() {
         .unwrap();
     // Another session appends to the stream and keeps its transaction open,
     // holding the stream's lock: the store's batches wait behind it.
-    let locker = common::raw_client(&url).await;
     let slow = common::event("Slow");
-    locker.batch_execute("BEGIN").await.unwrap();
-    locker
-        .query_one(
-            &format!(
-                r#"SELECT last_position FROM "{schema}".triage_append(
-                       ARRAY[$1], ARRAY[NULL]::bigint[], ARRAY[1], ARRAY[0], $2, $3, $4, $5)"#
-            ),
-            &[
-                &hot.as_str(),
-                &vec![slow.id],
-                &vec![slow.event_type.as_str()],
-                &vec![slow.data.as_slice()],
-                &vec![slow.metadata.as_slice()],
-            ],
-        )
-        .await
-        .unwrap();
+    let locker = common::hold_stream_lock(&url, &schema, hot.as_str(), &slow).await;
     let exact = tokio::spawn({
         let (store, hot) = (store.clone(), hot.clone());
         async move {

@@ -151,25 +151,8 @@ async fn an_append_that_got_no_connection_is_not_reported_as_maybe_stored() {
         .unwrap();
     // Another session holds the stream's lock: the store's one connection
     // waits behind it with an append to that stream.
-    let locker = common::raw_client(&url).await;
     let held = common::event("Held");
-    locker.batch_execute("BEGIN").await.unwrap();
-    locker
-        .query_one(
-            &format!(
-                r#"SELECT last_position FROM "{schema}".triage_append(
-                       ARRAY[$1], ARRAY[NULL]::bigint[], ARRAY[1], ARRAY[0], $2, $3, $4, $5)"#
-            ),
-            &[
-                &hot.as_str(),
-                &vec![held.id],
-                &vec![held.event_type.as_str()],
-                &vec![held.data.as_slice()],
-                &vec![held.metadata.as_slice()],
-            ],
-        )
-        .await
-        .unwrap();
+    let locker = common::hold_stream_lock(&url, &schema, hot.as_str(), &held).await;
     let waiting = tokio::spawn({
         let store = Arc::clone(&store);
         let hot = hot.clone();

@@ -38,6 +38,32 @@ pub async fn raw_client(url: &str) -> Client {
     client
 }
 
+/// Another session that appends `event` to `stream` of the store in
+/// `schema` and keeps its transaction open, holding the stream's lock:
+/// the store's appends to that stream wait behind it until it ends
+/// (`ROLLBACK` or `COMMIT` on the returned client).
+pub async fn hold_stream_lock(url: &str, schema: &str, stream: &str, event: &EventData) -> Client {
+    let locker = raw_client(url).await;
+    locker.batch_execute("BEGIN").await.unwrap();
+    locker
+        .query_one(
+            &format!(
+                r#"SELECT last_position FROM "{schema}".triage_append(
+                       ARRAY[$1], ARRAY[NULL]::bigint[], ARRAY[1], ARRAY[0], $2, $3, $4, $5)"#
+            ),
+            &[
+                &stream,
+                &vec![event.id],
+                &vec![event.event_type.as_str()],
+                &vec![event.data.as_slice()],
+                &vec![event.metadata.as_slice()],
+            ],
+        )
+        .await
+        .unwrap();
+    locker
+}
+
 /// A small event with a fresh id.
 pub fn event(event_type: &str) -> EventData {
     EventData {
