@@ -921,37 +921,7 @@ async fn a_retried_release_after_a_restart_returns_the_original_outcome() {
 /// under the same claim id.
 #[tokio::test]
 async fn a_retried_claim_after_a_restart_never_claims_a_second_ticket() {
-    let first = Harness::new();
-    first.open("Cannot log in").await;
-    let claim = || Req::post("/v1/work/claim", json!({"role": "classifier"})).header("idempotency-key", "claim-1");
-    let claimed = first.send(Some("classifier"), claim()).await;
-    assert_eq!(claimed.status, StatusCode::OK, "{}", claimed.json);
-    let ticket = id(&claimed.json);
-    let classified = first
-        .send(
-            Some("classifier"),
-            Req::post(
-                format!("/v1/tickets/{ticket}/classification"),
-                classification(&claimed.json),
-            ),
-        )
-        .await;
-    assert_eq!(classified.status, StatusCode::OK, "{}", classified.json);
-    // Another ticket now waits in the classifiers' queue.
-    let other = first.open("Refund").await;
-
-    let restarted = Harness::on(first.store.clone());
-    let retried = restarted.send(Some("classifier"), claim()).await;
-    assert_eq!(retried.status, StatusCode::OK, "{}", retried.json);
-    assert_eq!(retried.json["claim_id"], claimed.json["claim_id"]);
-    assert_eq!(retried.json["duplicate"], true);
-    assert_eq!(id(&retried.json), ticket);
-    // From the log: the other ticket was never claimed.
-    let other = other["id"].as_str().unwrap();
-    let events = restarted
-        .send(Some("analyst"), Req::get(format!("/v1/tickets/{other}/events")))
-        .await;
-    assert_eq!(events.json["events"].as_array().unwrap().len(), 1, "{}", events.json);
+    retry_a_completed_claim_after_a_restart(std::sync::Arc::new(triage_event_store::InMemoryEventStore::new())).await;
 }
 
 /// A ticket whose stream holds an event this version cannot read (one
@@ -1023,35 +993,7 @@ async fn a_retried_claim_after_a_restart_never_claims_a_second_ticket_without_an
         ))
         .without_id_index(),
     );
-    let first = Harness::on(store.clone());
-    first.open("Cannot log in").await;
-    let claim = || Req::post("/v1/work/claim", json!({"role": "classifier"})).header("idempotency-key", "claim-1");
-    let claimed = first.send(Some("classifier"), claim()).await;
-    assert_eq!(claimed.status, StatusCode::OK, "{}", claimed.json);
-    let ticket = id(&claimed.json);
-    let classified = first
-        .send(
-            Some("classifier"),
-            Req::post(
-                format!("/v1/tickets/{ticket}/classification"),
-                classification(&claimed.json),
-            ),
-        )
-        .await;
-    assert_eq!(classified.status, StatusCode::OK, "{}", classified.json);
-    let other = first.open("Refund").await;
-
-    let restarted = Harness::on(store);
-    let retried = restarted.send(Some("classifier"), claim()).await;
-    assert_eq!(retried.status, StatusCode::OK, "{}", retried.json);
-    assert_eq!(retried.json["claim_id"], claimed.json["claim_id"]);
-    assert_eq!(retried.json["duplicate"], true);
-    assert_eq!(id(&retried.json), ticket);
-    let other = other["id"].as_str().unwrap();
-    let events = restarted
-        .send(Some("analyst"), Req::get(format!("/v1/tickets/{other}/events")))
-        .await;
-    assert_eq!(events.json["events"].as_array().unwrap().len(), 1, "{}", events.json);
+    retry_a_completed_claim_after_a_restart(store).await;
 }
 
 #[tokio::test]
@@ -1137,4 +1079,39 @@ async fn openapi_health_and_unknown_routes() {
     )
     .await
     .assert_problem(StatusCode::SERVICE_UNAVAILABLE, "unavailable");
+}
+
+/// Claims with a key, completes the claim, restarts the server on
+/// `store` and retries the claim: the retry answers with the first ticket
+/// and never claims the other one waiting.
+async fn retry_a_completed_claim_after_a_restart(store: std::sync::Arc<dyn triage_event_store::EventStore>) {
+    let first = Harness::on(store.clone());
+    first.open("Cannot log in").await;
+    let claim = || Req::post("/v1/work/claim", json!({"role": "classifier"})).header("idempotency-key", "claim-1");
+    let claimed = first.send(Some("classifier"), claim()).await;
+    assert_eq!(claimed.status, StatusCode::OK, "{}", claimed.json);
+    let ticket = id(&claimed.json);
+    let classified = first
+        .send(
+            Some("classifier"),
+            Req::post(
+                format!("/v1/tickets/{ticket}/classification"),
+                classification(&claimed.json),
+            ),
+        )
+        .await;
+    assert_eq!(classified.status, StatusCode::OK, "{}", classified.json);
+    let other = first.open("Refund").await;
+
+    let restarted = Harness::on(store);
+    let retried = restarted.send(Some("classifier"), claim()).await;
+    assert_eq!(retried.status, StatusCode::OK, "{}", retried.json);
+    assert_eq!(retried.json["claim_id"], claimed.json["claim_id"]);
+    assert_eq!(retried.json["duplicate"], true);
+    assert_eq!(id(&retried.json), ticket);
+    let other = other["id"].as_str().unwrap();
+    let events = restarted
+        .send(Some("analyst"), Req::get(format!("/v1/tickets/{other}/events")))
+        .await;
+    assert_eq!(events.json["events"].as_array().unwrap().len(), 1, "{}", events.json);
 }
