@@ -219,6 +219,9 @@ pub struct TicketView {
     pub claim: Option<ClaimView>,
     /// Failed attempts at the current stage.
     pub attempts: u32,
+    /// Drafts sent back by review; the one that reaches the policy's
+    /// maximum attempts hands the ticket to a human.
+    pub drafts_rejected: u32,
     /// How it was resolved.
     pub resolution: Option<String>,
     /// Why it was last sent back or handed to a human.
@@ -256,6 +259,7 @@ impl TicketView {
                 lease_expires_at: claim.lease_expires_at,
             }),
             attempts: ticket.attempts,
+            drafts_rejected: ticket.drafts_rejected,
             resolution: ticket.resolution.clone(),
             last_reason: ticket.last_reason.clone(),
             created_at,

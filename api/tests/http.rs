@@ -403,6 +403,7 @@ async fn escalation_rejection_and_operator_resolution() {
         )
         .await;
     assert_eq!(rejected.json["ticket"]["state"], "CLASSIFIED", "{}", rejected.json);
+    assert_eq!(rejected.json["ticket"]["drafts_rejected"], 1, "{}", rejected.json);
     let drafting = h.claim("drafter", "drafter").await;
     h.send(
         Some("drafter"),

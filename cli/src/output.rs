@@ -103,6 +103,7 @@ pub(crate) fn ticket_json(row: &TicketRow) -> Value {
         "draft": ticket.draft,
         "claim": ticket.claim,
         "attempts": ticket.attempts,
+        "drafts_rejected": ticket.drafts_rejected,
         "resolution": ticket.resolution,
         "last_reason": ticket.last_reason,
         "created_at": row.created_at,
@@ -152,6 +153,7 @@ pub(crate) fn print_ticket(row: &TicketRow, checkpoint: Option<Position>) {
         );
     }
     line("failed attempts", ticket.attempts.to_string());
+    line("drafts rejected", ticket.drafts_rejected.to_string());
     if let Some(resolution) = &ticket.resolution {
         line("resolution", resolution.clone());
     }

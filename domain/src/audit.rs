@@ -61,11 +61,13 @@ pub fn audit_history(history: &[(Event, EventMetadata)]) -> Vec<Violation> {
     let mut index = 0;
     while index < history.len() {
         let (event, metadata) = &history[index];
-        let poison_follows = matches!(event, Event::ClaimReleased { .. } | Event::ClaimExpired { .. })
-            && history.get(index + 1).is_some_and(|(next, next_metadata)| {
-                matches!(next, Event::EscalatedToHuman { claim_id: None, .. })
-                    && next_metadata.command_id == metadata.command_id
-            });
+        let poison_follows = matches!(
+            event,
+            Event::ClaimReleased { .. } | Event::ClaimExpired { .. } | Event::DraftRejected { .. }
+        ) && history.get(index + 1).is_some_and(|(next, next_metadata)| {
+            matches!(next, Event::EscalatedToHuman { claim_id: None, .. })
+                && next_metadata.command_id == metadata.command_id
+        });
         let step = if poison_follows { 2 } else { 1 };
         let kind = command_of(event);
         let from = ticket.state;

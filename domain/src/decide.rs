@@ -268,9 +268,13 @@ pub fn decide(ticket: &Ticket, command: &Command, context: &Context<'_>) -> Resu
     }
     debug_assert!(allowed_rows.iter().all(|row| row.claim == allowed_rows[0].claim));
     check_claim(ticket, command, allowed_rows[0].claim, kind, context)?;
-    // Saturating: `attempts` comes from stored events, and a wrapped count
+    // Saturating: the counts come from stored events, and a wrapped count
     // would send a poison ticket back to its queue.
-    let attempts = ticket.attempts.saturating_add(1);
+    let attempts = match kind {
+        CommandKind::RejectDraft => ticket.drafts_rejected,
+        _ => ticket.attempts,
+    }
+    .saturating_add(1);
     let exhausted = attempts >= context.policy.max_attempts;
     let row = allowed_rows
         .iter()
@@ -417,13 +421,12 @@ fn events_for(
     };
     let poison_after = |failed: Event| -> Vec<Event> {
         if attempts >= policy.max_attempts {
-            vec![
-                failed,
-                Event::EscalatedToHuman {
-                    claim_id: None,
-                    reason: format!("poison ticket: {attempts} failed attempts at one stage"),
-                },
-            ]
+            let reason = if matches!(failed, Event::DraftRejected { .. }) {
+                format!("poison ticket: {attempts} drafts rejected")
+            } else {
+                format!("poison ticket: {attempts} failed attempts at one stage")
+            };
+            vec![failed, Event::EscalatedToHuman { claim_id: None, reason }]
         } else {
             vec![failed]
         }
@@ -495,10 +498,10 @@ fn events_for(
         }
         Command::RejectDraft { claim_id, reason } => {
             check_text("reason", reason, policy.max_note_bytes, reason.len())?;
-            vec![Event::DraftRejected {
+            poison_after(Event::DraftRejected {
                 claim_id: *claim_id,
                 reason: reason.clone(),
-            }]
+            })
         }
         Command::EscalateToHuman { claim_id, reason } => {
             check_text("reason", reason, policy.max_note_bytes, reason.len())?;

@@ -80,6 +80,39 @@ fn history_to(state: State, attempts: u32, holder: &str) -> Vec<Event> {
     history
 }
 
+/// [`history_to`] `state` (`DraftReady` or `Escalating`), after `rejected`
+/// drafts were sent back by review: each a whole drafting and review
+/// round that ends in `DraftRejected`.
+fn history_with_rejected_drafts(state: State, rejected: u32, holder: &str) -> Vec<Event> {
+    let mut history = history_to(State::Classified, 0, "agent-0");
+    for round in 0..u128::from(rejected) {
+        history.push(started(State::Drafting, claim(200 + round * 2, "agent-0", 60)));
+        history.push(Event::DraftSubmitted {
+            claim_id: Uuid::from_u128(200 + round * 2),
+            body: "We refunded the second charge.".into(),
+        });
+        history.push(started(State::Escalating, claim(201 + round * 2, "agent-0", 60)));
+        history.push(Event::DraftRejected {
+            claim_id: Some(Uuid::from_u128(201 + round * 2)),
+            reason: "wrong tone".into(),
+        });
+    }
+    history.push(started(State::Drafting, claim(2, "agent-0", 60)));
+    history.push(Event::DraftSubmitted {
+        claim_id: Uuid::from_u128(2),
+        body: "We refunded the second charge.".into(),
+    });
+    match state {
+        State::DraftReady => {}
+        State::Escalating => history.push(started(State::Escalating, claim(9, holder, 60))),
+        other => panic!("no rejected-drafts fixture for {other}"),
+    }
+    let ticket = Ticket::from_events(&history);
+    assert_eq!(ticket.state, Some(state), "fixture history for {state}");
+    assert_eq!(ticket.drafts_rejected, rejected, "fixture rejections for {state}");
+    history
+}
+
 /// A valid command of `kind` acting under claim 9.
 fn valid_command(kind: CommandKind) -> Command {
     let claim_id = Uuid::from_u128(9);
@@ -136,9 +169,11 @@ fn every_row_of_the_table_is_enforced() {
             Guard::Always | Guard::AttemptsRemain => 0,
         };
         for &role in row.roles {
-            let history = row
-                .from
-                .map_or_else(Vec::new, |from| history_to(from, attempts, HOLDER));
+            let history = match (row.from, row.command) {
+                (None, _) => Vec::new(),
+                (Some(from), CommandKind::RejectDraft) => history_with_rejected_drafts(from, attempts, HOLDER),
+                (Some(from), _) => history_to(from, attempts, HOLDER),
+            };
             let now = match row.claim {
                 ClaimRule::Expired => t0() + Duration::seconds(61),
                 _ => t0() + Duration::seconds(1),
@@ -365,6 +400,143 @@ fn a_poison_ticket_goes_to_a_human_after_the_last_attempt() {
             },
         ]);
     assert_eq!(ticket.state, Some(State::NeedsHuman));
+}
+
+#[test]
+fn a_rejected_draft_goes_back_to_classified_while_attempts_remain() {
+    let ticket = Scenario::given(history_with_rejected_drafts(State::Escalating, 1, HOLDER))
+        .as_role(HOLDER, Role::Escalator)
+        .when(valid_command(CommandKind::RejectDraft))
+        .then([Event::DraftRejected {
+            claim_id: Some(Uuid::from_u128(9)),
+            reason: "wrong tone".into(),
+        }]);
+    assert_eq!(ticket.state, Some(State::Classified));
+    assert_eq!(ticket.drafts_rejected, 2);
+    assert_eq!(ticket.attempts, 0, "the drafting stage starts again");
+}
+
+#[test]
+fn the_draft_rejection_that_exhausts_the_attempts_hands_the_ticket_to_a_human() {
+    // Drafting and review passing a ticket back and forth is a poison
+    // loop too: the stage's attempts start again after every rejection,
+    // so only the ticket's own count of rejected drafts can end it.
+    for (state, role, claim_id) in [
+        (State::Escalating, Role::Escalator, Some(Uuid::from_u128(9))),
+        (State::DraftReady, Role::Operator, None),
+    ] {
+        let ticket = Scenario::given(history_with_rejected_drafts(state, 2, HOLDER))
+            .as_role(HOLDER, role)
+            .when(Command::RejectDraft {
+                claim_id,
+                reason: "wrong tone".into(),
+            })
+            .then([
+                Event::DraftRejected {
+                    claim_id,
+                    reason: "wrong tone".into(),
+                },
+                Event::EscalatedToHuman {
+                    claim_id: None,
+                    reason: "poison ticket: 3 drafts rejected".into(),
+                },
+            ]);
+        assert_eq!(ticket.state, Some(State::NeedsHuman), "from {state}");
+        assert_eq!(ticket.drafts_rejected, 3);
+    }
+}
+
+#[test]
+fn the_audit_accepts_the_rejection_that_hands_a_ticket_to_a_human() {
+    // Decided for real, then audited: the rejection and the hand-off are
+    // one command's step, through the table's exhausted row.
+    let policy = Policy::default();
+    let mut ticket = Ticket::default();
+    let mut history: Vec<(Event, EventMetadata)> = Vec::new();
+    let mut send = |role: Role, command: Command, seconds: i64| -> Uuid {
+        let agent = Agent::new(format!("{role}-1"), role);
+        let command_id = Uuid::new_v4();
+        let now = t0() + Duration::seconds(seconds);
+        let context = Context {
+            now,
+            ticket_id: ticket_id(),
+            agent: &agent,
+            command_id,
+            policy: &policy,
+        };
+        let events = decide(&ticket, &command, &context).unwrap_or_else(|rejection| panic!("{command:?}: {rejection}"));
+        for event in events {
+            ticket = evolve(std::mem::take(&mut ticket), &event);
+            history.push((event, metadata(&agent, command_id, now)));
+        }
+        command_id
+    };
+    send(Role::Intake, valid_command(CommandKind::OpenTicket), 0);
+    let classifying = send(Role::Classifier, Command::StartClassification { lease_secs: None }, 1);
+    send(
+        Role::Classifier,
+        Command::Classify {
+            claim_id: classifying,
+            category: "billing".into(),
+            priority: Priority::High,
+            confidence: 0.9,
+        },
+        2,
+    );
+    for round in 0..3 {
+        let at = 10 + round * 10;
+        let drafting = send(Role::Drafter, Command::StartDrafting { lease_secs: None }, at);
+        send(
+            Role::Drafter,
+            Command::SubmitDraft {
+                claim_id: drafting,
+                body: "We refunded the second charge.".into(),
+            },
+            at + 1,
+        );
+        let reviewing = send(Role::Escalator, Command::StartEscalation { lease_secs: None }, at + 2);
+        send(
+            Role::Escalator,
+            Command::RejectDraft {
+                claim_id: Some(reviewing),
+                reason: "wrong tone".into(),
+            },
+            at + 3,
+        );
+    }
+    let last_two: Vec<&Event> = history.iter().rev().take(2).map(|(event, _)| event).collect();
+    assert!(
+        matches!(
+            last_two[..],
+            [
+                Event::EscalatedToHuman { claim_id: None, .. },
+                Event::DraftRejected { .. }
+            ]
+        ),
+        "{last_two:?}"
+    );
+    assert_eq!(audit_history(&history), []);
+
+    // The hand-off under another command's id is not that step.
+    let (handoff, mut other) = history.pop().unwrap();
+    other.command_id = Uuid::new_v4();
+    history.push((handoff, other));
+    assert!(!audit_history(&history).is_empty());
+}
+
+#[test]
+fn failed_drafting_attempts_and_rejected_drafts_are_counted_apart() {
+    // Two rejected drafts, then a drafting claim that expires: the stage's
+    // first failed attempt, not the third failure of the ticket.
+    let mut history = history_with_rejected_drafts(State::DraftReady, 2, HOLDER);
+    history.truncate(history.len() - 2);
+    history.push(started(State::Drafting, claim(9, HOLDER, 60)));
+    let ticket = Scenario::given(history)
+        .as_role("sweeper", Role::System)
+        .at(t0() + Duration::seconds(61))
+        .when(valid_command(CommandKind::ExpireClaim))
+        .then_state(State::Classified);
+    assert_eq!((ticket.attempts, ticket.drafts_rejected), (1, 2));
 }
 
 #[test]

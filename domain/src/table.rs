@@ -33,7 +33,10 @@ pub enum ClaimRule {
 pub enum Guard {
     /// No condition.
     Always,
-    /// This failed attempt stays below the policy's maximum.
+    /// This failed attempt stays below the policy's maximum. For a released
+    /// or expired claim, the attempt is one at the current stage (the
+    /// ticket's `attempts`); for a rejected draft, one of all the drafts
+    /// rejected (`drafts_rejected`), which no stage resets.
     AttemptsRemain,
     /// This failed attempt reaches the policy's maximum: the ticket is poison
     /// and goes to a human.
@@ -96,8 +99,12 @@ pub static TRANSITIONS: &[Transition] = &[
     row(Some(S::DraftReady), K::StartEscalation, &[R::Escalator, R::Operator], S::Escalating, C::Takes, G::Always),
     row(Some(S::Escalating), K::Resolve, &[R::Escalator], S::Resolved, C::Holder, G::Always),
     // Review exits.
-    row(Some(S::Escalating), K::RejectDraft, &[R::Escalator, R::Operator], S::Classified, C::Holder, G::Always),
-    row(Some(S::DraftReady), K::RejectDraft, &[R::Operator], S::Classified, C::None, G::Always),
+    // A rejected draft is a failed attempt that no stage resets: the one
+    // that exhausts the attempts hands the ticket to a human.
+    row(Some(S::Escalating), K::RejectDraft, &[R::Escalator, R::Operator], S::Classified, C::Holder, G::AttemptsRemain),
+    row(Some(S::Escalating), K::RejectDraft, &[R::Escalator, R::Operator], S::NeedsHuman, C::Holder, G::AttemptsExhausted),
+    row(Some(S::DraftReady), K::RejectDraft, &[R::Operator], S::Classified, C::None, G::AttemptsRemain),
+    row(Some(S::DraftReady), K::RejectDraft, &[R::Operator], S::NeedsHuman, C::None, G::AttemptsExhausted),
     row(Some(S::Escalating), K::EscalateToHuman, &[R::Escalator, R::Operator], S::NeedsHuman, C::Holder, G::Always),
     // Claims given back count as failed attempts.
     row(Some(S::Classifying), K::ReleaseClaim, &[R::Classifier, R::Operator], S::New, C::Holder, G::AttemptsRemain),

@@ -29,6 +29,13 @@ pub struct Ticket {
     pub claim: Option<Claim>,
     /// Failed attempts (released or expired claims) at the current stage.
     pub attempts: u32,
+    /// Drafts sent back by review (`DraftRejected`), over the ticket's whole
+    /// life: a rejected draft sends the ticket back to `CLASSIFIED`, where
+    /// the stage's `attempts` start again, so without this count a reviewer
+    /// and a drafter could pass a ticket back and forth for ever. The
+    /// rejection that reaches the policy's `max_attempts` hands the ticket
+    /// to a human instead.
+    pub drafts_rejected: u32,
     /// How it was resolved.
     pub resolution: Option<String>,
     /// Why it was last sent back or handed to a human.
@@ -88,6 +95,8 @@ pub fn evolve(mut ticket: Ticket, event: &Event) -> Ticket {
         }
         Event::DraftRejected { reason, .. } => {
             ticket.last_reason = Some(reason.clone());
+            // Saturating: the count comes from stored events.
+            ticket.drafts_rejected = ticket.drafts_rejected.saturating_add(1);
             complete_stage(&mut ticket, State::Classified);
         }
         Event::EscalatedToHuman { reason, .. } => {

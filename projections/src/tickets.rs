@@ -35,7 +35,7 @@ pub struct TicketRow {
 
 const COLUMNS: &str = "ticket_id, state, subject, body, customer, category, priority, confidence, draft, \
     claim_id, claim_agent, lease_expires_at, attempts, resolution, last_reason, revision, events_applied, \
-    created_at, updated_at, state_entered_at";
+    created_at, updated_at, state_entered_at, drafts_rejected";
 
 /// The statement that writes a whole row: an update in place when the
 /// ticket has one (`INSERT OR REPLACE` deleted the row and inserted it
@@ -48,7 +48,7 @@ fn upsert(table: &str) -> String {
         .collect::<Vec<_>>()
         .join(", ");
     format!(
-        "INSERT INTO {table} ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20) \
+        "INSERT INTO {table} ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21) \
          ON CONFLICT (ticket_id) DO UPDATE SET {assignments}"
     )
 }
@@ -111,6 +111,7 @@ impl TicketRow {
                 resolution: row.get(13)?,
                 last_reason: row.get(14)?,
                 events_applied: row.get::<_, i64>(16)? as u64,
+                drafts_rejected: row.get(20)?,
             },
             revision: row.get::<_, i64>(15)? as u64,
             created_at: from_micros(row.get(17)?),
@@ -191,6 +192,7 @@ impl TicketRow {
             micros(self.created_at),
             micros(self.updated_at),
             micros(self.state_entered_at),
+            ticket.drafts_rejected,
         ])?;
         Ok(())
     }
@@ -202,9 +204,10 @@ impl Projection for TicketsProjection {
     }
 
     /// 3: version 2's `claims` table is gone again; claims are found in
-    /// the log.
+    /// the log. 4: `drafts_rejected`, the count that ends a draft-rejection
+    /// loop.
     fn version(&self) -> u32 {
-        3
+        4
     }
 
     fn tables(&self) -> &'static [&'static str] {
@@ -239,7 +242,8 @@ impl Projection for TicketsProjection {
                 events_applied   INTEGER NOT NULL,
                 created_at       INTEGER NOT NULL,
                 updated_at       INTEGER NOT NULL,
-                state_entered_at INTEGER NOT NULL
+                state_entered_at INTEGER NOT NULL,
+                drafts_rejected  INTEGER NOT NULL
             ) STRICT;"
         ))
     }

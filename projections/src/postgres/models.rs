@@ -27,7 +27,7 @@ use crate::tickets::{TicketRow, TicketsProjection, from_micros, micros};
 /// SQLite model's columns.
 pub(crate) const TICKET_COLUMNS: &str = "ticket_id, state, subject, body, customer, category, priority, confidence, \
     draft, claim_id, claim_agent, lease_expires_at, attempts, resolution, last_reason, revision, events_applied, \
-    created_at, updated_at, state_entered_at";
+    created_at, updated_at, state_entered_at, drafts_rejected";
 
 /// A read model this backend keeps: Triage's two projections.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -133,7 +133,8 @@ impl Model {
                     events_applied   bigint  NOT NULL,
                     created_at       bigint  NOT NULL,
                     updated_at       bigint  NOT NULL,
-                    state_entered_at bigint  NOT NULL
+                    state_entered_at bigint  NOT NULL,
+                    drafts_rejected  bigint  NOT NULL
                 );",
                 t = table("tickets")
             ),
@@ -280,6 +281,7 @@ pub(crate) fn ticket_from_row(row: &Row) -> Result<TicketRow, ProjectionError> {
             resolution: column(row, 13)?,
             last_reason: column(row, 14)?,
             events_applied: column::<i64>(row, 16)? as u64,
+            drafts_rejected: column::<i64>(row, 20)? as u32,
         },
         revision: column::<i64>(row, 15)? as u64,
         created_at: from_micros(column(row, 17)?),
@@ -333,6 +335,7 @@ struct TicketValues {
     created_at: i64,
     updated_at: i64,
     state_entered_at: i64,
+    drafts_rejected: i64,
 }
 
 impl TicketValues {
@@ -361,15 +364,16 @@ impl TicketValues {
             created_at: micros(row.created_at),
             updated_at: micros(row.updated_at),
             state_entered_at: micros(row.state_entered_at),
+            drafts_rejected: i64::from(ticket.drafts_rejected),
         }
     }
 }
 
 /// Element types of [`TICKET_COLUMNS`], in order, for the arrays a page's
 /// rows are sent in.
-const TICKET_COLUMN_TYPES: [&str; 20] = [
+const TICKET_COLUMN_TYPES: [&str; 21] = [
     "uuid", "text", "text", "text", "text", "text", "text", "float8", "text", "uuid", "text", "int8", "int8", "text",
-    "text", "int8", "int8", "int8", "int8", "int8",
+    "text", "int8", "int8", "int8", "int8", "int8", "int8",
 ];
 
 /// Runs `statement` with one array per column of `values`, in
@@ -405,6 +409,7 @@ async fn write_ticket_columns(
             &column(values, |v| v.created_at),
             &column(values, |v| v.updated_at),
             &column(values, |v| v.state_entered_at),
+            &column(values, |v| v.drafts_rejected),
         ],
     )
     .await
