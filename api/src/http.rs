@@ -16,6 +16,7 @@ use axum::routing::{get, post};
 use axum::{Router, body::Bytes};
 use serde::Deserialize;
 use triage_domain::{Command, State, TicketId};
+use triage_projections::ListCursor;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{IntoParams, Modify, OpenApi};
 use uuid::Uuid;
@@ -216,9 +217,12 @@ struct ListQuery {
     state: Option<String>,
     /// At most this many (default 50, at most 500).
     limit: Option<usize>,
+    /// The `next` of the page before: the page after it.
+    after: Option<String>,
 }
 
-/// List tickets, oldest in their state first (any token).
+/// List tickets, oldest in their state first (any token), a page at a time:
+/// while `next` is set, more follow.
 #[utoipa::path(get, path = "/v1/tickets", tag = "tickets", params(ListQuery),
     responses(
         (status = 200, body = TicketList),
@@ -237,7 +241,13 @@ async fn list_tickets(
         .map(str::parse::<State>)
         .transpose()
         .map_err(|error| ApiError::bad_request("invalid_query", error))?;
-    Ok(Json(state.list(&principal, wanted, query.limit).await?))
+    let after = query
+        .after
+        .as_deref()
+        .map(str::parse::<ListCursor>)
+        .transpose()
+        .map_err(|error| ApiError::bad_request("invalid_query", error))?;
+    Ok(Json(state.list(&principal, wanted, after, query.limit).await?))
 }
 
 /// A ticket as it is now, read from its stream (any token). The `ETag` is

@@ -84,6 +84,9 @@ pub struct ListArgs {
     /// At most this many (default 50).
     #[serde(default)]
     pub limit: Option<usize>,
+    /// The `next` of the page before: the page after it.
+    #[serde(default)]
+    pub after: Option<String>,
 }
 
 /// Arguments common to commands.
@@ -301,7 +304,9 @@ impl TriageMcp {
         done(result)
     }
 
-    #[tool(description = "List tickets, optionally only those in one state, oldest first.")]
+    #[tool(
+        description = "List tickets, optionally only those in one state, oldest first, a page at a time: while the answer's next is set, pass it as after for the next page."
+    )]
     async fn list_tickets(
         &self,
         extensions: Extensions,
@@ -315,7 +320,13 @@ impl TriageMcp {
                 .map(str::parse)
                 .transpose()
                 .map_err(|error: String| ApiError::unprocessable("invalid_body", error))?;
-            self.state.list(&principal, state, args.limit).await
+            let after = args
+                .after
+                .as_deref()
+                .map(str::parse)
+                .transpose()
+                .map_err(|error: String| ApiError::unprocessable("invalid_body", error))?;
+            self.state.list(&principal, state, after, args.limit).await
         }
         .await;
         done(result)

@@ -394,6 +394,8 @@ impl From<CommandResponse> for OpenedTicket {
 pub struct TicketList {
     /// The tickets, oldest in their state first.
     pub tickets: Vec<TicketView>,
+    /// When more follow: pass it back as `after` for the next page.
+    pub next: Option<String>,
 }
 
 /// `GET /v1/tickets/{id}/events`.

@@ -14,7 +14,7 @@ use triage_domain::{
     Agent, ClaimRule, Command, CommandEnvelope, CommandKind, Event, Role, State, TRANSITIONS, TicketId, queue_states,
     transitions_from,
 };
-use triage_projections::{Projector, TicketsView};
+use triage_projections::{ListCursor, Projector, TicketsView};
 use uuid::Uuid;
 
 use crate::auth::{Authenticator, Principal};
@@ -731,16 +731,24 @@ impl AppState {
         &self,
         _principal: &Principal,
         state: Option<State>,
+        after: Option<ListCursor>,
         limit: Option<usize>,
     ) -> Result<TicketList, ApiError> {
         let limit = limit.unwrap_or(50).min(self.inner.limits.max_list);
         self.catch_up().await?;
-        let rows = self
-            .inner
-            .projector
-            .read("tickets", |conn, slot| TicketsView::new(conn, slot).list(state, limit))?;
+        // One more than asked, to tell whether another page follows.
+        let mut rows = self.inner.projector.read("tickets", |conn, slot| {
+            TicketsView::new(conn, slot).list_after(state, after.as_ref(), limit.saturating_add(1))
+        })?;
+        let more = rows.len() > limit;
+        rows.truncate(limit);
+        let next = more
+            .then(|| rows.last().and_then(|row| ListCursor::after(row, state)))
+            .flatten()
+            .map(|cursor| cursor.to_string());
         Ok(TicketList {
             tickets: rows.iter().filter_map(TicketView::from_row).collect(),
+            next,
         })
     }
 

@@ -298,6 +298,63 @@ async fn list_by_state_events_and_stats() {
 }
 
 #[tokio::test]
+async fn long_lists_come_in_pages_that_miss_and_repeat_nothing() {
+    let h = Harness::new();
+    // One clock reading for all: the pages are told apart by ticket id.
+    let mut opened = Vec::new();
+    for subject in ["a", "b", "c", "d", "e"] {
+        opened.push(h.open(subject).await["id"].as_str().unwrap().to_owned());
+    }
+    let page = |uri: String| {
+        let h = &h;
+        async move {
+            let reply = h.send(Some("analyst"), Req::get(uri)).await;
+            assert_eq!(reply.status, StatusCode::OK, "{}", reply.json);
+            let ids: Vec<String> = reply.json["tickets"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|ticket| ticket["id"].as_str().expect("ticket id").to_owned())
+                .collect();
+            (ids, reply.json["next"].as_str().map(str::to_owned))
+        }
+    };
+    for query in ["state=NEW&", ""] {
+        let mut seen = Vec::new();
+        let (first, mut next) = page(format!("/v1/tickets?{query}limit=2")).await;
+        assert_eq!(first.len(), 2);
+        seen.extend(first);
+        let mut pages = 1;
+        while let Some(cursor) = next {
+            if pages == 1 && query.is_empty() {
+                // Opened while paging, later than the others: it comes at
+                // the end, once.
+                h.clock.advance(chrono::Duration::seconds(1));
+                opened.push(h.open("f").await["id"].as_str().unwrap().to_owned());
+            }
+            let (ids, after) = page(format!("/v1/tickets?{query}limit=2&after={cursor}")).await;
+            assert!(!ids.is_empty(), "a cursor was given for an empty page");
+            seen.extend(ids);
+            next = after;
+            pages += 1;
+        }
+        let mut expected = opened.clone();
+        expected.sort();
+        let mut sorted = seen.clone();
+        sorted.sort();
+        assert_eq!(sorted, expected, "every ticket once ({query})");
+        assert_eq!(pages, expected.len().div_ceil(2), "{query}");
+    }
+    let (all, next) = page("/v1/tickets?limit=500".to_owned()).await;
+    assert_eq!((all.len(), next), (6, None), "one page holds them all");
+    for bad in ["nonsense", "12.not-a-uuid", "x.0a7b2f2e-3f59-4c8e-9a39-7d7f8f0f4c11"] {
+        h.send(Some("analyst"), Req::get(format!("/v1/tickets?after={bad}")))
+            .await
+            .assert_problem(StatusCode::BAD_REQUEST, "invalid_query");
+    }
+}
+
+#[tokio::test]
 async fn claiming_is_200_with_the_claim_then_204_when_nothing_waits() {
     let h = Harness::new();
     h.claim("classifier", "classifier").await.assert_problem_or_204();

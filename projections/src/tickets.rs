@@ -306,6 +306,51 @@ fn load(conn: &Connection, table: &str, id: TicketId) -> rusqlite::Result<Option
         .optional()
 }
 
+/// Where a page of [`TicketsView::list_after`] ends: the sort key of its
+/// last row. As text, `<microseconds>.<ticket id>`; clients treat it as
+/// opaque.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ListCursor {
+    /// The row's `state_entered_at` (a list of one state) or `created_at`
+    /// (all states), in microseconds.
+    pub at: i64,
+    /// The row's ticket.
+    pub ticket_id: TicketId,
+}
+
+impl ListCursor {
+    /// The cursor after `row` in a list of `state` (`None`: all states).
+    pub fn after(row: &TicketRow, state: Option<State>) -> Option<Self> {
+        Some(ListCursor {
+            at: micros(if state.is_some() {
+                row.state_entered_at
+            } else {
+                row.created_at
+            }),
+            ticket_id: row.ticket.id?,
+        })
+    }
+}
+
+impl std::fmt::Display for ListCursor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}", self.at, self.ticket_id)
+    }
+}
+
+impl std::str::FromStr for ListCursor {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        let invalid = || format!("invalid cursor {text:?}: pass back the `next` of the page before");
+        let (at, ticket_id) = text.split_once('.').ok_or_else(invalid)?;
+        Ok(ListCursor {
+            at: at.parse().map_err(|_| invalid())?,
+            ticket_id: TicketId(Uuid::parse_str(ticket_id).map_err(|_| invalid())?),
+        })
+    }
+}
+
 /// Queries over a live `tickets` generation.
 #[derive(Debug)]
 pub struct TicketsView<'a> {
@@ -338,23 +383,43 @@ impl<'a> TicketsView<'a> {
     /// Tickets in `state` (all states when `None`), oldest in that state
     /// first.
     pub fn list(&self, state: Option<State>, limit: usize) -> rusqlite::Result<Vec<TicketRow>> {
+        self.list_after(state, None, limit)
+    }
+
+    /// [`TicketsView::list`] from just after `after`, the [`ListCursor`] of
+    /// the last row of the page before: a page of a long list. Keyed on
+    /// the order itself, so a page is neither shifted nor repeated by
+    /// tickets opened meanwhile; a ticket that changes state between pages
+    /// leaves a state's list, or moves to its end.
+    pub fn list_after(
+        &self,
+        state: Option<State>,
+        after: Option<&ListCursor>,
+        limit: usize,
+    ) -> rusqlite::Result<Vec<TicketRow>> {
         let limit = limit.min(i64::MAX as usize) as i64;
+        // Before every row: `ticket_id` is text and never empty.
+        let (at, id) = after.map_or((i64::MIN, String::new()), |cursor| {
+            (cursor.at, cursor.ticket_id.to_string())
+        });
         match state {
             Some(state) => self
                 .conn
                 .prepare_cached(&format!(
-                    "SELECT {COLUMNS} FROM {} WHERE state = ?1 ORDER BY state_entered_at, ticket_id LIMIT ?2",
+                    "SELECT {COLUMNS} FROM {} WHERE state = ?1 AND (state_entered_at, ticket_id) > (?2, ?3) \
+                     ORDER BY state_entered_at, ticket_id LIMIT ?4",
                     self.table
                 ))?
-                .query_map((state.as_str(), limit), TicketRow::from_row)?
+                .query_map((state.as_str(), at, id, limit), TicketRow::from_row)?
                 .collect(),
             None => self
                 .conn
                 .prepare_cached(&format!(
-                    "SELECT {COLUMNS} FROM {} ORDER BY created_at, ticket_id LIMIT ?1",
+                    "SELECT {COLUMNS} FROM {} WHERE (created_at, ticket_id) > (?1, ?2) \
+                     ORDER BY created_at, ticket_id LIMIT ?3",
                     self.table
                 ))?
-                .query_map([limit], TicketRow::from_row)?
+                .query_map((at, id, limit), TicketRow::from_row)?
                 .collect(),
         }
     }
