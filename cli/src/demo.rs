@@ -56,7 +56,8 @@ pub(crate) struct DemoArgs {
     /// Share of accepted submissions sent again with the same command id.
     #[arg(long, default_value_t = DemoConfig::default().retry_rate)]
     retry_rate: f64,
-    /// Stop after this many real seconds even if tickets remain.
+    /// Stop after this many real seconds, opening the tickets included,
+    /// even if tickets remain.
     #[arg(long, default_value_t = DemoConfig::default().max_seconds)]
     max_seconds: f64,
     /// Also run the same workload against another design and print both.

@@ -70,7 +70,8 @@ pub struct DemoConfig {
     pub invalid_rate: f64,
     /// Share of successful submissions sent again with the same command id.
     pub retry_rate: f64,
-    /// Stop after this many real seconds even if tickets remain.
+    /// Stop after this many real seconds, the opening of the tickets
+    /// included, even if tickets remain (or were never opened).
     pub max_seconds: f64,
 }
 
@@ -98,7 +99,8 @@ impl Default for DemoConfig {
 /// A live view of a run, for progress output.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Progress {
-    /// Real seconds since the agents started.
+    /// Real seconds since the agents started (0 while the tickets are
+    /// still being opened).
     pub elapsed_s: f64,
     /// Tickets per state.
     pub states: BTreeMap<State, u64>,
@@ -384,14 +386,33 @@ where
         ticket: Ticket::default(),
         read_at: triage_command_handler::Clock::now(clock.as_ref()),
     };
+    // `max_seconds` bounds the whole run, the intake included: a large
+    // `--tickets` on a slow store must not outlast it.
+    let deadline = Instant::now() + Duration::from_secs_f64(config.max_seconds);
     // Tickets arrive together, as from a mailbox: concurrent openings
     // share the store's commits, where one at a time would wait for one
     // fsync each.
     const INTAKE_IN_FLIGHT: usize = 32;
     let mut openings = tokio::task::JoinSet::new();
+    let mut opened = 0u64;
+    let mut reported = Instant::now();
     for (id, ticket) in shared.tickets.iter() {
         if openings.len() >= INTAKE_IN_FLIGHT {
-            openings.join_next().await;
+            opened += u64::from(matches!(openings.join_next().await, Some(Ok(true))));
+        }
+        if Instant::now() >= deadline {
+            break;
+        }
+        // The intake shows as tickets arriving in NEW; the agents' clock
+        // and rates start after it.
+        if reported.elapsed() >= Duration::from_millis(500) {
+            reported = Instant::now();
+            on_progress(&Progress {
+                elapsed_s: 0.0,
+                states: BTreeMap::from([(State::New, opened)]),
+                events: 0,
+                events_per_s: 0.0,
+            });
         }
         let open = CommandEnvelope::new(
             *id,
@@ -403,9 +424,7 @@ where
             },
         );
         let (shared, snapshot) = (shared.clone(), nobody(*id));
-        openings.spawn(async move {
-            let _ = shared.submit(open, &snapshot).await;
-        });
+        openings.spawn(async move { shared.submit(open, &snapshot).await.is_ok() });
     }
     openings.join_all().await;
     // The intake's events are not the agents' work: rates count from here.
@@ -437,7 +456,7 @@ where
             states: states.clone(),
             events,
         });
-        if sim::all_resolved(&states, config.tickets) || elapsed_s >= config.max_seconds {
+        if sim::all_resolved(&states, config.tickets) || Instant::now() >= deadline {
             break;
         }
     }

@@ -126,6 +126,29 @@ async fn max_seconds_ends_a_run_with_agents_asleep_in_timeouts() {
     assert!(report.audit_passed, "{:?}", report.findings);
 }
 
+/// `--max-seconds` bounds the opening of the tickets too: far more tickets
+/// than the store can open in time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn max_seconds_also_bounds_the_intake() {
+    let config = DemoConfig {
+        tickets: 200_000,
+        max_seconds: 0.5,
+        ..small()
+    };
+    let started = std::time::Instant::now();
+    let report = triage_run(config).await;
+    let took = started.elapsed();
+    // Opening 200,000 tickets alone takes far longer than this here.
+    assert!(took < std::time::Duration::from_secs(15), "the run took {took:?}");
+    assert!(!report.completed, "{report:?}");
+    assert!(
+        report.intake_events > 0 && report.intake_events < 200_000,
+        "opened {} tickets",
+        report.intake_events
+    );
+    assert!(report.audit_passed, "{:?}", report.findings);
+}
+
 #[tokio::test]
 async fn nonsense_configurations_are_refused() {
     let config = DemoConfig {
