@@ -483,7 +483,8 @@ async fn resolve(
     ticket_command(&state, &principal, &id, &headers, command).await
 }
 
-/// Send the draft back for another one.
+/// Send the draft back for another one; the rejected draft that reaches
+/// the policy's max attempts hands the ticket to a human (NEEDS_HUMAN).
 #[utoipa::path(post, path = "/v1/tickets/{id}/rejection", tag = "work",
     params(("id" = String, Path, description = "The ticket id"),
         ("Idempotency-Key" = Option<String>, Header, description = "The command id"),

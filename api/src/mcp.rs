@@ -432,7 +432,9 @@ impl TriageMcp {
         )
     }
 
-    #[tool(description = "Send the draft back for another draft (CLASSIFIED), with a reason.")]
+    #[tool(
+        description = "Send the draft back for another draft (CLASSIFIED), with a reason. The rejected draft that reaches the policy's max attempts hands the ticket to a human (NEEDS_HUMAN) instead."
+    )]
     async fn reject_draft(
         &self,
         extensions: Extensions,

@@ -140,7 +140,8 @@ pub struct ResolutionRequest {
     pub resolution: String,
 }
 
-/// `POST /v1/tickets/{id}/rejection`: send the draft back for another.
+/// `POST /v1/tickets/{id}/rejection`: send the draft back for another (or,
+/// the rejection that reaches the policy's max attempts, to a human).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RejectionRequest {

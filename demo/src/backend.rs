@@ -214,8 +214,13 @@ impl NaiveBackend {
             });
             folded
                 .as_ref()
-                .map(|ticket| (ticket.state, &ticket.claim, ticket.attempts))
-                == Some((record.ticket.state, &record.ticket.claim, record.ticket.attempts))
+                .map(|ticket| (ticket.state, &ticket.claim, ticket.attempts, ticket.drafts_rejected))
+                == Some((
+                    record.ticket.state,
+                    &record.ticket.claim,
+                    record.ticket.attempts,
+                    record.ticket.drafts_rejected,
+                ))
         })
     }
 

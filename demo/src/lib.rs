@@ -60,7 +60,8 @@ pub struct DemoConfig {
     pub time_scale: f64,
     /// The lease of every claim, in simulated seconds.
     pub lease_secs: u32,
-    /// Failed attempts at one stage before a ticket goes to a human.
+    /// Failed attempts at one stage, or drafts rejected, before a ticket
+    /// goes to a human.
     pub max_attempts: u32,
     /// Share of tasks whose agent crashes holding the claim.
     pub crash_rate: f64,

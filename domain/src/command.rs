@@ -147,7 +147,8 @@ pub enum Command {
         /// What was done.
         resolution: String,
     },
-    /// Send the draft back to `CLASSIFIED` for another draft.
+    /// Send the draft back to `CLASSIFIED` for another draft; the rejection
+    /// that reaches the policy's `max_attempts` hands the ticket to a human.
     RejectDraft {
         /// The review claim (escalators).
         #[serde(default)]

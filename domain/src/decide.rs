@@ -16,7 +16,8 @@ use crate::ticket::Ticket;
 pub struct Policy {
     /// The categories a classifier may choose.
     pub categories: Vec<String>,
-    /// Failed attempts at one stage after which the ticket goes to a human.
+    /// Failed attempts at one stage (released or expired claims), and drafts
+    /// rejected over the ticket's life, after which it goes to a human.
     pub max_attempts: u32,
     /// The lease a claim gets when the command asks for none.
     pub default_lease_secs: u32,

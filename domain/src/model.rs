@@ -28,7 +28,7 @@ pub enum State {
     /// ticket to a human.
     Escalating,
     /// Waiting for a human operator: handed over by an escalator, or a poison
-    /// ticket whose claims kept failing.
+    /// ticket whose claims kept failing or whose drafts kept being rejected.
     NeedsHuman,
     /// Done. No command leaves this state.
     Resolved,
