@@ -246,6 +246,11 @@ async fn list_tickets(
         .as_deref()
         .map(str::parse::<ListCursor>)
         .transpose()
+        .and_then(|after| {
+            after
+                .map(|cursor| cursor.check_list(wanted).map(|()| cursor))
+                .transpose()
+        })
         .map_err(|error| ApiError::bad_request("invalid_query", error))?;
     Ok(Json(state.list(&principal, wanted, after, query.limit).await?))
 }

@@ -20,6 +20,7 @@ use rmcp::transport::streamable_http_server::{StreamableHttpServerConfig, Stream
 use rmcp::{ErrorData, ServerHandler, schemars, tool, tool_handler, tool_router};
 use serde::{Deserialize, Serialize};
 use triage_domain::{Command, TicketId};
+use triage_projections::ListCursor;
 use uuid::Uuid;
 
 use crate::auth::Principal;
@@ -323,9 +324,14 @@ impl TriageMcp {
             let after = args
                 .after
                 .as_deref()
-                .map(str::parse)
+                .map(str::parse::<ListCursor>)
                 .transpose()
-                .map_err(|error: String| ApiError::unprocessable("invalid_body", error))?;
+                .and_then(|after| {
+                    after
+                        .map(|cursor| cursor.check_list(state).map(|()| cursor))
+                        .transpose()
+                })
+                .map_err(|error| ApiError::unprocessable("invalid_body", error))?;
             self.state.list(&principal, state, after, args.limit).await
         }
         .await;

@@ -734,7 +734,8 @@ impl AppState {
         after: Option<ListCursor>,
         limit: Option<usize>,
     ) -> Result<TicketList, ApiError> {
-        let limit = limit.unwrap_or(50).min(self.inner.limits.max_list);
+        // At least one: an empty page would end the list.
+        let limit = limit.unwrap_or(50).clamp(1, self.inner.limits.max_list.max(1));
         self.catch_up().await?;
         // One more than asked, to tell whether another page follows.
         let mut rows = self.inner.projector.read("tickets", |conn, slot| {

@@ -347,11 +347,22 @@ async fn long_lists_come_in_pages_that_miss_and_repeat_nothing() {
     }
     let (all, next) = page("/v1/tickets?limit=500".to_owned()).await;
     assert_eq!((all.len(), next), (6, None), "one page holds them all");
-    for bad in ["nonsense", "12.not-a-uuid", "x.0a7b2f2e-3f59-4c8e-9a39-7d7f8f0f4c11"] {
+    for bad in [
+        "nonsense",
+        "all.12.not-a-uuid",
+        "all.x.0a7b2f2e-3f59-4c8e-9a39-7d7f8f0f4c11",
+        "SLEEPING.12.0a7b2f2e-3f59-4c8e-9a39-7d7f8f0f4c11",
+        // Another list's cursor: its list is sorted on another time.
+        "NEW.12.0a7b2f2e-3f59-4c8e-9a39-7d7f8f0f4c11",
+    ] {
         h.send(Some("analyst"), Req::get(format!("/v1/tickets?after={bad}")))
             .await
             .assert_problem(StatusCode::BAD_REQUEST, "invalid_query");
     }
+    // A page of none would say the list is empty.
+    let (one, next) = page("/v1/tickets?limit=0".to_owned()).await;
+    assert_eq!(one.len(), 1);
+    assert!(next.is_some());
 }
 
 #[tokio::test]

@@ -388,8 +388,12 @@ where
         read_at: triage_command_handler::Clock::now(clock.as_ref()),
     };
     // `max_seconds` bounds the whole run, the intake included: a large
-    // `--tickets` on a slow store must not outlast it.
-    let deadline = Instant::now() + Duration::from_secs_f64(config.max_seconds);
+    // `--tickets` on a slow store must not outlast it. (None: further off
+    // than this clock can count, which is no bound.)
+    let deadline = Duration::try_from_secs_f64(config.max_seconds)
+        .ok()
+        .and_then(|bound| Instant::now().checked_add(bound));
+    let past_deadline = || deadline.is_some_and(|deadline| Instant::now() >= deadline);
     // Tickets arrive together, as from a mailbox: concurrent openings
     // share the store's commits, where one at a time would wait for one
     // fsync each.
@@ -401,7 +405,7 @@ where
         if openings.len() >= INTAKE_IN_FLIGHT {
             opened += u64::from(matches!(openings.join_next().await, Some(Ok(true))));
         }
-        if Instant::now() >= deadline {
+        if past_deadline() {
             break;
         }
         // The intake shows as tickets arriving in NEW; the agents' clock
@@ -432,33 +436,43 @@ where
     let events_at_start = events_so_far().await;
     let started = Instant::now();
     let mut tasks = Vec::new();
+    // The intake took all the time there was: no agents to start.
+    let agents_run = !past_deadline();
     for (role, count) in [
         (Role::Classifier, config.classifiers),
         (Role::Drafter, config.drafters),
         (Role::Escalator, config.escalators),
     ] {
-        for index in 1..=count {
+        for index in (1..=count).filter(|_| agents_run) {
             tasks.push(tokio::spawn(sim::agent(shared.clone(), role, index)));
         }
     }
-    for index in 1..=config.operators {
+    for index in (1..=config.operators).filter(|_| agents_run) {
         tasks.push(tokio::spawn(sim::operator(shared.clone(), index)));
     }
-    tasks.push(tokio::spawn(sim::sweeper(shared.clone())));
-    loop {
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        let ids: Vec<TicketId> = shared.tickets.iter().map(|(id, _)| *id).collect();
-        let states = backend.counts(&ids).await;
-        let events = events_so_far().await.saturating_sub(events_at_start);
-        let elapsed_s = started.elapsed().as_secs_f64();
-        on_progress(&Progress {
-            elapsed_s,
-            events_per_s: events as f64 / elapsed_s.max(1e-3),
-            states: states.clone(),
-            events,
-        });
-        if sim::all_resolved(&states, config.tickets) || Instant::now() >= deadline {
-            break;
+    if agents_run {
+        tasks.push(tokio::spawn(sim::sweeper(shared.clone())));
+        loop {
+            // Twice a second, or at the deadline if that comes first.
+            let tick = deadline.map_or(Duration::from_millis(500), |deadline| {
+                deadline
+                    .saturating_duration_since(Instant::now())
+                    .min(Duration::from_millis(500))
+            });
+            tokio::time::sleep(tick).await;
+            let ids: Vec<TicketId> = shared.tickets.iter().map(|(id, _)| *id).collect();
+            let states = backend.counts(&ids).await;
+            let events = events_so_far().await.saturating_sub(events_at_start);
+            let elapsed_s = started.elapsed().as_secs_f64();
+            on_progress(&Progress {
+                elapsed_s,
+                events_per_s: events as f64 / elapsed_s.max(1e-3),
+                states: states.clone(),
+                events,
+            });
+            if sim::all_resolved(&states, config.tickets) || past_deadline() {
+                break;
+            }
         }
     }
     shared.stop.store(true, Ordering::Relaxed);

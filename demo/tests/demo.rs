@@ -149,6 +149,17 @@ async fn max_seconds_also_bounds_the_intake() {
     assert!(report.audit_passed, "{:?}", report.findings);
 }
 
+/// A bound further off than the clock can count is no bound, not a panic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_max_seconds_beyond_the_clock_is_no_bound() {
+    let report = triage_run(DemoConfig {
+        max_seconds: 1e300,
+        ..small()
+    })
+    .await;
+    assert!(report.completed, "resolved {} of {}", report.resolved, report.tickets);
+}
+
 #[tokio::test]
 async fn nonsense_configurations_are_refused() {
     let config = DemoConfig {

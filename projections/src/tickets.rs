@@ -205,7 +205,7 @@ impl Projection for TicketsProjection {
 
     /// 3: version 2's `claims` table is gone again; claims are found in
     /// the log. 4: `drafts_rejected`, the count that ends a draft-rejection
-    /// loop.
+    /// loop, and indexes for paging lists in their own order.
     fn version(&self) -> u32 {
         4
     }
@@ -251,7 +251,8 @@ impl Projection for TicketsProjection {
     fn create_indexes(&self, conn: &Connection, slot: &Slot) -> rusqlite::Result<()> {
         let table = slot.table("tickets");
         conn.execute_batch(&format!(
-            "CREATE INDEX IF NOT EXISTS {table}_queue ON {table} (state, state_entered_at);
+            "CREATE INDEX IF NOT EXISTS {table}_queue ON {table} (state, state_entered_at, ticket_id);
+             CREATE INDEX IF NOT EXISTS {table}_created ON {table} (created_at, ticket_id);
              CREATE INDEX IF NOT EXISTS {table}_lease ON {table} (lease_expires_at) WHERE lease_expires_at IS NOT NULL;"
         ))
     }
@@ -306,11 +307,14 @@ fn load(conn: &Connection, table: &str, id: TicketId) -> rusqlite::Result<Option
         .optional()
 }
 
-/// Where a page of [`TicketsView::list_after`] ends: the sort key of its
-/// last row. As text, `<microseconds>.<ticket id>`; clients treat it as
-/// opaque.
+/// Where a page of [`TicketsView::list_after`] ends: the list and the sort
+/// key of its last row. As text, `<STATE or all>.<microseconds>.<ticket
+/// id>`; clients treat it as opaque.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ListCursor {
+    /// The list: one state's, or all states' (`None`). A cursor continues
+    /// only its own list: the lists are sorted on different times.
+    pub state: Option<State>,
     /// The row's `state_entered_at` (a list of one state) or `created_at`
     /// (all states), in microseconds.
     pub at: i64,
@@ -322,6 +326,7 @@ impl ListCursor {
     /// The cursor after `row` in a list of `state` (`None`: all states).
     pub fn after(row: &TicketRow, state: Option<State>) -> Option<Self> {
         Some(ListCursor {
+            state,
             at: micros(if state.is_some() {
                 row.state_entered_at
             } else {
@@ -332,9 +337,26 @@ impl ListCursor {
     }
 }
 
+impl ListCursor {
+    /// Whether this cursor continues the list of `state` (`None`: all
+    /// states); `Err` says why not.
+    pub fn check_list(&self, state: Option<State>) -> Result<(), String> {
+        if self.state == state {
+            return Ok(());
+        }
+        let name = |state: Option<State>| state.map_or_else(|| "all states".to_owned(), |state| state.to_string());
+        Err(format!(
+            "this cursor continues the list of {}, not of {}",
+            name(self.state),
+            name(state)
+        ))
+    }
+}
+
 impl std::fmt::Display for ListCursor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}.{}", self.at, self.ticket_id)
+        let list = self.state.map_or("all", State::as_str);
+        write!(f, "{list}.{}.{}", self.at, self.ticket_id)
     }
 }
 
@@ -343,8 +365,15 @@ impl std::str::FromStr for ListCursor {
 
     fn from_str(text: &str) -> Result<Self, String> {
         let invalid = || format!("invalid cursor {text:?}: pass back the `next` of the page before");
-        let (at, ticket_id) = text.split_once('.').ok_or_else(invalid)?;
+        let mut parts = text.splitn(3, '.');
+        let (Some(list), Some(at), Some(ticket_id)) = (parts.next(), parts.next(), parts.next()) else {
+            return Err(invalid());
+        };
         Ok(ListCursor {
+            state: match list {
+                "all" => None,
+                state => Some(state.parse().map_err(|_| invalid())?),
+            },
             at: at.parse().map_err(|_| invalid())?,
             ticket_id: TicketId(Uuid::parse_str(ticket_id).map_err(|_| invalid())?),
         })
@@ -391,12 +420,21 @@ impl<'a> TicketsView<'a> {
     /// the order itself, so a page is neither shifted nor repeated by
     /// tickets opened meanwhile; a ticket that changes state between pages
     /// leaves a state's list, or moves to its end.
+    ///
+    /// # Panics
+    ///
+    /// When `after` is a cursor of another list; see
+    /// [`ListCursor::check_list`].
     pub fn list_after(
         &self,
         state: Option<State>,
         after: Option<&ListCursor>,
         limit: usize,
     ) -> rusqlite::Result<Vec<TicketRow>> {
+        assert!(
+            after.is_none_or(|cursor| cursor.state == state),
+            "a cursor of another list"
+        );
         let limit = limit.min(i64::MAX as usize) as i64;
         // Before every row: `ticket_id` is text and never empty.
         let (at, id) = after.map_or((i64::MIN, String::new()), |cursor| {

@@ -79,6 +79,7 @@ async fn a_rebuild_indexes_its_generation_when_it_goes_live() {
     let live_indexes = |generation: u32| {
         vec![
             format!("stats_latency_g{generation}_stage"),
+            format!("tickets_g{generation}_created"),
             format!("tickets_g{generation}_lease"),
             format!("tickets_g{generation}_queue"),
         ]
