@@ -15,8 +15,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Router, body::Bytes};
 use serde::Deserialize;
-use triage_domain::{Command, State, TicketId};
-use triage_projections::ListCursor;
+use triage_domain::{Command, TicketId};
+use triage_projections::list_request;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{IntoParams, Modify, OpenApi};
 use uuid::Uuid;
@@ -235,22 +235,7 @@ async fn list_tickets(
     query: Result<Query<ListQuery>, QueryRejection>,
 ) -> Result<Json<TicketList>, ApiError> {
     let Query(query) = query.map_err(|error| ApiError::bad_request("invalid_query", error.body_text()))?;
-    let wanted = query
-        .state
-        .as_deref()
-        .map(str::parse::<State>)
-        .transpose()
-        .map_err(|error| ApiError::bad_request("invalid_query", error))?;
-    let after = query
-        .after
-        .as_deref()
-        .map(str::parse::<ListCursor>)
-        .transpose()
-        .and_then(|after| {
-            after
-                .map(|cursor| cursor.check_list(wanted).map(|()| cursor))
-                .transpose()
-        })
+    let (wanted, after) = list_request(query.state.as_deref(), query.after.as_deref())
         .map_err(|error| ApiError::bad_request("invalid_query", error))?;
     Ok(Json(state.list(&principal, wanted, after, query.limit).await?))
 }

@@ -20,7 +20,7 @@ use rmcp::transport::streamable_http_server::{StreamableHttpServerConfig, Stream
 use rmcp::{ErrorData, ServerHandler, schemars, tool, tool_handler, tool_router};
 use serde::{Deserialize, Serialize};
 use triage_domain::{Command, TicketId};
-use triage_projections::ListCursor;
+use triage_projections::list_request;
 use uuid::Uuid;
 
 use crate::auth::Principal;
@@ -315,22 +315,7 @@ impl TriageMcp {
     ) -> Result<CallToolResult, ErrorData> {
         let result = async {
             let principal = self.principal(&extensions)?;
-            let state = args
-                .state
-                .as_deref()
-                .map(str::parse)
-                .transpose()
-                .map_err(|error: String| ApiError::unprocessable("invalid_body", error))?;
-            let after = args
-                .after
-                .as_deref()
-                .map(str::parse::<ListCursor>)
-                .transpose()
-                .and_then(|after| {
-                    after
-                        .map(|cursor| cursor.check_list(state).map(|()| cursor))
-                        .transpose()
-                })
+            let (state, after) = list_request(args.state.as_deref(), args.after.as_deref())
                 .map_err(|error| ApiError::unprocessable("invalid_body", error))?;
             self.state.list(&principal, state, after, args.limit).await
         }

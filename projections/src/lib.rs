@@ -54,7 +54,7 @@ pub use projection::{Fnv, Payload, ProjectedEvent, Projection, STREAM_PREFIXES, 
 pub use read_models::ReadModels;
 pub use runtime::{ProjectionStatus, Projector, ProjectorOptions, RebuildOptions, RebuildProgress, RebuildReport};
 pub use stats::{StatsProjection, StatsSummary};
-pub use tickets::{ListCursor, TicketRow, TicketsProjection, TicketsView};
+pub use tickets::{ListCursor, TicketRow, TicketsProjection, TicketsView, list_request};
 
 /// What to do about an event that did not decode.
 fn undecodable_advice(source: &triage_domain::DecodeError, event_type: &str) -> String {

@@ -337,6 +337,18 @@ impl ListCursor {
     }
 }
 
+/// Reads the `state` and `after` of a request for a page of a list: the
+/// state's name, and a cursor that must continue that state's list (`Err`
+/// says what is wrong with either).
+pub fn list_request(state: Option<&str>, after: Option<&str>) -> Result<(Option<State>, Option<ListCursor>), String> {
+    let state = state.map(str::parse::<State>).transpose()?;
+    let after = after.map(str::parse::<ListCursor>).transpose()?;
+    if let Some(cursor) = &after {
+        cursor.check_list(state)?;
+    }
+    Ok((state, after))
+}
+
 impl ListCursor {
     /// Whether this cursor continues the list of `state` (`None`: all
     /// states); `Err` says why not.
