@@ -335,21 +335,7 @@ impl ListCursor {
             ticket_id: row.ticket.id?,
         })
     }
-}
 
-/// Reads the `state` and `after` of a request for a page of a list: the
-/// state's name, and a cursor that must continue that state's list (`Err`
-/// says what is wrong with either).
-pub fn list_request(state: Option<&str>, after: Option<&str>) -> Result<(Option<State>, Option<ListCursor>), String> {
-    let state = state.map(str::parse::<State>).transpose()?;
-    let after = after.map(str::parse::<ListCursor>).transpose()?;
-    if let Some(cursor) = &after {
-        cursor.check_list(state)?;
-    }
-    Ok((state, after))
-}
-
-impl ListCursor {
     /// Whether this cursor continues the list of `state` (`None`: all
     /// states); `Err` says why not.
     pub fn check_list(&self, state: Option<State>) -> Result<(), String> {
@@ -363,6 +349,18 @@ impl ListCursor {
             name(state)
         ))
     }
+}
+
+/// Reads the `state` and `after` of a request for a page of a list: the
+/// state's name, and a cursor that must continue that state's list (`Err`
+/// says what is wrong with either).
+pub fn list_request(state: Option<&str>, after: Option<&str>) -> Result<(Option<State>, Option<ListCursor>), String> {
+    let state = state.map(str::parse::<State>).transpose()?;
+    let after = after.map(str::parse::<ListCursor>).transpose()?;
+    if let Some(cursor) = &after {
+        cursor.check_list(state)?;
+    }
+    Ok((state, after))
 }
 
 impl std::fmt::Display for ListCursor {
