@@ -13,7 +13,7 @@ use std::time::Instant;
 use chrono::Utc;
 use serde_json::{Value, json};
 use triage_command_handler::decode_recorded;
-use triage_domain::{Agent, Context, EventMetadata, Policy, Ticket, TicketId, decide, event_id, evolve};
+use triage_domain::{Agent, CommandEnvelope, Context, EventMetadata, Policy, Ticket, TicketId, decide, event_id, evolve};
 use triage_event_store::{EventData, EventStore, ExpectedRevision, StreamName};
 use triage_projections::query::EventQuery;
 use triage_projections::{Projector, ProjectorOptions, ReadModelDb, RebuildOptions};
@@ -41,6 +41,11 @@ fn lifecycle(ticket_id: TicketId, policy: &Policy) -> Vec<EventData> {
             policy,
         };
         let events = decide(&ticket, &command, &context).expect("the lifecycle is valid");
+        // Recorded with every event, as the handler does.
+        let digest = triage_command_handler::command_digest(&CommandEnvelope {
+            command_id,
+            ..CommandEnvelope::new(ticket_id, agent.clone(), command.clone())
+        });
         if crate::workload::takes_claim(step) {
             claim = Some(command_id);
         }
@@ -59,6 +64,7 @@ fn lifecycle(ticket_id: TicketId, policy: &Policy) -> Vec<EventData> {
                 recorded_at: now,
                 decided_at_revision: None,
                 sender_saw_revision: None,
+                command_digest: Some(digest),
             };
             records.push(EventData {
                 id: event_id(command_id, index as u32),

@@ -539,7 +539,8 @@ impl CommandHandler {
                     });
                 }
             };
-            let records = serialize(envelope, &events, now, loaded.revision);
+            let digest = command_digest(envelope);
+            let records = serialize(envelope, &events, now, loaded.revision, digest);
             let expected = loaded
                 .revision
                 .map_or(ExpectedRevision::NoStream, ExpectedRevision::Exact);
@@ -558,7 +559,7 @@ impl CommandHandler {
                     );
                 }
                 Ok(result) => {
-                    let accepted = self.remember(&loaded, envelope, events, now, result);
+                    let accepted = self.remember(&loaded, envelope, events, now, digest, result);
                     return Ok(accepted);
                 }
                 Err(StoreError::WrongExpectedVersion { actual, .. }) => {
@@ -648,7 +649,13 @@ impl CommandHandler {
             state,
             revision,
         };
-        let metadata = metadata_for(envelope, CommandRejected::SCHEMA_VERSION, self.clock.now(), revision);
+        let metadata = metadata_for(
+            envelope,
+            CommandRejected::SCHEMA_VERSION,
+            self.clock.now(),
+            revision,
+            command_digest(envelope),
+        );
         let data = EventData {
             id: CommandRejected::record_id(envelope.command_id),
             event_type: CommandRejected::EVENT_TYPE.to_owned(),
@@ -675,6 +682,7 @@ impl CommandHandler {
         envelope: &CommandEnvelope,
         events: Vec<Event>,
         now: DateTime<Utc>,
+        digest: Uuid,
         result: AppendResult,
     ) -> Accepted {
         let ticket = events.iter().fold(loaded.ticket.clone(), evolve);
@@ -683,7 +691,7 @@ impl CommandHandler {
             let mut history = loaded.history.clone();
             history.push(StoredEvent {
                 event: event.clone(),
-                metadata: metadata_for(envelope, event.schema_version(), now, loaded.revision),
+                metadata: metadata_for(envelope, event.schema_version(), now, loaded.revision, digest),
                 revision: result.current_revision,
                 position: result.position,
                 id: event_id(envelope.command_id, 0),
@@ -772,14 +780,19 @@ fn original_outcome(
         Some(_) => event.clone(),
         None => without_leases(event),
     };
-    let same_command = first.metadata.agent.id == envelope.agent.id
-        && decide(&before, &envelope.command, &context).is_ok_and(|events| {
-            events.len() == own.len()
-                && events
-                    .iter()
-                    .zip(&own)
-                    .all(|(decided, stored)| compared(decided) == compared(&stored.event))
-        });
+    // The recorded digest recognises the same command from the same sender
+    // whatever the policy says now; without one (older events), or when
+    // it differs, the command is decided again as it was then.
+    let same_digest = first.metadata.command_digest == Some(command_digest(envelope));
+    let same_command = same_digest
+        || first.metadata.agent.id == envelope.agent.id
+            && decide(&before, &envelope.command, &context).is_ok_and(|events| {
+                events.len() == own.len()
+                    && events
+                        .iter()
+                        .zip(&own)
+                        .all(|(decided, stored)| compared(decided) == compared(&stored.event))
+            });
     if !same_command {
         return Err(CommandError::CommandIdReused {
             command_id: envelope.command_id,
@@ -817,13 +830,33 @@ fn without_leases(event: &Event) -> Event {
     event
 }
 
+/// The namespace of command digests.
+const COMMAND_DIGEST_NAMESPACE: Uuid = Uuid::from_u128(0x3d0c_52a1_7f4e_4b8a_a1c6_58e2_9b07_d4f3);
+
+/// A digest of a command and its sender: UUIDv5 (SHA-1) of the agent id
+/// and the command's JSON. Recorded with its events, it recognises a retry
+/// of the command without deciding it again, so a retry is still one after
+/// the policy changed (another category set, say), which deciding again
+/// could refuse. Stable while the command's JSON is; a digest that does
+/// not match falls back to deciding again (see [`original_outcome`]).
+pub fn command_digest(envelope: &CommandEnvelope) -> Uuid {
+    let mut name = envelope.agent.id.as_bytes().to_vec();
+    // The agent id holds no NUL (the domain refuses one): the two parts
+    // cannot run into each other.
+    name.push(0);
+    serde_json::to_writer(&mut name, &envelope.command).expect("commands always serialize");
+    Uuid::new_v5(&COMMAND_DIGEST_NAMESPACE, &name)
+}
+
 fn metadata_for(
     envelope: &CommandEnvelope,
     schema_version: u16,
     now: DateTime<Utc>,
     decided_at_revision: Option<u64>,
+    command_digest: Uuid,
 ) -> EventMetadata {
     EventMetadata {
+        command_digest: Some(command_digest),
         decided_at_revision,
         sender_saw_revision: envelope.expected_revision,
         schema_version,
@@ -841,6 +874,7 @@ fn serialize(
     events: &[Event],
     now: DateTime<Utc>,
     decided_at_revision: Option<u64>,
+    digest: Uuid,
 ) -> Vec<EventData> {
     events
         .iter()
@@ -849,7 +883,7 @@ fn serialize(
             id: event_id(envelope.command_id, index as u32),
             event_type: event.event_type().to_owned(),
             data: event.encode(),
-            metadata: metadata_for(envelope, event.schema_version(), now, decided_at_revision).encode(),
+            metadata: metadata_for(envelope, event.schema_version(), now, decided_at_revision, digest).encode(),
         })
         .collect()
 }

@@ -417,6 +417,40 @@ async fn a_command_id_reused_for_another_command_on_the_ticket_is_refused() {
 }
 
 #[tokio::test]
+async fn a_retry_after_the_policy_changed_is_still_a_retry() {
+    let f = fixture();
+    let ticket = open(&f.handler).await;
+    let claim = start(ticket, classifier(1));
+    f.handler.handle(claim.clone()).await.unwrap();
+    let classified = classify(ticket, classifier(1), claim.command_id);
+    let first = f.handler.handle(classified.clone()).await.unwrap();
+    // The categories change before the retry comes: deciding the retry
+    // again would refuse "billing"; the recorded digest knows the command.
+    let later = CommandHandler::new(f.store.clone())
+        .with_clock(f.clock.clone())
+        .with_policy(Policy {
+            categories: vec!["other".into()],
+            ..Policy::default()
+        });
+    let retried = later.handle(classified.clone()).await.unwrap();
+    assert!(retried.duplicate);
+    assert_eq!((retried.revision, retried.state), (first.revision, State::Classified));
+    // Another command under the id is still no retry.
+    let mut other = classified.clone();
+    other.command = Command::Classify {
+        claim_id: claim.command_id,
+        category: "other".into(),
+        priority: Priority::High,
+        confidence: 0.9,
+    };
+    assert!(matches!(
+        later.handle(other).await,
+        Err(CommandError::CommandIdReused { .. })
+    ));
+    assert_eq!(stored(&f.store, ticket).await.len(), 3);
+}
+
+#[tokio::test]
 async fn an_undecodable_stored_event_is_a_clear_error() {
     let f = fixture();
     let ticket = open(&f.handler).await;

@@ -240,6 +240,7 @@ mod tests {
                 recorded_at: Utc.with_ymd_and_hms(2026, 5, 1, 10, 0, command as u32 % 50).unwrap(),
                 decided_at_revision: None,
                 sender_saw_revision: None,
+                command_digest: None,
             },
             seen,
         }

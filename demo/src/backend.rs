@@ -320,6 +320,7 @@ impl Backend for NaiveBackend {
                     recorded_at: now,
                     decided_at_revision: snapshot.ticket.exists().then_some(snapshot.revision),
                     sender_saw_revision: None,
+                    command_digest: None,
                 },
                 seen,
             });

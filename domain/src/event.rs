@@ -392,6 +392,12 @@ pub struct EventMetadata {
     /// take the handler's word for that.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sender_saw_revision: Option<u64>,
+    /// A digest of the command and its sender (see
+    /// `triage_command_handler::command_digest`): a retry of the command is
+    /// recognised by it whatever the policy says by the time it comes.
+    /// `None` in events written before it was recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command_digest: Option<Uuid>,
 }
 
 impl EventMetadata {

@@ -808,6 +808,7 @@ fn metadata(agent: &Agent, command_id: Uuid, now: chrono::DateTime<chrono::Utc>)
         recorded_at: now,
         decided_at_revision: None,
         sender_saw_revision: None,
+        command_digest: None,
     }
 }
 

@@ -61,6 +61,7 @@ async fn store_with(writes: &[Write]) -> Arc<InMemoryEventStore> {
             recorded_at: base + Duration::minutes(minute),
             decided_at_revision: None,
             sender_saw_revision: None,
+            command_digest: None,
         };
         let event = EventData {
             id: Uuid::new_v4(),

@@ -439,6 +439,7 @@ async fn append_teleport(store: &dyn EventStore, ticket: TicketId) -> triage_eve
         recorded_at: chrono::Utc::now(),
         decided_at_revision: None,
         sender_saw_revision: None,
+        command_digest: None,
     };
     let event = EventData {
         id: Uuid::new_v4(),
