@@ -13,7 +13,9 @@ use std::time::Instant;
 use chrono::Utc;
 use serde_json::{Value, json};
 use triage_command_handler::decode_recorded;
-use triage_domain::{Agent, CommandEnvelope, Context, EventMetadata, Policy, Ticket, TicketId, decide, event_id, evolve};
+use triage_domain::{
+    Agent, CommandEnvelope, Context, EventMetadata, Policy, Ticket, TicketId, decide, event_id, evolve,
+};
 use triage_event_store::{EventData, EventStore, ExpectedRevision, StreamName};
 use triage_projections::query::EventQuery;
 use triage_projections::{Projector, ProjectorOptions, ReadModelDb, RebuildOptions};

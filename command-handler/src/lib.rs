@@ -733,11 +733,13 @@ fn stale(ticket_id: TicketId, expected: u64, loaded: &LoadedTicket) -> CommandEr
 
 /// The outcome of this command id if its events are already in the stream.
 ///
-/// Only a retry of the same command gets it: the stored events must be
-/// what this command, from this sender (its agent id, in the role it sent
-/// the original in), decides on the ticket as it was
-/// then, at the moment it was decided (lease expiries aside, as they follow
-/// a policy that may have changed since). Anything else is
+/// Only a retry of the same command gets it: the stored events carry this
+/// command's [`command_digest`] (the same command from the same agent), or,
+/// without one or with another, they must be what this command, from this
+/// sender (its agent id, in the role it sent the original in), decides on
+/// the ticket as it was then, at the moment it was decided (lease expiries
+/// aside, as they follow a policy that may have changed since). Anything
+/// else is
 /// [`CommandError::CommandIdReused`], never a "harmless retry" that did
 /// nothing.
 fn original_outcome(
@@ -841,8 +843,8 @@ const COMMAND_DIGEST_NAMESPACE: Uuid = Uuid::from_u128(0x3d0c_52a1_7f4e_4b8a_a1c
 /// not match falls back to deciding again (see [`original_outcome`]).
 pub fn command_digest(envelope: &CommandEnvelope) -> Uuid {
     let mut name = envelope.agent.id.as_bytes().to_vec();
-    // The agent id holds no NUL (the domain refuses one): the two parts
-    // cannot run into each other.
+    // The command's JSON holds no raw NUL (serde_json escapes it), so the
+    // last NUL ends the agent id: the two parts cannot run into each other.
     name.push(0);
     serde_json::to_writer(&mut name, &envelope.command).expect("commands always serialize");
     Uuid::new_v5(&COMMAND_DIGEST_NAMESPACE, &name)
