@@ -104,6 +104,18 @@ async fn the_naive_design_is_measured_by_the_same_auditor() {
     assert!(triage.audit_passed, "{:?}", triage.findings);
 }
 
+/// A run that `max_seconds` must end unfinished: it ends within `within`,
+/// and what it did passes its audit.
+async fn bounded_run(config: DemoConfig, within: std::time::Duration) -> DemoReport {
+    let started = std::time::Instant::now();
+    let report = triage_run(config).await;
+    let took = started.elapsed();
+    assert!(took < within, "the run took {took:?}");
+    assert!(!report.completed, "{report:?}");
+    assert!(report.audit_passed, "{:?}", report.findings);
+    report
+}
+
 /// `--max-seconds` bounds the run even while agents sit in simulated
 /// timeouts far longer than it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -117,13 +129,8 @@ async fn max_seconds_ends_a_run_with_agents_asleep_in_timeouts() {
         max_seconds: 1.0,
         ..small()
     };
-    let started = std::time::Instant::now();
-    let report = triage_run(config).await;
-    let took = started.elapsed();
-    assert!(took < std::time::Duration::from_secs(5), "the run took {took:?}");
-    assert!(!report.completed, "{report:?}");
+    let report = bounded_run(config, std::time::Duration::from_secs(5)).await;
     assert!(report.failures.timeouts > 0, "{report:?}");
-    assert!(report.audit_passed, "{:?}", report.findings);
 }
 
 /// `--max-seconds` bounds the opening of the tickets too: far more tickets
@@ -135,18 +142,13 @@ async fn max_seconds_also_bounds_the_intake() {
         max_seconds: 0.5,
         ..small()
     };
-    let started = std::time::Instant::now();
-    let report = triage_run(config).await;
-    let took = started.elapsed();
     // Opening 200,000 tickets alone takes far longer than this here.
-    assert!(took < std::time::Duration::from_secs(15), "the run took {took:?}");
-    assert!(!report.completed, "{report:?}");
+    let report = bounded_run(config, std::time::Duration::from_secs(15)).await;
     assert!(
         report.intake_events > 0 && report.intake_events < 200_000,
         "opened {} tickets",
         report.intake_events
     );
-    assert!(report.audit_passed, "{:?}", report.findings);
 }
 
 /// A bound further off than the clock can count is no bound, not a panic.
