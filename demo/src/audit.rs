@@ -3,17 +3,18 @@
 //!
 //! It is the same function for Triage and for the naive baseline; only the
 //! source of the log differs. For Triage the log is the event store itself
-//! (read back through `$all`); for the naive design it is the sequence of
-//! writes to the shared records.
+//! (read back through `$all`, or only the run's own ticket streams); for the
+//! naive design it is the sequence of writes to the shared records.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ops::ControlFlow;
+use std::sync::Arc;
 
 use serde::Serialize;
 use triage_command_handler::decode_recorded;
 use triage_domain::audit::audit_history;
 use triage_domain::{Event, EventMetadata, TicketId, event_id};
-use triage_event_store::EventStore;
+use triage_event_store::{EventStore, ReadStream, RecordedEvent, StreamName};
 use triage_projections::query::EventQuery;
 use uuid::Uuid;
 
@@ -164,27 +165,16 @@ pub async fn logs_from_store(
             let Some(ticket) = TicketId::from_stream_name(record.stream.as_str()) else {
                 return ControlFlow::Continue(());
             };
-            let (event, metadata) = match decode_recorded(record) {
-                Ok(decoded) => decoded,
-                Err(error) => {
-                    failure = Some(triage_event_store::Error::Backend {
-                        message: format!("cannot decode {} at {}: {error}", record.event_type, record.position),
-                        source: None,
-                    });
-                    return ControlFlow::Break(());
+            match logged(record) {
+                Ok(event) => {
+                    logs.entry(ticket).or_default().push((record.revision, event));
+                    ControlFlow::Continue(())
                 }
-            };
-            let seen = seen_by_writers(record.revision, &metadata);
-            logs.entry(ticket).or_default().push((
-                record.revision,
-                LoggedEvent {
-                    id: record.id,
-                    event,
-                    metadata,
-                    seen,
-                },
-            ));
-            ControlFlow::Continue(())
+                Err(error) => {
+                    failure = Some(error);
+                    ControlFlow::Break(())
+                }
+            }
         })
         .await?;
     if let Some(error) = failure {
@@ -197,6 +187,67 @@ pub async fn logs_from_store(
             (ticket, log.into_iter().map(|(_, logged)| logged).collect())
         })
         .collect())
+}
+
+/// Streams read at once by [`logs_of_tickets`].
+const CONCURRENT_STREAM_READS: usize = 16;
+
+/// Reads the streams of `tickets` only, as [`logs_from_store`] reads every
+/// one: auditing one run in a store that also holds other tickets then
+/// costs what the run wrote, not what the store holds. A ticket without a
+/// stream has no log (the auditor reports its acknowledged events as
+/// missing).
+pub async fn logs_of_tickets(
+    store: Arc<dyn EventStore>,
+    tickets: &[TicketId],
+) -> Result<BTreeMap<TicketId, Vec<LoggedEvent>>, triage_event_store::Error> {
+    let read = |ticket: TicketId| {
+        let store = Arc::clone(&store);
+        async move {
+            let stream = StreamName::new(ticket.stream_name())?;
+            match store.read_stream(&stream, ReadStream::forwards()).await {
+                // Read oldest first: already in revision order.
+                Ok(records) => Ok((ticket, records.iter().map(logged).collect::<Result<Vec<_>, _>>()?)),
+                Err(triage_event_store::Error::StreamNotFound { .. }) => Ok((ticket, Vec::new())),
+                Err(error) => Err(error),
+            }
+        }
+    };
+    let mut logs = BTreeMap::new();
+    let mut reads = tokio::task::JoinSet::new();
+    let mut pending = tickets.iter().copied();
+    loop {
+        while reads.len() < CONCURRENT_STREAM_READS
+            && let Some(ticket) = pending.next()
+        {
+            reads.spawn(read(ticket));
+        }
+        let Some(done) = reads.join_next().await else {
+            break;
+        };
+        let (ticket, log) = done.map_err(|error| triage_event_store::Error::Backend {
+            message: format!("a stream read panicked: {error}"),
+            source: None,
+        })??;
+        if !log.is_empty() {
+            logs.insert(ticket, log);
+        }
+    }
+    Ok(logs)
+}
+
+/// One record of a ticket stream as the auditor reads it.
+fn logged(record: &RecordedEvent) -> Result<LoggedEvent, triage_event_store::Error> {
+    let (event, metadata) = decode_recorded(record).map_err(|error| triage_event_store::Error::Backend {
+        message: format!("cannot decode {} at {}: {error}", record.event_type, record.position),
+        source: None,
+    })?;
+    Ok(LoggedEvent {
+        id: record.id,
+        seen: seen_by_writers(record.revision, &metadata),
+        event,
+        metadata,
+    })
 }
 
 /// How many of the ticket's earlier events the writers of the event at

@@ -312,7 +312,9 @@ pub async fn run_triage(
     live.await
         .map_err(|error| DemoError::Config(format!("the projector task failed: {error}")))??;
     projector.catch_up().await?;
-    let logs = audit::logs_from_store(store.as_ref()).await?;
+    // Only this run's tickets: the store may hold earlier runs' and others'.
+    let own: Vec<TicketId> = shared.tickets.iter().map(|(id, _)| *id).collect();
+    let logs = audit::logs_of_tickets(store.clone(), &own).await?;
     let mut matches = true;
     for name in ["tickets", "stats"] {
         let report = projector

@@ -202,3 +202,58 @@ async fn nonsense_configurations_are_refused() {
         assert!(error.to_string().contains(says), "{error}");
     }
 }
+
+/// The demo audits its own tickets only: in a store shared with other
+/// tickets it reads the run's own streams, and another ticket's stream,
+/// even one holding a record no Triage build can read, is not read.
+#[tokio::test]
+async fn the_audit_reads_only_the_tickets_it_is_given() {
+    use triage_command_handler::CommandHandler;
+    use triage_domain::{Agent, Command, CommandEnvelope, Role, TicketId};
+    use triage_event_store::{EventData, ExpectedRevision, InMemoryEventStore, StreamName};
+
+    let store: Arc<dyn EventStore> = Arc::new(InMemoryEventStore::new());
+    let handler = CommandHandler::new(store.clone());
+    let mut opened = Vec::new();
+    for subject in ["Printer on fire", "Invoice twice"] {
+        let envelope = CommandEnvelope::new(
+            TicketId::new(),
+            Agent::new("intake-1", Role::Intake),
+            Command::OpenTicket {
+                subject: subject.into(),
+                body: "Help.".into(),
+                customer: None,
+            },
+        );
+        opened.push(envelope.ticket_id);
+        handler.handle(envelope).await.unwrap();
+    }
+    let foreign = TicketId::new();
+    store
+        .append(
+            &StreamName::new(foreign.stream_name()).unwrap(),
+            ExpectedRevision::NoStream,
+            vec![EventData {
+                id: uuid::Uuid::new_v4(),
+                event_type: "TicketOpened".into(),
+                data: b"not json".to_vec(),
+                metadata: b"{}".to_vec(),
+            }],
+        )
+        .await
+        .unwrap();
+    // The whole store cannot be read back; its own tickets can.
+    assert!(triage_demo::audit::logs_from_store(store.as_ref()).await.is_err());
+    let never_written = TicketId::new();
+    let logs = triage_demo::audit::logs_of_tickets(store.clone(), &[opened[1], never_written])
+        .await
+        .unwrap();
+    assert_eq!(logs.keys().copied().collect::<Vec<_>>(), vec![opened[1]]);
+    let log = &logs[&opened[1]];
+    assert_eq!(log.len(), 1);
+    assert!(
+        matches!(&log[0].event, triage_domain::Event::TicketOpened { subject, .. } if subject == "Invoice twice"),
+        "{log:?}"
+    );
+    assert_eq!(log[0].seen, 0);
+}
