@@ -312,8 +312,10 @@ pub async fn run_triage(
     live.await
         .map_err(|error| DemoError::Config(format!("the projector task failed: {error}")))??;
     projector.catch_up().await?;
-    // Only this run's tickets: the store may hold earlier runs' and others'.
-    let own: Vec<TicketId> = shared.tickets.iter().map(|(id, _)| *id).collect();
+    // Only the tickets this run sent to the store: the store may hold
+    // earlier runs' and others'.
+    let sent = shared.counters.openings_sent.load(Ordering::Relaxed) as usize;
+    let own: Vec<TicketId> = shared.tickets[..sent].iter().map(|(id, _)| *id).collect();
     let logs = audit::logs_of_tickets(store.clone(), &own).await?;
     let mut matches = true;
     for name in ["tickets", "stats"] {
@@ -431,6 +433,7 @@ where
             },
         );
         let (shared, snapshot) = (shared.clone(), nobody(*id));
+        shared.counters.openings_sent.fetch_add(1, Ordering::Relaxed);
         openings.spawn(async move { shared.submit(open, &snapshot).await.is_ok() });
     }
     openings.join_all().await;

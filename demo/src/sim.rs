@@ -64,6 +64,10 @@ pub(crate) struct Counters {
     pub(crate) duplicates_applied: AtomicU64,
     pub(crate) claims_expired: AtomicU64,
     pub(crate) errors: AtomicU64,
+    /// Tickets whose opening was sent: the first this many of
+    /// [`Shared::tickets`]. A run that `max_seconds` ends during the intake
+    /// never writes the rest.
+    pub(crate) openings_sent: AtomicU64,
 }
 
 fn bump(counter: &AtomicU64) {
