@@ -19,7 +19,7 @@ use crate::output;
 
 #[derive(Debug, Args)]
 pub(crate) struct DemoArgs {
-    /// Support tickets to generate.
+    /// Support tickets to generate (at most 1,000,000).
     #[arg(long, default_value_t = DemoConfig::default().tickets)]
     tickets: usize,
     /// Seed of the tickets and of every agent's choices.
@@ -38,7 +38,9 @@ pub(crate) struct DemoArgs {
     #[arg(long, default_value_t = DemoConfig::default().operators)]
     operators: usize,
     /// Real seconds per simulated second. Model calls take 2–10 simulated
-    /// seconds; 0.01 runs them in 20–100 ms.
+    /// seconds; 0.01 runs them in 20–100 ms. Events are stamped with the
+    /// simulated clock, which starts at the real time: in a store kept with
+    /// --db, a run's times end ahead of the wall clock.
     #[arg(long, default_value_t = DemoConfig::default().time_scale)]
     time_scale: f64,
     /// Claim lease, in simulated seconds.
@@ -103,6 +105,20 @@ pub(crate) struct Interrupted;
 
 pub(crate) async fn run(args: DemoArgs, global: &GlobalArgs) -> anyhow::Result<()> {
     let config = args.config();
+    // Before any store is opened: a refused run leaves no file behind.
+    triage_demo::validate(&config)?;
+    // The environment names the user's own store and read models; the demo
+    // writes simulated tickets, which an append-only log cannot take back.
+    // Only places named on its command line receive them.
+    let (global, ignored) = global.without_places_from_env();
+    if !ignored.is_empty() {
+        eprintln!(
+            "triage demo: ignoring {} (the demo writes simulated tickets; name a store with --db or --store to \
+             keep them)",
+            ignored.join(", ")
+        );
+    }
+    let global = &global;
     // A fresh temporary store unless one was named; it is deleted at exit.
     let (events, read_models, place): (Arc<dyn EventStore>, ReadModelDb, String) = if global.db.is_some()
         || global.store.is_some()

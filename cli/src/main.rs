@@ -75,7 +75,7 @@ struct Cli {
     command: Command,
 }
 
-#[derive(Debug, Args)]
+#[derive(Clone, Debug, Args)]
 struct GlobalArgs {
     /// Where events live: sqlite://PATH or a plain file path (the embedded
     /// default), postgres://USER@HOST/DB, esdb://HOST:2113?tls=false (also
@@ -85,7 +85,9 @@ struct GlobalArgs {
     store: Option<String>,
 
     /// The embedded SQLite store file; the same as --store sqlite://PATH.
-    /// Default: ./triage.db (`demo` uses a fresh temporary store instead).
+    /// Default: ./triage.db (`demo` uses a fresh temporary store instead,
+    /// unless --db or --store is on its command line: it ignores TRIAGE_DB,
+    /// TRIAGE_STORE and TRIAGE_READ_MODEL).
     #[arg(long, global = true, env = "TRIAGE_DB", value_name = "PATH")]
     db: Option<PathBuf>,
 
@@ -97,6 +99,11 @@ struct GlobalArgs {
     /// Whether `db` came from TRIAGE_DB rather than --db.
     #[arg(skip)]
     db_from_env: bool,
+
+    /// Whether `read_model` came from TRIAGE_READ_MODEL rather than
+    /// --read-model.
+    #[arg(skip)]
+    read_model_from_env: bool,
 
     /// Where read models live: a SQLite file PATH, or
     /// postgres://USER@HOST/DB[?schema=NAME] (with projection leadership:
@@ -281,6 +288,26 @@ impl GlobalArgs {
         self.db.is_some() && !self.db_from_env
     }
 
+    /// These settings without what came from TRIAGE_STORE, TRIAGE_DB and
+    /// TRIAGE_READ_MODEL, and the names of those variables.
+    fn without_places_from_env(&self) -> (GlobalArgs, Vec<&'static str>) {
+        let mut flags_only = self.clone();
+        let mut ignored = Vec::new();
+        if self.store_from_env && flags_only.store.take().is_some() {
+            ignored.push("TRIAGE_STORE");
+        }
+        if self.db_from_env && flags_only.db.take().is_some() {
+            ignored.push("TRIAGE_DB");
+        }
+        if self.read_model_from_env && flags_only.read_model.take().is_some() {
+            ignored.push("TRIAGE_READ_MODEL");
+        }
+        flags_only.store_from_env = false;
+        flags_only.db_from_env = false;
+        flags_only.read_model_from_env = false;
+        (flags_only, ignored)
+    }
+
     fn projector_options(&self) -> ProjectorOptions {
         ProjectorOptions {
             skip_event_types: self.skipped_event_types(),
@@ -358,6 +385,7 @@ fn main() -> ExitCode {
     let from_env = |id: &str| matches.value_source(id) == Some(clap::parser::ValueSource::EnvVariable);
     cli.global.store_from_env = from_env("store");
     cli.global.db_from_env = from_env("db");
+    cli.global.read_model_from_env = from_env("read_model");
     init_tracing(cli.global.verbose);
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,

@@ -332,3 +332,69 @@ fn ctrl_c(demo: &mut std::process::Child) -> std::process::ExitStatus {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// TRIAGE_DB and its siblings name the user's own store: the demo's
+/// simulated tickets must not land there (an append-only log cannot take
+/// them back). Only --db or --store on the command line keeps them.
+#[test]
+fn the_demo_ignores_the_stores_named_in_the_environment() {
+    let dir = tempfile::tempdir().unwrap();
+    let own = dir.path().join("own.db");
+    let own_read = dir.path().join("own.read.db");
+    succeed(
+        dir.path(),
+        &[
+            "--db",
+            own.to_str().unwrap(),
+            "ticket",
+            "open",
+            "--subject",
+            "Real",
+            "--body",
+            "A real ticket.",
+        ],
+    );
+    let read_before = std::fs::read(&own_read).unwrap();
+    let output = common::command(dir.path())
+        .env("TRIAGE_DB", &own)
+        .env("TRIAGE_READ_MODEL", &own_read)
+        .args(SMALL)
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", common::stderr(&output));
+    assert!(
+        common::stderr(&output).contains("ignoring TRIAGE_DB, TRIAGE_READ_MODEL"),
+        "{}",
+        common::stderr(&output)
+    );
+    let report: Value = serde_json::from_str(&common::stdout(&output)).unwrap();
+    assert_eq!(report["audit_passed"], true);
+    assert_eq!(
+        common::events_in(&own),
+        1,
+        "the demo wrote into the store TRIAGE_DB names"
+    );
+    assert_eq!(
+        std::fs::read(&own_read).unwrap(),
+        read_before,
+        "the demo wrote into TRIAGE_READ_MODEL's file"
+    );
+}
+
+/// A run no machine can carry out is refused before anything is written.
+#[test]
+fn an_impossible_demo_is_refused_before_it_creates_a_store() {
+    let dir = tempfile::tempdir().unwrap();
+    for args in [
+        &["--db", "fresh.db", "demo", "--tickets", "0"][..],
+        &["--db", "fresh.db", "demo", "--tickets", "100000000000"][..],
+        &["--db", "fresh.db", "demo", "--classifiers", "100000000"][..],
+    ] {
+        let error = fail(dir.path(), args);
+        assert!(
+            error.contains("--tickets") || error.contains("--classifiers"),
+            "{error}"
+        );
+        assert!(!dir.path().join("fresh.db").exists(), "{args:?} left a store behind");
+    }
+}

@@ -230,7 +230,17 @@ fn policy(config: &DemoConfig) -> Policy {
     }
 }
 
-fn validate(config: &DemoConfig) -> Result<(), DemoError> {
+/// Most tickets in one run: the run generates them all (subject, body,
+/// customer) before it starts, and the auditor holds every event of them.
+pub const MAX_TICKETS: usize = 1_000_000;
+
+/// Most agents of one role (or operators): each is a task.
+pub const MAX_AGENTS_PER_ROLE: usize = 1_000;
+
+/// Refuses a configuration no run can carry out. The run functions call
+/// it first; a caller that prepares a store for the run calls it before
+/// that, so that a refused run leaves nothing behind.
+pub fn validate(config: &DemoConfig) -> Result<(), DemoError> {
     let rates = [
         config.crash_rate,
         config.timeout_rate,
@@ -254,6 +264,23 @@ fn validate(config: &DemoConfig) -> Result<(), DemoError> {
     }
     if config.tickets == 0 || config.lease_secs == 0 {
         return Err(DemoError::Config("--tickets and --lease-secs must be positive".into()));
+    }
+    if config.tickets > MAX_TICKETS {
+        return Err(DemoError::Config(format!(
+            "--tickets {} is above {MAX_TICKETS}, the most one run generates and audits",
+            config.tickets
+        )));
+    }
+    let agents = [
+        ("--classifiers", config.classifiers),
+        ("--drafters", config.drafters),
+        ("--escalators", config.escalators),
+        ("--operators", config.operators),
+    ];
+    if let Some((flag, count)) = agents.iter().find(|(_, count)| *count > MAX_AGENTS_PER_ROLE) {
+        return Err(DemoError::Config(format!(
+            "{flag} {count} is above {MAX_AGENTS_PER_ROLE}, the most agents of one role in a run"
+        )));
     }
     let max_lease_secs = Policy::default().max_lease_secs;
     if config.lease_secs > max_lease_secs {
