@@ -13,11 +13,15 @@ use axum::http::request::Parts;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use rmcp::handler::server::router::tool::ToolRouter;
+use rmcp::handler::server::tool::ToolCallContext;
 use rmcp::handler::server::wrapper::Parameters;
-use rmcp::model::{CallToolResult, Extensions, ServerCapabilities, ServerConfig};
+use rmcp::model::{
+    CallToolRequestParams, CallToolResponse, CallToolResult, Extensions, JsonObject, ServerCapabilities, ServerConfig,
+};
+use rmcp::service::RequestContext;
 use rmcp::transport::streamable_http_server::session::local::LocalSessionManager;
 use rmcp::transport::streamable_http_server::{StreamableHttpServerConfig, StreamableHttpService};
-use rmcp::{ErrorData, ServerHandler, schemars, tool, tool_handler, tool_router};
+use rmcp::{ErrorData, RoleServer, ServerHandler, schemars, tool, tool_handler, tool_router};
 use serde::{Deserialize, Serialize};
 use triage_domain::{Command, TicketId};
 use triage_projections::list_request;
@@ -493,6 +497,42 @@ impl ServerHandler for TriageMcp {
     fn get_info(&self) -> ServerConfig {
         ServerConfig::new(ServerCapabilities::builder().enable_tools().build()).with_instructions(INSTRUCTIONS)
     }
+
+    /// Refuses an argument the tool does not take, as the HTTP API refuses
+    /// an unknown field, before the tool runs. serde passes over unknown
+    /// fields next to a flattened struct, so without this a misspelt
+    /// `expected_revision` (say `expectedRevision`) would be dropped and the
+    /// command applied without its stale-revision check.
+    async fn call_tool(
+        &self,
+        request: CallToolRequestParams,
+        context: RequestContext<RoleServer>,
+    ) -> Result<CallToolResponse, ErrorData> {
+        if let (Some(tool), Some(arguments)) = (self.tool_router.get(&request.name), &request.arguments)
+            && let Some(refusal) = unknown_argument(&request.name, &tool.input_schema, arguments)
+        {
+            return done::<()>(Err(refusal)).map(Into::into);
+        }
+        self.tool_router
+            .call(ToolCallContext::new(self, request, context))
+            .await
+    }
+}
+
+/// The refusal of the first argument that `schema` (a tool's input schema)
+/// does not name, if there is one.
+fn unknown_argument(tool: &str, schema: &JsonObject, arguments: &JsonObject) -> Option<ApiError> {
+    let known = schema.get("properties").and_then(|properties| properties.as_object());
+    let unknown = arguments
+        .keys()
+        .find(|name| known.is_none_or(|known| !known.contains_key(name.as_str())))?;
+    let takes = known.map_or_else(String::new, |known| {
+        known.keys().map(String::as_str).collect::<Vec<_>>().join(", ")
+    });
+    Some(ApiError::unprocessable(
+        "invalid_body",
+        format!("unknown argument `{unknown}`: {tool} takes {takes}"),
+    ))
 }
 
 /// The streamable HTTP service, stopped by the state's shutdown token.

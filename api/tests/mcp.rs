@@ -275,3 +275,58 @@ async fn a_revoked_token_stops_a_running_stdio_session() {
     client.cancel().await.ok();
     server.await.unwrap();
 }
+
+/// An argument a tool does not take is refused before the tool runs, as
+/// the HTTP API refuses an unknown field: a misspelt `expected_revision`
+/// must not quietly turn off the stale-revision check.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_argument_a_tool_does_not_take_is_refused_not_dropped() {
+    let (state, _, _) = state();
+    state.catch_up().await.unwrap();
+    let principal = Principal::new("llm-stdio", [Role::Intake, Role::Classifier]);
+    let (server_io, client_io) = tokio::io::duplex(64 * 1024);
+    let server = tokio::spawn(async move {
+        let running = TriageMcp::new(state, Some(principal))
+            .serve(server_io)
+            .await
+            .expect("server starts");
+        running.waiting().await.ok();
+    });
+    let client = ClientConfig::default().serve(client_io).await.expect("client connects");
+    let peer = client.peer();
+    let refused = call(
+        peer,
+        "open_ticket",
+        json!({"subject": "Refund", "body": "Twice", "priority": "high"}),
+    )
+    .await;
+    assert_eq!(refused.is_error, Some(true), "{refused:?}");
+    let problem = refused.structured_content.clone().unwrap();
+    assert_eq!(problem["code"], "invalid_body");
+    assert!(problem["detail"].as_str().unwrap().contains("`priority`"), "{problem}");
+    let listed = ok(&call(peer, "list_tickets", json!({})).await);
+    assert_eq!(listed["tickets"], json!([]), "the refused call opened a ticket");
+
+    let opened = ok(&call(peer, "open_ticket", json!({"subject": "Refund", "body": "Twice"})).await);
+    let ticket = opened["id"].as_str().unwrap().to_owned();
+    let claim = ok(&call(peer, "claim_work", json!({"role": "classifier"})).await);
+    let misspelt = call(
+        peer,
+        "submit_classification",
+        json!({"ticket_id": ticket, "claim_id": claim["claim_id"], "category": "billing", "priority": "high",
+               "confidence": 0.9, "expectedRevision": 0}),
+    )
+    .await;
+    assert_eq!(misspelt.is_error, Some(true), "{misspelt:?}");
+    let problem = misspelt.structured_content.clone().unwrap();
+    assert_eq!(problem["code"], "invalid_body");
+    let detail = problem["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("`expectedRevision`") && detail.contains("expected_revision"),
+        "{detail}"
+    );
+    let shown = ok(&call(peer, "get_ticket", json!({"ticket_id": ticket})).await);
+    assert_eq!(shown["state"], "CLASSIFYING", "the refused classification was applied");
+    client.cancel().await.ok();
+    server.await.unwrap();
+}
