@@ -101,6 +101,13 @@ pub enum ApiError {
         /// The limit.
         limit: usize,
     },
+    /// The body did not arrive within the time allowed
+    /// ([`crate::Limits::body_timeout`]).
+    #[error("the request body did not arrive within {} s", .after.as_secs_f64())]
+    BodyTimeout {
+        /// The time allowed.
+        after: std::time::Duration,
+    },
     /// The route exists, but not with this method.
     #[error("this method is not allowed here; see /openapi.json")]
     MethodNotAllowed,
@@ -164,6 +171,7 @@ impl ApiError {
             ApiError::BadRequest { .. } => StatusCode::BAD_REQUEST,
             ApiError::Unprocessable { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Conflict { .. } => StatusCode::CONFLICT,
@@ -182,6 +190,7 @@ impl ApiError {
             | ApiError::Unprocessable { code, .. }
             | ApiError::Conflict { code, .. } => code,
             ApiError::PayloadTooLarge { .. } => "payload_too_large",
+            ApiError::BodyTimeout { .. } => "body_timeout",
             ApiError::UnsupportedMediaType => "unsupported_media_type",
             ApiError::MethodNotAllowed => "method_not_allowed",
             ApiError::Unavailable(_) => "unavailable",
@@ -331,6 +340,7 @@ fn title(code: &str) -> &'static str {
         "claim_required" => "The command must name its claim",
         "idempotency_key_reused" => "The Idempotency-Key was used for a different request",
         "payload_too_large" => "The body is too large",
+        "body_timeout" => "The body took too long to arrive",
         "unsupported_media_type" => "The body must be JSON",
         "stale_revision" => "The ticket changed since the revision you decided on",
         "invalid_transition" => "Not allowed in the ticket's current state",

@@ -55,6 +55,9 @@ pub fn router(state: AppState) -> Router {
         .fallback(unknown_route)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(limit))
+        .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(
+            state.limits().body_timeout,
+        ))
         .with_state(state)
 }
 
@@ -148,8 +151,18 @@ fn json_body<T>(body: Result<Json<T>, JsonRejection>) -> Result<T, ApiError> {
         Err(JsonRejection::BytesRejection(error)) if error.status() == StatusCode::PAYLOAD_TOO_LARGE => {
             Err(ApiError::PayloadTooLarge { limit: 0 })
         }
+        Err(JsonRejection::BytesRejection(error)) if timed_out(&error) => Err(ApiError::BodyTimeout {
+            after: std::time::Duration::ZERO,
+        }),
         Err(other) => Err(ApiError::bad_request("malformed_json", other.body_text())),
     }
+}
+
+/// Whether the body failed to arrive because the client took longer than
+/// `body_timeout` to send it.
+fn timed_out(error: &(dyn std::error::Error + 'static)) -> bool {
+    std::iter::successors(Some(error), |error| error.source())
+        .any(|error| error.is::<tower_http::timeout::TimeoutError>())
 }
 
 fn etag(revision: u64) -> HeaderValue {
@@ -167,11 +180,15 @@ fn command_response(status: StatusCode, outcome: CommandResponse) -> Response {
     with_etag(status, revision, outcome)
 }
 
-/// Fills in the body limit, which only the state knows.
+/// Fills in the body limit and the body timeout, which only the state
+/// knows.
 fn sized(state: &AppState, error: ApiError) -> ApiError {
     match error {
         ApiError::PayloadTooLarge { .. } => ApiError::PayloadTooLarge {
             limit: state.limits().max_body_bytes,
+        },
+        ApiError::BodyTimeout { .. } => ApiError::BodyTimeout {
+            after: state.limits().body_timeout,
         },
         other => other,
     }

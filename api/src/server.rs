@@ -1,7 +1,7 @@
 //! Running the API: the listener, the live projector, the lease sweeper and
 //! graceful shutdown.
 
-use std::future::Future;
+use std::future::{Future, IntoFuture};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -16,12 +16,18 @@ pub struct ServeOptions {
     /// How often the lease sweeper looks for expired claims; `None` turns
     /// it off.
     pub sweep_interval: Option<Duration>,
+    /// How long shutdown waits for open requests before it closes their
+    /// connections. Commands they started still finish (see [`serve`]);
+    /// what is cut short is a client still sending its request, or one
+    /// that has not read its answer.
+    pub shutdown_grace: Duration,
 }
 
 impl Default for ServeOptions {
     fn default() -> Self {
         ServeOptions {
             sweep_interval: Some(Duration::from_secs(1)),
+            shutdown_grace: Duration::from_secs(10),
         }
     }
 }
@@ -59,14 +65,33 @@ pub async fn serve(
         .map(|interval| tokio::spawn(crate::sweeper::run(state.clone(), interval)));
     let token = state.shutdown_token();
     let app = crate::router(state.clone());
-    let served = axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
+    let graceful = {
+        let token = token.clone();
+        axum::serve(listener, app).with_graceful_shutdown(async move {
             shutdown.await;
             tracing::info!("shutting down: finishing in-flight requests");
             // Ends MCP sessions and the sweeper; requests in flight go on.
             token.cancel();
         })
-        .await;
+    };
+    // A client that stops sending halfway through its request would hold
+    // the graceful shutdown open for as long as it likes: after the grace
+    // period its connection is closed. Commands run in tasks of their own
+    // (see `AppState::drain`), so closing a connection never cuts one
+    // short; only its answer is lost, as when the client hangs up.
+    let served = tokio::select! {
+        served = graceful.into_future() => served,
+        () = async {
+            token.cancelled().await;
+            tokio::time::sleep(options.shutdown_grace).await;
+        } => {
+            tracing::warn!(
+                grace = ?options.shutdown_grace,
+                "requests still open after the grace period; closing their connections"
+            );
+            Ok(())
+        }
+    };
     state.drain().await;
     projector_stop.store(true, Ordering::Relaxed);
     if let Some(sweeper) = sweeper {

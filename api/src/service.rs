@@ -64,6 +64,10 @@ pub struct Limits {
     pub max_key_bytes: usize,
     /// The most tickets one list returns.
     pub max_list: usize,
+    /// The longest a client may take to send a request body; a body
+    /// still arriving then is refused (a stalled client holds nothing
+    /// open for longer).
+    pub body_timeout: std::time::Duration,
 }
 
 impl Default for Limits {
@@ -74,6 +78,7 @@ impl Default for Limits {
             max_body_bytes: 256 * 1024,
             max_key_bytes: 200,
             max_list: 500,
+            body_timeout: std::time::Duration::from_secs(30),
         }
     }
 }

@@ -282,6 +282,7 @@ async fn concurrent_http_clients_race_and_the_log_stays_clean() {
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let options = ServeOptions {
         sweep_interval: Some(Duration::from_millis(100)),
+        ..ServeOptions::default()
     };
     let server = tokio::spawn(triage_api::serve(listener, state, options, async {
         let _ = stopped.await;

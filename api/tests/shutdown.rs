@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use serde_json::{Value, json};
-use triage_api::{AgentsFile, AppState, Authenticator, ServeOptions};
+use triage_api::{AgentsFile, AppState, Authenticator, Limits, ServeOptions};
 use triage_command_handler::CommandHandler;
 use triage_domain::{Role, TicketId};
 use triage_event_store::{
@@ -124,4 +124,98 @@ async fn in_flight_commands_finish_before_the_server_stops() {
         tokio::net::TcpStream::connect(address).await.is_err(),
         "the port is closed after shutdown"
     );
+}
+
+/// A server whose agent holds `token`, with `limits`, on a fresh port.
+async fn start(
+    limits: Limits,
+    options: ServeOptions,
+) -> (
+    std::net::SocketAddr,
+    String,
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<std::io::Result<()>>,
+) {
+    let store: Arc<dyn EventStore> = Arc::new(InMemoryEventStore::new());
+    let mut file = AgentsFile::default();
+    let token = file.add("intake", &[Role::Intake]).unwrap();
+    let state = AppState::with_limits(
+        CommandHandler::new(store.clone()),
+        Projector::new(store, ReadModelDb::in_memory().unwrap()),
+        Authenticator::Fixed(file),
+        limits,
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(triage_api::serve(listener, state, options, async {
+        let _ = stopped.await;
+    }));
+    (address, token, stop, server)
+}
+
+/// Sends the head of a `POST /v1/tickets` whose body never arrives whole.
+async fn stall(address: std::net::SocketAddr, token: &str) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let mut socket = tokio::net::TcpStream::connect(address).await.unwrap();
+    let head = format!(
+        "POST /v1/tickets HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\
+         Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"sub"
+    );
+    socket.write_all(head.as_bytes()).await.unwrap();
+    socket
+}
+
+/// A client that stops sending halfway through its request cannot hold
+/// the server open after shutdown for longer than the grace period.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_upload_does_not_hold_shutdown_open() {
+    let (address, token, stop, server) = start(
+        Limits {
+            body_timeout: Duration::from_secs(600),
+            ..Limits::default()
+        },
+        ServeOptions {
+            shutdown_grace: Duration::from_millis(300),
+            ..ServeOptions::default()
+        },
+    )
+    .await;
+    let _stalled = stall(address, &token).await;
+    // The request has reached the server before shutdown begins.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    stop.send(()).unwrap();
+    tokio::time::timeout(Duration::from_secs(5), server)
+        .await
+        .expect("the server stops once the grace period is over")
+        .unwrap()
+        .expect("a clean stop");
+}
+
+/// A body still arriving after `body_timeout` is refused with a problem
+/// document, and the server goes on serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_that_takes_too_long_is_refused() {
+    use tokio::io::AsyncReadExt;
+    let (address, token, stop, server) = start(
+        Limits {
+            body_timeout: Duration::from_millis(300),
+            ..Limits::default()
+        },
+        ServeOptions::default(),
+    )
+    .await;
+    let mut stalled = stall(address, &token).await;
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), stalled.read_to_end(&mut answer))
+        .await
+        .expect("answered well before the client would finish")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("application/problem+json"), "{answer}");
+    let ready = reqwest::get(format!("http://{address}/readyz")).await.unwrap();
+    assert_eq!(ready.status(), 200);
+    stop.send(()).unwrap();
+    server.await.unwrap().unwrap();
 }

@@ -112,6 +112,7 @@ pub(crate) async fn serve(args: ServeArgs, global: &GlobalArgs) -> anyhow::Resul
     out!("listening on http://{address} (store {location})");
     let options = ServeOptions {
         sweep_interval: (args.sweep_every_ms > 0).then(|| Duration::from_millis(args.sweep_every_ms)),
+        ..ServeOptions::default()
     };
     triage_api::serve(listener, state, options, shutdown_signal()).await?;
     eprintln!("stopped");
