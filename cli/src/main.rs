@@ -211,16 +211,17 @@ impl GlobalArgs {
         }
     }
 
-    /// For commands that only read: an embedded store file that does not
-    /// exist is an error, not a new empty store (a mistyped `--db` would
-    /// otherwise print nothing, successfully, and leave a new file behind).
+    /// For every command but those that open a ticket: an embedded store
+    /// file that does not exist is an error, not a new empty store (a
+    /// mistyped `--db` would otherwise print nothing, successfully, or not
+    /// find its ticket, and leave a new file behind).
     fn require_existing_store(&self) -> anyhow::Result<()> {
         if let StoreLocation::Sqlite(path) = self.location()?
             && !path.exists()
         {
             anyhow::bail!(
-                "there is no event store at {}: nothing to read (commands that only read do not create one; \
-                 `triage ticket open` or `triage demo` writes one)",
+                "there is no event store at {}: only opening a ticket (`triage ticket open`, or `ticket send` \
+                 of an open_ticket command) or `triage demo --db` creates one",
                 path.display()
             );
         }

@@ -41,42 +41,14 @@ pub(crate) enum ProjectionsCommand {
 }
 
 pub(crate) async fn run(command: ProjectionsCommand, global: &GlobalArgs) -> anyhow::Result<()> {
-    if matches!(command, ProjectionsCommand::Status) {
-        global.require_existing_store()?;
+    if matches!(command, ProjectionsCommand::List) {
+        return list(global);
     }
+    global.require_existing_store()?;
     let opened = global.open().await?;
     let read_models = &opened.read_models;
     match command {
-        ProjectionsCommand::List => {
-            // Versions and tables are those of this build's projections,
-            // wherever the read models live.
-            let catalog = triage_projections::Projector::new(opened.events.clone(), ReadModelDb::in_memory()?);
-            let rows: Vec<_> = catalog
-                .projections()
-                .iter()
-                .map(|projection| {
-                    json!({
-                        "name": projection.name(),
-                        "version": projection.version(),
-                        "tables": projection.tables(),
-                    })
-                })
-                .collect();
-            if global.json {
-                rows.iter().for_each(output::print_json);
-            } else {
-                let mut out = output::table(&["Projection", "Version", "Tables (views onto the live generation)"]);
-                for projection in catalog.projections() {
-                    out.add_row(vec![
-                        projection.name().to_owned(),
-                        projection.version().to_string(),
-                        projection.tables().join(", "),
-                    ]);
-                }
-                out!("{out}");
-            }
-            Ok(())
-        }
+        ProjectionsCommand::List => list(global),
         ProjectionsCommand::Status => {
             let statuses = read_models.status().await?;
             if global.json {
@@ -560,5 +532,40 @@ pub(crate) async fn replay(until: &str, into: &std::path::Path, global: &GlobalA
         "read models as of log position {position} are in {} (views: tickets, stats_counters, stats_tickets, stats_latency, stats_agents)",
         into.display()
     );
+    Ok(())
+}
+
+/// `projections list`: this build's projections, their versions and
+/// tables. It reads no store: they are the same wherever the read models
+/// live.
+fn list(global: &GlobalArgs) -> anyhow::Result<()> {
+    let catalog = triage_projections::Projector::new(
+        Arc::new(triage_event_store::InMemoryEventStore::new()),
+        ReadModelDb::in_memory()?,
+    );
+    let rows: Vec<_> = catalog
+        .projections()
+        .iter()
+        .map(|projection| {
+            json!({
+                "name": projection.name(),
+                "version": projection.version(),
+                "tables": projection.tables(),
+            })
+        })
+        .collect();
+    if global.json {
+        rows.iter().for_each(output::print_json);
+    } else {
+        let mut out = output::table(&["Projection", "Version", "Tables (views onto the live generation)"]);
+        for projection in catalog.projections() {
+            out.add_row(vec![
+                projection.name().to_owned(),
+                projection.version().to_string(),
+                projection.tables().join(", "),
+            ]);
+        }
+        out!("{out}");
+    }
     Ok(())
 }

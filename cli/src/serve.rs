@@ -154,6 +154,18 @@ pub(crate) async fn mcp(args: McpArgs, global: &GlobalArgs) -> anyhow::Result<()
     Ok(())
 }
 
+/// The agents file at `path`, which must exist: listing or revoking from
+/// a mistyped path would otherwise look like a file with no agents.
+fn existing_agents(path: &std::path::Path) -> anyhow::Result<AgentsFile> {
+    if !path.exists() {
+        anyhow::bail!(
+            "there is no agents file at {}: `triage agents add` creates one",
+            path.display()
+        );
+    }
+    Ok(AgentsFile::load(path)?)
+}
+
 pub(crate) fn agents(command: AgentsCommand, global: &GlobalArgs) -> anyhow::Result<()> {
     match command {
         AgentsCommand::Add { id, roles, agents } => {
@@ -172,7 +184,7 @@ pub(crate) fn agents(command: AgentsCommand, global: &GlobalArgs) -> anyhow::Res
             Ok(())
         }
         AgentsCommand::List { agents } => {
-            let file = AgentsFile::load(&agents)?;
+            let file = existing_agents(&agents)?;
             if global.json {
                 for agent in &file.agents {
                     output::print_json(&json!({
@@ -201,7 +213,7 @@ pub(crate) fn agents(command: AgentsCommand, global: &GlobalArgs) -> anyhow::Res
             Ok(())
         }
         AgentsCommand::Revoke { id, agents } => {
-            let mut file = AgentsFile::load(&agents)?;
+            let mut file = existing_agents(&agents)?;
             file.revoke(&id)?;
             file.save(&agents)?;
             if global.json {

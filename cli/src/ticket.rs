@@ -75,7 +75,8 @@ pub(crate) enum TicketCommand {
         #[arg(long, value_name = "REVISION|TIME", value_parser = parse_moment)]
         at: Option<Moment>,
     },
-    /// List tickets from the read model, oldest in their state first.
+    /// List tickets from the read model: with --state, the longest in that
+    /// state first; otherwise the oldest opened first.
     List {
         /// Only tickets in this state (NEW, CLASSIFYING, …, RESOLVED).
         #[arg(long, value_parser = parse_state)]
@@ -140,7 +141,13 @@ fn parse_moment(value: &str) -> Result<Moment, String> {
 }
 
 pub(crate) async fn run(command: TicketCommand, global: &GlobalArgs) -> anyhow::Result<()> {
-    if !matches!(command, TicketCommand::Open { .. } | TicketCommand::Send { .. }) {
+    // Parsed first: only a command that opens a ticket may create the store.
+    let mut to_send = match &command {
+        TicketCommand::Send { command, .. } => Some(parse_command(command)?),
+        _ => None,
+    };
+    let opens = matches!(command, TicketCommand::Open { .. }) || matches!(to_send, Some(Command::OpenTicket { .. }));
+    if !opens {
         global.require_existing_store()?;
     }
     let opened = global.open().await?;
@@ -188,13 +195,15 @@ pub(crate) async fn run(command: TicketCommand, global: &GlobalArgs) -> anyhow::
         }
         TicketCommand::Send {
             id,
-            command,
             agent,
             role,
             at_revision,
             command_id,
+            ..
         } => {
-            let command = parse_command(&command)?;
+            let command = to_send
+                .take()
+                .expect("a sent command is parsed before the store is opened");
             let mut envelope = CommandEnvelope::new(id, Agent::new(agent, role), command);
             envelope.expected_revision = at_revision;
             let accepted = send(&handler, envelope, command_id, &location).await?;
@@ -273,14 +282,26 @@ pub(crate) async fn run(command: TicketCommand, global: &GlobalArgs) -> anyhow::
         }
         TicketCommand::List { state, limit } => {
             opened.read_models.catch_up().await?;
-            let rows = opened.read_models.list(state, limit).await?;
+            // One more than asked for, to say whether the list goes on.
+            let mut rows = opened.read_models.list(state, limit.saturating_add(1)).await?;
+            let more = rows.len() > limit;
+            rows.truncate(limit);
             output::print_ticket_list(&rows, global.json);
+            if more {
+                // On stderr: JSON lines on stdout stay one ticket each.
+                eprintln!("more tickets follow; --limit N shows more");
+            }
             Ok(())
         }
         TicketCommand::Queue { role, limit } => {
             opened.read_models.catch_up().await?;
-            let rows = opened.read_models.work_queue(role, limit).await?;
+            let mut rows = opened.read_models.work_queue(role, limit.saturating_add(1)).await?;
+            let more = rows.len() > limit;
+            rows.truncate(limit);
             output::print_ticket_list(&rows, global.json);
+            if more {
+                eprintln!("more tickets are waiting; --limit N shows more");
+            }
             Ok(())
         }
         TicketCommand::History { id } => {

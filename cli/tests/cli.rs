@@ -594,7 +594,7 @@ fn a_db_flag_wins_over_triage_store_in_the_environment() {
 }
 
 #[test]
-fn commands_that_only_read_do_not_create_a_store() {
+fn only_opening_a_ticket_creates_a_store() {
     let dir = tempfile::tempdir().unwrap();
     for args in [
         &["--db", "tpyo.db", "ticket", "list"][..],
@@ -608,6 +608,19 @@ fn commands_that_only_read_do_not_create_a_store() {
         &["--db", "tpyo.db", "events"][..],
         &["--db", "tpyo.db", "stats"][..],
         &["--db", "tpyo.db", "projections", "status"][..],
+        &["--db", "tpyo.db", "projections", "rebuild", "--all"][..],
+        &[
+            "--db",
+            "tpyo.db",
+            "ticket",
+            "send",
+            "00000000-0000-4000-8000-000000000001",
+            r#"{"type": "start_classification"}"#,
+            "--agent",
+            "classifier-1",
+            "--role",
+            "classifier",
+        ][..],
     ] {
         let refused = fail(dir.path(), args);
         assert!(
@@ -615,13 +628,32 @@ fn commands_that_only_read_do_not_create_a_store() {
             "{args:?}: {refused}"
         );
     }
+    // Listing the projections needs no store at all.
+    succeed(dir.path(), &["--db", "tpyo.db", "projections", "list"]);
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "no file was created");
-    // A command that writes makes the store.
+    // A command that opens a ticket makes the store.
     succeed(
         dir.path(),
         &["--db", "tpyo.db", "ticket", "open", "--subject", "S", "--body", "B"],
     );
     succeed(dir.path(), &["--db", "tpyo.db", "ticket", "list"]);
+    // So does an open_ticket command sent as JSON.
+    succeed(
+        dir.path(),
+        &[
+            "--db",
+            "sent.db",
+            "ticket",
+            "send",
+            "00000000-0000-4000-8000-000000000002",
+            r#"{"type": "open_ticket", "subject": "S", "body": "B"}"#,
+            "--agent",
+            "intake-1",
+            "--role",
+            "intake",
+        ],
+    );
+    assert!(dir.path().join("sent.db").exists());
 }
 
 #[test]
@@ -647,4 +679,65 @@ fn a_queue_is_asked_for_a_role_that_has_one() {
     );
     let queue = succeed(dir.path(), &["ticket", "queue", "--role", "classifier", "--json"]);
     assert_eq!(queue.lines().count(), 1, "{queue}");
+}
+
+/// A list cut short by --limit says so (on stderr, so that JSON lines stay
+/// one ticket each); a whole list does not.
+#[test]
+fn a_list_cut_short_by_its_limit_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    for subject in ["One", "Two", "Three"] {
+        succeed(dir.path(), &["ticket", "open", "--subject", subject, "--body", "B"]);
+    }
+    let cut = common::triage(dir.path(), &["ticket", "list", "--limit", "2", "--json"]);
+    assert!(cut.status.success());
+    assert_eq!(common::stdout(&cut).lines().count(), 2);
+    assert!(
+        common::stderr(&cut).contains("more tickets follow"),
+        "{}",
+        common::stderr(&cut)
+    );
+    let whole = common::triage(dir.path(), &["ticket", "list", "--limit", "3", "--json"]);
+    assert_eq!(common::stdout(&whole).lines().count(), 3);
+    assert!(
+        !common::stderr(&whole).contains("more tickets"),
+        "{}",
+        common::stderr(&whole)
+    );
+    let queue = common::triage(dir.path(), &["ticket", "queue", "--role", "classifier", "--limit", "1"]);
+    assert!(
+        common::stderr(&queue).contains("more tickets are waiting"),
+        "{}",
+        common::stderr(&queue)
+    );
+}
+
+/// A command id used on another ticket is refused once, in one line: the
+/// sender's mistake is not also logged as a failure of the command.
+#[test]
+fn a_reused_command_id_is_reported_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let command_id = "7d0c6a4e-5b7f-4f4e-9a51-0c1d2e3f4a5b";
+    let open = |ticket: &str| {
+        common::triage(
+            dir.path(),
+            &[
+                "ticket",
+                "open",
+                "--subject",
+                "S",
+                "--body",
+                "B",
+                "--id",
+                ticket,
+                "--command-id",
+                command_id,
+            ],
+        )
+    };
+    assert!(open("00000000-0000-4000-8000-00000000000a").status.success());
+    let reused = open("00000000-0000-4000-8000-00000000000b");
+    assert!(!reused.status.success());
+    let stderr = common::stderr(&reused);
+    assert_eq!(stderr.matches(command_id).count(), 1, "{stderr}");
 }

@@ -10,6 +10,23 @@ use std::time::Duration;
 use common::{fail, succeed};
 use serde_json::Value;
 
+/// A mistyped agents file is an error, not a file with no agents.
+#[test]
+fn listing_or_revoking_from_a_missing_agents_file_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    for args in [
+        &["agents", "list", "--agents", "tpyo.toml"][..],
+        &["agents", "revoke", "op", "--agents", "tpyo.toml"][..],
+    ] {
+        let refused = fail(dir.path(), args);
+        assert!(
+            refused.contains("there is no agents file at tpyo.toml"),
+            "{args:?}: {refused}"
+        );
+    }
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "no file was created");
+}
+
 #[test]
 fn agents_add_list_and_revoke_store_only_hashes() {
     let dir = tempfile::tempdir().unwrap();
