@@ -459,6 +459,9 @@ impl CommandHandler {
                 self.stats.stale_revisions.fetch_add(1, Ordering::Relaxed);
                 debug!("stale decided-on revision");
             }
+            // The sender's mistake, answered to it: not the operator's
+            // concern, like a refusal.
+            Err(error @ CommandError::CommandIdReused { .. }) => debug!(%error, "command id reused"),
             Err(error) => warn!(%error, "command failed"),
         }
         result
