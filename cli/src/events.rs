@@ -138,7 +138,7 @@ impl Printer {
         if format == Format::Table {
             writeln!(
                 std::io::stdout().lock(),
-                "{:<10} {:<24} {:<22} {:>4} {:<22} {:<26} {:<8}",
+                "{:<10} {:<24} {:<25} {:>4} {:<22} {:<26} {:<13}",
                 "POSITION",
                 "RECORDED",
                 "STREAM",
@@ -185,14 +185,14 @@ impl Printer {
                     .map_or_else(String::new, |m| format!("{} ({})", m.agent.id, m.agent.role));
                 let command = metadata
                     .as_ref()
-                    .map_or_else(String::new, |m| m.command_id.simple().to_string()[..8].to_owned());
+                    .map_or_else(String::new, |m| abbreviated(&m.command_id.simple().to_string()));
                 let stream = match row.stream.split_once('-') {
-                    Some((category, id)) => format!("{category}-{}", &id[..id.len().min(8)]),
+                    Some((category, id)) => format!("{category}-{}", abbreviated(&id.replace('-', ""))),
                     None => row.stream.clone(),
                 };
                 writeln!(
                     std::io::stdout().lock(),
-                    "{:<10} {:<24} {:<22} {:>4} {:<22} {:<26} {:<8}",
+                    "{:<10} {:<24} {:<25} {:>4} {:<22} {:<26} {:<13}",
                     row.position,
                     row.recorded_at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
                     stream,
@@ -328,4 +328,14 @@ pub(crate) async fn run(args: EventsArgs, global: &GlobalArgs) -> anyhow::Result
         return Err(NothingMatched(what).into());
     }
     Ok(())
+}
+
+/// An id shortened for a table column: its first 8 and last 4 characters.
+/// Both ends: ticket ids (UUIDv7) opened within the same minute or so
+/// share their first 8, which are time; the last 4 are random.
+fn abbreviated(id: &str) -> String {
+    match (id.get(..8), id.len().checked_sub(4).and_then(|tail| id.get(tail..))) {
+        (Some(head), Some(tail)) if id.len() > 12 => format!("{head}…{tail}"),
+        _ => id.to_owned(),
+    }
 }
