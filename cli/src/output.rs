@@ -266,7 +266,11 @@ fn summarize(event: &Event) -> String {
 pub(crate) struct TimelineEntry {
     position: String,
     stream: String,
-    revision: u64,
+    /// The ticket's revision: the event's own, or, for a refusal, the
+    /// revision the refusal was decided on (the ticket did not move; the
+    /// record's own revision in the `rejections-` stream says nothing
+    /// about the ticket).
+    revision: Option<u64>,
     recorded_at: chrono::DateTime<chrono::Utc>,
     #[serde(rename = "type")]
     event_type: String,
@@ -275,7 +279,7 @@ pub(crate) struct TimelineEntry {
     correlation_id: uuid::Uuid,
     /// The state before; for a refusal, the state the command was refused in.
     from: Option<triage_domain::State>,
-    /// The state after (the same as `from` for a refusal).
+    /// The state after; `None` for a refusal, which moves nothing.
     to: Option<triage_domain::State>,
     /// For a transition: how long the ticket had been in `from`.
     time_in_from_state_ms: Option<i64>,
@@ -315,7 +319,7 @@ pub(crate) fn timeline(
                 TimelineEntry {
                     position: record.position.to_string(),
                     stream: record.stream.to_string(),
-                    revision: record.revision,
+                    revision: Some(record.revision),
                     recorded_at: at,
                     event_type: event.event_type().to_owned(),
                     agent: projected.metadata.agent.clone(),
@@ -333,14 +337,14 @@ pub(crate) fn timeline(
             triage_projections::Payload::Rejected(rejected) => TimelineEntry {
                 position: record.position.to_string(),
                 stream: record.stream.to_string(),
-                revision: record.revision,
+                revision: rejected.revision,
                 recorded_at: at,
                 event_type: format!("refused {}", rejected.command),
                 agent: projected.metadata.agent.clone(),
                 command_id: projected.metadata.command_id,
                 correlation_id: projected.metadata.correlation_id,
                 from: rejected.state,
-                to: rejected.state,
+                to: None,
                 time_in_from_state_ms: None,
                 refused: true,
                 code: Some(rejected.code.clone()),
@@ -387,10 +391,9 @@ pub(crate) fn print_timeline(entries: &[TimelineEntry], as_json: bool) -> anyhow
             _ => String::new(),
         };
         out.add_row(vec![
-            if entry.refused {
-                "-".to_owned()
-            } else {
-                entry.revision.to_string()
+            match (entry.refused, entry.revision) {
+                (false, Some(revision)) => revision.to_string(),
+                _ => "-".to_owned(),
             },
             entry.recorded_at.to_rfc3339_opts(SecondsFormat::Millis, true),
             entry.event_type.clone(),

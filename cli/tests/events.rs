@@ -5,7 +5,7 @@ mod common;
 
 use std::path::Path;
 
-use common::{snapshot, succeed, triage};
+use common::{fail, snapshot, succeed, triage};
 use serde_json::Value;
 
 /// Two tickets with fixed ids and command ids; returns their ids.
@@ -213,6 +213,33 @@ fn a_ticket_timeline_shows_transitions_time_in_state_and_refused_attempts() {
     );
     assert!(first[1]["time_in_from_state_ms"].as_i64().unwrap() >= 0);
     assert_eq!(first[1]["agent"]["id"], "c-1");
+    // A refusal names the ticket revision it was decided on and moves
+    // nothing; its own revision in the rejections stream is not the
+    // ticket's.
+    fail(
+        dir.path(),
+        &[
+            "ticket",
+            "send",
+            ids[0],
+            r#"{"type":"start_drafting"}"#,
+            "--agent",
+            "d-2",
+            "--role",
+            "drafter",
+        ],
+    );
+    let first: Vec<Value> = succeed(dir.path(), &["ticket", "history", ids[0], "--json"])
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    assert_eq!(first.len(), 3);
+    assert_eq!(first[2]["refused"], true);
+    assert_eq!(first[2]["revision"], 1, "{}", first[2]);
+    assert_eq!(
+        (first[2]["from"].clone(), first[2]["to"].clone()),
+        (Value::from("CLASSIFYING"), Value::Null)
+    );
     let second: Vec<Value> = succeed(dir.path(), &["ticket", "history", ids[1], "--json"])
         .lines()
         .map(|line| serde_json::from_str(line).unwrap())
