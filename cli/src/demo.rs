@@ -14,8 +14,8 @@ use triage_event_store::EventStore;
 use triage_projections::{ProjectorOptions, ReadModelDb, ReadModels};
 use triage_store_sqlite::{SqliteEventStore, SqliteOptions};
 
-use crate::GlobalArgs;
 use crate::output;
+use crate::{GlobalArgs, Interrupted};
 
 #[derive(Debug, Args)]
 pub(crate) struct DemoArgs {
@@ -98,11 +98,6 @@ impl DemoArgs {
     }
 }
 
-/// The user pressed Ctrl-C: exit status 130, as a shell gives.
-#[derive(Debug, thiserror::Error)]
-#[error("interrupted; nothing was audited")]
-pub(crate) struct Interrupted;
-
 pub(crate) async fn run(args: DemoArgs, global: &GlobalArgs) -> anyhow::Result<()> {
     let config = args.config();
     // Before any store is opened: a refused run leaves no file behind.
@@ -177,7 +172,7 @@ pub(crate) async fn run(args: DemoArgs, global: &GlobalArgs) -> anyhow::Result<(
     // the store's directory, as promised above.
     let triage = tokio::select! {
         report = run => report?,
-        _ = tokio::signal::ctrl_c() => return Err(Interrupted.into()),
+        _ = tokio::signal::ctrl_c() => return Err(Interrupted("nothing was audited").into()),
     };
     // Listening for Ctrl-C above took it over for the whole process: the
     // naive run must listen too, or it could not be stopped.
@@ -186,7 +181,7 @@ pub(crate) async fn run(args: DemoArgs, global: &GlobalArgs) -> anyhow::Result<(
             let run = triage_demo::run_naive(config, progress("naive", config.tickets, show));
             Some(tokio::select! {
                 report = run => report?,
-                _ = tokio::signal::ctrl_c() => return Err(Interrupted.into()),
+                _ = tokio::signal::ctrl_c() => return Err(Interrupted("nothing was audited").into()),
             })
         }
         None => None,

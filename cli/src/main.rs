@@ -377,6 +377,12 @@ fn describe(error: &anyhow::Error) -> String {
     text
 }
 
+/// The user pressed Ctrl-C: exit status 130, as a shell gives. It says
+/// what was left as it was.
+#[derive(Debug, thiserror::Error)]
+#[error("interrupted; {0}")]
+pub(crate) struct Interrupted(pub(crate) &'static str);
+
 fn main() -> ExitCode {
     let matches = <Cli as clap::CommandFactory>::command().get_matches();
     let mut cli = match <Cli as clap::FromArgMatches>::from_arg_matches(&matches) {
@@ -401,7 +407,7 @@ fn main() -> ExitCode {
             eprintln!("error: {}", describe(&error));
             ExitCode::from(2)
         }
-        Err(error) if error.downcast_ref::<demo::Interrupted>().is_some() => {
+        Err(error) if error.downcast_ref::<Interrupted>().is_some() => {
             eprintln!("{}", describe(&error));
             ExitCode::from(130)
         }

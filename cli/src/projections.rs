@@ -120,7 +120,13 @@ pub(crate) async fn run(command: ProjectionsCommand, global: &GlobalArgs) -> any
                 cancel: Some(cancel.clone()),
             };
             let names: Vec<&str> = names.iter().map(String::as_str).collect();
-            let reports = read_models.rebuild_many(&names, options).await?;
+            let reports = read_models.rebuild_many(&names, options).await.map_err(|error| {
+                if cancel.load(Ordering::Relaxed) {
+                    anyhow::Error::new(error).context(crate::Interrupted("the rebuild stopped"))
+                } else {
+                    error.into()
+                }
+            })?;
             if global.json {
                 for report in &reports {
                     output::print_json(&serde_json::to_value(report)?);
@@ -269,7 +275,10 @@ pub(crate) async fn stats(args: StatsArgs, global: &GlobalArgs) -> anyhow::Resul
     if let (Some(since), Some(until)) = (args.since, args.until)
         && since >= until
     {
-        bail!("--since {since} is not before --until {until}: that range holds no time");
+        return Err(crate::events::BadArguments(format!(
+            "--since {since} is not before --until {until}: that range holds no time"
+        ))
+        .into());
     }
     // Each ticket's category, from the read model, for --by category.
     let categories: std::collections::HashMap<triage_domain::TicketId, String> = if args.by == Some(By::Category) {

@@ -172,6 +172,19 @@ fn bad_input_and_empty_ranges_have_clear_messages_and_exit_codes() {
     // Parsed, but an empty range: a bad argument, as `--help` says.
     assert_eq!(inverted.status.code(), Some(2));
     assert!(common::stderr(&inverted).contains("is not before --until"));
+    // The same range is the same mistake for `stats`.
+    let stats = triage(
+        dir.path(),
+        &[
+            "stats",
+            "--since",
+            "2026-01-02T00:00:00Z",
+            "--until",
+            "2026-01-01T00:00:00Z",
+        ],
+    );
+    assert_eq!(stats.status.code(), Some(2), "{}", common::stderr(&stats));
+    assert!(common::stderr(&stats).contains("is not before --until"));
 }
 
 #[test]
