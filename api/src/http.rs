@@ -232,7 +232,7 @@ struct ListQuery {
     /// Only tickets in this state: NEW, CLASSIFYING, CLASSIFIED, DRAFTING,
     /// DRAFT_READY, ESCALATING, NEEDS_HUMAN or RESOLVED.
     state: Option<String>,
-    /// At most this many (default 50, at most 500).
+    /// At most this many, from 1 (default 50, at most 500).
     limit: Option<usize>,
     /// The `next` of the page before: the page after it.
     after: Option<String>,
@@ -281,7 +281,7 @@ async fn get_ticket(
 struct EventsQuery {
     /// The first revision to return (default 0).
     from_revision: Option<u64>,
-    /// At most this many events (default and most: 500); `next_revision`
+    /// At most this many events, from 1 (default and most: 500); `next_revision`
     /// in the answer says where the rest start.
     limit: Option<usize>,
 }

@@ -86,7 +86,7 @@ pub struct ListArgs {
     /// DRAFT_READY, ESCALATING, NEEDS_HUMAN or RESOLVED.
     #[serde(default)]
     pub state: Option<String>,
-    /// At most this many (default 50).
+    /// At most this many, from 1 (default 50, at most 500).
     #[serde(default)]
     pub limit: Option<usize>,
     /// The `next` of the page before: the page after it.

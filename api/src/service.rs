@@ -570,13 +570,17 @@ impl AppState {
             .flat_map(|row| row.roles.iter().copied())
             .collect();
         if !principal.roles.contains(&role) || !claimable.contains(&role) {
-            let mut allowed: Vec<Role> = principal
-                .roles
-                .iter()
-                .copied()
-                .filter(|r| claimable.contains(r))
-                .collect();
-            allowed.dedup();
+            // The roles that may do this, as everywhere else: claiming as
+            // `role` takes a token with that role; a role that claims
+            // nothing is answered with the roles that do.
+            let allowed: Vec<Role> = if claimable.contains(&role) {
+                vec![role]
+            } else {
+                let mut claimers = claimable.clone();
+                claimers.sort_by_key(|role| role.as_str());
+                claimers.dedup();
+                claimers
+            };
             return Err(ApiError::Forbidden {
                 detail: format!(
                     "agent {} ({}) may not claim work as {role}",
@@ -739,8 +743,10 @@ impl AppState {
         after: Option<ListCursor>,
         limit: Option<usize>,
     ) -> Result<TicketList, ApiError> {
-        // At least one: an empty page would end the list.
-        let limit = limit.unwrap_or(50).clamp(1, self.inner.limits.max_list.max(1));
+        // At least one: an empty page would read as the end of the list.
+        let limit = at_least_one(limit)?
+            .unwrap_or(50)
+            .min(self.inner.limits.max_list.max(1));
         self.catch_up().await?;
         // One more than asked, to tell whether another page follows.
         let mut rows = self.inner.projector.read("tickets", |conn, slot| {
@@ -769,7 +775,9 @@ impl AppState {
         if loaded.history.is_empty() {
             return Err(not_found(ticket_id));
         }
-        let limit = page.limit.unwrap_or(MAX_EVENTS_PAGE).clamp(1, MAX_EVENTS_PAGE);
+        let limit = at_least_one(page.limit)?
+            .unwrap_or(MAX_EVENTS_PAGE)
+            .min(MAX_EVENTS_PAGE);
         let mut from = loaded
             .history
             .iter()
@@ -925,5 +933,17 @@ mod tests {
         assert_eq!(start_kind(State::New, Role::Drafter), None);
         assert_eq!(start_kind(State::NeedsHuman, Role::Operator), None);
         assert_eq!(start_kind(State::New, Role::Analyst), None);
+    }
+}
+
+/// A page `limit` as given, refusing 0: a page of nothing would read as
+/// the end of the list.
+fn at_least_one(limit: Option<usize>) -> Result<Option<usize>, ApiError> {
+    match limit {
+        Some(0) => Err(ApiError::bad_request(
+            "invalid_query",
+            "limit must be at least 1: a page of nothing would read as the end of the list",
+        )),
+        other => Ok(other),
     }
 }
