@@ -890,6 +890,18 @@ pub(crate) fn same_request(command: &Command, events: &[Event]) -> bool {
         .all(|(field, value)| stored.get(field).unwrap_or(&serde_json::Value::Null) == value)
 }
 
+/// A page `limit` as given, refusing 0: a page of nothing would read as
+/// the end of the list.
+fn at_least_one(limit: Option<usize>) -> Result<Option<usize>, ApiError> {
+    match limit {
+        Some(0) => Err(ApiError::bad_request(
+            "invalid_query",
+            "limit must be at least 1: a page of nothing would read as the end of the list",
+        )),
+        other => Ok(other),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -933,17 +945,5 @@ mod tests {
         assert_eq!(start_kind(State::New, Role::Drafter), None);
         assert_eq!(start_kind(State::NeedsHuman, Role::Operator), None);
         assert_eq!(start_kind(State::New, Role::Analyst), None);
-    }
-}
-
-/// A page `limit` as given, refusing 0: a page of nothing would read as
-/// the end of the list.
-fn at_least_one(limit: Option<usize>) -> Result<Option<usize>, ApiError> {
-    match limit {
-        Some(0) => Err(ApiError::bad_request(
-            "invalid_query",
-            "limit must be at least 1: a page of nothing would read as the end of the list",
-        )),
-        other => Ok(other),
     }
 }
