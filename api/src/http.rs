@@ -581,13 +581,20 @@ async fn heartbeat(
     let body = body.map_err(|error| {
         if error.status() == StatusCode::PAYLOAD_TOO_LARGE {
             sized(&state, ApiError::PayloadTooLarge { limit: 0 })
+        } else if timed_out(&error) {
+            sized(
+                &state,
+                ApiError::BodyTimeout {
+                    after: std::time::Duration::ZERO,
+                },
+            )
         } else {
             ApiError::bad_request("malformed_json", error.body_text())
         }
     })?;
-    // No body at all is a heartbeat with the default lease; a body is
-    // JSON, declared as such and with nothing after it, as on every other
-    // endpoint.
+    // No body at all, or JSON `null` (as the OpenAPI document allows), is
+    // a heartbeat with the default lease; a body is JSON, declared as such
+    // and with nothing after it, as on every other endpoint.
     let request: HeartbeatRequest = if body.iter().all(u8::is_ascii_whitespace) {
         HeartbeatRequest::default()
     } else {
@@ -602,9 +609,10 @@ async fn heartbeat(
                 ApiError::bad_request("malformed_json", error.to_string())
             }
         };
-        let request = serde::Deserialize::deserialize(&mut deserializer).map_err(as_problem)?;
+        let request: Option<HeartbeatRequest> =
+            serde::Deserialize::deserialize(&mut deserializer).map_err(as_problem)?;
         deserializer.end().map_err(as_problem)?;
-        request
+        request.unwrap_or_default()
     };
     let claim_id = claim_id(&id)?;
     let command = Command::ExtendLease {
@@ -666,6 +674,59 @@ impl Modify for BearerAuth {
     }
 }
 
+/// Adds the problems every operation of the JSON API can answer with to
+/// each one that does not list them itself: a client generated from the
+/// document then knows them all.
+#[derive(Debug)]
+struct CommonProblems;
+
+impl Modify for CommonProblems {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::{Content, Ref, ResponseBuilder};
+        let problem = |description: &str| {
+            ResponseBuilder::new()
+                .description(description)
+                .content(
+                    "application/problem+json",
+                    Content::new(Some(Ref::from_schema_name("Problem"))),
+                )
+                .build()
+        };
+        let every: [(&str, &str); 3] = [
+            (
+                "400",
+                "Malformed: JSON syntax (malformed_json), a header (invalid_header), the query (invalid_query) \
+                 or a path id (invalid_path)",
+            ),
+            ("401", "No bearer token, or one that is unknown or revoked"),
+            (
+                "503",
+                "The server is starting, shutting down, or cannot reach its store",
+            ),
+        ];
+        let with_body: [(&str, &str); 4] = [
+            ("408", "The body did not arrive in time (body_timeout)"),
+            ("413", "The body is larger than allowed (payload_too_large)"),
+            ("415", "The body is not declared as JSON (unsupported_media_type)"),
+            ("422", "The body does not match the schema, or fails validation"),
+        ];
+        for (path, item) in openapi.paths.paths.iter_mut() {
+            if !path.starts_with("/v1/") {
+                continue;
+            }
+            for (operation, has_body) in [(item.get.as_mut(), false), (item.post.as_mut(), true)] {
+                let Some(operation) = operation else { continue };
+                let listed = &mut operation.responses.responses;
+                for (status, description) in every.iter().chain(with_body.iter().filter(|_| has_body)) {
+                    listed
+                        .entry((*status).to_owned())
+                        .or_insert_with(|| problem(description).into());
+                }
+            }
+        }
+    }
+}
+
 /// The OpenAPI 3.1 document, generated from the handlers and bodies above.
 #[derive(OpenApi)]
 #[openapi(
@@ -680,7 +741,7 @@ impl Modify for BearerAuth {
     components(schemas(Problem, TicketView, ClaimView, ClassificationView, EventView, CommandResponse, ClaimResponse,
         TicketList, EventList, OpenedTicket, OpenTicketRequest, ClaimRequest, ClassificationRequest, DraftRequest, EscalationRequest,
         ResolutionRequest, RejectionRequest, ReleaseRequest, HeartbeatRequest, RoleName, PriorityName)),
-    modifiers(&BearerAuth),
+    modifiers(&BearerAuth, &CommonProblems),
     security(("bearer" = [])),
     tags((name = "tickets", description = "Open and read tickets"),
         (name = "work", description = "Claim work and complete it under the claim"),

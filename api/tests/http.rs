@@ -634,7 +634,7 @@ async fn a_claim_with_a_lease_out_of_range_is_422_before_any_ticket_is_picked() 
 }
 
 /// A heartbeat's body is JSON as on every endpoint: declared as such, with
-/// nothing after it; no body at all is the default lease.
+/// nothing after it; no body at all, or `null`, is the default lease.
 #[tokio::test]
 async fn a_heartbeat_body_is_json_or_nothing() {
     let h = Harness::new();
@@ -662,8 +662,19 @@ async fn a_heartbeat_body_is_json_or_nothing() {
         )
         .await;
     assert_eq!(fine.status, StatusCode::OK, "{}", fine.json);
-    let empty = h.send(Some("classifier"), Req::raw("POST", uri, Vec::new())).await;
+    let empty = h
+        .send(Some("classifier"), Req::raw("POST", uri.clone(), Vec::new()))
+        .await;
     assert_eq!(empty.status, StatusCode::OK, "{}", empty.json);
+    // JSON null, which the OpenAPI document allows, is the default lease too.
+    let null = h
+        .send(
+            Some("classifier"),
+            Req::raw("POST", uri, b"null".to_vec()).header("content-type", "application/json"),
+        )
+        .await;
+    assert_eq!(null.status, StatusCode::OK, "{}", null.json);
+    assert_eq!(null.json["events"], json!(["LeaseExtended"]));
 }
 
 /// A ticket's events come a page at a time: 500 at most, with where the
@@ -1127,6 +1138,27 @@ async fn openapi_health_and_unknown_routes() {
         let responses = &doc.json["paths"][format!("/v1/tickets/{{id}}/{path}")]["post"]["responses"];
         for status in ["400", "404", "413", "415"] {
             assert!(responses[status].is_object(), "{path}: no {status} in {responses}");
+        }
+    }
+    // Every operation of the JSON API lists the problems any request can
+    // get, and every one with a body those of bodies.
+    for (path, item) in doc.json["paths"].as_object().unwrap() {
+        if !path.starts_with("/v1/") {
+            continue;
+        }
+        for (method, operation) in item.as_object().unwrap() {
+            let responses = &operation["responses"];
+            let with_body = ["408", "413", "415", "422"];
+            let expected = ["400", "401", "503"]
+                .iter()
+                .chain(with_body.iter().filter(|_| method == "post"));
+            for status in expected {
+                assert_eq!(
+                    responses[status]["content"]["application/problem+json"]["schema"]["$ref"],
+                    "#/components/schemas/Problem",
+                    "{method} {path}: no {status} problem in {responses}"
+                );
+            }
         }
     }
     // The health probes need no token.
