@@ -513,9 +513,36 @@ impl ServerHandler for TriageMcp {
         {
             return done::<()>(Err(refusal)).map(Into::into);
         }
-        self.tool_router
+        let response = self
+            .tool_router
             .call(ToolCallContext::new(self, request, context))
-            .await
+            .await?;
+        Ok(match response {
+            CallToolResponse::Complete(result) => as_problem(result).into(),
+            other => other,
+        })
+    }
+}
+
+/// rmcp answers arguments it cannot deserialize (a string for a number,
+/// say) with an error result in plain text; this makes it the problem
+/// document every other failure is.
+fn as_problem(result: CallToolResult) -> CallToolResult {
+    const PREFIX: &str = "failed to deserialize parameters: ";
+    let detail = match (result.is_error, &result.structured_content, result.content.as_slice()) {
+        (Some(true), None, [only]) => only
+            .as_text()
+            .and_then(|text| text.text.strip_prefix(PREFIX))
+            .map(str::to_owned),
+        _ => None,
+    };
+    match detail {
+        Some(detail) => {
+            let problem =
+                serde_json::to_value(ApiError::unprocessable("invalid_body", detail).problem()).unwrap_or_default();
+            CallToolResult::structured_error(problem)
+        }
+        None => result,
     }
 }
 

@@ -325,8 +325,23 @@ async fn an_argument_a_tool_does_not_take_is_refused_not_dropped() {
         detail.contains("`expectedRevision`") && detail.contains("expected_revision"),
         "{detail}"
     );
+    // An argument of the wrong type is a problem document too.
+    let mistyped = call(
+        peer,
+        "submit_classification",
+        json!({"ticket_id": ticket, "claim_id": claim["claim_id"], "category": "billing", "priority": "high",
+               "confidence": "very"}),
+    )
+    .await;
+    assert_eq!(mistyped.is_error, Some(true), "{mistyped:?}");
+    let problem = mistyped.structured_content.clone().expect("a problem document");
+    assert_eq!(problem["code"], "invalid_body", "{problem}");
+    assert!(
+        problem["detail"].as_str().unwrap().contains("invalid type"),
+        "{problem}"
+    );
     let shown = ok(&call(peer, "get_ticket", json!({"ticket_id": ticket})).await);
-    assert_eq!(shown["state"], "CLASSIFYING", "the refused classification was applied");
+    assert_eq!(shown["state"], "CLASSIFYING", "a refused classification was applied");
     client.cancel().await.ok();
     server.await.unwrap();
 }
