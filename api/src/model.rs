@@ -234,6 +234,9 @@ pub struct TicketView {
 }
 
 impl TicketView {
+    /// Times are given to the microsecond, as the read models keep them,
+    /// so that a ticket folded from its stream (`GET /v1/tickets/{id}`, a
+    /// command's answer) reads exactly as the same ticket in a list.
     fn from_ticket(
         id: TicketId,
         ticket: &Ticket,
@@ -241,6 +244,8 @@ impl TicketView {
         created_at: DateTime<Utc>,
         updated_at: DateTime<Utc>,
     ) -> Option<Self> {
+        use chrono::SubsecRound as _;
+        let (created_at, updated_at) = (created_at.trunc_subsecs(6), updated_at.trunc_subsecs(6));
         Some(TicketView {
             id,
             state: ticket.state?,
@@ -257,7 +262,7 @@ impl TicketView {
             claim: ticket.claim.as_ref().map(|claim| ClaimView {
                 claim_id: claim.claim_id,
                 agent_id: claim.agent_id.clone(),
-                lease_expires_at: claim.lease_expires_at,
+                lease_expires_at: claim.lease_expires_at.trunc_subsecs(6),
             }),
             attempts: ticket.attempts,
             drafts_rejected: ticket.drafts_rejected,

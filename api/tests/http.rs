@@ -1227,3 +1227,26 @@ async fn retry_a_completed_claim_after_a_restart(store: std::sync::Arc<dyn triag
         .await;
     assert_eq!(events.json["events"].as_array().unwrap().len(), 1, "{}", events.json);
 }
+
+/// A ticket reads the same folded from its stream as in a list from the
+/// read models, times included (both to the microsecond).
+#[tokio::test]
+async fn a_ticket_reads_the_same_alone_and_in_a_list() {
+    let h = Harness::new();
+    let (ticket, _) = claimed(&h).await;
+    let alone = h.send(Some("analyst"), Req::get(format!("/v1/tickets/{ticket}"))).await;
+    assert_eq!(alone.status, StatusCode::OK);
+    let listed = h.send(Some("analyst"), Req::get("/v1/tickets")).await;
+    assert_eq!(listed.status, StatusCode::OK);
+    let in_list = listed.json["tickets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|row| row["id"] == ticket.as_str())
+        .expect("listed")
+        .clone();
+    for field in ["created_at", "updated_at", "revision", "state"] {
+        assert_eq!(alone.json[field], in_list[field], "{field}");
+    }
+    assert_eq!(alone.json["claim"], in_list["claim"], "the claim and its lease");
+}
