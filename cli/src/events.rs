@@ -54,7 +54,8 @@ pub(crate) struct EventsArgs {
     /// Output format. Default: a table on a terminal, JSON lines otherwise.
     #[arg(long, value_enum)]
     format: Option<Format>,
-    /// After the history, keep printing new matching events until Ctrl-C.
+    /// After the history, keep printing new matching events until Ctrl-C
+    /// (or until the log passes --to-position).
     #[arg(long)]
     follow: bool,
 }
@@ -292,7 +293,10 @@ pub(crate) async fn run(args: EventsArgs, global: &GlobalArgs) -> anyhow::Result
         return Err(error);
     }
     printer.flush()?;
-    if args.follow {
+    // A tail bounded by --to-position ends once the log is past it: nothing
+    // later can match.
+    let past_the_end = |position: Position| args.to_position.is_some_and(|end| position >= end);
+    if args.follow && !last.is_some_and(past_the_end) {
         let mut subscription = opened.events.clone().subscribe_to_all(SubscribeToAll {
             from: last,
             ..SubscribeToAll::default()
@@ -310,6 +314,9 @@ pub(crate) async fn run(args: EventsArgs, global: &GlobalArgs) -> anyhow::Result
                                 Err(error) if is_broken_pipe(&error) => return Ok(()),
                                 Err(error) => return Err(error),
                             }
+                        }
+                        if past_the_end(record.position) {
+                            break;
                         }
                     }
                     Some(Ok(_)) => {}

@@ -122,3 +122,51 @@ fn the_tail_prints_new_events_and_stops_on_ctrl_c_while_events_flow() {
         assert!(status.success(), "Ctrl-C ends tail {run} cleanly: {status:?}");
     }
 }
+
+/// A tail bounded by --to-position ends by itself once the log passes it,
+/// whether the history already did or a later append does.
+#[test]
+fn a_tail_bounded_by_to_position_ends_there() {
+    let dir = tempfile::tempdir().unwrap();
+    for subject in ["one", "two", "three"] {
+        open_ticket(dir.path(), subject);
+    }
+    let tail = |to: &str| {
+        common::command(dir.path())
+            .args(["events", "--follow", "--format", "jsonl", "--to-position", to])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("the triage binary runs")
+    };
+    // The history reaches the bound: the tail ends after it.
+    let mut within_history = tail("2");
+    let status = exit_within(&mut within_history, Duration::from_secs(20)).expect("the tail ended by itself");
+    assert!(status.success(), "{status:?}");
+    let mut printed = String::new();
+    std::io::Read::read_to_string(&mut within_history.stdout.take().unwrap(), &mut printed).unwrap();
+    assert_eq!(printed.lines().count(), 2, "{printed}");
+    // The bound lies ahead: the tail prints up to it as it is appended.
+    let mut ahead = tail("5");
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        ahead.try_wait().unwrap().is_none(),
+        "the tail waits for positions 4 and 5"
+    );
+    open_ticket(dir.path(), "four");
+    open_ticket(dir.path(), "five");
+    let status = exit_within(&mut ahead, Duration::from_secs(20)).expect("the tail ended at position 5");
+    assert!(status.success(), "{status:?}");
+    let mut printed = String::new();
+    std::io::Read::read_to_string(&mut ahead.stdout.take().unwrap(), &mut printed).unwrap();
+    let subjects: Vec<String> = printed
+        .lines()
+        .map(|line| {
+            serde_json::from_str::<Value>(line).unwrap()["data"]["subject"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
+    assert_eq!(subjects, ["one", "two", "three", "four", "five"]);
+}
