@@ -101,9 +101,9 @@ pub enum ApiError {
         /// The limit.
         limit: usize,
     },
-    /// The body did not arrive within the time allowed
+    /// The body stalled for longer than allowed
     /// ([`crate::Limits::body_timeout`]).
-    #[error("the request body did not arrive within {} s", .after.as_secs_f64())]
+    #[error("the request body stalled for more than {} s", .after.as_secs_f64())]
     BodyTimeout {
         /// The time allowed.
         after: std::time::Duration,
@@ -340,7 +340,7 @@ fn title(code: &str) -> &'static str {
         "claim_required" => "The command must name its claim",
         "idempotency_key_reused" => "The Idempotency-Key was used for a different request",
         "payload_too_large" => "The body is too large",
-        "body_timeout" => "The body took too long to arrive",
+        "body_timeout" => "The body stalled",
         "unsupported_media_type" => "The body must be JSON",
         "stale_revision" => "The ticket changed since the revision you decided on",
         "invalid_transition" => "Not allowed in the ticket's current state",

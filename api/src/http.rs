@@ -158,8 +158,8 @@ fn json_body<T>(body: Result<Json<T>, JsonRejection>) -> Result<T, ApiError> {
     }
 }
 
-/// Whether the body failed to arrive because the client took longer than
-/// `body_timeout` to send it.
+/// Whether the body failed to arrive because the client paused longer
+/// than `body_timeout` while sending it.
 fn timed_out(error: &(dyn std::error::Error + 'static)) -> bool {
     std::iter::successors(Some(error), |error| error.source())
         .any(|error| error.is::<tower_http::timeout::TimeoutError>())
@@ -233,6 +233,7 @@ struct ListQuery {
     /// DRAFT_READY, ESCALATING, NEEDS_HUMAN or RESOLVED.
     state: Option<String>,
     /// At most this many, from 1 (default 50, at most 500).
+    #[param(minimum = 1)]
     limit: Option<usize>,
     /// The `next` of the page before: the page after it.
     after: Option<String>,
@@ -243,7 +244,7 @@ struct ListQuery {
 #[utoipa::path(get, path = "/v1/tickets", tag = "tickets", params(ListQuery),
     responses(
         (status = 200, body = TicketList),
-        (status = 400, description = "Unknown state", body = Problem, content_type = "application/problem+json"),
+        (status = 400, description = "An unknown state, a cursor of another list or a malformed one, or a limit of 0", body = Problem, content_type = "application/problem+json"),
         (status = 401, body = Problem, content_type = "application/problem+json"),
     ))]
 async fn list_tickets(
@@ -283,6 +284,7 @@ struct EventsQuery {
     from_revision: Option<u64>,
     /// At most this many events, from 1 (default and most: 500); `next_revision`
     /// in the answer says where the rest start.
+    #[param(minimum = 1)]
     limit: Option<usize>,
 }
 
@@ -291,7 +293,7 @@ struct EventsQuery {
     params(("id" = String, Path, description = "The ticket id"), EventsQuery),
     responses(
         (status = 200, body = EventList),
-        (status = 400, description = "A query parameter that does not parse", body = Problem, content_type = "application/problem+json"),
+        (status = 400, description = "A query parameter that does not parse, or a limit of 0", body = Problem, content_type = "application/problem+json"),
         (status = 401, body = Problem, content_type = "application/problem+json"),
         (status = 404, body = Problem, content_type = "application/problem+json"),
     ))]
@@ -705,7 +707,7 @@ impl Modify for CommonProblems {
             ),
         ];
         let with_body: [(&str, &str); 4] = [
-            ("408", "The body did not arrive in time (body_timeout)"),
+            ("408", "The body stalled (body_timeout)"),
             ("413", "The body is larger than allowed (payload_too_large)"),
             ("415", "The body is not declared as JSON (unsupported_media_type)"),
             ("422", "The body does not match the schema, or fails validation"),

@@ -553,12 +553,13 @@ fn unknown_argument(tool: &str, schema: &JsonObject, arguments: &JsonObject) -> 
     let unknown = arguments
         .keys()
         .find(|name| known.is_none_or(|known| !known.contains_key(name.as_str())))?;
-    let takes = known.map_or_else(String::new, |known| {
-        known.keys().map(String::as_str).collect::<Vec<_>>().join(", ")
-    });
+    let takes = match known.map(|known| known.keys().map(String::as_str).collect::<Vec<_>>()) {
+        Some(names) if !names.is_empty() => format!("{tool} takes {}", names.join(", ")),
+        _ => format!("{tool} takes no arguments"),
+    };
     Some(ApiError::unprocessable(
         "invalid_body",
-        format!("unknown argument `{unknown}`: {tool} takes {takes}"),
+        format!("unknown argument `{unknown}`: {takes}"),
     ))
 }
 

@@ -233,6 +233,13 @@ pub struct TicketView {
     pub updated_at: DateTime<Utc>,
 }
 
+/// A ticket's time as the API gives it: to the microsecond, as the read
+/// models keep it (see [`TicketView`]).
+pub(crate) fn to_micros(time: DateTime<Utc>) -> DateTime<Utc> {
+    use chrono::SubsecRound as _;
+    time.trunc_subsecs(6)
+}
+
 impl TicketView {
     /// Times are given to the microsecond, as the read models keep them,
     /// so that a ticket folded from its stream (`GET /v1/tickets/{id}`, a
@@ -244,8 +251,7 @@ impl TicketView {
         created_at: DateTime<Utc>,
         updated_at: DateTime<Utc>,
     ) -> Option<Self> {
-        use chrono::SubsecRound as _;
-        let (created_at, updated_at) = (created_at.trunc_subsecs(6), updated_at.trunc_subsecs(6));
+        let (created_at, updated_at) = (to_micros(created_at), to_micros(updated_at));
         Some(TicketView {
             id,
             state: ticket.state?,
@@ -262,7 +268,7 @@ impl TicketView {
             claim: ticket.claim.as_ref().map(|claim| ClaimView {
                 claim_id: claim.claim_id,
                 agent_id: claim.agent_id.clone(),
-                lease_expires_at: claim.lease_expires_at.trunc_subsecs(6),
+                lease_expires_at: to_micros(claim.lease_expires_at),
             }),
             attempts: ticket.attempts,
             drafts_rejected: ticket.drafts_rejected,

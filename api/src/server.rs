@@ -16,10 +16,11 @@ pub struct ServeOptions {
     /// How often the lease sweeper looks for expired claims; `None` turns
     /// it off.
     pub sweep_interval: Option<Duration>,
-    /// How long shutdown waits for open requests before it closes their
-    /// connections. Commands they started still finish (see [`serve`]);
-    /// what is cut short is a client still sending its request, or one
-    /// that has not read its answer.
+    /// How long shutdown waits for open requests. After it, [`serve`]
+    /// stops waiting for them and returns; their connections end when the
+    /// runtime does (as when `triage serve` exits). It bounds how long a
+    /// client still sending its request, or not reading its answer, can
+    /// keep the server from stopping.
     pub shutdown_grace: Duration,
 }
 
@@ -76,9 +77,11 @@ pub async fn serve(
     };
     // A client that stops sending halfway through its request would hold
     // the graceful shutdown open for as long as it likes: after the grace
-    // period its connection is closed. Commands run in tasks of their own
-    // (see `AppState::drain`), so closing a connection never cuts one
-    // short; only its answer is lost, as when the client hangs up.
+    // period this stops waiting for its connection, which ends with the
+    // runtime. Commands run in tasks of their own, which `drain` below
+    // waits for; a handler still running then may start one after that
+    // wait, which is then cut short only if the process exits first, as in
+    // a crash (an append is atomic, so nothing is half-written).
     let served = tokio::select! {
         served = graceful.into_future() => served,
         () = async {
@@ -87,7 +90,7 @@ pub async fn serve(
         } => {
             tracing::warn!(
                 grace = ?options.shutdown_grace,
-                "requests still open after the grace period; closing their connections"
+                "requests still open after the grace period; no longer waiting for them"
             );
             Ok(())
         }

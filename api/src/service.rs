@@ -64,9 +64,10 @@ pub struct Limits {
     pub max_key_bytes: usize,
     /// The most tickets one list returns.
     pub max_list: usize,
-    /// The longest a client may take to send a request body; a body
-    /// still arriving then is refused (a stalled client holds nothing
-    /// open for longer).
+    /// The longest a client may pause while sending a request body; a
+    /// body that stalls that long is refused, so a stalled client holds
+    /// nothing open for longer. (A client that keeps sending, however
+    /// slowly, is bounded by `max_body_bytes` instead.)
     pub body_timeout: std::time::Duration,
 }
 
@@ -724,7 +725,7 @@ impl AppState {
         Ok(ClaimResponse {
             ticket: self.view(accepted.ticket_id).await?,
             claim_id: claim.claim_id,
-            lease_expires_at: claim.lease_expires_at,
+            lease_expires_at: crate::model::to_micros(claim.lease_expires_at),
             revision: accepted.revision,
             duplicate: accepted.duplicate,
         })

@@ -1140,6 +1140,15 @@ async fn openapi_health_and_unknown_routes() {
             assert!(responses[status].is_object(), "{path}: no {status} in {responses}");
         }
     }
+    // A page of none is refused, and the document says so.
+    let limit = doc.json["paths"]["/v1/tickets"]["get"]["parameters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|parameter| parameter["name"] == "limit")
+        .unwrap()
+        .clone();
+    assert_eq!(limit["schema"]["minimum"], 1, "{limit}");
     // Every operation of the JSON API lists the problems any request can
     // get, and every one with a body those of bodies.
     for (path, item) in doc.json["paths"].as_object().unwrap() {
@@ -1233,7 +1242,11 @@ async fn retry_a_completed_claim_after_a_restart(store: std::sync::Arc<dyn triag
 #[tokio::test]
 async fn a_ticket_reads_the_same_alone_and_in_a_list() {
     let h = Harness::new();
-    let (ticket, _) = claimed(&h).await;
+    let (ticket, claim) = claimed(&h).await;
+    assert_eq!(
+        claim["lease_expires_at"], claim["ticket"]["claim"]["lease_expires_at"],
+        "the claim's lease reads the same in the claim and in its ticket"
+    );
     let alone = h.send(Some("analyst"), Req::get(format!("/v1/tickets/{ticket}"))).await;
     assert_eq!(alone.status, StatusCode::OK);
     let listed = h.send(Some("analyst"), Req::get("/v1/tickets")).await;

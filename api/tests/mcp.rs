@@ -306,6 +306,15 @@ async fn an_argument_a_tool_does_not_take_is_refused_not_dropped() {
     assert!(problem["detail"].as_str().unwrap().contains("`priority`"), "{problem}");
     let listed = ok(&call(peer, "list_tickets", json!({})).await);
     assert_eq!(listed["tickets"], json!([]), "the refused call opened a ticket");
+    let stray = call(peer, "stats", json!({"since": "yesterday"})).await;
+    let problem = stray.structured_content.clone().unwrap();
+    assert!(
+        problem["detail"]
+            .as_str()
+            .unwrap()
+            .ends_with("stats takes no arguments"),
+        "{problem}"
+    );
 
     let opened = ok(&call(peer, "open_ticket", json!({"subject": "Refund", "body": "Twice"})).await);
     let ticket = opened["id"].as_str().unwrap().to_owned();
