@@ -181,7 +181,16 @@ pub(crate) async fn run(args: DemoArgs, global: &GlobalArgs) -> anyhow::Result<(
             let run = triage_demo::run_naive(config, progress("naive", config.tickets, show));
             Some(tokio::select! {
                 report = run => report?,
-                _ = tokio::signal::ctrl_c() => return Err(Interrupted("nothing was audited").into()),
+                _ = tokio::signal::ctrl_c() => {
+                    // Triage's run was finished and audited: shown, then
+                    // the interruption is reported.
+                    if global.json {
+                        output::print_json(&serde_json::to_value(&triage)?);
+                    } else {
+                        print_summary(&triage, None, &config);
+                    }
+                    return Err(Interrupted("the naive baseline was cut short; Triage's run above was audited").into());
+                }
             })
         }
         None => None,

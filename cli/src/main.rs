@@ -221,7 +221,7 @@ impl GlobalArgs {
         {
             anyhow::bail!(
                 "there is no event store at {}: only opening a ticket (`triage ticket open`, or `ticket send` \
-                 of an open_ticket command) or `triage demo --db` creates one",
+                 of an open_ticket command), `triage serve`, `triage mcp` or `triage demo --db` creates one",
                 path.display()
             );
         }

@@ -9,7 +9,7 @@ use anyhow::bail;
 use clap::Subcommand;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
-use triage_projections::{ReadModelDb, RebuildOptions, RebuildProgress, RebuildReport, stats};
+use triage_projections::{ProjectionError, ReadModelDb, RebuildOptions, RebuildProgress, RebuildReport, stats};
 
 use crate::GlobalArgs;
 use crate::output;
@@ -121,7 +121,15 @@ pub(crate) async fn run(command: ProjectionsCommand, global: &GlobalArgs) -> any
             };
             let names: Vec<&str> = names.iter().map(String::as_str).collect();
             let reports = read_models.rebuild_many(&names, options).await.map_err(|error| {
-                if cancel.load(Ordering::Relaxed) {
+                // The error says whether Ctrl-C stopped it: a rebuild that
+                // failed for another reason after Ctrl-C came too late to
+                // stop it is that failure.
+                let cancelled = match &error {
+                    ProjectionError::Cancelled => true,
+                    ProjectionError::PartlyRebuilt { source, .. } => matches!(**source, ProjectionError::Cancelled),
+                    _ => false,
+                };
+                if cancelled {
                     anyhow::Error::new(error).context(crate::Interrupted("the rebuild stopped"))
                 } else {
                     error.into()
@@ -260,6 +268,15 @@ enum By {
 
 /// `triage stats`.
 pub(crate) async fn stats(args: StatsArgs, global: &GlobalArgs) -> anyhow::Result<()> {
+    // Arguments first: a mistake is told before any store is opened.
+    if let (Some(since), Some(until)) = (args.since, args.until)
+        && since >= until
+    {
+        return Err(crate::events::BadArguments(format!(
+            "--since {since} is not before --until {until}: that range holds no time"
+        ))
+        .into());
+    }
     global.require_existing_store()?;
     let opened = global.open().await?;
     opened.read_models.catch_up().await?;
@@ -271,14 +288,6 @@ pub(crate) async fn stats(args: StatsArgs, global: &GlobalArgs) -> anyhow::Resul
             print_summary(&summary, None);
         }
         return Ok(());
-    }
-    if let (Some(since), Some(until)) = (args.since, args.until)
-        && since >= until
-    {
-        return Err(crate::events::BadArguments(format!(
-            "--since {since} is not before --until {until}: that range holds no time"
-        ))
-        .into());
     }
     // Each ticket's category, from the read model, for --by category.
     let categories: std::collections::HashMap<triage_domain::TicketId, String> = if args.by == Some(By::Category) {

@@ -81,8 +81,8 @@ pub(crate) enum TicketCommand {
         /// Only tickets in this state (NEW, CLASSIFYING, …, RESOLVED).
         #[arg(long, value_parser = parse_state)]
         state: Option<State>,
-        /// At most this many.
-        #[arg(long, default_value_t = 50)]
+        /// At most this many (at least 1).
+        #[arg(long, default_value_t = 50, value_parser = parse_limit)]
         limit: usize,
     },
     /// Show a role's work queue: tickets it can claim, oldest first.
@@ -90,8 +90,8 @@ pub(crate) enum TicketCommand {
         /// The role: classifier, drafter, escalator or operator.
         #[arg(long, value_parser = parse_queue_role)]
         role: Role,
-        /// At most this many.
-        #[arg(long, default_value_t = 20)]
+        /// At most this many (at least 1).
+        #[arg(long, default_value_t = 20, value_parser = parse_limit)]
         limit: usize,
     },
     /// The ticket's timeline: every transition with its agent, time, time
@@ -137,6 +137,15 @@ fn parse_moment(value: &str) -> Result<Moment, String> {
         Err(_) => crate::events::parse_time(value)
             .map(Moment::Time)
             .map_err(|error| format!("neither a revision number nor a time: {error}")),
+    }
+}
+
+/// A list's `--limit`: a list of none would look empty.
+fn parse_limit(value: &str) -> Result<usize, String> {
+    match value.parse::<usize>() {
+        Ok(0) => Err("at least 1: a list of none would look empty".to_owned()),
+        Ok(limit) => Ok(limit),
+        Err(error) => Err(error.to_string()),
     }
 }
 

@@ -531,11 +531,12 @@ fn errors_carry_each_cause_once_and_no_colour_codes_in_a_pipe() {
             command_id,
         ],
     );
-    // The same command id for another command: a warning is logged and an
-    // error returned.
+    // The same command id for another command: with -v, a debug line is
+    // logged, and an error returned.
     let output = common::triage(
         dir.path(),
         &[
+            "-v",
             "ticket",
             "open",
             "--subject",
@@ -548,7 +549,7 @@ fn errors_carry_each_cause_once_and_no_colour_codes_in_a_pipe() {
     );
     let stderr = common::stderr(&output);
     assert!(!output.status.success());
-    assert!(stderr.contains("WARN"), "{stderr:?}");
+    assert!(stderr.contains("DEBUG"), "{stderr:?}");
     assert!(!stderr.contains('\u{1b}'), "{stderr:?}");
     let error = stderr.lines().find(|line| line.starts_with("error: ")).unwrap();
     assert_eq!(error.matches("already used").count(), 1, "{error}");
@@ -704,6 +705,8 @@ fn a_list_cut_short_by_its_limit_says_so() {
         "{}",
         common::stderr(&whole)
     );
+    let none = common::triage(dir.path(), &["ticket", "list", "--limit", "0"]);
+    assert_eq!(none.status.code(), Some(2), "{}", common::stderr(&none));
     let queue = common::triage(dir.path(), &["ticket", "queue", "--role", "classifier", "--limit", "1"]);
     assert!(
         common::stderr(&queue).contains("more tickets are waiting"),

@@ -274,16 +274,17 @@ fn ctrl_c_stops_the_demo_and_deletes_its_temporary_store() {
 }
 
 /// Ctrl-C during the naive design's run, after Triage's: still stops the
-/// demo (listening for Ctrl-C once takes it over for the whole process).
+/// demo (listening for Ctrl-C once takes it over for the whole process),
+/// and Triage's finished, audited run is still shown.
 #[test]
 fn ctrl_c_stops_the_demo_during_the_naive_run_too() {
-    use std::io::{BufRead, BufReader};
+    use std::io::{BufRead, BufReader, Read};
     use std::time::{Duration, Instant};
 
     let dir = tempfile::tempdir().unwrap();
     let mut demo = common::command(dir.path())
         .args(["demo", "--tickets", "400", "--max-seconds", "4", "--compare", "naive"])
-        .stdout(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("the triage binary runs");
@@ -307,8 +308,16 @@ fn ctrl_c_stops_the_demo_during_the_naive_run_too() {
         }
     }
     let status = ctrl_c(&mut demo);
-    let rest: Vec<String> = received.try_iter().collect();
+    let mut shown = String::new();
+    demo.stdout.take().unwrap().read_to_string(&mut shown).unwrap();
+    let rest: Vec<String> = received.iter().collect();
     assert_eq!(status.code(), Some(130), "{rest:?}");
+    assert!(
+        rest.iter()
+            .any(|line| line.contains("the naive baseline was cut short")),
+        "{rest:?}"
+    );
+    assert!(shown.contains("audit"), "Triage's run is shown: {shown}");
 }
 
 /// Sends the demo Ctrl-C and waits (at most 20 s) for it to end.
