@@ -207,14 +207,13 @@ async fn an_mcp_client_over_streamable_http_takes_a_ticket_to_resolved() {
         .unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_mcp_client_over_a_pipe_acts_as_the_stdio_agent() {
+/// A client connected over an in-process pipe (standing in for stdio) to
+/// a server whose calls are sent by agent `llm-stdio` with `roles`, and
+/// the server's task.
+async fn over_a_pipe(roles: &[Role]) -> (RunningService<RoleClient, ClientConfig>, tokio::task::JoinHandle<()>) {
     let (state, _, _) = state();
     state.catch_up().await.unwrap();
-    let principal = Principal::new(
-        "llm-stdio",
-        [Role::Intake, Role::Classifier, Role::Drafter, Role::Escalator],
-    );
+    let principal = Principal::new("llm-stdio", roles.iter().copied());
     let (server_io, client_io) = tokio::io::duplex(64 * 1024);
     let server = tokio::spawn(async move {
         let running = TriageMcp::new(state, Some(principal))
@@ -224,6 +223,12 @@ async fn an_mcp_client_over_a_pipe_acts_as_the_stdio_agent() {
         running.waiting().await.ok();
     });
     let client = ClientConfig::default().serve(client_io).await.expect("client connects");
+    (client, server)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_mcp_client_over_a_pipe_acts_as_the_stdio_agent() {
+    let (client, server) = over_a_pipe(&[Role::Intake, Role::Classifier, Role::Drafter, Role::Escalator]).await;
     new_to_resolved(client.peer()).await;
     client.cancel().await.ok();
     server.await.unwrap();
@@ -281,18 +286,7 @@ async fn a_revoked_token_stops_a_running_stdio_session() {
 /// must not quietly turn off the stale-revision check.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_argument_a_tool_does_not_take_is_refused_not_dropped() {
-    let (state, _, _) = state();
-    state.catch_up().await.unwrap();
-    let principal = Principal::new("llm-stdio", [Role::Intake, Role::Classifier]);
-    let (server_io, client_io) = tokio::io::duplex(64 * 1024);
-    let server = tokio::spawn(async move {
-        let running = TriageMcp::new(state, Some(principal))
-            .serve(server_io)
-            .await
-            .expect("server starts");
-        running.waiting().await.ok();
-    });
-    let client = ClientConfig::default().serve(client_io).await.expect("client connects");
+    let (client, server) = over_a_pipe(&[Role::Intake, Role::Classifier]).await;
     let peer = client.peer();
     let refused = call(
         peer,
