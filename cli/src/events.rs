@@ -21,8 +21,9 @@ pub(crate) struct EventsArgs {
     /// Only this ticket's events and its recorded refusals.
     #[arg(long, value_name = "ID")]
     ticket: Option<TicketId>,
-    /// Only this stream, e.g. ticket-<uuid> or rejections-<uuid>.
-    #[arg(long)]
+    /// Only this stream, e.g. ticket-<uuid> or rejections-<uuid> (the
+    /// uuid in any case, as --ticket takes it).
+    #[arg(long, value_parser = parse_stream)]
     stream: Option<String>,
     /// Only these event types (repeat, or separate with commas).
     #[arg(long = "type", value_name = "TYPE", value_delimiter = ',')]
@@ -68,6 +69,21 @@ enum Format {
     Jsonl,
     /// CSV with a header; `data` and `metadata` as JSON text.
     Csv,
+}
+
+/// A stream name as the stores write it: the uuid of a `ticket-` or
+/// `rejections-` stream in its canonical form (lower case, hyphenated), so
+/// that `ticket-<UPPER-CASE UUID>` finds the same stream as `--ticket`
+/// does. Other names are taken as they are.
+fn parse_stream(text: &str) -> Result<String, String> {
+    for prefix in ["ticket-", "rejections-"] {
+        if let Some(id) = text.strip_prefix(prefix)
+            && let Ok(id) = uuid::Uuid::parse_str(id)
+        {
+            return Ok(format!("{prefix}{}", id.hyphenated()));
+        }
+    }
+    Ok(text.to_owned())
 }
 
 fn parse_role(value: &str) -> Result<Role, String> {

@@ -158,7 +158,8 @@ enum Command {
     /// agent, role, command, correlation, time or position; print a table,
     /// JSON lines or CSV, in constant memory; --follow tails live events.
     Events(events::EventsArgs),
-    /// Open, show, list and trace tickets; send commands as an agent.
+    /// Open, show and list tickets, see their history and work queues; send
+    /// commands as an agent.
     #[command(subcommand)]
     Ticket(ticket::TicketCommand),
     /// List, inspect and rebuild the read models (projections).
@@ -170,7 +171,8 @@ enum Command {
     /// `stats_counters`, …) or with `--read-model PATH`.
     Replay {
         /// The moment: a log position (as printed by `triage events`) or a
-        /// time (RFC 3339).
+        /// time (RFC 3339). A time ends the replay before the first event
+        /// recorded after it, so no later decision is in the file.
         #[arg(long, value_name = "POSITION|TIME")]
         until: String,
         /// The scratch read-model file to create; it must not exist yet.
@@ -222,6 +224,19 @@ impl GlobalArgs {
             anyhow::bail!(
                 "there is no event store at {}: only opening a ticket (`triage ticket open`, or `ticket send` \
                  of an open_ticket command), `triage serve`, `triage mcp` or `triage demo --db` creates one",
+                path.display()
+            );
+        }
+        // SQLite takes an empty file for an empty database and would make a
+        // store of it: a command that only reads must not write one into a
+        // file that was meant as something else (or was truncated).
+        if let StoreLocation::Sqlite(path) = self.location()?
+            && std::fs::metadata(&path).is_ok_and(|metadata| metadata.is_file() && metadata.len() == 0)
+        {
+            anyhow::bail!(
+                "{} is an empty file, not an event store: only opening a ticket (`triage ticket open`, or `ticket \
+                 send` of an open_ticket command), `triage serve`, `triage mcp` or `triage demo --db` makes a store \
+                 of it",
                 path.display()
             );
         }

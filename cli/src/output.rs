@@ -12,11 +12,24 @@ use triage_projections::TicketRow;
 
 pub(crate) fn table(header: &[&str]) -> Table {
     let mut table = Table::new();
+    table.load_preset(UTF8_FULL_CONDENSED).set_header(header.to_vec());
+    let arrangement = arrangement_for(table.width());
+    table.set_content_arrangement(arrangement);
     table
-        .load_preset(UTF8_FULL_CONDENSED)
-        .set_content_arrangement(ContentArrangement::Dynamic)
-        .set_header(header.to_vec());
-    table
+}
+
+/// Terminals narrower than this are taken to have reported no real width.
+const NARROWEST_TERMINAL: u16 = 20;
+
+/// Columns wrap to fit a terminal's width, unless the terminal reports
+/// next to none: some pseudo-terminals (containers run with `-t`, CI
+/// runners) say 0×0, and fitting to that squeezed every column to one
+/// character. Then, as in a pipe, rows are as wide as they need.
+fn arrangement_for(terminal_width: Option<u16>) -> ContentArrangement {
+    match terminal_width {
+        Some(width) if width < NARROWEST_TERMINAL => ContentArrangement::Disabled,
+        _ => ContentArrangement::Dynamic,
+    }
 }
 
 /// Writes one line to stdout. A closed pipe (`triage … | head`) ends the
@@ -406,4 +419,24 @@ pub(crate) fn print_timeline(entries: &[TimelineEntry], as_json: bool) -> anyhow
     }
     out!("{out}");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_terminal_that_reports_no_width_gets_rows_as_wide_as_they_need() {
+        assert!(matches!(arrangement_for(Some(0)), ContentArrangement::Disabled));
+        assert!(matches!(
+            arrangement_for(Some(NARROWEST_TERMINAL - 1)),
+            ContentArrangement::Disabled
+        ));
+        assert!(matches!(
+            arrangement_for(Some(NARROWEST_TERMINAL)),
+            ContentArrangement::Dynamic
+        ));
+        assert!(matches!(arrangement_for(Some(120)), ContentArrangement::Dynamic));
+        assert!(matches!(arrangement_for(None), ContentArrangement::Dynamic));
+    }
 }

@@ -253,7 +253,10 @@ pub(crate) struct StatsArgs {
     /// Only events recorded before this time (RFC 3339).
     #[arg(long, value_name = "TIME", value_parser = crate::events::parse_time)]
     until: Option<chrono::DateTime<chrono::Utc>>,
-    /// Break the figures down by agent, role or ticket category.
+    /// Break the figures down: `agent` lists each agent's outcomes (as
+    /// every `stats` does), `role` sums them per role, `category` gives
+    /// every figure per ticket category (a ticket's category at the end of
+    /// the period; `unclassified` until it has one).
     #[arg(long, value_enum)]
     by: Option<By>,
 }
@@ -279,8 +282,8 @@ pub(crate) async fn stats(args: StatsArgs, global: &GlobalArgs) -> anyhow::Resul
     }
     global.require_existing_store()?;
     let opened = global.open().await?;
-    opened.read_models.catch_up().await?;
     if args.since.is_none() && args.until.is_none() && args.by.is_none() {
+        opened.read_models.catch_up().await?;
         let summary = opened.read_models.stats_summary().await?;
         if global.json {
             output::print_json(&serde_json::to_value(&summary)?);
@@ -289,65 +292,7 @@ pub(crate) async fn stats(args: StatsArgs, global: &GlobalArgs) -> anyhow::Resul
         }
         return Ok(());
     }
-    // Each ticket's category, from the read model, for --by category.
-    let categories: std::collections::HashMap<triage_domain::TicketId, String> = if args.by == Some(By::Category) {
-        opened
-            .read_models
-            .list(None, usize::MAX)
-            .await?
-            .into_iter()
-            .filter_map(|row| {
-                let category = row
-                    .ticket
-                    .classification
-                    .map(|c| c.category)
-                    .unwrap_or_else(|| "unclassified".to_owned());
-                Some((row.ticket.id?, category))
-            })
-            .collect()
-    } else {
-        Default::default()
-    };
-    let query = triage_projections::query::EventQuery {
-        since: args.since,
-        until: args.until,
-        ..Default::default()
-    };
-    let mut windows: std::collections::BTreeMap<String, stats::StatsWindow> = std::collections::BTreeMap::new();
-    let skipped = global.skipped_event_types();
-    let mut failure = None;
-    query
-        .scan(opened.events.as_ref(), 1024, |record| {
-            let pushed = (|| -> anyhow::Result<()> {
-                let Some(event) = triage_projections::decode_skipping(record, &skipped)? else {
-                    return Ok(());
-                };
-                let group = match args.by {
-                    Some(By::Category) => categories
-                        .get(&event.ticket_id)
-                        .cloned()
-                        .unwrap_or_else(|| "unclassified".to_owned()),
-                    _ => "all".to_owned(),
-                };
-                let window = match windows.entry(group) {
-                    std::collections::btree_map::Entry::Occupied(entry) => entry.into_mut(),
-                    std::collections::btree_map::Entry::Vacant(entry) => entry.insert(stats::StatsWindow::new()?),
-                };
-                window.push(event)?;
-                Ok(())
-            })();
-            match pushed {
-                Ok(()) => std::ops::ControlFlow::Continue(()),
-                Err(error) => {
-                    failure = Some(error);
-                    std::ops::ControlFlow::Break(())
-                }
-            }
-        })
-        .await?;
-    if let Some(error) = failure {
-        return Err(error);
-    }
+    let windows = stats_windows(&opened, &args, &global.skipped_event_types()).await?;
     if windows.is_empty() {
         return Err(
             crate::events::NothingMatched(format!("no events in {} fall in that period", opened.location)).into(),
@@ -375,8 +320,10 @@ pub(crate) async fn stats(args: StatsArgs, global: &GlobalArgs) -> anyhow::Resul
         out.add_row(vec![
             "events".to_owned(),
             format!(
-                "{} over {:.0} s ({:.1}/s)",
-                rates.events, rates.span_s, rates.events_per_s
+                "{} over {} ({:.1}/s)",
+                rates.events,
+                seconds(rates.span_s),
+                rates.events_per_s
             ),
         ]);
         out.add_row(vec![
@@ -399,6 +346,211 @@ pub(crate) async fn stats(args: StatsArgs, global: &GlobalArgs) -> anyhow::Resul
         print_summary(&summary, by_role.as_ref());
     }
     Ok(())
+}
+
+/// What the first pass over a `stats` window learns of a ticket it touches.
+#[derive(Debug)]
+struct Touched {
+    /// Where the window's first event (or refusal) of the ticket is.
+    first_position: triage_event_store::Position,
+    /// Whether the window holds an event of the ticket's own stream, not
+    /// only refusals.
+    has_events: bool,
+    /// Whether the first of those opens the ticket: then nothing of it
+    /// came before the window.
+    opened_inside: bool,
+    /// The category of its last classification in the window.
+    category: Option<String>,
+    /// The group its figures go to: its category at the end of the window
+    /// (for `--by category`), else `all`.
+    group: String,
+}
+
+/// Ticket streams read at once for the tickets a window begins mid-way.
+const PRIOR_READS_IN_FLIGHT: usize = 16;
+
+/// The statistics of the events recorded from `--since` to `--until`,
+/// one window per group. Three steps, in bounded memory (one small entry
+/// per ticket touched):
+/// 1. The window's events are scanned for the tickets they touch.
+/// 2. Each touched ticket the window begins mid-way is read up to the
+///    window, so that its state, its current stage's start and its claim's
+///    holder are known (see [`stats::StatsWindow::seed`]), and so is its
+///    category at the end of the window.
+/// 3. The window's events are scanned again, up to where the first scan
+///    ended (events appended since belong to no ticket it saw), into each
+///    ticket's group.
+async fn stats_windows(
+    opened: &crate::Opened,
+    args: &StatsArgs,
+    skipped: &std::collections::BTreeSet<String>,
+) -> anyhow::Result<std::collections::BTreeMap<String, stats::StatsWindow>> {
+    use futures::StreamExt as _;
+    let by_category = args.by == Some(By::Category);
+    let mut query = triage_projections::query::EventQuery {
+        since: args.since,
+        until: args.until,
+        ..Default::default()
+    };
+    let mut touched: std::collections::HashMap<triage_domain::TicketId, Touched> = Default::default();
+    let mut failure = None;
+    let last = query
+        .scan(opened.events.as_ref(), 1024, |record| {
+            let event = match triage_projections::decode_skipping(record, skipped) {
+                Ok(Some(event)) => event,
+                Ok(None) => return std::ops::ControlFlow::Continue(()),
+                Err(error) => {
+                    failure = Some(error);
+                    return std::ops::ControlFlow::Break(());
+                }
+            };
+            let ticket = touched.entry(event.ticket_id).or_insert_with(|| Touched {
+                first_position: event.position,
+                has_events: false,
+                opened_inside: false,
+                category: None,
+                group: String::new(),
+            });
+            if let triage_projections::Payload::Ticket(domain_event) = &event.payload {
+                if !ticket.has_events {
+                    ticket.has_events = true;
+                    ticket.opened_inside = event.opens_ticket();
+                }
+                if let triage_domain::Event::TicketClassified { category, .. } = domain_event {
+                    ticket.category = Some(category.clone());
+                }
+            }
+            std::ops::ControlFlow::Continue(())
+        })
+        .await?;
+    if let Some(error) = failure {
+        return Err(error.into());
+    }
+    let mut windows: std::collections::BTreeMap<String, stats::StatsWindow> = Default::default();
+    // Step 2: what came before the window, for the tickets it begins
+    // mid-way (a window from the start of the log has none).
+    let needs_prior =
+        |ticket: &Touched| !ticket.opened_inside && ((ticket.has_events) || (by_category && ticket.category.is_none()));
+    let prior_reads: Vec<(triage_domain::TicketId, triage_event_store::Position)> = touched
+        .iter()
+        .filter(|(_, ticket)| needs_prior(ticket))
+        .map(|(id, ticket)| (*id, ticket.first_position))
+        .collect();
+    let events = &opened.events;
+    let mut reads = futures::stream::iter(prior_reads)
+        .map(|(id, before)| async move { (id, read_before(events.as_ref(), id, before, skipped).await) })
+        .buffer_unordered(PRIOR_READS_IN_FLIGHT);
+    while let Some((id, prior)) = reads.next().await {
+        let prior = prior?;
+        let Some(ticket) = touched.get_mut(&id) else { continue };
+        if ticket.category.is_none() {
+            ticket.category = prior.iter().rev().find_map(|event| match &event.payload {
+                triage_projections::Payload::Ticket(triage_domain::Event::TicketClassified { category, .. }) => {
+                    Some(category.clone())
+                }
+                _ => None,
+            });
+        }
+        ticket.group = group_of(ticket, by_category);
+        if ticket.has_events {
+            window_of(&mut windows, &ticket.group, args)?.seed(&prior)?;
+        }
+    }
+    drop(reads);
+    for ticket in touched.values_mut().filter(|ticket| ticket.group.is_empty()) {
+        ticket.group = group_of(ticket, by_category);
+    }
+    // Step 3.
+    query.to_position = last;
+    let mut failure = None;
+    query
+        .scan(opened.events.as_ref(), 1024, |record| {
+            let pushed = (|| -> anyhow::Result<()> {
+                let Some(event) = triage_projections::decode_skipping(record, skipped)? else {
+                    return Ok(());
+                };
+                let group = touched
+                    .get(&event.ticket_id)
+                    .map_or_else(|| group_of_unseen(by_category), |ticket| ticket.group.clone());
+                window_of(&mut windows, &group, args)?.push(event)?;
+                Ok(())
+            })();
+            match pushed {
+                Ok(()) => std::ops::ControlFlow::Continue(()),
+                Err(error) => {
+                    failure = Some(error);
+                    std::ops::ControlFlow::Break(())
+                }
+            }
+        })
+        .await?;
+    if let Some(error) = failure {
+        return Err(error);
+    }
+    Ok(windows)
+}
+
+/// The window of `group`, made on first use.
+fn window_of<'a>(
+    windows: &'a mut std::collections::BTreeMap<String, stats::StatsWindow>,
+    group: &str,
+    args: &StatsArgs,
+) -> anyhow::Result<&'a mut stats::StatsWindow> {
+    Ok(match windows.entry(group.to_owned()) {
+        std::collections::btree_map::Entry::Occupied(entry) => entry.into_mut(),
+        std::collections::btree_map::Entry::Vacant(entry) => {
+            entry.insert(stats::StatsWindow::over(args.since, args.until)?)
+        }
+    })
+}
+
+/// The group of a ticket's figures.
+fn group_of(ticket: &Touched, by_category: bool) -> String {
+    match (&ticket.category, by_category) {
+        (Some(category), true) => category.clone(),
+        (None, true) => "unclassified".to_owned(),
+        (_, false) => "all".to_owned(),
+    }
+}
+
+/// The group of a ticket the first scan did not see (none, as the second
+/// scan ends where the first did; kept for safety).
+fn group_of_unseen(by_category: bool) -> String {
+    if by_category { "unclassified" } else { "all" }.to_owned()
+}
+
+/// The events of `ticket`'s stream before position `before`, decoded.
+async fn read_before(
+    events: &dyn triage_event_store::EventStore,
+    ticket: triage_domain::TicketId,
+    before: triage_event_store::Position,
+    skipped: &std::collections::BTreeSet<String>,
+) -> anyhow::Result<Vec<triage_projections::ProjectedEvent>> {
+    let stream = triage_event_store::StreamName::new(ticket.stream_name())?;
+    let records = match events
+        .read_stream(&stream, triage_event_store::ReadStream::forwards())
+        .await
+    {
+        Ok(records) => records,
+        Err(triage_event_store::Error::StreamNotFound { .. }) => Vec::new(),
+        Err(error) => return Err(error.into()),
+    };
+    let mut prior = Vec::new();
+    for record in records.iter().take_while(|record| record.position < before) {
+        if let Some(event) = triage_projections::decode_skipping(record, skipped)? {
+            prior.push(event);
+        }
+    }
+    Ok(prior)
+}
+
+/// A span of seconds, with as many decimals as a short one needs.
+fn seconds(span_s: f64) -> String {
+    match span_s {
+        s if s < 10.0 => format!("{s:.3} s"),
+        s if s < 100.0 => format!("{s:.1} s"),
+        s => format!("{s:.0} s"),
+    }
 }
 
 /// Outcomes summed over the agents of each role.
@@ -465,6 +617,14 @@ fn print_summary(
     }
 }
 
+/// Where `triage replay --until` ends.
+enum Moment {
+    /// At a log position.
+    Position(triage_event_store::Position),
+    /// Before the first event recorded after a time.
+    Time(chrono::DateTime<chrono::Utc>),
+}
+
 /// `triage replay --until … --into …`.
 pub(crate) async fn replay(until: &str, into: &std::path::Path, global: &GlobalArgs) -> anyhow::Result<()> {
     if into.exists() && std::fs::metadata(into).map(|m| m.len() > 0).unwrap_or(true) {
@@ -473,21 +633,34 @@ pub(crate) async fn replay(until: &str, into: &std::path::Path, global: &GlobalA
             into.display()
         );
     }
+    // The moment is read before any store is opened: a mistake in it is
+    // told first, as a bad argument.
+    let moment = match until.parse::<triage_event_store::Position>() {
+        Ok(position) => Moment::Position(position),
+        Err(_) => Moment::Time(crate::events::parse_time(until).map_err(|error| {
+            crate::events::BadArguments(format!(
+                "--until {until:?} is neither a log position nor a time: {error}"
+            ))
+        })?),
+    };
     global.require_existing_store()?;
     let opened = global.open_log().await?;
-    let position = match until.parse::<triage_event_store::Position>() {
-        Ok(position) => position,
-        Err(_) => {
-            let time = crate::events::parse_time(until)
-                .map_err(|error| anyhow::anyhow!("--until {until:?} is neither a log position nor a time: {error}"))?;
-            // The last event recorded at or before that moment.
-            let query = triage_projections::query::EventQuery {
-                until: Some(time + chrono::Duration::microseconds(1)),
-                ..Default::default()
-            };
+    let position = match moment {
+        Moment::Position(position) => position,
+        Moment::Time(time) => {
+            // The log up to its first event recorded after that moment:
+            // the replay holds no decision made later. Concurrent writers
+            // can commit in another order than they decided, so an event
+            // recorded at or before the moment that comes after that one in
+            // the log is left out too; `ticket show --at` and `events
+            // --until`, which filter each event by its own time, can then
+            // differ from the replay by such events.
             let mut last = None;
-            query
+            triage_projections::query::EventQuery::default()
                 .scan(opened.events.as_ref(), 1024, |record| {
+                    if triage_projections::query::decision_time(record) > time {
+                        return std::ops::ControlFlow::Break(());
+                    }
                     last = Some(record.position);
                     std::ops::ControlFlow::Continue(())
                 })

@@ -638,6 +638,19 @@ fn only_opening_a_ticket_creates_a_store() {
     // Listing the projections needs no store at all.
     succeed(dir.path(), &["--db", "tpyo.db", "projections", "list"]);
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "no file was created");
+    // An empty file is not a store either, and a reading command leaves it
+    // empty (SQLite would have made a store of it).
+    std::fs::write(dir.path().join("empty.db"), b"").unwrap();
+    for args in [
+        &["--db", "empty.db", "events"][..],
+        &["--db", "empty.db", "ticket", "list"][..],
+    ] {
+        let refused = fail(dir.path(), args);
+        assert!(refused.contains("empty.db is an empty file"), "{args:?}: {refused}");
+    }
+    assert_eq!(std::fs::metadata(dir.path().join("empty.db")).unwrap().len(), 0);
+    assert!(!dir.path().join("empty.read.db").exists());
+    std::fs::remove_file(dir.path().join("empty.db")).unwrap();
     // A command that opens a ticket makes the store.
     succeed(
         dir.path(),

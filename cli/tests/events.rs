@@ -127,6 +127,11 @@ fn filters_narrow_the_output() {
     };
     assert_eq!(count(&["--ticket", ids[1]]), 2, "the ticket's event and its refusal");
     assert_eq!(count(&["--stream", &format!("ticket-{}", ids[1])]), 1);
+    assert_eq!(
+        count(&["--stream", &format!("rejections-{}", ids[1].to_uppercase())]),
+        1,
+        "a stream's uuid in upper case, as --ticket takes it"
+    );
     assert_eq!(count(&["--type", "TicketOpened"]), 2);
     assert_eq!(count(&["--type", "TicketOpened,ClassificationStarted"]), 3);
     assert_eq!(count(&["--role", "classifier"]), 1);
@@ -396,6 +401,45 @@ fn replay_builds_the_read_models_as_of_a_moment_and_leaves_the_live_ones_alone()
         &["replay", "--until", "2001-01-01T00:00:00Z", "--into", "never.db"],
     );
     assert_eq!(none.status.code(), Some(3));
+    let garbled = triage(dir.path(), &["replay", "--until", "yesterday", "--into", "never.db"]);
+    assert_eq!(
+        garbled.status.code(),
+        Some(2),
+        "a bad argument: {}",
+        common::stderr(&garbled)
+    );
+    assert!(common::stderr(&garbled).contains("neither a log position nor a time"));
+    assert!(!dir.path().join("never.db").exists());
+}
+
+/// A replay to a time holds the events recorded up to that nanosecond and
+/// none recorded after it.
+#[test]
+fn a_replay_to_a_time_ends_at_that_nanosecond() {
+    let dir = tempfile::tempdir().unwrap();
+    seed(dir.path());
+    let events: Vec<Value> = succeed(dir.path(), &["events", "--json"])
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    let last = events.last().unwrap();
+    let recorded: chrono::DateTime<chrono::Utc> = last["recorded_at"].as_str().unwrap().parse().unwrap();
+    let replay_to = |time: chrono::DateTime<chrono::Utc>, file: &str| -> Value {
+        let text = time.to_rfc3339_opts(chrono::SecondsFormat::Nanos, true);
+        serde_json::from_str(&succeed(
+            dir.path(),
+            &["--json", "replay", "--until", &text, "--into", file],
+        ))
+        .unwrap()
+    };
+    let at = replay_to(recorded, "at.db");
+    assert_eq!(at["reached"], last["position"], "{at}");
+    let just_before = replay_to(recorded - chrono::Duration::nanoseconds(1), "before.db");
+    assert_eq!(
+        just_before["reached"],
+        events[events.len() - 2]["position"],
+        "{just_before}"
+    );
 }
 
 /// A position past the end of the log is the log as it is now, and the
@@ -454,6 +498,83 @@ fn stats_for_a_period_and_by_group_come_from_the_events() {
     let empty = triage(dir.path(), &["stats", "--since", "2099-01-01T00:00:00Z"]);
     assert_eq!(empty.status.code(), Some(3));
     assert!(common::stderr(&empty).contains("fall in that period"));
+}
+
+/// A period that begins mid-ticket knows where the ticket stood: a stage
+/// begun before it and completed inside it counts with its whole duration,
+/// the ticket is counted in the state it reached, and `--by category`
+/// groups by the category a ticket had at the end of the period, not by
+/// the one it got later. Rates are over the period asked for.
+#[test]
+fn a_period_that_begins_mid_ticket_counts_whole_stages_and_the_categories_of_its_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let ids = seed(dir.path());
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    let middle = chrono::Utc::now();
+    let middle_text = middle.to_rfc3339_opts(chrono::SecondsFormat::Nanos, true);
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    let claim_id = "00000000-0000-4000-8000-0000000000b0";
+    succeed(
+        dir.path(),
+        &[
+            "ticket",
+            "send",
+            ids[0],
+            &format!(
+                r#"{{"type":"classify","claim_id":"{claim_id}","category":"billing","priority":"high","confidence":0.9}}"#
+            ),
+            "--agent",
+            "c-1",
+            "--role",
+            "classifier",
+        ],
+    );
+    let stats = |args: &[&str]| -> Vec<Value> {
+        let mut all = vec!["stats", "--json"];
+        all.extend_from_slice(args);
+        succeed(dir.path(), &all)
+            .lines()
+            .map(|line| serde_json::from_str(line).unwrap())
+            .collect()
+    };
+
+    let after = &stats(&["--since", &middle_text])[0];
+    let classify = &after["summary"]["stage_latency"]["classify"];
+    assert_eq!(classify["count"], 1, "{after}");
+    assert!(
+        classify["p50_ms"].as_u64().unwrap() >= 100,
+        "the stage is timed from its start before the period: {classify}"
+    );
+    assert_eq!(
+        after["summary"]["tickets_per_state"],
+        serde_json::json!({"CLASSIFIED": 1}),
+        "the one ticket the period touches, in the state it reached"
+    );
+    assert_eq!(after["summary"]["agents"]["c-1"]["outcomes"]["completed"], 1);
+    assert_eq!(after["rates"]["from"], middle_text, "{after}");
+
+    let before: Vec<String> = stats(&["--until", &middle_text, "--by", "category"])
+        .iter()
+        .map(|group| group["group"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(before, ["unclassified"], "classified only after the period");
+    let later: Vec<String> = stats(&["--since", &middle_text, "--by", "category"])
+        .iter()
+        .map(|group| group["group"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(later, ["billing"]);
+
+    // An hour-long period that began before the whole log: its rates are
+    // over the period up to now, not over the moments its events span.
+    let hour_ago = middle - chrono::Duration::hours(1);
+    let hour = &stats(&[
+        "--since",
+        &hour_ago.to_rfc3339_opts(chrono::SecondsFormat::Nanos, true),
+        "--until",
+        &(hour_ago + chrono::Duration::hours(2)).to_rfc3339_opts(chrono::SecondsFormat::Nanos, true),
+    ])[0];
+    let span = hour["rates"]["span_s"].as_f64().unwrap();
+    assert!((3600.0..3700.0).contains(&span), "{hour}");
 }
 
 /// The read-model file holds only what the log says. Damaged, it must not

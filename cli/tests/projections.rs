@@ -118,10 +118,16 @@ fn list_status_and_rebuild() {
     snapshot("projections-rebuild.txt", &mask_timings(&rebuilt));
     let statuses = json_lines(&succeed(dir.path(), &["projections", "status", "--json"]));
     assert_eq!(statuses.len(), 2);
+    let head = succeed(dir.path(), &["events", "--format", "jsonl"]).lines().count();
     for status in &statuses {
         assert_eq!(status["generation"], 2, "{status}");
         assert_eq!(status["lag"], 0, "{status}");
         assert_eq!(status["last_error"], Value::Null);
+        assert_eq!(
+            status["checkpoint"],
+            head.to_string(),
+            "a position, written as `events` writes them: {status}"
+        );
     }
     let reports = json_lines(&succeed(
         dir.path(),

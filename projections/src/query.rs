@@ -84,6 +84,13 @@ fn recorded_at(record: &RecordedEvent, metadata: Option<&EventMetadata>) -> Date
     metadata.map_or_else(|| DateTime::<Utc>::from(record.recorded_at), |m| m.recorded_at)
 }
 
+/// The time a record counts as recorded at, as the time filters read it:
+/// its envelope's decision time, or the store's time when its metadata
+/// cannot be read.
+pub fn decision_time(record: &RecordedEvent) -> DateTime<Utc> {
+    recorded_at(record, EventMetadata::decode(&record.metadata).ok().as_ref())
+}
+
 impl EventRow {
     /// The analyst's view of a stored record.
     pub fn from_record(record: &RecordedEvent) -> EventRow {

@@ -82,6 +82,14 @@ pub struct RebuildReport {
     pub compared: Option<usize>,
 }
 
+/// A position as its text, the form every other JSON output of Triage uses.
+fn position_as_text<S: serde::Serializer>(position: &Option<Position>, serializer: S) -> Result<S::Ok, S::Error> {
+    match position {
+        Some(position) => serializer.collect_str(position),
+        None => serializer.serialize_none(),
+    }
+}
+
 /// A projection's state, for `triage projections status`.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct ProjectionStatus {
@@ -93,7 +101,9 @@ pub struct ProjectionStatus {
     pub live_version: Option<u32>,
     /// The live generation.
     pub generation: Option<u32>,
-    /// The last position applied.
+    /// The last position applied; in JSON as `triage events` prints
+    /// positions (`"1795"`, or `"C:1/P:2"`).
+    #[serde(serialize_with = "position_as_text")]
     pub checkpoint: Option<Position>,
     /// Events applied to the live generation.
     pub events_applied: u64,

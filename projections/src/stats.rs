@@ -103,16 +103,7 @@ impl Projection for StatsProjection {
         for ((agent, what), (role, delta)) in agents {
             add_to_agent.execute((agent, role, what, delta)).map_err(sql)?;
         }
-        // An update in place when the row exists: `INSERT OR REPLACE`
-        // deleted it and inserted it again, key and index entries included.
-        let mut put_ticket = conn
-            .prepare_cached(&format!(
-                "INSERT INTO {tickets_table} (ticket_id, state, opened_at, stage_started_at, claim_agent) \
-                 VALUES (?1, ?2, ?3, ?4, ?5) \
-                 ON CONFLICT (ticket_id) DO UPDATE SET state = excluded.state, opened_at = excluded.opened_at, \
-                 stage_started_at = excluded.stage_started_at, claim_agent = excluded.claim_agent"
-            ))
-            .map_err(sql)?;
+        let mut put_ticket = conn.prepare_cached(&put_progress(&tickets_table)).map_err(sql)?;
         let latency_table = slot.table("stats_latency");
         let mut latencies: Vec<(&'static str, &str, i64)> = Vec::new();
         let ids: Vec<String> = tickets.iter().map(|(id, _)| id.to_string()).collect();
@@ -164,6 +155,18 @@ impl Projection for StatsProjection {
         )?);
         Ok(digests)
     }
+}
+
+/// The statement that writes a ticket's progress: an update in place when
+/// the row exists (`INSERT OR REPLACE` deleted it and inserted it again,
+/// key and index entries included).
+fn put_progress(table: &str) -> String {
+    format!(
+        "INSERT INTO {table} (ticket_id, state, opened_at, stage_started_at, claim_agent) \
+         VALUES (?1, ?2, ?3, ?4, ?5) \
+         ON CONFLICT (ticket_id) DO UPDATE SET state = excluded.state, opened_at = excluded.opened_at, \
+         stage_started_at = excluded.stage_started_at, claim_agent = excluded.claim_agent"
+    )
 }
 
 /// Latency rows per `INSERT` statement. One statement per row spent most
@@ -507,7 +510,14 @@ pub fn summary(conn: &Connection, slot: &Slot) -> rusqlite::Result<StatsSummary>
 pub struct WindowRates {
     /// Events in the window (refusal records included).
     pub events: u64,
-    /// Seconds from the first to the last event in the window.
+    /// Where the period the rates are over begins: the window's own start
+    /// when it has one, else its first event's decision time.
+    pub from: Option<chrono::DateTime<chrono::Utc>>,
+    /// Where it ends: the window's own end when it has one (but not later
+    /// than now, or than its last event when that is later: time still to
+    /// come holds no events yet), else its last event's decision time.
+    pub to: Option<chrono::DateTime<chrono::Utc>>,
+    /// Seconds from `from` to `to`.
     pub span_s: f64,
     /// Events per second over that span.
     pub events_per_s: f64,
@@ -524,10 +534,23 @@ pub struct WindowRates {
 /// Statistics over any set of events (a time window, one category, …),
 /// computed by the `stats` projection into a private in-memory database,
 /// batch by batch.
+///
+/// A window that begins after some of its tickets were opened learns where
+/// each such ticket stood from [`StatsWindow::seed`], given the ticket's
+/// earlier events: its state, when its current stage began and who holds
+/// its claim. A stage begun before the window and completed inside it then
+/// counts with its whole duration, and a claim taken before the window and
+/// expiring inside it is charged to its holder.
 #[derive(Debug)]
 pub struct StatsWindow {
     conn: Connection,
     slot: Slot,
+    /// The period the window covers, where the caller set one: see
+    /// [`WindowRates::from`] and [`WindowRates::to`].
+    period: (
+        Option<chrono::DateTime<chrono::Utc>>,
+        Option<chrono::DateTime<chrono::Utc>>,
+    ),
     pending: Vec<ProjectedEvent>,
     /// The earliest decision time pushed.
     first: Option<chrono::DateTime<chrono::Utc>>,
@@ -536,8 +559,18 @@ pub struct StatsWindow {
 }
 
 impl StatsWindow {
-    /// An empty window.
+    /// An empty window with no bounds of its own: its rates are over the
+    /// time from its first event to its last.
     pub fn new() -> rusqlite::Result<Self> {
+        Self::over(None, None)
+    }
+
+    /// An empty window for the events recorded from `since` (inclusive) to
+    /// `until` (exclusive); its rates are over that period where it is set.
+    pub fn over(
+        since: Option<chrono::DateTime<chrono::Utc>>,
+        until: Option<chrono::DateTime<chrono::Utc>>,
+    ) -> rusqlite::Result<Self> {
         let conn = Connection::open_in_memory()?;
         let slot = Slot {
             name: "stats".to_owned(),
@@ -550,10 +583,36 @@ impl StatsWindow {
         Ok(StatsWindow {
             conn,
             slot,
+            period: (since, until),
             pending: Vec::new(),
             first: None,
             last: None,
         })
+    }
+
+    /// Starts a ticket where `before`, its events from before the window
+    /// (oldest first), left it, without counting any of them. Call it before
+    /// pushing any event of that ticket.
+    pub fn seed(&mut self, before: &[ProjectedEvent]) -> Result<(), ProjectionError> {
+        let sql = |error| ProjectionError::sqlite("seed a ticket", error);
+        let folded = StatsDelta::fold(before, |_| Ok::<_, std::convert::Infallible>(None))
+            .unwrap_or_else(|never| match never {});
+        let mut put = self
+            .conn
+            .prepare_cached(&put_progress(&self.slot.table("stats_tickets")))
+            .map_err(sql)?;
+        for (id, progress) in folded.tickets {
+            let Some(state) = progress.state else { continue };
+            put.execute((
+                id.to_string(),
+                state.as_str(),
+                progress.opened_at,
+                progress.stage_started_at,
+                progress.claim_agent.as_deref(),
+            ))
+            .map_err(sql)?;
+        }
+        Ok(())
     }
 
     /// Adds one event, in log order.
@@ -588,8 +647,17 @@ impl StatsWindow {
         self.flush()?;
         let summary = summary(&self.conn, &self.slot).map_err(|error| ProjectionError::sqlite("summarize", error))?;
         let counter = |name: &str| summary.counters.get(name).copied().unwrap_or(0) as f64;
-        let span_s = match (self.first, self.last) {
-            (Some(first), Some(last)) => (last - first).num_milliseconds() as f64 / 1000.0,
+        let (since, until) = self.period;
+        let from = since.or(self.first);
+        // Time still to come holds no events yet: a window's end is cut
+        // back to now, or to its last event if that is later (a clock
+        // ahead of this machine's, or a simulated one).
+        let latest = self
+            .last
+            .map_or_else(chrono::Utc::now, |last| last.max(chrono::Utc::now()));
+        let to = until.map(|until| until.min(latest)).or(self.last);
+        let span_s = match (from, to) {
+            (Some(from), Some(to)) if to > from => (to - from).num_microseconds().unwrap_or(i64::MAX) as f64 / 1e6,
             _ => 0.0,
         };
         let per = |numerator: f64, denominator: f64| {
@@ -602,6 +670,8 @@ impl StatsWindow {
         let commands = counter("events");
         let rates = WindowRates {
             events: commands as u64,
+            from,
+            to,
             span_s,
             events_per_s: per(commands, span_s),
             resolved_per_hour: per(counter("tickets_resolved") * 3600.0, span_s),
