@@ -301,6 +301,16 @@ impl ApiError {
             CommandError::CommandIdReused { command_id } => ApiError::key_reused(format!(
                 "the Idempotency-Key {command_id} was already used for a different request"
             )),
+            CommandError::Store(error) if error.is_unavailable() => {
+                // The driver's message stays in the log: it can name hosts
+                // and internals the client has no business with.
+                tracing::error!(%error, "the event store failed a command");
+                ApiError::Unavailable(
+                    "the event store failed or did not answer, so the command may or may not have been stored: \
+                     retry it with the same Idempotency-Key (a stored command is answered with its original outcome)"
+                        .to_owned(),
+                )
+            }
             other => ApiError::Internal(other.to_string()),
         }
     }
@@ -319,6 +329,12 @@ impl From<ProjectionError> for ApiError {
         match error {
             ProjectionError::NotBuilt { name } => {
                 ApiError::Unavailable(format!("the read model {name} is not built yet; retry shortly"))
+            }
+            error if error.is_unavailable() => {
+                tracing::error!(%error, "a read model could not be read");
+                ApiError::Unavailable(
+                    "a database of the read models failed or did not answer; retry shortly".to_owned(),
+                )
             }
             other => ApiError::Internal(other.to_string()),
         }
@@ -373,6 +389,44 @@ impl IntoResponse for ApiError {
                 .headers_mut()
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
+        if matches!(self, ApiError::Unavailable(_)) {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
         response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A failed store is the server's trouble, answered 503 with
+    /// Retry-After and what the client may do; the driver's message (hosts,
+    /// internals) stays in the log.
+    #[tokio::test]
+    async fn a_failed_store_is_503_with_retry_advice_and_no_driver_detail() {
+        let failed = CommandError::Store(triage_event_store::Error::backend(
+            "cannot append to ticket-x",
+            std::io::Error::other("FATAL: terminating connection due to administrator command on db.internal:5432"),
+        ));
+        let response = ApiError::from_command(failed).into_response();
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(response.headers()[header::RETRY_AFTER], "1");
+        let body = axum::body::to_bytes(response.into_body(), 1 << 16).await.unwrap();
+        let problem: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(problem["code"], "unavailable", "{problem}");
+        let detail = problem["detail"].as_str().unwrap();
+        assert!(detail.contains("same Idempotency-Key"), "{detail}");
+        assert!(!detail.contains("db.internal"), "{detail}");
+
+        let closed = ApiError::from_command(CommandError::Store(triage_event_store::Error::Closed));
+        assert_eq!(closed.status(), StatusCode::SERVICE_UNAVAILABLE);
+        // A refusal of the request itself is not unavailability.
+        let empty = ApiError::from_command(CommandError::Store(triage_event_store::Error::EmptyAppend {
+            stream: triage_event_store::StreamName::new("ticket-x").unwrap(),
+        }));
+        assert_ne!(empty.status(), StatusCode::SERVICE_UNAVAILABLE);
     }
 }

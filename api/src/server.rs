@@ -44,13 +44,16 @@ pub async fn serve(
     options: ServeOptions,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    // Before serving, and before the live runner leads anything: a full
+    // catch-up (on PostgreSQL it applies what no other instance leads).
     state
+        .read_models()
         .catch_up()
         .await
         .map_err(|error| std::io::Error::other(format!("cannot build the read models: {error}")))?;
     let projector_stop = Arc::new(AtomicBool::new(false));
     let projector = {
-        let projector = state.projector().clone();
+        let projector = state.read_models().clone();
         let stop = projector_stop.clone();
         tokio::spawn(async move {
             while !stop.load(Ordering::Relaxed) {
@@ -101,7 +104,7 @@ pub async fn serve(
         let _ = sweeper.await;
     }
     let _ = projector.await;
-    if let Err(error) = state.projector().catch_up().await {
+    if let Err(error) = state.read_models().catch_up().await {
         tracing::warn!(%error, "the last read-model catch-up failed; the next start catches up");
     }
     served

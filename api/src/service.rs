@@ -14,7 +14,7 @@ use triage_domain::{
     Agent, ClaimRule, Command, CommandEnvelope, CommandKind, Event, Role, State, TRANSITIONS, TicketId, queue_states,
     transitions_from,
 };
-use triage_projections::{ListCursor, Projector, TicketsView};
+use triage_projections::{ListCursor, ReadModels};
 use uuid::Uuid;
 
 use crate::auth::{Authenticator, Principal};
@@ -92,7 +92,7 @@ pub struct AppState {
 
 struct Inner {
     handler: CommandHandler,
-    projector: Projector,
+    read_models: ReadModels,
     auth: Authenticator,
     limits: Limits,
     catch_up: tokio::sync::Mutex<()>,
@@ -120,18 +120,24 @@ impl fmt::Debug for AppState {
 }
 
 impl AppState {
-    /// State over a command handler, the projector of its store, and the
-    /// tokens of `auth`.
-    pub fn new(handler: CommandHandler, projector: Projector, auth: Authenticator) -> Self {
-        Self::with_limits(handler, projector, auth, Limits::default())
+    /// State over a command handler, the read models of its store (a
+    /// SQLite [`triage_projections::Projector`] or a PostgreSQL
+    /// [`triage_projections::PgProjector`]), and the tokens of `auth`.
+    pub fn new(handler: CommandHandler, read_models: impl Into<ReadModels>, auth: Authenticator) -> Self {
+        Self::with_limits(handler, read_models, auth, Limits::default())
     }
 
     /// [`AppState::new`] with other limits.
-    pub fn with_limits(handler: CommandHandler, projector: Projector, auth: Authenticator, limits: Limits) -> Self {
+    pub fn with_limits(
+        handler: CommandHandler,
+        read_models: impl Into<ReadModels>,
+        auth: Authenticator,
+        limits: Limits,
+    ) -> Self {
         AppState {
             inner: Arc::new(Inner {
                 handler,
-                projector,
+                read_models: read_models.into(),
                 auth,
                 limits,
                 catch_up: tokio::sync::Mutex::new(()),
@@ -148,9 +154,9 @@ impl AppState {
         &self.inner.handler
     }
 
-    /// The projector.
-    pub fn projector(&self) -> &Projector {
-        &self.inner.projector
+    /// The read models the queries are answered from.
+    pub fn read_models(&self) -> &ReadModels {
+        &self.inner.read_models
     }
 
     /// The limits.
@@ -185,11 +191,17 @@ impl AppState {
         self.inner.stopping.load(Ordering::SeqCst)
     }
 
-    /// Brings the read models up to the head of the log. Callers queue
-    /// rather than replay the same tail side by side.
+    /// Brings the read models up to the head of the log, for a query (see
+    /// [`ReadModels::catch_up_while_live`]). Callers of a SQLite read model
+    /// queue rather than replay the same tail side by side; PostgreSQL
+    /// read models are applied by their leaders, which callers only wait
+    /// for.
     pub async fn catch_up(&self) -> Result<(), ApiError> {
-        let _turn = self.inner.catch_up.lock().await;
-        self.inner.projector.catch_up().await?;
+        let _turn = match self.inner.read_models {
+            ReadModels::Postgres(_) => None,
+            _ => Some(self.inner.catch_up.lock().await),
+        };
+        self.inner.read_models.catch_up_while_live().await?;
         Ok(())
     }
 
@@ -467,9 +479,7 @@ impl AppState {
             None if let Some(ticket_id) = self.indexed_claim(claim_id).await? => Some(ticket_id),
             None => {
                 self.catch_up().await?;
-                self.inner.projector.read("tickets", |conn, slot| {
-                    TicketsView::new(conn, slot).holder_of_claim(claim_id)
-                })?
+                self.inner.read_models.holder_of_claim(claim_id).await?
             }
         };
         if let Some(ticket_id) = found {
@@ -617,9 +627,7 @@ impl AppState {
         }
         for _round in 0..3 {
             self.catch_up().await?;
-            let mut queue = self.inner.projector.read("tickets", |conn, slot| {
-                TicketsView::new(conn, slot).work_queue(role, 32)
-            })?;
+            let mut queue = self.inner.read_models.work_queue(role, 32).await?;
             queue.retain(|row| row.ticket.state.and_then(|state| start_kind(state, role)).is_some());
             if queue.is_empty() {
                 return Ok(None);
@@ -750,9 +758,11 @@ impl AppState {
             .min(self.inner.limits.max_list.max(1));
         self.catch_up().await?;
         // One more than asked, to tell whether another page follows.
-        let mut rows = self.inner.projector.read("tickets", |conn, slot| {
-            TicketsView::new(conn, slot).list_after(state, after.as_ref(), limit.saturating_add(1))
-        })?;
+        let mut rows = self
+            .inner
+            .read_models
+            .list_after(state, after.as_ref(), limit.saturating_add(1))
+            .await?;
         let more = rows.len() > limit;
         rows.truncate(limit);
         let next = more
@@ -795,7 +805,7 @@ impl AppState {
     /// The statistics read model.
     pub async fn stats(&self, _principal: &Principal) -> Result<serde_json::Value, ApiError> {
         self.catch_up().await?;
-        let summary = self.inner.projector.read("stats", triage_projections::stats::summary)?;
+        let summary = self.inner.read_models.stats_summary().await?;
         serde_json::to_value(summary).map_err(|error| ApiError::Internal(error.to_string()))
     }
 
@@ -810,7 +820,7 @@ impl AppState {
             .head_position()
             .await
             .map_err(|error| ApiError::Unavailable(format!("the event store does not answer: {error}")))?;
-        self.inner.projector.read("tickets", |_, _| Ok(()))?;
+        self.inner.read_models.check_readable().await?;
         Ok(())
     }
 }

@@ -10,7 +10,6 @@ use std::time::Duration;
 
 use triage_command_handler::CommandError;
 use triage_domain::{Agent, Command, CommandEnvelope, Role};
-use triage_projections::TicketsView;
 use uuid::Uuid;
 
 use crate::error::ApiError;
@@ -30,9 +29,7 @@ pub const SWEEPER_AGENT: &str = "lease-sweeper";
 pub async fn sweep_once(state: &AppState, limit: usize) -> Result<usize, ApiError> {
     state.catch_up().await?;
     let now = state.handler().clock().now();
-    let rows = state.projector().read("tickets", |conn, slot| {
-        TicketsView::new(conn, slot).expired_claims(now, limit)
-    })?;
+    let rows = state.read_models().expired_claims(now, limit).await?;
     let mut expired = 0;
     for row in rows {
         let (Some(ticket_id), Some(claim)) = (row.ticket.id, row.ticket.claim.as_ref()) else {

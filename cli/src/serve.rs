@@ -90,15 +90,7 @@ async fn state(global: &GlobalArgs, agents: PathBuf) -> anyhow::Result<AppState>
     let auth = Authenticator::from_file(&agents)?;
     let opened = global.open().await?;
     let handler = CommandHandler::new(opened.events.clone());
-    // The API's queries and the lease sweeper read SQLite read models;
-    // PostgreSQL read models serve `triage ticket` and `stats` so far.
-    let projector = match opened.read_models {
-        triage_projections::ReadModels::Sqlite(projector) => projector,
-        _ => bail!(
-            "triage serve keeps its read models in SQLite: pass --read-model PATH (a file) with a PostgreSQL store"
-        ),
-    };
-    Ok(AppState::new(handler, projector, auth))
+    Ok(AppState::new(handler, opened.read_models, auth))
 }
 
 pub(crate) async fn serve(args: ServeArgs, global: &GlobalArgs) -> anyhow::Result<()> {

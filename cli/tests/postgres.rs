@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::succeed;
+use common::{request, succeed};
 use serde_json::Value;
 
 #[test]
@@ -81,4 +81,129 @@ fn tickets_and_read_models_live_in_postgresql() {
             .await
             .unwrap();
     });
+}
+
+/// Two `triage serve` processes on one PostgreSQL store, with the read
+/// models there too (the default): one of them leads the projections and
+/// both answer from them; SIGKILL the leader and the other takes the
+/// projections over and serves what is written afterwards; the live models
+/// then equal a clean rebuild.
+#[test]
+fn two_servers_share_postgresql_read_models_and_the_survivor_takes_over_from_a_killed_leader() {
+    let Ok(url) = std::env::var("TRIAGE_PG_URL") else {
+        eprintln!(
+            "skipped: two_servers_share_postgresql_read_models_and_the_survivor_takes_over_from_a_killed_leader \
+             (TRIAGE_PG_URL is not set)"
+        );
+        return;
+    };
+    let schema = format!("cli_{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+    let separator = if url.contains('?') { '&' } else { '?' };
+    let store = format!("{url}{separator}schema={schema}");
+    let dir = tempfile::tempdir().unwrap();
+    let token = succeed(
+        dir.path(),
+        &["agents", "add", "in", "--role", "intake", "--agents", "a.toml"],
+    );
+    let token = token.trim();
+    let mut servers: Vec<(std::process::Child, String)> = (0..2)
+        .map(|_| common::start_server(dir.path(), &["--store", &store]))
+        .collect();
+    let subjects = |address: &str| -> Vec<String> {
+        let (status, body) = request(address, "GET", "/v1/tickets", token, "");
+        assert!(status.contains("200"), "{status} {body}");
+        let list: Value = serde_json::from_str(&body).unwrap();
+        let mut subjects: Vec<String> = list["tickets"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|ticket| ticket["subject"].as_str().unwrap().to_owned())
+            .collect();
+        subjects.sort();
+        subjects
+    };
+    let open = |address: &str, subject: &str| {
+        let (status, body) = request(
+            address,
+            "POST",
+            "/v1/tickets",
+            token,
+            &format!(r#"{{"subject":"{subject}","body":"b"}}"#),
+        );
+        assert!(status.contains("201"), "{status} {body}");
+    };
+    open(&servers[0].1, "first");
+    for (_, address) in &servers {
+        assert_eq!(subjects(address), ["first"], "read through {address}");
+    }
+
+    let with_store = |args: &[&str]| {
+        let mut all = vec!["--store", store.as_str()];
+        all.extend_from_slice(args);
+        succeed(dir.path(), &all)
+    };
+    let leaders = || -> Vec<String> {
+        with_store(&["projections", "status", "--json"])
+            .lines()
+            .map(|line| {
+                let status: Value = serde_json::from_str(line).unwrap();
+                status["leader"].as_str().unwrap_or_default().to_owned()
+            })
+            .collect()
+    };
+    let started = std::time::Instant::now();
+    let leader_pid = loop {
+        let now = leaders();
+        let pids: Vec<u32> = servers.iter().map(|(child, _)| child.id()).collect();
+        let led_by: Vec<Option<u32>> = now
+            .iter()
+            .map(|leader| {
+                pids.iter()
+                    .copied()
+                    .find(|pid| leader.starts_with(&format!("pid {pid} ")))
+            })
+            .collect();
+        if let [Some(tickets), Some(stats)] = led_by[..] {
+            assert_eq!(tickets, stats, "both projections are led from one runner: {now:?}");
+            break tickets;
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(20),
+            "no server leads the projections: {now:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    let at = servers.iter().position(|(child, _)| child.id() == leader_pid).unwrap();
+    let (mut leader, _) = servers.remove(at);
+    let (mut survivor, address) = servers.remove(0);
+    leader.kill().unwrap();
+    leader.wait().unwrap();
+
+    open(&address, "second");
+    let started = std::time::Instant::now();
+    while subjects(&address) != ["first", "second"] {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(30),
+            "the survivor never served the ticket opened after the kill"
+        );
+    }
+    let survivor_prefix = format!("pid {} ", survivor.id());
+    assert!(
+        leaders().iter().all(|leader| leader.starts_with(&survivor_prefix)),
+        "the survivor leads: {:?}",
+        leaders()
+    );
+    let rebuilt = with_store(&["projections", "rebuild", "--all", "--verify", "--no-progress", "--json"]);
+    for line in rebuilt.lines() {
+        let report: Value = serde_json::from_str(line).unwrap();
+        assert_eq!(report["differences"], serde_json::json!([]), "{report}");
+    }
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-TERM", &survivor.id().to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    assert!(survivor.wait().unwrap().success(), "the survivor stops gracefully");
 }

@@ -2,12 +2,10 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
+use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
-use std::time::Duration;
 
-use common::{fail, succeed};
+use common::{fail, request, succeed};
 use serde_json::Value;
 
 /// A mistyped agents file is an error, not a file with no agents.
@@ -90,27 +88,6 @@ fn serve_refuses_to_start_without_an_agents_file() {
     assert!(error.contains("triage agents add"), "{error}");
 }
 
-/// One plain HTTP/1.1 request; returns the status line and the body.
-fn request(address: &str, method: &str, path: &str, token: &str, body: &str) -> (String, String) {
-    let mut stream = TcpStream::connect(address).unwrap();
-    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(
-        stream,
-        "{method} {path} HTTP/1.1\r\nHost: {address}\r\nAuthorization: Bearer {token}\r\n\
-         Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
-    let status = response.lines().next().unwrap_or_default().to_owned();
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    (status, body)
-}
-
 #[test]
 fn serve_answers_on_a_free_port_and_stops_on_sigterm() {
     let dir = tempfile::tempdir().unwrap();
@@ -118,23 +95,7 @@ fn serve_answers_on_a_free_port_and_stops_on_sigterm() {
         dir.path(),
         &["agents", "add", "in", "--role", "intake", "--agents", "a.toml"],
     );
-    let mut child = Command::new(env!("CARGO_BIN_EXE_triage"))
-        .current_dir(dir.path())
-        .args(["serve", "--listen", "127.0.0.1:0", "--agents", "a.toml"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut first = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut first)
-        .unwrap();
-    let address = first
-        .trim()
-        .strip_prefix("listening on http://")
-        .and_then(|rest| rest.split_whitespace().next())
-        .unwrap_or_else(|| panic!("unexpected first line {first:?}"))
-        .to_owned();
+    let (mut child, address) = common::start_server(dir.path(), &[]);
     let (status, body) = request(
         &address,
         "POST",

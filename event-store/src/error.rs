@@ -118,6 +118,14 @@ impl Error {
         }
     }
 
+    /// Whether the store did not answer or failed as a whole (closed, or a
+    /// backend error such as a lost connection), rather than refusing this
+    /// request: the request may or may not have taken effect, and a retry
+    /// (an append with the same event ids) is how to find out.
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, Error::Closed | Error::Backend { .. })
+    }
+
     /// Whether this error is an expected-revision conflict.
     pub fn is_wrong_expected_version(&self) -> bool {
         matches!(self, Error::WrongExpectedVersion { .. })

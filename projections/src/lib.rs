@@ -77,6 +77,18 @@ fn written_by_a_newer_build(source: &triage_domain::DecodeError) -> bool {
 }
 
 impl ProjectionError {
+    /// Whether a database did not answer or lost its connection (the event
+    /// store's, or the PostgreSQL read models'): a retry may well succeed,
+    /// unlike after a damaged event or a missing table.
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            ProjectionError::Store(error) => error.is_unavailable(),
+            ProjectionError::PostgresConnect { .. } => true,
+            ProjectionError::Postgres { source, .. } => postgres::is_connection_failure(source),
+            _ => false,
+        }
+    }
+
     /// Whether this is an event of a type (or schema version) that this
     /// build does not know, which `--skip-event-type` may pass over; not
     /// a damaged one.

@@ -10,14 +10,16 @@ use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
+use chrono::{DateTime, Utc};
 use triage_domain::{Role, State, TicketId};
 use triage_event_store::{EventStore, Position};
+use uuid::Uuid;
 
 use crate::postgres::{PgProjector, PgReadModelOptions, PgReadModels};
 use crate::stats::{self, StatsSummary};
 use crate::{
-    ProjectionError, ProjectionStatus, Projector, ProjectorOptions, ReadModelDb, RebuildOptions, RebuildReport,
-    TicketRow, TicketsView,
+    ListCursor, ProjectionError, ProjectionStatus, Projector, ProjectorOptions, ReadModelDb, RebuildOptions,
+    RebuildReport, TicketRow, TicketsView,
 };
 
 /// The read models of one event store, in SQLite or in PostgreSQL.
@@ -28,6 +30,18 @@ pub enum ReadModels {
     Sqlite(Projector),
     /// In a PostgreSQL schema, with projection leadership.
     Postgres(PgProjector),
+}
+
+impl From<Projector> for ReadModels {
+    fn from(projector: Projector) -> Self {
+        ReadModels::Sqlite(projector)
+    }
+}
+
+impl From<PgProjector> for ReadModels {
+    fn from(projector: PgProjector) -> Self {
+        ReadModels::Postgres(projector)
+    }
 }
 
 /// The schema query parameter of a read-model URL: `postgres://…?schema=NAME`.
@@ -72,6 +86,18 @@ impl ReadModels {
         match self {
             ReadModels::Sqlite(projector) => projector.catch_up().await,
             ReadModels::Postgres(projector) => projector.catch_up().await,
+        }
+    }
+
+    /// [`ReadModels::catch_up`] for a query of a process that also runs
+    /// [`ReadModels::run_live`] (a server): SQLite applies what is missing
+    /// itself; PostgreSQL waits (at most 5 s) for the projections' leaders
+    /// to apply it (see [`PgProjector::wait_for_leaders`]) rather than open
+    /// a leadership session per query.
+    pub async fn catch_up_while_live(&self) -> Result<Option<Position>, ProjectionError> {
+        match self {
+            ReadModels::Sqlite(projector) => projector.catch_up().await,
+            ReadModels::Postgres(projector) => projector.wait_for_leaders().await,
         }
     }
 
@@ -121,6 +147,56 @@ impl ReadModels {
                 projector.read("tickets", |conn, slot| TicketsView::new(conn, slot).list(state, limit))
             }
             ReadModels::Postgres(projector) => projector.models().list(state, limit).await,
+        }
+    }
+
+    /// [`ReadModels::list`] from just after `after`, the cursor of the last
+    /// row of the page before (see [`TicketsView::list_after`]).
+    ///
+    /// # Panics
+    ///
+    /// When `after` is a cursor of another list; see
+    /// [`ListCursor::check_list`].
+    pub async fn list_after(
+        &self,
+        state: Option<State>,
+        after: Option<&ListCursor>,
+        limit: usize,
+    ) -> Result<Vec<TicketRow>, ProjectionError> {
+        match self {
+            ReadModels::Sqlite(projector) => projector.read("tickets", |conn, slot| {
+                TicketsView::new(conn, slot).list_after(state, after, limit)
+            }),
+            ReadModels::Postgres(projector) => projector.models().list_after(state, after, limit).await,
+        }
+    }
+
+    /// The ticket that holds `claim_id` now, if one does.
+    pub async fn holder_of_claim(&self, claim_id: Uuid) -> Result<Option<TicketId>, ProjectionError> {
+        match self {
+            ReadModels::Sqlite(projector) => projector.read("tickets", |conn, slot| {
+                TicketsView::new(conn, slot).holder_of_claim(claim_id)
+            }),
+            ReadModels::Postgres(projector) => projector.models().holder_of_claim(claim_id).await,
+        }
+    }
+
+    /// Claims whose lease ran out by `now`: the lease sweeper's queue.
+    pub async fn expired_claims(&self, now: DateTime<Utc>, limit: usize) -> Result<Vec<TicketRow>, ProjectionError> {
+        match self {
+            ReadModels::Sqlite(projector) => projector.read("tickets", |conn, slot| {
+                TicketsView::new(conn, slot).expired_claims(now, limit)
+            }),
+            ReadModels::Postgres(projector) => projector.models().expired_claims(now, limit).await,
+        }
+    }
+
+    /// Whether the `tickets` model can be read (built, and its database
+    /// answering): a readiness check.
+    pub async fn check_readable(&self) -> Result<(), ProjectionError> {
+        match self {
+            ReadModels::Sqlite(projector) => projector.read("tickets", |_, _| Ok(())),
+            ReadModels::Postgres(projector) => projector.models().check_readable().await,
         }
     }
 

@@ -2,8 +2,11 @@
 //! count what is stored.
 #![allow(dead_code, unreachable_pub)]
 
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
 
 /// The triage binary in `dir`, with none of the caller's Triage settings.
 pub fn command(dir: &Path) -> Command {
@@ -79,4 +82,48 @@ pub fn count_in_streams(db: &Path, pattern: &str) -> i64 {
         |row| row.get(0),
     )
     .unwrap()
+}
+
+/// One plain HTTP/1.1 request; returns the status line and the body.
+pub fn request(address: &str, method: &str, path: &str, token: &str, body: &str) -> (String, String) {
+    let mut stream = TcpStream::connect(address).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: {address}\r\nAuthorization: Bearer {token}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let status = response.lines().next().unwrap_or_default().to_owned();
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// Starts `triage [global] serve --listen 127.0.0.1:0 --agents a.toml` in
+/// `dir` and returns it with the address it printed.
+pub fn start_server(dir: &Path, global: &[&str]) -> (Child, String) {
+    let mut child = command(dir)
+        .args(global)
+        .args(["serve", "--listen", "127.0.0.1:0", "--agents", "a.toml"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    let address = first
+        .trim()
+        .strip_prefix("listening on http://")
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or_else(|| panic!("unexpected first line {first:?}"))
+        .to_owned();
+    (child, address)
 }

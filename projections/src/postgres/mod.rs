@@ -61,6 +61,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use deadpool_postgres::{Client, Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use tokio_postgres::config::Host;
 use tokio_postgres::error::SqlState;
@@ -73,7 +74,7 @@ use uuid::Uuid;
 use crate::ProjectionError;
 use crate::db::{Slot, SlotKind};
 use crate::stats::StatsSummary;
-use crate::tickets::TicketRow;
+use crate::tickets::{ListCursor, TicketRow};
 
 pub(crate) use models::Model;
 pub use runtime::PgProjector;
@@ -307,6 +308,104 @@ impl PgReadModels {
         self.tickets_in(states.as_deref(), limit).await
     }
 
+    /// [`PgReadModels::list`] from just after `after`, the cursor of the
+    /// last row of the page before, as [`crate::TicketsView::list_after`]
+    /// (the same order: a `uuid` compares as its lower-case text does).
+    ///
+    /// # Panics
+    ///
+    /// When `after` is a cursor of another list; see
+    /// [`crate::ListCursor::check_list`].
+    pub async fn list_after(
+        &self,
+        state: Option<State>,
+        after: Option<&ListCursor>,
+        limit: usize,
+    ) -> Result<Vec<TicketRow>, ProjectionError> {
+        assert!(
+            after.is_none_or(|cursor| cursor.state == state),
+            "a cursor of another list"
+        );
+        let Some(after) = after else {
+            return self.list(state, limit).await;
+        };
+        let client = self.client().await?;
+        let limit = limit.min(i64::MAX as usize) as i64;
+        let table = self.qualified("tickets");
+        let columns = models::TICKET_COLUMNS;
+        let rows = match state {
+            Some(state) => client
+                .query(
+                    &format!(
+                        "SELECT {columns} FROM {table} WHERE state = $1 AND (state_entered_at, ticket_id) > ($2, $3) \
+                             ORDER BY state_entered_at, ticket_id LIMIT $4"
+                    ),
+                    &[&state.as_str(), &after.at, &after.ticket_id.0, &limit],
+                )
+                .await,
+            None => {
+                client
+                    .query(
+                        &format!(
+                            "SELECT {columns} FROM {table} WHERE (created_at, ticket_id) > ($1, $2) \
+                             ORDER BY created_at, ticket_id LIMIT $3"
+                        ),
+                        &[&after.at, &after.ticket_id.0, &limit],
+                    )
+                    .await
+            }
+        }
+        .map_err(|error| not_built_or("tickets", "list tickets", error))?;
+        rows.iter().map(models::ticket_from_row).collect()
+    }
+
+    /// The ticket that holds `claim_id` now, if one does, as
+    /// [`crate::TicketsView::holder_of_claim`].
+    pub async fn holder_of_claim(&self, claim_id: Uuid) -> Result<Option<TicketId>, ProjectionError> {
+        let client = self.client().await?;
+        let row = client
+            .query_opt(
+                &format!(
+                    "SELECT ticket_id FROM {} WHERE claim_id = $1",
+                    self.qualified("tickets")
+                ),
+                &[&claim_id],
+            )
+            .await
+            .map_err(|error| not_built_or("tickets", "look up a claim", error))?;
+        Ok(row.map(|row| TicketId(row.get(0))))
+    }
+
+    /// Claims whose lease ran out by `now`, soonest expired first: the
+    /// lease sweeper's queue, as [`crate::TicketsView::expired_claims`].
+    pub async fn expired_claims(&self, now: DateTime<Utc>, limit: usize) -> Result<Vec<TicketRow>, ProjectionError> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                &format!(
+                    "SELECT {} FROM {} WHERE lease_expires_at IS NOT NULL AND lease_expires_at <= $1 \
+                     ORDER BY lease_expires_at LIMIT $2",
+                    models::TICKET_COLUMNS,
+                    self.qualified("tickets")
+                ),
+                &[&now.timestamp_micros(), &(limit.min(i64::MAX as usize) as i64)],
+            )
+            .await
+            .map_err(|error| not_built_or("tickets", "find expired claims", error))?;
+        rows.iter().map(models::ticket_from_row).collect()
+    }
+
+    /// Whether the live `tickets` model can be read: one query that reads
+    /// no row.
+    pub async fn check_readable(&self) -> Result<(), ProjectionError> {
+        let client = self.client().await?;
+        client
+            .query(&format!("SELECT 1 FROM {} LIMIT 0", self.qualified("tickets")), &[])
+            .await
+            .map_err(|error| not_built_or("tickets", "read the tickets model", error))?;
+        Ok(())
+    }
+
     /// The work queue of `role`, oldest first, as
     /// [`crate::TicketsView::work_queue`].
     pub async fn work_queue(&self, role: Role, limit: usize) -> Result<Vec<TicketRow>, ProjectionError> {
@@ -502,6 +601,28 @@ pub(crate) fn describe_error(error: &tokio_postgres::Error) -> String {
 }
 
 /// A missing view means the projection has not been built yet.
+/// Whether `error` is a lost or refused connection, or a server shutting
+/// down, rather than a failure of the statement itself.
+pub(crate) fn is_connection_failure(error: &tokio_postgres::Error) -> bool {
+    if error.is_closed() {
+        return true;
+    }
+    match error.code() {
+        // No SQLSTATE: the socket, not the server, failed.
+        None => true,
+        Some(code) => [
+            SqlState::CONNECTION_EXCEPTION,
+            SqlState::CONNECTION_DOES_NOT_EXIST,
+            SqlState::CONNECTION_FAILURE,
+            SqlState::SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION,
+            SqlState::ADMIN_SHUTDOWN,
+            SqlState::CRASH_SHUTDOWN,
+            SqlState::CANNOT_CONNECT_NOW,
+        ]
+        .contains(code),
+    }
+}
+
 fn not_built_or(name: &str, action: &'static str, error: tokio_postgres::Error) -> ProjectionError {
     if error.code() == Some(&SqlState::UNDEFINED_TABLE) {
         ProjectionError::NotBuilt { name: name.to_owned() }

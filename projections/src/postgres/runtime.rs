@@ -243,6 +243,29 @@ impl PgProjector {
         self.lowest_checkpoint().await
     }
 
+    /// Waits (at most 5 s) until the live models hold the log as of the
+    /// call, applied by their leaders (a [`PgProjector::run_live`] of this
+    /// process or of another instance), and returns their lowest
+    /// checkpoint. Unlike [`PgProjector::catch_up`] it opens no leadership
+    /// session (a connection of its own), so a server can call it before
+    /// every query. When no instance leads a projection, it returns at the
+    /// deadline with what is there.
+    pub async fn wait_for_leaders(&self) -> Result<Option<Position>, ProjectionError> {
+        let head = self.events.head_position().await?;
+        let deadline = Instant::now() + FOLLOWER_WAIT;
+        // A leader that is just behind is usually there within a few
+        // milliseconds: look again soon, then less and less often.
+        let mut pause = Duration::from_millis(2);
+        loop {
+            let lowest = self.lowest_checkpoint().await?;
+            if lowest >= head || Instant::now() >= deadline {
+                return Ok(lowest);
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(50));
+        }
+    }
+
     async fn lowest_checkpoint(&self) -> Result<Option<Position>, ProjectionError> {
         let mut lowest: Option<Option<Position>> = None;
         for model in Model::ALL {
