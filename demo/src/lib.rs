@@ -325,7 +325,19 @@ pub async fn run_triage(
     let live = {
         let projector = projector.clone();
         let stop = stop_projector.clone();
-        tokio::spawn(async move { projector.run_live(stop).await })
+        // A failure of the store (a dropped connection) must not freeze
+        // the queues the agents work from for the rest of the run: start
+        // again, as `triage serve` does. A lasting failure shows in the
+        // final catch-up.
+        tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                if let Err(error) = projector.run_live(stop.clone()).await {
+                    tracing::warn!(%error, "the live projector stopped; restarting");
+                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                }
+            }
+            Ok::<(), triage_projections::ProjectionError>(())
+        })
     };
     let events_in_store = {
         let store = store.clone();
