@@ -523,6 +523,38 @@ async fn settle(url: &str, schema: &str) -> anyhow::Result<f64> {
     Ok(started.elapsed().as_secs_f64())
 }
 
+/// How fast the server alone hands the whole log to a client that does
+/// nothing with it: `COPY (the rebuild's columns, in position order) TO
+/// STDOUT` in the binary format, every byte received and dropped. No
+/// rebuild from this server on this machine can be faster, since it needs
+/// the same rows and must also decode and apply them; the figure tells how
+/// much of a rebuild's time is the server's. Returns the seconds taken and
+/// the bytes received.
+async fn copy_floor(url: &str, schema: &str) -> anyhow::Result<(f64, u64)> {
+    use futures::StreamExt as _;
+    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .with_context(|| format!("cannot connect to {url}"))?;
+    let connection = tokio::spawn(connection);
+    let started = Instant::now();
+    let copy = client
+        .copy_out(&format!(
+            r#"COPY (SELECT position, stream, revision, event_id, event_type, data, metadata, recorded_at
+                     FROM "{schema}".triage_events ORDER BY position) TO STDOUT (FORMAT binary)"#
+        ))
+        .await
+        .context("cannot copy the log out")?;
+    let mut copy = std::pin::pin!(copy);
+    let mut bytes = 0u64;
+    while let Some(chunk) = copy.next().await {
+        bytes += chunk.context("the copy of the log broke off")?.len() as u64;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    drop(client);
+    let _ = connection.await;
+    Ok((elapsed, bytes))
+}
+
 /// What `pg-rebuild` runs besides the log's size.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct RebuildBench {
@@ -558,6 +590,7 @@ pub(crate) async fn rebuild(
     let (total, generate_s) = crate::replay::fill(store.clone(), events).await?;
     let settle_s = settle(url, store.schema()).await?;
     for number in 1..=bench.rounds {
+        let (floor, copied_bytes) = copy_floor(url, store.schema()).await?;
         let read = read_all(store.as_ref(), total, bench.batch_size).await?;
         let mut result = match bench.read_model {
             ReadModelPlace::Sqlite => crate::replay::rebuild_from(store.clone(), total, bench.batch_size).await?,
@@ -569,6 +602,10 @@ pub(crate) async fn rebuild(
         // read-model writes: `$all` in pages, every event decoded.
         result["read_only_events_per_s"] = json!(round(total as f64 / read, 0));
         result["read_only_wall_s"] = json!(round(read, 3));
+        // The server's share: the log copied out and dropped unread.
+        result["copy_only_events_per_s"] = json!(round(total as f64 / floor, 0));
+        result["copy_only_wall_s"] = json!(round(floor, 3));
+        result["copy_bytes_per_event"] = json!(round(copied_bytes as f64 / total.max(1) as f64, 0));
         result["store"] = json!("postgres");
         result["generate_s"] = json!(round(generate_s, 3));
         result["settle_s"] = json!(round(settle_s, 3));
