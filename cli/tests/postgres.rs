@@ -207,3 +207,63 @@ fn two_servers_share_postgresql_read_models_and_the_survivor_takes_over_from_a_k
     );
     assert!(survivor.wait().unwrap().success(), "the survivor stops gracefully");
 }
+
+/// A transaction left open on the server holds back what readers see (the
+/// watermark is server-wide): a read that gives up waiting says so on
+/// stderr, with the transaction that holds it back, instead of answering
+/// as if nothing had been written.
+#[test]
+fn a_read_held_back_by_an_open_transaction_says_which_one() {
+    let Ok(url) = std::env::var("TRIAGE_PG_URL") else {
+        eprintln!("skipped: a_read_held_back_by_an_open_transaction_says_which_one (TRIAGE_PG_URL is not set)");
+        return;
+    };
+    let schema = format!("cli_{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+    let separator = if url.contains('?') { '&' } else { '?' };
+    let store = format!("{url}{separator}schema={schema}");
+    let dir = tempfile::tempdir().unwrap();
+    let with_store = |args: &[&str]| {
+        let mut all = vec!["--store", store.as_str()];
+        all.extend_from_slice(args);
+        common::triage(dir.path(), &all)
+    };
+    // The store exists before the transaction begins.
+    assert!(
+        with_store(&["ticket", "open", "--subject", "before", "--body", "b"])
+            .status
+            .success()
+    );
+
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let blocker = runtime.block_on(async {
+        let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
+        tokio::spawn(connection);
+        client.batch_execute("BEGIN; SELECT txid_current();").await.unwrap();
+        let pid: i32 = client.query_one("SELECT pg_backend_pid()", &[]).await.unwrap().get(0);
+        (client, pid)
+    });
+    assert!(
+        with_store(&["ticket", "open", "--subject", "after", "--body", "b"])
+            .status
+            .success()
+    );
+    let listed = with_store(&["events", "--format", "jsonl"]);
+    let stderr = common::stderr(&listed);
+    assert!(
+        stderr.contains("an older transaction on the PostgreSQL server is still open"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(&format!("pid {}", blocker.1)),
+        "names the blocker: {stderr}"
+    );
+    assert_eq!(
+        common::stdout(&listed).lines().count(),
+        1,
+        "the event committed after the transaction began is not visible yet"
+    );
+    runtime.block_on(blocker.0.batch_execute("COMMIT")).unwrap();
+    let listed = with_store(&["events", "--format", "jsonl"]);
+    assert_eq!(common::stdout(&listed).lines().count(), 2, "visible once it ended");
+    assert!(!common::stderr(&listed).contains("still open"));
+}

@@ -212,6 +212,28 @@ enum Looker<'a> {
 }
 
 impl Looker<'_> {
+    /// The oldest transaction on the cluster that holds a transaction id,
+    /// as `pid …, database …, open for …`: what holds the watermark back.
+    /// `None` when none is found or the server does not say (a role
+    /// without `pg_read_all_stats` sees little of other roles' sessions).
+    async fn oldest_transaction(self) -> Option<String> {
+        const OLDEST: &str = "SELECT pid, coalesce(datname, '?'), \
+               coalesce(extract(epoch FROM now() - xact_start)::bigint, -1) \
+             FROM pg_stat_activity WHERE backend_xid IS NOT NULL AND pid <> pg_backend_pid() \
+             ORDER BY age(backend_xid) DESC LIMIT 1";
+        let row = match self {
+            Looker::Client(client) => client.query_opt(OLDEST, &[]).await.ok()?,
+            Looker::Pool(pool) => pool.get().await.ok()?.query_opt(OLDEST, &[]).await.ok()?,
+        }?;
+        let (pid, database, seconds): (i32, String, i64) = (row.get(0), row.get(1), row.get(2));
+        let open_for = if seconds >= 0 {
+            format!(", open for {seconds} s")
+        } else {
+            String::new()
+        };
+        Some(format!("pid {pid}, database {database}{open_for}"))
+    }
+
     async fn look(self, sql: &Sql, target: &Target) -> Result<Heads> {
         match self {
             Looker::Client(client) => heads(client, sql, target).await,
@@ -256,7 +278,7 @@ async fn settle(
         let now = Instant::now();
         if now >= deadline {
             let last = looker.look(sql, target).await?;
-            tracing::debug!(?goal, visible = ?last.visible, "a read stopped waiting for older transactions");
+            warn_held_back(looker, goal, last.visible).await;
             return Ok((last, Duration::ZERO));
         }
         tokio::time::sleep(pause.min(deadline - now)).await;
@@ -266,6 +288,40 @@ async fn settle(
             return Ok((current, left()));
         }
     }
+}
+
+/// When [`warn_held_back`] last warned, in seconds since the epoch.
+static LAST_HELD_BACK_WARNING: AtomicU64 = AtomicU64::new(0);
+
+/// Says, at most every 30 s per process, that reads answer without
+/// committed events because an older transaction is still open: the
+/// watermark is cluster-wide, so a transaction left open in any database
+/// of the server holds back what every Triage reader sees (lists, `$all`,
+/// projections) until it ends. Silent, this looked like lost writes.
+async fn warn_held_back(looker: Looker<'_>, goal: i64, visible: Option<i64>) {
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |since| since.as_secs());
+    let last = LAST_HELD_BACK_WARNING.load(Ordering::Relaxed);
+    if now < last + 30
+        || LAST_HELD_BACK_WARNING
+            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_err()
+    {
+        tracing::debug!(?goal, ?visible, "a read stopped waiting for older transactions");
+        return;
+    }
+    let blocker = looker
+        .oldest_transaction()
+        .await
+        .unwrap_or_else(|| "not visible to this role".to_owned());
+    tracing::warn!(
+        committed_up_to = goal,
+        visible_up_to = ?visible,
+        oldest_transaction = %blocker,
+        "reads cannot see committed events yet: an older transaction on the PostgreSQL server is still open \
+         (in any database: the watermark is server-wide); they become visible when it ends"
+    );
 }
 
 /// Reads one stream; `Err(StreamNotFound)` when it has no events.
