@@ -77,6 +77,10 @@ struct Cli {
 
 #[derive(Clone, Debug, Args)]
 struct GlobalArgs {
+    /// Set by [`GlobalArgs::require_existing_store`]: the store is opened
+    /// without creating one (PostgreSQL: no schema or tables are made).
+    #[arg(skip)]
+    existing_store_only: Arc<std::sync::atomic::AtomicBool>,
     /// Where events live: sqlite://PATH or a plain file path (the embedded
     /// default), postgres://USER@HOST/DB, esdb://HOST:2113?tls=false (also
     /// kurrentdb://, a cluster as esdb://h1:2113,h2:2113,h3:2113, and
@@ -227,6 +231,10 @@ impl GlobalArgs {
                 path.display()
             );
         }
+        // A PostgreSQL store is looked for when it is opened (see
+        // `open_log`), with the flag set here.
+        self.existing_store_only
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         // SQLite takes an empty file for an empty database and would make a
         // store of it: a command that only reads must not write one into a
         // file that was meant as something else (or was truncated).
@@ -247,7 +255,8 @@ impl GlobalArgs {
     /// (`events`, `replay`): a damaged read-model file does not stop them.
     async fn open_log(&self) -> anyhow::Result<OpenedLog> {
         let location = self.location()?;
-        let events = location.open(self.synchronous()).await?;
+        let create = !self.existing_store_only.load(std::sync::atomic::Ordering::Relaxed);
+        let events = location.open(self.synchronous(), create).await?;
         Ok(OpenedLog { location, events })
     }
 

@@ -66,8 +66,11 @@ impl StoreLocation {
     }
 
     /// Opens the store. Servers are contacted here (PostgreSQL) or on first
-    /// use (KurrentDB connects lazily).
-    pub(crate) async fn open(&self, synchronous: Synchronous) -> anyhow::Result<Arc<dyn EventStore>> {
+    /// use (KurrentDB connects lazily). Without `create`, a PostgreSQL
+    /// database or schema that holds no store is an error, not a new store
+    /// (SQLite files are checked before, by `require_existing_store`;
+    /// KurrentDB has nothing to create).
+    pub(crate) async fn open(&self, synchronous: Synchronous, create: bool) -> anyhow::Result<Arc<dyn EventStore>> {
         match self {
             StoreLocation::Sqlite(path) => {
                 if path.is_dir() {
@@ -89,7 +92,10 @@ impl StoreLocation {
             StoreLocation::Postgres(url) => {
                 // `schema=NAME` places the store in a schema of its own.
                 let (url, schema) = take_query_parameter(url, "schema");
-                let options = schema.map_or_else(PostgresOptions::default, PostgresOptions::in_schema);
+                let options = PostgresOptions {
+                    create_if_missing: create,
+                    ..schema.map_or_else(PostgresOptions::default, PostgresOptions::in_schema)
+                };
                 let store = PostgresEventStore::connect(&url, options)
                     .await
                     .with_context(|| format!("cannot open the event store {self}"))?;

@@ -6,12 +6,22 @@ mod common;
 use common::{request, succeed};
 use serde_json::Value;
 
+/// The watermark is server-wide: while the test that holds a transaction
+/// open runs, no other test here may expect to see its own writes. It
+/// takes this lock for writing, the others for reading.
+static WATERMARK: std::sync::RwLock<()> = std::sync::RwLock::new(());
+
+fn sharing_the_watermark() -> std::sync::RwLockReadGuard<'static, ()> {
+    WATERMARK.read().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 #[test]
 fn tickets_and_read_models_live_in_postgresql() {
     let Ok(url) = std::env::var("TRIAGE_PG_URL") else {
         eprintln!("skipped: tickets_and_read_models_live_in_postgresql (TRIAGE_PG_URL is not set)");
         return;
     };
+    let _shared = sharing_the_watermark();
     let schema = format!("cli_{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
     let separator = if url.contains('?') { '&' } else { '?' };
     let store = format!("{url}{separator}schema={schema}");
@@ -97,6 +107,7 @@ fn two_servers_share_postgresql_read_models_and_the_survivor_takes_over_from_a_k
         );
         return;
     };
+    let _shared = sharing_the_watermark();
     let schema = format!("cli_{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
     let separator = if url.contains('?') { '&' } else { '?' };
     let store = format!("{url}{separator}schema={schema}");
@@ -218,6 +229,7 @@ fn a_read_held_back_by_an_open_transaction_says_which_one() {
         eprintln!("skipped: a_read_held_back_by_an_open_transaction_says_which_one (TRIAGE_PG_URL is not set)");
         return;
     };
+    let _alone = WATERMARK.write().unwrap_or_else(std::sync::PoisonError::into_inner);
     let schema = format!("cli_{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
     let separator = if url.contains('?') { '&' } else { '?' };
     let store = format!("{url}{separator}schema={schema}");
@@ -266,4 +278,48 @@ fn a_read_held_back_by_an_open_transaction_says_which_one() {
     let listed = with_store(&["events", "--format", "jsonl"]);
     assert_eq!(common::stdout(&listed).lines().count(), 2, "visible once it ended");
     assert!(!common::stderr(&listed).contains("still open"));
+}
+
+/// A command that only reads does not make a store in a database or
+/// schema that has none (a mistyped name would otherwise get one).
+#[test]
+fn a_reading_command_makes_no_store_where_there_is_none() {
+    let Ok(url) = std::env::var("TRIAGE_PG_URL") else {
+        eprintln!("skipped: a_reading_command_makes_no_store_where_there_is_none (TRIAGE_PG_URL is not set)");
+        return;
+    };
+    let _shared = sharing_the_watermark();
+    let schema = format!("cli_{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+    let separator = if url.contains('?') { '&' } else { '?' };
+    let store = format!("{url}{separator}schema={schema}");
+    let dir = tempfile::tempdir().unwrap();
+    for args in [&["events"][..], &["ticket", "list"][..], &["stats"][..]] {
+        let mut all = vec!["--store", store.as_str()];
+        all.extend_from_slice(args);
+        let refused = common::fail(dir.path(), &all);
+        assert!(
+            refused.contains("there is no Triage event store"),
+            "{args:?}: {refused}"
+        );
+    }
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let exists = runtime.block_on(async {
+        let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
+        tokio::spawn(connection);
+        client
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)",
+                &[&schema],
+            )
+            .await
+            .unwrap()
+            .get::<_, bool>(0)
+    });
+    assert!(!exists, "no schema {schema} was made");
+    // Opening a ticket makes the store; then the same commands read it.
+    succeed(
+        dir.path(),
+        &["--store", &store, "ticket", "open", "--subject", "S", "--body", "B"],
+    );
+    succeed(dir.path(), &["--store", &store, "events"]);
 }

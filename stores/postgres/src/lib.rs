@@ -357,7 +357,7 @@ impl PostgresEventStore {
             .build()
             .map_err(|error| Error::backend(format!("cannot build the pool for {}", target.describe()), error))?;
         let mut client = pool.get().await.map_err(|error| pool_error(&target, error))?;
-        schema::migrate(&mut client, &target).await?;
+        schema::migrate(&mut client, &target, options.create_if_missing).await?;
         let sql = Arc::new(Sql::new(&target.schema));
         let initial = reader::heads(&client, &sql, &target).await?.visible_position();
         drop(client);

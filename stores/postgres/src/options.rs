@@ -49,6 +49,12 @@ pub struct PostgresOptions {
     /// reported with its outcome unknown, because the server may still
     /// commit it.
     pub query_timeout: Duration,
+    /// Whether opening may create the store where there is none (default
+    /// true). Off, opening a schema without a Triage store fails with
+    /// [`triage_event_store::Error::Incompatible`] and creates nothing:
+    /// for commands that only read, so that a mistyped database or schema
+    /// name does not get a store made in it.
+    pub create_if_missing: bool,
 }
 
 impl Default for PostgresOptions {
@@ -60,6 +66,7 @@ impl Default for PostgresOptions {
             visibility_wait: Duration::from_secs(2),
             connect_timeout: Duration::from_secs(10),
             query_timeout: Duration::from_secs(30),
+            create_if_missing: true,
         }
     }
 }

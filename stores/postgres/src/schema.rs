@@ -440,7 +440,7 @@ fn is_shape_error(code: &SqlState) -> bool {
 /// advisory lock on the schema: two processes starting at once run the
 /// migrations one after the other, and the second finds them done. A store
 /// from a newer Triage is refused before anything is written.
-pub(crate) async fn migrate(client: &mut Client, target: &Target) -> Result<(), Error> {
+pub(crate) async fn migrate(client: &mut Client, target: &Target, create_if_missing: bool) -> Result<(), Error> {
     let schema = target.schema.as_str();
     let failed = |what: &str, error: tokio_postgres::Error| target.db_error(what, error);
     let tx = client
@@ -503,6 +503,13 @@ pub(crate) async fn migrate(client: &mut Client, target: &Target) -> Result<(), 
         )));
     }
 
+    if current == 0 && !create_if_missing {
+        // Dropping `tx` rolls back: nothing was written.
+        return Err(Error::Incompatible(format!(
+            "there is no Triage event store in {}; nothing was created (opening a ticket creates one)",
+            target.describe()
+        )));
+    }
     if current < LATEST_VERSION {
         if !schema_exists {
             // Checked first: CREATE SCHEMA IF NOT EXISTS would demand the
