@@ -114,7 +114,9 @@ pub struct ProjectionStatus {
     pub last_error: Option<String>,
     /// Whether a rebuild is needed before serving (the version changed).
     pub needs_rebuild: bool,
-    /// Whether a rebuild is under way (or was abandoned).
+    /// Whether a rebuild is under way. SQLite read models also report one
+    /// that was abandoned (its tables stay until the next rebuild drops
+    /// them); PostgreSQL ones only while the rebuild holds its lock.
     pub build_in_progress: bool,
     /// PostgreSQL read models only: the runner instance that holds the
     /// projection's leadership lock right now (`None` when no runner

@@ -888,6 +888,21 @@ async fn verify_of_a_model_from_another_version_compares_nothing_and_swaps_in() 
     assert!(!status.build_in_progress, "{status:?}");
     let [_, stats] = clean_pg_digests(&url, events.clone()).await;
     assert_eq!(models.digest("stats").await.unwrap(), stats);
+
+    // A build row that no rebuild holds (one left by a killed rebuild) is
+    // not a rebuild in progress.
+    let registry = format!(r#""{}".triage_read_models"#, models.schema());
+    raw_client(&url)
+        .await
+        .batch_execute(&format!(
+            "CREATE TEMP TABLE abandoned AS SELECT * FROM {registry} WHERE name = 'stats' AND slot = 'live';
+             UPDATE abandoned SET slot = 'build', generation = generation + 1;
+             INSERT INTO {registry} SELECT * FROM abandoned;"
+        ))
+        .await
+        .unwrap();
+    let status = status_of(&projector.status().await.unwrap(), "stats");
+    assert!(!status.build_in_progress, "nobody holds the build: {status:?}");
 }
 
 /// A rolling upgrade: a newer Triage swapped in a generation of a newer

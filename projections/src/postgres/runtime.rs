@@ -977,31 +977,41 @@ impl PgProjector {
             let name = model.name();
             let live = read_slot(&**client, &self.models, name, SlotKind::Live, "").await?;
             let build = read_slot(&**client, &self.models, name, SlotKind::Build, "").await?;
-            // The recorded leader counts only while its lock is held.
+            // The recorded leader counts only while its lock is held; so
+            // does a build (one whose rebuild was killed leaves its row
+            // until the next rebuild drops it).
+            let held = |key: &str| {
+                format!(
+                    "EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' \
+                     AND granted AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+                     AND classid = $2::int8::oid AND objid = (hashtext({key})::int8 & 4294967295)::oid \
+                     AND objsubid = 2)"
+                )
+            };
             let row = client
                 .query_opt(
                     &format!(
-                        "SELECT last_error, leader, EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' \
-                         AND granted AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
-                         AND classid = $2::int8::oid AND objid = (hashtext($3)::int8 & 4294967295)::oid \
-                         AND objsubid = 2) \
-                         FROM {} WHERE name = $1 AND slot = 'live'",
+                        "SELECT last_error, leader, {}, {} FROM {} WHERE name = $1 AND slot = 'live'",
+                        held("$3"),
+                        held("$4"),
                         self.models.qualified("triage_read_models")
                     ),
                     &[
                         &name,
                         &i64::from(LEADER_LOCK_CLASS),
                         &lock_key(&self.models, (model, SlotKind::Live)),
+                        &lock_key(&self.models, (model, SlotKind::Build)),
                     ],
                 )
                 .await
                 .map_err(|error| ProjectionError::postgres("read the registry", error))?;
-            let (last_error, leader) = match row {
+            let (last_error, leader, building) = match row {
                 Some(row) => (
                     row.get::<_, Option<String>>(0),
                     row.get::<_, Option<String>>(1).filter(|_| row.get::<_, bool>(2)),
+                    row.get::<_, bool>(3),
                 ),
-                None => (None, None),
+                None => (None, None, false),
             };
             let checkpoint = live.as_ref().and_then(|slot| slot.checkpoint);
             statuses.push(ProjectionStatus {
@@ -1015,7 +1025,7 @@ impl PgProjector {
                 // Filled in below, from a head read after every checkpoint.
                 lag: 0,
                 needs_rebuild: live.as_ref().is_some_and(|slot| slot.version != model.version()),
-                build_in_progress: build.is_some(),
+                build_in_progress: build.is_some() && building,
                 leader,
             });
         }
