@@ -42,5 +42,5 @@ pub mod sweeper;
 pub use auth::{AgentsFile, Authenticator, Principal};
 pub use error::{ApiError, Problem};
 pub use http::{ApiDoc, router};
-pub use server::{ServeOptions, serve};
+pub use server::{LiveProjector, ServeOptions, serve};
 pub use service::{AppState, Limits};

@@ -51,19 +51,7 @@ pub async fn serve(
         .catch_up()
         .await
         .map_err(|error| std::io::Error::other(format!("cannot build the read models: {error}")))?;
-    let projector_stop = Arc::new(AtomicBool::new(false));
-    let projector = {
-        let projector = state.read_models().clone();
-        let stop = projector_stop.clone();
-        tokio::spawn(async move {
-            while !stop.load(Ordering::Relaxed) {
-                if let Err(error) = projector.run_live(stop.clone()).await {
-                    tracing::warn!(%error, "the live projector stopped; restarting");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                }
-            }
-        })
-    };
+    let projector = LiveProjector::start(&state);
     let sweeper = options
         .sweep_interval
         .map(|interval| tokio::spawn(crate::sweeper::run(state.clone(), interval)));
@@ -99,13 +87,52 @@ pub async fn serve(
         }
     };
     state.drain().await;
-    projector_stop.store(true, Ordering::Relaxed);
     if let Some(sweeper) = sweeper {
         let _ = sweeper.await;
     }
-    let _ = projector.await;
+    projector.stop().await;
     if let Err(error) = state.read_models().catch_up().await {
         tracing::warn!(%error, "the last read-model catch-up failed; the next start catches up");
     }
     served
+}
+
+/// The read models of a state, followed live in the background: what a
+/// serving process runs beside its queries. On PostgreSQL the runner
+/// competes for the projections' leadership, and the state's queries
+/// wait for the leaders (see [`AppState::catch_up`]), so a process that
+/// answers queries must run one, or lead nothing and wait in vain when no
+/// other instance does. A runner that fails (a lost connection) starts
+/// again a second later.
+#[derive(Debug)]
+pub struct LiveProjector {
+    stop: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl LiveProjector {
+    /// Starts following the log.
+    pub fn start(state: &AppState) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let read_models = state.read_models().clone();
+        let task = tokio::spawn({
+            let stop = stop.clone();
+            async move {
+                while !stop.load(Ordering::Relaxed) {
+                    if let Err(error) = read_models.run_live(stop.clone()).await {
+                        tracing::warn!(%error, "the live projector stopped; restarting");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                }
+            }
+        });
+        LiveProjector { stop, task }
+    }
+
+    /// Stops following and waits for the runner to end (on PostgreSQL its
+    /// leadership ends with it).
+    pub async fn stop(self) {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = self.task.await;
+    }
 }

@@ -139,10 +139,16 @@ pub(crate) async fn mcp(args: McpArgs, global: &GlobalArgs) -> anyhow::Result<()
     state
         .authenticate(Some(&token))
         .map_err(|_| anyhow::anyhow!("the token is unknown or revoked"))?;
-    state.catch_up().await?;
+    // As `triage serve`: catch up, then follow the log while serving (on
+    // PostgreSQL the queries wait for the projections' leaders, and this
+    // process may be the only candidate).
+    state.read_models().catch_up().await?;
+    let projector = triage_api::LiveProjector::start(&state);
     // stdout carries the protocol: nothing else may be printed there.
-    triage_api::mcp::serve_stdio(state.clone(), token).await?;
+    let served = triage_api::mcp::serve_stdio(state.clone(), token).await;
     state.drain().await;
+    projector.stop().await;
+    served?;
     Ok(())
 }
 

@@ -323,3 +323,84 @@ fn a_reading_command_makes_no_store_where_there_is_none() {
     );
     succeed(dir.path(), &["--store", &store, "events"]);
 }
+
+/// `triage mcp` on PostgreSQL read models follows the log as `serve` does:
+/// with no server running it leads the projections itself, so what it
+/// writes is in what it lists.
+#[test]
+fn mcp_over_stdio_leads_the_postgresql_projections_it_reads() {
+    use std::io::{BufRead, BufReader, Write};
+    let Ok(url) = std::env::var("TRIAGE_PG_URL") else {
+        eprintln!("skipped: mcp_over_stdio_leads_the_postgresql_projections_it_reads (TRIAGE_PG_URL is not set)");
+        return;
+    };
+    let _shared = sharing_the_watermark();
+    let schema = format!("cli_{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+    let separator = if url.contains('?') { '&' } else { '?' };
+    let store = format!("{url}{separator}schema={schema}");
+    let dir = tempfile::tempdir().unwrap();
+    let token = succeed(
+        dir.path(),
+        &["agents", "add", "llm", "--role", "intake", "--agents", "a.toml"],
+    );
+    let mut child = common::command(dir.path())
+        .args(["--store", &store, "mcp", "--agents", "a.toml"])
+        .env("TRIAGE_TOKEN", token.trim())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut call = |message: Value| -> Option<Value> {
+        writeln!(stdin, "{message}").unwrap();
+        stdin.flush().unwrap();
+        message.get("id")?;
+        let mut line = String::new();
+        stdout.read_line(&mut line).unwrap();
+        Some(serde_json::from_str(&line).unwrap_or_else(|_| panic!("not JSON-RPC: {line:?}")))
+    };
+    call(
+        serde_json::json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+        "protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "t", "version": "0"}}}),
+    );
+    call(serde_json::json!({"jsonrpc": "2.0", "method": "notifications/initialized"}));
+    let opened = call(
+        serde_json::json!({"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {
+        "name": "open_ticket", "arguments": {"subject": "Over stdio on PostgreSQL", "body": "b"}}}),
+    )
+    .unwrap();
+    assert_eq!(opened["result"]["structuredContent"]["state"], "NEW", "{opened}");
+    let listed = call(
+        serde_json::json!({"jsonrpc": "2.0", "id": 3, "method": "tools/call", "params": {
+        "name": "list_tickets", "arguments": {}}}),
+    )
+    .unwrap();
+    assert!(listed.to_string().contains("Over stdio on PostgreSQL"), "{listed}");
+
+    let prefix = format!("pid {} ", child.id());
+    let started = std::time::Instant::now();
+    loop {
+        let statuses = succeed(dir.path(), &["--store", &store, "projections", "status", "--json"]);
+        let leaders: Vec<String> = statuses
+            .lines()
+            .map(|line| {
+                serde_json::from_str::<Value>(line).unwrap()["leader"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned()
+            })
+            .collect();
+        if leaders.iter().all(|leader| leader.starts_with(&prefix)) {
+            break;
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(20),
+            "triage mcp does not lead its projections: {leaders:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    drop(stdin);
+    assert!(child.wait().unwrap().success(), "triage mcp ends when stdin closes");
+}
