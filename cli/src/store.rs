@@ -91,7 +91,7 @@ impl StoreLocation {
             StoreLocation::Memory => Ok(Arc::new(InMemoryEventStore::new())),
             StoreLocation::Postgres(url) => {
                 // `schema=NAME` places the store in a schema of its own.
-                let (url, schema) = take_query_parameter(url, "schema");
+                let (url, schema) = take_query_parameter(url, "schema")?;
                 let options = PostgresOptions {
                     create_if_missing: create,
                     ..schema.map_or_else(PostgresOptions::default, PostgresOptions::in_schema)
@@ -121,7 +121,11 @@ impl StoreLocation {
             StoreLocation::Memory => None,
             StoreLocation::Postgres(url) => {
                 // Beside the events: `<schema>_read`, or `triage_read`.
-                let (base, schema) = take_query_parameter(url, "schema");
+                // A repeated schema= fails when the store is opened, before
+                // this is asked; the URL is then passed on as it is.
+                let Ok((base, schema)) = take_query_parameter(url, "schema") else {
+                    return Some(url.clone());
+                };
                 let read_schema = schema.map_or_else(|| "triage_read".to_owned(), |schema| format!("{schema}_read"));
                 let separator = if base.contains('?') { '&' } else { '?' };
                 Some(format!("{base}{separator}schema={read_schema}"))

@@ -316,6 +316,13 @@ fn a_reading_command_makes_no_store_where_there_is_none() {
             .get::<_, bool>(0)
     });
     assert!(!exists, "no schema {schema} was made");
+    // A schema named twice is refused, by a command that would create.
+    let twice = format!("{store}&schema=other");
+    let refused = common::fail(
+        dir.path(),
+        &["--store", &twice, "ticket", "open", "--subject", "S", "--body", "B"],
+    );
+    assert!(refused.contains("schema= more than once"), "{refused}");
     // Opening a ticket makes the store; then the same commands read it.
     succeed(
         dir.path(),

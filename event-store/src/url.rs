@@ -1,28 +1,41 @@
 //! Store URLs: the small string handling every backend chooser shares.
 
+/// A Triage parameter given twice in one URL (`?schema=a&schema=b`): which
+/// one was meant cannot be told, so neither is taken.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("the URL gives {name}= more than once; give it once")]
+pub struct RepeatedParameter {
+    /// The parameter.
+    pub name: String,
+}
+
 /// Takes the query parameter `name` out of `url`: the URL without it, and
 /// its value. Backends use this for Triage's own parameters (`namespace`,
 /// `schema`) before handing the rest to their driver, which would reject or
 /// ignore them.
-pub fn take_query_parameter(url: &str, name: &str) -> (String, Option<String>) {
+pub fn take_query_parameter(url: &str, name: &str) -> Result<(String, Option<String>), RepeatedParameter> {
     let Some((base, query)) = url.split_once('?') else {
-        return (url.to_owned(), None);
+        return Ok((url.to_owned(), None));
     };
     let mut value = None;
+    let mut repeated = false;
     let kept: Vec<&str> = query
         .split('&')
         .filter(|pair| match pair.split_once('=') {
             Some((key, found)) if key.eq_ignore_ascii_case(name) => {
-                value = Some(found.to_owned());
+                repeated |= value.replace(found.to_owned()).is_some();
                 false
             }
             _ => !pair.is_empty(),
         })
         .collect();
+    if repeated {
+        return Err(RepeatedParameter { name: name.to_owned() });
+    }
     if kept.is_empty() {
-        (base.to_owned(), value)
+        Ok((base.to_owned(), value))
     } else {
-        (format!("{base}?{}", kept.join("&")), value)
+        Ok((format!("{base}?{}", kept.join("&")), value))
     }
 }
 
@@ -52,18 +65,24 @@ mod tests {
                 "esdb://h:2113?tls=false&namespace=prod&discoveryInterval=0",
                 "namespace"
             ),
-            (
+            Ok((
                 "esdb://h:2113?tls=false&discoveryInterval=0".to_owned(),
                 Some("prod".to_owned())
-            )
+            ))
         );
         assert_eq!(
             take_query_parameter("postgres://u@h/db?schema=s", "schema"),
-            ("postgres://u@h/db".to_owned(), Some("s".to_owned()))
+            Ok(("postgres://u@h/db".to_owned(), Some("s".to_owned())))
         );
         assert_eq!(
             take_query_parameter("esdb://h:2113", "namespace"),
-            ("esdb://h:2113".to_owned(), None)
+            Ok(("esdb://h:2113".to_owned(), None))
+        );
+        assert_eq!(
+            take_query_parameter("postgres://u@h/db?schema=public&schema=other", "schema"),
+            Err(RepeatedParameter {
+                name: "schema".to_owned()
+            })
         );
     }
 

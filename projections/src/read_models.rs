@@ -60,7 +60,12 @@ impl ReadModels {
         options: ProjectorOptions,
     ) -> Result<ReadModels, ProjectionError> {
         if location.starts_with("postgres://") || location.starts_with("postgresql://") {
-            let (url, schema) = triage_event_store::url::take_query_parameter(location, SCHEMA_PARAMETER);
+            let (url, schema) =
+                triage_event_store::url::take_query_parameter(location, SCHEMA_PARAMETER).map_err(|error| {
+                    ProjectionError::InvalidLocation {
+                        reason: error.to_string(),
+                    }
+                })?;
             let pg_options = schema.map_or_else(PgReadModelOptions::default, PgReadModelOptions::in_schema);
             let models = PgReadModels::connect(&url, pg_options).await?;
             Ok(ReadModels::Postgres(

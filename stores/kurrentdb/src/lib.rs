@@ -124,7 +124,8 @@ impl KurrentDbEventStore {
     /// `namespace=NAME` parameter) and prepares a client. Connecting is lazy:
     /// the first call connects. Must be called inside a tokio runtime.
     pub fn connect(url: &str, mut options: KurrentDbOptions) -> Result<Self> {
-        let (client_url, namespace) = take_query_parameter(url, "namespace");
+        let (client_url, namespace) =
+            take_query_parameter(url, "namespace").map_err(|error| Error::Incompatible(error.to_string()))?;
         if namespace.is_some() {
             options.namespace = namespace;
         }
