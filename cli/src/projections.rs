@@ -57,7 +57,10 @@ pub(crate) async fn run(command: ProjectionsCommand, global: &GlobalArgs) -> any
                 }
                 return Ok(());
             }
-            let mut out = output::table(&[
+            // PostgreSQL read models have leaders; a SQLite file has none,
+            // and no column for them.
+            let led = matches!(read_models, triage_projections::ReadModels::Postgres(_));
+            let mut header = vec![
                 "Projection",
                 "Version",
                 "Generation",
@@ -65,7 +68,11 @@ pub(crate) async fn run(command: ProjectionsCommand, global: &GlobalArgs) -> any
                 "Lag",
                 "Events applied",
                 "State",
-            ]);
+            ];
+            if led {
+                header.push("Leader");
+            }
+            let mut out = output::table(&header);
             for status in &statuses {
                 let version = match status.live_version {
                     Some(live) if live != status.code_version => format!("{live} (build has {})", status.code_version),
@@ -77,11 +84,15 @@ pub(crate) async fn run(command: ProjectionsCommand, global: &GlobalArgs) -> any
                     (None, true, _) => "needs rebuild".to_owned(),
                     (None, false, None) => "not built yet".to_owned(),
                     (None, false, Some(_)) if status.build_in_progress => {
-                        "ok; a rebuild is under way or was abandoned".to_owned()
+                        if led {
+                            "ok; a rebuild is under way".to_owned()
+                        } else {
+                            "ok; a rebuild is under way or was abandoned".to_owned()
+                        }
                     }
                     (None, false, Some(_)) => "ok".to_owned(),
                 };
-                out.add_row(vec![
+                let mut row = vec![
                     status.name.clone(),
                     version,
                     status.generation.map_or_else(|| "-".to_owned(), |g| g.to_string()),
@@ -89,7 +100,11 @@ pub(crate) async fn run(command: ProjectionsCommand, global: &GlobalArgs) -> any
                     status.lag.to_string(),
                     status.events_applied.to_string(),
                     state,
-                ]);
+                ];
+                if led {
+                    row.push(status.leader.clone().unwrap_or_else(|| "none".to_owned()));
+                }
+                out.add_row(row);
             }
             out!("{out}");
             Ok(())
@@ -298,8 +313,9 @@ pub(crate) async fn stats(args: StatsArgs, global: &GlobalArgs) -> anyhow::Resul
             crate::events::NothingMatched(format!("no events in {} fall in that period", opened.location)).into(),
         );
     }
+    let (from, to) = stats_period(&opened, &args, &windows).await?;
     for (group, window) in windows {
-        let (summary, rates) = window.finish()?;
+        let (summary, rates) = window.finish_over(from, to)?;
         let by_role = (args.by == Some(By::Role)).then(|| outcomes_by_role(&summary));
         if global.json {
             output::print_json(&json!({
@@ -346,6 +362,38 @@ pub(crate) async fn stats(args: StatsArgs, global: &GlobalArgs) -> anyhow::Resul
         print_summary(&summary, by_role.as_ref());
     }
     Ok(())
+}
+
+/// The period the rates of `stats --since/--until` are over, one for every
+/// group: from `--since` (else the first event of the period) to `--until`
+/// (else its last event). An `--until` in time still to come is cut back
+/// to now, or to the log's newest event when that is later (events decided
+/// by a clock ahead of this machine's, as the demo's simulated one).
+async fn stats_period(
+    opened: &crate::Opened,
+    args: &StatsArgs,
+    windows: &std::collections::BTreeMap<String, stats::StatsWindow>,
+) -> anyhow::Result<(
+    Option<chrono::DateTime<chrono::Utc>>,
+    Option<chrono::DateTime<chrono::Utc>>,
+)> {
+    let from = args
+        .since
+        .or_else(|| windows.values().filter_map(stats::StatsWindow::first_event).min());
+    let to = match args.until {
+        Some(until) => {
+            let newest = opened
+                .events
+                .read_all(triage_event_store::ReadAll::backwards(1))
+                .await?
+                .first()
+                .map(triage_projections::query::decision_time);
+            let now = chrono::Utc::now();
+            Some(until.min(newest.map_or(now, |newest| newest.max(now))))
+        }
+        None => windows.values().filter_map(stats::StatsWindow::last_event).max(),
+    };
+    Ok((from, to))
 }
 
 /// What the first pass over a `stats` window learns of a ticket it touches.
@@ -453,7 +501,7 @@ async fn stats_windows(
         }
         ticket.group = group_of(ticket, by_category);
         if ticket.has_events {
-            window_of(&mut windows, &ticket.group, args)?.seed(&prior)?;
+            window_of(&mut windows, &ticket.group)?.seed(&prior)?;
         }
     }
     drop(reads);
@@ -472,7 +520,7 @@ async fn stats_windows(
                 let group = touched
                     .get(&event.ticket_id)
                     .map_or_else(|| group_of_unseen(by_category), |ticket| ticket.group.clone());
-                window_of(&mut windows, &group, args)?.push(event)?;
+                window_of(&mut windows, &group)?.push(event)?;
                 Ok(())
             })();
             match pushed {
@@ -494,13 +542,10 @@ async fn stats_windows(
 fn window_of<'a>(
     windows: &'a mut std::collections::BTreeMap<String, stats::StatsWindow>,
     group: &str,
-    args: &StatsArgs,
 ) -> anyhow::Result<&'a mut stats::StatsWindow> {
     Ok(match windows.entry(group.to_owned()) {
         std::collections::btree_map::Entry::Occupied(entry) => entry.into_mut(),
-        std::collections::btree_map::Entry::Vacant(entry) => {
-            entry.insert(stats::StatsWindow::over(args.since, args.until)?)
-        }
+        std::collections::btree_map::Entry::Vacant(entry) => entry.insert(stats::StatsWindow::new()?),
     })
 }
 

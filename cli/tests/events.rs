@@ -575,6 +575,17 @@ fn a_period_that_begins_mid_ticket_counts_whole_stages_and_the_categories_of_its
     ])[0];
     let span = hour["rates"]["span_s"].as_f64().unwrap();
     assert!((3600.0..3700.0).contains(&span), "{hour}");
+
+    // The groups of one period share it: their rates compare.
+    let groups = stats(&[
+        "--since",
+        &hour_ago.to_rfc3339_opts(chrono::SecondsFormat::Nanos, true),
+        "--by",
+        "category",
+    ]);
+    assert_eq!(groups.len(), 2, "billing and unclassified: {groups:?}");
+    assert_eq!(groups[0]["rates"]["from"], groups[1]["rates"]["from"]);
+    assert_eq!(groups[0]["rates"]["to"], groups[1]["rates"]["to"], "{groups:?}");
 }
 
 /// The read-model file holds only what the log says. Damaged, it must not

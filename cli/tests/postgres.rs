@@ -204,6 +204,11 @@ fn two_servers_share_postgresql_read_models_and_the_survivor_takes_over_from_a_k
         "the survivor leads: {:?}",
         leaders()
     );
+    let table = with_store(&["projections", "status"]);
+    assert!(
+        table.contains("Leader") && table.contains(survivor_prefix.trim_end()),
+        "the table names the leader: {table}"
+    );
     let rebuilt = with_store(&["projections", "rebuild", "--all", "--verify", "--no-progress", "--json"]);
     for line in rebuilt.lines() {
         let report: Value = serde_json::from_str(line).unwrap();

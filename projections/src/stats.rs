@@ -510,12 +510,10 @@ pub fn summary(conn: &Connection, slot: &Slot) -> rusqlite::Result<StatsSummary>
 pub struct WindowRates {
     /// Events in the window (refusal records included).
     pub events: u64,
-    /// Where the period the rates are over begins: the window's own start
-    /// when it has one, else its first event's decision time.
+    /// Where the period the rates are over begins (see
+    /// [`StatsWindow::finish_over`]).
     pub from: Option<chrono::DateTime<chrono::Utc>>,
-    /// Where it ends: the window's own end when it has one (but not later
-    /// than now, or than its last event when that is later: time still to
-    /// come holds no events yet), else its last event's decision time.
+    /// Where it ends.
     pub to: Option<chrono::DateTime<chrono::Utc>>,
     /// Seconds from `from` to `to`.
     pub span_s: f64,
@@ -545,12 +543,6 @@ pub struct WindowRates {
 pub struct StatsWindow {
     conn: Connection,
     slot: Slot,
-    /// The period the window covers, where the caller set one: see
-    /// [`WindowRates::from`] and [`WindowRates::to`].
-    period: (
-        Option<chrono::DateTime<chrono::Utc>>,
-        Option<chrono::DateTime<chrono::Utc>>,
-    ),
     pending: Vec<ProjectedEvent>,
     /// The earliest decision time pushed.
     first: Option<chrono::DateTime<chrono::Utc>>,
@@ -559,18 +551,8 @@ pub struct StatsWindow {
 }
 
 impl StatsWindow {
-    /// An empty window with no bounds of its own: its rates are over the
-    /// time from its first event to its last.
+    /// An empty window.
     pub fn new() -> rusqlite::Result<Self> {
-        Self::over(None, None)
-    }
-
-    /// An empty window for the events recorded from `since` (inclusive) to
-    /// `until` (exclusive); its rates are over that period where it is set.
-    pub fn over(
-        since: Option<chrono::DateTime<chrono::Utc>>,
-        until: Option<chrono::DateTime<chrono::Utc>>,
-    ) -> rusqlite::Result<Self> {
         let conn = Connection::open_in_memory()?;
         let slot = Slot {
             name: "stats".to_owned(),
@@ -583,7 +565,6 @@ impl StatsWindow {
         Ok(StatsWindow {
             conn,
             slot,
-            period: (since, until),
             pending: Vec::new(),
             first: None,
             last: None,
@@ -643,19 +624,32 @@ impl StatsWindow {
     }
 
     /// The statistics and rates of everything pushed.
-    pub fn finish(mut self) -> Result<(StatsSummary, WindowRates), ProjectionError> {
+    pub fn finish(self) -> Result<(StatsSummary, WindowRates), ProjectionError> {
+        let (from, to) = (self.first, self.last);
+        self.finish_over(from, to)
+    }
+
+    /// The decision time of the earliest event pushed.
+    pub fn first_event(&self) -> Option<chrono::DateTime<chrono::Utc>> {
+        self.first
+    }
+
+    /// The decision time of the latest event pushed.
+    pub fn last_event(&self) -> Option<chrono::DateTime<chrono::Utc>> {
+        self.last
+    }
+
+    /// The statistics, with the rates over the period from `from` to `to`
+    /// (the windows of one period, one per group, share it, so that their
+    /// rates compare) rather than over the span of this window's events.
+    pub fn finish_over(
+        mut self,
+        from: Option<chrono::DateTime<chrono::Utc>>,
+        to: Option<chrono::DateTime<chrono::Utc>>,
+    ) -> Result<(StatsSummary, WindowRates), ProjectionError> {
         self.flush()?;
         let summary = summary(&self.conn, &self.slot).map_err(|error| ProjectionError::sqlite("summarize", error))?;
         let counter = |name: &str| summary.counters.get(name).copied().unwrap_or(0) as f64;
-        let (since, until) = self.period;
-        let from = since.or(self.first);
-        // Time still to come holds no events yet: a window's end is cut
-        // back to now, or to its last event if that is later (a clock
-        // ahead of this machine's, or a simulated one).
-        let latest = self
-            .last
-            .map_or_else(chrono::Utc::now, |last| last.max(chrono::Utc::now()));
-        let to = until.map(|until| until.min(latest)).or(self.last);
         let span_s = match (from, to) {
             (Some(from), Some(to)) if to > from => (to - from).num_microseconds().unwrap_or(i64::MAX) as f64 / 1e6,
             _ => 0.0,
