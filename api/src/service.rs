@@ -814,12 +814,11 @@ impl AppState {
         if self.is_stopping() {
             return Err(ApiError::Unavailable("the server is shutting down".to_owned()));
         }
-        self.inner
-            .handler
-            .store()
-            .head_position()
-            .await
-            .map_err(|error| ApiError::Unavailable(format!("the event store does not answer: {error}")))?;
+        self.inner.handler.store().head_position().await.map_err(|error| {
+            // The driver's message (hosts, internals) stays in the log.
+            tracing::warn!(%error, "readiness: the event store does not answer");
+            ApiError::Unavailable("the event store does not answer".to_owned())
+        })?;
         self.inner.read_models.check_readable().await?;
         Ok(())
     }

@@ -296,8 +296,8 @@ pub(crate) async fn stats(args: StatsArgs, global: &GlobalArgs) -> anyhow::Resul
         .into());
     }
     global.require_existing_store()?;
-    let opened = global.open().await?;
     if args.since.is_none() && args.until.is_none() && args.by.is_none() {
+        let opened = global.open().await?;
         opened.read_models.catch_up().await?;
         let summary = opened.read_models.stats_summary().await?;
         if global.json {
@@ -307,6 +307,9 @@ pub(crate) async fn stats(args: StatsArgs, global: &GlobalArgs) -> anyhow::Resul
         }
         return Ok(());
     }
+    // A period is computed from the log alone: the read models are not
+    // opened (a damaged read-model file does not stop it).
+    let opened = global.open_log().await?;
     let windows = stats_windows(&opened, &args, &global.skipped_event_types()).await?;
     if windows.is_empty() {
         return Err(
@@ -370,7 +373,7 @@ pub(crate) async fn stats(args: StatsArgs, global: &GlobalArgs) -> anyhow::Resul
 /// to now, or to the log's newest event when that is later (events decided
 /// by a clock ahead of this machine's, as the demo's simulated one).
 async fn stats_period(
-    opened: &crate::Opened,
+    opened: &crate::OpenedLog,
     args: &StatsArgs,
     windows: &std::collections::BTreeMap<String, stats::StatsWindow>,
 ) -> anyhow::Result<(
@@ -429,7 +432,7 @@ const PRIOR_READS_IN_FLIGHT: usize = 16;
 ///    ended (events appended since belong to no ticket it saw), into each
 ///    ticket's group.
 async fn stats_windows(
-    opened: &crate::Opened,
+    opened: &crate::OpenedLog,
     args: &StatsArgs,
     skipped: &std::collections::BTreeSet<String>,
 ) -> anyhow::Result<std::collections::BTreeMap<String, stats::StatsWindow>> {
@@ -508,7 +511,8 @@ async fn stats_windows(
     for ticket in touched.values_mut().filter(|ticket| ticket.group.is_empty()) {
         ticket.group = group_of(ticket, by_category);
     }
-    // Step 3.
+    // Step 3, from the window's first event: nothing before it is in it.
+    query.from_position = touched.values().map(|ticket| ticket.first_position).min();
     query.to_position = last;
     let mut failure = None;
     query

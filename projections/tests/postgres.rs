@@ -178,6 +178,54 @@ async fn pg_read_models_follow_the_events_and_equal_the_sqlite_ones() {
     assert_equals_a_clean_rebuild(&url, &models, events.clone()).await;
     assert_eq!(status_of(&pg.status().await.unwrap(), "stats").generation, Some(2));
     assert_eq!(pg.stats_summary().await.unwrap(), summary);
+
+    // Every list, page by page through its cursors, as in SQLite.
+    let sqlite = sqlite_model(events.clone()).await;
+    let ids = |rows: &[triage_projections::TicketRow]| rows.iter().map(|row| row.ticket.id).collect::<Vec<_>>();
+    let states: Vec<Option<State>> = std::iter::once(None)
+        .chain(pg.counts().await.unwrap().into_keys().map(Some))
+        .collect();
+    for state in states {
+        let (mut pg_after, mut sqlite_after) = (None, None);
+        let mut paged = 0;
+        loop {
+            let pg_page = pg.list_after(state, pg_after.as_ref(), 7).await.unwrap();
+            let sqlite_page = sqlite.list_after(state, sqlite_after.as_ref(), 7).await.unwrap();
+            assert_eq!(ids(&pg_page), ids(&sqlite_page), "{state:?} after {paged}");
+            let Some(last) = pg_page.last() else { break };
+            paged += pg_page.len();
+            pg_after = triage_projections::ListCursor::after(last, state);
+            sqlite_after = triage_projections::ListCursor::after(sqlite_page.last().unwrap(), state);
+        }
+        assert!(paged > 0, "{state:?}: a list of tickets that exist");
+    }
+
+    // Read models built before the list indexes get them when opened.
+    let indexes = [
+        format!(r#""{}".tickets_g1_state_list"#, models.schema()),
+        format!(r#""{}".tickets_g1_created_list"#, models.schema()),
+    ];
+    let client = raw_client(&url).await;
+    let present = async |client: &tokio_postgres::Client| -> bool {
+        client
+            .query_one(
+                "SELECT to_regclass($1) IS NOT NULL AND to_regclass($2) IS NOT NULL",
+                &[&indexes[0], &indexes[1]],
+            )
+            .await
+            .unwrap()
+            .get(0)
+    };
+    assert!(present(&client).await, "a generation gets them when it is made");
+    client
+        .batch_execute(&format!("DROP INDEX {}; DROP INDEX {};", indexes[0], indexes[1]))
+        .await
+        .unwrap();
+    assert!(!present(&client).await);
+    PgReadModels::connect(&url, PgReadModelOptions::in_schema(models.schema()))
+        .await
+        .unwrap();
+    assert!(present(&client).await, "added when the read models were opened");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

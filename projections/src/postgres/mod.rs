@@ -238,6 +238,8 @@ impl PgReadModels {
         };
         let mut client = models.client().await?;
         migrate(&mut client, models.schema()).await?;
+        drop(client);
+        Model::add_missing_list_indexes(&models).await;
         Ok(models)
     }
 
@@ -600,7 +602,6 @@ pub(crate) fn describe_error(error: &tokio_postgres::Error) -> String {
     }
 }
 
-/// A missing view means the projection has not been built yet.
 /// Whether `error` is a lost or refused connection, or a server shutting
 /// down, rather than a failure of the statement itself.
 pub(crate) fn is_connection_failure(error: &tokio_postgres::Error) -> bool {
@@ -608,8 +609,9 @@ pub(crate) fn is_connection_failure(error: &tokio_postgres::Error) -> bool {
         return true;
     }
     match error.code() {
-        // No SQLSTATE: the socket, not the server, failed.
-        None => true,
+        // No SQLSTATE: the socket failed (an I/O error underneath), or the
+        // client did (a value of the wrong type: a bug, not an outage).
+        None => std::error::Error::source(error).is_some_and(|source| source.is::<std::io::Error>()),
         Some(code) => [
             SqlState::CONNECTION_EXCEPTION,
             SqlState::CONNECTION_DOES_NOT_EXIST,
@@ -623,6 +625,7 @@ pub(crate) fn is_connection_failure(error: &tokio_postgres::Error) -> bool {
     }
 }
 
+/// A missing view means the projection has not been built yet.
 fn not_built_or(name: &str, action: &'static str, error: tokio_postgres::Error) -> ProjectionError {
     if error.code() == Some(&SqlState::UNDEFINED_TABLE) {
         ProjectionError::NotBuilt { name: name.to_owned() }

@@ -17,7 +17,7 @@ use tokio_postgres::{GenericClient, Row, Transaction};
 use triage_domain::{Claim, Classification, State, Ticket, TicketId};
 use uuid::Uuid;
 
-use super::PgReadModels;
+use super::{PgReadModels, SlotKind};
 use crate::ProjectionError;
 use crate::projection::{Fnv, Payload, ProjectedEvent, Projection};
 use crate::stats::{STAGES, StageLatency, StatsDelta, StatsProjection, StatsSummary};
@@ -85,8 +85,9 @@ impl Model {
         let table = |base: &str| models.generation_table(base, generation);
         let sql = match self {
             Model::Tickets => format!(
-                "CREATE INDEX ON {t} (state, state_entered_at);
+                "{}
                  CREATE INDEX ON {t} (lease_expires_at) WHERE lease_expires_at IS NOT NULL;",
+                list_indexes(models, generation),
                 t = table("tickets")
             ),
             // The percentiles of the summary sort by it.
@@ -95,6 +96,43 @@ impl Model {
         tx.batch_execute(&sql)
             .await
             .map_err(|error| ProjectionError::postgres("index the projection's tables", error))
+    }
+
+    /// Adds the list indexes (see [`list_indexes`]) to the live `tickets`
+    /// generation when it was built before they existed. Best effort: they
+    /// only make pages cheaper, so a failure (another process adding them
+    /// at the same moment, a role without the right) is logged and the
+    /// lists keep working, slower.
+    pub(crate) async fn add_missing_list_indexes(models: &PgReadModels) {
+        let added = async {
+            let Some(live) = models.slot(Model::Tickets.name(), SlotKind::Live).await? else {
+                return Ok(());
+            };
+            let client = models.client().await?;
+            // Looked up first: CREATE INDEX IF NOT EXISTS locks the table
+            // against writes before it finds the index there.
+            let present: bool = client
+                .query_one(
+                    "SELECT to_regclass($1) IS NOT NULL AND to_regclass($2) IS NOT NULL",
+                    &[
+                        &models.qualified(&format!("tickets_g{}_state_list", live.generation)),
+                        &models.qualified(&format!("tickets_g{}_created_list", live.generation)),
+                    ],
+                )
+                .await
+                .map_err(|error| ProjectionError::postgres("look for the tickets list indexes", error))?
+                .get(0);
+            if present {
+                return Ok(());
+            }
+            client
+                .batch_execute(&list_indexes(models, live.generation))
+                .await
+                .map_err(|error| ProjectionError::postgres("add the tickets list indexes", error))
+        };
+        if let Err(error) = added.await {
+            tracing::warn!(%error, "could not add the tickets list indexes; lists stay slower");
+        }
     }
 
     /// Creates the tables of `generation` (dropping leftovers of an
@@ -721,4 +759,17 @@ pub(crate) async fn stats_summary(
         .await
         .map_err(|error| ProjectionError::postgres("end a read", error))?;
     Ok(summary)
+}
+
+/// The indexes the ticket lists page through, in their own order (see
+/// `TicketsView::list_after`): one state's tickets by `(state_entered_at,
+/// ticket_id)`, all tickets by `(created_at, ticket_id)`. Named, so that
+/// a generation built before them can get them later
+/// ([`Model::add_missing_list_indexes`]).
+fn list_indexes(models: &PgReadModels, generation: u32) -> String {
+    let table = models.generation_table("tickets", generation);
+    format!(
+        "CREATE INDEX IF NOT EXISTS tickets_g{generation}_state_list ON {table} (state, state_entered_at, ticket_id);
+         CREATE INDEX IF NOT EXISTS tickets_g{generation}_created_list ON {table} (created_at, ticket_id);"
+    )
 }

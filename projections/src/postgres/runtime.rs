@@ -988,10 +988,13 @@ impl PgProjector {
                      AND objsubid = 2)"
                 )
             };
+            // One row whether or not the live slot exists: a first build
+            // has no live row yet, and its lock counts all the same.
             let row = client
                 .query_opt(
                     &format!(
-                        "SELECT last_error, leader, {}, {} FROM {} WHERE name = $1 AND slot = 'live'",
+                        "SELECT live.last_error, live.leader, {}, {} \
+                         FROM (SELECT 1) AS one LEFT JOIN {} AS live ON live.name = $1 AND live.slot = 'live'",
                         held("$3"),
                         held("$4"),
                         self.models.qualified("triage_read_models")
