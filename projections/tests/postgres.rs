@@ -334,8 +334,9 @@ async fn a_pg_rebuild_indexes_its_generation_when_it_goes_live() {
     };
     let expected = [
         vec![
+            "(created_at, ticket_id)".to_owned(),
             "(lease_expires_at) WHERE (lease_expires_at IS NOT NULL)".to_owned(),
-            "(state, state_entered_at)".to_owned(),
+            "(state, state_entered_at, ticket_id)".to_owned(),
         ],
         vec!["(stage, ms)".to_owned()],
     ];

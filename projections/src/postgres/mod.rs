@@ -652,7 +652,7 @@ impl SlotKind {
     }
 }
 
-fn position(commit: Option<i64>, prepare: Option<i64>) -> Option<Position> {
+pub(crate) fn position(commit: Option<i64>, prepare: Option<i64>) -> Option<Position> {
     Some(Position {
         commit: commit? as u64,
         prepare: prepare? as u64,

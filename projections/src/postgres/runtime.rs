@@ -266,14 +266,26 @@ impl PgProjector {
         }
     }
 
+    /// The lowest checkpoint of the live models (`None` while one is not
+    /// built), in one query: a server asks before every read.
     async fn lowest_checkpoint(&self) -> Result<Option<Position>, ProjectionError> {
+        let client = self.models.client().await?;
+        let rows = client
+            .query(
+                &format!(
+                    "SELECT name, checkpoint_commit, checkpoint_prepare FROM {} WHERE slot = 'live'",
+                    self.models.qualified("triage_read_models")
+                ),
+                &[],
+            )
+            .await
+            .map_err(|error| ProjectionError::postgres("read the registry", error))?;
         let mut lowest: Option<Option<Position>> = None;
         for model in Model::ALL {
-            let checkpoint = self
-                .models
-                .slot(model.name(), SlotKind::Live)
-                .await?
-                .and_then(|slot| slot.checkpoint);
+            let checkpoint = rows
+                .iter()
+                .find(|row| row.get::<_, &str>(0) == model.name())
+                .and_then(|row| super::position(row.get(1), row.get(2)));
             lowest = Some(lowest.map_or(checkpoint, |lowest| lowest.min(checkpoint)));
         }
         Ok(lowest.flatten())
