@@ -1081,3 +1081,46 @@ async fn a_rebuild_that_fails_after_its_shadow_tables_leaves_no_build_behind() {
         assert!(!status.build_in_progress, "{status:?}");
     }
 }
+
+/// A one-shot catch-up that finds the projections led by another session
+/// takes them over when that session ends while it waits (a leader just
+/// killed, whose session the server had not closed yet), instead of
+/// waiting out its deadline for a leader that is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_catch_up_takes_over_from_a_leader_that_goes_away_while_it_waits() {
+    let Some(url) = url("a_catch_up_takes_over_from_a_leader_that_goes_away_while_it_waits") else {
+        return;
+    };
+    let store = event_store(&url).await;
+    let events: Arc<dyn EventStore> = store.clone();
+    let models = read_models(&url).await;
+    let projector = PgProjector::new(events.clone(), models.clone());
+    let mut workload = Workload::new(events.clone());
+    workload.random(100, 5, 21).await;
+    projector.catch_up().await.unwrap();
+
+    // Another session leads both projections (the runtime's lock class
+    // and keys), applies nothing, and goes away after a second.
+    let leader = raw_client(&url).await;
+    for name in ["tickets", "stats"] {
+        leader
+            .execute(
+                "SELECT pg_advisory_lock($1, hashtext($2))",
+                &[&0x5452_524C_i32, &format!("{}/{name}/live", models.schema())],
+            )
+            .await
+            .unwrap();
+    }
+    workload.random(100, 5, 22).await;
+    let (_, head) = projected_events(events.as_ref()).await;
+    let gone = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        drop(leader);
+    });
+    let reached = projector.catch_up().await.unwrap();
+    gone.await.unwrap();
+    assert_eq!(
+        reached, head,
+        "the catch-up took the projections over and applied the log"
+    );
+}

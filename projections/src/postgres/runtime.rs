@@ -213,33 +213,43 @@ impl PgProjector {
     /// Brings the read models up to the head of the log once: applies the
     /// projections no other instance leads (creating them, or rebuilding
     /// those whose version changed, first), and waits a little (at most
-    /// 5 s) for the leaders of the others to reach the head. Returns the
-    /// lowest checkpoint of the live models.
+    /// 5 s) for the leaders of the others to reach the head, taking over a
+    /// projection whose leader goes away meanwhile. Returns the lowest
+    /// checkpoint of the live models.
     pub async fn catch_up(&self) -> Result<Option<Position>, ProjectionError> {
         let head = self.events.head_position().await?;
         let mut session = Session::open(self).await?;
-        for model in Model::ALL {
-            session.try_lock(&self.models, (model, SlotKind::Live)).await?;
-        }
-        let led = session.holds(SlotKind::Live);
-        self.prepare(&mut session, &led).await?;
-        if !led.is_empty() {
-            let targets: Vec<Target> = led.iter().map(|model| (*model, SlotKind::Live)).collect();
-            self.replay_recording_errors(&mut session, &targets).await?;
+        let deadline = Instant::now() + FOLLOWER_WAIT;
+        let mut applied: Vec<Model> = Vec::new();
+        loop {
+            for model in Model::ALL {
+                session.try_lock(&self.models, (model, SlotKind::Live)).await?;
+            }
+            let newly_led: Vec<Model> = session
+                .holds(SlotKind::Live)
+                .into_iter()
+                .filter(|model| !applied.contains(model))
+                .collect();
+            if !newly_led.is_empty() {
+                self.prepare(&mut session, &newly_led).await?;
+                let targets: Vec<Target> = newly_led.iter().map(|model| (*model, SlotKind::Live)).collect();
+                self.replay_recording_errors(&mut session, &targets).await?;
+                applied.extend(newly_led);
+            }
+            if applied.len() == Model::ALL.len() {
+                break;
+            }
+            // The others are led elsewhere: read what their leader has
+            // applied, once it has the log as of the start. A leader that
+            // has just died (its session not ended yet when the locks were
+            // first tried) is taken over at a later look, instead of being
+            // waited for in vain.
+            if self.lowest_checkpoint().await? >= head || Instant::now() >= deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
         drop(session);
-        if led.len() < Model::ALL.len() {
-            // The others are led elsewhere: read what their leader has
-            // applied, once it has the log as of the start.
-            let deadline = Instant::now() + FOLLOWER_WAIT;
-            loop {
-                let lowest = self.lowest_checkpoint().await?;
-                if lowest >= head || Instant::now() >= deadline {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
         self.lowest_checkpoint().await
     }
 
