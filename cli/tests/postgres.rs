@@ -11,6 +11,15 @@ use serde_json::Value;
 /// takes this lock for writing, the others for reading.
 static WATERMARK: std::sync::RwLock<()> = std::sync::RwLock::new(());
 
+/// A store of the test's own: `url` with a fresh schema; the schema and
+/// the store's URL.
+fn fresh_store(url: &str) -> (String, String) {
+    let schema = format!("cli_{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+    let separator = if url.contains('?') { '&' } else { '?' };
+    let store = format!("{url}{separator}schema={schema}");
+    (schema, store)
+}
+
 fn sharing_the_watermark() -> std::sync::RwLockReadGuard<'static, ()> {
     WATERMARK.read().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
@@ -22,9 +31,7 @@ fn tickets_and_read_models_live_in_postgresql() {
         return;
     };
     let _shared = sharing_the_watermark();
-    let schema = format!("cli_{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
-    let separator = if url.contains('?') { '&' } else { '?' };
-    let store = format!("{url}{separator}schema={schema}");
+    let (schema, store) = fresh_store(&url);
     let dir = tempfile::tempdir().unwrap();
     let with_store = |args: &[&str]| {
         let mut all = vec!["--store", store.as_str()];
@@ -108,9 +115,7 @@ fn two_servers_share_postgresql_read_models_and_the_survivor_takes_over_from_a_k
         return;
     };
     let _shared = sharing_the_watermark();
-    let schema = format!("cli_{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
-    let separator = if url.contains('?') { '&' } else { '?' };
-    let store = format!("{url}{separator}schema={schema}");
+    let (_, store) = fresh_store(&url);
     let dir = tempfile::tempdir().unwrap();
     let token = succeed(
         dir.path(),
@@ -235,9 +240,7 @@ fn a_read_held_back_by_an_open_transaction_says_which_one() {
         return;
     };
     let _alone = WATERMARK.write().unwrap_or_else(std::sync::PoisonError::into_inner);
-    let schema = format!("cli_{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
-    let separator = if url.contains('?') { '&' } else { '?' };
-    let store = format!("{url}{separator}schema={schema}");
+    let (_, store) = fresh_store(&url);
     let dir = tempfile::tempdir().unwrap();
     let with_store = |args: &[&str]| {
         let mut all = vec!["--store", store.as_str()];
@@ -294,9 +297,7 @@ fn a_reading_command_makes_no_store_where_there_is_none() {
         return;
     };
     let _shared = sharing_the_watermark();
-    let schema = format!("cli_{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
-    let separator = if url.contains('?') { '&' } else { '?' };
-    let store = format!("{url}{separator}schema={schema}");
+    let (schema, store) = fresh_store(&url);
     let dir = tempfile::tempdir().unwrap();
     for args in [&["events"][..], &["ticket", "list"][..], &["stats"][..]] {
         let mut all = vec!["--store", store.as_str()];
@@ -347,9 +348,7 @@ fn mcp_over_stdio_leads_the_postgresql_projections_it_reads() {
         return;
     };
     let _shared = sharing_the_watermark();
-    let schema = format!("cli_{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
-    let separator = if url.contains('?') { '&' } else { '?' };
-    let store = format!("{url}{separator}schema={schema}");
+    let (_, store) = fresh_store(&url);
     let dir = tempfile::tempdir().unwrap();
     let token = succeed(
         dir.path(),
