@@ -11,6 +11,15 @@ use serde_json::Value;
 /// takes this lock for writing, the others for reading.
 static WATERMARK: std::sync::RwLock<()> = std::sync::RwLock::new(());
 
+/// `TRIAGE_PG_URL`, or `None` after saying that `test` is skipped.
+fn pg_url(test: &str) -> Option<String> {
+    let url = std::env::var("TRIAGE_PG_URL").ok();
+    if url.is_none() {
+        eprintln!("skipped: {test} (TRIAGE_PG_URL is not set)");
+    }
+    url
+}
+
 /// A store of the test's own: `url` with a fresh schema; the schema and
 /// the store's URL.
 fn fresh_store(url: &str) -> (String, String) {
@@ -26,8 +35,7 @@ fn sharing_the_watermark() -> std::sync::RwLockReadGuard<'static, ()> {
 
 #[test]
 fn tickets_and_read_models_live_in_postgresql() {
-    let Ok(url) = std::env::var("TRIAGE_PG_URL") else {
-        eprintln!("skipped: tickets_and_read_models_live_in_postgresql (TRIAGE_PG_URL is not set)");
+    let Some(url) = pg_url("tickets_and_read_models_live_in_postgresql") else {
         return;
     };
     let _shared = sharing_the_watermark();
@@ -107,11 +115,8 @@ fn tickets_and_read_models_live_in_postgresql() {
 /// then equal a clean rebuild.
 #[test]
 fn two_servers_share_postgresql_read_models_and_the_survivor_takes_over_from_a_killed_leader() {
-    let Ok(url) = std::env::var("TRIAGE_PG_URL") else {
-        eprintln!(
-            "skipped: two_servers_share_postgresql_read_models_and_the_survivor_takes_over_from_a_killed_leader \
-             (TRIAGE_PG_URL is not set)"
-        );
+    let Some(url) = pg_url("two_servers_share_postgresql_read_models_and_the_survivor_takes_over_from_a_killed_leader")
+    else {
         return;
     };
     let _shared = sharing_the_watermark();
@@ -235,8 +240,7 @@ fn two_servers_share_postgresql_read_models_and_the_survivor_takes_over_from_a_k
 /// as if nothing had been written.
 #[test]
 fn a_read_held_back_by_an_open_transaction_says_which_one() {
-    let Ok(url) = std::env::var("TRIAGE_PG_URL") else {
-        eprintln!("skipped: a_read_held_back_by_an_open_transaction_says_which_one (TRIAGE_PG_URL is not set)");
+    let Some(url) = pg_url("a_read_held_back_by_an_open_transaction_says_which_one") else {
         return;
     };
     let _alone = WATERMARK.write().unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -292,8 +296,7 @@ fn a_read_held_back_by_an_open_transaction_says_which_one() {
 /// schema that has none (a mistyped name would otherwise get one).
 #[test]
 fn a_reading_command_makes_no_store_where_there_is_none() {
-    let Ok(url) = std::env::var("TRIAGE_PG_URL") else {
-        eprintln!("skipped: a_reading_command_makes_no_store_where_there_is_none (TRIAGE_PG_URL is not set)");
+    let Some(url) = pg_url("a_reading_command_makes_no_store_where_there_is_none") else {
         return;
     };
     let _shared = sharing_the_watermark();
@@ -343,8 +346,7 @@ fn a_reading_command_makes_no_store_where_there_is_none() {
 #[test]
 fn mcp_over_stdio_leads_the_postgresql_projections_it_reads() {
     use std::io::{BufRead, BufReader, Write};
-    let Ok(url) = std::env::var("TRIAGE_PG_URL") else {
-        eprintln!("skipped: mcp_over_stdio_leads_the_postgresql_projections_it_reads (TRIAGE_PG_URL is not set)");
+    let Some(url) = pg_url("mcp_over_stdio_leads_the_postgresql_projections_it_reads") else {
         return;
     };
     let _shared = sharing_the_watermark();

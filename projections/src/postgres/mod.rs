@@ -306,8 +306,7 @@ impl PgReadModels {
     /// Tickets in `state` (all states when `None`), oldest in that state
     /// first (all: oldest first), as [`crate::TicketsView::list`].
     pub async fn list(&self, state: Option<State>, limit: usize) -> Result<Vec<TicketRow>, ProjectionError> {
-        let states: Option<Vec<State>> = state.map(|state| vec![state]);
-        self.tickets_in(states.as_deref(), limit).await
+        self.list_after(state, None, limit).await
     }
 
     /// [`PgReadModels::list`] from just after `after`, the cursor of the
@@ -328,9 +327,9 @@ impl PgReadModels {
             after.is_none_or(|cursor| cursor.state == state),
             "a cursor of another list"
         );
-        let Some(after) = after else {
-            return self.list(state, limit).await;
-        };
+        // Before every row, without a cursor: no time is i64::MIN, and the
+        // nil uuid is the lowest.
+        let (at, id) = after.map_or((i64::MIN, Uuid::nil()), |cursor| (cursor.at, cursor.ticket_id.0));
         let client = self.client().await?;
         let limit = limit.min(i64::MAX as usize) as i64;
         let table = self.qualified("tickets");
@@ -342,7 +341,7 @@ impl PgReadModels {
                         "SELECT {columns} FROM {table} WHERE state = $1 AND (state_entered_at, ticket_id) > ($2, $3) \
                              ORDER BY state_entered_at, ticket_id LIMIT $4"
                     ),
-                    &[&state.as_str(), &after.at, &after.ticket_id.0, &limit],
+                    &[&state.as_str(), &at, &id, &limit],
                 )
                 .await,
             None => {
@@ -352,7 +351,7 @@ impl PgReadModels {
                             "SELECT {columns} FROM {table} WHERE (created_at, ticket_id) > ($1, $2) \
                              ORDER BY created_at, ticket_id LIMIT $3"
                         ),
-                        &[&after.at, &after.ticket_id.0, &limit],
+                        &[&at, &id, &limit],
                     )
                     .await
             }
@@ -411,37 +410,24 @@ impl PgReadModels {
     /// The work queue of `role`, oldest first, as
     /// [`crate::TicketsView::work_queue`].
     pub async fn work_queue(&self, role: Role, limit: usize) -> Result<Vec<TicketRow>, ProjectionError> {
-        self.tickets_in(Some(&queue_states(role)), limit).await
+        self.tickets_in(&queue_states(role), limit).await
     }
 
-    async fn tickets_in(&self, states: Option<&[State]>, limit: usize) -> Result<Vec<TicketRow>, ProjectionError> {
+    async fn tickets_in(&self, states: &[State], limit: usize) -> Result<Vec<TicketRow>, ProjectionError> {
         let client = self.client().await?;
         let limit = limit.min(i64::MAX as usize) as i64;
-        let table = self.qualified("tickets");
-        let columns = models::TICKET_COLUMNS;
-        let rows = match states {
-            Some(states) => {
-                let states: Vec<&str> = states.iter().map(|state| state.as_str()).collect();
-                client
-                    .query(
-                        &format!(
-                            "SELECT {columns} FROM {table} WHERE state = ANY($1) \
-                             ORDER BY state_entered_at, ticket_id LIMIT $2"
-                        ),
-                        &[&states, &limit],
-                    )
-                    .await
-            }
-            None => {
-                client
-                    .query(
-                        &format!("SELECT {columns} FROM {table} ORDER BY created_at, ticket_id LIMIT $1"),
-                        &[&limit],
-                    )
-                    .await
-            }
-        }
-        .map_err(|error| not_built_or("tickets", "list tickets", error))?;
+        let states: Vec<&str> = states.iter().map(|state| state.as_str()).collect();
+        let rows = client
+            .query(
+                &format!(
+                    "SELECT {} FROM {} WHERE state = ANY($1) ORDER BY state_entered_at, ticket_id LIMIT $2",
+                    models::TICKET_COLUMNS,
+                    self.qualified("tickets")
+                ),
+                &[&states, &limit],
+            )
+            .await
+            .map_err(|error| not_built_or("tickets", "list tickets", error))?;
         rows.iter().map(models::ticket_from_row).collect()
     }
 
