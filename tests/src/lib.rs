@@ -261,8 +261,12 @@ pub async fn race(store: Arc<dyn EventStore>, config: RaceConfig) -> RaceReport 
 
     let late_attempted = Arc::new(AtomicU64::new(0));
     let first_late_taken = Arc::new(AtomicBool::new(false));
+    // Steps sent by all the agents: an agent is idle only while nobody
+    // makes progress (see below).
+    let progress = Arc::new(AtomicU64::new(0));
     let mut agents = Vec::with_capacity(config.agents);
     for index in 0..config.agents {
+        let progress = progress.clone();
         let handler = handler.clone();
         let tickets = tickets.clone();
         let report = report.clone();
@@ -277,9 +281,12 @@ pub async fn race(store: Arc<dyn EventStore>, config: RaceConfig) -> RaceReport 
             // A step is a command sent. Looking and finding no work is not
             // one: an escalator whose steps ran out before any draft was
             // ready would leave tickets unresolved on a loaded machine. An
-            // agent that finds no work for a while stops instead.
+            // agent that finds no work while no agent makes progress for a
+            // while stops instead: on a slow machine an escalator may wait
+            // longer than that for the first draft, while the others work.
             let mut steps = 0;
             let mut idle_since: Option<std::time::Instant> = None;
+            let mut progress_seen = progress.load(Ordering::Relaxed);
             while steps < config.steps_per_agent && idle_since.is_none_or(|since| since.elapsed() < MAX_IDLE) {
                 // Look through the tickets in random order for work this
                 // agent can do, as a worker polling its queue would.
@@ -303,12 +310,18 @@ pub async fn race(store: Arc<dyn EventStore>, config: RaceConfig) -> RaceReport 
                     }
                 }
                 let Some((ticket, loaded, command)) = work else {
+                    let progress_now = progress.load(Ordering::Relaxed);
+                    if progress_now != progress_seen {
+                        progress_seen = progress_now;
+                        idle_since = None;
+                    }
                     idle_since.get_or_insert_with(std::time::Instant::now);
                     tokio::time::sleep(Duration::from_millis(1)).await;
                     continue;
                 };
                 idle_since = None;
                 steps += 1;
+                progress.fetch_add(1, Ordering::Relaxed);
                 let revision = loaded.revision.expect("the ticket exists");
                 // Think: a simulated model call.
                 tokio::time::sleep(Duration::from_micros(rng.u64(0..1500))).await;
