@@ -429,4 +429,32 @@ mod tests {
         }));
         assert_ne!(empty.status(), StatusCode::SERVICE_UNAVAILABLE);
     }
+
+    /// A store that refuses for good (a revoked privilege, a read-only
+    /// server) is not told to the client as a passing outage: a retry in a
+    /// second would fail the same way. It is a server error, logged, with
+    /// no driver detail and no Retry-After.
+    #[tokio::test]
+    async fn a_refusing_store_is_500_without_retry_advice() {
+        let refused = CommandError::Store(triage_event_store::Error::refused(
+            "appending to ticket-x: the role \"agent\" lacks a privilege on db.internal",
+            std::io::Error::other("permission denied for table triage_events"),
+        ));
+        let response = ApiError::from_command(refused).into_response();
+        assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        assert!(response.headers().get(header::RETRY_AFTER).is_none());
+        let body = axum::body::to_bytes(response.into_body(), 1 << 16).await.unwrap();
+        let problem: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(problem["code"], "internal", "{problem}");
+        assert!(
+            !problem["detail"].as_str().unwrap().contains("db.internal"),
+            "{problem}"
+        );
+
+        let read_model = ApiError::from(ProjectionError::Store(triage_event_store::Error::refused(
+            "reading the log",
+            std::io::Error::other("permission denied"),
+        )));
+        assert_eq!(read_model.status(), StatusCode::INTERNAL_SERVER_ERROR);
+    }
 }

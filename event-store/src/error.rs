@@ -98,10 +98,25 @@ pub enum Error {
     #[error("the event store is closed")]
     Closed,
 
-    /// The backend failed; the source carries the driver's error.
+    /// The backend failed or did not answer; the source carries the
+    /// driver's error. The operation may or may not have taken effect, and
+    /// the same call (an append with the same event ids) may well succeed
+    /// later.
     #[error("event store backend error: {message}")]
     Backend {
         /// What was being done.
+        message: String,
+        /// The driver's error.
+        #[source]
+        source: Option<BoxError>,
+    },
+
+    /// The backend refused the operation for a reason that retrying does
+    /// not change: a missing privilege, a missing table, a read-only
+    /// database. Nothing was written; the store's setup must be fixed.
+    #[error("the event store refused: {message}")]
+    Refused {
+        /// What was being done and what is wrong.
         message: String,
         /// The driver's error.
         #[source]
@@ -113,6 +128,14 @@ impl Error {
     /// A backend failure while doing `message`.
     pub fn backend(message: impl Into<String>, source: impl Into<BoxError>) -> Self {
         Error::Backend {
+            message: message.into(),
+            source: Some(source.into()),
+        }
+    }
+
+    /// A refusal that retrying does not change, while doing `message`.
+    pub fn refused(message: impl Into<String>, source: impl Into<BoxError>) -> Self {
+        Error::Refused {
             message: message.into(),
             source: Some(source.into()),
         }

@@ -273,7 +273,7 @@ impl KurrentDbEventStore {
                 ),
                 kurrentdb::Error::DeadlineExceeded,
             ),
-            kurrentdb::Error::AccessDenied => Error::backend(
+            kurrentdb::Error::AccessDenied => Error::refused(
                 format!(
                     "KurrentDB at {} denied access ({what}); check the credentials in the connection string",
                     self.description

@@ -225,25 +225,57 @@ impl Target {
         }
     }
 
-    /// Maps a driver error. A missing privilege gets a message that says
-    /// which role lacks what, where.
+    /// Maps a driver error. What retrying cannot change (a missing
+    /// privilege, table or database, a read-only server, a bad password) is
+    /// [`Error::Refused`], with a message that says what is wrong where;
+    /// the rest is [`Error::Backend`]. A statement that failed was rolled
+    /// back with its transaction, so a refused append stored nothing.
     pub(crate) fn db_error(&self, what: &str, error: tokio_postgres::Error) -> Error {
-        if error.code() == Some(&SqlState::INSUFFICIENT_PRIVILEGE) {
-            let detail = error
-                .as_db_error()
-                .map_or_else(|| error.to_string(), |db| db.message().to_owned());
-            return Error::Backend {
-                message: format!(
-                    "{what}: the role {:?} lacks a privilege the event store needs on {} ({detail}); \
-                     it needs USAGE and CREATE on the schema (or CREATE on the database to create the schema) \
-                     and SELECT, INSERT on its tables",
-                    self.config.get_user().unwrap_or(""),
-                    self.describe()
-                ),
-                source: Some(Box::new(error)),
-            };
-        }
-        Error::backend(format!("{what} ({})", self.describe()), error)
+        let Some(code) = error.code() else {
+            return Error::backend(format!("{what} ({})", self.describe()), error);
+        };
+        let detail = error
+            .as_db_error()
+            .map_or_else(|| error.to_string(), |db| db.message().to_owned());
+        let role = self.config.get_user().unwrap_or("");
+        let problem = if *code == SqlState::INSUFFICIENT_PRIVILEGE {
+            format!(
+                "the role {role:?} lacks a privilege the event store needs on {} ({detail}); \
+                 it needs USAGE and CREATE on the schema (or CREATE on the database to create the schema) \
+                 and SELECT, INSERT on its tables",
+                self.describe()
+            )
+        } else if [
+            SqlState::UNDEFINED_TABLE,
+            SqlState::UNDEFINED_FUNCTION,
+            SqlState::UNDEFINED_COLUMN,
+            SqlState::INVALID_SCHEMA_NAME,
+        ]
+        .contains(code)
+        {
+            format!(
+                "{} lacks part of the event store's schema ({detail}); was it dropped or altered by hand? \
+                 Restore it from a backup",
+                self.describe()
+            )
+        } else if *code == SqlState::READ_ONLY_SQL_TRANSACTION {
+            format!(
+                "{} accepts no writes ({detail}): a standby, or default_transaction_read_only is on for the \
+                 role {role:?} or the database; point the store at the primary",
+                self.describe()
+            )
+        } else if [
+            SqlState::INVALID_CATALOG_NAME,
+            SqlState::INVALID_PASSWORD,
+            SqlState::INVALID_AUTHORIZATION_SPECIFICATION,
+        ]
+        .contains(code)
+        {
+            format!("{} refused the connection ({detail})", self.describe())
+        } else {
+            return Error::backend(format!("{what} ({})", self.describe()), error);
+        };
+        Error::refused(format!("{what}: {problem}"), error)
     }
 }
 
@@ -453,7 +485,7 @@ fn parse_url(url: &str) -> Result<Config> {
     // The parser's message names the bad part, never the URL, so the
     // password cannot leak through it.
     url.parse::<Config>().map_err(|error| {
-        Error::backend(
+        Error::refused(
             "invalid PostgreSQL URL (expected postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE)",
             error,
         )
@@ -823,9 +855,9 @@ mod tests {
     }
 
     #[test]
-    fn invalid_urls_are_backend_errors_without_the_url() {
+    fn invalid_urls_are_refused_without_the_url() {
         let error = parse_url("postgres://alice:s3cret@host/db?bogus=1").unwrap_err();
-        assert!(matches!(error, Error::Backend { .. }));
+        assert!(matches!(error, Error::Refused { .. }));
         let mut text = error.to_string();
         let mut source = std::error::Error::source(&error);
         while let Some(cause) = source {

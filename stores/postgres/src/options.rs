@@ -93,7 +93,7 @@ impl PostgresOptions {
             .chars()
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
         if !valid_start || !valid_rest || schema.len() > MAX_SCHEMA_BYTES || schema.starts_with("pg_") {
-            return Err(Error::Backend {
+            return Err(Error::Refused {
                 message: format!(
                     "invalid PostgreSQL schema name {schema:?}: use 1 to {MAX_SCHEMA_BYTES} lowercase ASCII letters, digits or '_', not starting with a digit or 'pg_'"
                 ),
@@ -121,7 +121,7 @@ mod tests {
             assert!(
                 matches!(
                     PostgresOptions::in_schema(bad).validate(),
-                    Err(Error::Backend { source: None, .. })
+                    Err(Error::Refused { source: None, .. })
                 ),
                 "{bad:?} was accepted"
             );

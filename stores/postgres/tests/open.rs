@@ -1,7 +1,9 @@
 //! Opening safety and bad input: a store from a newer Triage or tables that
 //! are not a store are refused with `Error::Incompatible` and left
-//! unchanged; a role without privileges and an unreachable server fail
-//! with a clear `Error::Backend`; migrations run once even when several
+//! unchanged; a role without privileges is `Error::Refused` and an
+//! unreachable server `Error::Backend`, each with a clear message; a
+//! privilege revoked or writes turned off while the store runs are refused,
+//! not passed off as an outage; migrations run once even when several
 //! processes start at once; the password never shows.
 
 mod common;
@@ -165,7 +167,7 @@ async fn a_role_without_privileges_fails_with_a_clear_error() {
         .expect_err("a role without privileges cannot create a store");
     let message = error.to_string();
     eprintln!("refused: {message}");
-    assert!(matches!(error, Error::Backend { .. }), "{error:?}");
+    assert!(matches!(error, Error::Refused { .. }), "{error:?}");
     assert!(
         message.contains(&role) && message.contains("lacks a privilege"),
         "{message}"
@@ -202,6 +204,97 @@ async fn a_role_without_privileges_fails_with_a_clear_error() {
 
     drop_schema(&admin, &existing).await;
     admin.batch_execute(&format!(r#"DROP ROLE "{role}""#)).await.unwrap();
+}
+
+/// What retrying cannot change, once the store is open: a privilege
+/// revoked, a server that takes no writes. The append is `Refused` (not
+/// `Backend`, which callers retry as an outage), says what is wrong, and
+/// stored nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_privilege_or_a_read_only_server_is_refused_while_running() {
+    let Some(url) = common::url("a_revoked_privilege_or_a_read_only_server_is_refused_while_running") else {
+        return;
+    };
+    let admin = common::raw_client(&url).await;
+    let role = format!("triage_revoked_{}", &Uuid::new_v4().simple().to_string()[..12]);
+    let Some(role_url) = with_userinfo(&url, &role) else {
+        eprintln!(
+            "skipped: a_revoked_privilege_or_a_read_only_server_is_refused_while_running \
+             (TRIAGE_PG_URL is not a postgres:// URL)"
+        );
+        return;
+    };
+    let schema = fresh_schema();
+    let owner = PostgresEventStore::connect(&url, PostgresOptions::in_schema(&schema))
+        .await
+        .expect("the store is created");
+    admin
+        .batch_execute(&format!(
+            r#"CREATE ROLE "{role}" LOGIN;
+               GRANT USAGE ON SCHEMA "{schema}" TO "{role}";
+               GRANT SELECT, INSERT ON ALL TABLES IN SCHEMA "{schema}" TO "{role}";"#
+        ))
+        .await
+        .unwrap();
+    let stream = StreamName::new("ticket-refused").unwrap();
+    let store = PostgresEventStore::connect(&role_url, PostgresOptions::in_schema(&schema))
+        .await
+        .expect("a role with USAGE, SELECT and INSERT opens the store");
+    store
+        .append(&stream, ExpectedRevision::NoStream, vec![common::event("Opened")])
+        .await
+        .expect("the role may append");
+
+    admin
+        .batch_execute(&format!(r#"REVOKE INSERT ON "{schema}".triage_events FROM "{role}""#))
+        .await
+        .unwrap();
+    let error = store
+        .append(&stream, ExpectedRevision::Exact(0), vec![common::event("Classified")])
+        .await
+        .expect_err("the privilege is gone");
+    eprintln!("refused: {error}");
+    assert!(matches!(error, Error::Refused { .. }), "{error:?}");
+    assert!(!error.is_unavailable(), "{error:?}");
+    let message = error.to_string();
+    assert!(
+        message.contains(&role) && message.contains("lacks a privilege"),
+        "{message}"
+    );
+
+    // Writes turned off for the role's sessions: a new store's connections.
+    admin
+        .batch_execute(&format!(
+            r#"GRANT INSERT ON "{schema}".triage_events TO "{role}";
+               ALTER ROLE "{role}" SET default_transaction_read_only = on;"#
+        ))
+        .await
+        .unwrap();
+    drop(store);
+    let read_only = match PostgresEventStore::connect(&role_url, PostgresOptions::in_schema(&schema)).await {
+        Ok(store) => store
+            .append(&stream, ExpectedRevision::Exact(0), vec![common::event("Classified")])
+            .await
+            .expect_err("the server takes no writes from the role"),
+        // Opening may already have to write (the migration check).
+        Err(error) => error,
+    };
+    eprintln!("refused: {read_only}");
+    assert!(matches!(read_only, Error::Refused { .. }), "{read_only:?}");
+    assert!(read_only.to_string().contains("accepts no writes"), "{read_only}");
+
+    let stored = owner
+        .read_stream(&stream, ReadStream::forwards())
+        .await
+        .expect("the stream reads");
+    assert_eq!(stored.len(), 1, "only the first append was stored: {stored:?}");
+
+    drop(owner);
+    drop_schema(&admin, &schema).await;
+    admin
+        .batch_execute(&format!(r#"DROP OWNED BY "{role}"; DROP ROLE "{role}""#))
+        .await
+        .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -307,14 +400,14 @@ async fn an_unreachable_server_fails_with_a_clear_error() {
 #[tokio::test]
 async fn invalid_urls_and_schema_names_are_refused() {
     let bad_url = PostgresEventStore::connect("postgres://a:b@h/db?no_such_option=1", PostgresOptions::default()).await;
-    assert!(matches!(bad_url, Err(Error::Backend { .. })), "{bad_url:?}");
+    assert!(matches!(bad_url, Err(Error::Refused { .. })), "{bad_url:?}");
     let bad_schema = PostgresEventStore::connect(
         "postgres://a@127.0.0.1:1/db",
         PostgresOptions::in_schema("Robert'); DROP TABLE students;--"),
     )
     .await;
     match bad_schema {
-        Err(Error::Backend { message, .. }) => assert!(message.contains("invalid PostgreSQL schema name"), "{message}"),
+        Err(Error::Refused { message, .. }) => assert!(message.contains("invalid PostgreSQL schema name"), "{message}"),
         other => panic!("expected a refused schema name, got {other:?}"),
     }
 }

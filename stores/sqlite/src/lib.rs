@@ -74,6 +74,16 @@ use triage_event_store::{
 pub use options::{SqliteOptions, Synchronous};
 
 use reader::Readers;
+
+/// Whether SQLite failed because the file cannot be opened or written at
+/// all (permissions, a missing directory, a read-only file system), which
+/// retrying does not change.
+fn is_refusal(error: &rusqlite::Error) -> bool {
+    matches!(
+        error.sqlite_error_code(),
+        Some(rusqlite::ErrorCode::ReadOnly | rusqlite::ErrorCode::PermissionDenied | rusqlite::ErrorCode::CannotOpen)
+    )
+}
 use writer::{AppendRequest, Counters, Writer};
 
 /// An event store in one SQLite file.

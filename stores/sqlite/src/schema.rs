@@ -85,9 +85,9 @@ pub(crate) fn open_writer(path: &Path, options: &SqliteOptions) -> Result<Connec
     };
     let mode = setup(&conn).map_err(|error| open_failure(path, error))?;
     if !mode.eq_ignore_ascii_case("wal") {
-        return Err(Error::Backend {
+        return Err(Error::Refused {
             message: format!(
-                "{} cannot use WAL mode (SQLite kept journal_mode={mode})",
+                "{} cannot use WAL mode (SQLite kept journal_mode={mode}); put it on a local file system",
                 path.display()
             ),
             source: None,
@@ -269,9 +269,21 @@ impl Header {
 }
 
 /// Maps a failure to open or read a database file: a file that SQLite says
-/// is not a database or is corrupt is `Incompatible`; anything else (missing
-/// directory, permissions, locks) is a backend error.
+/// is not a database or is corrupt is `Incompatible`; one it cannot open or
+/// write (a missing directory, permissions, a read-only file system) is
+/// `Refused`; anything else (locks held too long, I/O errors) is a backend
+/// error.
 fn open_failure(path: &Path, error: rusqlite::Error) -> Error {
+    if crate::is_refusal(&error) {
+        return Error::refused(
+            format!(
+                "cannot open the event store {} for reading and writing: check that its directory exists and \
+                 that the file and the directory are writable",
+                path.display()
+            ),
+            error,
+        );
+    }
     match &error {
         rusqlite::Error::SqliteFailure(failure, _) if failure.code == ErrorCode::NotADatabase => {
             Error::Incompatible(format!(

@@ -239,12 +239,12 @@ fn an_empty_file_is_initialized() {
 }
 
 #[test]
-fn a_missing_directory_is_a_backend_error_not_incompatible() {
+fn a_missing_directory_is_refused_not_incompatible() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("no-such-dir").join("triage.db");
     match SqliteEventStore::open(&path, SqliteOptions::default()) {
-        Err(Error::Backend { message, .. }) => assert!(message.contains("no-such-dir"), "{message}"),
-        other => panic!("expected a backend error, got {other:?}"),
+        Err(Error::Refused { message, .. }) => assert!(message.contains("no-such-dir"), "{message}"),
+        other => panic!("expected a refusal, got {other:?}"),
     }
 }
 
