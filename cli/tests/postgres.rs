@@ -234,6 +234,108 @@ fn two_servers_share_postgresql_read_models_and_the_survivor_takes_over_from_a_k
     assert!(survivor.wait().unwrap().success(), "the survivor stops gracefully");
 }
 
+/// A leader that is stopped, not dead, keeps its session and so its
+/// leadership, and no one takes over: a read then waits for it in vain and
+/// answers from models behind the log. It says so on stderr, naming the
+/// stuck leader, instead of passing the old answer off as current; once
+/// the leader runs again, reads are current again.
+#[test]
+fn a_read_behind_a_stopped_leader_says_who_leads() {
+    let Some(url) = pg_url("a_read_behind_a_stopped_leader_says_who_leads") else {
+        return;
+    };
+    let _shared = sharing_the_watermark();
+    let (_, store) = fresh_store(&url);
+    let dir = tempfile::tempdir().unwrap();
+    succeed(
+        dir.path(),
+        &["agents", "add", "in", "--role", "intake", "--agents", "a.toml"],
+    );
+    let with_store = |args: &[&str]| {
+        let mut all = vec!["--store", store.as_str()];
+        all.extend_from_slice(args);
+        common::triage(dir.path(), &all)
+    };
+    assert!(
+        with_store(&["ticket", "open", "--subject", "first", "--body", "b"])
+            .status
+            .success()
+    );
+
+    /// Resumes and kills the server however the test ends: a stopped
+    /// child left behind would hold its leadership locks for good.
+    struct Server(std::process::Child);
+    impl Drop for Server {
+        fn drop(&mut self) {
+            let pid = self.0.id().to_string();
+            let _ = std::process::Command::new("kill").args(["-CONT", &pid]).status();
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let server = Server(common::start_server(dir.path(), &["--store", &store]).0);
+    let leader = format!("pid {} ", server.0.id());
+    let started = std::time::Instant::now();
+    loop {
+        let status = with_store(&["projections", "status", "--json"]);
+        let leaders: Vec<String> = common::stdout(&status)
+            .lines()
+            .map(|line| {
+                let status: Value = serde_json::from_str(line).unwrap();
+                status["leader"].as_str().unwrap_or_default().to_owned()
+            })
+            .collect();
+        if leaders.len() == 2 && leaders.iter().all(|name| name.starts_with(&leader)) {
+            break;
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(20),
+            "the server never led the projections: {leaders:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let stop = |signal: &str| {
+        assert!(
+            std::process::Command::new("kill")
+                .args([signal, &server.0.id().to_string()])
+                .status()
+                .unwrap()
+                .success()
+        );
+    };
+    stop("-STOP");
+    assert!(
+        with_store(&["ticket", "open", "--subject", "second", "--body", "b"])
+            .status
+            .success()
+    );
+    let listed = with_store(&["ticket", "list", "--json"]);
+    assert!(listed.status.success(), "{}", common::stderr(&listed));
+    let stderr = common::stderr(&listed);
+    eprintln!("warned: {stderr}");
+    assert!(stderr.contains("behind the log"), "{stderr}");
+    assert!(stderr.contains(leader.trim_end()), "names the stuck leader: {stderr}");
+    assert_eq!(
+        common::stdout(&listed).lines().count(),
+        1,
+        "the answer is from before the stop: {}",
+        common::stdout(&listed)
+    );
+
+    stop("-CONT");
+    let listed = with_store(&["ticket", "list", "--json"]);
+    assert_eq!(
+        common::stdout(&listed).lines().count(),
+        2,
+        "current once the leader runs"
+    );
+    assert!(
+        !common::stderr(&listed).contains("behind the log"),
+        "{}",
+        common::stderr(&listed)
+    );
+}
+
 /// A transaction left open on the server holds back what readers see (the
 /// watermark is server-wide): a read that gives up waiting says so on
 /// stderr, with the transaction that holds it back, instead of answering

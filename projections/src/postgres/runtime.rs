@@ -28,6 +28,10 @@ use crate::{ProjectionStatus, ProjectorOptions, RebuildOptions, RebuildProgress,
 /// instance that leads a projection to reach the head of the log.
 const FOLLOWER_WAIT: Duration = Duration::from_secs(5);
 
+/// When [`PgProjector::warn_behind_leaders`] last warned, in seconds since
+/// the epoch.
+static LAST_BEHIND_WARNING: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 /// A projection slot: what a lock covers and a batch writes.
 type Target = (Model, SlotKind);
 
@@ -250,7 +254,11 @@ impl PgProjector {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         drop(session);
-        self.lowest_checkpoint().await
+        let lowest = self.lowest_checkpoint().await?;
+        if lowest < head {
+            self.warn_behind_leaders().await;
+        }
+        Ok(lowest)
     }
 
     /// Waits (at most 5 s) until the live models hold the log as of the
@@ -268,12 +276,60 @@ impl PgProjector {
         let mut pause = Duration::from_millis(2);
         loop {
             let lowest = self.lowest_checkpoint().await?;
-            if lowest >= head || Instant::now() >= deadline {
+            if lowest >= head {
+                return Ok(lowest);
+            }
+            if Instant::now() >= deadline {
+                self.warn_behind_leaders().await;
                 return Ok(lowest);
             }
             tokio::time::sleep(pause).await;
             pause = (pause * 2).min(Duration::from_millis(50));
         }
+    }
+
+    /// Says, at most every 30 s per process, that a read gave up waiting
+    /// for the leaders and answers from models behind the log, naming the
+    /// projections and who leads them. A leader that is alive but stuck (a
+    /// stopped process, a hung machine whose kernel still answers) keeps
+    /// its session and so its leadership, and no one takes over: silent,
+    /// this looked like writes that never arrived.
+    async fn warn_behind_leaders(&self) {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::SystemTime::UNIX_EPOCH)
+            .map_or(0, |since| since.as_secs());
+        let last = LAST_BEHIND_WARNING.load(Ordering::Relaxed);
+        if now < last + 30
+            || LAST_BEHIND_WARNING
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_err()
+        {
+            tracing::debug!("a read stopped waiting for the projections' leaders");
+            return;
+        }
+        let behind = match self.status().await {
+            Ok(statuses) => statuses
+                .iter()
+                .filter(|status| status.lag > 0)
+                .map(|status| {
+                    format!(
+                        "{} {} events behind, led by {}",
+                        status.name,
+                        status.lag,
+                        status.leader.as_deref().unwrap_or("no one")
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join("; "),
+            Err(error) => format!("their status could not be read: {error}"),
+        };
+        tracing::warn!(
+            waited = ?FOLLOWER_WAIT,
+            %behind,
+            "answering from read models behind the log: their leader did not catch up in time. A leader that is \
+             stopped or hung (not dead) keeps its leadership: resume or kill it, and another instance takes over; \
+             `triage projections status` shows who leads"
+        );
     }
 
     /// The lowest checkpoint of the live models (`None` while one is not
