@@ -101,7 +101,7 @@ pub(crate) fn parse_position(value: &str) -> Result<Position, String> {
 }
 
 /// Whether output failed because the reader went away (`triage events | head`).
-fn is_broken_pipe(error: &anyhow::Error) -> bool {
+pub(crate) fn is_broken_pipe(error: &anyhow::Error) -> bool {
     error.chain().any(|cause| {
         cause
             .downcast_ref::<std::io::Error>()

@@ -192,6 +192,30 @@ fn bad_input_and_empty_ranges_have_clear_messages_and_exit_codes() {
     assert!(common::stderr(&stats).contains("is not before --until"));
 }
 
+/// A reader that closes the pipe early (`triage events | head -1`) has
+/// what it wanted: every format ends quietly with status 0, also when the
+/// closed pipe is found by the last flush of output that was buffered.
+#[test]
+fn a_reader_that_goes_away_is_not_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    seed(dir.path());
+    for format in ["csv", "jsonl", "table"] {
+        let mut child = common::command(dir.path())
+            .args(["events", "--format", format])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Closed before the process can have written: its first write or
+        // flush finds the pipe closed.
+        drop(child.stdout.take());
+        let output = child.wait_with_output().unwrap();
+        let stderr = common::stderr(&output);
+        assert!(output.status.success(), "{format}: {:?} {stderr}", output.status);
+        assert!(!stderr.contains("Broken pipe"), "{format}: {stderr}");
+    }
+}
+
 #[test]
 fn the_table_for_people() {
     let dir = tempfile::tempdir().unwrap();
