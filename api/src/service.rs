@@ -630,7 +630,13 @@ impl AppState {
             let mut queue = self.inner.read_models.work_queue(role, 32).await?;
             queue.retain(|row| row.ticket.state.and_then(|state| start_kind(state, role)).is_some());
             if queue.is_empty() {
-                return Ok(None);
+                // Another copy of this keyed claim may be what emptied the
+                // queue (it took the last ticket after the look above):
+                // then its claim is the answer, not "nothing to claim".
+                return match keyed {
+                    Some(claim_id) => self.claimed_before(claim_id, &agent, role, request.lease_secs).await,
+                    None => Ok(None),
+                };
             }
             // Claimers that all start at the oldest ticket would all race
             // for it; start each at a random place instead.
@@ -672,7 +678,10 @@ impl AppState {
                 }
             }
         }
-        Ok(None)
+        match keyed {
+            Some(claim_id) => self.claimed_before(claim_id, &agent, role, request.lease_secs).await,
+            None => Ok(None),
+        }
     }
 
     /// The answer to a keyed claim whose key already claimed a ticket: that

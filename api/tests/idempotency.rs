@@ -132,3 +132,36 @@ async fn concurrent_copies_of_one_keyed_claim_get_the_same_claim() {
         assert_eq!(a.json["ticket"]["id"], b.json["ticket"]["id"], "trial {trial}");
     }
 }
+
+/// Many copies of one keyed claim at once with a single ticket waiting:
+/// once the first copy has claimed it the queue is empty, and a copy that
+/// looks then must still answer the key's claim, not 204 "nothing to
+/// claim" (the agent would drop a claim it holds, and the lease would
+/// expire against the ticket's attempts).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn copies_of_a_keyed_claim_that_emptied_the_queue_get_its_claim() {
+    for trial in 0..10 {
+        let h = Harness::new();
+        h.open("the only ticket").await;
+        let key = format!("claim-{trial}");
+        let claim =
+            || Req::post("/v1/work/claim", json!({"role": "classifier"})).header("idempotency-key", key.clone());
+        let (a, b, c, d, e, f, g, i) = tokio::join!(
+            h.send(Some("classifier"), claim()),
+            h.send(Some("classifier"), claim()),
+            h.send(Some("classifier"), claim()),
+            h.send(Some("classifier"), claim()),
+            h.send(Some("classifier"), claim()),
+            h.send(Some("classifier"), claim()),
+            h.send(Some("classifier"), claim()),
+            h.send(Some("classifier"), claim()),
+        );
+        let replies = [a, b, c, d, e, f, g, i];
+        for reply in &replies {
+            assert_eq!(reply.status, StatusCode::OK, "trial {trial}: {}", reply.json);
+            assert_eq!(reply.json["claim_id"], replies[0].json["claim_id"], "trial {trial}");
+        }
+        let fresh = replies.iter().filter(|reply| reply.json["duplicate"] == false).count();
+        assert_eq!(fresh, 1, "trial {trial}: one copy claimed, the others replayed it");
+    }
+}
