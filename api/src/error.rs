@@ -45,9 +45,13 @@ pub struct Problem {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub revision: Option<u64>,
     /// The events after the revision the request was decided on (stale
-    /// `If-Match`).
+    /// `If-Match`), at most 500: the first of them.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub events: Option<Vec<EventView>>,
+    /// With `events`, when more followed than fit: the revision they start
+    /// at (`GET /v1/tickets/{id}/events?from_revision=…`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next_revision: Option<u64>,
     /// The roles that may do this (403).
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<Vec<String>>)]
@@ -130,6 +134,8 @@ pub enum ApiError {
         revision: Option<u64>,
         /// The events since the revision the request was decided on.
         events: Option<Vec<EventView>>,
+        /// Where the events after `events` start, when there are more.
+        next_revision: Option<u64>,
     },
     /// The server is starting, stopping or cannot reach its store.
     #[error("{0}")]
@@ -215,6 +221,7 @@ impl ApiError {
             state: None,
             revision: None,
             events: None,
+            next_revision: None,
             allowed_roles: None,
         };
         match self {
@@ -225,12 +232,14 @@ impl ApiError {
                 state,
                 revision,
                 events,
+                next_revision,
                 ..
             } => {
                 problem.ticket_id = *ticket_id;
                 problem.state = *state;
                 problem.revision = *revision;
                 problem.events = events.clone();
+                problem.next_revision = *next_revision;
             }
             _ => {}
         }
@@ -267,6 +276,7 @@ impl ApiError {
                         state,
                         revision,
                         events: None,
+                        next_revision: None,
                     },
                 }
             }
@@ -288,6 +298,7 @@ impl ApiError {
                     state,
                     revision: actual,
                     events: Some(Vec::new()),
+                    next_revision: None,
                 }
             }
             error @ CommandError::Contended { .. } => ApiError::Conflict {
@@ -297,6 +308,7 @@ impl ApiError {
                 state: None,
                 revision: None,
                 events: None,
+                next_revision: None,
             },
             CommandError::CommandIdReused { command_id } => ApiError::key_reused(format!(
                 "the Idempotency-Key {command_id} was already used for a different request"
@@ -315,10 +327,15 @@ impl ApiError {
         }
     }
 
-    /// Adds the events since the decided-on revision to a stale conflict.
-    pub fn with_events(mut self, since: Vec<EventView>) -> Self {
-        if let ApiError::Conflict { events, .. } = &mut self {
+    /// Adds the events since the decided-on revision to a stale conflict,
+    /// and where the rest start when those are only the first of them.
+    pub fn with_events(mut self, since: Vec<EventView>, more_from: Option<u64>) -> Self {
+        if let ApiError::Conflict {
+            events, next_revision, ..
+        } = &mut self
+        {
             *events = Some(since);
+            *next_revision = more_from;
         }
         self
     }

@@ -79,6 +79,17 @@ pub struct TicketArgs {
     pub ticket_id: String,
 }
 
+/// Arguments of `ticket_events`.
+#[derive(Debug, Deserialize, Serialize, schemars::JsonSchema)]
+pub struct TicketEventsArgs {
+    /// The ticket id (a UUID).
+    pub ticket_id: String,
+    /// The first revision (default 0): the `next_revision` of the page
+    /// before.
+    #[serde(default)]
+    pub from_revision: Option<u64>,
+}
+
 /// Arguments of `list_tickets`.
 #[derive(Debug, Deserialize, Serialize, schemars::JsonSchema)]
 pub struct ListArgs {
@@ -328,18 +339,20 @@ impl TriageMcp {
     }
 
     #[tool(
-        description = "A ticket's history: its events in revision order with the agent behind each, up to 500; next_revision says where more start (the HTTP endpoint takes from_revision)."
+        description = "A ticket's history: its events in revision order with the agent behind each, up to 500 from from_revision (default 0); next_revision says where more start: pass it as from_revision for the next page."
     )]
     async fn ticket_events(
         &self,
         extensions: Extensions,
-        Parameters(args): Parameters<TicketArgs>,
+        Parameters(args): Parameters<TicketEventsArgs>,
     ) -> Result<CallToolResult, ErrorData> {
         let result = match (self.principal(&extensions), parse_ticket(&args.ticket_id)) {
             (Ok(principal), Ok(id)) => {
-                self.state
-                    .events(&principal, id, crate::service::EventPage::default())
-                    .await
+                let page = crate::service::EventPage {
+                    from_revision: args.from_revision.unwrap_or(0),
+                    limit: None,
+                };
+                self.state.events(&principal, id, page).await
             }
             (Err(error), _) | (_, Err(error)) => Err(error),
         };

@@ -278,20 +278,28 @@ impl AppState {
         match result {
             Ok(accepted) => Ok(accepted),
             Err(error @ CommandError::StaleRevision { .. }) => {
-                let since = expected.map_or(0, |revision| revision + 1);
-                let events = match self.inner.handler.load(ticket_id).await {
+                // A revision past the last one has nothing after it (and
+                // no revision follows u64::MAX).
+                let since = expected.map_or(Some(0), |revision| revision.checked_add(1));
+                let (events, more_from) = match (since, self.inner.handler.load(ticket_id).await) {
                     // The first page of them: the rest are a GET of the
-                    // ticket's events from there.
-                    Ok(loaded) => loaded
-                        .history
-                        .iter()
-                        .filter(|stored| stored.revision >= since)
-                        .take(MAX_EVENTS_PAGE)
-                        .map(EventView::from_stored)
-                        .collect(),
-                    Err(_) => Vec::new(),
+                    // ticket's events from `more_from`.
+                    (Some(since), Ok(loaded)) => {
+                        let mut after = loaded
+                            .history
+                            .iter()
+                            .filter(|stored| stored.revision >= since)
+                            .peekable();
+                        let page: Vec<EventView> = after
+                            .by_ref()
+                            .take(MAX_EVENTS_PAGE)
+                            .map(EventView::from_stored)
+                            .collect();
+                        (page, after.peek().map(|stored| stored.revision))
+                    }
+                    _ => (Vec::new(), None),
                 };
-                Err(ApiError::from_command(error).with_events(events))
+                Err(ApiError::from_command(error).with_events(events, more_from))
             }
             Err(error) => Err(ApiError::from_command(error)),
         }

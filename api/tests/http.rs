@@ -722,6 +722,21 @@ async fn a_tickets_events_come_in_pages() {
         .collect();
     assert_eq!(revisions, [json!(2), json!(3), json!(4)]);
     assert_eq!(few.json["next_revision"], 5);
+    // A stale If-Match far behind gets the first page of the events since,
+    // and where the rest start.
+    let stale = h
+        .send(
+            Some("classifier"),
+            Req::post(format!("/v1/tickets/{ticket}/classification"), classification(&claim))
+                .header("if-match", "\"0\""),
+        )
+        .await;
+    stale.assert_problem(StatusCode::CONFLICT, "stale_revision");
+    assert_eq!(stale.json["revision"], 511);
+    let since = stale.json["events"].as_array().unwrap();
+    assert_eq!(since.len(), 500);
+    assert_eq!(since[0]["revision"], 1);
+    assert_eq!(stale.json["next_revision"], 501, "the rest start there");
     h.send(
         Some("analyst"),
         Req::get(format!("/v1/tickets/{ticket}/events?limit=many")),
@@ -756,6 +771,23 @@ async fn a_stale_if_match_is_409_with_state_revision_and_the_events_since() {
     assert_eq!(events.len(), 1);
     assert_eq!(events[0]["type"], "ClassificationStarted");
     assert_eq!(events[0]["revision"], 1);
+    assert!(reply.json["next_revision"].is_null(), "all of them fit");
+    // A revision the ticket has not reached is no old decision: said so,
+    // with nothing since (and no revision follows the largest one).
+    for ahead in ["\"5\"", "\"18446744073709551615\""] {
+        let reply = h
+            .send(
+                Some("classifier"),
+                Req::post(format!("/v1/tickets/{ticket}/classification"), classification(&claim))
+                    .header("if-match", ahead),
+            )
+            .await;
+        reply.assert_problem(StatusCode::CONFLICT, "stale_revision");
+        assert_eq!(reply.json["revision"], 1);
+        assert_eq!(reply.json["events"], json!([]), "{ahead}: {}", reply.json);
+        let detail = reply.json["detail"].as_str().unwrap();
+        assert!(detail.contains("a revision the ticket has not reached"), "{detail}");
+    }
     h.send(
         Some("classifier"),
         Req::post(format!("/v1/tickets/{ticket}/classification"), classification(&claim)).header("if-match", "soon"),

@@ -152,6 +152,14 @@ async fn new_to_resolved(peer: &Peer<RoleClient>) {
     assert_eq!(shown["state"], "RESOLVED");
     let history = ok(&call(peer, "ticket_events", json!({"ticket_id": ticket})).await);
     assert_eq!(history["events"].as_array().unwrap().len(), 8);
+    let later = ok(&call(peer, "ticket_events", json!({"ticket_id": ticket, "from_revision": 6})).await);
+    let revisions: Vec<Value> = later["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|event| event["revision"].clone())
+        .collect();
+    assert_eq!(revisions, [json!(6), json!(7)], "a page from a revision");
     let listed = ok(&call(peer, "list_tickets", json!({"state": "RESOLVED"})).await);
     assert_eq!(listed["tickets"].as_array().unwrap().len(), 1);
     let stats = ok(&call(peer, "stats", json!({})).await);

@@ -155,7 +155,7 @@ pub enum CommandError {
     },
     /// The command was decided on a revision the ticket has moved past; it
     /// is not re-applied. Decide again from `state` at `actual`.
-    #[error("stale decision: decided on revision {expected}, the ticket is at {}", actual.map_or_else(|| "no revision".to_owned(), |r| r.to_string()))]
+    #[error("{}", stale_message(*expected, *actual))]
     StaleRevision {
         /// The ticket.
         ticket_id: TicketId,
@@ -723,6 +723,18 @@ impl CommandHandler {
 
 fn stream_of(ticket_id: TicketId) -> Result<StreamName, CommandError> {
     Ok(StreamName::new(ticket_id.stream_name())?)
+}
+
+/// The text of [`CommandError::StaleRevision`]. A revision the ticket has
+/// not reached was never seen by anyone: a wrong number, not an old one.
+fn stale_message(expected: u64, actual: Option<u64>) -> String {
+    match actual {
+        Some(actual) if expected > actual => format!(
+            "stale decision: decided on revision {expected}, a revision the ticket has not reached (it is at {actual})"
+        ),
+        Some(actual) => format!("stale decision: decided on revision {expected}, the ticket is at {actual}"),
+        None => format!("stale decision: decided on revision {expected}, the ticket is at no revision"),
+    }
 }
 
 fn stale(ticket_id: TicketId, expected: u64, loaded: &LoadedTicket) -> CommandError {
