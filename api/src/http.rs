@@ -54,6 +54,7 @@ pub fn router(state: AppState) -> Router {
         .nest_service("/mcp", crate::mcp::authenticated(state.clone(), mcp))
         .fallback(unknown_route)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::from_fn(plain_bodies_only))
         .layer(DefaultBodyLimit::max(limit))
         .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(
             state.limits().body_timeout,
@@ -96,7 +97,27 @@ pub(crate) fn bearer(headers: &HeaderMap) -> Option<&str> {
     scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
 }
 
+/// Refuses a compressed (or otherwise encoded) body with 415 before
+/// anything reads it: read as JSON it failed as "malformed", which sends
+/// the client looking for a fault in JSON it never sent.
+async fn plain_bodies_only(request: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    if let Some(coding) = request.headers().get(header::CONTENT_ENCODING) {
+        let coding = String::from_utf8_lossy(coding.as_bytes()).trim().to_owned();
+        if !coding.eq_ignore_ascii_case("identity") {
+            return ApiError::UnsupportedEncoding(coding).into_response();
+        }
+    }
+    next.run(request).await
+}
+
 fn idempotency_key(headers: &HeaderMap) -> Result<Option<&str>, ApiError> {
+    // Two keys make a retry ambiguous: which one names the command?
+    if headers.get_all("idempotency-key").iter().nth(1).is_some() {
+        return Err(ApiError::bad_request(
+            "invalid_header",
+            "send one Idempotency-Key header, not several",
+        ));
+    }
     headers
         .get("idempotency-key")
         .map(|value| {

@@ -99,6 +99,7 @@ pub struct ListArgs {
     pub state: Option<String>,
     /// At most this many, from 1 (default 50, at most 500).
     #[serde(default)]
+    #[schemars(range(min = 1, max = 500))]
     pub limit: Option<usize>,
     /// The `next` of the page before: the page after it.
     #[serde(default)]
@@ -136,6 +137,7 @@ pub struct ClaimArgs {
     pub role: RoleName,
     /// The lease in seconds (default 60).
     #[serde(default)]
+    #[schemars(range(min = 1, max = 3600))]
     pub lease_secs: Option<u32>,
     /// Retry key: the same key returns the same claim.
     #[serde(default)]
@@ -175,6 +177,7 @@ pub struct HeartbeatArgs {
     pub claim_id: Uuid,
     /// The new lease from now, in seconds (default 60).
     #[serde(default)]
+    #[schemars(range(min = 1, max = 3600))]
     pub lease_secs: Option<u32>,
 }
 
@@ -596,9 +599,79 @@ pub fn http_service(state: AppState) -> StreamableHttpService<TriageMcp, LocalSe
 /// `service` behind bearer authentication: `401` without a valid token;
 /// otherwise the principal rides in the request's extensions.
 pub fn authenticated(state: AppState, service: StreamableHttpService<TriageMcp, LocalSessionManager>) -> axum::Router {
+    let limit = state.limits().max_body_bytes;
     axum::Router::new()
         .fallback_service(service)
+        .layer(middleware::from_fn_with_state(limit, json_rpc_only))
         .layer(middleware::from_fn_with_state(state, require_token))
+}
+
+/// A JSON-RPC error response with no id (the request's could not be read),
+/// as JSON-RPC 2.0 answers a message it cannot take.
+fn json_rpc_error(status: axum::http::StatusCode, code: i32, message: String) -> Response {
+    let body = serde_json::json!({
+        "jsonrpc": "2.0",
+        "id": null,
+        "error": {"code": code, "message": message},
+    });
+    (status, axum::Json(body)).into_response()
+}
+
+/// Answers a POST that is not one JSON-RPC message in JSON-RPC terms (a
+/// parse error -32700, an invalid request -32600, invalid `initialize`
+/// params -32602), with status 400. The MCP transport would answer some
+/// with a plain-text 415, and an `initialize` whose params are wrong with
+/// "Session ID is required", which sends a client looking for the wrong
+/// cause. Batches are refused: MCP 2025-06-18 removed them.
+async fn json_rpc_only(AxumState(limit): AxumState<usize>, request: Request<Body>, next: Next) -> Response {
+    use axum::http::{Method, StatusCode};
+    if request.method() != Method::POST {
+        return next.run(request).await;
+    }
+    let (parts, body) = request.into_parts();
+    let Ok(bytes) = axum::body::to_bytes(body, limit).await else {
+        return json_rpc_error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            -32600,
+            format!("the message is larger than {limit} bytes, or did not arrive"),
+        );
+    };
+    let message: serde_json::Value = match serde_json::from_slice(&bytes) {
+        Ok(message) => message,
+        Err(error) => {
+            return json_rpc_error(StatusCode::BAD_REQUEST, -32700, format!("parse error: {error}"));
+        }
+    };
+    match &message {
+        serde_json::Value::Array(_) => {
+            return json_rpc_error(
+                StatusCode::BAD_REQUEST,
+                -32600,
+                "batches are not supported (MCP 2025-06-18 removed them): send one message per request".to_owned(),
+            );
+        }
+        serde_json::Value::Object(fields) => {
+            if fields.get("method").and_then(serde_json::Value::as_str) == Some("initialize")
+                && let Err(error) = serde_json::from_value::<rmcp::model::InitializeRequestParams>(
+                    fields.get("params").cloned().unwrap_or(serde_json::Value::Null),
+                )
+            {
+                return json_rpc_error(
+                    StatusCode::BAD_REQUEST,
+                    -32602,
+                    format!("invalid initialize params: {error}"),
+                );
+            }
+        }
+        _ => {
+            return json_rpc_error(
+                StatusCode::BAD_REQUEST,
+                -32600,
+                "a JSON-RPC message is a JSON object".to_owned(),
+            );
+        }
+    }
+    next.run(Request::from_parts(parts, Body::from(bytes))).await
 }
 
 async fn require_token(AxumState(state): AxumState<AppState>, mut request: Request<Body>, next: Next) -> Response {

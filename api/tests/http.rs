@@ -185,6 +185,37 @@ async fn malformed_json_is_400_a_wrong_shape_422_and_no_json_415() {
         )
         .await;
     reply.assert_problem(StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type");
+    // A compressed body is an encoding the API does not take, not
+    // malformed JSON.
+    let reply = h
+        .send(
+            Some("intake"),
+            Req::raw("POST", "/v1/tickets", vec![0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 3])
+                .header("content-type", "application/json")
+                .header("content-encoding", "gzip"),
+        )
+        .await;
+    reply.assert_problem(StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type");
+    assert!(
+        reply.json["detail"]
+            .as_str()
+            .unwrap()
+            .contains("Content-Encoding \"gzip\""),
+        "{}",
+        reply.json
+    );
+    // Two retry keys are ambiguous.
+    let reply = h
+        .send(
+            Some("intake"),
+            Req::post("/v1/tickets", json!({"subject": "s", "body": "b"}))
+                .header("idempotency-key", "first")
+                .header("idempotency-key", "second"),
+        )
+        .await;
+    reply.assert_problem(StatusCode::BAD_REQUEST, "invalid_header");
+    let listed = h.send(Some("analyst"), Req::get("/v1/tickets")).await;
+    assert_eq!(listed.json["tickets"], json!([]), "nothing was opened");
 }
 
 #[tokio::test]

@@ -215,6 +215,68 @@ async fn an_mcp_client_over_streamable_http_takes_a_ticket_to_resolved() {
         .unwrap();
 }
 
+/// What is not one JSON-RPC message is answered in JSON-RPC terms with
+/// 400, not with a plain-text 415 or "Session ID is required"; the tools'
+/// schemas say what the server takes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mcp_over_http_answers_bad_messages_as_json_rpc_errors() {
+    let (state, worker, _) = state();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(triage_api::serve(listener, state, ServeOptions::default(), async {
+        let _ = stopped.await;
+    }));
+    let post = |body: &'static str| {
+        reqwest::Client::new()
+            .post(format!("http://{address}/mcp"))
+            .header("authorization", format!("Bearer {worker}"))
+            .header("accept", "application/json, text/event-stream")
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+    };
+    for (body, code) in [
+        (r#"{"jsonrpc":"#, -32700),
+        (r#"[{"jsonrpc":"2.0","id":1,"method":"tools/list"}]"#, -32600),
+        (r#""tools/list""#, -32600),
+        (r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{}}"#, -32602),
+    ] {
+        let response = post(body).await.unwrap();
+        assert_eq!(response.status(), 400, "{body}");
+        assert!(
+            response.headers()["content-type"]
+                .to_str()
+                .unwrap()
+                .starts_with("application/json"),
+            "{body}"
+        );
+        let answer: Value = response.json().await.unwrap();
+        assert_eq!(answer["jsonrpc"], "2.0", "{body}: {answer}");
+        assert_eq!(answer["id"], Value::Null, "{body}: {answer}");
+        assert_eq!(answer["error"]["code"], code, "{body}: {answer}");
+    }
+
+    // A good client still works, and the schemas carry the server's limits.
+    let client = http_client(address, &worker).await;
+    let tools = client.peer().list_all_tools().await.unwrap();
+    let schema =
+        |tool: &str| serde_json::to_value(&tools.iter().find(|t| t.name == tool).unwrap().input_schema).unwrap();
+    for tool in ["claim_work", "heartbeat"] {
+        let lease = &schema(tool)["properties"]["lease_secs"];
+        assert_eq!(lease["minimum"], 1, "{tool}: {lease}");
+        assert_eq!(lease["maximum"], 3600, "{tool}: {lease}");
+    }
+    assert_eq!(schema("list_tickets")["properties"]["limit"]["minimum"], 1);
+    client.cancel().await.ok();
+    stop.send(()).unwrap();
+    tokio::time::timeout(std::time::Duration::from_secs(10), server)
+        .await
+        .expect("the server stops")
+        .unwrap()
+        .unwrap();
+}
+
 /// A client connected over an in-process pipe (standing in for stdio) to
 /// a server whose calls are sent by agent `llm-stdio` with `roles`, and
 /// the server's task.
