@@ -307,7 +307,8 @@ impl Projector {
                         head = ?head,
                         "the read model is ahead of the event log; rebuilding"
                     );
-                    self.rebuild(projection.name(), RebuildOptions::default()).await?;
+                    self.rebuild_many_with(&[projection.name()], RebuildOptions::default(), LiveModel::Foreign)
+                        .await?;
                 }
                 Some(slot) if other_log && slot.checkpoint.is_some() => {
                     tracing::warn!(
@@ -316,7 +317,8 @@ impl Projector {
                         first_event = ?first_event,
                         "the read model was built from another event log; rebuilding"
                     );
-                    self.rebuild(projection.name(), RebuildOptions::default()).await?;
+                    self.rebuild_many_with(&[projection.name()], RebuildOptions::default(), LiveModel::Foreign)
+                        .await?;
                 }
                 // Built by a newer Triage: rebuilding it with this version
                 // would undo the newer instance's work, and it would undo
@@ -442,7 +444,16 @@ impl Projector {
     pub async fn rebuild_many(
         &self,
         names: &[&str],
+        options: RebuildOptions,
+    ) -> Result<Vec<RebuildReport>, ProjectionError> {
+        self.rebuild_many_with(names, options, LiveModel::OfThisLog).await
+    }
+
+    async fn rebuild_many_with(
+        &self,
+        names: &[&str],
         mut options: RebuildOptions,
+        live_model: LiveModel,
     ) -> Result<Vec<RebuildReport>, ProjectionError> {
         if let Some(frozen) = self.db.frozen_at()? {
             return Err(ProjectionError::Incompatible {
@@ -543,7 +554,15 @@ impl Projector {
                 self.discard_builds(&projections);
                 return Err(ProjectionError::Cancelled);
             }
-            let events = match self.swap_once_caught_up(projection).await {
+            let swapped = match live_model {
+                LiveModel::OfThisLog => self.swap_once_caught_up(projection).await,
+                // Its checkpoint is a position in another log: waiting for
+                // the build to pass it could only wait in vain.
+                LiveModel::Foreign => self.swap(projection, false).and_then(|swapped| {
+                    swapped.ok_or_else(|| ProjectionError::Internal("an unconditional swap did not swap".to_owned()))
+                }),
+            };
+            let events = match swapped {
                 Ok(swapped) => swapped.events_applied,
                 Err(error) => {
                     // This one and the rest keep their live models; their
@@ -928,6 +947,16 @@ impl std::fmt::Debug for RebuildOptions {
             .field("cancel", &self.cancel)
             .finish()
     }
+}
+
+/// What the live model being rebuilt describes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum LiveModel {
+    /// This log: the build is swapped in once it is at least as far along,
+    /// so that readers never see the model go back.
+    OfThisLog,
+    /// Another log (a replaced store file): the build replaces it at once.
+    Foreign,
 }
 
 /// One page of the log, decoded.
