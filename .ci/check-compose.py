@@ -38,6 +38,15 @@ for name, service in services.items():
         if network not in networks:
             problems.append(f"{name}: network {network} is not declared")
 
+# `triage demo` ignores TRIAGE_STORE and TRIAGE_DB: a demo service must name
+# its store on the command line, or it runs on a throw-away SQLite file.
+for name, service in services.items():
+    command = service.get("command") or []
+    if isinstance(command, str):
+        command = command.split()
+    if "demo" in command and not {"--store", "--db"} & set(command[: command.index("demo")]):
+        problems.append(f"{name}: runs the demo without --store or --db before it (the demo ignores TRIAGE_STORE)")
+
 nodes = {name: s for name, s in services.items() if "cluster" in (s.get("profiles") or [])}
 addresses = {s["networks"]["cluster"]["ipv4_address"] for s in nodes.values()}
 if len(nodes) != 3:

@@ -145,8 +145,9 @@ enum SyncMode {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// The main job: simulated AI agents work support tickets end to end on
-    /// the embedded store, with the failures real agents have (slow model
+    /// The main job: simulated AI agents work support tickets end to end (on
+    /// a temporary embedded store, unless --db or --store on its command
+    /// line names one), with the failures real agents have (slow model
     /// calls, timeouts and late writes, crashes, hallucinated output, retries,
     /// two agents grabbing one ticket); then an audit computed from the event
     /// log alone. Exits non-zero if the audit fails.
