@@ -47,8 +47,10 @@ impl Principal {
     }
 }
 
-/// One agent in `agents.toml`.
+/// One agent in `agents.toml`. Unknown fields are refused: a misspelt
+/// `revoked_at`, ignored, would leave a revoked token working.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct AgentEntry {
     /// The agent id.
     pub id: String,
@@ -65,6 +67,7 @@ pub struct AgentEntry {
 
 /// The contents of `agents.toml`.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct AgentsFile {
     /// The agents, in the order they were added.
     #[serde(default, rename = "agent")]
@@ -130,6 +133,31 @@ fn check_agent_id(id: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Ids that Triage itself writes into events as the agent: a token with
+/// one would make its actions indistinguishable from the system's.
+pub const RESERVED_AGENT_IDS: [&str; 2] = [crate::sweeper::SWEEPER_AGENT, "cli"];
+
+/// What a new agent id must also be: no whitespace (ids are table cells,
+/// CSV fields and command-line arguments), and not one Triage writes for
+/// itself. Files written before these rules still load.
+fn check_new_agent_id(id: &str) -> Result<(), String> {
+    check_agent_id(id)?;
+    if id.chars().any(char::is_whitespace) {
+        return Err(format!("an agent id must not contain whitespace: {id:?}"));
+    }
+    if RESERVED_AGENT_IDS.contains(&id) {
+        return Err(format!(
+            "{id:?} is the id Triage records its own actions under ({}); choose another",
+            if id == "cli" {
+                "the command line's"
+            } else {
+                "the lease sweeper's"
+            }
+        ));
+    }
+    Ok(())
+}
+
 impl AgentsFile {
     /// Reads `path`; a missing file is an empty one.
     pub fn load(path: &Path) -> Result<Self, AgentsError> {
@@ -188,7 +216,7 @@ impl AgentsFile {
     /// Adds an agent and returns its token, which is not stored.
     pub fn add(&mut self, id: &str, roles: &[Role]) -> Result<String, AgentsError> {
         let id = id.trim();
-        check_agent_id(id).map_err(AgentsError::Bad)?;
+        check_new_agent_id(id).map_err(AgentsError::Bad)?;
         if roles.is_empty() {
             return Err(AgentsError::Bad("give at least one --role".to_owned()));
         }
@@ -365,6 +393,29 @@ mod tests {
         assert!(matches!(file.revoke("a"), Err(AgentsError::Unknown(_))));
         let again = file.add("a", &[Role::Drafter]).expect("re-added");
         assert_eq!(file.find(&again).map(|a| a.id.as_str()), Some("a"));
+    }
+
+    #[test]
+    fn new_agent_ids_without_whitespace_and_not_triages_own() {
+        let mut file = AgentsFile::default();
+        for bad in ["lease-sweeper", "cli", "two words", "tab\there"] {
+            assert!(
+                matches!(file.add(bad, &[Role::Drafter]), Err(AgentsError::Bad(_))),
+                "{bad:?}"
+            );
+        }
+        file.add("drafter-7", &[Role::Drafter]).expect("an ordinary id");
+        // A file written before the rule still loads.
+        let old = "[[agent]]\nid = \"two words\"\nroles = [\"drafter\"]\ntoken_sha256 = \"00\"\ncreated_at = \"2026-01-01T00:00:00Z\"\n";
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("agents.toml");
+        std::fs::write(&path, old).unwrap();
+        let loaded = AgentsFile::load(&path).expect("loads");
+        assert_eq!(loaded.agents[0].id, "two words");
+        // A misspelt table is an error, not an empty file that refuses
+        // every token.
+        std::fs::write(&path, old.replace("[[agent]]", "[[agents]]")).unwrap();
+        assert!(matches!(AgentsFile::load(&path), Err(AgentsError::Invalid { .. })));
     }
 
     #[test]
