@@ -217,7 +217,7 @@ fn sized(state: &AppState, error: ApiError) -> ApiError {
 
 /// Open a ticket (intake, operator).
 #[utoipa::path(post, path = "/v1/tickets", tag = "tickets",
-    params(("Idempotency-Key" = Option<String>, Header, description = "The command id: a retry with the same key and body returns the original outcome; with another body, 422.")),
+    params(("Idempotency-Key" = Option<String>, Header, description = "The command id: a retry with the same key and body opens nothing new and answers 201 with the same ticket as it is now and duplicate: true; with another body, 422.")),
     request_body = OpenTicketRequest,
     responses(
         (status = 201, description = "Opened (or the original outcome of a retry)", body = OpenedTicket),
