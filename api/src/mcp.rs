@@ -687,11 +687,103 @@ async fn require_token(AxumState(state): AxumState<AppState>, mut request: Reque
 /// Serves MCP over stdin/stdout as the holder of `token` until the client
 /// hangs up; the token is checked on every call.
 pub async fn serve_stdio(state: AppState, token: String) -> Result<(), std::io::Error> {
+    serve_lines(state, token, tokio::io::stdin(), tokio::io::stdout()).await
+}
+
+/// Serves MCP over newline-delimited JSON-RPC on `input` and `output` (the
+/// stdio transport) as the holder of `token`, until `input` ends.
+///
+/// A line that is not one JSON-RPC message is answered here, as JSON-RPC
+/// 2.0 asks, with an error whose id is null (-32700 for a parse error,
+/// -32600 for a batch or a non-object); the MCP transport would drop it
+/// without a word, leaving the client waiting. Good lines go on to the
+/// transport unchanged, and the two streams of answers are written whole
+/// lines at a time, so they never interleave mid-line.
+pub async fn serve_lines<R, W>(state: AppState, token: String, input: R, output: W) -> Result<(), std::io::Error>
+where
+    R: tokio::io::AsyncRead + Unpin + Send + 'static,
+    W: tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     use rmcp::ServiceExt;
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+
+    const PIPE_BYTES: usize = 1 << 20;
+    let (mut to_server, server_input) = tokio::io::duplex(PIPE_BYTES);
+    let (server_output, from_server) = tokio::io::duplex(PIPE_BYTES);
+    let (errors, mut error_lines) = tokio::sync::mpsc::unbounded_channel::<String>();
+
+    let reading = tokio::spawn(async move {
+        let mut lines = BufReader::new(input).lines();
+        while let Some(line) = lines.next_line().await? {
+            if line.trim().is_empty() {
+                continue;
+            }
+            match line_error(&line) {
+                Some(error) => {
+                    let _ = errors.send(error.to_string());
+                }
+                None => {
+                    to_server.write_all(line.as_bytes()).await?;
+                    to_server.write_all(b"\n").await?;
+                }
+            }
+        }
+        // The client hung up: the transport sees the end of its input.
+        to_server.shutdown().await
+    });
+    let writing = tokio::spawn(async move {
+        let mut output = output;
+        let mut answers = BufReader::new(from_server).lines();
+        let mut errors_open = true;
+        loop {
+            let line = tokio::select! {
+                answer = answers.next_line() => match answer? {
+                    Some(line) => line,
+                    None => break,
+                },
+                error = error_lines.recv(), if errors_open => match error {
+                    Some(line) => line,
+                    None => {
+                        errors_open = false;
+                        continue;
+                    }
+                },
+            };
+            output.write_all(line.as_bytes()).await?;
+            output.write_all(b"\n").await?;
+            output.flush().await?;
+        }
+        // Errors for lines sent after the transport's last answer.
+        while let Ok(line) = error_lines.try_recv() {
+            output.write_all(line.as_bytes()).await?;
+            output.write_all(b"\n").await?;
+        }
+        output.flush().await
+    });
+
     let server = TriageMcp::with_token(state, token)
-        .serve(rmcp::transport::stdio())
+        .serve((server_input, server_output))
         .await
         .map_err(std::io::Error::other)?;
-    server.waiting().await.map_err(std::io::Error::other)?;
-    Ok(())
+    let served = server.waiting().await.map_err(std::io::Error::other);
+    // The session may end before the client hangs up (a revoked token):
+    // stop reading then. The transport's end of the answers is closed, so
+    // the writer ends once it has written them.
+    reading.abort();
+    writing.await.map_err(std::io::Error::other)??;
+    served.map(|_| ())
+}
+
+/// The JSON-RPC error for a line that is not one JSON-RPC message.
+fn line_error(line: &str) -> Option<serde_json::Value> {
+    let (code, message) = match serde_json::from_str::<serde_json::Value>(line) {
+        Err(error) => (-32700, format!("parse error: {error}")),
+        Ok(serde_json::Value::Array(_)) => (
+            -32600,
+            "batches are not supported (MCP 2025-06-18 removed them): send one message per line".to_owned(),
+        ),
+        Ok(serde_json::Value::Object(_)) => return None,
+        Ok(_) => (-32600, "a JSON-RPC message is a JSON object".to_owned()),
+    };
+    Some(serde_json::json!({"jsonrpc": "2.0", "id": null, "error": {"code": code, "message": message}}))
 }

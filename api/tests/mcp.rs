@@ -322,12 +322,10 @@ async fn a_revoked_token_stops_a_running_stdio_session() {
     );
     state.catch_up().await.unwrap();
     let (server_io, client_io) = tokio::io::duplex(64 * 1024);
+    // The stdio transport's own code, on a pipe.
     let server = tokio::spawn(async move {
-        let running = TriageMcp::with_token(state, token)
-            .serve(server_io)
-            .await
-            .expect("server starts");
-        running.waiting().await.ok();
+        let (input, output) = tokio::io::split(server_io);
+        triage_api::mcp::serve_lines(state, token, input, output).await.ok();
     });
     let client = ClientConfig::default().serve(client_io).await.expect("client connects");
     let opened = call(client.peer(), "open_ticket", json!({"subject": "s", "body": "b"})).await;
@@ -349,6 +347,62 @@ async fn a_revoked_token_stops_a_running_stdio_session() {
     assert_eq!(refused.structured_content.unwrap()["code"], "unauthorized");
     client.cancel().await.ok();
     server.await.unwrap();
+}
+
+/// Over stdio, a line that is not one JSON-RPC message gets a JSON-RPC
+/// error with a null id (the transport alone dropped it, and the client
+/// waited for an answer that never came); the session goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_line_over_stdio_gets_a_json_rpc_error_and_the_session_goes_on() {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let dir = tempfile::tempdir().unwrap();
+    let agents = dir.path().join("agents.toml");
+    let mut file = AgentsFile::default();
+    let token = file.add("llm-stdio", &[Role::Intake]).unwrap();
+    file.save(&agents).unwrap();
+    let store: Arc<dyn EventStore> = Arc::new(InMemoryEventStore::new());
+    let state = AppState::new(
+        CommandHandler::new(store.clone()),
+        Projector::new(store, ReadModelDb::in_memory().unwrap()),
+        Authenticator::from_file(&agents).unwrap(),
+    );
+    let (server_io, client_io) = tokio::io::duplex(64 * 1024);
+    let server = tokio::spawn(async move {
+        let (input, output) = tokio::io::split(server_io);
+        triage_api::mcp::serve_lines(state, token, input, output).await
+    });
+    let (client_out, mut client_in) = tokio::io::split(client_io);
+    let mut answers = BufReader::new(client_out).lines();
+    let mut next = async || -> Value {
+        let line = tokio::time::timeout(std::time::Duration::from_secs(5), answers.next_line())
+            .await
+            .expect("an answer within 5 s")
+            .unwrap()
+            .expect("a line");
+        serde_json::from_str(&line).unwrap()
+    };
+    for (line, code) in [
+        (r#"{"jsonrpc":"#, -32700),
+        (r#"[{"jsonrpc":"2.0","id":1,"method":"ping"}]"#, -32600),
+        ("42", -32600),
+    ] {
+        client_in.write_all(format!("{line}\n").as_bytes()).await.unwrap();
+        let answer = next().await;
+        assert_eq!(answer["id"], Value::Null, "{line}: {answer}");
+        assert_eq!(answer["error"]["code"], code, "{line}: {answer}");
+    }
+    let initialize = json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+        "protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}}});
+    client_in.write_all(format!("{initialize}\n").as_bytes()).await.unwrap();
+    let answer = next().await;
+    assert_eq!(answer["id"], 1, "{answer}");
+    assert!(answer["result"]["serverInfo"].is_object(), "{answer}");
+    client_in.shutdown().await.unwrap();
+    tokio::time::timeout(std::time::Duration::from_secs(5), server)
+        .await
+        .expect("the server ends when the client hangs up")
+        .unwrap()
+        .unwrap();
 }
 
 /// An argument a tool does not take is refused before the tool runs, as
