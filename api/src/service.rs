@@ -178,12 +178,14 @@ impl AppState {
         self.inner.shutdown.clone()
     }
 
-    /// Stops taking new commands, then waits for those in flight.
+    /// Stops taking new commands, then waits for those in flight and for
+    /// the records of refusals already answered.
     pub async fn drain(&self) {
         self.inner.shutdown.cancel();
         self.inner.stopping.store(true, Ordering::SeqCst);
         self.inner.commands.close();
         self.inner.commands.wait().await;
+        self.inner.handler.rejections_recorded().await;
     }
 
     /// Whether [`AppState::drain`] was called.

@@ -34,11 +34,13 @@
 //! The summary's `p50_ms` and `p99_ms` are medians over the rounds of each
 //! round's percentile (the peer reports percentiles, not its samples).
 //!
-//! The handler is Triage's default one, so it also records every refusal
-//! in the ticket's `rejections-<uuid>` stream (one more append per
-//! rejection in `hot`), which the peer does not do; `--no-rejection-log`
-//! turns that off, for the same work on both sides. Its stream cache
-//! saves most reads before an append, which the peer does not have.
+//! The handler is set up as `triage serve` sets it up, so it also records
+//! every refusal in the ticket's `rejections-<uuid>` stream (one more
+//! append per rejection in `hot`), which the peer does not do, after
+//! answering it (the run waits for the last records before it ends);
+//! `--no-rejection-log` turns that off, for the same work on both sides.
+//! Its stream cache saves most reads before an append, which the peer does
+//! not have.
 
 use std::path::PathBuf;
 use std::process::Command as Process;
@@ -260,7 +262,10 @@ pub(crate) async fn commands(url: &str, config: RunConfig) -> anyhow::Result<Val
             .await
             .with_context(|| format!("cannot open a temporary store at {url}"))?,
     );
-    let handler = CommandHandler::new(store.clone() as Arc<dyn EventStore>).with_rejection_log(config.rejection_log);
+    // As `triage serve` runs it: refusals recorded after they are answered.
+    let handler = CommandHandler::new(store.clone() as Arc<dyn EventStore>)
+        .with_rejection_log(config.rejection_log)
+        .with_rejections_recorded_in_background();
     let tickets = Tickets {
         hot: config.hot_tickets.max(1),
         namespace: Uuid::new_v4(),
@@ -283,6 +288,9 @@ pub(crate) async fn commands(url: &str, config: RunConfig) -> anyhow::Result<Val
         totals.add(task.await??)?;
     }
     let wall = started.elapsed();
+    // The last records land before the run ends, not in the next one's
+    // (the peer's, in pg-compare).
+    handler.rejections_recorded().await;
     let handled = handler.stats();
     let stored = store.stats();
     let ms = |quantile: f64| round(totals.latency_us.value_at_quantile(quantile) as f64 / 1000.0, 3);

@@ -89,7 +89,9 @@ async fn state(global: &GlobalArgs, agents: PathBuf) -> anyhow::Result<AppState>
     }
     let auth = Authenticator::from_file(&agents)?;
     let opened = global.open().await?;
-    let handler = CommandHandler::new(opened.events.clone());
+    // A long-running server: a refused agent is answered before its
+    // refusal's record is written; draining waits for the records.
+    let handler = CommandHandler::new(opened.events.clone()).with_rejections_recorded_in_background();
     Ok(AppState::new(handler, opened.read_models, auth))
 }
 

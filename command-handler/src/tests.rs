@@ -587,6 +587,58 @@ async fn refusals_are_recorded_outside_the_ticket_stream_once() {
     );
 }
 
+/// A server's handler answers a refusal before its record is written, and
+/// `rejections_recorded` waits for the record: the refused caller is not
+/// kept waiting on a write of the audit trail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusal_recorded_in_the_background_is_answered_first_and_waited_for() {
+    let store = Arc::new(CountingStore::new(Arc::new(InMemoryEventStore::new())));
+    let handler = CommandHandler::new(store.clone()).with_rejections_recorded_in_background();
+    let ticket = open(&handler).await;
+    // The next append (the refusal's record) waits for `release`.
+    let (release, released) = tokio::sync::oneshot::channel::<()>();
+    store.before_next_append(async move {
+        let _ = released.await;
+    });
+    let refused = CommandEnvelope::new(
+        ticket,
+        Agent::new("drafter-1", Role::Drafter),
+        Command::SubmitDraft {
+            claim_id: Uuid::new_v4(),
+            body: "too early".into(),
+        },
+    );
+    let answer = tokio::time::timeout(std::time::Duration::from_secs(5), handler.handle(refused))
+        .await
+        .expect("answered while its record waits");
+    assert!(matches!(answer, Err(CommandError::Rejected { .. })), "{answer:?}");
+    let rejections = StreamName::new(triage_domain::CommandRejected::stream_name(ticket)).unwrap();
+    assert!(
+        store.read_stream(&rejections, ReadStream::forwards()).await.is_err(),
+        "not recorded yet"
+    );
+
+    let waiting = tokio::spawn({
+        let handler = handler.clone();
+        async move { handler.rejections_recorded().await }
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    assert!(!waiting.is_finished(), "waits for the record in flight");
+    release.send(()).unwrap();
+    tokio::time::timeout(std::time::Duration::from_secs(5), waiting)
+        .await
+        .expect("the record lands")
+        .unwrap();
+    let records = store.read_stream(&rejections, ReadStream::forwards()).await.unwrap();
+    assert_eq!(records.len(), 1);
+    assert_eq!(
+        triage_domain::CommandRejected::decode(1, &records[0].data)
+            .unwrap()
+            .code,
+        "invalid_transition"
+    );
+}
+
 #[tokio::test]
 async fn a_copy_that_lost_the_race_caches_what_is_stored_not_its_own_decision() {
     // Two handlers (two processes) with their own caches; the same command
