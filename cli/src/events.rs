@@ -101,7 +101,7 @@ pub(crate) fn parse_position(value: &str) -> Result<Position, String> {
 }
 
 /// Whether output failed because the reader went away (`triage events | head`).
-pub(crate) fn is_broken_pipe(error: &anyhow::Error) -> bool {
+fn is_broken_pipe(error: &anyhow::Error) -> bool {
     error.chain().any(|cause| {
         cause
             .downcast_ref::<std::io::Error>()
@@ -270,7 +270,12 @@ pub(crate) async fn run(args: EventsArgs, global: &GlobalArgs) -> anyhow::Result
         (None, false) if std::io::stdout().is_terminal() => Format::Table,
         (None, false) => Format::Jsonl,
     };
-    let mut printer = Printer::new(format)?;
+    let mut printer = match Printer::new(format) {
+        Ok(printer) => printer,
+        // The table's header found the pipe closed already.
+        Err(error) if is_broken_pipe(&error) => return Ok(()),
+        Err(error) => return Err(error),
+    };
     // A tail runs until Ctrl-C, which ends it cleanly, history included.
     // One listener for the whole command, made before the first read: a
     // listener made afresh in each turn of the live loop did not hear a
@@ -308,7 +313,15 @@ pub(crate) async fn run(args: EventsArgs, global: &GlobalArgs) -> anyhow::Result
         }
         return Err(error);
     }
-    printer.flush()?;
+    // The last of the output may still be buffered: a closed pipe found
+    // here ends it as quietly as one found by a row's write. (Only here,
+    // where the error can only be stdout's: a broken pipe to the store
+    // is a failure.)
+    match printer.flush() {
+        Ok(()) => {}
+        Err(error) if is_broken_pipe(&error) => return Ok(()),
+        Err(error) => return Err(error),
+    }
     // A tail bounded by --to-position ends once the log is past it: nothing
     // later can match.
     let past_the_end = |position: Position| args.to_position.is_some_and(|end| position >= end);

@@ -428,9 +428,6 @@ fn main() -> ExitCode {
     };
     match runtime.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
-        // The reader went away (`triage … | head`): it has what it wanted,
-        // whichever write found the pipe closed (a last flush, say).
-        Err(error) if events::is_broken_pipe(&error) => ExitCode::SUCCESS,
         Err(error) if error.downcast_ref::<events::BadArguments>().is_some() => {
             eprintln!("error: {}", describe(&error));
             ExitCode::from(2)
