@@ -181,7 +181,7 @@ fn json_body<T>(body: Result<Json<T>, JsonRejection>) -> Result<T, ApiError> {
 
 /// Whether the body failed to arrive because the client paused longer
 /// than `body_timeout` while sending it.
-fn timed_out(error: &(dyn std::error::Error + 'static)) -> bool {
+pub(crate) fn timed_out(error: &(dyn std::error::Error + 'static)) -> bool {
     std::iter::successors(Some(error), |error| error.source())
         .any(|error| error.is::<tower_http::timeout::TimeoutError>())
 }

@@ -606,15 +606,56 @@ pub fn authenticated(state: AppState, service: StreamableHttpService<TriageMcp, 
         .layer(middleware::from_fn_with_state(state, require_token))
 }
 
-/// A JSON-RPC error response with no id (the request's could not be read),
-/// as JSON-RPC 2.0 answers a message it cannot take.
-fn json_rpc_error(status: axum::http::StatusCode, code: i32, message: String) -> Response {
-    let body = serde_json::json!({
-        "jsonrpc": "2.0",
-        "id": null,
-        "error": {"code": code, "message": message},
-    });
-    (status, axum::Json(body)).into_response()
+/// A JSON-RPC error object for a message that could not be taken: `id` is
+/// the message's when it could be read, otherwise null.
+fn json_rpc_error_body(id: serde_json::Value, code: i32, message: String) -> serde_json::Value {
+    serde_json::json!({"jsonrpc": "2.0", "id": id, "error": {"code": code, "message": message}})
+}
+
+fn json_rpc_error(status: axum::http::StatusCode, id: serde_json::Value, code: i32, message: String) -> Response {
+    (status, axum::Json(json_rpc_error_body(id, code, message))).into_response()
+}
+
+/// What is wrong with a parsed message that is not one JSON-RPC request,
+/// notification or response of MCP's, as a JSON-RPC error: its id (when it
+/// has a usable one), code and message. `None` for a good message.
+fn json_rpc_problem(message: &serde_json::Value) -> Option<(serde_json::Value, i32, String)> {
+    let fields = match message {
+        serde_json::Value::Object(fields) => fields,
+        serde_json::Value::Array(_) => {
+            return Some((
+                serde_json::Value::Null,
+                -32600,
+                "batches are not supported (MCP 2025-06-18 removed them): send one message at a time".to_owned(),
+            ));
+        }
+        _ => {
+            return Some((
+                serde_json::Value::Null,
+                -32600,
+                "a JSON-RPC message is a JSON object".to_owned(),
+            ));
+        }
+    };
+    let id = match fields.get("id") {
+        Some(id @ (serde_json::Value::String(_) | serde_json::Value::Number(_))) => id.clone(),
+        _ => serde_json::Value::Null,
+    };
+    // The transport takes an initialize with bad params for a message
+    // that needs a session, and says "Session ID is required".
+    if fields.get("method").and_then(serde_json::Value::as_str) == Some("initialize")
+        && let Err(error) = serde_json::from_value::<rmcp::model::InitializeRequestParams>(
+            fields.get("params").cloned().unwrap_or(serde_json::Value::Null),
+        )
+    {
+        return Some((id, -32602, format!("invalid initialize params: {error}")));
+    }
+    // Unknown methods parse (as custom requests) and are the server's to
+    // answer; this is the shape: jsonrpc "2.0", an id, a method, a result.
+    if let Err(error) = serde_json::from_value::<rmcp::model::ClientJsonRpcMessage>(message.clone()) {
+        return Some((id, -32600, format!("not a JSON-RPC 2.0 message: {error}")));
+    }
+    None
 }
 
 /// Answers a POST that is not one JSON-RPC message in JSON-RPC terms (a
@@ -629,47 +670,38 @@ async fn json_rpc_only(AxumState(limit): AxumState<usize>, request: Request<Body
         return next.run(request).await;
     }
     let (parts, body) = request.into_parts();
-    let Ok(bytes) = axum::body::to_bytes(body, limit).await else {
-        return json_rpc_error(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            -32600,
-            format!("the message is larger than {limit} bytes, or did not arrive"),
-        );
+    let bytes = match axum::body::to_bytes(body, limit).await {
+        Ok(bytes) => bytes,
+        Err(error) if crate::http::timed_out(&error) => {
+            return json_rpc_error(
+                StatusCode::REQUEST_TIMEOUT,
+                serde_json::Value::Null,
+                -32600,
+                "the message did not arrive in time".to_owned(),
+            );
+        }
+        Err(_) => {
+            return json_rpc_error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                serde_json::Value::Null,
+                -32600,
+                format!("the message is larger than {limit} bytes"),
+            );
+        }
     };
     let message: serde_json::Value = match serde_json::from_slice(&bytes) {
         Ok(message) => message,
         Err(error) => {
-            return json_rpc_error(StatusCode::BAD_REQUEST, -32700, format!("parse error: {error}"));
+            return json_rpc_error(
+                StatusCode::BAD_REQUEST,
+                serde_json::Value::Null,
+                -32700,
+                format!("parse error: {error}"),
+            );
         }
     };
-    match &message {
-        serde_json::Value::Array(_) => {
-            return json_rpc_error(
-                StatusCode::BAD_REQUEST,
-                -32600,
-                "batches are not supported (MCP 2025-06-18 removed them): send one message per request".to_owned(),
-            );
-        }
-        serde_json::Value::Object(fields) => {
-            if fields.get("method").and_then(serde_json::Value::as_str) == Some("initialize")
-                && let Err(error) = serde_json::from_value::<rmcp::model::InitializeRequestParams>(
-                    fields.get("params").cloned().unwrap_or(serde_json::Value::Null),
-                )
-            {
-                return json_rpc_error(
-                    StatusCode::BAD_REQUEST,
-                    -32602,
-                    format!("invalid initialize params: {error}"),
-                );
-            }
-        }
-        _ => {
-            return json_rpc_error(
-                StatusCode::BAD_REQUEST,
-                -32600,
-                "a JSON-RPC message is a JSON object".to_owned(),
-            );
-        }
+    if let Some((id, code, text)) = json_rpc_problem(&message) {
+        return json_rpc_error(StatusCode::BAD_REQUEST, id, code, text);
     }
     next.run(Request::from_parts(parts, Body::from(bytes))).await
 }
@@ -693,10 +725,11 @@ pub async fn serve_stdio(state: AppState, token: String) -> Result<(), std::io::
 /// Serves MCP over newline-delimited JSON-RPC on `input` and `output` (the
 /// stdio transport) as the holder of `token`, until `input` ends.
 ///
-/// A line that is not one JSON-RPC message is answered here, as JSON-RPC
-/// 2.0 asks, with an error whose id is null (-32700 for a parse error,
-/// -32600 for a batch or a non-object); the MCP transport would drop it
-/// without a word, leaving the client waiting. Good lines go on to the
+/// A line that is not one JSON-RPC message (not UTF-8, not JSON, a batch,
+/// not of JSON-RPC's shape) is answered here, as JSON-RPC 2.0 asks, with an
+/// error (-32700 or -32600; its id when it has one, else null); the MCP
+/// transport would drop it without a word, leaving the client waiting, and
+/// a line that is not UTF-8 ended its session. Good lines go on to the
 /// transport unchanged, and the two streams of answers are written whole
 /// lines at a time, so they never interleave mid-line.
 pub async fn serve_lines<R, W>(state: AppState, token: String, input: R, output: W) -> Result<(), std::io::Error>
@@ -710,20 +743,31 @@ where
     const PIPE_BYTES: usize = 1 << 20;
     let (mut to_server, server_input) = tokio::io::duplex(PIPE_BYTES);
     let (server_output, from_server) = tokio::io::duplex(PIPE_BYTES);
-    let (errors, mut error_lines) = tokio::sync::mpsc::unbounded_channel::<String>();
+    // Bounded: a client that sends bad lines and reads no answers is held
+    // up, as one that sends good lines is by the pipe.
+    let (errors, mut error_lines) = tokio::sync::mpsc::channel::<String>(64);
 
     let reading = tokio::spawn(async move {
-        let mut lines = BufReader::new(input).lines();
-        while let Some(line) = lines.next_line().await? {
-            if line.trim().is_empty() {
+        let mut input = BufReader::new(input);
+        let mut line = Vec::new();
+        loop {
+            line.clear();
+            if input.read_until(b'\n', &mut line).await? == 0 {
+                break;
+            }
+            let text = line.strip_suffix(b"\n").unwrap_or(&line);
+            let text = text.strip_suffix(b"\r").unwrap_or(text);
+            if text.iter().all(u8::is_ascii_whitespace) {
                 continue;
             }
-            match line_error(&line) {
+            match line_error(text) {
                 Some(error) => {
-                    let _ = errors.send(error.to_string());
+                    if errors.send(error.to_string()).await.is_err() {
+                        break;
+                    }
                 }
                 None => {
-                    to_server.write_all(line.as_bytes()).await?;
+                    to_server.write_all(text).await?;
                     to_server.write_all(b"\n").await?;
                 }
             }
@@ -761,29 +805,35 @@ where
         output.flush().await
     });
 
-    let server = TriageMcp::with_token(state, token)
+    let server = match TriageMcp::with_token(state, token)
         .serve((server_input, server_output))
         .await
-        .map_err(std::io::Error::other)?;
+    {
+        Ok(server) => server,
+        Err(error) => {
+            reading.abort();
+            writing.abort();
+            return Err(std::io::Error::other(error));
+        }
+    };
     let served = server.waiting().await.map_err(std::io::Error::other);
     // The session may end before the client hangs up (a revoked token):
     // stop reading then. The transport's end of the answers is closed, so
     // the writer ends once it has written them.
     reading.abort();
+    match reading.await {
+        Ok(Err(error)) => tracing::warn!(%error, "reading the MCP client's input failed"),
+        Ok(Ok(())) | Err(_) => {}
+    }
     writing.await.map_err(std::io::Error::other)??;
     served.map(|_| ())
 }
 
 /// The JSON-RPC error for a line that is not one JSON-RPC message.
-fn line_error(line: &str) -> Option<serde_json::Value> {
-    let (code, message) = match serde_json::from_str::<serde_json::Value>(line) {
-        Err(error) => (-32700, format!("parse error: {error}")),
-        Ok(serde_json::Value::Array(_)) => (
-            -32600,
-            "batches are not supported (MCP 2025-06-18 removed them): send one message per line".to_owned(),
-        ),
-        Ok(serde_json::Value::Object(_)) => return None,
-        Ok(_) => (-32600, "a JSON-RPC message is a JSON object".to_owned()),
+fn line_error(line: &[u8]) -> Option<serde_json::Value> {
+    let (id, code, message) = match serde_json::from_slice::<serde_json::Value>(line) {
+        Err(error) => (serde_json::Value::Null, -32700, format!("parse error: {error}")),
+        Ok(message) => json_rpc_problem(&message)?,
     };
-    Some(serde_json::json!({"jsonrpc": "2.0", "id": null, "error": {"code": code, "message": message}}))
+    Some(json_rpc_error_body(id, code, message))
 }

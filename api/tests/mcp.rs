@@ -236,11 +236,20 @@ async fn mcp_over_http_answers_bad_messages_as_json_rpc_errors() {
             .body(body)
             .send()
     };
-    for (body, code) in [
-        (r#"{"jsonrpc":"#, -32700),
-        (r#"[{"jsonrpc":"2.0","id":1,"method":"tools/list"}]"#, -32600),
-        (r#""tools/list""#, -32600),
-        (r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{}}"#, -32602),
+    for (body, id, code) in [
+        (r#"{"jsonrpc":"#, Value::Null, -32700),
+        (
+            r#"[{"jsonrpc":"2.0","id":1,"method":"tools/list"}]"#,
+            Value::Null,
+            -32600,
+        ),
+        (r#""tools/list""#, Value::Null, -32600),
+        ("{}", Value::Null, -32600),
+        (
+            r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{}}"#,
+            json!(1),
+            -32602,
+        ),
     ] {
         let response = post(body).await.unwrap();
         assert_eq!(response.status(), 400, "{body}");
@@ -253,7 +262,7 @@ async fn mcp_over_http_answers_bad_messages_as_json_rpc_errors() {
         );
         let answer: Value = response.json().await.unwrap();
         assert_eq!(answer["jsonrpc"], "2.0", "{body}: {answer}");
-        assert_eq!(answer["id"], Value::Null, "{body}: {answer}");
+        assert_eq!(answer["id"], id, "{body}: {answer}");
         assert_eq!(answer["error"]["code"], code, "{body}: {answer}");
     }
 
@@ -381,15 +390,24 @@ async fn a_bad_line_over_stdio_gets_a_json_rpc_error_and_the_session_goes_on() {
             .expect("a line");
         serde_json::from_str(&line).unwrap()
     };
-    for (line, code) in [
-        (r#"{"jsonrpc":"#, -32700),
-        (r#"[{"jsonrpc":"2.0","id":1,"method":"ping"}]"#, -32600),
-        ("42", -32600),
+    for (line, id, code) in [
+        (&br#"{"jsonrpc":"#[..], Value::Null, -32700),
+        (&b"{\"x\":\"\xff\xfe\"}"[..], Value::Null, -32700),
+        (
+            &br#"[{"jsonrpc":"2.0","id":1,"method":"ping"}]"#[..],
+            Value::Null,
+            -32600,
+        ),
+        (&b"42"[..], Value::Null, -32600),
+        (&b"{}"[..], Value::Null, -32600),
+        (&br#"{"jsonrpc":"2.0","id":7}"#[..], json!(7), -32600),
     ] {
-        client_in.write_all(format!("{line}\n").as_bytes()).await.unwrap();
+        client_in.write_all(line).await.unwrap();
+        client_in.write_all(b"\n").await.unwrap();
         let answer = next().await;
-        assert_eq!(answer["id"], Value::Null, "{line}: {answer}");
-        assert_eq!(answer["error"]["code"], code, "{line}: {answer}");
+        let shown = String::from_utf8_lossy(line);
+        assert_eq!(answer["id"], id, "{shown}: {answer}");
+        assert_eq!(answer["error"]["code"], code, "{shown}: {answer}");
     }
     let initialize = json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
         "protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}}});
