@@ -821,9 +821,8 @@ where
     // stop reading then. The transport's end of the answers is closed, so
     // the writer ends once it has written them.
     reading.abort();
-    match reading.await {
-        Ok(Err(error)) => tracing::warn!(%error, "reading the MCP client's input failed"),
-        Ok(Ok(())) | Err(_) => {}
+    if let Ok(Err(error)) = reading.await {
+        tracing::warn!(%error, "reading the MCP client's input failed");
     }
     writing.await.map_err(std::io::Error::other)??;
     served.map(|_| ())
