@@ -220,7 +220,7 @@ fn sized(state: &AppState, error: ApiError) -> ApiError {
     params(("Idempotency-Key" = Option<String>, Header, description = "The command id: a retry with the same key and body opens nothing new and answers 201 with the same ticket as it is now and duplicate: true; with another body, 422.")),
     request_body = OpenTicketRequest,
     responses(
-        (status = 201, description = "Opened (or the original outcome of a retry)", body = OpenedTicket),
+        (status = 201, description = "Opened; a retry with the same Idempotency-Key and body answers the same ticket as it is now, with duplicate: true", body = OpenedTicket),
         (status = 400, description = "Malformed JSON", body = Problem, content_type = "application/problem+json"),
         (status = 401, description = "No or unknown token", body = Problem, content_type = "application/problem+json"),
         (status = 403, description = "The token's roles may not open tickets", body = Problem, content_type = "application/problem+json"),

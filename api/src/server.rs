@@ -86,10 +86,12 @@ pub async fn serve(
             Ok(())
         }
     };
-    state.drain().await;
+    // The sweeper first: its refusals (another sweeper got there first)
+    // are recorded in the background too, and `drain` waits for those.
     if let Some(sweeper) = sweeper {
         let _ = sweeper.await;
     }
+    state.drain().await;
     projector.stop().await;
     if let Err(error) = state.read_models().catch_up().await {
         tracing::warn!(%error, "the last read-model catch-up failed; the next start catches up");

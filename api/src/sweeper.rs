@@ -32,6 +32,11 @@ pub async fn sweep_once(state: &AppState, limit: usize) -> Result<usize, ApiErro
     let rows = state.read_models().expired_claims(now, limit).await?;
     let mut expired = 0;
     for row in rows {
+        // A shutdown does not wait for the rest of a long sweep; the next
+        // start sweeps them.
+        if state.shutdown_token().is_cancelled() {
+            break;
+        }
         let (Some(ticket_id), Some(claim)) = (row.ticket.id, row.ticket.claim.as_ref()) else {
             continue;
         };

@@ -312,8 +312,15 @@ impl PgProjector {
                 .iter()
                 .filter(|status| status.lag > 0)
                 .map(|status| {
+                    // A projection stopped at an event it cannot apply is
+                    // behind whoever leads it, this process included.
+                    let stopped = status
+                        .last_error
+                        .as_deref()
+                        .map(|error| format!(", stopped by: {error}"))
+                        .unwrap_or_default();
                     format!(
-                        "{} {} events behind, led by {}",
+                        "{} {} events behind, led by {}{stopped}",
                         status.name,
                         status.lag,
                         status.leader.as_deref().unwrap_or("no one")
@@ -326,9 +333,9 @@ impl PgProjector {
         tracing::warn!(
             waited = ?FOLLOWER_WAIT,
             %behind,
-            "answering from read models behind the log: their leader did not catch up in time. A leader that is \
-             stopped or hung (not dead) keeps its leadership: resume or kill it, and another instance takes over; \
-             `triage projections status` shows who leads"
+            "answering from read models behind the log: they did not catch up in time. A leader that is stopped \
+             or hung (not dead) keeps its leadership: resume or kill it, and another instance takes over; one \
+             stopped by an error says which; `triage projections status` shows who leads"
         );
     }
 

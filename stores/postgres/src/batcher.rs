@@ -18,7 +18,7 @@
 //!
 //! A batch that was sent and failed as a whole (an id written meanwhile by
 //! another process, a lost connection, no answer in time) answers every
-//! caller [`Written::Unknown`] (one that got no connection, [`Written::No`]): each then goes the single-append way, which
+//! caller [`Written::Unknown`] (one that got no connection, or that the server refused with an ERROR, which rolled it back, [`Written::No`]): each then goes the single-append way, which
 //! reports its own error or, when the batch committed after all, finds its
 //! events and answers with the original result.
 
@@ -157,15 +157,24 @@ async fn write_forever(
         let appends: Vec<&Append> = batch.iter().map(|pending| &pending.append).collect();
         // Not sent at all: the callers' own attempts decide, and nothing of
         // theirs can have been stored (`No`). Sent and failed: `Unknown`.
-        let mut sent = false;
+        // Whether the batch may have been stored though it failed: only
+        // once sent, and not when the server answered with an ERROR (the
+        // statement and its implicit transaction were rolled back). A
+        // FATAL one (the session ended) may follow a commit.
+        let mut outcome_unknown = false;
         let written = match pool.get().await {
             Ok(client) => {
-                sent = true;
                 // Bounded: a connection that stopped answering would hold
                 // this writer, and every batch behind it, for hours.
                 let written = match tokio::time::timeout(target.query_timeout, write(&client, &sql, &appends)).await {
-                    Ok(written) => written.map_err(|error| target.db_error("cannot append", error)),
-                    Err(_elapsed) => Err(target.unanswered("appending a batch", true)),
+                    Ok(written) => written.map_err(|error| {
+                        outcome_unknown = !rolled_back(&error);
+                        target.db_error("cannot append", error)
+                    }),
+                    Err(_elapsed) => {
+                        outcome_unknown = true;
+                        Err(target.unanswered("appending a batch", true))
+                    }
                 };
                 if written.is_err() {
                     // The connection may be dead (its session ended mid-batch)
@@ -183,7 +192,7 @@ async fn write_forever(
             Ok(answers) => answers,
             Err(error) => {
                 tracing::debug!(%error, appends = batch.len(), "a batch of appends failed; each is tried alone");
-                let answer = if sent { Written::Unknown } else { Written::No };
+                let answer = if outcome_unknown { Written::Unknown } else { Written::No };
                 vec![answer; batch.len()]
             }
         };
@@ -192,6 +201,14 @@ async fn write_forever(
             let _ = pending.reply.send(answer);
         }
     }
+}
+
+/// Whether the server refused the statement with an ERROR, which rolls
+/// back its transaction: nothing of it was stored.
+pub(crate) fn rolled_back(error: &tokio_postgres::Error) -> bool {
+    error
+        .as_db_error()
+        .is_some_and(|db| db.parsed_severity() == Some(tokio_postgres::error::Severity::Error))
 }
 
 fn payload(append: &Append) -> usize {

@@ -226,10 +226,13 @@ impl Target {
     }
 
     /// Maps a driver error. What retrying cannot change (a missing
-    /// privilege, table or database, a read-only server, a bad password) is
+    /// privilege, table or database, a bad password) is
     /// [`Error::Refused`], with a message that says what is wrong where;
-    /// the rest is [`Error::Backend`]. A statement that failed was rolled
-    /// back with its transaction, so a refused append stored nothing.
+    /// the rest is [`Error::Backend`]. A server that takes no writes is
+    /// `Backend`, with a message saying so: it may be a standby that a
+    /// failover is about to replace, which a retry then reaches. Each
+    /// refusal is an ERROR the server answered to a statement, which
+    /// rolled back its transaction, so a refused append stored nothing.
     pub(crate) fn db_error(&self, what: &str, error: tokio_postgres::Error) -> Error {
         let Some(code) = error.code() else {
             return Error::backend(format!("{what} ({})", self.describe()), error);
@@ -259,11 +262,15 @@ impl Target {
                 self.describe()
             )
         } else if *code == SqlState::READ_ONLY_SQL_TRANSACTION {
-            format!(
-                "{} accepts no writes ({detail}): a standby, or default_transaction_read_only is on for the \
-                 role {role:?} or the database; point the store at the primary",
-                self.describe()
-            )
+            return Error::backend(
+                format!(
+                    "{what}: {} accepts no writes ({detail}): a standby (during a failover, retry), or \
+                     default_transaction_read_only is on for the role {role:?} or the database; point the store \
+                     at the primary",
+                    self.describe()
+                ),
+                error,
+            );
         } else if [
             SqlState::INVALID_CATALOG_NAME,
             SqlState::INVALID_PASSWORD,
@@ -732,14 +739,18 @@ impl EventStore for PostgresEventStore {
             // A conflict or a replay was decided by reading the stream,
             // which holds the batch's events if it committed. A failure
             // decided nothing.
-            Err(error @ Error::Backend { .. }) if batched == Written::Unknown => Err(Error::backend(
-                format!(
-                    "appending to {stream}: the batch it went out in failed, perhaps after it committed, and \
+            // A refusal of the lone try says nothing of the batch before
+            // it, which may have committed: unknown too, not "refused".
+            Err(error @ (Error::Backend { .. } | Error::Refused { .. })) if batched == Written::Unknown => {
+                Err(Error::backend(
+                    format!(
+                        "appending to {stream}: the batch it went out in failed, perhaps after it committed, and \
                      trying it alone failed too, so whether it was stored is unknown: read the stream, or \
                      retry it with the same event ids"
-                ),
-                error,
-            )),
+                    ),
+                    error,
+                ))
+            }
             outcome => outcome,
         }
     }

@@ -74,17 +74,30 @@ use triage_event_store::{
 pub use options::{SqliteOptions, Synchronous};
 
 use reader::Readers;
+use writer::{AppendRequest, Counters, Writer};
 
 /// Whether SQLite failed because the file cannot be opened or written at
-/// all (permissions, a missing directory, a read-only file system), which
-/// retrying does not change.
-fn is_refusal(error: &rusqlite::Error) -> bool {
-    matches!(
-        error.sqlite_error_code(),
-        Some(rusqlite::ErrorCode::ReadOnly | rusqlite::ErrorCode::PermissionDenied | rusqlite::ErrorCode::CannotOpen)
-    )
+/// all (permissions, a read-only file or file system, a moved file), which
+/// retrying does not change. Not the passing kinds of "read-only" (another
+/// connection recovering the WAL, a lock not got). "Cannot open" counts
+/// only `at_open` (a missing directory): later it is more likely a passing
+/// lack of file descriptors for a journal.
+fn is_refusal(error: &rusqlite::Error, at_open: bool) -> bool {
+    let rusqlite::Error::SqliteFailure(failure, _) = error else {
+        return false;
+    };
+    match failure.code {
+        rusqlite::ErrorCode::PermissionDenied => true,
+        rusqlite::ErrorCode::ReadOnly => [
+            rusqlite::ffi::SQLITE_READONLY,
+            rusqlite::ffi::SQLITE_READONLY_DBMOVED,
+            rusqlite::ffi::SQLITE_READONLY_DIRECTORY,
+        ]
+        .contains(&failure.extended_code),
+        rusqlite::ErrorCode::CannotOpen => at_open,
+        _ => false,
+    }
 }
-use writer::{AppendRequest, Counters, Writer};
 
 /// An event store in one SQLite file.
 ///
@@ -296,5 +309,34 @@ impl EventStore for SqliteEventStore {
 
     fn describe(&self) -> String {
         format!("sqlite://{}", self.path.display())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rusqlite::ffi;
+
+    fn failure(extended_code: std::os::raw::c_int) -> rusqlite::Error {
+        rusqlite::Error::SqliteFailure(ffi::Error::new(extended_code), None)
+    }
+
+    /// Only what retrying cannot change is a refusal; the passing kinds
+    /// of "read-only" and a later "cannot open" are not.
+    #[test]
+    fn refusals_are_told_from_passing_failures() {
+        for lasting in [ffi::SQLITE_READONLY, ffi::SQLITE_READONLY_DBMOVED, ffi::SQLITE_PERM] {
+            assert!(super::is_refusal(&failure(lasting), false), "{lasting}");
+        }
+        for passing in [
+            ffi::SQLITE_READONLY_RECOVERY,
+            ffi::SQLITE_READONLY_CANTLOCK,
+            ffi::SQLITE_BUSY,
+            ffi::SQLITE_IOERR,
+            ffi::SQLITE_FULL,
+        ] {
+            assert!(!super::is_refusal(&failure(passing), false), "{passing}");
+        }
+        assert!(super::is_refusal(&failure(ffi::SQLITE_CANTOPEN), true));
+        assert!(!super::is_refusal(&failure(ffi::SQLITE_CANTOPEN), false));
     }
 }

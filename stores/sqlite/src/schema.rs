@@ -274,7 +274,7 @@ impl Header {
 /// `Refused`; anything else (locks held too long, I/O errors) is a backend
 /// error.
 fn open_failure(path: &Path, error: rusqlite::Error) -> Error {
-    if crate::is_refusal(&error) {
+    if crate::is_refusal(&error, true) {
         return Error::refused(
             format!(
                 "cannot open the event store {} for reading and writing: check that its directory exists and \

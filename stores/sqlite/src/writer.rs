@@ -179,7 +179,7 @@ impl Writer {
                 tracing::error!(%error, appends = batch.len(), "a group commit failed; every append in it failed");
                 let message = error.caller_message();
                 // Nothing was stored, and a retry would meet the same file.
-                let refused = matches!(&error, BatchFailure::BeforeCommit(fatal) if crate::is_refusal(fatal));
+                let refused = matches!(&error, BatchFailure::BeforeCommit(fatal) if crate::is_refusal(fatal, false));
                 let error = Arc::new(error);
                 for request in batch.drain(..) {
                     let _ = request.reply.send(Err(if refused {
