@@ -711,7 +711,7 @@ impl CommandHandler {
             command_digest(envelope),
         );
         let data = EventData {
-            id: CommandRejected::record_id(envelope.command_id),
+            id: CommandRejected::record_id(envelope.command_id, envelope.ticket_id),
             event_type: CommandRejected::EVENT_TYPE.to_owned(),
             data: record.encode(),
             metadata: metadata.encode(),

@@ -587,6 +587,34 @@ async fn refusals_are_recorded_outside_the_ticket_stream_once() {
     );
 }
 
+/// One command id refused on two tickets (a keyed work claim tries one
+/// ticket after another under its one id) is recorded on each: the second
+/// record was refused as a conflict (its id was stored in the first
+/// ticket's stream) and dropped with a warning.
+#[tokio::test]
+async fn a_command_id_refused_on_two_tickets_is_recorded_on_both() {
+    let f = fixture();
+    let command_id = Uuid::new_v4();
+    let tickets = [open(&f.handler).await, open(&f.handler).await];
+    for ticket in tickets {
+        let refused = CommandEnvelope::new(
+            ticket,
+            Agent::new("drafter-1", Role::Drafter),
+            Command::SubmitDraft {
+                claim_id: Uuid::new_v4(),
+                body: "too early".into(),
+            },
+        )
+        .with_id(command_id);
+        assert!(f.handler.handle(refused).await.is_err());
+    }
+    for ticket in tickets {
+        let rejections = StreamName::new(triage_domain::CommandRejected::stream_name(ticket)).unwrap();
+        let records = f.store.read_stream(&rejections, ReadStream::forwards()).await;
+        assert_eq!(records.map(|records| records.len()).ok(), Some(1), "ticket {ticket}");
+    }
+}
+
 /// A server's handler answers a refusal before its record is written, and
 /// `rejections_recorded` waits for the record: the refused caller is not
 /// kept waiting on a write of the audit trail.

@@ -307,10 +307,14 @@ impl CommandRejected {
         format!("{}-{}", Self::CATEGORY, ticket_id.0)
     }
 
-    /// The record's id: derived from the command id like event ids, with an
-    /// index no command's events reach, so a retried refusal is stored once.
-    pub fn record_id(command_id: Uuid) -> Uuid {
-        event_id(command_id, u32::MAX)
+    /// The record's id: derived from the command id and the ticket, so a
+    /// retried refusal is stored once, and a command refused on several
+    /// tickets (a keyed work claim tries one after another under its one
+    /// id) is recorded on each: event ids are unique across streams, and
+    /// the same id in a second stream was refused as a conflict.
+    pub fn record_id(command_id: Uuid, ticket_id: TicketId) -> Uuid {
+        let name = format!("rejected on {}", ticket_id.0);
+        Uuid::new_v5(&command_id, name.as_bytes())
     }
 
     /// The JSON payload.
