@@ -213,6 +213,39 @@ impl AgentsFile {
         std::fs::rename(&tmp, path).map_err(|source| io("replace", source))
     }
 
+    /// Reads `path`, changes it with `change`, and writes it back, holding
+    /// an exclusive lock on `<path>.lock` throughout: two `triage agents`
+    /// commands at once each see the other's change, instead of the later
+    /// save dropping the earlier one (a revocation undone, a token added
+    /// and reported but not stored). `change` failing writes nothing.
+    /// Readers (a running server) need no lock: a save replaces the file
+    /// whole, by renaming.
+    pub fn update<T>(
+        path: &Path,
+        change: impl FnOnce(&mut AgentsFile) -> Result<T, AgentsError>,
+    ) -> Result<T, AgentsError> {
+        let mut lock_path = path.as_os_str().to_owned();
+        lock_path.push(".lock");
+        let lock_path = std::path::PathBuf::from(lock_path);
+        let io = |action, source| AgentsError::Io {
+            action,
+            path: lock_path.clone(),
+            source,
+        };
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|source| io("open the lock file", source))?;
+        lock.lock().map_err(|source| io("lock", source))?;
+        let mut file = AgentsFile::load(path)?;
+        let changed = change(&mut file)?;
+        file.save(path)?;
+        // The lock goes with `lock`, after the save.
+        Ok(changed)
+    }
+
     /// Adds an agent and returns its token, which is not stored.
     pub fn add(&mut self, id: &str, roles: &[Role]) -> Result<String, AgentsError> {
         let id = id.trim();

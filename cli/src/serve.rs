@@ -169,9 +169,7 @@ fn existing_agents(path: &std::path::Path) -> anyhow::Result<AgentsFile> {
 pub(crate) fn agents(command: AgentsCommand, global: &GlobalArgs) -> anyhow::Result<()> {
     match command {
         AgentsCommand::Add { id, roles, agents } => {
-            let mut file = AgentsFile::load(&agents)?;
-            let token = file.add(&id, &roles)?;
-            file.save(&agents)?;
+            let token = AgentsFile::update(&agents, |file| file.add(&id, &roles))?;
             if global.json {
                 output::print_json(&json!({ "id": id, "roles": roles, "token": token }));
             } else {
@@ -213,9 +211,8 @@ pub(crate) fn agents(command: AgentsCommand, global: &GlobalArgs) -> anyhow::Res
             Ok(())
         }
         AgentsCommand::Revoke { id, agents } => {
-            let mut file = existing_agents(&agents)?;
-            file.revoke(&id)?;
-            file.save(&agents)?;
+            existing_agents(&agents)?;
+            AgentsFile::update(&agents, |file| file.revoke(&id))?;
             if global.json {
                 output::print_json(&serde_json::json!({ "agent": id, "revoked": true }));
             } else {

@@ -78,6 +78,51 @@ fn agents_add_list_and_revoke_store_only_hashes() {
     assert!(fail(dir.path(), &["agents", "revoke", "nobody", "--agents", "a.toml"]).contains("nobody"));
 }
 
+/// `triage agents` commands run at once (a provisioning script in
+/// parallel) each keep the others' changes: every added agent is stored,
+/// and a revocation among them holds.
+#[test]
+fn agents_commands_at_once_lose_no_change() {
+    let dir = tempfile::tempdir().unwrap();
+    succeed(
+        dir.path(),
+        &["agents", "add", "victim", "--role", "intake", "--agents", "a.toml"],
+    );
+    let mut running: Vec<std::process::Child> = (0..16)
+        .map(|n| {
+            common::command(dir.path())
+                .args([
+                    "agents",
+                    "add",
+                    &format!("agent-{n}"),
+                    "--role",
+                    "drafter",
+                    "--agents",
+                    "a.toml",
+                ])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    running.push(
+        common::command(dir.path())
+            .args(["agents", "revoke", "victim", "--agents", "a.toml"])
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    for mut child in running {
+        assert!(child.wait().unwrap().success());
+    }
+    let listed = succeed(dir.path(), &["--json", "agents", "list", "--agents", "a.toml"]);
+    let agents: Vec<Value> = listed.lines().map(|line| serde_json::from_str(line).unwrap()).collect();
+    assert_eq!(agents.len(), 17, "{listed}");
+    let victim = agents.iter().find(|agent| agent["id"] == "victim").unwrap();
+    assert!(!victim["revoked_at"].is_null(), "the revocation holds: {victim}");
+}
+
 #[test]
 fn serve_refuses_to_start_without_an_agents_file() {
     let dir = tempfile::tempdir().unwrap();
