@@ -269,7 +269,8 @@ pub(crate) struct StatsArgs {
     #[arg(long, value_name = "TIME", value_parser = crate::events::parse_time)]
     until: Option<chrono::DateTime<chrono::Utc>>,
     /// Break the figures down: `agent` lists each agent's outcomes (as
-    /// every `stats` does), `role` sums them per role, `category` gives
+    /// every `stats` does), `role` sums them per role (an agent with several
+    /// roles counts under the last one it acted in), `category` gives
     /// every figure per ticket category (a ticket's category at the end of
     /// the period; `unclassified` until it has one).
     #[arg(long, value_enum)]

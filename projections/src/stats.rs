@@ -234,11 +234,19 @@ impl StatsDelta {
                 counters.insert(name.to_owned(), 1);
             }
         };
+        // The role kept with an (agent, outcome) is the last one known
+        // (an expiry charged to the holder knows none), here as in the
+        // stored row it is added to, so that a page applied at once and
+        // the same events applied one by one (a rebuild and the live
+        // model) keep the same role.
         let mut outcome = |agent: &str, role: &str, what: &str| {
-            agents
+            let entry = agents
                 .entry((agent.to_owned(), what.to_owned()))
-                .or_insert_with(|| (role.to_owned(), 0))
-                .1 += 1;
+                .or_insert_with(|| (String::new(), 0));
+            if !role.is_empty() {
+                role.clone_into(&mut entry.0);
+            }
+            entry.1 += 1;
         };
         for event in events {
             count("events");
