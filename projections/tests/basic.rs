@@ -178,7 +178,7 @@ async fn a_multi_role_agents_statistics_verify_equal_after_a_rebuild() {
         .await
         .unwrap();
     let ticket = opened.ticket_id;
-    let mut send = async |role: Role, command: Command| {
+    let send = async |role: Role, command: Command| {
         let accepted = handler
             .handle(CommandEnvelope::new(ticket, agent("w1", role), command))
             .await
