@@ -263,6 +263,65 @@ fn read_models_of_a_deleted_store_are_rebuilt_from_the_new_one() {
     succeed(dir.path(), &["ticket", "show", &new[0]]);
 }
 
+/// A server started on an empty event store (the old one deleted, or a
+/// wrong path) beside read models that hold a log's work refuses to
+/// start, saying so, and changes nothing: a rebuild from the empty log
+/// wiped the last copy of the tickets' state, and the server went on
+/// writing a new log. With the store back, everything is as it was.
+#[test]
+fn a_server_on_an_empty_store_beside_read_models_refuses_and_keeps_them() {
+    let dir = tempfile::tempdir().unwrap();
+    for n in 0..3 {
+        succeed(
+            dir.path(),
+            &["ticket", "open", "--subject", &format!("t{n}"), "--body", "b"],
+        );
+    }
+    assert_eq!(json_lines(&succeed(dir.path(), &["ticket", "list", "--json"])).len(), 3);
+    succeed(
+        dir.path(),
+        &["agents", "add", "in", "--role", "intake", "--agents", "a.toml"],
+    );
+    let mut server = common::command(dir.path())
+        .args([
+            "--db",
+            "typo.db",
+            "--read-model",
+            "triage.read.db",
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--agents",
+            "a.toml",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = server.try_wait().unwrap() {
+            break status;
+        }
+        if started.elapsed() > std::time::Duration::from_secs(20) {
+            server.kill().unwrap();
+            server.wait().unwrap();
+            panic!("the server started on an empty store beside the read models");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert!(!status.success());
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut server.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(stderr.contains("the event store is empty"), "{stderr}");
+    assert!(stderr.contains("triage.read.db aside"), "{stderr}");
+    assert_eq!(
+        json_lines(&succeed(dir.path(), &["ticket", "list", "--json"])).len(),
+        3,
+        "the read models were left as they were"
+    );
+}
+
 #[test]
 fn verify_with_no_live_model_says_nothing_was_compared_not_that_it_differs() {
     let dir = tempfile::tempdir().unwrap();

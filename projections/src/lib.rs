@@ -169,6 +169,24 @@ pub enum ProjectionError {
         /// Why.
         reason: String,
     },
+    /// The read models hold an event log's work, but the event store is
+    /// empty: deleted or emptied, or the wrong one named. Rebuilding them
+    /// from it would wipe the last copy of the tickets' state without a
+    /// word, and a server would go on writing a new log beside them.
+    /// Nothing was changed.
+    #[error(
+        "the read models in {models} were built from an event log ({applied} events applied), but the event \
+         store is empty: was it deleted, or is this the wrong store? Nothing was changed. To start afresh on an \
+         empty store, {remedy}"
+    )]
+    EmptyLog {
+        /// Where the read models are.
+        models: String,
+        /// Events the live model had applied.
+        applied: u64,
+        /// How to start afresh.
+        remedy: String,
+    },
     /// The rebuild was cancelled; the live model is untouched.
     #[error("cancelled; the live read model is untouched")]
     Cancelled,

@@ -297,6 +297,13 @@ impl Projector {
             };
             match live {
                 None => self.create_live(projection)?,
+                Some(slot) if slot.checkpoint.is_some() && head.is_none() => {
+                    return Err(ProjectionError::EmptyLog {
+                        models: self.db.path().display().to_string(),
+                        applied: slot.events_applied,
+                        remedy: format!("move {} aside", self.db.path().display()),
+                    });
+                }
                 // A checkpoint past the head means the events were replaced
                 // (a deleted or swapped store file): this model describes
                 // another log. Rebuild rather than silently skip.

@@ -1052,6 +1052,30 @@ async fn pg_read_models_of_a_replaced_log_are_rebuilt_from_it() {
     );
 }
 
+/// Read models of a log met with an empty event store (dropped, or the
+/// wrong one named): refused, saying so, and left as they were.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pg_read_models_beside_an_empty_store_are_refused_and_kept() {
+    let Some(url) = url("pg_read_models_beside_an_empty_store_are_refused_and_kept") else {
+        return;
+    };
+    let models = read_models(&url).await;
+    let old: Arc<dyn EventStore> = event_store(&url).await;
+    Workload::new(old.clone()).random(20, 5, 7).await;
+    PgProjector::new(old.clone(), models.clone()).catch_up().await.unwrap();
+    let before = models.digest("tickets").await.unwrap();
+
+    let empty: Arc<dyn EventStore> = event_store(&url).await;
+    let refused = PgProjector::new(empty, models.clone()).catch_up().await;
+    match refused {
+        Err(error @ ProjectionError::EmptyLog { .. }) => {
+            assert!(error.to_string().contains("the event store is empty"), "{error}");
+        }
+        other => panic!("expected EmptyLog, got {other:?}"),
+    }
+    assert_eq!(models.digest("tickets").await.unwrap(), before, "left as they were");
+}
+
 /// As on SQLite: a rebuild that fails after making its shadow tables drops
 /// them again.
 #[tokio::test]

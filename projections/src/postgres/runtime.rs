@@ -490,6 +490,16 @@ impl PgProjector {
             let head = self.events.head_position().await?;
             match live {
                 None => self.create_live(session, *model).await?,
+                Some(slot) if slot.checkpoint.is_some() && head.is_none() => {
+                    return Err(ProjectionError::EmptyLog {
+                        models: self.models.describe(),
+                        applied: slot.events_applied,
+                        remedy: format!(
+                            "drop the read models' schema ({}), which the next start makes anew",
+                            self.models.schema()
+                        ),
+                    });
+                }
                 Some(slot) if slot.checkpoint > head => {
                     tracing::warn!(projection = model.name(), checkpoint = ?slot.checkpoint, head = ?head,
                         "the read model is ahead of the event log; rebuilding");
