@@ -132,7 +132,8 @@ struct GlobalArgs {
     #[arg(long, global = true, value_enum, default_value_t = SyncMode::Full, env = "TRIAGE_SQLITE_SYNC")]
     sync: SyncMode,
 
-    /// More log output on stderr (-v: debug, -vv: trace). RUST_LOG also works.
+    /// More log output on stderr (-v: info, -vv: debug, -vvv: trace; `serve`
+    /// and `mcp` log at info already). RUST_LOG also works.
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     verbose: u8,
 }
@@ -355,12 +356,17 @@ impl GlobalArgs {
     }
 }
 
-fn init_tracing(verbose: u8) {
-    let default = match verbose {
+/// Logs on stderr: warnings for one-shot commands, what a server does
+/// (starting, expiring claims, stopping) for `serve` and `mcp`, more with
+/// each `-v`.
+fn init_tracing(verbose: u8, serving: bool) {
+    let level = verbose + u8::from(serving && verbose == 0);
+    let default = match level {
         // The KurrentDB client logs every failed connection attempt at
         // ERROR; the error Triage reports carries the cause once.
         0 => "warn,kurrentdb=off",
-        1 => "debug",
+        1 => "info,kurrentdb=off",
+        2 => "debug",
         _ => "trace",
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
@@ -418,7 +424,10 @@ fn main() -> ExitCode {
     cli.global.store_from_env = from_env("store");
     cli.global.db_from_env = from_env("db");
     cli.global.read_model_from_env = from_env("read_model");
-    init_tracing(cli.global.verbose);
+    init_tracing(
+        cli.global.verbose,
+        matches!(cli.command, Command::Serve(_) | Command::Mcp(_)),
+    );
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(error) => {
