@@ -362,6 +362,14 @@ impl Authenticator {
                 }
                 match AgentsFile::load(path) {
                     Ok(file) => {
+                        // Said once, when it goes: from then on the cached
+                        // (missing) stamp matches until the file is back.
+                        if stamp.is_none() {
+                            tracing::warn!(
+                                path = %path.display(),
+                                "the agents file is gone: every token is refused until it is back"
+                            );
+                        }
                         let principal = file.find(token).map(to_principal);
                         *cache.write().unwrap_or_else(|poisoned| poisoned.into_inner()) = (stamp, file);
                         principal

@@ -192,7 +192,7 @@ enum Command {
     /// Serve the agent API's tools over MCP on stdin/stdout, for a desktop
     /// LLM client; the token decides the agent and its roles.
     Mcp(serve::McpArgs),
-    /// Create, list and revoke agent tokens (the agents file stores only
+    /// Add, list and revoke agent tokens (the agents file stores only
     /// their hashes).
     #[command(subcommand)]
     Agents(serve::AgentsCommand),

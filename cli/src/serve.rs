@@ -75,8 +75,18 @@ pub(crate) enum AgentsCommand {
     },
 }
 
+/// A role a token may carry: every role but `system`, which is Triage's
+/// own (the lease sweeper), named as such instead of listed as a choice.
 fn parse_role(value: &str) -> Result<Role, String> {
-    value.parse()
+    let tokens: Vec<&str> = triage_api::auth::TOKEN_ROLES.iter().map(|role| role.as_str()).collect();
+    match value.parse::<Role>() {
+        Ok(Role::System) => Err(format!(
+            "system is Triage's own role (the lease sweeper), not a token's; use one of {}",
+            tokens.join(", ")
+        )),
+        Ok(role) => Ok(role),
+        Err(_) => Err(format!("unknown role {value:?}; use one of {}", tokens.join(", "))),
+    }
 }
 
 async fn state(global: &GlobalArgs, agents: PathBuf) -> anyhow::Result<AppState> {

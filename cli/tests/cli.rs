@@ -551,8 +551,8 @@ fn errors_carry_each_cause_once_and_no_colour_codes_in_a_pipe() {
     assert!(!quiet.status.success());
     let stderr = common::stderr(&quiet);
     assert_eq!(stderr.matches(command_id).count(), 1, "{stderr}");
-    // ... and with -v, a debug line too, without colour codes in a pipe.
-    let output = reuse(&["-v"]);
+    // ... and with -vv, a debug line too, without colour codes in a pipe.
+    let output = reuse(&["-vv"]);
     let stderr = common::stderr(&output);
     assert!(!output.status.success());
     assert!(stderr.contains("DEBUG"), "{stderr:?}");
