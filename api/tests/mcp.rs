@@ -176,15 +176,28 @@ async fn http_client(address: std::net::SocketAddr, token: &str) -> RunningServi
         .expect("the MCP client connects")
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_mcp_client_over_streamable_http_takes_a_ticket_to_resolved() {
-    let (state, worker, drafter) = state();
+/// A server of `state` on a free loopback port: its address, what stops
+/// it, and its task.
+async fn serve_on_a_socket(
+    state: AppState,
+) -> (
+    std::net::SocketAddr,
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<std::io::Result<()>>,
+) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(triage_api::serve(listener, state, ServeOptions::default(), async {
         let _ = stopped.await;
     }));
+    (address, stop, server)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_mcp_client_over_streamable_http_takes_a_ticket_to_resolved() {
+    let (state, worker, drafter) = state();
+    let (address, stop, server) = serve_on_a_socket(state).await;
 
     let client = http_client(address, &worker).await;
     new_to_resolved(client.peer()).await;
@@ -221,12 +234,7 @@ async fn an_mcp_client_over_streamable_http_takes_a_ticket_to_resolved() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mcp_over_http_answers_bad_messages_as_json_rpc_errors() {
     let (state, worker, _) = state();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let address = listener.local_addr().unwrap();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(triage_api::serve(listener, state, ServeOptions::default(), async {
-        let _ = stopped.await;
-    }));
+    let (address, stop, server) = serve_on_a_socket(state).await;
     let post = |body: &'static str| {
         reqwest::Client::new()
             .post(format!("http://{address}/mcp"))

@@ -29,6 +29,17 @@ fn fresh_store(url: &str) -> (String, String) {
     (schema, store)
 }
 
+/// Each projection's leader ("" for none) in `projections status --json`.
+fn leaders_in(status_lines: &str) -> Vec<String> {
+    status_lines
+        .lines()
+        .map(|line| {
+            let status: Value = serde_json::from_str(line).unwrap();
+            status["leader"].as_str().unwrap_or_default().to_owned()
+        })
+        .collect()
+}
+
 fn sharing_the_watermark() -> std::sync::RwLockReadGuard<'static, ()> {
     WATERMARK.read().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
@@ -163,15 +174,7 @@ fn two_servers_share_postgresql_read_models_and_the_survivor_takes_over_from_a_k
         all.extend_from_slice(args);
         succeed(dir.path(), &all)
     };
-    let leaders = || -> Vec<String> {
-        with_store(&["projections", "status", "--json"])
-            .lines()
-            .map(|line| {
-                let status: Value = serde_json::from_str(line).unwrap();
-                status["leader"].as_str().unwrap_or_default().to_owned()
-            })
-            .collect()
-    };
+    let leaders = || leaders_in(&with_store(&["projections", "status", "--json"]));
     let started = std::time::Instant::now();
     let leader_pid = loop {
         let now = leaders();
@@ -277,14 +280,7 @@ fn a_read_behind_a_stopped_leader_says_who_leads() {
     let leader = format!("pid {} ", server.0.id());
     let started = std::time::Instant::now();
     loop {
-        let status = with_store(&["projections", "status", "--json"]);
-        let leaders: Vec<String> = common::stdout(&status)
-            .lines()
-            .map(|line| {
-                let status: Value = serde_json::from_str(line).unwrap();
-                status["leader"].as_str().unwrap_or_default().to_owned()
-            })
-            .collect();
+        let leaders = leaders_in(&common::stdout(&with_store(&["projections", "status", "--json"])));
         if leaders.len() == 2 && leaders.iter().all(|name| name.starts_with(&leader)) {
             break;
         }
