@@ -842,7 +842,11 @@ impl Projector {
             }
             start.flatten()
         };
-        let (pages, mut receiver) = mpsc::channel::<Result<Page, ProjectionError>>(2);
+        // One page waiting, besides the one being written and the one
+        // being read: measured on 1M events from PostgreSQL, two waiting
+        // pages made no rebuild faster (301,000–332,000 events/s either
+        // way) but raised its peak RSS from 81–86 MB to 86–121 MB.
+        let (pages, mut receiver) = mpsc::channel::<Result<Page, ProjectionError>>(1);
         let reader = tokio::spawn(read_pages(
             self.events.clone(),
             start,
