@@ -644,15 +644,16 @@ fn json_rpc_problem(message: &serde_json::Value) -> Option<(serde_json::Value, i
     // The transport takes an initialize with bad params for a message
     // that needs a session, and says "Session ID is required".
     if fields.get("method").and_then(serde_json::Value::as_str) == Some("initialize")
-        && let Err(error) = serde_json::from_value::<rmcp::model::InitializeRequestParams>(
-            fields.get("params").cloned().unwrap_or(serde_json::Value::Null),
+        && let Err(error) = <rmcp::model::InitializeRequestParams as Deserialize>::deserialize(
+            fields.get("params").unwrap_or(&serde_json::Value::Null),
         )
     {
         return Some((id, -32602, format!("invalid initialize params: {error}")));
     }
     // Unknown methods parse (as custom requests) and are the server's to
     // answer; this is the shape: jsonrpc "2.0", an id, a method, a result.
-    if let Err(error) = serde_json::from_value::<rmcp::model::ClientJsonRpcMessage>(message.clone()) {
+    // Checked in place: the transport parses the message again anyway.
+    if let Err(error) = <rmcp::model::ClientJsonRpcMessage as Deserialize>::deserialize(message) {
         return Some((id, -32600, format!("not a JSON-RPC 2.0 message: {error}")));
     }
     None

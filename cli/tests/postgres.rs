@@ -29,6 +29,13 @@ fn fresh_store(url: &str) -> (String, String) {
     (schema, store)
 }
 
+/// `args` after `--store store`.
+fn on_store<'a>(store: &'a str, args: &[&'a str]) -> Vec<&'a str> {
+    let mut all = vec!["--store", store];
+    all.extend_from_slice(args);
+    all
+}
+
 /// Each projection's leader ("" for none) in `projections status --json`.
 fn leaders_in(status_lines: &str) -> Vec<String> {
     status_lines
@@ -52,11 +59,7 @@ fn tickets_and_read_models_live_in_postgresql() {
     let _shared = sharing_the_watermark();
     let (schema, store) = fresh_store(&url);
     let dir = tempfile::tempdir().unwrap();
-    let with_store = |args: &[&str]| {
-        let mut all = vec!["--store", store.as_str()];
-        all.extend_from_slice(args);
-        succeed(dir.path(), &all)
-    };
+    let with_store = |args: &[&str]| succeed(dir.path(), &on_store(&store, args));
 
     let opened: Value = serde_json::from_str(&with_store(&[
         "ticket",
@@ -169,11 +172,7 @@ fn two_servers_share_postgresql_read_models_and_the_survivor_takes_over_from_a_k
         assert_eq!(subjects(address), ["first"], "read through {address}");
     }
 
-    let with_store = |args: &[&str]| {
-        let mut all = vec!["--store", store.as_str()];
-        all.extend_from_slice(args);
-        succeed(dir.path(), &all)
-    };
+    let with_store = |args: &[&str]| succeed(dir.path(), &on_store(&store, args));
     let leaders = || leaders_in(&with_store(&["projections", "status", "--json"]));
     let started = std::time::Instant::now();
     let leader_pid = loop {
@@ -254,11 +253,7 @@ fn a_read_behind_a_stopped_leader_says_who_leads() {
         dir.path(),
         &["agents", "add", "in", "--role", "intake", "--agents", "a.toml"],
     );
-    let with_store = |args: &[&str]| {
-        let mut all = vec!["--store", store.as_str()];
-        all.extend_from_slice(args);
-        common::triage(dir.path(), &all)
-    };
+    let with_store = |args: &[&str]| common::triage(dir.path(), &on_store(&store, args));
     assert!(
         with_store(&["ticket", "open", "--subject", "first", "--body", "b"])
             .status
@@ -344,11 +339,7 @@ fn a_read_held_back_by_an_open_transaction_says_which_one() {
     let _alone = WATERMARK.write().unwrap_or_else(std::sync::PoisonError::into_inner);
     let (_, store) = fresh_store(&url);
     let dir = tempfile::tempdir().unwrap();
-    let with_store = |args: &[&str]| {
-        let mut all = vec!["--store", store.as_str()];
-        all.extend_from_slice(args);
-        common::triage(dir.path(), &all)
-    };
+    let with_store = |args: &[&str]| common::triage(dir.path(), &on_store(&store, args));
     // The store exists before the transaction begins.
     assert!(
         with_store(&["ticket", "open", "--subject", "before", "--body", "b"])

@@ -29,6 +29,18 @@ fn classifier(n: u32) -> Agent {
     Agent::new(format!("classifier-{n}"), Role::Classifier)
 }
 
+/// A draft for a ticket that was never classified: refused.
+fn draft_too_early(ticket: TicketId) -> CommandEnvelope {
+    CommandEnvelope::new(
+        ticket,
+        Agent::new("drafter-1", Role::Drafter),
+        Command::SubmitDraft {
+            claim_id: Uuid::new_v4(),
+            body: "too early".into(),
+        },
+    )
+}
+
 async fn open(handler: &CommandHandler) -> TicketId {
     let accepted = handler
         .handle(open_ticket(intake(), "Charged twice", "Twice in March.", None))
@@ -543,15 +555,7 @@ async fn the_cache_can_be_turned_off() {
 async fn refusals_are_recorded_outside_the_ticket_stream_once() {
     let f = fixture();
     let ticket = open(&f.handler).await;
-    let drafter = Agent::new("drafter-1", Role::Drafter);
-    let refused = CommandEnvelope::new(
-        ticket,
-        drafter,
-        Command::SubmitDraft {
-            claim_id: Uuid::new_v4(),
-            body: "too early".into(),
-        },
-    );
+    let refused = draft_too_early(ticket);
     for _ in 0..2 {
         assert!(f.handler.handle(refused.clone()).await.is_err());
     }
@@ -597,15 +601,7 @@ async fn a_command_id_refused_on_two_tickets_is_recorded_on_both() {
     let command_id = Uuid::new_v4();
     let tickets = [open(&f.handler).await, open(&f.handler).await];
     for ticket in tickets {
-        let refused = CommandEnvelope::new(
-            ticket,
-            Agent::new("drafter-1", Role::Drafter),
-            Command::SubmitDraft {
-                claim_id: Uuid::new_v4(),
-                body: "too early".into(),
-            },
-        )
-        .with_id(command_id);
+        let refused = draft_too_early(ticket).with_id(command_id);
         assert!(f.handler.handle(refused).await.is_err());
     }
     for ticket in tickets {
@@ -628,14 +624,7 @@ async fn a_refusal_recorded_in_the_background_is_answered_first_and_waited_for()
     store.before_next_append(async move {
         let _ = released.await;
     });
-    let refused = CommandEnvelope::new(
-        ticket,
-        Agent::new("drafter-1", Role::Drafter),
-        Command::SubmitDraft {
-            claim_id: Uuid::new_v4(),
-            body: "too early".into(),
-        },
-    );
+    let refused = draft_too_early(ticket);
     let answer = tokio::time::timeout(std::time::Duration::from_secs(5), handler.handle(refused))
         .await
         .expect("answered while its record waits");
