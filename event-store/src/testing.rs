@@ -22,8 +22,8 @@ use crate::{
 /// Another store, counting the reads it serves, and failing the `$all`
 /// reads that start at one place if asked to: for tests of what callers
 /// read (the command handler's loads, the projection reader's pages). It
-/// can also let another writer in just before an append: for tests of
-/// lost races.
+/// can also let another writer in just before an append (for tests of
+/// lost races), or another process's work just before a read of the head.
 pub struct CountingStore {
     inner: Arc<dyn EventStore>,
     stream_reads: AtomicUsize,
@@ -32,6 +32,7 @@ pub struct CountingStore {
     fail_head_position: bool,
     without_id_index: bool,
     before_next_append: std::sync::Mutex<Option<Interloper>>,
+    before_next_head_position: std::sync::Mutex<Option<Interloper>>,
 }
 
 /// What runs before the next append; see [`CountingStore::before_next_append`].
@@ -59,6 +60,7 @@ impl CountingStore {
             fail_head_position: false,
             without_id_index: false,
             before_next_append: std::sync::Mutex::new(None),
+            before_next_head_position: std::sync::Mutex::new(None),
         }
     }
 
@@ -87,6 +89,16 @@ impl CountingStore {
     pub fn before_next_append(&self, interloper: impl std::future::Future<Output = ()> + Send + 'static) {
         *self
             .before_next_append
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(Box::pin(interloper));
+    }
+
+    /// Runs `interloper` to its end when `head_position` is next asked,
+    /// before the inner store answers: another process's work between a
+    /// caller's reads.
+    pub fn before_next_head_position(&self, interloper: impl std::future::Future<Output = ()> + Send + 'static) {
+        *self
+            .before_next_head_position
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(Box::pin(interloper));
     }
@@ -144,6 +156,14 @@ impl EventStore for CountingStore {
     }
 
     async fn head_position(&self) -> crate::Result<Option<Position>> {
+        let interloper = self
+            .before_next_head_position
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        if let Some(interloper) = interloper {
+            interloper.await;
+        }
         if self.fail_head_position {
             return Err(Error::backend("the head the test fails", "on purpose"));
         }

@@ -276,17 +276,23 @@ impl Projector {
                 .first()
                 .map(|event| event.id.to_string())
         };
-        let recorded_log = match first_event {
-            Some(_) => self.db.log_identity()?,
-            None => None,
-        };
-        let other_log = recorded_log.is_some() && first_event.is_some() && recorded_log != first_event;
+        let mut recorded_log = None;
         for projection in &self.projections {
             let live = {
                 let conn = self.db.lock();
                 db::read_slot(&conn, SlotKind::Live, projection.name())
                     .map_err(|error| ProjectionError::sqlite("read the registry", error))?
             };
+            // Read after the slot, and again for each projection: another
+            // process sharing the file records the log once it has made
+            // every model one of this log, so a record that is current
+            // here means the slot read before it is one too (or was
+            // replaced meanwhile, and apply_page reads the registry anew).
+            recorded_log = match first_event {
+                Some(_) => self.db.log_identity()?,
+                None => None,
+            };
+            let other_log = recorded_log.is_some() && first_event.is_some() && recorded_log != first_event;
             // Read after the checkpoint: a checkpoint is never past the head
             // when it is written and the head only grows, so a checkpoint
             // past a head read later means the log is another one. Read
@@ -314,8 +320,14 @@ impl Projector {
                         head = ?head,
                         "the read model is ahead of the event log; rebuilding"
                     );
-                    self.rebuild_many_with(&[projection.name()], RebuildOptions::default(), LiveModel::Foreign)
-                        .await?;
+                    self.rebuild_many_with(
+                        &[projection.name()],
+                        RebuildOptions::default(),
+                        LiveModel::Foreign {
+                            generation: slot.generation,
+                        },
+                    )
+                    .await?;
                 }
                 Some(slot) if other_log && slot.checkpoint.is_some() => {
                     tracing::warn!(
@@ -324,8 +336,14 @@ impl Projector {
                         first_event = ?first_event,
                         "the read model was built from another event log; rebuilding"
                     );
-                    self.rebuild_many_with(&[projection.name()], RebuildOptions::default(), LiveModel::Foreign)
-                        .await?;
+                    self.rebuild_many_with(
+                        &[projection.name()],
+                        RebuildOptions::default(),
+                        LiveModel::Foreign {
+                            generation: slot.generation,
+                        },
+                    )
+                    .await?;
                 }
                 // Built by a newer Triage: rebuilding it with this version
                 // would undo the newer instance's work, and it would undo
@@ -357,13 +375,16 @@ impl Projector {
                 kind: SlotKind::Live,
             })
             .collect();
-        let result = self.replay(&targets, until, &mut |_| {}, None).await;
-        if result.is_ok()
-            && let Some(first_event) = &first_event
+        // Every model is one of this log now (kept, made, or rebuilt from
+        // it): recorded before the catch-up, so that another process
+        // sharing the file sees it as soon as it can be true.
+        if let Some(first_event) = &first_event
+            && recorded_log.as_ref() != Some(first_event)
         {
-            if recorded_log.as_ref() != Some(first_event) {
-                self.db.record_log(first_event)?;
-            }
+            self.db.record_log(first_event)?;
+        }
+        let result = self.replay(&targets, until, &mut |_| {}, None).await;
+        if result.is_ok() && first_event.is_some() {
             self.log_confirmed.store(true, Ordering::Relaxed);
         }
         if let Err(error) = &result {
@@ -480,6 +501,15 @@ impl Projector {
             .iter()
             .map(|projection| self.db.claim_rebuild(projection.name()))
             .collect::<Result<Vec<_>, _>>()?;
+        if let LiveModel::Foreign { generation } = live_model
+            && self.replaced_since(&projections, generation)?
+        {
+            // Another process sharing the file rebuilt it from this log
+            // between our look at the live model and our claim: rebuilding
+            // again would only redo that work, and swapping in at once
+            // could put the model behind where that process took it.
+            return Ok(Vec::new());
+        }
         let mut slots = Vec::with_capacity(projections.len());
         {
             let mut conn = self.db.lock();
@@ -565,9 +595,20 @@ impl Projector {
                 LiveModel::OfThisLog => self.swap_once_caught_up(projection).await,
                 // Its checkpoint is a position in another log: waiting for
                 // the build to pass it could only wait in vain.
-                LiveModel::Foreign => self.swap(projection, false).and_then(|swapped| {
-                    swapped.ok_or_else(|| ProjectionError::Internal("an unconditional swap did not swap".to_owned()))
-                }),
+                LiveModel::Foreign { generation } => match self.swap(projection, SwapIf::LiveIs(generation)) {
+                    Ok(Some(swapped)) => Ok(swapped),
+                    Ok(None) => {
+                        // Rebuilt by another process while this one built:
+                        // see `replaced_since`.
+                        tracing::info!(
+                            projection = name,
+                            "another process swapped in a rebuilt model meanwhile; dropping this one"
+                        );
+                        self.discard_builds(&projections);
+                        return Ok(reports);
+                    }
+                    Err(error) => Err(error),
+                },
             };
             let events = match swapped {
                 Ok(swapped) => swapped.events_applied,
@@ -597,6 +638,20 @@ impl Projector {
             });
         }
         Ok(reports)
+    }
+
+    /// Whether a live model of `projections` is no longer `generation`: a
+    /// rebuild swapped another one in.
+    fn replaced_since(&self, projections: &[Arc<dyn Projection>], generation: u32) -> Result<bool, ProjectionError> {
+        let conn = self.db.lock();
+        for projection in projections {
+            let live = db::read_slot(&conn, SlotKind::Live, projection.name())
+                .map_err(|error| ProjectionError::sqlite("read the registry", error))?;
+            if live.is_none_or(|live| live.generation != generation) {
+                return Ok(true);
+            }
+        }
+        Ok(false)
     }
 
     /// Drops the build generations of `projections`, best effort: after a
@@ -684,9 +739,9 @@ impl Projector {
     }
 
     /// Makes the build generation live and drops the old one, in one
-    /// transaction. With `only_if_caught_up`, does nothing and returns
-    /// false when the live generation is further along than the build.
-    fn swap(&self, projection: &Arc<dyn Projection>, only_if_caught_up: bool) -> Result<Option<Slot>, ProjectionError> {
+    /// transaction, when `condition` holds; otherwise does nothing and
+    /// answers `None`.
+    fn swap(&self, projection: &Arc<dyn Projection>, condition: SwapIf) -> Result<Option<Slot>, ProjectionError> {
         let mut conn = self.db.lock();
         let tx = conn
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
@@ -696,7 +751,12 @@ impl Projector {
                 return Err(rusqlite::Error::QueryReturnedNoRows);
             };
             let live = db::read_slot(&tx, SlotKind::Live, projection.name())?;
-            if only_if_caught_up && live.as_ref().is_some_and(|live| live.checkpoint > build.checkpoint) {
+            let wanted = match condition {
+                SwapIf::Always => true,
+                SwapIf::CaughtUp => live.as_ref().is_none_or(|live| live.checkpoint <= build.checkpoint),
+                SwapIf::LiveIs(generation) => live.as_ref().is_some_and(|live| live.generation == generation),
+            };
+            if !wanted {
                 return Ok(None);
             }
             if let Some(old) = live {
@@ -733,7 +793,7 @@ impl Projector {
             kind: SlotKind::Build,
         }];
         for _ in 0..SWAP_ATTEMPTS {
-            if let Some(swapped) = self.swap(projection, true)? {
+            if let Some(swapped) = self.swap(projection, SwapIf::CaughtUp)? {
                 return Ok(swapped);
             }
             self.replay(&build, None, &mut |_| {}, None).await?;
@@ -743,7 +803,7 @@ impl Projector {
             attempts = SWAP_ATTEMPTS,
             "the live model kept moving ahead of the rebuilt one; swapping it in behind, the live catch-up brings it forward"
         );
-        self.swap(projection, false)?
+        self.swap(projection, SwapIf::Always)?
             .ok_or_else(|| ProjectionError::Internal("an unconditional swap did not swap".to_owned()))
     }
 
@@ -966,8 +1026,22 @@ enum LiveModel {
     /// This log: the build is swapped in once it is at least as far along,
     /// so that readers never see the model go back.
     OfThisLog,
-    /// Another log (a replaced store file): the build replaces it at once.
-    Foreign,
+    /// Another log (a replaced store file): the build replaces it at once,
+    /// if the live model is still `generation`, the one found to describe
+    /// another log. Another process sharing the file may have rebuilt it
+    /// meanwhile; then that rebuild stands and this one is dropped.
+    Foreign { generation: u32 },
+}
+
+/// When [`Projector::swap`] makes the build live.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum SwapIf {
+    /// Whatever the live model is.
+    Always,
+    /// When the build is at least as far along as the live model.
+    CaughtUp,
+    /// When the live model is still this generation.
+    LiveIs(u32),
 }
 
 /// One page of the log, decoded.

@@ -164,6 +164,74 @@ async fn a_read_model_ahead_of_its_event_log_is_rebuilt_not_trusted() {
     );
 }
 
+/// Two processes sharing a read-model file start on a replaced log. The
+/// second found the models foreign; by the time it claims the rebuild,
+/// the first has rebuilt them and moved on. The second must not rebuild
+/// again and swap its own model in over the first one's.
+#[tokio::test]
+async fn a_replaced_log_is_rebuilt_once_when_two_processes_find_it() {
+    let db = ReadModelDb::in_memory().unwrap();
+    let old: Arc<dyn EventStore> = Arc::new(InMemoryEventStore::new());
+    let old_handler = CommandHandler::new(old.clone());
+    for n in 0..3 {
+        old_handler
+            .handle(open_ticket(
+                agent("intake", Role::Intake),
+                format!("old {n}"),
+                "b",
+                None,
+            ))
+            .await
+            .unwrap();
+    }
+    Projector::new(old, db.clone()).catch_up().await.unwrap();
+    let new: Arc<dyn EventStore> = Arc::new(InMemoryEventStore::new());
+    let handler = CommandHandler::new(new.clone());
+    handler
+        .handle(open_ticket(agent("intake", Role::Intake), "new 1", "b", None))
+        .await
+        .unwrap();
+    let second_store = Arc::new(triage_event_store::testing::CountingStore::new(new.clone()));
+    let second = Projector::new(second_store.clone(), db.clone());
+    let first = Projector::new(new.clone(), db.clone());
+    // The second process has read the live models (foreign) and asks for
+    // the head; meanwhile the first rebuilds, a ticket is opened, and the
+    // first catches up with it.
+    second_store.before_next_head_position({
+        let first = first.clone();
+        async move {
+            first.catch_up().await.unwrap();
+            handler
+                .handle(open_ticket(agent("intake", Role::Intake), "new 2", "b", None))
+                .await
+                .unwrap();
+            first.catch_up().await.unwrap();
+        }
+    });
+    second.catch_up().await.unwrap();
+    let after_first: Vec<_> = first.status().await.unwrap();
+    let reads_by_second = second_store.all_reads();
+    for status in &after_first {
+        assert_eq!(
+            status.generation,
+            Some(2),
+            "the first process's rebuild stands, not replaced by another: {status:?}"
+        );
+        assert_eq!(status.events_applied, 2, "{status:?}");
+        assert!(!status.needs_rebuild && status.lag == 0, "{status:?}");
+    }
+    assert!(
+        reads_by_second <= 3,
+        "the second process replayed the log again: {reads_by_second} reads"
+    );
+    let rows = second
+        .read("tickets", |conn, slot| TicketsView::new(conn, slot).list(None, 10))
+        .unwrap();
+    let mut subjects: Vec<_> = rows.iter().map(|row| row.ticket.subject.clone()).collect();
+    subjects.sort();
+    assert_eq!(subjects, ["new 1", "new 2"]);
+}
+
 /// An agent with two roles (claims as a classifier, then as a drafter):
 /// the live model, applied an event at a time, and a rebuild, applied in
 /// one page, keep the same role with its outcomes, so `rebuild --verify`
