@@ -99,15 +99,24 @@ pub(crate) fn bearer(headers: &HeaderMap) -> Option<&str> {
 
 /// Refuses a compressed (or otherwise encoded) body with 415 before
 /// anything reads it: read as JSON it failed as "malformed", which sends
-/// the client looking for a fault in JSON it never sent.
+/// the client looking for a fault in JSON it never sent. `/mcp` answers
+/// the same in JSON-RPC terms (see `mcp::json_rpc_only`).
 async fn plain_bodies_only(request: axum::extract::Request, next: axum::middleware::Next) -> Response {
-    if let Some(coding) = request.headers().get(header::CONTENT_ENCODING) {
-        let coding = String::from_utf8_lossy(coding.as_bytes()).trim().to_owned();
-        if !coding.eq_ignore_ascii_case("identity") {
-            return ApiError::UnsupportedEncoding(coding).into_response();
-        }
+    let path = request.uri().path();
+    let mcp = path == "/mcp" || path.starts_with("/mcp/");
+    if !mcp && let Some(coding) = body_encoding(request.headers()) {
+        return ApiError::UnsupportedEncoding(coding).into_response();
     }
     next.run(request).await
+}
+
+/// The Content-Encoding of a request's body, unless it is none or
+/// `identity`: the server takes bodies only as they are.
+pub(crate) fn body_encoding(headers: &HeaderMap) -> Option<String> {
+    let coding = String::from_utf8_lossy(headers.get(header::CONTENT_ENCODING)?.as_bytes())
+        .trim()
+        .to_owned();
+    (!coding.eq_ignore_ascii_case("identity")).then_some(coding)
 }
 
 fn idempotency_key(headers: &HeaderMap) -> Result<Option<&str>, ApiError> {

@@ -661,7 +661,8 @@ fn json_rpc_problem(message: &serde_json::Value) -> Option<(serde_json::Value, i
 
 /// Answers a POST that is not one JSON-RPC message in JSON-RPC terms (a
 /// parse error -32700, an invalid request -32600, invalid `initialize`
-/// params -32602), with status 400. The MCP transport would answer some
+/// params -32602), with status 400; an encoded (compressed) body with
+/// -32600 and 415, before it is read. The MCP transport would answer some
 /// with a plain-text 415, and an `initialize` whose params are wrong with
 /// "Session ID is required", which sends a client looking for the wrong
 /// cause. Batches are refused: MCP 2025-06-18 removed them.
@@ -669,6 +670,16 @@ async fn json_rpc_only(AxumState(limit): AxumState<usize>, request: Request<Body
     use axum::http::{Method, StatusCode};
     if request.method() != Method::POST {
         return next.run(request).await;
+    }
+    if let Some(coding) = crate::http::body_encoding(request.headers()) {
+        return json_rpc_error(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            serde_json::Value::Null,
+            -32600,
+            format!(
+                "messages are taken as they are: Content-Encoding {coding:?} is not supported; send the JSON uncompressed"
+            ),
+        );
     }
     let (parts, body) = request.into_parts();
     let bytes = match axum::body::to_bytes(body, limit).await {

@@ -274,6 +274,30 @@ async fn mcp_over_http_answers_bad_messages_as_json_rpc_errors() {
         assert_eq!(answer["error"]["code"], code, "{body}: {answer}");
     }
 
+    // A compressed message is an encoding the server does not take, said
+    // in JSON-RPC terms like every other refusal of /mcp.
+    let response = reqwest::Client::new()
+        .post(format!("http://{address}/mcp"))
+        .header("authorization", format!("Bearer {worker}"))
+        .header("accept", "application/json, text/event-stream")
+        .header("content-type", "application/json")
+        .header("content-encoding", "gzip")
+        .body(vec![0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 3])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 415);
+    let answer: Value = response.json().await.unwrap();
+    assert_eq!(answer["jsonrpc"], "2.0", "{answer}");
+    assert_eq!(answer["error"]["code"], -32600, "{answer}");
+    assert!(
+        answer["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("Content-Encoding \"gzip\""),
+        "{answer}"
+    );
+
     // A good client still works, and the schemas carry the server's limits.
     let client = http_client(address, &worker).await;
     let tools = client.peer().list_all_tools().await.unwrap();
