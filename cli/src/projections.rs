@@ -608,15 +608,12 @@ fn outcomes_by_role(
     summary: &stats::StatsSummary,
 ) -> std::collections::BTreeMap<String, std::collections::BTreeMap<String, u64>> {
     let mut roles: std::collections::BTreeMap<String, std::collections::BTreeMap<String, u64>> = Default::default();
-    for outcomes in summary.agents.values() {
-        let role = if outcomes.role.is_empty() {
-            "unknown".to_owned()
-        } else {
-            outcomes.role.clone()
-        };
-        let entry = roles.entry(role).or_default();
-        for (outcome, count) in &outcomes.outcomes {
-            *entry.entry(outcome.clone()).or_default() += count;
+    for agent in summary.agents.values() {
+        for (role, outcomes) in &agent.roles {
+            let entry = roles.entry(role.clone()).or_default();
+            for (outcome, count) in outcomes {
+                *entry.entry(outcome.clone()).or_default() += count;
+            }
         }
     }
     roles

@@ -29,6 +29,9 @@ pub(crate) struct Progress {
     /// Decision time (µs) the current stage became available.
     pub(crate) stage_started_at: i64,
     pub(crate) claim_agent: Option<String>,
+    /// The role the claim was taken in: an expiry or a takeover is
+    /// charged to the holder in that role.
+    pub(crate) claim_role: Option<String>,
     /// Stage durations completed in this batch: (stage, milliseconds).
     pub(crate) finished: Vec<(&'static str, i64)>,
 }
@@ -38,8 +41,11 @@ impl Projection for StatsProjection {
         "stats"
     }
 
+    /// 2: outcomes are kept per (agent, role): an agent with several
+    /// roles had all of them counted under its last one. Claims remember
+    /// their role (`claim_role`).
     fn version(&self) -> u32 {
-        1
+        2
     }
 
     fn tables(&self) -> &'static [&'static str] {
@@ -55,12 +61,12 @@ impl Projection for StatsProjection {
             "CREATE TABLE IF NOT EXISTS {counters} (name TEXT PRIMARY KEY, value INTEGER NOT NULL) STRICT, WITHOUT ROWID;
              CREATE TABLE IF NOT EXISTS {tickets} (
                  ticket_id TEXT PRIMARY KEY, state TEXT NOT NULL, opened_at INTEGER NOT NULL,
-                 stage_started_at INTEGER NOT NULL, claim_agent TEXT) STRICT, WITHOUT ROWID;
+                 stage_started_at INTEGER NOT NULL, claim_agent TEXT, claim_role TEXT) STRICT, WITHOUT ROWID;
              CREATE TABLE IF NOT EXISTS {latency} (
                  stage TEXT NOT NULL, ticket_id TEXT NOT NULL, ms INTEGER NOT NULL) STRICT;
              CREATE TABLE IF NOT EXISTS {agents} (
                  agent_id TEXT NOT NULL, role TEXT NOT NULL, outcome TEXT NOT NULL, count INTEGER NOT NULL,
-                 PRIMARY KEY (agent_id, outcome)) STRICT, WITHOUT ROWID;"
+                 PRIMARY KEY (agent_id, role, outcome)) STRICT, WITHOUT ROWID;"
         ))
     }
 
@@ -95,12 +101,11 @@ impl Projection for StatsProjection {
         let mut add_to_agent = conn
             .prepare_cached(&format!(
                 "INSERT INTO {} (agent_id, role, outcome, count) VALUES (?1, ?2, ?3, ?4) \
-                 ON CONFLICT (agent_id, outcome) DO UPDATE SET count = count + ?4, \
-                 role = CASE WHEN ?2 = '' THEN role ELSE ?2 END",
+                 ON CONFLICT (agent_id, role, outcome) DO UPDATE SET count = count + ?4",
                 slot.table("stats_agents")
             ))
             .map_err(sql)?;
-        for ((agent, what), (role, delta)) in agents {
+        for ((agent, role, what), delta) in agents {
             add_to_agent.execute((agent, role, what, delta)).map_err(sql)?;
         }
         let mut put_ticket = conn.prepare_cached(&put_progress(&tickets_table)).map_err(sql)?;
@@ -116,6 +121,7 @@ impl Projection for StatsProjection {
                     ticket.opened_at,
                     ticket.stage_started_at,
                     ticket.claim_agent.as_deref(),
+                    ticket.claim_role.as_deref(),
                 ))
                 .map_err(sql)?;
             latencies.extend(ticket.finished.iter().map(|&(stage, ms)| (stage, id.as_str(), ms)));
@@ -128,7 +134,8 @@ impl Projection for StatsProjection {
         let mut digests = digest_rows(
             conn,
             &format!(
-                "SELECT 'ticket ' || ticket_id, state, opened_at, stage_started_at, claim_agent FROM {} ORDER BY ticket_id",
+                "SELECT 'ticket ' || ticket_id, state, opened_at, stage_started_at, claim_agent, claim_role FROM {} \
+                 ORDER BY ticket_id",
                 slot.table("stats_tickets")
             ),
         )?;
@@ -149,7 +156,8 @@ impl Projection for StatsProjection {
         digests.extend(digest_rows(
             conn,
             &format!(
-                "SELECT 'agent ' || agent_id || ' ' || outcome, role, count FROM {} ORDER BY agent_id, outcome",
+                "SELECT 'agent ' || agent_id || ' ' || role || ' ' || outcome, count FROM {} \
+                 ORDER BY agent_id, role, outcome",
                 slot.table("stats_agents")
             ),
         )?);
@@ -162,10 +170,11 @@ impl Projection for StatsProjection {
 /// key and index entries included).
 fn put_progress(table: &str) -> String {
     format!(
-        "INSERT INTO {table} (ticket_id, state, opened_at, stage_started_at, claim_agent) \
-         VALUES (?1, ?2, ?3, ?4, ?5) \
+        "INSERT INTO {table} (ticket_id, state, opened_at, stage_started_at, claim_agent, claim_role) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6) \
          ON CONFLICT (ticket_id) DO UPDATE SET state = excluded.state, opened_at = excluded.opened_at, \
-         stage_started_at = excluded.stage_started_at, claim_agent = excluded.claim_agent"
+         stage_started_at = excluded.stage_started_at, claim_agent = excluded.claim_agent, \
+         claim_role = excluded.claim_role"
     )
 }
 
@@ -208,8 +217,10 @@ fn insert_latencies(conn: &Connection, table: &str, rows: &[(&'static str, &str,
 pub(crate) struct StatsDelta {
     /// Counter name → increment.
     pub(crate) counters: BTreeMap<String, i64>,
-    /// (agent, outcome) → (role, or "" when unknown; increment).
-    pub(crate) agents: BTreeMap<(String, String), (String, i64)>,
+    /// (agent, role, outcome) → increment. The role is the one the
+    /// agent acted in ("" when no event says, as for a claim taken before
+    /// a window of statistics began and not seeded).
+    pub(crate) agents: BTreeMap<(String, String, String), i64>,
     /// Each ticket the batch touched, in first-touch order, with its
     /// progress after the batch (and the stage durations it completed).
     pub(crate) tickets: Vec<(TicketId, Progress)>,
@@ -223,7 +234,7 @@ impl StatsDelta {
         mut load: impl FnMut(TicketId) -> Result<Option<Progress>, E>,
     ) -> Result<StatsDelta, E> {
         let mut counters: BTreeMap<String, i64> = BTreeMap::new();
-        let mut agents: BTreeMap<(String, String), (String, i64)> = BTreeMap::new();
+        let mut agents: BTreeMap<(String, String, String), i64> = BTreeMap::new();
         let mut progress: FxHashMap<TicketId, Progress> = FxHashMap::default();
         let mut order = Vec::new();
         // Looked up before a key is allocated: nearly every event finds its
@@ -234,19 +245,13 @@ impl StatsDelta {
                 counters.insert(name.to_owned(), 1);
             }
         };
-        // The role kept with an (agent, outcome) is the last one known
-        // (an expiry charged to the holder knows none), here as in the
-        // stored row it is added to, so that a page applied at once and
-        // the same events applied one by one (a rebuild and the live
-        // model) keep the same role.
+        // Counted under the role the agent acted in: a page applied at
+        // once and the same events applied one by one (a rebuild and the
+        // live model) add up to the same rows.
         let mut outcome = |agent: &str, role: &str, what: &str| {
-            let entry = agents
-                .entry((agent.to_owned(), what.to_owned()))
-                .or_insert_with(|| (String::new(), 0));
-            if !role.is_empty() {
-                role.clone_into(&mut entry.0);
-            }
-            entry.1 += 1;
+            *agents
+                .entry((agent.to_owned(), role.to_owned(), what.to_owned()))
+                .or_insert(0) += 1;
         };
         for event in events {
             count("events");
@@ -296,34 +301,34 @@ impl StatsDelta {
                 | Event::EscalationStarted { claim } => {
                     count("claims_taken");
                     outcome(agent, role, "claimed");
-                    ticket.claim_agent = Some(claim.agent_id.clone());
+                    ticket.hold(&claim.agent_id, role);
                 }
                 Event::ClaimTakenOver { claim, .. } => {
                     count("claims_taken_over");
-                    if let Some(previous) = ticket.claim_agent.take() {
-                        outcome(&previous, "", "taken_over");
+                    if let Some((previous, previous_role)) = ticket.release() {
+                        outcome(&previous, &previous_role, "taken_over");
                     }
                     outcome(agent, role, "claimed");
-                    ticket.claim_agent = Some(claim.agent_id.clone());
+                    ticket.hold(&claim.agent_id, role);
                 }
                 Event::TicketClassified { .. } => {
                     outcome(agent, role, "completed");
                     finish(ticket, "classify", ticket.stage_started_at);
                     ticket.stage_started_at = at;
-                    ticket.claim_agent = None;
+                    ticket.release();
                 }
                 Event::DraftSubmitted { .. } => {
                     outcome(agent, role, "completed");
                     finish(ticket, "draft", ticket.stage_started_at);
                     ticket.stage_started_at = at;
-                    ticket.claim_agent = None;
+                    ticket.release();
                 }
                 Event::DraftRejected { .. } => {
                     count("drafts_rejected");
                     outcome(agent, role, "rejected_draft");
                     finish(ticket, "review", ticket.stage_started_at);
                     ticket.stage_started_at = at;
-                    ticket.claim_agent = None;
+                    ticket.release();
                 }
                 Event::EscalatedToHuman { claim_id, .. } => {
                     count("escalated_to_human");
@@ -334,7 +339,7 @@ impl StatsDelta {
                         count("poison_tickets");
                     }
                     ticket.stage_started_at = at;
-                    ticket.claim_agent = None;
+                    ticket.release();
                 }
                 Event::TicketResolved { .. } => {
                     count("tickets_resolved");
@@ -347,17 +352,17 @@ impl StatsDelta {
                         _ => {}
                     }
                     finish(ticket, "end_to_end", ticket.opened_at);
-                    ticket.claim_agent = None;
+                    ticket.release();
                 }
                 Event::ClaimReleased { .. } => {
                     count("claims_released");
                     outcome(agent, role, "released");
-                    ticket.claim_agent = None;
+                    ticket.release();
                 }
                 Event::ClaimExpired { .. } => {
                     count("claims_expired");
-                    if let Some(holder) = ticket.claim_agent.take() {
-                        outcome(&holder, "", "expired");
+                    if let Some((holder, holder_role)) = ticket.release() {
+                        outcome(&holder, &holder_role, "expired");
                     }
                 }
                 Event::LeaseExtended { .. } => count("leases_extended"),
@@ -379,6 +384,21 @@ impl StatsDelta {
     }
 }
 
+impl Progress {
+    /// The claim is `agent`'s now, taken in `role`.
+    fn hold(&mut self, agent: &str, role: &str) {
+        self.claim_agent = Some(agent.to_owned());
+        self.claim_role = Some(role.to_owned());
+    }
+
+    /// No one holds the claim now: who held it and in which role ("" when
+    /// the events seen do not say).
+    fn release(&mut self) -> Option<(String, String)> {
+        let role = self.claim_role.take().unwrap_or_default();
+        self.claim_agent.take().map(|agent| (agent, role))
+    }
+}
+
 /// The state after an event, as the statistics track it.
 fn next_state(state: Option<State>, event: &Event) -> Option<State> {
     let ticket = triage_domain::Ticket {
@@ -390,7 +410,7 @@ fn next_state(state: Option<State>, event: &Event) -> Option<State> {
 
 fn load_progress(conn: &Connection, table: &str, id: TicketId) -> rusqlite::Result<Option<Progress>> {
     conn.prepare_cached(&format!(
-        "SELECT state, opened_at, stage_started_at, claim_agent FROM {table} WHERE ticket_id = ?1"
+        "SELECT state, opened_at, stage_started_at, claim_agent, claim_role FROM {table} WHERE ticket_id = ?1"
     ))?
     .query_row([id.to_string()], |row| {
         let state: String = row.get(0)?;
@@ -399,6 +419,7 @@ fn load_progress(conn: &Connection, table: &str, id: TicketId) -> rusqlite::Resu
             opened_at: row.get(1)?,
             stage_started_at: row.get(2)?,
             claim_agent: row.get(3)?,
+            claim_role: row.get(4)?,
             finished: Vec::new(),
         })
     })
@@ -421,12 +442,41 @@ pub struct StageLatency {
 /// One agent's outcomes.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct AgentOutcomes {
-    /// Its role.
+    /// The roles it acted in, comma-separated ("" when no event says).
     pub role: String,
-    /// Outcome name → count (claimed, completed, resolved, released,
-    /// expired, refused, …).
+    /// Outcome name → count over all its roles (claimed, completed,
+    /// resolved, released, expired, refused, …).
     pub outcomes: BTreeMap<String, u64>,
+    /// Role → outcome name → count: what it did in each role. A role no
+    /// event names (a claim taken before a window of statistics began) is
+    /// `unknown`.
+    pub roles: BTreeMap<String, BTreeMap<String, u64>>,
 }
+
+impl AgentOutcomes {
+    /// Adds `count` outcomes `what` in `role` ("" when unknown). Rows come
+    /// in any order; the sums and the role list do not depend on it.
+    pub(crate) fn add(&mut self, role: &str, what: &str, count: u64) {
+        let role = if role.is_empty() { UNKNOWN_ROLE } else { role };
+        *self.outcomes.entry(what.to_owned()).or_default() += count;
+        *self
+            .roles
+            .entry(role.to_owned())
+            .or_default()
+            .entry(what.to_owned())
+            .or_default() += count;
+        self.role = self
+            .roles
+            .keys()
+            .filter(|role| role.as_str() != UNKNOWN_ROLE)
+            .map(String::as_str)
+            .collect::<Vec<_>>()
+            .join(", ");
+    }
+}
+
+/// The role of outcomes whose events do not say it.
+pub const UNKNOWN_ROLE: &str = "unknown";
 
 /// Everything the `stats` read model knows.
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
@@ -492,7 +542,7 @@ pub fn summary(conn: &Connection, slot: &Slot) -> rusqlite::Result<StatsSummary>
         summary.counters.insert(name, value as u64);
     }
     let mut statement = conn.prepare(&format!(
-        "SELECT agent_id, role, outcome, count FROM {} ORDER BY agent_id, outcome",
+        "SELECT agent_id, role, outcome, count FROM {}",
         slot.table("stats_agents")
     ))?;
     for row in statement.query_map([], |row| {
@@ -504,11 +554,11 @@ pub fn summary(conn: &Connection, slot: &Slot) -> rusqlite::Result<StatsSummary>
         ))
     })? {
         let (agent, role, outcome, count) = row?;
-        let entry = summary.agents.entry(agent).or_default();
-        if !role.is_empty() {
-            entry.role = role;
-        }
-        entry.outcomes.insert(outcome, count as u64);
+        summary
+            .agents
+            .entry(agent)
+            .or_default()
+            .add(&role, &outcome, count as u64);
     }
     Ok(summary)
 }
@@ -598,6 +648,7 @@ impl StatsWindow {
                 progress.opened_at,
                 progress.stage_started_at,
                 progress.claim_agent.as_deref(),
+                progress.claim_role.as_deref(),
             ))
             .map_err(sql)?;
         }

@@ -232,14 +232,16 @@ async fn a_replaced_log_is_rebuilt_once_when_two_processes_find_it() {
     assert_eq!(subjects, ["new 1", "new 2"]);
 }
 
-/// An agent with two roles (claims as a classifier, then as a drafter):
-/// the live model, applied an event at a time, and a rebuild, applied in
-/// one page, keep the same role with its outcomes, so `rebuild --verify`
-/// finds no difference on a model that is right.
+/// An agent with two roles (claims as a classifier, then as a drafter,
+/// and an operator takes its draft over): its outcomes are counted per
+/// role, the takeover in the role it held the claim in. The live model,
+/// applied an event at a time, and a rebuild, applied in one page, agree,
+/// so `rebuild --verify` finds no difference on a model that is right.
 #[tokio::test]
 async fn a_multi_role_agents_statistics_verify_equal_after_a_rebuild() {
     let store: Arc<dyn EventStore> = Arc::new(InMemoryEventStore::new());
-    let handler = CommandHandler::new(store.clone());
+    let clock = Arc::new(triage_command_handler::ManualClock::new(chrono::Utc::now()));
+    let handler = CommandHandler::new(store.clone()).with_clock(clock.clone());
     let projector = Projector::new(store.clone(), ReadModelDb::in_memory().unwrap());
     let opened = handler
         .handle(open_ticket(agent("intake", Role::Intake), "Refund", "Twice", None))
@@ -266,15 +268,42 @@ async fn a_multi_role_agents_statistics_verify_equal_after_a_rebuild() {
         },
     )
     .await;
-    let claim = send(Role::Drafter, Command::StartDrafting { lease_secs: None }).await;
-    send(
-        Role::Drafter,
-        Command::SubmitDraft {
-            claim_id: claim,
-            body: "Refunded".into(),
-        },
-    )
-    .await;
+    send(Role::Drafter, Command::StartDrafting { lease_secs: None }).await;
+    handler
+        .handle(CommandEnvelope::new(
+            ticket,
+            agent("op", Role::Operator),
+            Command::TakeOver { lease_secs: None },
+        ))
+        .await
+        .unwrap();
+    projector.catch_up().await.unwrap();
+    // A second ticket: w1 classifies it, and its lease runs out.
+    let other = handler
+        .handle(open_ticket(agent("intake", Role::Intake), "Login", "Locked out", None))
+        .await
+        .unwrap()
+        .ticket_id;
+    let claim = handler
+        .handle(CommandEnvelope::new(
+            other,
+            agent("w1", Role::Classifier),
+            Command::StartClassification { lease_secs: Some(30) },
+        ))
+        .await
+        .unwrap()
+        .command_id;
+    projector.catch_up().await.unwrap();
+    clock.advance(chrono::Duration::seconds(31));
+    handler
+        .handle(CommandEnvelope::new(
+            other,
+            agent("sweeper", Role::System),
+            Command::ExpireClaim { claim_id: claim },
+        ))
+        .await
+        .unwrap();
+    projector.catch_up().await.unwrap();
     let report = projector
         .rebuild(
             "stats",
@@ -287,6 +316,22 @@ async fn a_multi_role_agents_statistics_verify_equal_after_a_rebuild() {
         .unwrap();
     assert_eq!(report.differences, Some(vec![]), "{report:?}");
     let summary = projector.read("stats", stats::summary).unwrap();
-    assert_eq!(summary.agents["w1"].outcomes.get("claimed"), Some(&2));
-    assert_eq!(summary.agents["w1"].role, "drafter", "the last role it acted in");
+    let w1 = &summary.agents["w1"];
+    assert_eq!(w1.outcomes.get("claimed"), Some(&3), "{w1:?}");
+    assert_eq!(w1.role, "classifier, drafter");
+    let outcomes = |pairs: &[(&str, u64)]| -> std::collections::BTreeMap<String, u64> {
+        pairs.iter().map(|(name, count)| ((*name).to_owned(), *count)).collect()
+    };
+    assert_eq!(
+        w1.roles["classifier"],
+        outcomes(&[("claimed", 2), ("completed", 1), ("expired", 1)]),
+        "the expiry is charged to the classifier's claim"
+    );
+    assert_eq!(
+        w1.roles["drafter"],
+        outcomes(&[("claimed", 1), ("taken_over", 1)]),
+        "the takeover is charged to the drafter's claim"
+    );
+    assert_eq!(w1.roles.len(), 2, "{w1:?}");
+    assert_eq!(summary.agents["op"].roles["operator"], outcomes(&[("claimed", 1)]));
 }

@@ -180,11 +180,11 @@ impl Model {
                 "CREATE TABLE {counters} (name text PRIMARY KEY, value bigint NOT NULL);
                  CREATE TABLE {tickets} (
                      ticket_id uuid PRIMARY KEY, state text NOT NULL, opened_at bigint NOT NULL,
-                     stage_started_at bigint NOT NULL, claim_agent text);
+                     stage_started_at bigint NOT NULL, claim_agent text, claim_role text);
                  CREATE TABLE {latency} (stage text NOT NULL, ticket_id uuid NOT NULL, ms bigint NOT NULL);
                  CREATE TABLE {agents} (
                      agent_id text NOT NULL, role text NOT NULL, outcome text NOT NULL, count bigint NOT NULL,
-                     PRIMARY KEY (agent_id, outcome));",
+                     PRIMARY KEY (agent_id, role, outcome));",
                 counters = table("stats_counters"),
                 tickets = table("stats_tickets"),
                 latency = table("stats_latency"),
@@ -230,8 +230,8 @@ impl Model {
             }
             Model::Stats => vec![
                 format!(
-                    "SELECT 'ticket ' || ticket_id, state, opened_at::text, stage_started_at::text, claim_agent \
-                     FROM {} ORDER BY ticket_id",
+                    "SELECT 'ticket ' || ticket_id, state, opened_at::text, stage_started_at::text, claim_agent, \
+                     claim_role FROM {} ORDER BY ticket_id",
                     table("stats_tickets")
                 ),
                 format!(
@@ -243,8 +243,8 @@ impl Model {
                     table("stats_counters")
                 ),
                 format!(
-                    "SELECT 'agent ' || agent_id || ' ' || outcome, role, count::text FROM {} \
-                     ORDER BY agent_id, outcome",
+                    "SELECT 'agent ' || agent_id || ' ' || role || ' ' || outcome, count::text FROM {} \
+                     ORDER BY agent_id, role, outcome",
                     table("stats_agents")
                 ),
             ],
@@ -539,7 +539,8 @@ async fn apply_stats(
     let failed = |action| move |error| ProjectionError::postgres(action, error);
     let ids: Vec<Uuid> = touched(events).into_iter().map(|id| id.0).collect();
     let load = format!(
-        "SELECT ticket_id, state, opened_at, stage_started_at, claim_agent FROM {} WHERE ticket_id = ANY($1)",
+        "SELECT ticket_id, state, opened_at, stage_started_at, claim_agent, claim_role FROM {} \
+         WHERE ticket_id = ANY($1)",
         table("stats_tickets")
     );
     let counters = format!(
@@ -549,17 +550,17 @@ async fn apply_stats(
     );
     let agents = format!(
         "INSERT INTO {} AS a (agent_id, role, outcome, count) VALUES ($1, $2, $3, $4) \
-         ON CONFLICT (agent_id, outcome) DO UPDATE SET count = a.count + EXCLUDED.count, \
-         role = CASE WHEN EXCLUDED.role = '' THEN a.role ELSE EXCLUDED.role END",
+         ON CONFLICT (agent_id, role, outcome) DO UPDATE SET count = a.count + EXCLUDED.count",
         table("stats_agents")
     );
     // The per-ticket rows go as one array per column, one statement per
     // table for the whole page (each ticket once in `delta.tickets`).
     let tickets = format!(
-        "INSERT INTO {} (ticket_id, state, opened_at, stage_started_at, claim_agent) \
-         SELECT * FROM unnest($1::uuid[], $2::text[], $3::int8[], $4::int8[], $5::text[]) \
+        "INSERT INTO {} (ticket_id, state, opened_at, stage_started_at, claim_agent, claim_role) \
+         SELECT * FROM unnest($1::uuid[], $2::text[], $3::int8[], $4::int8[], $5::text[], $6::text[]) \
          ON CONFLICT (ticket_id) DO UPDATE SET state = EXCLUDED.state, opened_at = EXCLUDED.opened_at, \
-         stage_started_at = EXCLUDED.stage_started_at, claim_agent = EXCLUDED.claim_agent",
+         stage_started_at = EXCLUDED.stage_started_at, claim_agent = EXCLUDED.claim_agent, \
+         claim_role = EXCLUDED.claim_role",
         table("stats_tickets")
     );
     let latency = format!(
@@ -596,6 +597,7 @@ async fn apply_stats(
                 opened_at: row.get(2),
                 stage_started_at: row.get(3),
                 claim_agent: row.get(4),
+                claim_role: row.get(5),
                 finished: Vec::new(),
             },
         );
@@ -621,6 +623,10 @@ async fn apply_stats(
         .iter()
         .map(|(_, _, ticket)| ticket.claim_agent.as_deref().map(pg_text))
         .collect();
+    let claim_roles: Vec<Option<&str>> = progressed
+        .iter()
+        .map(|(_, _, ticket)| ticket.claim_role.as_deref())
+        .collect();
     let finished = || {
         progressed
             .iter()
@@ -639,7 +645,7 @@ async fn apply_stats(
     let agent_rows: Vec<(String, String, &String, &i64)> = delta
         .agents
         .iter()
-        .map(|((agent, what), (role, count))| (pg_text(agent), pg_text(role), what, count))
+        .map(|((agent, role, what), count)| (pg_text(agent), pg_text(role), what, count))
         .collect();
     for (agent, role, what, count) in &agent_rows {
         params.push((&agents, vec![agent, role, *what, *count]));
@@ -647,7 +653,14 @@ async fn apply_stats(
     if !ticket_ids.is_empty() {
         params.push((
             &tickets,
-            vec![&ticket_ids, &states, &opened, &stage_started, &claim_agents],
+            vec![
+                &ticket_ids,
+                &states,
+                &opened,
+                &stage_started,
+                &claim_agents,
+                &claim_roles,
+            ],
         ));
     }
     if !stages.is_empty() {
@@ -734,26 +747,19 @@ pub(crate) async fn stats_summary(
             .counters
             .insert(row.get::<_, String>(0), row.get::<_, i64>(1) as u64);
     }
-    // Byte order, as SQLite's: the last non-empty role of an agent wins.
     for row in tx
         .query(
-            &format!(
-                r#"SELECT agent_id, role, outcome, count FROM {} ORDER BY agent_id COLLATE "C", outcome COLLATE "C""#,
-                view("stats_agents")
-            ),
+            &format!("SELECT agent_id, role, outcome, count FROM {}", view("stats_agents")),
             &[],
         )
         .await
         .map_err(failed("read the statistics"))?
     {
-        let role: String = row.get(1);
-        let entry = summary.agents.entry(row.get::<_, String>(0)).or_default();
-        if !role.is_empty() {
-            entry.role = role;
-        }
-        entry
-            .outcomes
-            .insert(row.get::<_, String>(2), row.get::<_, i64>(3) as u64);
+        summary.agents.entry(row.get::<_, String>(0)).or_default().add(
+            row.get::<_, &str>(1),
+            row.get::<_, &str>(2),
+            row.get::<_, i64>(3) as u64,
+        );
     }
     tx.commit()
         .await
