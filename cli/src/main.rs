@@ -182,6 +182,9 @@ enum Command {
         #[arg(long, value_name = "POSITION|TIME")]
         until: String,
         /// The scratch read-model file to create; it must not exist yet.
+        /// It is built beside it under a hidden name and appears only once
+        /// complete: a failed or interrupted replay leaves no file, and of
+        /// two replays into one path the second is refused.
         #[arg(long, value_name = "PATH")]
         into: PathBuf,
     },

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::bail;
+use anyhow::{Context as _, bail};
 use clap::Subcommand;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
@@ -724,34 +724,32 @@ pub(crate) async fn replay(until: &str, into: &std::path::Path, global: &GlobalA
         .await?
         .ok_or_else(|| crate::events::NothingMatched("the log has no events yet".to_owned()))?;
     let position = position.min(head);
+    // Built under another name beside `into` and put in place whole once
+    // done: a replay that fails or is interrupted leaves no file that
+    // looks finished, and of two replays into one path exactly one wins.
+    let partial = partial_path(into);
+    remove_with_sidecars(&partial);
     let build = async {
-        let db = ReadModelDb::open(into)?;
+        let db = ReadModelDb::open(&partial)?;
         // Frozen before it is built: reading the file later (`--read-model
-        // PATH`), also after an interrupted replay, never takes it past the
-        // position.
+        // PATH`) never takes it past the position.
         db.freeze_at(position)?;
-        let scratch =
-            triage_projections::Projector::new(opened.events.clone(), db).with_options(global.projector_options());
+        let scratch = triage_projections::Projector::new(opened.events.clone(), db.clone())
+            .with_options(global.projector_options());
         let reached = scratch.catch_up_to(Some(position)).await?;
         let counts = scratch.read("tickets", |conn, slot| {
             triage_projections::TicketsView::new(conn, slot).counts()
         })?;
+        db.seal()?;
         anyhow::Ok((reached, counts))
     };
-    let (reached, counts) = match build.await {
-        Ok(built) => built,
-        Err(error) => {
-            // The file is this command's own (it did not exist, or was
-            // empty): a failed replay leaves nothing behind, so the same
-            // command can run again once the cause is mended.
-            for suffix in ["", "-wal", "-shm"] {
-                let mut path = into.as_os_str().to_owned();
-                path.push(suffix);
-                let _ = std::fs::remove_file(path);
-            }
-            return Err(error);
-        }
+    let built = tokio::select! {
+        built = build => built,
+        _ = tokio::signal::ctrl_c() => Err(crate::Interrupted("the replay stopped; no file was made").into()),
     };
+    let published = built.and_then(|built| publish(&partial, into).map(|()| built));
+    remove_with_sidecars(&partial);
+    let (reached, counts) = published?;
     if global.json {
         output::print_json(&json!({
             "into": into.display().to_string(),
@@ -771,6 +769,52 @@ pub(crate) async fn replay(until: &str, into: &std::path::Path, global: &GlobalA
         into.display()
     );
     Ok(())
+}
+
+/// Where `triage replay` builds the file it puts at `into`: a hidden name
+/// in the same directory (a link or rename across file systems fails),
+/// unique to this process.
+fn partial_path(into: &std::path::Path) -> std::path::PathBuf {
+    let name = into
+        .file_name()
+        .map_or_else(|| "replay".into(), |name| name.to_string_lossy());
+    into.with_file_name(format!(".{name}.partial-{}", std::process::id()))
+}
+
+/// Removes `path` and the files SQLite keeps beside it, best effort.
+fn remove_with_sidecars(path: &std::path::Path) {
+    for suffix in ["", "-wal", "-shm", "-journal"] {
+        let mut with_suffix = path.as_os_str().to_owned();
+        with_suffix.push(suffix);
+        let _ = std::fs::remove_file(with_suffix);
+    }
+}
+
+/// Puts the finished file `partial` at `into`, which must not exist (or be
+/// empty, as a file made by `mktemp` is). A hard link is made only where
+/// nothing is: of two replays into one path, the second is refused even
+/// when both finished at once.
+fn publish(partial: &std::path::Path, into: &std::path::Path) -> anyhow::Result<()> {
+    let taken = || {
+        anyhow::anyhow!(
+            "{} already exists (made while this replay ran); choose a new file for the scratch read models",
+            into.display()
+        )
+    };
+    if std::fs::metadata(into).is_ok_and(|metadata| metadata.is_file() && metadata.len() == 0) {
+        return std::fs::rename(partial, into)
+            .with_context(|| format!("cannot put the read models at {}", into.display()));
+    }
+    match std::fs::hard_link(partial, into) {
+        Ok(()) => Ok(()),
+        Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => Err(taken()),
+        // A file system without hard links: renamed, once more checked
+        // not to replace anything.
+        Err(_) if !into.exists() => {
+            std::fs::rename(partial, into).with_context(|| format!("cannot put the read models at {}", into.display()))
+        }
+        Err(_) => Err(taken()),
+    }
 }
 
 /// `projections list`: this build's projections, their versions and

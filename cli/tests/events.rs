@@ -436,6 +436,71 @@ fn replay_builds_the_read_models_as_of_a_moment_and_leaves_the_live_ones_alone()
     assert!(!dir.path().join("never.db").exists());
 }
 
+/// Two replays into one path at once: exactly one makes the file, the
+/// other is refused, and the file is wholly the winner's (its limit and
+/// its models agree). Each is built under a name of its own and linked
+/// into place only when finished, so nothing half-built is ever seen
+/// there either.
+#[test]
+fn of_two_replays_into_one_file_exactly_one_wins() {
+    let dir = tempfile::tempdir().unwrap();
+    seed(dir.path());
+    for round in 0..4 {
+        let file = format!("race-{round}.db");
+        let start = |until: &str| {
+            common::command(dir.path())
+                .args(["replay", "--until", until, "--into", &file])
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        };
+        let early = start("2");
+        let late = start("1000000");
+        let (early, late) = (early.wait_with_output().unwrap(), late.wait_with_output().unwrap());
+        assert!(
+            early.status.success() != late.status.success(),
+            "round {round}: exactly one succeeds: {} / {}",
+            common::stderr(&early),
+            common::stderr(&late)
+        );
+        let loser = if early.status.success() { &late } else { &early };
+        assert!(
+            common::stderr(loser).contains("already exists"),
+            "{}",
+            common::stderr(loser)
+        );
+        let conn = rusqlite::Connection::open(dir.path().join(&file)).unwrap();
+        let limit: i64 = conn
+            .query_row("SELECT commit_position FROM replay_limit", [], |row| row.get(0))
+            .unwrap();
+        let tickets: i64 = conn
+            .query_row("SELECT count(*) FROM tickets", [], |row| row.get(0))
+            .unwrap();
+        let claimed: i64 = conn
+            .query_row(
+                "SELECT count(*) FROM tickets WHERE claim_id IS NOT NULL OR state <> 'NEW'",
+                [],
+                |row| row.get(0),
+            )
+            .unwrap();
+        if early.status.success() {
+            assert_eq!((limit, tickets, claimed), (2, 2, 0), "round {round}: the replay to 2");
+        } else {
+            assert!(
+                limit > 2 && claimed > 0,
+                "round {round}: the replay to the end: {limit}, {claimed}"
+            );
+        }
+    }
+    let leftovers: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|name| name.contains("partial"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}
+
 /// A replay to a time holds the events recorded up to that nanosecond and
 /// none recorded after it.
 #[test]

@@ -317,6 +317,17 @@ impl ReadModelDb {
         })
     }
 
+    /// Moves everything into the main file and stops using a write-ahead
+    /// log, so that the file alone holds the read models: for a file
+    /// about to be moved or linked into place (`triage replay`). A later
+    /// [`ReadModelDb::open`] turns the write-ahead log on again.
+    pub fn seal(&self) -> Result<(), ProjectionError> {
+        let conn = self.lock();
+        conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+            .and_then(|()| conn.query_row("PRAGMA journal_mode = DELETE", [], |_| Ok(())))
+            .map_err(|error| ProjectionError::sqlite("seal the read-model file", error))
+    }
+
     /// The position the file's read models are frozen at, if it is a
     /// replay ([`ReadModelDb::freeze_at`]).
     pub fn frozen_at(&self) -> Result<Option<Position>, ProjectionError> {
