@@ -421,10 +421,11 @@ fn explain(error: CommandError, location: &crate::StoreLocation) -> anyhow::Erro
 
 /// An agent id as the agents file takes it: 1 to 200 characters, not only
 /// spaces. It is recorded in every event's metadata, and a claim names it.
+/// An agent id as the command handler takes it (see
+/// `triage_domain::check_agent_id`): refused here, before anything is
+/// sent, so that no refusal record carries it into the log.
 fn parse_agent_id(value: &str) -> Result<String, String> {
     let id = value.trim();
-    if id.is_empty() || id.chars().count() > 200 {
-        return Err("an agent id must have 1 to 200 characters".to_owned());
-    }
+    triage_domain::check_agent_id(id).map_err(|error| error.to_string())?;
     Ok(id.to_owned())
 }

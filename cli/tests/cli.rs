@@ -466,8 +466,11 @@ fn a_command_id_reused_for_another_command_is_refused_not_called_a_retry() {
     );
 }
 
+/// Empty ids, and ids with a line break or an escape sequence (which
+/// would split table rows and reach analysts' terminals), are usage
+/// errors: nothing is sent, so no refusal record carries them either.
 #[test]
-fn an_empty_agent_id_is_refused_before_anything_is_written() {
+fn a_bad_agent_id_is_refused_before_anything_is_written() {
     let dir = tempfile::tempdir().unwrap();
     let opened: Value = serde_json::from_str(&succeed(
         dir.path(),
@@ -475,7 +478,15 @@ fn an_empty_agent_id_is_refused_before_anything_is_written() {
     ))
     .unwrap();
     let id = opened["id"].as_str().unwrap().to_owned();
-    for agent in ["", "   "] {
+    for (agent, says) in [
+        ("", "agent id must not be empty"),
+        ("   ", "agent id must not be empty"),
+        ("bad\nagent", "agent id must not contain the control character U+000A"),
+        (
+            "red\u{1b}[31m",
+            "agent id must not contain the control character U+001B",
+        ),
+    ] {
         let output = send(
             dir.path(),
             &id,
@@ -485,11 +496,7 @@ fn an_empty_agent_id_is_refused_before_anything_is_written() {
             &[],
         );
         assert_eq!(output.status.code(), Some(2), "a usage error");
-        assert!(
-            stderr(&output).contains("an agent id must have 1 to 200 characters"),
-            "{}",
-            stderr(&output)
-        );
+        assert!(stderr(&output).contains(says), "{}", stderr(&output));
         let open = fail(
             dir.path(),
             &["ticket", "open", "--subject", "s", "--body", "b", "--agent", agent],
@@ -498,6 +505,11 @@ fn an_empty_agent_id_is_refused_before_anything_is_written() {
     }
     let history = succeed(dir.path(), &["ticket", "history", &id, "--json"]);
     assert_eq!(history.lines().count(), 1, "nothing was written:\n{history}");
+    assert_eq!(
+        rejections_in(&dir.path().join("triage.db")),
+        0,
+        "no refusal was recorded either"
+    );
     let tickets = succeed(dir.path(), &["ticket", "list", "--json"]);
     assert_eq!(tickets.lines().count(), 1, "no ticket was opened:\n{tickets}");
 }

@@ -684,6 +684,11 @@ impl CommandHandler {
     /// The `CommandRejected` record of a refusal decided on fresh state,
     /// and its stream; `None` for what is not recorded.
     fn rejection_record(&self, envelope: &CommandEnvelope, error: &CommandError) -> Option<(StreamName, EventData)> {
+        // A record names its sender: one whose id is refused (a line
+        // break, an escape sequence) would carry it into every report.
+        if triage_domain::check_agent_id(&envelope.agent.id).is_err() {
+            return None;
+        }
         let (state, revision) = match error {
             CommandError::Rejected {
                 rejection: Rejection::TicketNotFound,

@@ -840,3 +840,43 @@ async fn a_retry_after_the_pause_decides_on_a_read_made_after_it() {
     assert_eq!(accepted.revision, 4);
     assert_eq!(handler.stats().conflicts_retried, 1);
 }
+
+/// A sender whose id holds a line break or an escape sequence is refused,
+/// and the refusal is not recorded: its record would carry the id into
+/// every report and table. A refusal of a good sender is recorded.
+#[tokio::test]
+async fn a_sender_with_control_characters_in_its_id_is_refused_unrecorded() {
+    let f = fixture();
+    let ticket = open(&f.handler).await;
+    let rejections = StreamName::new(triage_domain::CommandRejected::stream_name(ticket)).unwrap();
+    for id in ["bad\nagent", "red\u{1b}[31m"] {
+        let result = f.handler.handle(start(ticket, Agent::new(id, Role::Classifier))).await;
+        assert!(
+            matches!(
+                &result,
+                Err(CommandError::Rejected {
+                    rejection: Rejection::Invalid(triage_domain::ValidationError::ControlCharacter {
+                        field: "agent id",
+                        ..
+                    }),
+                    ..
+                })
+            ),
+            "{result:?}"
+        );
+    }
+    assert!(
+        f.store.read_stream(&rejections, ReadStream::forwards()).await.is_err(),
+        "no refusal recorded"
+    );
+    assert!(f.handler.handle(draft_too_early(ticket)).await.is_err());
+    assert_eq!(
+        f.store
+            .read_stream(&rejections, ReadStream::forwards())
+            .await
+            .unwrap()
+            .len(),
+        1,
+        "a good sender's refusal is recorded"
+    );
+}

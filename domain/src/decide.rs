@@ -251,10 +251,7 @@ pub fn decide(ticket: &Ticket, command: &Command, context: &Context<'_>) -> Resu
             command: kind,
         });
     };
-    // The agent id is recorded in the events and in the read models.
-    if context.agent.id.contains('\0') {
-        return Err(Rejection::Invalid(ValidationError::NulCharacter { field: "agent id" }));
-    }
+    check_agent_id(&context.agent.id).map_err(Rejection::Invalid)?;
     let role = context.agent.role;
     let allowed_rows: Vec<&Transition> = rows.iter().copied().filter(|row| row.roles.contains(&role)).collect();
     if allowed_rows.is_empty() {
@@ -576,6 +573,38 @@ fn excerpt(text: &str, max: usize) -> String {
 /// a person sees in a list), bytes for the rest (what is stored).
 fn length_unit(field: &str) -> &'static str {
     if field == "subject" { "characters" } else { "bytes" }
+}
+
+/// The longest agent id, in bytes.
+pub const MAX_AGENT_ID_BYTES: usize = 200;
+
+/// Whether `id` can name an agent: it is recorded in every event the agent
+/// writes and printed in every table that lists them, so it holds 1 to
+/// [`MAX_AGENT_ID_BYTES`] bytes, not all blank, and no control character
+/// (a line break would split a table row, an escape sequence would reach
+/// the terminal of whoever reads the log; U+0000 no read model can store).
+pub fn check_agent_id(id: &str) -> Result<(), ValidationError> {
+    const FIELD: &str = "agent id";
+    if id.trim().is_empty() {
+        return Err(ValidationError::Empty { field: FIELD });
+    }
+    if id.len() > MAX_AGENT_ID_BYTES {
+        return Err(ValidationError::TooLong {
+            field: FIELD,
+            len: id.len(),
+            max: MAX_AGENT_ID_BYTES,
+        });
+    }
+    if id.contains('\0') {
+        return Err(ValidationError::NulCharacter { field: FIELD });
+    }
+    if let Some(control) = id.chars().find(|c| c.is_control()) {
+        return Err(ValidationError::ControlCharacter {
+            field: FIELD,
+            code: u32::from(control),
+        });
+    }
+    Ok(())
 }
 
 fn check_text(field: &'static str, value: &str, max: usize, len: usize) -> Result<(), Rejection> {

@@ -36,7 +36,9 @@ mod timestamp;
 pub mod testing;
 
 pub use command::{Command, CommandEnvelope, CommandKind};
-pub use decide::{Context, Policy, Rejection, ValidationError, decide, ended_claim};
+pub use decide::{
+    Context, MAX_AGENT_ID_BYTES, Policy, Rejection, ValidationError, check_agent_id, decide, ended_claim,
+};
 pub use event::{CommandRejected, DecodeError, Event, EventMetadata, decode_stored, event_id};
 pub use model::{Agent, Claim, Classification, Priority, Role, State, TicketId};
 pub use table::{ClaimRule, Guard, TRANSITIONS, Transition, commands_for, mermaid, queue_states, transitions_from};

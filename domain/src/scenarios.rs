@@ -661,6 +661,21 @@ fn a_nul_character_in_a_text_or_the_agent_id_is_invalid_input() {
         .as_role("intake\0-1", Role::Intake)
         .when(open("s", "b", None))
         .then_rejected(Rejection::Invalid(ValidationError::NulCharacter { field: "agent id" }));
+    // Line breaks and escapes in an agent id would reach every table and
+    // terminal that lists its events.
+    for (id, code) in [("bad\nagent", 0x0a), ("red\u{1b}[31m", 0x1b), ("c1\u{85}", 0x85)] {
+        Scenario::given([])
+            .as_role(id, Role::Intake)
+            .when(open("s", "b", None))
+            .then_rejected(Rejection::Invalid(ValidationError::ControlCharacter {
+                field: "agent id",
+                code,
+            }));
+    }
+    Scenario::given([])
+        .as_role(" ", Role::Intake)
+        .when(open("s", "b", None))
+        .then_rejected(Rejection::Invalid(ValidationError::Empty { field: "agent id" }));
     Scenario::given(history_to(State::Drafting, 0, HOLDER))
         .as_role(HOLDER, Role::Drafter)
         .when(Command::SubmitDraft {
