@@ -82,9 +82,12 @@ struct GlobalArgs {
     #[arg(skip)]
     existing_store_only: Arc<std::sync::atomic::AtomicBool>,
     /// Where events live: sqlite://PATH or a plain file path (the embedded
-    /// default), postgres://USER@HOST/DB, esdb://HOST:2113?tls=false (also
-    /// kurrentdb://, a cluster as esdb://h1:2113,h2:2113,h3:2113, and
-    /// namespace=NAME to share a server), or memory://. Overrides --db.
+    /// default), postgres://USER@HOST/DB[?schema=NAME] (schema= keeps the
+    /// store in a schema of its own; connections are without TLS, so reach
+    /// a server that requires it through a local tunnel),
+    /// esdb://HOST:2113?tls=false (also kurrentdb://, a cluster as
+    /// esdb://h1:2113,h2:2113,h3:2113, and namespace=NAME to share a
+    /// server), or memory://. Overrides --db.
     #[arg(long, global = true, env = "TRIAGE_STORE", value_name = "URL")]
     store: Option<String>,
 
@@ -113,8 +116,9 @@ struct GlobalArgs {
     /// postgres://USER@HOST/DB[?schema=NAME] (with projection leadership:
     /// one running instance applies each projection). Default: next to a
     /// SQLite event file (`triage.db` → `triage.read.db`); in memory for
-    /// memory://; the same database, schema `triage_read`, for a PostgreSQL
-    /// store; ./triage.esdb.read.db for EventStoreDB.
+    /// memory://; the same database, schema `triage_read` (`NAME_read` for
+    /// a store in schema NAME), for a PostgreSQL store;
+    /// ./triage.esdb.read.db for EventStoreDB.
     #[arg(long, global = true, env = "TRIAGE_READ_MODEL", value_name = "PATH|URL")]
     read_model: Option<String>,
 

@@ -20,6 +20,21 @@ pub(crate) const URL_SCHEMES: &[&str] = &[
     "memory://",
 ];
 
+/// The schemes of [`URL_SCHEMES`] by name, longest first where one begins
+/// another.
+const SCHEME_NAMES: &[&str] = &[
+    "sqlite",
+    "postgresql",
+    "postgres",
+    "esdb+discover",
+    "esdb",
+    "kurrentdb+discover",
+    "kurrentdb",
+    "kdb+discover",
+    "kdb",
+    "memory",
+];
+
 /// Where events live, parsed from `--store` or `--db`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) enum StoreLocation {
@@ -61,6 +76,19 @@ impl StoreLocation {
         }
         if value.is_empty() {
             bail!("the store is an empty path; name a file, e.g. ./triage.db, or a URL");
+        }
+        // A URL with a slip (`postgres:db`, `postgres//host/db`) would
+        // otherwise be a SQLite file of that name, made in silence.
+        let lower = value.to_ascii_lowercase();
+        if let Some(scheme) = SCHEME_NAMES.iter().find(|scheme| {
+            lower
+                .strip_prefix(**scheme)
+                .is_some_and(|rest| rest.starts_with(':') || rest.starts_with("//"))
+        }) {
+            bail!(
+                "{value:?} looks like a {scheme} URL but is not one: write {scheme}://…; \
+                 a file of that name is written ./{value}"
+            );
         }
         Ok(StoreLocation::Sqlite(PathBuf::from(value)))
     }
@@ -160,6 +188,28 @@ mod tests {
             StoreLocation::Sqlite("./t.db".into())
         );
         assert_eq!(StoreLocation::parse("memory://").unwrap(), StoreLocation::Memory);
+        // A URL with a slip is not taken for a file name.
+        for slip in [
+            "postgres:triage",
+            "postgres//db/triage",
+            "POSTGRESQL:/x",
+            "esdb:localhost:2113",
+            "sqlite:t.db",
+        ] {
+            let error = StoreLocation::parse(slip).unwrap_err().to_string();
+            assert!(
+                error.contains("looks like a") && error.contains("://"),
+                "{slip}: {error}"
+            );
+        }
+        assert_eq!(
+            StoreLocation::parse("./postgres:triage").unwrap(),
+            StoreLocation::Sqlite("./postgres:triage".into())
+        );
+        assert_eq!(
+            StoreLocation::parse("postgresfiles/t.db").unwrap(),
+            StoreLocation::Sqlite("postgresfiles/t.db".into())
+        );
         assert_eq!(
             StoreLocation::parse("esdb://localhost:2113?tls=false").unwrap(),
             StoreLocation::Kurrent("esdb://localhost:2113?tls=false".into())

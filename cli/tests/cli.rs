@@ -514,6 +514,48 @@ fn a_bad_agent_id_is_refused_before_anything_is_written() {
     assert_eq!(tickets.lines().count(), 1, "no ticket was opened:\n{tickets}");
 }
 
+/// A URL with a slip is refused, not taken for the name of a new SQLite
+/// file: `postgres:triage` made a file of that name and stored a ticket
+/// in it, with exit 0.
+#[test]
+fn a_mistyped_url_is_refused_and_makes_no_file() {
+    let dir = tempfile::tempdir().unwrap();
+    for store in ["postgres:triage", "postgresql//db/triage", "esdb:localhost:2113"] {
+        let refused = common::fail(
+            dir.path(),
+            &["--store", store, "ticket", "open", "--subject", "s", "--body", "b"],
+        );
+        assert!(
+            refused.contains("looks like a") && refused.contains("://"),
+            "{store}: {refused}"
+        );
+    }
+    for read_model in ["postgres:triage", "redis://localhost"] {
+        let refused = common::fail(
+            dir.path(),
+            &[
+                "--db",
+                "t.db",
+                "--read-model",
+                read_model,
+                "ticket",
+                "open",
+                "--subject",
+                "s",
+                "--body",
+                "b",
+            ],
+        );
+        assert!(refused.contains("://"), "{read_model}: {refused}");
+    }
+    let made: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|name| !name.starts_with("t.db"))
+        .collect();
+    assert!(made.is_empty(), "{made:?}");
+}
+
 #[test]
 fn a_store_path_that_is_a_directory_or_empty_is_refused_plainly() {
     let dir = tempfile::tempdir().unwrap();

@@ -47,6 +47,39 @@ impl From<PgProjector> for ReadModels {
 /// The schema query parameter of a read-model URL: `postgres://…?schema=NAME`.
 const SCHEMA_PARAMETER: &str = "schema";
 
+/// The path of a SQLite read-model location: a plain path, or
+/// `sqlite://PATH`. Any other URL, or one with a slip (`postgres:db`),
+/// is refused rather than taken for a file name and made in silence.
+fn sqlite_path(location: &str) -> Result<&str, ProjectionError> {
+    let invalid = |reason: String| ProjectionError::InvalidLocation { reason };
+    if let Some(path) = location.strip_prefix("sqlite://") {
+        if path.is_empty() {
+            return Err(invalid(format!(
+                "{location:?} names no file; use sqlite://PATH or a path"
+            )));
+        }
+        return Ok(path);
+    }
+    if let Some((scheme, _)) = location.split_once("://") {
+        return Err(invalid(format!(
+            "read models live in a SQLite file (a path, or sqlite://PATH) or in PostgreSQL (postgres://…), \
+             not at a {scheme}:// URL"
+        )));
+    }
+    let lower = location.to_ascii_lowercase();
+    if let Some(scheme) = ["sqlite", "postgresql", "postgres"].iter().find(|scheme| {
+        lower
+            .strip_prefix(**scheme)
+            .is_some_and(|rest| rest.starts_with(':') || rest.starts_with("//"))
+    }) {
+        return Err(invalid(format!(
+            "{location:?} looks like a {scheme} URL but is not one: write {scheme}://…; a file of that \
+             name is written ./{location}"
+        )));
+    }
+    Ok(location)
+}
+
 impl ReadModels {
     /// Opens the read models at `location` for `events`:
     /// - `postgres://…` or `postgresql://…`: PostgreSQL, in the schema given
@@ -72,7 +105,8 @@ impl ReadModels {
                 PgProjector::new(events, models).with_options(options),
             ))
         } else {
-            let db = ReadModelDb::open(Path::new(location))?;
+            let path = sqlite_path(location)?;
+            let db = ReadModelDb::open(Path::new(path))?;
             Ok(ReadModels::Sqlite(Projector::new(events, db).with_options(options)))
         }
     }
