@@ -1148,3 +1148,109 @@ async fn a_catch_up_takes_over_from_a_leader_that_goes_away_while_it_waits() {
         "the catch-up took the projections over and applied the log"
     );
 }
+
+/// `url` with its user (and password) replaced by `user`.
+fn as_user(url: &str, user: &str) -> Option<String> {
+    let (scheme, rest) = url.split_once("://")?;
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let host_part = match rest[..authority_end].rfind('@') {
+        Some(at) => &rest[at + 1..],
+        None => rest,
+    };
+    Some(format!("{scheme}://{user}@{host_part}"))
+}
+
+/// The servers run as a role that owns the read models; an administrator
+/// (here the test's superuser) rebuilds them. The new generation stays the
+/// owner's: the owner's projector and queries go on working. They failed
+/// with "permission denied for table tickets_g2" when the tables were the
+/// administrator's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pg_a_rebuild_by_an_administrator_keeps_the_models_the_owners() {
+    let test = "pg_a_rebuild_by_an_administrator_keeps_the_models_the_owners";
+    let Some(url) = url(test) else {
+        return;
+    };
+    let admin = raw_client(&url).await;
+    let is_superuser: bool = admin
+        .query_one("SELECT rolsuper FROM pg_roles WHERE rolname = current_user", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let role = format!("triage_owner_{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+    let (Some(role_url), true) = (as_user(&url, &role), is_superuser) else {
+        eprintln!("skipped: {test} (TRIAGE_PG_URL is not a superuser's postgres:// URL)");
+        return;
+    };
+    admin
+        .batch_execute(&format!(
+            r#"CREATE ROLE "{role}" LOGIN; GRANT CREATE ON DATABASE "{}" TO "{role}";"#,
+            admin
+                .query_one("SELECT current_database()::text", &[])
+                .await
+                .unwrap()
+                .get::<_, String>(0)
+        ))
+        .await
+        .unwrap();
+    let schema = format!("triage_rm_owned_{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+    let store = event_store(&url).await;
+    let events: Arc<dyn EventStore> = store.clone();
+    let mut workload = Workload::new(events.clone());
+    workload.random(150, 5, 31).await;
+
+    let result = async {
+        // The owner sets the read models up and keeps them.
+        let owned = PgReadModels::connect(&role_url, PgReadModelOptions::in_schema(&schema)).await?;
+        let owner = PgProjector::new(events.clone(), owned.clone());
+        owner.catch_up().await?;
+        // The administrator rebuilds both.
+        let administered = PgReadModels::connect(&url, PgReadModelOptions::in_schema(&schema)).await?;
+        let reports = PgProjector::new(events.clone(), administered)
+            .rebuild_many(&["tickets", "stats"], RebuildOptions::default())
+            .await?;
+        assert!(reports.iter().all(|report| report.generation == 2), "{reports:?}");
+        // The owner goes on: applies new events and answers queries.
+        workload.random(50, 5, 32).await;
+        let reached = owner.catch_up().await?;
+        let (_, head) = projected_events(events.as_ref()).await;
+        assert_eq!(reached, head);
+        let counted: u64 = ReadModels::Postgres(owner).counts().await?.values().sum();
+        assert!(counted > 0);
+        // A role that may only read them opens them: nothing is created
+        // when everything is there (it failed on "permission denied for
+        // schema", creating the log identity table that existed).
+        admin
+            .batch_execute(&format!(
+                r#"CREATE ROLE "{role}_ro" LOGIN; GRANT USAGE ON SCHEMA "{schema}" TO "{role}_ro";
+                   GRANT SELECT ON ALL TABLES IN SCHEMA "{schema}" TO "{role}_ro";"#
+            ))
+            .await
+            .unwrap();
+        let reader_url = as_user(&url, &format!("{role}_ro")).unwrap();
+        let opened = PgReadModels::connect(&reader_url, PgReadModelOptions::in_schema(&schema)).await;
+        drop(opened?);
+        Ok::<_, ProjectionError>(())
+    }
+    .await;
+    let foreign: Vec<String> = admin
+        .query(
+            "SELECT c.relname::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+             JOIN pg_roles r ON r.oid = c.relowner WHERE n.nspname = $1 AND r.rolname <> $2",
+            &[&schema, &role],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    admin
+        .batch_execute(&format!(
+            r#"DROP SCHEMA IF EXISTS "{schema}" CASCADE; DROP OWNED BY "{role}"; DROP ROLE "{role}";
+               DROP ROLE IF EXISTS "{role}_ro";"#
+        ))
+        .await
+        .unwrap();
+    result.expect("the owner's read models keep working after the administrator's rebuild");
+    assert!(foreign.is_empty(), "objects not the owner's: {foreign:?}");
+}

@@ -744,15 +744,28 @@ async fn migrate(client: &mut Client, schema: &str) -> Result<(), ProjectionErro
         .map_err(failed("create the read-model registry"))?;
     }
     // Added after version 1 of the registry, and only added to: older
-    // builds never read it, so the version stays.
-    tx.batch_execute(&format!(
-        r#"CREATE TABLE IF NOT EXISTS "{schema}".triage_read_log (
-            only_row       boolean PRIMARY KEY DEFAULT true CHECK (only_row),
-            first_event_id uuid    NOT NULL
-        );"#
-    ))
-    .await
-    .map_err(failed("create the log identity table"))?;
+    // builds never read it, so the version stays. Looked up first: CREATE
+    // TABLE IF NOT EXISTS needs the right to create in the schema even
+    // when the table is there (a role that may only use the read models
+    // failed here), and says so in a notice on every start.
+    let log_table_exists: bool = tx
+        .query_one(
+            "SELECT to_regclass(format('%I.triage_read_log', $1::text)) IS NOT NULL",
+            &[&schema],
+        )
+        .await
+        .map_err(failed("inspect the schema"))?
+        .get(0);
+    if !log_table_exists {
+        tx.batch_execute(&format!(
+            r#"CREATE TABLE IF NOT EXISTS "{schema}".triage_read_log (
+                only_row       boolean PRIMARY KEY DEFAULT true CHECK (only_row),
+                first_event_id uuid    NOT NULL
+            );"#
+        ))
+        .await
+        .map_err(failed("create the log identity table"))?;
+    }
     tx.commit().await.map_err(failed("commit the migration"))
 }
 
