@@ -107,7 +107,7 @@ pub(crate) async fn run(args: DemoArgs, global: &GlobalArgs) -> anyhow::Result<(
     // Only places named on its command line receive them.
     let (global, ignored) = global.without_places_from_env();
     if !ignored.is_empty() {
-        eprintln!(
+        err!(
             "triage demo: ignoring {} (the demo writes simulated tickets; name a store with --db or --store to \
              keep them)",
             ignored.join(", ")
@@ -125,7 +125,7 @@ pub(crate) async fn run(args: DemoArgs, global: &GlobalArgs) -> anyhow::Result<(
             // The demo's own checks read SQLite read models; PostgreSQL ones
             // stay for `triage serve` and `triage ticket`.
             _ => {
-                eprintln!("triage demo: read models for this run are kept in memory (SQLite)");
+                err!("triage demo: read models for this run are kept in memory (SQLite)");
                 ReadModelDb::in_memory()?
             }
         };
@@ -150,9 +150,13 @@ pub(crate) async fn run(args: DemoArgs, global: &GlobalArgs) -> anyhow::Result<(
         (Arc::new(store), read_models, place)
     };
     if !global.json {
-        eprintln!(
+        err!(
             "triage demo: {} tickets, {} classifiers, {} drafters, {} escalators, {} operator(s) on {place}",
-            config.tickets, config.classifiers, config.drafters, config.escalators, config.operators
+            config.tickets,
+            config.classifiers,
+            config.drafters,
+            config.escalators,
+            config.operators
         );
     }
     let show = !args.no_progress;
@@ -256,7 +260,7 @@ fn progress(design: &'static str, tickets: usize, show: bool) -> impl FnMut(&Pro
             }
             None if show && last.elapsed() >= Duration::from_secs(2) => {
                 last = Instant::now();
-                eprintln!(
+                err!(
                     "{design:>6} {:>5.1}s  {resolved}/{tickets} resolved  {message}",
                     progress.elapsed_s
                 );

@@ -13,6 +13,15 @@ macro_rules! out {
     };
 }
 
+/// A line on stderr. Unlike `eprintln!`, a closed stderr (`2>&1 | head`)
+/// does not panic: the message is lost, and the exit status stays the
+/// command's own.
+macro_rules! err {
+    ($($arg:tt)*) => {
+        $crate::output::write_error_line(format_args!($($arg)*))
+    };
+}
+
 mod demo;
 mod events;
 mod output;
@@ -438,26 +447,26 @@ fn main() -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(error) => {
-            eprintln!("error: cannot start the async runtime: {error}");
+            err!("error: cannot start the async runtime: {error}");
             return ExitCode::FAILURE;
         }
     };
     match runtime.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) if error.downcast_ref::<events::BadArguments>().is_some() => {
-            eprintln!("error: {}", describe(&error));
+            err!("error: {}", describe(&error));
             ExitCode::from(2)
         }
         Err(error) if error.downcast_ref::<Interrupted>().is_some() => {
-            eprintln!("{}", describe(&error));
+            err!("{}", describe(&error));
             ExitCode::from(130)
         }
         Err(error) if error.downcast_ref::<events::NothingMatched>().is_some() => {
-            eprintln!("{}", describe(&error));
+            err!("{}", describe(&error));
             ExitCode::from(3)
         }
         Err(error) => {
-            eprintln!("error: {}", describe(&error));
+            err!("error: {}", describe(&error));
             ExitCode::FAILURE
         }
     }

@@ -39,9 +39,15 @@ pub(crate) fn write_line(line: std::fmt::Arguments<'_>) {
         if error.kind() == std::io::ErrorKind::BrokenPipe {
             std::process::exit(0);
         }
-        eprintln!("error: cannot write the output: {error}");
+        err!("error: cannot write the output: {error}");
         std::process::exit(1);
     }
+}
+
+/// Writes one line to stderr, ignoring a failure: there is nowhere left
+/// to report it.
+pub(crate) fn write_error_line(line: std::fmt::Arguments<'_>) {
+    let _ = writeln!(std::io::stderr().lock(), "{line}");
 }
 
 /// Prints one JSON value on one line.

@@ -196,7 +196,7 @@ fn progress_reporter(name: &str) -> Box<dyn FnMut(RebuildProgress) + Send> {
                 } else {
                     progress.done as f64 * 100.0 / progress.total as f64
                 };
-                eprintln!(
+                err!(
                     "rebuild {name}: {}/{} positions ({percent:.0}%), {:.0} events/s, ETA {}s",
                     progress.done,
                     progress.total,

@@ -119,7 +119,7 @@ pub(crate) async fn serve(args: ServeArgs, global: &GlobalArgs) -> anyhow::Resul
         ..ServeOptions::default()
     };
     triage_api::serve(listener, state, options, shutdown_signal()).await?;
-    eprintln!("stopped");
+    err!("stopped");
     Ok(())
 }
 
@@ -184,7 +184,7 @@ pub(crate) fn agents(command: AgentsCommand, global: &GlobalArgs) -> anyhow::Res
                 output::print_json(&json!({ "id": id, "roles": roles, "token": token }));
             } else {
                 out!("{token}");
-                eprintln!(
+                err!(
                     "agent {id} added to {}; the token above is shown only this once",
                     agents.display()
                 );
@@ -226,7 +226,7 @@ pub(crate) fn agents(command: AgentsCommand, global: &GlobalArgs) -> anyhow::Res
             if global.json {
                 output::print_json(&serde_json::json!({ "agent": id, "revoked": true }));
             } else {
-                eprintln!("agent {id} revoked");
+                err!("agent {id} revoked");
             }
             Ok(())
         }

@@ -298,7 +298,7 @@ pub(crate) async fn run(command: TicketCommand, global: &GlobalArgs) -> anyhow::
             output::print_ticket_list(&rows, global.json);
             if more {
                 // On stderr: JSON lines on stdout stay one ticket each.
-                eprintln!("more tickets follow; --limit N shows more");
+                err!("more tickets follow; --limit N shows more");
             }
             Ok(())
         }
@@ -309,7 +309,7 @@ pub(crate) async fn run(command: TicketCommand, global: &GlobalArgs) -> anyhow::
             rows.truncate(limit);
             output::print_ticket_list(&rows, global.json);
             if more {
-                eprintln!("more tickets are waiting; --limit N shows more");
+                err!("more tickets are waiting; --limit N shows more");
             }
             Ok(())
         }

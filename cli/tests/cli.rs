@@ -556,6 +556,22 @@ fn a_mistyped_url_is_refused_and_makes_no_file() {
     assert!(made.is_empty(), "{made:?}");
 }
 
+/// With stderr closed (`2>&1 | true`), an error still exits 1: writing
+/// its message failed, which panicked (exit 101).
+#[test]
+fn a_closed_stderr_does_not_turn_an_error_into_a_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let status = common::command(dir.path())
+        .args(["--db", "missing.db", "events"])
+        .stdout(std::process::Stdio::null())
+        .stderr(writer)
+        .status()
+        .unwrap();
+    assert_eq!(status.code(), Some(1), "{status:?}");
+}
+
 #[test]
 fn a_store_path_that_is_a_directory_or_empty_is_refused_plainly() {
     let dir = tempfile::tempdir().unwrap();
