@@ -461,6 +461,10 @@ fn main() -> ExitCode {
             err!("{}", describe(&error));
             ExitCode::from(130)
         }
+        Err(error) if error.downcast_ref::<projections::Drifted>().is_some() => {
+            err!("{}", describe(&error));
+            ExitCode::from(4)
+        }
         Err(error) if error.downcast_ref::<events::NothingMatched>().is_some() => {
             err!("{}", describe(&error));
             ExitCode::from(3)

@@ -31,7 +31,9 @@ pub(crate) enum ProjectionsCommand {
         #[arg(long)]
         all: bool,
         /// Before swapping, compare a digest of the rebuilt model with the
-        /// live one and report every ticket (or counter) that differs.
+        /// live one and report every ticket (or counter) that differs. The
+        /// rebuilt model, which is what the log says, is swapped in either
+        /// way; the exit status is 4 when the live one differed from it.
         #[arg(long)]
         verify: bool,
         /// No progress output (a bar on a terminal, log lines otherwise).
@@ -158,10 +160,31 @@ pub(crate) async fn run(command: ProjectionsCommand, global: &GlobalArgs) -> any
             if !global.json {
                 print_reports(&reports);
             }
+            let drifted: Vec<&str> = reports
+                .iter()
+                .filter(|report| {
+                    report.compared.is_some_and(|compared| compared > 0)
+                        && report
+                            .differences
+                            .as_ref()
+                            .is_some_and(|differences| !differences.is_empty())
+                })
+                .map(|report| report.name.as_str())
+                .collect();
+            if !drifted.is_empty() {
+                return Err(Drifted(drifted.join(", ")).into());
+            }
             Ok(())
         }
     }
 }
+
+/// `rebuild --verify` found live models that differed from the rebuild
+/// (which replaced them): exit status 4, so that a scheduled check sees
+/// drift without reading the report.
+#[derive(Debug, thiserror::Error)]
+#[error("the live model of {0} differed from what the log gives (listed above); the rebuilt model replaced it")]
+pub(crate) struct Drifted(pub(crate) String);
 
 /// A progress bar on a terminal; plain lines every two seconds otherwise.
 fn progress_reporter(name: &str) -> Box<dyn FnMut(RebuildProgress) + Send> {

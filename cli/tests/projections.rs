@@ -369,10 +369,19 @@ fn verify_reports_a_live_model_that_differs_from_the_log() {
         assert_eq!(deleted, 1);
         ticket
     };
-    let reports = json_lines(&succeed(
+    // Exit status 4: a scheduled check sees the drift without reading the
+    // report (it was 0).
+    let drifted = common::triage(
         dir.path(),
         &["projections", "rebuild", "--all", "--verify", "--json", "--no-progress"],
-    ));
+    );
+    assert_eq!(drifted.status.code(), Some(4), "{}", common::stderr(&drifted));
+    assert!(
+        common::stderr(&drifted).contains("the live model of tickets, stats differed"),
+        "{}",
+        common::stderr(&drifted)
+    );
+    let reports = json_lines(&common::stdout(&drifted));
     let differences = |name: &str| -> Vec<String> {
         let report = reports
             .iter()
