@@ -25,8 +25,10 @@ pub(crate) struct EventsArgs {
     /// uuid in any case, as --ticket takes it).
     #[arg(long, value_parser = parse_stream)]
     stream: Option<String>,
-    /// Only these event types (repeat, or separate with commas).
-    #[arg(long = "type", value_name = "TYPE", value_delimiter = ',')]
+    /// Only these event types (repeat, or separate with commas), as
+    /// `triage states` and the log name them: TicketOpened, …,
+    /// CommandRejected (refusals), ClaimIndexed (KurrentDB claim index).
+    #[arg(long = "type", value_name = "TYPE", value_delimiter = ',', value_parser = parse_event_type)]
     event_types: Vec<String>,
     /// Only events sent by this agent id.
     #[arg(long)]
@@ -84,6 +86,32 @@ fn parse_stream(text: &str) -> Result<String, String> {
         }
     }
     Ok(text.to_owned())
+}
+
+/// The event types this build writes.
+fn known_event_types() -> impl Iterator<Item = &'static str> {
+    triage_domain::Event::TYPES.into_iter().chain([
+        triage_domain::CommandRejected::EVENT_TYPE,
+        triage_api::service::CLAIM_INDEXED,
+    ])
+}
+
+/// An event type this build knows, spaces around it ignored: a type that
+/// is not one (a slip of case, a typo) matched nothing and said only "no
+/// events match".
+fn parse_event_type(value: &str) -> Result<String, String> {
+    let value = value.trim();
+    if let Some(known) = known_event_types().find(|known| *known == value) {
+        return Ok(known.to_owned());
+    }
+    let hint = known_event_types()
+        .find(|known| known.eq_ignore_ascii_case(value))
+        .map(|known| format!("did you mean {known}? "))
+        .unwrap_or_default();
+    Err(format!(
+        "{value:?} is not an event type; {hint}the types are {}",
+        known_event_types().collect::<Vec<_>>().join(", ")
+    ))
 }
 
 fn parse_role(value: &str) -> Result<Role, String> {

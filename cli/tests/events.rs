@@ -134,6 +134,23 @@ fn filters_narrow_the_output() {
     );
     assert_eq!(count(&["--type", "TicketOpened"]), 2);
     assert_eq!(count(&["--type", "TicketOpened,ClassificationStarted"]), 3);
+    assert_eq!(
+        count(&["--type", "TicketOpened, ClassificationStarted"]),
+        3,
+        "a space after the comma dropped the second type"
+    );
+    assert_eq!(count(&["--type", "CommandRejected"]), 1);
+    // A type this build does not write is a bad argument, not "no events
+    // match".
+    for (bad, says) in [
+        ("ticketopened", "did you mean TicketOpened?"),
+        ("Bogus", "the types are TicketOpened"),
+        ("", "is not an event type"),
+    ] {
+        let output = common::triage(dir.path(), &["events", "--type", bad]);
+        assert_eq!(output.status.code(), Some(2), "{bad:?}");
+        assert!(common::stderr(&output).contains(says), "{}", common::stderr(&output));
+    }
     assert_eq!(count(&["--role", "classifier"]), 1);
     assert_eq!(count(&["--agent", "d-1"]), 1);
     assert_eq!(count(&["--command-id", "00000000-0000-4000-8000-0000000000b0"]), 1);
