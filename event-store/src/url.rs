@@ -96,3 +96,50 @@ mod tests {
         assert_eq!(redact_password("./triage.db"), "./triage.db");
     }
 }
+
+/// Whether `schema` may name a PostgreSQL schema of Triage's: 1 to
+/// `max_bytes` lowercase ASCII letters, digits and `_`, not starting with a
+/// digit, and not one of PostgreSQL's own (`pg_…`, `information_schema`).
+/// Such a name never needs quoting or escaping in SQL or in a channel
+/// name. `Err` says the rule.
+pub fn check_pg_schema_name(schema: &str, max_bytes: usize) -> Result<(), String> {
+    let valid_start = schema
+        .chars()
+        .next()
+        .is_some_and(|c| c.is_ascii_lowercase() || c == '_');
+    let valid_rest = schema
+        .chars()
+        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+    let system = schema.starts_with("pg_") || schema == "information_schema";
+    if !valid_start || !valid_rest || schema.len() > max_bytes || system {
+        return Err(format!(
+            "invalid PostgreSQL schema name {schema:?}: use 1 to {max_bytes} lowercase ASCII letters, digits or \
+             '_', not starting with a digit, and not a schema of PostgreSQL's own ('pg_…', information_schema)"
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod schema_name_tests {
+    use super::check_pg_schema_name;
+
+    #[test]
+    fn plain_names_pass_and_system_or_odd_ones_do_not() {
+        for good in ["triage", "triage_read", "_x", "t2"] {
+            assert!(check_pg_schema_name(good, 48).is_ok(), "{good}");
+        }
+        for bad in [
+            "",
+            "Triage",
+            "2t",
+            "a-b",
+            "pg_triage",
+            "information_schema",
+            "a\"b",
+            &"x".repeat(49),
+        ] {
+            assert!(check_pg_schema_name(bad, 48).is_err(), "{bad}");
+        }
+    }
+}

@@ -103,7 +103,8 @@ pub struct PgReadModelOptions {
     /// tables are `triage_read_*`, `tickets_g<N>`, `stats_*_g<N>` and the
     /// views `tickets`, `stats_*`, so they can share a schema with the
     /// event store (`triage_events`, `triage_schema`). Lowercase ASCII
-    /// letters, digits and `_`, not starting with a digit or `pg_`.
+    /// letters, digits and `_`, not starting with a digit, not `pg_…` or
+    /// `information_schema`.
     pub schema: String,
     /// Most pooled connections for queries (default 4). Each running
     /// projector opens one more, outside the pool, for its leadership.
@@ -139,22 +140,8 @@ impl PgReadModelOptions {
     /// Only plain lowercase names: they mean the same quoted and unquoted
     /// and never need escaping in SQL.
     fn validate(&self) -> Result<(), ProjectionError> {
-        let schema = &self.schema;
-        let valid_start = schema
-            .chars()
-            .next()
-            .is_some_and(|c| c.is_ascii_lowercase() || c == '_');
-        let valid_rest = schema
-            .chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
-        if !valid_start || !valid_rest || schema.len() > MAX_SCHEMA_BYTES || schema.starts_with("pg_") {
-            return Err(ProjectionError::InvalidLocation {
-                reason: format!(
-                    "invalid PostgreSQL schema name {schema:?}: use 1 to {MAX_SCHEMA_BYTES} lowercase ASCII \
-                     letters, digits or '_', not starting with a digit or 'pg_'"
-                ),
-            });
-        }
+        triage_event_store::url::check_pg_schema_name(&self.schema, MAX_SCHEMA_BYTES)
+            .map_err(|reason| ProjectionError::InvalidLocation { reason })?;
         Ok(())
     }
 }

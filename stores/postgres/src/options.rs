@@ -84,22 +84,8 @@ impl PostgresOptions {
     /// that the name means the same quoted and unquoted and never needs
     /// escaping in SQL or in a channel name.
     pub(crate) fn validate(&self) -> Result<(), Error> {
-        let schema = &self.schema;
-        let valid_start = schema
-            .chars()
-            .next()
-            .is_some_and(|c| c.is_ascii_lowercase() || c == '_');
-        let valid_rest = schema
-            .chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
-        if !valid_start || !valid_rest || schema.len() > MAX_SCHEMA_BYTES || schema.starts_with("pg_") {
-            return Err(Error::Refused {
-                message: format!(
-                    "invalid PostgreSQL schema name {schema:?}: use 1 to {MAX_SCHEMA_BYTES} lowercase ASCII letters, digits or '_', not starting with a digit or 'pg_'"
-                ),
-                source: None,
-            });
-        }
+        triage_event_store::url::check_pg_schema_name(&self.schema, MAX_SCHEMA_BYTES)
+            .map_err(|message| Error::Refused { message, source: None })?;
         Ok(())
     }
 }
