@@ -243,6 +243,53 @@ fn a_corrupt_or_foreign_file_is_refused_and_left_unchanged() {
     assert_eq!(std::fs::read_to_string(&text).unwrap(), "shopping list\n");
 }
 
+/// Damage inside a file whose header is intact: the store says it is
+/// damaged and to restore it from a backup (it said "database disk image
+/// is malformed" and no more); the read-model file says it can be moved
+/// aside and rebuilt. Neither file is written to.
+#[test]
+fn damage_inside_a_file_is_named_with_what_to_do() {
+    let dir = tempfile::tempdir().unwrap();
+    let body = "x".repeat(3000);
+    for n in 0..40 {
+        succeed(
+            dir.path(),
+            &["ticket", "open", "--subject", &format!("s{n}"), "--body", &body],
+        );
+    }
+    // The read models catch up on the next read.
+    succeed(dir.path(), &["ticket", "list"]);
+    let damage = |name: &str| -> Vec<u8> {
+        let path = dir.path().join(name);
+        let mut bytes = std::fs::read(&path).unwrap();
+        assert!(bytes.len() > 16 * 4096, "{name} is {} bytes", bytes.len());
+        // Pages in the middle: rows, not the header, the schema or the
+        // last pages that opening the file reads.
+        let (from, to) = (bytes.len() / 3 / 4096 * 4096, bytes.len() / 2 / 4096 * 4096);
+        for (i, byte) in bytes.iter_mut().enumerate().take(to).skip(from) {
+            *byte = (i as u32).wrapping_mul(2_654_435_761).to_le_bytes()[2];
+        }
+        std::fs::write(&path, &bytes).unwrap();
+        bytes
+    };
+
+    let read_model = damage("triage.read.db");
+    let error = fail(dir.path(), &["ticket", "list"]);
+    assert!(
+        error.contains("move it") && error.contains("rebuilds it from the log"),
+        "{error}"
+    );
+    assert_eq!(std::fs::read(dir.path().join("triage.read.db")).unwrap(), read_model);
+
+    let store = damage("triage.db");
+    let error = fail(dir.path(), &["events", "--format", "jsonl"]);
+    assert!(
+        error.contains("triage.db is damaged") && error.contains("restore it from a backup"),
+        "{error}"
+    );
+    assert_eq!(std::fs::read(dir.path().join("triage.db")).unwrap(), store);
+}
+
 #[test]
 fn help_explains_the_commands_and_the_store_option() {
     let dir = tempfile::tempdir().unwrap();
@@ -751,7 +798,10 @@ fn an_event_log_named_as_read_models_is_not_called_disposable() {
     let dir = tempfile::tempdir().unwrap();
     common::succeed(dir.path(), &["ticket", "open", "--subject", "S", "--body", "B"]);
     let refused = fail(dir.path(), &["--read-model", "triage.db", "ticket", "list"]);
-    assert!(refused.contains("not a Triage read-model file"), "{refused}");
+    assert!(
+        refused.contains("it is a Triage event store, not a read-model file") && refused.contains("--db"),
+        "{refused}"
+    );
     assert!(!refused.contains("move it aside"), "{refused}");
     assert_eq!(events_in(&dir.path().join("triage.db")), 1);
 }

@@ -164,6 +164,13 @@ impl ReadModelDb {
                     )));
                 }
                 (APPLICATION_ID, _, _) => {}
+                (EVENT_STORE_APPLICATION_ID, _, _) => {
+                    return Err(incompatible(
+                        "it is a Triage event store, not a read-model file: name it with --db (or --store), and \
+                         give --read-model another file, such as the default beside it (triage.read.db)"
+                            .to_owned(),
+                    ));
+                }
                 (id, _, _) => {
                     return Err(incompatible(format!(
                         "it is not a Triage read-model file (SQLite application_id {id:#010x})"

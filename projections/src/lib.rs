@@ -194,7 +194,7 @@ pub enum ProjectionError {
     #[error(transparent)]
     Store(#[from] triage_event_store::Error),
     /// The read-model database failed.
-    #[error("read-model database error while trying to {action}: {source}")]
+    #[error("read-model database error while trying to {action}: {source}{}", damage_hint(.source))]
     Sqlite {
         /// What was being done.
         action: &'static str,
@@ -235,6 +235,22 @@ pub enum ProjectionError {
     /// A task failed unexpectedly.
     #[error("internal error: {0}")]
     Internal(String),
+}
+
+/// What to do about a damaged read-model file, after its error.
+fn damage_hint(error: &rusqlite::Error) -> &'static str {
+    match error {
+        rusqlite::Error::SqliteFailure(failure, _)
+            if matches!(
+                failure.code,
+                rusqlite::ErrorCode::DatabaseCorrupt | rusqlite::ErrorCode::NotADatabase
+            ) =>
+        {
+            "; the read-model file is damaged: it holds only what the event log says, so move it (with its -wal \
+             and -shm files) aside, and the next command rebuilds it from the log"
+        }
+        _ => "",
+    }
 }
 
 impl ProjectionError {

@@ -62,7 +62,7 @@ fn an_event_store_file_is_refused_and_unchanged() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("triage.db");
     drop(SqliteEventStore::open(&path, SqliteOptions::default()).unwrap());
-    assert_refused_unchanged(&path, "not a Triage read-model file");
+    assert_refused_unchanged(&path, "it is a Triage event store, not a read-model file");
 }
 
 #[test]

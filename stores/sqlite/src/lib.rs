@@ -99,6 +99,25 @@ fn is_refusal(error: &rusqlite::Error, at_open: bool) -> bool {
     }
 }
 
+/// Whether SQLite found the file damaged (a malformed page, or not a
+/// database where one was): retrying meets the same damage.
+fn is_damage(error: &rusqlite::Error) -> bool {
+    matches!(
+        error,
+        rusqlite::Error::SqliteFailure(failure, _)
+            if matches!(failure.code, rusqlite::ErrorCode::DatabaseCorrupt | rusqlite::ErrorCode::NotADatabase)
+    )
+}
+
+/// What to do about a damaged store file.
+fn damage_message(path: &Path, what: &str) -> String {
+    format!(
+        "{what}: the event store file {path} is damaged; stop the processes that use it, keep a copy, and restore \
+         it from a backup (`sqlite3 {path} 'PRAGMA integrity_check'` shows the damage)",
+        path = path.display()
+    )
+}
+
 /// An event store in one SQLite file.
 ///
 /// Dropping it stops the writer thread after the batch in flight, closes every

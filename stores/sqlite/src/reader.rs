@@ -73,7 +73,13 @@ impl Readers {
         })
         .await
         .map_err(|join_error| Error::backend(format!("{what} panicked or was cancelled"), join_error))?;
-        outcome.map_err(|error| Error::backend(what, error))?
+        outcome.map_err(|error| {
+            if crate::is_damage(&error) {
+                Error::refused(crate::damage_message(&self.path, what), error)
+            } else {
+                Error::backend(what, error)
+            }
+        })?
     }
 
     pub(crate) fn idle_count(&self) -> usize {

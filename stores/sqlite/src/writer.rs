@@ -177,15 +177,20 @@ impl Writer {
                     tracing::error!(%rollback, "rolling back a failed batch failed");
                 }
                 tracing::error!(%error, appends = batch.len(), "a group commit failed; every append in it failed");
-                let message = error.caller_message();
+                let mut message = error.caller_message().to_owned();
                 // Nothing was stored, and a retry would meet the same file.
                 let refused = matches!(&error, BatchFailure::BeforeCommit(fatal) if crate::is_refusal(fatal, false));
+                let damaged = matches!(&error, BatchFailure::BeforeCommit(fatal) if crate::is_damage(fatal));
+                if damaged {
+                    let path = std::path::PathBuf::from(self.conn.path().unwrap_or("the store file"));
+                    message = crate::damage_message(&path, &message);
+                }
                 let error = Arc::new(error);
                 for request in batch.drain(..) {
-                    let _ = request.reply.send(Err(if refused {
-                        Error::refused(message, Arc::clone(&error))
+                    let _ = request.reply.send(Err(if refused || damaged {
+                        Error::refused(message.clone(), Arc::clone(&error))
                     } else {
-                        Error::backend(message, Arc::clone(&error))
+                        Error::backend(message.clone(), Arc::clone(&error))
                     }));
                 }
             }
