@@ -293,6 +293,16 @@ pub(crate) async fn run(args: EventsArgs, global: &GlobalArgs) -> anyhow::Result
         to_position: args.to_position,
     };
     let format = match (args.format, global.json) {
+        // Which of the two was meant cannot be told.
+        (Some(format), true) if format != Format::Jsonl => {
+            return Err(BadArguments(format!(
+                "--json asks for JSON lines and --format for {}: give one of them",
+                format
+                    .to_possible_value()
+                    .map_or_else(String::new, |value| value.get_name().to_owned())
+            ))
+            .into());
+        }
         (Some(format), _) => format,
         (None, true) => Format::Jsonl,
         (None, false) if std::io::stdout().is_terminal() => Format::Table,

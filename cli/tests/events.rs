@@ -151,6 +151,24 @@ fn filters_narrow_the_output() {
         assert_eq!(output.status.code(), Some(2), "{bad:?}");
         assert!(common::stderr(&output).contains(says), "{}", common::stderr(&output));
     }
+    // --json and another --format: which was meant cannot be told (the
+    // format won, silently).
+    for format in ["csv", "table"] {
+        let output = common::triage(dir.path(), &["--json", "events", "--format", format]);
+        assert_eq!(output.status.code(), Some(2), "{format}");
+        assert!(
+            common::stderr(&output).contains(&format!("--format for {format}")),
+            "{}",
+            common::stderr(&output)
+        );
+    }
+    assert_eq!(
+        succeed(dir.path(), &["--json", "events", "--format", "jsonl"])
+            .lines()
+            .count(),
+        count(&[]),
+        "--json with --format jsonl agree"
+    );
     assert_eq!(count(&["--role", "classifier"]), 1);
     assert_eq!(count(&["--agent", "d-1"]), 1);
     assert_eq!(count(&["--command-id", "00000000-0000-4000-8000-0000000000b0"]), 1);
