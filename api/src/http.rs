@@ -663,13 +663,16 @@ async fn healthz() -> Json<serde_json::Value> {
     Json(serde_json::json!({ "status": "ok" }))
 }
 
-/// Readiness: the event store answers and the read models are built; `503`
-/// while starting or shutting down.
+/// Readiness: the event store answers and the read models can be read;
+/// `503` while starting or shutting down, or when either fails. The body
+/// says `degraded` (still 200) when a projection stopped on an error or,
+/// with PostgreSQL read models, is behind with no instance leading it:
+/// reads are stale until an operator acts, on every instance alike.
 #[utoipa::path(get, path = "/readyz", tag = "health", security(()),
-    responses((status = 200, body = Object), (status = 503, body = Problem, content_type = "application/problem+json")))]
-async fn readyz(AxumState(state): AxumState<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
-    state.ready().await?;
-    Ok(Json(serde_json::json!({ "status": "ready" })))
+    responses((status = 200, description = "`{\"status\": \"ready\" | \"degraded\", \"projections\": [{\"name\", \"lag\", \"stopped\", \"unled\"}]}`", body = Object),
+        (status = 503, body = Problem, content_type = "application/problem+json")))]
+async fn readyz(AxumState(state): AxumState<AppState>) -> Result<Json<crate::service::Readiness>, ApiError> {
+    Ok(Json(state.ready().await?))
 }
 
 async fn openapi() -> Json<utoipa::openapi::OpenApi> {

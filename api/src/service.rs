@@ -14,7 +14,7 @@ use triage_domain::{
     Agent, ClaimRule, Command, CommandEnvelope, CommandKind, Event, Role, State, TRANSITIONS, TicketId, queue_states,
     transitions_from,
 };
-use triage_projections::{ListCursor, ReadModels};
+use triage_projections::{ListCursor, ProjectionError, ReadModels};
 use uuid::Uuid;
 
 use crate::auth::{Authenticator, Principal};
@@ -829,7 +829,7 @@ impl AppState {
     }
 
     /// Whether the store answers and the read models can be served.
-    pub async fn ready(&self) -> Result<(), ApiError> {
+    pub async fn ready(&self) -> Result<Readiness, ApiError> {
         if self.is_stopping() {
             return Err(ApiError::Unavailable("the server is shutting down".to_owned()));
         }
@@ -838,9 +838,73 @@ impl AppState {
             tracing::warn!(%error, "readiness: the event store does not answer");
             ApiError::Unavailable("the event store does not answer".to_owned())
         })?;
-        self.inner.read_models.check_readable().await?;
-        Ok(())
+        self.inner
+            .read_models
+            .check_readable()
+            .await
+            .map_err(|error| match error {
+                ProjectionError::NotBuilt { .. } => ApiError::from(error),
+                // Not a 500: whatever it is, this server cannot answer reads.
+                error => {
+                    tracing::warn!(%error, "readiness: the read models cannot be read");
+                    ApiError::Unavailable("the read models cannot be read".to_owned())
+                }
+            })?;
+        // Ready: commands are taken and reads answered. Read models that
+        // stopped, or that no instance is moving on, make reads stale, not
+        // impossible, and that on every instance alike: said in the body
+        // ("degraded"), not with a status that would take every instance
+        // out of a load balancer.
+        let led = matches!(&self.inner.read_models, ReadModels::Postgres(_));
+        let projections = match self.inner.read_models.status().await {
+            Ok(statuses) => statuses
+                .into_iter()
+                .map(|status| ProjectionReadiness {
+                    stopped: status.last_error.is_some() || status.needs_rebuild,
+                    unled: led && status.leader.is_none(),
+                    name: status.name,
+                    lag: status.lag,
+                })
+                .collect(),
+            Err(error) => {
+                tracing::warn!(%error, "readiness: the projections' status cannot be read");
+                Vec::new()
+            }
+        };
+        let degraded = projections
+            .iter()
+            .any(|projection| projection.stopped || (projection.unled && projection.lag > 0));
+        Ok(Readiness {
+            status: if degraded { "degraded" } else { "ready" },
+            projections,
+        })
     }
+}
+
+/// What `/readyz` answers when the server can take commands and answer
+/// reads.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Readiness {
+    /// `ready`, or `degraded` when a projection stopped on an error, needs
+    /// a rebuild, or (PostgreSQL) is behind with no instance leading it:
+    /// reads are then stale until an operator acts.
+    pub status: &'static str,
+    /// Each projection, as far as readiness goes.
+    pub projections: Vec<ProjectionReadiness>,
+}
+
+/// A projection in [`Readiness`]: no error text (the probe needs no token;
+/// the log and `triage projections status` have the details).
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct ProjectionReadiness {
+    /// The projection.
+    pub name: String,
+    /// Positions of the log it has not applied yet.
+    pub lag: u64,
+    /// It stopped on an error, or needs a rebuild.
+    pub stopped: bool,
+    /// PostgreSQL read models only: no running instance leads it.
+    pub unled: bool,
 }
 
 fn not_found(ticket_id: TicketId) -> ApiError {

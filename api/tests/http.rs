@@ -1248,6 +1248,34 @@ async fn openapi_health_and_unknown_routes() {
     h.state.catch_up().await.unwrap();
     let ready = h.send(None, Req::get("/readyz")).await;
     assert_eq!(ready.status, StatusCode::OK, "{}", ready.json);
+    assert_eq!(ready.json["status"], "ready", "{}", ready.json);
+    let names: Vec<&str> = ready.json["projections"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|projection| projection["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["tickets", "stats"], "{}", ready.json);
+    // A projection stopped on an event it cannot read: reads go on, stale,
+    // and the probe says so in its body (it said "ready").
+    h.store
+        .append(
+            &triage_event_store::StreamName::new(format!("ticket-{}", uuid::Uuid::now_v7())).unwrap(),
+            triage_event_store::ExpectedRevision::NoStream,
+            vec![triage_event_store::testing::event("FromANewerTriage")],
+        )
+        .await
+        .unwrap();
+    assert!(h.state.catch_up().await.is_err(), "the projection stops on it");
+    let ready = h.send(None, Req::get("/readyz")).await;
+    assert_eq!(ready.status, StatusCode::OK, "{}", ready.json);
+    assert_eq!(ready.json["status"], "degraded", "{}", ready.json);
+    assert_eq!(ready.json["projections"][0]["stopped"], true, "{}", ready.json);
+    assert!(
+        ready.json["projections"][0]["lag"].as_u64().unwrap() > 0,
+        "{}",
+        ready.json
+    );
     h.send(Some("analyst"), Req::get("/v2/nothing"))
         .await
         .assert_problem(StatusCode::NOT_FOUND, "not_found");
