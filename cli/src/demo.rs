@@ -11,7 +11,7 @@ use serde_json::json;
 use triage_demo::{DemoConfig, DemoReport, Progress};
 use triage_domain::State;
 use triage_event_store::EventStore;
-use triage_projections::{ProjectorOptions, ReadModelDb, ReadModels};
+use triage_projections::{ProjectorOptions, ReadModelDb};
 use triage_store_sqlite::{SqliteEventStore, SqliteOptions};
 
 use crate::output;
@@ -118,16 +118,28 @@ pub(crate) async fn run(args: DemoArgs, global: &GlobalArgs) -> anyhow::Result<(
     let (events, read_models, place): (Arc<dyn EventStore>, ReadModelDb, String) = if global.db.is_some()
         || global.store.is_some()
     {
-        let opened = global.open().await?;
+        let opened = global.open_log().await?;
         let place = opened.location.to_string();
-        let read_models = match &opened.read_models {
-            ReadModels::Sqlite(projector) => projector.db().clone(),
-            // The demo's own checks read SQLite read models; PostgreSQL ones
-            // stay for `triage serve` and `triage ticket`.
-            _ => {
+        // The demo's own checks read SQLite read models. PostgreSQL ones
+        // are not opened at all: opening them made their schema and tables
+        // in the user's database, which the run then left empty.
+        let read_models = match global
+            .read_model
+            .clone()
+            .or_else(|| opened.location.default_read_model())
+        {
+            Some(place) if place.starts_with("postgres://") || place.starts_with("postgresql://") => {
+                if global.read_model.is_some() {
+                    anyhow::bail!(
+                        "the demo keeps its read models in SQLite: give --read-model a file path, or leave it out \
+                         for read models in memory"
+                    );
+                }
                 err!("triage demo: read models for this run are kept in memory (SQLite)");
                 ReadModelDb::in_memory()?
             }
+            Some(place) => ReadModelDb::open(place.strip_prefix("sqlite://").unwrap_or(&place))?,
+            None => ReadModelDb::in_memory()?,
         };
         (opened.events, read_models, place)
     } else {

@@ -506,3 +506,73 @@ fn mcp_over_stdio_leads_the_postgresql_projections_it_reads() {
     drop(stdin);
     assert!(child.wait().unwrap().success(), "triage mcp ends when stdin closes");
 }
+
+/// `demo` on a PostgreSQL store keeps its read models in memory and leaves
+/// no read-model schema behind (it made `<schema>_read` with four empty
+/// tables); a PostgreSQL --read-model is refused, not ignored.
+#[test]
+fn the_demo_on_postgresql_makes_no_read_model_schema() {
+    let Some(url) = pg_url("the_demo_on_postgresql_makes_no_read_model_schema") else {
+        return;
+    };
+    let _shared = sharing_the_watermark();
+    let dir = tempfile::tempdir().unwrap();
+    let (schema, store) = fresh_store(&url);
+    let out = succeed(
+        dir.path(),
+        &on_store(
+            &store,
+            &[
+                "demo",
+                "--tickets",
+                "6",
+                "--time-scale",
+                "0.002",
+                "--no-progress",
+                "--json",
+            ],
+        ),
+    );
+    let summary: Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    assert_eq!(summary["audit_passed"], true, "{summary}");
+    let refused = common::fail(
+        dir.path(),
+        &on_store(
+            &store,
+            &[
+                "--read-model",
+                &store,
+                "demo",
+                "--tickets",
+                "6",
+                "--time-scale",
+                "0.002",
+                "--no-progress",
+            ],
+        ),
+    );
+    assert!(refused.contains("keeps its read models in SQLite"), "{refused}");
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
+        tokio::spawn(connection);
+        let read_schema = format!("{schema}_read");
+        let found: Vec<String> = client
+            .query(
+                "SELECT schema_name::text FROM information_schema.schemata WHERE schema_name IN ($1, $2)",
+                &[&schema, &read_schema],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|row| row.get(0))
+            .collect();
+        client
+            .batch_execute(&format!(
+                "DROP SCHEMA IF EXISTS {schema} CASCADE; DROP SCHEMA IF EXISTS {read_schema} CASCADE"
+            ))
+            .await
+            .unwrap();
+        assert_eq!(found, [schema.clone()], "only the events' schema");
+    });
+}
