@@ -573,6 +573,6 @@ fn the_demo_on_postgresql_makes_no_read_model_schema() {
             ))
             .await
             .unwrap();
-        assert_eq!(found, [schema.clone()], "only the events' schema");
+        assert_eq!(found, std::slice::from_ref(&schema), "only the events' schema");
     });
 }
