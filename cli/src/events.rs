@@ -151,7 +151,11 @@ pub(crate) struct BadArguments(pub(crate) String);
 #[error("{0}")]
 pub(crate) struct NothingMatched(pub(crate) String);
 
-const CSV_HEADER: [&str; 9] = [
+/// The CSV columns. The last four repeat fields of `metadata`, for
+/// spreadsheets that cannot take JSON apart (empty when the metadata does
+/// not decode); new columns go at the end, so that existing ones keep
+/// their places.
+const CSV_HEADER: [&str; 13] = [
     "position",
     "stream",
     "ticket_id",
@@ -161,6 +165,10 @@ const CSV_HEADER: [&str; 9] = [
     "recorded_at",
     "data",
     "metadata",
+    "agent_id",
+    "role",
+    "command_id",
+    "correlation_id",
 ];
 
 /// Writes rows in the chosen format as they come.
@@ -211,6 +219,8 @@ impl Printer {
             }
             Format::Csv => {
                 let writer = self.csv.as_mut().expect("a CSV writer for CSV output");
+                let metadata = EventMetadata::decode(&record.metadata).ok();
+                let field = |pick: fn(&EventMetadata) -> String| metadata.as_ref().map(pick).unwrap_or_default();
                 writer.write_record([
                     row.position.clone(),
                     row.stream.clone(),
@@ -221,6 +231,10 @@ impl Printer {
                     row.recorded_at.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true),
                     row.data.to_string(),
                     row.metadata.to_string(),
+                    field(|m| m.agent.id.clone()),
+                    field(|m| m.agent.role.to_string()),
+                    field(|m| m.command_id.to_string()),
+                    field(|m| m.correlation_id.to_string()),
                 ])?;
             }
             Format::Table => {

@@ -89,7 +89,11 @@ fn json_lines_and_csv_parse_with_standard_parsers_and_agree_on_every_field() {
             "type",
             "recorded_at",
             "data",
-            "metadata"
+            "metadata",
+            "agent_id",
+            "role",
+            "command_id",
+            "correlation_id"
         ]
     );
     let rows: Vec<csv::StringRecord> = reader.records().map(Result::unwrap).collect();
@@ -107,6 +111,12 @@ fn json_lines_and_csv_parse_with_standard_parsers_and_agree_on_every_field() {
         assert_eq!(json_time, csv_time);
         assert_eq!(json["data"], serde_json::from_str::<Value>(&row[7]).unwrap());
         assert_eq!(json["metadata"], serde_json::from_str::<Value>(&row[8]).unwrap());
+        // The metadata's fields analysts filter on, as columns of their own.
+        assert_eq!(json["metadata"]["agent"]["id"], row[9]);
+        assert_eq!(json["metadata"]["agent"]["role"], row[10]);
+        assert_eq!(json["metadata"]["command_id"], row[11]);
+        assert_eq!(json["metadata"]["correlation_id"], row[12]);
+        assert!(!row[9].is_empty() && !row[11].is_empty());
     }
     // The payload survives commas, quotes and newlines.
     assert_eq!(jsonl[0]["data"]["subject"], "Subject, with \"quotes\"");
