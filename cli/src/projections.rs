@@ -118,7 +118,17 @@ pub(crate) async fn run(command: ProjectionsCommand, global: &GlobalArgs) -> any
             no_progress,
         } => {
             let names: Vec<String> = match (name, all) {
-                (Some(name), false) => vec![name],
+                (Some(name), false) => {
+                    let known = read_models.projection_names();
+                    if !known.contains(&name.as_str()) {
+                        return Err(crate::events::BadArguments(format!(
+                            "no projection named {name:?}; known: {}",
+                            known.join(", ")
+                        ))
+                        .into());
+                    }
+                    vec![name]
+                }
                 (None, true) => read_models.projection_names().into_iter().map(str::to_owned).collect(),
                 _ => bail!("name a projection or pass --all"),
             };
@@ -703,6 +713,15 @@ pub(crate) async fn replay(until: &str, into: &std::path::Path, global: &GlobalA
             into.display()
         );
     }
+    if let Some(directory) = into.parent().filter(|parent| !parent.as_os_str().is_empty())
+        && !directory.is_dir()
+    {
+        bail!(
+            "cannot make {}: there is no directory {}",
+            into.display(),
+            directory.display()
+        );
+    }
     // The moment is read before any store is opened: a mistake in it is
     // told first, as a bad argument.
     let moment = match until.parse::<triage_event_store::Position>() {
@@ -747,6 +766,19 @@ pub(crate) async fn replay(until: &str, into: &std::path::Path, global: &GlobalA
         .await?
         .ok_or_else(|| crate::events::NothingMatched("the log has no events yet".to_owned()))?;
     let position = position.min(head);
+    // Before the first event (position 0, say) the read models are empty:
+    // told as a time before the first event is, not made into a file.
+    let first = opened
+        .events
+        .read_all(triage_event_store::ReadAll::forwards(1))
+        .await?
+        .first()
+        .map(|event| event.position);
+    if first.is_some_and(|first| position < first) {
+        return Err(
+            crate::events::NothingMatched(format!("no events are at or before log position {position}")).into(),
+        );
+    }
     // Built under another name beside `into` and put in place whole once
     // done: a replay that fails or is interrupted leaves no file that
     // looks finished, and of two replays into one path exactly one wins.

@@ -470,6 +470,12 @@ fn replay_builds_the_read_models_as_of_a_moment_and_leaves_the_live_ones_alone()
         &["replay", "--until", "2001-01-01T00:00:00Z", "--into", "never.db"],
     );
     assert_eq!(none.status.code(), Some(3));
+    // Position 0 is before the first event too (it made an empty file and
+    // exited 0).
+    let zero = triage(dir.path(), &["replay", "--until", "0", "--into", "never.db"]);
+    assert_eq!(zero.status.code(), Some(3), "{}", common::stderr(&zero));
+    let nowhere = common::fail(dir.path(), &["replay", "--until", "2", "--into", "nodir/x.db"]);
+    assert!(nowhere.contains("there is no directory nodir"), "{nowhere}");
     let garbled = triage(dir.path(), &["replay", "--until", "yesterday", "--into", "never.db"]);
     assert_eq!(
         garbled.status.code(),

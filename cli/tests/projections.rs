@@ -159,10 +159,12 @@ fn rebuild_progress_is_printed_as_lines_when_not_on_a_terminal() {
         progress.contains("rebuild tickets: ") && progress.contains("(100%)"),
         "{progress}"
     );
-    let error = fail(dir.path(), &["projections", "rebuild", "nonsense"]);
+    let unknown = common::triage(dir.path(), &["projections", "rebuild", "nonsense"]);
+    assert_eq!(unknown.status.code(), Some(2), "a bad argument");
     assert!(
-        error.contains("no projection named \"nonsense\"; known: tickets, stats"),
-        "{error}"
+        common::stderr(&unknown).contains("no projection named \"nonsense\"; known: tickets, stats"),
+        "{}",
+        common::stderr(&unknown)
     );
     let error = fail(dir.path(), &["projections", "rebuild"]);
     assert!(error.contains("required"), "{error}");
