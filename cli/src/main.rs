@@ -380,8 +380,10 @@ fn init_tracing(verbose: u8, serving: bool) {
     let default = match level {
         // The KurrentDB client logs every failed connection attempt at
         // ERROR; the error Triage reports carries the cause once.
+        // PostgreSQL's notices ("relation … already exists, skipping")
+        // come through tokio-postgres at INFO: not a server's news.
         0 => "warn,kurrentdb=off",
-        1 => "info,kurrentdb=off",
+        1 => "info,kurrentdb=off,tokio_postgres=warn",
         2 => "debug",
         _ => "trace",
     };

@@ -54,6 +54,9 @@ struct Session {
     client: Client,
     driver: JoinHandle<()>,
     held: BTreeSet<Target>,
+    /// The live projections another instance led when this session last
+    /// said so: said again only when that changes.
+    followed: Vec<Model>,
 }
 
 impl Drop for Session {
@@ -78,13 +81,14 @@ impl Session {
             })?;
         let driver = tokio::spawn(async move {
             if let Err(error) = connection.await {
-                tracing::warn!(%error, "a projector session ended");
+                tracing::warn!(error = %super::describe_error(&error), "a projector session ended");
             }
         });
         Ok(Session {
             client,
             driver,
             held: BTreeSet::new(),
+            followed: Vec::new(),
         })
     }
 
@@ -435,6 +439,22 @@ impl PgProjector {
             if !session.held.contains(&target) && session.try_lock(&self.models, target).await? {
                 newly.push(model);
             }
+        }
+        let followed: Vec<Model> = Model::ALL
+            .into_iter()
+            .filter(|model| !session.held.contains(&(*model, SlotKind::Live)))
+            .collect();
+        if followed != session.followed {
+            if !followed.is_empty() {
+                // Not silent: an operator looking at this instance's log
+                // learns why it applies nothing.
+                tracing::info!(
+                    instance = %self.instance,
+                    projections = %names(&followed),
+                    "standing by: another instance leads these; this one serves reads and takes over if it goes"
+                );
+            }
+            session.followed = followed;
         }
         if !newly.is_empty() {
             tracing::info!(instance = %self.instance, projections = %names(&newly), "leading");

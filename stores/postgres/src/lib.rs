@@ -472,6 +472,15 @@ impl PostgresEventStore {
     }
 }
 
+/// The driver's error with the server's message and code, which its own
+/// `Display` leaves out ("db error"): for logs.
+pub(crate) fn describe_error(error: &tokio_postgres::Error) -> String {
+    match error.as_db_error() {
+        Some(db) => format!("{} ({})", db.message(), db.code().code()),
+        None => error.to_string(),
+    }
+}
+
 /// Makes every session of `config` start its transactions READ COMMITTED,
 /// whatever the database's or role's default: `triage_append` and the
 /// migrations take their snapshots after their locks, which only READ

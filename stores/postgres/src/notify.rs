@@ -209,7 +209,7 @@ async fn listen_forever(config: Config, channel: String, wake: Arc<Notify>, anno
         match listen(&config, &channel, &wake, &announcer_pid, &mut listening_since).await {
             Ok(()) => tracing::warn!(channel, "the LISTEN connection closed; reconnecting"),
             Err(error) => {
-                tracing::warn!(channel, %error, "the LISTEN connection failed; polling until it is back");
+                tracing::warn!(channel, error = %crate::describe_error(&error), "the LISTEN connection failed; polling until it is back");
             }
         }
         // Whatever was notified meanwhile is found by the next read.
@@ -267,7 +267,7 @@ async fn announce_forever(config: Config, channel: String, pending: Arc<Notify>,
         match announce(&config, &statement, &pending, &pid, &mut notifying_since, &mut owed).await {
             Ok(()) => tracing::warn!(channel, "the NOTIFY connection closed; reconnecting"),
             Err(error) => {
-                tracing::warn!(channel, %error, "the NOTIFY connection failed; other processes poll until it is back");
+                tracing::warn!(channel, error = %crate::describe_error(&error), "the NOTIFY connection failed; other processes poll until it is back");
             }
         }
         // A request taken but not sent is sent once the connection is
