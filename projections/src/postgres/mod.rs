@@ -230,6 +230,23 @@ impl PgReadModels {
         Ok(models)
     }
 
+    /// Whether this connection's role may write the read models: update
+    /// their registry, in a database that takes writes. A role that may
+    /// only read them (an analyst's, or any role on a standby) reads what
+    /// the leaders applied instead of applying.
+    pub(crate) async fn may_write(&self) -> Result<bool, ProjectionError> {
+        let client = self.client().await?;
+        let row = client
+            .query_one(
+                "SELECT has_table_privilege(format('%I.triage_read_models', $1::text), 'UPDATE') \
+                 AND current_setting('transaction_read_only') = 'off'",
+                &[&self.schema()],
+            )
+            .await
+            .map_err(|error| ProjectionError::postgres("look up the role's privileges", error))?;
+        Ok(row.get(0))
+    }
+
     /// The PostgreSQL schema of the read models.
     pub fn schema(&self) -> &str {
         &self.inner.options.schema

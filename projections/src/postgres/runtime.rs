@@ -225,6 +225,19 @@ impl PgProjector {
     /// projection whose leader goes away meanwhile. Returns the lowest
     /// checkpoint of the live models.
     pub async fn catch_up(&self) -> Result<Option<Position>, ProjectionError> {
+        if !self.models.may_write().await? {
+            // An analyst's role that may only read: the leaders apply, it
+            // reads what they applied (leading would fail on the first
+            // write, and every read command with it).
+            static SAID: std::sync::Once = std::sync::Once::new();
+            SAID.call_once(|| {
+                tracing::info!(
+                    schema = self.models.schema(),
+                    "this role may only read the read models: reading what their leaders applied"
+                );
+            });
+            return self.wait_for_leaders().await;
+        }
         let head = self.events.head_position().await?;
         let mut session = Session::open(self).await?;
         let deadline = Instant::now() + FOLLOWER_WAIT;
