@@ -669,7 +669,7 @@ async fn healthz() -> Json<serde_json::Value> {
 /// with PostgreSQL read models, is behind with no instance leading it:
 /// reads are stale until an operator acts, on every instance alike.
 #[utoipa::path(get, path = "/readyz", tag = "health", security(()),
-    responses((status = 200, description = "`{\"status\": \"ready\" | \"degraded\", \"projections\": [{\"name\", \"lag\", \"stopped\", \"unled\"}]}`", body = Object),
+    responses((status = 200, description = "`{\"status\": \"ready\" | \"degraded\", \"projections\": [{\"name\", \"behind\", \"stopped\", \"unled\"}]}`", body = Object),
         (status = 503, body = Problem, content_type = "application/problem+json")))]
 async fn readyz(AxumState(state): AxumState<AppState>) -> Result<Json<crate::service::Readiness>, ApiError> {
     Ok(Json(state.ready().await?))

@@ -856,24 +856,29 @@ impl AppState {
         // ("degraded"), not with a status that would take every instance
         // out of a load balancer.
         let led = matches!(&self.inner.read_models, ReadModels::Postgres(_));
-        let projections = match self.inner.read_models.status().await {
+        let projections: Vec<ProjectionReadiness> = match self.inner.read_models.status().await {
             Ok(statuses) => statuses
                 .into_iter()
                 .map(|status| ProjectionReadiness {
-                    stopped: status.last_error.is_some() || status.needs_rebuild,
+                    // An error recorded by a catch-up that later succeeded
+                    // is cleared; one that still holds the projection back
+                    // leaves it behind.
+                    stopped: (status.last_error.is_some() && status.lag > 0) || status.needs_rebuild,
                     unled: led && status.leader.is_none(),
                     name: status.name,
-                    lag: status.lag,
+                    behind: status.lag > 0,
                 })
                 .collect(),
             Err(error) => {
                 tracing::warn!(%error, "readiness: the projections' status cannot be read");
-                Vec::new()
+                return Err(ApiError::Unavailable(
+                    "the read models' status cannot be read".to_owned(),
+                ));
             }
         };
         let degraded = projections
             .iter()
-            .any(|projection| projection.stopped || (projection.unled && projection.lag > 0));
+            .any(|projection| projection.stopped || (projection.unled && projection.behind));
         Ok(Readiness {
             status: if degraded { "degraded" } else { "ready" },
             projections,
@@ -899,8 +904,9 @@ pub struct Readiness {
 pub struct ProjectionReadiness {
     /// The projection.
     pub name: String,
-    /// Positions of the log it has not applied yet.
-    pub lag: u64,
+    /// It has not applied the whole log yet (how far behind is for
+    /// `triage projections status`: the probe needs no token).
+    pub behind: bool,
     /// It stopped on an error, or needs a rebuild.
     pub stopped: bool,
     /// PostgreSQL read models only: no running instance leads it.

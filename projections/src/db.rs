@@ -509,6 +509,22 @@ pub(crate) fn record_error(conn: &Connection, name: &str, error: &str) -> rusqli
     Ok(())
 }
 
+/// Clears the recorded errors of `names`: a catch-up of them succeeded,
+/// so none stands (a failure that passed, on a log with nothing new to
+/// write a checkpoint for, stayed recorded until the next event). Looked
+/// up first: an UPDATE would take the write lock on every catch-up.
+pub(crate) fn clear_errors(conn: &Connection, names: &[&str]) -> rusqlite::Result<()> {
+    for name in names {
+        if last_error(conn, name)?.is_some() {
+            conn.execute(
+                "UPDATE projections SET last_error = NULL, updated_at = ?2 WHERE name = ?1",
+                (name, now_micros()),
+            )?;
+        }
+    }
+    Ok(())
+}
+
 pub(crate) fn last_error(conn: &Connection, name: &str) -> rusqlite::Result<Option<String>> {
     Ok(conn
         .query_row("SELECT last_error FROM projections WHERE name = ?1", [name], |row| {

@@ -387,6 +387,11 @@ impl Projector {
         if result.is_ok() && first_event.is_some() {
             self.log_confirmed.store(true, Ordering::Relaxed);
         }
+        if result.is_ok() {
+            let names: Vec<&str> = self.projections.iter().map(|projection| projection.name()).collect();
+            let conn = self.db.lock();
+            db::clear_errors(&conn, &names).map_err(|error| ProjectionError::sqlite("clear recorded errors", error))?;
+        }
         if let Err(error) = &result {
             let conn = self.db.lock();
             for target in &targets {

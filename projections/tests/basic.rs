@@ -232,6 +232,40 @@ async fn a_replaced_log_is_rebuilt_once_when_two_processes_find_it() {
     assert_eq!(subjects, ["new 1", "new 2"]);
 }
 
+/// A catch-up that failed (the store did not answer) records its error;
+/// the next one that succeeds clears it, though the log has nothing new
+/// to write a checkpoint for. It stayed, and `projections status` and
+/// `/readyz` called a healthy projection stopped.
+#[tokio::test]
+async fn a_failure_that_passed_is_not_reported_once_a_catch_up_succeeds() {
+    let store: Arc<dyn EventStore> = Arc::new(InMemoryEventStore::new());
+    let db = ReadModelDb::in_memory().unwrap();
+    CommandHandler::new(store.clone())
+        .handle(open_ticket(agent("intake", Role::Intake), "s", "b", None))
+        .await
+        .unwrap();
+    let healthy = Projector::new(store.clone(), db.clone());
+    let checkpoint = healthy.catch_up().await.unwrap().expect("one event applied");
+    let failing = Projector::new(
+        Arc::new(
+            triage_event_store::testing::CountingStore::new(store.clone())
+                .failing_read_all_from(triage_event_store::AllStart::Position(checkpoint)),
+        ),
+        db.clone(),
+    );
+    assert!(failing.catch_up().await.is_err());
+    let stopped = healthy.status().await.unwrap();
+    assert!(stopped.iter().all(|status| status.last_error.is_some()), "{stopped:?}");
+    healthy.catch_up().await.unwrap();
+    let after = healthy.status().await.unwrap();
+    assert!(
+        after
+            .iter()
+            .all(|status| status.last_error.is_none() && status.lag == 0),
+        "{after:?}"
+    );
+}
+
 /// An agent with two roles (claims as a classifier, then as a drafter,
 /// and an operator takes its draft over): its outcomes are counted per
 /// role, the takeover in the role it held the claim in. The live model,

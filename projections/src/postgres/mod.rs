@@ -761,6 +761,10 @@ async fn migrate(client: &mut Client, schema: &str) -> Result<(), ProjectionErro
         .map_err(failed("inspect the schema"))?
         .get(0);
     if !log_table_exists {
+        // Made by the registry's owner, whoever opens the models first
+        // (an administrator's `projections status`, say): as any other
+        // role, the owner's servers could no longer read it.
+        as_the_owner(&tx, schema).await?;
         tx.batch_execute(&format!(
             r#"CREATE TABLE IF NOT EXISTS "{schema}".triage_read_log (
                 only_row       boolean PRIMARY KEY DEFAULT true CHECK (only_row),
@@ -771,6 +775,50 @@ async fn migrate(client: &mut Client, schema: &str) -> Result<(), ProjectionErro
         .map_err(failed("create the log identity table"))?;
     }
     tx.commit().await.map_err(failed("commit the migration"))
+}
+
+/// Makes the rest of `tx`, which creates or drops tables and views of the
+/// read models in `schema`, act as the role that owns them (the owner of
+/// their registry, who set them up), when the session's role is another
+/// one that may (a member of it with the right to SET it, or a
+/// superuser). Tables an administrator's `projections rebuild` made would
+/// otherwise belong to the administrator, and the servers running as the
+/// owner could no longer read or write them. A role that may not act as
+/// the owner goes on as itself, warned: what it makes is its own. Tried
+/// in a savepoint, so that a refused `SET ROLE` (PostgreSQL 16 can make a
+/// member without the right to SET the role) leaves `tx` usable.
+pub(crate) async fn as_the_owner(tx: &tokio_postgres::Transaction<'_>, schema: &str) -> Result<(), ProjectionError> {
+    let row = tx
+        .query_opt(
+            "SELECT r.rolname::text, r.rolname = current_user \
+             FROM pg_class c JOIN pg_roles r ON r.oid = c.relowner \
+             WHERE c.oid = to_regclass(format('%I.triage_read_models', $1::text))",
+            &[&schema],
+        )
+        .await
+        .map_err(|error| ProjectionError::postgres("look up the owner of the read models", error))?;
+    let Some(row) = row else { return Ok(()) };
+    let (owner, is_owner): (String, bool) = (row.get(0), row.get(1));
+    if is_owner {
+        return Ok(());
+    }
+    let set_role = format!(
+        r#"SAVEPOINT triage_as_owner; SET LOCAL ROLE "{}"; RELEASE SAVEPOINT triage_as_owner"#,
+        owner.replace('"', r#""""#)
+    );
+    if let Err(error) = tx.batch_execute(&set_role).await {
+        tx.batch_execute("ROLLBACK TO SAVEPOINT triage_as_owner; RELEASE SAVEPOINT triage_as_owner")
+            .await
+            .map_err(|error| ProjectionError::postgres("go on after a refused SET ROLE", error))?;
+        tracing::warn!(
+            schema,
+            owner = %owner,
+            error = %describe_error(&error),
+            "the read models belong to another role, which this one may not act as: the tables it makes are its \
+             own, and the owner's processes may not reach them; run this as the owner or a member of it"
+        );
+    }
+    Ok(())
 }
 
 /// Makes every session start its transactions READ COMMITTED, whatever the

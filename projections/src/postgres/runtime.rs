@@ -576,7 +576,7 @@ impl PgProjector {
 
     async fn create_live(&self, session: &mut Session, model: Model) -> Result<(), ProjectionError> {
         let tx = begin(&mut session.client).await?;
-        as_the_owner(&tx, &self.models).await?;
+        super::as_the_owner(&tx, self.models.schema()).await?;
         lock_registry(&tx, &self.models, model).await?;
         // A rebuild may have swapped a generation in meanwhile.
         if read_slot(&tx, &self.models, model.name(), SlotKind::Live, "")
@@ -593,6 +593,23 @@ impl PgProjector {
     /// registry (unless the session died: then the next leader goes on).
     async fn replay_recording_errors(&self, session: &mut Session, targets: &[Target]) -> Result<(), ProjectionError> {
         let result = self.replay(&mut session.client, targets, None, &mut |_| {}, None).await;
+        if result.is_ok() {
+            // A failure that passed, on a log with nothing new to write a
+            // checkpoint for, stayed recorded until the next event.
+            let names: Vec<&str> = targets.iter().map(|(model, _)| model.name()).collect();
+            session
+                .client
+                .execute(
+                    &format!(
+                        "UPDATE {} SET last_error = NULL, updated_at = now() \
+                         WHERE name = ANY($1) AND slot = 'live' AND last_error IS NOT NULL",
+                        self.models.qualified("triage_read_models")
+                    ),
+                    &[&names],
+                )
+                .await
+                .map_err(|error| ProjectionError::postgres("clear recorded errors", error))?;
+        }
         if let Err(error) = &result
             && !session.is_closed()
         {
@@ -822,7 +839,7 @@ impl PgProjector {
         let mut slots = Vec::with_capacity(models.len());
         {
             let tx = begin(&mut session.client).await?;
-            as_the_owner(&tx, &self.models).await?;
+            super::as_the_owner(&tx, self.models.schema()).await?;
             for model in &models {
                 discard_build(&tx, &self.models, *model).await?;
                 slots.push(new_generation(&tx, &self.models, *model, SlotKind::Build).await?);
@@ -925,7 +942,7 @@ impl PgProjector {
 
     async fn discard_builds(&self, session: &mut Session, models: &[Model]) {
         if let Ok(tx) = begin(&mut session.client).await {
-            let _ = as_the_owner(&tx, &self.models).await;
+            let _ = super::as_the_owner(&tx, self.models.schema()).await;
             for model in models {
                 let _ = discard_build(&tx, &self.models, *model).await;
             }
@@ -1053,7 +1070,7 @@ impl PgProjector {
         only_if_caught_up: bool,
     ) -> Result<Option<Slot>, ProjectionError> {
         let tx = begin(&mut session.client).await?;
-        as_the_owner(&tx, &self.models).await?;
+        super::as_the_owner(&tx, self.models.schema()).await?;
         lock_registry(&tx, &self.models, model).await?;
         let build = read_slot(&tx, &self.models, model.name(), SlotKind::Build, "FOR UPDATE")
             .await?
@@ -1181,44 +1198,6 @@ async fn begin(client: &mut Client) -> Result<Transaction<'_>, ProjectionError> 
         .transaction()
         .await
         .map_err(|error| ProjectionError::postgres("begin a transaction", error))
-}
-
-/// Makes the rest of `tx`, which creates or drops tables and views of the
-/// read models, act as the role that owns them (the owner of their
-/// registry, who set them up), when the session's role is another one
-/// that may (a member of it, or a superuser). Tables an administrator's
-/// `projections rebuild` made would otherwise belong to the administrator,
-/// and the servers running as the owner could no longer read or write
-/// them. A role that may not act as the owner goes on as itself, warned:
-/// what it makes is its own.
-async fn as_the_owner(tx: &Transaction<'_>, models: &PgReadModels) -> Result<(), ProjectionError> {
-    let row = tx
-        .query_opt(
-            "SELECT r.rolname::text, r.rolname = current_user, pg_has_role(current_user, c.relowner, 'MEMBER') \
-             FROM pg_class c JOIN pg_roles r ON r.oid = c.relowner \
-             WHERE c.oid = to_regclass(format('%I.triage_read_models', $1::text))",
-            &[&models.schema()],
-        )
-        .await
-        .map_err(|error| ProjectionError::postgres("look up the owner of the read models", error))?;
-    let Some(row) = row else { return Ok(()) };
-    let (owner, is_owner, may_act_as_owner): (String, bool, bool) = (row.get(0), row.get(1), row.get(2));
-    if is_owner {
-        return Ok(());
-    }
-    if may_act_as_owner {
-        return tx
-            .batch_execute(&format!(r#"SET LOCAL ROLE "{}""#, owner.replace('"', r#""""#)))
-            .await
-            .map_err(|error| ProjectionError::postgres("act as the owner of the read models", error));
-    }
-    tracing::warn!(
-        schema = models.schema(),
-        owner = %owner,
-        "the read models belong to another role, which this one may not act as: the tables it makes are its own, \
-         and the owner's processes may not reach them; run this as the owner or a member of it"
-    );
-    Ok(())
 }
 
 async fn commit(tx: Transaction<'_>) -> Result<(), ProjectionError> {
