@@ -138,7 +138,7 @@ pub(crate) async fn run(args: DemoArgs, global: &GlobalArgs) -> anyhow::Result<(
                 err!("triage demo: read models for this run are kept in memory (SQLite)");
                 ReadModelDb::in_memory()?
             }
-            Some(place) => ReadModelDb::open(place.strip_prefix("sqlite://").unwrap_or(&place))?,
+            Some(place) => ReadModelDb::open(triage_projections::sqlite_path(&place)?)?,
             None => ReadModelDb::in_memory()?,
         };
         (opened.events, read_models, place)
@@ -149,10 +149,10 @@ pub(crate) async fn run(args: DemoArgs, global: &GlobalArgs) -> anyhow::Result<(
         };
         let store = SqliteEventStore::open_temporary_with(options).context("cannot create a temporary event store")?;
         let read_models = match &global.read_model {
-            Some(url) if url.contains("://") => {
+            Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
                 anyhow::bail!("the demo keeps its read models in SQLite: give --read-model a file path, not {url:?}")
             }
-            Some(path) => ReadModelDb::open(path)?,
+            Some(path) => ReadModelDb::open(triage_projections::sqlite_path(path)?)?,
             None => ReadModelDb::open(store.path().with_file_name("triage.read.db"))?,
         };
         let place = format!(

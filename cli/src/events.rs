@@ -171,6 +171,19 @@ const CSV_HEADER: [&str; 13] = [
     "correlation_id",
 ];
 
+/// `text` for a cell a spreadsheet shows as text: one that begins with
+/// `=`, `+`, `-`, `@`, a tab or a carriage return would be taken for a
+/// formula, so it gets a leading `'`, which spreadsheets hide (OWASP's
+/// advice on CSV injection). Only the agent id column needs it: the
+/// others are numbers, ids, JSON or a fixed vocabulary.
+fn spreadsheet_text(text: String) -> String {
+    if text.starts_with(['=', '+', '-', '@', '\t', '\r']) {
+        format!("'{text}")
+    } else {
+        text
+    }
+}
+
 /// Writes rows in the chosen format as they come.
 struct Printer {
     format: Format,
@@ -231,7 +244,7 @@ impl Printer {
                     row.recorded_at.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true),
                     row.data.to_string(),
                     row.metadata.to_string(),
-                    field(|m| m.agent.id.clone()),
+                    spreadsheet_text(field(|m| m.agent.id.clone())),
                     field(|m| m.agent.role.to_string()),
                     field(|m| m.command_id.to_string()),
                     field(|m| m.correlation_id.to_string()),
@@ -425,5 +438,30 @@ fn abbreviated(id: &str) -> String {
     match (id.get(..8), id.len().checked_sub(4).and_then(|tail| id.get(tail..))) {
         (Some(head), Some(tail)) if id.len() > 12 => format!("{head}…{tail}"),
         _ => id.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cell_a_spreadsheet_would_run_as_a_formula_is_made_text() {
+        for formula in ["=HYPERLINK(\"x\")", "+1", "-2+3", "@SUM(A1)", "\tx", "\rx"] {
+            assert_eq!(spreadsheet_text(formula.to_owned()), format!("'{formula}"));
+        }
+        for plain in ["classifier-1", "", "a=b", "ops@example"] {
+            assert_eq!(spreadsheet_text(plain.to_owned()), plain);
+        }
+    }
+
+    #[test]
+    fn event_types_are_trimmed_and_checked() {
+        assert_eq!(parse_event_type(" TicketOpened ").unwrap(), "TicketOpened");
+        assert!(
+            parse_event_type("ticketopened")
+                .unwrap_err()
+                .contains("did you mean TicketOpened?")
+        );
     }
 }

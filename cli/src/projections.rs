@@ -46,6 +46,21 @@ pub(crate) async fn run(command: ProjectionsCommand, global: &GlobalArgs) -> any
     if matches!(command, ProjectionsCommand::List) {
         return list(global);
     }
+    // Checked before anything is opened (and perhaps made).
+    if let ProjectionsCommand::Rebuild { name: Some(name), .. } = &command {
+        let known = catalog()?
+            .projections()
+            .iter()
+            .map(|projection| projection.name())
+            .collect::<Vec<_>>();
+        if !known.contains(&name.as_str()) {
+            return Err(crate::events::BadArguments(format!(
+                "no projection named {name:?}; known: {}",
+                known.join(", ")
+            ))
+            .into());
+        }
+    }
     global.require_existing_store()?;
     let opened = global.open().await?;
     let read_models = &opened.read_models;
@@ -118,17 +133,7 @@ pub(crate) async fn run(command: ProjectionsCommand, global: &GlobalArgs) -> any
             no_progress,
         } => {
             let names: Vec<String> = match (name, all) {
-                (Some(name), false) => {
-                    let known = read_models.projection_names();
-                    if !known.contains(&name.as_str()) {
-                        return Err(crate::events::BadArguments(format!(
-                            "no projection named {name:?}; known: {}",
-                            known.join(", ")
-                        ))
-                        .into());
-                    }
-                    vec![name]
-                }
+                (Some(name), false) => vec![name],
                 (None, true) => read_models.projection_names().into_iter().map(str::to_owned).collect(),
                 _ => bail!("name a projection or pass --all"),
             };
@@ -857,6 +862,23 @@ fn publish(partial: &std::path::Path, into: &std::path::Path) -> anyhow::Result<
         )
     };
     if std::fs::metadata(into).is_ok_and(|metadata| metadata.is_file() && metadata.len() == 0) {
+        // Replaced under an exclusive lock on the empty file, checked to be
+        // still the one at `into` and still empty: of two replays into it,
+        // the second finds it locked, or replaced by the first.
+        use std::os::unix::fs::MetadataExt as _;
+        let empty = std::fs::File::open(into).with_context(|| format!("cannot open {}", into.display()))?;
+        match empty.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => return Err(taken()),
+            Err(std::fs::TryLockError::Error(error)) => {
+                return Err(error).with_context(|| format!("cannot lock {}", into.display()));
+            }
+        }
+        let locked = empty.metadata()?;
+        let still = std::fs::metadata(into).ok();
+        if still.is_none_or(|now| now.ino() != locked.ino() || now.dev() != locked.dev() || now.len() != 0) {
+            return Err(taken());
+        }
         return std::fs::rename(partial, into)
             .with_context(|| format!("cannot put the read models at {}", into.display()));
     }
@@ -875,11 +897,17 @@ fn publish(partial: &std::path::Path, into: &std::path::Path) -> anyhow::Result<
 /// `projections list`: this build's projections, their versions and
 /// tables. It reads no store: they are the same wherever the read models
 /// live.
-fn list(global: &GlobalArgs) -> anyhow::Result<()> {
-    let catalog = triage_projections::Projector::new(
+/// This build's projections, on nothing: what they are does not depend
+/// on where they live.
+fn catalog() -> anyhow::Result<triage_projections::Projector> {
+    Ok(triage_projections::Projector::new(
         Arc::new(triage_event_store::InMemoryEventStore::new()),
         ReadModelDb::in_memory()?,
-    );
+    ))
+}
+
+fn list(global: &GlobalArgs) -> anyhow::Result<()> {
+    let catalog = catalog()?;
     let rows: Vec<_> = catalog
         .projections()
         .iter()

@@ -407,3 +407,26 @@ fn an_impossible_demo_is_refused_before_it_creates_a_store() {
         assert!(!dir.path().join("fresh.db").exists(), "{args:?} left a store behind");
     }
 }
+
+/// The demo takes --read-model as every command does: a URL with a slip
+/// is refused, not made into a file of that name (it was, on both the
+/// temporary and a named store).
+#[test]
+fn the_demo_refuses_a_mistyped_read_model_url() {
+    let dir = tempfile::tempdir().unwrap();
+    for global in [
+        &["--read-model", "postgres:bar"][..],
+        &["--db", "s.db", "--read-model", "postgres:foo"][..],
+    ] {
+        let mut args = global.to_vec();
+        args.extend_from_slice(SMALL);
+        let refused = fail(dir.path(), &args);
+        assert!(refused.contains("looks like a postgres URL"), "{refused}");
+    }
+    let made: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|name| name.starts_with("postgres:"))
+        .collect();
+    assert!(made.is_empty(), "{made:?}");
+}

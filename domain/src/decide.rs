@@ -572,15 +572,19 @@ fn excerpt(text: &str, max: usize) -> String {
 /// What a text's length is counted in: characters for the subject (what
 /// a person sees in a list), bytes for the rest (what is stored).
 fn length_unit(field: &str) -> &'static str {
-    if field == "subject" { "characters" } else { "bytes" }
+    if matches!(field, "subject" | "agent id") {
+        "characters"
+    } else {
+        "bytes"
+    }
 }
 
-/// The longest agent id, in bytes.
-pub const MAX_AGENT_ID_BYTES: usize = 200;
+/// The longest agent id, in characters (as the CLI always counted them).
+pub const MAX_AGENT_ID_CHARS: usize = 200;
 
 /// Whether `id` can name an agent: it is recorded in every event the agent
 /// writes and printed in every table that lists them, so it holds 1 to
-/// [`MAX_AGENT_ID_BYTES`] bytes, not all blank, and no control character
+/// [`MAX_AGENT_ID_CHARS`] characters, not all blank, and no control character
 /// (a line break would split a table row, an escape sequence would reach
 /// the terminal of whoever reads the log; U+0000 no read model can store).
 pub fn check_agent_id(id: &str) -> Result<(), ValidationError> {
@@ -588,11 +592,12 @@ pub fn check_agent_id(id: &str) -> Result<(), ValidationError> {
     if id.trim().is_empty() {
         return Err(ValidationError::Empty { field: FIELD });
     }
-    if id.len() > MAX_AGENT_ID_BYTES {
+    let chars = id.chars().count();
+    if chars > MAX_AGENT_ID_CHARS {
         return Err(ValidationError::TooLong {
             field: FIELD,
-            len: id.len(),
-            max: MAX_AGENT_ID_BYTES,
+            len: chars,
+            max: MAX_AGENT_ID_CHARS,
         });
     }
     if id.contains('\0') {

@@ -37,7 +37,7 @@ pub mod testing;
 
 pub use command::{Command, CommandEnvelope, CommandKind};
 pub use decide::{
-    Context, MAX_AGENT_ID_BYTES, Policy, Rejection, ValidationError, check_agent_id, decide, ended_claim,
+    Context, MAX_AGENT_ID_CHARS, Policy, Rejection, ValidationError, check_agent_id, decide, ended_claim,
 };
 pub use event::{CommandRejected, DecodeError, Event, EventMetadata, decode_stored, event_id};
 pub use model::{Agent, Claim, Classification, Priority, Role, State, TicketId};

@@ -676,6 +676,21 @@ fn a_nul_character_in_a_text_or_the_agent_id_is_invalid_input() {
         .as_role(" ", Role::Intake)
         .when(open("s", "b", None))
         .then_rejected(Rejection::Invalid(ValidationError::Empty { field: "agent id" }));
+    // Counted in characters, as the CLI always did: 200 CJK characters
+    // (600 bytes) are an id, 201 are not.
+    let long = "工".repeat(200);
+    Scenario::given([])
+        .as_role(&long, Role::Intake)
+        .when(open("s", "b", None))
+        .then_state(State::New);
+    Scenario::given([])
+        .as_role(&format!("{long}工"), Role::Intake)
+        .when(open("s", "b", None))
+        .then_rejected(Rejection::Invalid(ValidationError::TooLong {
+            field: "agent id",
+            len: 201,
+            max: 200,
+        }));
     Scenario::given(history_to(State::Drafting, 0, HOLDER))
         .as_role(HOLDER, Role::Drafter)
         .when(Command::SubmitDraft {

@@ -330,9 +330,24 @@ impl ReadModelDb {
     /// [`ReadModelDb::open`] turns the write-ahead log on again.
     pub fn seal(&self) -> Result<(), ProjectionError> {
         let conn = self.lock();
-        conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
-            .and_then(|()| conn.query_row("PRAGMA journal_mode = DELETE", [], |_| Ok(())))
-            .map_err(|error| ProjectionError::sqlite("seal the read-model file", error))
+        let sealed = || -> rusqlite::Result<Option<String>> {
+            // (busy, frames in the log, frames moved): busy means another
+            // connection kept part of the log from the main file.
+            let busy: i64 = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |row| row.get(0))?;
+            if busy != 0 {
+                return Ok(Some("another connection kept the write-ahead log in use".to_owned()));
+            }
+            let mode: String = conn.query_row("PRAGMA journal_mode = DELETE", [], |row| row.get(0))?;
+            Ok((!mode.eq_ignore_ascii_case("delete")).then(|| format!("the journal stayed in {mode} mode")))
+        };
+        match sealed() {
+            Ok(None) => Ok(()),
+            Ok(Some(reason)) => Err(ProjectionError::Internal(format!(
+                "cannot seal the read-model file {}: {reason}",
+                self.path.display()
+            ))),
+            Err(error) => Err(ProjectionError::sqlite("seal the read-model file", error)),
+        }
     }
 
     /// The position the file's read models are frozen at, if it is a

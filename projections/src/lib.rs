@@ -51,7 +51,7 @@ mod tickets;
 pub use db::{APPLICATION_ID, FROZEN_SCHEMA_VERSION, ReadModelDb, SCHEMA_VERSION, Slot, generation_table};
 pub use postgres::{PgProjector, PgReadModelOptions, PgReadModels};
 pub use projection::{Fnv, Payload, ProjectedEvent, Projection, STREAM_PREFIXES, decode, decode_skipping, digest_rows};
-pub use read_models::ReadModels;
+pub use read_models::{ReadModels, sqlite_path};
 pub use runtime::{ProjectionStatus, Projector, ProjectorOptions, RebuildOptions, RebuildProgress, RebuildReport};
 pub use stats::{StatsProjection, StatsSummary};
 pub use tickets::{ListCursor, TicketRow, TicketsProjection, TicketsView, list_request};

@@ -50,7 +50,7 @@ const SCHEMA_PARAMETER: &str = "schema";
 /// The path of a SQLite read-model location: a plain path, or
 /// `sqlite://PATH`. Any other URL, or one with a slip (`postgres:db`),
 /// is refused rather than taken for a file name and made in silence.
-fn sqlite_path(location: &str) -> Result<&str, ProjectionError> {
+pub fn sqlite_path(location: &str) -> Result<&str, ProjectionError> {
     let invalid = |reason: String| ProjectionError::InvalidLocation { reason };
     if let Some(path) = location.strip_prefix("sqlite://") {
         if path.is_empty() {

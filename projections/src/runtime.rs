@@ -502,10 +502,22 @@ impl Projector {
             .map(|name| self.projection(name))
             .collect::<Result<_, _>>()?;
         // Held to the end: the build generations below are this rebuild's.
-        let _claims = projections
-            .iter()
-            .map(|projection| self.db.claim_rebuild(projection.name()))
-            .collect::<Result<Vec<_>, _>>()?;
+        let _claims = match live_model {
+            LiveModel::OfThisLog => projections
+                .iter()
+                .map(|projection| self.db.claim_rebuild(projection.name()))
+                .collect::<Result<Vec<_>, _>>()?,
+            // Found by a start, not asked for: another process that found
+            // the same and is rebuilding is waited for (its rebuild then
+            // stands, see below), instead of failing this start.
+            LiveModel::Foreign { .. } => {
+                let mut claims = Vec::with_capacity(projections.len());
+                for projection in &projections {
+                    claims.push(self.claim_rebuild_waiting(projection.name()).await?);
+                }
+                claims
+            }
+        };
         if let LiveModel::Foreign { generation } = live_model
             && self.replaced_since(&projections, generation)?
         {
@@ -643,6 +655,27 @@ impl Projector {
             });
         }
         Ok(reports)
+    }
+
+    /// Claims the rebuild of `name`, waiting while another process holds
+    /// it (a crashed one releases it with its lock file).
+    async fn claim_rebuild_waiting(&self, name: &str) -> Result<db::RebuildClaim, ProjectionError> {
+        let mut said = false;
+        loop {
+            match self.db.claim_rebuild(name) {
+                Err(ProjectionError::RebuildInProgress { .. }) => {
+                    if !said {
+                        tracing::info!(
+                            projection = name,
+                            "another process is rebuilding it; waiting for that rebuild"
+                        );
+                        said = true;
+                    }
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                claimed => return claimed,
+            }
+        }
     }
 
     /// Whether a live model of `projections` is no longer `generation`: a
@@ -1289,6 +1322,8 @@ pub(crate) fn diff(live: &BTreeMap<String, u64>, rebuilt: &BTreeMap<String, u64>
 
 #[cfg(test)]
 mod tests {
+    use triage_command_handler::{CommandHandler, open_ticket};
+    use triage_domain::{Agent, Role};
     use triage_event_store::testing::CountingStore;
     use triage_event_store::{EventData, ExpectedRevision, InMemoryEventStore, StreamName};
     use uuid::Uuid;
@@ -1453,5 +1488,39 @@ mod tests {
             )
             .unwrap();
         assert_eq!(tables, 1, "no orphaned generation");
+    }
+
+    /// A start that finds its read models describing a replaced log waits
+    /// for another process that is rebuilding them already (and then
+    /// starts), instead of failing with "a rebuild is in progress".
+    #[tokio::test]
+    async fn a_start_that_finds_a_replaced_log_waits_for_a_rebuild_in_progress() {
+        let db = ReadModelDb::in_memory().unwrap();
+        let intake = || Agent::new("intake", Role::Intake);
+        let old: Arc<dyn EventStore> = Arc::new(InMemoryEventStore::new());
+        for n in 0..2 {
+            CommandHandler::new(old.clone())
+                .handle(open_ticket(intake(), format!("old {n}"), "b", None))
+                .await
+                .unwrap();
+        }
+        Projector::new(old, db.clone()).catch_up().await.unwrap();
+        let new: Arc<dyn EventStore> = Arc::new(InMemoryEventStore::new());
+        CommandHandler::new(new.clone())
+            .handle(open_ticket(intake(), "new", "b", None))
+            .await
+            .unwrap();
+        // Another process is rebuilding the tickets.
+        let held = db.claim_rebuild("tickets").unwrap();
+        let projector = Projector::new(new, db.clone());
+        let starting = tokio::spawn(async move { projector.catch_up().await });
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert!(!starting.is_finished(), "it waits for the rebuild in progress");
+        drop(held);
+        let started = tokio::time::timeout(Duration::from_secs(10), starting)
+            .await
+            .expect("it goes on once the other rebuild ends")
+            .unwrap();
+        assert!(started.is_ok(), "{started:?}");
     }
 }

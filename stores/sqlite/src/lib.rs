@@ -113,8 +113,8 @@ fn is_damage(error: &rusqlite::Error) -> bool {
 fn damage_message(path: &Path, what: &str) -> String {
     format!(
         "{what}: the event store file {path} is damaged; stop the processes that use it, keep a copy, and restore \
-         it from a backup (`sqlite3 {path} 'PRAGMA integrity_check'` shows the damage)",
-        path = path.display()
+         it from a backup (`sqlite3 {path:?} 'PRAGMA integrity_check'` shows the damage)",
+        path = path.display().to_string()
     )
 }
 
