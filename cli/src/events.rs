@@ -456,6 +456,15 @@ mod tests {
     }
 
     #[test]
+    fn durations_read_as_a_person_says_them() {
+        let said: Vec<String> = [850, 12_500, 237_855, 9_000_000]
+            .into_iter()
+            .map(crate::output::duration)
+            .collect();
+        assert_eq!(said, ["850 ms", "12.5 s", "4.0 min", "2.5 h"]);
+    }
+
+    #[test]
     fn event_types_are_trimmed_and_checked() {
         assert_eq!(parse_event_type(" TicketOpened ").unwrap(), "TicketOpened");
         assert!(

@@ -376,11 +376,14 @@ pub(crate) fn timeline(
     Ok(entries)
 }
 
-fn duration(ms: i64) -> String {
+/// A span of milliseconds as a person reads it: `850 ms`, `12.5 s`,
+/// `6.2 min`, `3.4 h`.
+pub(crate) fn duration(ms: i64) -> String {
     match ms {
         ms if ms < 1_000 => format!("{ms} ms"),
         ms if ms < 120_000 => format!("{:.1} s", ms as f64 / 1000.0),
-        ms => format!("{:.1} min", ms as f64 / 60_000.0),
+        ms if ms < 7_200_000 => format!("{:.1} min", ms as f64 / 60_000.0),
+        ms => format!("{:.1} h", ms as f64 / 3_600_000.0),
     }
 }
 

@@ -671,9 +671,9 @@ fn print_summary(
         latency.add_row(vec![
             stage.clone(),
             figures.count.to_string(),
-            format!("{} ms", figures.p50_ms),
-            format!("{} ms", figures.p90_ms),
-            format!("{} ms", figures.p99_ms),
+            output::duration(i64::try_from(figures.p50_ms).unwrap_or(i64::MAX)),
+            output::duration(i64::try_from(figures.p90_ms).unwrap_or(i64::MAX)),
+            output::duration(i64::try_from(figures.p99_ms).unwrap_or(i64::MAX)),
         ]);
     }
     out!("{latency}");
