@@ -67,12 +67,34 @@ pub(crate) async fn run(command: ProjectionsCommand, global: &GlobalArgs) -> any
     match command {
         ProjectionsCommand::List => list(global),
         ProjectionsCommand::Status => {
-            let statuses = read_models.status().await?;
+            let mut statuses = read_models.status().await?;
+            // A SQLite file damaged where its registry is not opened and
+            // said "ok": the whole file is checked here.
+            let damage = match read_models {
+                triage_projections::ReadModels::Sqlite(projector) => projector
+                    .damage()?
+                    .map(|found| (projector.db().path().display().to_string(), found)),
+                _ => None,
+            };
+            if let Some((_, found)) = &damage {
+                for status in &mut statuses {
+                    status.last_error = Some(format!("the read-model file is damaged: {found}"));
+                }
+            }
+            let verdict = || -> anyhow::Result<()> {
+                match &damage {
+                    Some((path, found)) => bail!(
+                        "the read-model file {path} is damaged ({found}); it holds only what the event log says: \
+                         move it (with its -wal and -shm files) aside, and the next command rebuilds it from the log"
+                    ),
+                    None => Ok(()),
+                }
+            };
             if global.json {
                 for status in &statuses {
                     output::print_json(&serde_json::to_value(status)?);
                 }
-                return Ok(());
+                return verdict();
             }
             // PostgreSQL read models have leaders; a SQLite file has none,
             // and no column for them.
@@ -124,7 +146,7 @@ pub(crate) async fn run(command: ProjectionsCommand, global: &GlobalArgs) -> any
                 out.add_row(row);
             }
             out!("{out}");
-            Ok(())
+            verdict()
         }
         ProjectionsCommand::Rebuild {
             name,

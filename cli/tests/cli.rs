@@ -274,6 +274,19 @@ fn damage_inside_a_file_is_named_with_what_to_do() {
     };
 
     let read_model = damage("triage.read.db");
+    // `projections status` checks the whole file: it said "ok".
+    let status = common::triage(dir.path(), &["projections", "status"]);
+    assert_eq!(status.status.code(), Some(1), "{}", stdout(&status));
+    assert!(
+        stdout(&status).contains("stopped: the read-model file is damaged"),
+        "{}",
+        stdout(&status)
+    );
+    assert!(
+        stderr(&status).contains("triage.read.db is damaged") && stderr(&status).contains("move it"),
+        "{}",
+        stderr(&status)
+    );
     let error = fail(dir.path(), &["ticket", "list"]);
     assert!(
         error.contains("move it") && error.contains("rebuilds it from the log"),

@@ -845,6 +845,27 @@ impl Projector {
             .ok_or_else(|| ProjectionError::Internal("an unconditional swap did not swap".to_owned()))
     }
 
+    /// What SQLite's `quick_check` finds wrong in the read-model file
+    /// (`None`: nothing): a file damaged where its registry is not still
+    /// opens, and answered "ok" until a query reached the damage. It reads
+    /// the whole file: for `projections status`, not for probes.
+    pub fn damage(&self) -> Result<Option<String>, ProjectionError> {
+        let conn = self.db.lock();
+        let mut statement = conn
+            .prepare("PRAGMA quick_check(5)")
+            .map_err(|error| ProjectionError::sqlite("check the read-model file", error))?;
+        let found = statement
+            .query_map([], |row| row.get::<_, String>(0))
+            .and_then(|rows| rows.collect::<rusqlite::Result<Vec<String>>>());
+        match found {
+            Ok(found) if found == ["ok"] => Ok(None),
+            // One line: the check's own lines are a header and findings.
+            Ok(found) => Ok(Some(found.join("; ").replace('\n', "; "))),
+            // A check that cannot even run found damage too.
+            Err(error) => Ok(Some(error.to_string())),
+        }
+    }
+
     /// Each projection's status.
     pub async fn status(&self) -> Result<Vec<ProjectionStatus>, ProjectionError> {
         let mut registry = Vec::new();
