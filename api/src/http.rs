@@ -663,8 +663,9 @@ async fn healthz() -> Json<serde_json::Value> {
     Json(serde_json::json!({ "status": "ok" }))
 }
 
-/// Readiness: the event store answers and the read models can be read;
-/// `503` while starting or shutting down, or when either fails. The body
+/// Readiness: the event store answers and takes writes, and the read
+/// models can be read; `503` while starting or shutting down, or when any
+/// of that fails. The body
 /// says `degraded` (still 200) when a projection stopped on an error or,
 /// with PostgreSQL read models, is behind with no instance leading it:
 /// reads are stale until an operator acts, on every instance alike.

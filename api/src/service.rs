@@ -838,6 +838,18 @@ impl AppState {
             tracing::warn!(%error, "readiness: the event store does not answer");
             ApiError::Unavailable("the event store does not answer".to_owned())
         })?;
+        // A standby, or a database whose sessions are read-only, answers
+        // reads and refuses every command: not ready for agents.
+        let writable = self.inner.handler.store().accepts_writes().await.map_err(|error| {
+            tracing::warn!(%error, "readiness: the event store does not say whether it takes writes");
+            ApiError::Unavailable("the event store does not answer".to_owned())
+        })?;
+        if !writable {
+            tracing::warn!("readiness: the event store takes no writes");
+            return Err(ApiError::Unavailable(
+                "the event store takes no writes (a read-only database, or a standby)".to_owned(),
+            ));
+        }
         self.inner
             .read_models
             .check_readable()

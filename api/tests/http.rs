@@ -1289,6 +1289,25 @@ async fn openapi_health_and_unknown_routes() {
     .assert_problem(StatusCode::SERVICE_UNAVAILABLE, "unavailable");
 }
 
+/// A store that takes no writes (a standby, a read-only database) answers
+/// reads and refuses every command: `/readyz` says 503, not ready.
+#[tokio::test]
+async fn readyz_is_unavailable_on_a_store_that_takes_no_writes() {
+    let memory: std::sync::Arc<dyn triage_event_store::EventStore> =
+        std::sync::Arc::new(triage_event_store::InMemoryEventStore::new());
+    let h = Harness::on(std::sync::Arc::new(
+        triage_event_store::testing::CountingStore::new(memory).read_only(),
+    ));
+    h.state.catch_up().await.unwrap();
+    let ready = h.send(None, Req::get("/readyz")).await;
+    ready.assert_problem(StatusCode::SERVICE_UNAVAILABLE, "unavailable");
+    assert!(
+        ready.json["detail"].as_str().unwrap().contains("takes no writes"),
+        "{}",
+        ready.json
+    );
+}
+
 /// Claims with a key, completes the claim, restarts the server on
 /// `store` and retries the claim: the retry answers with the first ticket
 /// and never claims the other one waiting.

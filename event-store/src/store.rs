@@ -67,4 +67,12 @@ pub trait EventStore: Send + Sync + std::fmt::Debug + 'static {
     fn enforces_unique_event_ids(&self) -> bool {
         true
     }
+
+    /// Whether the store takes writes now, as far as it can tell without
+    /// writing: a PostgreSQL standby, or a database or role whose sessions
+    /// are read-only, does not. For readiness probes; an append is still
+    /// what decides.
+    async fn accepts_writes(&self) -> Result<bool> {
+        Ok(true)
+    }
 }

@@ -31,6 +31,7 @@ pub struct CountingStore {
     fail_read_all_from: Option<AllStart>,
     fail_head_position: bool,
     without_id_index: bool,
+    read_only: bool,
     before_next_append: std::sync::Mutex<Option<Interloper>>,
     before_next_head_position: std::sync::Mutex<Option<Interloper>>,
 }
@@ -59,6 +60,7 @@ impl CountingStore {
             fail_read_all_from: None,
             fail_head_position: false,
             without_id_index: false,
+            read_only: false,
             before_next_append: std::sync::Mutex::new(None),
             before_next_head_position: std::sync::Mutex::new(None),
         }
@@ -68,6 +70,15 @@ impl CountingStore {
     pub fn failing_head_position(self) -> Self {
         CountingStore {
             fail_head_position: true,
+            ..self
+        }
+    }
+
+    /// Says it takes no writes ([`EventStore::accepts_writes`]), as a
+    /// standby does; appends still go through to `inner`.
+    pub fn read_only(self) -> Self {
+        CountingStore {
+            read_only: true,
             ..self
         }
     }
@@ -187,6 +198,10 @@ impl EventStore for CountingStore {
 
     fn enforces_unique_event_ids(&self) -> bool {
         !self.without_id_index && self.inner.enforces_unique_event_ids()
+    }
+
+    async fn accepts_writes(&self) -> crate::Result<bool> {
+        Ok(!self.read_only && self.inner.accepts_writes().await?)
     }
 }
 

@@ -848,6 +848,21 @@ impl EventStore for PostgresEventStore {
     fn describe(&self) -> String {
         self.target.describe()
     }
+
+    async fn accepts_writes(&self) -> Result<bool> {
+        let client =
+            self.pool.get().await.map_err(|error| {
+                Error::backend("cannot get a connection to ask whether the server takes writes", error)
+            })?;
+        let row = client
+            .query_one(
+                "SELECT NOT pg_is_in_recovery() AND current_setting('transaction_read_only') = 'off'",
+                &[],
+            )
+            .await
+            .map_err(|error| Error::backend("cannot ask whether the server takes writes", error))?;
+        Ok(row.get(0))
+    }
 }
 
 #[cfg(test)]

@@ -272,10 +272,17 @@ async fn a_revoked_privilege_or_a_read_only_server_is_refused_while_running() {
         .unwrap();
     drop(store);
     let read_only = match PostgresEventStore::connect(&role_url, PostgresOptions::in_schema(&schema)).await {
-        Ok(store) => store
-            .append(&stream, ExpectedRevision::Exact(0), vec![common::event("Classified")])
-            .await
-            .expect_err("the server takes no writes from the role"),
+        Ok(store) => {
+            // Readiness probes can tell without writing.
+            assert!(
+                !store.accepts_writes().await.unwrap(),
+                "the store says it takes no writes"
+            );
+            store
+                .append(&stream, ExpectedRevision::Exact(0), vec![common::event("Classified")])
+                .await
+                .expect_err("the server takes no writes from the role")
+        }
         // Opening may already have to write (the migration check).
         Err(error) => error,
     };
@@ -286,6 +293,10 @@ async fn a_revoked_privilege_or_a_read_only_server_is_refused_while_running() {
     assert!(read_only.is_unavailable());
     assert!(read_only.to_string().contains("accepts no writes"), "{read_only}");
 
+    assert!(
+        owner.accepts_writes().await.unwrap(),
+        "the owner's sessions take writes"
+    );
     let stored = owner
         .read_stream(&stream, ReadStream::forwards())
         .await
