@@ -57,6 +57,10 @@ pub(crate) struct EventsArgs {
     /// Output format. Default: a table on a terminal, JSON lines otherwise.
     #[arg(long, value_enum)]
     format: Option<Format>,
+    /// In the table, whole stream names and command ids (to copy them
+    /// into another command), not shortened ones.
+    #[arg(long)]
+    wide: bool,
     /// After the history, keep printing new matching events until Ctrl-C
     /// (or until the log passes --to-position).
     #[arg(long)]
@@ -187,12 +191,14 @@ fn spreadsheet_text(text: String) -> String {
 /// Writes rows in the chosen format as they come.
 struct Printer {
     format: Format,
+    /// Whole ids in the table.
+    wide: bool,
     csv: Option<csv::Writer<std::io::Stdout>>,
     printed: u64,
 }
 
 impl Printer {
-    fn new(format: Format) -> anyhow::Result<Printer> {
+    fn new(format: Format, wide: bool) -> anyhow::Result<Printer> {
         let csv = match format {
             Format::Csv => {
                 let mut writer = csv::Writer::from_writer(std::io::stdout());
@@ -202,9 +208,10 @@ impl Printer {
             _ => None,
         };
         if format == Format::Table {
+            let (stream, command) = Printer::id_widths(wide);
             writeln!(
                 std::io::stdout().lock(),
-                "{:<10} {:<24} {:<25} {:>4} {:<22} {:<26} {:<13}",
+                "{:<10} {:<24} {:<stream$} {:>4} {:<22} {:<26} {:<command$}",
                 "POSITION",
                 "RECORDED",
                 "STREAM",
@@ -216,9 +223,16 @@ impl Printer {
         }
         Ok(Printer {
             format,
+            wide,
             csv,
             printed: 0,
         })
+    }
+
+    /// The widths of the stream and command columns.
+    fn id_widths(wide: bool) -> (usize, usize) {
+        // A rejections- stream of a UUID, and a hyphenated UUID.
+        if wide { (47, 36) } else { (25, 13) }
     }
 
     fn print(&mut self, record: &RecordedEvent) -> anyhow::Result<()> {
@@ -255,16 +269,22 @@ impl Printer {
                 let agent = metadata
                     .as_ref()
                     .map_or_else(String::new, |m| format!("{} ({})", m.agent.id, m.agent.role));
-                let command = metadata
-                    .as_ref()
-                    .map_or_else(String::new, |m| abbreviated(&m.command_id.simple().to_string()));
+                let command = metadata.as_ref().map_or_else(String::new, |m| {
+                    if self.wide {
+                        m.command_id.to_string()
+                    } else {
+                        abbreviated(&m.command_id.simple().to_string())
+                    }
+                });
                 let stream = match row.stream.split_once('-') {
+                    Some(_) if self.wide => row.stream.clone(),
                     Some((category, id)) => format!("{category}-{}", abbreviated(&id.replace('-', ""))),
                     None => row.stream.clone(),
                 };
+                let (stream_width, command_width) = Printer::id_widths(self.wide);
                 writeln!(
                     std::io::stdout().lock(),
-                    "{:<10} {:<24} {:<25} {:>4} {:<22} {:<26} {:<13}",
+                    "{:<10} {:<24} {:<stream_width$} {:>4} {:<22} {:<26} {:<command_width$}",
                     row.position,
                     row.recorded_at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
                     stream,
@@ -335,7 +355,7 @@ pub(crate) async fn run(args: EventsArgs, global: &GlobalArgs) -> anyhow::Result
         (None, false) if std::io::stdout().is_terminal() => Format::Table,
         (None, false) => Format::Jsonl,
     };
-    let mut printer = match Printer::new(format) {
+    let mut printer = match Printer::new(format, args.wide) {
         Ok(printer) => printer,
         // The table's header found the pipe closed already.
         Err(error) if is_broken_pipe(&error) => return Ok(()),

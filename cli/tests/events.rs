@@ -126,6 +126,21 @@ fn json_lines_and_csv_parse_with_standard_parsers_and_agree_on_every_field() {
     assert_eq!(jsonl[2]["metadata"]["agent"]["id"], "c-1");
 }
 
+/// The table shortens stream names and command ids to fit a terminal;
+/// `--wide` prints them whole, to copy into another command.
+#[test]
+fn the_wide_table_prints_whole_ids() {
+    let dir = tempfile::tempdir().unwrap();
+    let ids = seed(dir.path());
+    let stream = format!("ticket-{}", ids[0]);
+    let command = "00000000-0000-4000-8000-0000000000a0";
+    let narrow = succeed(dir.path(), &["events", "--format", "table"]);
+    assert!(!narrow.contains(&stream) && !narrow.contains(command), "{narrow}");
+    let wide = succeed(dir.path(), &["events", "--format", "table", "--wide"]);
+    assert!(wide.contains(&stream) && wide.contains(command), "{wide}");
+    assert_eq!(wide.lines().count(), narrow.lines().count());
+}
+
 #[test]
 fn filters_narrow_the_output() {
     let dir = tempfile::tempdir().unwrap();
