@@ -226,6 +226,18 @@ pub enum ProjectionError {
         /// Why (never contains a password).
         reason: String,
     },
+    /// The PostgreSQL read models belong to a role this session's role may
+    /// not act as: a rebuild could not replace the owner's views.
+    #[error(
+        "the read models in schema {schema} belong to the role {owner}, which this role may not act as (SET ROLE \
+         is refused): run the rebuild as {owner}, or as a member of it; nothing was changed"
+    )]
+    NotOwner {
+        /// The read models' schema.
+        schema: String,
+        /// The role that owns them.
+        owner: String,
+    },
     /// Another process is rebuilding this projection right now.
     #[error("another process is rebuilding {name} right now; try again when it has finished")]
     RebuildInProgress {

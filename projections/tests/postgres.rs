@@ -1246,6 +1246,24 @@ async fn pg_a_rebuild_by_an_administrator_keeps_the_models_the_owners() {
         assert_eq!(reader.catch_up().await?, before, "what the owner applied");
         let listed: u64 = ReadModels::Postgres(reader).counts().await?.values().sum();
         assert!(listed >= counted, "{listed} < {counted}");
+        // A role that may write them but not act as their owner is refused
+        // a rebuild before it replays anything: its swap could not replace
+        // the owner's views (it failed there, after the whole replay).
+        admin
+            .batch_execute(&format!(
+                r#"CREATE ROLE "{role}_other" LOGIN; GRANT USAGE, CREATE ON SCHEMA "{schema}" TO "{role}_other";
+                   GRANT ALL ON ALL TABLES IN SCHEMA "{schema}" TO "{role}_other";"#
+            ))
+            .await
+            .unwrap();
+        let other_url = as_user(&url, &format!("{role}_other")).unwrap();
+        let other = PgReadModels::connect(&other_url, PgReadModelOptions::in_schema(&schema)).await?;
+        let refused = PgProjector::new(events.clone(), other)
+            .rebuild_many(&["tickets"], RebuildOptions::default())
+            .await
+            .expect_err("a rebuild by a role that may not act as the owner");
+        assert!(matches!(refused, ProjectionError::NotOwner { .. }), "{refused:?}");
+        assert!(refused.to_string().contains(&role), "{refused}");
         Ok::<_, ProjectionError>(())
     }
     .await;
@@ -1263,7 +1281,7 @@ async fn pg_a_rebuild_by_an_administrator_keeps_the_models_the_owners() {
     admin
         .batch_execute(&format!(
             r#"DROP SCHEMA IF EXISTS "{schema}" CASCADE; DROP OWNED BY "{role}"; DROP ROLE "{role}";
-               DROP ROLE IF EXISTS "{role}_ro";"#
+               DROP ROLE IF EXISTS "{role}_ro"; DROP ROLE IF EXISTS "{role}_other";"#
         ))
         .await
         .unwrap();

@@ -764,7 +764,7 @@ async fn migrate(client: &mut Client, schema: &str) -> Result<(), ProjectionErro
         // Made by the registry's owner, whoever opens the models first
         // (an administrator's `projections status`, say): as any other
         // role, the owner's servers could no longer read it.
-        as_the_owner(&tx, schema).await?;
+        let _ = as_the_owner(&tx, schema).await?;
         tx.batch_execute(&format!(
             r#"CREATE TABLE IF NOT EXISTS "{schema}".triage_read_log (
                 only_row       boolean PRIMARY KEY DEFAULT true CHECK (only_row),
@@ -786,8 +786,12 @@ async fn migrate(client: &mut Client, schema: &str) -> Result<(), ProjectionErro
 /// owner could no longer read or write them. A role that may not act as
 /// the owner goes on as itself, warned: what it makes is its own. Tried
 /// in a savepoint, so that a refused `SET ROLE` (PostgreSQL 16 can make a
-/// member without the right to SET the role) leaves `tx` usable.
-pub(crate) async fn as_the_owner(tx: &tokio_postgres::Transaction<'_>, schema: &str) -> Result<(), ProjectionError> {
+/// member without the right to SET the role) leaves `tx` usable. Answers
+/// the owner this role could not act as, if so.
+pub(crate) async fn as_the_owner(
+    tx: &tokio_postgres::Transaction<'_>,
+    schema: &str,
+) -> Result<Option<String>, ProjectionError> {
     let row = tx
         .query_opt(
             "SELECT r.rolname::text, r.rolname = current_user \
@@ -797,10 +801,10 @@ pub(crate) async fn as_the_owner(tx: &tokio_postgres::Transaction<'_>, schema: &
         )
         .await
         .map_err(|error| ProjectionError::postgres("look up the owner of the read models", error))?;
-    let Some(row) = row else { return Ok(()) };
+    let Some(row) = row else { return Ok(None) };
     let (owner, is_owner): (String, bool) = (row.get(0), row.get(1));
     if is_owner {
-        return Ok(());
+        return Ok(None);
     }
     let set_role = format!(
         r#"SAVEPOINT triage_as_owner; SET LOCAL ROLE "{}"; RELEASE SAVEPOINT triage_as_owner"#,
@@ -817,8 +821,9 @@ pub(crate) async fn as_the_owner(tx: &tokio_postgres::Transaction<'_>, schema: &
             "the read models belong to another role, which this one may not act as: the tables it makes are its \
              own, and the owner's processes may not reach them; run this as the owner or a member of it"
         );
+        return Ok(Some(owner));
     }
-    Ok(())
+    Ok(None)
 }
 
 /// Makes every session start its transactions READ COMMITTED, whatever the

@@ -576,7 +576,7 @@ impl PgProjector {
 
     async fn create_live(&self, session: &mut Session, model: Model) -> Result<(), ProjectionError> {
         let tx = begin(&mut session.client).await?;
-        super::as_the_owner(&tx, self.models.schema()).await?;
+        let _ = super::as_the_owner(&tx, self.models.schema()).await?;
         lock_registry(&tx, &self.models, model).await?;
         // A rebuild may have swapped a generation in meanwhile.
         if read_slot(&tx, &self.models, model.name(), SlotKind::Live, "")
@@ -839,7 +839,15 @@ impl PgProjector {
         let mut slots = Vec::with_capacity(models.len());
         {
             let tx = begin(&mut session.client).await?;
-            super::as_the_owner(&tx, self.models.schema()).await?;
+            // A rebuild by a role that may not act as the owner would
+            // replay the whole log and then fail at the swap, which must
+            // replace the owner's views: refused before it starts.
+            if let Some(owner) = super::as_the_owner(&tx, self.models.schema()).await? {
+                return Err(ProjectionError::NotOwner {
+                    schema: self.models.schema().to_owned(),
+                    owner,
+                });
+            }
             for model in &models {
                 discard_build(&tx, &self.models, *model).await?;
                 slots.push(new_generation(&tx, &self.models, *model, SlotKind::Build).await?);
@@ -1070,7 +1078,7 @@ impl PgProjector {
         only_if_caught_up: bool,
     ) -> Result<Option<Slot>, ProjectionError> {
         let tx = begin(&mut session.client).await?;
-        super::as_the_owner(&tx, self.models.schema()).await?;
+        let _ = super::as_the_owner(&tx, self.models.schema()).await?;
         lock_registry(&tx, &self.models, model).await?;
         let build = read_slot(&tx, &self.models, model.name(), SlotKind::Build, "FOR UPDATE")
             .await?
