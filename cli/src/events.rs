@@ -324,6 +324,14 @@ pub(crate) async fn run(args: EventsArgs, global: &GlobalArgs) -> anyhow::Result
         ))
         .into());
     }
+    for (option, position) in [
+        ("--from-position", args.from_position),
+        ("--to-position", args.to_position),
+    ] {
+        if let Some(position) = position {
+            global.check_position_form(option, position)?;
+        }
+    }
     global.require_existing_store()?;
     let opened = global.open_log().await?;
     let query = EventQuery {

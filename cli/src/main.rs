@@ -49,7 +49,7 @@ use triage_store_sqlite::Synchronous;
 use std::sync::Arc;
 
 use anyhow::Context as _;
-use triage_event_store::EventStore;
+use triage_event_store::{EventStore, Position};
 use triage_projections::{ProjectorOptions, ReadModels};
 
 use crate::store::StoreLocation;
@@ -220,6 +220,20 @@ enum Command {
 }
 
 impl GlobalArgs {
+    /// Refuses a position in KurrentDB's form (`C:…/P:…`, two parts that
+    /// differ) for a store whose positions are plain numbers: taken as it
+    /// was, it named a place no event of that store has.
+    fn check_position_form(&self, option: &str, position: Position) -> anyhow::Result<()> {
+        if position.commit != position.prepare && !matches!(self.location()?, StoreLocation::Kurrent(_)) {
+            return Err(events::BadArguments(format!(
+                "{option} {position} is a KurrentDB position; this store's positions are plain numbers, as \
+                 `triage events` prints them (e.g. 1795)"
+            ))
+            .into());
+        }
+        Ok(())
+    }
+
     fn location(&self) -> anyhow::Result<StoreLocation> {
         // Flags before the environment: --store, then --db, then
         // TRIAGE_STORE, then TRIAGE_DB.

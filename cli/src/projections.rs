@@ -759,6 +759,9 @@ pub(crate) async fn replay(until: &str, into: &std::path::Path, global: &GlobalA
             ))
         })?),
     };
+    if let Moment::Position(position) = moment {
+        global.check_position_form("--until", position)?;
+    }
     global.require_existing_store()?;
     let opened = global.open_log().await?;
     let position = match moment {

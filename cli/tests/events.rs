@@ -176,6 +176,20 @@ fn filters_narrow_the_output() {
         assert_eq!(output.status.code(), Some(2), "{bad:?}");
         assert!(common::stderr(&output).contains(says), "{}", common::stderr(&output));
     }
+    // A KurrentDB position on a store of plain positions names no event.
+    for args in [
+        &["events", "--from-position", "C:5/P:1"][..],
+        &["replay", "--until", "C:1/P:5", "--into", "never.db"][..],
+    ] {
+        let output = common::triage(dir.path(), args);
+        assert_eq!(output.status.code(), Some(2), "{args:?}");
+        assert!(
+            common::stderr(&output).contains("is a KurrentDB position"),
+            "{}",
+            common::stderr(&output)
+        );
+    }
+    assert!(!dir.path().join("never.db").exists());
     // --json and another --format: which was meant cannot be told (the
     // format won, silently).
     for format in ["csv", "table"] {
