@@ -79,16 +79,8 @@ impl StoreLocation {
         }
         // A URL with a slip (`postgres:db`, `postgres//host/db`) would
         // otherwise be a SQLite file of that name, made in silence.
-        let lower = value.to_ascii_lowercase();
-        if let Some(scheme) = SCHEME_NAMES.iter().find(|scheme| {
-            lower
-                .strip_prefix(**scheme)
-                .is_some_and(|rest| rest.starts_with(':') || rest.starts_with("//"))
-        }) {
-            bail!(
-                "{value:?} looks like a {scheme} URL but is not one: write {scheme}://…; \
-                 a file of that name is written ./{value}"
-            );
+        if let Some(slip) = triage_event_store::url::url_slip(value, SCHEME_NAMES) {
+            bail!("{slip}");
         }
         Ok(StoreLocation::Sqlite(PathBuf::from(value)))
     }

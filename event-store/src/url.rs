@@ -97,6 +97,26 @@ mod tests {
     }
 }
 
+/// The slip in `value` if it looks like a URL of one of `schemes` but is
+/// not one (`postgres:db`, `postgres//host/db`): the scheme it names, and
+/// what to say. A caller that takes plain paths too would otherwise make
+/// a file of that name, in silence.
+pub fn url_slip(value: &str, schemes: &[&str]) -> Option<String> {
+    if value.contains("://") {
+        return None;
+    }
+    let lower = value.to_ascii_lowercase();
+    let scheme = schemes.iter().find(|scheme| {
+        lower
+            .strip_prefix(**scheme)
+            .is_some_and(|rest| rest.starts_with(':') || rest.starts_with("//"))
+    })?;
+    Some(format!(
+        "{value:?} looks like a {scheme} URL but is not one: write {scheme}://…; a file of that name is written \
+         ./{value}"
+    ))
+}
+
 /// Whether `schema` may name a PostgreSQL schema of Triage's: 1 to
 /// `max_bytes` lowercase ASCII letters, digits and `_`, not starting with a
 /// digit, and not one of PostgreSQL's own (`pg_…`, `information_schema`).

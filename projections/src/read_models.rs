@@ -66,18 +66,10 @@ pub fn sqlite_path(location: &str) -> Result<&str, ProjectionError> {
              not at a {scheme}:// URL"
         )));
     }
-    let lower = location.to_ascii_lowercase();
-    if let Some(scheme) = ["sqlite", "postgresql", "postgres"].iter().find(|scheme| {
-        lower
-            .strip_prefix(**scheme)
-            .is_some_and(|rest| rest.starts_with(':') || rest.starts_with("//"))
-    }) {
-        return Err(invalid(format!(
-            "{location:?} looks like a {scheme} URL but is not one: write {scheme}://…; a file of that \
-             name is written ./{location}"
-        )));
+    match triage_event_store::url::url_slip(location, &["sqlite", "postgresql", "postgres"]) {
+        Some(slip) => Err(invalid(slip)),
+        None => Ok(location),
     }
-    Ok(location)
 }
 
 impl ReadModels {

@@ -313,29 +313,22 @@ impl Projector {
                 // A checkpoint past the head means the events were replaced
                 // (a deleted or swapped store file): this model describes
                 // another log. Rebuild rather than silently skip.
-                Some(slot) if slot.checkpoint > head => {
-                    tracing::warn!(
-                        projection = projection.name(),
-                        checkpoint = ?slot.checkpoint,
-                        head = ?head,
-                        "the read model is ahead of the event log; rebuilding"
-                    );
-                    self.rebuild_many_with(
-                        &[projection.name()],
-                        RebuildOptions::default(),
-                        LiveModel::Foreign {
-                            generation: slot.generation,
-                        },
-                    )
-                    .await?;
-                }
-                Some(slot) if other_log && slot.checkpoint.is_some() => {
-                    tracing::warn!(
-                        projection = projection.name(),
-                        recorded = ?recorded_log,
-                        first_event = ?first_event,
-                        "the read model was built from another event log; rebuilding"
-                    );
+                Some(slot) if slot.checkpoint > head || (other_log && slot.checkpoint.is_some()) => {
+                    if slot.checkpoint > head {
+                        tracing::warn!(
+                            projection = projection.name(),
+                            checkpoint = ?slot.checkpoint,
+                            head = ?head,
+                            "the read model is ahead of the event log; rebuilding"
+                        );
+                    } else {
+                        tracing::warn!(
+                            projection = projection.name(),
+                            recorded = ?recorded_log,
+                            first_event = ?first_event,
+                            "the read model was built from another event log; rebuilding"
+                        );
+                    }
                     self.rebuild_many_with(
                         &[projection.name()],
                         RebuildOptions::default(),
