@@ -36,8 +36,10 @@
 //!
 //! The handler is set up as `triage serve` sets it up, so it also records
 //! every refusal in the ticket's `rejections-<uuid>` stream (one more
-//! append per rejection in `hot`), which the peer does not do, after
-//! answering it (the run waits for the last records before it ends);
+//! event per rejection in `hot`; the refusals of one ticket that arrive
+//! while one of its records is being written share the next append),
+//! which the peer does not do, after answering it (the run waits for the
+//! last records before it ends);
 //! `--no-rejection-log` turns that off, for the same work on both sides.
 //! Its stream cache saves most reads before an append, which the peer does
 //! not have.

@@ -299,7 +299,14 @@ pub struct CommandHandler {
     /// a refusal is recorded before it is answered again, so a storm of
     /// refusals on a slow store cannot pile up without bound, and all
     /// permits back means none is in flight.
-    background: Option<Arc<tokio::sync::Semaphore>>,
+    background: Option<Background>,
+}
+
+/// Background recording: the permits and the writer.
+#[derive(Clone)]
+struct Background {
+    slots: Arc<tokio::sync::Semaphore>,
+    recorder: Arc<recorder::Recorder>,
 }
 
 /// Refusal records written in the background at most at once.
@@ -338,16 +345,21 @@ impl CommandHandler {
     /// [`CommandHandler::rejections_recorded`] before they stop; a one-shot
     /// process would exit before the write. Measured with `triage-bench
     /// pg-compare --tickets hot --agents 8`: p99 3.7 ms against 5.7 ms.
+    /// The records of one ticket that pile up while one of its appends is
+    /// in flight are written together in the next (see `recorder.rs`).
     /// Clones share the background writes.
     pub fn with_rejections_recorded_in_background(mut self) -> Self {
-        self.background = Some(Arc::new(tokio::sync::Semaphore::new(BACKGROUND_RECORDS)));
+        self.background = Some(Background {
+            slots: Arc::new(tokio::sync::Semaphore::new(BACKGROUND_RECORDS)),
+            recorder: recorder::Recorder::new(Arc::clone(&self.store)),
+        });
         self
     }
 
     /// Waits until every refusal answered so far is recorded (or failed
     /// to be, which is logged). Immediate without background recording.
     pub async fn rejections_recorded(&self) {
-        if let Some(slots) = &self.background {
+        if let Some(Background { slots, .. }) = &self.background {
             // Every permit back: no record in flight. Held for a moment,
             // during which a refusal is recorded in the foreground.
             let all = u32::try_from(BACKGROUND_RECORDS).expect("a small constant");
@@ -471,22 +483,21 @@ impl CommandHandler {
             && let Err(error) = &result
             && let Some(record) = self.rejection_record(&envelope, error)
         {
-            let slot = self
+            let (stream, data) = record;
+            let background = self
                 .background
                 .as_ref()
-                .and_then(|slots| Arc::clone(slots).try_acquire_owned().ok());
-            match slot {
-                Some(slot) => {
-                    let store = Arc::clone(&self.store);
-                    tokio::spawn(
-                        async move {
-                            append_rejection(&*store, record).await;
-                            drop(slot);
-                        }
-                        .instrument(span.clone()),
-                    );
+                .and_then(|background| Some((Arc::clone(&background.slots).try_acquire_owned().ok()?, background)));
+            match background {
+                Some((slot, background)) => {
+                    let _entered = span.enter();
+                    background.recorder.record(stream, data, slot);
                 }
-                None => append_rejection(&*self.store, record).instrument(span.clone()).await,
+                None => {
+                    recorder::append(&*self.store, &stream, vec![data])
+                        .instrument(span.clone())
+                        .await
+                }
             }
         }
         let _entered = span.enter();
@@ -777,14 +788,6 @@ fn stream_of(ticket_id: TicketId) -> Result<StreamName, CommandError> {
     Ok(StreamName::new(ticket_id.stream_name())?)
 }
 
-/// Appends a refusal's record. Best effort: its caller has its answer
-/// either way.
-async fn append_rejection(store: &dyn EventStore, (stream, data): (StreamName, EventData)) {
-    if let Err(error) = store.append(&stream, ExpectedRevision::Any, vec![data]).await {
-        warn!(%error, "could not record the rejection");
-    }
-}
-
 /// The text of [`CommandError::StaleRevision`]. A revision the ticket has
 /// not reached was never seen by anyone: a wrong number, not an old one.
 fn stale_message(expected: u64, actual: Option<u64>) -> String {
@@ -984,6 +987,7 @@ pub fn open_ticket(
 }
 
 mod cache;
+mod recorder;
 
 #[cfg(test)]
 mod tests;

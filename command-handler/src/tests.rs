@@ -656,6 +656,91 @@ async fn a_refusal_recorded_in_the_background_is_answered_first_and_waited_for()
     );
 }
 
+/// Refusals that arrive while their ticket's last record is being written
+/// are written together, in one append, and every one of them is stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_refusals_is_recorded_in_one_append() {
+    let store = Arc::new(CountingStore::new(Arc::new(InMemoryEventStore::new())));
+    let handler = CommandHandler::new(store.clone()).with_rejections_recorded_in_background();
+    let ticket = open(&handler).await;
+    let (release, released) = tokio::sync::oneshot::channel::<()>();
+    let (held, holding) = tokio::sync::oneshot::channel::<()>();
+    let mut holding = Some(holding);
+    store.before_next_append(async move {
+        let _ = held.send(());
+        let _ = released.await;
+    });
+    let mut refused = Vec::new();
+    for _ in 0..6 {
+        let envelope = draft_too_early(ticket);
+        refused.push(envelope.command_id);
+        assert!(matches!(
+            handler.handle(envelope).await,
+            Err(CommandError::Rejected { .. })
+        ));
+        if let Some(holding) = holding.take() {
+            holding.await.unwrap();
+            // Held at the store: the other five wait for it.
+        }
+    }
+    let appends_before = store.appends();
+    release.send(()).unwrap();
+    tokio::time::timeout(std::time::Duration::from_secs(5), handler.rejections_recorded())
+        .await
+        .expect("the records land");
+    assert_eq!(
+        store.appends() - appends_before,
+        2,
+        "the first alone, then the five together"
+    );
+    let rejections = StreamName::new(triage_domain::CommandRejected::stream_name(ticket)).unwrap();
+    let records = store.read_stream(&rejections, ReadStream::forwards()).await.unwrap();
+    let recorded: Vec<Uuid> = records.iter().map(|record| record.id).collect();
+    let expected: Vec<Uuid> = refused
+        .iter()
+        .map(|command_id| triage_domain::CommandRejected::record_id(*command_id, ticket))
+        .collect();
+    assert_eq!(recorded, expected, "each refusal once, in the order they were answered");
+}
+
+/// A retried refusal queued with new ones: their joint append fails (one id
+/// is stored already), so each is appended on its own, and every refusal is
+/// stored exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_refusal_in_a_burst_neither_duplicates_nor_loses_records() {
+    let store = Arc::new(CountingStore::new(Arc::new(InMemoryEventStore::new())));
+    let handler = CommandHandler::new(store.clone()).with_rejections_recorded_in_background();
+    let ticket = open(&handler).await;
+    let first = draft_too_early(ticket);
+    assert!(handler.handle(first.clone()).await.is_err());
+    handler.rejections_recorded().await;
+
+    let (release, released) = tokio::sync::oneshot::channel::<()>();
+    store.before_next_append(async move {
+        let _ = released.await;
+    });
+    let held = draft_too_early(ticket);
+    let later = draft_too_early(ticket);
+    for envelope in [held.clone(), first.clone(), first.clone(), later.clone()] {
+        assert!(matches!(
+            handler.handle(envelope).await,
+            Err(CommandError::Rejected { .. })
+        ));
+    }
+    release.send(()).unwrap();
+    tokio::time::timeout(std::time::Duration::from_secs(5), handler.rejections_recorded())
+        .await
+        .expect("the records land");
+    let rejections = StreamName::new(triage_domain::CommandRejected::stream_name(ticket)).unwrap();
+    let records = store.read_stream(&rejections, ReadStream::forwards()).await.unwrap();
+    let recorded: Vec<Uuid> = records.iter().map(|record| record.id).collect();
+    let expected: Vec<Uuid> = [&first, &held, &later]
+        .iter()
+        .map(|envelope| triage_domain::CommandRejected::record_id(envelope.command_id, ticket))
+        .collect();
+    assert_eq!(recorded, expected);
+}
+
 #[tokio::test]
 async fn a_copy_that_lost_the_race_caches_what_is_stored_not_its_own_decision() {
     // Two handlers (two processes) with their own caches; the same command

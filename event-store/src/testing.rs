@@ -28,6 +28,7 @@ pub struct CountingStore {
     inner: Arc<dyn EventStore>,
     stream_reads: AtomicUsize,
     all_reads: AtomicUsize,
+    appends: AtomicUsize,
     fail_read_all_from: Option<AllStart>,
     fail_head_position: bool,
     without_id_index: bool,
@@ -57,6 +58,7 @@ impl CountingStore {
             inner,
             stream_reads: AtomicUsize::new(0),
             all_reads: AtomicUsize::new(0),
+            appends: AtomicUsize::new(0),
             fail_read_all_from: None,
             fail_head_position: false,
             without_id_index: false,
@@ -128,6 +130,12 @@ impl CountingStore {
         self.stream_reads.load(Ordering::SeqCst)
     }
 
+    /// Appends that reached the inner store so far (an interloper's
+    /// included).
+    pub fn appends(&self) -> usize {
+        self.appends.load(Ordering::SeqCst)
+    }
+
     /// `$all` reads started so far.
     pub fn all_reads(&self) -> usize {
         self.all_reads.load(Ordering::SeqCst)
@@ -150,6 +158,7 @@ impl EventStore for CountingStore {
         if let Some(interloper) = interloper {
             interloper.await;
         }
+        self.appends.fetch_add(1, Ordering::SeqCst);
         self.inner.append(stream, expected, events).await
     }
 
