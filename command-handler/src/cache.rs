@@ -7,21 +7,52 @@
 //! append fails, the entry is dropped and the command is decided again on
 //! a fresh read. A rejection or a stale-revision answer is never given on
 //! an entry merely found in the cache: the handler reads the stream first
-//! and decides again, unless a refused append just reported the stream at
-//! exactly the entry's revision (see `CommandHandler::handle_inner`).
+//! and decides again, unless the entry is as good as a read of its own
+//! (see [`Cached::current_for`]), or a refused append just reported the
+//! stream at exactly the entry's revision (see
+//! `CommandHandler::handle_inner`).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use triage_domain::TicketId;
 
 use crate::LoadedTicket;
 
+/// How long after the read or append that saw it an entry still counts as
+/// the ticket "now" for a command that arrived before that read or append
+/// began ([`Cached::current_for`]): about as old as the result of a read
+/// is by the time it is decided on, when the store is slow to answer. A
+/// command that waited longer for its turn reads.
+const CURRENT_FOR: Duration = Duration::from_millis(100);
+
+/// A cached fold and when it was seen.
+#[derive(Clone, Debug)]
+pub(crate) struct Cached {
+    pub(crate) loaded: Arc<LoadedTicket>,
+    /// When the read or append that found the stream at this revision
+    /// began: the stream was at this revision at some moment after it.
+    pub(crate) seen_after: Instant,
+}
+
+impl Cached {
+    /// Whether the entry tells `arrived`'s command the ticket as a read of
+    /// its own would: the store had the stream at this revision at some
+    /// moment after the command arrived (the read or append that saw it
+    /// began later), and that moment is recent. A refusal decided on it is
+    /// then one the command could have been given at that moment, like a
+    /// refusal decided on a read.
+    pub(crate) fn current_for(&self, arrived: Instant) -> bool {
+        self.seen_after > arrived && self.seen_after.elapsed() <= CURRENT_FOR
+    }
+}
+
 /// Folded streams by ticket, at most `capacity` of them.
 #[derive(Debug)]
 pub(crate) struct StreamCache {
     capacity: usize,
-    entries: Mutex<HashMap<TicketId, Arc<LoadedTicket>>>,
+    entries: Mutex<HashMap<TicketId, Cached>>,
 }
 
 impl StreamCache {
@@ -32,30 +63,37 @@ impl StreamCache {
         }
     }
 
-    fn entries(&self) -> MutexGuard<'_, HashMap<TicketId, Arc<LoadedTicket>>> {
+    fn entries(&self) -> MutexGuard<'_, HashMap<TicketId, Cached>> {
         // The map holds only immutable snapshots; a panic elsewhere cannot
         // leave it half-updated.
         self.entries.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    pub(crate) fn get(&self, ticket: TicketId) -> Option<Arc<LoadedTicket>> {
+    pub(crate) fn get(&self, ticket: TicketId) -> Option<Cached> {
         if self.capacity == 0 {
             return None;
         }
         self.entries().get(&ticket).cloned()
     }
 
-    /// Stores `loaded` unless the cache already holds a newer revision: a
-    /// slow task must never put an older snapshot over a newer one.
-    pub(crate) fn put(&self, ticket: TicketId, loaded: Arc<LoadedTicket>) {
+    /// Stores `loaded`, seen by a read or append that began at
+    /// `seen_after`, unless the cache already holds a newer revision: a
+    /// slow task must never put an older snapshot over a newer one. The
+    /// same revision seen later only moves `seen_after` on: stored events
+    /// never change, so it is the same fold.
+    pub(crate) fn put(&self, ticket: TicketId, loaded: Arc<LoadedTicket>, seen_after: Instant) {
         if self.capacity == 0 || loaded.revision.is_none() {
             return;
         }
         let mut entries = self.entries();
-        if let Some(existing) = entries.get(&ticket)
-            && existing.revision >= loaded.revision
-        {
-            return;
+        if let Some(existing) = entries.get_mut(&ticket) {
+            if existing.loaded.revision > loaded.revision {
+                return;
+            }
+            if existing.loaded.revision == loaded.revision {
+                existing.seen_after = existing.seen_after.max(seen_after);
+                return;
+            }
         }
         if entries.len() >= self.capacity && !entries.contains_key(&ticket) {
             // Drop about a quarter, in the map's arbitrary order: cheaper
@@ -65,7 +103,7 @@ impl StreamCache {
                 entries.remove(&key);
             }
         }
-        entries.insert(ticket, loaded);
+        entries.insert(ticket, Cached { loaded, seen_after });
     }
 
     pub(crate) fn remove(&self, ticket: TicketId) {
@@ -93,11 +131,11 @@ mod tests {
     fn an_older_snapshot_never_replaces_a_newer_one() {
         let cache = StreamCache::new(8);
         let ticket = TicketId::new();
-        cache.put(ticket, at(5));
-        cache.put(ticket, at(3));
-        assert_eq!(cache.get(ticket).unwrap().revision, Some(5));
-        cache.put(ticket, at(6));
-        assert_eq!(cache.get(ticket).unwrap().revision, Some(6));
+        cache.put(ticket, at(5), Instant::now());
+        cache.put(ticket, at(3), Instant::now());
+        assert_eq!(cache.get(ticket).unwrap().loaded.revision, Some(5));
+        cache.put(ticket, at(6), Instant::now());
+        assert_eq!(cache.get(ticket).unwrap().loaded.revision, Some(6));
         cache.remove(ticket);
         assert!(cache.get(ticket).is_none());
     }
@@ -106,12 +144,42 @@ mod tests {
     fn the_cache_stays_within_its_capacity() {
         let cache = StreamCache::new(16);
         for _ in 0..100 {
-            cache.put(TicketId::new(), at(0));
+            cache.put(TicketId::new(), at(0), Instant::now());
             assert!(cache.len() <= 16);
         }
         let disabled = StreamCache::new(0);
         let ticket = TicketId::new();
-        disabled.put(ticket, at(0));
+        disabled.put(ticket, at(0), Instant::now());
         assert!(disabled.get(ticket).is_none());
+    }
+
+    #[test]
+    fn an_entry_is_current_only_for_commands_that_arrived_before_it_was_seen() {
+        let cache = StreamCache::new(8);
+        let ticket = TicketId::new();
+        let before = Instant::now();
+        std::thread::sleep(Duration::from_millis(2));
+        cache.put(ticket, at(4), Instant::now());
+        std::thread::sleep(Duration::from_millis(2));
+        let after = Instant::now();
+        let entry = cache.get(ticket).unwrap();
+        assert!(entry.current_for(before));
+        assert!(!entry.current_for(after), "seen before the command arrived");
+        // The same revision seen again later is current for later arrivals.
+        std::thread::sleep(Duration::from_millis(2));
+        cache.put(ticket, at(4), Instant::now());
+        assert!(cache.get(ticket).unwrap().current_for(after));
+    }
+
+    #[test]
+    fn an_entry_seen_too_long_ago_is_current_for_nobody() {
+        let cache = StreamCache::new(8);
+        let ticket = TicketId::new();
+        let arrived = Instant::now();
+        let seen = Instant::now() + Duration::from_micros(1);
+        cache.put(ticket, at(1), seen);
+        assert!(cache.get(ticket).unwrap().current_for(arrived));
+        std::thread::sleep(CURRENT_FOR + Duration::from_millis(10));
+        assert!(!cache.get(ticket).unwrap().current_for(arrived));
     }
 }

@@ -1,8 +1,10 @@
 //! The command handler: load → evolve → decide → append with
 //! `Exact(revision)`.
 //!
-//! Handlers hold no state besides counters, so any number of them can run
-//! against one store: correctness comes from the expected revision alone.
+//! Handlers hold no state that correctness depends on (a cache and the
+//! turns below save work only), so any number of them, in any number of
+//! processes, can run against one store: correctness comes from the
+//! expected revision alone.
 //!
 //! # Main decisions
 //! - **A command that carries the revision its sender decided on is never
@@ -19,14 +21,25 @@
 //!   decision on cached state is still appended with `Exact(revision)`, and
 //!   rejections are only ever given on fresh state: a read, or the cached
 //!   ticket at exactly the revision a refused append found the stream at
-//!   (a race lost to a command of this process, whose result is cached).
+//!   (a race lost to another process, whose result a read of this one
+//!   cached).
+//! - **Commands of one process on one ticket take turns** (clones of a
+//!   handler share them): the second waits for the first's append and
+//!   decides on its result instead of racing it to a conflict in the
+//!   store. A refusal may be decided on a cache entry seen by a read or
+//!   append that began after the command arrived, and at most 100 ms ago:
+//!   the ticket as the store had it during the command's lifetime. Another
+//!   process is still a racer, met by the expected revision.
+//! - **A load with the ticket cached reads only the events from the cached
+//!   revision on** and folds them onto the cached state, checking that the
+//!   event stored at that revision is the cached one.
 //! - **Conflicts stay typed** from the store's `WrongExpectedVersion` to the
 //!   retry loop; the domain's [`Rejection`] reaches the caller unchanged.
 
 use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
@@ -293,6 +306,7 @@ pub struct CommandHandler {
     retry: RetryPolicy,
     stats: Arc<HandlerStats>,
     cache: Arc<cache::StreamCache>,
+    turns: Arc<turns::Turns>,
     record_rejections: bool,
     /// Set: refusals are recorded after the caller has its answer. A
     /// record being written holds a permit: past [`BACKGROUND_RECORDS`]
@@ -333,6 +347,7 @@ impl CommandHandler {
             retry: RetryPolicy::default(),
             stats: Arc::new(HandlerStats::default()),
             cache: Arc::new(cache::StreamCache::new(DEFAULT_CACHE_TICKETS)),
+            turns: Arc::new(turns::Turns::new()),
             record_rejections: true,
             background: None,
         }
@@ -433,13 +448,45 @@ impl CommandHandler {
 
     /// [`CommandHandler::load`], kept in the stream cache.
     async fn load_fresh(&self, ticket_id: TicketId) -> Result<Arc<LoadedTicket>, CommandError> {
-        let loaded = Arc::new(self.read_and_fold(ticket_id).await?);
-        self.cache.put(ticket_id, Arc::clone(&loaded));
+        let seen_after = Instant::now();
+        let known = self.cache.get(ticket_id).map(|cached| cached.loaded);
+        let loaded = Arc::new(self.read_and_fold(ticket_id, known).await?);
+        self.cache.put(ticket_id, Arc::clone(&loaded), seen_after);
         Ok(loaded)
     }
 
-    async fn read_and_fold(&self, ticket_id: TicketId) -> Result<LoadedTicket, CommandError> {
+    /// Reads the stream as it is now and folds it. With `known`, a fold of
+    /// the stream up to some revision (a cache entry), only the events from
+    /// that revision on are read and folded onto it: stored events never
+    /// change, so the result is the fold of the whole stream, as a read of
+    /// all of it would give, for a fraction of the rows and decoding. The
+    /// read starts at `known`'s last revision, not after it, and that
+    /// event's id must match: a stream that is not the one `known` was
+    /// folded from (a store replaced under the handler) is read whole.
+    async fn read_and_fold(
+        &self,
+        ticket_id: TicketId,
+        known: Option<Arc<LoadedTicket>>,
+    ) -> Result<LoadedTicket, CommandError> {
         let stream = stream_of(ticket_id)?;
+        if let Some(known) = known
+            && let (Some(revision), Some(last)) = (known.revision, known.history.last())
+        {
+            let since = ReadStream::forwards().from_revision(revision);
+            match self.store.read_stream(&stream, since).await {
+                Ok(records)
+                    if records
+                        .first()
+                        .is_some_and(|first| first.revision == revision && first.id == last.id) =>
+                {
+                    let mut loaded = Arc::unwrap_or_clone(known);
+                    fold_onto(&mut loaded, ticket_id, records.into_iter().skip(1))?;
+                    return Ok(loaded);
+                }
+                Ok(_) | Err(StoreError::StreamNotFound { .. }) => {}
+                Err(error) => return Err(error.into()),
+            }
+        }
         let records = match self.store.read_stream(&stream, ReadStream::forwards()).await {
             Ok(records) => records,
             Err(StoreError::StreamNotFound { .. }) => return Ok(LoadedTicket::default()),
@@ -449,22 +496,7 @@ impl CommandHandler {
             history: Vec::with_capacity(records.len()),
             ..LoadedTicket::default()
         };
-        for record in records {
-            let (event, metadata) = decode_recorded(&record).map_err(|source| CommandError::Undecodable {
-                ticket_id,
-                revision: record.revision,
-                source,
-            })?;
-            loaded.ticket = evolve(loaded.ticket, &event);
-            loaded.revision = Some(record.revision);
-            loaded.history.push(StoredEvent {
-                event,
-                metadata,
-                revision: record.revision,
-                position: record.position,
-                id: record.id,
-            });
-        }
+        fold_onto(&mut loaded, ticket_id, records)?;
         Ok(loaded)
     }
 
@@ -534,23 +566,39 @@ impl CommandHandler {
         let stream = stream_of(ticket_id)?;
         let first_event_id = event_id(envelope.command_id, 0);
         let mut attempt = 0;
-        // Decide on the cached ticket first; anything but an accepted append
-        // is confirmed on fresh state (a read, or the state a refused append
-        // found) before it is reported.
-        let mut cached = self.cache.get(ticket_id);
+        let arrived = Instant::now();
+        // Other commands of this process on the ticket wait until this one
+        // is decided and appended (see `turns.rs`), and then decide on what
+        // it left in the cache.
+        let mut turn = Some(self.turns.take(ticket_id).await);
+        // The stream as the store found it after this command arrived: as
+        // good as a fresh read. That is a cache entry seen by a read or an
+        // append that began after this command arrived (one of the commands
+        // it waited for, typically), or what a refused append of this
+        // command found (see the conflict below).
+        let mut current: Option<Arc<LoadedTicket>> = None;
+        // Otherwise decide on the cached ticket first; anything but an
+        // accepted append is then confirmed on fresh state before it is
+        // reported.
+        let mut cached = None;
+        match self.cache.get(ticket_id) {
+            Some(entry) if entry.current_for(arrived) => current = Some(entry.loaded),
+            Some(entry) => cached = Some(entry.loaded),
+            None => {}
+        }
         // A ticket being opened is almost always new: decide on "no ticket"
         // without reading it, and let the append's "no stream" expectation
         // check that. A ticket that exists comes back as a conflict and is
         // decided again on a fresh read, as on a stale cache entry; a
         // retried open finds its events stored and gets its original answer.
-        if cached.is_none() && matches!(envelope.command, Command::OpenTicket { .. }) {
+        if current.is_none() && cached.is_none() && matches!(envelope.command, Command::OpenTicket { .. }) {
             cached = Some(Arc::new(LoadedTicket::default()));
         }
-        // The stream as the store found it when it refused an append of
-        // this command: as good as a fresh read (see the conflict below).
-        let mut current: Option<Arc<LoadedTicket>> = None;
         loop {
             attempt += 1;
+            if turn.is_none() {
+                turn = Some(self.turns.take(ticket_id).await);
+            }
             let from_cache = cached.is_some() && current.is_none();
             let loaded = match (current.take(), cached.take()) {
                 (Some(loaded), _) | (None, Some(loaded)) => loaded,
@@ -609,6 +657,7 @@ impl CommandHandler {
             let expected = loaded
                 .revision
                 .map_or(ExpectedRevision::NoStream, ExpectedRevision::Exact);
+            let appending_from = Instant::now();
             match self.store.append(&stream, expected, records).await {
                 Ok(result) if result.replayed => {
                     // Another copy of this command got there first: what is
@@ -624,7 +673,11 @@ impl CommandHandler {
                     );
                 }
                 Ok(result) => {
-                    let accepted = self.remember(&loaded, envelope, events, now, digest, result);
+                    let appended = Appended {
+                        result,
+                        began: appending_from,
+                    };
+                    let accepted = self.remember(&loaded, envelope, events, now, digest, appended);
                     return Ok(accepted);
                 }
                 Err(StoreError::WrongExpectedVersion { actual, .. }) => {
@@ -648,6 +701,7 @@ impl CommandHandler {
                     let at_conflict = self
                         .cache
                         .get(ticket_id)
+                        .map(|cached| cached.loaded)
                         .filter(|cached| actual.is_some() && cached.revision == actual);
                     if at_conflict.is_none() {
                         self.cache.remove(ticket_id);
@@ -682,6 +736,8 @@ impl CommandHandler {
                     // up an attempt), and a refusal would pair it with a
                     // later clock (a lease extended during the pause would
                     // read as expired).
+                    // Not holding up the ticket's other commands meanwhile.
+                    turn = None;
                     tokio::time::sleep(self.retry.delay(attempt)).await;
                 }
                 Err(error) => {
@@ -749,7 +805,7 @@ impl CommandHandler {
         events: Vec<Event>,
         now: DateTime<Utc>,
         digest: Uuid,
-        result: AppendResult,
+        Appended { result, began }: Appended,
     ) -> Accepted {
         let ticket = events.iter().fold(loaded.ticket.clone(), evolve);
         let state = ticket.state.expect("an accepted command leaves the ticket existing");
@@ -767,7 +823,7 @@ impl CommandHandler {
                 revision: Some(result.current_revision),
                 history,
             };
-            self.cache.put(envelope.ticket_id, Arc::new(updated));
+            self.cache.put(envelope.ticket_id, Arc::new(updated), began);
         } else {
             // Only the last event's position is known; read it back next time.
             self.cache.remove(envelope.ticket_id);
@@ -782,6 +838,39 @@ impl CommandHandler {
             duplicate: false,
         }
     }
+}
+
+/// Decodes `records`, the events that follow `loaded`'s revision in
+/// order, and folds them onto it.
+fn fold_onto(
+    loaded: &mut LoadedTicket,
+    ticket_id: TicketId,
+    records: impl IntoIterator<Item = RecordedEvent>,
+) -> Result<(), CommandError> {
+    for record in records {
+        let (event, metadata) = decode_recorded(&record).map_err(|source| CommandError::Undecodable {
+            ticket_id,
+            revision: record.revision,
+            source,
+        })?;
+        loaded.ticket = evolve(std::mem::take(&mut loaded.ticket), &event);
+        loaded.revision = Some(record.revision);
+        loaded.history.push(StoredEvent {
+            event,
+            metadata,
+            revision: record.revision,
+            position: record.position,
+            id: record.id,
+        });
+    }
+    Ok(())
+}
+
+/// A successful append, and when it began: the stream was at its revision
+/// at some moment after that.
+struct Appended {
+    result: AppendResult,
+    began: Instant,
 }
 
 fn stream_of(ticket_id: TicketId) -> Result<StreamName, CommandError> {
@@ -988,6 +1077,7 @@ pub fn open_ticket(
 
 mod cache;
 mod recorder;
+mod turns;
 
 #[cfg(test)]
 mod tests;

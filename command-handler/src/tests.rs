@@ -498,6 +498,150 @@ fn backoff_is_capped_and_jittered() {
     assert!(delays.len() > 1, "jitter varies the delay");
 }
 
+/// Commands of one process racing for one ticket take turns: the store
+/// sees the winner's append only, and every loser is refused on the
+/// ticket as the winner left it, never on an append of its own that the
+/// store refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_of_one_process_on_one_ticket_take_turns() {
+    let store = Arc::new(CountingStore::new(Arc::new(InMemoryEventStore::new())));
+    let handler = CommandHandler::new(store.clone()).with_rejection_log(false);
+    let ticket = open(&handler).await;
+    let appends_before = store.appends();
+    // The first append waits: without turns the others would decide on the
+    // same cached revision and append meanwhile.
+    let (release, released) = tokio::sync::oneshot::channel::<()>();
+    store.before_next_append(async move {
+        let _ = released.await;
+    });
+    let racers: Vec<_> = (0..8)
+        .map(|n| {
+            let handler = handler.clone();
+            tokio::spawn(async move { handler.handle(start(ticket, classifier(n))).await })
+        })
+        .collect();
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    release.send(()).unwrap();
+    let mut accepted = 0;
+    for racer in racers {
+        match racer.await.unwrap() {
+            Ok(_) => accepted += 1,
+            Err(CommandError::Rejected {
+                rejection: Rejection::InvalidTransition { .. },
+                revision: Some(1),
+                ..
+            }) => {}
+            other => panic!("expected a refusal at revision 1, got {other:?}"),
+        }
+    }
+    assert_eq!(accepted, 1);
+    assert_eq!(
+        store.appends() - appends_before,
+        1,
+        "only the winner's append reached the store"
+    );
+    let stream = StreamName::new(ticket.stream_name()).unwrap();
+    let stored = store.read_stream(&stream, ReadStream::forwards()).await.unwrap();
+    assert_eq!(stored.len(), 2, "opened, then one classification started");
+}
+
+/// A command that waited for its turn is refused on the ticket as a read
+/// or append that began after it arrived left it in the cache, without a
+/// read of its own; a command that arrived after that read must read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiting_command_decides_on_what_was_seen_after_it_arrived() {
+    let memory = Arc::new(InMemoryEventStore::new());
+    let store = Arc::new(CountingStore::new(memory.clone()));
+    let handler = CommandHandler::new(store.clone() as Arc<dyn EventStore>).with_rejection_log(false);
+    let ticket = open(&handler).await;
+
+    // A command of this process holds the ticket's turn while another
+    // process claims the ticket and this process reads it.
+    let turn = handler.turns.take(ticket).await;
+    let waiting = tokio::spawn({
+        let handler = handler.clone();
+        async move { handler.handle(start(ticket, classifier(2))).await }
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    let other = CommandHandler::new(memory.clone() as Arc<dyn EventStore>);
+    other.handle(start(ticket, classifier(1))).await.unwrap();
+    assert_eq!(handler.load(ticket).await.unwrap().revision, Some(1));
+    let reads_before = store.stream_reads();
+    drop(turn);
+
+    let refused = waiting.await.unwrap();
+    assert!(
+        matches!(
+            refused,
+            Err(CommandError::Rejected {
+                rejection: Rejection::InvalidTransition { .. },
+                revision: Some(1),
+                ..
+            })
+        ),
+        "{refused:?}"
+    );
+    assert_eq!(
+        store.stream_reads(),
+        reads_before,
+        "decided on the read made after it arrived"
+    );
+
+    let late = handler.handle(start(ticket, classifier(3))).await;
+    assert!(
+        matches!(late, Err(CommandError::Rejected { revision: Some(1), .. })),
+        "{late:?}"
+    );
+    assert_eq!(
+        store.stream_reads(),
+        reads_before + 1,
+        "the read was made before this command arrived: confirmed by a read of its own"
+    );
+}
+
+/// A load with the ticket cached reads only from the cached revision on,
+/// and gives what a load of the whole stream gives; a cached fold that
+/// does not match the stored stream (its last event is not the one
+/// stored at its revision) is ignored and the stream read whole.
+#[tokio::test]
+async fn a_load_catches_up_from_the_cache_and_matches_a_whole_read() {
+    let memory = Arc::new(InMemoryEventStore::new());
+    let handler = CommandHandler::new(memory.clone() as Arc<dyn EventStore>);
+    let ticket = open(&handler).await;
+    let claim = start(ticket, classifier(1));
+    let claim_id = claim.command_id;
+    handler.handle(claim).await.unwrap();
+    // Moved on by another process: the cache is at revision 1.
+    let other = CommandHandler::new(memory.clone() as Arc<dyn EventStore>);
+    other.handle(classify(ticket, classifier(1), claim_id)).await.unwrap();
+
+    let whole = CommandHandler::new(memory.clone() as Arc<dyn EventStore>)
+        .with_cache_capacity(0)
+        .load(ticket)
+        .await
+        .unwrap();
+    let caught_up = handler.load(ticket).await.unwrap();
+    assert_eq!(whole.revision, Some(2));
+    assert_eq!(caught_up.revision, whole.revision);
+    assert_eq!(caught_up.ticket, whole.ticket);
+    assert_eq!(caught_up.history, whole.history);
+
+    // A cached fold of some other stream at revision 0.
+    let foreign = LoadedTicket {
+        revision: Some(0),
+        history: vec![StoredEvent {
+            id: Uuid::new_v4(),
+            ..whole.history[0].clone()
+        }],
+        ticket: whole.ticket.clone(),
+    };
+    handler.cache.remove(ticket);
+    handler.cache.put(ticket, Arc::new(foreign), std::time::Instant::now());
+    let reread = handler.load(ticket).await.unwrap();
+    assert_eq!(reread.history, whole.history);
+    assert_eq!(reread.ticket, whole.ticket);
+}
+
 #[tokio::test]
 async fn a_stale_cache_never_causes_a_rejection_or_a_lost_write() {
     // Two handlers with their own caches, as two processes would have.
@@ -821,7 +965,7 @@ async fn opening_a_new_ticket_reads_nothing_and_an_existing_one_is_refused_on_a_
 }
 
 #[tokio::test]
-async fn a_race_lost_to_this_handler_is_decided_on_the_winners_state_without_a_read() {
+async fn a_race_lost_is_decided_without_a_read_when_the_cache_holds_the_winners_state() {
     let memory = Arc::new(InMemoryEventStore::new());
     let store = Arc::new(CountingStore::new(memory.clone()));
     let handler = CommandHandler::new(store.clone() as Arc<dyn EventStore>);
@@ -829,15 +973,19 @@ async fn a_race_lost_to_this_handler_is_decided_on_the_winners_state_without_a_r
     handler.load(ticket).await.unwrap();
     let reads_before = store.stream_reads();
 
-    // Both claims are decided on the loaded ticket (revision 0); the first
-    // one's append lets the second one in first, through a clone of the
-    // handler (which shares its cache).
-    let winner = handler.clone();
+    // The claim is decided on the loaded ticket (revision 0); its append
+    // lets another process's claim in first, and then a read of this
+    // process (through a clone of the handler, which shares its cache)
+    // caches the ticket as that claim left it. (A clone's own command
+    // would not race it: commands of one process take turns.)
+    let other = CommandHandler::new(memory.clone() as Arc<dyn EventStore>);
+    let reader = handler.clone();
     let winning_claim = start(ticket, classifier(1));
     let winning_claim_id = winning_claim.command_id;
     store.before_next_append(async move {
-        let accepted = winner.handle(winning_claim).await.unwrap();
+        let accepted = other.handle(winning_claim).await.unwrap();
         assert_eq!(accepted.revision, 1);
+        assert_eq!(reader.load(ticket).await.unwrap().revision, Some(1));
     });
     let lost = handler.handle(start(ticket, classifier(2))).await;
     match lost {
@@ -851,8 +999,8 @@ async fn a_race_lost_to_this_handler_is_decided_on_the_winners_state_without_a_r
     }
     assert_eq!(
         store.stream_reads(),
-        reads_before,
-        "the refusal was decided on the state the store reported at the conflict, which the cache held"
+        reads_before + 1,
+        "the reader's only: the refusal was decided on the state the store reported at the conflict, which the cache held"
     );
     let events = stored(&memory, ticket).await;
     assert_eq!(events.len(), 2, "only the winner's claim was written");
@@ -895,12 +1043,15 @@ async fn a_retry_after_the_pause_decides_on_a_read_made_after_it() {
         base_delay: std::time::Duration::from_secs(1),
         max_delay: std::time::Duration::from_secs(1),
     });
-    // The classification races a heartbeat of this handler (lease until
-    // 08:00:10), which wins.
-    let heartbeat = handler.clone();
+    // The classification races a heartbeat from another process (lease
+    // until 08:00:10), which wins, and which a read of this process (a
+    // clone of the handler) caches: the conflict finds the cache at the
+    // stream's revision.
+    let (heartbeat, reader) = (new_handler(), handler.clone());
     let first_extension = extend(10);
     store.before_next_append(async move {
-        heartbeat.handle(first_extension).await.unwrap();
+        let extended = heartbeat.handle(first_extension).await.unwrap();
+        assert_eq!(reader.load(ticket).await.unwrap().revision, Some(extended.revision));
     });
     // During the pause that follows the conflict: another heartbeat
     // (until 08:00:39), then the clock passes 08:00:10.
