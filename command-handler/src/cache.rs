@@ -79,8 +79,10 @@ impl StreamCache {
     /// Stores `loaded`, seen by a read or append that began at
     /// `seen_after`, unless the cache already holds a newer revision: a
     /// slow task must never put an older snapshot over a newer one. The
-    /// same revision seen later only moves `seen_after` on: stored events
-    /// never change, so it is the same fold.
+    /// same revision seen later only moves `seen_after` on when the two
+    /// end with the same event (stored events never change, so it is the
+    /// same fold); a fold of another stream at that revision (a store
+    /// replaced under the handler) is replaced, never stamped as seen.
     pub(crate) fn put(&self, ticket: TicketId, loaded: Arc<LoadedTicket>, seen_after: Instant) {
         if self.capacity == 0 || loaded.revision.is_none() {
             return;
@@ -90,8 +92,13 @@ impl StreamCache {
             if existing.loaded.revision > loaded.revision {
                 return;
             }
+            let last_id = |fold: &LoadedTicket| fold.history.last().map(|stored| stored.id);
             if existing.loaded.revision == loaded.revision {
-                existing.seen_after = existing.seen_after.max(seen_after);
+                if last_id(&existing.loaded) == last_id(&loaded) {
+                    existing.seen_after = existing.seen_after.max(seen_after);
+                } else {
+                    *existing = Cached { loaded, seen_after };
+                }
                 return;
             }
         }

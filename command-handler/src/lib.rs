@@ -581,8 +581,14 @@ impl CommandHandler {
         // accepted append is then confirmed on fresh state before it is
         // reported.
         let mut cached = None;
+        // Whether `current` is such a cache entry, not a refused append's
+        // answer.
+        let mut seen_for_this_command = false;
         match self.cache.get(ticket_id) {
-            Some(entry) if entry.current_for(arrived) => current = Some(entry.loaded),
+            Some(entry) if entry.current_for(arrived) => {
+                current = Some(entry.loaded);
+                seen_for_this_command = true;
+            }
             Some(entry) => cached = Some(entry.loaded),
             None => {}
         }
@@ -600,6 +606,7 @@ impl CommandHandler {
                 turn = Some(self.turns.take(ticket_id).await);
             }
             let from_cache = cached.is_some() && current.is_none();
+            let seen_before_now = std::mem::take(&mut seen_for_this_command) && current.is_some();
             let loaded = match (current.take(), cached.take()) {
                 (Some(loaded), _) | (None, Some(loaded)) => loaded,
                 (None, None) => self.load_fresh(ticket_id).await?,
@@ -630,6 +637,10 @@ impl CommandHandler {
             let events = match decide(&loaded.ticket, &envelope.command, &context) {
                 Ok(events) => events,
                 Err(_) if from_cache => continue,
+                // A lease found run out now, on the ticket as it was up to
+                // `CURRENT_FOR` ago: another process may have extended it
+                // since. Confirmed on a read, as after a retry's pause.
+                Err(Rejection::LeaseExpired { .. }) if seen_before_now => continue,
                 Err(rejection) => {
                     // A late write under a claim that has ended since is
                     // told how it ended, not only that the stage is over.

@@ -19,10 +19,16 @@
 //! - A record keeps its permit until it is written, so all permits back
 //!   means nothing in flight ([`CommandHandler::rejections_recorded`]).
 //! - A record's id is derived from its command, so a retried refusal has
-//!   the id of the first. An append of several records fails as a whole
-//!   when only some of its ids are stored already; then each record is
-//!   appended on its own, where a stored one is the harmless no-op it
-//!   always was.
+//!   the id of the first. On a store that enforces unique event ids, an
+//!   append of several records fails as a whole (a conflict) when only
+//!   some of its ids are stored already; then each record is appended on
+//!   its own, where a stored one is the harmless no-op it always was. A
+//!   store without that index (KurrentDB) would store the whole batch,
+//!   the retried record again, so there records are appended one by one.
+//! - A writer that ends without finishing (a panic in the store, its
+//!   runtime shut down) takes its stream out of the map and logs the
+//!   records it leaves unwritten, so that later records get a writer and
+//!   their permits come back.
 //!
 //! [`CommandHandler::rejections_recorded`]: crate::CommandHandler::rejections_recorded
 
@@ -31,7 +37,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::OwnedSemaphorePermit;
 use tracing::{Instrument, Span, warn};
-use triage_event_store::{EventData, EventStore, ExpectedRevision, StreamName};
+use triage_event_store::{Error as StoreError, EventData, EventStore, ExpectedRevision, StreamName};
 
 /// Most records in one append: refusal records are a few hundred bytes, so
 /// an append stays far below any store's payload limit.
@@ -87,45 +93,96 @@ impl Recorder {
 
     /// Writes `stream`'s records until none is waiting, then leaves.
     async fn write_stream(&self, stream: StreamName) {
+        let mut unfinished = Unfinished {
+            recorder: self,
+            stream: &stream,
+            in_flight: Vec::new(),
+            done: false,
+        };
+        let batch_size = if self.store.enforces_unique_event_ids() {
+            MAX_RECORDS_PER_APPEND
+        } else {
+            1
+        };
         loop {
             let batch = {
                 let mut waiting = self.waiting();
                 let Some(queue) = waiting.get_mut(&stream) else {
+                    unfinished.done = true;
                     return;
                 };
                 if queue.is_empty() {
                     waiting.remove(&stream);
+                    unfinished.done = true;
                     return;
                 }
-                let take = queue.len().min(MAX_RECORDS_PER_APPEND);
+                let take = queue.len().min(batch_size);
                 queue.drain(..take).collect::<Vec<_>>()
             };
-            self.write(&stream, batch).await;
+            unfinished.in_flight = batch;
+            self.write(&stream, &mut unfinished.in_flight).await;
+            // Written: their permits go back.
+            unfinished.in_flight.clear();
         }
     }
 
-    async fn write(&self, stream: &StreamName, mut batch: Vec<Queued>) {
+    async fn write(&self, stream: &StreamName, batch: &mut Vec<Queued>) {
         // Two copies of one refusal (a retry refused again before the first
         // was written) are one record.
         let mut seen = std::collections::HashSet::with_capacity(batch.len());
         batch.retain(|queued| seen.insert(queued.data.id));
-        if let [queued] = batch.as_slice() {
+        if let [queued] = &batch[..] {
             append(&*self.store, stream, vec![queued.data.clone()])
                 .instrument(queued.span.clone())
                 .await;
             return;
         }
         let events = batch.iter().map(|queued| queued.data.clone()).collect();
-        if self.store.append(stream, ExpectedRevision::Any, events).await.is_ok() {
+        match self.store.append(stream, ExpectedRevision::Any, events).await {
+            Ok(_) => {}
+            // One of them is stored already: each on its own, where that is
+            // a no-op.
+            Err(StoreError::WrongExpectedVersion { .. }) => {
+                for queued in batch.iter() {
+                    append(&*self.store, stream, vec![queued.data.clone()])
+                        .instrument(queued.span.clone())
+                        .await;
+                }
+            }
+            // Not a question of ids (the store is down, say): one attempt
+            // each is enough, or an outage would cost each record a timeout.
+            Err(error) => {
+                for queued in batch.iter() {
+                    queued.span.in_scope(|| warn!(%error, "could not record the rejection"));
+                }
+            }
+        }
+    }
+}
+
+/// Takes a writer's stream out of the map if the writer ends without
+/// finishing (a panic, its task dropped), logging what it leaves unwritten.
+struct Unfinished<'a> {
+    recorder: &'a Recorder,
+    stream: &'a StreamName,
+    /// The batch being written. Held here so that its permits go back only
+    /// after the stream left the map (fields drop after `drop`): a record
+    /// queued once `rejections_recorded` returned then gets a writer.
+    in_flight: Vec<Queued>,
+    done: bool,
+}
+
+impl Drop for Unfinished<'_> {
+    fn drop(&mut self) {
+        if self.done {
             return;
         }
-        // Perhaps one of them is stored already: each on its own, where that
-        // is a no-op and any other failure is logged with its command.
-        for queued in &batch {
-            append(&*self.store, stream, vec![queued.data.clone()])
-                .instrument(queued.span.clone())
-                .await;
-        }
+        let left = self.recorder.waiting().remove(self.stream).unwrap_or_default();
+        warn!(
+            stream = %self.stream,
+            unwritten = left.len() + self.in_flight.len(),
+            "the writer of refusal records stopped; the records it was writing and those queued are not written"
+        );
     }
 }
 

@@ -642,6 +642,170 @@ async fn a_load_catches_up_from_the_cache_and_matches_a_whole_read() {
     assert_eq!(reread.ticket, whole.ticket);
 }
 
+/// A cache entry found to be a fold of another stream at the same
+/// revision (a store replaced under the handler) is replaced by the read
+/// that found it, not stamped as seen: a waiting command decides on what
+/// the store holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_foreign_fold_at_the_same_revision_is_replaced_not_restamped() {
+    let memory = Arc::new(InMemoryEventStore::new());
+    let handler = CommandHandler::new(memory.clone() as Arc<dyn EventStore>).with_rejection_log(false);
+    let ticket = open(&handler).await;
+    // Another process claims the ticket: revision 1, classifier-1's claim.
+    let other = CommandHandler::new(memory.clone() as Arc<dyn EventStore>);
+    let claim = start(ticket, classifier(1));
+    let claim_id = claim.command_id;
+    other.handle(claim).await.unwrap();
+
+    // The cache holds a fold at revision 1 of another history: claimed by
+    // classifier-9.
+    let elsewhere = CommandHandler::new(Arc::new(InMemoryEventStore::new()) as Arc<dyn EventStore>);
+    elsewhere
+        .handle(CommandEnvelope::new(
+            ticket,
+            intake(),
+            Command::OpenTicket {
+                subject: "x".into(),
+                body: "y".into(),
+                customer: None,
+            },
+        ))
+        .await
+        .unwrap();
+    elsewhere.handle(start(ticket, classifier(9))).await.unwrap();
+    let foreign = elsewhere.load(ticket).await.unwrap();
+    assert_eq!(foreign.revision, Some(1));
+    let long_ago = std::time::Instant::now() - std::time::Duration::from_secs(10);
+    handler.cache.remove(ticket);
+    handler.cache.put(ticket, Arc::new(foreign), long_ago);
+
+    // classifier-1's classification waits for its turn; meanwhile this
+    // process reads the ticket (a read that began after it arrived).
+    let turn = handler.turns.take(ticket).await;
+    let waiting = tokio::spawn({
+        let handler = handler.clone();
+        async move { handler.handle(classify(ticket, classifier(1), claim_id)).await }
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    let read = handler.load(ticket).await.unwrap();
+    assert_eq!(read.history[1].metadata.agent, classifier(1));
+    assert_eq!(
+        handler.cache.get(ticket).unwrap().loaded.history[1].metadata.agent,
+        classifier(1),
+        "the cache holds what was read"
+    );
+    drop(turn);
+    let outcome = waiting.await.unwrap();
+    assert!(outcome.is_ok(), "decided on the stored stream: {outcome:?}");
+}
+
+/// A lease found run out on a cache entry seen after the command arrived
+/// is confirmed on a read: another process may have extended it between
+/// that moment and the decision's clock, and here it did.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_seen_expired_on_a_waiting_command_is_confirmed_on_a_read() {
+    let memory = Arc::new(InMemoryEventStore::new());
+    let clock = Arc::new(ManualClock::new(Utc.with_ymd_and_hms(2026, 2, 1, 8, 0, 0).unwrap()));
+    let handler = CommandHandler::new(memory.clone() as Arc<dyn EventStore>)
+        .with_clock(clock.clone())
+        .with_rejection_log(false);
+    let ticket = open(&handler).await;
+    let holder = classifier(1);
+    let claim = start(ticket, holder.clone());
+    let claim_id = claim.command_id;
+    handler.handle(claim).await.unwrap(); // lease until 08:00:30
+
+    let turn = handler.turns.take(ticket).await;
+    let waiting = tokio::spawn({
+        let handler = handler.clone();
+        let holder = holder.clone();
+        async move { handler.handle(classify(ticket, holder, claim_id)).await }
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    // Seen after the command arrived: revision 1, lease until 08:00:30.
+    assert_eq!(handler.load(ticket).await.unwrap().revision, Some(1));
+    // Then another process extends the lease (until 08:01:20), and the
+    // clock passes the old end.
+    clock.advance(Duration::seconds(20));
+    let other = CommandHandler::new(memory.clone() as Arc<dyn EventStore>).with_clock(clock.clone());
+    other
+        .handle(CommandEnvelope::new(
+            ticket,
+            holder.clone(),
+            Command::ExtendLease {
+                claim_id,
+                lease_secs: Some(60),
+            },
+        ))
+        .await
+        .unwrap();
+    clock.advance(Duration::seconds(20));
+    drop(turn);
+    let accepted = waiting.await.unwrap().expect("the lease had been extended");
+    assert_eq!(accepted.state, State::Classified);
+    assert_eq!(accepted.revision, 3);
+}
+
+/// A writer of refusal records that dies (here the store panics) leaves
+/// no stream behind without a writer: a later refusal of the ticket is
+/// recorded, and `rejections_recorded` returns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_after_a_writer_died_are_still_written() {
+    let store = Arc::new(CountingStore::new(Arc::new(InMemoryEventStore::new())));
+    let handler = CommandHandler::new(store.clone()).with_rejections_recorded_in_background();
+    let ticket = open(&handler).await;
+    store.before_next_append(async { panic!("the store panics once") });
+    assert!(handler.handle(draft_too_early(ticket)).await.is_err());
+    // Returns once the dead writer's record has given its permit back.
+    tokio::time::timeout(std::time::Duration::from_secs(5), handler.rejections_recorded())
+        .await
+        .expect("the dead writer's record is let go");
+    let later = draft_too_early(ticket);
+    assert!(handler.handle(later.clone()).await.is_err());
+    tokio::time::timeout(std::time::Duration::from_secs(5), handler.rejections_recorded())
+        .await
+        .expect("the later record lands");
+    let rejections = StreamName::new(triage_domain::CommandRejected::stream_name(ticket)).unwrap();
+    let records = store.read_stream(&rejections, ReadStream::forwards()).await.unwrap();
+    let ids: Vec<Uuid> = records.iter().map(|record| record.id).collect();
+    assert_eq!(
+        ids,
+        vec![triage_domain::CommandRejected::record_id(later.command_id, ticket)]
+    );
+}
+
+/// With the store failing, a burst of refusal records is tried once per
+/// append, not once more per record: an outage must not cost each record
+/// its own deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_records_on_a_failing_store_is_tried_once() {
+    let store = Arc::new(CountingStore::new(Arc::new(InMemoryEventStore::new())));
+    let handler = CommandHandler::new(store.clone()).with_rejections_recorded_in_background();
+    let ticket = open(&handler).await;
+    let (release, released) = tokio::sync::oneshot::channel::<()>();
+    let (held, holding) = tokio::sync::oneshot::channel::<()>();
+    store.before_next_append(async move {
+        let _ = held.send(());
+        let _ = released.await;
+    });
+    store.fail_appends(true);
+    assert!(handler.handle(draft_too_early(ticket)).await.is_err());
+    holding.await.unwrap();
+    for _ in 0..5 {
+        assert!(handler.handle(draft_too_early(ticket)).await.is_err());
+    }
+    let appends_before = store.appends();
+    release.send(()).unwrap();
+    tokio::time::timeout(std::time::Duration::from_secs(5), handler.rejections_recorded())
+        .await
+        .expect("given up on");
+    assert_eq!(
+        store.appends() - appends_before,
+        2,
+        "the first, then the five together, once"
+    );
+}
+
 #[tokio::test]
 async fn a_stale_cache_never_causes_a_rejection_or_a_lost_write() {
     // Two handlers with their own caches, as two processes would have.

@@ -29,6 +29,7 @@ pub struct CountingStore {
     stream_reads: AtomicUsize,
     all_reads: AtomicUsize,
     appends: AtomicUsize,
+    failing_appends: std::sync::atomic::AtomicBool,
     fail_read_all_from: Option<AllStart>,
     fail_head_position: bool,
     without_id_index: bool,
@@ -59,6 +60,7 @@ impl CountingStore {
             stream_reads: AtomicUsize::new(0),
             all_reads: AtomicUsize::new(0),
             appends: AtomicUsize::new(0),
+            failing_appends: std::sync::atomic::AtomicBool::new(false),
             fail_read_all_from: None,
             fail_head_position: false,
             without_id_index: false,
@@ -130,6 +132,12 @@ impl CountingStore {
         self.stream_reads.load(Ordering::SeqCst)
     }
 
+    /// From now on, answers every append with a backend error (they are
+    /// counted all the same), or stops doing so.
+    pub fn fail_appends(&self, fail: bool) {
+        self.failing_appends.store(fail, Ordering::SeqCst);
+    }
+
     /// Appends that reached the inner store so far (an interloper's
     /// included).
     pub fn appends(&self) -> usize {
@@ -159,6 +167,9 @@ impl EventStore for CountingStore {
             interloper.await;
         }
         self.appends.fetch_add(1, Ordering::SeqCst);
+        if self.failing_appends.load(Ordering::SeqCst) {
+            return Err(Error::backend("an append the test fails", "on purpose"));
+        }
         self.inner.append(stream, expected, events).await
     }
 

@@ -113,3 +113,107 @@ async fn commands_fail_clearly_during_an_outage_and_succeed_after_it() {
         "one event before the outage, one after; none during"
     );
 }
+
+/// A retried refusal queued with new ones. On KurrentDB an `Any` append
+/// whose ids are only partly stored is written, not refused, so refusal
+/// records are appended one by one there, where the retried one is an
+/// idempotent no-op: each refusal is recorded once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_refusal_in_a_burst_is_recorded_once_on_kurrentdb() {
+    use triage_event_store::testing::CountingStore;
+    use triage_event_store::{ReadStream, StreamName};
+    let server = TestServer::start("127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let store = Arc::new(CountingStore::new(connect(&server.url())));
+    let handler = CommandHandler::new(store.clone() as Arc<dyn EventStore>).with_rejections_recorded_in_background();
+    let intake = Agent::new("intake", Role::Intake);
+    let ticket = handler
+        .handle(open_ticket(intake, "Charged twice", "March invoice", None))
+        .await
+        .unwrap()
+        .ticket_id;
+    let too_early = || {
+        CommandEnvelope::new(
+            ticket,
+            Agent::new("drafter-1", Role::Drafter),
+            Command::SubmitDraft {
+                claim_id: uuid::Uuid::new_v4(),
+                body: "too early".into(),
+            },
+        )
+    };
+    let first = too_early();
+    assert!(handler.handle(first.clone()).await.is_err());
+    handler.rejections_recorded().await;
+
+    let (release, released) = tokio::sync::oneshot::channel::<()>();
+    store.before_next_append(async move {
+        let _ = released.await;
+    });
+    let (held, later) = (too_early(), too_early());
+    for envelope in [held.clone(), first.clone(), later.clone()] {
+        assert!(matches!(
+            handler.handle(envelope).await,
+            Err(CommandError::Rejected { .. })
+        ));
+    }
+    release.send(()).unwrap();
+    tokio::time::timeout(Duration::from_secs(5), handler.rejections_recorded())
+        .await
+        .expect("the records land");
+    let rejections = StreamName::new(triage_domain::CommandRejected::stream_name(ticket)).unwrap();
+    let records = store.read_stream(&rejections, ReadStream::forwards()).await.unwrap();
+    let recorded: Vec<uuid::Uuid> = records.iter().map(|record| record.id).collect();
+    let expected: Vec<uuid::Uuid> = [&first, &held, &later]
+        .iter()
+        .map(|envelope| triage_domain::CommandRejected::record_id(envelope.command_id, ticket))
+        .collect();
+    assert_eq!(recorded, expected, "each refusal recorded once");
+}
+
+/// A load caught up from a cache entry the handler wrote (appended, not
+/// read) equals a whole read, on KurrentDB and on SQLite: the positions
+/// and ids it remembered are the ones the store gave.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_load_caught_up_from_an_appended_entry_matches_a_whole_read() {
+    let server = TestServer::start("127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let sqlite: Arc<dyn EventStore> = Arc::new(
+        triage_store_sqlite::SqliteEventStore::open_temporary_with(triage_store_sqlite::SqliteOptions::default())
+            .unwrap(),
+    );
+    for store in [connect(&server.url()), sqlite] {
+        let handler = CommandHandler::new(store.clone());
+        let intake = Agent::new("intake", Role::Intake);
+        let ticket = handler
+            .handle(open_ticket(intake, "a", "b", None))
+            .await
+            .unwrap()
+            .ticket_id;
+        let claim = CommandEnvelope::new(
+            ticket,
+            Agent::new("c-1", Role::Classifier),
+            Command::StartClassification { lease_secs: Some(30) },
+        );
+        let claim_id = claim.command_id;
+        handler.handle(claim).await.unwrap();
+        let other = CommandHandler::new(store.clone());
+        other
+            .handle(CommandEnvelope::new(
+                ticket,
+                Agent::new("c-1", Role::Classifier),
+                Command::ExtendLease {
+                    claim_id,
+                    lease_secs: Some(30),
+                },
+            ))
+            .await
+            .unwrap();
+        let whole = CommandHandler::new(store.clone())
+            .with_cache_capacity(0)
+            .load(ticket)
+            .await
+            .unwrap();
+        let caught_up = handler.load(ticket).await.unwrap();
+        assert_eq!(caught_up.history, whole.history, "{}", store.describe());
+        assert_eq!(caught_up.revision, whole.revision);
+    }
+}
