@@ -262,6 +262,7 @@ pub struct HandlerStats {
     rejected: AtomicU64,
     duplicates: AtomicU64,
     conflicts_retried: AtomicU64,
+    store_conflicts: AtomicU64,
     stale_revisions: AtomicU64,
 }
 
@@ -276,6 +277,11 @@ pub struct HandlerCounts {
     pub duplicates: u64,
     /// Expected-revision conflicts resolved by deciding again.
     pub conflicts_retried: u64,
+    /// Appends the store refused because the stream had moved on, whatever
+    /// came of them (decided again, refused as stale, a reused id): races
+    /// with another process, or decisions on a cached ticket that was
+    /// behind.
+    pub store_conflicts: u64,
     /// Commands refused because their decided-on revision was stale.
     pub stale_revisions: u64,
 }
@@ -288,6 +294,7 @@ impl HandlerStats {
             rejected: self.rejected.load(Ordering::Relaxed),
             duplicates: self.duplicates.load(Ordering::Relaxed),
             conflicts_retried: self.conflicts_retried.load(Ordering::Relaxed),
+            store_conflicts: self.store_conflicts.load(Ordering::Relaxed),
             stale_revisions: self.stale_revisions.load(Ordering::Relaxed),
         }
     }
@@ -692,6 +699,7 @@ impl CommandHandler {
                     return Ok(accepted);
                 }
                 Err(StoreError::WrongExpectedVersion { actual, .. }) => {
+                    self.stats.store_conflicts.fetch_add(1, Ordering::Relaxed);
                     if actual == loaded.revision {
                         // The stream did not move: the event ids are stored
                         // in another stream.

@@ -1,7 +1,7 @@
 //! End-to-end checks across Triage crates.
 //!
-//! [`race`] runs many agents against the same few tickets through the
-//! command handler, with the hazards real agents have (stale decisions,
+//! [`race`] runs many agents against the same few tickets through
+//! several command handlers (as several processes would), with the hazards real agents have (stale decisions,
 //! retries with the same command id, late writes after a lease ran out, a
 //! sweeper expiring claims, operators taking over), and then [`audit_store`]
 //! checks the invariants of DESIGN.md **from the event log alone**: it never
@@ -31,6 +31,10 @@ pub struct RaceConfig {
     pub steps_per_agent: usize,
     /// Seed of every random choice.
     pub seed: u64,
+    /// Command handlers the agents are spread over, as over processes:
+    /// within one, commands on a ticket take turns; between them, only
+    /// the store's expected revision stands between racing writers.
+    pub processes: usize,
 }
 
 impl Default for RaceConfig {
@@ -40,6 +44,7 @@ impl Default for RaceConfig {
             tickets: 10,
             steps_per_agent: 40,
             seed: 7,
+            processes: 3,
         }
     }
 }
@@ -57,6 +62,9 @@ pub struct RaceReport {
     pub retries_sent: u64,
     /// Commands refused because their decided-on revision was stale.
     pub stale_decisions: u64,
+    /// Appends the store refused because the stream had moved on, over
+    /// all the handlers.
+    pub store_conflicts: u64,
     /// Commands the domain refused.
     pub rejections: u64,
     /// Unexpected errors (store failures, exhausted retries), as text.
@@ -196,7 +204,14 @@ pub async fn race(store: Arc<dyn EventStore>, config: RaceConfig) -> RaceReport 
         max_attempts: 3,
         ..Policy::default()
     };
-    let handler = CommandHandler::new(store).with_clock(clock.clone()).with_policy(policy);
+    let handlers: Vec<CommandHandler> = (0..config.processes.max(1))
+        .map(|_| {
+            CommandHandler::new(store.clone())
+                .with_clock(clock.clone())
+                .with_policy(policy.clone())
+        })
+        .collect();
+    let handler = handlers[0].clone();
     let report = Arc::new(Mutex::new(RaceReport::default()));
     let intake = Agent::new("intake-1", Role::Intake);
     let mut tickets = Vec::with_capacity(config.tickets);
@@ -267,7 +282,7 @@ pub async fn race(store: Arc<dyn EventStore>, config: RaceConfig) -> RaceReport 
     let mut agents = Vec::with_capacity(config.agents);
     for index in 0..config.agents {
         let progress = progress.clone();
-        let handler = handler.clone();
+        let handler = handlers[index % handlers.len()].clone();
         let tickets = tickets.clone();
         let report = report.clone();
         let late_attempted = late_attempted.clone();
@@ -376,6 +391,7 @@ pub async fn race(store: Arc<dyn EventStore>, config: RaceConfig) -> RaceReport 
         .into_inner()
         .unwrap();
     report.late_writes_attempted = late_attempted.load(Ordering::Relaxed);
+    report.store_conflicts = handlers.iter().map(|handler| handler.stats().store_conflicts).sum();
     report
 }
 
@@ -456,7 +472,7 @@ pub async fn race_and_audit(store: Arc<dyn EventStore>) {
     let audit = audit_store(store.as_ref(), &report.acknowledged).await;
     eprintln!(
         "{}: {} events in {} streams; {} acknowledged, {} rejections, {} stale decisions, {} retries, \
-         {} late writes attempted, {} claims expired; final states {:?}",
+         {} late writes attempted, {} claims expired, {} store conflicts; final states {:?}",
         store.describe(),
         audit.audit.events,
         audit.streams,
@@ -466,8 +482,12 @@ pub async fn race_and_audit(store: Arc<dyn EventStore>) {
         report.retries_sent,
         report.late_writes_attempted,
         audit.claims_expired,
+        report.store_conflicts,
         audit.final_states,
     );
+    // The handlers are spread as over processes: writers must have met at
+    // the store, or the run says nothing about its expected revisions.
+    assert!(report.store_conflicts > 0, "no append was refused for a moved stream");
     assert_eq!(
         audit.audit.invalid_transitions, 0,
         "invalid transitions: {:#?}",
