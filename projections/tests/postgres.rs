@@ -16,6 +16,7 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
+use futures::FutureExt as _;
 use triage_domain::{Role, State};
 use triage_event_store::EventStore;
 use triage_projections::{
@@ -1200,7 +1201,10 @@ async fn pg_a_rebuild_by_an_administrator_keeps_the_models_the_owners() {
     let mut workload = Workload::new(events.clone());
     workload.random(150, 5, 31).await;
 
-    let result = async {
+    // Panics (a failed assertion) are caught and raised again after the
+    // cleanup below, so that a failure leaves no roles behind on the
+    // server: roles are the cluster's, not the database's.
+    let result = std::panic::AssertUnwindSafe(async {
         // The owner sets the read models up and keeps them.
         let owned = PgReadModels::connect(&role_url, PgReadModelOptions::in_schema(&schema)).await?;
         let owner = PgProjector::new(events.clone(), owned.clone());
@@ -1265,7 +1269,8 @@ async fn pg_a_rebuild_by_an_administrator_keeps_the_models_the_owners() {
         assert!(matches!(refused, ProjectionError::NotOwner { .. }), "{refused:?}");
         assert!(refused.to_string().contains(&role), "{refused}");
         Ok::<_, ProjectionError>(())
-    }
+    })
+    .catch_unwind()
     .await;
     let foreign: Vec<String> = admin
         .query(
@@ -1285,6 +1290,7 @@ async fn pg_a_rebuild_by_an_administrator_keeps_the_models_the_owners() {
         ))
         .await
         .unwrap();
+    let result = result.unwrap_or_else(|panic| std::panic::resume_unwind(panic));
     result.expect("the owner's read models keep working after the administrator's rebuild");
     assert!(foreign.is_empty(), "objects not the owner's: {foreign:?}");
 }

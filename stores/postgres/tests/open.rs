@@ -159,9 +159,16 @@ async fn a_role_without_privileges_fails_with_a_clear_error() {
         .batch_execute(&format!(r#"CREATE ROLE "{role}" LOGIN"#))
         .await
         .unwrap();
+    // A store it would have to create, and one that exists.
+    let (fresh, existing) = (fresh_schema(), fresh_schema());
+    let _clean_up = common::CleanUp::new(
+        &url,
+        format!(
+            r#"DROP SCHEMA IF EXISTS "{fresh}" CASCADE; DROP SCHEMA IF EXISTS "{existing}" CASCADE;
+               DROP ROLE IF EXISTS "{role}";"#
+        ),
+    );
 
-    // A store it would have to create.
-    let fresh = fresh_schema();
     let error = PostgresEventStore::connect(&role_url, PostgresOptions::in_schema(&fresh))
         .await
         .expect_err("a role without privileges cannot create a store");
@@ -183,7 +190,6 @@ async fn a_role_without_privileges_fails_with_a_clear_error() {
     assert!(!created, "nothing was created");
 
     // A store that exists but that it may not use.
-    let existing = fresh_schema();
     drop(
         PostgresEventStore::connect(&url, PostgresOptions::in_schema(&existing))
             .await
@@ -201,9 +207,6 @@ async fn a_role_without_privileges_fails_with_a_clear_error() {
     );
     assert!(message.contains(&existing), "{message}");
     assert_eq!(snapshot(&admin, &existing).await, before);
-
-    drop_schema(&admin, &existing).await;
-    admin.batch_execute(&format!(r#"DROP ROLE "{role}""#)).await.unwrap();
 }
 
 /// What retrying cannot change, once the store is open: a privilege
@@ -225,6 +228,17 @@ async fn a_revoked_privilege_or_a_read_only_server_is_refused_while_running() {
         return;
     };
     let schema = fresh_schema();
+    let _clean_up = common::CleanUp::new(
+        &url,
+        format!(
+            r#"DROP SCHEMA IF EXISTS "{schema}" CASCADE;
+               DO $$ BEGIN
+                   IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '{role}') THEN
+                       DROP OWNED BY "{role}"; DROP ROLE "{role}";
+                   END IF;
+               END $$;"#
+        ),
+    );
     let owner = PostgresEventStore::connect(&url, PostgresOptions::in_schema(&schema))
         .await
         .expect("the store is created");
@@ -302,13 +316,7 @@ async fn a_revoked_privilege_or_a_read_only_server_is_refused_while_running() {
         .await
         .expect("the stream reads");
     assert_eq!(stored.len(), 1, "only the first append was stored: {stored:?}");
-
     drop(owner);
-    drop_schema(&admin, &schema).await;
-    admin
-        .batch_execute(&format!(r#"DROP OWNED BY "{role}"; DROP ROLE "{role}""#))
-        .await
-        .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -442,6 +450,18 @@ async fn a_stricter_default_isolation_changes_nothing() {
         return;
     };
     let database: String = admin.query_one("SELECT current_database()", &[]).await.unwrap().get(0);
+    let schema = fresh_schema();
+    let _clean_up = common::CleanUp::new(
+        &url,
+        format!(
+            r#"DROP SCHEMA IF EXISTS "{schema}" CASCADE;
+               DO $$ BEGIN
+                   IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '{role}') THEN
+                       DROP OWNED BY "{role}"; DROP ROLE "{role}";
+                   END IF;
+               END $$;"#
+        ),
+    );
     admin
         .batch_execute(&format!(
             r#"CREATE ROLE "{role}" LOGIN;
@@ -459,7 +479,6 @@ async fn a_stricter_default_isolation_changes_nothing() {
         .get(0);
     assert_eq!(isolation, "serializable");
 
-    let schema = fresh_schema();
     let mut opening = tokio::task::JoinSet::new();
     for _ in 0..4 {
         let (role_url, schema) = (role_url.clone(), schema.clone());
@@ -520,14 +539,8 @@ async fn a_stricter_default_isolation_changes_nothing() {
         "every append that landed, once"
     );
     assert!(exact_written > 0, "some Exact appends landed");
-
     drop(stores);
     drop(plain);
-    drop_schema(&admin, &schema).await;
-    admin
-        .batch_execute(&format!(r#"DROP OWNED BY "{role}"; DROP ROLE "{role}""#))
-        .await
-        .unwrap();
 }
 
 /// A store that is fine but cannot be checked right now (here the events

@@ -73,3 +73,43 @@ pub fn event(event_type: &str) -> EventData {
         metadata: b"{}".to_vec(),
     }
 }
+
+/// Runs `sql` when dropped, on a connection of its own made in a thread of
+/// its own: also when the test fails and unwinds, so that what a test
+/// made on the server outside its database (roles are the cluster's) is
+/// removed whatever happens.
+pub struct CleanUp {
+    url: String,
+    sql: String,
+}
+
+impl CleanUp {
+    pub fn new(url: &str, sql: String) -> Self {
+        CleanUp {
+            url: url.to_owned(),
+            sql,
+        }
+    }
+}
+
+impl Drop for CleanUp {
+    fn drop(&mut self) {
+        let (url, sql) = (self.url.clone(), self.sql.clone());
+        let cleaned = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("a runtime for the clean-up");
+            runtime.block_on(async {
+                let client = raw_client(&url).await;
+                client.batch_execute(&sql).await
+            })
+        })
+        .join();
+        match cleaned {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => eprintln!("clean-up failed: {error}: {}", self.sql),
+            Err(_) => eprintln!("clean-up panicked: {}", self.sql),
+        }
+    }
+}
