@@ -616,9 +616,13 @@ fn json_rpc_error(status: axum::http::StatusCode, id: serde_json::Value, code: i
     (status, axum::Json(json_rpc_error_body(id, code, message))).into_response()
 }
 
-/// What is wrong with a parsed message that is not one JSON-RPC request,
-/// notification or response of MCP's, as a JSON-RPC error: its id (when it
-/// has a usable one), code and message. `None` for a good message.
+/// Why `params` are not `method`'s params, if they are not.
+fn invalid_params<P: serde::de::DeserializeOwned>(method: &str, params: &serde_json::Value) -> Option<String> {
+    P::deserialize(params)
+        .err()
+        .map(|error| format!("invalid {method} params: {error}"))
+}
+
 fn json_rpc_problem(message: &serde_json::Value) -> Option<(serde_json::Value, i32, String)> {
     let fields = match message {
         serde_json::Value::Object(fields) => fields,
@@ -641,14 +645,28 @@ fn json_rpc_problem(message: &serde_json::Value) -> Option<(serde_json::Value, i
         Some(id @ (serde_json::Value::String(_) | serde_json::Value::Number(_))) => id.clone(),
         _ => serde_json::Value::Null,
     };
-    // The transport takes an initialize with bad params for a message
-    // that needs a session, and says "Session ID is required".
-    if fields.get("method").and_then(serde_json::Value::as_str) == Some("initialize")
-        && let Err(error) = <rmcp::model::InitializeRequestParams as Deserialize>::deserialize(
-            fields.get("params").unwrap_or(&serde_json::Value::Null),
-        )
-    {
-        return Some((id, -32602, format!("invalid initialize params: {error}")));
+    // Params that the method's own type refuses are invalid params
+    // (-32602), said here: the transport takes an initialize with bad
+    // params for a message that needs a session ("Session ID is
+    // required"), a tools/call whose params are not an object for no
+    // JSON-RPC message at all, and one whose name is not a string for an
+    // unknown method (-32601 "tools/call").
+    let params = fields.get("params");
+    let refused = match fields.get("method").and_then(serde_json::Value::as_str) {
+        Some(method @ "initialize") => {
+            invalid_params::<rmcp::model::InitializeRequestParams>(method, params.unwrap_or(&serde_json::Value::Null))
+        }
+        Some(method @ "tools/call") => {
+            invalid_params::<rmcp::model::CallToolRequestParams>(method, params.unwrap_or(&serde_json::Value::Null))
+        }
+        // Optional: absent or null params are no params.
+        Some(method @ "tools/list") => params
+            .filter(|params| !params.is_null())
+            .and_then(|params| invalid_params::<rmcp::model::PaginatedRequestParams>(method, params)),
+        _ => None,
+    };
+    if let Some(message) = refused {
+        return Some((id, -32602, message));
     }
     // Unknown methods parse (as custom requests) and are the server's to
     // answer; this is the shape: jsonrpc "2.0", an id, a method, a result.
@@ -660,9 +678,9 @@ fn json_rpc_problem(message: &serde_json::Value) -> Option<(serde_json::Value, i
 }
 
 /// Answers a POST that is not one JSON-RPC message in JSON-RPC terms (a
-/// parse error -32700, an invalid request -32600, invalid `initialize`
-/// params -32602), with status 400; an encoded (compressed) body with
-/// -32600 and 415, before it is read. The MCP transport would answer some
+/// parse error -32700, an invalid request -32600, invalid params of
+/// `initialize`, `tools/call` or `tools/list` -32602), with status 400; an
+/// encoded (compressed) body with -32600 and 415, before it is read. The MCP transport would answer some
 /// with a plain-text 415, and an `initialize` whose params are wrong with
 /// "Session ID is required", which sends a client looking for the wrong
 /// cause. Batches are refused: MCP 2025-06-18 removed them.

@@ -258,6 +258,11 @@ async fn mcp_over_http_answers_bad_messages_as_json_rpc_errors() {
             json!(1),
             -32602,
         ),
+        (
+            r#"{"jsonrpc":"2.0","id":2,"method":"tools/call","params":{"name":42}}"#,
+            json!(2),
+            -32602,
+        ),
     ] {
         let response = post(body).await.unwrap();
         assert_eq!(response.status(), 400, "{body}");
@@ -433,6 +438,23 @@ async fn a_bad_line_over_stdio_gets_a_json_rpc_error_and_the_session_goes_on() {
         (&b"42"[..], Value::Null, -32600),
         (&b"{}"[..], Value::Null, -32600),
         (&br#"{"jsonrpc":"2.0","id":7}"#[..], json!(7), -32600),
+        // Params the method does not take: invalid params, not "no
+        // message" or "no such method".
+        (
+            &br#"{"jsonrpc":"2.0","id":8,"method":"tools/call","params":"oops"}"#[..],
+            json!(8),
+            -32602,
+        ),
+        (
+            &br#"{"jsonrpc":"2.0","id":9,"method":"tools/call","params":{"name":42}}"#[..],
+            json!(9),
+            -32602,
+        ),
+        (
+            &br#"{"jsonrpc":"2.0","id":10,"method":"tools/list","params":[1]}"#[..],
+            json!(10),
+            -32602,
+        ),
     ] {
         client_in.write_all(line).await.unwrap();
         client_in.write_all(b"\n").await.unwrap();
