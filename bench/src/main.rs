@@ -138,6 +138,13 @@ enum Bench {
         /// Rebuilds of the one generated log, a JSON line each.
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
         rounds: u32,
+        /// After each round, the peer's replay (cqrs-es + postgres-es) of as
+        /// many events of its own, then medians and ratios.
+        #[arg(long)]
+        compare: bool,
+        /// The peer's binary; built from bench/peer-cqrs-es when absent.
+        #[arg(long, requires = "compare")]
+        peer: Option<std::path::PathBuf>,
     },
 }
 
@@ -381,12 +388,15 @@ async fn main() -> anyhow::Result<()> {
             pool_size,
             read_model,
             rounds,
+            compare,
+            peer,
         } => {
             let options = pg::RebuildBench {
                 batch_size,
                 pool_size,
                 read_model,
                 rounds,
+                peer: if compare { Some(pg::peer_binary(peer)?) } else { None },
             };
             pg::rebuild(&url, events, options, |line| println!("{line}")).await?;
         }

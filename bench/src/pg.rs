@@ -566,7 +566,7 @@ async fn copy_floor(url: &str, schema: &str) -> anyhow::Result<(f64, u64)> {
 }
 
 /// What `pg-rebuild` runs besides the log's size.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub(crate) struct RebuildBench {
     pub(crate) batch_size: usize,
     pub(crate) pool_size: usize,
@@ -574,6 +574,9 @@ pub(crate) struct RebuildBench {
     /// Rebuilds of the one generated log: generating it takes ten times as
     /// long as a rebuild, and several rounds show the spread of one run.
     pub(crate) rounds: u32,
+    /// The peer's binary: after each round, its replay of as many events
+    /// of its own (`--replay-events`), then medians and ratios.
+    pub(crate) peer: Option<PathBuf>,
 }
 
 /// `triage-bench pg-rebuild`: appends `events` events of whole ticket
@@ -599,6 +602,7 @@ pub(crate) async fn rebuild(
     );
     let (total, generate_s) = crate::replay::fill(store.clone(), events).await?;
     let settle_s = settle(url, store.schema()).await?;
+    let (mut triage_rates, mut read_rates, mut peer_rates) = (Vec::new(), Vec::new(), Vec::new());
     for number in 1..=bench.rounds {
         let (floor, copied_bytes) = copy_floor(url, store.schema()).await?;
         let read = read_all(store.as_ref(), total, bench.batch_size).await?;
@@ -622,9 +626,54 @@ pub(crate) async fn rebuild(
         // DESIGN.md: projection rebuild from PostgreSQL ≥ 500,000 events/s.
         result["target_events_per_s"] = json!(500_000);
         result["target_met"] = json!(result["events_per_s"].as_f64().is_some_and(|rate| rate >= 500_000.0));
+        triage_rates.push(result["events_per_s"].as_f64().unwrap_or(0.0));
+        read_rates.push(total as f64 / read);
         line(result);
+        if let Some(peer) = &bench.peer {
+            let mut replayed = peer_replay(peer, url, total, bench.pool_size)?;
+            replayed["round"] = json!(number);
+            peer_rates.push(replayed["events_per_s"].as_f64().unwrap_or(0.0));
+            line(replayed);
+        }
+    }
+    if bench.peer.is_some() {
+        let (triage, read, peer) = (median(triage_rates), median(read_rates), median(peer_rates));
+        // DESIGN.md: a rebuild ≥ 5× the peer's replay rate.
+        let ratio = |rate: f64| round(rate / peer.max(1.0), 2);
+        line(json!({
+            "bench": "pg-rebuild-compare",
+            "events": total,
+            "rounds": bench.rounds,
+            "read_model": match bench.read_model {
+                ReadModelPlace::Sqlite => "sqlite",
+                ReadModelPlace::Postgres => "postgres",
+            },
+            "triage_events_per_s": round(triage, 0),
+            "triage_read_only_events_per_s": round(read, 0),
+            "peer_replay_events_per_s": round(peer, 0),
+            "ratio_events_per_s": ratio(triage),
+            "ratio_read_only": ratio(read),
+            "target_ratio": 5.0,
+            "target_met": ratio(triage) >= 5.0,
+        }));
     }
     Ok(())
+}
+
+/// One replay run of the peer (see `bench/peer-cqrs-es/src/replay.rs`),
+/// its JSON line.
+fn peer_replay(peer: &PathBuf, url: &str, events: u64, pool_size: usize) -> anyhow::Result<Value> {
+    let output = Process::new(peer)
+        .args(["--url", url])
+        .args(["--replay-events", &events.to_string()])
+        .args(["--pool-size", &pool_size.to_string()])
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .with_context(|| format!("cannot run the peer {}", peer.display()))?;
+    anyhow::ensure!(output.status.success(), "the peer failed: {}", output.status);
+    let stdout = String::from_utf8(output.stdout)?;
+    let line = stdout.lines().last().context("the peer printed nothing")?;
+    Ok(serde_json::from_str(line)?)
 }
 
 #[cfg(test)]

@@ -36,6 +36,7 @@
 //! [cqrs-es]: https://crates.io/crates/cqrs-es
 //! [postgres-es]: https://crates.io/crates/postgres-es
 
+mod replay;
 mod ticket;
 mod workload;
 
@@ -78,6 +79,11 @@ struct Cli {
     /// Most pooled connections.
     #[arg(long, default_value_t = 16)]
     pool_size: u32,
+    /// Instead of command runs: write about this many events (whole
+    /// lifecycles) and time cqrs-es's replay of all of them (see
+    /// `replay.rs`), as `triage-bench pg-rebuild --peer` does.
+    #[arg(long)]
+    replay_events: Option<u64>,
 }
 
 pub(crate) type Cqrs = CqrsFramework<ticket::Ticket, workload::PersistedStore>;
@@ -191,6 +197,10 @@ pub(crate) fn histogram() -> anyhow::Result<Histogram<u64>> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    if let Some(events) = cli.replay_events {
+        println!("{}", replay::run(&cli.url, cli.pool_size, events).await?);
+        return Ok(());
+    }
     for &mode in &cli.tickets {
         for &agents in &cli.agents {
             println!("{}", run(&cli, agents, mode).await?);

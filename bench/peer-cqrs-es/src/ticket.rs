@@ -219,7 +219,7 @@ fn new_claim(command: &TicketCommand, lease_secs: Option<u32>, now: DateTime<Utc
 impl Ticket {
     /// Triage's `decide` for the happy path: the event the command makes,
     /// or why not.
-    fn decide(&self, command: &TicketCommand, now: DateTime<Utc>) -> Result<TicketEvent, Rejection> {
+    pub(crate) fn decide(&self, command: &TicketCommand, now: DateTime<Utc>) -> Result<TicketEvent, Rejection> {
         use Role as R;
         let role = command.agent.role;
         Ok(match &command.kind {

@@ -54,7 +54,7 @@ impl Tickets {
 }
 
 /// The roles of the seven lifecycle commands, as in Triage's workload.
-const LIFECYCLE: [Role; 7] = [
+pub(crate) const LIFECYCLE: [Role; 7] = [
     Role::Intake,
     Role::Classifier,
     Role::Classifier,
@@ -65,7 +65,7 @@ const LIFECYCLE: [Role; 7] = [
 ];
 
 /// The `step`-th command of the lifecycle (0-based); Triage's payloads.
-fn command(step: usize, claim: Option<Uuid>) -> CommandKind {
+pub(crate) fn command(step: usize, claim: Option<Uuid>) -> CommandKind {
     let claim_id = || claim.expect("a claim was taken by the previous step");
     match step {
         0 => CommandKind::OpenTicket {
@@ -95,7 +95,7 @@ fn command(step: usize, claim: Option<Uuid>) -> CommandKind {
     }
 }
 
-fn takes_claim(step: usize) -> bool {
+pub(crate) fn takes_claim(step: usize) -> bool {
     matches!(step, 1 | 3 | 5)
 }
 
