@@ -265,6 +265,12 @@ impl AppState {
     /// turns refusals into API errors (a stale decision with the events
     /// since the revision it was decided on).
     async fn run(&self, envelope: CommandEnvelope) -> Result<Accepted, ApiError> {
+        self.run_recording(envelope, true).await
+    }
+
+    /// `run`; `record` false records no refusal (see
+    /// `CommandHandler::handle_unrecorded`).
+    async fn run_recording(&self, envelope: CommandEnvelope, record: bool) -> Result<Accepted, ApiError> {
         if self.is_stopping() {
             return Err(ApiError::Unavailable("the server is shutting down".to_owned()));
         }
@@ -274,7 +280,13 @@ impl AppState {
         let result = self
             .inner
             .commands
-            .spawn(async move { handler.handle(envelope).await })
+            .spawn(async move {
+                if record {
+                    handler.handle(envelope).await
+                } else {
+                    handler.handle_unrecorded(envelope).await
+                }
+            })
             .await
             .map_err(|error| ApiError::Internal(format!("the command task failed: {error}")))?;
         match result {
@@ -661,7 +673,13 @@ impl AppState {
                 let envelope = CommandEnvelope::new(ticket_id, agent.clone(), command)
                     .with_id(keyed.unwrap_or_else(Uuid::new_v4))
                     .at_revision(row.revision);
-                match self.run(envelope).await {
+                // Not recorded when refused: the client is answered with
+                // another ticket's claim or with "no work", never with this
+                // try's refusal (a lost race, a queue behind the log), and a
+                // record would count it as a refusal of this agent. What
+                // ends the loop with an error is the store's failure or the
+                // request's, not a decision on this ticket.
+                match self.run_recording(envelope, false).await {
                     Ok(accepted) => {
                         if let Some(claim_id) = keyed {
                             self.index_claim(claim_id, ticket_id).await;

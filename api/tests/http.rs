@@ -425,6 +425,46 @@ async fn claiming_is_200_with_the_claim_then_204_when_nothing_waits() {
     .assert_problem(StatusCode::UNPROCESSABLE_ENTITY, "invalid_body");
 }
 
+/// Claimers racing for one ticket: one gets it, the others are told
+/// there is no work, and no refusal is recorded for the tries they lost,
+/// which no client was ever answered with. (The winner's append is held
+/// until every claimer has read the queue, so that they all try.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn claimers_racing_for_one_ticket_leave_no_refusal_records() {
+    use triage_event_store::testing::CountingStore;
+    use triage_event_store::{EventStore, InMemoryEventStore, ReadStream, StreamName};
+    let store = std::sync::Arc::new(CountingStore::new(std::sync::Arc::new(InMemoryEventStore::new())));
+    let h = std::sync::Arc::new(Harness::on(store.clone() as std::sync::Arc<dyn EventStore>));
+    let opened = h.open("Work").await;
+    let (release, released) = tokio::sync::oneshot::channel::<()>();
+    store.before_next_append(async move {
+        let _ = released.await;
+    });
+    let racing: Vec<_> = (0..8)
+        .map(|n| {
+            let h = h.clone();
+            let agent = if n % 2 == 0 { "classifier" } else { "classifier-2" };
+            tokio::spawn(async move { h.claim(agent, "classifier").await })
+        })
+        .collect();
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    release.send(()).unwrap();
+    let mut claimed = 0;
+    for racer in racing {
+        let reply = racer.await.unwrap();
+        match reply.status {
+            StatusCode::OK => claimed += 1,
+            StatusCode::NO_CONTENT => {}
+            other => panic!("{other}: {}", reply.json),
+        }
+    }
+    assert_eq!(claimed, 1);
+    let ticket: triage_domain::TicketId = opened["id"].as_str().unwrap().parse().unwrap();
+    let rejections = StreamName::new(triage_domain::CommandRejected::stream_name(ticket)).unwrap();
+    let records = store.read_stream(&rejections, ReadStream::forwards()).await;
+    assert!(records.is_err(), "refusals recorded: {records:?}");
+}
+
 trait NoContent {
     fn assert_problem_or_204(&self);
 }

@@ -509,6 +509,18 @@ impl CommandHandler {
 
     /// Handles one command.
     pub async fn handle(&self, envelope: CommandEnvelope) -> Result<Accepted, CommandError> {
+        self.handle_recording(envelope, self.record_rejections).await
+    }
+
+    /// [`CommandHandler::handle`], without recording a refusal: for a
+    /// caller that tries a command on one ticket after another and answers
+    /// with the one that was accepted (a work claim), so that its lost tries
+    /// are not recorded as refusals that nobody was given.
+    pub async fn handle_unrecorded(&self, envelope: CommandEnvelope) -> Result<Accepted, CommandError> {
+        self.handle_recording(envelope, false).await
+    }
+
+    async fn handle_recording(&self, envelope: CommandEnvelope, record: bool) -> Result<Accepted, CommandError> {
         let span = info_span!(
             "command",
             ticket = %envelope.ticket_id,
@@ -518,7 +530,7 @@ impl CommandHandler {
             role = %envelope.agent.role,
         );
         let result = self.handle_inner(&envelope).instrument(span.clone()).await;
-        if self.record_rejections
+        if record
             && let Err(error) = &result
             && let Some(record) = self.rejection_record(&envelope, error)
         {
@@ -651,14 +663,29 @@ impl CommandHandler {
                 Err(rejection) => {
                     // A late write under a claim that has ended since is
                     // told how it ended, not only that the stage is over.
+                    let ended = |claim_id| {
+                        triage_domain::ended_claim(
+                            &loaded.ticket,
+                            loaded.history.iter().map(|stored| &stored.event),
+                            claim_id,
+                        )
+                    };
                     let rejection = match (&rejection, envelope.command.claim_id()) {
                         (Rejection::InvalidTransition { .. } | Rejection::StaleClaim { .. }, Some(claim_id)) => {
-                            triage_domain::ended_claim(
-                                &loaded.ticket,
-                                loaded.history.iter().map(|stored| &stored.event),
-                                claim_id,
-                            )
-                            .unwrap_or(rejection)
+                            ended(claim_id).unwrap_or(rejection)
+                        }
+                        // The claim's own holder, refused for its role in the
+                        // state its ended claim left the ticket in (an
+                        // escalator's resolve after the sweeper returned the
+                        // ticket to DRAFT_READY): a late write too.
+                        (Rejection::RoleNotAllowed { .. }, Some(claim_id))
+                            if loaded.history.iter().any(|stored| {
+                                stored.event.new_claim().is_some_and(|claim| {
+                                    claim.claim_id == claim_id && claim.agent_id == envelope.agent.id
+                                })
+                            }) =>
+                        {
+                            ended(claim_id).unwrap_or(rejection)
                         }
                         _ => rejection,
                     };

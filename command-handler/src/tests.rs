@@ -806,6 +806,102 @@ async fn a_burst_of_records_on_a_failing_store_is_tried_once() {
     );
 }
 
+/// An escalator's resolve or rejection after the sweeper expired its
+/// claim (the ticket is back in DRAFT_READY, where only an operator may
+/// resolve) is a late write: told that its lease ran out, not that its
+/// role may not resolve. Another escalator sending that claim id is still
+/// told about its role.
+#[tokio::test]
+async fn a_late_review_after_the_sweeper_is_told_its_lease_ran_out() {
+    let f = fixture();
+    let ticket = open(&f.handler).await;
+    let claim = start(ticket, classifier(1));
+    let claim_id = claim.command_id;
+    f.handler.handle(claim).await.unwrap();
+    f.handler
+        .handle(classify(ticket, classifier(1), claim_id))
+        .await
+        .unwrap();
+    let drafter = Agent::new("drafter-1", Role::Drafter);
+    let drafting = CommandEnvelope::new(ticket, drafter.clone(), Command::StartDrafting { lease_secs: Some(30) });
+    let drafting_id = drafting.command_id;
+    f.handler.handle(drafting).await.unwrap();
+    f.handler
+        .handle(CommandEnvelope::new(
+            ticket,
+            drafter,
+            Command::SubmitDraft {
+                claim_id: drafting_id,
+                body: "Refunded.".into(),
+            },
+        ))
+        .await
+        .unwrap();
+    let escalator = Agent::new("escalator-1", Role::Escalator);
+    let review = CommandEnvelope::new(
+        ticket,
+        escalator.clone(),
+        Command::StartEscalation { lease_secs: Some(30) },
+    );
+    let review_id = review.command_id;
+    f.handler.handle(review).await.unwrap();
+    f.clock.advance(Duration::seconds(31));
+    let expired = f
+        .handler
+        .handle(CommandEnvelope::new(
+            ticket,
+            Agent::new("sweeper", Role::System),
+            Command::ExpireClaim { claim_id: review_id },
+        ))
+        .await
+        .unwrap();
+    assert_eq!(expired.state, State::DraftReady);
+
+    for command in [
+        Command::Resolve {
+            claim_id: Some(review_id),
+            resolution: "late".into(),
+        },
+        Command::RejectDraft {
+            claim_id: Some(review_id),
+            reason: "late".into(),
+        },
+    ] {
+        let late = f
+            .handler
+            .handle(CommandEnvelope::new(ticket, escalator.clone(), command.clone()))
+            .await;
+        assert!(
+            matches!(
+                late,
+                Err(CommandError::Rejected {
+                    rejection: Rejection::LeaseExpired { claim_id, .. },
+                    ..
+                }) if claim_id == review_id
+            ),
+            "{late:?}"
+        );
+        let other = f
+            .handler
+            .handle(CommandEnvelope::new(
+                ticket,
+                Agent::new("escalator-2", Role::Escalator),
+                command,
+            ))
+            .await;
+        assert!(
+            matches!(
+                other,
+                Err(CommandError::Rejected {
+                    rejection: Rejection::RoleNotAllowed { .. },
+                    ..
+                })
+            ),
+            "{other:?}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn a_stale_cache_never_causes_a_rejection_or_a_lost_write() {
     // Two handlers with their own caches, as two processes would have.
