@@ -25,7 +25,7 @@ use crate::LoadedTicket;
 /// began ([`Cached::current_for`]): about as old as the result of a read
 /// is by the time it is decided on, when the store is slow to answer. A
 /// command that waited longer for its turn reads.
-const CURRENT_FOR: Duration = Duration::from_millis(100);
+pub(crate) const CURRENT_FOR: Duration = Duration::from_millis(100);
 
 /// A cached fold and when it was seen.
 #[derive(Clone, Debug)]
@@ -34,6 +34,8 @@ pub(crate) struct Cached {
     /// When the read or append that found the stream at this revision
     /// began: the stream was at this revision at some moment after it.
     pub(crate) seen_after: Instant,
+    /// The cache's [`CURRENT_FOR`].
+    current_for: Duration,
 }
 
 impl Cached {
@@ -44,7 +46,7 @@ impl Cached {
     /// then one the command could have been given at that moment, like a
     /// refusal decided on a read.
     pub(crate) fn current_for(&self, arrived: Instant) -> bool {
-        self.seen_after > arrived && self.seen_after.elapsed() <= CURRENT_FOR
+        self.seen_after > arrived && self.seen_after.elapsed() <= self.current_for
     }
 }
 
@@ -52,6 +54,9 @@ impl Cached {
 #[derive(Debug)]
 pub(crate) struct StreamCache {
     capacity: usize,
+    /// [`CURRENT_FOR`], but for tests that cannot count on a busy
+    /// machine to answer within it.
+    current_for: Duration,
     entries: Mutex<HashMap<TicketId, Cached>>,
 }
 
@@ -59,6 +64,7 @@ impl StreamCache {
     pub(crate) fn new(capacity: usize) -> Self {
         StreamCache {
             capacity,
+            current_for: CURRENT_FOR,
             entries: Mutex::new(HashMap::new()),
         }
     }
@@ -69,11 +75,23 @@ impl StreamCache {
         self.entries.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
+    /// A cache whose entries count as current for `current_for` (tests).
+    #[cfg(test)]
+    pub(crate) fn with_current_for(capacity: usize, current_for: Duration) -> Self {
+        StreamCache {
+            current_for,
+            ..StreamCache::new(capacity)
+        }
+    }
+
     pub(crate) fn get(&self, ticket: TicketId) -> Option<Cached> {
         if self.capacity == 0 {
             return None;
         }
-        self.entries().get(&ticket).cloned()
+        self.entries().get(&ticket).map(|entry| Cached {
+            current_for: self.current_for,
+            ..entry.clone()
+        })
     }
 
     /// Stores `loaded`, seen by a read or append that began at
@@ -97,7 +115,11 @@ impl StreamCache {
                 if last_id(&existing.loaded) == last_id(&loaded) {
                     existing.seen_after = existing.seen_after.max(seen_after);
                 } else {
-                    *existing = Cached { loaded, seen_after };
+                    *existing = Cached {
+                        loaded,
+                        seen_after,
+                        current_for: self.current_for,
+                    };
                 }
                 return;
             }
@@ -110,7 +132,14 @@ impl StreamCache {
                 entries.remove(&key);
             }
         }
-        entries.insert(ticket, Cached { loaded, seen_after });
+        entries.insert(
+            ticket,
+            Cached {
+                loaded,
+                seen_after,
+                current_for: self.current_for,
+            },
+        );
     }
 
     pub(crate) fn remove(&self, ticket: TicketId) {
@@ -162,19 +191,21 @@ mod tests {
 
     #[test]
     fn an_entry_is_current_only_for_commands_that_arrived_before_it_was_seen() {
-        let cache = StreamCache::new(8);
+        // A window no busy test machine misses.
+        let cache = StreamCache::with_current_for(8, Duration::from_secs(30));
         let ticket = TicketId::new();
-        let before = Instant::now();
-        std::thread::sleep(Duration::from_millis(2));
-        cache.put(ticket, at(4), Instant::now());
-        std::thread::sleep(Duration::from_millis(2));
-        let after = Instant::now();
+        let now = Instant::now();
+        let (before, seen, after) = (
+            now - Duration::from_secs(3),
+            now - Duration::from_secs(2),
+            now - Duration::from_secs(1),
+        );
+        cache.put(ticket, at(4), seen);
         let entry = cache.get(ticket).unwrap();
         assert!(entry.current_for(before));
         assert!(!entry.current_for(after), "seen before the command arrived");
         // The same revision seen again later is current for later arrivals.
-        std::thread::sleep(Duration::from_millis(2));
-        cache.put(ticket, at(4), Instant::now());
+        cache.put(ticket, at(4), now);
         assert!(cache.get(ticket).unwrap().current_for(after));
     }
 
@@ -182,11 +213,9 @@ mod tests {
     fn an_entry_seen_too_long_ago_is_current_for_nobody() {
         let cache = StreamCache::new(8);
         let ticket = TicketId::new();
-        let arrived = Instant::now();
-        let seen = Instant::now() + Duration::from_micros(1);
-        cache.put(ticket, at(1), seen);
-        assert!(cache.get(ticket).unwrap().current_for(arrived));
-        std::thread::sleep(CURRENT_FOR + Duration::from_millis(10));
+        let now = Instant::now();
+        cache.put(ticket, at(1), now - CURRENT_FOR - Duration::from_millis(50));
+        let arrived = now - CURRENT_FOR - Duration::from_millis(100);
         assert!(!cache.get(ticket).unwrap().current_for(arrived));
     }
 }

@@ -552,7 +552,12 @@ async fn commands_of_one_process_on_one_ticket_take_turns() {
 async fn a_waiting_command_decides_on_what_was_seen_after_it_arrived() {
     let memory = Arc::new(InMemoryEventStore::new());
     let store = Arc::new(CountingStore::new(memory.clone()));
-    let handler = CommandHandler::new(store.clone() as Arc<dyn EventStore>).with_rejection_log(false);
+    let mut handler = CommandHandler::new(store.clone() as Arc<dyn EventStore>).with_rejection_log(false);
+    // A window no busy test machine misses (the default is 100 ms).
+    handler.cache = Arc::new(cache::StreamCache::with_current_for(
+        DEFAULT_CACHE_TICKETS,
+        std::time::Duration::from_secs(30),
+    ));
     let ticket = open(&handler).await;
 
     // A command of this process holds the ticket's turn while another
