@@ -428,7 +428,7 @@ async fn claiming_is_200_with_the_claim_then_204_when_nothing_waits() {
 /// Claimers racing for one ticket: one gets it, the others are told
 /// there is no work, and no refusal is recorded for the tries they lost,
 /// which no client was ever answered with. (The winner's append is held
-/// until every claimer has read the queue, so that they all try.)
+/// for 100 ms, time for the other claimers to read the queue and try.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn claimers_racing_for_one_ticket_leave_no_refusal_records() {
     use triage_event_store::testing::CountingStore;

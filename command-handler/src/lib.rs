@@ -677,13 +677,10 @@ impl CommandHandler {
                         // The claim's own holder, refused for its role in the
                         // state its ended claim left the ticket in (an
                         // escalator's resolve after the sweeper returned the
-                        // ticket to DRAFT_READY): a late write too.
+                        // ticket to DRAFT_READY): a late write too, when its
+                        // role could have sent the command under the claim.
                         (Rejection::RoleNotAllowed { .. }, Some(claim_id))
-                            if loaded.history.iter().any(|stored| {
-                                stored.event.new_claim().is_some_and(|claim| {
-                                    claim.claim_id == claim_id && claim.agent_id == envelope.agent.id
-                                })
-                            }) =>
+                            if late_under_own_claim(&loaded, envelope, claim_id) =>
                         {
                             ended(claim_id).unwrap_or(rejection)
                         }
@@ -910,6 +907,26 @@ fn fold_onto(
         });
     }
     Ok(())
+}
+
+/// Whether `envelope`'s sender took the claim `claim_id` on this ticket
+/// and its role may send the command in the stage the claim began (an
+/// escalator's resolve under its review claim): then a refusal for its role
+/// now is the claim having ended, not the role.
+fn late_under_own_claim(loaded: &LoadedTicket, envelope: &CommandEnvelope, claim_id: Uuid) -> bool {
+    let Some(taken) = loaded.history.iter().position(|stored| {
+        stored
+            .event
+            .new_claim()
+            .is_some_and(|claim| claim.claim_id == claim_id && claim.agent_id == envelope.agent.id)
+    }) else {
+        return false;
+    };
+    let stage = loaded.history[..=taken]
+        .iter()
+        .fold(Ticket::default(), |ticket, stored| evolve(ticket, &stored.event))
+        .state;
+    triage_domain::transitions_from(stage, envelope.command.kind()).any(|row| row.roles.contains(&envelope.agent.role))
 }
 
 /// A successful append, and when it began: the stream was at its revision

@@ -21,6 +21,17 @@ fn fixture() -> Fixture {
     Fixture { store, clock, handler }
 }
 
+/// Waits until `count` commands hold or wait for `ticket`'s turn.
+async fn until_queued(handler: &CommandHandler, ticket: TicketId, count: usize) {
+    tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        while handler.turns.queued(ticket) < count {
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+    })
+    .await
+    .expect("the commands queue for the turn");
+}
+
 fn intake() -> Agent {
     Agent::new("intake-1", Role::Intake)
 }
@@ -520,7 +531,7 @@ async fn commands_of_one_process_on_one_ticket_take_turns() {
             tokio::spawn(async move { handler.handle(start(ticket, classifier(n))).await })
         })
         .collect();
-    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    until_queued(&handler, ticket, 8).await;
     release.send(()).unwrap();
     let mut accepted = 0;
     for racer in racers {
@@ -567,7 +578,7 @@ async fn a_waiting_command_decides_on_what_was_seen_after_it_arrived() {
         let handler = handler.clone();
         async move { handler.handle(start(ticket, classifier(2))).await }
     });
-    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    until_queued(&handler, ticket, 2).await;
     let other = CommandHandler::new(memory.clone() as Arc<dyn EventStore>);
     other.handle(start(ticket, classifier(1))).await.unwrap();
     assert_eq!(handler.load(ticket).await.unwrap().revision, Some(1));
@@ -691,7 +702,7 @@ async fn a_foreign_fold_at_the_same_revision_is_replaced_not_restamped() {
         let handler = handler.clone();
         async move { handler.handle(classify(ticket, classifier(1), claim_id)).await }
     });
-    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    until_queued(&handler, ticket, 2).await;
     let read = handler.load(ticket).await.unwrap();
     assert_eq!(read.history[1].metadata.agent, classifier(1));
     assert_eq!(
@@ -726,7 +737,7 @@ async fn a_lease_seen_expired_on_a_waiting_command_is_confirmed_on_a_read() {
         let holder = holder.clone();
         async move { handler.handle(classify(ticket, holder, claim_id)).await }
     });
-    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    until_queued(&handler, ticket, 2).await;
     // Seen after the command arrived: revision 1, lease until 08:00:30.
     assert_eq!(handler.load(ticket).await.unwrap().revision, Some(1));
     // Then another process extends the lease (until 08:01:20), and the
@@ -905,6 +916,29 @@ async fn a_late_review_after_the_sweeper_is_told_its_lease_ran_out() {
             "{other:?}"
         );
     }
+    // A holder of an earlier claim whose role never may resolve is told
+    // about its role, not about its claim.
+    let by_classifier = f
+        .handler
+        .handle(CommandEnvelope::new(
+            ticket,
+            classifier(1),
+            Command::Resolve {
+                claim_id: Some(claim_id),
+                resolution: "not mine to resolve".into(),
+            },
+        ))
+        .await;
+    assert!(
+        matches!(
+            by_classifier,
+            Err(CommandError::Rejected {
+                rejection: Rejection::RoleNotAllowed { .. },
+                ..
+            })
+        ),
+        "{by_classifier:?}"
+    );
 }
 
 #[tokio::test]

@@ -91,6 +91,16 @@ impl Turns {
     fn len(&self) -> usize {
         self.queues().by_ticket.len()
     }
+
+    /// Commands holding or waiting for `ticket`'s turn (tests).
+    #[cfg(test)]
+    pub(crate) fn queued(&self, ticket: TicketId) -> usize {
+        // The map's reference, then one per holder or waiter.
+        self.queues()
+            .by_ticket
+            .get(&ticket)
+            .map_or(0, |queue| Arc::strong_count(queue) - 1)
+    }
 }
 
 #[cfg(test)]

@@ -1184,22 +1184,22 @@ async fn pg_a_rebuild_by_an_administrator_keeps_the_models_the_owners() {
         eprintln!("skipped: {test} (TRIAGE_PG_URL is not a superuser's postgres:// URL)");
         return;
     };
-    admin
-        .batch_execute(&format!(
-            r#"CREATE ROLE "{role}" LOGIN; GRANT CREATE ON DATABASE "{}" TO "{role}";"#,
-            admin
-                .query_one("SELECT current_database()::text", &[])
-                .await
-                .unwrap()
-                .get::<_, String>(0)
-        ))
-        .await
-        .unwrap();
     let schema = format!("triage_rm_owned_{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
     let store = event_store(&url).await;
     let events: Arc<dyn EventStore> = store.clone();
     let mut workload = Workload::new(events.clone());
     workload.random(150, 5, 31).await;
+    let database: String = admin
+        .query_one("SELECT current_database()::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    admin
+        .batch_execute(&format!(
+            r#"CREATE ROLE "{role}" LOGIN; GRANT CREATE ON DATABASE "{database}" TO "{role}";"#
+        ))
+        .await
+        .unwrap();
 
     // Panics (a failed assertion) are caught and raised again after the
     // cleanup below, so that a failure leaves no roles behind on the
@@ -1272,17 +1272,14 @@ async fn pg_a_rebuild_by_an_administrator_keeps_the_models_the_owners() {
     })
     .catch_unwind()
     .await;
-    let foreign: Vec<String> = admin
+    let foreign: Result<Vec<String>, _> = admin
         .query(
             "SELECT c.relname::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
              JOIN pg_roles r ON r.oid = c.relowner WHERE n.nspname = $1 AND r.rolname <> $2",
             &[&schema, &role],
         )
         .await
-        .unwrap()
-        .iter()
-        .map(|row| row.get(0))
-        .collect();
+        .map(|rows| rows.iter().map(|row| row.get(0)).collect());
     admin
         .batch_execute(&format!(
             r#"DROP SCHEMA IF EXISTS "{schema}" CASCADE; DROP OWNED BY "{role}"; DROP ROLE "{role}";
@@ -1292,5 +1289,6 @@ async fn pg_a_rebuild_by_an_administrator_keeps_the_models_the_owners() {
         .unwrap();
     let result = result.unwrap_or_else(|panic| std::panic::resume_unwind(panic));
     result.expect("the owner's read models keep working after the administrator's rebuild");
+    let foreign = foreign.expect("the owners of the models' tables are listed");
     assert!(foreign.is_empty(), "objects not the owner's: {foreign:?}");
 }
