@@ -351,13 +351,29 @@ pub(crate) fn peer_binary(given: Option<PathBuf>) -> anyhow::Result<PathBuf> {
 
 /// One run of the peer, its JSON line.
 fn peer_run(peer: &PathBuf, url: &str, config: RunConfig) -> anyhow::Result<Value> {
+    run_peer(
+        peer,
+        url,
+        &[
+            "--agents",
+            &config.agents.to_string(),
+            "--tickets",
+            config.tickets.name(),
+            "--hot-tickets",
+            &config.hot_tickets.to_string(),
+            "--seconds",
+            &config.seconds.to_string(),
+            "--pool-size",
+            &config.pool_size.to_string(),
+        ],
+    )
+}
+
+/// Runs the peer on `url` with `args`; its last line, as JSON.
+fn run_peer(peer: &PathBuf, url: &str, args: &[&str]) -> anyhow::Result<Value> {
     let output = Process::new(peer)
         .args(["--url", url])
-        .args(["--agents", &config.agents.to_string()])
-        .args(["--tickets", config.tickets.name()])
-        .args(["--hot-tickets", &config.hot_tickets.to_string()])
-        .args(["--seconds", &config.seconds.to_string()])
-        .args(["--pool-size", &config.pool_size.to_string()])
+        .args(args)
         .stderr(std::process::Stdio::inherit())
         .output()
         .with_context(|| format!("cannot run the peer {}", peer.display()))?;
@@ -663,17 +679,16 @@ pub(crate) async fn rebuild(
 /// One replay run of the peer (see `bench/peer-cqrs-es/src/replay.rs`),
 /// its JSON line.
 fn peer_replay(peer: &PathBuf, url: &str, events: u64, pool_size: usize) -> anyhow::Result<Value> {
-    let output = Process::new(peer)
-        .args(["--url", url])
-        .args(["--replay-events", &events.to_string()])
-        .args(["--pool-size", &pool_size.to_string()])
-        .stderr(std::process::Stdio::inherit())
-        .output()
-        .with_context(|| format!("cannot run the peer {}", peer.display()))?;
-    anyhow::ensure!(output.status.success(), "the peer failed: {}", output.status);
-    let stdout = String::from_utf8(output.stdout)?;
-    let line = stdout.lines().last().context("the peer printed nothing")?;
-    Ok(serde_json::from_str(line)?)
+    run_peer(
+        peer,
+        url,
+        &[
+            "--replay-events",
+            &events.to_string(),
+            "--pool-size",
+            &pool_size.to_string(),
+        ],
+    )
 }
 
 #[cfg(test)]

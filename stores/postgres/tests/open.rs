@@ -28,6 +28,19 @@ async fn drop_schema(client: &Client, schema: &str) {
 
 /// Everything in `schema` that a refused open must not change: its
 /// objects, the version row and the events.
+/// What a test that made `schema` and `role` runs at its end: drops
+/// both, and whatever the role still owns or was granted.
+fn drop_schema_and_role(schema: &str, role: &str) -> String {
+    format!(
+        r#"DROP SCHEMA IF EXISTS "{schema}" CASCADE;
+           DO $$ BEGIN
+               IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '{role}') THEN
+                   DROP OWNED BY "{role}"; DROP ROLE "{role}";
+               END IF;
+           END $$;"#
+    )
+}
+
 async fn snapshot(client: &Client, schema: &str) -> Vec<String> {
     let mut state: Vec<String> = client
         .query(
@@ -228,17 +241,7 @@ async fn a_revoked_privilege_or_a_read_only_server_is_refused_while_running() {
         return;
     };
     let schema = fresh_schema();
-    let _clean_up = common::CleanUp::new(
-        &url,
-        format!(
-            r#"DROP SCHEMA IF EXISTS "{schema}" CASCADE;
-               DO $$ BEGIN
-                   IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '{role}') THEN
-                       DROP OWNED BY "{role}"; DROP ROLE "{role}";
-                   END IF;
-               END $$;"#
-        ),
-    );
+    let _clean_up = common::CleanUp::new(&url, drop_schema_and_role(&schema, &role));
     let owner = PostgresEventStore::connect(&url, PostgresOptions::in_schema(&schema))
         .await
         .expect("the store is created");
@@ -451,17 +454,7 @@ async fn a_stricter_default_isolation_changes_nothing() {
     };
     let database: String = admin.query_one("SELECT current_database()", &[]).await.unwrap().get(0);
     let schema = fresh_schema();
-    let _clean_up = common::CleanUp::new(
-        &url,
-        format!(
-            r#"DROP SCHEMA IF EXISTS "{schema}" CASCADE;
-               DO $$ BEGIN
-                   IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '{role}') THEN
-                       DROP OWNED BY "{role}"; DROP ROLE "{role}";
-                   END IF;
-               END $$;"#
-        ),
-    );
+    let _clean_up = common::CleanUp::new(&url, drop_schema_and_role(&schema, &role));
     admin
         .batch_execute(&format!(
             r#"CREATE ROLE "{role}" LOGIN;
