@@ -114,11 +114,20 @@ CREATE TABLE {schema}.snapshots (
 }
 
 async fn run(cli: &Cli, agents: usize, mode: TicketsMode) -> anyhow::Result<serde_json::Value> {
+    in_fresh_schema(&cli.url, async |schema| measure(cli, agents, mode, schema).await).await
+}
+
+/// Runs `work` on postgres-es's tables in a fresh schema `peer_tmp_<random>`,
+/// dropped afterwards whatever happened, so a failed run leaves nothing
+/// behind.
+pub(crate) async fn in_fresh_schema<T>(
+    url: &str,
+    work: impl AsyncFnOnce(&str) -> anyhow::Result<T>,
+) -> anyhow::Result<T> {
     let schema = format!("peer_tmp_{}", &uuid::Uuid::new_v4().simple().to_string()[..16]);
-    let mut admin = PgConnection::connect(&cli.url).await.context("cannot connect")?;
+    let mut admin = PgConnection::connect(url).await.context("cannot connect")?;
     sqlx::raw_sql(&schema_sql(&schema)).execute(&mut admin).await?;
-    let result = measure(cli, agents, mode, &schema).await;
-    // Dropped whatever happened, so a failed run leaves nothing behind.
+    let result = work(&schema).await;
     sqlx::raw_sql(&format!("DROP SCHEMA {schema} CASCADE"))
         .execute(&mut admin)
         .await?;

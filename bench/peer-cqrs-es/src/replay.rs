@@ -16,17 +16,16 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::Context as _;
 use cqrs_es::persist::QueryReplay;
 use cqrs_es::{Aggregate, EventEnvelope, Query};
 use postgres_es::PostgresEventRepository;
 use serde_json::json;
+use sqlx::QueryBuilder;
 use sqlx::postgres::PgPoolOptions;
-use sqlx::{Connection as _, PgConnection, QueryBuilder};
 use uuid::Uuid;
 
 use crate::ticket::{Agent, Ticket, TicketCommand, TicketEvent};
-use crate::{round, schema_sql, workload};
+use crate::{in_fresh_schema, round, workload};
 
 /// Rows per INSERT while generating: 7 parameters each, well under
 /// PostgreSQL's 65,535.
@@ -95,16 +94,7 @@ fn lifecycle(agents: &[Agent; 7]) -> anyhow::Result<Vec<Row>> {
 /// Generates about `events` events, replays them all, and prints one JSON
 /// line.
 pub(crate) async fn run(url: &str, pool_size: u32, events: u64) -> anyhow::Result<serde_json::Value> {
-    let schema = format!("peer_tmp_{}", &Uuid::new_v4().simple().to_string()[..16]);
-    let mut admin = PgConnection::connect(url).await.context("cannot connect")?;
-    sqlx::raw_sql(&schema_sql(&schema)).execute(&mut admin).await?;
-    let result = measure(url, pool_size, events, &schema).await;
-    // Dropped whatever happened, so a failed run leaves nothing behind.
-    sqlx::raw_sql(&format!("DROP SCHEMA {schema} CASCADE"))
-        .execute(&mut admin)
-        .await?;
-    admin.close().await?;
-    result
+    in_fresh_schema(url, async |schema| measure(url, pool_size, events, schema).await).await
 }
 
 async fn measure(url: &str, pool_size: u32, events: u64, schema: &str) -> anyhow::Result<serde_json::Value> {
