@@ -504,6 +504,7 @@ async fn rebuild_into_postgres(
         ..ProjectorOptions::default()
     });
     crate::replay::reset_peak_rss();
+    let rss_at_start = crate::replay::rss_mb();
     let started = Instant::now();
     let reports = projector
         .rebuild_many(&["tickets", "stats"], RebuildOptions::default())
@@ -525,6 +526,7 @@ async fn rebuild_into_postgres(
         "write_s": round(reports.first().map_or(0.0, |report| report.write_s), 3),
         "events_per_s": round(total as f64 / wall, 0),
         "peak_rss_mb": crate::replay::peak_rss_mb().map(|m| round(m, 1)),
+        "rss_at_start_mb": rss_at_start.map(|m| round(m, 1)),
         "batch_size": batch_size,
     }))
 }
