@@ -100,6 +100,8 @@ struct Inner {
     /// `ticket_of_claim`). The pairs never change, so the cache is never
     /// stale. Bounded.
     claims: std::sync::Mutex<HashMap<Uuid, TicketId>>,
+    /// The copies of one keyed work claim take turns (see `claim`).
+    claim_turns: triage_command_handler::Turns<Uuid>,
     /// Commands in flight: shutdown waits for them.
     commands: tokio_util::task::TaskTracker,
     stopping: AtomicBool,
@@ -142,6 +144,7 @@ impl AppState {
                 limits,
                 catch_up: tokio::sync::Mutex::new(()),
                 claims: std::sync::Mutex::new(HashMap::new()),
+                claim_turns: triage_command_handler::Turns::new(),
                 commands: tokio_util::task::TaskTracker::new(),
                 stopping: AtomicBool::new(false),
                 shutdown: tokio_util::sync::CancellationToken::new(),
@@ -590,7 +593,40 @@ impl AppState {
     /// Claims the next ticket in `role`'s work queue: tries the queue's
     /// tickets, each with the revision it was seen at, until one claim is
     /// accepted. `None` when the queue is empty or every try lost its race.
+    ///
+    /// The copies of one keyed claim on this server take turns, and each
+    /// runs to its end even when its client hangs up. A copy sent while an
+    /// earlier one is still at work (a client's retry after a timeout) then
+    /// answers with the claim the earlier one took. Without turns it could
+    /// look at the queue before work appeared that the earlier copy then
+    /// claimed, and answer "nothing to claim": the client would never hear
+    /// of that claim, and its lease would expire against the ticket's
+    /// attempts. Copies sent to different servers are not ordered.
     pub async fn claim(
+        &self,
+        principal: &Principal,
+        key: Option<&str>,
+        request: ClaimRequest,
+    ) -> Result<Option<ClaimResponse>, ApiError> {
+        let Some(key) = key else {
+            return self.claim_now(principal, None, request).await;
+        };
+        let claim_id = self.command_id(principal, Some(key))?;
+        let state = self.clone();
+        let principal = principal.clone();
+        let key = key.to_owned();
+        self.inner
+            .commands
+            .spawn(async move {
+                let _turn = state.inner.claim_turns.take(claim_id).await;
+                state.claim_now(&principal, Some(&key), request).await
+            })
+            .await
+            .map_err(|error| ApiError::Internal(format!("the claim task failed: {error}")))?
+    }
+
+    /// [`AppState::claim`], at once.
+    async fn claim_now(
         &self,
         principal: &Principal,
         key: Option<&str>,

@@ -165,3 +165,96 @@ async fn copies_of_a_keyed_claim_that_emptied_the_queue_get_its_claim() {
         assert_eq!(fresh, 1, "trial {trial}: one copy claimed, the others replayed it");
     }
 }
+
+/// A copy of a keyed claim sent while the first copy is still at work (a
+/// client's retry after a timeout) answers with the claim the first one
+/// takes, also when work appears only after the second copy was sent: not
+/// 204 "nothing to claim" from a look before that, which would leave the
+/// first copy's claim unknown to the client until its lease expired
+/// against the ticket's attempts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_copy_sent_while_the_first_is_at_work_gets_its_claim_not_204() {
+    use std::time::Duration;
+
+    use triage_command_handler::CommandHandler;
+    use triage_domain::{Agent, Command, CommandEnvelope, TicketId};
+    use triage_event_store::EventStore;
+    use triage_event_store::testing::CountingStore;
+
+    let store = Arc::new(CountingStore::new(Arc::new(InMemoryEventStore::new())));
+    let h = Harness::on(store.clone());
+    let claim = || {
+        Req::post("/v1/work/claim", json!({"role": "classifier"})).header("idempotency-key", "claim-as-work-appears")
+    };
+    // The first copy is held up at its first look for the key's claim.
+    // Meanwhile the second copy is sent and, once it has answered or
+    // waited a while, another process opens a ticket; then the first
+    // copy goes on and finds it.
+    let (second_sent, second) = tokio::sync::oneshot::channel();
+    let sender = h.clone();
+    let second_copy = claim();
+    let opener = CommandHandler::new(store.clone() as Arc<dyn EventStore>);
+    store.before_next_read_event(async move {
+        let mut copy = tokio::spawn(async move { sender.send(Some("classifier"), second_copy).await });
+        let answered_early = tokio::time::timeout(Duration::from_millis(300), &mut copy).await.ok();
+        let open = Command::OpenTicket {
+            subject: "Appeared meanwhile".to_owned(),
+            body: "It broke.".to_owned(),
+            customer: None,
+        };
+        opener
+            .handle(CommandEnvelope::new(
+                TicketId::new(),
+                Agent::new("intake-elsewhere", Role::Intake),
+                open,
+            ))
+            .await
+            .expect("the ticket opens");
+        let _ = second_sent.send((copy, answered_early));
+    });
+    let first = h.send(Some("classifier"), claim()).await;
+    let (copy, answered_early) = second.await.expect("the second copy was sent");
+    let second = match answered_early {
+        Some(joined) => joined.expect("the second copy ran"),
+        None => copy.await.expect("the second copy ran"),
+    };
+    assert_eq!(first.status, StatusCode::OK, "the first copy: {}", first.json);
+    assert_eq!(second.status, StatusCode::OK, "the second copy: {}", second.json);
+    assert_eq!(first.json["claim_id"], second.json["claim_id"]);
+    assert_eq!(second.json["duplicate"], true, "{}", second.json);
+}
+
+/// A keyed claim whose client hangs up still runs to its end, and the
+/// client's retry answers with the claim it took: the claim is not left
+/// for its lease to expire unknown, nor a second ticket claimed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_keyed_claim_whose_client_hung_up_is_answered_to_the_retry() {
+    use triage_event_store::testing::CountingStore;
+
+    let store = Arc::new(CountingStore::new(Arc::new(InMemoryEventStore::new())));
+    let h = Harness::on(store.clone());
+    h.open("the only ticket").await;
+    let claim = || Req::post("/v1/work/claim", json!({"role": "classifier"})).header("idempotency-key", "hung-up");
+    let (reached, at_first_look) = tokio::sync::oneshot::channel::<()>();
+    let (go_on, go) = tokio::sync::oneshot::channel::<()>();
+    store.before_next_read_event(async move {
+        let _ = reached.send(());
+        let _ = go.await;
+    });
+    let first = tokio::spawn({
+        let h = h.clone();
+        async move { h.send(Some("classifier"), claim()).await }
+    });
+    at_first_look.await.expect("the first copy looks for its claim");
+    // The client hangs up: its request is dropped.
+    first.abort();
+    assert!(first.await.unwrap_err().is_cancelled());
+    go_on.send(()).expect("the first copy is still at work");
+    let retried = h.send(Some("classifier"), claim()).await;
+    assert_eq!(retried.status, StatusCode::OK, "{}", retried.json);
+    assert_eq!(
+        retried.json["duplicate"], true,
+        "the retry answers with the claim the first copy took: {}",
+        retried.json
+    );
+}

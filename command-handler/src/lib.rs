@@ -313,7 +313,7 @@ pub struct CommandHandler {
     retry: RetryPolicy,
     stats: Arc<HandlerStats>,
     cache: Arc<cache::StreamCache>,
-    turns: Arc<turns::Turns>,
+    turns: Arc<turns::Turns<TicketId>>,
     record_rejections: bool,
     /// Set: refusals are recorded after the caller has its answer. A
     /// record being written holds a permit: past [`BACKGROUND_RECORDS`]
@@ -1141,6 +1141,8 @@ pub fn open_ticket(
 mod cache;
 mod recorder;
 mod turns;
+
+pub use turns::{Turn, Turns};
 
 #[cfg(test)]
 mod tests;

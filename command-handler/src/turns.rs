@@ -27,34 +27,45 @@
 //! the claims of 4 tickets, 3 rounds): 2,200 commands/s with 8 agents and
 //! 1,248 with 32, against 1,856 and 1,048 without turns, and no conflict
 //! left in the store.
+//!
+//! The map is keyed by anything: the API also gives the copies of one
+//! keyed work claim turns, by claim id.
 
 use std::collections::HashMap;
+use std::hash::Hash;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::OwnedMutexGuard;
-use triage_domain::TicketId;
 
 /// Sweeps start at this many tickets in the map.
 const FIRST_SWEEP_AT: usize = 1024;
 
-/// The turn of one ticket; held while it is alive.
-pub(crate) type Turn = OwnedMutexGuard<()>;
+/// The turn of one key; held while it is alive.
+pub type Turn = OwnedMutexGuard<()>;
 
-/// The tickets that have had a command recently, each with its queue.
+/// The keys (tickets, claims) that were asked for recently, each with its
+/// queue.
 #[derive(Debug)]
-pub(crate) struct Turns {
-    queues: Mutex<Queues>,
+pub struct Turns<K> {
+    queues: Mutex<Queues<K>>,
 }
 
 #[derive(Debug)]
-struct Queues {
-    by_ticket: HashMap<TicketId, Arc<tokio::sync::Mutex<()>>>,
+struct Queues<K> {
+    by_ticket: HashMap<K, Arc<tokio::sync::Mutex<()>>>,
     /// The next sweep: when the map reaches this size.
     sweep_at: usize,
 }
 
-impl Turns {
-    pub(crate) fn new() -> Self {
+impl<K: Hash + Eq> Default for Turns<K> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<K: Hash + Eq> Turns<K> {
+    /// An empty map.
+    pub fn new() -> Self {
         Turns {
             queues: Mutex::new(Queues {
                 by_ticket: HashMap::new(),
@@ -63,15 +74,15 @@ impl Turns {
         }
     }
 
-    fn queues(&self) -> MutexGuard<'_, Queues> {
+    fn queues(&self) -> MutexGuard<'_, Queues<K>> {
         // Every change to the map is a single insert or a retain: a panic
         // elsewhere cannot leave it half-updated.
         self.queues.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Waits for `ticket`'s turn, in the order commands asked for it.
-    /// Dropping the future gives up the place in the queue.
-    pub(crate) async fn take(&self, ticket: TicketId) -> Turn {
+    /// Waits for `ticket`'s turn, in the order it was asked for. Dropping
+    /// the future gives up the place in the queue.
+    pub async fn take(&self, ticket: K) -> Turn {
         let queue = {
             let mut queues = self.queues();
             if queues.by_ticket.len() >= queues.sweep_at {
@@ -94,7 +105,7 @@ impl Turns {
 
     /// Commands holding or waiting for `ticket`'s turn (tests).
     #[cfg(test)]
-    pub(crate) fn queued(&self, ticket: TicketId) -> usize {
+    pub(crate) fn queued(&self, ticket: K) -> usize {
         // The map's reference, then one per holder or waiter.
         self.queues()
             .by_ticket
@@ -106,6 +117,8 @@ impl Turns {
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
+
+    use triage_domain::TicketId;
 
     use super::*;
 

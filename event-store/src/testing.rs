@@ -36,6 +36,7 @@ pub struct CountingStore {
     read_only: bool,
     before_next_append: std::sync::Mutex<Option<Interloper>>,
     before_next_head_position: std::sync::Mutex<Option<Interloper>>,
+    before_next_read_event: std::sync::Mutex<Option<Interloper>>,
 }
 
 /// What runs before the next append; see [`CountingStore::before_next_append`].
@@ -67,6 +68,7 @@ impl CountingStore {
             read_only: false,
             before_next_append: std::sync::Mutex::new(None),
             before_next_head_position: std::sync::Mutex::new(None),
+            before_next_read_event: std::sync::Mutex::new(None),
         }
     }
 
@@ -114,6 +116,16 @@ impl CountingStore {
     pub fn before_next_head_position(&self, interloper: impl std::future::Future<Output = ()> + Send + 'static) {
         *self
             .before_next_head_position
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(Box::pin(interloper));
+    }
+
+    /// Runs `interloper` to its end when `read_event` is next called,
+    /// before the inner store answers: holds a caller up at its first look
+    /// for an event id while others go ahead.
+    pub fn before_next_read_event(&self, interloper: impl std::future::Future<Output = ()> + Send + 'static) {
+        *self
+            .before_next_read_event
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(Box::pin(interloper));
     }
@@ -202,6 +214,14 @@ impl EventStore for CountingStore {
     }
 
     async fn read_event(&self, event_id: uuid::Uuid) -> crate::Result<Option<RecordedEvent>> {
+        let interloper = self
+            .before_next_read_event
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        if let Some(interloper) = interloper {
+            interloper.await;
+        }
         if self.without_id_index {
             return Ok(None);
         }

@@ -16,6 +16,7 @@ use triage_domain::Role;
 use triage_event_store::{EventStore, InMemoryEventStore};
 use triage_projections::{Projector, ProjectorOptions, ReadModelDb};
 
+#[derive(Clone)]
 pub struct Harness {
     pub state: AppState,
     pub clock: Arc<ManualClock>,
