@@ -44,7 +44,7 @@ use std::process::ExitCode;
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use triage_store_sqlite::Synchronous;
+use triage_store_sqlite::{SqliteEventStore, SqliteOptions, Synchronous};
 
 use std::sync::Arc;
 
@@ -285,16 +285,56 @@ impl GlobalArgs {
 
     /// Opens the event store alone, for commands that read only the log
     /// (`events`, `replay`): a damaged read-model file does not stop them.
+    ///
+    /// An embedded store this process may not write (an analyst's view of
+    /// a file owned by another account, a copy on read-only media) is read
+    /// read-only, with a note on stderr: these commands write nothing to it.
     async fn open_log(&self) -> anyhow::Result<OpenedLog> {
+        self.open_log_or_read_only(true).await
+    }
+
+    /// [`GlobalArgs::open_log`]; with `read_only_fallback` false, a store
+    /// that cannot be written is an error.
+    async fn open_log_or_read_only(&self, read_only_fallback: bool) -> anyhow::Result<OpenedLog> {
         let location = self.location()?;
         let create = !self.existing_store_only.load(std::sync::atomic::Ordering::Relaxed);
-        let events = location.open(self.synchronous(), create).await?;
+        let events = match location.open(self.synchronous(), create).await {
+            Ok(events) => events,
+            Err(error) => {
+                let not_writable = error
+                    .chain()
+                    .find_map(|cause| cause.downcast_ref::<triage_event_store::Error>())
+                    .is_some_and(SqliteEventStore::is_not_writable);
+                let StoreLocation::Sqlite(path) = &location else {
+                    return Err(error);
+                };
+                if !not_writable {
+                    return Err(error);
+                }
+                if !read_only_fallback {
+                    return Err(error.context(format!(
+                        "{} cannot be written here, and this command keeps the read models of the store up to \
+                         date; `triage events`, `triage stats --since …` and `triage replay` read a store read-only",
+                        path.display()
+                    )));
+                }
+                // The first error says more than a failed read-only open.
+                let store = SqliteEventStore::open_read_only(path, SqliteOptions::default()).map_err(|_| error)?;
+                eprintln!(
+                    "note: {} or its directory cannot be written here; reading the store read-only",
+                    path.display()
+                );
+                Arc::new(store)
+            }
+        };
         Ok(OpenedLog { location, events })
     }
 
     /// Opens the event store and the read models that go with it.
     async fn open(&self) -> anyhow::Result<Opened> {
-        let OpenedLog { location, events } = self.open_log().await?;
+        // The read models are kept up to date on opening: this opens the
+        // store for writing, as their file beside it is.
+        let OpenedLog { location, events } = self.open_log_or_read_only(false).await?;
         let options = self.projector_options();
         let explicit = self.read_model.is_some();
         let read_models = match self.read_model.clone().or_else(|| location.default_read_model()) {

@@ -804,3 +804,125 @@ fn an_inverted_position_range_is_a_bad_argument_with_exit_status_2() {
     );
     assert!(output.stdout.is_empty());
 }
+
+/// A directory made read-only for this process while alive: by its mode,
+/// and, for a process that modes do not stop (root), by the file system's
+/// immutable attribute. `None` when neither stops this process here.
+struct ReadOnlyDir {
+    dir: std::path::PathBuf,
+    immutable: bool,
+}
+
+impl ReadOnlyDir {
+    fn make(dir: &Path) -> Option<Self> {
+        use std::os::unix::fs::PermissionsExt as _;
+        let set_modes = |dir_mode: u32, file_mode: u32| {
+            for entry in std::fs::read_dir(dir).unwrap() {
+                let path = entry.unwrap().path();
+                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(file_mode)).unwrap();
+            }
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(dir_mode)).unwrap();
+        };
+        set_modes(0o555, 0o444);
+        let mut guard = ReadOnlyDir {
+            dir: dir.to_path_buf(),
+            immutable: false,
+        };
+        let writable = || {
+            let probe = dir.join(".probe");
+            let made = std::fs::File::create(&probe).is_ok();
+            let _ = std::fs::remove_file(&probe);
+            made
+        };
+        if writable() {
+            guard.immutable = std::process::Command::new("chattr")
+                .arg("+i")
+                .arg(dir)
+                .status()
+                .is_ok_and(|status| status.success());
+            if writable() {
+                return None;
+            }
+        }
+        Some(guard)
+    }
+}
+
+impl Drop for ReadOnlyDir {
+    fn drop(&mut self) {
+        use std::os::unix::fs::PermissionsExt as _;
+        if self.immutable {
+            let _ = std::process::Command::new("chattr").arg("-i").arg(&self.dir).status();
+        }
+        let _ = std::fs::set_permissions(&self.dir, std::fs::Permissions::from_mode(0o755));
+        if let Ok(entries) = std::fs::read_dir(&self.dir) {
+            for entry in entries.flatten() {
+                let _ = std::fs::set_permissions(entry.path(), std::fs::Permissions::from_mode(0o644));
+            }
+        }
+    }
+}
+
+/// An analyst who may read a store but not write it or its directory (the
+/// file of another account, a copy on read-only media) still queries its
+/// events, told that it is read read-only; a command that keeps the read
+/// models up to date says which commands read such a store. Nothing is
+/// written beside the file.
+#[test]
+fn a_store_that_cannot_be_written_is_read_read_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let shared = dir.path().join("shared");
+    std::fs::create_dir(&shared).unwrap();
+    let db = shared.join("triage.db");
+    let db = db.to_str().unwrap();
+    seed_with(dir.path(), db);
+    let listing = || {
+        let mut names: Vec<String> = std::fs::read_dir(&shared)
+            .unwrap()
+            .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    };
+    let before = listing();
+    let Some(read_only) = ReadOnlyDir::make(&shared) else {
+        eprintln!("skipped: neither modes nor chattr make a directory read-only for this process here");
+        return;
+    };
+    let output = triage(dir.path(), &["--db", db, "events", "--format", "jsonl"]);
+    let err = common::stderr(&output);
+    assert!(output.status.success(), "events failed: {err}");
+    assert!(err.contains("reading the store read-only"), "{err}");
+    let lines: Vec<Value> = common::stdout(&output)
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    assert_eq!(lines[0]["type"], "TicketOpened");
+    let refused = fail(dir.path(), &["--db", db, "ticket", "list"]);
+    assert!(
+        refused.contains("cannot be written here") && refused.contains("`triage events`"),
+        "{refused}"
+    );
+    drop(read_only);
+    assert_eq!(listing(), before, "nothing was written beside the store");
+}
+
+/// Two tickets opened in the store at `db`.
+fn seed_with(dir: &Path, db: &str) {
+    for subject in ["Printer on fire", "Cannot log in"] {
+        succeed(
+            dir,
+            &[
+                "--db",
+                db,
+                "ticket",
+                "open",
+                "--subject",
+                subject,
+                "--body",
+                "It broke.",
+            ],
+        );
+    }
+}

@@ -33,6 +33,12 @@
 //! - `reader`: the pool of read-only connections and the read queries, run
 //!   in `spawn_blocking`.
 //!
+//! # Reading a file one may not write
+//! [`SqliteEventStore::open_read_only`] opens a store with readers only (no
+//! writer thread, no checkpointer), for analysts' commands on a file they
+//! may not write: a store at rest is read with SQLite's `immutable` flag,
+//! one that a writer has open through ordinary read-only connections.
+//!
 //! # Durability
 //! WAL mode with `synchronous=FULL` by default: an acknowledged append
 //! survives power loss. [`Synchronous::Normal`] trades the last commits
@@ -185,6 +191,60 @@ impl SqliteEventStore {
         Self::open_at(path, options, Some(dir))
     }
 
+    /// Opens an existing store for reading only: for an analyst who may
+    /// read the file but not write it or its directory (a copy handed out,
+    /// a store owned by another account). Nothing is written: there is no
+    /// write connection and no checkpointer, and appends fail with
+    /// [`Error::Refused`].
+    ///
+    /// A store at rest (no `-wal` file: no process has it open) is read
+    /// with SQLite's `immutable` flag, which takes no locks and creates no
+    /// `-wal`/`-shm` files; that assumes nobody writes the file meanwhile,
+    /// so each query looks for a `-wal` file first and, once one appears (a
+    /// writer opened the store), reads through SQLite's ordinary read-only
+    /// connections, which see the writer's commits.
+    ///
+    /// Errors: [`Error::Backend`] when there is no file; otherwise as
+    /// [`SqliteEventStore::open`], which checks the same way that the file
+    /// is a Triage store this build can read.
+    pub fn open_read_only(path: impl AsRef<Path>, options: SqliteOptions) -> Result<Self> {
+        let path = path.as_ref().to_path_buf();
+        schema::inspect_existing(&path)?;
+        let readers = Arc::new(Readers::read_only_store(path.clone(), options.clone()));
+        let store = SqliteEventStore {
+            readers,
+            path,
+            options,
+            requests: None,
+            writer: None,
+            head: Arc::new(watch::Sender::new(None)),
+            counters: Arc::new(Counters::default()),
+            temp_dir: None,
+        };
+        tracing::debug!(path = %store.path.display(), "opened SQLite event store read-only");
+        Ok(store)
+    }
+
+    /// Whether `error`, from [`SqliteEventStore::open`], says that the file
+    /// or its directory cannot be written by this process (permissions, a
+    /// read-only file system): then [`SqliteEventStore::open_read_only`]
+    /// may still read it.
+    pub fn is_not_writable(error: &Error) -> bool {
+        match error {
+            Error::Refused {
+                source: Some(source), ..
+            } => source
+                .downcast_ref::<rusqlite::Error>()
+                .is_some_and(|error| is_refusal(error, true)),
+            _ => false,
+        }
+    }
+
+    /// Whether this store was opened with [`SqliteEventStore::open_read_only`].
+    pub fn is_read_only(&self) -> bool {
+        self.readers.serves_a_read_only_store()
+    }
+
     fn open_at(path: PathBuf, options: SqliteOptions, temp_dir: Option<tempfile::TempDir>) -> Result<Self> {
         let conn = schema::open_writer(&path, &options)?;
         let head = schema::head_position(&conn)
@@ -284,6 +344,12 @@ impl EventStore for SqliteEventStore {
             events,
             reply,
         };
+        if self.readers.serves_a_read_only_store() {
+            return Err(Error::Refused {
+                message: format!("the event store {} was opened read-only", self.path.display()),
+                source: None,
+            });
+        }
         // Sent before the first await: appends polled in some order reach
         // the writer in that order.
         let requests = self.requests.as_ref().ok_or(Error::Closed)?;
@@ -328,6 +394,10 @@ impl EventStore for SqliteEventStore {
 
     fn describe(&self) -> String {
         format!("sqlite://{}", self.path.display())
+    }
+
+    async fn accepts_writes(&self) -> Result<bool> {
+        Ok(!self.readers.serves_a_read_only_store())
     }
 }
 

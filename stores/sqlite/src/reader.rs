@@ -17,7 +17,7 @@ use triage_event_store::{StreamName, StreamStart};
 use uuid::Uuid;
 
 use crate::SqliteOptions;
-use crate::schema::open_reader;
+use crate::schema::{open_read_only_reader, open_reader};
 
 /// The pool of read connections, opened lazily.
 #[derive(Debug)]
@@ -27,7 +27,17 @@ pub(crate) struct Readers {
     /// One permit per connection that may exist; taken for each query and
     /// held until its connection is back in `idle`.
     permits: Arc<Semaphore>,
-    idle: Mutex<Vec<Connection>>,
+    idle: Mutex<Vec<Pooled>>,
+    /// The store was opened read-only (see `open_read_only_reader`).
+    read_only_store: bool,
+}
+
+/// An idle read connection.
+#[derive(Debug)]
+struct Pooled {
+    conn: Connection,
+    /// Opened with `immutable`: valid only while no `-wal` file exists.
+    immutable: bool,
 }
 
 impl Readers {
@@ -38,6 +48,39 @@ impl Readers {
             options,
             permits,
             idle: Mutex::new(Vec::new()),
+            read_only_store: false,
+        }
+    }
+
+    /// The readers of a store opened read-only.
+    pub(crate) fn read_only_store(path: PathBuf, options: SqliteOptions) -> Self {
+        Readers {
+            read_only_store: true,
+            ..Self::new(path, options)
+        }
+    }
+
+    pub(crate) fn serves_a_read_only_store(&self) -> bool {
+        self.read_only_store
+    }
+
+    /// An idle connection that is still valid, or a new one.
+    fn connection(&self) -> rusqlite::Result<Pooled> {
+        if let Some(pooled) = self.idle().pop() {
+            // An `immutable` connection would not see the commits of a
+            // writer that opened the store since: it is replaced.
+            if !(pooled.immutable && crate::schema::side_file(&self.path, "-wal").exists()) {
+                return Ok(pooled);
+            }
+        }
+        if self.read_only_store {
+            let (conn, immutable) = open_read_only_reader(&self.path, &self.options)?;
+            Ok(Pooled { conn, immutable })
+        } else {
+            Ok(Pooled {
+                conn: open_reader(&self.path, &self.options)?,
+                immutable: false,
+            })
         }
     }
 
@@ -59,15 +102,12 @@ impl Readers {
             // back in the pool. So there are never more connections than
             // permits.
             let _permit = permit;
-            let conn = match readers.idle().pop() {
-                Some(conn) => conn,
-                None => open_reader(&readers.path, &readers.options)?,
-            };
-            let result = query(&conn);
+            let pooled = readers.connection()?;
+            let result = query(&pooled.conn);
             // A connection left inside a transaction would answer later
             // queries from an old snapshot; it is closed instead.
-            if conn.is_autocommit() {
-                readers.idle().push(conn);
+            if pooled.conn.is_autocommit() {
+                readers.idle().push(pooled);
             }
             result
         })
@@ -91,7 +131,7 @@ impl Readers {
         self.idle().clear();
     }
 
-    fn idle(&self) -> MutexGuard<'_, Vec<Connection>> {
+    fn idle(&self) -> MutexGuard<'_, Vec<Pooled>> {
         // A panic while holding the lock leaves only a list of connections.
         self.idle.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }

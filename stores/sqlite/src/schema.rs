@@ -148,6 +148,44 @@ fn initialize(path: &Path, conn: &Connection) -> Result<(), Error> {
     }
 }
 
+/// [`inspect`] for a store that must exist already: a missing or empty file
+/// is an error, not a store to create.
+pub(crate) fn inspect_existing(path: &Path) -> Result<(), Error> {
+    match std::fs::metadata(path) {
+        Ok(metadata) if metadata.is_file() && metadata.len() > 0 => inspect(path),
+        Ok(metadata) if metadata.is_dir() => Err(Error::Refused {
+            message: format!("cannot open the event store {}: it is a directory", path.display()),
+            source: None,
+        }),
+        Ok(_) => Err(Error::Incompatible(format!(
+            "{} is an empty file, not a Triage event store",
+            path.display()
+        ))),
+        Err(error) => Err(Error::backend(
+            format!("cannot open the event store {}", path.display()),
+            error,
+        )),
+    }
+}
+
+/// Opens one read connection of a store opened read-only (see
+/// `SqliteEventStore::open_read_only`), and says whether it is an
+/// `immutable` one: without a `-wal` file the store is at rest, and a plain
+/// read-only open of a WAL-mode file would need to create the `-shm` file.
+pub(crate) fn open_read_only_reader(path: &Path, options: &SqliteOptions) -> rusqlite::Result<(Connection, bool)> {
+    if side_file(path, "-wal").exists() {
+        return open_reader(path, options).map(|conn| (conn, false));
+    }
+    let conn = Connection::open_with_flags(
+        immutable_uri(path),
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_URI | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    conn.busy_timeout(options.busy_timeout)?;
+    plan_once(&conn)?;
+    conn.set_prepared_statement_cache_capacity(16);
+    Ok((conn, true))
+}
+
 /// Decides whether an existing file is a Triage store this build can open,
 /// through a connection that cannot write.
 ///
