@@ -612,13 +612,19 @@ impl AppState {
             return self.claim_now(principal, None, request).await;
         };
         let claim_id = self.command_id(principal, Some(key))?;
+        // Waited for here, where a client that hangs up still cancels its
+        // place in the queue; from the turn on, the claim runs to its end.
+        let turn = self.inner.claim_turns.take(claim_id).await;
+        if self.is_stopping() {
+            return Err(ApiError::Unavailable("the server is shutting down".to_owned()));
+        }
         let state = self.clone();
         let principal = principal.clone();
         let key = key.to_owned();
         self.inner
             .commands
             .spawn(async move {
-                let _turn = state.inner.claim_turns.take(claim_id).await;
+                let _turn = turn;
                 state.claim_now(&principal, Some(&key), request).await
             })
             .await

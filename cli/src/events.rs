@@ -333,7 +333,7 @@ pub(crate) async fn run(args: EventsArgs, global: &GlobalArgs) -> anyhow::Result
         }
     }
     global.require_existing_store()?;
-    let opened = global.open_log().await?;
+    let opened = global.open_log_to_read().await?;
     let query = EventQuery {
         ticket: args.ticket,
         stream: args.stream.clone(),

@@ -283,18 +283,24 @@ impl GlobalArgs {
         Ok(())
     }
 
-    /// Opens the event store alone, for commands that read only the log
-    /// (`events`, `replay`): a damaged read-model file does not stop them.
-    ///
-    /// An embedded store this process may not write (an analyst's view of
-    /// a file owned by another account, a copy on read-only media) is read
-    /// read-only, with a note on stderr: these commands write nothing to it.
+    /// Opens the event store alone, for commands that use only the log
+    /// (`demo --db`, and through [`GlobalArgs::open_log_to_read`] `events`,
+    /// `replay` and `stats --since/--until`): a damaged read-model file
+    /// does not stop them.
     async fn open_log(&self) -> anyhow::Result<OpenedLog> {
+        self.open_log_or_read_only(false).await
+    }
+
+    /// [`GlobalArgs::open_log`] for commands that only read the log: an
+    /// embedded store this process may not write (an analyst's view of a
+    /// file owned by another account, a copy on read-only media) is read
+    /// read-only, with a note on stderr.
+    async fn open_log_to_read(&self) -> anyhow::Result<OpenedLog> {
         self.open_log_or_read_only(true).await
     }
 
-    /// [`GlobalArgs::open_log`]; with `read_only_fallback` false, a store
-    /// that cannot be written is an error.
+    /// With `read_only_fallback` false, a store that cannot be written is
+    /// an error.
     async fn open_log_or_read_only(&self, read_only_fallback: bool) -> anyhow::Result<OpenedLog> {
         let location = self.location()?;
         let create = !self.existing_store_only.load(std::sync::atomic::Ordering::Relaxed);
@@ -313,13 +319,18 @@ impl GlobalArgs {
                 }
                 if !read_only_fallback {
                     return Err(error.context(format!(
-                        "{} cannot be written here, and this command keeps the read models of the store up to \
-                         date; `triage events`, `triage stats --since …` and `triage replay` read a store read-only",
+                        "{} cannot be written here, and this command writes to the store or keeps its read models \
+                         up to date; `triage events`, `triage stats --since …` and `triage replay` read a store \
+                         read-only",
                         path.display()
                     )));
                 }
-                // The first error says more than a failed read-only open.
-                let store = SqliteEventStore::open_read_only(path, SqliteOptions::default()).map_err(|_| error)?;
+                let store = SqliteEventStore::open_read_only(path, SqliteOptions::default()).map_err(|read_only| {
+                    error.context(format!(
+                        "{} cannot be written here, and reading it read-only failed too: {read_only}",
+                        path.display()
+                    ))
+                })?;
                 eprintln!(
                     "note: {} or its directory cannot be written here; reading the store read-only",
                     path.display()
@@ -332,9 +343,9 @@ impl GlobalArgs {
 
     /// Opens the event store and the read models that go with it.
     async fn open(&self) -> anyhow::Result<Opened> {
-        // The read models are kept up to date on opening: this opens the
-        // store for writing, as their file beside it is.
-        let OpenedLog { location, events } = self.open_log_or_read_only(false).await?;
+        // The read models are kept up to date on opening, in a file beside
+        // the store: a store this process cannot write is an error.
+        let OpenedLog { location, events } = self.open_log().await?;
         let options = self.projector_options();
         let explicit = self.read_model.is_some();
         let read_models = match self.read_model.clone().or_else(|| location.default_read_model()) {

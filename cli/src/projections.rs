@@ -370,7 +370,7 @@ pub(crate) async fn stats(args: StatsArgs, global: &GlobalArgs) -> anyhow::Resul
     }
     // A period is computed from the log alone: the read models are not
     // opened (a damaged read-model file does not stop it).
-    let opened = global.open_log().await?;
+    let opened = global.open_log_to_read().await?;
     let windows = stats_windows(&opened, &args, &global.skipped_event_types()).await?;
     if windows.is_empty() {
         return Err(
@@ -763,7 +763,7 @@ pub(crate) async fn replay(until: &str, into: &std::path::Path, global: &GlobalA
         global.check_position_form("--until", position)?;
     }
     global.require_existing_store()?;
-    let opened = global.open_log().await?;
+    let opened = global.open_log_to_read().await?;
     let position = match moment {
         Moment::Position(position) => position,
         Moment::Time(time) => {

@@ -19,6 +19,10 @@ use uuid::Uuid;
 use crate::SqliteOptions;
 use crate::schema::{open_read_only_reader, open_reader};
 
+/// Tries of one query on `immutable` connections while the store file keeps
+/// changing under them (see `Readers::query`).
+const IMMUTABLE_TRIES: usize = 3;
+
 /// The pool of read connections, opened lazily.
 #[derive(Debug)]
 pub(crate) struct Readers {
@@ -36,7 +40,7 @@ pub(crate) struct Readers {
 #[derive(Debug)]
 struct Pooled {
     conn: Connection,
-    /// Opened with `immutable`: valid only while no `-wal` file exists.
+    /// Opened with `immutable`: never pooled (see `Readers::query`).
     immutable: bool,
 }
 
@@ -64,14 +68,11 @@ impl Readers {
         self.read_only_store
     }
 
-    /// An idle connection that is still valid, or a new one.
+    /// An idle connection, or a new one. Only ordinary connections are
+    /// pooled; an `immutable` one serves one try of one query.
     fn connection(&self) -> rusqlite::Result<Pooled> {
         if let Some(pooled) = self.idle().pop() {
-            // An `immutable` connection would not see the commits of a
-            // writer that opened the store since: it is replaced.
-            if !(pooled.immutable && crate::schema::side_file(&self.path, "-wal").exists()) {
-                return Ok(pooled);
-            }
+            return Ok(pooled);
         }
         if self.read_only_store {
             let (conn, immutable) = open_read_only_reader(&self.path, &self.options)?;
@@ -89,7 +90,7 @@ impl Readers {
     pub(crate) async fn run<T, F>(self: &Arc<Self>, what: &'static str, query: F) -> Result<T>
     where
         T: Send + 'static,
-        F: FnOnce(&Connection) -> rusqlite::Result<Result<T>> + Send + 'static,
+        F: Fn(&Connection) -> rusqlite::Result<Result<T>> + Send + 'static,
     {
         let permit = Arc::clone(&self.permits)
             .acquire_owned()
@@ -102,14 +103,7 @@ impl Readers {
             // back in the pool. So there are never more connections than
             // permits.
             let _permit = permit;
-            let pooled = readers.connection()?;
-            let result = query(&pooled.conn);
-            // A connection left inside a transaction would answer later
-            // queries from an old snapshot; it is closed instead.
-            if pooled.conn.is_autocommit() {
-                readers.idle().push(pooled);
-            }
-            result
+            readers.query(&query)
         })
         .await
         .map_err(|join_error| Error::backend(format!("{what} panicked or was cancelled"), join_error))?;
@@ -120,6 +114,40 @@ impl Readers {
                 Error::backend(what, error)
             }
         })?
+    }
+
+    /// Runs `query` on a connection of the pool. An `immutable` one (a
+    /// read-only store at rest) reads the file as though nobody wrote it,
+    /// and keeps pages in its cache on that assumption: its answer stands
+    /// only if the file was at rest and unchanged from before the query to
+    /// after it. Otherwise (a writer opened the store, or appended and
+    /// closed it, meanwhile; a damaged-looking page read halfway through a
+    /// checkpoint) the query runs again on a new connection.
+    fn query<T>(&self, query: &dyn Fn(&Connection) -> rusqlite::Result<Result<T>>) -> rusqlite::Result<Result<T>> {
+        for _ in 0..IMMUTABLE_TRIES {
+            let before = crate::schema::FileState::of(&self.path);
+            let pooled = self.connection()?;
+            let result = query(&pooled.conn);
+            if !pooled.immutable {
+                // A connection left inside a transaction would answer later
+                // queries from an old snapshot; it is closed instead.
+                if pooled.conn.is_autocommit() {
+                    self.idle().push(pooled);
+                }
+                return result;
+            }
+            drop(pooled);
+            if before.is_at_rest() && crate::schema::FileState::of(&self.path) == before {
+                return result;
+            }
+        }
+        Ok(Err(Error::backend(
+            "reading a store opened read-only",
+            std::io::Error::other(format!(
+                "{} kept changing while it was read ({IMMUTABLE_TRIES} tries); read again",
+                self.path.display()
+            )),
+        )))
     }
 
     pub(crate) fn idle_count(&self) -> usize {

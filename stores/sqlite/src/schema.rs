@@ -73,6 +73,20 @@ pub(crate) fn open_writer(path: &Path, options: &SqliteOptions) -> Result<Connec
 
     let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
     let conn = Connection::open_with_flags(path, flags).map_err(|error| open_failure(path, error))?;
+    // SQLite opens a file it may not write read-only without a word (and,
+    // when another account's writer left its -wal and -shm files, reads
+    // then work): a writer that cannot write is refused here instead, as
+    // SQLite refuses a directory it cannot write.
+    if conn
+        .is_readonly(rusqlite::MAIN_DB)
+        .map_err(|error| open_failure(path, error))?
+    {
+        let read_only = rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_READONLY),
+            Some("the file cannot be written by this process".to_owned()),
+        );
+        return Err(open_failure(path, read_only));
+    }
     let setup = |conn: &Connection| -> rusqlite::Result<String> {
         conn.busy_timeout(options.busy_timeout)?;
         // Takes effect only on a file with no content yet; must come before
@@ -152,7 +166,23 @@ fn initialize(path: &Path, conn: &Connection) -> Result<(), Error> {
 /// is an error, not a store to create.
 pub(crate) fn inspect_existing(path: &Path) -> Result<(), Error> {
     match std::fs::metadata(path) {
-        Ok(metadata) if metadata.is_file() && metadata.len() > 0 => inspect(path),
+        Ok(metadata) if metadata.is_file() && metadata.len() > 0 => inspect(path).map_err(|error| {
+            // Reading commits from a -wal file takes a -shm file beside it,
+            // which a plain read-only open must make when it is missing.
+            if wal_pending(path) && !side_file(path, "-shm").exists() {
+                Error::Refused {
+                    message: format!(
+                        "{} holds commits in its -wal file that are not in the store file yet, and reading them \
+                         needs a -shm file that cannot be made here; copy {0} and {0}-wal to a directory you can \
+                         write and read the copy",
+                        path.display()
+                    ),
+                    source: Some(Box::new(error)),
+                }
+            } else {
+                error
+            }
+        }),
         Ok(metadata) if metadata.is_dir() => Err(Error::Refused {
             message: format!("cannot open the event store {}: it is a directory", path.display()),
             source: None,
@@ -168,12 +198,53 @@ pub(crate) fn inspect_existing(path: &Path) -> Result<(), Error> {
     }
 }
 
+/// Whether `path` has commits in its `-wal` file: a `-wal` file with
+/// anything in it. Without one the main file holds the whole database.
+pub(crate) fn wal_pending(path: &Path) -> bool {
+    std::fs::metadata(side_file(path, "-wal")).is_ok_and(|wal| wal.len() > 0)
+}
+
+/// What is seen of a store file from outside: compared before and after a
+/// read through an `immutable` connection, which is right only if nobody
+/// wrote the file meanwhile.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct FileState {
+    /// Length, inode, and modification and change times of the file.
+    main: Option<(u64, u64, i64, i64, i64, i64)>,
+    wal_pending: bool,
+}
+
+impl FileState {
+    pub(crate) fn of(path: &Path) -> Self {
+        use std::os::unix::fs::MetadataExt as _;
+        FileState {
+            main: std::fs::metadata(path).ok().map(|file| {
+                (
+                    file.len(),
+                    file.ino(),
+                    file.mtime(),
+                    file.mtime_nsec(),
+                    file.ctime(),
+                    file.ctime_nsec(),
+                )
+            }),
+            wal_pending: wal_pending(path),
+        }
+    }
+
+    /// The main file holds the whole database.
+    pub(crate) fn is_at_rest(&self) -> bool {
+        self.main.is_some() && !self.wal_pending
+    }
+}
+
 /// Opens one read connection of a store opened read-only (see
 /// `SqliteEventStore::open_read_only`), and says whether it is an
-/// `immutable` one: without a `-wal` file the store is at rest, and a plain
-/// read-only open of a WAL-mode file would need to create the `-shm` file.
+/// `immutable` one: with nothing in a `-wal` file the store is at rest, and
+/// a plain read-only open of a WAL-mode file would need to create the
+/// `-shm` file, which a directory one may not write refuses.
 pub(crate) fn open_read_only_reader(path: &Path, options: &SqliteOptions) -> rusqlite::Result<(Connection, bool)> {
-    if side_file(path, "-wal").exists() {
+    if wal_pending(path) {
         return open_reader(path, options).map(|conn| (conn, false));
     }
     let conn = Connection::open_with_flags(
@@ -189,15 +260,14 @@ pub(crate) fn open_read_only_reader(path: &Path, options: &SqliteOptions) -> rus
 /// Decides whether an existing file is a Triage store this build can open,
 /// through a connection that cannot write.
 ///
-/// Without a `-wal` file next to it, the main file holds the whole database,
-/// so it is opened with `immutable=1`: SQLite then takes no locks and creates
-/// no `-wal`/`-shm` files, which a plain read-only open of a WAL-mode file
-/// would. With a `-wal` file (a store that is open elsewhere, or whose writer
-/// crashed) the committed state includes the WAL, so it is opened read-only
-/// the ordinary way.
+/// Without a `-wal` file next to it, or with an empty one, the main file
+/// holds the whole database, so it is opened with `immutable=1`: SQLite then
+/// takes no locks and creates no `-wal`/`-shm` files, which a plain
+/// read-only open of a WAL-mode file would. With commits in a `-wal` file (a
+/// store that is open elsewhere, or whose writer crashed) the committed
+/// state includes the WAL, so it is opened read-only the ordinary way.
 fn inspect(path: &Path) -> Result<(), Error> {
-    let wal_exists = side_file(path, "-wal").exists();
-    let conn = if wal_exists {
+    let conn = if wal_pending(path) {
         Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)
     } else {
         Connection::open_with_flags(

@@ -154,3 +154,142 @@ fn what_is_not_a_store_is_refused_read_only_too() {
         "nothing was made beside them"
     );
 }
+
+/// A writer that opens the store, appends and closes between two reads
+/// (`triage ticket open`) leaves the store at rest again: the read-only
+/// store still sees what it wrote, every time, as `events --follow` needs.
+#[tokio::test]
+async fn a_read_only_store_sees_writers_that_come_and_go() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("triage.db");
+    drop(
+        append(
+            &SqliteEventStore::open(&path, SqliteOptions::default()).unwrap(),
+            "ticket-0",
+            50,
+        )
+        .await,
+    );
+    let reader = SqliteEventStore::open_read_only(&path, SqliteOptions::default()).expect("opens read-only");
+    let mut seen = reader.read_all(ReadAll::forwards(1000)).await.unwrap().len();
+    assert_eq!(seen, 50);
+    for round in 1..=5 {
+        {
+            let writer = SqliteEventStore::open(&path, SqliteOptions::default()).unwrap();
+            append(&writer, &format!("ticket-{round}"), 40).await;
+        }
+        assert!(
+            !dir.path().join("triage.db-wal").exists(),
+            "the writer closed the store"
+        );
+        let all = reader.read_all(ReadAll::forwards(1000)).await.unwrap();
+        assert_eq!(all.len(), seen + 40, "round {round}");
+        seen = all.len();
+        let stream = reader
+            .read_stream(
+                &StreamName::new(format!("ticket-{round}")).unwrap(),
+                ReadStream::forwards(),
+            )
+            .await
+            .expect("the new stream reads");
+        assert_eq!(stream.len(), 40, "round {round}");
+        assert_eq!(
+            reader.head_position().await.unwrap(),
+            all.last().map(|record| record.position)
+        );
+    }
+}
+
+/// An empty `-wal` file (a writer that opened the store and has written
+/// nothing yet, or a copy taken with it) holds no commits: the store is
+/// read as at rest, without making a `-shm` file.
+#[tokio::test]
+async fn an_empty_wal_file_is_read_as_a_store_at_rest() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("triage.db");
+    drop(
+        append(
+            &SqliteEventStore::open(&path, SqliteOptions::default()).unwrap(),
+            "ticket-1",
+            3,
+        )
+        .await,
+    );
+    std::fs::write(dir.path().join("triage.db-wal"), b"").unwrap();
+    let before = listing(dir.path());
+    let reader = SqliteEventStore::open_read_only(&path, SqliteOptions::default()).expect("opens read-only");
+    assert_eq!(reader.read_all(ReadAll::forwards(100)).await.unwrap().len(), 3);
+    drop(reader);
+    assert_eq!(listing(dir.path()), before, "no -shm file was made");
+}
+
+/// A store file made read-only for this process while alive: by its mode,
+/// and, for a process that modes do not stop (root), by the file system's
+/// immutable attribute. `None` when neither stops this process here.
+struct ReadOnlyFile {
+    path: std::path::PathBuf,
+    immutable: bool,
+}
+
+impl ReadOnlyFile {
+    fn make(path: &Path) -> Option<Self> {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o444)).unwrap();
+        let mut guard = ReadOnlyFile {
+            path: path.to_path_buf(),
+            immutable: false,
+        };
+        let writable = || std::fs::OpenOptions::new().write(true).open(path).is_ok();
+        if writable() {
+            guard.immutable = std::process::Command::new("chattr")
+                .arg("+i")
+                .arg(path)
+                .status()
+                .is_ok_and(|status| status.success());
+            if writable() {
+                return None;
+            }
+        }
+        Some(guard)
+    }
+}
+
+impl Drop for ReadOnlyFile {
+    fn drop(&mut self) {
+        use std::os::unix::fs::PermissionsExt as _;
+        if self.immutable {
+            let _ = std::process::Command::new("chattr").arg("-i").arg(&self.path).status();
+        }
+        let _ = std::fs::set_permissions(&self.path, std::fs::Permissions::from_mode(0o644));
+    }
+}
+
+/// SQLite opens a file it may not write read-only without a word: the store
+/// refuses to open it for writing instead (with a refusal that says it
+/// cannot be written), and it opens read-only.
+#[tokio::test]
+async fn a_file_that_cannot_be_written_is_refused_for_writing_and_opens_read_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("triage.db");
+    drop(
+        append(
+            &SqliteEventStore::open(&path, SqliteOptions::default()).unwrap(),
+            "ticket-1",
+            3,
+        )
+        .await,
+    );
+    let Some(read_only) = ReadOnlyFile::make(&path) else {
+        eprintln!("skipped: neither modes nor chattr make a file read-only for this process here");
+        return;
+    };
+    match SqliteEventStore::open(&path, SqliteOptions::default()) {
+        Err(error) => assert!(SqliteEventStore::is_not_writable(&error), "{error:?}"),
+        Ok(_) => panic!("a store that cannot be written opened for writing"),
+    }
+    let reader = SqliteEventStore::open_read_only(&path, SqliteOptions::default()).expect("opens read-only");
+    assert_eq!(reader.read_all(ReadAll::forwards(100)).await.unwrap().len(), 3);
+    drop(reader);
+    drop(read_only);
+    assert_eq!(listing(dir.path()), ["triage.db"]);
+}
