@@ -125,7 +125,8 @@ impl Readers {
     /// checkpoint) the query runs again on a new connection.
     fn query<T>(&self, query: &dyn Fn(&Connection) -> rusqlite::Result<Result<T>>) -> rusqlite::Result<Result<T>> {
         for _ in 0..IMMUTABLE_TRIES {
-            let before = crate::schema::FileState::of(&self.path);
+            // Only a read-only store has immutable connections to check.
+            let before = self.read_only_store.then(|| crate::schema::FileState::of(&self.path));
             let pooled = self.connection()?;
             let result = query(&pooled.conn);
             if !pooled.immutable {
@@ -137,7 +138,7 @@ impl Readers {
                 return result;
             }
             drop(pooled);
-            if before.is_at_rest() && crate::schema::FileState::of(&self.path) == before {
+            if before.is_some_and(|before| before.is_at_rest() && crate::schema::FileState::of(&self.path) == before) {
                 return result;
             }
         }
