@@ -659,8 +659,10 @@ pub(crate) async fn rebuild(
     }
     if bench.peer.is_some() {
         let (triage, read, peer) = (median(triage_rates), median(read_rates), median(peer_rates));
-        // DESIGN.md: a rebuild ≥ 5× the peer's replay rate.
-        let ratio = |rate: f64| round(rate / peer.max(1.0), 2);
+        // DESIGN.md: a rebuild ≥ 5× the peer's replay rate. Judged on the
+        // ratio as measured, not as printed: 4.999 is not 5.
+        let exact_ratio = |rate: f64| rate / peer.max(1.0);
+        let ratio = |rate: f64| round(exact_ratio(rate), 3);
         line(json!({
             "bench": "pg-rebuild-compare",
             "events": total,
@@ -675,7 +677,7 @@ pub(crate) async fn rebuild(
             "ratio_events_per_s": ratio(triage),
             "ratio_read_only": ratio(read),
             "target_ratio": 5.0,
-            "target_met": ratio(triage) >= 5.0,
+            "target_met": exact_ratio(triage) >= 5.0,
         }));
     }
     Ok(())
