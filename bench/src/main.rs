@@ -371,12 +371,14 @@ async fn main() -> anyhow::Result<()> {
             println!("{}", replay::rebuild(events, batch_size).await?);
         }
         Bench::PgCommands { pg } => {
+            pg::ensure_database(&pg.url).await?;
             for config in pg.configs() {
                 println!("{}", pg::commands(&pg.url, config).await?);
             }
         }
         Bench::PgCompare { pg, rounds, peer } => {
             let peer = pg::peer_binary(peer)?;
+            pg::ensure_database(&pg.url).await?;
             for config in pg.configs() {
                 pg::compare(&pg.url, &peer, config, rounds).await?;
             }
@@ -398,6 +400,7 @@ async fn main() -> anyhow::Result<()> {
                 rounds,
                 peer: if compare { Some(pg::peer_binary(peer)?) } else { None },
             };
+            pg::ensure_database(&url).await?;
             pg::rebuild(&url, events, options, |line| println!("{line}")).await?;
         }
         Bench::Events { events } => {

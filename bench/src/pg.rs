@@ -534,6 +534,37 @@ async fn rebuild_into_postgres(
     }))
 }
 
+/// Creates the database `url` names if the server says it does not exist
+/// (a fresh machine has no `triage_bench`), connecting to the server's
+/// `postgres` database to do so, and says so on stderr. The benches then
+/// make and drop their own schemas inside it.
+pub(crate) async fn ensure_database(url: &str) -> anyhow::Result<()> {
+    match tokio_postgres::connect(url, tokio_postgres::NoTls).await {
+        Err(error) if error.code() == Some(&tokio_postgres::error::SqlState::INVALID_CATALOG_NAME) => {}
+        // Connected, or failed for another reason, which the bench's own
+        // connection then reports.
+        _ => return Ok(()),
+    }
+    let mut config: tokio_postgres::Config = url.parse().with_context(|| format!("cannot parse {url}"))?;
+    let Some(name) = config.get_dbname().map(str::to_owned) else {
+        return Ok(());
+    };
+    config.dbname("postgres");
+    let (client, connection) = config
+        .connect(tokio_postgres::NoTls)
+        .await
+        .with_context(|| format!("database {name:?} does not exist, and the server's \"postgres\" database to create it from cannot be reached"))?;
+    let connection = tokio::spawn(connection);
+    client
+        .batch_execute(&format!(r#"CREATE DATABASE "{}""#, name.replace('"', "\"\"")))
+        .await
+        .with_context(|| format!("database {name:?} does not exist and cannot be created"))?;
+    drop(client);
+    let _ = connection.await;
+    eprintln!("created the database {name:?} for the benchmarks");
+    Ok(())
+}
+
 /// Vacuums the freshly filled log, as autovacuum does to a log at rest
 /// (an insert-only table is vacuumed once enough rows were added): the
 /// first reads of a just-loaded table otherwise also set every row's
