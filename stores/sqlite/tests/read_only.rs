@@ -41,6 +41,16 @@ async fn append(store: &SqliteEventStore, stream: &str, count: usize) -> Vec<Uui
     ids
 }
 
+/// A store in a new directory holding `count` events of `stream`, closed
+/// (at rest); the directory and the store's path.
+async fn store_at_rest(stream: &str, count: usize) -> (tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("triage.db");
+    let writer = SqliteEventStore::open(&path, SqliteOptions::default()).expect("store opens");
+    append(&writer, stream, count).await;
+    (dir, path)
+}
+
 #[tokio::test]
 async fn a_store_opened_read_only_reads_everything_and_writes_nothing() {
     let dir = tempfile::tempdir().unwrap();
@@ -100,16 +110,7 @@ async fn a_store_opened_read_only_reads_everything_and_writes_nothing() {
 
 #[tokio::test]
 async fn a_read_only_store_sees_a_writer_that_opens_the_file_later() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("triage.db");
-    drop(
-        append(
-            &SqliteEventStore::open(&path, SqliteOptions::default()).unwrap(),
-            "ticket-1",
-            2,
-        )
-        .await,
-    );
+    let (_dir, path) = store_at_rest("ticket-1", 2).await;
     let reader = SqliteEventStore::open_read_only(&path, SqliteOptions::default()).expect("opens read-only");
     assert_eq!(reader.read_all(ReadAll::forwards(100)).await.unwrap().len(), 2);
 
@@ -160,16 +161,7 @@ fn what_is_not_a_store_is_refused_read_only_too() {
 /// store still sees what it wrote, every time, as `events --follow` needs.
 #[tokio::test]
 async fn a_read_only_store_sees_writers_that_come_and_go() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("triage.db");
-    drop(
-        append(
-            &SqliteEventStore::open(&path, SqliteOptions::default()).unwrap(),
-            "ticket-0",
-            50,
-        )
-        .await,
-    );
+    let (dir, path) = store_at_rest("ticket-0", 50).await;
     let reader = SqliteEventStore::open_read_only(&path, SqliteOptions::default()).expect("opens read-only");
     let mut seen = reader.read_all(ReadAll::forwards(1000)).await.unwrap().len();
     assert_eq!(seen, 50);
@@ -205,16 +197,7 @@ async fn a_read_only_store_sees_writers_that_come_and_go() {
 /// read as at rest, without making a `-shm` file.
 #[tokio::test]
 async fn an_empty_wal_file_is_read_as_a_store_at_rest() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("triage.db");
-    drop(
-        append(
-            &SqliteEventStore::open(&path, SqliteOptions::default()).unwrap(),
-            "ticket-1",
-            3,
-        )
-        .await,
-    );
+    let (dir, path) = store_at_rest("ticket-1", 3).await;
     std::fs::write(dir.path().join("triage.db-wal"), b"").unwrap();
     let before = listing(dir.path());
     let reader = SqliteEventStore::open_read_only(&path, SqliteOptions::default()).expect("opens read-only");
@@ -269,16 +252,7 @@ impl Drop for ReadOnlyFile {
 /// cannot be written), and it opens read-only.
 #[tokio::test]
 async fn a_file_that_cannot_be_written_is_refused_for_writing_and_opens_read_only() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("triage.db");
-    drop(
-        append(
-            &SqliteEventStore::open(&path, SqliteOptions::default()).unwrap(),
-            "ticket-1",
-            3,
-        )
-        .await,
-    );
+    let (dir, path) = store_at_rest("ticket-1", 3).await;
     let Some(read_only) = ReadOnlyFile::make(&path) else {
         eprintln!("skipped: neither modes nor chattr make a file read-only for this process here");
         return;
