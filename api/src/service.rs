@@ -214,7 +214,9 @@ impl AppState {
     /// UUID, otherwise a UUIDv5 of the agent and the key.
     pub fn command_id(&self, principal: &Principal, key: Option<&str>) -> Result<Uuid, ApiError> {
         let Some(key) = key else {
-            return Ok(Uuid::new_v4());
+            // Time-ordered, as `CommandEnvelope::new` makes them: see
+            // `triage_domain::event_id`.
+            return Ok(Uuid::now_v7());
         };
         if key.is_empty() || key.len() > self.inner.limits.max_key_bytes || !key.bytes().all(|b| b.is_ascii_graphic()) {
             return Err(ApiError::bad_request(

@@ -271,10 +271,12 @@ pub struct CommandEnvelope {
 }
 
 impl CommandEnvelope {
-    /// A command with a fresh id and no optional context.
+    /// A command with a fresh, time-ordered (UUIDv7) id and no optional
+    /// context. Time-ordered, so that its events' ids are too (see
+    /// [`crate::event_id`]).
     pub fn new(ticket_id: TicketId, agent: Agent, command: Command) -> Self {
         CommandEnvelope {
-            command_id: Uuid::new_v4(),
+            command_id: Uuid::now_v7(),
             ticket_id,
             agent,
             expected_revision: None,
