@@ -352,6 +352,7 @@ async fn run_commands(
         "max_us": result.latency_us.max(),
         "transactions": stats.transactions,
         "appends_per_transaction": round(stats.appends_answered as f64 / stats.transactions.max(1) as f64, 2),
+        "careful_reruns": stats.careful_reruns,
         "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
     });
     Ok((result, line))

@@ -13,8 +13,9 @@
 //!   must decide again.
 //! - **Other commands are re-decided** against fresh state after a conflict,
 //!   with bounded retries and full jitter ([`RetryPolicy`]).
-//! - **Retries are harmless.** Event ids are UUIDv5 of the command id and the
-//!   event's index, so a retried command finds its own events in the stream
+//! - **Retries are harmless.** Event ids derive from the command id and the
+//!   event's index alone (`triage_domain::event_id`: time-ordered for a
+//!   UUIDv7 command id), so a retried command finds its own events in the stream
 //!   (and returns the original outcome, marked `duplicate`), or, when two
 //!   copies race, the store's idempotent append makes the second a no-op.
 //! - **A bounded stream cache** saves the read before most appends; a

@@ -158,6 +158,10 @@ pub struct SqliteStats {
     pub events_written: u64,
     /// The most appends committed in one transaction.
     pub largest_batch: u64,
+    /// Batches run twice: their optimistic run met an insert that failed
+    /// (an event id stored already) and was rolled back, and the batch
+    /// was run again with a lookup and a savepoint per append.
+    pub careful_reruns: u64,
     /// Read connections open and waiting in the pool; never more than
     /// [`SqliteOptions::max_readers`].
     pub idle_read_connections: usize,
@@ -299,6 +303,7 @@ impl SqliteEventStore {
             transactions: load(&self.counters.transactions),
             events_written: load(&self.counters.events_written),
             largest_batch: load(&self.counters.largest_batch),
+            careful_reruns: load(&self.counters.careful_reruns),
             idle_read_connections: self.readers.idle_count(),
         }
     }

@@ -129,3 +129,122 @@ async fn without_group_commit_every_append_is_its_own_transaction() {
     assert_eq!(stats.transactions, 32);
     assert_eq!(stats.largest_batch, 1);
 }
+
+/// Appends `requests` while another connection holds the write lock, so
+/// that the writer takes them all in one batch; returns their answers in
+/// order.
+async fn in_one_batch(
+    store: &Arc<SqliteEventStore>,
+    requests: Vec<(StreamName, ExpectedRevision, Vec<EventData>)>,
+) -> Vec<triage_event_store::Result<triage_event_store::AppendResult>> {
+    let before = store.stats();
+    let blocker = hold_write_lock(store);
+    let count = requests.len();
+    let tasks: Vec<_> = requests
+        .into_iter()
+        .map(|(stream, expected, events)| {
+            let store = Arc::clone(store);
+            tokio::spawn(async move { store.append(&stream, expected, events).await })
+        })
+        .collect();
+    wait_until_submitted(store, before.appends_submitted + count as u64).await;
+    blocker.execute_batch("COMMIT").unwrap();
+    drop(blocker);
+    let mut answers = Vec::new();
+    for task in tasks {
+        answers.push(task.await.unwrap());
+    }
+    // The writer may have taken the first append before it met the lock.
+    assert!(store.stats().transactions - before.transactions <= 2);
+    answers
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn retries_and_conflicts_in_a_batch_get_the_answers_they_get_alone() {
+    let store = Arc::new(SqliteEventStore::open_temporary().unwrap());
+    let stream = |name: &str| StreamName::new(format!("ticket-{name}")).unwrap();
+    let stored = vec![event(), event()];
+    let original = store
+        .append(&stream("stored"), ExpectedRevision::NoStream, stored.clone())
+        .await
+        .unwrap();
+    store
+        .append(&stream("stored"), ExpectedRevision::Exact(1), vec![event()])
+        .await
+        .unwrap();
+
+    // A retry whose expected revision no longer holds, and a conflict:
+    // neither writes, so the batch needs no second run.
+    let answers = in_one_batch(
+        &store,
+        vec![
+            (stream("a"), ExpectedRevision::NoStream, vec![event()]),
+            (stream("stored"), ExpectedRevision::NoStream, stored.clone()),
+            (stream("stored"), ExpectedRevision::Exact(0), vec![event()]),
+            (stream("b"), ExpectedRevision::NoStream, vec![event(), event()]),
+        ],
+    )
+    .await;
+    assert_eq!(answers[0].as_ref().unwrap().current_revision, 0);
+    let replayed = answers[1].as_ref().unwrap();
+    assert!(replayed.replayed);
+    assert_eq!((replayed.current_revision, replayed.position), (1, original.position));
+    assert!(
+        matches!(&answers[2], Err(Error::WrongExpectedVersion { actual: Some(2), .. })),
+        "{:?}",
+        answers[2]
+    );
+    assert_eq!(answers[3].as_ref().unwrap().current_revision, 1);
+    assert_eq!(store.stats().careful_reruns, 0);
+
+    // A retry with `Any` meets its own stored event id on insert; so does
+    // a new event behind a stored one. The batch is rolled back and run
+    // again, and the appends around them are written once.
+    let answers = in_one_batch(
+        &store,
+        vec![
+            (stream("a"), ExpectedRevision::Exact(0), vec![event()]),
+            (stream("stored"), ExpectedRevision::Any, stored.clone()),
+            (stream("c"), ExpectedRevision::NoStream, vec![event()]),
+            (stream("c"), ExpectedRevision::Any, vec![event(), stored[1].clone()]),
+            (stream("b"), ExpectedRevision::Exact(1), vec![event()]),
+        ],
+    )
+    .await;
+    assert_eq!(answers[0].as_ref().unwrap().current_revision, 1);
+    let replayed = answers[1].as_ref().unwrap();
+    assert!(replayed.replayed);
+    assert_eq!((replayed.current_revision, replayed.position), (1, original.position));
+    assert_eq!(answers[2].as_ref().unwrap().current_revision, 0);
+    assert!(
+        matches!(&answers[3], Err(Error::WrongExpectedVersion { .. })),
+        "{:?}",
+        answers[3]
+    );
+    assert_eq!(answers[4].as_ref().unwrap().current_revision, 2);
+    assert!(store.stats().careful_reruns >= 1);
+
+    // The log holds each written event once, in its stream's order.
+    let revisions = |name: &'static str| {
+        let store = Arc::clone(&store);
+        async move {
+            store
+                .read_stream(&stream(name), ReadStream::forwards())
+                .await
+                .unwrap()
+                .iter()
+                .map(|record| record.revision)
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(revisions("a").await, [0, 1]);
+    assert_eq!(revisions("b").await, [0, 1, 2]);
+    assert_eq!(revisions("c").await, [0]);
+    assert_eq!(revisions("stored").await, [0, 1, 2]);
+    let all = store
+        .read_all(triage_event_store::ReadAll::forwards(100))
+        .await
+        .unwrap();
+    // Nothing else: "stored" 3, "a" 2, "b" 3, "c" 1.
+    assert_eq!(all.len(), 9);
+}
