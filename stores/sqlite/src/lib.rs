@@ -265,6 +265,7 @@ impl SqliteEventStore {
             batch_limit: options.batch_limit(),
             head: Arc::clone(&head),
             counters: Arc::clone(&counters),
+            streams: Default::default(),
         };
         let (requests, receiver) = mpsc::channel();
         let writer = std::thread::Builder::new()

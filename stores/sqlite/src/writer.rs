@@ -21,6 +21,8 @@
 //! of the five statements per append, and the writer thread, which every
 //! append goes through, spends that much less on it.
 
+use std::cell::RefCell;
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::Receiver;
@@ -123,6 +125,46 @@ pub(crate) struct Writer {
     pub(crate) batch_limit: usize,
     pub(crate) head: Arc<watch::Sender<Option<Position>>>,
     pub(crate) counters: Arc<Counters>,
+    pub(crate) streams: RefCell<StreamStates>,
+}
+
+/// The most streams [`StreamStates`] remembers; past that it starts over.
+const REMEMBERED_STREAMS: usize = 16_384;
+
+/// Streams' ids and current revisions as the writer's own commits left
+/// them, so that an optimistic append needs no read of its stream.
+///
+/// Valid only while no other connection has committed: checked at the
+/// start of every batch with `PRAGMA data_version`, which changes exactly
+/// when another connection (another process on the file) committed, and
+/// forgotten when it changed or a batch failed. Even a stale entry could
+/// not corrupt the log: an insert at a revision taken already fails on the
+/// `(stream_id, revision)` index, and the careful run reads every stream.
+#[derive(Debug, Default)]
+pub(crate) struct StreamStates {
+    data_version: Option<i64>,
+    committed: HashMap<StreamName, (i64, u64)>,
+    /// What the open transaction wrote; committed with it.
+    pending: HashMap<StreamName, (i64, u64)>,
+}
+
+impl StreamStates {
+    fn get(&self, stream: &StreamName) -> Option<(i64, u64)> {
+        self.pending.get(stream).or_else(|| self.committed.get(stream)).copied()
+    }
+
+    fn forget(&mut self) {
+        self.data_version = None;
+        self.committed.clear();
+        self.pending.clear();
+    }
+
+    fn commit(&mut self) {
+        if self.committed.len() + self.pending.len() > REMEMBERED_STREAMS {
+            self.committed.clear();
+        }
+        self.committed.extend(self.pending.drain());
+    }
 }
 
 impl Writer {
@@ -157,6 +199,7 @@ impl Writer {
         self.counters.answered.fetch_add(size, Ordering::Relaxed);
         match outcome {
             Ok(applied) => {
+                self.streams.get_mut().commit();
                 self.counters.transactions.fetch_add(1, Ordering::Relaxed);
                 self.counters.largest_batch.fetch_max(size, Ordering::Relaxed);
                 let mut head = None;
@@ -185,6 +228,7 @@ impl Writer {
                 }
             }
             Err(error) => {
+                self.streams.get_mut().forget();
                 if !self.conn.is_autocommit()
                     && let Err(rollback) = self.conn.execute_batch("ROLLBACK")
                 {
@@ -244,6 +288,18 @@ impl Writer {
         // other connection (another process on the same file) can commit
         // between our reads of current revisions and our inserts.
         self.conn.prepare_cached("BEGIN IMMEDIATE")?.execute([])?;
+        let data_version: i64 = self
+            .conn
+            .prepare_cached("PRAGMA data_version")?
+            .query_row([], |row| row.get(0))?;
+        {
+            let mut streams = self.streams.borrow_mut();
+            if streams.data_version != Some(data_version) {
+                streams.forget();
+                streams.data_version = Some(data_version);
+            }
+            streams.pending.clear();
+        }
         let mut applied = Vec::with_capacity(batch.len());
         for request in batch {
             applied.push(match run {
@@ -254,7 +310,25 @@ impl Writer {
         Ok(applied)
     }
 
-    /// The stream's id and current revision, if it exists.
+    /// The stream's id and current revision, if it exists, as this
+    /// writer's own commits and this transaction left it, or else read.
+    fn remembered_stream_state(&self, stream: &StreamName) -> Result<Option<(i64, Option<u64>)>, Fatal> {
+        if let Some((stream_id, revision)) = self.streams.borrow().get(stream) {
+            return Ok(Some((stream_id, Some(revision))));
+        }
+        let state = self.stream_state(stream)?;
+        // Not written in this transaction (else it were pending), so this
+        // is committed state, which only this writer changes now.
+        if let Some((stream_id, Some(revision))) = state {
+            self.streams
+                .borrow_mut()
+                .committed
+                .insert(stream.clone(), (stream_id, revision));
+        }
+        Ok(state)
+    }
+
+    /// The stream's id and current revision, if it exists: read.
     fn stream_state(&self, stream: &StreamName) -> Result<Option<(i64, Option<u64>)>, Fatal> {
         self.conn
             .prepare_cached(
@@ -276,7 +350,7 @@ impl Writer {
             events,
             ..
         } = request;
-        let existing = self.stream_state(stream)?;
+        let existing = self.remembered_stream_state(stream)?;
         let current = existing.and_then(|(_, revision)| revision);
         // Whether the expected revision holds, as `plan_append` decides it
         // when none of the event ids is stored. When it does not hold, the
@@ -295,10 +369,7 @@ impl Writer {
         let first_revision = current.map_or(0, |revision| revision + 1);
         let stream_id = existing.map(|(stream_id, _)| stream_id);
         match self.insert(stream, stream_id, first_revision, events, recorded_at) {
-            Ok(result) => Ok(Applied {
-                answer: Ok(result),
-                written: Some((result.position, events.len() as u64)),
-            }),
+            Ok(written) => Ok(self.wrote(stream, written, events.len())),
             // An event id stored already: a retry, or a conflict, which
             // the careful run tells apart.
             Err(error) if is_unique_violation(&error) => Err(Interrupted::NeedsCare),
@@ -347,12 +418,9 @@ impl Writer {
         self.conn.prepare_cached("SAVEPOINT append")?.execute([])?;
         let stream_id = existing.map(|(stream_id, _)| stream_id);
         match self.insert(stream, stream_id, first_revision, events, recorded_at) {
-            Ok(result) => {
+            Ok(written) => {
                 self.conn.prepare_cached("RELEASE append")?.execute([])?;
-                Ok(Applied {
-                    answer: Ok(result),
-                    written: Some((result.position, events.len() as u64)),
-                })
+                Ok(self.wrote(stream, written, events.len()))
             }
             Err(error) => {
                 // Undo this append's inserts only; the batch goes on. If even
@@ -387,7 +455,7 @@ impl Writer {
         first_revision: u64,
         events: &[EventData],
         recorded_at: i64,
-    ) -> rusqlite::Result<AppendResult> {
+    ) -> rusqlite::Result<Written> {
         // A new stream's row is created inside the append's savepoint, so a
         // failed first append leaves no empty stream behind.
         let stream_id = match stream_id {
@@ -429,7 +497,22 @@ impl Writer {
             });
         }
         // validate_append guarantees at least one event.
-        last.ok_or(rusqlite::Error::QueryReturnedNoRows)
+        let result = last.ok_or(rusqlite::Error::QueryReturnedNoRows)?;
+        Ok(Written { stream_id, result })
+    }
+
+    /// Answers an append whose inserts succeeded (and are kept), and
+    /// remembers its stream's new revision with the transaction.
+    fn wrote(&self, stream: &StreamName, written: Written, events: usize) -> Applied {
+        let Written { stream_id, result } = written;
+        self.streams
+            .borrow_mut()
+            .pending
+            .insert(stream.clone(), (stream_id, result.current_revision));
+        Applied {
+            answer: Ok(result),
+            written: Some((result.position, events as u64)),
+        }
     }
 
     fn lookup(&self, id: Uuid) -> rusqlite::Result<Option<StoredEventRef>> {
@@ -447,6 +530,13 @@ impl Writer {
             })
             .optional()
     }
+}
+
+/// What one append's inserts did.
+#[derive(Clone, Copy, Debug)]
+struct Written {
+    stream_id: i64,
+    result: AppendResult,
 }
 
 /// How a batch is run: see the module docs.

@@ -224,6 +224,23 @@ async fn retries_and_conflicts_in_a_batch_get_the_answers_they_get_alone() {
     assert_eq!(answers[4].as_ref().unwrap().current_revision, 2);
     assert!(store.stats().careful_reruns >= 1);
 
+    // The writer's view after the rerun is the log's: appends that
+    // expect the revisions the batch left are accepted, stale ones not.
+    for (name, revision) in [("a", 1), ("b", 2), ("c", 0), ("stored", 2)] {
+        let next = store
+            .append(&stream(name), ExpectedRevision::Exact(revision), vec![event()])
+            .await
+            .unwrap_or_else(|error| panic!("{name}: {error}"));
+        assert_eq!(next.current_revision, revision + 1);
+        let stale = store
+            .append(&stream(name), ExpectedRevision::Exact(revision), vec![event()])
+            .await;
+        assert!(
+            matches!(&stale, Err(Error::WrongExpectedVersion { actual: Some(actual), .. }) if *actual == revision + 1),
+            "{name}: {stale:?}"
+        );
+    }
+
     // The log holds each written event once, in its stream's order.
     let revisions = |name: &'static str| {
         let store = Arc::clone(&store);
@@ -237,14 +254,14 @@ async fn retries_and_conflicts_in_a_batch_get_the_answers_they_get_alone() {
                 .collect::<Vec<_>>()
         }
     };
-    assert_eq!(revisions("a").await, [0, 1]);
-    assert_eq!(revisions("b").await, [0, 1, 2]);
-    assert_eq!(revisions("c").await, [0]);
-    assert_eq!(revisions("stored").await, [0, 1, 2]);
+    assert_eq!(revisions("a").await, [0, 1, 2]);
+    assert_eq!(revisions("b").await, [0, 1, 2, 3]);
+    assert_eq!(revisions("c").await, [0, 1]);
+    assert_eq!(revisions("stored").await, [0, 1, 2, 3]);
     let all = store
         .read_all(triage_event_store::ReadAll::forwards(100))
         .await
         .unwrap();
-    // Nothing else: "stored" 3, "a" 2, "b" 3, "c" 1.
-    assert_eq!(all.len(), 9);
+    // Nothing else: "stored" 4, "a" 3, "b" 4, "c" 2.
+    assert_eq!(all.len(), 13);
 }

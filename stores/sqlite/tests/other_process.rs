@@ -1,6 +1,7 @@
 //! Two handles on one store file stand in for two processes (`triage
-//! events --follow` beside a writer): a live subscription of one must see
-//! what the other appends, though only its own commits wake it.
+//! events --follow` beside a writer, or two writers): a live subscription
+//! of one must see what the other appends, though only its own commits wake
+//! it, and a writer must decide on what the other committed.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -55,4 +56,43 @@ async fn a_live_subscription_sees_what_another_handle_appends() {
             other => panic!("expected the other handle's event, got {other:?}"),
         }
     }
+}
+
+/// Each writer remembers the revisions its own commits left; the other's
+/// commits must make it forget them, or it would refuse an append that
+/// expects the other's revision, and accept one that expects its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_writer_decides_on_what_the_other_committed() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("events.db");
+    let first = SqliteEventStore::open(&path, SqliteOptions::default()).unwrap();
+    let second = SqliteEventStore::open(&path, SqliteOptions::default()).unwrap();
+    let shared = stream();
+    let mut revision = first
+        .append(&shared, ExpectedRevision::NoStream, vec![event()])
+        .await
+        .unwrap()
+        .current_revision;
+    for round in 0..6 {
+        let (writer, other) = if round % 2 == 0 {
+            (&second, &first)
+        } else {
+            (&first, &second)
+        };
+        let appended = writer
+            .append(&shared, ExpectedRevision::Exact(revision), vec![event()])
+            .await
+            .unwrap_or_else(|error| panic!("round {round}: {error}"));
+        assert_eq!(appended.current_revision, revision + 1);
+        // The other writer's view is one revision behind now.
+        let stale = other
+            .append(&shared, ExpectedRevision::Exact(revision), vec![event()])
+            .await;
+        assert!(
+            matches!(stale, Err(triage_event_store::Error::WrongExpectedVersion { actual: Some(actual), .. }) if actual == revision + 1),
+            "round {round}: {stale:?}"
+        );
+        revision += 1;
+    }
+    assert_eq!(first.stats().careful_reruns + second.stats().careful_reruns, 0);
 }
