@@ -444,14 +444,27 @@ impl AppState {
     /// `ticket_id`, as far as the log's index of event ids tells (a store
     /// without one, KurrentDB, cannot say: `false`).
     async fn used_on_another_ticket(&self, command_id: Uuid, ticket_id: TicketId) -> Result<bool, ApiError> {
-        let record = self
-            .inner
-            .handler
-            .store()
-            .read_event(triage_domain::event_id(command_id, 0))
-            .await
-            .map_err(|error| ApiError::from_command(CommandError::Store(error)))?;
+        let record = self.first_event_of(command_id).await?;
         Ok(record.is_some_and(|record| TicketId::from_stream_name(record.stream.as_str()) != Some(ticket_id)))
+    }
+
+    /// The stored first event of the command `command_id`, found by its
+    /// id, or by the id it had before event ids were time-ordered
+    /// ([`triage_domain::former_event_id`]).
+    async fn first_event_of(&self, command_id: Uuid) -> Result<Option<triage_event_store::RecordedEvent>, ApiError> {
+        let store = self.inner.handler.store();
+        let ids = std::iter::once(triage_domain::event_id(command_id, 0))
+            .chain(triage_domain::former_event_id(command_id, 0));
+        for id in ids {
+            let record = store
+                .read_event(id)
+                .await
+                .map_err(|error| ApiError::from_command(CommandError::Store(error)))?;
+            if record.is_some() {
+                return Ok(record);
+            }
+        }
+        Ok(None)
     }
 
     /// Sends a command that names a claim (release, heartbeat) to the
@@ -491,10 +504,7 @@ impl AppState {
             return Ok(Some(ticket));
         }
         let store = self.inner.handler.store();
-        let record = store
-            .read_event(triage_domain::event_id(claim_id, 0))
-            .await
-            .map_err(|error| ApiError::from_command(CommandError::Store(error)))?;
+        let record = self.first_event_of(claim_id).await?;
         let found = match record {
             Some(record) => {
                 let (event, _) = triage_command_handler::decode_recorded(&record)
@@ -715,7 +725,7 @@ impl AppState {
                 let Some(kind) = start_kind(state, role) else { continue };
                 let command = start_command(kind, request.lease_secs);
                 let envelope = CommandEnvelope::new(ticket_id, agent.clone(), command)
-                    .with_id(keyed.unwrap_or_else(Uuid::new_v4))
+                    .with_id(keyed.unwrap_or_else(Uuid::now_v7))
                     .at_revision(row.revision);
                 // Not recorded when refused: the client is answered with
                 // another ticket's claim or with "no work", never with this

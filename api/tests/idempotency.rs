@@ -258,3 +258,74 @@ async fn a_keyed_claim_whose_client_hung_up_is_answered_to_the_retry() {
         retried.json
     );
 }
+
+/// Copies `store`'s log into a new store as builds before time-ordered
+/// event ids wrote it: each event of a UUIDv7 command with its former id.
+async fn with_former_event_ids(store: &Arc<dyn triage_event_store::EventStore>) -> Arc<InMemoryEventStore> {
+    use triage_event_store::{EventData, EventStore, ExpectedRevision, ReadAll, StreamName};
+    let former = Arc::new(InMemoryEventStore::new());
+    let mut next_index: std::collections::HashMap<(String, uuid::Uuid), u32> = Default::default();
+    let mut changed = 0;
+    for record in store.read_all(ReadAll::forwards(10_000)).await.unwrap() {
+        let mut id = record.id;
+        if let Ok((_, metadata)) = triage_command_handler::decode_recorded(&record) {
+            let index = next_index
+                .entry((record.stream.to_string(), metadata.command_id))
+                .or_default();
+            assert_eq!(id, triage_domain::event_id(metadata.command_id, *index));
+            if let Some(former_id) = triage_domain::former_event_id(metadata.command_id, *index) {
+                id = former_id;
+                changed += 1;
+            }
+            *index += 1;
+        }
+        let stream = StreamName::new(record.stream.to_string()).unwrap();
+        let expected = match record.revision {
+            0 => ExpectedRevision::NoStream,
+            revision => ExpectedRevision::Exact(revision - 1),
+        };
+        let event = EventData {
+            id,
+            event_type: record.event_type,
+            data: record.data,
+            metadata: record.metadata,
+        };
+        former.append(&stream, expected, vec![event]).await.unwrap();
+    }
+    assert!(changed > 0, "no event of a UUIDv7 command");
+    former
+}
+
+/// A claim taken with a UUIDv7 key (its claim id) before event ids were
+/// time-ordered is found by its id after the upgrade: its release is
+/// answered on its ticket, not "claim not found", and a retry of the
+/// keyed claim gets the same claim.
+#[tokio::test]
+async fn a_claim_stored_with_former_event_ids_is_found_after_the_upgrade() {
+    let before = Harness::new();
+    before.open("first").await;
+    before.open("second").await;
+    let key = uuid::Uuid::now_v7().to_string();
+    let claim = || Req::post("/v1/work/claim", json!({"role": "classifier"})).header("idempotency-key", key.clone());
+    let claimed = before.send(Some("classifier"), claim()).await;
+    assert_eq!(claimed.status, StatusCode::OK, "{}", claimed.json);
+    assert_eq!(claimed.json["claim_id"], json!(key));
+
+    let after = Harness::on(with_former_event_ids(&before.store).await);
+    let retried = after.send(Some("classifier"), claim()).await;
+    assert_eq!(retried.status, StatusCode::OK, "{}", retried.json);
+    assert_eq!(retried.json["claim_id"], claimed.json["claim_id"]);
+    assert_eq!(retried.json["ticket"]["id"], claimed.json["ticket"]["id"]);
+    let released = after
+        .send(
+            Some("classifier"),
+            Req::post(
+                format!("/v1/claims/{key}/release"),
+                json!({"reason": "model timed out"}),
+            ),
+        )
+        .await;
+    assert_eq!(released.status, StatusCode::OK, "{}", released.json);
+    assert_eq!(released.json["ticket"]["id"], claimed.json["ticket"]["id"]);
+    assert_eq!(released.json["ticket"]["state"], "NEW");
+}

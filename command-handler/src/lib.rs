@@ -979,7 +979,13 @@ fn original_outcome(
     first_event_id: Uuid,
     policy: &Policy,
 ) -> Result<Option<Accepted>, CommandError> {
-    let Some(start) = loaded.history.iter().position(|stored| stored.id == first_event_id) else {
+    // Events stored before event ids were time-ordered carry the former id.
+    let former = triage_domain::former_event_id(envelope.command_id, 0);
+    let Some(start) = loaded
+        .history
+        .iter()
+        .position(|stored| stored.id == first_event_id || Some(stored.id) == former)
+    else {
         return Ok(None);
     };
     let own: Vec<&StoredEvent> = loaded.history[start..]

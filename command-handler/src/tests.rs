@@ -1415,3 +1415,51 @@ async fn a_sender_with_control_characters_in_its_id_is_refused_unrecorded() {
         "a good sender's refusal is recorded"
     );
 }
+
+/// A command sent with a UUIDv7 id (an API `Idempotency-Key` that is one,
+/// or `--command-id`) before event ids were time-ordered has events with
+/// the former ids; its retry after the upgrade is still recognised.
+#[tokio::test]
+async fn a_time_ordered_command_stored_with_former_event_ids_is_recognised_when_retried() {
+    // Write the history with this build...
+    let f = fixture();
+    let ticket = open(&f.handler).await;
+    let start = start(ticket, classifier(1));
+    let claim_id = start.command_id;
+    f.handler.handle(start).await.unwrap();
+    let extend = CommandEnvelope::new(
+        ticket,
+        classifier(1),
+        Command::ExtendLease {
+            claim_id,
+            lease_secs: Some(60),
+        },
+    );
+    assert_eq!(extend.command_id.get_version_num(), 7);
+    f.handler.handle(extend.clone()).await.unwrap();
+    // ...and copy it into a store as builds before wrote it.
+    let old_store = Arc::new(InMemoryEventStore::new());
+    let stream = StreamName::new(ticket.stream_name()).unwrap();
+    for (revision, record) in stored(&f.store, ticket).await.into_iter().enumerate() {
+        let (_, metadata) = decode_recorded(&record).unwrap();
+        // Every command here wrote one event.
+        let former = triage_domain::former_event_id(metadata.command_id, 0).expect("UUIDv7 command ids");
+        assert_ne!(former, record.id);
+        let expected = match revision {
+            0 => ExpectedRevision::NoStream,
+            _ => ExpectedRevision::Exact(revision as u64 - 1),
+        };
+        let event = EventData {
+            id: former,
+            event_type: record.event_type,
+            data: record.data,
+            metadata: record.metadata,
+        };
+        old_store.append(&stream, expected, vec![event]).await.unwrap();
+    }
+    let upgraded = CommandHandler::new(old_store.clone()).with_clock(f.clock.clone());
+    let retry = upgraded.handle(extend).await.unwrap();
+    assert!(retry.duplicate, "the retry was applied again: {retry:?}");
+    assert_eq!(retry.revision, 2);
+    assert_eq!(stored(&old_store, ticket).await.len(), 3, "the retry wrote nothing");
+}

@@ -372,11 +372,10 @@ const EVENT_ID_NAMESPACE: Uuid = Uuid::from_u128(0x6c1f_0b7e_2a44_4e0b_9d7c_1a52
 /// - Any other command id gives the UUIDv5 of the command id and the index
 ///   (what every event id was before), so a command sent with a random id
 ///   keeps the event ids it always had, and a retry of it is recognised.
+///   A UUIDv7 command's events stored before carry that UUIDv5 too:
+///   [`former_event_id`] gives it.
 pub fn event_id(command_id: Uuid, index: u32) -> Uuid {
-    let mut name = [0u8; 20];
-    name[..16].copy_from_slice(command_id.as_bytes());
-    name[16..].copy_from_slice(&index.to_be_bytes());
-    let hashed = Uuid::new_v5(&EVENT_ID_NAMESPACE, &name);
+    let hashed = hashed_event_id(command_id, index);
     if command_id.get_version() != Some(uuid::Version::SortRand) {
         return hashed;
     }
@@ -384,6 +383,25 @@ pub fn event_id(command_id: Uuid, index: u32) -> Uuid {
     bytes[..6].copy_from_slice(&command_id.as_bytes()[..6]);
     // Sets the version (8) and variant bits over the hash's.
     Uuid::new_v8(bytes)
+}
+
+/// The id earlier builds gave the `index`-th event of a command, where it
+/// differs from [`event_id`]'s: for a UUIDv7 command id, whose events were
+/// stored with the UUIDv5 before event ids were time-ordered. Whatever
+/// looks a command's stored events up by their ids (the retry of a
+/// command sent before an upgrade and retried after it) looks for this
+/// one too.
+pub fn former_event_id(command_id: Uuid, index: u32) -> Option<Uuid> {
+    let former = hashed_event_id(command_id, index);
+    (former != event_id(command_id, index)).then_some(former)
+}
+
+/// The UUIDv5 of the command id and the index.
+fn hashed_event_id(command_id: Uuid, index: u32) -> Uuid {
+    let mut name = [0u8; 20];
+    name[..16].copy_from_slice(command_id.as_bytes());
+    name[16..].copy_from_slice(&index.to_be_bytes());
+    Uuid::new_v5(&EVENT_ID_NAMESPACE, &name)
 }
 
 /// The envelope metadata stored with every event.
@@ -527,11 +545,19 @@ mod tests {
         let mut sibling = *first.as_bytes();
         sibling[15] ^= 1;
         assert_ne!(event_id(Uuid::from_bytes(sibling), 0), event_id(first, 0));
-        // A random command id keeps the UUIDv5 it always had.
+        // A random command id keeps the UUIDv5 it always had; a UUIDv7
+        // one had that before, and says so.
         let random = Uuid::new_v4();
         let mut name = [0u8; 20];
         name[..16].copy_from_slice(random.as_bytes());
         assert_eq!(event_id(random, 0), Uuid::new_v5(&EVENT_ID_NAMESPACE, &name));
+        assert_eq!(former_event_id(random, 0), None);
+        name[..16].copy_from_slice(first.as_bytes());
+        name[16..].copy_from_slice(&3u32.to_be_bytes());
+        assert_eq!(
+            former_event_id(first, 3),
+            Some(Uuid::new_v5(&EVENT_ID_NAMESPACE, &name))
+        );
     }
 
     #[test]

@@ -433,7 +433,11 @@ pub async fn audit_store(store: &dyn EventStore, acknowledged: &[Accepted]) -> L
         for (revision, logged) in log.iter().enumerate() {
             let same_command = revision > 0 && log[revision - 1].metadata.command_id == logged.metadata.command_id;
             index_in_command = if same_command { index_in_command + 1 } else { 0 };
-            if logged.id != event_id(logged.metadata.command_id, index_in_command) {
+            let command_id = logged.metadata.command_id;
+            // Logs written before event ids were time-ordered hold the former id.
+            if logged.id != event_id(command_id, index_in_command)
+                && Some(logged.id) != triage_domain::former_event_id(command_id, index_in_command)
+            {
                 result.foreign_event_ids += 1;
             }
             if matches!(logged.event, Event::ClaimExpired { .. }) {
