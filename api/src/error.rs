@@ -306,17 +306,23 @@ impl ApiError {
                     next_revision: None,
                 }
             }
-            error @ CommandError::Contended { .. } => ApiError::Conflict {
+            CommandError::Contended { ticket_id, attempts } => ApiError::Conflict {
                 code: "contended",
-                detail: format!("{error}; retry"),
+                detail: format!(
+                    "gave up after {attempts} attempts: other writers kept changing ticket {ticket_id}; the command \
+                     was not applied: retry it (with the same Idempotency-Key, a retry is safe)"
+                ),
                 ticket_id: None,
                 state: None,
                 revision: None,
                 events: None,
                 next_revision: None,
             },
+            // The command id is the key itself only when the key is a
+            // UUID, so the detail names it as the command id.
             CommandError::CommandIdReused { command_id } => ApiError::key_reused(format!(
-                "the Idempotency-Key {command_id} was already used for a different request"
+                "this Idempotency-Key was already used for a different request (command {command_id}); this one \
+                 was not applied"
             )),
             CommandError::Store(error) if error.is_unavailable() => {
                 // The driver's message stays in the log: it can name hosts

@@ -805,7 +805,8 @@ impl AppState {
         });
         let Some(claim) = claim else {
             return Err(ApiError::key_reused(format!(
-                "the Idempotency-Key (command {}) was already used for a different request",
+                "this Idempotency-Key was already used for a different request (command {}); this one was not \
+                 applied",
                 accepted.command_id
             )));
         };

@@ -633,9 +633,16 @@ async fn the_same_key_with_another_lease_is_422() {
     assert_eq!(again.status, StatusCode::OK, "{}", again.json);
     assert_eq!(again.json["duplicate"], true);
     assert_eq!(again.json["lease_expires_at"], first.json["lease_expires_at"]);
-    h.send(Some("classifier"), claim(50))
-        .await
-        .assert_problem(StatusCode::UNPROCESSABLE_ENTITY, "idempotency_key_reused");
+    let reused = h.send(Some("classifier"), claim(50)).await;
+    reused.assert_problem(StatusCode::UNPROCESSABLE_ENTITY, "idempotency_key_reused");
+    // The key is not a UUID: the detail does not pass the command id
+    // derived from it off as the key, and says nothing was applied.
+    let detail = reused.json["detail"].as_str().unwrap();
+    assert!(
+        detail.starts_with("this Idempotency-Key was already used for a different request (command ")
+            && detail.ends_with("this one was not applied"),
+        "{detail}"
+    );
     let claim_id = first.json["claim_id"].as_str().unwrap().to_owned();
     let heartbeat = |lease: u32| {
         Req::post(format!("/v1/claims/{claim_id}/heartbeat"), json!({"lease_secs": lease}))

@@ -504,7 +504,9 @@ fn a_command_id_reused_for_another_command_is_refused_not_called_a_retry() {
     assert!(!output.status.success(), "{}", stdout(&output));
     let error = stderr(&output);
     assert!(
-        error.contains(command_id) && error.contains("already used for a different command"),
+        error.contains(command_id)
+            && error.contains("already used for a different command")
+            && error.contains("this one was not applied"),
         "{error}"
     );
     // The same command again is the harmless retry it claims to be.

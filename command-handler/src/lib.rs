@@ -44,7 +44,7 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
-use tracing::{Instrument, debug, info_span, warn};
+use tracing::{Instrument, debug, info, info_span, warn};
 use triage_domain::{
     Command, CommandEnvelope, CommandRejected, Context, DecodeError, Event, EventMetadata, Policy, Rejection, State,
     Ticket, TicketId, decide, event_id, evolve,
@@ -181,7 +181,10 @@ pub enum CommandError {
         state: Option<State>,
     },
     /// Concurrent writers kept winning; retries were exhausted.
-    #[error("gave up after {attempts} attempts: other writers kept changing ticket {ticket_id}")]
+    #[error(
+        "gave up after {attempts} attempts: other writers kept changing ticket {ticket_id}; the command was not \
+         applied, and sending it again with the same command id is safe"
+    )]
     Contended {
         /// The ticket.
         ticket_id: TicketId,
@@ -190,7 +193,7 @@ pub enum CommandError {
     },
     /// The command id was already used for a different command: on another
     /// ticket, or for another command or sender on this one. Not a retry.
-    #[error("command id {command_id} was already used for a different command")]
+    #[error("command id {command_id} was already used for a different command; this one was not applied")]
     CommandIdReused {
         /// The reused id.
         command_id: Uuid,
@@ -576,6 +579,9 @@ impl CommandHandler {
             // The sender's mistake, answered to it: not the operator's
             // concern, like a refusal.
             Err(error @ CommandError::CommandIdReused { .. }) => debug!(%error, "command id reused"),
+            // Answered to the sender, who may retry; news for a server's
+            // log (info), not a warning next to the CLI's own error.
+            Err(error @ CommandError::Contended { .. }) => info!(%error, "gave up on a contended ticket"),
             Err(error) => warn!(%error, "command failed"),
         }
         result

@@ -1463,3 +1463,54 @@ async fn a_time_ordered_command_stored_with_former_event_ids_is_recognised_when_
     assert_eq!(retry.revision, 2);
     assert_eq!(stored(&old_store, ticket).await.len(), 3, "the retry wrote nothing");
 }
+
+/// A command that keeps losing its append to other writers gives up after
+/// its attempts, writes nothing, and says so (and that a retry is safe).
+#[tokio::test]
+async fn a_command_that_keeps_losing_gives_up_and_says_nothing_was_applied() {
+    let memory = Arc::new(InMemoryEventStore::new());
+    let store = Arc::new(CountingStore::new(memory.clone()));
+    // Without a cache, every attempt reads the ticket: a conflict is a
+    // race lost, not a cached ticket behind.
+    let handler = CommandHandler::new(store.clone() as Arc<dyn EventStore>)
+        .with_cache_capacity(0)
+        .with_retry(RetryPolicy {
+            max_attempts: 1,
+            ..RetryPolicy::default()
+        });
+    let other = CommandHandler::new(store.clone() as Arc<dyn EventStore>);
+    let ticket = open(&handler).await;
+    let claim = start(ticket, classifier(1));
+    let claim_id = claim.command_id;
+    handler.handle(claim).await.unwrap();
+    let extend = || {
+        CommandEnvelope::new(
+            ticket,
+            classifier(1),
+            Command::ExtendLease {
+                claim_id,
+                lease_secs: Some(60),
+            },
+        )
+    };
+    let interloper = extend();
+    store.before_next_append(async move {
+        other.handle(interloper).await.unwrap();
+    });
+    let ours = extend();
+    let error = handler.handle(ours.clone()).await.unwrap_err();
+    assert!(
+        matches!(error, CommandError::Contended { attempts: 1, ticket_id } if ticket_id == ticket),
+        "{error:?}"
+    );
+    let message = error.to_string();
+    assert!(
+        message.ends_with("the command was not applied, and sending it again with the same command id is safe"),
+        "{message}"
+    );
+    let history = stored(&memory, ticket).await;
+    assert_eq!(history.len(), 3, "open, claim and the other writer's extension");
+    // And it is: sent again, it is applied once.
+    let retried = handler.handle(ours).await.unwrap();
+    assert_eq!((retried.revision, retried.duplicate), (3, false));
+}
