@@ -80,6 +80,11 @@ enum Bench {
         /// Events per read page and read-model transaction.
         #[arg(long, default_value_t = 4096)]
         batch_size: usize,
+        /// Also keep a copy of the generated store at this path, to rebuild
+        /// it with `triage projections rebuild` in a process of its own
+        /// (whose peak RSS, say `/usr/bin/time -v`, is what a user sees).
+        #[arg(long, value_name = "PATH")]
+        keep_store: Option<std::path::PathBuf>,
     },
     /// `triage events --format jsonl` over the whole log: the analysts'
     /// query, each event serialized as a JSON line (to a sink).
@@ -368,8 +373,12 @@ pub(crate) fn round(value: f64, digits: i32) -> f64 {
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.bench {
-        Bench::Rebuild { events, batch_size } => {
-            println!("{}", replay::rebuild(events, batch_size).await?);
+        Bench::Rebuild {
+            events,
+            batch_size,
+            keep_store,
+        } => {
+            println!("{}", replay::rebuild(events, batch_size, keep_store.as_deref()).await?);
         }
         Bench::PgCommands { pg } => {
             pg::ensure_database(&pg.url).await?;

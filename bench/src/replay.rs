@@ -7,9 +7,11 @@
 
 use std::collections::HashMap;
 use std::ops::ControlFlow;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
+use anyhow::Context as _;
 use chrono::Utc;
 use serde_json::{Value, json};
 use triage_command_handler::decode_recorded;
@@ -177,13 +179,17 @@ pub(crate) async fn fill(store: Arc<dyn EventStore>, events: u64) -> anyhow::Res
 
 /// `triage-bench rebuild`: every projection rebuilt from position 0 through
 /// the real runtime.
-pub(crate) async fn rebuild(events: u64, batch_size: usize) -> anyhow::Result<Value> {
+pub(crate) async fn rebuild(events: u64, batch_size: usize, keep_store: Option<&Path>) -> anyhow::Result<Value> {
     let Generated {
         store,
         total,
         generate_s,
         _dir,
     } = generate(events, SqliteOptions::default().page_size).await?;
+    if let Some(keep) = keep_store {
+        // The file is at rest (see `generate`): one file, no WAL to copy.
+        std::fs::copy(store.path(), keep).with_context(|| format!("cannot copy the store to {}", keep.display()))?;
+    }
     let mut line = rebuild_from(store, total, batch_size).await?;
     line["bench"] = json!("rebuild");
     line["store"] = json!("sqlite");
