@@ -257,7 +257,12 @@ impl Writer {
 
     fn run_batch(&mut self, batch: &[AppendRequest]) -> Result<Vec<Applied>, BatchFailure> {
         let recorded_at = to_micros(SystemTime::now());
-        let applied = match self.decide_batch(batch, Run::Optimistic, recorded_at) {
+        self.begin_batch()?;
+        let optimistic: Result<Vec<Applied>, Interrupted> = batch
+            .iter()
+            .map(|request| self.apply_optimistically(request, recorded_at))
+            .collect();
+        let applied = match optimistic {
             Ok(applied) => applied,
             Err(Interrupted::Fatal(error)) => return Err(error.into()),
             Err(Interrupted::NeedsCare) => {
@@ -265,13 +270,11 @@ impl Writer {
                 // inserts were made without savepoints.
                 self.counters.careful_reruns.fetch_add(1, Ordering::Relaxed);
                 self.conn.prepare_cached("ROLLBACK")?.execute([])?;
-                match self.decide_batch(batch, Run::Careful, recorded_at) {
-                    Ok(applied) => applied,
-                    Err(Interrupted::Fatal(error)) => return Err(error.into()),
-                    Err(Interrupted::NeedsCare) => {
-                        unreachable!("a careful run never asks for more care")
-                    }
-                }
+                self.begin_batch()?;
+                batch
+                    .iter()
+                    .map(|request| self.apply(request, recorded_at))
+                    .collect::<Result<Vec<Applied>, Fatal>>()?
             }
         };
         self.conn
@@ -281,9 +284,9 @@ impl Writer {
         Ok(applied)
     }
 
-    /// Opens the batch transaction and decides (and writes) every append
-    /// in it, leaving the transaction open for `COMMIT`.
-    fn decide_batch(&self, batch: &[AppendRequest], run: Run, recorded_at: i64) -> Result<Vec<Applied>, Interrupted> {
+    /// Opens the batch transaction, and forgets the remembered streams if
+    /// another connection committed since this writer last looked.
+    fn begin_batch(&self) -> Result<(), Fatal> {
         // BEGIN IMMEDIATE takes SQLite's single write lock now, so that no
         // other connection (another process on the same file) can commit
         // between our reads of current revisions and our inserts.
@@ -292,22 +295,13 @@ impl Writer {
             .conn
             .prepare_cached("PRAGMA data_version")?
             .query_row([], |row| row.get(0))?;
-        {
-            let mut streams = self.streams.borrow_mut();
-            if streams.data_version != Some(data_version) {
-                streams.forget();
-                streams.data_version = Some(data_version);
-            }
-            streams.pending.clear();
+        let mut streams = self.streams.borrow_mut();
+        if streams.data_version != Some(data_version) {
+            streams.forget();
+            streams.data_version = Some(data_version);
         }
-        let mut applied = Vec::with_capacity(batch.len());
-        for request in batch {
-            applied.push(match run {
-                Run::Optimistic => self.apply_optimistically(request, recorded_at)?,
-                Run::Careful => self.apply(request, recorded_at)?,
-            });
-        }
-        Ok(applied)
+        streams.pending.clear();
+        Ok(())
     }
 
     /// The stream's id and current revision, if it exists, as this
@@ -537,13 +531,6 @@ impl Writer {
 struct Written {
     stream_id: i64,
     result: AppendResult,
-}
-
-/// How a batch is run: see the module docs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Run {
-    Optimistic,
-    Careful,
 }
 
 /// Why deciding a batch stopped before `COMMIT`.
