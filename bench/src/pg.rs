@@ -449,8 +449,13 @@ pub(crate) async fn compare(url: &str, peer: &PathBuf, config: RunConfig, rounds
 }
 
 /// Reads the whole log in pages and decodes every event, as a rebuild's
-/// reader does; returns the seconds taken.
-async fn read_all(store: &dyn EventStore, total: u64, batch_size: usize) -> anyhow::Result<f64> {
+/// reader does; returns the seconds taken and the CPU used meanwhile.
+async fn read_all(
+    store: &dyn EventStore,
+    total: u64,
+    batch_size: usize,
+) -> anyhow::Result<(f64, serde_json::Map<String, Value>)> {
+    let cpu = crate::replay::CpuReading::now();
     let started = Instant::now();
     let mut decoded = 0u64;
     let mut failure = None;
@@ -474,7 +479,8 @@ async fn read_all(store: &dyn EventStore, total: u64, batch_size: usize) -> anyh
         return Err(error.into());
     }
     anyhow::ensure!(decoded == total, "read {decoded} of {total} events");
-    Ok(started.elapsed().as_secs_f64())
+    let elapsed = started.elapsed().as_secs_f64();
+    Ok((elapsed, cpu.map(crate::replay::CpuReading::since).unwrap_or_default()))
 }
 
 /// Where `pg-rebuild` puts the read models.
@@ -505,11 +511,13 @@ async fn rebuild_into_postgres(
     });
     crate::replay::reset_peak_rss();
     let rss_at_start = crate::replay::rss_mb();
+    let cpu = crate::replay::CpuReading::now();
     let started = Instant::now();
     let reports = projector
         .rebuild_many(&["tickets", "stats"], RebuildOptions::default())
         .await?;
     let wall = started.elapsed().as_secs_f64();
+    let cpu = cpu.map(crate::replay::CpuReading::since).unwrap_or_default();
     let read_models = triage_projections::ReadModels::Postgres(projector);
     let tickets: u64 = read_models.counts().await?.values().sum();
     anyhow::ensure!(
@@ -517,7 +525,7 @@ async fn rebuild_into_postgres(
         "the rebuilt model holds {tickets} tickets, expected {}",
         total.div_ceil(7)
     );
-    Ok(json!({
+    let mut result = json!({
         "read_model": "postgres",
         "events": total,
         "projections": reports.iter().map(|report| json!({ "projection": report.name, "events": report.events })).collect::<Vec<_>>(),
@@ -531,7 +539,11 @@ async fn rebuild_into_postgres(
         "peak_rss_mb": crate::replay::peak_rss_mb().map(|m| round(m, 1)),
         "rss_at_start_mb": rss_at_start.map(|m| round(m, 1)),
         "batch_size": batch_size,
-    }))
+    });
+    if let Value::Object(fields) = &mut result {
+        fields.extend(cpu);
+    }
+    Ok(result)
 }
 
 /// Creates the database `url` names if the server says it does not exist
@@ -657,7 +669,7 @@ pub(crate) async fn rebuild(
     let (mut triage_rates, mut read_rates, mut peer_rates) = (Vec::new(), Vec::new(), Vec::new());
     for number in 1..=bench.rounds {
         let (floor, copied_bytes) = copy_floor(url, store.schema()).await?;
-        let read = read_all(store.as_ref(), total, bench.batch_size).await?;
+        let (read, read_cpu) = read_all(store.as_ref(), total, bench.batch_size).await?;
         let mut result = match bench.read_model {
             ReadModelPlace::Sqlite => crate::replay::rebuild_from(store.clone(), total, bench.batch_size).await?,
             ReadModelPlace::Postgres => rebuild_into_postgres(url, store.clone(), total, bench.batch_size).await?,
@@ -668,6 +680,9 @@ pub(crate) async fn rebuild(
         // read-model writes: `$all` in pages, every event decoded.
         result["read_only_events_per_s"] = json!(round(total as f64 / read, 0));
         result["read_only_wall_s"] = json!(round(read, 3));
+        for (field, value) in read_cpu {
+            result[format!("read_only_{field}")] = value;
+        }
         // The server's share: the log copied out and dropped unread.
         result["copy_only_events_per_s"] = json!(round(total as f64 / floor, 0));
         result["copy_only_wall_s"] = json!(round(floor, 3));

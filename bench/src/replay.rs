@@ -102,6 +102,70 @@ fn proc_status_mb(field: &str) -> Option<f64> {
     Some(kib * 1024.0 / 1e6)
 }
 
+/// CPU time used, from /proc (Linux): this process's, and the whole
+/// machine's busy and total time, all in clock ticks. Two readings around
+/// a run tell whether it was limited by the CPUs (the machine busy all
+/// along) or by waiting, and how much of the machine was this process's
+/// and how much the rest's (a database server on the same host).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct CpuReading {
+    process: u64,
+    machine_busy: u64,
+    machine_total: u64,
+}
+
+/// `USER_HZ`: the unit of /proc's tick counts, 100 on every Linux
+/// architecture the bench runs on.
+const TICKS_PER_S: f64 = 100.0;
+
+impl CpuReading {
+    pub(crate) fn now() -> Option<Self> {
+        let own = std::fs::read_to_string("/proc/self/stat").ok()?;
+        // Fields after the command name, which may hold spaces, start at
+        // state (field 3); utime and stime are fields 14 and 15.
+        let after_name = &own[own.rfind(')')? + 2..];
+        let fields: Vec<&str> = after_name.split_whitespace().collect();
+        let process = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+        let all = std::fs::read_to_string("/proc/stat").ok()?;
+        let ticks: Vec<u64> = all
+            .lines()
+            .next()?
+            .split_whitespace()
+            .skip(1)
+            .map(|field| field.parse().ok())
+            .collect::<Option<_>>()?;
+        // user nice system idle iowait irq softirq steal (guest time is
+        // already inside user): idle and iowait are the idle ones.
+        let machine_total: u64 = ticks.iter().take(8).sum();
+        let idle = ticks.get(3)? + ticks.get(4)?;
+        Some(Self {
+            process,
+            machine_busy: machine_total - idle,
+            machine_total,
+        })
+    }
+
+    /// From `self` to now: `process_cpu_s` (this process's CPU seconds),
+    /// `machine_cpu_s` (all processes', this one's included) and
+    /// `machine_busy` (the share of all CPUs' time that was busy), as JSON
+    /// fields; empty where /proc cannot be read.
+    pub(crate) fn since(self) -> serde_json::Map<String, Value> {
+        let mut fields = serde_json::Map::new();
+        if let Some(now) = Self::now() {
+            let process = now.process.saturating_sub(self.process) as f64 / TICKS_PER_S;
+            let busy = now.machine_busy.saturating_sub(self.machine_busy) as f64;
+            let total = now.machine_total.saturating_sub(self.machine_total) as f64;
+            fields.insert("process_cpu_s".into(), json!(round(process, 2)));
+            // The first line of /proc/stat sums every CPU.
+            fields.insert("machine_cpu_s".into(), json!(round(busy / TICKS_PER_S, 2)));
+            if total > 0.0 {
+                fields.insert("machine_busy".into(), json!(round(busy / total, 3)));
+            }
+        }
+        fields
+    }
+}
+
 /// Resets the peak-RSS mark (Linux), so that a later reading covers only
 /// what follows.
 pub(crate) fn reset_peak_rss() {
@@ -209,10 +273,12 @@ pub(crate) async fn rebuild_from(store: Arc<dyn EventStore>, total: u64, batch_s
     });
     reset_peak_rss();
     let rss_at_start = rss_mb();
+    let cpu = CpuReading::now();
     let started = Instant::now();
     let reports = projector
         .rebuild_many(&["tickets", "stats"], RebuildOptions::default())
         .await?;
+    let cpu = cpu.map(CpuReading::since).unwrap_or_default();
     let per_projection: Vec<Value> = reports
         .iter()
         .map(|report| json!({ "projection": report.name, "events": report.events }))
@@ -227,7 +293,7 @@ pub(crate) async fn rebuild_from(store: Arc<dyn EventStore>, total: u64, batch_s
         tickets.values().sum::<u64>(),
         total.div_ceil(7)
     );
-    Ok(json!({
+    let mut result = json!({
         "read_model": "sqlite",
         "events": total,
         "projections": per_projection,
@@ -241,7 +307,11 @@ pub(crate) async fn rebuild_from(store: Arc<dyn EventStore>, total: u64, batch_s
         "peak_rss_mb": peak_rss_mb().map(|m| round(m, 1)),
         "rss_at_start_mb": rss_at_start.map(|m| round(m, 1)),
         "batch_size": batch_size,
-    }))
+    });
+    if let Value::Object(fields) = &mut result {
+        fields.extend(cpu);
+    }
+    Ok(result)
 }
 
 /// `triage-bench events`: the query `triage events --format jsonl` runs,
