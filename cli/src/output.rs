@@ -324,6 +324,16 @@ pub(crate) fn timeline(
             continue;
         };
         let at = projected.recorded_at;
+        // The command and correlation ids, which projections do not
+        // decode. The record decoded above, so its metadata is valid JSON
+        // with an agent; ids missing from a hand-made record are an error.
+        let metadata = triage_domain::EventMetadata::decode(&record.metadata).map_err(|error| {
+            anyhow::anyhow!(
+                "the metadata of the event at {} in {} cannot be read: {error}",
+                record.position,
+                record.stream
+            )
+        })?;
         let entry = match &projected.payload {
             triage_projections::Payload::Ticket(event) => {
                 let from = ticket.state;
@@ -341,9 +351,9 @@ pub(crate) fn timeline(
                     revision: Some(record.revision),
                     recorded_at: at,
                     event_type: event.event_type().to_owned(),
-                    agent: projected.metadata.agent.clone(),
-                    command_id: projected.metadata.command_id,
-                    correlation_id: projected.metadata.correlation_id,
+                    agent: projected.agent.clone(),
+                    command_id: metadata.command_id,
+                    correlation_id: metadata.correlation_id,
                     from,
                     to,
                     time_in_from_state_ms,
@@ -359,9 +369,9 @@ pub(crate) fn timeline(
                 revision: rejected.revision,
                 recorded_at: at,
                 event_type: format!("refused {}", rejected.command),
-                agent: projected.metadata.agent.clone(),
-                command_id: projected.metadata.command_id,
-                correlation_id: projected.metadata.correlation_id,
+                agent: projected.agent.clone(),
+                command_id: metadata.command_id,
+                correlation_id: metadata.correlation_id,
                 from: rejected.state,
                 to: None,
                 time_in_from_state_ms: None,

@@ -353,6 +353,23 @@ pub fn decode_stored(event_type: &str, data: &[u8], metadata: &[u8]) -> Result<(
     Ok((event, metadata))
 }
 
+/// [`decode_stored`] for read models: the event and its [`EventHeader`],
+/// the few parts of the metadata a projection uses. A rebuild decodes
+/// every event of the log; the whole metadata's ids and trace context,
+/// which no read model keeps, were a sixth of its decoding work.
+pub fn decode_stored_header(
+    event_type: &str,
+    data: &[u8],
+    metadata: &[u8],
+) -> Result<(Event, EventHeader), DecodeError> {
+    let header = EventHeader::decode(metadata).map_err(|source| DecodeError::Payload {
+        event_type: format!("{event_type} metadata"),
+        source,
+    })?;
+    let event = Event::decode(event_type, header.schema_version, data)?;
+    Ok((event, header))
+}
+
 /// The namespace of deterministic event ids.
 const EVENT_ID_NAMESPACE: Uuid = Uuid::from_u128(0x6c1f_0b7e_2a44_4e0b_9d7c_1a52_7e3f_9b21);
 
@@ -451,6 +468,26 @@ impl EventMetadata {
     /// Reads stored metadata.
     pub fn decode(data: &[u8]) -> Result<Self, serde_json::Error> {
         from_json(data)
+    }
+}
+
+/// The parts of an event's [`EventMetadata`] that read models use, read
+/// from the same stored JSON: the other fields are passed over unread.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+pub struct EventHeader {
+    /// The payload's schema version.
+    pub schema_version: u16,
+    /// Who sent the command.
+    pub agent: Agent,
+    /// When the command handler decided the command.
+    #[serde(deserialize_with = "crate::timestamp::deserialize")]
+    pub recorded_at: DateTime<Utc>,
+}
+
+impl EventHeader {
+    /// Reads it from stored metadata.
+    pub fn decode(metadata: &[u8]) -> Result<Self, serde_json::Error> {
+        from_json(metadata)
     }
 }
 
@@ -616,6 +653,57 @@ mod tests {
         ));
         assert!(matches!(
             Event::decode("DraftRejected", 1, b"{not json"),
+            Err(DecodeError::Payload { .. })
+        ));
+    }
+
+    /// The header of stored metadata holds the same schema version, agent
+    /// and time as the whole metadata does, whatever else it carries; and
+    /// metadata without one of those three is refused, not defaulted.
+    #[test]
+    fn the_header_reads_what_the_whole_metadata_says() {
+        let metadata = EventMetadata {
+            schema_version: 1,
+            command_id: Uuid::now_v7(),
+            correlation_id: Uuid::new_v4(),
+            causation_id: Uuid::new_v4(),
+            agent: Agent {
+                id: "drafter-\"7\"".into(),
+                role: crate::Role::Drafter,
+                model: Some("m".into()),
+                prompt_version: None,
+            },
+            traceparent: Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into()),
+            recorded_at: "2026-12-07T10:11:12.345678Z".parse().unwrap(),
+            decided_at_revision: Some(3),
+            sender_saw_revision: None,
+            command_digest: Some(Uuid::new_v4()),
+        };
+        let header = EventHeader::decode(&metadata.encode()).unwrap();
+        assert_eq!(header.schema_version, metadata.schema_version);
+        assert_eq!(header.agent, metadata.agent);
+        assert_eq!(header.recorded_at, metadata.recorded_at);
+
+        let event = Event::DraftRejected {
+            claim_id: None,
+            reason: "tone".into(),
+        };
+        let (decoded, header) = decode_stored_header(event.event_type(), &event.encode(), &metadata.encode()).unwrap();
+        assert_eq!(decoded, event);
+        assert_eq!(header.agent.id, "drafter-\"7\"");
+
+        let mut without_agent: serde_json::Value = serde_json::from_slice(&metadata.encode()).unwrap();
+        without_agent.as_object_mut().unwrap().remove("agent");
+        assert!(matches!(
+            decode_stored_header(
+                event.event_type(),
+                &event.encode(),
+                &serde_json::to_vec(&without_agent).unwrap()
+            ),
+            Err(DecodeError::Payload { .. })
+        ));
+        assert!(matches!(
+            decode_stored_header(event.event_type(), &event.encode(), b"{\"schema_version\": 1"),
             Err(DecodeError::Payload { .. })
         ));
     }

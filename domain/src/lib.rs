@@ -39,7 +39,10 @@ pub use command::{Command, CommandEnvelope, CommandKind};
 pub use decide::{
     Context, MAX_AGENT_ID_CHARS, Policy, Rejection, ValidationError, check_agent_id, decide, ended_claim,
 };
-pub use event::{CommandRejected, DecodeError, Event, EventMetadata, decode_stored, event_id, former_event_id};
+pub use event::{
+    CommandRejected, DecodeError, Event, EventHeader, EventMetadata, decode_stored, decode_stored_header, event_id,
+    former_event_id,
+};
 pub use model::{Agent, Claim, Classification, Priority, Role, State, TicketId};
 pub use table::{ClaimRule, Guard, TRANSITIONS, Transition, commands_for, mermaid, queue_states, transitions_from};
 pub use ticket::{Ticket, evolve};

@@ -5,7 +5,7 @@ use std::fmt;
 
 use chrono::{DateTime, Utc};
 use rusqlite::Connection;
-use triage_domain::{CommandRejected, Event, EventMetadata, TicketId};
+use triage_domain::{Agent, CommandRejected, Event, EventHeader, TicketId};
 use triage_event_store::{Position, RecordedEvent};
 
 use crate::ProjectionError;
@@ -22,8 +22,10 @@ pub struct ProjectedEvent {
     pub ticket_id: TicketId,
     /// When the command handler decided it.
     pub recorded_at: DateTime<Utc>,
-    /// The sender and command behind it.
-    pub metadata: EventMetadata,
+    /// Who sent the command behind it. The rest of its metadata (the
+    /// command, correlation and trace ids) is not decoded here: no read
+    /// model keeps it, and a rebuild decodes every event.
+    pub agent: Agent,
     /// What happened.
     pub payload: Payload,
 }
@@ -59,16 +61,16 @@ pub fn decode(record: &RecordedEvent) -> Result<Option<ProjectedEvent>, Projecti
         event_type: record.event_type.clone(),
         source,
     };
-    let (ticket_id, payload, metadata) = if let Some(id) = TicketId::from_stream_name(stream) {
-        let (event, metadata) =
-            triage_domain::decode_stored(&record.event_type, &record.data, &record.metadata).map_err(undecodable)?;
-        (id, Payload::Ticket(event), metadata)
+    let (ticket_id, payload, header) = if let Some(id) = TicketId::from_stream_name(stream) {
+        let (event, header) = triage_domain::decode_stored_header(&record.event_type, &record.data, &record.metadata)
+            .map_err(undecodable)?;
+        (id, Payload::Ticket(event), header)
     } else if let Some(id) = stream
         .strip_prefix("rejections-")
         .and_then(|uuid| uuid.parse().ok())
         .map(TicketId)
     {
-        let metadata = EventMetadata::decode(&record.metadata).map_err(|source| {
+        let header = EventHeader::decode(&record.metadata).map_err(|source| {
             undecodable(triage_domain::DecodeError::Payload {
                 event_type: format!("{} metadata", record.event_type),
                 source,
@@ -79,8 +81,8 @@ pub fn decode(record: &RecordedEvent) -> Result<Option<ProjectedEvent>, Projecti
                 event_type: record.event_type.clone(),
             }));
         }
-        let rejected = CommandRejected::decode(metadata.schema_version, &record.data).map_err(undecodable)?;
-        (id, Payload::Rejected(rejected), metadata)
+        let rejected = CommandRejected::decode(header.schema_version, &record.data).map_err(undecodable)?;
+        (id, Payload::Rejected(rejected), header)
     } else {
         return Ok(None);
     };
@@ -88,8 +90,8 @@ pub fn decode(record: &RecordedEvent) -> Result<Option<ProjectedEvent>, Projecti
         position: record.position,
         revision: record.revision,
         ticket_id,
-        recorded_at: metadata.recorded_at,
-        metadata,
+        recorded_at: header.recorded_at,
+        agent: header.agent,
         payload,
     }))
 }

@@ -255,8 +255,8 @@ impl StatsDelta {
         };
         for event in events {
             count("events");
-            let agent = event.metadata.agent.id.as_str();
-            let role = event.metadata.agent.role.as_str();
+            let agent = event.agent.id.as_str();
+            let role = event.agent.role.as_str();
             let at = event.recorded_at.timestamp_micros();
             let domain_event = match &event.payload {
                 Payload::Rejected(rejected) => {
