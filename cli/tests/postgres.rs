@@ -123,10 +123,10 @@ fn tickets_and_read_models_live_in_postgresql() {
 }
 
 /// Two `triage serve` processes on one PostgreSQL store, with the read
-/// models there too (the default): one of them leads the projections and
-/// both answer from them; SIGKILL the leader and the other takes the
-/// projections over and serves what is written afterwards; the live models
-/// then equal a clean rebuild.
+/// models there too (the default): each projection is led by one of them
+/// (one may lead both) and both answer from them; SIGKILL a leader and the
+/// other takes its projections over and serves what is written afterwards;
+/// the live models then equal a clean rebuild.
 #[test]
 fn two_servers_share_postgresql_read_models_and_the_survivor_takes_over_from_a_killed_leader() {
     let Some(url) = pg_url("two_servers_share_postgresql_read_models_and_the_survivor_takes_over_from_a_killed_leader")
@@ -186,9 +186,11 @@ fn two_servers_share_postgresql_read_models_and_the_survivor_takes_over_from_a_k
                     .find(|pid| leader.starts_with(&format!("pid {pid} ")))
             })
             .collect();
-        if let [Some(tickets), Some(stats)] = led_by[..] {
-            assert_eq!(tickets, stats, "both projections are led from one runner: {now:?}");
-            break tickets;
+        // Each projection has its own lock: two servers starting together
+        // may each take one. Whichever way they split, the survivor of a
+        // kill of the first projection's leader must lead them all.
+        if let [Some(first), Some(_)] = led_by[..] {
+            break first;
         }
         assert!(
             started.elapsed() < std::time::Duration::from_secs(20),
