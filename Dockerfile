@@ -16,8 +16,9 @@ RUN apt-get update \
     && mkdir /data && chown triage /data
 COPY --from=build /usr/local/bin/triage /usr/local/bin/triage
 # mimalloc gives memory freed back to the system after 100 ms instead of
-# 1 s: a projection rebuild of 1M events then peaks at 67-76 MB instead of
-# 79-88 MB, a few percent slower (see README, Benchmarks).
+# 1 s: a projection rebuild of 1M events then peaked at 66.7-75.7 MB in
+# seven runs instead of 79-88 MB, a few percent slower (see README,
+# Benchmarks).
 ENV MIMALLOC_PURGE_DELAY=100
 USER triage
 WORKDIR /data

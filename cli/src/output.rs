@@ -324,15 +324,18 @@ pub(crate) fn timeline(
             continue;
         };
         let at = projected.recorded_at;
-        // The command and correlation ids, which projections do not
-        // decode. The record decoded above, so its metadata is valid JSON
-        // with an agent; ids missing from a hand-made record are an error.
-        let metadata = triage_domain::EventMetadata::decode(&record.metadata).map_err(|error| {
-            anyhow::anyhow!(
-                "the metadata of the event at {} in {} cannot be read: {error}",
-                record.position,
-                record.stream
-            )
+        // The command and correlation ids, which projections check but do
+        // not keep. The record decoded above, so this reads too.
+        let metadata = triage_domain::EventMetadata::decode(&record.metadata).map_err(|source| {
+            triage_projections::ProjectionError::Undecodable {
+                position: record.position,
+                stream: record.stream.to_string(),
+                event_type: record.event_type.clone(),
+                source: triage_domain::DecodeError::Payload {
+                    event_type: format!("{} metadata", record.event_type),
+                    source,
+                },
+            }
         })?;
         let entry = match &projected.payload {
             triage_projections::Payload::Ticket(event) => {

@@ -472,22 +472,78 @@ impl EventMetadata {
 }
 
 /// The parts of an event's [`EventMetadata`] that read models use, read
-/// from the same stored JSON: the other fields are passed over unread.
-#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+/// from the same stored JSON. The other fields are checked as
+/// [`EventMetadata::decode`] checks them (present where required, ids that
+/// are UUIDs, numbers that are numbers) but not kept: metadata that one
+/// refuses, the other refuses too, so a damaged event stops a rebuild as it
+/// stops the command handler, instead of being applied.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct EventHeader {
     /// The payload's schema version.
     pub schema_version: u16,
     /// Who sent the command.
     pub agent: Agent,
     /// When the command handler decided the command.
-    #[serde(deserialize_with = "crate::timestamp::deserialize")]
     pub recorded_at: DateTime<Utc>,
 }
 
 impl EventHeader {
     /// Reads it from stored metadata.
     pub fn decode(metadata: &[u8]) -> Result<Self, serde_json::Error> {
-        from_json(metadata)
+        let stored: StoredHeader = from_json(metadata)?;
+        Ok(EventHeader {
+            schema_version: stored.schema_version,
+            agent: stored.agent,
+            recorded_at: stored.recorded_at,
+        })
+    }
+}
+
+/// [`EventMetadata`]'s fields as stored, the ones [`EventHeader`] does not
+/// keep read into values that allocate nothing (a UUID is 16 bytes; the
+/// trace context is checked to be a string and dropped). Must list every
+/// field of [`EventMetadata`] with the same requirements; a test compares
+/// the two on damaged metadata.
+#[derive(Deserialize)]
+struct StoredHeader {
+    schema_version: u16,
+    #[serde(rename = "command_id")]
+    _command_id: Uuid,
+    #[serde(rename = "correlation_id")]
+    _correlation_id: Uuid,
+    #[serde(rename = "causation_id")]
+    _causation_id: Uuid,
+    agent: Agent,
+    #[serde(rename = "traceparent", default)]
+    _traceparent: Option<AnyString>,
+    #[serde(deserialize_with = "crate::timestamp::deserialize")]
+    recorded_at: DateTime<Utc>,
+    #[serde(rename = "decided_at_revision", default)]
+    _decided_at_revision: Option<u64>,
+    #[serde(rename = "sender_saw_revision", default)]
+    _sender_saw_revision: Option<u64>,
+    #[serde(rename = "command_digest", default)]
+    _command_digest: Option<Uuid>,
+}
+
+/// A JSON string, checked to be one and not kept.
+struct AnyString;
+
+impl<'de> Deserialize<'de> for AnyString {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Checked;
+        impl serde::de::Visitor<'_> for Checked {
+            type Value = AnyString;
+
+            fn expecting(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                formatter.write_str("a string")
+            }
+
+            fn visit_str<E: serde::de::Error>(self, _: &str) -> Result<AnyString, E> {
+                Ok(AnyString)
+            }
+        }
+        deserializer.deserialize_str(Checked)
     }
 }
 
@@ -706,5 +762,61 @@ mod tests {
             decode_stored_header(event.event_type(), &event.encode(), b"{\"schema_version\": 1"),
             Err(DecodeError::Payload { .. })
         ));
+    }
+
+    /// The header refuses exactly the metadata the whole decode refuses:
+    /// a field missing, an id that is not a UUID, a number that is not
+    /// one. Otherwise a damaged event would be applied to the read models
+    /// while the command handler refuses to load its ticket.
+    #[test]
+    fn the_header_refuses_what_the_whole_metadata_refuses() {
+        let whole = EventMetadata {
+            schema_version: 1,
+            command_id: Uuid::now_v7(),
+            correlation_id: Uuid::new_v4(),
+            causation_id: Uuid::new_v4(),
+            agent: Agent::new("drafter-1", crate::Role::Drafter),
+            traceparent: Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into()),
+            recorded_at: "2026-12-07T10:11:12.345678Z".parse().unwrap(),
+            decided_at_revision: Some(3),
+            sender_saw_revision: Some(3),
+            command_digest: Some(Uuid::new_v4()),
+        };
+        let valid: serde_json::Value = serde_json::from_slice(&whole.encode()).unwrap();
+        let mut variants: Vec<(String, serde_json::Value)> = vec![("valid".into(), valid.clone())];
+        let fields: Vec<String> = valid.as_object().unwrap().keys().cloned().collect();
+        assert_eq!(
+            fields.len(),
+            10,
+            "a field of EventMetadata that StoredHeader may not list: {fields:?}"
+        );
+        for field in &fields {
+            let mut missing = valid.clone();
+            missing.as_object_mut().unwrap().remove(field);
+            variants.push((format!("without {field}"), missing));
+            for (name, damaged) in [
+                ("a word", serde_json::json!("not a uuid")),
+                ("a number", serde_json::json!(-5)),
+                ("an object", serde_json::json!({})),
+                ("null", serde_json::Value::Null),
+            ] {
+                let mut changed = valid.clone();
+                changed[field.as_str()] = damaged;
+                variants.push((format!("{field} as {name}"), changed));
+            }
+        }
+        let mut bad_role = valid.clone();
+        bad_role["agent"]["role"] = serde_json::json!("boss");
+        variants.push(("an unknown role".into(), bad_role));
+        let mut refused = 0;
+        for (name, variant) in &variants {
+            let bytes = serde_json::to_vec(variant).unwrap();
+            let by_whole = EventMetadata::decode(&bytes).is_ok();
+            assert_eq!(EventHeader::decode(&bytes).is_ok(), by_whole, "{name}: {variant}");
+            refused += usize::from(!by_whole);
+        }
+        // Most variants are damage; the comparison is not between two
+        // decoders that accept everything.
+        assert!(refused > 30, "only {refused} of {} refused", variants.len());
     }
 }

@@ -1119,3 +1119,75 @@ async fn an_upgrade_drops_the_tables_an_earlier_version_had() {
     );
     assert_eq!(tables_like(&upgraded, "tickets_g"), ["tickets_g2"]);
 }
+
+/// An event of a known type whose metadata is damaged where no read model
+/// looks (a correlation id that is not a UUID) stops the projections at
+/// that event, as the command handler refuses to load its ticket: it is
+/// not applied as if it were whole, and a rebuild stops there too.
+#[tokio::test]
+async fn metadata_damaged_where_no_model_reads_stops_the_projection() {
+    let store: Arc<dyn EventStore> = Arc::new(InMemoryEventStore::new());
+    let mut workload = Workload::new(store.clone());
+    workload.random(60, 10, 12).await;
+    let ticket = workload.tickets[0];
+    let event = triage_domain::Event::DraftRejected {
+        claim_id: None,
+        reason: "tone".into(),
+    };
+    let whole = EventMetadata {
+        schema_version: 1,
+        command_id: Uuid::new_v4(),
+        correlation_id: Uuid::new_v4(),
+        causation_id: Uuid::new_v4(),
+        agent: Agent::new("drafter-1", Role::Drafter),
+        traceparent: None,
+        recorded_at: chrono::Utc::now(),
+        decided_at_revision: None,
+        sender_saw_revision: None,
+        command_digest: None,
+    };
+    let mut damaged: serde_json::Value = serde_json::from_slice(&whole.encode()).unwrap();
+    damaged["correlation_id"] = serde_json::json!("not a uuid");
+    let stream = StreamName::new(ticket.stream_name()).unwrap();
+    let position = store
+        .append(
+            &stream,
+            ExpectedRevision::Any,
+            vec![EventData {
+                id: Uuid::new_v4(),
+                event_type: event.event_type().into(),
+                data: event.encode(),
+                metadata: serde_json::to_vec(&damaged).unwrap(),
+            }],
+        )
+        .await
+        .unwrap()
+        .position;
+    workload.random(20, 10, 13).await;
+
+    let projector = Projector::new(store.clone(), ReadModelDb::in_memory().unwrap()).with_options(small_batches(5));
+    let error = projector
+        .catch_up()
+        .await
+        .expect_err("damaged metadata stops the projection");
+    let ProjectionError::Undecodable {
+        position: at,
+        event_type,
+        ..
+    } = &error
+    else {
+        panic!("expected Undecodable, got {error:?}");
+    };
+    assert_eq!(*at, position);
+    assert_eq!(event_type, "DraftRejected");
+    for status in projector.status().await.unwrap() {
+        assert!(status.checkpoint < Some(position), "{status:?}");
+    }
+    let rebuilt = projector
+        .rebuild_many(&["tickets", "stats"], RebuildOptions::default())
+        .await;
+    assert!(
+        matches!(rebuilt, Err(ProjectionError::Undecodable { .. })),
+        "{rebuilt:?}"
+    );
+}
