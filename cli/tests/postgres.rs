@@ -141,7 +141,7 @@ fn two_servers_share_postgresql_read_models_and_the_survivor_takes_over_from_a_k
         &["agents", "add", "in", "--role", "intake", "--agents", "a.toml"],
     );
     let token = token.trim();
-    let mut servers: Vec<(std::process::Child, String)> = (0..2)
+    let mut servers: Vec<(common::Server, String)> = (0..2)
         .map(|_| common::start_server(dir.path(), &["--store", &store]))
         .collect();
     let subjects = |address: &str| -> Vec<String> {
@@ -177,7 +177,7 @@ fn two_servers_share_postgresql_read_models_and_the_survivor_takes_over_from_a_k
     let started = std::time::Instant::now();
     let leader_pid = loop {
         let now = leaders();
-        let pids: Vec<u32> = servers.iter().map(|(child, _)| child.id()).collect();
+        let pids: Vec<u32> = servers.iter().map(|(server, _)| server.0.id()).collect();
         let led_by: Vec<Option<u32>> = now
             .iter()
             .map(|leader| {
@@ -198,11 +198,14 @@ fn two_servers_share_postgresql_read_models_and_the_survivor_takes_over_from_a_k
         );
         std::thread::sleep(std::time::Duration::from_millis(100));
     };
-    let at = servers.iter().position(|(child, _)| child.id() == leader_pid).unwrap();
+    let at = servers
+        .iter()
+        .position(|(server, _)| server.0.id() == leader_pid)
+        .unwrap();
     let (mut leader, _) = servers.remove(at);
     let (mut survivor, address) = servers.remove(0);
-    leader.kill().unwrap();
-    leader.wait().unwrap();
+    leader.0.kill().unwrap();
+    leader.0.wait().unwrap();
 
     open(&address, "second");
     let started = std::time::Instant::now();
@@ -212,7 +215,7 @@ fn two_servers_share_postgresql_read_models_and_the_survivor_takes_over_from_a_k
             "the survivor never served the ticket opened after the kill"
         );
     }
-    let survivor_prefix = format!("pid {} ", survivor.id());
+    let survivor_prefix = format!("pid {} ", survivor.0.id());
     assert!(
         leaders().iter().all(|leader| leader.starts_with(&survivor_prefix)),
         "the survivor leads: {:?}",
@@ -230,12 +233,12 @@ fn two_servers_share_postgresql_read_models_and_the_survivor_takes_over_from_a_k
     }
     assert!(
         std::process::Command::new("kill")
-            .args(["-TERM", &survivor.id().to_string()])
+            .args(["-TERM", &survivor.0.id().to_string()])
             .status()
             .unwrap()
             .success()
     );
-    assert!(survivor.wait().unwrap().success(), "the survivor stops gracefully");
+    assert!(survivor.0.wait().unwrap().success(), "the survivor stops gracefully");
 }
 
 /// A leader that is stopped, not dead, keeps its session and so its
@@ -262,19 +265,18 @@ fn a_read_behind_a_stopped_leader_says_who_leads() {
             .success()
     );
 
-    /// Resumes and kills the server however the test ends: a stopped
-    /// child left behind would hold its leadership locks for good.
-    struct Server(std::process::Child);
-    impl Drop for Server {
+    /// Resumes the server however the test ends, before `common::Server`
+    /// kills it: a stopped child left behind would hold its leadership
+    /// locks for good.
+    struct Resumed(common::Server);
+    impl Drop for Resumed {
         fn drop(&mut self) {
-            let pid = self.0.id().to_string();
+            let pid = self.0.0.id().to_string();
             let _ = std::process::Command::new("kill").args(["-CONT", &pid]).status();
-            let _ = self.0.kill();
-            let _ = self.0.wait();
         }
     }
-    let server = Server(common::start_server(dir.path(), &["--store", &store]).0);
-    let leader = format!("pid {} ", server.0.id());
+    let server = Resumed(common::start_server(dir.path(), &["--store", &store]).0);
+    let leader = format!("pid {} ", server.0.0.id());
     let started = std::time::Instant::now();
     loop {
         let leaders = leaders_in(&common::stdout(&with_store(&["projections", "status", "--json"])));
@@ -290,7 +292,7 @@ fn a_read_behind_a_stopped_leader_says_who_leads() {
     let stop = |signal: &str| {
         assert!(
             std::process::Command::new("kill")
-                .args([signal, &server.0.id().to_string()])
+                .args([signal, &server.0.0.id().to_string()])
                 .status()
                 .unwrap()
                 .success()

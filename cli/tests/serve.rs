@@ -140,7 +140,7 @@ fn serve_answers_on_a_free_port_and_stops_on_sigterm() {
         dir.path(),
         &["agents", "add", "in", "--role", "intake", "--agents", "a.toml"],
     );
-    let (mut child, address) = common::start_server(dir.path(), &[]);
+    let (mut server, address) = common::start_server(dir.path(), &[]);
     let (status, body) = request(
         &address,
         "POST",
@@ -153,9 +153,9 @@ fn serve_answers_on_a_free_port_and_stops_on_sigterm() {
     assert!(status.contains("401"), "{status}");
     let (status, _) = request(&address, "GET", "/readyz", "", "");
     assert!(status.contains("200"), "{status}");
-    let pid = child.id().to_string();
+    let pid = server.0.id().to_string();
     assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
-    let exit = child.wait().unwrap();
+    let exit = server.0.wait().unwrap();
     assert!(exit.success(), "graceful shutdown exits 0: {exit:?}");
     // The ticket is in the store the CLI reads.
     let listed = succeed(dir.path(), &["ticket", "list", "--json"]);

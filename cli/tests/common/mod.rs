@@ -107,7 +107,7 @@ pub fn request(address: &str, method: &str, path: &str, token: &str, body: &str)
 
 /// Starts `triage [global] serve --listen 127.0.0.1:0 --agents a.toml` in
 /// `dir` and returns it with the address it printed.
-pub fn start_server(dir: &Path, global: &[&str]) -> (Child, String) {
+pub fn start_server(dir: &Path, global: &[&str]) -> (Server, String) {
     let mut child = command(dir)
         .args(global)
         .args(["serve", "--listen", "127.0.0.1:0", "--agents", "a.toml"])
@@ -125,5 +125,18 @@ pub fn start_server(dir: &Path, global: &[&str]) -> (Child, String) {
         .and_then(|rest| rest.split_whitespace().next())
         .unwrap_or_else(|| panic!("unexpected first line {first:?}"))
         .to_owned();
-    (child, address)
+    (Server(child), address)
+}
+
+/// A `triage serve` child, killed and reaped when dropped, however the
+/// test ends: a server left behind by a failed assertion kept its database
+/// sessions (and with them its projections' leadership) after the test.
+pub struct Server(pub Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        // Already stopped by the test: both answer at once.
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
