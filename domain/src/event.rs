@@ -713,12 +713,10 @@ mod tests {
         ));
     }
 
-    /// The header of stored metadata holds the same schema version, agent
-    /// and time as the whole metadata does, whatever else it carries; and
-    /// metadata without one of those three is refused, not defaulted.
-    #[test]
-    fn the_header_reads_what_the_whole_metadata_says() {
-        let metadata = EventMetadata {
+    /// Stored metadata with every field set, optional ones included, and
+    /// an agent id that needs escaping.
+    fn every_field_set() -> EventMetadata {
+        EventMetadata {
             schema_version: 1,
             command_id: Uuid::now_v7(),
             correlation_id: Uuid::new_v4(),
@@ -732,9 +730,17 @@ mod tests {
             traceparent: Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into()),
             recorded_at: "2026-12-07T10:11:12.345678Z".parse().unwrap(),
             decided_at_revision: Some(3),
-            sender_saw_revision: None,
+            sender_saw_revision: Some(3),
             command_digest: Some(Uuid::new_v4()),
-        };
+        }
+    }
+
+    /// The header of stored metadata holds the same schema version, agent
+    /// and time as the whole metadata does, whatever else it carries; and
+    /// metadata without one of those three is refused, not defaulted.
+    #[test]
+    fn the_header_reads_what_the_whole_metadata_says() {
+        let metadata = every_field_set();
         let header = EventHeader::decode(&metadata.encode()).unwrap();
         assert_eq!(header.schema_version, metadata.schema_version);
         assert_eq!(header.agent, metadata.agent);
@@ -770,18 +776,7 @@ mod tests {
     /// while the command handler refuses to load its ticket.
     #[test]
     fn the_header_refuses_what_the_whole_metadata_refuses() {
-        let whole = EventMetadata {
-            schema_version: 1,
-            command_id: Uuid::now_v7(),
-            correlation_id: Uuid::new_v4(),
-            causation_id: Uuid::new_v4(),
-            agent: Agent::new("drafter-1", crate::Role::Drafter),
-            traceparent: Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into()),
-            recorded_at: "2026-12-07T10:11:12.345678Z".parse().unwrap(),
-            decided_at_revision: Some(3),
-            sender_saw_revision: Some(3),
-            command_digest: Some(Uuid::new_v4()),
-        };
+        let whole = every_field_set();
         let valid: serde_json::Value = serde_json::from_slice(&whole.encode()).unwrap();
         let mut variants: Vec<(String, serde_json::Value)> = vec![("valid".into(), valid.clone())];
         let fields: Vec<String> = valid.as_object().unwrap().keys().cloned().collect();
