@@ -124,7 +124,8 @@ enum Bench {
     /// Projection rebuild from PostgreSQL: generate ticket events into a
     /// fresh schema, then rebuild every projection from position 0.
     PgRebuild {
-        /// The PostgreSQL database.
+        /// The PostgreSQL database. Without `sslmode` in it, connections are
+        /// made without TLS (the peer has none), not `prefer` as in `triage`.
         #[arg(long, env = "TRIAGE_PG_URL", default_value = DEFAULT_PG_URL)]
         url: String,
         /// Events to generate (whole ticket lifecycles of 7 events).
@@ -153,12 +154,15 @@ enum Bench {
     },
 }
 
+/// Without `sslmode`, the PostgreSQL benchmarks connect without TLS (see
+/// `pg::plain_unless_asked`).
 const DEFAULT_PG_URL: &str = "postgres://postgres@127.0.0.1:5432/triage_bench";
 
 /// What `pg-commands` and `pg-compare` share.
 #[derive(Debug, clap::Args)]
 struct PgArgs {
-    /// The PostgreSQL database.
+    /// The PostgreSQL database. Without `sslmode` in it, connections are
+    /// made without TLS (the peer has none), not `prefer` as in `triage`.
     #[arg(long, env = "TRIAGE_PG_URL", default_value = DEFAULT_PG_URL)]
     url: String,
     /// Concurrent agents, comma-separated.
@@ -380,13 +384,15 @@ async fn main() -> anyhow::Result<()> {
         } => {
             println!("{}", replay::rebuild(events, batch_size, keep_store.as_deref()).await?);
         }
-        Bench::PgCommands { pg } => {
+        Bench::PgCommands { mut pg } => {
+            pg.url = pg::plain_unless_asked(&pg.url);
             pg::ensure_database(&pg.url).await?;
             for config in pg.configs() {
                 println!("{}", pg::commands(&pg.url, config).await?);
             }
         }
-        Bench::PgCompare { pg, rounds, peer } => {
+        Bench::PgCompare { mut pg, rounds, peer } => {
+            pg.url = pg::plain_unless_asked(&pg.url);
             let peer = pg::peer_binary(peer)?;
             pg::ensure_database(&pg.url).await?;
             for config in pg.configs() {
@@ -410,6 +416,7 @@ async fn main() -> anyhow::Result<()> {
                 rounds,
                 peer: if compare { Some(pg::peer_binary(peer)?) } else { None },
             };
+            let url = pg::plain_unless_asked(&url);
             pg::ensure_database(&url).await?;
             pg::rebuild(&url, events, options, |line| println!("{line}")).await?;
         }

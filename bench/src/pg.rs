@@ -299,6 +299,7 @@ pub(crate) async fn commands(url: &str, config: RunConfig) -> anyhow::Result<Val
     Ok(json!({
         "bench": "pg-commands",
         "system": "triage",
+        "sslmode": sslmode(url),
         "agents": config.agents,
         "tickets": config.tickets.name(),
         "hot_tickets": (config.tickets == TicketsMode::Hot).then_some(config.hot_tickets),
@@ -551,19 +552,20 @@ async fn rebuild_into_postgres(
 /// `postgres` database to do so, and says so on stderr. The benches then
 /// make and drop their own schemas inside it.
 pub(crate) async fn ensure_database(url: &str) -> anyhow::Result<()> {
-    match tokio_postgres::connect(url, tokio_postgres::NoTls).await {
+    let server = parse(url)?;
+    match server.config.connect(server.tls.clone()).await {
         Err(error) if error.code() == Some(&tokio_postgres::error::SqlState::INVALID_CATALOG_NAME) => {}
         // Connected, or failed for another reason, which the bench's own
         // connection then reports.
         _ => return Ok(()),
     }
-    let mut config: tokio_postgres::Config = url.parse().with_context(|| format!("cannot parse {url}"))?;
+    let mut config = server.config.clone();
     let Some(name) = config.get_dbname().map(str::to_owned) else {
         return Ok(());
     };
     config.dbname("postgres");
     let (client, connection) = config
-        .connect(tokio_postgres::NoTls)
+        .connect(server.tls.clone())
         .await
         .with_context(|| format!("database {name:?} does not exist, and the server's \"postgres\" database to create it from cannot be reached"))?;
     let connection = tokio::spawn(connection);
@@ -577,6 +579,47 @@ pub(crate) async fn ensure_database(url: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `url` as the benchmarks use it: without TLS unless its `sslmode` asks
+/// for it. The peer's sqlx is built without TLS, so both sides of a
+/// comparison then do the same work; and Triage's own default (`prefer`,
+/// as libpq's) would encrypt on a server that offers TLS, which costs a
+/// rebuild about a tenth of its speed here.
+pub(crate) fn plain_unless_asked(url: &str) -> String {
+    if url.contains("sslmode") {
+        url.to_owned()
+    } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        let separator = if url.contains('?') { '&' } else { '?' };
+        format!("{url}{separator}sslmode=disable")
+    } else {
+        format!("{url} sslmode=disable")
+    }
+}
+
+/// The `sslmode` the stores connect with, for the JSON lines.
+fn sslmode(url: &str) -> &'static str {
+    parse(url).map_or("?", |server| server.tls.mode().as_str())
+}
+
+/// `url` read as the stores read it, TLS settings included.
+fn parse(url: &str) -> anyhow::Result<triage_store_postgres::tls::PgUrl> {
+    triage_store_postgres::tls::parse_url(url).map_err(anyhow::Error::msg)
+}
+
+/// A session of its own on `url`, secured as the stores' sessions are (the
+/// URL's `sslmode`), and the task driving it.
+async fn session(url: &str) -> anyhow::Result<(tokio_postgres::Client, tokio::task::JoinHandle<()>)> {
+    let server = parse(url)?;
+    let (client, connection) = server
+        .config
+        .connect(server.tls)
+        .await
+        .context("cannot connect to the benchmark database")?;
+    let driver = tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    Ok((client, driver))
+}
+
 /// Vacuums the freshly filled log, as autovacuum does to a log at rest
 /// (an insert-only table is vacuumed once enough rows were added): the
 /// first reads of a just-loaded table otherwise also set every row's
@@ -584,10 +627,7 @@ pub(crate) async fn ensure_database(url: &str) -> anyhow::Result<()> {
 /// Returns the seconds taken.
 async fn settle(url: &str, schema: &str) -> anyhow::Result<f64> {
     let started = Instant::now();
-    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
-        .await
-        .with_context(|| format!("cannot connect to {url}"))?;
-    let connection = tokio::spawn(connection);
+    let (client, connection) = session(url).await?;
     client
         .batch_execute(&format!(r#"VACUUM (ANALYZE) "{schema}".triage_events"#))
         .await
@@ -606,10 +646,7 @@ async fn settle(url: &str, schema: &str) -> anyhow::Result<f64> {
 /// the bytes received.
 async fn copy_floor(url: &str, schema: &str) -> anyhow::Result<(f64, u64)> {
     use futures::StreamExt as _;
-    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
-        .await
-        .with_context(|| format!("cannot connect to {url}"))?;
-    let connection = tokio::spawn(connection);
+    let (client, connection) = session(url).await?;
     let started = Instant::now();
     let copy = client
         .copy_out(&format!(
@@ -675,6 +712,7 @@ pub(crate) async fn rebuild(
             ReadModelPlace::Postgres => rebuild_into_postgres(url, store.clone(), total, bench.batch_size).await?,
         };
         result["bench"] = json!("pg-rebuild");
+        result["sslmode"] = json!(sslmode(url));
         result["round"] = json!(number);
         // The read side alone, to tell the PostgreSQL reads from the
         // read-model writes: `$all` in pages, every event decoded.

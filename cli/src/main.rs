@@ -99,8 +99,9 @@ struct GlobalArgs {
     existing_store_only: Arc<std::sync::atomic::AtomicBool>,
     /// Where events live: sqlite://PATH or a plain file path (the embedded
     /// default), postgres://USER@HOST/DB[?schema=NAME] (schema= keeps the
-    /// store in a schema of its own; connections are without TLS, so reach
-    /// a server that requires it through a local tunnel),
+    /// store in a schema of its own; TLS by sslmode=disable|prefer (the
+    /// default)|require|verify-ca|verify-full and sslrootcert=FILE|system,
+    /// as with psql),
     /// esdb://HOST:2113?tls=false (also kurrentdb://, a cluster as
     /// esdb://h1:2113,h2:2113,h3:2113, and namespace=NAME to share a
     /// server), or memory://. Overrides --db.

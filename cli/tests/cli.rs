@@ -205,6 +205,33 @@ fn bad_input_gets_a_clear_error_and_writes_nothing() {
     );
     assert!(error.contains("unsupported store URL scheme \"mysql\""), "{error}");
 
+    // TLS settings are checked before any server is reached (none runs at
+    // this address), and the password never shows.
+    let missing_root =
+        "postgres://triage:hunter2@127.0.0.1:1/triage?sslmode=verify-full&sslrootcert=%2Fno%2Fsuch%2Fca.pem";
+    let error = fail(dir.path(), &["--store", missing_root, "events"]);
+    assert!(
+        error.contains("cannot read the root certificates in /no/such/ca.pem"),
+        "{error}"
+    );
+    assert!(!error.contains("hunter2"), "{error}");
+    // No ~/.postgresql/root.crt in this HOME, and no sslrootcert.
+    let output = common::command(dir.path())
+        .env("HOME", dir.path())
+        .args([
+            "--store",
+            "postgres://triage@127.0.0.1:1/triage?sslmode=verify-full",
+            "events",
+        ])
+        .output()
+        .unwrap();
+    let error = stderr(&output);
+    assert!(!output.status.success());
+    assert!(
+        error.contains("sslmode=verify-full needs trusted root certificates"),
+        "{error}"
+    );
+
     assert_eq!(events_in(&db), 1, "no rejected command wrote an event");
 }
 

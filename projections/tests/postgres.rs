@@ -1292,3 +1292,93 @@ async fn pg_a_rebuild_by_an_administrator_keeps_the_models_the_owners() {
     let foreign = foreign.expect("the owners of the models' tables are listed");
     assert!(foreign.is_empty(), "objects not the owner's: {foreign:?}");
 }
+
+/// Whether each session named `application_name` is encrypted.
+async fn encrypted_sessions(raw: &tokio_postgres::Client, application_name: &str) -> Vec<bool> {
+    raw.query(
+        "SELECT s.ssl FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) WHERE a.application_name = $1",
+        &[&application_name],
+    )
+    .await
+    .unwrap()
+    .iter()
+    .map(|row| row.get(0))
+    .collect()
+}
+
+/// The read models' pool and the projector's leadership session both
+/// connect as the URL's `sslmode` says, and a verifying mode refuses a
+/// server whose certificate no trusted root signed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_models_and_leadership_sessions_follow_the_urls_sslmode() {
+    let test = "read_models_and_leadership_sessions_follow_the_urls_sslmode";
+    let Some(url) = url(test) else { return };
+    let raw = raw_client(&url).await;
+    let ssl: String = raw.query_one("SHOW ssl", &[]).await.unwrap().get(0);
+    if ssl != "on" {
+        eprintln!("skipped: {test} (the server at {URL_ENV} has ssl = off)");
+        return;
+    }
+    let separator = if url.contains('?') { '&' } else { '?' };
+    let tag = uuid::Uuid::new_v4().simple().to_string();
+    let application_name = format!("triage-rm-tls-{tag}");
+    let models = read_models(&format!(
+        "{url}{separator}sslmode=require&application_name={application_name}"
+    ))
+    .await;
+    let events = event_store(&url).await;
+    let instance = format!("tls-{tag}");
+    let projector = PgProjector::new(events.clone(), models.clone()).with_instance(&instance);
+    let stop = Arc::new(AtomicBool::new(false));
+    let live = tokio::spawn({
+        let (projector, stop) = (projector.clone(), stop.clone());
+        async move { projector.run_live(stop).await }
+    });
+    let leader = format!("triage-projector {instance}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut leadership = encrypted_sessions(&raw, &leader).await;
+    while leadership.is_empty() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        leadership = encrypted_sessions(&raw, &leader).await;
+    }
+    let pooled = encrypted_sessions(&raw, &application_name).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    live.await.unwrap().unwrap();
+    assert!(
+        !pooled.is_empty() && pooled.iter().all(|&ssl| ssl),
+        "read-model sessions: {pooled:?}"
+    );
+    assert!(
+        !leadership.is_empty() && leadership.iter().all(|&ssl| ssl),
+        "leadership sessions: {leadership:?}"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let unrelated = dir.path().join("unrelated-ca.pem");
+    std::fs::write(&unrelated, UNRELATED_CA).unwrap();
+    let root = unrelated.display().to_string().replace('/', "%2F");
+    let refused = PgReadModels::connect_temporary(
+        &format!("{url}{separator}sslmode=verify-full&sslrootcert={root}"),
+        PgReadModelOptions::default(),
+    )
+    .await
+    .expect_err("a certificate no trusted root signed was accepted");
+    let message = refused.to_string();
+    assert!(message.contains("invalid peer certificate: UnknownIssuer"), "{message}");
+}
+
+/// A CA certificate that signed nothing (made once with `openssl req -x509`,
+/// valid until 2126): a root no server here chains to.
+const UNRELATED_CA: &str = "-----BEGIN CERTIFICATE-----
+MIIBwTCCAWegAwIBAgIUafgjSZBHQUdSg7InLKN90eim6CAwCgYIKoZIzj0EAwIw
+LTErMCkGA1UEAwwiVHJpYWdlIHRlc3QgQ0EgdGhhdCBzaWduZWQgbm90aGluZzAg
+Fw0yNjEyMDcyMDA2MjhaGA8yMTI2MTExMzIwMDYyOFowLTErMCkGA1UEAwwiVHJp
+YWdlIHRlc3QgQ0EgdGhhdCBzaWduZWQgbm90aGluZzBZMBMGByqGSM49AgEGCCqG
+SM49AwEHA0IABEvWJ1Iqdhh5EDewC6PlcCyAkOP4J34C/XBLtK1cs+Ldf7zovEjJ
+9pMm98wAgthKRypnd+gGvAwKm2LwBjwROfajYzBhMB0GA1UdDgQWBBTaqQSORskD
+8PniQIbR7zyBb1ye8jAfBgNVHSMEGDAWgBTaqQSORskD8PniQIbR7zyBb1ye8jAP
+BgNVHRMBAf8EBTADAQH/MA4GA1UdDwEB/wQEAwICBDAKBggqhkjOPQQDAgNIADBF
+AiBwGdhiR28+hr0X0eom2zy4PDzgdS/DkeK9ABJSjSWDKwIhAOhLwJzaepnsYcB6
+geKEtUn/+dyb5s/9DT2AoGmnuIgM
+-----END CERTIFICATE-----
+";

@@ -63,12 +63,13 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use deadpool_postgres::{Client, Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use tokio_postgres::Config;
 use tokio_postgres::config::Host;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::Type;
-use tokio_postgres::{Config, NoTls};
 use triage_domain::{Role, State, TicketId, queue_states};
 use triage_event_store::Position;
+use triage_store_postgres::tls::{PgTls, PgUrl};
 use uuid::Uuid;
 
 use crate::ProjectionError;
@@ -155,6 +156,8 @@ pub struct PgReadModels {
 
 struct Inner {
     config: Config,
+    /// How every connection is secured: the URL's `sslmode`.
+    tls: PgTls,
     options: PgReadModelOptions,
     pool: Pool,
     /// Drop the schema with the last clone (tests).
@@ -190,7 +193,8 @@ impl PgReadModels {
         Self::open(parse_url(url)?, options, true).await
     }
 
-    async fn open(mut config: Config, options: PgReadModelOptions, temporary: bool) -> Result<Self, ProjectionError> {
+    async fn open(url: PgUrl, options: PgReadModelOptions, temporary: bool) -> Result<Self, ProjectionError> {
+        let PgUrl { mut config, tls } = url;
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(options.connect_timeout);
         }
@@ -200,7 +204,7 @@ impl PgReadModels {
         read_committed(&mut config);
         let manager = Manager::from_config(
             config.clone(),
-            NoTls,
+            tls.clone(),
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
             },
@@ -218,6 +222,7 @@ impl PgReadModels {
         let models = PgReadModels {
             inner: Arc::new(Inner {
                 config,
+                tls,
                 options,
                 pool,
                 temporary,
@@ -265,6 +270,11 @@ impl PgReadModels {
 
     pub(crate) fn config(&self) -> &Config {
         &self.inner.config
+    }
+
+    /// How the read models' connections are secured.
+    pub(crate) fn tls(&self) -> &PgTls {
+        &self.inner.tls
     }
 
     pub(crate) async fn client(&self) -> Result<Client, ProjectionError> {
@@ -535,13 +545,14 @@ impl Drop for Inner {
         // Drop cannot await, and the runtime may be shutting down: drop the
         // schema from a thread with a runtime of its own.
         let config = self.config.clone();
+        let tls = self.tls.clone();
         let schema = self.options.schema.clone();
         let cleanup = std::thread::Builder::new()
             .name("triage-rm-cleanup".to_owned())
             .spawn(move || {
                 let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
                 runtime.block_on(async {
-                    let (client, connection) = config.connect(NoTls).await.map_err(std::io::Error::other)?;
+                    let (client, connection) = config.connect(tls).await.map_err(std::io::Error::other)?;
                     let driver = tokio::spawn(connection);
                     let result = client
                         .batch_execute(&format!(r#"DROP SCHEMA IF EXISTS "{schema}" CASCADE"#))
@@ -586,10 +597,19 @@ pub(crate) fn describe(config: &Config, schema: &str) -> String {
 /// The driver's error with the server's message and code, which its own
 /// `Display` leaves out ("db error").
 pub(crate) fn describe_error(error: &tokio_postgres::Error) -> String {
-    match error.as_db_error() {
-        Some(db) => format!("{} ({})", db.message(), db.code().code()),
-        None => error.to_string(),
+    if let Some(db) = error.as_db_error() {
+        return format!("{} ({})", db.message(), db.code().code());
     }
+    // The driver's own text is only the kind ("error performing TLS
+    // handshake"); what went wrong is in its sources.
+    let mut text = error.to_string();
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }
 
 /// Whether `error` is a lost or refused connection, or a server shutting
@@ -624,12 +644,10 @@ fn not_built_or(name: &str, action: &'static str, error: tokio_postgres::Error) 
     }
 }
 
-fn parse_url(url: &str) -> Result<Config, ProjectionError> {
-    // The parser's message names the bad part, never the URL, so the
-    // password cannot leak through it.
-    url.parse::<Config>().map_err(|error| ProjectionError::InvalidLocation {
-        reason: format!("invalid PostgreSQL URL (expected postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE): {error}"),
-    })
+fn parse_url(url: &str) -> Result<PgUrl, ProjectionError> {
+    // The message names the bad part, never the URL, so the password
+    // cannot leak through it.
+    triage_store_postgres::tls::parse_url(url).map_err(|reason| ProjectionError::InvalidLocation { reason })
 }
 
 impl SlotKind {
@@ -866,8 +884,8 @@ mod tests {
 
     #[test]
     fn urls_are_described_without_their_password() {
-        let config = parse_url("postgres://ada:secret@db.example:6543/triage").unwrap();
-        let text = describe(&config, "rm");
+        let url = parse_url("postgres://ada:secret@db.example:6543/triage").unwrap();
+        let text = describe(&url.config, "rm");
         assert_eq!(text, "postgres://ada@db.example:6543/triage (schema rm)");
         let error = parse_url("postgres://ada:secret@db.example:notaport/triage").unwrap_err();
         assert!(!error.to_string().contains("secret"), "{error}");

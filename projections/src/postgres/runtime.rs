@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_postgres::types::Type;
-use tokio_postgres::{Client, IsolationLevel, NoTls, Transaction};
+use tokio_postgres::{Client, IsolationLevel, Transaction};
 use triage_event_store::{EventFilter, EventStore, Position, ReadAll, SubscribeToAll};
 use uuid::Uuid;
 
@@ -72,13 +72,14 @@ impl Session {
         let mut config = projector.models.config().clone();
         config.application_name(format!("triage-projector {}", projector.instance));
         detect_a_vanished_peer(&mut config);
-        let (client, connection) = config
-            .connect(NoTls)
-            .await
-            .map_err(|error| ProjectionError::PostgresConnect {
-                target: projector.models.describe(),
-                reason: super::describe_error(&error),
-            })?;
+        let (client, connection) =
+            config
+                .connect(projector.models.tls().clone())
+                .await
+                .map_err(|error| ProjectionError::PostgresConnect {
+                    target: projector.models.describe(),
+                    reason: super::describe_error(&error),
+                })?;
         let driver = tokio::spawn(async move {
             if let Err(error) = connection.await {
                 tracing::warn!(error = %super::describe_error(&error), "a projector session ended");

@@ -85,8 +85,8 @@
 //! maintained, made for tokio-postgres, with a per-connection statement
 //! cache, and licensed MIT OR Apache-2.0 like the workspace (`bb8-postgres`
 //! is MIT only).
-//! Connections are made without TLS (`NoTls`); a URL asking for
-//! `sslmode=require` fails to connect.
+//! TLS (`tls`): rustls, with libpq's `sslmode` (`disable`, `prefer` as
+//! the default, `require`, `verify-ca`, `verify-full`) and `sslrootcert`.
 
 mod batcher;
 mod notify;
@@ -94,6 +94,7 @@ mod options;
 mod read_ahead;
 mod reader;
 mod schema;
+pub mod tls;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -105,9 +106,9 @@ use async_trait::async_trait;
 use deadpool_postgres::{Client, Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime};
 use tokio::sync::{Notify, watch};
 use tokio::task::AbortHandle;
+use tokio_postgres::Config;
 use tokio_postgres::config::Host;
 use tokio_postgres::error::SqlState;
-use tokio_postgres::{Config, NoTls};
 use triage_event_store::{
     AppendPlan, AppendResult, Direction, Error, EventData, EventStore, ExpectedRevision, Position, ReadAll, ReadStream,
     RecordedEvent, Result, StoredEventRef, StreamName, SubscribeToAll, Subscription, plan_append, validate_append,
@@ -157,6 +158,8 @@ pub struct PostgresEventStore {
 #[derive(Clone)]
 pub(crate) struct Target {
     pub(crate) config: Config,
+    /// How every connection is secured (see [`tls`]).
+    pub(crate) tls: tls::PgTls,
     pub(crate) schema: String,
     /// [`PostgresOptions::query_timeout`].
     pub(crate) query_timeout: Duration,
@@ -234,6 +237,16 @@ impl Target {
     /// refusal is an ERROR the server answered to a statement, which
     /// rolled back its transaction, so a refused append stored nothing.
     pub(crate) fn db_error(&self, what: &str, error: tokio_postgres::Error) -> Error {
+        if let Some(refusal) = tls::refused_certificate(&error) {
+            return Error::Refused {
+                message: format!(
+                    "{what}: the server's certificate is not trusted ({refusal}) at {}; check sslrootcert and \
+                     the host name (verify-full wants the name the certificate was issued for)",
+                    self.describe()
+                ),
+                source: Some(Box::new(error)),
+            };
+        }
         let Some(code) = error.code() else {
             return Error::backend(format!("{what} ({})", self.describe()), error);
         };
@@ -347,8 +360,8 @@ impl PostgresEventStore {
     /// which).
     pub async fn connect(url: &str, options: PostgresOptions) -> Result<Self> {
         options.validate()?;
-        let config = parse_url(url)?;
-        Self::open(config, options, false).await
+        let url = parse_url(url)?;
+        Self::open(url, options, false).await
     }
 
     /// Opens a fresh, empty store in a new schema named
@@ -361,14 +374,15 @@ impl PostgresEventStore {
         let schema = format!("triage_tmp_{}", &Uuid::new_v4().simple().to_string()[..16]);
         let options = PostgresOptions { schema, ..options };
         options.validate()?;
-        let mut config = parse_url(url)?;
+        let mut url = parse_url(url)?;
         // The schema's name in every session of the store: the drop ends
         // the sessions still open (see `Drop`).
-        config.application_name(format!("triage {}", options.schema));
-        Self::open(config, options, true).await
+        url.config.application_name(format!("triage {}", options.schema));
+        Self::open(url, options, true).await
     }
 
-    async fn open(mut config: Config, options: PostgresOptions, temporary: bool) -> Result<Self> {
+    async fn open(url: tls::PgUrl, options: PostgresOptions, temporary: bool) -> Result<Self> {
+        let tls::PgUrl { mut config, tls } = url;
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(options.connect_timeout);
         }
@@ -378,12 +392,13 @@ impl PostgresEventStore {
         read_committed(&mut config);
         let target = Arc::new(Target {
             config,
+            tls,
             schema: options.schema.clone(),
             query_timeout: options.query_timeout,
         });
         let manager = Manager::from_config(
             target.config.clone(),
-            NoTls,
+            target.tls.clone(),
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
             },
@@ -497,15 +512,10 @@ pub fn read_committed(config: &mut Config) {
     config.options(&options);
 }
 
-fn parse_url(url: &str) -> Result<Config> {
-    // The parser's message names the bad part, never the URL, so the
-    // password cannot leak through it.
-    url.parse::<Config>().map_err(|error| {
-        Error::refused(
-            "invalid PostgreSQL URL (expected postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE)",
-            error,
-        )
-    })
+fn parse_url(url: &str) -> Result<tls::PgUrl> {
+    // The message names the bad part, never the URL, so the password
+    // cannot leak through it.
+    tls::parse_url(url).map_err(|message| Error::Refused { message, source: None })
 }
 
 impl Drop for PostgresEventStore {
@@ -526,7 +536,11 @@ impl Drop for PostgresEventStore {
             .spawn(move || {
                 let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
                 runtime.block_on(async {
-                    let (client, connection) = target.config.connect(NoTls).await.map_err(std::io::Error::other)?;
+                    let (client, connection) = target
+                        .config
+                        .connect(target.tls.clone())
+                        .await
+                        .map_err(std::io::Error::other)?;
                     let driver = tokio::spawn(connection);
                     // A session of the store may still be running a query
                     // whose rows nobody reads: a read-ahead, aborted above,
@@ -870,8 +884,10 @@ mod tests {
     use super::*;
 
     fn target(url: &str) -> Target {
+        let url = parse_url(url).unwrap();
         Target {
-            config: parse_url(url).unwrap(),
+            config: url.config,
+            tls: url.tls,
             schema: "triage".to_owned(),
             query_timeout: Duration::from_secs(30),
         }

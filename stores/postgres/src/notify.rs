@@ -57,11 +57,12 @@ use deadpool_postgres::Pool;
 use futures::StreamExt;
 use tokio::sync::{Notify, watch};
 use tokio::task::AbortHandle;
-use tokio_postgres::{AsyncMessage, Client, Config, NoTls};
+use tokio_postgres::{AsyncMessage, Client};
 use triage_event_store::Position;
 
 use crate::Target;
 use crate::reader::{Sql, heads};
+use crate::tls::PgUrl;
 
 /// Starts the listener, the head refresher and the announcer; the store
 /// aborts them when it is dropped.
@@ -79,17 +80,12 @@ pub(crate) fn start(
     // this process's subscribers were woken by the appends themselves.
     let announcer_pid = Arc::new(AtomicI32::new(0));
     let listener = tokio::spawn(listen_forever(
-        target.config.clone(),
+        server(&target),
         channel.clone(),
         Arc::clone(&wake),
         Arc::clone(&announcer_pid),
     ));
-    let announcer = tokio::spawn(announce_forever(
-        target.config.clone(),
-        channel,
-        announce,
-        announcer_pid,
-    ));
+    let announcer = tokio::spawn(announce_forever(server(&target), channel, announce, announcer_pid));
     let refresher = tokio::spawn(refresh_forever(target, pool, sql, head, wake, poll_interval));
     vec![
         listener.abort_handle(),
@@ -202,11 +198,19 @@ fn served(since: Option<Instant>) -> Duration {
     since.map_or(Duration::ZERO, |since| since.elapsed())
 }
 
-async fn listen_forever(config: Config, channel: String, wake: Arc<Notify>, announcer_pid: Arc<AtomicI32>) {
+/// Where the store's own connections go, and how they are secured.
+fn server(target: &Target) -> PgUrl {
+    PgUrl {
+        config: target.config.clone(),
+        tls: target.tls.clone(),
+    }
+}
+
+async fn listen_forever(server: PgUrl, channel: String, wake: Arc<Notify>, announcer_pid: Arc<AtomicI32>) {
     let mut reconnect = Reconnect::new();
     loop {
         let mut listening_since = None;
-        match listen(&config, &channel, &wake, &announcer_pid, &mut listening_since).await {
+        match listen(&server, &channel, &wake, &announcer_pid, &mut listening_since).await {
             Ok(()) => tracing::warn!(channel, "the LISTEN connection closed; reconnecting"),
             Err(error) => {
                 tracing::warn!(channel, error = %crate::describe_error(&error), "the LISTEN connection failed; polling until it is back");
@@ -222,13 +226,13 @@ async fn listen_forever(config: Config, channel: String, wake: Arc<Notify>, anno
 /// LISTEN takes effect. The connection is driven by hand (`poll_message`) because
 /// notifications arrive only through it.
 async fn listen(
-    config: &Config,
+    server: &PgUrl,
     channel: &str,
     wake: &Notify,
     announcer_pid: &AtomicI32,
     listening_since: &mut Option<Instant>,
 ) -> Result<(), tokio_postgres::Error> {
-    let (client, mut connection) = config.connect(NoTls).await?;
+    let (client, mut connection) = server.config.connect(server.tls.clone()).await?;
     let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
     let statement = format!(r#"LISTEN "{channel}""#);
     let subscribe = client.batch_execute(&statement);
@@ -256,7 +260,7 @@ async fn listen(
 /// Sends a `NOTIFY` whenever `pending` was notified since the last one; see
 /// the module docs. Connects at the first request, and again after the
 /// connection ended.
-async fn announce_forever(config: Config, channel: String, pending: Arc<Notify>, pid: Arc<AtomicI32>) {
+async fn announce_forever(server: PgUrl, channel: String, pending: Arc<Notify>, pid: Arc<AtomicI32>) {
     let statement = format!(r#"NOTIFY "{channel}""#);
     let mut reconnect = Reconnect::new();
     loop {
@@ -264,7 +268,7 @@ async fn announce_forever(config: Config, channel: String, pending: Arc<Notify>,
         let mut notifying_since = None;
         // Whether a request was taken and its NOTIFY not sent yet.
         let mut owed = true;
-        match announce(&config, &statement, &pending, &pid, &mut notifying_since, &mut owed).await {
+        match announce(&server, &statement, &pending, &pid, &mut notifying_since, &mut owed).await {
             Ok(()) => tracing::warn!(channel, "the NOTIFY connection closed; reconnecting"),
             Err(error) => {
                 tracing::warn!(channel, error = %crate::describe_error(&error), "the NOTIFY connection failed; other processes poll until it is back");
@@ -284,14 +288,14 @@ async fn announce_forever(config: Config, channel: String, pending: Arc<Notify>,
 /// when the first `NOTIFY` went out, and `owed` is false while every
 /// request taken was sent.
 async fn announce(
-    config: &Config,
+    server: &PgUrl,
     statement: &str,
     pending: &Notify,
     pid: &AtomicI32,
     notifying_since: &mut Option<Instant>,
     owed: &mut bool,
 ) -> Result<(), tokio_postgres::Error> {
-    let (client, connection) = config.connect(NoTls).await?;
+    let (client, connection) = server.config.connect(server.tls.clone()).await?;
     let ended = tokio::select! {
         result = connection => result,
         result = send_notifications(&client, statement, pending, pid, notifying_since, owed) => result,

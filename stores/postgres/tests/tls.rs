@@ -1,0 +1,222 @@
+//! TLS to a real server: what each `sslmode` does to the store's sessions,
+//! and that the verifying modes refuse a certificate they cannot trust.
+//!
+//! Needs `TRIAGE_PG_URL` and a server with `ssl = on` whose certificate file
+//! this process can read (Debian's PostgreSQL package turns TLS on with its
+//! self-signed "snakeoil" certificate for `localhost`); says plainly that it
+//! is skipped otherwise.
+
+mod common;
+
+use std::path::PathBuf;
+
+use tokio_postgres::Client;
+use triage_event_store::{AllStart, Direction, EventStore, ExpectedRevision, ReadAll, StreamName};
+use triage_store_postgres::{PostgresEventStore, PostgresOptions};
+
+/// A CA certificate that signed nothing (made once with `openssl req -x509`,
+/// valid until 2126): a root no server here chains to.
+const UNRELATED_CA: &str = "-----BEGIN CERTIFICATE-----
+MIIBwTCCAWegAwIBAgIUafgjSZBHQUdSg7InLKN90eim6CAwCgYIKoZIzj0EAwIw
+LTErMCkGA1UEAwwiVHJpYWdlIHRlc3QgQ0EgdGhhdCBzaWduZWQgbm90aGluZzAg
+Fw0yNjEyMDcyMDA2MjhaGA8yMTI2MTExMzIwMDYyOFowLTErMCkGA1UEAwwiVHJp
+YWdlIHRlc3QgQ0EgdGhhdCBzaWduZWQgbm90aGluZzBZMBMGByqGSM49AgEGCCqG
+SM49AwEHA0IABEvWJ1Iqdhh5EDewC6PlcCyAkOP4J34C/XBLtK1cs+Ldf7zovEjJ
+9pMm98wAgthKRypnd+gGvAwKm2LwBjwROfajYzBhMB0GA1UdDgQWBBTaqQSORskD
+8PniQIbR7zyBb1ye8jAfBgNVHSMEGDAWgBTaqQSORskD8PniQIbR7zyBb1ye8jAP
+BgNVHRMBAf8EBTADAQH/MA4GA1UdDwEB/wQEAwICBDAKBggqhkjOPQQDAgNIADBF
+AiBwGdhiR28+hr0X0eom2zy4PDzgdS/DkeK9ABJSjSWDKwIhAOhLwJzaepnsYcB6
+geKEtUn/+dyb5s/9DT2AoGmnuIgM
+-----END CERTIFICATE-----
+";
+
+/// The server's certificate file, when the server offers TLS and the file
+/// can be read here; otherwise says why `test` is skipped.
+async fn server_certificate(raw: &Client, test: &str) -> Option<PathBuf> {
+    let setting = |name: &'static str| async move {
+        raw.query_one(&format!("SHOW {name}"), &[])
+            .await
+            .ok()
+            .map(|row| row.get::<_, String>(0))
+    };
+    if setting("ssl").await.as_deref() != Some("on") {
+        eprintln!("skipped: {test} (the server at TRIAGE_PG_URL has ssl = off)");
+        return None;
+    }
+    let path = setting("ssl_cert_file").await.map(PathBuf::from);
+    match path {
+        Some(path) if std::fs::read(&path).is_ok() => Some(path),
+        other => {
+            eprintln!("skipped: {test} (the server's certificate file {other:?} cannot be read here)");
+            None
+        }
+    }
+}
+
+/// `url` with `params` added to its query.
+fn with_params(url: &str, params: &str) -> String {
+    let separator = if url.contains('?') { '&' } else { '?' };
+    format!("{url}{separator}{params}")
+}
+
+/// A path as a URL query value.
+fn encoded(path: &std::path::Path) -> String {
+    path.display()
+        .to_string()
+        .replace('%', "%25")
+        .replace('/', "%2F")
+        .replace(' ', "%20")
+}
+
+/// Whether each of the store's sessions is encrypted, seen by the server.
+async fn encrypted_sessions(raw: &Client, store: &PostgresEventStore) -> Vec<bool> {
+    raw.query(
+        "SELECT s.ssl FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) WHERE a.application_name = $1",
+        &[&format!("triage {}", store.schema())],
+    )
+    .await
+    .unwrap()
+    .iter()
+    .map(|row| row.get(0))
+    .collect()
+}
+
+/// Appends one event and reads it back through `$all`: the store works.
+async fn round_trip(store: &PostgresEventStore) {
+    let stream = StreamName::new("ticket-tls").unwrap();
+    let event = common::event("TicketOpened");
+    store
+        .append(&stream, ExpectedRevision::NoStream, vec![event.clone()])
+        .await
+        .unwrap();
+    let read = store
+        .read_all(ReadAll {
+            direction: Direction::Forwards,
+            from: AllStart::Boundary,
+            max_count: 10,
+        })
+        .await
+        .unwrap();
+    assert_eq!(read.iter().map(|record| record.id).collect::<Vec<_>>(), vec![event.id]);
+}
+
+async fn open(url: &str) -> Result<PostgresEventStore, triage_event_store::Error> {
+    PostgresEventStore::connect_temporary(url, PostgresOptions::default()).await
+}
+
+/// The error's whole chain, as one line.
+fn chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_sslmode_secures_the_store_sessions_as_libpq_does() {
+    let test = "each_sslmode_secures_the_store_sessions_as_libpq_does";
+    let Some(url) = common::url(test) else { return };
+    let raw = common::raw_client(&url).await;
+    let Some(certificate) = server_certificate(&raw, test).await else {
+        return;
+    };
+    let cases = [
+        ("sslmode=disable", false),
+        // No sslmode: `prefer`, and this server offers TLS.
+        ("application_name=x", true),
+        ("sslmode=require", true),
+        (
+            &*format!("sslmode=verify-ca&sslrootcert={}", encoded(&certificate)),
+            true,
+        ),
+    ];
+    for (params, encrypted) in cases {
+        let store = open(&with_params(&url, params))
+            .await
+            .unwrap_or_else(|error| panic!("{params}: {}", chain(&error)));
+        round_trip(&store).await;
+        let sessions = encrypted_sessions(&raw, &store).await;
+        assert!(
+            !sessions.is_empty(),
+            "{params}: the server shows no session of the store"
+        );
+        assert!(
+            sessions.iter().all(|&ssl| ssl == encrypted),
+            "{params}: sessions encrypted {sessions:?}, expected all {encrypted}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_full_checks_the_name_and_the_root_of_the_certificate() {
+    let test = "verify_full_checks_the_name_and_the_root_of_the_certificate";
+    let Some(url) = common::url(test) else { return };
+    let raw = common::raw_client(&url).await;
+    let Some(certificate) = server_certificate(&raw, test).await else {
+        return;
+    };
+    let config: tokio_postgres::Config = url.parse().unwrap();
+    let Some(tokio_postgres::config::Host::Tcp(host)) = config.get_hosts().first().cloned() else {
+        eprintln!("skipped: {test} (TRIAGE_PG_URL does not name a TCP host)");
+        return;
+    };
+
+    // The server's own certificate as the root: its chain holds, so
+    // verify-ca connects (above); verify-full also wants the host's name
+    // in it. Debian's certificate names `localhost`, never an address.
+    let trusted = format!("sslmode=verify-full&sslrootcert={}", encoded(&certificate));
+    if host.parse::<std::net::IpAddr>().is_ok() {
+        let error = open(&with_params(&url, &trusted)).await.unwrap_err();
+        let text = chain(&error);
+        assert!(text.contains("certificate not valid for name"), "{text}");
+        assert!(!error.is_unavailable(), "a refused certificate is no outage: {text}");
+    }
+    if host == "127.0.0.1" {
+        let by_name = url.replacen("@127.0.0.1", "@localhost", 1);
+        if by_name != url {
+            match open(&with_params(&by_name, &trusted)).await {
+                Ok(store) => {
+                    round_trip(&store).await;
+                    let sessions = encrypted_sessions(&raw, &store).await;
+                    assert!(!sessions.is_empty() && sessions.iter().all(|&ssl| ssl), "{sessions:?}");
+                }
+                // A certificate for another name than localhost (not
+                // Debian's): then only the name check may refuse it.
+                Err(error) => {
+                    let text = chain(&error);
+                    assert!(text.contains("certificate not valid for name"), "{text}");
+                }
+            }
+        }
+    }
+
+    // A root that signed nothing the server has: refused, whatever the name.
+    let dir = tempfile_dir();
+    let unrelated = dir.join("unrelated-ca.pem");
+    std::fs::write(&unrelated, UNRELATED_CA).unwrap();
+    for mode in ["verify-full", "verify-ca", "require"] {
+        let params = format!("sslmode={mode}&sslrootcert={}", encoded(&unrelated));
+        let error = open(&with_params(&url, &params))
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("{mode} with an unrelated root connected"));
+        let text = chain(&error);
+        assert!(
+            text.contains("invalid peer certificate: UnknownIssuer"),
+            "{mode}: {text}"
+        );
+        assert!(!text.contains("BEGIN CERTIFICATE"), "{text}");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A directory of this test's own.
+fn tempfile_dir() -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("triage-pg-tls-{}-{}", std::process::id(), uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
