@@ -231,6 +231,21 @@ fn bad_input_gets_a_clear_error_and_writes_nothing() {
         error.contains("sslmode=verify-full needs trusted root certificates"),
         "{error}"
     );
+    // libpq would check a revocation list there; Triage cannot, so it
+    // refuses rather than trust what the list revokes.
+    std::fs::create_dir_all(dir.path().join(".postgresql")).unwrap();
+    std::fs::write(dir.path().join(".postgresql/root.crl"), "").unwrap();
+    let output = common::command(dir.path())
+        .env("HOME", dir.path())
+        .args(["--store", missing_root, "events"])
+        .output()
+        .unwrap();
+    let error = stderr(&output);
+    assert!(!output.status.success());
+    assert!(
+        error.contains("root.crl exists, and certificate revocation lists are not supported"),
+        "{error}"
+    );
 
     assert_eq!(events_in(&db), 1, "no rejected command wrote an event");
 }

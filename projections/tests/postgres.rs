@@ -1365,6 +1365,8 @@ async fn read_models_and_leadership_sessions_follow_the_urls_sslmode() {
     .expect_err("a certificate no trusted root signed was accepted");
     let message = refused.to_string();
     assert!(message.contains("invalid peer certificate: UnknownIssuer"), "{message}");
+    // A setup problem, not an outage that a retry would get past.
+    assert!(!refused.is_unavailable(), "{message}");
 }
 
 /// A CA certificate that signed nothing (made once with `openssl req -x509`,

@@ -202,6 +202,11 @@ impl PgReadModels {
             config.application_name("triage-read-models");
         }
         read_committed(&mut config);
+        let mut server = PgUrl { config, tls };
+        if let Err(error) = triage_store_postgres::tls::settle_prefer(&mut server).await {
+            return Err(connect_failed(describe(&server.config, &options.schema), &error));
+        }
+        let PgUrl { config, tls } = server;
         let manager = Manager::from_config(
             config.clone(),
             tls.clone(),
@@ -278,17 +283,13 @@ impl PgReadModels {
     }
 
     pub(crate) async fn client(&self) -> Result<Client, ProjectionError> {
-        self.inner
-            .pool
-            .get()
-            .await
-            .map_err(|error| ProjectionError::PostgresConnect {
+        self.inner.pool.get().await.map_err(|error| match error {
+            deadpool_postgres::PoolError::Backend(error) => connect_failed(self.describe(), &error),
+            other => ProjectionError::PostgresConnect {
                 target: self.describe(),
-                reason: match error {
-                    deadpool_postgres::PoolError::Backend(error) => describe_error(&error),
-                    other => other.to_string(),
-                },
-            })
+                reason: other.to_string(),
+            },
+        })
     }
 
     /// `"<schema>".<name>`.
@@ -596,6 +597,24 @@ pub(crate) fn describe(config: &Config, schema: &str) -> String {
 
 /// The driver's error with the server's message and code, which its own
 /// `Display` leaves out ("db error").
+/// A failed connection to `target`: a refused server certificate is a
+/// setup problem that retrying does not fix (an invalid location, not an
+/// unavailable server); anything else is reported as unavailable.
+pub(crate) fn connect_failed(target: String, error: &tokio_postgres::Error) -> ProjectionError {
+    match triage_store_postgres::tls::refused_certificate(error) {
+        Some(refusal) => ProjectionError::InvalidLocation {
+            reason: format!(
+                "the server's certificate at {target} is not trusted ({refusal}); check sslrootcert and the host \
+                 name (verify-full wants the name the certificate was issued for)"
+            ),
+        },
+        None => ProjectionError::PostgresConnect {
+            target,
+            reason: describe_error(error),
+        },
+    }
+}
+
 pub(crate) fn describe_error(error: &tokio_postgres::Error) -> String {
     if let Some(db) = error.as_db_error() {
         return format!("{} ({})", db.message(), db.code().code());

@@ -72,14 +72,10 @@ impl Session {
         let mut config = projector.models.config().clone();
         config.application_name(format!("triage-projector {}", projector.instance));
         detect_a_vanished_peer(&mut config);
-        let (client, connection) =
-            config
-                .connect(projector.models.tls().clone())
-                .await
-                .map_err(|error| ProjectionError::PostgresConnect {
-                    target: projector.models.describe(),
-                    reason: super::describe_error(&error),
-                })?;
+        let (client, connection) = config
+            .connect(projector.models.tls().clone())
+            .await
+            .map_err(|error| super::connect_failed(projector.models.describe(), &error))?;
         let driver = tokio::spawn(async move {
             if let Err(error) = connection.await {
                 tracing::warn!(error = %super::describe_error(&error), "a projector session ended");

@@ -390,12 +390,15 @@ impl PostgresEventStore {
             config.application_name("triage");
         }
         read_committed(&mut config);
+        let mut server = tls::PgUrl { config, tls };
+        let settled = tls::settle_prefer(&mut server).await;
         let target = Arc::new(Target {
-            config,
-            tls,
+            config: server.config,
+            tls: server.tls,
             schema: options.schema.clone(),
             query_timeout: options.query_timeout,
         });
+        settled.map_err(|error| target.db_error("cannot connect", error))?;
         let manager = Manager::from_config(
             target.config.clone(),
             target.tls.clone(),

@@ -3,7 +3,8 @@
 //! A URL's `sslmode` means what it means to `psql` (libpq):
 //! - `disable`: no TLS.
 //! - `prefer` (without `sslmode`): TLS when the server offers it, plain
-//!   otherwise; the server's certificate is not checked.
+//!   otherwise, and plain after a handshake that failed (see
+//!   [`settle_prefer`]); the server's certificate is not checked.
 //! - `require`: TLS or no connection; the certificate is not checked,
 //!   unless a root certificate file is named or `~/.postgresql/root.crt`
 //!   exists (then as `verify-ca`).
@@ -20,8 +21,10 @@
 //! `disable`, `prefer` and `require`, and refuses `sslrootcert`, so
 //! [`parse_url`] takes both out first and tells the driver `require` for
 //! the verifying modes; the checks are this module's certificate
-//! verifiers. Client certificates (`sslcert`, `sslkey`) are not supported:
-//! a URL naming one is refused, rather than connecting without it.
+//! verifiers. Connections over a Unix socket never use TLS, as with libpq.
+//! Client certificates (`sslcert`, `sslkey`) and certificate revocation
+//! lists (`sslcrl`, `~/.postgresql/root.crl`) are not supported: a URL or
+//! a home that names one is refused, rather than connecting without it.
 //!
 //! rustls, with the `ring` provider named explicitly (rather than a
 //! process-wide default): the kurrentdb client's dependencies enable a
@@ -46,6 +49,7 @@ use rustls::server::ParsedCertificate;
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_postgres::Config;
+use tokio_postgres::config::{Host, SslMode as DriverSslMode};
 use tokio_postgres::tls::{ChannelBinding, MakeTlsConnect, TlsConnect};
 
 /// libpq's `sslmode` values.
@@ -94,11 +98,11 @@ impl SslMode {
     }
 
     /// What the driver is told: it negotiates, the verifiers check.
-    fn for_driver(self) -> &'static str {
+    fn for_driver(self) -> DriverSslMode {
         match self {
-            SslMode::Disable => "disable",
-            SslMode::Prefer => "prefer",
-            SslMode::Require | SslMode::VerifyCa | SslMode::VerifyFull => "require",
+            SslMode::Disable => DriverSslMode::Disable,
+            SslMode::Prefer => DriverSslMode::Prefer,
+            SslMode::Require | SslMode::VerifyCa | SslMode::VerifyFull => DriverSslMode::Require,
         }
     }
 }
@@ -129,12 +133,28 @@ pub struct PgUrl {
 /// or libpq's `key=value …` form), its TLS settings included, and loads
 /// the root certificates they name. The error never holds the URL, so a
 /// password in it cannot leak.
+///
+/// As with libpq, connections over a Unix socket never use TLS, whatever
+/// `sslmode` says; and `prefer` without a host name to start TLS with
+/// (only `hostaddr`) connects without it.
 pub fn parse_url(url: &str) -> Result<PgUrl, String> {
     let (rest, settings) = take_tls_settings(url)?;
-    let config = rest.parse::<Config>().map_err(|error| {
-        // The driver's message names the bad part, never the URL.
-        format!("invalid PostgreSQL URL (expected postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE): {error}")
+    let mut config = rest.parse::<Config>().map_err(|error| {
+        // The driver's message and its cause name the bad part (a key, or
+        // "invalid value for option `port`"), never the URL.
+        let cause = std::error::Error::source(&error).map_or_else(String::new, |cause| format!(": {cause}"));
+        format!("invalid PostgreSQL URL (expected postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE): {error}{cause}")
     })?;
+    let mode = settings.effective_mode();
+    let hosts = config.get_hosts();
+    let only_sockets = !hosts.is_empty() && hosts.iter().all(|host| matches!(host, Host::Unix(_)));
+    let no_host_name = hosts.is_empty() || hosts.iter().all(|host| !matches!(host, Host::Tcp(_)));
+    let driver_mode = if only_sockets || (mode == SslMode::Prefer && no_host_name) {
+        DriverSslMode::Disable
+    } else {
+        mode.for_driver()
+    };
+    config.ssl_mode(driver_mode);
     let tls = PgTls::new(settings)?;
     Ok(PgUrl { config, tls })
 }
@@ -149,14 +169,22 @@ struct TlsSettings {
 /// Client certificate parameters, which are refused (see the module docs).
 const CLIENT_CERTIFICATE_KEYS: [&str; 3] = ["sslcert", "sslkey", "sslpassword"];
 
-/// Splits the TLS settings off `url`: the URL for the driver (with its
-/// `sslmode` in the driver's terms), and the settings.
+/// Splits the TLS settings off `url`: the URL for the driver, without
+/// them (its `sslmode` is set on the parsed config), and the settings.
 fn take_tls_settings(url: &str) -> Result<(String, TlsSettings), String> {
     let mut settings = TlsSettings::default();
+    // Whether `key` (decoded) is a TLS setting, taken into `settings`.
     let mut take = |key: &str, value: &str| -> Result<bool, String> {
         match key {
-            "sslmode" => settings.mode = Some(SslMode::parse(value)?),
-            "sslrootcert" => settings.root_cert = Some(value.to_owned()),
+            "sslmode" => settings.mode = Some(SslMode::parse(&percent_decode(value)?)?),
+            // Empty: libpq's default file, as if not given.
+            "sslrootcert" => settings.root_cert = Some(percent_decode(value)?).filter(|path| !path.is_empty()),
+            "sslcrl" | "sslcrldir" => {
+                return Err(format!(
+                    "{key} in the PostgreSQL URL: certificate revocation lists are not supported, and a connection \
+                     that ignored one would trust a revoked certificate"
+                ));
+            }
             key if CLIENT_CERTIFICATE_KEYS.contains(&key) => {
                 return Err(format!(
                     "{key} in the PostgreSQL URL: client certificates are not supported; authenticate with a \
@@ -167,31 +195,43 @@ fn take_tls_settings(url: &str) -> Result<(String, TlsSettings), String> {
         }
         Ok(true)
     };
-    let rest = if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-        let (base, query) = url.split_once('?').unwrap_or((url, ""));
+    let scheme = ["postgres://", "postgresql://"]
+        .into_iter()
+        .find(|scheme| url.starts_with(scheme));
+    let rest = if let Some(scheme) = scheme {
+        // Where the driver finds the query: after the credentials, which
+        // end at the first `@` (a password may hold a `?`), at the first
+        // `?` after them.
+        let after_scheme = &url[scheme.len()..];
+        let credentials = after_scheme.find('@').map_or(0, |at| at + 1);
+        let Some(query_at) = after_scheme[credentials..]
+            .find('?')
+            .map(|at| scheme.len() + credentials + at)
+        else {
+            return Ok((url.to_owned(), settings));
+        };
+        let (base, query) = (&url[..query_at], &url[query_at + 1..]);
         let mut kept = Vec::new();
         for pair in query.split('&').filter(|pair| !pair.is_empty()) {
             let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-            let (key, value) = (percent_decode(key)?, percent_decode(value)?);
-            if !take(&key, &value)? {
+            if !take(&percent_decode(key)?, value)? {
                 kept.push(pair);
             }
         }
-        let mode = settings.effective_mode().for_driver();
-        let query = kept.join("&");
-        if query.is_empty() {
-            format!("{base}?sslmode={mode}")
+        if kept.is_empty() {
+            base.to_owned()
         } else {
-            format!("{base}?{query}&sslmode={mode}")
+            format!("{base}?{}", kept.join("&"))
         }
     } else {
         let mut kept = Vec::new();
         for (key, value) in key_value_pairs(url)? {
-            if !take(&key, &value)? {
+            // Values of this form are not percent-encoded: `take` decodes
+            // this back to the value.
+            if !take(&key, &value.replace('%', "%25"))? {
                 kept.push(format!("{key}={}", quote(&value)));
             }
         }
-        kept.push(format!("sslmode={}", settings.effective_mode().for_driver()));
         kept.join(" ")
     };
     Ok((rest, settings))
@@ -209,22 +249,26 @@ impl TlsSettings {
     }
 }
 
-/// `%XX` decoded, as the driver decodes URL parts.
+/// `%XX` decoded, as the driver decodes URL parts: a `%` not followed by
+/// two hex digits stays as it is.
 fn percent_decode(text: &str) -> Result<String, String> {
     let bytes = text.as_bytes();
     let mut decoded = Vec::with_capacity(bytes.len());
     let mut index = 0;
     while index < bytes.len() {
-        if bytes[index] == b'%' {
-            let byte = text
-                .get(index + 1..index + 3)
-                .and_then(|hex| u8::from_str_radix(hex, 16).ok())
-                .ok_or_else(|| "invalid percent-encoding in the PostgreSQL URL's parameters".to_owned())?;
-            decoded.push(byte);
-            index += 3;
-        } else {
-            decoded.push(bytes[index]);
-            index += 1;
+        let escape = bytes
+            .get(index + 1..index + 3)
+            .filter(|hex| hex.iter().all(u8::is_ascii_hexdigit));
+        match (bytes[index], escape) {
+            (b'%', Some(hex)) => {
+                let digit = |byte: u8| (byte as char).to_digit(16).unwrap_or(0) as u8;
+                decoded.push(digit(hex[0]) * 16 + digit(hex[1]));
+                index += 3;
+            }
+            (byte, _) => {
+                decoded.push(byte);
+                index += 1;
+            }
         }
     }
     String::from_utf8(decoded).map_err(|_| "the PostgreSQL URL's parameters are not UTF-8".to_owned())
@@ -331,6 +375,18 @@ impl PgTls {
             SslMode::VerifyCa => Verification::Chain,
             SslMode::VerifyFull => Verification::Full,
         };
+        // libpq checks a revocation list there by default; ignoring it
+        // would trust what it revokes.
+        if verification != Verification::None
+            && let Some(crl) = home_postgresql_file("root.crl").filter(|path| path.exists())
+        {
+            return Err(format!(
+                "{} exists, and certificate revocation lists are not supported: move it away to connect with \
+                 sslmode={} without it",
+                crl.display(),
+                mode.as_str()
+            ));
+        }
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let verifier: Arc<dyn ServerCertVerifier> = match verification {
             Verification::None => Arc::new(AnyCertificate(Arc::clone(&provider))),
@@ -387,9 +443,15 @@ impl PgTls {
 
 /// The refusal of a server's certificate behind a failed connection, if
 /// that is what failed: a setup problem (roots, host name, `sslmode`) that
-/// retrying does not fix. Found by type in the error's sources (the
-/// driver's TLS error wraps the I/O error that carries rustls's).
+/// retrying does not fix.
 pub fn refused_certificate<'a>(error: &'a (dyn std::error::Error + 'static)) -> Option<&'a rustls::Error> {
+    handshake_error(error).filter(|error| matches!(error, rustls::Error::InvalidCertificate(_)))
+}
+
+/// What rustls said when a TLS handshake failed, if that is what failed.
+/// Found by type in the error's sources (the driver's TLS error wraps the
+/// I/O error that carries rustls's).
+fn handshake_error<'a>(error: &'a (dyn std::error::Error + 'static)) -> Option<&'a rustls::Error> {
     let mut current = Some(error);
     while let Some(error) = current {
         let tls = error.downcast_ref::<rustls::Error>().or_else(|| {
@@ -398,18 +460,57 @@ pub fn refused_certificate<'a>(error: &'a (dyn std::error::Error + 'static)) -> 
                 .and_then(io::Error::get_ref)
                 .and_then(|inner| inner.downcast_ref::<rustls::Error>())
         });
-        if let Some(tls @ rustls::Error::InvalidCertificate(_)) = tls {
-            return Some(tls);
+        if tls.is_some() {
+            return tls;
         }
         current = error.source();
     }
     None
 }
 
+/// `prefer` as libpq has it. The driver connects without TLS only when the
+/// server declines it; libpq also does when the server offers TLS but the
+/// handshake fails (a certificate key or cipher suite that rustls does not
+/// support, such as P-521 or CBC). So with `prefer` one connection is made
+/// first, and when its handshake fails `url` is set to connect without
+/// TLS, with a warning. Any other failure is returned: the server cannot
+/// be reached either way.
+pub async fn settle_prefer(url: &mut PgUrl) -> Result<(), tokio_postgres::Error> {
+    if url.tls.mode != SslMode::Prefer || url.config.get_ssl_mode() == DriverSslMode::Disable {
+        return Ok(());
+    }
+    match url.config.connect(url.tls.clone()).await {
+        Ok((client, connection)) => {
+            // Dropping the client ends the session, and the connection.
+            drop(client);
+            let _ = connection.await;
+            Ok(())
+        }
+        Err(error) => match handshake_error(&error) {
+            Some(refusal) => {
+                tracing::warn!(
+                    error = %refusal,
+                    "the PostgreSQL server offers TLS, but the handshake failed; connecting without TLS, as \
+                     sslmode=prefer (the default) allows: set sslmode=disable to skip the attempt, or require to \
+                     refuse such a server"
+                );
+                url.config.ssl_mode(DriverSslMode::Disable);
+                Ok(())
+            }
+            None => Err(error),
+        },
+    }
+}
+
 /// libpq's default root certificate file, `~/.postgresql/root.crt`.
 fn home_root_cert() -> Option<PathBuf> {
+    home_postgresql_file("root.crt")
+}
+
+/// `~/.postgresql/<name>`, where libpq looks for its TLS files.
+fn home_postgresql_file(name: &str) -> Option<PathBuf> {
     let home = std::env::var_os("HOME").filter(|home| !home.is_empty())?;
-    Some(Path::new(&home).join(".postgresql").join("root.crt"))
+    Some(Path::new(&home).join(".postgresql").join(name))
 }
 
 fn roots_from_file(path: &Path) -> Result<RootCertStore, String> {
@@ -545,7 +646,10 @@ where
     type Error = io::Error;
 
     fn make_tls_connect(&mut self, host: &str) -> io::Result<PgTlsConnect> {
-        let Some(config) = self.config.clone() else {
+        // The driver names no host for a Unix socket, where the server
+        // declines TLS (and `parse_url` does not ask for it when every
+        // host is one).
+        let Some(config) = self.config.clone().filter(|_| !host.is_empty()) else {
             return Ok(PgTlsConnect(None));
         };
         let name = ServerName::try_from(host.to_owned())
@@ -631,8 +735,56 @@ where
 mod tests {
     use super::*;
 
+    /// A CA certificate that signed nothing (`openssl req -x509`, valid
+    /// until 2126).
+    const SOME_CA: &str = "-----BEGIN CERTIFICATE-----
+MIIBwTCCAWegAwIBAgIUafgjSZBHQUdSg7InLKN90eim6CAwCgYIKoZIzj0EAwIw
+LTErMCkGA1UEAwwiVHJpYWdlIHRlc3QgQ0EgdGhhdCBzaWduZWQgbm90aGluZzAg
+Fw0yNjEyMDcyMDA2MjhaGA8yMTI2MTExMzIwMDYyOFowLTErMCkGA1UEAwwiVHJp
+YWdlIHRlc3QgQ0EgdGhhdCBzaWduZWQgbm90aGluZzBZMBMGByqGSM49AgEGCCqG
+SM49AwEHA0IABEvWJ1Iqdhh5EDewC6PlcCyAkOP4J34C/XBLtK1cs+Ldf7zovEjJ
+9pMm98wAgthKRypnd+gGvAwKm2LwBjwROfajYzBhMB0GA1UdDgQWBBTaqQSORskD
+8PniQIbR7zyBb1ye8jAfBgNVHSMEGDAWgBTaqQSORskD8PniQIbR7zyBb1ye8jAP
+BgNVHRMBAf8EBTADAQH/MA4GA1UdDwEB/wQEAwICBDAKBggqhkjOPQQDAgNIADBF
+AiBwGdhiR28+hr0X0eom2zy4PDzgdS/DkeK9ABJSjSWDKwIhAOhLwJzaepnsYcB6
+geKEtUn/+dyb5s/9DT2AoGmnuIgM
+-----END CERTIFICATE-----
+";
+
     fn split(url: &str) -> (String, TlsSettings) {
         take_tls_settings(url).unwrap()
+    }
+
+    fn driver_mode(url: &str) -> DriverSslMode {
+        parse_url(url).unwrap().config.get_ssl_mode()
+    }
+
+    /// A file of this test's own holding `contents`, as a URL query value.
+    fn file_with(name: &str, contents: &str) -> (tempfile_dir::Dir, String) {
+        let dir = tempfile_dir::Dir::new();
+        let path = dir.0.join(name);
+        std::fs::write(&path, contents).unwrap();
+        let encoded = path.display().to_string().replace('%', "%25").replace('/', "%2F");
+        (dir, encoded)
+    }
+
+    mod tempfile_dir {
+        /// A directory removed on drop.
+        pub(super) struct Dir(pub(super) std::path::PathBuf);
+
+        impl Dir {
+            pub(super) fn new() -> Dir {
+                let path = std::env::temp_dir().join(format!("triage-tls-{}", uuid::Uuid::new_v4()));
+                std::fs::create_dir_all(&path).unwrap();
+                Dir(path)
+            }
+        }
+
+        impl Drop for Dir {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_dir_all(&self.0);
+            }
+        }
     }
 
     #[test]
@@ -640,44 +792,109 @@ mod tests {
         let (rest, settings) = split(
             "postgres://u:p@db.example:5433/triage?application_name=x&sslmode=verify-full&sslrootcert=%2Fetc%2Fca.pem",
         );
-        assert_eq!(
-            rest,
-            "postgres://u:p@db.example:5433/triage?application_name=x&sslmode=require"
-        );
+        assert_eq!(rest, "postgres://u:p@db.example:5433/triage?application_name=x");
         assert_eq!(settings.mode, Some(SslMode::VerifyFull));
         assert_eq!(settings.root_cert.as_deref(), Some("/etc/ca.pem"));
-        let config: Config = rest.parse().unwrap();
-        assert_eq!(config.get_ssl_mode(), tokio_postgres::config::SslMode::Require);
-        assert_eq!(config.get_application_name(), Some("x"));
-
         let (rest, settings) = split("postgres://u@h/d?sslmode=verify-ca");
-        assert_eq!(rest, "postgres://u@h/d?sslmode=require");
+        assert_eq!(rest, "postgres://u@h/d");
         assert_eq!(settings.mode, Some(SslMode::VerifyCa));
+        let (_dir, root) = file_with("ca.pem", SOME_CA);
+        for mode in ["require", "verify-ca", "verify-full"] {
+            let url = format!("postgres://u@h/d?application_name=x&sslmode={mode}&sslrootcert={root}");
+            let parsed = parse_url(&url).unwrap();
+            assert_eq!(parsed.config.get_ssl_mode(), DriverSslMode::Require, "{mode}");
+            assert_eq!(parsed.config.get_application_name(), Some("x"));
+        }
+        // A percent-encoded key is still the key; the last sslmode wins.
+        let (_, settings) = split("postgres://u@h/d?ssl%6Dode=disable&sslmode=require");
+        assert_eq!(settings.mode, Some(SslMode::Require));
     }
 
     #[test]
     fn without_sslmode_the_mode_is_prefer_as_with_libpq_or_verify_full_for_the_system_roots() {
         let (rest, settings) = split("postgresql://u@h/d");
-        assert_eq!(rest, "postgresql://u@h/d?sslmode=prefer");
+        assert_eq!(rest, "postgresql://u@h/d");
         assert_eq!(settings.effective_mode(), SslMode::Prefer);
+        assert_eq!(driver_mode("postgresql://u@h/d"), DriverSslMode::Prefer);
         let (rest, settings) = split("postgres://u@h/d?sslrootcert=system");
-        assert_eq!(rest, "postgres://u@h/d?sslmode=require");
+        assert_eq!(rest, "postgres://u@h/d");
         assert_eq!(settings.effective_mode(), SslMode::VerifyFull);
-        let (rest, _) = split("postgres://u@h/d?sslmode=disable");
-        assert_eq!(rest, "postgres://u@h/d?sslmode=disable");
+        assert_eq!(driver_mode("postgres://u@h/d?sslmode=disable"), DriverSslMode::Disable);
+    }
+
+    #[test]
+    fn the_query_starts_after_the_credentials_as_the_driver_reads_it() {
+        // A password may hold `?`: the query is the first `?` after `@`.
+        let parsed = parse_url("postgres://u:pa?ss@h/d?sslmode=require").unwrap();
+        assert_eq!(parsed.config.get_password(), Some(&b"pa?ss"[..]));
+        assert_eq!(parsed.config.get_dbname(), Some("d"));
+        assert_eq!(parsed.tls.mode(), SslMode::Require);
+        // Nothing in the password is read as a setting.
+        let parsed = parse_url("postgres://u:p?sslmode=hunter2@h/d").unwrap();
+        assert_eq!(parsed.tls.mode(), SslMode::Prefer);
+        assert_eq!(parsed.config.get_password(), Some(&b"p?sslmode=hunter2"[..]));
+        // No query, a bare `?`, empty pairs: as the driver takes them.
+        for url in [
+            "postgres://u@h/d",
+            "postgres://u@h/d?",
+            "postgres://u@h/d?&&sslmode=require&",
+        ] {
+            let parsed = parse_url(url).unwrap();
+            assert_eq!(parsed.config.get_dbname(), Some("d"), "{url}");
+        }
+    }
+
+    #[test]
+    fn values_are_decoded_leniently_as_the_driver_decodes_them() {
+        let parsed = parse_url("postgres://u@h/d?application_name=100%sure").unwrap();
+        assert_eq!(parsed.config.get_application_name(), Some("100%sure"));
+        assert_eq!(percent_decode("a%2Fb%+1%4").unwrap(), "a/b%+1%4");
+        assert_eq!(percent_decode("%C3%A9").unwrap(), "é");
+        assert!(percent_decode("%FF").is_err());
+    }
+
+    #[test]
+    fn sockets_never_use_tls_and_prefer_needs_a_host_name() {
+        // libpq: no TLS over a Unix socket, whatever sslmode says.
+        for mode in ["prefer", "require", "verify-full&sslrootcert=system"] {
+            let url = format!("postgres://u@%2Fvar%2Frun%2Fpostgresql/d?sslmode={mode}");
+            assert_eq!(driver_mode(&url), DriverSslMode::Disable, "{mode}");
+        }
+        assert_eq!(
+            driver_mode("host=/var/run/postgresql user=u dbname=d"),
+            DriverSslMode::Disable
+        );
+        // Only an address: nothing to start TLS with under `prefer`.
+        assert_eq!(
+            driver_mode("postgres://u@/d?hostaddr=127.0.0.1"),
+            DriverSslMode::Disable
+        );
+        assert_eq!(
+            driver_mode("postgres://u@/d?hostaddr=127.0.0.1&sslmode=require"),
+            DriverSslMode::Require
+        );
+        assert_eq!(
+            driver_mode("postgres://u@localhost/d?hostaddr=127.0.0.1"),
+            DriverSslMode::Prefer
+        );
+        // An empty host name (a socket in a mixed list) gets no handshake.
+        let mut tls = parse_url("postgres://u@h/d?sslmode=require").unwrap().tls;
+        let connect: PgTlsConnect = MakeTlsConnect::<tokio::net::TcpStream>::make_tls_connect(&mut tls, "").unwrap();
+        assert!(connect.0.is_none());
     }
 
     #[test]
     fn the_key_value_form_is_read_with_quotes_and_escapes() {
         let (rest, settings) = split(
-            r"host=db.example  user = u password='it\'s a secret' sslmode=verify-full sslrootcert='/etc/my ca.pem'",
+            r"host=db.example  user = u password='it\'s a 100% secret' sslmode=verify-full sslrootcert='/etc/my ca.pem'",
         );
         assert_eq!(settings.mode, Some(SslMode::VerifyFull));
         assert_eq!(settings.root_cert.as_deref(), Some("/etc/my ca.pem"));
         let config: Config = rest.parse().unwrap();
         assert_eq!(config.get_user(), Some("u"));
-        assert_eq!(config.get_password(), Some(&b"it's a secret"[..]));
-        assert_eq!(config.get_ssl_mode(), tokio_postgres::config::SslMode::Require);
+        assert_eq!(config.get_password(), Some(&b"it's a 100% secret"[..]));
+        let (_, settings) = split("host=h sslrootcert=/etc/100%25.pem");
+        assert_eq!(settings.root_cert.as_deref(), Some("/etc/100%25.pem"));
         assert!(take_tls_settings("host=h sslmode").is_err());
         assert!(take_tls_settings("host='h").is_err());
     }
@@ -694,51 +911,59 @@ mod tests {
             message.contains("cannot read the root certificates in /no/such/ca.pem"),
             "{message}"
         );
+        let message = refused("postgres://u:hunter2@h/d?sslcrl=%2Fc.crl");
+        assert!(
+            message.contains("certificate revocation lists are not supported"),
+            "{message}"
+        );
         let message = refused("postgres://u:hunter2@h/d?sslmode=require&sslrootcert=system");
         assert!(
             message.contains("sslrootcert=system needs sslmode=verify-full"),
             "{message}"
         );
-        let message = refused("postgres://u:hunter2@h/d?sslrootcert=%ZZ");
-        assert!(message.contains("invalid percent-encoding"), "{message}");
+        // The driver's reason comes with its refusal.
         let message = refused("postgres://u:hunter2@h/d?sslmode=require&bogus=1");
-        assert!(message.contains("invalid PostgreSQL URL"), "{message}");
-        for message in [
-            refused("postgres://u:hunter2@h/d?sslmode=allow"),
-            refused("postgres://u:hunter2@h/d?sslmode=require&bogus=1"),
+        assert!(message.contains("unknown option `bogus`"), "{message}");
+        let message = refused("postgres://u:hunter2@h:notaport/d");
+        assert!(message.contains("invalid value for option `port`"), "{message}");
+        for url in [
+            "postgres://u:hunter2@h/d?sslmode=allow",
+            "postgres://u:hunter2@h/d?sslmode=require&bogus=1",
+            "postgres://u:hunter2@h:notaport/d",
+            "user=u password=hunter2 host=h bogus=1",
         ] {
+            let message = refused(url);
             assert!(!message.contains("hunter2"), "{message}");
         }
     }
 
     #[test]
     fn a_root_file_without_certificates_is_refused() {
-        let dir = std::env::temp_dir().join(format!("triage-tls-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let file = dir.join("empty.pem");
-        std::fs::write(&file, "not a certificate\n").unwrap();
-        let url = format!(
-            "postgres://u@h/d?sslmode=verify-ca&sslrootcert={}",
-            file.display().to_string().replace('/', "%2F")
-        );
-        let message = parse_url(&url).unwrap_err();
-        std::fs::remove_dir_all(&dir).unwrap();
+        let (_dir, root) = file_with("empty.pem", "not a certificate\n");
+        let message = parse_url(&format!("postgres://u@h/d?sslmode=verify-ca&sslrootcert={root}")).unwrap_err();
         assert!(message.contains("no usable root certificate in"), "{message}");
     }
 
     #[test]
     fn require_checks_the_chain_once_roots_are_named() {
-        let home_file = home_root_cert().filter(|path| path.exists());
-        let tls = parse_url("postgres://u@h/d?sslmode=require").unwrap().tls;
-        let expected = if home_file.is_some() {
+        let (_dir, root) = file_with("ca.pem", SOME_CA);
+        let named = parse_url(&format!("postgres://u@h/d?sslmode=require&sslrootcert={root}")).unwrap();
+        assert_eq!(named.tls.verification(), Verification::Chain);
+        let full = parse_url(&format!("postgres://u@h/d?sslmode=verify-full&sslrootcert={root}")).unwrap();
+        assert_eq!(full.tls.verification(), Verification::Full);
+        let unnamed = parse_url("postgres://u@h/d?sslmode=require").unwrap().tls;
+        let expected = if home_root_cert().is_some_and(|path| path.exists()) {
             Verification::Chain
         } else {
             Verification::None
         };
-        assert_eq!(tls.verification(), expected);
+        assert_eq!(unnamed.verification(), expected);
         assert_eq!(
             parse_url("postgres://u@h/d?sslmode=disable").unwrap().tls.mode(),
             SslMode::Disable
         );
+        // An empty sslrootcert is libpq's default file, not a file named "".
+        let (_, settings) = split("postgres://u@h/d?sslmode=require&sslrootcert=");
+        assert_eq!(settings.root_cert, None);
     }
 }
