@@ -39,6 +39,7 @@ use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::{WebPkiServerVerifier, verify_server_cert_signed_by_trust_anchor};
@@ -146,11 +147,25 @@ pub fn parse_url(url: &str) -> Result<PgUrl, String> {
         format!("invalid PostgreSQL URL (expected postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE): {error}{cause}")
     })?;
     let mode = settings.effective_mode();
-    let hosts = config.get_hosts();
-    let only_sockets = !hosts.is_empty() && hosts.iter().all(|host| matches!(host, Host::Unix(_)));
-    let no_host_name = hosts.is_empty() || hosts.iter().all(|host| !matches!(host, Host::Tcp(_)));
-    let driver_mode = if only_sockets || (mode == SslMode::Prefer && no_host_name) {
+    // What each server entry of the URL is to the driver: a socket, or TCP
+    // (to `hostaddr` when given) with the host's name for TLS, or without
+    // one (a bare `hostaddr`, or one beside a socket path).
+    let (hosts, addresses) = (config.get_hosts(), config.get_hostaddrs());
+    let entries = hosts.len().max(addresses.len());
+    let socket = |i: usize| addresses.get(i).is_none() && matches!(hosts.get(i), Some(Host::Unix(_)));
+    let named = |i: usize| matches!(hosts.get(i), Some(Host::Tcp(_)));
+    let driver_mode = if entries > 0 && (0..entries).all(socket) {
         DriverSslMode::Disable
+    } else if mode == SslMode::Prefer && !(0..entries).any(named) {
+        // TLS over TCP needs a name to start with.
+        DriverSslMode::Disable
+    } else if mode != SslMode::Prefer && mode != SslMode::Disable && !(0..entries).all(named) {
+        return Err(format!(
+            "sslmode={} needs a host name for every server in the PostgreSQL URL, to start TLS with and check \
+             its certificate against: a Unix socket beside TCP hosts, or a hostaddr without a host name, cannot \
+             be used with it (name the host with host=, keeping hostaddr= for its address)",
+            mode.as_str()
+        ));
     } else {
         mode.for_driver()
     };
@@ -479,20 +494,35 @@ pub async fn settle_prefer(url: &mut PgUrl) -> Result<(), tokio_postgres::Error>
     if url.tls.mode != SslMode::Prefer || url.config.get_ssl_mode() == DriverSslMode::Disable {
         return Ok(());
     }
-    match url.config.connect(url.tls.clone()).await {
-        Ok((client, connection)) => {
-            // Dropping the client ends the session, and the connection.
-            drop(client);
-            let _ = connection.await;
+    // The driver's connect timeout bounds only the TCP connect; a server
+    // that accepts and never answers must not hold the open for ever. On
+    // expiry the pool tries, bounded by its own timeout, and reports.
+    let bound = url
+        .config
+        .get_connect_timeout()
+        .copied()
+        .unwrap_or(Duration::from_secs(10));
+    let probe = async {
+        let (client, connection) = url.config.connect(url.tls.clone()).await?;
+        // Dropping the client ends the session, and the connection.
+        drop(client);
+        let _ = connection.await;
+        Ok::<(), tokio_postgres::Error>(())
+    };
+    match tokio::time::timeout(bound, probe).await {
+        Ok(Ok(())) => Ok(()),
+        Err(_elapsed) => {
+            tracing::debug!(?bound, "no answer to the TLS probe; the pool's connection will tell");
             Ok(())
         }
-        Err(error) => match handshake_error(&error) {
+        Ok(Err(error)) => match handshake_error(&error) {
             Some(refusal) => {
                 tracing::warn!(
                     error = %refusal,
-                    "the PostgreSQL server offers TLS, but the handshake failed; connecting without TLS, as \
-                     sslmode=prefer (the default) allows: set sslmode=disable to skip the attempt, or require to \
-                     refuse such a server"
+                    hosts = ?url.config.get_hosts(),
+                    "the PostgreSQL server offers TLS, but TLS with it failed; connecting without TLS from now \
+                     on, as sslmode=prefer (the default) allows: set sslmode=disable to skip the attempt, or \
+                     require to refuse such a server"
                 );
                 url.config.ssl_mode(DriverSslMode::Disable);
                 Ok(())
@@ -833,7 +863,8 @@ geKEtUn/+dyb5s/9DT2AoGmnuIgM
         let parsed = parse_url("postgres://u:p?sslmode=hunter2@h/d").unwrap();
         assert_eq!(parsed.tls.mode(), SslMode::Prefer);
         assert_eq!(parsed.config.get_password(), Some(&b"p?sslmode=hunter2"[..]));
-        // No query, a bare `?`, empty pairs: as the driver takes them.
+        // No query, a bare `?`, empty pairs (which the driver alone would
+        // refuse).
         for url in [
             "postgres://u@h/d",
             "postgres://u@h/d?",
@@ -869,16 +900,35 @@ geKEtUn/+dyb5s/9DT2AoGmnuIgM
             driver_mode("postgres://u@/d?hostaddr=127.0.0.1"),
             DriverSslMode::Disable
         );
-        assert_eq!(
-            driver_mode("postgres://u@/d?hostaddr=127.0.0.1&sslmode=require"),
-            DriverSslMode::Require
-        );
+        assert!(parse_url("postgres://u@/d?hostaddr=127.0.0.1&sslmode=require").is_err());
         assert_eq!(
             driver_mode("postgres://u@localhost/d?hostaddr=127.0.0.1"),
             DriverSslMode::Prefer
         );
-        // An empty host name (a socket in a mixed list) gets no handshake.
-        let mut tls = parse_url("postgres://u@h/d?sslmode=require").unwrap().tls;
+        // A socket path beside hostaddr is TCP without a name: prefer goes
+        // plain, a mode that needs TLS is refused, never downgraded.
+        let beside = "postgres://u@%2Fvar%2Frun%2Fpostgresql/d?hostaddr=127.0.0.1";
+        assert_eq!(driver_mode(beside), DriverSslMode::Disable);
+        for mode in ["require", "verify-ca&sslrootcert=system", "verify-full"] {
+            let message = parse_url(&format!("{beside}&sslmode={mode}")).unwrap_err();
+            assert!(
+                message.contains("needs a host name for every server"),
+                "{mode}: {message}"
+            );
+        }
+        let mixed = "host=db.example,/var/run/postgresql user=u dbname=d sslmode=require";
+        assert!(
+            parse_url(mixed)
+                .unwrap_err()
+                .contains("needs a host name for every server")
+        );
+        assert_eq!(
+            driver_mode("host=db.example,/var/run/postgresql user=u dbname=d"),
+            DriverSslMode::Prefer
+        );
+        // A socket in a mixed list under prefer gets no handshake (the
+        // driver names no host for it, and the server declines TLS there).
+        let mut tls = parse_url("postgres://u@h/d").unwrap().tls;
         let connect: PgTlsConnect = MakeTlsConnect::<tokio::net::TcpStream>::make_tls_connect(&mut tls, "").unwrap();
         assert!(connect.0.is_none());
     }

@@ -333,3 +333,36 @@ async fn prefer_connects_without_tls_when_the_handshake_fails() {
     let error = error.expect("require connected to a server that cannot do TLS");
     assert!(chain(&error).contains("TLS"), "{}", chain(&error));
 }
+
+/// The `prefer` probe is bounded by the connect timeout: a server that
+/// accepts and never answers fails the open, as with `disable`, instead
+/// of holding it for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_server_fails_the_open_under_prefer_too() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let silent = listener.local_addr().unwrap();
+    let accepted = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = listener.accept().await {
+            held.push(socket);
+        }
+    });
+    let options = PostgresOptions {
+        connect_timeout: std::time::Duration::from_millis(500),
+        ..PostgresOptions::default()
+    };
+    for params in ["", "?sslmode=disable"] {
+        let url = format!("postgres://nobody@{silent}/nothing{params}");
+        let opened = tokio::time::timeout(
+            std::time::Duration::from_secs(30),
+            PostgresEventStore::connect(&url, options.clone()),
+        )
+        .await;
+        let error = opened
+            .unwrap_or_else(|_| panic!("{params:?}: the open still waits after 30 s"))
+            .err()
+            .unwrap_or_else(|| panic!("{params:?}: a silent server was opened"));
+        assert!(error.is_unavailable(), "{params:?}: {}", chain(&error));
+    }
+    accepted.abort();
+}
