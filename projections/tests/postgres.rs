@@ -1353,9 +1353,9 @@ async fn read_models_and_leadership_sessions_follow_the_urls_sslmode() {
         "leadership sessions: {leadership:?}"
     );
 
-    let dir = tempfile::tempdir().unwrap();
-    let unrelated = dir.path().join("unrelated-ca.pem");
-    std::fs::write(&unrelated, UNRELATED_CA).unwrap();
+    // A root that signed nothing (the store's TLS tests keep it).
+    let unrelated =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../stores/postgres/tests/data/unrelated-ca.pem");
     let root = unrelated.display().to_string().replace('/', "%2F");
     let refused = PgReadModels::connect_temporary(
         &format!("{url}{separator}sslmode=verify-full&sslrootcert={root}"),
@@ -1368,19 +1368,3 @@ async fn read_models_and_leadership_sessions_follow_the_urls_sslmode() {
     // A setup problem, not an outage that a retry would get past.
     assert!(!refused.is_unavailable(), "{message}");
 }
-
-/// A CA certificate that signed nothing (made once with `openssl req -x509`,
-/// valid until 2126): a root no server here chains to.
-const UNRELATED_CA: &str = "-----BEGIN CERTIFICATE-----
-MIIBwTCCAWegAwIBAgIUafgjSZBHQUdSg7InLKN90eim6CAwCgYIKoZIzj0EAwIw
-LTErMCkGA1UEAwwiVHJpYWdlIHRlc3QgQ0EgdGhhdCBzaWduZWQgbm90aGluZzAg
-Fw0yNjEyMDcyMDA2MjhaGA8yMTI2MTExMzIwMDYyOFowLTErMCkGA1UEAwwiVHJp
-YWdlIHRlc3QgQ0EgdGhhdCBzaWduZWQgbm90aGluZzBZMBMGByqGSM49AgEGCCqG
-SM49AwEHA0IABEvWJ1Iqdhh5EDewC6PlcCyAkOP4J34C/XBLtK1cs+Ldf7zovEjJ
-9pMm98wAgthKRypnd+gGvAwKm2LwBjwROfajYzBhMB0GA1UdDgQWBBTaqQSORskD
-8PniQIbR7zyBb1ye8jAfBgNVHSMEGDAWgBTaqQSORskD8PniQIbR7zyBb1ye8jAP
-BgNVHRMBAf8EBTADAQH/MA4GA1UdDwEB/wQEAwICBDAKBggqhkjOPQQDAgNIADBF
-AiBwGdhiR28+hr0X0eom2zy4PDzgdS/DkeK9ABJSjSWDKwIhAOhLwJzaepnsYcB6
-geKEtUn/+dyb5s/9DT2AoGmnuIgM
------END CERTIFICATE-----
-";

@@ -404,7 +404,10 @@ impl PgTls {
         }
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let verifier: Arc<dyn ServerCertVerifier> = match verification {
-            Verification::None => Arc::new(AnyCertificate(Arc::clone(&provider))),
+            Verification::None => Arc::new(NameBlind {
+                roots: None,
+                provider: Arc::clone(&provider),
+            }),
             Verification::Chain | Verification::Full => {
                 let roots = match &root_file {
                     Some(path) => roots_from_file(path)?,
@@ -423,8 +426,8 @@ impl PgTls {
                         .build()
                         .map_err(|error| format!("cannot use the root certificates: {error}"))?
                 } else {
-                    Arc::new(ChainOnly {
-                        roots,
+                    Arc::new(NameBlind {
+                        roots: Some(roots),
                         provider: Arc::clone(&provider),
                     })
                 }
@@ -576,55 +579,18 @@ fn system_roots() -> Result<RootCertStore, String> {
     Ok(roots)
 }
 
-/// `prefer` and `require`: any certificate, as libpq. The handshake's
-/// signatures are still checked, so the server holds the key of the
-/// certificate it shows.
+/// The certificate check of the modes that do not check the host's name:
+/// none (`prefer`, `require`: any certificate, as libpq), or the chain to
+/// `roots` (`verify-ca`). Either way the handshake's signatures are
+/// checked, so the server holds the key of the certificate it shows.
 #[derive(Debug)]
-struct AnyCertificate(Arc<CryptoProvider>);
-
-impl ServerCertVerifier for AnyCertificate {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
-}
-
-/// `verify-ca`: the chain to a trusted root, not the name.
-#[derive(Debug)]
-struct ChainOnly {
-    roots: Arc<RootCertStore>,
+struct NameBlind {
+    /// `None`: any certificate.
+    roots: Option<Arc<RootCertStore>>,
     provider: Arc<CryptoProvider>,
 }
 
-impl ServerCertVerifier for ChainOnly {
+impl ServerCertVerifier for NameBlind {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -633,14 +599,16 @@ impl ServerCertVerifier for ChainOnly {
         _ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        let certificate = ParsedCertificate::try_from(end_entity)?;
-        verify_server_cert_signed_by_trust_anchor(
-            &certificate,
-            &self.roots,
-            intermediates,
-            now,
-            self.provider.signature_verification_algorithms.all,
-        )?;
+        if let Some(roots) = &self.roots {
+            let certificate = ParsedCertificate::try_from(end_entity)?;
+            verify_server_cert_signed_by_trust_anchor(
+                &certificate,
+                roots,
+                intermediates,
+                now,
+                self.provider.signature_verification_algorithms.all,
+            )?;
+        }
         Ok(ServerCertVerified::assertion())
     }
 
@@ -765,21 +733,8 @@ where
 mod tests {
     use super::*;
 
-    /// A CA certificate that signed nothing (`openssl req -x509`, valid
-    /// until 2126).
-    const SOME_CA: &str = "-----BEGIN CERTIFICATE-----
-MIIBwTCCAWegAwIBAgIUafgjSZBHQUdSg7InLKN90eim6CAwCgYIKoZIzj0EAwIw
-LTErMCkGA1UEAwwiVHJpYWdlIHRlc3QgQ0EgdGhhdCBzaWduZWQgbm90aGluZzAg
-Fw0yNjEyMDcyMDA2MjhaGA8yMTI2MTExMzIwMDYyOFowLTErMCkGA1UEAwwiVHJp
-YWdlIHRlc3QgQ0EgdGhhdCBzaWduZWQgbm90aGluZzBZMBMGByqGSM49AgEGCCqG
-SM49AwEHA0IABEvWJ1Iqdhh5EDewC6PlcCyAkOP4J34C/XBLtK1cs+Ldf7zovEjJ
-9pMm98wAgthKRypnd+gGvAwKm2LwBjwROfajYzBhMB0GA1UdDgQWBBTaqQSORskD
-8PniQIbR7zyBb1ye8jAfBgNVHSMEGDAWgBTaqQSORskD8PniQIbR7zyBb1ye8jAP
-BgNVHRMBAf8EBTADAQH/MA4GA1UdDwEB/wQEAwICBDAKBggqhkjOPQQDAgNIADBF
-AiBwGdhiR28+hr0X0eom2zy4PDzgdS/DkeK9ABJSjSWDKwIhAOhLwJzaepnsYcB6
-geKEtUn/+dyb5s/9DT2AoGmnuIgM
------END CERTIFICATE-----
-";
+    /// A CA certificate that signed nothing.
+    const SOME_CA: &str = include_str!("../tests/data/unrelated-ca.pem");
 
     fn split(url: &str) -> (String, TlsSettings) {
         take_tls_settings(url).unwrap()

@@ -19,21 +19,10 @@ use tokio_postgres::Client;
 use triage_event_store::{AllStart, Direction, EventStore, ExpectedRevision, ReadAll, StreamName};
 use triage_store_postgres::{PostgresEventStore, PostgresOptions};
 
-/// A CA certificate that signed nothing (made once with `openssl req -x509`,
-/// valid until 2126): a root no server here chains to.
-const UNRELATED_CA: &str = "-----BEGIN CERTIFICATE-----
-MIIBwTCCAWegAwIBAgIUafgjSZBHQUdSg7InLKN90eim6CAwCgYIKoZIzj0EAwIw
-LTErMCkGA1UEAwwiVHJpYWdlIHRlc3QgQ0EgdGhhdCBzaWduZWQgbm90aGluZzAg
-Fw0yNjEyMDcyMDA2MjhaGA8yMTI2MTExMzIwMDYyOFowLTErMCkGA1UEAwwiVHJp
-YWdlIHRlc3QgQ0EgdGhhdCBzaWduZWQgbm90aGluZzBZMBMGByqGSM49AgEGCCqG
-SM49AwEHA0IABEvWJ1Iqdhh5EDewC6PlcCyAkOP4J34C/XBLtK1cs+Ldf7zovEjJ
-9pMm98wAgthKRypnd+gGvAwKm2LwBjwROfajYzBhMB0GA1UdDgQWBBTaqQSORskD
-8PniQIbR7zyBb1ye8jAfBgNVHSMEGDAWgBTaqQSORskD8PniQIbR7zyBb1ye8jAP
-BgNVHRMBAf8EBTADAQH/MA4GA1UdDwEB/wQEAwICBDAKBggqhkjOPQQDAgNIADBF
-AiBwGdhiR28+hr0X0eom2zy4PDzgdS/DkeK9ABJSjSWDKwIhAOhLwJzaepnsYcB6
-geKEtUn/+dyb5s/9DT2AoGmnuIgM
------END CERTIFICATE-----
-";
+/// A CA certificate that signed nothing: a root no server here chains to.
+fn unrelated_ca() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/unrelated-ca.pem")
+}
 
 /// The server's certificate file, when the server offers TLS and the file
 /// can be read here; otherwise says why `test` is skipped.
@@ -201,9 +190,7 @@ async fn verify_full_checks_the_name_and_the_root_of_the_certificate() {
     }
 
     // A root that signed nothing the server has: refused, whatever the name.
-    let dir = tempfile_dir();
-    let unrelated = dir.join("unrelated-ca.pem");
-    std::fs::write(&unrelated, UNRELATED_CA).unwrap();
+    let unrelated = unrelated_ca();
     for mode in ["verify-full", "verify-ca", "require"] {
         let params = format!("sslmode={mode}&sslrootcert={}", encoded(&unrelated));
         let error = open(&with_params(&url, &params))
@@ -217,14 +204,6 @@ async fn verify_full_checks_the_name_and_the_root_of_the_certificate() {
         );
         assert!(!text.contains("BEGIN CERTIFICATE"), "{text}");
     }
-    std::fs::remove_dir_all(&dir).unwrap();
-}
-
-/// A directory of this test's own.
-fn tempfile_dir() -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("triage-pg-tls-{}-{}", std::process::id(), uuid::Uuid::new_v4()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
 }
 
 /// libpq never uses TLS over a Unix socket: neither does the store, under
