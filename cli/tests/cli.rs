@@ -215,18 +215,23 @@ fn bad_input_gets_a_clear_error_and_writes_nothing() {
         "{error}"
     );
     assert!(!error.contains("hunter2"), "{error}");
+    // Run with this test's directory as HOME: libpq's ~/.postgresql files
+    // are looked for there.
+    let fail_at_home = |args: &[&str]| {
+        let output = common::command(dir.path())
+            .env("HOME", dir.path())
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(!output.status.success());
+        stderr(&output)
+    };
     // No ~/.postgresql/root.crt in this HOME, and no sslrootcert.
-    let output = common::command(dir.path())
-        .env("HOME", dir.path())
-        .args([
-            "--store",
-            "postgres://triage@127.0.0.1:1/triage?sslmode=verify-full",
-            "events",
-        ])
-        .output()
-        .unwrap();
-    let error = stderr(&output);
-    assert!(!output.status.success());
+    let error = fail_at_home(&[
+        "--store",
+        "postgres://triage@127.0.0.1:1/triage?sslmode=verify-full",
+        "events",
+    ]);
     assert!(
         error.contains("sslmode=verify-full needs trusted root certificates"),
         "{error}"
@@ -235,13 +240,7 @@ fn bad_input_gets_a_clear_error_and_writes_nothing() {
     // refuses rather than trust what the list revokes.
     std::fs::create_dir_all(dir.path().join(".postgresql")).unwrap();
     std::fs::write(dir.path().join(".postgresql/root.crl"), "").unwrap();
-    let output = common::command(dir.path())
-        .env("HOME", dir.path())
-        .args(["--store", missing_root, "events"])
-        .output()
-        .unwrap();
-    let error = stderr(&output);
-    assert!(!output.status.success());
+    let error = fail_at_home(&["--store", missing_root, "events"]);
     assert!(
         error.contains("root.crl exists, and certificate revocation lists are not supported"),
         "{error}"

@@ -47,6 +47,15 @@ async fn server_certificate(raw: &Client, test: &str) -> Option<PathBuf> {
     }
 }
 
+/// The server, a plain session on it and its certificate file, when it
+/// offers TLS; otherwise `None`, after saying why `test` is skipped.
+async fn tls_server(test: &str) -> Option<(String, Client, PathBuf)> {
+    let url = common::url(test)?;
+    let raw = common::raw_client(&url).await;
+    let certificate = server_certificate(&raw, test).await?;
+    Some((url, raw, certificate))
+}
+
 /// `url` with `params` added to its query.
 fn with_params(url: &str, params: &str) -> String {
     let separator = if url.contains('?') { '&' } else { '?' };
@@ -113,9 +122,7 @@ fn chain(error: &dyn std::error::Error) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_sslmode_secures_the_store_sessions_as_libpq_does() {
     let test = "each_sslmode_secures_the_store_sessions_as_libpq_does";
-    let Some(url) = common::url(test) else { return };
-    let raw = common::raw_client(&url).await;
-    let Some(certificate) = server_certificate(&raw, test).await else {
+    let Some((url, raw, certificate)) = tls_server(test).await else {
         return;
     };
     let cases = [
@@ -148,9 +155,7 @@ async fn each_sslmode_secures_the_store_sessions_as_libpq_does() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn verify_full_checks_the_name_and_the_root_of_the_certificate() {
     let test = "verify_full_checks_the_name_and_the_root_of_the_certificate";
-    let Some(url) = common::url(test) else { return };
-    let raw = common::raw_client(&url).await;
-    let Some(certificate) = server_certificate(&raw, test).await else {
+    let Some((url, raw, certificate)) = tls_server(test).await else {
         return;
     };
     let config: tokio_postgres::Config = url.parse().unwrap();
