@@ -245,6 +245,29 @@ fn bad_input_gets_a_clear_error_and_writes_nothing() {
         error.contains("root.crl exists, and certificate revocation lists are not supported"),
         "{error}"
     );
+    // libpq's default client certificate is sent when it is there; its key
+    // must be there too, and readable by its owner only.
+    let test_data = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../stores/postgres/tests/data");
+    std::fs::copy(
+        test_data.join("client.pem"),
+        dir.path().join(".postgresql/postgresql.crt"),
+    )
+    .unwrap();
+    let no_roots = "postgres://triage:hunter2@127.0.0.1:1/triage?sslmode=require";
+    let error = fail_at_home(&["--store", no_roots, "events"]);
+    assert!(
+        error.contains(".postgresql/postgresql.key is not (name it with sslkey=FILE)"),
+        "{error}"
+    );
+    let key = dir.path().join(".postgresql/postgresql.key");
+    std::fs::copy(test_data.join("client.key"), &key).unwrap();
+    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    let error = fail_at_home(&["--store", no_roots, "events"]);
+    assert!(
+        error.contains(".postgresql/postgresql.key can be read by others"),
+        "{error}"
+    );
+    assert!(!error.contains("hunter2"), "{error}");
 
     assert_eq!(events_in(&db), 1, "no rejected command wrote an event");
 }

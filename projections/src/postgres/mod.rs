@@ -595,18 +595,14 @@ pub(crate) fn describe(config: &Config, schema: &str) -> String {
     format!("postgres://{user}@{}/{database} (schema {schema})", hosts.join(","))
 }
 
-/// The driver's error with the server's message and code, which its own
-/// `Display` leaves out ("db error").
-/// A failed connection to `target`: a refused server certificate is a
-/// setup problem that retrying does not fix (an invalid location, not an
-/// unavailable server); anything else is reported as unavailable.
+/// A failed connection to `target`: a refused certificate (the server's,
+/// or this client's) is a setup problem that retrying does not fix (an
+/// invalid location, not an unavailable server); anything else is reported
+/// as unavailable.
 pub(crate) fn connect_failed(target: String, error: &tokio_postgres::Error) -> ProjectionError {
     match triage_store_postgres::tls::refused_certificate(error) {
         Some(refusal) => ProjectionError::InvalidLocation {
-            reason: format!(
-                "the server's certificate at {target} is not trusted ({refusal}); check sslrootcert and the host \
-                 name (verify-full wants the name the certificate was issued for)"
-            ),
+            reason: format!("{target}: {refusal}"),
         },
         None => ProjectionError::PostgresConnect {
             target,
@@ -615,6 +611,8 @@ pub(crate) fn connect_failed(target: String, error: &tokio_postgres::Error) -> P
     }
 }
 
+/// The driver's error with the server's message and code, which its own
+/// `Display` leaves out ("db error").
 pub(crate) fn describe_error(error: &tokio_postgres::Error) -> String {
     if let Some(db) = error.as_db_error() {
         return format!("{} ({})", db.message(), db.code().code());

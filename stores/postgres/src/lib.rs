@@ -239,11 +239,7 @@ impl Target {
     pub(crate) fn db_error(&self, what: &str, error: tokio_postgres::Error) -> Error {
         if let Some(refusal) = tls::refused_certificate(&error) {
             return Error::Refused {
-                message: format!(
-                    "{what}: the server's certificate is not trusted ({refusal}) at {}; check sslrootcert and \
-                     the host name (verify-full wants the name the certificate was issued for)",
-                    self.describe()
-                ),
+                message: format!("{what} at {}: {refusal}", self.describe()),
                 source: Some(Box::new(error)),
             };
         }

@@ -22,7 +22,13 @@
 //! [`parse_url`] takes both out first and tells the driver `require` for
 //! the verifying modes; the checks are this module's certificate
 //! verifiers. Connections over a Unix socket never use TLS, as with libpq.
-//! Client certificates (`sslcert`, `sslkey`) and certificate revocation
+//!
+//! A client certificate is sent as libpq sends it: `sslcert=FILE` (PEM, the
+//! client's certificate first, then any intermediates) with its key in
+//! `sslkey=FILE` (PEM: PKCS#8, PKCS#1 or SEC1), else
+//! `~/.postgresql/postgresql.crt` and `postgresql.key` when the certificate
+//! file exists. The key file must not be readable by others, as libpq
+//! requires. Encrypted keys (`sslpassword`) and certificate revocation
 //! lists (`sslcrl`, `~/.postgresql/root.crl`) are not supported: a URL or
 //! a home that names one is refused, rather than connecting without it.
 //!
@@ -45,7 +51,7 @@ use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, Server
 use rustls::client::{WebPkiServerVerifier, verify_server_cert_signed_by_trust_anchor};
 use rustls::crypto::{CryptoProvider, verify_tls12_signature, verify_tls13_signature};
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::server::ParsedCertificate;
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -179,10 +185,11 @@ pub fn parse_url(url: &str) -> Result<PgUrl, String> {
 struct TlsSettings {
     mode: Option<SslMode>,
     root_cert: Option<String>,
+    /// The client certificate file, as written (empty: the default).
+    cert: Option<String>,
+    /// Its private key file, as written (empty: the default).
+    key: Option<String>,
 }
-
-/// Client certificate parameters, which are refused (see the module docs).
-const CLIENT_CERTIFICATE_KEYS: [&str; 3] = ["sslcert", "sslkey", "sslpassword"];
 
 /// Splits the TLS settings off `url`: the URL for the driver, without
 /// them (its `sslmode` is set on the parsed config), and the settings.
@@ -200,11 +207,14 @@ fn take_tls_settings(url: &str) -> Result<(String, TlsSettings), String> {
                      that ignored one would trust a revoked certificate"
                 ));
             }
-            key if CLIENT_CERTIFICATE_KEYS.contains(&key) => {
-                return Err(format!(
-                    "{key} in the PostgreSQL URL: client certificates are not supported; authenticate with a \
-                     password (TLS still protects it)"
-                ));
+            "sslcert" => settings.cert = Some(percent_decode(value)?).filter(|path| !path.is_empty()),
+            "sslkey" => settings.key = Some(percent_decode(value)?).filter(|path| !path.is_empty()),
+            "sslpassword" => {
+                return Err(
+                    "sslpassword in the PostgreSQL URL: encrypted private keys are not supported; decrypt the key \
+                     (openssl pkey -in KEY -out PLAIN) and keep the file readable by its owner only"
+                        .to_owned(),
+                );
             }
             _ => return Ok(false),
         }
@@ -348,6 +358,8 @@ pub struct PgTls {
     /// `None` when TLS is disabled: the driver still makes a connector
     /// for each host, but never uses it.
     config: Option<Arc<ClientConfig>>,
+    /// The client certificate file sent to servers that ask for one.
+    client_certificate: Option<PathBuf>,
 }
 
 impl fmt::Debug for PgTls {
@@ -355,6 +367,7 @@ impl fmt::Debug for PgTls {
         f.debug_struct("PgTls")
             .field("mode", &self.mode)
             .field("verification", &self.verification)
+            .field("client_certificate", &self.client_certificate)
             .finish_non_exhaustive()
     }
 }
@@ -367,6 +380,7 @@ impl PgTls {
                 mode,
                 verification: Verification::None,
                 config: None,
+                client_certificate: None,
             });
         }
         let system = settings.root_cert.as_deref() == Some("system");
@@ -433,18 +447,32 @@ impl PgTls {
                 }
             }
         };
-        let mut config = ClientConfig::builder_with_provider(provider)
+        let builder = ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
             .map_err(|error| format!("cannot set TLS up: {error}"))?
             .dangerous()
-            .with_custom_certificate_verifier(verifier)
-            .with_no_client_auth();
+            .with_custom_certificate_verifier(verifier);
+        let identity = ClientIdentity::load(&settings)?;
+        let client_certificate = identity.as_ref().map(|identity| identity.cert_path.clone());
+        let mut config = match identity {
+            None => builder.with_no_client_auth(),
+            Some(identity) => builder
+                .with_client_auth_cert(identity.chain, identity.key)
+                .map_err(|error| {
+                    format!(
+                        "cannot use the client certificate {} with the private key {}: {error}",
+                        identity.cert_path.display(),
+                        identity.key_path.display()
+                    )
+                })?,
+        };
         // What libpq 17 sends; servers that do not know ALPN ignore it.
         config.alpn_protocols = vec![b"postgresql".to_vec()];
         Ok(PgTls {
             mode,
             verification,
             config: Some(Arc::new(config)),
+            client_certificate,
         })
     }
 
@@ -457,13 +485,175 @@ impl PgTls {
     pub fn verification(&self) -> Verification {
         self.verification
     }
+
+    /// The client certificate file sent when a server asks for one.
+    pub fn client_certificate(&self) -> Option<&Path> {
+        self.client_certificate.as_deref()
+    }
 }
 
-/// The refusal of a server's certificate behind a failed connection, if
-/// that is what failed: a setup problem (roots, host name, `sslmode`) that
-/// retrying does not fix.
-pub fn refused_certificate<'a>(error: &'a (dyn std::error::Error + 'static)) -> Option<&'a rustls::Error> {
-    handshake_error(error).filter(|error| matches!(error, rustls::Error::InvalidCertificate(_)))
+/// A client certificate chain and its private key, as libpq finds them.
+struct ClientIdentity {
+    cert_path: PathBuf,
+    key_path: PathBuf,
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+}
+
+impl ClientIdentity {
+    /// The certificate `sslcert` names, else `~/.postgresql/postgresql.crt`
+    /// when it exists (none otherwise), with its key from `sslkey`, else
+    /// `~/.postgresql/postgresql.key`.
+    ///
+    /// libpq goes on without a certificate when even a named `sslcert` is
+    /// missing; here a named file must exist, since the server would refuse
+    /// the connection anyway, with a reason that does not name the file.
+    fn load(settings: &TlsSettings) -> Result<Option<ClientIdentity>, String> {
+        let cert_path = match &settings.cert {
+            Some(path) => {
+                let path = PathBuf::from(path);
+                if !path.exists() {
+                    return Err(format!(
+                        "sslcert: the client certificate file {} does not exist",
+                        path.display()
+                    ));
+                }
+                path
+            }
+            None => match home_postgresql_file("postgresql.crt").filter(|path| path.exists()) {
+                Some(path) => path,
+                None => return Ok(None),
+            },
+        };
+        let key_path = match &settings.key {
+            Some(path) => PathBuf::from(path),
+            None => home_postgresql_file("postgresql.key").ok_or_else(|| {
+                format!(
+                    "the client certificate {} needs its private key: name it with sslkey=FILE",
+                    cert_path.display()
+                )
+            })?,
+        };
+        let chain = CertificateDer::pem_file_iter(&cert_path)
+            .and_then(|certificates| certificates.collect::<Result<Vec<_>, _>>())
+            .map_err(|error| format!("cannot read the client certificate {}: {error}", cert_path.display()))?;
+        if chain.is_empty() {
+            return Err(format!(
+                "no certificate in the client certificate file {} (expected PEM)",
+                cert_path.display()
+            ));
+        }
+        let key = read_private_key(&key_path, &cert_path)?;
+        Ok(Some(ClientIdentity {
+            cert_path,
+            key_path,
+            chain,
+            key,
+        }))
+    }
+}
+
+/// The private key of the client certificate `cert_path`, from `path`,
+/// refused (as libpq refuses it) when others may read it.
+fn read_private_key(path: &Path, cert_path: &Path) -> Result<PrivateKeyDer<'static>, String> {
+    let shown = path.display();
+    let metadata = std::fs::metadata(path).map_err(|error| {
+        if error.kind() == io::ErrorKind::NotFound {
+            format!(
+                "the client certificate {} is there, but its private key file {shown} is not (name it with \
+                 sslkey=FILE)",
+                cert_path.display()
+            )
+        } else {
+            format!("cannot read the private key file {shown}: {error}")
+        }
+    })?;
+    if let Some(rule) = key_access_refusal(&metadata) {
+        return Err(format!("the private key file {shown} can be read by others: {rule}"));
+    }
+    let pem = std::fs::read(path).map_err(|error| format!("cannot read the private key file {shown}: {error}"))?;
+    if pem.windows(b"ENCRYPTED".len()).any(|window| window == b"ENCRYPTED") {
+        return Err(format!(
+            "the private key in {shown} is encrypted, which is not supported: decrypt it (openssl pkey -in KEY \
+             -out PLAIN) and keep the file readable by its owner only"
+        ));
+    }
+    PrivateKeyDer::from_pem_slice(&pem)
+        .map_err(|error| format!("no usable private key in {shown} (expected PEM: PKCS#8, PKCS#1 or SEC1): {error}"))
+}
+
+/// libpq's rule for key files: the owner's may be read by the owner only
+/// (`u=rw`, 0600), and root's (for a process of another user) by its group
+/// too (`u=rw,g=r`, 0640). `Some(the rule)` when the file breaks it.
+#[cfg(unix)]
+fn key_access_refusal(metadata: &std::fs::Metadata) -> Option<&'static str> {
+    use std::os::unix::fs::MetadataExt as _;
+    let me = rustix::process::geteuid().as_raw();
+    let mode = metadata.mode();
+    if metadata.uid() == me && mode & 0o077 != 0 {
+        Some("a key file of its own user must have permissions u=rw (0600) or less")
+    } else if metadata.uid() == 0 && mode & 0o037 != 0 {
+        Some("a key file owned by root must have permissions u=rw,g=r (0640) or less")
+    } else {
+        None
+    }
+}
+
+/// libpq checks no permissions where files have no Unix modes.
+#[cfg(not(unix))]
+fn key_access_refusal(_metadata: &std::fs::Metadata) -> Option<&'static str> {
+    None
+}
+
+/// A certificate refused in the TLS handshake behind a failed connection:
+/// a setup problem that retrying does not fix. Its `Display` says what to
+/// check.
+#[derive(Debug)]
+pub enum CertificateRefusal<'a> {
+    /// This client refused the server's (roots, host name, `sslmode`).
+    Server(&'a rustls::Error),
+    /// The server refused this client's certificate, or its lack of one.
+    Client(&'a rustls::Error),
+}
+
+impl fmt::Display for CertificateRefusal<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CertificateRefusal::Server(error) => write!(
+                f,
+                "the server's certificate is not trusted ({error}); check sslrootcert and the host name \
+                 (verify-full wants the name the certificate was issued for)"
+            ),
+            CertificateRefusal::Client(error) => write!(
+                f,
+                "the server refused this client's certificate, or requires one ({error}); name it with sslcert \
+                 and sslkey (or put it in ~/.postgresql/postgresql.crt and postgresql.key), issued by a CA the \
+                 server trusts"
+            ),
+        }
+    }
+}
+
+/// The refusal of a certificate behind a failed connection, if that is
+/// what failed.
+pub fn refused_certificate<'a>(error: &'a (dyn std::error::Error + 'static)) -> Option<CertificateRefusal<'a>> {
+    use rustls::AlertDescription as Alert;
+    match handshake_error(error)? {
+        refusal @ rustls::Error::InvalidCertificate(_) => Some(CertificateRefusal::Server(refusal)),
+        // What a server answers about the client's certificate (TLS 1.3
+        // sends it after the client's half of the handshake).
+        refusal @ rustls::Error::AlertReceived(
+            Alert::CertificateRequired
+            | Alert::BadCertificate
+            | Alert::UnsupportedCertificate
+            | Alert::CertificateRevoked
+            | Alert::CertificateExpired
+            | Alert::CertificateUnknown
+            | Alert::UnknownCA
+            | Alert::AccessDenied,
+        ) => Some(CertificateRefusal::Client(refusal)),
+        _ => None,
+    }
 }
 
 /// What rustls said when a TLS handshake failed, if that is what failed.
@@ -909,8 +1099,17 @@ mod tests {
         let refused = |url: &str| parse_url(url).unwrap_err();
         let message = refused("postgres://u:hunter2@h/d?sslmode=allow");
         assert!(message.contains("invalid sslmode \"allow\""), "{message}");
-        let message = refused("postgres://u:hunter2@h/d?sslcert=%2Fc.pem");
-        assert!(message.contains("client certificates are not supported"), "{message}");
+        let message = refused("postgres://u:hunter2@h/d?sslcert=%2Fno%2Fsuch%2Fc.pem");
+        assert!(
+            message.contains("client certificate file /no/such/c.pem does not exist"),
+            "{message}"
+        );
+        let message = refused("postgres://u:hunter2@h/d?sslpassword=hunter3");
+        assert!(
+            message.contains("encrypted private keys are not supported"),
+            "{message}"
+        );
+        assert!(!message.contains("hunter3"), "{message}");
         let message = refused("postgres://u:hunter2@h/d?sslmode=verify-full&sslrootcert=%2Fno%2Fsuch%2Fca.pem");
         assert!(
             message.contains("cannot read the root certificates in /no/such/ca.pem"),
@@ -938,6 +1137,92 @@ mod tests {
             "user=u password=hunter2 host=h bogus=1",
         ] {
             let message = refused(url);
+            assert!(!message.contains("hunter2"), "{message}");
+        }
+    }
+
+    /// A test file of `tests/data`, copied into `dir` readable by its
+    /// owner only (git checks every file out readable by all), its path
+    /// as a URL value.
+    fn private_copy(dir: &tempfile_dir::Dir, name: &str) -> String {
+        use std::os::unix::fs::PermissionsExt as _;
+        let path = dir.0.join(name);
+        std::fs::copy(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data").join(name),
+            &path,
+        )
+        .unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        path.display().to_string().replace('%', "%25").replace('/', "%2F")
+    }
+
+    #[test]
+    fn a_client_certificate_is_loaded_with_its_key_in_every_mode_that_uses_tls() {
+        let dir = tempfile_dir::Dir::new();
+        let (cert, key) = (private_copy(&dir, "client.pem"), private_copy(&dir, "client.key"));
+        for mode in ["prefer", "require"] {
+            let url = parse_url(&format!("postgres://u@h/d?sslmode={mode}&sslcert={cert}&sslkey={key}")).unwrap();
+            assert_eq!(
+                url.tls.client_certificate(),
+                Some(dir.0.join("client.pem").as_path()),
+                "{mode}"
+            );
+        }
+        let url = parse_url(&format!(
+            "host=h user=u sslcert={} sslkey={}",
+            dir.0.join("client.pem").display(),
+            dir.0.join("client.key").display()
+        ))
+        .unwrap();
+        assert!(url.tls.client_certificate().is_some());
+        // Without TLS the files are not even read, as with libpq.
+        let url = parse_url("postgres://u@h/d?sslmode=disable&sslcert=%2Fno%2Fsuch%2Fc.pem").unwrap();
+        assert_eq!(url.tls.client_certificate(), None);
+        let url = parse_url("postgres://u@h/d?sslmode=require&sslcert=").unwrap();
+        assert_eq!(
+            url.tls.client_certificate(),
+            None,
+            "empty: the default file, which is not in this HOME"
+        );
+    }
+
+    #[test]
+    fn client_keys_that_cannot_be_used_or_are_exposed_are_refused_by_name() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile_dir::Dir::new();
+        let cert = private_copy(&dir, "client.pem");
+        let refused = |key: &str| {
+            parse_url(&format!(
+                "postgres://u:hunter2@h/d?sslmode=require&sslcert={cert}&sslkey={key}"
+            ))
+            .unwrap_err()
+        };
+        let message = refused("%2Fno%2Fsuch%2Fclient.key");
+        assert!(
+            message.contains("its private key file /no/such/client.key is not"),
+            "{message}"
+        );
+        let message = refused(&private_copy(&dir, "client-encrypted.key"));
+        assert!(message.contains("is encrypted, which is not supported"), "{message}");
+        // The stand-in server's key: a real key, not this certificate's.
+        let message = refused(&private_copy(&dir, "stand-in.key"));
+        assert!(message.contains("cannot use the client certificate"), "{message}");
+        assert!(message.contains("stand-in.key"), "{message}");
+        let message = refused(&private_copy(&dir, "client.pem"));
+        assert!(message.contains("no usable private key"), "{message}");
+        let exposed = private_copy(&dir, "client.key");
+        std::fs::set_permissions(dir.0.join("client.key"), std::fs::Permissions::from_mode(0o644)).unwrap();
+        let message = refused(&exposed);
+        assert!(message.contains("can be read by others"), "{message}");
+        assert!(message.contains("0600"), "{message}");
+        // A certificate file without a certificate.
+        let key = private_copy(&dir, "stand-in.key");
+        let message = parse_url(&format!("postgres://u@h/d?sslmode=require&sslcert={key}&sslkey={key}")).unwrap_err();
+        assert!(
+            message.contains("no certificate in the client certificate file"),
+            "{message}"
+        );
+        for message in [refused("%2Fno%2Fsuch"), refused(&exposed)] {
             assert!(!message.contains("hunter2"), "{message}");
         }
     }

@@ -350,3 +350,180 @@ async fn a_silent_server_fails_the_open_under_prefer_too() {
     }
     accepted.abort();
 }
+
+/// A test file of `tests/data`.
+fn test_data(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data").join(name)
+}
+
+/// A directory of its own, removed on drop.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new() -> Scratch {
+        let path = std::env::temp_dir().join(format!("triage-client-cert-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&path).unwrap();
+        Scratch(path)
+    }
+
+    /// `name` of `tests/data`, copied here readable by its owner only (git
+    /// checks every file out readable by all, and a client key must not
+    /// be).
+    fn private_copy(&self, name: &str) -> PathBuf {
+        use std::os::unix::fs::PermissionsExt as _;
+        let path = self.0.join(name);
+        std::fs::copy(test_data(name), &path).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        path
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A server that requires a client certificate gets the one `sslcert` and
+/// `sslkey` name. The server is a stand-in in front of the real one: it
+/// ends TLS itself, as `localhost` (`tests/data/stand-in.pem`), takes
+/// only clients whose certificate the test CA signed
+/// (`tests/data/client-ca.pem`), and passes each such session through to
+/// the real server; it turns away connections without TLS.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_certificate_reaches_a_server_that_requires_one() {
+    use std::sync::{Arc, Mutex};
+    let test = "a_client_certificate_reaches_a_server_that_requires_one";
+    let Some(url) = common::url(test) else { return };
+    let config: tokio_postgres::Config = url.parse().unwrap();
+    let (Some(tokio_postgres::config::Host::Tcp(host)), Some(user), Some(database)) = (
+        config.get_hosts().first().cloned(),
+        config.get_user(),
+        config.get_dbname(),
+    ) else {
+        eprintln!("skipped: {test} (TRIAGE_PG_URL names no TCP host, user and database)");
+        return;
+    };
+    let real = format!("{host}:{}", config.get_ports().first().copied().unwrap_or(5432));
+
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut client_roots = rustls::RootCertStore::empty();
+    client_roots
+        .add(CertificateDer::from_pem_file(test_data("client-ca.pem")).unwrap())
+        .unwrap();
+    let client_verifier =
+        rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(client_roots), Arc::clone(&provider))
+            .build()
+            .unwrap();
+    let server_config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_client_cert_verifier(client_verifier)
+        .with_single_cert(
+            vec![CertificateDer::from_pem_file(test_data("stand-in.pem")).unwrap()],
+            rustls::pki_types::PrivateKeyDer::from_pem_file(test_data("stand-in.key")).unwrap(),
+        )
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server_config));
+
+    // What the stand-in saw: the client certificate of each handshake it
+    // took, and why it refused others (rustls's reason).
+    let taken = Arc::new(Mutex::new(Vec::<Option<Vec<u8>>>::new()));
+    let refused = Arc::new(Mutex::new(Vec::<String>::new()));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let stand_in = {
+        let (taken, refused) = (Arc::clone(&taken), Arc::clone(&refused));
+        tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                let (acceptor, real) = (acceptor.clone(), real.clone());
+                let (taken, refused) = (Arc::clone(&taken), Arc::clone(&refused));
+                tokio::spawn(async move {
+                    let mut opening = [0u8; 8];
+                    if client.read_exact(&mut opening).await.is_err() || opening != SSL_REQUEST {
+                        return;
+                    }
+                    if client.write_all(b"S").await.is_err() {
+                        return;
+                    }
+                    let mut tls = match acceptor.accept(client).await {
+                        Ok(tls) => tls,
+                        Err(error) => {
+                            // A TLS refusal, not a client that went away
+                            // mid-handshake (a store closing while its pool
+                            // was still opening a connection).
+                            if let Some(refusal) =
+                                error.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>())
+                            {
+                                refused.lock().unwrap().push(refusal.to_string());
+                            }
+                            return;
+                        }
+                    };
+                    let presented = tls
+                        .get_ref()
+                        .1
+                        .peer_certificates()
+                        .and_then(|chain| chain.first())
+                        .map(|der| der.as_ref().to_vec());
+                    taken.lock().unwrap().push(presented);
+                    if let Ok(mut server) = tokio::net::TcpStream::connect(&real).await {
+                        let _ = tokio::io::copy_bidirectional(&mut tls, &mut server).await;
+                    }
+                });
+            }
+        })
+    };
+
+    let scratch = Scratch::new();
+    let (cert, key) = (scratch.private_copy("client.pem"), scratch.private_copy("client.key"));
+    let through = format!(
+        "postgres://{user}@localhost:{port}/{database}?sslmode=verify-full&sslrootcert={}",
+        encoded(&test_data("client-ca.pem"))
+    );
+    let with_certificate = format!("{through}&sslcert={}&sslkey={}", encoded(&cert), encoded(&key));
+    let store = open(&with_certificate)
+        .await
+        .unwrap_or_else(|error| panic!("with the client certificate: {}", chain(&error)));
+    round_trip(&store).await;
+    drop(store);
+    let client_der = CertificateDer::from_pem_file(test_data("client.pem")).unwrap();
+    {
+        let taken = taken.lock().unwrap();
+        assert!(!taken.is_empty(), "no session went through the stand-in");
+        assert!(
+            taken
+                .iter()
+                .all(|presented| presented.as_deref() == Some(client_der.as_ref())),
+            "a session presented another certificate, or none"
+        );
+    }
+    assert!(refused.lock().unwrap().is_empty(), "{:?}", refused.lock().unwrap());
+
+    // Without one (unless this HOME has libpq's default files): refused by
+    // the server, which a retry does not change, and said so.
+    let home_default =
+        std::env::var_os("HOME").is_some_and(|home| PathBuf::from(home).join(".postgresql/postgresql.crt").exists());
+    if home_default {
+        eprintln!("note: {test} did not connect without a certificate (~/.postgresql/postgresql.crt exists)");
+    } else {
+        let Err(error) = open(&through).await else {
+            panic!("a server that requires a client certificate took a client without one");
+        };
+        let text = chain(&error);
+        assert!(!error.is_unavailable(), "a refused client is no outage: {text}");
+        assert!(
+            text.contains("refused this client's certificate, or requires one"),
+            "{text}"
+        );
+        assert!(text.contains("sslcert"), "{text}");
+        let refused = refused.lock().unwrap();
+        assert!(
+            refused
+                .iter()
+                .any(|reason| reason.contains("peer sent no certificates")),
+            "{refused:?}"
+        );
+    }
+    stand_in.abort();
+}
