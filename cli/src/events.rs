@@ -273,24 +273,28 @@ impl Printer {
                     if self.wide {
                         m.command_id.to_string()
                     } else {
-                        abbreviated(&m.command_id.simple().to_string())
+                        crate::output::abbreviated(&m.command_id.simple().to_string())
                     }
                 });
                 let stream = match row.stream.split_once('-') {
                     Some(_) if self.wide => row.stream.clone(),
-                    Some((category, id)) => format!("{category}-{}", abbreviated(&id.replace('-', ""))),
+                    Some((category, id)) => format!("{category}-{}", crate::output::abbreviated(&id.replace('-', ""))),
                     None => row.stream.clone(),
                 };
                 let (stream_width, command_width) = Printer::id_widths(self.wide);
+                // Columns are padded by the width text takes on a terminal
+                // (an agent id may be CJK or long), and cut with "…" to fit
+                // unless `--wide` asked for whole values.
+                let fit = |text: &str, width: usize| fit_column(text, width, !self.wide);
                 writeln!(
                     std::io::stdout().lock(),
-                    "{:<10} {:<24} {:<stream_width$} {:>4} {:<22} {:<26} {:<command_width$}",
+                    "{:<10} {:<24} {} {:>4} {} {} {:<command_width$}",
                     row.position,
                     row.recorded_at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
-                    stream,
+                    fit(&stream, stream_width),
                     row.revision,
-                    row.event_type,
-                    agent,
+                    fit(&row.event_type, 22),
+                    fit(&agent, 26),
                     command
                 )?;
             }
@@ -459,19 +463,61 @@ pub(crate) async fn run(args: EventsArgs, global: &GlobalArgs) -> anyhow::Result
     Ok(())
 }
 
-/// An id shortened for a table column: its first 8 and last 4 characters.
-/// Both ends: ticket ids (UUIDv7) opened within the same minute or so
-/// share their first 8, which are time; the last 4 are random.
-fn abbreviated(id: &str) -> String {
-    match (id.get(..8), id.len().checked_sub(4).and_then(|tail| id.get(tail..))) {
-        (Some(head), Some(tail)) if id.len() > 12 => format!("{head}…{tail}"),
-        _ => id.to_owned(),
+/// `text` in a column `width` wide on a terminal: padded with spaces to
+/// that width, and, with `cut`, cut to it with a closing "…" when longer.
+/// Widths are display widths (a CJK character takes two columns), not
+/// characters or bytes.
+fn fit_column(text: &str, width: usize, cut: bool) -> String {
+    use unicode_width::{UnicodeWidthChar as _, UnicodeWidthStr as _};
+    let mut shown = String::with_capacity(text.len());
+    let mut used = text.width();
+    if cut && used > width {
+        // Room for the "…", which takes one column.
+        used = 0;
+        for c in text.chars() {
+            let w = c.width().unwrap_or(0);
+            if used + w + 1 > width {
+                break;
+            }
+            shown.push(c);
+            used += w;
+        }
+        shown.push('…');
+        used += 1;
+    } else {
+        shown.push_str(text);
     }
+    shown.extend(std::iter::repeat_n(' ', width.saturating_sub(used)));
+    shown
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn columns_are_fitted_by_display_width() {
+        use unicode_width::UnicodeWidthStr as _;
+        // Two columns per CJK character: 18 wide, padded to 26.
+        let agent = fit_column("分類器エージェント", 26, true);
+        assert_eq!(agent.width(), 26);
+        assert!(agent.starts_with("分類器エージェント "));
+        // Too long: cut to the width, "…" last.
+        let long = fit_column(
+            "averyveryveryveryverylongagentnamethatgoesonandon (classifier)",
+            26,
+            true,
+        );
+        assert_eq!(long, "averyveryveryveryverylong…");
+        // A wide character never straddles the edge.
+        let cjk = fit_column("分類器エージェントの名前が長い", 10, true);
+        assert_eq!(cjk, "分類器エ… ");
+        assert_eq!(cjk.width(), 10);
+        // --wide: whole, however long.
+        let whole = fit_column("averyveryveryveryverylongagentname", 10, false);
+        assert_eq!(whole, "averyveryveryveryverylongagentname");
+        assert_eq!(fit_column("ok", 4, true), "ok  ");
+    }
 
     #[test]
     fn a_cell_a_spreadsheet_would_run_as_a_formula_is_made_text() {

@@ -227,9 +227,20 @@ pub(crate) fn print_ticket_list(rows: &[TicketRow], as_json: bool) {
     out!("{} ticket(s)", rows.len());
 }
 
+/// An id shortened for a table column: its first 8 and last 4 characters.
+/// Both ends: ids that are UUIDv7 (tickets, commands, claims) made within
+/// the same minute or so share their first 8, which are time; the last 4
+/// are random.
+pub(crate) fn abbreviated(id: &str) -> String {
+    match (id.get(..8), id.len().checked_sub(4).and_then(|tail| id.get(tail..))) {
+        (Some(head), Some(tail)) if id.len() > 12 => format!("{head}…{tail}"),
+        _ => id.to_owned(),
+    }
+}
+
 /// A one-line summary of an event's payload.
 fn summarize(event: &Event) -> String {
-    let short = |id: &uuid::Uuid| id.simple().to_string()[..8].to_owned();
+    let short = |id: &uuid::Uuid| abbreviated(&id.simple().to_string());
     match event {
         Event::TicketOpened { subject, customer, .. } => match customer {
             Some(customer) => format!("{subject:?} from {customer}"),
@@ -435,7 +446,7 @@ pub(crate) fn print_timeline(entries: &[TimelineEntry], as_json: bool) -> anyhow
             format!("{} ({})", entry.agent.id, entry.agent.role),
             transition,
             entry.time_in_from_state_ms.map(duration).unwrap_or_default(),
-            entry.command_id.simple().to_string()[..8].to_owned(),
+            abbreviated(&entry.command_id.simple().to_string()),
             entry.details.clone(),
         ]);
     }

@@ -76,6 +76,32 @@ fn open_show_and_history_round_trip() {
         people.contains("TicketOpened") && people.contains("intake-7 (intake)"),
         "{people}"
     );
+
+    // Two commands a moment apart: UUIDv7 ids that share their first 8
+    // digits (time), told apart in the table by their last 4.
+    succeed(
+        dir.path(),
+        &[
+            "ticket",
+            "send",
+            &id,
+            r#"{"type":"start_classification"}"#,
+            "--agent",
+            "classifier-1",
+            "--role",
+            "classifier",
+        ],
+    );
+    let history: Vec<Value> = succeed(dir.path(), &["ticket", "history", &id, "--json"])
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    let people = succeed(dir.path(), &["ticket", "history", &id]);
+    for entry in &history {
+        let command = entry["command_id"].as_str().unwrap().replace('-', "");
+        let shown = format!("{}…{}", &command[..8], &command[command.len() - 4..]);
+        assert!(people.contains(&shown), "{shown} not in {people}");
+    }
 }
 
 #[test]
