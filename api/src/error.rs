@@ -52,6 +52,9 @@ pub struct Problem {
     /// at (`GET /v1/tickets/{id}/events?from_revision=…`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub next_revision: Option<u64>,
+    /// When the claim's lease ran out (409 `lease_expired`), RFC 3339.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lease_expired_at: Option<chrono::DateTime<chrono::Utc>>,
     /// The roles that may do this (403).
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<Vec<String>>)]
@@ -141,6 +144,8 @@ pub enum ApiError {
         events: Option<Vec<EventView>>,
         /// Where the events after `events` start, when there are more.
         next_revision: Option<u64>,
+        /// When the claim's lease ran out (`lease_expired`).
+        lease_expired_at: Option<chrono::DateTime<chrono::Utc>>,
     },
     /// The server is starting, stopping or cannot reach its store.
     #[error("{0}")]
@@ -227,6 +232,7 @@ impl ApiError {
             revision: None,
             events: None,
             next_revision: None,
+            lease_expired_at: None,
             allowed_roles: None,
         };
         match self {
@@ -238,6 +244,7 @@ impl ApiError {
                 revision,
                 events,
                 next_revision,
+                lease_expired_at,
                 ..
             } => {
                 problem.ticket_id = *ticket_id;
@@ -245,6 +252,7 @@ impl ApiError {
                 problem.revision = *revision;
                 problem.events = events.clone();
                 problem.next_revision = *next_revision;
+                problem.lease_expired_at = *lease_expired_at;
             }
             _ => {}
         }
@@ -263,6 +271,10 @@ impl ApiError {
             } => {
                 let code = rejection.code();
                 let detail = rejection.to_string();
+                let lease_expired_at = match rejection {
+                    Rejection::LeaseExpired { expired_at, .. } => Some(expired_at),
+                    _ => None,
+                };
                 match rejection {
                     Rejection::TicketNotFound => ApiError::NotFound {
                         code,
@@ -282,6 +294,7 @@ impl ApiError {
                         revision,
                         events: None,
                         next_revision: None,
+                        lease_expired_at,
                     },
                 }
             }
@@ -304,6 +317,7 @@ impl ApiError {
                     revision: actual,
                     events: Some(Vec::new()),
                     next_revision: None,
+                    lease_expired_at: None,
                 }
             }
             CommandError::Contended { ticket_id, attempts } => ApiError::Conflict {
@@ -317,6 +331,7 @@ impl ApiError {
                 revision: None,
                 events: None,
                 next_revision: None,
+                lease_expired_at: None,
             },
             // The command id is the key itself only when the key is a
             // UUID, so the detail names it as the command id.

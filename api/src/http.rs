@@ -172,9 +172,38 @@ fn declares_json(headers: &HeaderMap) -> bool {
     essence == "application/json" || (essence.starts_with("application/") && essence.ends_with("+json"))
 }
 
-fn json_body<T>(body: Result<Json<T>, JsonRejection>) -> Result<T, ApiError> {
+/// A request body that must be a JSON object, as the OpenAPI document
+/// declares every one. serde reads a struct from an array too (its fields
+/// in order), so `["subject", "body"]` opened a ticket, and `[]` was
+/// refused as "expected struct … with 3 elements"; anything but an object
+/// is now `invalid_body`, "expected a JSON object".
+pub(crate) struct Object<T>(pub(crate) T);
+
+impl<'de, T: serde::Deserialize<'de>> serde::Deserialize<'de> for Object<T> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct ObjectOnly<T>(std::marker::PhantomData<T>);
+
+        impl<'de, T: serde::Deserialize<'de>> serde::de::Visitor<'de> for ObjectOnly<T> {
+            type Value = T;
+
+            fn expecting(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                formatter.write_str("a JSON object")
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<T, A::Error> {
+                T::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+            }
+        }
+
+        deserializer
+            .deserialize_map(ObjectOnly(std::marker::PhantomData))
+            .map(Object)
+    }
+}
+
+fn json_body<T>(body: Result<Json<Object<T>>, JsonRejection>) -> Result<T, ApiError> {
     match body {
-        Ok(Json(body)) => Ok(body),
+        Ok(Json(Object(body))) => Ok(body),
         Err(JsonRejection::JsonDataError(error)) => Err(ApiError::unprocessable("invalid_body", error.body_text())),
         Err(JsonRejection::JsonSyntaxError(error)) => Err(ApiError::bad_request("malformed_json", error.body_text())),
         Err(JsonRejection::MissingJsonContentType(_)) => Err(ApiError::UnsupportedMediaType),
@@ -240,7 +269,7 @@ async fn open_ticket(
     AxumState(state): AxumState<AppState>,
     Auth(principal): Auth,
     headers: HeaderMap,
-    body: Result<Json<OpenTicketRequest>, JsonRejection>,
+    body: Result<Json<Object<OpenTicketRequest>>, JsonRejection>,
 ) -> Result<Response, ApiError> {
     let request = json_body(body).map_err(|e| sized(&state, e))?;
     let outcome = state
@@ -366,7 +395,7 @@ async fn claim(
     AxumState(state): AxumState<AppState>,
     Auth(principal): Auth,
     headers: HeaderMap,
-    body: Result<Json<ClaimRequest>, JsonRejection>,
+    body: Result<Json<Object<ClaimRequest>>, JsonRejection>,
 ) -> Result<Response, ApiError> {
     let request = json_body(body).map_err(|e| sized(&state, e))?;
     match state.claim(&principal, idempotency_key(&headers)?, request).await? {
@@ -413,7 +442,7 @@ async fn classify(
     Auth(principal): Auth,
     PathId(id): PathId,
     headers: HeaderMap,
-    body: Result<Json<ClassificationRequest>, JsonRejection>,
+    body: Result<Json<Object<ClassificationRequest>>, JsonRejection>,
 ) -> Result<Response, ApiError> {
     let request = json_body(body).map_err(|e| sized(&state, e))?;
     let command = Command::Classify {
@@ -447,7 +476,7 @@ async fn draft(
     Auth(principal): Auth,
     PathId(id): PathId,
     headers: HeaderMap,
-    body: Result<Json<DraftRequest>, JsonRejection>,
+    body: Result<Json<Object<DraftRequest>>, JsonRejection>,
 ) -> Result<Response, ApiError> {
     let request = json_body(body).map_err(|e| sized(&state, e))?;
     let command = Command::SubmitDraft {
@@ -479,7 +508,7 @@ async fn escalate(
     Auth(principal): Auth,
     PathId(id): PathId,
     headers: HeaderMap,
-    body: Result<Json<EscalationRequest>, JsonRejection>,
+    body: Result<Json<Object<EscalationRequest>>, JsonRejection>,
 ) -> Result<Response, ApiError> {
     let request = json_body(body).map_err(|e| sized(&state, e))?;
     let command = Command::EscalateToHuman {
@@ -512,7 +541,7 @@ async fn resolve(
     Auth(principal): Auth,
     PathId(id): PathId,
     headers: HeaderMap,
-    body: Result<Json<ResolutionRequest>, JsonRejection>,
+    body: Result<Json<Object<ResolutionRequest>>, JsonRejection>,
 ) -> Result<Response, ApiError> {
     let request = json_body(body).map_err(|e| sized(&state, e))?;
     let command = Command::Resolve {
@@ -545,7 +574,7 @@ async fn reject_draft(
     Auth(principal): Auth,
     PathId(id): PathId,
     headers: HeaderMap,
-    body: Result<Json<RejectionRequest>, JsonRejection>,
+    body: Result<Json<Object<RejectionRequest>>, JsonRejection>,
 ) -> Result<Response, ApiError> {
     let request = json_body(body).map_err(|e| sized(&state, e))?;
     let command = Command::RejectDraft {
@@ -572,7 +601,7 @@ async fn release(
     Auth(principal): Auth,
     PathId(id): PathId,
     headers: HeaderMap,
-    body: Result<Json<ReleaseRequest>, JsonRejection>,
+    body: Result<Json<Object<ReleaseRequest>>, JsonRejection>,
 ) -> Result<Response, ApiError> {
     let request = json_body(body).map_err(|e| sized(&state, e))?;
     let claim_id = claim_id(&id)?;
@@ -641,10 +670,10 @@ async fn heartbeat(
                 ApiError::bad_request("malformed_json", error.to_string())
             }
         };
-        let request: Option<HeartbeatRequest> =
+        let request: Option<Object<HeartbeatRequest>> =
             serde::Deserialize::deserialize(&mut deserializer).map_err(as_problem)?;
         deserializer.end().map_err(as_problem)?;
-        request.unwrap_or_default()
+        request.map_or_else(HeartbeatRequest::default, |Object(request)| request)
     };
     let claim_id = claim_id(&id)?;
     let command = Command::ExtendLease {

@@ -511,7 +511,15 @@ impl TriageMcp {
 #[tool_handler(router = self.tool_router)]
 impl ServerHandler for TriageMcp {
     fn get_info(&self) -> ServerConfig {
-        ServerConfig::new(ServerCapabilities::builder().enable_tools().build()).with_instructions(INSTRUCTIONS)
+        // Without a name of its own the server calls itself by the MCP
+        // library's name and version, which is what clients show.
+        ServerConfig::new(ServerCapabilities::builder().enable_tools().build())
+            .with_server_info(
+                rmcp::model::Implementation::new("triage", env!("CARGO_PKG_VERSION"))
+                    .with_title("Triage")
+                    .with_description("Support tickets worked by agents, through an event-sourced state machine"),
+            )
+            .with_instructions(INSTRUCTIONS)
     }
 
     /// Refuses an argument the tool does not take, as the HTTP API refuses
@@ -602,8 +610,47 @@ pub fn authenticated(state: AppState, service: StreamableHttpService<TriageMcp, 
     let limit = state.limits().max_body_bytes;
     axum::Router::new()
         .fallback_service(service)
+        .layer(middleware::from_fn(transport_errors_as_json_rpc))
         .layer(middleware::from_fn_with_state(limit, json_rpc_only))
         .layer(middleware::from_fn_with_state(state, require_token))
+}
+
+/// The longest plain-text error of the MCP transport read back to be
+/// re-sent as JSON-RPC; its texts are one line.
+const TRANSPORT_ERROR_BYTES: usize = 4096;
+
+/// Sends the MCP transport's own refusals (a 406 for an `Accept` without
+/// `text/event-stream`, a 405, a 415, a 400 "Session ID is required", a 404
+/// for an unknown session) as JSON-RPC error objects, as the reference
+/// TypeScript SDK sends them: -32001 for an unknown session, -32000 for
+/// the rest. The transport writes them as bare text, without a
+/// content type, which a client parsing JSON cannot read. The status and
+/// the other headers (a 405's `Allow`) stay as they were.
+async fn transport_errors_as_json_rpc(request: Request<Body>, next: Next) -> Response {
+    let response = next.run(request).await;
+    let status = response.status();
+    let json = response
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+        .is_some_and(|value| value.starts_with("application/json") || value.starts_with("text/event-stream"));
+    if !(status.is_client_error() || status.is_server_error()) || json {
+        return response;
+    }
+    let (mut parts, body) = response.into_parts();
+    let text = match axum::body::to_bytes(body, TRANSPORT_ERROR_BYTES).await {
+        Ok(bytes) if !bytes.is_empty() => String::from_utf8_lossy(&bytes).trim().to_owned(),
+        _ => status.canonical_reason().unwrap_or("error").to_owned(),
+    };
+    let code = if status == axum::http::StatusCode::NOT_FOUND {
+        -32001
+    } else {
+        -32000
+    };
+    parts.headers.remove(axum::http::header::CONTENT_LENGTH);
+    parts.headers.remove(axum::http::header::CONTENT_TYPE);
+    let body = axum::Json(json_rpc_error_body(serde_json::Value::Null, code, text));
+    (parts, body).into_response()
 }
 
 /// A JSON-RPC error object for a message that could not be taken: `id` is

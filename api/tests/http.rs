@@ -178,6 +178,21 @@ async fn malformed_json_is_400_a_wrong_shape_422_and_no_json_415() {
         )
         .await;
     reply.assert_problem(StatusCode::UNPROCESSABLE_ENTITY, "invalid_body");
+    // Every body is an object: serde would read a struct from an array of
+    // its fields, and open a ticket from ["s", "b", null].
+    for body in [json!(["s", "b", null]), json!([]), json!("s"), json!(null)] {
+        let reply = h.send(Some("intake"), Req::post("/v1/tickets", body.clone())).await;
+        reply.assert_problem(StatusCode::UNPROCESSABLE_ENTITY, "invalid_body");
+        let detail = reply.json["detail"].as_str().unwrap_or_default();
+        assert!(detail.contains("expected a JSON object"), "{body}: {}", reply.json);
+    }
+    let reply = h
+        .send(
+            Some("intake"),
+            Req::post("/v1/claims/6b1d0d0e-0000-4000-8000-000000000000/heartbeat", json!([30])),
+        )
+        .await;
+    reply.assert_problem(StatusCode::UNPROCESSABLE_ENTITY, "invalid_body");
     let reply = h
         .send(
             Some("intake"),
@@ -897,6 +912,20 @@ async fn a_write_under_an_expired_claim_is_409_and_fencing_holds() {
         .await;
     reply.assert_problem(StatusCode::CONFLICT, "lease_expired");
     assert_eq!(reply.json["state"], "CLASSIFYING");
+    // When the lease ran out: a field for programs, RFC 3339 in the detail
+    // too. The claim's lease was 60 s from the claim, 61 s ago.
+    let expired_at: chrono::DateTime<chrono::Utc> = reply.json["lease_expired_at"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no lease_expired_at: {}", reply.json))
+        .parse()
+        .unwrap();
+    let now = triage_command_handler::Clock::now(&*h.clock);
+    assert_eq!(now - expired_at, chrono::Duration::seconds(1), "{}", reply.json);
+    let detail = reply.json["detail"].as_str().unwrap();
+    assert!(
+        detail.contains(&expired_at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)),
+        "{detail}"
+    );
     // A claim that is not the current one is stale.
     let mut other = classification(&claim);
     other["claim_id"] = json!(uuid::Uuid::new_v4());

@@ -303,6 +303,71 @@ async fn mcp_over_http_answers_bad_messages_as_json_rpc_errors() {
         "{answer}"
     );
 
+    // The transport's own refusals come as JSON-RPC errors too, with
+    // their status (and a 405's Allow), as the reference SDK sends them.
+    let client = reqwest::Client::new();
+    let bearer = format!("Bearer {worker}");
+    let url = format!("http://{address}/mcp");
+    let tools_list = r#"{"jsonrpc":"2.0","id":3,"method":"tools/list"}"#;
+    for (request, status, code, says) in [
+        // An Accept without text/event-stream.
+        (
+            client
+                .post(&url)
+                .header("accept", "application/json")
+                .header("content-type", "application/json")
+                .body(tools_list),
+            406,
+            -32000,
+            "text/event-stream",
+        ),
+        (client.put(&url), 405, -32000, "Method Not Allowed"),
+        // A message that needs a session, sent without one.
+        (
+            client
+                .post(&url)
+                .header("accept", "application/json, text/event-stream")
+                .header("content-type", "application/json")
+                .body(tools_list),
+            400,
+            -32000,
+            "Session ID is required",
+        ),
+        (
+            client
+                .post(&url)
+                .header("accept", "application/json, text/event-stream")
+                .header("content-type", "application/json")
+                .header("mcp-session-id", "no-such-session")
+                .body(tools_list),
+            404,
+            -32001,
+            "Session not found",
+        ),
+    ] {
+        let response = request.header("authorization", &bearer).send().await.unwrap();
+        assert_eq!(response.status(), status, "{says}");
+        if status == 405 {
+            assert!(response.headers().contains_key("allow"), "{:?}", response.headers());
+        }
+        assert!(
+            response.headers()["content-type"]
+                .to_str()
+                .unwrap()
+                .starts_with("application/json"),
+            "{says}: {:?}",
+            response.headers()
+        );
+        let answer: Value = response.json().await.unwrap();
+        assert_eq!(answer["jsonrpc"], "2.0", "{answer}");
+        assert_eq!(answer["id"], Value::Null, "{answer}");
+        assert_eq!(answer["error"]["code"], code, "{answer}");
+        assert!(
+            answer["error"]["message"].as_str().unwrap().contains(says),
+            "{says}: {answer}"
+        );
+    }
+
     // A good client still works, and the schemas carry the server's limits.
     let client = http_client(address, &worker).await;
     let tools = client.peer().list_all_tools().await.unwrap();
@@ -468,7 +533,12 @@ async fn a_bad_line_over_stdio_gets_a_json_rpc_error_and_the_session_goes_on() {
     client_in.write_all(format!("{initialize}\n").as_bytes()).await.unwrap();
     let answer = next().await;
     assert_eq!(answer["id"], 1, "{answer}");
-    assert!(answer["result"]["serverInfo"].is_object(), "{answer}");
+    assert_eq!(answer["result"]["serverInfo"]["name"], "triage", "{answer}");
+    assert_eq!(
+        answer["result"]["serverInfo"]["version"],
+        env!("CARGO_PKG_VERSION"),
+        "{answer}"
+    );
     client_in.shutdown().await.unwrap();
     tokio::time::timeout(std::time::Duration::from_secs(5), server)
         .await

@@ -191,7 +191,7 @@ pub enum Rejection {
         holder: String,
     },
     /// Fencing: the claim's lease ran out; the late write is refused.
-    #[error("the lease of claim {claim_id} expired at {expired_at}")]
+    #[error("the lease of claim {claim_id} expired at {}", expired_at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))]
     LeaseExpired {
         /// The claim named.
         claim_id: Uuid,
@@ -199,7 +199,7 @@ pub enum Rejection {
         expired_at: DateTime<Utc>,
     },
     /// The sweeper tried to expire a claim whose lease still runs.
-    #[error("the lease of claim {claim_id} runs until {expires_at}")]
+    #[error("the lease of claim {claim_id} runs until {}", expires_at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))]
     LeaseNotExpired {
         /// The claim named.
         claim_id: Uuid,
