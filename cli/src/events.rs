@@ -48,7 +48,8 @@ pub(crate) struct EventsArgs {
     /// Only events recorded before this time (RFC 3339).
     #[arg(long, value_name = "TIME", value_parser = parse_time)]
     until: Option<DateTime<Utc>>,
-    /// Only events at or after this position (as printed: 42 or C:1/P:2).
+    /// Only events at or after this position (as printed: 42 or C:1/P:2;
+    /// or 1/2, as the HTTP API writes it).
     #[arg(long, value_name = "POSITION", value_parser = parse_position)]
     from_position: Option<Position>,
     /// Only events at or before this position.

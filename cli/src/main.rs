@@ -112,7 +112,7 @@ struct GlobalArgs {
     /// Default: ./triage.db (`demo` uses a fresh temporary store instead,
     /// unless --db or --store is on its command line: it ignores TRIAGE_DB,
     /// TRIAGE_STORE and TRIAGE_READ_MODEL).
-    #[arg(long, global = true, env = "TRIAGE_DB", value_name = "PATH")]
+    #[arg(long, global = true, env = "TRIAGE_DB", value_name = "PATH", value_parser = parse_db_path)]
     db: Option<PathBuf>,
 
     /// Whether `store` came from TRIAGE_STORE rather than --store: an
@@ -567,6 +567,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Agents(command) => serve::agents(command, &cli.global),
         Command::Replay { until, into } => projections::replay(&until, &into, &cli.global).await,
     }
+}
+
+/// `--db`/`TRIAGE_DB`: a path, not nothing. clap's own refusal of an
+/// empty value ("a value is required for '--db <PATH>'") blamed a flag that
+/// an empty `TRIAGE_DB=` had set.
+fn parse_db_path(value: &str) -> Result<PathBuf, String> {
+    if value.is_empty() {
+        return Err(
+            "the store file is an empty path (if TRIAGE_DB is set to nothing, unset it or name a file)".to_owned(),
+        );
+    }
+    Ok(PathBuf::from(value))
 }
 
 #[cfg(test)]

@@ -231,6 +231,16 @@ fn bad_input_gets_a_clear_error_and_writes_nothing() {
     );
     assert!(error.contains("unsupported store URL scheme \"mysql\""), "{error}");
 
+    // An empty TRIAGE_DB is named as the cause, not the flag it stands for.
+    let output = common::command(dir.path())
+        .env("TRIAGE_DB", "")
+        .args(["ticket", "list"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    let error = stderr(&output);
+    assert!(error.contains("if TRIAGE_DB is set to nothing"), "{error}");
+
     // TLS settings are checked before any server is reached (none runs at
     // this address), and the password never shows.
     let missing_root =
@@ -909,6 +919,16 @@ fn an_event_log_named_as_read_models_is_not_called_disposable() {
     );
     assert!(!refused.contains("move it aside"), "{refused}");
     assert_eq!(events_in(&dir.path().join("triage.db")), 1);
+    // The default it suggests is the one beside this store.
+    common::succeed(
+        dir.path(),
+        &["--db", "demo.db", "ticket", "open", "--subject", "S", "--body", "B"],
+    );
+    let refused = fail(
+        dir.path(),
+        &["--db", "demo.db", "--read-model", "demo.db", "ticket", "list"],
+    );
+    assert!(refused.contains("(demo.read.db)"), "{refused}");
 }
 
 #[test]

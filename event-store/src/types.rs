@@ -168,12 +168,16 @@ impl fmt::Display for Position {
 impl std::str::FromStr for Position {
     type Err = String;
 
-    /// Parses what `Display` prints: `42`, or `C:1/P:2`.
+    /// Parses what `Display` prints, `42` or `C:1/P:2`, and `1/2`, as the
+    /// HTTP API writes a position (`commit/prepare`).
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let s = s.trim();
-        let invalid = || format!("{s:?} is not a position (expected a number such as 42, or C:1/P:2)");
-        if let Some(rest) = s.strip_prefix("C:") {
-            let (commit, prepare) = rest.split_once("/P:").ok_or_else(invalid)?;
+        let invalid = || format!("{s:?} is not a position (expected a number such as 42, or C:1/P:2 or 1/2)");
+        let parts = match s.strip_prefix("C:") {
+            Some(rest) => Some(rest.split_once("/P:").ok_or_else(invalid)?),
+            None => s.split_once('/'),
+        };
+        if let Some((commit, prepare)) = parts {
             return Ok(Position {
                 commit: commit.parse().map_err(|_| invalid())?,
                 prepare: prepare.parse().map_err(|_| invalid())?,
@@ -443,6 +447,12 @@ mod tests {
         assert_eq!("C:1/P:9".parse::<Position>().unwrap(), a);
         assert_eq!("7".parse::<Position>().unwrap(), Position::from_sequence(7));
         assert!("seven".parse::<Position>().is_err() && "C:1".parse::<Position>().is_err());
+        // As the HTTP API writes it.
+        assert_eq!("1/9".parse::<Position>().unwrap(), a);
+        assert_eq!("8/8".parse::<Position>().unwrap(), Position::from_sequence(8));
+        for bad in ["1/", "/9", "1/P:9", "C:1/9", "1/9/3"] {
+            assert!(bad.parse::<Position>().is_err(), "{bad}");
+        }
     }
 
     #[test]

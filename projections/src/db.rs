@@ -165,11 +165,11 @@ impl ReadModelDb {
                 }
                 (APPLICATION_ID, _, _) => {}
                 (EVENT_STORE_APPLICATION_ID, _, _) => {
-                    return Err(incompatible(
+                    return Err(incompatible(format!(
                         "it is a Triage event store, not a read-model file: name it with --db (or --store), and \
-                         give --read-model another file, such as the default beside it (triage.read.db)"
-                            .to_owned(),
-                    ));
+                         give --read-model another file, such as the default beside it ({})",
+                        Self::sibling_of(&path).display()
+                    )));
                 }
                 (id, _, _) => {
                     return Err(incompatible(format!(
