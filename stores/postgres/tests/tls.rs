@@ -249,6 +249,37 @@ async fn a_unix_socket_connects_without_tls_whatever_the_sslmode() {
     }
 }
 
+/// The server of `TRIAGE_PG_URL`, for a stand-in in front of it.
+struct RealServer {
+    url: String,
+    /// `host:port`, over TCP.
+    address: String,
+    user: String,
+    database: String,
+}
+
+/// The real server, when `TRIAGE_PG_URL` names one over TCP with a user
+/// and a database; otherwise `None`, after saying why `test` is skipped.
+fn real_server(test: &str) -> Option<RealServer> {
+    let url = common::url(test)?;
+    let config: tokio_postgres::Config = url.parse().unwrap();
+    let (Some(tokio_postgres::config::Host::Tcp(host)), Some(user), Some(database)) = (
+        config.get_hosts().first().cloned(),
+        config.get_user(),
+        config.get_dbname(),
+    ) else {
+        eprintln!("skipped: {test} (TRIAGE_PG_URL names no TCP host, user and database)");
+        return None;
+    };
+    let port = config.get_ports().first().copied().unwrap_or(5432);
+    Some(RealServer {
+        address: format!("{host}:{port}"),
+        user: user.to_owned(),
+        database: database.to_owned(),
+        url,
+    })
+}
+
 /// The protocol's SSLRequest: length 8, code 80877103.
 const SSL_REQUEST: [u8; 8] = [0, 0, 0, 8, 4, 210, 22, 47];
 
@@ -260,18 +291,15 @@ const SSL_REQUEST: [u8; 8] = [0, 0, 0, 8, 4, 210, 22, 47];
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prefer_connects_without_tls_when_the_handshake_fails() {
     let test = "prefer_connects_without_tls_when_the_handshake_fails";
-    let Some(url) = common::url(test) else { return };
-    let config: tokio_postgres::Config = url.parse().unwrap();
-    let (Some(tokio_postgres::config::Host::Tcp(host)), Some(user), Some(database)) = (
-        config.get_hosts().first().cloned(),
-        config.get_user(),
-        config.get_dbname(),
-    ) else {
-        eprintln!("skipped: {test} (TRIAGE_PG_URL names no TCP host, user and database)");
+    let Some(RealServer {
+        url,
+        address: real,
+        user,
+        database,
+    }) = real_server(test)
+    else {
         return;
     };
-    let port = config.get_ports().first().copied().unwrap_or(5432);
-    let real = format!("{host}:{port}");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let stand_in = listener.local_addr().unwrap();
     let proxy = tokio::spawn(async move {
@@ -394,17 +422,15 @@ impl Drop for Scratch {
 async fn a_client_certificate_reaches_a_server_that_requires_one() {
     use std::sync::{Arc, Mutex};
     let test = "a_client_certificate_reaches_a_server_that_requires_one";
-    let Some(url) = common::url(test) else { return };
-    let config: tokio_postgres::Config = url.parse().unwrap();
-    let (Some(tokio_postgres::config::Host::Tcp(host)), Some(user), Some(database)) = (
-        config.get_hosts().first().cloned(),
-        config.get_user(),
-        config.get_dbname(),
-    ) else {
-        eprintln!("skipped: {test} (TRIAGE_PG_URL names no TCP host, user and database)");
+    let Some(RealServer {
+        address: real,
+        user,
+        database,
+        ..
+    }) = real_server(test)
+    else {
         return;
     };
-    let real = format!("{host}:{}", config.get_ports().first().copied().unwrap_or(5432));
 
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut client_roots = rustls::RootCertStore::empty();
