@@ -978,3 +978,115 @@ fn a_list_cut_short_by_its_limit_says_so() {
         common::stderr(&queue)
     );
 }
+
+/// A stand-in PostgreSQL server that asks every client for its password
+/// in clear text, keeps what it is sent, and refuses it. Returns its port
+/// and the passwords received so far.
+fn password_recorder() -> (u16, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    use std::io::{Read as _, Write as _};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let received = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let kept = std::sync::Arc::clone(&received);
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { return };
+            let kept = std::sync::Arc::clone(&kept);
+            std::thread::spawn(move || -> std::io::Result<()> {
+                // The startup message: its length, then the rest.
+                let mut length = [0u8; 4];
+                stream.read_exact(&mut length)?;
+                let mut startup = vec![0u8; (u32::from_be_bytes(length) as usize).saturating_sub(4)];
+                stream.read_exact(&mut startup)?;
+                // AuthenticationCleartextPassword.
+                stream.write_all(&[b'R', 0, 0, 0, 8, 0, 0, 0, 3])?;
+                let mut header = [0u8; 5];
+                stream.read_exact(&mut header)?;
+                let mut password =
+                    vec![0u8; (u32::from_be_bytes(header[1..].try_into().unwrap()) as usize).saturating_sub(4)];
+                stream.read_exact(&mut password)?;
+                let password = String::from_utf8_lossy(password.strip_suffix(&[0]).unwrap_or(&password)).into_owned();
+                kept.lock().unwrap().push(password);
+                let fields = b"SFATAL\0C28P01\0Mpassword noted by the test server\0\0";
+                let mut error = vec![b'E'];
+                error.extend_from_slice(&((fields.len() + 4) as u32).to_be_bytes());
+                error.extend_from_slice(fields);
+                stream.write_all(&error)
+            });
+        }
+    });
+    (port, received)
+}
+
+#[test]
+fn a_password_not_in_the_url_comes_from_pgpassword_or_the_password_file() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    let (port, received) = password_recorder();
+    let url = format!("postgres://triage@127.0.0.1:{port}/triage?sslmode=disable&connect_timeout=5");
+    let pgpass = dir.path().join(".pgpass");
+    std::fs::write(
+        &pgpass,
+        format!(
+            "# test\n127.0.0.1:{}:triage:triage:wrong-port\n127.0.0.1:{port}:triage:triage:from-file\n",
+            port + 1
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&pgpass, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let attempt = |configure: &dyn Fn(&mut std::process::Command)| {
+        received.lock().unwrap().clear();
+        let mut command = common::command(dir.path());
+        command.env("HOME", dir.path()).args(["--store", &url, "events"]);
+        configure(&mut command);
+        let output = command.output().unwrap();
+        assert!(!output.status.success(), "the stand-in refuses every password");
+        (received.lock().unwrap().clone(), stderr(&output))
+    };
+
+    let (sent, error) = attempt(&|_| {});
+    assert!(!sent.is_empty(), "no password reached the server: {error}");
+    assert!(sent.iter().all(|password| password == "from-file"), "{sent:?}");
+    assert!(error.contains("password noted by the test server"), "{error}");
+
+    let (sent, _) = attempt(&|command| {
+        command.env("PGPASSWORD", "from-env");
+    });
+    assert!(
+        !sent.is_empty() && sent.iter().all(|password| password == "from-env"),
+        "{sent:?}"
+    );
+
+    let elsewhere = dir.path().join("elsewhere.pgpass");
+    std::fs::write(&elsewhere, format!("*:{port}:*:*:from-pgpassfile\n")).unwrap();
+    std::fs::set_permissions(&elsewhere, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let (sent, _) = attempt(&|command| {
+        command.env("PGPASSFILE", &elsewhere);
+    });
+    assert!(
+        !sent.is_empty() && sent.iter().all(|password| password == "from-pgpassfile"),
+        "{sent:?}"
+    );
+
+    // A URL's own password wins.
+    received.lock().unwrap().clear();
+    let own = format!("postgres://triage:from-url@127.0.0.1:{port}/triage?sslmode=disable&connect_timeout=5");
+    let output = common::command(dir.path())
+        .env("HOME", dir.path())
+        .env("PGPASSWORD", "from-env")
+        .args(["--store", &own, "events"])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let sent = received.lock().unwrap().clone();
+    assert!(
+        !sent.is_empty() && sent.iter().all(|password| password == "from-url"),
+        "{sent:?}"
+    );
+
+    // A file others may read is ignored, as libpq ignores it: no password.
+    std::fs::set_permissions(&pgpass, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let (sent, error) = attempt(&|_| {});
+    assert!(sent.is_empty(), "{sent:?}");
+    assert!(error.contains("password file is ignored"), "{error}");
+}

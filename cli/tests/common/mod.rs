@@ -16,6 +16,9 @@ pub fn command(dir: &Path) -> Command {
         .env_remove("TRIAGE_DB")
         .env_remove("TRIAGE_STORE")
         .env_remove("TRIAGE_READ_MODEL")
+        // Read as libpq reads them, for PostgreSQL URLs without a password.
+        .env_remove("PGPASSWORD")
+        .env_remove("PGPASSFILE")
         .env_remove("RUST_LOG")
         .env("COLUMNS", "200");
     command

@@ -91,6 +91,7 @@
 mod batcher;
 mod notify;
 mod options;
+mod pgpass;
 mod read_ahead;
 mod reader;
 mod schema;

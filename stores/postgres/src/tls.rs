@@ -141,6 +141,9 @@ pub struct PgUrl {
 /// the root certificates they name. The error never holds the URL, so a
 /// password in it cannot leak.
 ///
+/// Without a password in the URL, the password is `PGPASSWORD`'s, or the
+/// password file's (see `pgpass.rs`), as with libpq.
+///
 /// As with libpq, connections over a Unix socket never use TLS, whatever
 /// `sslmode` says; and `prefer` without a host name to start TLS with
 /// (only `hostaddr`) connects without it.
@@ -176,6 +179,7 @@ pub fn parse_url(url: &str) -> Result<PgUrl, String> {
         mode.for_driver()
     };
     config.ssl_mode(driver_mode);
+    crate::pgpass::fill_password(&mut config);
     let tls = PgTls::new(settings)?;
     Ok(PgUrl { config, tls })
 }
