@@ -36,6 +36,12 @@ pub(crate) enum ProjectionsCommand {
         /// way; the exit status is 4 when the live one differed from it.
         #[arg(long)]
         verify: bool,
+        /// Rebuild also a projection whose live model a newer Triage built,
+        /// replacing it with this version's. Without it that is refused: in
+        /// a rolling upgrade the newer instances could not serve the older
+        /// model.
+        #[arg(long)]
+        replace_newer: bool,
         /// No progress output (a bar on a terminal, log lines otherwise).
         #[arg(long)]
         no_progress: bool,
@@ -120,6 +126,9 @@ pub(crate) async fn run(command: ProjectionsCommand, global: &GlobalArgs) -> any
                 };
                 let state = match (&status.last_error, status.needs_rebuild, status.live_version) {
                     (Some(error), _, _) => format!("stopped: {error}"),
+                    (None, _, Some(live)) if live > status.code_version => {
+                        "built by a newer Triage: upgrade this instance".to_owned()
+                    }
                     (None, true, _) => "needs rebuild".to_owned(),
                     (None, false, None) => "not built yet".to_owned(),
                     (None, false, Some(_)) if status.build_in_progress => {
@@ -152,6 +161,7 @@ pub(crate) async fn run(command: ProjectionsCommand, global: &GlobalArgs) -> any
             name,
             all,
             verify,
+            replace_newer,
             no_progress,
         } => {
             let names: Vec<String> = match (name, all) {
@@ -172,6 +182,7 @@ pub(crate) async fn run(command: ProjectionsCommand, global: &GlobalArgs) -> any
                 verify,
                 progress: (!no_progress).then(|| progress_reporter(&label)),
                 cancel: Some(cancel.clone()),
+                replace_newer,
             };
             let names: Vec<&str> = names.iter().map(String::as_str).collect();
             let reports = read_models.rebuild_many(&names, options).await.map_err(|error| {
@@ -248,18 +259,24 @@ fn progress_reporter(name: &str) -> Box<dyn FnMut(RebuildProgress) + Send> {
     } else {
         let name = name.to_owned();
         let mut last = Instant::now();
+        let mut reached_the_end = false;
         Box::new(move |progress: RebuildProgress| {
-            if last.elapsed() >= Duration::from_secs(2) || progress.done >= progress.total {
+            // The log may grow while the rebuild runs (a live writer): the
+            // rebuild then goes past the head it started from, and the
+            // figures show that as the end, not as more than 100 %.
+            let total = progress.total.max(progress.done);
+            let at_the_end = progress.done >= total;
+            if last.elapsed() >= Duration::from_secs(2) || (at_the_end && !reached_the_end) {
                 last = Instant::now();
-                let percent = if progress.total == 0 {
+                reached_the_end |= at_the_end;
+                let percent = if total == 0 {
                     100.0
                 } else {
-                    progress.done as f64 * 100.0 / progress.total as f64
+                    progress.done as f64 * 100.0 / total as f64
                 };
                 err!(
-                    "rebuild {name}: {}/{} positions ({percent:.0}%), {:.0} events/s, ETA {}s",
+                    "rebuild {name}: {}/{total} positions ({percent:.0}%), {:.0} events/s, ETA {}s",
                     progress.done,
-                    progress.total,
                     progress.events_per_s,
                     progress.eta.as_secs()
                 );
@@ -329,8 +346,9 @@ pub(crate) struct StatsArgs {
     #[arg(long, value_name = "TIME", value_parser = crate::events::parse_time)]
     until: Option<chrono::DateTime<chrono::Utc>>,
     /// Break the figures down: `agent` lists each agent's outcomes (as
-    /// every `stats` does), `role` sums them per role (an agent with several
-    /// roles counts under the last one it acted in), `category` gives
+    /// every `stats` does), `role` sums them per role (each outcome under
+    /// the role the agent acted in for it, so an agent with several roles
+    /// counts under each), `category` gives
     /// every figure per ticket category (a ticket's category at the end of
     /// the period; `unclassified` until it has one).
     #[arg(long, value_enum)]

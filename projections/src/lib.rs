@@ -141,11 +141,17 @@ pub enum ProjectionError {
     },
     /// The live tables were built by another version of the projection
     /// than this build's: their columns or meaning may differ, so this
-    /// instance does not write to them. A newer model needs a newer Triage;
-    /// an older one is rebuilt by the next catch-up of this one.
+    /// instance does not write to them. A newer model needs a newer Triage
+    /// (a rebuild by this one refuses to replace it unless told to); an
+    /// older one is rebuilt by the next catch-up of this one.
     #[error(
-        "projection {name}: the live model was built by version {live} of the projection, this Triage has          version {code}; it leaves the model alone ({})",
-        if live > code { "upgrade this instance to serve it" } else { "its next catch-up rebuilds it" }
+        "projection {name}: the live model was built by version {live} of the projection, this Triage has version {code}; it leaves the model alone ({})",
+        if live > code {
+            "upgrade this instance to serve it; `triage projections rebuild --replace-newer` would replace it with \
+             this version's model, which the newer instances sharing it could then not serve"
+        } else {
+            "its next catch-up rebuilds it"
+        }
     )]
     OtherVersion {
         /// The projection.

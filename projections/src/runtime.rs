@@ -112,7 +112,9 @@ pub struct ProjectionStatus {
     pub lag: u64,
     /// The last error, if the projection stopped on one.
     pub last_error: Option<String>,
-    /// Whether a rebuild is needed before serving (the version changed).
+    /// Whether a rebuild is needed before serving (the live model is of an
+    /// older version, or of a replaced log). A model of a newer version
+    /// needs a newer Triage instead (`live_version > code_version`).
     pub needs_rebuild: bool,
     /// Whether a rebuild is under way. SQLite read models also report one
     /// that was abandoned (its tables stay until the next rebuild drops
@@ -494,6 +496,20 @@ impl Projector {
             .iter()
             .map(|name| self.projection(name))
             .collect::<Result<_, _>>()?;
+        if live_model == LiveModel::OfThisLog && !options.replace_newer {
+            let conn = self.db.lock();
+            for projection in &projections {
+                let live = db::read_slot(&conn, SlotKind::Live, projection.name())
+                    .map_err(|error| ProjectionError::sqlite("read the registry", error))?;
+                if let Some(live) = live.filter(|live| live.version > projection.version()) {
+                    return Err(ProjectionError::OtherVersion {
+                        name: projection.name().to_owned(),
+                        live: live.version,
+                        code: projection.version(),
+                    });
+                }
+            }
+        }
         // Held to the end: the build generations below are this rebuild's.
         let _claims = match live_model {
             LiveModel::OfThisLog => projections
@@ -889,9 +905,11 @@ impl Projector {
                 events_applied: live.as_ref().map_or(0, |slot| slot.events_applied),
                 lag: head.map_or(0, |head| head.commit.saturating_sub(checkpoint.map_or(0, |c| c.commit))),
                 last_error,
+                // A model a newer Triage built needs a newer Triage, not a
+                // rebuild by this one.
                 needs_rebuild: live
                     .as_ref()
-                    .is_some_and(|slot| slot.version != projection.version() || slot.checkpoint > head),
+                    .is_some_and(|slot| slot.version < projection.version() || slot.checkpoint > head),
                 build_in_progress: build.is_some(),
                 leader: None,
             });
@@ -1060,6 +1078,12 @@ pub struct RebuildOptions {
     pub progress: Option<Box<dyn FnMut(RebuildProgress) + Send>>,
     /// Set to stop the rebuild between batches; the live model is untouched.
     pub cancel: Option<Arc<AtomicBool>>,
+    /// Rebuild even a projection whose live model a newer Triage built
+    /// (a higher projection version), replacing it with this build's
+    /// version. Without it such a rebuild is refused
+    /// ([`ProjectionError::OtherVersion`]): an older instance in a rolling
+    /// upgrade must not take the model back from the newer ones.
+    pub replace_newer: bool,
 }
 
 impl std::fmt::Debug for RebuildOptions {
@@ -1068,6 +1092,7 @@ impl std::fmt::Debug for RebuildOptions {
             .field("verify", &self.verify)
             .field("progress", &self.progress.is_some())
             .field("cancel", &self.cancel)
+            .field("replace_newer", &self.replace_newer)
             .finish()
     }
 }

@@ -1012,6 +1012,33 @@ async fn an_older_pg_leader_leaves_a_newer_model_alone() {
         (after.generation, after.live_version, after.events_applied),
         (before.generation, Some(newer), before.events_applied)
     );
+    assert!(!after.needs_rebuild, "a newer model needs a newer Triage: {after:?}");
+    // Nor does an older rebuild take the model back, unless told to.
+    let error = restarted
+        .rebuild("tickets", RebuildOptions::default())
+        .await
+        .expect_err("an older rebuild replaced a newer model");
+    assert!(
+        matches!(error, ProjectionError::OtherVersion { live, .. } if live == newer),
+        "{error:?}"
+    );
+    let unchanged = status_of(&restarted.status().await.unwrap(), "tickets");
+    assert_eq!(
+        (unchanged.generation, unchanged.live_version),
+        (after.generation, Some(newer))
+    );
+    restarted
+        .rebuild(
+            "tickets",
+            RebuildOptions {
+                replace_newer: true,
+                ..RebuildOptions::default()
+            },
+        )
+        .await
+        .unwrap();
+    let replaced = status_of(&restarted.status().await.unwrap(), "tickets");
+    assert_eq!(replaced.live_version, Some(code));
 }
 
 /// The log replaced under the read models (an event store schema dropped

@@ -1120,6 +1120,51 @@ async fn an_upgrade_drops_the_tables_an_earlier_version_had() {
     assert_eq!(tables_like(&upgraded, "tickets_g"), ["tickets_g2"]);
 }
 
+/// A model a newer Triage built (a higher projection version, as in a
+/// rolling upgrade) is not taken back by an older instance's rebuild
+/// unless it is told to replace it, and its status says to upgrade, not
+/// to rebuild.
+#[tokio::test]
+async fn a_rebuild_leaves_a_newer_model_alone_unless_told_to_replace_it() {
+    let (_store, projector) = caught_up_on_random_tickets().await;
+    let before = status_of(&projector.status().await.unwrap(), "tickets");
+    let newer = before.code_version + 5;
+    projector
+        .db()
+        .lock()
+        .execute("UPDATE projections SET version = ?1 WHERE name = 'tickets'", [newer])
+        .unwrap();
+    let status = status_of(&projector.status().await.unwrap(), "tickets");
+    assert_eq!(status.live_version, Some(newer));
+    assert!(!status.needs_rebuild, "a newer model needs a newer Triage: {status:?}");
+
+    let error = projector
+        .rebuild("tickets", RebuildOptions::default())
+        .await
+        .expect_err("an older rebuild replaced a newer model");
+    assert!(
+        matches!(error, ProjectionError::OtherVersion { live, .. } if live == newer),
+        "{error:?}"
+    );
+    assert!(error.to_string().contains("--replace-newer"), "{error}");
+    let after = status_of(&projector.status().await.unwrap(), "tickets");
+    assert_eq!((after.generation, after.live_version), (before.generation, Some(newer)));
+
+    projector
+        .rebuild(
+            "tickets",
+            RebuildOptions {
+                replace_newer: true,
+                ..RebuildOptions::default()
+            },
+        )
+        .await
+        .unwrap();
+    let replaced = status_of(&projector.status().await.unwrap(), "tickets");
+    assert_eq!(replaced.live_version, Some(before.code_version));
+    assert!(!replaced.needs_rebuild);
+}
+
 /// An event of a known type whose metadata is damaged where no read model
 /// looks (a correlation id that is not a UUID) stops the projections at
 /// that event, as the command handler refuses to load its ticket: it is

@@ -321,36 +321,52 @@ impl PgProjector {
             tracing::debug!("a read stopped waiting for the projections' leaders");
             return;
         }
-        let behind = match self.status().await {
-            Ok(statuses) => statuses
-                .iter()
-                .filter(|status| status.lag > 0)
-                .map(|status| {
-                    // A projection stopped at an event it cannot apply is
-                    // behind whoever leads it, this process included.
-                    let stopped = status
-                        .last_error
-                        .as_deref()
-                        .map(|error| format!(", stopped by: {error}"))
-                        .unwrap_or_default();
-                    format!(
-                        "{} {} events behind, led by {}{stopped}",
-                        status.name,
-                        status.lag,
-                        status.leader.as_deref().unwrap_or("no one")
-                    )
-                })
-                .collect::<Vec<_>>()
-                .join("; "),
-            Err(error) => format!("their status could not be read: {error}"),
+        let (behind, led) = match self.status().await {
+            Ok(statuses) => {
+                let behind: Vec<_> = statuses.iter().filter(|status| status.lag > 0).collect();
+                let led = behind.iter().any(|status| status.leader.is_some());
+                let text = behind
+                    .iter()
+                    .map(|status| {
+                        // A projection stopped at an event it cannot apply is
+                        // behind whoever leads it, this process included.
+                        let stopped = status
+                            .last_error
+                            .as_deref()
+                            .map(|error| format!(", stopped by: {error}"))
+                            .unwrap_or_default();
+                        format!(
+                            "{} {} events behind, led by {}{stopped}",
+                            status.name,
+                            status.lag,
+                            status.leader.as_deref().unwrap_or("no one")
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join("; ");
+                (text, led)
+            }
+            Err(error) => (format!("their status could not be read: {error}"), true),
         };
-        tracing::warn!(
-            waited = ?FOLLOWER_WAIT,
-            %behind,
-            "answering from read models behind the log: they did not catch up in time. A leader that is stopped \
-             or hung (not dead) keeps its leadership: resume or kill it, and another instance takes over; one \
-             stopped by an error says which; `triage projections status` shows who leads"
-        );
+        if led {
+            tracing::warn!(
+                waited = ?FOLLOWER_WAIT,
+                %behind,
+                "answering from read models behind the log: they did not catch up in time. A leader that is \
+                 stopped or hung (not dead) keeps its leadership: resume or kill it, and another instance takes \
+                 over; one stopped by an error says which; `triage projections status` shows who leads"
+            );
+        } else {
+            // Nothing to resume or kill: no instance that may write the
+            // models is running (a dead leader is replaced within a second).
+            tracing::warn!(
+                waited = ?FOLLOWER_WAIT,
+                %behind,
+                "answering from read models behind the log: no instance leads them, so nothing brings them up \
+                 to date. Start one that may write them (`triage serve`, or any command run by a role with write \
+                 access to the read models)"
+            );
+        }
     }
 
     /// The lowest checkpoint of the live models (`None` while one is not
@@ -846,6 +862,18 @@ impl PgProjector {
                 });
             }
             for model in &models {
+                // Not a model a newer Triage built, unless told to (see
+                // `RebuildOptions::replace_newer`).
+                if !options.replace_newer
+                    && let Some(live) = read_slot(&tx, &self.models, model.name(), SlotKind::Live, "").await?
+                    && live.version > model.version()
+                {
+                    return Err(ProjectionError::OtherVersion {
+                        name: model.name().to_owned(),
+                        live: live.version,
+                        code: model.version(),
+                    });
+                }
                 discard_build(&tx, &self.models, *model).await?;
                 slots.push(new_generation(&tx, &self.models, *model, SlotKind::Build).await?);
             }
@@ -1181,7 +1209,7 @@ impl PgProjector {
                 last_error,
                 // Filled in below, from a head read after every checkpoint.
                 lag: 0,
-                needs_rebuild: live.as_ref().is_some_and(|slot| slot.version != model.version()),
+                needs_rebuild: live.as_ref().is_some_and(|slot| slot.version < model.version()),
                 build_in_progress: build.is_some() && building,
                 leader,
             });
