@@ -920,7 +920,9 @@ impl AppState {
         if !writable {
             tracing::warn!("readiness: the event store takes no writes");
             return Err(ApiError::Unavailable(
-                "the event store takes no writes (a read-only database, or a standby)".to_owned(),
+                "the event store takes no writes (a read-only database, a standby, or a role that may not \
+                 append)"
+                    .to_owned(),
             ));
         }
         self.inner

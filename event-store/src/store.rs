@@ -69,9 +69,9 @@ pub trait EventStore: Send + Sync + std::fmt::Debug + 'static {
     }
 
     /// Whether the store takes writes now, as far as it can tell without
-    /// writing: a PostgreSQL standby, or a database or role whose sessions
-    /// are read-only, does not. For readiness probes; an append is still
-    /// what decides.
+    /// writing: a PostgreSQL standby, a database or role whose sessions
+    /// are read-only, or a role without the privilege to append, does not.
+    /// For readiness probes; an append is still what decides.
     async fn accepts_writes(&self) -> Result<bool> {
         Ok(true)
     }

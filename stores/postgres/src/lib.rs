@@ -868,10 +868,14 @@ impl EventStore for PostgresEventStore {
             self.pool.get().await.map_err(|error| {
                 Error::backend("cannot get a connection to ask whether the server takes writes", error)
             })?;
+        // A role that may only read the log (SELECT without INSERT) is
+        // refused every append, as surely as a standby.
+        let events = format!(r#""{}".triage_events"#, self.target.schema.replace('"', "\"\""));
         let row = client
             .query_one(
-                "SELECT NOT pg_is_in_recovery() AND current_setting('transaction_read_only') = 'off'",
-                &[],
+                "SELECT NOT pg_is_in_recovery() AND current_setting('transaction_read_only') = 'off' \
+                 AND has_table_privilege($1::text, 'INSERT')",
+                &[&events],
             )
             .await
             .map_err(|error| Error::backend("cannot ask whether the server takes writes", error))?;

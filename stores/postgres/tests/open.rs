@@ -262,10 +262,16 @@ async fn a_revoked_privilege_or_a_read_only_server_is_refused_while_running() {
         .await
         .expect("the role may append");
 
+    assert!(store.accepts_writes().await.unwrap(), "the role may append");
     admin
         .batch_execute(&format!(r#"REVOKE INSERT ON "{schema}".triage_events FROM "{role}""#))
         .await
         .unwrap();
+    // Readiness probes see it without writing.
+    assert!(
+        !store.accepts_writes().await.unwrap(),
+        "a role that may not append says the store takes no writes"
+    );
     let error = store
         .append(&stream, ExpectedRevision::Exact(0), vec![common::event("Classified")])
         .await
