@@ -33,6 +33,17 @@ impl Default for ServeOptions {
     }
 }
 
+/// Why a server did not start serving: the read models could not be
+/// brought up to date. The projections' error stays reachable as the
+/// source, for callers that act on its kind (the CLI undoes a store it
+/// created for a start refused as `EmptyLog`).
+#[derive(Debug, thiserror::Error)]
+#[error("cannot build the read models: {source}")]
+pub struct ReadModelsNotBuilt {
+    /// What the projections said.
+    pub source: triage_projections::ProjectionError,
+}
+
 /// Serves `state` on `listener` until `shutdown` completes, then shuts
 /// down gracefully: stops accepting, lets in-flight requests and the
 /// commands they started finish (each command's append is atomic, so
@@ -50,7 +61,7 @@ pub async fn serve(
         .read_models()
         .catch_up()
         .await
-        .map_err(|error| std::io::Error::other(format!("cannot build the read models: {error}")))?;
+        .map_err(|source| std::io::Error::other(ReadModelsNotBuilt { source }))?;
     let projector = LiveProjector::start(&state);
     let sweeper = options
         .sweep_interval

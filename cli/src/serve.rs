@@ -11,6 +11,8 @@ use serde_json::json;
 use triage_api::{AgentsFile, AppState, Authenticator, ServeOptions};
 use triage_command_handler::CommandHandler;
 use triage_domain::Role;
+use triage_event_store::EventStore as _;
+use triage_projections::ProjectionError;
 
 use crate::GlobalArgs;
 use crate::output;
@@ -105,7 +107,67 @@ async fn state(global: &GlobalArgs, agents: PathBuf) -> anyhow::Result<AppState>
     Ok(AppState::new(handler, opened.read_models, auth))
 }
 
+/// The embedded store file a server or MCP session is about to create (it
+/// is not there yet), if that is what it opens.
+fn store_to_be_created(global: &GlobalArgs) -> Option<PathBuf> {
+    match global.location() {
+        Ok(crate::store::StoreLocation::Sqlite(path)) if !path.exists() => Some(path),
+        _ => None,
+    }
+}
+
+/// After a start refused because the read models beside the store hold an
+/// event log's work while the store is empty (a wrong or moved store,
+/// [`ProjectionError::EmptyLog`]): removes the store file this start
+/// created, if it is still empty, so that the refusal changes nothing.
+/// Left behind, the next command took it for a replaced log and rebuilt
+/// the models from it, which the refusal is there to prevent.
+async fn undo_created_store(created: Option<PathBuf>, error: &anyhow::Error) {
+    let Some(path) = created else { return };
+    let empty_log = error
+        .chain()
+        .any(|cause| matches!(cause.downcast_ref(), Some(ProjectionError::EmptyLog { .. })));
+    if !empty_log {
+        return;
+    }
+    let still_empty = match triage_store_sqlite::SqliteEventStore::open_read_only(&path, Default::default()) {
+        Ok(store) => matches!(store.head_position().await, Ok(None)),
+        Err(_) => false,
+    };
+    if !still_empty {
+        return;
+    }
+    let mut removed = true;
+    for suffix in ["", "-wal", "-shm"] {
+        let file = PathBuf::from(format!("{}{suffix}", path.display()));
+        if let Err(error) = std::fs::remove_file(&file)
+            && error.kind() != std::io::ErrorKind::NotFound
+        {
+            removed = false;
+            err!(
+                "note: cannot remove {}, which this start created: {error}",
+                file.display()
+            );
+        }
+    }
+    if removed {
+        err!(
+            "note: removed the empty event store {} that this start had created",
+            path.display()
+        );
+    }
+}
+
 pub(crate) async fn serve(args: ServeArgs, global: &GlobalArgs) -> anyhow::Result<()> {
+    let created = store_to_be_created(global);
+    let served = serve_created(args, global).await;
+    if let Err(error) = &served {
+        undo_created_store(created, error).await;
+    }
+    served
+}
+
+async fn serve_created(args: ServeArgs, global: &GlobalArgs) -> anyhow::Result<()> {
     let location = global.location()?;
     let state = state(global, args.agents).await?;
     let listener = tokio::net::TcpListener::bind(args.listen)
@@ -146,6 +208,15 @@ async fn shutdown_signal() {
 }
 
 pub(crate) async fn mcp(args: McpArgs, global: &GlobalArgs) -> anyhow::Result<()> {
+    let created = store_to_be_created(global);
+    let served = mcp_created(args, global).await;
+    if let Err(error) = &served {
+        undo_created_store(created, error).await;
+    }
+    served
+}
+
+async fn mcp_created(args: McpArgs, global: &GlobalArgs) -> anyhow::Result<()> {
     let state = state(global, args.agents).await?;
     let token = args.token.trim().to_owned();
     state

@@ -317,6 +317,13 @@ fn a_server_on_an_empty_store_beside_read_models_refuses_and_keeps_them() {
     std::io::Read::read_to_string(&mut server.stderr.take().unwrap(), &mut stderr).unwrap();
     assert!(stderr.contains("the event store is empty"), "{stderr}");
     assert!(stderr.contains("triage.read.db aside"), "{stderr}");
+    // Nothing was changed: not even the store this start made is left,
+    // which the next command would take for a replaced log and rebuild
+    // the read models from.
+    assert!(
+        !dir.path().join("typo.db").exists(),
+        "the refused start left typo.db behind: {stderr}"
+    );
     assert_eq!(
         json_lines(&succeed(dir.path(), &["ticket", "list", "--json"])).len(),
         3,
