@@ -118,6 +118,15 @@ pub(crate) async fn run(args: DemoArgs, global: &GlobalArgs) -> anyhow::Result<(
     let (events, read_models, place): (Arc<dyn EventStore>, ReadModelDb, String) = if global.db.is_some()
         || global.store.is_some()
     {
+        // Refused before the store is opened, which may create it (a
+        // PostgreSQL schema, a file) only for the run to stop at once.
+        let postgres = |place: &str| place.starts_with("postgres://") || place.starts_with("postgresql://");
+        if global.read_model.as_deref().is_some_and(postgres) {
+            anyhow::bail!(
+                "the demo keeps its read models in SQLite: give --read-model a file path, or leave it out for read \
+                 models in memory"
+            );
+        }
         let opened = global.open_log().await?;
         let place = opened.location.to_string();
         // The demo's own checks read SQLite read models. PostgreSQL ones
@@ -128,13 +137,8 @@ pub(crate) async fn run(args: DemoArgs, global: &GlobalArgs) -> anyhow::Result<(
             .clone()
             .or_else(|| opened.location.default_read_model())
         {
-            Some(place) if place.starts_with("postgres://") || place.starts_with("postgresql://") => {
-                if global.read_model.is_some() {
-                    anyhow::bail!(
-                        "the demo keeps its read models in SQLite: give --read-model a file path, or leave it out \
-                         for read models in memory"
-                    );
-                }
+            // Only the default beside a PostgreSQL store gets here.
+            Some(place) if postgres(&place) => {
                 err!("triage demo: read models for this run are kept in memory (SQLite)");
                 ReadModelDb::in_memory()?
             }

@@ -332,6 +332,12 @@ pub async fn run_triage(
         tokio::spawn(async move {
             while !stop.load(Ordering::Relaxed) {
                 if let Err(error) = projector.run_live(stop.clone()).await {
+                    // Stopped meanwhile (the run ended, or was dropped on
+                    // Ctrl-C while the runtime shuts down and cancels the
+                    // store's reads): an ending, not a failure.
+                    if stop.load(Ordering::Relaxed) {
+                        break;
+                    }
                     tracing::warn!(%error, "the live projector stopped; restarting");
                     tokio::time::sleep(std::time::Duration::from_secs(1)).await;
                 }
@@ -339,6 +345,8 @@ pub async fn run_triage(
             Ok::<(), triage_projections::ProjectionError>(())
         })
     };
+    // A run dropped before its end (Ctrl-C) stops its live projector too.
+    let _stop_when_dropped = StopOnDrop(stop_projector.clone());
     let events_in_store = {
         let store = store.clone();
         move || {
@@ -630,5 +638,15 @@ fn report(
         read_model_matches_rebuild,
         audit_passed: audit.passed() && read_model_matches_rebuild,
         findings: audit.findings,
+    }
+}
+
+/// Sets its flag when dropped: stops what watches the flag when the
+/// future holding this is dropped before its end.
+struct StopOnDrop(Arc<AtomicBool>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
     }
 }
