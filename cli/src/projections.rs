@@ -832,6 +832,17 @@ pub(crate) async fn replay(until: &str, into: &std::path::Path, global: &GlobalA
     // looks finished, and of two replays into one path exactly one wins.
     let partial = partial_path(into);
     remove_with_sidecars(&partial);
+    remove_abandoned_partials(into);
+    // Said plainly here: SQLite's own refusal names the hidden file and an
+    // error code ("unable to open database file: …/.x.db.partial-42").
+    if let Err(error) = std::fs::OpenOptions::new().write(true).create_new(true).open(&partial) {
+        let directory = partial.parent().filter(|dir| !dir.as_os_str().is_empty());
+        anyhow::bail!(
+            "cannot write the replay's file in {}: {error}; it is built there and then renamed to {}",
+            directory.map_or_else(|| ".".to_owned(), |dir| dir.display().to_string()),
+            into.display()
+        );
+    }
     let build = async {
         let db = ReadModelDb::open(&partial)?;
         // Frozen before it is built: reading the file later (`--read-model
@@ -882,6 +893,37 @@ fn partial_path(into: &std::path::Path) -> std::path::PathBuf {
         .file_name()
         .map_or_else(|| "replay".into(), |name| name.to_string_lossy());
     into.with_file_name(format!(".{name}.partial-{}", std::process::id()))
+}
+
+/// Removes the files that replays into `into` by processes that are gone
+/// (killed mid-replay) left beside it, best effort. Linux only: elsewhere
+/// there is no cheap way to tell that a process is gone.
+fn remove_abandoned_partials(into: &std::path::Path) {
+    if !std::path::Path::new("/proc/self").exists() {
+        return;
+    }
+    let name = into
+        .file_name()
+        .map_or_else(|| "replay".into(), |name| name.to_string_lossy());
+    let prefix = format!(".{name}.partial-");
+    let directory = into
+        .parent()
+        .filter(|dir| !dir.as_os_str().is_empty())
+        .unwrap_or(std::path::Path::new("."));
+    let Ok(entries) = std::fs::read_dir(directory) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let file_name = entry.file_name();
+        let Some(pid) = file_name.to_str().and_then(|file| file.strip_prefix(&prefix)) else {
+            continue;
+        };
+        // Only the file itself: its sidecars go with it.
+        let Ok(pid) = pid.parse::<u32>() else { continue };
+        if pid != std::process::id() && !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            remove_with_sidecars(&entry.path());
+        }
+    }
 }
 
 /// Removes `path` and the files SQLite keeps beside it, best effort.

@@ -514,6 +514,57 @@ fn replay_builds_the_read_models_as_of_a_moment_and_leaves_the_live_ones_alone()
     );
     assert!(common::stderr(&garbled).contains("neither a log position nor a time"));
     assert!(!dir.path().join("never.db").exists());
+
+    // What a replay killed mid-way left (its process is gone: no pid is
+    // this high) is cleared by the next replay into the same path.
+    let abandoned = ".later.db.partial-4294967";
+    for suffix in ["", "-wal", "-shm"] {
+        std::fs::write(dir.path().join(format!("{abandoned}{suffix}")), b"left behind").unwrap();
+    }
+    succeed(dir.path(), &["replay", "--until", "2", "--into", "later.db"]);
+    let left: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|name| name.contains(".partial-"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+
+    // A directory that cannot be written is named as such. Root may write
+    // any directory, so as root the replay runs as `nobody` (runuser).
+    let locked = dir.path().join("locked");
+    std::fs::create_dir(&locked).unwrap();
+    std::fs::set_permissions(&locked, std::os::unix::fs::PermissionsExt::from_mode(0o555)).unwrap();
+    let args = ["replay", "--until", "2", "--into", "locked/x.db"];
+    let refused = if std::fs::write(locked.join("probe"), b"").is_err() {
+        Some(common::fail(dir.path(), &args))
+    } else {
+        let mode = |path: &std::path::Path, mode| {
+            std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(mode)).unwrap();
+        };
+        mode(dir.path(), 0o777);
+        mode(&dir.path().join("triage.db"), 0o644);
+        std::process::Command::new("runuser")
+            .args(["-u", "nobody", "--", env!("CARGO_BIN_EXE_triage")])
+            .args(args)
+            .current_dir(dir.path())
+            .env_remove("TRIAGE_DB")
+            .env_remove("TRIAGE_STORE")
+            .env_remove("TRIAGE_READ_MODEL")
+            .output()
+            .ok()
+            .filter(|output| !output.status.success())
+            .map(|output| common::stderr(&output))
+    };
+    match refused {
+        Some(refused) => {
+            assert!(
+                refused.contains("cannot write the replay's file in locked"),
+                "{refused}"
+            );
+            assert!(!refused.contains("Error code"), "{refused}");
+        }
+        None => eprintln!("skipped: the unwritable directory case (root here, and runuser cannot run as nobody)"),
+    }
 }
 
 /// Two replays into one path at once: exactly one makes the file, the
