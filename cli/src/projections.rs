@@ -245,6 +245,11 @@ fn progress_reporter(name: &str) -> Box<dyn FnMut(RebuildProgress) + Send> {
         );
         bar.set_prefix(name.to_owned());
         Box::new(move |progress: RebuildProgress| {
+            // Cleared once at the end: batches after it (a log that grew
+            // during the rebuild) would draw the bar again.
+            if bar.is_finished() {
+                return;
+            }
             bar.set_length(progress.total.max(progress.done));
             bar.set_position(progress.done);
             bar.set_message(format!(
