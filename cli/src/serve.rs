@@ -158,13 +158,23 @@ async fn undo_created_store(created: Option<PathBuf>, error: &anyhow::Error) {
     }
 }
 
-pub(crate) async fn serve(args: ServeArgs, global: &GlobalArgs) -> anyhow::Result<()> {
+/// Runs `start` (a server or an MCP session, not begun yet), undoing the
+/// store it creates if it is refused for an empty store (see
+/// [`undo_created_store`]).
+async fn undoing_a_refused_start(
+    global: &GlobalArgs,
+    start: impl Future<Output = anyhow::Result<()>>,
+) -> anyhow::Result<()> {
     let created = store_to_be_created(global);
-    let served = serve_created(args, global).await;
-    if let Err(error) = &served {
+    let result = start.await;
+    if let Err(error) = &result {
         undo_created_store(created, error).await;
     }
-    served
+    result
+}
+
+pub(crate) async fn serve(args: ServeArgs, global: &GlobalArgs) -> anyhow::Result<()> {
+    undoing_a_refused_start(global, serve_created(args, global)).await
 }
 
 async fn serve_created(args: ServeArgs, global: &GlobalArgs) -> anyhow::Result<()> {
@@ -208,12 +218,7 @@ async fn shutdown_signal() {
 }
 
 pub(crate) async fn mcp(args: McpArgs, global: &GlobalArgs) -> anyhow::Result<()> {
-    let created = store_to_be_created(global);
-    let served = mcp_created(args, global).await;
-    if let Err(error) = &served {
-        undo_created_store(created, error).await;
-    }
-    served
+    undoing_a_refused_start(global, mcp_created(args, global)).await
 }
 
 async fn mcp_created(args: McpArgs, global: &GlobalArgs) -> anyhow::Result<()> {
