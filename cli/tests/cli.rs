@@ -710,9 +710,8 @@ fn a_mistyped_url_is_refused_and_makes_no_file() {
         );
         assert!(refused.contains("://"), "{read_model}: {refused}");
     }
-    let made: Vec<String> = std::fs::read_dir(dir.path())
-        .unwrap()
-        .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+    let made: Vec<String> = common::file_names(dir.path())
+        .into_iter()
         .filter(|name| !name.starts_with("t.db"))
         .collect();
     assert!(made.is_empty(), "{made:?}");

@@ -423,9 +423,8 @@ fn the_demo_refuses_a_mistyped_read_model_url() {
         let refused = fail(dir.path(), &args);
         assert!(refused.contains("looks like a postgres URL"), "{refused}");
     }
-    let made: Vec<String> = std::fs::read_dir(dir.path())
-        .unwrap()
-        .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+    let made: Vec<String> = common::file_names(dir.path())
+        .into_iter()
         .filter(|name| name.starts_with("postgres:"))
         .collect();
     assert!(made.is_empty(), "{made:?}");

@@ -522,9 +522,8 @@ fn replay_builds_the_read_models_as_of_a_moment_and_leaves_the_live_ones_alone()
         std::fs::write(dir.path().join(format!("{abandoned}{suffix}")), b"left behind").unwrap();
     }
     succeed(dir.path(), &["replay", "--until", "2", "--into", "later.db"]);
-    let left: Vec<String> = std::fs::read_dir(dir.path())
-        .unwrap()
-        .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+    let left: Vec<String> = common::file_names(dir.path())
+        .into_iter()
         .filter(|name| name.contains(".partial-"))
         .collect();
     assert!(left.is_empty(), "{left:?}");
@@ -629,9 +628,8 @@ fn of_two_replays_into_one_file_exactly_one_wins() {
             );
         }
     }
-    let leftovers: Vec<String> = std::fs::read_dir(dir.path())
-        .unwrap()
-        .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+    let leftovers: Vec<String> = common::file_names(dir.path())
+        .into_iter()
         .filter(|name| name.contains("partial"))
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");

@@ -28,6 +28,14 @@ pub fn triage(dir: &Path, args: &[&str]) -> Output {
     command(dir).args(args).output().expect("the triage binary runs")
 }
 
+/// The names of the files in `dir`.
+pub fn file_names(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+        .collect()
+}
+
 pub fn stdout(output: &Output) -> String {
     String::from_utf8(output.stdout.clone()).unwrap()
 }
