@@ -1275,7 +1275,7 @@ async fn pg_a_rebuild_by_an_administrator_keeps_the_models_the_owners() {
         workload.random(20, 5, 33).await;
         let reader = PgProjector::new(events.clone(), read_only);
         assert_eq!(reader.catch_up().await?, before, "what the owner applied");
-        let listed: u64 = ReadModels::Postgres(reader).counts().await?.values().sum();
+        let listed: u64 = ReadModels::Postgres(reader.clone()).counts().await?.values().sum();
         assert!(listed >= counted, "{listed} < {counted}");
         // A role that may write them but not act as their owner is refused
         // a rebuild before it replays anything: its swap could not replace
@@ -1295,6 +1295,31 @@ async fn pg_a_rebuild_by_an_administrator_keeps_the_models_the_owners() {
             .expect_err("a rebuild by a role that may not act as the owner");
         assert!(matches!(refused, ProjectionError::NotOwner { .. }), "{refused:?}");
         assert!(refused.to_string().contains(&role), "{refused}");
+        // A rebuild replaces the views. What was granted on them is granted
+        // on the new ones, so the reader goes on reading (it got
+        // "permission denied for view tickets" after every rebuild).
+        let granted = view_privileges(&admin, &schema).await;
+        assert!(
+            granted
+                .iter()
+                .any(|(_, grantee, privilege, _)| *grantee == format!("{role}_ro") && privilege == "SELECT"),
+            "{granted:?}"
+        );
+        admin
+            .batch_execute(&format!(
+                r#"GRANT SELECT ON "{schema}".stats_counters TO PUBLIC;
+                   GRANT SELECT ON "{schema}".tickets TO "{role}_other" WITH GRANT OPTION;"#
+            ))
+            .await
+            .unwrap();
+        let granted = view_privileges(&admin, &schema).await;
+        let reports = owner
+            .rebuild_many(&["tickets", "stats"], RebuildOptions::default())
+            .await?;
+        assert!(reports.iter().all(|report| report.generation == 3), "{reports:?}");
+        assert_eq!(view_privileges(&admin, &schema).await, granted);
+        let relisted: u64 = ReadModels::Postgres(reader).counts().await?.values().sum();
+        assert!(relisted >= listed, "{relisted} < {listed}");
         Ok::<_, ProjectionError>(())
     })
     .catch_unwind()
@@ -1318,6 +1343,23 @@ async fn pg_a_rebuild_by_an_administrator_keeps_the_models_the_owners() {
     result.expect("the owner's read models keep working after the administrator's rebuild");
     let foreign = foreign.expect("the owners of the models' tables are listed");
     assert!(foreign.is_empty(), "objects not the owner's: {foreign:?}");
+}
+
+/// Every privilege granted on the views of `schema`: view, grantee
+/// (`PUBLIC` for everyone), privilege, and whether it may be granted on.
+async fn view_privileges(raw: &tokio_postgres::Client, schema: &str) -> Vec<(String, String, String, bool)> {
+    raw.query(
+        "SELECT c.relname::text, CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE pg_get_userbyid(a.grantee)::text END, \
+         a.privilege_type, a.is_grantable \
+         FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace, aclexplode(c.relacl) a \
+         WHERE n.nspname = $1 AND c.relkind = 'v' ORDER BY 1, 2, 3",
+        &[&schema],
+    )
+    .await
+    .unwrap()
+    .iter()
+    .map(|row| (row.get(0), row.get(1), row.get(2), row.get(3)))
+    .collect()
 }
 
 /// Whether each session named `application_name` is encrypted.

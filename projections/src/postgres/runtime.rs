@@ -597,7 +597,8 @@ impl PgProjector {
             .is_none()
         {
             let slot = new_generation(&tx, &self.models, model, SlotKind::Live).await?;
-            create_views(&tx, &self.models, model, slot.generation).await?;
+            let grants = view_grants(&tx, &self.models, model).await?;
+            create_views(&tx, &self.models, model, slot.generation, &grants).await?;
         }
         commit(tx).await
     }
@@ -1115,6 +1116,10 @@ impl PgProjector {
             // Dropping the transaction rolls it back.
             return Ok(None);
         }
+        // The views are replaced below; what was granted on them is granted
+        // again on the new ones, or a rebuild would lock out every role
+        // that reads the models.
+        let grants = view_grants(&tx, &self.models, model).await?;
         drop_views(&tx, &self.models, model).await?;
         if let Some(old) = old {
             drop_tables(&tx, &self.models, model, old.generation).await?;
@@ -1146,7 +1151,7 @@ impl PgProjector {
         )
         .await
         .map_err(|error| ProjectionError::postgres("swap the rebuilt model in", error))?;
-        create_views(&tx, &self.models, model, build.generation).await?;
+        create_views(&tx, &self.models, model, build.generation, &grants).await?;
         commit(tx).await?;
         Ok(Some(build))
     }
@@ -1368,15 +1373,16 @@ async fn drop_views(tx: &Transaction<'_>, models: &PgReadModels, model: Model) -
 }
 
 /// `<table>` views onto the live generation: what queries and SQL users
-/// read.
+/// read, with `grants` (what the views they replace had) granted again.
 async fn create_views(
     tx: &Transaction<'_>,
     models: &PgReadModels,
     model: Model,
     generation: u32,
+    grants: &[ViewGrant],
 ) -> Result<(), ProjectionError> {
     drop_views(tx, models, model).await?;
-    let sql: String = model
+    let mut sql: String = model
         .tables()
         .iter()
         .map(|table| {
@@ -1387,9 +1393,80 @@ async fn create_views(
             )
         })
         .collect();
+    for grant in grants {
+        sql.push_str(&grant.statement(models));
+    }
     tx.batch_execute(&sql)
         .await
         .map_err(|error| ProjectionError::postgres("create the views", error))
+}
+
+/// One privilege granted on one of a model's views to a role other than
+/// its owner (whose own privileges come with the view).
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct ViewGrant {
+    view: String,
+    /// `None` for `PUBLIC`.
+    grantee: Option<String>,
+    privilege: String,
+    grantable: bool,
+}
+
+impl ViewGrant {
+    /// The `GRANT` that gives it again, on the view of the same name.
+    fn statement(&self, models: &PgReadModels) -> String {
+        let grantee = match &self.grantee {
+            Some(role) => format!("\"{}\"", role.replace('"', "\"\"")),
+            None => "PUBLIC".to_owned(),
+        };
+        format!(
+            "GRANT {} ON {} TO {grantee}{};",
+            self.privilege,
+            models.qualified(&self.view),
+            if self.grantable { " WITH GRANT OPTION" } else { "" }
+        )
+    }
+}
+
+/// What is granted on `model`'s views now. Privilege names come from the
+/// server's `aclexplode` and are kept only when they are ones a view can
+/// carry, so nothing else reaches the `GRANT` text.
+async fn view_grants(
+    tx: &Transaction<'_>,
+    models: &PgReadModels,
+    model: Model,
+) -> Result<Vec<ViewGrant>, ProjectionError> {
+    const VIEW_PRIVILEGES: [&str; 7] = [
+        "SELECT",
+        "INSERT",
+        "UPDATE",
+        "DELETE",
+        "TRUNCATE",
+        "REFERENCES",
+        "TRIGGER",
+    ];
+    let views: Vec<&str> = model.tables().to_vec();
+    let rows = tx
+        .query(
+            "SELECT c.relname::text, CASE WHEN a.grantee = 0 THEN NULL ELSE pg_get_userbyid(a.grantee)::text END, \
+             a.privilege_type, a.is_grantable \
+             FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace, aclexplode(c.relacl) a \
+             WHERE n.nspname = $1 AND c.relname = ANY ($2) AND c.relkind = 'v' AND a.grantee <> c.relowner \
+             ORDER BY 1, 2, 3",
+            &[&models.schema(), &views],
+        )
+        .await
+        .map_err(|error| ProjectionError::postgres("read what is granted on the views", error))?;
+    Ok(rows
+        .iter()
+        .map(|row| ViewGrant {
+            view: row.get(0),
+            grantee: row.get(1),
+            privilege: row.get(2),
+            grantable: row.get(3),
+        })
+        .filter(|grant| VIEW_PRIVILEGES.contains(&grant.privilege.as_str()))
+        .collect())
 }
 
 #[cfg(test)]
