@@ -580,3 +580,66 @@ fn the_demo_on_postgresql_makes_no_read_model_schema() {
         assert_eq!(found, std::slice::from_ref(&schema), "only the events' schema");
     });
 }
+
+/// A URL that leaves the server out is completed from libpq's variables,
+/// as `psql` completes it: `--store postgres://?schema=…` with `PGHOST`,
+/// `PGPORT`, `PGUSER` and `PGDATABASE` reaches the store the full URL
+/// reaches.
+#[test]
+fn libpq_variables_complete_a_url_that_leaves_the_server_out() {
+    let Some(url) = pg_url("libpq_variables_complete_a_url_that_leaves_the_server_out") else {
+        return;
+    };
+    let _shared = sharing_the_watermark();
+    let (schema, store) = fresh_store(&url);
+    let dir = tempfile::tempdir().unwrap();
+    let opened: Value = serde_json::from_str(&succeed(
+        dir.path(),
+        &on_store(&store, &["ticket", "open", "--subject", "S", "--body", "B", "--json"]),
+    ))
+    .unwrap();
+    let id = opened["id"].as_str().unwrap().to_owned();
+
+    let config: tokio_postgres::Config = url.parse().unwrap();
+    let host = match &config.get_hosts()[0] {
+        tokio_postgres::config::Host::Tcp(name) => name.clone(),
+        tokio_postgres::config::Host::Unix(path) => path.display().to_string(),
+    };
+    let port = config.get_ports().first().copied().unwrap_or(5432).to_string();
+    // The test URL's own settings (its sslmode, say) stay in the URL.
+    let query = url
+        .split_once('?')
+        .map(|(_, query)| format!("{query}&"))
+        .unwrap_or_default();
+    let bare = format!("postgres://?{query}schema={schema}");
+    let mut command = common::command(dir.path());
+    command
+        .args(["--store", &bare, "events", "--json"])
+        .env("PGHOST", &host)
+        .env("PGPORT", &port)
+        .env("PGUSER", config.get_user().unwrap_or("postgres"))
+        .env("PGDATABASE", config.get_dbname().unwrap_or("postgres"));
+    if let Some(password) = config.get_password() {
+        command.env("PGPASSWORD", String::from_utf8_lossy(password).as_ref());
+    }
+    let output = command.output().unwrap();
+    assert!(output.status.success(), "{}", common::stderr(&output));
+    let events = common::stdout(&output);
+    assert_eq!(events.lines().count(), 1, "{events}");
+    let event: Value = serde_json::from_str(events.lines().next().unwrap()).unwrap();
+    assert_eq!(event["stream"], format!("ticket-{id}"), "{event}");
+
+    // Without them the same URL names no server, and says so.
+    let refused = common::fail(dir.path(), &["--store", &bare, "events"]);
+    assert!(refused.contains("host"), "{refused}");
+    // A variable that cannot be read is named, not skipped.
+    let mut command = common::command(dir.path());
+    command.args(["--store", &bare, "events"]).env("PGPORT", "fivefour");
+    let output = command.output().unwrap();
+    assert!(!output.status.success());
+    assert!(
+        common::stderr(&output).contains("PGPORT"),
+        "{}",
+        common::stderr(&output)
+    );
+}

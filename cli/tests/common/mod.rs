@@ -16,11 +16,29 @@ pub fn command(dir: &Path) -> Command {
         .env_remove("TRIAGE_DB")
         .env_remove("TRIAGE_STORE")
         .env_remove("TRIAGE_READ_MODEL")
-        // Read as libpq reads them, for PostgreSQL URLs without a password.
-        .env_remove("PGPASSWORD")
-        .env_remove("PGPASSFILE")
         .env_remove("RUST_LOG")
         .env("COLUMNS", "200");
+    // Read as libpq reads them, for what a PostgreSQL URL leaves out.
+    for libpq in [
+        "PGHOST",
+        "PGHOSTADDR",
+        "PGPORT",
+        "PGUSER",
+        "PGDATABASE",
+        "PGAPPNAME",
+        "PGOPTIONS",
+        "PGCONNECT_TIMEOUT",
+        "PGSSLMODE",
+        "PGSSLROOTCERT",
+        "PGSSLCERT",
+        "PGSSLKEY",
+        "PGSSLCRL",
+        "PGSSLCRLDIR",
+        "PGPASSWORD",
+        "PGPASSFILE",
+    ] {
+        command.env_remove(libpq);
+    }
     command
 }
 

@@ -144,17 +144,30 @@ pub struct PgUrl {
 /// Without a password in the URL, the password is `PGPASSWORD`'s, or the
 /// password file's (see `pgpass.rs`), as with libpq.
 ///
+/// What the URL leaves out is taken from libpq's environment variables,
+/// so that `postgres://` alone connects where `psql` does: `PGHOST`,
+/// `PGHOSTADDR`, `PGPORT`, `PGUSER`, `PGDATABASE`, `PGAPPNAME`,
+/// `PGOPTIONS`, `PGCONNECT_TIMEOUT`, `PGSSLMODE`, `PGSSLROOTCERT`,
+/// `PGSSLCERT` and `PGSSLKEY` (an empty one counts as unset). `PGSSLCRL`
+/// and `PGSSLCRLDIR` are refused, as `sslcrl` in the URL is.
+///
 /// As with libpq, connections over a Unix socket never use TLS, whatever
 /// `sslmode` says; and `prefer` without a host name to start TLS with
 /// (only `hostaddr`) connects without it.
 pub fn parse_url(url: &str) -> Result<PgUrl, String> {
-    let (rest, settings) = take_tls_settings(url)?;
+    parse_url_in(url, &|name| std::env::var(name).ok().filter(|value| !value.is_empty()))
+}
+
+/// [`parse_url`] with the environment read through `env`.
+fn parse_url_in(url: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<PgUrl, String> {
+    let (rest, mut settings) = take_tls_settings(url)?;
     let mut config = rest.parse::<Config>().map_err(|error| {
         // The driver's message and its cause name the bad part (a key, or
         // "invalid value for option `port`"), never the URL.
         let cause = std::error::Error::source(&error).map_or_else(String::new, |cause| format!(": {cause}"));
         format!("invalid PostgreSQL URL (expected postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE): {error}{cause}")
     })?;
+    fill_from_environment(&mut config, &mut settings, env)?;
     let mode = settings.effective_mode();
     // What each server entry of the URL is to the driver: a socket, or TCP
     // (to `hostaddr` when given) with the host's name for TLS, or without
@@ -182,6 +195,105 @@ pub fn parse_url(url: &str) -> Result<PgUrl, String> {
     crate::pgpass::fill_password(&mut config);
     let tls = PgTls::new(settings)?;
     Ok(PgUrl { config, tls })
+}
+
+/// Fills in what the URL left out from libpq's variables (see [`parse_url`]),
+/// as libpq does: each one only where the URL gives nothing of its kind
+/// (a URL with a host takes no `PGHOST`, nor `PGHOSTADDR`). A value that
+/// does not parse is an error naming the variable, never silently ignored.
+fn fill_from_environment(
+    config: &mut Config,
+    settings: &mut TlsSettings,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<(), String> {
+    let invalid = |name: &str, what: &str| format!("{name} in the environment is not {what}");
+    for name in ["PGSSLCRL", "PGSSLCRLDIR"] {
+        if env(name).is_some() {
+            return Err(format!(
+                "{name} is set: certificate revocation lists are not supported, and a connection that ignored \
+                 one would trust a revoked certificate (unset it to connect without revocation checks)"
+            ));
+        }
+    }
+    if config.get_hosts().is_empty() && config.get_hostaddrs().is_empty() {
+        if let Some(hosts) = env("PGHOST") {
+            for host in hosts.split(',') {
+                config.host(host);
+            }
+        }
+        if let Some(addresses) = env("PGHOSTADDR") {
+            for address in addresses.split(',') {
+                let address = address
+                    .trim()
+                    .parse()
+                    .map_err(|_| invalid("PGHOSTADDR", "a comma-separated list of IP addresses"))?;
+                config.hostaddr(address);
+            }
+        }
+    }
+    if config.get_ports().is_empty()
+        && let Some(ports) = env("PGPORT")
+    {
+        for port in ports.split(',') {
+            let port = port
+                .trim()
+                .parse()
+                .map_err(|_| invalid("PGPORT", "a comma-separated list of port numbers"))?;
+            config.port(port);
+        }
+    }
+    if config.get_user().is_none()
+        && let Some(user) = env("PGUSER")
+    {
+        config.user(user);
+    }
+    if config.get_dbname().is_none()
+        && let Some(database) = env("PGDATABASE")
+    {
+        config.dbname(database);
+    }
+    if config.get_application_name().is_none()
+        && let Some(name) = env("PGAPPNAME")
+    {
+        config.application_name(name);
+    }
+    if config.get_options().is_none()
+        && let Some(options) = env("PGOPTIONS")
+    {
+        config.options(options);
+    }
+    if config.get_connect_timeout().is_none()
+        && let Some(seconds) = env("PGCONNECT_TIMEOUT")
+    {
+        // As libpq reads it: whole seconds, 0 (or less) for no limit.
+        let seconds: i64 = seconds
+            .trim()
+            .parse()
+            .map_err(|_| invalid("PGCONNECT_TIMEOUT", "a whole number of seconds"))?;
+        if seconds > 0 {
+            config.connect_timeout(Duration::from_secs(seconds.unsigned_abs()));
+        }
+    }
+    if settings.mode.is_none()
+        && let Some(mode) = env("PGSSLMODE")
+    {
+        settings.mode = Some(SslMode::parse(&mode).map_err(|_| {
+            format!(
+                "PGSSLMODE in the environment is {mode:?}, not one of disable, prefer, require, verify-ca or \
+                 verify-full"
+            )
+        })?);
+    }
+    for (field, name) in [
+        (&mut settings.root_cert, "PGSSLROOTCERT"),
+        (&mut settings.cert, "PGSSLCERT"),
+        (&mut settings.key, "PGSSLKEY"),
+    ] {
+        if field.is_none() {
+            *field = env(name);
+        }
+    }
+    Ok(())
 }
 
 /// The TLS parameters of a URL, as written.
@@ -932,6 +1044,123 @@ mod tests {
 
     fn split(url: &str) -> (String, TlsSettings) {
         take_tls_settings(url).unwrap()
+    }
+
+    /// `parse_url` with exactly these environment variables set.
+    fn parse_with(url: &str, env: &[(&str, &str)]) -> Result<PgUrl, String> {
+        let env: Vec<(String, String)> = env.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
+        parse_url_in(url, &|name| {
+            env.iter()
+                .find(|(key, value)| key == name && !value.is_empty())
+                .map(|(_, value)| value.clone())
+        })
+    }
+
+    const LIBPQ_ENV: [(&str, &str); 8] = [
+        ("PGHOST", "db.example,/run/postgresql"),
+        ("PGPORT", "5433,5434"),
+        ("PGUSER", "alice"),
+        ("PGDATABASE", "tickets"),
+        ("PGAPPNAME", "triage-agent"),
+        ("PGOPTIONS", "-c statement_timeout=5s"),
+        ("PGCONNECT_TIMEOUT", "7"),
+        ("PGSSLMODE", "disable"),
+    ];
+
+    #[test]
+    fn libpq_variables_fill_in_what_the_url_leaves_out() {
+        let url = parse_with("postgres://", &LIBPQ_ENV).unwrap();
+        let config = &url.config;
+        assert_eq!(
+            config.get_hosts(),
+            [Host::Tcp("db.example".to_owned()), Host::Unix("/run/postgresql".into())]
+        );
+        assert_eq!(config.get_ports(), [5433, 5434]);
+        assert_eq!(config.get_user(), Some("alice"));
+        assert_eq!(config.get_dbname(), Some("tickets"));
+        assert_eq!(config.get_application_name(), Some("triage-agent"));
+        assert_eq!(config.get_options(), Some("-c statement_timeout=5s"));
+        assert_eq!(config.get_connect_timeout(), Some(&Duration::from_secs(7)));
+        assert_eq!(url.tls.mode(), SslMode::Disable);
+        assert_eq!(config.get_ssl_mode(), DriverSslMode::Disable);
+        // The libpq key=value form too; an address with no host name.
+        let url = parse_with("dbname=other", &[("PGHOSTADDR", "127.0.0.1"), ("PGSSLMODE", "prefer")]).unwrap();
+        assert_eq!(
+            url.config.get_hostaddrs(),
+            ["127.0.0.1".parse::<std::net::IpAddr>().unwrap()]
+        );
+        assert_eq!(url.config.get_dbname(), Some("other"));
+        // Unset, and empty as unset: the URL's own defaults.
+        for env in [&[][..], &[("PGSSLMODE", ""), ("PGUSER", "")][..]] {
+            let url = parse_with("postgres://h/d", env).unwrap();
+            assert_eq!(url.tls.mode(), SslMode::Prefer);
+            assert_eq!(url.config.get_user(), None);
+        }
+    }
+
+    #[test]
+    fn the_url_wins_over_the_environment() {
+        let url = parse_with(
+            "postgres://bob@h:6000/d?sslmode=require&application_name=mine&connect_timeout=3&options=-c%20x%3Dy",
+            &LIBPQ_ENV,
+        )
+        .unwrap();
+        let config = &url.config;
+        assert_eq!(config.get_hosts(), [Host::Tcp("h".to_owned())]);
+        assert_eq!(config.get_ports(), [6000]);
+        assert_eq!(config.get_user(), Some("bob"));
+        assert_eq!(config.get_dbname(), Some("d"));
+        assert_eq!(config.get_application_name(), Some("mine"));
+        assert_eq!(config.get_options(), Some("-c x=y"));
+        assert_eq!(config.get_connect_timeout(), Some(&Duration::from_secs(3)));
+        assert_eq!(url.tls.mode(), SslMode::Require);
+        // A host in the URL also keeps PGHOSTADDR out (libpq would pair
+        // the URL's host with the variable's address).
+        let url = parse_with("postgres://h/d", &[("PGHOSTADDR", "10.1.2.3")]).unwrap();
+        assert!(url.config.get_hostaddrs().is_empty());
+    }
+
+    #[test]
+    fn libpq_tls_files_from_the_environment_are_used_and_checked() {
+        let (dir, _) = file_with("ca.pem", SOME_CA);
+        let root = dir.0.join("ca.pem");
+        let root = root.to_str().unwrap();
+        let url = parse_with(
+            "postgres://u@h/d",
+            &[("PGSSLMODE", "verify-full"), ("PGSSLROOTCERT", root)],
+        )
+        .unwrap();
+        assert_eq!(url.tls.verification(), Verification::Full);
+        // sslrootcert=system alone means verify-full, from the variable too.
+        let url = parse_with("postgres://u@h/d", &[("PGSSLROOTCERT", "system")]).unwrap();
+        assert_eq!(url.tls.mode(), SslMode::VerifyFull);
+        let missing = parse_with(
+            "postgres://u@h/d",
+            &[("PGSSLMODE", "verify-ca"), ("PGSSLROOTCERT", "/nonexistent/root.crt")],
+        )
+        .unwrap_err();
+        assert!(missing.contains("/nonexistent/root.crt"), "{missing}");
+        let missing = parse_with("postgres://u@h/d", &[("PGSSLCERT", "/nonexistent/client.crt")]).unwrap_err();
+        assert!(missing.contains("/nonexistent/client.crt"), "{missing}");
+    }
+
+    #[test]
+    fn bad_libpq_variables_are_named_not_ignored() {
+        for (name, value) in [
+            ("PGPORT", "fivefour"),
+            ("PGHOSTADDR", "db.example"),
+            ("PGCONNECT_TIMEOUT", "soon"),
+            ("PGSSLMODE", "allow"),
+            ("PGSSLCRL", "/etc/ssl/crl.pem"),
+            ("PGSSLCRLDIR", "/etc/ssl/crls"),
+        ] {
+            let error = parse_with("postgres://u:s3cret@/d", &[(name, value)]).unwrap_err();
+            assert!(error.contains(name), "{name}: {error}");
+            assert!(!error.contains("s3cret"), "{name}: {error}");
+        }
+        // No limit, as libpq reads 0.
+        let url = parse_with("postgres://u@h/d", &[("PGCONNECT_TIMEOUT", "0")]).unwrap();
+        assert_eq!(url.config.get_connect_timeout(), None);
     }
 
     fn driver_mode(url: &str) -> DriverSslMode {
