@@ -94,7 +94,9 @@ def work_once(api, role, log):
     log("claimed %s (%s) at revision %d" % (ticket["id"], ticket["state"], revision))
 
     # Think. A real agent would call its model here, and send a heartbeat
-    # (POST /v1/claims/{claim_id}/heartbeat) if that takes long.
+    # (POST /v1/claims/{claim_id}/heartbeat) if that takes long. A heartbeat
+    # is an event on the ticket: take the revision it answers as the one to
+    # send in If-Match, or the submission is refused as stale.
     if role == "classifier":
         path, body = "classification", dict(classify(ticket), claim_id=claim_id)
     elif role == "drafter":

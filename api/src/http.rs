@@ -624,7 +624,8 @@ async fn release(
 /// Extend a claim's lease (the body may be empty).
 #[utoipa::path(post, path = "/v1/claims/{claim_id}/heartbeat", tag = "work",
     params(("claim_id" = String, Path, description = "The claim id"),
-        ("Idempotency-Key" = Option<String>, Header, description = "The command id")),
+        ("Idempotency-Key" = Option<String>, Header, description = "The command id"),
+        ("If-Match" = Option<String>, Header, description = "The revision the agent last saw")),
     request_body(content = Option<HeartbeatRequest>),
     responses(
         (status = 200, body = CommandResponse),
@@ -681,7 +682,13 @@ async fn heartbeat(
         lease_secs: request.lease_secs,
     };
     let outcome = state
-        .claim_command(&principal, claim_id, idempotency_key(&headers)?, None, command)
+        .claim_command(
+            &principal,
+            claim_id,
+            idempotency_key(&headers)?,
+            if_match(&headers)?,
+            command,
+        )
         .await?;
     Ok(command_response(StatusCode::OK, outcome))
 }

@@ -165,9 +165,9 @@ pub struct ReleaseArgs {
     /// Why.
     #[serde(flatten)]
     pub body: ReleaseRequest,
-    /// Retry key.
-    #[serde(default)]
-    pub idempotency_key: Option<String>,
+    /// Retry key and decided-on revision.
+    #[serde(flatten)]
+    pub options: CommandOptions,
 }
 
 /// Arguments of `heartbeat`.
@@ -175,10 +175,15 @@ pub struct ReleaseArgs {
 pub struct HeartbeatArgs {
     /// The claim to extend.
     pub claim_id: Uuid,
-    /// The new lease from now, in seconds (default 60).
+    /// The lease from now, in seconds (default 60); a lease that already
+    /// ends later is kept. The answer's revision is the one to decide on
+    /// next.
     #[serde(default)]
     #[schemars(range(min = 1, max = 3600))]
     pub lease_secs: Option<u32>,
+    /// Retry key and decided-on revision.
+    #[serde(flatten)]
+    pub options: CommandOptions,
 }
 
 fn done<T: Serialize>(result: Result<T, ApiError>) -> Result<CallToolResult, ErrorData> {
@@ -286,6 +291,14 @@ impl TriageMcp {
         extensions: Extensions,
         Parameters(args): Parameters<ClaimArgs>,
     ) -> Result<CallToolResult, ErrorData> {
+        // An operator's hand-offs (NEEDS_HUMAN) are its work too, but no
+        // claim takes them: the answer says where they are.
+        let nothing = if matches!(args.role, RoleName::Operator) {
+            "no ticket can be claimed as operator; hand-offs waiting in NEEDS_HUMAN take no claim: find them with \
+             list_tickets (state NEEDS_HUMAN) and resolve_ticket them"
+        } else {
+            "no ticket is waiting for this role"
+        };
         let result = match self.principal(&extensions) {
             Ok(principal) => self
                 .state
@@ -300,7 +313,7 @@ impl TriageMcp {
                 .await
                 .map(|claimed| match claimed {
                     Some(claimed) => serde_json::to_value(claimed).unwrap_or_default(),
-                    None => serde_json::json!({ "claimed": false, "detail": "no ticket is waiting for this role" }),
+                    None => serde_json::json!({ "claimed": false, "detail": nothing }),
                 }),
             Err(error) => Err(error),
         };
@@ -477,8 +490,8 @@ impl TriageMcp {
                 .claim_command(
                     &principal,
                     args.claim_id,
-                    args.idempotency_key.as_deref(),
-                    None,
+                    args.options.idempotency_key.as_deref(),
+                    args.options.expected_revision,
                     command,
                 )
                 .await
@@ -500,7 +513,13 @@ impl TriageMcp {
                 lease_secs: args.lease_secs,
             };
             self.state
-                .claim_command(&principal, args.claim_id, None, None, command)
+                .claim_command(
+                    &principal,
+                    args.claim_id,
+                    args.options.idempotency_key.as_deref(),
+                    args.options.expected_revision,
+                    command,
+                )
                 .await
         }
         .await;

@@ -1078,6 +1078,22 @@ async fn release_and_heartbeat_act_on_the_claims_ticket() {
         )
         .await;
     assert_eq!(beat.status, StatusCode::OK, "{}", beat.json);
+    // A heartbeat moves the ticket on; If-Match is checked on it as on
+    // every command (it was ignored, even when not a revision at all).
+    let revision = beat.json["revision"].as_u64().unwrap();
+    let with_if_match =
+        |tag: String| Req::raw("POST", format!("/v1/claims/{claim_id}/heartbeat"), Vec::new()).header("If-Match", tag);
+    h.send(Some("classifier"), with_if_match(format!("\"{}\"", revision - 1)))
+        .await
+        .assert_problem(StatusCode::CONFLICT, "stale_revision");
+    h.send(Some("classifier"), with_if_match("soon".to_owned()))
+        .await
+        .assert_problem(StatusCode::BAD_REQUEST, "invalid_header");
+    let beat = h
+        .send(Some("classifier"), with_if_match(format!("\"{revision}\"")))
+        .await;
+    assert_eq!(beat.status, StatusCode::OK, "{}", beat.json);
+    assert_eq!(beat.json["revision"], revision + 1);
     // Someone else's heartbeat is fenced off.
     h.send(
         Some("classifier-2"),

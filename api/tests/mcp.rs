@@ -132,6 +132,37 @@ async fn new_to_resolved(peer: &Peer<RoleClient>) {
     let claim = ok(&call(peer, "claim_work", json!({"role": "drafter"})).await);
     let beat = ok(&call(peer, "heartbeat", json!({"claim_id": claim["claim_id"]})).await);
     assert_eq!(beat["events"], json!(["LeaseExtended"]));
+    // A heartbeat takes the options every command takes (it refused them
+    // as unknown arguments): the decided-on revision, and a retry key.
+    let stale = call(
+        peer,
+        "heartbeat",
+        json!({"claim_id": claim["claim_id"], "expected_revision": claim["revision"]}),
+    )
+    .await;
+    assert_eq!(
+        stale.structured_content.as_ref().unwrap()["code"],
+        "stale_revision",
+        "{stale:?}"
+    );
+    let keyed =
+        json!({"claim_id": claim["claim_id"], "expected_revision": beat["revision"], "idempotency_key": "beat-2"});
+    let beat = ok(&call(peer, "heartbeat", keyed.clone()).await);
+    let retried = ok(&call(peer, "heartbeat", keyed).await);
+    assert_eq!(retried["duplicate"], true, "{retried}");
+    assert_eq!(retried["revision"], beat["revision"]);
+    // So does a release.
+    let stale = call(
+        peer,
+        "release_claim",
+        json!({"claim_id": claim["claim_id"], "reason": "x", "expected_revision": claim["revision"]}),
+    )
+    .await;
+    assert_eq!(
+        stale.structured_content.as_ref().unwrap()["code"],
+        "stale_revision",
+        "{stale:?}"
+    );
     let drafted = ok(&call(
         peer,
         "submit_draft",
@@ -151,15 +182,19 @@ async fn new_to_resolved(peer: &Peer<RoleClient>) {
     let shown = ok(&call(peer, "get_ticket", json!({"ticket_id": ticket})).await);
     assert_eq!(shown["state"], "RESOLVED");
     let history = ok(&call(peer, "ticket_events", json!({"ticket_id": ticket})).await);
-    assert_eq!(history["events"].as_array().unwrap().len(), 8);
-    let later = ok(&call(peer, "ticket_events", json!({"ticket_id": ticket, "from_revision": 6})).await);
+    assert_eq!(
+        history["events"].as_array().unwrap().len(),
+        9,
+        "two heartbeats stored, one retried"
+    );
+    let later = ok(&call(peer, "ticket_events", json!({"ticket_id": ticket, "from_revision": 7})).await);
     let revisions: Vec<Value> = later["events"]
         .as_array()
         .unwrap()
         .iter()
         .map(|event| event["revision"].clone())
         .collect();
-    assert_eq!(revisions, [json!(6), json!(7)], "a page from a revision");
+    assert_eq!(revisions, [json!(7), json!(8)], "a page from a revision");
     let listed = ok(&call(peer, "list_tickets", json!({"state": "RESOLVED"})).await);
     assert_eq!(listed["tickets"].as_array().unwrap().len(), 1);
     let stats = ok(&call(peer, "stats", json!({})).await);

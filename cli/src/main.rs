@@ -101,7 +101,9 @@ struct GlobalArgs {
     /// default), postgres://USER@HOST/DB[?schema=NAME] (schema= keeps the
     /// store in a schema of its own; TLS by sslmode=disable|prefer (the
     /// default)|require|verify-ca|verify-full and sslrootcert=FILE|system,
-    /// as with psql),
+    /// as with psql; what the URL leaves out comes from PGHOST, PGUSER,
+    /// PGPASSWORD, PGSSLMODE and the like, so postgres:// alone works
+    /// where psql does),
     /// esdb://HOST:2113?tls=false (also kurrentdb://, a cluster as
     /// esdb://h1:2113,h2:2113,h3:2113, and namespace=NAME to share a
     /// server), or memory://. Overrides --db.

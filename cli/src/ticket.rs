@@ -85,7 +85,9 @@ pub(crate) enum TicketCommand {
         #[arg(long, default_value_t = 50, value_parser = parse_limit)]
         limit: usize,
     },
-    /// Show a role's work queue: tickets it can claim, oldest first.
+    /// Show a role's work queue, oldest first: the tickets it can claim,
+    /// and for operators also the hand-offs in NEEDS_HUMAN (which take no
+    /// claim: an operator resolves them with `ticket send`).
     Queue {
         /// The role: classifier, drafter, escalator or operator.
         #[arg(long, value_parser = parse_queue_role)]

@@ -650,7 +650,7 @@ impl CommandHandler {
                 if from_cache {
                     continue;
                 }
-                return Err(stale(ticket_id, expected, &loaded));
+                return Err(stale(ticket_id, expected, &loaded, &envelope.command));
             }
             let now = self.clock.now();
             let context = Context {
@@ -770,7 +770,7 @@ impl CommandHandler {
                         if let Some(original) = original_outcome(&fresh, envelope, first_event_id, &self.policy)? {
                             return Ok(original);
                         }
-                        return Err(stale(ticket_id, expected, &fresh));
+                        return Err(stale(ticket_id, expected, &fresh, &envelope.command));
                     }
                     if attempt >= self.retry.max_attempts {
                         return Err(CommandError::Contended {
@@ -959,12 +959,32 @@ fn stale_message(expected: u64, actual: Option<u64>) -> String {
     }
 }
 
-fn stale(ticket_id: TicketId, expected: u64, loaded: &LoadedTicket) -> CommandError {
-    CommandError::StaleRevision {
-        ticket_id,
-        expected,
-        actual: loaded.revision,
-        state: loaded.ticket.state,
+/// A decision made on a revision the ticket has moved past. When the
+/// command names a claim that has ended since (the sweeper expired it, it
+/// was released or taken over), the sender is told that, as a command
+/// without `If-Match` is: its claim, not only its view of the ticket, is
+/// gone, so it must not decide again under it.
+fn stale(ticket_id: TicketId, expected: u64, loaded: &LoadedTicket, command: &Command) -> CommandError {
+    let ended = command.claim_id().and_then(|claim_id| {
+        triage_domain::ended_claim(
+            &loaded.ticket,
+            loaded.history.iter().map(|stored| &stored.event),
+            claim_id,
+        )
+    });
+    match ended {
+        Some(rejection) => CommandError::Rejected {
+            rejection,
+            ticket_id,
+            state: loaded.ticket.state,
+            revision: loaded.revision,
+        },
+        None => CommandError::StaleRevision {
+            ticket_id,
+            expected,
+            actual: loaded.revision,
+            state: loaded.ticket.state,
+        },
     }
 }
 

@@ -379,7 +379,37 @@ async fn a_late_write_under_an_expired_lease_is_refused() {
         .handle(classify(ticket, classifier(1), claim.command_id))
         .await;
     assert!(matches!(result, Err(CommandError::Rejected { .. })), "{result:?}");
-    assert_eq!(stored(&f.store, ticket).await.len(), 3);
+    // Sent with the revision it decided on (the claim's), as agents send
+    // it, the late write is told its lease expired, not only that the
+    // ticket moved on: it must not decide again under that claim. Through
+    // a handler without a cache as well, which reads the ticket first.
+    let uncached = CommandHandler::new(f.store.clone()).with_clock(f.clock.clone());
+    for handler in [&f.handler, &uncached] {
+        let result = handler
+            .handle(classify(ticket, classifier(1), claim.command_id).at_revision(claim.revision))
+            .await;
+        assert!(
+            matches!(
+                result,
+                Err(CommandError::Rejected {
+                    rejection: Rejection::LeaseExpired { .. },
+                    state: Some(State::New),
+                    revision: Some(2),
+                    ..
+                })
+            ),
+            "{result:?}"
+        );
+    }
+    // A decision on an old revision under the claim the ticket still has
+    // is stale, as before.
+    let again = f.handler.handle(start(ticket, classifier(1))).await.unwrap();
+    let result = f
+        .handler
+        .handle(classify(ticket, classifier(1), again.command_id).at_revision(claim.revision))
+        .await;
+    assert!(matches!(result, Err(CommandError::StaleRevision { .. })), "{result:?}");
+    assert_eq!(stored(&f.store, ticket).await.len(), 4);
 }
 
 #[tokio::test]

@@ -516,10 +516,17 @@ fn events_for(
                 attempts,
             })
         }
-        Command::ExtendLease { claim_id, lease_secs } => vec![Event::LeaseExtended {
-            claim_id: *claim_id,
-            lease_expires_at: lease_until(policy, *lease_secs, context.now)?,
-        }],
+        // An extension never ends a lease sooner than it would have ended:
+        // an agent that claimed for an hour and heartbeats with the
+        // default lease keeps its hour.
+        Command::ExtendLease { claim_id, lease_secs } => {
+            let requested = lease_until(policy, *lease_secs, context.now)?;
+            let current = ticket.claim.as_ref().map(|claim| claim.lease_expires_at);
+            vec![Event::LeaseExtended {
+                claim_id: *claim_id,
+                lease_expires_at: current.map_or(requested, |current| current.max(requested)),
+            }]
+        }
         Command::ExpireClaim { claim_id } => {
             let lease_expired_at = ticket
                 .claim

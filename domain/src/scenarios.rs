@@ -590,6 +590,22 @@ fn extending_a_lease_moves_its_expiry() {
     );
 }
 
+/// A heartbeat extends; it never ends a longer lease sooner. The claim of
+/// `history_to` runs 60 s from t0; one asked for a shorter time from now
+/// keeps it.
+#[test]
+fn extending_a_lease_never_shortens_it() {
+    let ticket = Scenario::given(history_to(State::Classifying, 0, HOLDER))
+        .as_role(HOLDER, Role::Classifier)
+        .at(t0() + Duration::seconds(10))
+        .when(Command::ExtendLease {
+            claim_id: Uuid::from_u128(9),
+            lease_secs: Some(5),
+        })
+        .then_state(State::Classifying);
+    assert_eq!(ticket.claim.unwrap().lease_expires_at, t0() + Duration::seconds(60));
+}
+
 fn classify(category: &str, confidence: f64) -> Command {
     Command::Classify {
         claim_id: Uuid::from_u128(9),
