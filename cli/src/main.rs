@@ -206,8 +206,10 @@ enum Command {
         until: String,
         /// The scratch read-model file to create; it must not exist yet.
         /// It is built beside it under a hidden name and appears only once
-        /// complete: a failed or interrupted replay leaves no file, and of
-        /// two replays into one path the second is refused.
+        /// complete: a failed or interrupted (Ctrl-C) replay leaves no file,
+        /// and of two replays into one path the second is refused. One
+        /// killed outright leaves its hidden `.NAME.partial-PID` files,
+        /// which the next replay into NAME clears.
         #[arg(long, value_name = "PATH")]
         into: PathBuf,
     },

@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use rusqlite::{Connection, OpenFlags, OptionalExtension};
 use triage_event_store::Position;
+use uuid::Uuid;
 
 use crate::ProjectionError;
 
@@ -484,6 +485,97 @@ pub(crate) fn write_checkpoint(conn: &Connection, kind: SlotKind, slot: &Slot) -
             (&slot.name, now_micros()),
         )?;
     }
+    Ok(())
+}
+
+/// The event each slot's checkpoint stands at, recorded with the
+/// checkpoint. A store restored from a backup has fewer events than its
+/// read models applied, and once new appends bring it back past their
+/// checkpoint, its head no longer shows that the models describe events
+/// it lost: the event at the checkpoint's position does, being another
+/// one (or none). Kept in a table of its own, made when first written, so
+/// that files from before it (and a Triage from before it, which neither
+/// reads nor writes it) keep working: a checkpoint moved without it is
+/// simply not checked.
+const CREATE_CHECKPOINT_EVENTS: &str = "
+    CREATE TABLE IF NOT EXISTS checkpoint_events (
+        slot             TEXT    NOT NULL,
+        name             TEXT    NOT NULL,
+        position_commit  INTEGER NOT NULL,
+        position_prepare INTEGER NOT NULL,
+        event_id         TEXT    NOT NULL,
+        PRIMARY KEY (slot, name)
+    ) STRICT;
+";
+
+/// Records `event_id` as the event at `slot`'s checkpoint, in the
+/// transaction that writes the checkpoint.
+pub(crate) fn write_checkpoint_event(
+    conn: &Connection,
+    kind: SlotKind,
+    name: &str,
+    position: Position,
+    event_id: Uuid,
+) -> rusqlite::Result<()> {
+    conn.execute_batch(CREATE_CHECKPOINT_EVENTS)?;
+    conn.execute(
+        "INSERT INTO checkpoint_events VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (slot, name) DO UPDATE SET \
+         position_commit = ?3, position_prepare = ?4, event_id = ?5",
+        (
+            kind.table(),
+            name,
+            position.commit as i64,
+            position.prepare as i64,
+            event_id.to_string(),
+        ),
+    )?;
+    Ok(())
+}
+
+/// The live slot's checkpoint and the event recorded at it, read
+/// together; `None` without a record for the checkpoint it has now.
+pub(crate) fn live_checkpoint_event(conn: &Connection, name: &str) -> rusqlite::Result<Option<(Position, Uuid)>> {
+    if !table_exists(conn, "checkpoint_events")? {
+        return Ok(None);
+    }
+    let found = conn
+        .query_row(
+            "SELECT e.position_commit, e.position_prepare, e.event_id FROM projections p \
+             JOIN checkpoint_events e ON e.slot = 'projections' AND e.name = p.name \
+             AND e.position_commit = p.checkpoint_commit AND e.position_prepare = p.checkpoint_prepare \
+             WHERE p.name = ?1",
+            [name],
+            |row| Ok((row.get::<_, i64>(0)?, row.get::<_, i64>(1)?, row.get::<_, String>(2)?)),
+        )
+        .optional()?;
+    Ok(found.and_then(|(commit, prepare, id)| {
+        let position = Position {
+            commit: commit as u64,
+            prepare: prepare as u64,
+        };
+        Uuid::parse_str(&id).ok().map(|id| (position, id))
+    }))
+}
+
+/// Makes `kind`'s record of the event at `name`'s checkpoint the one
+/// `from` had (a swapped-in build's), or none.
+pub(crate) fn move_checkpoint_event(
+    conn: &Connection,
+    name: &str,
+    from: SlotKind,
+    to: SlotKind,
+) -> rusqlite::Result<()> {
+    if !table_exists(conn, "checkpoint_events")? {
+        return Ok(());
+    }
+    conn.execute(
+        "DELETE FROM checkpoint_events WHERE slot = ?1 AND name = ?2",
+        (to.table(), name),
+    )?;
+    conn.execute(
+        "UPDATE checkpoint_events SET slot = ?1 WHERE slot = ?2 AND name = ?3",
+        (to.table(), from.table(), name),
+    )?;
     Ok(())
 }
 

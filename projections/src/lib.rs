@@ -267,6 +267,12 @@ fn damage_hint(error: &rusqlite::Error) -> &'static str {
             "; the read-model file is damaged: it holds only what the event log says, so move it (with its -wal \
              and -shm files) aside, and the next command rebuilds it from the log"
         }
+        rusqlite::Error::SqliteFailure(failure, _) if failure.code == rusqlite::ErrorCode::ReadOnly => {
+            "; this user may not write the read-model file (or its -wal and -shm files, or their directory), which \
+             commands that read tickets or statistics keep up to date: run as its owner, or use the commands that \
+             read the event log alone (events, stats --since/--until, replay), or name a read-model file this \
+             user may write with --read-model"
+        }
         _ => "",
     }
 }
@@ -278,5 +284,29 @@ impl ProjectionError {
 
     pub(crate) fn postgres(action: &'static str, source: tokio_postgres::Error) -> Self {
         ProjectionError::Postgres { action, source }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A write refused because the file is read-only for this user says
+    /// so and what to do (it was only "attempt to write a readonly
+    /// database").
+    #[test]
+    fn a_read_only_read_model_file_says_what_to_do() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("models.db");
+        rusqlite::Connection::open(&path)
+            .unwrap()
+            .execute_batch("CREATE TABLE t (x)")
+            .unwrap();
+        let read_only =
+            rusqlite::Connection::open_with_flags(&path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap();
+        let error = read_only.execute("INSERT INTO t VALUES (1)", []).unwrap_err();
+        let message = ProjectionError::sqlite("write a ticket row", error).to_string();
+        assert!(message.contains("may not write the read-model file"), "{message}");
+        assert!(message.contains("--read-model"), "{message}");
     }
 }

@@ -10,6 +10,7 @@ use rusqlite::Connection;
 use serde::Serialize;
 use tokio::sync::mpsc;
 use triage_event_store::{AllStart, EventFilter, EventStore, Position, ReadAll, SubscribeToAll};
+use uuid::Uuid;
 
 use crate::ProjectionError;
 use crate::db::{self, ReadModelDb, Slot, SlotKind};
@@ -303,6 +304,22 @@ impl Projector {
                 Some(_) => self.events.head_position().await?,
                 None => None,
             };
+            // The log must still hold, at the checkpoint, the event the
+            // model last applied. One restored from a backup and written
+            // to since has a head past the checkpoint again, but another
+            // event there, or none: the model describes events it lost.
+            // Checked once per process, with the log's identity.
+            let lost_events = match &live {
+                Some(slot)
+                    if !self.log_confirmed.load(Ordering::Relaxed)
+                        && !other_log
+                        && slot.checkpoint.is_some()
+                        && slot.checkpoint <= head =>
+                {
+                    self.checkpoint_event_gone(projection.name()).await
+                }
+                _ => false,
+            };
             match live {
                 None => self.create_live(projection)?,
                 Some(slot) if slot.checkpoint.is_some() && head.is_none() => {
@@ -315,13 +332,20 @@ impl Projector {
                 // A checkpoint past the head means the events were replaced
                 // (a deleted or swapped store file): this model describes
                 // another log. Rebuild rather than silently skip.
-                Some(slot) if slot.checkpoint > head || (other_log && slot.checkpoint.is_some()) => {
+                Some(slot) if slot.checkpoint > head || (other_log && slot.checkpoint.is_some()) || lost_events => {
                     if slot.checkpoint > head {
                         tracing::warn!(
                             projection = projection.name(),
                             checkpoint = ?slot.checkpoint,
                             head = ?head,
                             "the read model is ahead of the event log; rebuilding"
+                        );
+                    } else if lost_events {
+                        tracing::warn!(
+                            projection = projection.name(),
+                            checkpoint = ?slot.checkpoint,
+                            "the event log no longer holds the event the read model last applied (a store restored \
+                             from a backup?); rebuilding"
                         );
                     } else {
                         tracing::warn!(
@@ -394,6 +418,41 @@ impl Projector {
             }
         }
         result.map(|replayed| replayed.last)
+    }
+
+    /// Whether the event recorded at `name`'s live checkpoint is no longer
+    /// the log's event at that position. `false` when nothing was
+    /// recorded for the checkpoint it has (files from before the record,
+    /// or moved by a Triage from before it), and when either could not be
+    /// read: that is no evidence of a replaced log, and the catch-up that
+    /// follows reads from the same place and reports its own error.
+    async fn checkpoint_event_gone(&self, name: &str) -> bool {
+        let recorded = {
+            let conn = self.db.lock();
+            db::live_checkpoint_event(&conn, name)
+        };
+        let (position, id) = match recorded {
+            Ok(Some(recorded)) => recorded,
+            Ok(None) => return false,
+            Err(error) => {
+                tracing::debug!(projection = name, %error, "cannot read the event recorded at the checkpoint");
+                return false;
+            }
+        };
+        let read = ReadAll {
+            direction: triage_event_store::Direction::Forwards,
+            from: AllStart::Position(position),
+            max_count: 1,
+        };
+        match self.events.read_all(read).await {
+            Ok(found) => found
+                .first()
+                .is_none_or(|event| event.position != position || event.id != id),
+            Err(error) => {
+                tracing::debug!(projection = name, %error, "cannot read the event at the checkpoint");
+                false
+            }
+        }
     }
 
     /// Follows the log until `stop` is set, applying new events in batches.
@@ -814,6 +873,7 @@ impl Projector {
             // `Projection::create_indexes`); only a swap makes a build live.
             projection.create_indexes(&tx, &build)?;
             db::insert_slot(&tx, SlotKind::Live, &build)?;
+            db::move_checkpoint_event(&tx, projection.name(), SlotKind::Build, SlotKind::Live)?;
             db::delete_slot(&tx, SlotKind::Build, projection.name())?;
             create_views(&tx, projection.as_ref(), &build)?;
             Ok(Some(build))
@@ -896,6 +956,18 @@ impl Projector {
         for (projection, live, build, last_error) in registry {
             let name = projection.name();
             let checkpoint = live.as_ref().and_then(|slot| slot.checkpoint);
+            // As in `catch_up_to`, once per process: after a catch-up
+            // confirmed the log, the models are this log's.
+            let lost_events = match &live {
+                Some(slot)
+                    if !self.log_confirmed.load(Ordering::Relaxed)
+                        && slot.checkpoint.is_some()
+                        && slot.checkpoint <= head =>
+                {
+                    self.checkpoint_event_gone(name).await
+                }
+                _ => false,
+            };
             statuses.push(ProjectionStatus {
                 name: name.to_owned(),
                 code_version: projection.version(),
@@ -909,7 +981,7 @@ impl Projector {
                 // rebuild by this one.
                 needs_rebuild: live
                     .as_ref()
-                    .is_some_and(|slot| slot.version < projection.version() || slot.checkpoint > head),
+                    .is_some_and(|slot| slot.version < projection.version() || slot.checkpoint > head || lost_events),
                 build_in_progress: build.is_some(),
                 leader: None,
             });
@@ -1129,6 +1201,8 @@ pub(crate) struct Page {
     pub(crate) events: Vec<ProjectedEvent>,
     /// The last position considered (projected or not).
     pub(crate) end: Position,
+    /// The id of the event at `end`.
+    pub(crate) end_event: Uuid,
     /// Records considered.
     pub(crate) considered: u64,
 }
@@ -1197,6 +1271,7 @@ pub(crate) async fn read_pages(
             start: after,
             events: Vec::with_capacity(records.len()),
             end: Position::START,
+            end_event: Uuid::nil(),
             considered: 0,
         };
         for record in records {
@@ -1208,6 +1283,7 @@ pub(crate) async fn read_pages(
                 break;
             }
             page.end = record.position;
+            page.end_event = record.id;
             page.considered += 1;
             match decode_skipping(&record, &skip) {
                 Ok(Some(event)) => page.events.push(event),
@@ -1283,6 +1359,7 @@ fn apply_page(db: &ReadModelDb, targets: &[Target], page: &Page) -> Result<Appli
         slot.events_applied += fresh.len() as u64;
         slot.checkpoint = Some(page.end);
         db::write_checkpoint(&tx, target.kind, &slot)
+            .and_then(|()| db::write_checkpoint_event(&tx, target.kind, name, page.end, page.end_event))
             .map_err(|error| ProjectionError::sqlite("write a checkpoint", error))?;
     }
     tx.commit()
