@@ -360,7 +360,18 @@ impl GlobalArgs {
         let OpenedLog { location, events } = self.open_log().await?;
         let options = self.projector_options();
         let explicit = self.read_model.is_some();
-        let read_models = match self.read_model.clone().or_else(|| location.default_read_model()) {
+        let place = self.read_model.clone().or_else(|| location.default_read_model());
+        // A read-model file is made only once the store has answered, so a
+        // command that fails on a store it cannot reach (a KurrentDB that
+        // is down: its client connects on the first read) leaves no file.
+        if let Some(file) = place
+            .as_deref()
+            .and_then(|place| triage_projections::sqlite_path(place).ok())
+            && !std::path::Path::new(file).exists()
+        {
+            events.head_position().await?;
+        }
+        let read_models = match place {
             Some(place) => ReadModels::open(&place, events.clone(), options)
                 .await
                 .with_context(|| {

@@ -1089,3 +1089,17 @@ fn a_password_not_in_the_url_comes_from_pgpassword_or_the_password_file() {
     assert!(sent.is_empty(), "{sent:?}");
     assert!(error.contains("password file is ignored"), "{error}");
 }
+
+/// A command that fails on an event store it cannot reach leaves no
+/// read-model file behind (it made an empty one beside a KurrentDB that
+/// was down, which later commands then opened as if it were the models).
+#[test]
+fn a_store_that_cannot_be_reached_leaves_no_read_model_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let refused = common::fail(
+        dir.path(),
+        &["--store", "esdb://127.0.0.1:1?tls=false", "ticket", "list"],
+    );
+    assert!(refused.contains("unavailable"), "{refused}");
+    assert_eq!(common::file_names(dir.path()), Vec::<String>::new());
+}
